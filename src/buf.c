@@ -1,0 +1,61 @@
+/* buf.c: growable byte buffers that give their memory back when empty (idle connections stay small). */
+#include "config.h"
+#include "buf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+uint8_t *buf_reserve(struct buf *b, size_t n)
+{
+	if (b->cap - b->end >= n)
+		return b->data + b->end;
+	size_t len = buf_len(b);
+	if (b->start > 0 && b->cap - len >= n) {
+		/* Enough room once the consumed prefix is dropped. */
+		memmove(b->data, b->data + b->start, len);
+		b->start = 0;
+		b->end = len;
+		return b->data + b->end;
+	}
+	size_t cap = b->cap ? b->cap : 4096;
+	while (cap - len < n) {
+		if (cap > SIZE_MAX / 2)
+			return NULL;
+		cap *= 2;
+	}
+	uint8_t *data = malloc(cap);
+	if (data == NULL)
+		return NULL;
+	if (len)
+		memcpy(data, b->data + b->start, len);
+	free(b->data);
+	b->data = data;
+	b->start = 0;
+	b->end = len;
+	b->cap = cap;
+	return b->data + b->end;
+}
+
+int buf_append(struct buf *b, const void *p, size_t n)
+{
+	uint8_t *w = buf_reserve(b, n);
+	if (w == NULL)
+		return -1;
+	memcpy(w, p, n);
+	b->end += n;
+	return 0;
+}
+
+void buf_consume(struct buf *b, size_t n)
+{
+	b->start += n;
+	if (b->start >= b->end)
+		buf_free(b);
+}
+
+void buf_free(struct buf *b)
+{
+	free(b->data);
+	b->data = NULL;
+	b->start = b->end = b->cap = 0;
+}

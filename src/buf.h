@@ -1,0 +1,27 @@
+/* buf.h: a growable byte buffer with a read position, allocated only while it holds data. */
+#ifndef RESOURCED_BUF_H
+#define RESOURCED_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct buf {
+	uint8_t *data;
+	size_t start;   /* first unread byte */
+	size_t end;     /* one past the last byte */
+	size_t cap;
+};
+
+static inline size_t buf_len(const struct buf *b) { return b->end - b->start; }
+static inline uint8_t *buf_head(const struct buf *b) { return b->data + b->start; }
+
+/* Makes room for at least n more bytes at the end; returns the write pointer or NULL. */
+uint8_t *buf_reserve(struct buf *b, size_t n);
+int buf_append(struct buf *b, const void *p, size_t n);
+/* Marks n bytes written at the pointer buf_reserve returned. */
+static inline void buf_commit(struct buf *b, size_t n) { b->end += n; }
+/* Drops n bytes from the front; frees the memory when the buffer empties. */
+void buf_consume(struct buf *b, size_t n);
+void buf_free(struct buf *b);
+
+#endif

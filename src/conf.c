@@ -1,0 +1,265 @@
+/* conf.c: one table drives every configuration key: its section, type, bounds and default. */
+#include "config.h"
+#include "conf.h"
+#include "log.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL };
+
+struct conf_key {
+	const char *section;
+	const char *name;
+	enum conf_type type;
+	size_t offset;       /* into struct conf */
+	size_t size;         /* for strings */
+	int64_t min, max;    /* for numbers */
+	const char *def;     /* default, parsed like a file value */
+};
+
+#define S(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
+#define N(f) offsetof(struct conf, f), 0
+
+static const struct conf_key conf_keys[] = {
+	{ "server", "listen", T_LISTEN, 0, 0, 0, 0, "0.0.0.0:9090" },
+	{ "server", "workers", T_WORKERS, N(workers), 1, 256, "auto" },
+	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced" },
+	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid" },
+	{ "server", "user", T_STR, S(user), 0, 0, "" },
+	{ "server", "group", T_STR, S(group), 0, 0, "" },
+	{ "server", "node", T_STR, S(node), 0, 0, "" },
+	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, "262144" },
+	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576" },
+	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300" },
+	{ "server", "frame_timeout", T_INT, N(frame_timeout), 1, 3600, "30" },
+	{ "server", "max_connections", T_INT, N(max_connections), 1, 1000000, "10000" },
+	{ "server", "auth_cache_ttl", T_INT, N(auth_cache_ttl), 0, 86400, "60" },
+	{ "server", "anonymous", T_BOOL, N(anonymous), 0, 1, "no" },
+	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768" },
+	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30" },
+	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
+	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296" },
+	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600" },
+	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete" },
+	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4" },
+	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60" },
+	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1" },
+	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379" },
+	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "" },
+	{ "redis", "password", T_STR, S(redis_password), 0, 0, "" },
+	{ "redis", "db", T_INT, N(redis_db), 0, 65535, "0" },
+	{ "redis", "prefix", T_STR, S(redis_prefix), 0, 0, "" },
+	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "" },
+	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5" },
+	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info" },
+	{ "log", "file", T_STR, S(log_file), 0, 0, "" },
+};
+
+static int parse_int64(const char *value, int64_t *out)
+{
+	char *end;
+	errno = 0;
+	if (value[0] == '\0')
+		return -1;
+	long long v = strtoll(value, &end, 10);
+	if (errno != 0 || *end != '\0')
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int parse_bool(const char *value, int *out)
+{
+	static const char *const yes[] = { "yes", "on", "true", "1" };
+	static const char *const no[] = { "no", "off", "false", "0" };
+	for (size_t i = 0; i < 4; i++) {
+		if (strcasecmp(value, yes[i]) == 0) { *out = 1; return 0; }
+		if (strcasecmp(value, no[i]) == 0) { *out = 0; return 0; }
+	}
+	return -1;
+}
+
+/* host:port, [v6]:port or a bare port. */
+static int parse_listen(struct conf *c, const char *value)
+{
+	const char *port;
+	size_t hostlen;
+	if (value[0] == '[') {
+		const char *close = strchr(value, ']');
+		if (close == NULL || close[1] != ':')
+			return -1;
+		hostlen = (size_t)(close - value - 1);
+		value++;
+		port = close + 2;
+	} else {
+		const char *colon = strrchr(value, ':');
+		if (colon == NULL) {
+			hostlen = 0;
+			port = value;
+		} else {
+			hostlen = (size_t)(colon - value);
+			port = colon + 1;
+		}
+	}
+	int64_t p;
+	if (hostlen >= sizeof(c->listen_host) || parse_int64(port, &p) < 0 || p < 1 || p > 65535)
+		return -1;
+	memcpy(c->listen_host, value, hostlen);
+	c->listen_host[hostlen] = '\0';
+	if (hostlen == 0)
+		snprintf(c->listen_host, sizeof(c->listen_host), "0.0.0.0");
+	snprintf(c->listen_port, sizeof(c->listen_port), "%d", (int)p);
+	return 0;
+}
+
+static int set_key(struct conf *c, const struct conf_key *k, const char *value, char *why, size_t whylen)
+{
+	char *base = (char *)c;
+	int64_t v;
+	switch (k->type) {
+	case T_INT:
+	case T_INT64:
+		if (parse_int64(value, &v) < 0 || v < k->min || v > k->max) {
+			snprintf(why, whylen, "'%s' is not a whole number from %lld to %lld", value,
+			    (long long)k->min, (long long)k->max);
+			return -1;
+		}
+		if (k->type == T_INT)
+			*(int *)(base + k->offset) = (int)v;
+		else
+			*(int64_t *)(base + k->offset) = v;
+		return 0;
+	case T_BOOL:
+		if (parse_bool(value, (int *)(base + k->offset)) < 0) {
+			snprintf(why, whylen, "'%s' is not yes or no", value);
+			return -1;
+		}
+		return 0;
+	case T_STR:
+		if (strlen(value) >= k->size) {
+			snprintf(why, whylen, "value is longer than %zu bytes", k->size - 1);
+			return -1;
+		}
+		memcpy(base + k->offset, value, strlen(value) + 1);
+		return 0;
+	case T_LISTEN:
+		if (parse_listen(c, value) < 0) {
+			snprintf(why, whylen, "'%s' is not host:port with a port from 1 to 65535", value);
+			return -1;
+		}
+		return 0;
+	case T_WORKERS:
+		if (strcmp(value, "auto") == 0) {
+			long n = sysconf(_SC_NPROCESSORS_ONLN);
+			c->workers = n < 1 ? 1 : (n > k->max ? (int)k->max : (int)n);
+			return 0;
+		}
+		if (parse_int64(value, &v) < 0 || v < k->min || v > k->max) {
+			snprintf(why, whylen, "'%s' is not auto or a number from %lld to %lld", value,
+			    (long long)k->min, (long long)k->max);
+			return -1;
+		}
+		c->workers = (int)v;
+		return 0;
+	case T_FSYNC:
+		if (strcmp(value, "none") == 0)
+			c->fsync_policy = FSYNC_NONE;
+		else if (strcmp(value, "complete") == 0)
+			c->fsync_policy = FSYNC_COMPLETE;
+		else if (strcmp(value, "always") == 0)
+			c->fsync_policy = FSYNC_ALWAYS;
+		else {
+			snprintf(why, whylen, "'%s' is not always, complete or none", value);
+			return -1;
+		}
+		return 0;
+	case T_LOGLEVEL: {
+		int level = log_level_from_name(value);
+		if (level < 0) {
+			snprintf(why, whylen, "'%s' is not error, warn, info or debug", value);
+			return -1;
+		}
+		c->log_level = level;
+		return 0;
+	}
+	}
+	return -1;
+}
+
+int conf_set(struct conf *c, const char *section, const char *name, const char *value,
+    char *err, size_t errlen)
+{
+	for (size_t i = 0; i < sizeof(conf_keys) / sizeof(conf_keys[0]); i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (strcmp(k->section, section) != 0 || strcmp(k->name, name) != 0)
+			continue;
+		char why[256];
+		if (set_key(c, k, value, why, sizeof(why)) < 0) {
+			snprintf(err, errlen, "[%s] %s: %s", section, name, why);
+			return -1;
+		}
+		return 0;
+	}
+	snprintf(err, errlen, "[%s] %s: unknown key", section, name);
+	return -1;
+}
+
+void conf_defaults(struct conf *c)
+{
+	char err[256];
+	memset(c, 0, sizeof(*c));
+	for (size_t i = 0; i < sizeof(conf_keys) / sizeof(conf_keys[0]); i++)
+		if (conf_set(c, conf_keys[i].section, conf_keys[i].name, conf_keys[i].def, err,
+		    sizeof(err)) < 0)
+			fatalx("bad built-in default: %s", err);   /* a programming error */
+}
+
+struct load_ctx {
+	struct conf *conf;
+	char err[400];
+};
+
+static int ini_handler(void *user, const char *section, const char *name, const char *value)
+{
+	struct load_ctx *ctx = user;
+	char err[sizeof(ctx->err)];
+	if (name == NULL)   /* a section header alone */
+		return 1;
+	if (conf_set(ctx->conf, section, name, value, err, sizeof(err)) == 0)
+		return 1;
+	if (ctx->err[0] == '\0')   /* inih reports the first bad line: keep its reason */
+		memcpy(ctx->err, err, sizeof(err));
+	return 0;
+}
+
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+{
+	struct load_ctx ctx = { .conf = c };
+	FILE *f = fopen(path, "r");
+	if (f == NULL) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	int line = ini_parse_file(f, ini_handler, &ctx);
+	fclose(f);
+	if (line != 0) {
+		if (ctx.err[0] == '\0')
+			snprintf(ctx.err, sizeof(ctx.err), "syntax error (expected [section] or key = value)");
+		snprintf(err, errlen, "%s:%d: %s", path, line, ctx.err);
+		return -1;
+	}
+	if (c->root[0] != '/' || c->run_dir[0] != '/') {
+		snprintf(err, errlen, "%s: [storage] root and [server] run_dir must be absolute paths", path);
+		return -1;
+	}
+	if (c->node[0] == '\0' && gethostname(c->node, sizeof(c->node) - 1) < 0)
+		snprintf(c->node, sizeof(c->node), "resourced");
+	return 0;
+}

@@ -1,0 +1,62 @@
+/* conf.h: the configuration of resourced, loaded from an INI file and checked key by key. */
+#ifndef RESOURCED_CONF_H
+#define RESOURCED_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum fsync_policy { FSYNC_NONE, FSYNC_COMPLETE, FSYNC_ALWAYS };
+
+struct conf {
+	/* [server] */
+	char listen_host[256];      /* address part of listen */
+	char listen_port[16];       /* port part of listen */
+	int workers;                /* worker processes; `auto` resolves to the CPU count */
+	char run_dir[512];          /* storage socket and other runtime files */
+	char pid_file[512];         /* written by the master when daemonized */
+	char user[64];              /* drop to this user after binding (when root) */
+	char group[64];
+	char node[64];              /* names this server in upload records; default hostname */
+	int64_t max_frame;          /* largest body a client may send */
+	int64_t output_cap;         /* unsent bytes per connection before reading stops */
+	int idle_timeout;           /* seconds without a complete frame */
+	int frame_timeout;          /* seconds to finish a started frame */
+	int max_connections;        /* per worker */
+	int auth_cache_ttl;         /* seconds a checked uid stays trusted on a connection */
+	int anonymous;              /* accept requests without uid as uid 0 */
+	int64_t download_chunk;     /* bytes per download chunk */
+	int storage_timeout;        /* seconds a worker waits for the storage process */
+	/* [storage] */
+	char root[512];             /* published files live at <root>/<uid>/<name> */
+	int64_t max_file_size;
+	int upload_ttl;             /* seconds an idle upload record lives */
+	int fsync_policy;           /* enum fsync_policy */
+	int io_threads;             /* disk threads in the storage process */
+	int janitor_interval;       /* seconds between sweeps of abandoned staging files */
+	/* [redis] */
+	char redis_host[256];
+	int redis_port;
+	char redis_socket[512];     /* overrides host/port when set */
+	char redis_password[256];
+	int redis_db;
+	char redis_prefix[64];      /* prefix of the file_upload_/file_download_ keys */
+	/* [postgres] */
+	char pg_conninfo[1024];
+	int pg_timeout;             /* seconds an icon update may take before the answer goes out */
+	/* [log] */
+	int log_level;
+	char log_file[512];         /* empty: stderr in the foreground, syslog otherwise */
+};
+
+/* Fills *c with the defaults. */
+void conf_defaults(struct conf *c);
+
+/* Loads path over the defaults. On error returns -1 and writes one line
+ * naming the file, line and key to err. */
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
+
+/* Sets one key; the same checks as a file. Used by tests and -o overrides. */
+int conf_set(struct conf *c, const char *section, const char *name, const char *value,
+    char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,188 @@
+/* json.c: strict field extraction over yajl trees and a reusable compact response generator. */
+#include "config.h"
+#include "json.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* yajl frees trees recursively: bound the depth before parsing. */
+static int json_depth_ok(const uint8_t *p, size_t len)
+{
+	int depth = 0, in_string = 0;
+	for (size_t i = 0; i < len; i++) {
+		uint8_t c = p[i];
+		if (in_string) {
+			if (c == '\\')
+				i++;
+			else if (c == '"')
+				in_string = 0;
+		} else if (c == '"') {
+			in_string = 1;
+		} else if (c == '{' || c == '[') {
+			if (++depth > JSON_MAX_DEPTH)
+				return 0;
+		} else if (c == '}' || c == ']') {
+			depth--;
+		}
+	}
+	return 1;
+}
+
+yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen)
+{
+	if (memchr(body, '\0', len) != NULL) {
+		snprintf(err, errlen, "body contains a NUL byte");
+		return NULL;
+	}
+	if (!json_depth_ok(body, len)) {
+		snprintf(err, errlen, "JSON nested deeper than %d levels", JSON_MAX_DEPTH);
+		return NULL;
+	}
+	char *text = malloc(len + 1);
+	if (text == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	memcpy(text, body, len);
+	text[len] = '\0';
+	char yerr[128];
+	yajl_val v = yajl_tree_parse(text, yerr, sizeof(yerr));
+	free(text);
+	if (v == NULL) {
+		/* yajl's message spans lines; keep the first. */
+		yerr[strcspn(yerr, "\n")] = '\0';
+		snprintf(err, errlen, "body is not valid JSON (%s)", yerr[0] ? yerr : "parse error");
+		return NULL;
+	}
+	if (!YAJL_IS_OBJECT(v)) {
+		yajl_tree_free(v);
+		snprintf(err, errlen, "body is not a JSON object");
+		return NULL;
+	}
+	return v;
+}
+
+yajl_val json_member(yajl_val obj, const char *key)
+{
+	for (size_t i = 0; i < obj->u.object.len; i++)
+		if (strcmp(obj->u.object.keys[i], key) == 0)
+			return obj->u.object.values[i];
+	return NULL;
+}
+
+enum json_field json_get_u64(yajl_val obj, const char *key, uint64_t max, uint64_t *out)
+{
+	yajl_val v = json_member(obj, key);
+	if (v == NULL)
+		return JSON_FIELD_MISSING;
+	if (YAJL_IS_NUMBER(v)) {
+		if (!(v->u.number.flags & YAJL_NUMBER_INT_VALID) || v->u.number.i < 0 ||
+		    (uint64_t)v->u.number.i > max)
+			return JSON_FIELD_BAD;
+		*out = (uint64_t)v->u.number.i;
+		return JSON_FIELD_OK;
+	}
+	if (YAJL_IS_STRING(v)) {
+		const char *s = v->u.string;
+		size_t n = strlen(s);
+		if (n == 0 || n > 19 || strspn(s, "0123456789") != n)
+			return JSON_FIELD_BAD;
+		uint64_t value = strtoull(s, NULL, 10);   /* 19 digits cannot overflow */
+		if (value > max)
+			return JSON_FIELD_BAD;
+		*out = value;
+		return JSON_FIELD_OK;
+	}
+	return JSON_FIELD_BAD;
+}
+
+enum json_field json_get_str(yajl_val obj, const char *key, const char **out, size_t *len)
+{
+	yajl_val v = json_member(obj, key);
+	if (v == NULL)
+		return JSON_FIELD_MISSING;
+	if (!YAJL_IS_STRING(v))
+		return JSON_FIELD_BAD;
+	*out = v->u.string;
+	*len = strlen(v->u.string);
+	return JSON_FIELD_OK;
+}
+
+enum json_field json_get_flag(yajl_val obj, const char *key, int *out)
+{
+	yajl_val v = json_member(obj, key);
+	if (v == NULL)
+		return JSON_FIELD_MISSING;
+	if (YAJL_IS_TRUE(v) || YAJL_IS_FALSE(v)) {
+		*out = YAJL_IS_TRUE(v);
+		return JSON_FIELD_OK;
+	}
+	uint64_t n;
+	if (json_get_u64(obj, key, 1, &n) != JSON_FIELD_OK)
+		return JSON_FIELD_BAD;
+	*out = (int)n;
+	return JSON_FIELD_OK;
+}
+
+int json_writer_init(struct json_writer *w)
+{
+	w->gen = yajl_gen_alloc(NULL);
+	return w->gen ? 0 : -1;
+}
+
+void json_writer_free(struct json_writer *w)
+{
+	if (w->gen)
+		yajl_gen_free(w->gen);
+	w->gen = NULL;
+}
+
+void json_begin(struct json_writer *w)
+{
+	yajl_gen_clear(w->gen);
+	yajl_gen_reset(w->gen, NULL);
+	yajl_gen_map_open(w->gen);
+}
+
+static void json_key(struct json_writer *w, const char *key)
+{
+	yajl_gen_string(w->gen, (const unsigned char *)key, strlen(key));
+}
+
+void json_put_int(struct json_writer *w, const char *key, int64_t v)
+{
+	json_key(w, key);
+	yajl_gen_integer(w->gen, v);
+}
+
+void json_put_u64_str(struct json_writer *w, const char *key, uint64_t v)
+{
+	char num[24];
+	int n = snprintf(num, sizeof(num), "%" PRIu64, v);
+	json_key(w, key);
+	yajl_gen_string(w->gen, (const unsigned char *)num, (size_t)n);
+}
+
+void json_put_str(struct json_writer *w, const char *key, const char *s, size_t len)
+{
+	json_key(w, key);
+	yajl_gen_string(w->gen, (const unsigned char *)s, len);
+}
+
+void json_put_bool(struct json_writer *w, const char *key, int v)
+{
+	json_key(w, key);
+	yajl_gen_bool(w->gen, v);
+}
+
+void json_end(struct json_writer *w, const uint8_t **out, size_t *len)
+{
+	yajl_gen_map_close(w->gen);
+	const unsigned char *p;
+	size_t n;
+	yajl_gen_get_buf(w->gen, &p, &n);
+	*out = p;
+	*len = n;
+}

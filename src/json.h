@@ -1,0 +1,43 @@
+/* json.h: request bodies parsed with yajl, fields read strictly, responses written compactly. */
+#ifndef RESOURCED_JSON_H
+#define RESOURCED_JSON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <yajl/yajl_gen.h>
+#include <yajl/yajl_tree.h>
+
+#define JSON_MAX_DEPTH 16
+#define JSON_MAX_SAFE_INT ((UINT64_C(1) << 53) - 1)   /* larger sizes lose precision in clients */
+
+enum json_field { JSON_FIELD_OK = 0, JSON_FIELD_MISSING = -1, JSON_FIELD_BAD = -2 };
+
+/* Parses one JSON object (the whole body). Rejects NUL bytes, invalid UTF-8,
+ * nesting deeper than JSON_MAX_DEPTH, and anything that is not an object.
+ * Returns NULL with a reason in err. Free with yajl_tree_free(). */
+yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen);
+
+yajl_val json_member(yajl_val obj, const char *key);
+
+/* A non-negative integer up to max, as a JSON number or a decimal string. */
+enum json_field json_get_u64(yajl_val obj, const char *key, uint64_t max, uint64_t *out);
+/* A string; *out points into the tree. */
+enum json_field json_get_str(yajl_val obj, const char *key, const char **out, size_t *len);
+/* 0 or 1 as a number or string, or a JSON bool. */
+enum json_field json_get_flag(yajl_val obj, const char *key, int *out);
+
+/* Response writer: one yajl_gen reused for every response of a process. */
+struct json_writer {
+	yajl_gen gen;
+};
+int json_writer_init(struct json_writer *w);
+void json_writer_free(struct json_writer *w);
+void json_begin(struct json_writer *w);                 /* clears and opens an object */
+void json_put_int(struct json_writer *w, const char *key, int64_t v);
+void json_put_u64_str(struct json_writer *w, const char *key, uint64_t v);  /* a number as a string */
+void json_put_str(struct json_writer *w, const char *key, const char *s, size_t len);
+void json_put_bool(struct json_writer *w, const char *key, int v);
+/* Closes the object; *out stays valid until the next json_begin. */
+void json_end(struct json_writer *w, const uint8_t **out, size_t *len);
+
+#endif

@@ -1,0 +1,99 @@
+/* proto.h: message ids, error codes and the checked request structs of the client protocol. */
+#ifndef RESOURCED_PROTO_H
+#define RESOURCED_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <yajl/yajl_tree.h>
+
+enum msg_id {
+	MSG_TEST = 1001,           /* → 1002 */
+	MSG_UPLOAD = 1003,         /* → 1004 */
+	MSG_SYNC = 1005,           /* → 1006 */
+	MSG_AVATAR = 1031,         /* → 1032 */
+	MSG_DOWNLOAD = 1033,       /* → 1034 */
+};
+
+enum proto_error {
+	ERR_OK = 0,
+	ERR_JSON = 1001,
+	ERR_TOKEN_INVALID = 1010,
+	ERR_UID_INVALID = 1011,
+	ERR_FILE_NOT_EXISTS = 1012,
+	ERR_REDIS_SAVE = 1013,
+	ERR_CREATE_PATH = 1014,
+	ERR_WRITE_PERMISSION = 1015,
+	ERR_READ_PERMISSION = 1016,
+	ERR_SEQ_INVALID = 1017,
+	ERR_OFFSET_INVALID = 1018,
+	ERR_READ_FAILED = 1019,
+	ERR_REDIS_READ = 1020,
+	ERR_MSG_ID = 1022,
+	ERR_NAME_INVALID = 1023,
+	ERR_CHECKSUM = 1024,
+	ERR_TOO_LARGE = 1025,
+	ERR_UPLOAD_MISMATCH = 1026,
+	ERR_BUSY = 1027,
+	ERR_STORAGE_FULL = 1028,
+};
+
+#define PROTO_NAME_MAX 255
+#define PROTO_MD5_HEX 32
+#define PROTO_TOKEN_MAX 512
+
+enum upload_kind { UPLOAD_FILE = 0, UPLOAD_AVATAR = 1 };
+
+/* Who a request claims to be. */
+struct proto_credentials {
+	uint64_t uid;
+	const char *token;       /* NULL when absent (anonymous) */
+	size_t token_len;
+	int anonymous;           /* no uid was sent and anonymous mode took it as uid 0 */
+};
+
+/* A checked 1003/1031 chunk; strings point into the JSON tree. */
+struct proto_chunk {
+	struct proto_credentials cred;
+	char md5[PROTO_MD5_HEX + 1];   /* lower case */
+	const char *name;
+	size_t name_len;
+	uint64_t seq, trans_size, total_size, last_seq, offset;
+	int last, has_last_seq;
+	size_t data_len;               /* decoded into the caller's buffer */
+};
+
+struct proto_sync {
+	struct proto_credentials cred;
+	char md5[PROTO_MD5_HEX + 1];
+};
+
+struct proto_download {
+	struct proto_credentials cred;
+	const char *name;
+	size_t name_len;
+	const char *client_path;
+	size_t client_path_len;
+	uint64_t seq;
+};
+
+/* What the request checks need to know of the configuration. */
+struct proto_limits {
+	uint64_t max_file_size;
+	int anonymous;
+};
+
+/* Each parser returns ERR_OK or an error code with a message naming the field. */
+int proto_parse_chunk(yajl_val obj, int kind, const struct proto_limits *lim,
+    uint8_t *data, size_t data_cap, struct proto_chunk *out, char *msg, size_t msglen);
+int proto_parse_sync(yajl_val obj, const struct proto_limits *lim, struct proto_sync *out,
+    char *msg, size_t msglen);
+int proto_parse_download(yajl_val obj, const struct proto_limits *lim, struct proto_download *out,
+    char *msg, size_t msglen);
+
+/* 1 when name obeys the Names rules of PROTOCOL.md. */
+int proto_name_valid(const char *name, size_t len);
+
+/* Decoded size bound for a base64 text of len bytes. */
+static inline size_t proto_b64_decoded_max(size_t len) { return len / 4 * 3 + 3; }
+
+#endif
