@@ -223,10 +223,41 @@ void conf_defaults(struct conf *c)
 
 struct load_ctx {
 	struct conf *conf;
+	FILE *file;
+	int line;            /* lines handed to inih so far */
+	int err_line;        /* first line we found wrong, 0 if none */
 	char err[400];
 };
 
-static int ini_handler(void *user, const char *section, const char *name, const char *value)
+static void load_error(struct load_ctx *ctx, const char *err)
+{
+	if (ctx->err_line != 0)
+		return;   /* the first error is the one reported */
+	ctx->err_line = ctx->line;
+	snprintf(ctx->err, sizeof(ctx->err), "%s", err);
+}
+
+/* fgets for inih that counts lines and refuses lines inih would silently split. */
+static char *conf_read_line(char *str, int num, void *stream)
+{
+	struct load_ctx *ctx = stream;
+	char *r = fgets(str, num, ctx->file);
+	if (r == NULL)
+		return NULL;
+	ctx->line++;
+	size_t len = strlen(str);
+	if (len == (size_t)num - 1 && str[len - 1] != '\n' && !feof(ctx->file)) {
+		char why[64];
+		snprintf(why, sizeof(why), "line longer than %d bytes", num - 2);
+		load_error(ctx, why);
+		int c;
+		while ((c = fgetc(ctx->file)) != EOF && c != '\n')
+			;
+	}
+	return r;
+}
+
+static int conf_ini_handler(void *user, const char *section, const char *name, const char *value)
 {
 	struct load_ctx *ctx = user;
 	char err[sizeof(ctx->err)];
@@ -234,25 +265,26 @@ static int ini_handler(void *user, const char *section, const char *name, const 
 		return 1;
 	if (conf_set(ctx->conf, section, name, value, err, sizeof(err)) == 0)
 		return 1;
-	if (ctx->err[0] == '\0')   /* inih reports the first bad line: keep its reason */
-		memcpy(ctx->err, err, sizeof(err));
+	load_error(ctx, err);
 	return 0;
 }
 
 int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 {
 	struct load_ctx ctx = { .conf = c };
-	FILE *f = fopen(path, "r");
-	if (f == NULL) {
+	ctx.file = fopen(path, "r");
+	if (ctx.file == NULL) {
 		snprintf(err, errlen, "%s: %s", path, strerror(errno));
 		return -1;
 	}
-	int line = ini_parse_file(f, ini_handler, &ctx);
-	fclose(f);
-	if (line != 0) {
-		if (ctx.err[0] == '\0')
-			snprintf(ctx.err, sizeof(ctx.err), "syntax error (expected [section] or key = value)");
-		snprintf(err, errlen, "%s:%d: %s", path, line, ctx.err);
+	int line = ini_parse_stream(conf_read_line, &ctx, conf_ini_handler, &ctx);
+	fclose(ctx.file);
+	if (line != 0 || ctx.err_line != 0) {
+		/* inih names the first bad line; a syntax error there comes before ours. */
+		if (ctx.err_line == 0 || (line != 0 && line < ctx.err_line))
+			snprintf(err, errlen, "%s:%d: syntax error (expected [section] or key = value)", path, line);
+		else
+			snprintf(err, errlen, "%s:%d: %s", path, ctx.err_line, ctx.err);
 		return -1;
 	}
 	if (c->root[0] != '/' || c->run_dir[0] != '/') {

@@ -7,27 +7,66 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* yajl frees trees recursively: bound the depth before parsing. */
-static int json_depth_ok(const uint8_t *p, size_t len)
+size_t json_utf8_seq(const uint8_t *p, size_t left)
+{
+	uint8_t c = p[0];
+	size_t n;
+	uint32_t cp;
+	if (c < 0x80)
+		return 1;
+	if (c >= 0xc2 && c <= 0xdf) { n = 2; cp = c & 0x1f; }
+	else if (c >= 0xe0 && c <= 0xef) { n = 3; cp = c & 0x0f; }
+	else if (c >= 0xf0 && c <= 0xf4) { n = 4; cp = c & 0x07; }
+	else return 0;
+	if (left < n)
+		return 0;
+	for (size_t i = 1; i < n; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (p[i] & 0x3f);
+	}
+	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+/* What yajl lets through but we must not: comments (they hide brackets from the depth count),
+ * nesting that yajl would free recursively, \u0000 (it cuts C strings short) and
+ * non-shortest or out-of-range UTF-8. */
+static const char *json_precheck(const uint8_t *p, size_t len)
 {
 	int depth = 0, in_string = 0;
-	for (size_t i = 0; i < len; i++) {
+	for (size_t i = 0; i < len;) {
 		uint8_t c = p[i];
+		if (c >= 0x80) {
+			size_t n = json_utf8_seq(p + i, len - i);
+			if (n == 0)
+				return "body is not valid UTF-8";
+			i += n;
+			continue;
+		}
 		if (in_string) {
-			if (c == '\\')
-				i++;
-			else if (c == '"')
+			if (c == '\\') {
+				if (len - i >= 6 && memcmp(p + i + 1, "u0000", 5) == 0)
+					return "strings may not contain \\u0000";
+				i += 2;
+				continue;
+			}
+			if (c == '"')
 				in_string = 0;
 		} else if (c == '"') {
 			in_string = 1;
+		} else if (c == '/') {
+			return "body is not valid JSON (comments are not allowed)";
 		} else if (c == '{' || c == '[') {
 			if (++depth > JSON_MAX_DEPTH)
-				return 0;
+				return "JSON nested deeper than " JSON_MAX_DEPTH_TEXT " levels";
 		} else if (c == '}' || c == ']') {
 			depth--;
 		}
+		i++;
 	}
-	return 1;
+	return NULL;
 }
 
 yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen)
@@ -36,8 +75,9 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 		snprintf(err, errlen, "body contains a NUL byte");
 		return NULL;
 	}
-	if (!json_depth_ok(body, len)) {
-		snprintf(err, errlen, "JSON nested deeper than %d levels", JSON_MAX_DEPTH);
+	const char *why = json_precheck(body, len);
+	if (why != NULL) {
+		snprintf(err, errlen, "%s", why);
 		return NULL;
 	}
 	char *text = malloc(len + 1);
@@ -175,6 +215,38 @@ void json_put_bool(struct json_writer *w, const char *key, int v)
 {
 	json_key(w, key);
 	yajl_gen_bool(w->gen, v);
+}
+
+static void json_gen_value(yajl_gen g, yajl_val v)
+{
+	if (v == NULL || YAJL_IS_NULL(v)) {
+		yajl_gen_null(g);
+	} else if (YAJL_IS_STRING(v)) {
+		yajl_gen_string(g, (const unsigned char *)v->u.string, strlen(v->u.string));
+	} else if (YAJL_IS_NUMBER(v)) {
+		yajl_gen_number(g, v->u.number.r, strlen(v->u.number.r));
+	} else if (YAJL_IS_TRUE(v) || YAJL_IS_FALSE(v)) {
+		yajl_gen_bool(g, YAJL_IS_TRUE(v));
+	} else if (YAJL_IS_ARRAY(v)) {
+		yajl_gen_array_open(g);
+		for (size_t i = 0; i < v->u.array.len; i++)
+			json_gen_value(g, v->u.array.values[i]);
+		yajl_gen_array_close(g);
+	} else if (YAJL_IS_OBJECT(v)) {
+		yajl_gen_map_open(g);
+		for (size_t i = 0; i < v->u.object.len; i++) {
+			const char *k = v->u.object.keys[i];
+			yajl_gen_string(g, (const unsigned char *)k, strlen(k));
+			json_gen_value(g, v->u.object.values[i]);
+		}
+		yajl_gen_map_close(g);
+	}
+}
+
+void json_put_value(struct json_writer *w, const char *key, yajl_val v)
+{
+	json_key(w, key);
+	json_gen_value(w->gen, v);
 }
 
 void json_end(struct json_writer *w, const uint8_t **out, size_t *len)

@@ -8,6 +8,7 @@
 #include <yajl/yajl_tree.h>
 
 #define JSON_MAX_DEPTH 16
+#define JSON_MAX_DEPTH_TEXT "16"
 #define JSON_MAX_SAFE_INT ((UINT64_C(1) << 53) - 1)   /* larger sizes lose precision in clients */
 
 enum json_field { JSON_FIELD_OK = 0, JSON_FIELD_MISSING = -1, JSON_FIELD_BAD = -2 };
@@ -16,6 +17,9 @@ enum json_field { JSON_FIELD_OK = 0, JSON_FIELD_MISSING = -1, JSON_FIELD_BAD = -
  * nesting deeper than JSON_MAX_DEPTH, and anything that is not an object.
  * Returns NULL with a reason in err. Free with yajl_tree_free(). */
 yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen);
+
+/* Length of one well-formed UTF-8 sequence at p (no overlongs, surrogates or > U+10FFFF), else 0. */
+size_t json_utf8_seq(const uint8_t *p, size_t left);
 
 yajl_val json_member(yajl_val obj, const char *key);
 
@@ -37,6 +41,8 @@ void json_put_int(struct json_writer *w, const char *key, int64_t v);
 void json_put_u64_str(struct json_writer *w, const char *key, uint64_t v);  /* a number as a string */
 void json_put_str(struct json_writer *w, const char *key, const char *s, size_t len);
 void json_put_bool(struct json_writer *w, const char *key, int v);
+/* Copies any JSON value (depth is bounded by json_parse_object). */
+void json_put_value(struct json_writer *w, const char *key, yajl_val v);
 /* Closes the object; *out stays valid until the next json_begin. */
 void json_end(struct json_writer *w, const uint8_t **out, size_t *len);
 

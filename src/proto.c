@@ -22,30 +22,6 @@ static int get_u64(yajl_val obj, const char *field, uint64_t max, uint64_t *out,
 	return ERR_OK;
 }
 
-/* Length of one well-formed UTF-8 sequence at p (no overlongs, surrogates or > U+10FFFF), else 0. */
-static size_t utf8_seq(const uint8_t *p, size_t left)
-{
-	uint8_t c = p[0];
-	size_t n;
-	uint32_t cp;
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xc2 && c <= 0xdf) { n = 2; cp = c & 0x1f; }
-	else if (c >= 0xe0 && c <= 0xef) { n = 3; cp = c & 0x0f; }
-	else if (c >= 0xf0 && c <= 0xf4) { n = 4; cp = c & 0x07; }
-	else return 0;
-	if (left < n)
-		return 0;
-	for (size_t i = 1; i < n; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-		cp = cp << 6 | (p[i] & 0x3f);
-	}
-	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
-		return 0;
-	return n;
-}
-
 int proto_name_valid(const char *name, size_t len)
 {
 	const uint8_t *p = (const uint8_t *)name;
@@ -54,7 +30,7 @@ int proto_name_valid(const char *name, size_t len)
 	for (size_t i = 0; i < len;) {
 		if (p[i] < 0x20 || p[i] == 0x7f || p[i] == '/' || p[i] == '\\')
 			return 0;
-		size_t n = utf8_seq(p + i, len - i);
+		size_t n = json_utf8_seq(p + i, len - i);
 		if (n == 0)
 			return 0;
 		if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)   /* C1 control characters */

@@ -1,0 +1,75 @@
+/* ipc.h: the framed binary messages between workers and the storage process. */
+#ifndef RESOURCED_IPC_H
+#define RESOURCED_IPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "proto.h"
+
+/* Bump when a message type or layout changes: both ends check it. */
+#define IPC_VERSION 1
+#define IPC_HEADER_LEN 16
+#define IPC_MAX_PAYLOAD (64u << 20)
+#define IPC_SOCKET_NAME "storage.sock"
+
+/* Names read sender_receiver_verb. */
+enum ipc_type {
+	IPC_WORKER_STORAGE_PING = 1,
+	IPC_STORAGE_WORKER_PONG = 2,
+	IPC_WORKER_STORAGE_CHUNK = 3,     /* write one upload chunk */
+	IPC_WORKER_STORAGE_SYNC = 4,      /* ask how far an upload got */
+	IPC_STORAGE_WORKER_RESULT = 5,    /* the answer to CHUNK or SYNC */
+};
+
+/* On the wire in host byte order (both ends are on one host). */
+struct ipc_header {
+	uint16_t type;
+	uint16_t version;
+	uint32_t len;        /* payload bytes after the header */
+	uint64_t reqid;      /* chosen by the worker, echoed in the reply */
+};
+
+struct ipc_chunk {
+	uint64_t uid, seq, trans_size, total_size;
+	uint8_t kind;        /* enum upload_kind */
+	uint8_t last;
+	char md5[PROTO_MD5_HEX + 1];
+	const char *name;    /* points into the payload when decoded */
+	uint16_t name_len;
+	const uint8_t *data;
+	uint32_t data_len;
+};
+
+struct ipc_sync {
+	uint64_t uid;
+	char md5[PROTO_MD5_HEX + 1];
+};
+
+struct ipc_result {
+	uint32_t error;      /* enum proto_error */
+	uint64_t seq, trans_size, total_size;
+	const char *name;    /* the upload's name (sync answers need it) */
+	uint16_t name_len;
+	const char *message;
+	uint16_t message_len;
+};
+
+enum ipc_status { IPC_NEED_MORE = 0, IPC_OK = 1, IPC_BAD = -1 };
+
+/* Finds one whole message at p; *payload points after the header. */
+enum ipc_status ipc_decode_header(const uint8_t *p, size_t len, struct ipc_header *h,
+    const uint8_t **payload);
+
+int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong);
+int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
+int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s);
+int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *r);
+
+/* Each returns 0, or -1 if the payload is short, too long or malformed. */
+int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c);
+int ipc_decode_sync(const uint8_t *p, size_t len, struct ipc_sync *s);
+int ipc_decode_result(const uint8_t *p, size_t len, struct ipc_result *r);
+
+#endif

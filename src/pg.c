@@ -1,0 +1,388 @@
+/* pg.c: applies queued avatar icon updates to PostgreSQL and refreshes the users' Redis cache. */
+#include "config.h"
+#include "pg.h"
+#include "conf.h"
+#include "json.h"
+#include "log.h"
+#include "rds.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define PG_RETRY_INTERVAL 2.0
+#define PENDING_PREFIX "icon-"
+
+struct pg_item {
+	uint64_t uid;
+	struct pg_item *next;
+};
+
+struct pg {
+	struct ev_loop *loop;
+	const struct conf *conf;
+	struct rds *redis;
+	char pending_dir[600];
+	PGconn *conn;
+	int connected;
+	ev_io io;
+	ev_timer retry;            /* reconnect and rescan */
+	ev_timer query_timer;      /* bounds one query */
+	struct pg_item *head, *tail;
+	uint64_t busy_uid;         /* the update in flight */
+	char busy_name[256];
+	int busy;
+	size_t backlog;            /* pending files on disk */
+	struct json_writer jw;
+};
+
+struct cache_write {
+	struct pg *pg;
+	uint64_t uid;
+	char name[256];
+};
+
+static void pg_next(struct pg *pg);
+static void pg_connect(struct pg *pg);
+
+static void pending_path(const struct pg *pg, uint64_t uid, char *out, size_t outlen)
+{
+	snprintf(out, outlen, "%s/" PENDING_PREFIX "%" PRIu64, pg->pending_dir, uid);
+}
+
+int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
+{
+	char path[700], tmp[720];
+	snprintf(path, sizeof(path), "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+	if (fd < 0)
+		return errno;
+	ssize_t n = write(fd, name, name_len);
+	int err = n == (ssize_t)name_len ? 0 : (n < 0 ? errno : EIO);
+	if (err == 0 && fsync(fd) < 0)
+		err = errno;
+	close(fd);
+	if (err == 0 && rename(tmp, path) < 0)
+		err = errno;
+	if (err) {
+		unlink(tmp);
+		return err;
+	}
+	/* The rename itself must survive a crash: flush the directory. */
+	int dfd = open(pending_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd >= 0) {
+		fsync(dfd);
+		close(dfd);
+	}
+	return 0;
+}
+
+/* The icon name queued for uid, or -1 when nothing is pending. */
+static int pending_read(const struct pg *pg, uint64_t uid, char *name, size_t namelen)
+{
+	char path[700];
+	pending_path(pg, uid, path, sizeof(path));
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, name, namelen - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	name[n] = '\0';
+	return 0;
+}
+
+/* Removes the pending file unless a newer avatar replaced it meanwhile. */
+static void pending_done(struct pg *pg, uint64_t uid, const char *name)
+{
+	char current[256], path[700];
+	if (pending_read(pg, uid, current, sizeof(current)) < 0 || strcmp(current, name) != 0)
+		return;
+	pending_path(pg, uid, path, sizeof(path));
+	if (unlink(path) == 0 && pg->backlog > 0)
+		pg->backlog--;
+}
+
+static void pg_queue_uid(struct pg *pg, uint64_t uid)
+{
+	for (struct pg_item *it = pg->head; it; it = it->next)
+		if (it->uid == uid)
+			return;   /* already queued: the file holds the newest name */
+	struct pg_item *it = calloc(1, sizeof(*it));
+	if (it == NULL)
+		return;   /* the pending file stays; the next rescan picks it up */
+	it->uid = uid;
+	if (pg->tail)
+		pg->tail->next = it;
+	else
+		pg->head = it;
+	pg->tail = it;
+	pg_next(pg);
+}
+
+void pg_icon_queue(struct pg *pg, uint64_t uid)
+{
+	pg->backlog++;   /* approximate until the next rescan counts the files */
+	pg_queue_uid(pg, uid);
+}
+
+/* Queues every pending file: at start, after a reconnect, and on the retry timer. */
+static void pg_rescan(struct pg *pg)
+{
+	DIR *d = opendir(pg->pending_dir);
+	if (d == NULL)
+		return;
+	size_t count = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL) {
+		if (strncmp(de->d_name, PENDING_PREFIX, strlen(PENDING_PREFIX)) != 0)
+			continue;
+		const char *num = de->d_name + strlen(PENDING_PREFIX);
+		if (num[0] == '\0' || strspn(num, "0123456789") != strlen(num))
+			continue;
+		count++;
+		pg_queue_uid(pg, strtoull(num, NULL, 10));
+	}
+	closedir(d);
+	pg->backlog = count;
+}
+
+static void pg_reset(struct pg *pg, const char *why)
+{
+	if (pg->conn) {
+		if (why)
+			log_warnx("postgres: %s", why);
+		ev_io_stop(pg->loop, &pg->io);
+		PQfinish(pg->conn);
+	}
+	ev_timer_stop(pg->loop, &pg->query_timer);
+	pg->conn = NULL;
+	pg->connected = 0;
+	pg->busy = 0;
+}
+
+static void cache_on_reply(redisAsyncContext *c, void *reply, void *privdata)
+{
+	(void)c;
+	struct cache_write *cw = privdata;
+	redisReply *rep = reply;
+	if (rep && rep->type != REDIS_REPLY_ERROR)
+		pending_done(cw->pg, cw->uid, cw->name);
+	else
+		log_warnx("redis: cannot write ubaseinfo_%" PRIu64 ": the update stays queued", cw->uid);
+	free(cw);
+}
+
+/* Writes the user row to Redis as ubaseinfo_<uid>; the pending file goes once that is done. */
+static void pg_write_cache(struct pg *pg, PGresult *res)
+{
+	/* Column order of the RETURNING list in pg_next(). */
+	static const char *const cols[] = { "uid", "pwd", "name", "email", "nick", "desc", "sex", "icon" };
+	struct json_writer *jw = &pg->jw;
+	json_begin(jw);
+	for (int i = 0; i < (int)(sizeof(cols) / sizeof(cols[0])); i++) {
+		const char *v = PQgetvalue(res, 0, i);
+		if (i == 0 || i == 6)
+			json_put_int(jw, cols[i], strtoll(v, NULL, 10));
+		else
+			json_put_str(jw, cols[i], v, strlen(v));
+	}
+	const uint8_t *body;
+	size_t len;
+	json_end(jw, &body, &len);
+
+	struct cache_write *cw = calloc(1, sizeof(*cw));
+	if (cw == NULL)
+		return;
+	cw->pg = pg;
+	cw->uid = pg->busy_uid;
+	snprintf(cw->name, sizeof(cw->name), "%s", pg->busy_name);
+	if (rds_command(pg->redis, cache_on_reply, cw, "SET ubaseinfo_%" PRIu64 " %b", pg->busy_uid,
+	    body, len) < 0) {
+		log_warnx("redis down: ubaseinfo_%" PRIu64 " will be written on the next retry", pg->busy_uid);
+		free(cw);
+	}
+}
+
+static void pg_on_result(struct pg *pg, PGresult *res)
+{
+	ExecStatusType st = PQresultStatus(res);
+	if (st == PGRES_TUPLES_OK) {
+		if (PQntuples(res) == 0) {
+			log_warnx("postgres: no user row for uid %" PRIu64 ": icon %s not recorded",
+			    pg->busy_uid, pg->busy_name);
+			pending_done(pg, pg->busy_uid, pg->busy_name);
+		} else {
+			log_info("icon of uid %" PRIu64 " set to %s", pg->busy_uid, pg->busy_name);
+			pg_write_cache(pg, res);
+		}
+	} else {
+		log_warnx("postgres: icon update for uid %" PRIu64 " failed: %s", pg->busy_uid,
+		    PQresultErrorMessage(res));
+	}
+}
+
+static void pg_on_io(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct pg *pg = w->data;
+	if (!pg->connected) {
+		PostgresPollingStatusType st = PQconnectPoll(pg->conn);
+		if (st == PGRES_POLLING_FAILED) {
+			pg_reset(pg, PQerrorMessage(pg->conn));
+			return;
+		}
+		if (st != PGRES_POLLING_OK) {
+			ev_io_stop(pg->loop, &pg->io);
+			ev_io_set(&pg->io, PQsocket(pg->conn), st == PGRES_POLLING_READING ? EV_READ : EV_WRITE);
+			ev_io_start(pg->loop, &pg->io);
+			return;
+		}
+		pg->connected = 1;
+		PQsetnonblocking(pg->conn, 1);
+		ev_io_stop(pg->loop, &pg->io);
+		ev_io_set(&pg->io, PQsocket(pg->conn), EV_READ);
+		ev_io_start(pg->loop, &pg->io);
+		log_info("postgres: connected");
+		pg_rescan(pg);
+		pg_next(pg);
+		return;
+	}
+	if (PQconsumeInput(pg->conn) == 0) {
+		pg_reset(pg, PQerrorMessage(pg->conn));
+		return;
+	}
+	while (!PQisBusy(pg->conn)) {
+		PGresult *res = PQgetResult(pg->conn);
+		if (res == NULL) {
+			/* The query is complete. */
+			if (pg->busy) {
+				pg->busy = 0;
+				ev_timer_stop(pg->loop, &pg->query_timer);
+				pg_next(pg);
+			}
+			break;
+		}
+		if (pg->busy)
+			pg_on_result(pg, res);
+		PQclear(res);
+	}
+	if (PQstatus(pg->conn) == CONNECTION_BAD)
+		pg_reset(pg, "connection lost");
+}
+
+static void pg_on_query_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct pg *pg = t->data;
+	pg_reset(pg, "query timed out: reconnecting");
+}
+
+static void pg_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct pg *pg = t->data;
+	if (pg->conn == NULL && pg->conf->pg_conninfo[0])
+		pg_connect(pg);
+	else if (pg->connected && pg->head == NULL && pg->backlog > 0)
+		pg_rescan(pg);
+}
+
+/* Starts the next queued update when connected and idle. */
+static void pg_next(struct pg *pg)
+{
+	while (pg->connected && !pg->busy && pg->head) {
+		struct pg_item *it = pg->head;
+		pg->head = it->next;
+		if (pg->head == NULL)
+			pg->tail = NULL;
+		uint64_t uid = it->uid;
+		free(it);
+		if (pending_read(pg, uid, pg->busy_name, sizeof(pg->busy_name)) < 0)
+			continue;   /* already applied */
+		char uidtext[24];
+		snprintf(uidtext, sizeof(uidtext), "%" PRIu64, uid);
+		const char *params[2] = { pg->busy_name, uidtext };
+		if (!PQsendQueryParams(pg->conn,
+		    "UPDATE \"user\" SET icon = $1 WHERE uid = $2 "
+		    "RETURNING uid, pwd, name, email, nick, \"desc\", sex, icon",
+		    2, NULL, params, NULL, NULL, 0)) {
+			pg_reset(pg, PQerrorMessage(pg->conn));
+			pg_queue_uid(pg, uid);
+			return;
+		}
+		PQflush(pg->conn);
+		pg->busy = 1;
+		pg->busy_uid = uid;
+		ev_timer_set(&pg->query_timer, pg->conf->pg_timeout, 0.);
+		ev_timer_start(pg->loop, &pg->query_timer);
+	}
+}
+
+static void pg_connect(struct pg *pg)
+{
+	pg->conn = PQconnectStart(pg->conf->pg_conninfo);
+	if (pg->conn == NULL || PQstatus(pg->conn) == CONNECTION_BAD) {
+		pg_reset(pg, pg->conn ? PQerrorMessage(pg->conn) : "out of memory");
+		return;
+	}
+	ev_io_init(&pg->io, pg_on_io, PQsocket(pg->conn), EV_WRITE);
+	pg->io.data = pg;
+	ev_io_start(pg->loop, &pg->io);
+}
+
+struct pg *pg_create(struct ev_loop *loop, const struct conf *conf, struct rds *redis,
+    const char *pending_dir)
+{
+	struct pg *pg = calloc(1, sizeof(*pg));
+	if (pg == NULL || json_writer_init(&pg->jw) < 0) {
+		free(pg);
+		return NULL;
+	}
+	pg->loop = loop;
+	pg->conf = conf;
+	pg->redis = redis;
+	snprintf(pg->pending_dir, sizeof(pg->pending_dir), "%s", pending_dir);
+	ev_timer_init(&pg->retry, pg_on_retry, PG_RETRY_INTERVAL, PG_RETRY_INTERVAL);
+	pg->retry.data = pg;
+	ev_timer_start(loop, &pg->retry);
+	ev_timer_init(&pg->query_timer, pg_on_query_timeout, conf->pg_timeout, 0.);
+	pg->query_timer.data = pg;
+	pg_rescan(pg);
+	if (conf->pg_conninfo[0])
+		pg_connect(pg);
+	else
+		log_warnx("postgres: no [postgres] conninfo: avatar icons are queued, not applied");
+	return pg;
+}
+
+size_t pg_backlog(const struct pg *pg)
+{
+	return pg->backlog;
+}
+
+void pg_destroy(struct pg *pg)
+{
+	if (pg == NULL)
+		return;
+	pg_reset(pg, NULL);
+	ev_timer_stop(pg->loop, &pg->retry);
+	while (pg->head) {
+		struct pg_item *it = pg->head;
+		pg->head = it->next;
+		free(it);
+	}
+	json_writer_free(&pg->jw);
+	free(pg);
+}

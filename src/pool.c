@@ -1,0 +1,135 @@
+/* pool.c: a fixed set of worker threads fed from one queue; completions wake the loop via ev_async. */
+#include "config.h"
+#include "pool.h"
+#include "log.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+
+struct pool {
+	struct ev_loop *loop;
+	ev_async wakeup;
+	pthread_mutex_t lock;
+	pthread_cond_t work_ready;
+	struct pool_job *todo_head, *todo_tail;   /* waiting for a thread */
+	struct pool_job *done_head, *done_tail;   /* waiting for the loop */
+	size_t queued;                            /* submitted, done callback not yet run */
+	int stopping;
+	int nthreads;
+	pthread_t threads[];
+};
+
+static void *pool_thread(void *arg)
+{
+	struct pool *p = arg;
+	pthread_mutex_lock(&p->lock);
+	for (;;) {
+		while (p->todo_head == NULL && !p->stopping)
+			pthread_cond_wait(&p->work_ready, &p->lock);
+		if (p->todo_head == NULL)
+			break;
+		struct pool_job *job = p->todo_head;
+		p->todo_head = job->next;
+		if (p->todo_head == NULL)
+			p->todo_tail = NULL;
+		pthread_mutex_unlock(&p->lock);
+
+		job->work(job);
+
+		pthread_mutex_lock(&p->lock);
+		job->next = NULL;
+		if (p->done_tail)
+			p->done_tail->next = job;
+		else
+			p->done_head = job;
+		p->done_tail = job;
+		ev_async_send(p->loop, &p->wakeup);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return NULL;
+}
+
+static void pool_on_wakeup(struct ev_loop *loop, ev_async *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct pool *p = w->data;
+	pthread_mutex_lock(&p->lock);
+	struct pool_job *job = p->done_head;
+	p->done_head = p->done_tail = NULL;
+	pthread_mutex_unlock(&p->lock);
+	while (job) {
+		struct pool_job *next = job->next;
+		p->queued--;
+		job->done(job);   /* may free job */
+		job = next;
+	}
+}
+
+struct pool *pool_create(struct ev_loop *loop, int threads)
+{
+	struct pool *p = calloc(1, sizeof(*p) + (size_t)threads * sizeof(pthread_t));
+	if (p == NULL)
+		return NULL;
+	p->loop = loop;
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->work_ready, NULL);
+	ev_async_init(&p->wakeup, pool_on_wakeup);
+	p->wakeup.data = p;
+	ev_async_start(loop, &p->wakeup);
+
+	/* Threads take no signals: the loop thread handles them all. */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	for (int i = 0; i < threads; i++) {
+		if (pthread_create(&p->threads[i], NULL, pool_thread, p) != 0) {
+			log_warnx("pthread_create() failed for disk thread %d", i);
+			break;
+		}
+		p->nthreads++;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (p->nthreads == 0) {
+		ev_async_stop(loop, &p->wakeup);
+		free(p);
+		return NULL;
+	}
+	return p;
+}
+
+void pool_submit(struct pool *p, struct pool_job *job)
+{
+	job->next = NULL;
+	p->queued++;
+	pthread_mutex_lock(&p->lock);
+	if (p->todo_tail)
+		p->todo_tail->next = job;
+	else
+		p->todo_head = job;
+	p->todo_tail = job;
+	pthread_cond_signal(&p->work_ready);
+	pthread_mutex_unlock(&p->lock);
+}
+
+size_t pool_queued(struct pool *p)
+{
+	return p->queued;
+}
+
+void pool_destroy(struct pool *p)
+{
+	if (p == NULL)
+		return;
+	pthread_mutex_lock(&p->lock);
+	p->stopping = 1;
+	pthread_cond_broadcast(&p->work_ready);
+	pthread_mutex_unlock(&p->lock);
+	for (int i = 0; i < p->nthreads; i++)
+		pthread_join(p->threads[i], NULL);
+	ev_async_stop(p->loop, &p->wakeup);
+	pthread_mutex_destroy(&p->lock);
+	pthread_cond_destroy(&p->work_ready);
+	free(p);
+}

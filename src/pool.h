@@ -1,0 +1,23 @@
+/* pool.h: a few threads that run slow disk work and hand the results back to a libev loop. */
+#ifndef RESOURCED_POOL_H
+#define RESOURCED_POOL_H
+
+#include <ev.h>
+#include <stddef.h>
+
+struct pool_job {
+	void (*work)(struct pool_job *job);   /* runs on a pool thread */
+	void (*done)(struct pool_job *job);   /* runs on the loop afterwards */
+	struct pool_job *next;
+};
+
+struct pool;
+
+struct pool *pool_create(struct ev_loop *loop, int threads);
+/* Queues job; it must stay valid until its done callback has run. */
+void pool_submit(struct pool *p, struct pool_job *job);
+size_t pool_queued(struct pool *p);
+/* Waits for queued work and stops the threads (done callbacks of unfinished jobs do not run). */
+void pool_destroy(struct pool *p);
+
+#endif

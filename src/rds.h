@@ -1,0 +1,31 @@
+/* rds.h: one async hiredis connection on a libev loop that logs in, selects its db and reconnects. */
+#ifndef RESOURCED_RDS_H
+#define RESOURCED_RDS_H
+
+#include <ev.h>
+#include <hiredis/async.h>
+
+struct conf;
+
+struct rds {
+	struct ev_loop *loop;
+	const struct conf *conf;
+	redisAsyncContext *ctx;
+	int ready;                  /* connected, AUTH and SELECT sent */
+	int closing;                /* rds_close() in progress: no reconnect */
+	ev_timer retry;             /* reconnect back-off */
+	double retry_delay;
+	void (*on_ready)(struct rds *r);   /* after every (re)connect; may be NULL */
+	void *data;
+	unsigned long errors;       /* failed connects and lost connections */
+};
+
+void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
+    void (*on_ready)(struct rds *r), void *data);
+/* Sends a command; -1 (and no callback) when Redis is not connected. */
+int rds_command(struct rds *r, redisCallbackFn *cb, void *privdata, const char *fmt, ...);
+int rds_command_argv(struct rds *r, redisCallbackFn *cb, void *privdata, int argc,
+    const char **argv, const size_t *argvlen);
+void rds_close(struct rds *r);
+
+#endif

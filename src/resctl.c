@@ -1,0 +1,1737 @@
+/* resctl.c: the command-line client of resourced: ping, upload, sync and download over the compatible protocol. */
+#include "config.h"
+#include "resctl.h"
+#include "frame.h"
+#include "json.h"
+#include "proto.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <md5.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ================================================================ messages */
+
+void resctl_error(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("resctl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static const struct {
+	int code;
+	const char *name;
+} error_names[] = {
+	{ ERR_OK, "Success" },
+	{ ERR_JSON, "JsonError" },
+	{ ERR_TOKEN_INVALID, "TokenInvalid" },
+	{ ERR_UID_INVALID, "UidInvalid" },
+	{ ERR_FILE_NOT_EXISTS, "FileNotExists" },
+	{ ERR_REDIS_SAVE, "FileSaveRedisFailed" },
+	{ ERR_CREATE_PATH, "CreateFilePathFailed" },
+	{ ERR_WRITE_PERMISSION, "FileWritePermissionFailed" },
+	{ ERR_READ_PERMISSION, "FileReadPermissionFailed" },
+	{ ERR_SEQ_INVALID, "FileSeqInvalid" },
+	{ ERR_OFFSET_INVALID, "FileOffsetInvalid" },
+	{ ERR_READ_FAILED, "FileReadFailed" },
+	{ ERR_REDIS_READ, "RedisReadErr" },
+	{ ERR_MSG_ID, "MsgIdErr" },
+	{ ERR_NAME_INVALID, "FileNameInvalid" },
+	{ ERR_CHECKSUM, "FileChecksumMismatch" },
+	{ ERR_TOO_LARGE, "FileTooLarge" },
+	{ ERR_UPLOAD_MISMATCH, "UploadMismatch" },
+	{ ERR_BUSY, "ServerBusy" },
+	{ ERR_STORAGE_FULL, "StorageFull" },
+};
+
+const char *resctl_error_name(int64_t code)
+{
+	for (size_t i = 0; i < sizeof(error_names) / sizeof(error_names[0]); i++)
+		if (error_names[i].code == code)
+			return error_names[i].name;
+	return "unknown";
+}
+
+/* ================================================================ arguments */
+
+int resctl_parse_endpoint(const char *arg, struct resctl_endpoint *ep)
+{
+	const char *host = arg, *host_end, *port;
+	if (arg[0] == '[') {
+		host = arg + 1;
+		host_end = strchr(host, ']');
+		if (host_end == NULL || host_end[1] != ':')
+			return -1;
+		port = host_end + 2;
+	} else {
+		host_end = strrchr(arg, ':');
+		if (host_end == NULL || memchr(arg, ':', (size_t)(host_end - arg)) != NULL)
+			return -1;   /* a bare IPv6 address needs brackets */
+		port = host_end + 1;
+	}
+	size_t host_len = (size_t)(host_end - host);
+	uint64_t port_num;
+	if (host_len == 0 || host_len >= sizeof(ep->host) || resctl_parse_u64(port, 65535, &port_num) != 0 ||
+	    port_num == 0 || strlen(arg) >= sizeof(ep->text))
+		return -1;
+	memcpy(ep->host, host, host_len);
+	ep->host[host_len] = '\0';
+	snprintf(ep->port, sizeof(ep->port), "%u", (unsigned)(uint16_t)port_num);
+	snprintf(ep->text, sizeof(ep->text), "%s", arg);
+	return 0;
+}
+
+int resctl_parse_u64(const char *s, uint64_t max, uint64_t *out)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n > 20 || strspn(s, "0123456789") != n)
+		return -1;
+	errno = 0;
+	unsigned long long v = strtoull(s, NULL, 10);
+	if (errno != 0 || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+int resctl_parse_size(const char *s, uint64_t max, uint64_t *out)
+{
+	size_t digits = strspn(s, "0123456789");
+	if (digits == 0 || digits > 20)
+		return -1;
+	char number[21];
+	memcpy(number, s, digits);
+	number[digits] = '\0';
+	uint64_t v;
+	if (resctl_parse_u64(number, UINT64_MAX, &v) != 0)
+		return -1;
+	static const struct {
+		const char *suffix;
+		unsigned shift;
+	} units[] = {
+		{ "", 0 }, { "B", 0 },
+		{ "K", 10 }, { "k", 10 }, { "KiB", 10 }, { "kiB", 10 },
+		{ "M", 20 }, { "MiB", 20 },
+		{ "G", 30 }, { "GiB", 30 },
+	};
+	const char *suffix = s + digits;
+	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+		if (strcmp(suffix, units[i].suffix) != 0)
+			continue;
+		if (v > (max >> units[i].shift))
+			return -1;
+		*out = v << units[i].shift;
+		return 0;
+	}
+	return -1;
+}
+
+int resctl_parse_seconds_ms(const char *s, uint64_t max_ms, uint64_t *out_ms)
+{
+	char *end;
+	errno = 0;
+	double seconds = strtod(s, &end);
+	if (errno != 0 || end == s || *end != '\0' || !isfinite(seconds) || seconds < 0 ||
+	    seconds * 1000.0 > (double)max_ms)
+		return -1;
+	*out_ms = (uint64_t)llround(seconds * 1000.0);
+	return 0;
+}
+
+void resctl_bad_option(const char *command, char *const argv[], int opt)
+{
+	const char *text = optind > 0 ? argv[optind - 1] : "?";
+	if (opt == ':')
+		resctl_error("%s: option %s needs a value (see resctl %s --help)", command, text, command);
+	else if (optopt != 0 && optopt != '?')
+		resctl_error("%s: unknown option -%c (see resctl %s --help)", command, optopt, command);
+	else
+		resctl_error("%s: unknown option %s (see resctl %s --help)", command, text, command);
+}
+
+/* ================================================================ network helpers */
+
+int resctl_resolve(const struct resctl_endpoint *ep, struct addrinfo **out, char *err, size_t errlen)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+	    .ai_flags = AI_ADDRCONFIG | AI_NUMERICSERV };
+	int r = getaddrinfo(ep->host, ep->port, &hints, out);
+	if (r != 0) {
+		snprintf(err, errlen, "cannot resolve %s: %s", ep->host, gai_strerror(r));
+		return -1;
+	}
+	return 0;
+}
+
+void resctl_peer_name(int fd, char *out, size_t outlen)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	char host[NI_MAXHOST], port[NI_MAXSERV];
+	if (getpeername(fd, (struct sockaddr *)&ss, &len) != 0 ||
+	    getnameinfo((struct sockaddr *)&ss, len, host, sizeof(host), port, sizeof(port),
+	        NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+		snprintf(out, outlen, "?");
+		return;
+	}
+	snprintf(out, outlen, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, port);
+}
+
+void resctl_tune_socket(int fd)
+{
+	int one = 1;
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+int64_t resctl_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+/* ================================================================ receive buffer */
+
+uint8_t *resctl_rbuf_space(struct resctl_rbuf *rb, size_t n)
+{
+	size_t len = rb->end - rb->start;
+	if (len == 0)
+		rb->start = rb->end = 0;
+	if (rb->cap - rb->end >= n)
+		return rb->data + rb->end;
+	if (rb->start > 0) {
+		memmove(rb->data, rb->data + rb->start, len);
+		rb->start = 0;
+		rb->end = len;
+		if (rb->cap - rb->end >= n)
+			return rb->data + rb->end;
+	}
+	size_t cap = rb->cap ? rb->cap : 65536;
+	while (cap - len < n) {
+		if (cap > SIZE_MAX / 2)
+			return NULL;
+		cap *= 2;
+	}
+	uint8_t *data = realloc(rb->data, cap);
+	if (data == NULL)
+		return NULL;
+	rb->data = data;
+	rb->cap = cap;
+	return rb->data + rb->end;
+}
+
+int resctl_rbuf_frame(struct resctl_rbuf *rb, uint16_t *id, const uint8_t **body, uint32_t *len, size_t *need)
+{
+	const uint8_t *p = rb->data + rb->start;
+	size_t have = rb->end - rb->start;
+	size_t consumed;
+	*need = 0;
+	if (have >= FRAME_HEADER_LEN)
+		*need = FRAME_HEADER_LEN + ((size_t)p[2] << 24 | (size_t)p[3] << 16 | (size_t)p[4] << 8 | p[5]);
+	switch (frame_decode(p, have, RESCTL_MAX_RESPONSE, id, body, len, &consumed)) {
+	case FRAME_OK:
+		rb->start += consumed;
+		return 1;
+	case FRAME_NEED_MORE:
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+void resctl_rbuf_free(struct resctl_rbuf *rb)
+{
+	free(rb->data);
+	*rb = (struct resctl_rbuf){ 0 };
+}
+
+/* ================================================================ progress */
+
+void resctl_progress_init(struct resctl_progress *p, const char *label)
+{
+	*p = (struct resctl_progress){ .enabled = isatty(STDERR_FILENO), .start_ns = resctl_now_ns(), .label = label };
+}
+
+void resctl_progress_text(struct resctl_progress *p, const char *text)
+{
+	if (!p->enabled)
+		return;
+	fprintf(stderr, "\r%s\033[K", text);
+	fflush(stderr);
+	p->drawn = 1;
+}
+
+void resctl_progress_update(struct resctl_progress *p, uint64_t done, uint64_t total)
+{
+	if (!p->enabled)
+		return;
+	int64_t now = resctl_now_ns();
+	if (p->drawn && now - p->last_draw_ns < 100000000)
+		return;
+	p->last_draw_ns = now;
+	double seconds = (double)(now - p->start_ns) / 1e9;
+	double rate = seconds > 0 ? (double)done / 1e6 / seconds : 0;
+	char bar[31];
+	double fraction = total ? (double)done / (double)total : 1.0;
+	int filled = (int)(fraction * 30.0);
+	for (int i = 0; i < 30; i++)
+		bar[i] = i < filled ? '#' : '.';
+	bar[30] = '\0';
+	char line[256];
+	snprintf(line, sizeof(line), "%.40s [%s] %3d%% %.1f/%.1f MB %.1f MB/s", p->label, bar,
+	    (int)(fraction * 100.0), (double)done / 1e6, (double)total / 1e6, rate);
+	resctl_progress_text(p, line);
+}
+
+void resctl_progress_clear(struct resctl_progress *p)
+{
+	if (p->enabled && p->drawn) {
+		fputs("\r\033[K", stderr);
+		fflush(stderr);
+	}
+	p->drawn = 0;
+}
+
+/* ================================================================ blocking client */
+
+/* One connection of a command; every wait is bounded by timeout_ms. */
+struct client {
+	int fd;                          /* -1 while not connected */
+	int timeout_ms;
+	const struct resctl_endpoint *ep;
+	struct resctl_rbuf in;
+	char peer[80];
+	char err[512];                   /* why the last call failed */
+};
+
+enum call_result {
+	CALL_OK = 0,
+	CALL_DROPPED = -1,   /* network trouble (refused, closed, timed out): worth reconnecting */
+	CALL_BROKEN = -2,    /* the peer broke the protocol: retrying will not help */
+};
+
+static void client_init(struct client *c, const struct resctl_endpoint *ep, int timeout_ms)
+{
+	*c = (struct client){ .fd = -1, .timeout_ms = timeout_ms, .ep = ep };
+}
+
+static void client_close(struct client *c)
+{
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	c->in.start = c->in.end = 0;   /* a late answer on the old connection must not be read */
+}
+
+/* 1 when fd is ready, 0 at the deadline, -1 on a poll error. */
+static int wait_ready(int fd, short events, int64_t deadline_ns)
+{
+	for (;;) {
+		int64_t left = deadline_ns - resctl_now_ns();
+		if (left <= 0)
+			return 0;
+		struct pollfd pfd = { .fd = fd, .events = events };
+		int r = poll(&pfd, 1, (int)((left + 999999) / 1000000));
+		if (r > 0)
+			return 1;
+		if (r < 0 && errno != EINTR)
+			return -1;
+	}
+}
+
+static int connect_one(struct client *c, const struct addrinfo *ai)
+{
+	int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+	if (fd < 0) {
+		snprintf(c->err, sizeof(c->err), "socket(): %s", strerror(errno));
+		return -1;
+	}
+	int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+	if (r != 0 && errno == EINPROGRESS) {
+		r = wait_ready(fd, POLLOUT, resctl_now_ns() + (int64_t)c->timeout_ms * 1000000);
+		if (r == 0) {
+			snprintf(c->err, sizeof(c->err), "cannot connect to %s: timed out", c->ep->text);
+			close(fd);
+			return -1;
+		}
+		int so_error = 0;
+		socklen_t len = sizeof(so_error);
+		if (r < 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &len) != 0)
+			so_error = errno;
+		errno = so_error;
+		r = so_error ? -1 : 0;
+	}
+	if (r != 0) {
+		snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s", c->ep->text, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	resctl_tune_socket(fd);
+	c->fd = fd;
+	resctl_peer_name(fd, c->peer, sizeof(c->peer));
+	return 0;
+}
+
+static int client_connect(struct client *c)
+{
+	struct addrinfo *list;
+	client_close(c);
+	if (resctl_resolve(c->ep, &list, c->err, sizeof(c->err)) != 0)
+		return CALL_DROPPED;
+	for (struct addrinfo *ai = list; ai != NULL; ai = ai->ai_next)
+		if (connect_one(c, ai) == 0)
+			break;
+	freeaddrinfo(list);
+	return c->fd >= 0 ? CALL_OK : CALL_DROPPED;
+}
+
+static int client_send(struct client *c, uint16_t id, const void *body, size_t len)
+{
+	uint8_t header[FRAME_HEADER_LEN];
+	frame_put_header(header, id, (uint32_t)len);
+	struct iovec iov[2] = { { header, sizeof(header) }, { (void *)body, len } };
+	size_t first = 0;
+	int64_t deadline = resctl_now_ns() + (int64_t)c->timeout_ms * 1000000;
+	while (first < 2) {
+		struct msghdr msg = { .msg_iov = iov + first, .msg_iovlen = 2 - first };
+		ssize_t n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if (wait_ready(c->fd, POLLOUT, deadline) > 0)
+					continue;
+				snprintf(c->err, sizeof(c->err), "sending to %s: timed out", c->ep->text);
+				return CALL_DROPPED;
+			}
+			snprintf(c->err, sizeof(c->err), "sending to %s: %s", c->ep->text, strerror(errno));
+			return CALL_DROPPED;
+		}
+		size_t done = (size_t)n;
+		while (first < 2 && done >= iov[first].iov_len)
+			done -= iov[first++].iov_len;
+		if (first < 2) {
+			iov[first].iov_base = (uint8_t *)iov[first].iov_base + done;
+			iov[first].iov_len -= done;
+		}
+	}
+	return CALL_OK;
+}
+
+static int client_recv(struct client *c, uint16_t *id, const uint8_t **body, uint32_t *len)
+{
+	int64_t deadline = resctl_now_ns() + (int64_t)c->timeout_ms * 1000000;
+	for (;;) {
+		size_t need;
+		int r = resctl_rbuf_frame(&c->in, id, body, len, &need);
+		if (r > 0)
+			return CALL_OK;
+		if (r < 0) {
+			snprintf(c->err, sizeof(c->err), "%s sent a frame larger than %u bytes", c->ep->text,
+			    RESCTL_MAX_RESPONSE);
+			return CALL_BROKEN;
+		}
+		size_t have = c->in.end - c->in.start;
+		size_t want = need > have ? need - have : 0;
+		if (want < 65536)
+			want = 65536;
+		uint8_t *p = resctl_rbuf_space(&c->in, want);
+		if (p == NULL) {
+			snprintf(c->err, sizeof(c->err), "out of memory");
+			return CALL_BROKEN;
+		}
+		ssize_t n = recv(c->fd, p, c->in.cap - c->in.end, 0);
+		if (n > 0) {
+			c->in.end += (size_t)n;
+			continue;
+		}
+		if (n == 0) {
+			snprintf(c->err, sizeof(c->err), "%s closed the connection", c->ep->text);
+			return CALL_DROPPED;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno == EAGAIN || errno == EWOULDBLOCK) {
+			if (wait_ready(c->fd, POLLIN, deadline) > 0)
+				continue;
+			snprintf(c->err, sizeof(c->err), "no answer from %s within %d ms", c->ep->text, c->timeout_ms);
+			return CALL_DROPPED;
+		}
+		snprintf(c->err, sizeof(c->err), "receiving from %s: %s", c->ep->text, strerror(errno));
+		return CALL_DROPPED;
+	}
+}
+
+/* Receives the answer to request id and parses it; free *out with yajl_tree_free. */
+static int client_answer(struct client *c, uint16_t id, yajl_val *out)
+{
+	uint16_t rid;
+	const uint8_t *body;
+	uint32_t len;
+	int r = client_recv(c, &rid, &body, &len);
+	if (r != CALL_OK)
+		return r;
+	if (rid != id + 1) {
+		snprintf(c->err, sizeof(c->err), "%s answered message %u with message %u", c->ep->text, id, rid);
+		return CALL_BROKEN;
+	}
+	char why[160];
+	*out = json_parse_object(body, len, why, sizeof(why));
+	if (*out == NULL) {
+		snprintf(c->err, sizeof(c->err), "answer %u from %s: %s", rid, c->ep->text, why);
+		return CALL_BROKEN;
+	}
+	return CALL_OK;
+}
+
+static int client_call(struct client *c, uint16_t id, const void *body, size_t len, yajl_val *out)
+{
+	int r = client_send(c, id, body, len);
+	return r == CALL_OK ? client_answer(c, id, out) : r;
+}
+
+/* ================================================================ requests and answers */
+
+/* Requests are written like Qt's QJsonDocument::toJson(): keys sorted, 4-space indent, newlines. */
+static int qt_writer_init(struct json_writer *w)
+{
+	if (json_writer_init(w) != 0)
+		return -1;
+	yajl_gen_config(w->gen, yajl_gen_beautify, 1);
+	yajl_gen_config(w->gen, yajl_gen_indent_string, "    ");
+	return 0;
+}
+
+static void put_cstr(struct json_writer *w, const char *key, const char *s)
+{
+	json_put_str(w, key, s, strlen(s));
+}
+
+static void put_token(struct json_writer *w, const struct resctl_auth *auth)
+{
+	if (auth->token != NULL)
+		put_cstr(w, "token", auth->token);
+}
+
+static void put_uid(struct json_writer *w, const struct resctl_auth *auth)
+{
+	if (auth->has_uid)
+		json_put_int(w, "uid", (int64_t)auth->uid);
+}
+
+/* The error code of an answer, or -1 when it has none. */
+static int64_t answer_error(yajl_val o)
+{
+	uint64_t code;
+	return json_get_u64(o, "error", INT32_MAX, &code) == JSON_FIELD_OK ? (int64_t)code : -1;
+}
+
+/* A size or seq the server sends as a number or a string. */
+static int answer_u64(yajl_val o, const char *key, uint64_t *out)
+{
+	return json_get_u64(o, key, UINT64_MAX, out) == JSON_FIELD_OK ? 0 : -1;
+}
+
+static const char *answer_str(yajl_val o, const char *key)
+{
+	const char *s;
+	size_t len;
+	return json_get_str(o, key, &s, &len) == JSON_FIELD_OK ? s : NULL;
+}
+
+static void report_server_error(const char *command, yajl_val o)
+{
+	int64_t code = answer_error(o);
+	const char *message = answer_str(o, "message");
+	resctl_error("%s: server error %" PRId64 " (%s)%s%s", command, code, resctl_error_name(code),
+	    message ? ": " : "", message ? message : "");
+}
+
+/* Reconnect back-off: 100 ms doubling to 5 s, at most max_attempts in a row. */
+struct backoff {
+	uint64_t attempts;
+	uint64_t max_attempts;
+	unsigned delay_ms;
+};
+
+static void backoff_reset(struct backoff *b)
+{
+	b->attempts = 0;
+	b->delay_ms = RESCTL_BACKOFF_FIRST_MS;
+}
+
+/* Sleeps before the next attempt; -1 when the attempts are used up. */
+static int backoff_wait(struct backoff *b)
+{
+	if (b->attempts >= b->max_attempts)
+		return -1;
+	b->attempts++;
+	sleep_ms(b->delay_ms);
+	b->delay_ms = b->delay_ms * 2 > RESCTL_BACKOFF_MAX_MS ? RESCTL_BACKOFF_MAX_MS : b->delay_ms * 2;
+	return 0;
+}
+
+/* Options every network command takes. */
+enum common_option {
+	OPT_HELP = 'h',
+	OPT_TIMEOUT = 256,
+	OPT_UID,
+	OPT_TOKEN,
+	OPT_COUNT,
+	OPT_INTERVAL,
+	OPT_JSON,
+	OPT_NAME,
+	OPT_AVATAR,
+	OPT_CHUNK,
+	OPT_RETRIES,
+	OPT_DROP_AFTER,
+	OPT_STOP_AFTER,
+};
+
+/* Handles --timeout, --uid and --token; 1 if opt was one of them, -1 on a bad value. */
+static int common_option(const char *command, int opt, const char *arg, struct resctl_auth *auth, int *timeout_ms)
+{
+	uint64_t v;
+	switch (opt) {
+	case OPT_TIMEOUT:
+		if (resctl_parse_seconds_ms(arg, 86400000, &v) != 0 || v == 0) {
+			resctl_error("%s: --timeout wants seconds > 0, not '%s'", command, arg);
+			return -1;
+		}
+		*timeout_ms = (int)v;
+		return 1;
+	case OPT_UID:
+		if (resctl_parse_u64(arg, JSON_MAX_SAFE_INT, &auth->uid) != 0) {
+			resctl_error("%s: --uid wants a non-negative integer, not '%s'", command, arg);
+			return -1;
+		}
+		auth->has_uid = 1;
+		return 1;
+	case OPT_TOKEN:
+		auth->token = arg;
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+#define COMMON_LONG_OPTIONS \
+	{ "help", no_argument, NULL, OPT_HELP }, \
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT }, \
+	{ "uid", required_argument, NULL, OPT_UID }, \
+	{ "token", required_argument, NULL, OPT_TOKEN }
+
+#define COMMON_HELP \
+	"  --uid U          user id sent with the request (left out when not given)\n" \
+	"  --token T        that user's token\n" \
+	"  --timeout S      seconds to wait for each answer (default 30)\n" \
+	"  -h, --help       this text\n"
+
+/* Parses the remaining options of argv; returns the number of positional arguments
+ * (at argv + optind), or -1 after printing why not. */
+typedef int option_fn(void *ctx, int opt, const char *arg);
+
+static int parse_options(const char *command, int argc, char **argv, const struct option *longopts,
+    const char *usage, option_fn *fn, void *ctx)
+{
+	int opt;
+	optind = 0;   /* glibc: full re-initialisation */
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		if (opt == OPT_HELP) {
+			fputs(usage, stdout);
+			exit(RESCTL_EXIT_OK);
+		}
+		if (opt == '?' || opt == ':') {
+			resctl_bad_option(command, argv, opt);
+			return -1;
+		}
+		if (fn(ctx, opt, optarg) != 0)
+			return -1;
+	}
+	return argc - optind;
+}
+
+static int need_positionals(const char *command, int have, int want)
+{
+	if (have == want)
+		return 0;
+	resctl_error("%s: expected %d argument%s, got %d (see resctl %s --help)", command, want,
+	    want == 1 ? "" : "s", have, command);
+	return -1;
+}
+
+static int parse_endpoint_arg(const char *command, const char *arg, struct resctl_endpoint *ep)
+{
+	if (resctl_parse_endpoint(arg, ep) == 0)
+		return 0;
+	resctl_error("%s: '%s' is not HOST:PORT", command, arg);
+	return -1;
+}
+
+/* ================================================================ ping */
+
+struct ping_opts {
+	struct resctl_auth auth;   /* unused by 1001, accepted for symmetry */
+	int timeout_ms;
+	uint64_t count;
+	uint64_t interval_ms;
+};
+
+static int ping_option(void *ctx, int opt, const char *arg)
+{
+	struct ping_opts *o = ctx;
+	int r = common_option("ping", opt, arg, &o->auth, &o->timeout_ms);
+	if (r != 0)
+		return r < 0 ? -1 : 0;
+	if (opt == OPT_COUNT && resctl_parse_u64(arg, 1000000000, &o->count) == 0 && o->count > 0)
+		return 0;
+	if (opt == OPT_INTERVAL && resctl_parse_seconds_ms(arg, 3600000, &o->interval_ms) == 0)
+		return 0;
+	resctl_error("ping: bad value '%s' for %s", arg, opt == OPT_COUNT ? "--count" : "--interval");
+	return -1;
+}
+
+static const char ping_usage[] =
+	"usage: resctl ping HOST:PORT [--count N] [--interval S] [--timeout S]\n"
+	"Sends 1001 test messages and prints each round trip.\n"
+	"  --count N        messages to send (default 1)\n"
+	"  --interval S     seconds between messages (default 1)\n"
+	COMMON_HELP;
+
+/* One 1001 exchange; returns the round trip in ns, or -1 after printing why it failed. */
+static int64_t ping_once(struct client *c, struct json_writer *w, uint64_t n)
+{
+	char data[64];
+	snprintf(data, sizeof(data), "resctl ping %" PRIu64 " %08" PRIx32, n, randombytes_random());
+	json_begin(w);
+	put_cstr(w, "data", data);
+	const uint8_t *body;
+	size_t len;
+	json_end(w, &body, &len);
+	int64_t start = resctl_now_ns();
+	yajl_val answer;
+	int r = client_call(c, MSG_TEST, body, len, &answer);
+	int64_t rtt = resctl_now_ns() - start;
+	if (r != CALL_OK) {
+		resctl_error("ping: %s", c->err);
+		client_close(c);
+		return -1;
+	}
+	const char *echo = answer_str(answer, "data");
+	int64_t code = answer_error(answer);
+	if (code != 0) {
+		report_server_error("ping", answer);
+		rtt = -1;
+	} else if (echo == NULL || strcmp(echo, data) != 0) {
+		resctl_error("ping: %s did not echo the data", c->ep->text);
+		rtt = -1;
+	}
+	yajl_tree_free(answer);
+	return rtt;
+}
+
+static int cmd_ping(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		COMMON_LONG_OPTIONS,
+		{ "count", required_argument, NULL, OPT_COUNT },
+		{ "interval", required_argument, NULL, OPT_INTERVAL },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ping_opts o = { .timeout_ms = RESCTL_TIMEOUT_MS, .count = 1, .interval_ms = 1000 };
+	struct resctl_endpoint ep;
+	int n = parse_options("ping", argc, argv, longopts, ping_usage, ping_option, &o);
+	if (n < 0 || need_positionals("ping", n, 1) != 0 || parse_endpoint_arg("ping", argv[optind], &ep) != 0)
+		return RESCTL_EXIT_USAGE;
+
+	struct client c;
+	struct json_writer w;
+	client_init(&c, &ep, o.timeout_ms);
+	if (qt_writer_init(&w) != 0) {
+		resctl_error("ping: out of memory");
+		return RESCTL_EXIT_FAIL;
+	}
+	uint64_t received = 0;
+	double min_ms = INFINITY, max_ms = 0, sum_ms = 0;
+	for (uint64_t i = 1; i <= o.count; i++) {
+		if (i > 1)
+			sleep_ms((unsigned)o.interval_ms);
+		if (c.fd < 0 && client_connect(&c) != CALL_OK) {
+			resctl_error("ping: %s", c.err);
+			continue;
+		}
+		int64_t rtt = ping_once(&c, &w, i);
+		if (rtt < 0)
+			continue;
+		double ms = (double)rtt / 1e6;
+		printf("%d from %s: time=%.3f ms\n", MSG_TEST + 1, c.peer, ms);
+		fflush(stdout);
+		received++;
+		sum_ms += ms;
+		min_ms = ms < min_ms ? ms : min_ms;
+		max_ms = ms > max_ms ? ms : max_ms;
+	}
+	if (o.count > 1) {
+		printf("--- %s: %" PRIu64 " sent, %" PRIu64 " received", ep.text, o.count, received);
+		if (received)
+			printf(", time min/avg/max = %.3f/%.3f/%.3f ms", min_ms, sum_ms / (double)received, max_ms);
+		printf("\n");
+	}
+	client_close(&c);
+	resctl_rbuf_free(&c.in);
+	json_writer_free(&w);
+	return received == o.count ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+}
+
+/* ================================================================ sync */
+
+struct sync_opts {
+	struct resctl_auth auth;
+	int timeout_ms;
+	int json;
+};
+
+static int sync_option(void *ctx, int opt, const char *arg)
+{
+	struct sync_opts *o = ctx;
+	int r = common_option("sync", opt, arg, &o->auth, &o->timeout_ms);
+	if (r != 0)
+		return r < 0 ? -1 : 0;
+	if (opt == OPT_JSON)
+		o->json = 1;
+	return 0;
+}
+
+static const char sync_usage[] =
+	"usage: resctl sync HOST:PORT MD5 [--uid U --token T] [--json] [--timeout S]\n"
+	"Asks the server (1005) how far the upload of the file with this MD5 got.\n"
+	"Exits 0 when the server knows the upload (error 0), 1 otherwise.\n"
+	"  --json           print the server's answer as it came\n"
+	COMMON_HELP;
+
+static int md5_hex_valid(const char *s)
+{
+	return strlen(s) == PROTO_MD5_HEX && strspn(s, "0123456789abcdefABCDEF") == PROTO_MD5_HEX;
+}
+
+/* Builds a 1005 request for md5 in w. */
+static void build_sync(struct json_writer *w, const char *md5, const struct resctl_auth *auth,
+    const uint8_t **body, size_t *len)
+{
+	json_begin(w);
+	put_cstr(w, "md5", md5);
+	put_token(w, auth);
+	put_uid(w, auth);
+	json_end(w, body, len);
+}
+
+static int cmd_sync(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		COMMON_LONG_OPTIONS,
+		{ "json", no_argument, NULL, OPT_JSON },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct sync_opts o = { .timeout_ms = RESCTL_TIMEOUT_MS };
+	struct resctl_endpoint ep;
+	int n = parse_options("sync", argc, argv, longopts, sync_usage, sync_option, &o);
+	if (n < 0 || need_positionals("sync", n, 2) != 0 || parse_endpoint_arg("sync", argv[optind], &ep) != 0)
+		return RESCTL_EXIT_USAGE;
+	const char *md5 = argv[optind + 1];
+	if (!md5_hex_valid(md5)) {
+		resctl_error("sync: '%s' is not an MD5 (32 hex digits)", md5);
+		return RESCTL_EXIT_USAGE;
+	}
+
+	struct client c;
+	struct json_writer w;
+	client_init(&c, &ep, o.timeout_ms);
+	if (qt_writer_init(&w) != 0)
+		return RESCTL_EXIT_FAIL;
+	const uint8_t *body;
+	size_t len;
+	build_sync(&w, md5, &o.auth, &body, &len);
+	int status = RESCTL_EXIT_FAIL;
+	yajl_val answer = NULL;
+	if (client_connect(&c) != CALL_OK || client_send(&c, MSG_SYNC, body, len) != CALL_OK) {
+		resctl_error("sync: %s", c.err);
+		goto out;
+	}
+	/* --json prints the raw body, so take the frame before parsing it. */
+	uint16_t rid;
+	const uint8_t *rbody;
+	uint32_t rlen;
+	char why[160];
+	if (client_recv(&c, &rid, &rbody, &rlen) != CALL_OK) {
+		resctl_error("sync: %s", c.err);
+		goto out;
+	}
+	if (rid != MSG_SYNC + 1 || (answer = json_parse_object(rbody, rlen, why, sizeof(why))) == NULL) {
+		resctl_error("sync: bad answer %u from %s%s%s", rid, ep.text, rid == MSG_SYNC + 1 ? ": " : "",
+		    rid == MSG_SYNC + 1 ? why : "");
+		goto out;
+	}
+	int64_t code = answer_error(answer);
+	if (o.json) {
+		fwrite(rbody, 1, rlen, stdout);
+		fputc('\n', stdout);
+	} else {
+		uint64_t seq = 0, trans = 0, total = 0;
+		const char *name = answer_str(answer, "name");
+		const char *message = answer_str(answer, "message");
+		answer_u64(answer, "seq", &seq);
+		answer_u64(answer, "trans_size", &trans);
+		answer_u64(answer, "total_size", &total);
+		printf("error=%" PRId64 " (%s) name=%s seq=%" PRIu64 " trans_size=%" PRIu64 " total_size=%" PRIu64 "%s%s%s\n",
+		    code, resctl_error_name(code), name ? name : "", seq, trans, total,
+		    message ? " message=\"" : "", message ? message : "", message ? "\"" : "");
+	}
+	status = code == 0 ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+out:
+	if (answer)
+		yajl_tree_free(answer);
+	client_close(&c);
+	resctl_rbuf_free(&c.in);
+	json_writer_free(&w);
+	return status;
+}
+
+/* ================================================================ upload */
+
+struct upload_opts {
+	struct resctl_endpoint ep;
+	const char *path;
+	const char *name;          /* default: basename of path */
+	struct resctl_auth auth;
+	int avatar;                /* 1031 instead of 1003 */
+	uint64_t chunk;
+	uint64_t retries;
+	uint64_t drop_after;       /* testing: drop the connection once after sending this seq; 0 = never */
+	uint64_t stop_after;       /* testing: exit 3 after this many acknowledged chunks; 0 = never */
+	int timeout_ms;
+};
+
+struct upload {
+	const struct upload_opts *o;
+	int fd;
+	uint64_t total;
+	char md5[MD5_DIGEST_STRING_LENGTH];
+	uint64_t offset;           /* where the next chunk starts */
+	uint64_t seq;              /* its seq */
+	uint64_t last_seq;         /* how many chunks the upload has, as the server is told */
+	uint8_t *raw;              /* one chunk of the file */
+	char *b64;                 /* and its base64 */
+	size_t b64_cap;
+	struct client c;
+	struct json_writer w;
+	struct backoff backoff;
+	int dropped;               /* --drop-after has fired */
+	unsigned resumes;          /* times the upload went on from a server-side record */
+	uint64_t acked;            /* chunks acknowledged in this run */
+	uint64_t sent_bytes;       /* file bytes acknowledged in this run */
+	struct resctl_progress progress;
+};
+
+/* What the upload does next. */
+enum upload_step {
+	STEP_NEXT,        /* send the chunk at offset */
+	STEP_DONE,        /* the last chunk is acknowledged */
+	STEP_SYNC,        /* ask 1005 where to go on, on this connection */
+	STEP_RECONNECT,   /* back off, reconnect, sync */
+	STEP_STOPPED,     /* --stop-after reached */
+	STEP_FAIL,        /* reported; exit 1 */
+};
+
+static int upload_option(void *ctx, int opt, const char *arg)
+{
+	struct upload_opts *o = ctx;
+	int r = common_option("upload", opt, arg, &o->auth, &o->timeout_ms);
+	if (r != 0)
+		return r < 0 ? -1 : 0;
+	const char *what = NULL;
+	switch (opt) {
+	case OPT_NAME:
+		o->name = arg;
+		return 0;
+	case OPT_AVATAR:
+		o->avatar = 1;
+		return 0;
+	case OPT_CHUNK:
+		if (resctl_parse_size(arg, RESCTL_MAX_CHUNK, &o->chunk) == 0 && o->chunk > 0)
+			return 0;
+		what = "--chunk";
+		break;
+	case OPT_RETRIES:
+		if (resctl_parse_u64(arg, 1000000, &o->retries) == 0)
+			return 0;
+		what = "--retries";
+		break;
+	case OPT_DROP_AFTER:
+		if (resctl_parse_u64(arg, UINT32_MAX, &o->drop_after) == 0)
+			return 0;
+		what = "--drop-after";
+		break;
+	case OPT_STOP_AFTER:
+		if (resctl_parse_u64(arg, UINT32_MAX, &o->stop_after) == 0)
+			return 0;
+		what = "--stop-after";
+		break;
+	default:
+		return 0;
+	}
+	resctl_error("upload: bad value '%s' for %s", arg, what);
+	return -1;
+}
+
+static const char upload_usage[] =
+	"usage: resctl upload HOST:PORT FILE [--name N] [--uid U --token T] [--avatar]\n"
+	"                     [--chunk BYTES] [--retries N] [--timeout S]\n"
+	"Uploads FILE chunk by chunk, one request at a time, like the Qt client.\n"
+	"Resumes an upload the server already holds part of (asks 1005 first), and\n"
+	"reconnects with back-off when the connection drops or the server is busy.\n"
+	"  --name N         name to store the file under (default: FILE's base name)\n"
+	"  --avatar         upload as the user's avatar (1031; needs --uid and --token)\n"
+	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768)\n"
+	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
+	COMMON_HELP
+	"Testing: --drop-after K drops the connection once after sending chunk K;\n"
+	"--stop-after K exits with status 3 after K acknowledged chunks.\n";
+
+/* Reads exactly len bytes at off; -1 on an error or a file that got shorter. */
+static int pread_full(int fd, void *p, size_t len, uint64_t off)
+{
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pread(fd, (uint8_t *)p + done, len - done, (off_t)(off + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n == 0)
+				errno = ENODATA;
+			return -1;
+		}
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+#define UPLOAD_READ_SIZE (1u << 20)   /* hashing reads */
+
+/* MD5 of the whole file, before anything is sent (the server checks it at the end). */
+static int upload_hash(struct upload *u)
+{
+	MD5_CTX ctx;
+	MD5Init(&ctx);
+	uint64_t done = 0;
+	struct resctl_progress p;
+	resctl_progress_init(&p, "hashing");
+	while (done < u->total) {
+		size_t len = u->total - done < UPLOAD_READ_SIZE ? (size_t)(u->total - done) : UPLOAD_READ_SIZE;
+		if (pread_full(u->fd, u->raw, len, done) != 0) {
+			resctl_progress_clear(&p);
+			resctl_error("upload: reading %s: %s", u->o->path, errno == ENODATA ? "file got shorter" : strerror(errno));
+			return -1;
+		}
+		MD5Update(&ctx, u->raw, len);
+		done += len;
+		resctl_progress_update(&p, done, u->total);
+	}
+	resctl_progress_clear(&p);
+	MD5End(&ctx, u->md5);
+	return 0;
+}
+
+static void upload_position(struct upload *u, uint64_t offset, uint64_t seq)
+{
+	uint64_t left = u->total - offset;
+	u->offset = offset;
+	u->seq = seq;
+	u->last_seq = seq - 1 + (left ? (left + u->o->chunk - 1) / u->o->chunk : 1);
+}
+
+/* Where to go on from the server's record: trans_size committed, last committed chunk seq. */
+static void upload_resume_at(struct upload *u, uint64_t trans, uint64_t seq)
+{
+	if (trans == 0 || trans > u->total || seq == 0) {
+		upload_position(u, 0, 1);
+		return;
+	}
+	if (trans == u->total) {
+		/* Every byte is in but the upload was never completed: send the final chunk again. */
+		uint64_t len = u->total < u->o->chunk ? u->total : u->o->chunk;
+		upload_position(u, u->total - len, seq);
+	} else {
+		upload_position(u, trans, seq + 1);
+	}
+	u->resumes++;
+}
+
+static enum upload_step upload_sync(struct upload *u)
+{
+	const uint8_t *body;
+	size_t len;
+	yajl_val answer;
+	build_sync(&u->w, u->md5, &u->o->auth, &body, &len);
+	int r = client_call(&u->c, MSG_SYNC, body, len, &answer);
+	if (r != CALL_OK) {
+		if (r == CALL_DROPPED)
+			return STEP_RECONNECT;
+		resctl_error("upload: %s", u->c.err);
+		return STEP_FAIL;
+	}
+	enum upload_step step = STEP_NEXT;
+	int64_t code = answer_error(answer);
+	uint64_t trans, total, seq;
+	const char *name = answer_str(answer, "name");
+	if (code == 0) {
+		if (answer_u64(answer, "trans_size", &trans) == 0 && answer_u64(answer, "total_size", &total) == 0 &&
+		    answer_u64(answer, "seq", &seq) == 0 && total == u->total && name != NULL &&
+		    strcmp(name, u->o->name) == 0)
+			upload_resume_at(u, trans, seq);
+		else
+			upload_position(u, 0, 1);   /* another upload of these bytes: seq 1 starts ours over */
+	} else if (code == ERR_FILE_NOT_EXISTS || code == ERR_MSG_ID) {
+		upload_position(u, 0, 1);       /* no record (or a server without 1005): from the start */
+	} else if (code == ERR_BUSY) {
+		step = STEP_RECONNECT;
+	} else {
+		report_server_error("upload", answer);
+		step = STEP_FAIL;
+	}
+	yajl_tree_free(answer);
+	return step;
+}
+
+static void upload_build_chunk(struct upload *u, size_t len, int last, const uint8_t **body, size_t *body_len)
+{
+	const struct upload_opts *o = u->o;
+	sodium_bin2base64(u->b64, u->b64_cap, u->raw, len, sodium_base64_VARIANT_ORIGINAL);
+	json_begin(&u->w);
+	put_cstr(&u->w, "data", u->b64);
+	json_put_int(&u->w, "last", last);
+	json_put_int(&u->w, "last_seq", (int64_t)u->last_seq);
+	put_cstr(&u->w, "md5", u->md5);
+	put_cstr(&u->w, "name", o->name);
+	json_put_int(&u->w, "seq", (int64_t)u->seq);
+	put_token(&u->w, &o->auth);
+	json_put_int(&u->w, "total_size", (int64_t)u->total);
+	json_put_int(&u->w, "trans_size", (int64_t)(u->offset + len));
+	put_uid(&u->w, &o->auth);
+	json_end(&u->w, body, body_len);
+}
+
+/* The server says the chunk was past what it holds: go back to its committed size. */
+static enum upload_step upload_rewind(struct upload *u, yajl_val answer)
+{
+	uint64_t trans;
+	if (answer_u64(answer, "trans_size", &trans) != 0 || trans > u->offset)
+		return STEP_SYNC;
+	if (trans == 0) {
+		upload_position(u, 0, 1);
+	} else {
+		uint64_t back = (u->offset - trans + u->o->chunk - 1) / u->o->chunk;
+		upload_position(u, trans, u->seq > back + 1 ? u->seq - back : 2);
+	}
+	return STEP_NEXT;
+}
+
+static enum upload_step upload_chunk(struct upload *u)
+{
+	const struct upload_opts *o = u->o;
+	size_t len = u->total - u->offset < o->chunk ? (size_t)(u->total - u->offset) : (size_t)o->chunk;
+	int last = u->offset + len == u->total;
+	uint16_t id = o->avatar ? MSG_AVATAR : MSG_UPLOAD;
+	if (pread_full(u->fd, u->raw, len, u->offset) != 0) {
+		resctl_error("upload: reading %s: %s", o->path, errno == ENODATA ? "file got shorter" : strerror(errno));
+		return STEP_FAIL;
+	}
+	const uint8_t *body;
+	size_t body_len;
+	upload_build_chunk(u, len, last, &body, &body_len);
+	if (client_send(&u->c, id, body, body_len) != CALL_OK)
+		return STEP_RECONNECT;
+	if (o->drop_after && !u->dropped && u->seq == o->drop_after) {
+		u->dropped = 1;
+		snprintf(u->c.err, sizeof(u->c.err), "connection dropped on purpose (--drop-after)");
+		client_close(&u->c);
+		return STEP_RECONNECT;
+	}
+
+	yajl_val answer;
+	int r = client_answer(&u->c, id, &answer);
+	if (r != CALL_OK) {
+		if (r == CALL_DROPPED)
+			return STEP_RECONNECT;
+		resctl_error("upload: %s", u->c.err);
+		return STEP_FAIL;
+	}
+	enum upload_step step = STEP_NEXT;
+	int64_t code = answer_error(answer);
+	if (code == 0) {
+		u->acked++;
+		u->sent_bytes += len;
+		backoff_reset(&u->backoff);
+		resctl_progress_update(&u->progress, u->offset + len, u->total);
+		if (last)
+			step = STEP_DONE;
+		else if (o->stop_after && u->acked == o->stop_after)
+			step = STEP_STOPPED;
+		u->offset += len;
+		u->seq++;
+	} else if (code == ERR_BUSY) {
+		step = STEP_RECONNECT;
+	} else if (code == ERR_OFFSET_INVALID) {
+		step = upload_rewind(u, answer);
+	} else if (code == ERR_FILE_NOT_EXISTS && u->seq > 1) {
+		upload_position(u, 0, 1);   /* the record expired: start again */
+	} else {
+		report_server_error("upload", answer);
+		step = STEP_FAIL;
+	}
+	yajl_tree_free(answer);
+	return step;
+}
+
+/* Backs off and reconnects; -1 once the retries are used up (reported). */
+static int upload_reconnect(struct upload *u)
+{
+	for (;;) {
+		client_close(&u->c);
+		if (backoff_wait(&u->backoff) != 0) {
+			resctl_progress_clear(&u->progress);
+			resctl_error("upload: giving up after %" PRIu64 " attempts: %s", u->backoff.attempts, u->c.err);
+			return -1;
+		}
+		if (client_connect(&u->c) == CALL_OK)
+			return 0;
+	}
+}
+
+static enum upload_step upload_run(struct upload *u)
+{
+	enum upload_step step = STEP_SYNC;   /* always ask first: a previous run may have left a record */
+	if (client_connect(&u->c) != CALL_OK) {
+		resctl_error("upload: %s", u->c.err);
+		return STEP_FAIL;
+	}
+	for (;;) {
+		switch (step) {
+		case STEP_RECONNECT:
+			if (u->c.err[0] == '\0')
+				snprintf(u->c.err, sizeof(u->c.err), "server busy");
+			if (upload_reconnect(u) != 0)
+				return STEP_FAIL;
+			step = STEP_SYNC;
+			break;
+		case STEP_SYNC:
+			u->c.err[0] = '\0';
+			step = upload_sync(u);
+			break;
+		case STEP_NEXT:
+			u->c.err[0] = '\0';
+			step = upload_chunk(u);
+			break;
+		case STEP_STOPPED:
+		case STEP_DONE:
+		case STEP_FAIL:
+			return step;
+		}
+	}
+}
+
+static int upload_open(struct upload *u, const struct upload_opts *o)
+{
+	struct stat st;
+	u->fd = open(o->path, O_RDONLY | O_CLOEXEC);
+	if (u->fd < 0 || fstat(u->fd, &st) != 0) {
+		resctl_error("upload: %s: %s", o->path, strerror(errno));
+		return -1;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		resctl_error("upload: %s: not a regular file", o->path);
+		return -1;
+	}
+	u->total = (uint64_t)st.st_size;
+	u->b64_cap = sodium_base64_ENCODED_LEN(o->chunk, sodium_base64_VARIANT_ORIGINAL);
+	u->raw = malloc(o->chunk > UPLOAD_READ_SIZE ? o->chunk : UPLOAD_READ_SIZE);
+	u->b64 = malloc(u->b64_cap);
+	if (u->raw == NULL || u->b64 == NULL || qt_writer_init(&u->w) != 0) {
+		resctl_error("upload: out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+static void upload_report(const struct upload *u, enum upload_step step, int64_t start_ns)
+{
+	double seconds = (double)(resctl_now_ns() - start_ns) / 1e9;
+	double rate = seconds > 0 ? (double)u->sent_bytes / 1e6 / seconds : 0;
+	if (step == STEP_STOPPED) {
+		printf("stopped %s after %" PRIu64 " chunks: %" PRIu64 " of %" PRIu64 " bytes, md5 %s\n",
+		    u->o->name, u->acked, u->offset, u->total, u->md5);
+		return;
+	}
+	printf("uploaded %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", u->o->name, u->total, seconds,
+	    rate, u->md5);
+	if (u->resumes)
+		printf(", resumed %u time%s, sent %" PRIu64 " bytes", u->resumes, u->resumes == 1 ? "" : "s",
+		    u->sent_bytes);
+	printf("\n");
+}
+
+static int cmd_upload(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		COMMON_LONG_OPTIONS,
+		{ "name", required_argument, NULL, OPT_NAME },
+		{ "avatar", no_argument, NULL, OPT_AVATAR },
+		{ "chunk", required_argument, NULL, OPT_CHUNK },
+		{ "retries", required_argument, NULL, OPT_RETRIES },
+		{ "drop-after", required_argument, NULL, OPT_DROP_AFTER },
+		{ "stop-after", required_argument, NULL, OPT_STOP_AFTER },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct upload_opts o = { .chunk = RESCTL_CHUNK, .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
+	int n = parse_options("upload", argc, argv, longopts, upload_usage, upload_option, &o);
+	if (n < 0 || need_positionals("upload", n, 2) != 0 || parse_endpoint_arg("upload", argv[optind], &o.ep) != 0)
+		return RESCTL_EXIT_USAGE;
+	o.path = argv[optind + 1];
+	if (o.name == NULL) {
+		const char *slash = strrchr(o.path, '/');
+		o.name = slash ? slash + 1 : o.path;
+	}
+	if (!proto_name_valid(o.name, strlen(o.name))) {
+		resctl_error("upload: '%s' is not a valid file name (1-255 bytes of UTF-8, no '/', no leading '.')", o.name);
+		return RESCTL_EXIT_USAGE;
+	}
+	if (o.avatar && (!o.auth.has_uid || o.auth.token == NULL)) {
+		resctl_error("upload: --avatar needs --uid and --token");
+		return RESCTL_EXIT_USAGE;
+	}
+
+	struct upload u = { .o = &o, .fd = -1, .backoff = { .max_attempts = o.retries } };
+	backoff_reset(&u.backoff);
+	client_init(&u.c, &o.ep, o.timeout_ms);
+	enum upload_step step = STEP_FAIL;
+	if (upload_open(&u, &o) == 0 && upload_hash(&u) == 0) {
+		int64_t start = resctl_now_ns();
+		resctl_progress_init(&u.progress, o.name);
+		step = upload_run(&u);
+		resctl_progress_clear(&u.progress);
+		if (step == STEP_DONE || step == STEP_STOPPED)
+			upload_report(&u, step, start);
+	}
+	client_close(&u.c);
+	resctl_rbuf_free(&u.c.in);
+	json_writer_free(&u.w);
+	free(u.raw);
+	free(u.b64);
+	if (u.fd >= 0)
+		close(u.fd);
+	return step == STEP_DONE ? RESCTL_EXIT_OK : step == STEP_STOPPED ? RESCTL_EXIT_STOPPED : RESCTL_EXIT_FAIL;
+}
+
+/* ================================================================ download */
+
+struct download_opts {
+	struct resctl_endpoint ep;
+	const char *name;
+	const char *outfile;
+	struct resctl_auth auth;
+	uint64_t retries;
+	int timeout_ms;
+};
+
+/* One 1034 answer, data decoded into the download's buffer. */
+struct download_chunk {
+	uint64_t total;      /* total_size */
+	uint64_t current;    /* current_size: offset + len */
+	int is_last;
+	size_t len;
+};
+
+struct download {
+	const struct download_opts *o;
+	int fd;
+	int created;               /* OUTFILE did not exist: remove it on failure */
+	struct client c;
+	struct json_writer w;
+	struct backoff backoff;
+	uint8_t *raw;
+	size_t raw_cap;
+	uint64_t have;             /* bytes of OUTFILE that are right */
+	uint64_t total;            /* 0 until the first answer */
+	uint64_t received;         /* bytes received in this run */
+	MD5_CTX md5;
+	struct resctl_progress progress;
+};
+
+static int download_option(void *ctx, int opt, const char *arg)
+{
+	struct download_opts *o = ctx;
+	int r = common_option("download", opt, arg, &o->auth, &o->timeout_ms);
+	if (r != 0)
+		return r < 0 ? -1 : 0;
+	if (opt == OPT_RETRIES && resctl_parse_u64(arg, 1000000, &o->retries) != 0) {
+		resctl_error("download: bad value '%s' for --retries", arg);
+		return -1;
+	}
+	return 0;
+}
+
+static const char download_usage[] =
+	"usage: resctl download HOST:PORT NAME OUTFILE [--uid U --token T] [--retries N] [--timeout S]\n"
+	"Downloads the file NAME (1033) chunk by chunk into OUTFILE. A partial OUTFILE\n"
+	"is resumed from the last whole chunk it holds.\n"
+	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
+	COMMON_HELP;
+
+/* Reads a 1034 answer into ch; 0, or -1 with the reason in the client's err. */
+static int download_parse(struct download *d, yajl_val answer, struct download_chunk *ch)
+{
+	const char *data;
+	size_t data_len;
+	if (json_get_str(answer, "data", &data, &data_len) != JSON_FIELD_OK ||
+	    answer_u64(answer, "total_size", &ch->total) != 0) {
+		snprintf(d->c.err, sizeof(d->c.err), "answer without data or total_size");
+		return -1;
+	}
+	size_t cap = proto_b64_decoded_max(data_len);
+	if (cap > d->raw_cap) {
+		uint8_t *raw = realloc(d->raw, cap);
+		if (raw == NULL) {
+			snprintf(d->c.err, sizeof(d->c.err), "out of memory");
+			return -1;
+		}
+		d->raw = raw;
+		d->raw_cap = cap;
+	}
+	if (sodium_base642bin(d->raw, d->raw_cap, data, data_len, NULL, &ch->len, NULL,
+	        sodium_base64_VARIANT_ORIGINAL) != 0) {
+		snprintf(d->c.err, sizeof(d->c.err), "data is not valid base64");
+		return -1;
+	}
+	if (answer_u64(answer, "current_size", &ch->current) != 0)
+		ch->current = UINT64_MAX;   /* checked by the caller */
+	if (json_get_flag(answer, "is_last", &ch->is_last) != JSON_FIELD_OK)
+		ch->is_last = ch->current == ch->total;
+	return 0;
+}
+
+/* Fetches chunk seq, reconnecting with back-off; 0, or -1 after printing why. */
+static int download_fetch(struct download *d, uint64_t seq, struct download_chunk *ch)
+{
+	const struct download_opts *o = d->o;
+	for (;;) {
+		if (d->c.fd < 0 && client_connect(&d->c) != CALL_OK)
+			goto retry;
+		json_begin(&d->w);
+		put_cstr(&d->w, "client_path", o->outfile);
+		put_cstr(&d->w, "name", o->name);
+		json_put_int(&d->w, "seq", (int64_t)seq);
+		put_token(&d->w, &o->auth);
+		json_put_int(&d->w, "total_size", (int64_t)d->total);
+		json_put_int(&d->w, "trans_size", (int64_t)d->have);
+		put_uid(&d->w, &o->auth);
+		const uint8_t *body;
+		size_t len;
+		json_end(&d->w, &body, &len);
+		yajl_val answer;
+		int r = client_call(&d->c, MSG_DOWNLOAD, body, len, &answer);
+		if (r == CALL_BROKEN) {
+			resctl_error("download: %s", d->c.err);
+			return -1;
+		}
+		if (r == CALL_OK) {
+			int64_t code = answer_error(answer);
+			if (code == 0) {
+				r = download_parse(d, answer, ch);
+				yajl_tree_free(answer);
+				if (r != 0)
+					resctl_error("download: answer to seq %" PRIu64 ": %s", seq, d->c.err);
+				else
+					backoff_reset(&d->backoff);
+				return r;
+			}
+			if (code != ERR_BUSY) {
+				resctl_progress_clear(&d->progress);
+				report_server_error("download", answer);
+				yajl_tree_free(answer);
+				return -1;
+			}
+			snprintf(d->c.err, sizeof(d->c.err), "server busy");
+			yajl_tree_free(answer);
+		}
+retry:
+		client_close(&d->c);
+		if (backoff_wait(&d->backoff) != 0) {
+			resctl_progress_clear(&d->progress);
+			resctl_error("download: giving up after %" PRIu64 " attempts: %s", d->backoff.attempts, d->c.err);
+			return -1;
+		}
+	}
+}
+
+static int download_write(struct download *d, uint64_t offset, size_t len)
+{
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pwrite(d->fd, d->raw + done, len - done, (off_t)(offset + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			resctl_error("download: writing %s: %s", d->o->outfile, strerror(errno));
+			return -1;
+		}
+		done += (size_t)n;
+	}
+	MD5Update(&d->md5, d->raw, len);
+	d->have = offset + len;
+	d->received += len;
+	return 0;
+}
+
+/* Keeps the whole chunks of a partial OUTFILE of size existing; returns where to go on. */
+static int download_keep(struct download *d, uint64_t existing, uint64_t chunk, uint64_t *keep)
+{
+	*keep = 0;
+	if (existing > 0 && existing <= d->total && chunk > 0) {
+		uint64_t last_start = (d->total - 1) / chunk * chunk;   /* fetch the last chunk again at least */
+		*keep = existing / chunk * chunk;
+		if (*keep > last_start)
+			*keep = last_start;
+	}
+	if (ftruncate(d->fd, (off_t)*keep) != 0) {
+		resctl_error("download: truncating %s: %s", d->o->outfile, strerror(errno));
+		return -1;
+	}
+	/* The MD5 runs over the file in order, so hash what is kept first (this reuses
+	 * d->raw: the caller needs seq 1's data only when nothing is kept). */
+	for (uint64_t off = 0; off < *keep;) {
+		size_t len = *keep - off < d->raw_cap ? (size_t)(*keep - off) : d->raw_cap;
+		if (pread_full(d->fd, d->raw, len, off) != 0) {
+			resctl_error("download: reading %s: %s", d->o->outfile, strerror(errno));
+			return -1;
+		}
+		MD5Update(&d->md5, d->raw, len);
+		off += len;
+	}
+	d->have = *keep;
+	return 0;
+}
+
+static int download_run(struct download *d, uint64_t existing, uint64_t *resumed_from)
+{
+	struct download_chunk first, ch;
+	if (client_connect(&d->c) != CALL_OK) {
+		resctl_error("download: %s", d->c.err);
+		return -1;
+	}
+	/* seq 1 tells the server's chunk size: its current_size. */
+	if (download_fetch(d, 1, &first) != 0)
+		return -1;
+	d->total = first.total;
+	uint64_t chunk = first.current != UINT64_MAX ? first.current : first.len;
+	if (first.len != chunk || (!first.is_last && chunk == 0) || chunk > d->total) {
+		resctl_error("download: inconsistent first answer (%zu bytes, current_size %" PRIu64 ", total_size %" PRIu64 ")",
+		    first.len, chunk, d->total);
+		return -1;
+	}
+	uint64_t keep = 0;
+	if (download_keep(d, first.is_last ? 0 : existing, chunk, &keep) != 0)
+		return -1;
+	*resumed_from = keep;
+	uint64_t seq = 1;
+	ch = first;
+	if (keep == 0) {
+		if (download_write(d, 0, first.len) != 0)
+			return -1;
+	} else {
+		ch.is_last = 0;   /* seq 1 is already on disk */
+		seq = keep / chunk;
+	}
+	while (!ch.is_last) {
+		seq++;
+		resctl_progress_update(&d->progress, d->have, d->total);
+		if (download_fetch(d, seq, &ch) != 0)
+			return -1;
+		uint64_t offset = (seq - 1) * chunk;
+		if (ch.total != d->total || (ch.current != UINT64_MAX && ch.current != offset + ch.len) ||
+		    (ch.len == 0 && !ch.is_last) || offset + ch.len > d->total) {
+			resctl_progress_clear(&d->progress);
+			resctl_error("download: %s changed on the server or the answer to seq %" PRIu64 " is inconsistent",
+			    d->o->name, seq);
+			return -1;
+		}
+		if (download_write(d, offset, ch.len) != 0)
+			return -1;
+	}
+	struct stat st;
+	if (fstat(d->fd, &st) != 0 || (uint64_t)st.st_size != d->total || d->have != d->total) {
+		resctl_progress_clear(&d->progress);
+		resctl_error("download: %s holds %jd bytes, the server announced %" PRIu64, d->o->outfile,
+		    (intmax_t)st.st_size, d->total);
+		return -1;
+	}
+	return 0;
+}
+
+static int download_open(struct download *d, uint64_t *existing)
+{
+	const char *path = d->o->outfile;
+	struct stat st;
+	d->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (d->fd >= 0)
+		d->created = 1;
+	else if (errno == EEXIST)
+		d->fd = open(path, O_RDWR | O_CLOEXEC);
+	if (d->fd < 0 || fstat(d->fd, &st) != 0) {
+		resctl_error("download: %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		resctl_error("download: %s: not a regular file", path);
+		return -1;
+	}
+	*existing = (uint64_t)st.st_size;
+	d->raw_cap = 1u << 20;
+	d->raw = malloc(d->raw_cap);
+	if (d->raw == NULL || qt_writer_init(&d->w) != 0) {
+		resctl_error("download: out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+static int cmd_download(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		COMMON_LONG_OPTIONS,
+		{ "retries", required_argument, NULL, OPT_RETRIES },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct download_opts o = { .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
+	int n = parse_options("download", argc, argv, longopts, download_usage, download_option, &o);
+	if (n < 0 || need_positionals("download", n, 3) != 0 ||
+	    parse_endpoint_arg("download", argv[optind], &o.ep) != 0)
+		return RESCTL_EXIT_USAGE;
+	o.name = argv[optind + 1];
+	o.outfile = argv[optind + 2];
+	if (!proto_name_valid(o.name, strlen(o.name))) {
+		resctl_error("download: '%s' is not a valid file name", o.name);
+		return RESCTL_EXIT_USAGE;
+	}
+
+	struct download d = { .o = &o, .fd = -1, .backoff = { .max_attempts = o.retries } };
+	backoff_reset(&d.backoff);
+	client_init(&d.c, &o.ep, o.timeout_ms);
+	MD5Init(&d.md5);
+	uint64_t existing = 0, resumed_from = 0;
+	int ok = 0;
+	int64_t start = resctl_now_ns();
+	if (download_open(&d, &existing) == 0) {
+		resctl_progress_init(&d.progress, o.name);
+		ok = download_run(&d, existing, &resumed_from) == 0;
+		resctl_progress_clear(&d.progress);
+	}
+	if (ok) {
+		char md5[MD5_DIGEST_STRING_LENGTH];
+		double seconds = (double)(resctl_now_ns() - start) / 1e9;
+		MD5End(&d.md5, md5);
+		printf("downloaded %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", o.name, d.total, seconds,
+		    seconds > 0 ? (double)d.received / 1e6 / seconds : 0, md5);
+		if (resumed_from)
+			printf(", resumed at %" PRIu64, resumed_from);
+		printf("\n");
+	} else if (d.created) {
+		unlink(o.outfile);
+	}
+	if (d.fd >= 0)
+		close(d.fd);
+	client_close(&d.c);
+	resctl_rbuf_free(&d.c.in);
+	json_writer_free(&d.w);
+	free(d.raw);
+	return ok ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+}
+
+/* ================================================================ dispatch */
+
+struct command {
+	const char *name;
+	int (*run)(int argc, char **argv);
+	const char *summary;
+};
+
+static const struct command commands[] = {
+	{ "ping", cmd_ping, "round trip of a 1001 test message" },
+	{ "upload", cmd_upload, "upload a file (1003, or 1031 with --avatar), resuming when possible" },
+	{ "sync", cmd_sync, "show the server's record of an upload (1005)" },
+	{ "download", cmd_download, "download a file (1033), resuming a partial output file" },
+	{ "bench", resctl_bench_main, "load generator: many connections uploading and downloading" },
+};
+
+static void usage(FILE *out)
+{
+	fputs("usage: resctl COMMAND [ARGS...]   (resctl COMMAND --help for details)\n", out);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(out, "  %-9s %s\n", commands[i].name, commands[i].summary);
+}
+
+int main(int argc, char **argv)
+{
+	signal(SIGPIPE, SIG_IGN);   /* a peer that goes away is an error to report, not a signal */
+	if (sodium_init() < 0) {
+		resctl_error("libsodium failed to initialise");
+		return RESCTL_EXIT_FAIL;
+	}
+	if (argc < 2) {
+		usage(stderr);
+		return RESCTL_EXIT_USAGE;
+	}
+	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+		usage(stdout);
+		return RESCTL_EXIT_OK;
+	}
+	if (strcmp(argv[1], "--version") == 0) {
+#ifdef PACKAGE_VERSION
+		printf("resctl %s\n", PACKAGE_VERSION);
+#else
+		printf("resctl\n");
+#endif
+		return RESCTL_EXIT_OK;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strcmp(argv[1], commands[i].name) == 0)
+			return commands[i].run(argc - 1, argv + 1);
+	resctl_error("unknown command '%s' (see resctl --help)", argv[1]);
+	return RESCTL_EXIT_USAGE;
+}

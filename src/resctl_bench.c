@@ -1,0 +1,1523 @@
+/* resctl_bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
+#include "config.h"
+#include "resctl.h"
+#include "frame.h"
+#include "json.h"
+#include "proto.h"
+
+#include <errno.h>
+#include <ev.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <md5.h>
+#include <netdb.h>
+#include <sodium.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <yajl/yajl_gen.h>
+#include <yajl/yajl_parse.h>
+
+/* ================================================================ options */
+
+enum bench_mode { MODE_UPLOAD, MODE_DOWNLOAD, MODE_MIXED };
+enum bench_role { ROLE_UPLOAD, ROLE_DOWNLOAD, ROLE_COUNT };
+
+static const char *const mode_names[] = { "upload", "download", "mixed" };
+static const char *const role_names[] = { "upload", "download" };
+
+#define BENCH_MAX_CONNECTIONS 10000
+#define BENCH_MAX_SIZE (UINT64_C(1) << 30)          /* the file is held in memory */
+#define BENCH_MAX_TABLE (UINT64_C(512) << 20)       /* precomputed base64 up to this much */
+#define BENCH_DOWNLOAD_NAME "bench-dl"
+#define BENCH_TAIL_MAX 8                            /* bytes varied per file */
+#define BENCH_SETUP_TRIES 10                        /* failures in a row before the bench-dl upload gives up */
+
+struct bench_opts {
+	struct resctl_endpoint ep;
+	uint64_t connections;
+	uint64_t size;             /* bytes per file */
+	uint64_t files;            /* stop after this many files; 0 = no limit */
+	uint64_t chunk;            /* upload chunk */
+	enum bench_mode mode;
+	uint64_t duration_ms;      /* 0 = no limit */
+	struct resctl_auth auth;
+	int json;
+	int timeout_ms;
+};
+
+enum bench_option {
+	BOPT_HELP = 'h',
+	BOPT_CONNECTIONS = 256,
+	BOPT_SIZE,
+	BOPT_FILES,
+	BOPT_CHUNK,
+	BOPT_MODE,
+	BOPT_DURATION,
+	BOPT_UID,
+	BOPT_TOKEN,
+	BOPT_JSON,
+	BOPT_TIMEOUT,
+};
+
+static const char bench_usage[] =
+	"usage: resctl bench HOST:PORT [--connections C] [--size BYTES] [--files N] [--chunk BYTES]\n"
+	"                    [--mode upload|download|mixed] [--duration S] [--uid U --token T]\n"
+	"                    [--json] [--timeout S]\n"
+	"Load generator: C connections on one event loop, each stop-and-wait like the Qt client.\n"
+	"upload: every connection uploads files of random bytes named bench-<conn>-<n>;\n"
+	"download: uploads " BENCH_DOWNLOAD_NAME " once (untimed), then every connection downloads it\n"
+	"over and over and checks the bytes; mixed: half the connections do each.\n"
+	"  --connections C  connections (default 16)\n"
+	"  --size BYTES     file size, K/M/G suffixes allowed (default 8M, at most 1G)\n"
+	"  --files N        stop after N files in total (default: no limit)\n"
+	"  --chunk BYTES    upload chunk size (default 32768; the server picks download chunks)\n"
+	"  --mode M         upload, download or mixed (default upload)\n"
+	"  --duration S     stop after S seconds, whichever of the limits comes first (default 10; 0 = none)\n"
+	"  --uid U, --token T  credentials sent with every request (left out when not given)\n"
+	"  --json           print the results as one JSON object\n"
+	"  --timeout S      seconds to wait for each answer (default 30)\n"
+	"Exits 0 when no request failed.\n";
+
+static const struct option bench_longopts[] = {
+	{ "help", no_argument, NULL, BOPT_HELP },
+	{ "connections", required_argument, NULL, BOPT_CONNECTIONS },
+	{ "size", required_argument, NULL, BOPT_SIZE },
+	{ "files", required_argument, NULL, BOPT_FILES },
+	{ "chunk", required_argument, NULL, BOPT_CHUNK },
+	{ "mode", required_argument, NULL, BOPT_MODE },
+	{ "duration", required_argument, NULL, BOPT_DURATION },
+	{ "uid", required_argument, NULL, BOPT_UID },
+	{ "token", required_argument, NULL, BOPT_TOKEN },
+	{ "json", no_argument, NULL, BOPT_JSON },
+	{ "timeout", required_argument, NULL, BOPT_TIMEOUT },
+	{ NULL, 0, NULL, 0 },
+};
+
+static const char *bench_option_name(int opt)
+{
+	for (const struct option *lo = bench_longopts; lo->name != NULL; lo++)
+		if (lo->val == opt)
+			return lo->name;
+	return "?";
+}
+
+static int bench_parse_option(struct bench_opts *o, int opt, const char *arg)
+{
+	uint64_t v;
+	switch (opt) {
+	case BOPT_CONNECTIONS:
+		if (resctl_parse_u64(arg, BENCH_MAX_CONNECTIONS, &o->connections) == 0 && o->connections > 0)
+			return 0;
+		break;
+	case BOPT_SIZE:
+		if (resctl_parse_size(arg, BENCH_MAX_SIZE, &o->size) == 0)
+			return 0;
+		break;
+	case BOPT_FILES:
+		if (resctl_parse_u64(arg, UINT64_MAX, &o->files) == 0)
+			return 0;
+		break;
+	case BOPT_CHUNK:
+		if (resctl_parse_size(arg, RESCTL_MAX_CHUNK, &o->chunk) == 0 && o->chunk > 0)
+			return 0;
+		break;
+	case BOPT_MODE:
+		for (int m = MODE_UPLOAD; m <= MODE_MIXED; m++) {
+			if (strcmp(arg, mode_names[m]) == 0) {
+				o->mode = (enum bench_mode)m;
+				return 0;
+			}
+		}
+		break;
+	case BOPT_DURATION:
+		if (resctl_parse_seconds_ms(arg, UINT64_C(1) << 40, &o->duration_ms) == 0)
+			return 0;
+		break;
+	case BOPT_UID:
+		if (resctl_parse_u64(arg, JSON_MAX_SAFE_INT, &o->auth.uid) == 0) {
+			o->auth.has_uid = 1;
+			return 0;
+		}
+		break;
+	case BOPT_TOKEN:
+		o->auth.token = arg;
+		return 0;
+	case BOPT_JSON:
+		o->json = 1;
+		return 0;
+	case BOPT_TIMEOUT:
+		if (resctl_parse_seconds_ms(arg, 86400000, &v) == 0 && v > 0) {
+			o->timeout_ms = (int)v;
+			return 0;
+		}
+		break;
+	}
+	resctl_error("bench: bad value '%s' for --%s (see resctl bench --help)", arg, bench_option_name(opt));
+	return -1;
+}
+
+static int bench_parse_args(int argc, char **argv, struct bench_opts *o)
+{
+	*o = (struct bench_opts){ .connections = 16, .size = 8u << 20, .chunk = RESCTL_CHUNK,
+		.mode = MODE_UPLOAD, .duration_ms = 10000, .timeout_ms = RESCTL_TIMEOUT_MS };
+	int opt;
+	optind = 0;   /* glibc: full re-initialisation */
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, ":h", bench_longopts, NULL)) != -1) {
+		if (opt == BOPT_HELP) {
+			fputs(bench_usage, stdout);
+			exit(RESCTL_EXIT_OK);
+		}
+		if (opt == '?' || opt == ':') {
+			resctl_bad_option("bench", argv, opt);
+			return -1;
+		}
+		if (bench_parse_option(o, opt, optarg) != 0)
+			return -1;
+	}
+	if (argc - optind != 1) {
+		resctl_error("bench: expected HOST:PORT (see resctl bench --help)");
+		return -1;
+	}
+	if (resctl_parse_endpoint(argv[optind], &o->ep) != 0) {
+		resctl_error("bench: '%s' is not HOST:PORT", argv[optind]);
+		return -1;
+	}
+	return 0;
+}
+
+/* ================================================================ statistics */
+
+/* Round trips in a log-linear histogram: 64 buckets per power of two (error < 1.6 %). */
+#define HIST_SUB_BITS 6
+#define HIST_SUB (1u << HIST_SUB_BITS)
+#define HIST_BUCKETS ((64 - HIST_SUB_BITS + 1) * HIST_SUB)
+
+struct histogram {
+	uint64_t count;
+	uint64_t max;
+	uint64_t buckets[HIST_BUCKETS];
+};
+
+static unsigned hist_index(uint64_t v)
+{
+	if (v < HIST_SUB)
+		return (unsigned)v;
+	unsigned shift = 63 - (unsigned)__builtin_clzll(v) - HIST_SUB_BITS;
+	return (shift + 1) * HIST_SUB + (unsigned)((v >> shift) - HIST_SUB);
+}
+
+static uint64_t hist_bucket_mid(unsigned index)
+{
+	if (index < HIST_SUB)
+		return index;
+	unsigned shift = index / HIST_SUB - 1;
+	uint64_t low = (uint64_t)(index % HIST_SUB + HIST_SUB) << shift;
+	return low + ((UINT64_C(1) << shift) >> 1);
+}
+
+static void hist_add(struct histogram *h, uint64_t v)
+{
+	h->buckets[hist_index(v)]++;
+	h->count++;
+	if (v > h->max)
+		h->max = v;
+}
+
+static void hist_merge(struct histogram *into, const struct histogram *from)
+{
+	for (unsigned i = 0; i < HIST_BUCKETS; i++)
+		into->buckets[i] += from->buckets[i];
+	into->count += from->count;
+	if (from->max > into->max)
+		into->max = from->max;
+}
+
+/* The value below which a fraction p of the samples fall. */
+static uint64_t hist_percentile(const struct histogram *h, double p)
+{
+	if (h->count == 0)
+		return 0;
+	uint64_t rank = (uint64_t)(p * (double)h->count + 0.999999);
+	if (rank == 0)
+		rank = 1;
+	uint64_t seen = 0;
+	for (unsigned i = 0; i < HIST_BUCKETS; i++) {
+		seen += h->buckets[i];
+		if (seen >= rank) {
+			uint64_t v = hist_bucket_mid(i);
+			return v > h->max ? h->max : v;
+		}
+	}
+	return h->max;
+}
+
+/* Failures seen by the client itself, counted next to the server's error codes. */
+enum client_failure {
+	FAIL_CONNECT = -1,    /* connect() failed or timed out */
+	FAIL_CLOSED = -2,     /* the server closed or reset the connection */
+	FAIL_TIMEOUT = -3,    /* no answer within --timeout */
+	FAIL_PROTOCOL = -4,   /* wrong answer id, bad JSON, no error field */
+	FAIL_DATA = -5,       /* downloaded bytes or sizes differ from what was uploaded */
+};
+
+static const char *failure_name(int64_t code)
+{
+	switch (code) {
+	case FAIL_CONNECT: return "connect";
+	case FAIL_CLOSED: return "closed";
+	case FAIL_TIMEOUT: return "timeout";
+	case FAIL_PROTOCOL: return "protocol";
+	case FAIL_DATA: return "data";
+	default: return resctl_error_name(code);
+	}
+}
+
+#define MAX_ERROR_KINDS 32
+
+struct bench_stats {
+	uint64_t files;            /* files completed */
+	uint64_t bytes;            /* file bytes acknowledged or received */
+	uint64_t chunks;           /* answered requests */
+	struct histogram rtt;      /* request to answer, ns */
+	struct {
+		int64_t code;
+		uint64_t count;
+	} errors[MAX_ERROR_KINDS];
+	size_t error_kinds;
+	uint64_t error_total;
+};
+
+static void stats_error(struct bench_stats *s, int64_t code)
+{
+	s->error_total++;
+	for (size_t i = 0; i < s->error_kinds; i++) {
+		if (s->errors[i].code == code) {
+			s->errors[i].count++;
+			return;
+		}
+	}
+	if (s->error_kinds < MAX_ERROR_KINDS) {
+		s->errors[s->error_kinds].code = code;
+		s->errors[s->error_kinds++].count = 1;
+	}
+}
+
+static void stats_merge(struct bench_stats *into, const struct bench_stats *from)
+{
+	into->files += from->files;
+	into->bytes += from->bytes;
+	into->chunks += from->chunks;
+	hist_merge(&into->rtt, &from->rtt);
+	for (size_t i = 0; i < from->error_kinds; i++) {
+		for (uint64_t n = 0; n < from->errors[i].count; n++)
+			stats_error(into, from->errors[i].code);
+	}
+}
+
+/* ================================================================ file content */
+
+/* One random buffer is every file's content; the last bytes vary per file so the
+ * MD5s differ, which lets the MD5 of everything before them be computed once. */
+struct bench_source {
+	uint8_t *data;
+	uint64_t size;
+	size_t chunk;
+	uint64_t chunks;             /* per file, at least 1 */
+	uint64_t tail_start;         /* the varied bytes: [tail_start, size) */
+	size_t tail_len;
+	uint64_t first_tail_chunk;   /* chunks from here on hold varied bytes */
+	char *b64;                   /* base64 of every chunk before first_tail_chunk, or NULL */
+	size_t b64_stride;
+	MD5_CTX md5_prefix;          /* state after md5_prefix_len bytes */
+	uint64_t md5_prefix_len;
+	uint64_t nonce;              /* makes this run's files differ from other runs' */
+};
+
+static size_t b64_len(size_t n)
+{
+	return (n + 2) / 3 * 4;
+}
+
+static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
+{
+	*s = (struct bench_source){ .size = size, .chunk = chunk };
+	s->chunks = size ? (size + chunk - 1) / chunk : 1;
+	s->tail_len = size < BENCH_TAIL_MAX ? (size_t)size : BENCH_TAIL_MAX;
+	s->tail_start = size - s->tail_len;
+	s->first_tail_chunk = s->tail_start / chunk;
+	s->data = malloc(size ? (size_t)size : 1);
+	if (s->data == NULL)
+		return -1;
+	randombytes_buf(s->data, (size_t)size);
+	randombytes_buf(&s->nonce, sizeof(s->nonce));
+	s->md5_prefix_len = s->tail_start / MD5_BLOCK_LENGTH * MD5_BLOCK_LENGTH;
+	MD5Init(&s->md5_prefix);
+	MD5Update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
+
+	s->b64_stride = b64_len(chunk);
+	if ((uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
+		size_t table = s->b64_stride * (size_t)s->first_tail_chunk + 1;   /* + the last NUL */
+		s->b64 = malloc(table);
+		if (s->b64 == NULL)
+			return -1;
+		for (uint64_t i = 0; i < s->first_tail_chunk; i++)
+			sodium_bin2base64(s->b64 + i * s->b64_stride, table - i * s->b64_stride, s->data + i * chunk,
+			    chunk, sodium_base64_VARIANT_ORIGINAL);
+	}
+	return 0;
+}
+
+static void source_free(struct bench_source *s)
+{
+	free(s->data);
+	free(s->b64);
+}
+
+static void source_tail(const struct bench_source *s, uint64_t file_id, uint8_t tail[BENCH_TAIL_MAX])
+{
+	uint64_t v = s->nonce ^ file_id;
+	for (int i = 0; i < BENCH_TAIL_MAX; i++)
+		tail[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void source_md5(const struct bench_source *s, const uint8_t *tail, char out[MD5_DIGEST_STRING_LENGTH])
+{
+	MD5_CTX ctx = s->md5_prefix;
+	MD5Update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
+	MD5Update(&ctx, tail, s->tail_len);
+	MD5End(&ctx, out);
+}
+
+/* Copies [off, off + len) of the file with this tail into out. */
+static void source_copy(const struct bench_source *s, const uint8_t *tail, uint64_t off, size_t len, uint8_t *out)
+{
+	memcpy(out, s->data + off, len);
+	for (uint64_t i = off > s->tail_start ? off : s->tail_start; i < off + len; i++)
+		out[i - off] = tail[i - s->tail_start];
+}
+
+/* 1 when p holds [off, off + len) of the file with this tail. */
+static int source_matches(const struct bench_source *s, const uint8_t *tail, uint64_t off, const uint8_t *p, size_t len)
+{
+	if (off > s->size || len > s->size - off)
+		return 0;
+	uint64_t plain_end = off + len < s->tail_start ? off + len : s->tail_start;
+	if (off < plain_end && memcmp(p, s->data + off, (size_t)(plain_end - off)) != 0)
+		return 0;
+	for (uint64_t i = off > s->tail_start ? off : s->tail_start; i < off + len; i++)
+		if (p[i - off] != tail[i - s->tail_start])
+			return 0;
+	return 1;
+}
+
+/* ================================================================ answers */
+
+/* The fields of an answer the bench looks at, filled by yajl callbacks without building a tree. */
+enum answer_key { KEY_OTHER, KEY_ERROR, KEY_DATA, KEY_TRANS_SIZE, KEY_TOTAL_SIZE, KEY_CURRENT_SIZE, KEY_IS_LAST, KEY_MESSAGE };
+
+enum answer_has {
+	HAS_ERROR = 1 << 0,
+	HAS_DATA = 1 << 1,
+	HAS_TRANS_SIZE = 1 << 2,
+	HAS_TOTAL_SIZE = 1 << 3,
+	HAS_CURRENT_SIZE = 1 << 4,
+	HAS_IS_LAST = 1 << 5,
+};
+
+struct bench_answer {
+	int depth;
+	int complete;              /* the top-level object closed */
+	enum answer_key key;       /* what the next value at depth 1 is */
+	unsigned has;              /* enum answer_has bits */
+	int data_bad;              /* data was not valid base64 */
+	int data_checked;          /* data equals the expected chunk (so it was not decoded) */
+	int64_t error;
+	uint64_t trans_size, total_size, current_size;
+	int is_last;
+	size_t data_len;           /* decoded into the connection's raw buffer */
+	char message[160];
+	struct bench_conn *conn;
+};
+
+struct bench;
+
+enum conn_state {
+	CONN_IDLE,
+	CONN_CONNECTING,
+	CONN_BUSY,        /* a request is out */
+	CONN_BACKOFF,     /* waiting to reconnect (fd < 0) or to retry (fd >= 0) */
+	CONN_DONE,
+};
+
+struct bench_conn {
+	struct bench *bench;
+	unsigned index;
+	enum bench_role role;
+	enum conn_state state;
+	int setup;                 /* uploads bench-dl before the timed run */
+	int fd;
+	ev_io io_read;
+	ev_io io_write;            /* connect, or a request that did not fit the socket buffer */
+	ev_timer timer;            /* answer timeout, connect timeout, back-off */
+	unsigned backoff_ms;
+	unsigned failures;         /* in a row; only the setup upload gives up on them */
+	int connected_once;        /* a setup upload that cannot connect at all fails at once */
+	int restart_after_backoff; /* 1: start the file over; 0: send the same request again */
+
+	/* the request being sent: header + JSON up to data, the data, the rest */
+	uint8_t head[FRAME_HEADER_LEN + 32];
+	char *text;
+	size_t text_cap;
+	struct iovec iov[3];
+	unsigned iov_first, iov_count;
+	uint16_t request_id;
+	int64_t sent_ns;
+
+	/* answers */
+	struct resctl_rbuf in;
+	yajl_handle parser;
+	struct bench_answer answer;
+
+	/* the file in progress */
+	int in_file;
+	char name[64];
+	char md5[MD5_DIGEST_STRING_LENGTH];
+	uint8_t tail[BENCH_TAIL_MAX];
+	uint64_t files_made;       /* names bench-<index>-<files_made> */
+	uint64_t seq;
+	uint64_t offset;           /* of the chunk in flight */
+	size_t chunk_len;
+	uint8_t *raw;              /* a chunk with varied bytes, or a decoded download chunk */
+	size_t raw_cap;
+	char *b64;                 /* base64 made on the fly */
+	size_t b64_cap;
+};
+
+struct bench {
+	const struct bench_opts *o;
+	struct ev_loop *loop;
+	struct sockaddr_storage addr;
+	socklen_t addr_len;
+	struct bench_source src;
+	uint8_t dl_tail[BENCH_TAIL_MAX];   /* bench-dl's varied bytes */
+	/* bench-dl as the server sends it: the base64 of each download chunk, made once the
+	 * server's chunk size is known, so answers are checked by comparing text, not decoding. */
+	uint64_t dl_chunk;                 /* 0 until known */
+	int dl_table_tried;
+	char *dl_b64;
+	size_t dl_stride;
+	char *token_json;                  /* the token as a JSON string, quotes included */
+	struct bench_conn *conns;
+	size_t nconns;
+	struct bench_stats stats[ROLE_COUNT];
+	uint64_t next_file_id;
+	uint64_t files_started;
+	uint64_t files_limit;              /* 0 = none */
+	size_t active;                     /* connections not done */
+	int64_t reported[MAX_ERROR_KINDS];  /* fatal codes already explained on stderr */
+	size_t nreported;
+	int setup_phase;
+	int64_t start_ns;
+	ev_timer duration_timer;
+	ev_timer progress_timer;
+	struct resctl_progress progress;
+};
+
+static int answer_map_key(void *ctx, const unsigned char *key, size_t len)
+{
+	static const struct {
+		const char *name;
+		enum answer_key key;
+	} keys[] = {
+		{ "error", KEY_ERROR }, { "data", KEY_DATA }, { "trans_size", KEY_TRANS_SIZE },
+		{ "total_size", KEY_TOTAL_SIZE }, { "current_size", KEY_CURRENT_SIZE },
+		{ "is_last", KEY_IS_LAST }, { "message", KEY_MESSAGE },
+	};
+	struct bench_answer *a = ctx;
+	a->key = KEY_OTHER;
+	if (a->depth != 1)
+		return 1;
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		if (strlen(keys[i].name) == len && memcmp(keys[i].name, key, len) == 0)
+			a->key = keys[i].key;
+	return 1;
+}
+
+static int answer_open(void *ctx)
+{
+	struct bench_answer *a = ctx;
+	a->depth++;
+	return 1;
+}
+
+static int answer_close(void *ctx)
+{
+	struct bench_answer *a = ctx;
+	if (--a->depth == 0)
+		a->complete = 1;
+	return 1;
+}
+
+static void answer_number(struct bench_answer *a, uint64_t v)
+{
+	switch (a->key) {
+	case KEY_ERROR: a->error = (int64_t)v; a->has |= HAS_ERROR; break;
+	case KEY_TRANS_SIZE: a->trans_size = v; a->has |= HAS_TRANS_SIZE; break;
+	case KEY_TOTAL_SIZE: a->total_size = v; a->has |= HAS_TOTAL_SIZE; break;
+	case KEY_CURRENT_SIZE: a->current_size = v; a->has |= HAS_CURRENT_SIZE; break;
+	case KEY_IS_LAST: a->is_last = v != 0; a->has |= HAS_IS_LAST; break;
+	default: break;
+	}
+}
+
+static int answer_integer(void *ctx, long long v)
+{
+	struct bench_answer *a = ctx;
+	if (a->depth == 1 && v >= 0)
+		answer_number(a, (uint64_t)v);
+	return 1;
+}
+
+static int answer_boolean(void *ctx, int v)
+{
+	struct bench_answer *a = ctx;
+	if (a->depth == 1 && a->key == KEY_IS_LAST) {
+		a->is_last = v;
+		a->has |= HAS_IS_LAST;
+	}
+	return 1;
+}
+
+/* 1 when s is the expected base64 of the chunk the connection asked for. */
+static int answer_data_expected(struct bench_conn *c, const unsigned char *s, size_t len, size_t *data_len)
+{
+	const struct bench *b = c->bench;
+	uint64_t size = b->src.size;
+	if (c->role != ROLE_DOWNLOAD || b->dl_chunk == 0 || c->offset != (c->seq - 1) * b->dl_chunk)
+		return 0;
+	size_t want = size - c->offset < b->dl_chunk ? (size_t)(size - c->offset) : (size_t)b->dl_chunk;
+	if (len != b64_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
+		return 0;
+	*data_len = want;
+	return 1;
+}
+
+static void answer_data(struct bench_answer *a, const unsigned char *s, size_t len)
+{
+	struct bench_conn *c = a->conn;
+	if (answer_data_expected(c, s, len, &a->data_len)) {
+		a->has |= HAS_DATA;
+		a->data_checked = 1;
+		return;
+	}
+	size_t need = proto_b64_decoded_max(len);
+	if (need > c->raw_cap) {
+		uint8_t *raw = realloc(c->raw, need);
+		if (raw == NULL) {
+			a->data_bad = 1;
+			return;
+		}
+		c->raw = raw;
+		c->raw_cap = need;
+	}
+	a->has |= HAS_DATA;
+	if (sodium_base642bin(c->raw, c->raw_cap, (const char *)s, len, NULL, &a->data_len, NULL,
+	        sodium_base64_VARIANT_ORIGINAL) != 0)
+		a->data_bad = 1;
+}
+
+static int answer_string(void *ctx, const unsigned char *s, size_t len)
+{
+	struct bench_answer *a = ctx;
+	if (a->depth != 1)
+		return 1;
+	if (a->key == KEY_DATA) {
+		answer_data(a, s, len);
+	} else if (a->key == KEY_MESSAGE) {
+		size_t n = len < sizeof(a->message) - 1 ? len : sizeof(a->message) - 1;
+		memcpy(a->message, s, n);
+		a->message[n] = '\0';
+	} else if (len > 0 && len <= 19 && a->key != KEY_OTHER) {
+		/* Sizes may come as decimal strings (total_size and current_size of 1034 do). */
+		uint64_t v = 0;
+		for (size_t i = 0; i < len; i++) {
+			if (s[i] < '0' || s[i] > '9')
+				return 1;
+			v = v * 10 + (uint64_t)(s[i] - '0');
+		}
+		answer_number(a, v);
+	}
+	return 1;
+}
+
+static int answer_double(void *ctx, double v)
+{
+	(void)ctx;
+	(void)v;
+	return 1;
+}
+
+static int answer_null(void *ctx)
+{
+	(void)ctx;
+	return 1;
+}
+
+static const yajl_callbacks answer_callbacks = {
+	.yajl_null = answer_null,
+	.yajl_boolean = answer_boolean,
+	.yajl_integer = answer_integer,
+	.yajl_double = answer_double,
+	.yajl_string = answer_string,
+	.yajl_start_map = answer_open,
+	.yajl_map_key = answer_map_key,
+	.yajl_end_map = answer_close,
+	.yajl_start_array = answer_open,
+	.yajl_end_array = answer_close,
+};
+
+/* One parser per connection reads every answer: yajl takes them as a stream of values. */
+static int conn_parser_reset(struct bench_conn *c)
+{
+	if (c->parser)
+		yajl_free(c->parser);
+	c->parser = yajl_alloc(&answer_callbacks, NULL, &c->answer);
+	if (c->parser == NULL)
+		return -1;
+	yajl_config(c->parser, yajl_allow_multiple_values, 1);
+	return 0;
+}
+
+/* Parses one answer body into c->answer; -1 when it is not one JSON object with an error field. */
+static int conn_parse_answer(struct bench_conn *c, const uint8_t *body, size_t len)
+{
+	struct bench_answer *a = &c->answer;
+	*a = (struct bench_answer){ .conn = c };
+	if (len == 0 || body[0] != '{' || yajl_parse(c->parser, body, len) != yajl_status_ok || !a->complete) {
+		conn_parser_reset(c);   /* the stream is out of step now */
+		return -1;
+	}
+	return (a->has & HAS_ERROR) ? 0 : -1;
+}
+
+/* ================================================================ connections */
+
+static void conn_send(struct bench_conn *c);
+static void conn_start_file(struct bench_conn *c);
+static void conn_next_file(struct bench_conn *c);
+
+static struct bench_stats *conn_stats(struct bench_conn *c)
+{
+	return &c->bench->stats[c->role];
+}
+
+static void conn_close(struct bench_conn *c)
+{
+	struct ev_loop *loop = c->bench->loop;
+	ev_io_stop(loop, &c->io_read);
+	ev_io_stop(loop, &c->io_write);
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	c->in.start = c->in.end = 0;
+}
+
+/* The connection has nothing more to do in this phase. */
+static void conn_finish(struct bench_conn *c)
+{
+	struct bench *b = c->bench;
+	conn_close(c);
+	ev_timer_stop(b->loop, &c->timer);
+	if (c->state != CONN_DONE) {
+		c->state = CONN_DONE;
+		if (--b->active == 0)
+			ev_break(b->loop, EVBREAK_ALL);
+	}
+}
+
+static void conn_backoff(struct bench_conn *c, int restart)
+{
+	struct ev_loop *loop = c->bench->loop;
+	if (c->bench->setup_phase && (++c->failures >= BENCH_SETUP_TRIES || !c->connected_once)) {
+		conn_finish(c);
+		return;
+	}
+	c->state = CONN_BACKOFF;
+	c->restart_after_backoff = restart;
+	ev_timer_stop(loop, &c->timer);
+	ev_timer_set(&c->timer, c->backoff_ms / 1000.0, 0.0);
+	ev_timer_start(loop, &c->timer);
+	c->backoff_ms = c->backoff_ms * 2 > RESCTL_BACKOFF_MAX_MS ? RESCTL_BACKOFF_MAX_MS : c->backoff_ms * 2;
+}
+
+/* A network failure: count it, drop the connection, reconnect after a back-off and start the file over. */
+static void conn_fail(struct bench_conn *c, enum client_failure why)
+{
+	stats_error(conn_stats(c), why);
+	conn_close(c);
+	conn_backoff(c, 1);
+}
+
+static void conn_connected(struct bench_conn *c)
+{
+	struct ev_loop *loop = c->bench->loop;
+	ev_io_stop(loop, &c->io_write);
+	ev_io_start(loop, &c->io_read);
+	resctl_tune_socket(c->fd);
+	c->state = CONN_IDLE;
+	c->connected_once = 1;
+	if (c->in_file)
+		conn_start_file(c);
+	else
+		conn_next_file(c);
+}
+
+static void conn_connect(struct bench_conn *c)
+{
+	struct bench *b = c->bench;
+	c->fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (c->fd < 0) {
+		conn_fail(c, FAIL_CONNECT);
+		return;
+	}
+	ev_io_set(&c->io_read, c->fd, EV_READ);
+	ev_io_set(&c->io_write, c->fd, EV_WRITE);
+	if (connect(c->fd, (struct sockaddr *)&b->addr, b->addr_len) == 0) {
+		conn_connected(c);
+		return;
+	}
+	if (errno != EINPROGRESS) {
+		conn_fail(c, FAIL_CONNECT);
+		return;
+	}
+	c->state = CONN_CONNECTING;
+	ev_io_start(b->loop, &c->io_write);
+	c->timer.repeat = b->o->timeout_ms / 1000.0;
+	ev_timer_again(b->loop, &c->timer);
+}
+
+/* Writes what the socket takes: 1 when the request is out, 0 when it must wait, -1 on an error. */
+static int conn_flush(struct bench_conn *c)
+{
+	while (c->iov_first < c->iov_count) {
+		struct msghdr msg = { .msg_iov = c->iov + c->iov_first, .msg_iovlen = c->iov_count - c->iov_first };
+		ssize_t n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+		}
+		size_t done = (size_t)n;
+		while (c->iov_first < c->iov_count && done >= c->iov[c->iov_first].iov_len)
+			done -= c->iov[c->iov_first++].iov_len;
+		if (c->iov_first < c->iov_count) {
+			c->iov[c->iov_first].iov_base = (uint8_t *)c->iov[c->iov_first].iov_base + done;
+			c->iov[c->iov_first].iov_len -= done;
+		}
+	}
+	return 1;
+}
+
+static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct bench_conn *c = w->data;
+	if (c->state == CONN_CONNECTING) {
+		int so_error = 0;
+		socklen_t len = sizeof(so_error);
+		if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &so_error, &len) != 0 || so_error != 0)
+			conn_fail(c, FAIL_CONNECT);
+		else
+			conn_connected(c);
+		return;
+	}
+	int r = conn_flush(c);
+	if (r < 0)
+		conn_fail(c, FAIL_CLOSED);
+	else if (r > 0)
+		ev_io_stop(c->bench->loop, &c->io_write);
+}
+
+/* ================================================================ requests */
+
+/* Appends printf output to the connection's text buffer (sized for the longest request). */
+static void text_add(struct bench_conn *c, size_t *len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void text_add(struct bench_conn *c, size_t *len, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(c->text + *len, c->text_cap - *len, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		*len = *len + (size_t)n < c->text_cap ? *len + (size_t)n : c->text_cap - 1;
+}
+
+/* The fields after "data", keys in Qt's (sorted) order, indented like QJsonDocument::toJson(). */
+static size_t build_upload_rest(struct bench_conn *c, int last)
+{
+	const struct bench *b = c->bench;
+	const struct bench_source *s = &b->src;
+	size_t len = 0;
+	text_add(c, &len, "\",\n    \"last\": %d,\n    \"last_seq\": %" PRIu64 ",\n    \"md5\": \"%s\",\n"
+	    "    \"name\": \"%s\",\n    \"seq\": %" PRIu64, last, s->chunks, c->md5, c->name, c->seq);
+	if (b->token_json)
+		text_add(c, &len, ",\n    \"token\": %s", b->token_json);
+	text_add(c, &len, ",\n    \"total_size\": %" PRIu64 ",\n    \"trans_size\": %" PRIu64, s->size,
+	    c->offset + c->chunk_len);
+	if (b->o->auth.has_uid)
+		text_add(c, &len, ",\n    \"uid\": %" PRIu64, b->o->auth.uid);
+	text_add(c, &len, "\n}\n");
+	return len;
+}
+
+static void upload_send_chunk(struct bench_conn *c)
+{
+	const struct bench_source *s = &c->bench->src;
+	static const char data_open[] = "{\n    \"data\": \"";
+	uint64_t index = c->offset / s->chunk;
+	c->chunk_len = s->size - c->offset < s->chunk ? (size_t)(s->size - c->offset) : s->chunk;
+	const char *data;
+	size_t data_len = b64_len(c->chunk_len);
+	if (s->b64 != NULL && index < s->first_tail_chunk) {
+		data = s->b64 + index * s->b64_stride;   /* shared, encoded once */
+	} else {
+		source_copy(s, c->tail, c->offset, c->chunk_len, c->raw);
+		sodium_bin2base64(c->b64, c->b64_cap, c->raw, c->chunk_len, sodium_base64_VARIANT_ORIGINAL);
+		data = c->b64;
+	}
+	int last = c->offset + c->chunk_len == s->size;
+	size_t rest = build_upload_rest(c, last);
+	size_t body = sizeof(data_open) - 1 + data_len + rest;
+	frame_put_header(c->head, MSG_UPLOAD, (uint32_t)body);
+	memcpy(c->head + FRAME_HEADER_LEN, data_open, sizeof(data_open) - 1);
+	c->iov[0] = (struct iovec){ c->head, FRAME_HEADER_LEN + sizeof(data_open) - 1 };
+	c->iov[1] = (struct iovec){ (void *)data, data_len };
+	c->iov[2] = (struct iovec){ c->text, rest };
+	c->iov_count = 3;
+	c->request_id = MSG_UPLOAD;
+	conn_send(c);
+}
+
+static void download_send_chunk(struct bench_conn *c)
+{
+	const struct bench *b = c->bench;
+	size_t len = 0;
+	text_add(c, &len, "{\n    \"client_path\": \"%s\",\n    \"name\": \"%s\",\n    \"seq\": %" PRIu64,
+	    BENCH_DOWNLOAD_NAME, BENCH_DOWNLOAD_NAME, c->seq);
+	if (b->token_json)
+		text_add(c, &len, ",\n    \"token\": %s", b->token_json);
+	text_add(c, &len, ",\n    \"total_size\": %" PRIu64 ",\n    \"trans_size\": %" PRIu64, b->src.size, c->offset);
+	if (b->o->auth.has_uid)
+		text_add(c, &len, ",\n    \"uid\": %" PRIu64, b->o->auth.uid);
+	text_add(c, &len, "\n}\n");
+	frame_put_header(c->head, MSG_DOWNLOAD, (uint32_t)len);
+	c->iov[0] = (struct iovec){ c->head, FRAME_HEADER_LEN };
+	c->iov[1] = (struct iovec){ c->text, len };
+	c->iov_count = 2;
+	c->request_id = MSG_DOWNLOAD;
+	conn_send(c);
+}
+
+static void conn_send(struct bench_conn *c)
+{
+	struct bench *b = c->bench;
+	c->iov_first = 0;
+	c->state = CONN_BUSY;
+	c->sent_ns = resctl_now_ns();
+	c->timer.repeat = b->o->timeout_ms / 1000.0;
+	ev_timer_again(b->loop, &c->timer);
+	int r = conn_flush(c);
+	if (r < 0)
+		conn_fail(c, FAIL_CLOSED);
+	else if (r == 0)
+		ev_io_start(b->loop, &c->io_write);
+}
+
+/* Sends the request of the current seq again (after a busy answer). */
+static void conn_resend(struct bench_conn *c)
+{
+	if (c->role == ROLE_UPLOAD)
+		upload_send_chunk(c);
+	else
+		download_send_chunk(c);
+}
+
+/* Starts the current file (again) from seq 1. */
+static void conn_start_file(struct bench_conn *c)
+{
+	c->in_file = 1;
+	c->seq = 1;
+	c->offset = 0;
+	conn_resend(c);
+}
+
+static void conn_next_file(struct bench_conn *c)
+{
+	struct bench *b = c->bench;
+	if (b->files_limit && b->files_started >= b->files_limit) {
+		conn_finish(c);
+		return;
+	}
+	b->files_started++;
+	if (c->role == ROLE_UPLOAD) {
+		uint64_t id = c->setup ? UINT64_MAX : b->next_file_id++;
+		if (c->setup)
+			snprintf(c->name, sizeof(c->name), "%s", BENCH_DOWNLOAD_NAME);
+		else
+			snprintf(c->name, sizeof(c->name), "bench-%u-%" PRIu64, c->index, c->files_made++);
+		source_tail(&b->src, id, c->tail);
+		source_md5(&b->src, c->tail, c->md5);
+	}
+	conn_start_file(c);
+}
+
+/* ================================================================ answers */
+
+static void conn_file_done(struct bench_conn *c)
+{
+	conn_stats(c)->files++;
+	c->in_file = 0;
+	conn_next_file(c);
+}
+
+/* Says once per code why connections stop: the summary only counts. */
+static void bench_explain(struct bench *b, int64_t code, const char *message)
+{
+	for (size_t i = 0; i < b->nreported; i++)
+		if (b->reported[i] == code)
+			return;
+	if (b->nreported < MAX_ERROR_KINDS)
+		b->reported[b->nreported++] = code;
+	resctl_error("bench: server error %" PRId64 " (%s)%s%s; connections that get it stop", code,
+	    resctl_error_name(code), message[0] ? ": " : "", message);
+}
+
+/* A non-zero error code: retry later, start the file over, or give up on this connection. */
+static void conn_server_error(struct bench_conn *c, int64_t code)
+{
+	stats_error(conn_stats(c), code);
+	switch (code) {
+	case ERR_BUSY:
+		conn_backoff(c, 0);
+		break;
+	case ERR_JSON:
+	case ERR_TOKEN_INVALID:
+	case ERR_UID_INVALID:
+	case ERR_MSG_ID:
+	case ERR_NAME_INVALID:
+	case ERR_TOO_LARGE:
+		/* Every further request would get the same answer. */
+		bench_explain(c->bench, code, c->answer.message);
+		conn_finish(c);
+		break;
+	default:
+		conn_backoff(c, 1);
+		break;
+	}
+}
+
+static void upload_answer(struct bench_conn *c)
+{
+	struct bench_stats *st = conn_stats(c);
+	st->bytes += c->chunk_len;
+	if (c->offset + c->chunk_len == c->bench->src.size) {
+		conn_file_done(c);
+		return;
+	}
+	c->offset += c->chunk_len;
+	c->seq++;
+	upload_send_chunk(c);
+}
+
+/* Encodes bench-dl in the server's download chunks (see struct bench). */
+static void bench_dl_table(struct bench *b, uint64_t chunk)
+{
+	const struct bench_source *s = &b->src;
+	uint64_t chunks = (s->size + chunk - 1) / chunk;
+	size_t stride = b64_len((size_t)chunk);
+	b->dl_table_tried = 1;
+	if (chunks * stride > BENCH_MAX_TABLE)
+		return;   /* answers get decoded instead */
+	char *table = malloc((size_t)(chunks * stride) + 1);
+	uint8_t *raw = malloc((size_t)chunk);
+	if (table != NULL && raw != NULL) {
+		for (uint64_t i = 0; i < chunks; i++) {
+			uint64_t off = i * chunk;
+			size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
+			source_copy(s, b->dl_tail, off, len, raw);
+			sodium_bin2base64(table + i * stride, (size_t)((chunks - i) * stride) + 1, raw, len,
+			    sodium_base64_VARIANT_ORIGINAL);
+		}
+		b->dl_b64 = table;
+		b->dl_stride = stride;
+		b->dl_chunk = chunk;
+		table = NULL;
+	}
+	free(table);
+	free(raw);
+}
+
+static void download_answer(struct bench_conn *c)
+{
+	const struct bench_answer *a = &c->answer;
+	struct bench *b = c->bench;
+	const struct bench_source *s = &b->src;
+	size_t len = a->data_len;
+	int consistent = (a->has & HAS_DATA) && !a->data_bad &&
+	    (!(a->has & HAS_TOTAL_SIZE) || a->total_size == s->size) &&
+	    (!(a->has & HAS_CURRENT_SIZE) || a->current_size == c->offset + len) &&
+	    (len > 0 || (c->offset == s->size && a->is_last)) &&
+	    (a->data_checked || source_matches(s, b->dl_tail, c->offset, c->raw, len));
+	int last = (a->has & HAS_IS_LAST) ? a->is_last : c->offset + len == s->size;
+	if (!consistent || (last && c->offset + len != s->size)) {
+		stats_error(conn_stats(c), FAIL_DATA);
+		conn_backoff(c, 1);
+		return;
+	}
+	conn_stats(c)->bytes += len;
+	if (last) {
+		conn_file_done(c);
+		return;
+	}
+	if (c->seq == 1 && !b->dl_table_tried)
+		bench_dl_table(c->bench, len);   /* seq 1's length is the server's chunk size */
+	c->offset += len;
+	c->seq++;
+	download_send_chunk(c);
+}
+
+static void conn_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, uint32_t len)
+{
+	if (c->state != CONN_BUSY || c->iov_first < c->iov_count || id != c->request_id + 1 ||
+	    conn_parse_answer(c, body, len) != 0) {
+		conn_fail(c, FAIL_PROTOCOL);
+		return;
+	}
+	struct bench_stats *st = conn_stats(c);
+	st->chunks++;
+	hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
+	c->state = CONN_IDLE;
+	if (c->answer.error != 0) {
+		conn_server_error(c, c->answer.error);
+		return;
+	}
+	c->backoff_ms = RESCTL_BACKOFF_FIRST_MS;
+	c->failures = 0;
+	if (c->role == ROLE_UPLOAD)
+		upload_answer(c);
+	else
+		download_answer(c);
+}
+
+static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct bench_conn *c = w->data;
+	for (;;) {
+		uint16_t id;
+		const uint8_t *body;
+		uint32_t len;
+		size_t need;
+		int r = resctl_rbuf_frame(&c->in, &id, &body, &len, &need);
+		if (r > 0) {
+			conn_frame(c, id, body, len);
+			if (c->fd < 0 || c->state != CONN_BUSY)
+				return;   /* closed, finished or backing off */
+			continue;
+		}
+		if (r < 0) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		size_t have = c->in.end - c->in.start;
+		size_t want = need > have ? need - have : 0;
+		uint8_t *p = resctl_rbuf_space(&c->in, want > 65536 ? want : 65536);
+		if (p == NULL) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		ssize_t n = recv(c->fd, p, c->in.cap - c->in.end, 0);
+		if (n > 0) {
+			c->in.end += (size_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		conn_fail(c, FAIL_CLOSED);
+		return;
+	}
+}
+
+static void conn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	struct bench_conn *c = w->data;
+	ev_timer_stop(loop, w);
+	switch (c->state) {
+	case CONN_CONNECTING:
+		conn_fail(c, FAIL_CONNECT);
+		break;
+	case CONN_BUSY:
+		conn_fail(c, FAIL_TIMEOUT);
+		break;
+	case CONN_BACKOFF:
+		if (c->fd < 0)
+			conn_connect(c);
+		else if (c->restart_after_backoff)
+			conn_start_file(c);
+		else
+			conn_resend(c);
+		break;
+	default:
+		break;
+	}
+}
+
+/* ================================================================ running */
+
+static int conn_init(struct bench *b, struct bench_conn *c, unsigned index, enum bench_role role)
+{
+	*c = (struct bench_conn){ .bench = b, .index = index, .role = role, .fd = -1,
+		.backoff_ms = RESCTL_BACKOFF_FIRST_MS };
+	ev_io_init(&c->io_read, conn_read_cb, -1, EV_READ);
+	ev_io_init(&c->io_write, conn_write_cb, -1, EV_WRITE);
+	ev_init(&c->timer, conn_timer_cb);
+	c->io_read.data = c->io_write.data = c->timer.data = c;
+	c->text_cap = 512 + (b->token_json ? strlen(b->token_json) : 0);
+	c->raw_cap = b->src.chunk > 65536 ? b->src.chunk : 65536;
+	c->b64_cap = sodium_base64_ENCODED_LEN(b->src.chunk, sodium_base64_VARIANT_ORIGINAL);
+	c->text = malloc(c->text_cap);
+	c->raw = malloc(c->raw_cap);
+	c->b64 = malloc(c->b64_cap);
+	if (c->text == NULL || c->raw == NULL || c->b64 == NULL)
+		return -1;
+	return conn_parser_reset(c);
+}
+
+static void conn_free(struct bench_conn *c)
+{
+	conn_close(c);
+	ev_timer_stop(c->bench->loop, &c->timer);
+	if (c->parser)
+		yajl_free(c->parser);
+	resctl_rbuf_free(&c->in);
+	free(c->text);
+	free(c->raw);
+	free(c->b64);
+}
+
+static void bench_stats_total(const struct bench *b, struct bench_stats *total)
+{
+	memset(total, 0, sizeof(*total));
+	for (int r = 0; r < ROLE_COUNT; r++)
+		stats_merge(total, &b->stats[r]);
+}
+
+static void progress_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct bench *b = w->data;
+	struct bench_stats total;
+	bench_stats_total(b, &total);
+	double seconds = (double)(resctl_now_ns() - b->start_ns) / 1e9;
+	char line[200];
+	if (b->setup_phase)
+		snprintf(line, sizeof(line), "bench: uploading %s: %.1f of %.1f MB", BENCH_DOWNLOAD_NAME,
+		    (double)total.bytes / 1e6, (double)b->src.size / 1e6);
+	else
+		snprintf(line, sizeof(line), "bench: %.1f s, %" PRIu64 " files, %.1f MB, %.1f MB/s, %" PRIu64 " errors",
+		    seconds, total.files, (double)total.bytes / 1e6, seconds > 0 ? (double)total.bytes / 1e6 / seconds : 0,
+		    total.error_total);
+	resctl_progress_text(&b->progress, line);
+}
+
+static void duration_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)w;
+	(void)revents;
+	ev_break(loop, EVBREAK_ALL);
+}
+
+/* Runs the n connections at conns until they are done, the file limit is reached or the duration ends. */
+static double bench_phase(struct bench *b, struct bench_conn *conns, size_t n, uint64_t files_limit, uint64_t duration_ms)
+{
+	memset(b->stats, 0, sizeof(b->stats));
+	b->files_started = 0;
+	b->files_limit = files_limit;
+	b->active = n;
+	ev_now_update(b->loop);
+	b->start_ns = resctl_now_ns();
+	if (duration_ms) {
+		ev_timer_set(&b->duration_timer, (double)duration_ms / 1000.0, 0.0);
+		ev_timer_start(b->loop, &b->duration_timer);
+	}
+	if (b->progress.enabled) {
+		ev_timer_set(&b->progress_timer, 0.5, 0.5);
+		ev_timer_start(b->loop, &b->progress_timer);
+	}
+	for (size_t i = 0; i < n; i++)
+		conn_connect(&conns[i]);
+	if (b->active > 0)
+		ev_run(b->loop, 0);
+	double seconds = (double)(resctl_now_ns() - b->start_ns) / 1e9;
+	ev_timer_stop(b->loop, &b->duration_timer);
+	ev_timer_stop(b->loop, &b->progress_timer);
+	resctl_progress_clear(&b->progress);
+	for (size_t i = 0; i < n; i++) {
+		struct bench_conn *c = &conns[i];
+		conn_close(c);
+		ev_timer_stop(b->loop, &c->timer);
+		c->state = CONN_IDLE;
+		c->in_file = 0;
+	}
+	return seconds;
+}
+
+/* ================================================================ results */
+
+static double ns_to_ms(uint64_t ns)
+{
+	return (double)ns / 1e6;
+}
+
+/* "none" or "1027 ServerBusy x3, closed x1". */
+static void format_errors(char *out, size_t outlen, const struct bench_stats *s)
+{
+	size_t len = (size_t)snprintf(out, outlen, "%s", s->error_total ? "" : "none");
+	for (size_t i = 0; i < s->error_kinds && len < outlen; i++) {
+		int64_t code = s->errors[i].code;
+		char number[24] = "";
+		if (code > 0)
+			snprintf(number, sizeof(number), "%" PRId64 " ", code);
+		len += (size_t)snprintf(out + len, outlen - len, "%s%s%s x%" PRIu64, i ? ", " : "", number,
+		    failure_name(code), s->errors[i].count);
+	}
+}
+
+static void print_role_line(const char *label, const struct bench_stats *s, double seconds)
+{
+	const struct histogram *h = &s->rtt;
+	printf("%s: %" PRIu64 " files, %" PRIu64 " bytes, %.2f MB/s, %" PRIu64 " chunks, round trip ms "
+	       "p50 %.3f p90 %.3f p99 %.3f max %.3f\n",
+	    label, s->files, s->bytes, seconds > 0 ? (double)s->bytes / 1e6 / seconds : 0, s->chunks,
+	    ns_to_ms(hist_percentile(h, 0.50)), ns_to_ms(hist_percentile(h, 0.90)),
+	    ns_to_ms(hist_percentile(h, 0.99)), ns_to_ms(h->max));
+}
+
+static void print_text(const struct bench *b, const struct bench_stats *total, double seconds)
+{
+	const struct bench_opts *o = b->o;
+	printf("bench %s: %" PRIu64 " connections, %.2f s, %" PRIu64 " files of %" PRIu64 " bytes, "
+	       "%" PRIu64 " bytes, %.2f MB/s\n",
+	    mode_names[o->mode], o->connections, seconds, total->files, o->size, total->bytes,
+	    seconds > 0 ? (double)total->bytes / 1e6 / seconds : 0);
+	const struct histogram *h = &total->rtt;
+	printf("chunk round trip ms: p50 %.3f p90 %.3f p99 %.3f max %.3f (%" PRIu64 " chunks)\n",
+	    ns_to_ms(hist_percentile(h, 0.50)), ns_to_ms(hist_percentile(h, 0.90)),
+	    ns_to_ms(hist_percentile(h, 0.99)), ns_to_ms(h->max), h->count);
+	if (o->mode == MODE_MIXED)
+		for (int r = 0; r < ROLE_COUNT; r++)
+			print_role_line(role_names[r], &b->stats[r], seconds);
+	char errors[1024];
+	format_errors(errors, sizeof(errors), total);
+	printf("errors: %s\n", errors);
+}
+
+static void gen_key(yajl_gen g, const char *key)
+{
+	yajl_gen_string(g, (const unsigned char *)key, strlen(key));
+}
+
+static void gen_u64(yajl_gen g, const char *key, uint64_t v)
+{
+	char num[24];
+	int n = snprintf(num, sizeof(num), "%" PRIu64, v);
+	gen_key(g, key);
+	yajl_gen_number(g, num, (size_t)n);
+}
+
+static void gen_fixed(yajl_gen g, const char *key, double v)
+{
+	char num[40];
+	int n = snprintf(num, sizeof(num), "%.3f", v);
+	gen_key(g, key);
+	yajl_gen_number(g, num, (size_t)n);
+}
+
+static void gen_role(yajl_gen g, const struct bench_stats *s, double seconds)
+{
+	const struct histogram *h = &s->rtt;
+	gen_u64(g, "files", s->files);
+	gen_u64(g, "bytes", s->bytes);
+	gen_fixed(g, "mb_per_s", seconds > 0 ? (double)s->bytes / 1e6 / seconds : 0);
+	gen_u64(g, "chunks", s->chunks);
+	gen_key(g, "rtt_ms");
+	yajl_gen_map_open(g);
+	gen_fixed(g, "p50", ns_to_ms(hist_percentile(h, 0.50)));
+	gen_fixed(g, "p90", ns_to_ms(hist_percentile(h, 0.90)));
+	gen_fixed(g, "p99", ns_to_ms(hist_percentile(h, 0.99)));
+	gen_fixed(g, "max", ns_to_ms(h->max));
+	yajl_gen_map_close(g);
+	gen_u64(g, "errors_total", s->error_total);
+	gen_key(g, "errors");
+	yajl_gen_map_open(g);
+	for (size_t i = 0; i < s->error_kinds; i++) {
+		char key[24];
+		if (s->errors[i].code > 0)
+			snprintf(key, sizeof(key), "%" PRId64, s->errors[i].code);
+		else
+			snprintf(key, sizeof(key), "%s", failure_name(s->errors[i].code));
+		gen_u64(g, key, s->errors[i].count);
+	}
+	yajl_gen_map_close(g);
+}
+
+static void print_json(const struct bench *b, const struct bench_stats *total, double seconds)
+{
+	const struct bench_opts *o = b->o;
+	yajl_gen g = yajl_gen_alloc(NULL);
+	if (g == NULL)
+		return;
+	yajl_gen_map_open(g);
+	gen_key(g, "mode");
+	yajl_gen_string(g, (const unsigned char *)mode_names[o->mode], strlen(mode_names[o->mode]));
+	gen_u64(g, "connections", o->connections);
+	gen_u64(g, "size", o->size);
+	gen_u64(g, "chunk", o->chunk);
+	gen_fixed(g, "seconds", seconds);
+	gen_role(g, total, seconds);
+	if (o->mode == MODE_MIXED) {
+		for (int r = 0; r < ROLE_COUNT; r++) {
+			gen_key(g, role_names[r]);
+			yajl_gen_map_open(g);
+			gen_role(g, &b->stats[r], seconds);
+			yajl_gen_map_close(g);
+		}
+	}
+	yajl_gen_map_close(g);
+	const unsigned char *out;
+	size_t len;
+	yajl_gen_get_buf(g, &out, &len);
+	fwrite(out, 1, len, stdout);
+	fputc('\n', stdout);
+	yajl_gen_free(g);
+}
+
+/* ================================================================ setup */
+
+static int bench_setup(struct bench *b, const struct bench_opts *o)
+{
+	char err[256];
+	struct addrinfo *list;
+	if (resctl_resolve(&o->ep, &list, err, sizeof(err)) != 0) {
+		resctl_error("bench: %s", err);
+		return -1;
+	}
+	memcpy(&b->addr, list->ai_addr, list->ai_addrlen);
+	b->addr_len = list->ai_addrlen;
+	freeaddrinfo(list);
+
+	if (o->auth.token != NULL) {
+		/* The token goes into every request as it is: escape it once. */
+		yajl_gen g = yajl_gen_alloc(NULL);
+		const unsigned char *out;
+		size_t len;
+		if (g == NULL)
+			return -1;
+		yajl_gen_string(g, (const unsigned char *)o->auth.token, strlen(o->auth.token));
+		yajl_gen_get_buf(g, &out, &len);
+		b->token_json = strndup((const char *)out, len);
+		yajl_gen_free(g);
+		if (b->token_json == NULL)
+			return -1;
+	}
+	if (source_init(&b->src, o->size, (size_t)o->chunk) != 0) {
+		resctl_error("bench: out of memory for a %" PRIu64 "-byte file", o->size);
+		return -1;
+	}
+	source_tail(&b->src, UINT64_MAX, b->dl_tail);
+
+	b->loop = ev_default_loop(EVFLAG_AUTO);
+	if (b->loop == NULL) {
+		resctl_error("bench: cannot start the event loop");
+		return -1;
+	}
+	ev_init(&b->duration_timer, duration_cb);
+	ev_init(&b->progress_timer, progress_cb);
+	b->progress_timer.data = b;
+	resctl_progress_init(&b->progress, "bench");
+
+	/* One more slot than connections: the setup upload of bench-dl. */
+	b->conns = calloc(o->connections + 1, sizeof(*b->conns));
+	if (b->conns == NULL)
+		return -1;
+	for (size_t i = 0; i <= o->connections; i++) {
+		enum bench_role role = o->mode == MODE_DOWNLOAD ? ROLE_DOWNLOAD : ROLE_UPLOAD;
+		if (o->mode == MODE_MIXED)
+			role = i < (o->connections + 1) / 2 ? ROLE_UPLOAD : ROLE_DOWNLOAD;
+		if (conn_init(b, &b->conns[i], (unsigned)i, i == o->connections ? ROLE_UPLOAD : role) != 0) {
+			resctl_error("bench: out of memory");
+			return -1;
+		}
+		b->nconns = i + 1;
+	}
+	return 0;
+}
+
+/* Download modes read bench-dl: upload it first, outside the timed run, on the spare connection. */
+static int bench_upload_download_file(struct bench *b)
+{
+	struct bench_conn *setup = &b->conns[b->o->connections];
+	setup->setup = 1;
+	b->setup_phase = 1;
+	bench_phase(b, setup, 1, 1, 0);
+	b->setup_phase = 0;
+	struct bench_stats setup_stats = b->stats[ROLE_UPLOAD];
+	if (setup_stats.files == 1)
+		return 0;
+	char errors[1024];
+	format_errors(errors, sizeof(errors), &setup_stats);
+	resctl_error("bench: could not upload %s for the download run (errors: %s)", BENCH_DOWNLOAD_NAME, errors);
+	return -1;
+}
+
+int resctl_bench_main(int argc, char **argv)
+{
+	struct bench_opts o;
+	if (bench_parse_args(argc, argv, &o) != 0)
+		return RESCTL_EXIT_USAGE;
+	struct bench b = { .o = &o };
+	int status = RESCTL_EXIT_FAIL;
+	if (bench_setup(&b, &o) != 0)
+		goto out;
+	if (o.mode != MODE_UPLOAD && bench_upload_download_file(&b) != 0)
+		goto out;
+
+	double seconds = bench_phase(&b, b.conns, (size_t)o.connections, o.files, o.duration_ms);
+	struct bench_stats total;
+	bench_stats_total(&b, &total);
+	if (o.json)
+		print_json(&b, &total, seconds);
+	else
+		print_text(&b, &total, seconds);
+	status = total.error_total == 0 ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+out:
+	for (size_t i = 0; i < b.nconns; i++)
+		conn_free(&b.conns[i]);
+	free(b.conns);
+	free(b.token_json);
+	free(b.dl_b64);
+	source_free(&b.src);
+	return status;
+}

@@ -1,0 +1,1159 @@
+/* worker.c: accepts clients, frames and checks their requests, and answers them in order. */
+#include "config.h"
+#include "worker.h"
+#include "buf.h"
+#include "conf.h"
+#include "frame.h"
+#include "ipc.h"
+#include "json.h"
+#include "log.h"
+#include "pool.h"
+#include "proto.h"
+#include "rds.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <ev.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define READ_CHUNK 65536
+#define ACCEPT_BURST 64
+#define STORAGE_RETRY_MIN 0.05
+#define STORAGE_RETRY_MAX 1.0
+
+/* Where the request in progress is waiting. */
+enum req_stage {
+	STAGE_NONE = 0,
+	STAGE_AUTH,        /* GET utoken_<uid> in flight */
+	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
+	STAGE_DISK,        /* download read on a disk thread */
+};
+
+struct download_job;
+
+/* The one request a connection is working on; later frames wait in the read buffer. */
+struct request {
+	uint16_t id;
+	enum req_stage stage;
+	uint64_t reqid;               /* matches the async answer to this request */
+	yajl_val tree;                /* the parsed body; the structs below point into it */
+	union {
+		struct proto_chunk chunk;
+		struct proto_sync sync;
+		struct proto_download download;
+	} u;
+	struct proto_credentials *cred;
+	struct download_job *job;     /* STAGE_DISK */
+	ev_tstamp since;              /* when it started waiting */
+};
+
+struct conn {
+	struct worker *w;
+	int fd;
+	uint32_t slot;                /* index in the worker's connection table */
+	uint32_t op_seq;              /* bumped for every async step: stale answers are dropped */
+	ev_io io;
+	ev_timer timer;               /* idle, frame and dependency timeouts */
+	struct buf in, out;
+	ev_tstamp last_frame;         /* accept or last complete frame */
+	ev_tstamp frame_start;        /* first byte of an incomplete frame, 0 when none */
+	int busy;                     /* req is waiting for Redis, storage or the disk */
+	int closing;                  /* send what is queued, then close */
+	int eof;                      /* the client closed its side */
+	/* Credentials trusted on this connection. */
+	int auth_valid;
+	uint64_t auth_uid;
+	uint8_t auth_token_hash[crypto_generichash_BYTES];
+	ev_tstamp auth_until;
+	/* The published file being downloaded, kept open so that a replacement mid-download is not mixed in. */
+	int dl_fd;
+	uint64_t dl_uid;
+	char dl_name[PROTO_NAME_MAX + 1];
+	uint64_t dl_size;
+	struct request req;
+	char peer[64];
+};
+
+struct storage_link {
+	int fd;
+	int connected;
+	ev_io io;
+	ev_timer retry;
+	double retry_delay;
+	struct buf in, out;
+};
+
+struct worker {
+	struct ev_loop *loop;
+	const struct conf *conf;
+	int slot;
+	int listen_fd;
+	ev_io accept_io;
+	ev_timer accept_pause;        /* after EMFILE */
+	ev_signal sig_term, sig_int;
+	struct conn **conns;          /* table indexed by conn->slot */
+	uint32_t conns_cap;
+	uint32_t *free_slots;
+	uint32_t nfree;
+	uint32_t nconns;
+	struct storage_link storage;
+	struct rds redis;
+	struct pool *pool;            /* reads of published files */
+	struct json_writer jw;
+	struct proto_limits limits;
+	uint8_t *scratch;             /* decoded chunk data, max_frame bytes */
+	size_t scratch_cap;
+	char *b64;                    /* encoded download data */
+	size_t b64_cap;
+	unsigned long rejected;
+};
+
+struct download_job {
+	struct pool_job job;
+	struct worker *w;
+	uint64_t reqid;
+	int fd;                       /* the file to read; -1: open path */
+	int opened;                   /* fd was opened by this job */
+	int orphaned;                 /* the connection went away: close fd when done */
+	char path[1024];
+	uint64_t offset;
+	size_t want;
+	uint64_t size;                /* file size */
+	int error;                    /* proto error, 0 on success */
+	int saved_errno;
+	size_t got;
+	uint8_t data[];
+};
+
+static void conn_close(struct conn *c, const char *why);
+static void conn_process(struct conn *c);
+static void conn_update_io(struct conn *c);
+static void request_continue(struct conn *c);
+static void storage_connect(struct worker *w);
+
+/* ---------------------------------------------------------------- responses */
+
+static void conn_flush(struct conn *c)
+{
+	while (buf_len(&c->out) > 0) {
+		ssize_t n = send(c->fd, buf_head(&c->out), buf_len(&c->out), MSG_NOSIGNAL);
+		if (n > 0) {
+			buf_consume(&c->out, (size_t)n);
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		conn_close(c, "write failed");
+		return;
+	}
+	if (buf_len(&c->out) == 0 && c->closing && !c->busy) {
+		conn_close(c, NULL);
+		return;
+	}
+	conn_update_io(c);
+}
+
+/* Queues one response frame with the writer's current JSON as body. */
+static void conn_send_json(struct conn *c, uint16_t id)
+{
+	const uint8_t *body;
+	size_t len;
+	json_end(&c->w->jw, &body, &len);
+	uint8_t header[FRAME_HEADER_LEN];
+	frame_put_header(header, id, (uint32_t)len);
+	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, len) < 0) {
+		log_warnx("%s: out of memory queueing a response: closing", c->peer);
+		c->closing = 1;   /* conn_flush closes it; callers still hold c */
+	}
+}
+
+/* A response that carries only error, message and what the request id needs. */
+static void respond_error(struct conn *c, uint16_t req_id, int error, const char *message)
+{
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", error);
+	if (message)
+		json_put_str(jw, "message", message, strlen(message));
+	conn_send_json(c, (uint16_t)(req_id + 1));
+}
+
+/* Finishes the current request: frees its tree and lets the next frame in. */
+static void request_finish(struct conn *c)
+{
+	if (c->req.tree)
+		yajl_tree_free(c->req.tree);
+	memset(&c->req, 0, sizeof(c->req));
+	c->busy = 0;
+}
+
+static void respond_chunk(struct conn *c, int error, const char *message, uint64_t seq,
+    uint64_t trans_size, uint64_t total_size)
+{
+	struct json_writer *jw = &c->w->jw;
+	const struct proto_chunk *ch = &c->req.u.chunk;
+	json_begin(jw);
+	json_put_int(jw, "error", error);
+	json_put_int(jw, "total_size", (int64_t)total_size);
+	json_put_int(jw, "seq", (int64_t)seq);
+	json_put_str(jw, "name", ch->name, ch->name_len);
+	json_put_int(jw, "trans_size", (int64_t)trans_size);
+	json_put_int(jw, "last", ch->last);
+	json_put_str(jw, "md5", ch->md5, PROTO_MD5_HEX);
+	json_put_int(jw, "uid", (int64_t)ch->cred.uid);
+	if (c->req.id == MSG_AVATAR)
+		json_put_int(jw, "last_seq", (int64_t)ch->last_seq);
+	if (message)
+		json_put_str(jw, "message", message, strlen(message));
+	conn_send_json(c, (uint16_t)(c->req.id + 1));
+}
+
+/* The request failed before reaching storage or disk: answer with its own fields. */
+static void respond_request_error(struct conn *c, int error, const char *message)
+{
+	switch (c->req.id) {
+	case MSG_UPLOAD:
+	case MSG_AVATAR: {
+		const struct proto_chunk *ch = &c->req.u.chunk;
+		respond_chunk(c, error, message, ch->seq, ch->offset, ch->total_size);
+		break;
+	}
+	default:
+		respond_error(c, c->req.id, error, message);
+		break;
+	}
+	request_finish(c);
+}
+
+/* ---------------------------------------------------------------- connection table */
+
+static uint64_t conn_next_reqid(struct conn *c)
+{
+	c->op_seq++;
+	c->req.reqid = (uint64_t)c->op_seq << 32 | c->slot;
+	return c->req.reqid;
+}
+
+/* The connection still waiting for the answer tagged reqid, or NULL. */
+static struct conn *conn_by_reqid(struct worker *w, uint64_t reqid)
+{
+	uint32_t slot = (uint32_t)reqid;
+	if (slot >= w->conns_cap)
+		return NULL;
+	struct conn *c = w->conns[slot];
+	if (c == NULL || !c->busy || c->req.reqid != reqid)
+		return NULL;
+	return c;
+}
+
+static int conn_table_add(struct worker *w, struct conn *c)
+{
+	if (w->nfree == 0) {
+		uint32_t cap = w->conns_cap ? w->conns_cap * 2 : 256;
+		struct conn **conns = realloc(w->conns, cap * sizeof(*conns));
+		if (conns == NULL)
+			return -1;
+		w->conns = conns;
+		uint32_t *free_slots = realloc(w->free_slots, cap * sizeof(*free_slots));
+		if (free_slots == NULL)
+			return -1;
+		w->free_slots = free_slots;
+		for (uint32_t i = cap; i > w->conns_cap; i--) {
+			w->conns[i - 1] = NULL;
+			w->free_slots[w->nfree++] = i - 1;
+		}
+		w->conns_cap = cap;
+	}
+	c->slot = w->free_slots[--w->nfree];
+	w->conns[c->slot] = c;
+	w->nconns++;
+	return 0;
+}
+
+static void conn_table_remove(struct worker *w, struct conn *c)
+{
+	w->conns[c->slot] = NULL;
+	w->free_slots[w->nfree++] = c->slot;
+	w->nconns--;
+}
+
+/* ---------------------------------------------------------------- connection I/O */
+
+static void conn_close_download(struct conn *c)
+{
+	if (c->dl_fd >= 0)
+		close(c->dl_fd);
+	c->dl_fd = -1;
+	c->dl_name[0] = '\0';
+}
+
+static void conn_close(struct conn *c, const char *why)
+{
+	struct worker *w = c->w;
+	if (why)
+		log_debug("%s: closed: %s", c->peer, why);
+	ev_io_stop(w->loop, &c->io);
+	ev_timer_stop(w->loop, &c->timer);
+	if (c->req.job) {
+		/* A disk thread may be reading dl_fd: the job closes it when it is done. */
+		c->req.job->orphaned = 1;
+		if (!c->req.job->opened)
+			c->dl_fd = -1;
+	}
+	conn_close_download(c);
+	request_finish(c);
+	close(c->fd);
+	buf_free(&c->in);
+	buf_free(&c->out);
+	conn_table_remove(w, c);
+	free(c);
+}
+
+/* Reads while there is no request in progress and the client reads its answers. */
+static void conn_update_io(struct conn *c)
+{
+	struct worker *w = c->w;
+	int events = 0;
+	if (!c->busy && !c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap)
+		events |= EV_READ;
+	if (buf_len(&c->out) > 0)
+		events |= EV_WRITE;
+	if (events == (c->io.events & (EV_READ | EV_WRITE)) && ev_is_active(&c->io))
+		return;
+	ev_io_stop(w->loop, &c->io);
+	if (events) {
+		ev_io_set(&c->io, c->fd, events);
+		ev_io_start(w->loop, &c->io);
+	}
+}
+
+/* One timer per connection, re-armed lazily: activity only moves timestamps. */
+static void conn_arm_timer(struct conn *c)
+{
+	struct worker *w = c->w;
+	ev_tstamp now = ev_now(w->loop), deadline;
+	if (c->busy)
+		deadline = c->req.since + w->conf->storage_timeout;
+	else {
+		deadline = c->last_frame + w->conf->idle_timeout;
+		if (c->frame_start > 0 && c->frame_start + w->conf->frame_timeout < deadline)
+			deadline = c->frame_start + w->conf->frame_timeout;
+	}
+	double after = deadline - now;
+	ev_timer_stop(w->loop, &c->timer);
+	ev_timer_set(&c->timer, after > 0 ? after : 0.001, 0.);
+	ev_timer_start(w->loop, &c->timer);
+}
+
+static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct conn *c = t->data;
+	struct worker *w = c->w;
+	ev_tstamp now = ev_now(loop);
+	if (c->busy) {
+		if (now - c->req.since >= w->conf->storage_timeout) {
+			log_warnx("%s: request %u timed out waiting for %s", c->peer, c->req.id,
+			    c->req.stage == STAGE_AUTH ? "redis" : c->req.stage == STAGE_DISK ? "the disk" : "storage");
+			if (c->req.job) {
+				conn_close(c, "disk read timed out");   /* the job may still hold the fd */
+				return;
+			}
+			respond_request_error(c, ERR_BUSY, "server busy: a dependency did not answer in time");
+			conn_process(c);
+			return;
+		}
+	} else if (c->frame_start > 0 && now - c->frame_start >= w->conf->frame_timeout) {
+		log_info("%s: frame not completed within %d s: closing", c->peer, w->conf->frame_timeout);
+		conn_close(c, NULL);
+		return;
+	} else if (now - c->last_frame >= w->conf->idle_timeout) {
+		log_debug("%s: idle for %d s: closing", c->peer, w->conf->idle_timeout);
+		conn_close(c, NULL);
+		return;
+	}
+	conn_arm_timer(c);
+}
+
+static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)loop;
+	struct conn *c = io->data;
+	if (revents & EV_WRITE) {
+		conn_flush(c);
+		return;   /* conn may be gone; a readable socket fires again */
+	}
+	if (!(revents & EV_READ))
+		return;
+	uint8_t *p = buf_reserve(&c->in, READ_CHUNK);
+	if (p == NULL) {
+		conn_close(c, "out of memory");
+		return;
+	}
+	ssize_t n = recv(c->fd, p, READ_CHUNK, 0);
+	if (n == 0) {
+		c->eof = 1;
+		/* Answer what is already complete, then close. */
+		c->closing = 1;
+		conn_process(c);
+		return;
+	}
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+			return;
+		conn_close(c, "read failed");
+		return;
+	}
+	buf_commit(&c->in, (size_t)n);
+	conn_process(c);
+}
+
+/* ---------------------------------------------------------------- credentials */
+
+static void token_hash(uint8_t out[crypto_generichash_BYTES], const void *token, size_t len)
+{
+	crypto_generichash(out, crypto_generichash_BYTES, token, len, NULL, 0);
+}
+
+/* 1 when this connection already proved these credentials recently. */
+static int auth_cached(struct conn *c, const struct proto_credentials *cred)
+{
+	if (!c->auth_valid || c->auth_uid != cred->uid || ev_now(c->w->loop) >= c->auth_until)
+		return 0;
+	uint8_t h[crypto_generichash_BYTES];
+	token_hash(h, cred->token, cred->token_len);
+	return sodium_memcmp(h, c->auth_token_hash, sizeof(h)) == 0;
+}
+
+static void auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdata)
+{
+	(void)ctx;
+	struct rds *r = ctx->data;
+	struct worker *w = r->data;
+	struct conn *c = conn_by_reqid(w, (uint64_t)(uintptr_t)privdata);
+	if (c == NULL || c->req.stage != STAGE_AUTH)
+		return;
+	redisReply *rep = reply;
+	const struct proto_credentials *cred = c->req.cred;
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+		respond_request_error(c, ERR_BUSY, "server busy: cannot read credentials");
+	} else if (rep->type != REDIS_REPLY_STRING) {
+		respond_request_error(c, ERR_UID_INVALID, "uid: no token for this user");
+	} else {
+		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
+		token_hash(want, rep->str, rep->len);
+		token_hash(got, cred->token, cred->token_len);
+		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
+			log_info("%s: bad token for uid %" PRIu64, c->peer, cred->uid);
+			respond_request_error(c, ERR_TOKEN_INVALID, "token: does not match");
+		} else {
+			c->auth_valid = 1;
+			c->auth_uid = cred->uid;
+			memcpy(c->auth_token_hash, got, sizeof(got));
+			c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
+			c->req.stage = STAGE_NONE;
+			request_continue(c);
+			return;
+		}
+	}
+	conn_process(c);
+}
+
+/* Checks the request's credentials; returns 1 when it may go on now, 0 when
+ * an answer will come (or has been queued). */
+static int auth_check(struct conn *c)
+{
+	const struct proto_credentials *cred = c->req.cred;
+	if (cred->anonymous || auth_cached(c, cred))
+		return 1;
+	struct worker *w = c->w;
+	char key[64];
+	snprintf(key, sizeof(key), "utoken_%" PRIu64, cred->uid);
+	uint64_t reqid = conn_next_reqid(c);
+	if (rds_command(&w->redis, auth_on_reply, (void *)(uintptr_t)reqid, "GET %s", key) < 0) {
+		respond_request_error(c, ERR_BUSY, "server busy: credentials store unavailable");
+		return 0;
+	}
+	c->busy = 1;
+	c->req.stage = STAGE_AUTH;
+	c->req.since = ev_now(w->loop);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- storage link */
+
+static void storage_fail_waiting(struct worker *w)
+{
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c && c->busy && c->req.stage == STAGE_STORAGE) {
+			respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
+			conn_process(c);
+		}
+	}
+}
+
+static void storage_down(struct worker *w, const char *why)
+{
+	struct storage_link *s = &w->storage;
+	if (s->fd >= 0) {
+		log_warnx("storage link lost: %s", why);
+		ev_io_stop(w->loop, &s->io);
+		close(s->fd);
+	}
+	s->fd = -1;
+	s->connected = 0;
+	buf_free(&s->in);
+	buf_free(&s->out);
+	storage_fail_waiting(w);
+	ev_timer_stop(w->loop, &s->retry);
+	ev_timer_set(&s->retry, s->retry_delay, 0.);
+	ev_timer_start(w->loop, &s->retry);
+	s->retry_delay = s->retry_delay * 2 > STORAGE_RETRY_MAX ? STORAGE_RETRY_MAX : s->retry_delay * 2;
+}
+
+static void storage_update_io(struct worker *w)
+{
+	struct storage_link *s = &w->storage;
+	int events = EV_READ | (buf_len(&s->out) > 0 ? EV_WRITE : 0);
+	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
+		return;
+	ev_io_stop(w->loop, &s->io);
+	ev_io_set(&s->io, s->fd, events);
+	ev_io_start(w->loop, &s->io);
+}
+
+static int storage_flush(struct worker *w)
+{
+	struct storage_link *s = &w->storage;
+	while (buf_len(&s->out) > 0) {
+		ssize_t n = send(s->fd, buf_head(&s->out), buf_len(&s->out), MSG_NOSIGNAL);
+		if (n > 0) {
+			buf_consume(&s->out, (size_t)n);
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			break;
+		} else {
+			/* Callers may be deep in a connection's request: the read side sees
+			 * the broken link on its own and tears it down from the loop. */
+			log_warn("storage link: send() failed");
+			buf_free(&s->out);
+			break;
+		}
+	}
+	storage_update_io(w);
+	return 0;
+}
+
+static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+{
+	struct conn *c = conn_by_reqid(w, h->reqid);
+	if (c == NULL || c->req.stage != STAGE_STORAGE)
+		return;   /* the client went away or timed out */
+	struct ipc_result r;
+	if (ipc_decode_result(payload, h->len, &r) < 0) {
+		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);
+		respond_request_error(c, ERR_BUSY, "server busy: bad answer from storage");
+	} else {
+		char message[256] = "";
+		if (r.message_len)
+			snprintf(message, sizeof(message), "%.*s", (int)r.message_len, r.message);
+		const char *msg = r.message_len ? message : NULL;
+		if (c->req.id == MSG_SYNC) {
+			struct json_writer *jw = &w->jw;
+			json_begin(jw);
+			json_put_int(jw, "error", r.error);
+			json_put_int(jw, "total_size", (int64_t)r.total_size);
+			json_put_int(jw, "seq", (int64_t)r.seq);
+			json_put_str(jw, "name", r.name ? r.name : "", r.name_len);
+			json_put_int(jw, "trans_size", (int64_t)r.trans_size);
+			json_put_str(jw, "md5", c->req.u.sync.md5, PROTO_MD5_HEX);
+			json_put_int(jw, "uid", (int64_t)c->req.u.sync.cred.uid);
+			if (msg)
+				json_put_str(jw, "message", msg, strlen(msg));
+			conn_send_json(c, MSG_SYNC + 1);
+		} else {
+			respond_chunk(c, (int)r.error, msg, r.seq, r.trans_size, r.total_size);
+		}
+		request_finish(c);
+	}
+	conn_process(c);
+}
+
+static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)loop;
+	struct worker *w = io->data;
+	struct storage_link *s = &w->storage;
+	if (revents & EV_WRITE) {
+		if (!s->connected) {
+			int err = 0;
+			socklen_t len = sizeof(err);
+			getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+			if (err) {
+				errno = err;
+				storage_down(w, strerror(err));
+				return;
+			}
+			s->connected = 1;
+			s->retry_delay = STORAGE_RETRY_MIN;
+			log_info("storage link up");
+		}
+		if (storage_flush(w) < 0)
+			return;
+	}
+	if (!(revents & EV_READ))
+		return;
+	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
+	if (p == NULL) {
+		storage_down(w, "out of memory");
+		return;
+	}
+	ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
+	if (n <= 0) {
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return;
+		storage_down(w, n == 0 ? "storage process closed the link" : strerror(errno));
+		return;
+	}
+	buf_commit(&s->in, (size_t)n);
+	for (;;) {
+		struct ipc_header h;
+		const uint8_t *payload;
+		enum ipc_status st = ipc_decode_header(buf_head(&s->in), buf_len(&s->in), &h, &payload);
+		if (st == IPC_NEED_MORE)
+			break;
+		if (st == IPC_BAD) {
+			storage_down(w, "bad message header");
+			return;
+		}
+		if (h.type == IPC_STORAGE_WORKER_RESULT)
+			storage_on_result(w, &h, payload);
+		else if (h.type != IPC_STORAGE_WORKER_PONG)
+			log_warnx("storage: unexpected message type %u", h.type);
+		if (s->fd < 0)
+			return;   /* a callback brought the link down */
+		buf_consume(&s->in, IPC_HEADER_LEN + h.len);
+	}
+}
+
+static void storage_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	storage_connect(t->data);
+}
+
+static void storage_connect(struct worker *w)
+{
+	struct storage_link *s = &w->storage;
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", w->conf->run_dir, IPC_SOCKET_NAME) >=
+	    (int)sizeof(sun.sun_path))
+		fatalx("run_dir %s is too long for a Unix socket path", w->conf->run_dir);
+	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (s->fd < 0) {
+		storage_down(w, strerror(errno));
+		return;
+	}
+	s->connected = 0;
+	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
+		s->connected = 1;
+		s->retry_delay = STORAGE_RETRY_MIN;
+		log_info("storage link up");
+	} else if (errno != EINPROGRESS && errno != EAGAIN) {
+		int err = errno;
+		close(s->fd);
+		s->fd = -1;
+		storage_down(w, strerror(err));
+		return;
+	}
+	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ | EV_WRITE);
+	s->io.data = w;
+	ev_io_start(w->loop, &s->io);
+}
+
+/* Sends the current request to the storage process; the answer resumes the connection. */
+static void storage_forward(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct storage_link *s = &w->storage;
+	if (s->fd < 0 || !s->connected) {
+		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
+		return;
+	}
+	uint64_t reqid = conn_next_reqid(c);
+	int rc;
+	if (c->req.id == MSG_SYNC) {
+		struct ipc_sync msg = { .uid = c->req.u.sync.cred.uid };
+		memcpy(msg.md5, c->req.u.sync.md5, sizeof(msg.md5));
+		rc = ipc_encode_sync(&s->out, reqid, &msg);
+	} else {
+		const struct proto_chunk *ch = &c->req.u.chunk;
+		struct ipc_chunk msg = {
+			.uid = ch->cred.uid, .seq = ch->seq, .trans_size = ch->trans_size,
+			.total_size = ch->total_size, .last = (uint8_t)ch->last,
+			.kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE,
+			.name = ch->name, .name_len = (uint16_t)ch->name_len,
+			.data = w->scratch, .data_len = (uint32_t)ch->data_len,
+		};
+		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
+		rc = ipc_encode_chunk(&s->out, reqid, &msg);
+	}
+	if (rc < 0) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	c->busy = 1;
+	c->req.stage = STAGE_STORAGE;
+	c->req.since = ev_now(w->loop);
+	storage_flush(w);
+}
+
+/* ---------------------------------------------------------------- downloads */
+
+static void download_work(struct pool_job *job)
+{
+	struct download_job *j = (struct download_job *)job;
+	if (j->fd < 0) {
+		j->fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+		if (j->fd < 0) {
+			j->saved_errno = errno;
+			j->error = errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? ERR_FILE_NOT_EXISTS
+			    : errno == EACCES || errno == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+			return;
+		}
+		j->opened = 1;
+		struct stat st;
+		if (fstat(j->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+			j->error = ERR_FILE_NOT_EXISTS;
+			close(j->fd);
+			j->fd = -1;
+			j->opened = 0;
+			return;
+		}
+		j->size = (uint64_t)st.st_size;
+	}
+	if (j->offset >= j->size && !(j->offset == 0 && j->size == 0)) {
+		j->error = ERR_OFFSET_INVALID;
+		return;
+	}
+	size_t want = j->size - j->offset < j->want ? (size_t)(j->size - j->offset) : j->want;
+	while (j->got < want) {
+		ssize_t n = pread(j->fd, j->data + j->got, want - j->got, (off_t)(j->offset + j->got));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			j->saved_errno = n < 0 ? errno : EIO;
+			j->error = ERR_READ_FAILED;
+			return;
+		}
+		j->got += (size_t)n;
+	}
+}
+
+static void download_record_progress(struct worker *w, const struct proto_download *d,
+    uint64_t current, uint64_t total, int last)
+{
+	char key[400];
+	snprintf(key, sizeof(key), "%sfile_download_%" PRIu64 "_%.*s", w->conf->redis_prefix,
+	    d->cred.uid, (int)d->name_len, d->name);
+	if (last) {
+		rds_command(&w->redis, NULL, NULL, "DEL %s", key);
+		return;
+	}
+	struct json_writer *jw = &w->jw;
+	const uint8_t *body;
+	size_t len;
+	json_begin(jw);
+	json_put_str(jw, "name", d->name, d->name_len);
+	json_put_int(jw, "seq", (int64_t)d->seq);
+	json_put_int(jw, "total_size", (int64_t)total);
+	json_put_int(jw, "trans_size", (int64_t)current);
+	json_end(jw, &body, &len);
+	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
+}
+
+static void download_done(struct pool_job *job)
+{
+	struct download_job *j = (struct download_job *)job;
+	struct worker *w = j->w;
+	struct conn *c = j->orphaned ? NULL : conn_by_reqid(w, j->reqid);
+	if (c == NULL) {
+		if (j->opened || j->orphaned)
+			if (j->fd >= 0)
+				close(j->fd);
+		free(j);
+		return;
+	}
+	c->req.job = NULL;
+	const struct proto_download *d = &c->req.u.download;
+	if (j->opened) {
+		conn_close_download(c);
+		c->dl_fd = j->fd;
+		c->dl_uid = d->cred.uid;
+		snprintf(c->dl_name, sizeof(c->dl_name), "%.*s", (int)d->name_len, d->name);
+		c->dl_size = j->size;
+	}
+	if (j->error) {
+		char msg[128];
+		snprintf(msg, sizeof(msg), j->error == ERR_FILE_NOT_EXISTS ? "name: no such file" :
+		    j->error == ERR_OFFSET_INVALID ? "seq: past the end of the file" : "cannot read the file (%s)",
+		    strerror(j->saved_errno));
+		if (j->error == ERR_READ_FAILED || j->error == ERR_READ_PERMISSION)
+			log_warnx("download %s: %s", j->path, strerror(j->saved_errno));
+		respond_error(c, MSG_DOWNLOAD, j->error, msg);
+	} else {
+		size_t need = sodium_base64_ENCODED_LEN(j->got, sodium_base64_VARIANT_ORIGINAL);
+		if (need > w->b64_cap) {
+			free(w->b64);
+			w->b64 = malloc(need);
+			w->b64_cap = w->b64 ? need : 0;
+		}
+		if (w->b64 == NULL) {
+			respond_error(c, MSG_DOWNLOAD, ERR_BUSY, "server busy: out of memory");
+		} else {
+			sodium_bin2base64(w->b64, need, j->data, j->got, sodium_base64_VARIANT_ORIGINAL);
+			uint64_t current = j->offset + j->got;
+			int is_last = current >= j->size;
+			struct json_writer *jw = &w->jw;
+			json_begin(jw);
+			json_put_int(jw, "error", 0);
+			json_put_str(jw, "data", w->b64, need - 1);
+			json_put_int(jw, "seq", (int64_t)d->seq);
+			json_put_u64_str(jw, "total_size", j->size);
+			json_put_u64_str(jw, "current_size", current);
+			json_put_bool(jw, "is_last", is_last);
+			json_put_str(jw, "name", d->name, d->name_len);
+			json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
+			conn_send_json(c, MSG_DOWNLOAD + 1);
+			download_record_progress(w, d, current, j->size, is_last);
+		}
+	}
+	free(j);
+	request_finish(c);
+	conn_process(c);
+}
+
+static void download_start(struct conn *c)
+{
+	struct worker *w = c->w;
+	const struct proto_download *d = &c->req.u.download;
+	size_t chunk = (size_t)w->conf->download_chunk;
+	struct download_job *j = malloc(sizeof(*j) + chunk);
+	if (j == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	memset(j, 0, sizeof(*j));
+	j->job.work = download_work;
+	j->job.done = download_done;
+	j->w = w;
+	j->want = chunk;
+	j->offset = (d->seq - 1) * (uint64_t)chunk;
+	j->fd = -1;
+	/* Later chunks of the same file read the inode the first chunk opened. */
+	if (d->seq > 1 && c->dl_fd >= 0 && c->dl_uid == d->cred.uid &&
+	    strlen(c->dl_name) == d->name_len && memcmp(c->dl_name, d->name, d->name_len) == 0) {
+		j->fd = c->dl_fd;
+		j->size = c->dl_size;
+	}
+	snprintf(j->path, sizeof(j->path), "%s/%" PRIu64 "/%.*s", w->conf->root, d->cred.uid,
+	    (int)d->name_len, d->name);
+	j->reqid = conn_next_reqid(c);
+	c->req.job = j;
+	c->busy = 1;
+	c->req.stage = STAGE_DISK;
+	c->req.since = ev_now(w->loop);
+	pool_submit(w->pool, &j->job);
+}
+
+/* ---------------------------------------------------------------- requests */
+
+/* After the credentials are known good: hand the request to whoever does the work. */
+static void request_continue(struct conn *c)
+{
+	struct worker *w = c->w;
+	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
+		/* The scratch buffer may hold another connection's chunk by now: decode again. */
+		char msg[256];
+		int kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
+		int rc = proto_parse_chunk(c->req.tree, kind, &w->limits, w->scratch, w->scratch_cap,
+		    &c->req.u.chunk, msg, sizeof(msg));
+		if (rc != ERR_OK) {
+			respond_request_error(c, rc, msg);
+			return;
+		}
+		if (c->req.u.chunk.cred.anonymous)
+			c->req.u.chunk.cred.uid = 0;
+		storage_forward(c);
+	} else if (c->req.id == MSG_SYNC) {
+		storage_forward(c);
+	} else if (c->req.id == MSG_DOWNLOAD) {
+		download_start(c);
+	}
+}
+
+static void handle_test(struct conn *c, yajl_val tree)
+{
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", 0);
+	yajl_val data = json_member(tree, "data");
+	if (data)
+		json_put_value(jw, "data", data);
+	else
+		json_put_str(jw, "data", "", 0);
+	conn_send_json(c, MSG_TEST + 1);
+}
+
+/* Handles one complete frame. */
+static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint32_t len)
+{
+	struct worker *w = c->w;
+	char msg[256];
+	if (id != MSG_TEST && id != MSG_UPLOAD && id != MSG_SYNC && id != MSG_AVATAR && id != MSG_DOWNLOAD) {
+		snprintf(msg, sizeof(msg), "unknown message id %u", id);
+		respond_error(c, id, ERR_MSG_ID, msg);
+		return;
+	}
+	yajl_val tree = json_parse_object(body, len, msg, sizeof(msg));
+	if (tree == NULL) {
+		respond_error(c, id, ERR_JSON, msg);
+		return;
+	}
+	if (id == MSG_TEST) {
+		handle_test(c, tree);
+		yajl_tree_free(tree);
+		return;
+	}
+	c->req.id = id;
+	c->req.tree = tree;
+	int rc;
+	switch (id) {
+	case MSG_UPLOAD:
+	case MSG_AVATAR:
+		rc = proto_parse_chunk(tree, id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE, &w->limits,
+		    w->scratch, w->scratch_cap, &c->req.u.chunk, msg, sizeof(msg));
+		c->req.cred = &c->req.u.chunk.cred;
+		break;
+	case MSG_SYNC:
+		rc = proto_parse_sync(tree, &w->limits, &c->req.u.sync, msg, sizeof(msg));
+		c->req.cred = &c->req.u.sync.cred;
+		break;
+	default:
+		rc = proto_parse_download(tree, &w->limits, &c->req.u.download, msg, sizeof(msg));
+		c->req.cred = &c->req.u.download.cred;
+		break;
+	}
+	if (rc != ERR_OK) {
+		respond_request_error(c, rc, msg);
+		return;
+	}
+	if (!auth_check(c))
+		return;
+	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
+		/* Credentials were cached: the scratch buffer still holds this chunk. */
+		if (c->req.u.chunk.cred.anonymous)
+			c->req.u.chunk.cred.uid = 0;
+		storage_forward(c);
+	} else {
+		request_continue(c);
+	}
+}
+
+/* Handles complete frames until one needs to wait, then decides what to watch. */
+static void conn_process(struct conn *c)
+{
+	struct worker *w = c->w;
+	while (!c->busy && buf_len(&c->in) > 0 && buf_len(&c->out) < (size_t)w->conf->output_cap) {
+		uint16_t id;
+		const uint8_t *body;
+		uint32_t len;
+		size_t used;
+		enum frame_status st = frame_decode(buf_head(&c->in), buf_len(&c->in),
+		    (uint32_t)w->conf->max_frame, &id, &body, &len, &used);
+		if (st == FRAME_OVERSIZE) {
+			log_warnx("%s: frame header announces more than max_frame (%" PRId64 "): closing",
+			    c->peer, w->conf->max_frame);
+			conn_close(c, NULL);
+			return;
+		}
+		if (st == FRAME_NEED_MORE) {
+			if (c->frame_start == 0)
+				c->frame_start = ev_now(w->loop);
+			break;
+		}
+		c->frame_start = 0;
+		c->last_frame = ev_now(w->loop);
+		handle_frame(c, id, body, len);
+		buf_consume(&c->in, used);
+	}
+	if (buf_len(&c->in) == 0)
+		c->frame_start = 0;
+	if (!ev_is_active(&c->timer) || c->busy)
+		conn_arm_timer(c);
+	conn_flush(c);
+}
+
+/* ---------------------------------------------------------------- accepting */
+
+static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct worker *w = t->data;
+	ev_io_start(loop, &w->accept_io);
+}
+
+static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
+{
+	if (w->nconns >= (uint32_t)w->conf->max_connections) {
+		w->rejected++;
+		close(fd);
+		return;
+	}
+	struct conn *c = calloc(1, sizeof(*c));
+	if (c == NULL || conn_table_add(w, c) < 0) {
+		free(c);
+		close(fd);
+		return;
+	}
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	c->w = w;
+	c->fd = fd;
+	c->dl_fd = -1;
+	c->last_frame = ev_now(w->loop);
+	char addr[INET6_ADDRSTRLEN] = "?";
+	int port = 0;
+	if (ss->ss_family == AF_INET) {
+		const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+		inet_ntop(AF_INET, &sin->sin_addr, addr, sizeof(addr));
+		port = ntohs(sin->sin_port);
+	} else if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+		inet_ntop(AF_INET6, &sin6->sin6_addr, addr, sizeof(addr));
+		port = ntohs(sin6->sin6_port);
+	}
+	snprintf(c->peer, sizeof(c->peer), "%s:%d", addr, port);
+	ev_io_init(&c->io, conn_on_io, fd, EV_READ);
+	c->io.data = c;
+	ev_io_start(w->loop, &c->io);
+	ev_timer_init(&c->timer, conn_on_timer, w->conf->idle_timeout, 0.);
+	c->timer.data = c;
+	ev_timer_start(w->loop, &c->timer);
+}
+
+static void worker_on_accept(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)revents;
+	struct worker *w = io->data;
+	for (int i = 0; i < ACCEPT_BURST; i++) {
+		struct sockaddr_storage ss;
+		socklen_t sslen = sizeof(ss);
+		int fd = accept4(w->listen_fd, (struct sockaddr *)&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				log_warn("accept4() failed: pausing accepts for 1 s");
+				ev_io_stop(loop, &w->accept_io);
+				ev_timer_set(&w->accept_pause, 1., 0.);
+				ev_timer_start(loop, &w->accept_pause);
+			}
+			return;
+		}
+		worker_accept_one(w, fd, &ss);
+	}
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static void worker_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)revents;
+	(void)s;
+	ev_break(loop, EVBREAK_ALL);
+}
+
+static void worker_shutdown(struct worker *w)
+{
+	for (uint32_t i = 0; i < w->conns_cap; i++)
+		if (w->conns[i])
+			conn_close(w->conns[i], NULL);
+	rds_close(&w->redis);
+	pool_destroy(w->pool);
+	if (w->storage.fd >= 0)
+		close(w->storage.fd);
+	buf_free(&w->storage.in);
+	buf_free(&w->storage.out);
+	json_writer_free(&w->jw);
+	free(w->conns);
+	free(w->free_slots);
+	free(w->scratch);
+	free(w->b64);
+}
+
+int worker_main(const struct conf *conf, int slot, int listen_fd)
+{
+	struct worker wk, *w = &wk;
+	memset(w, 0, sizeof(*w));
+	/* If the master is killed, do not outlive it. */
+	prctl(PR_SET_PDEATHSIG, SIGTERM);
+	if (getppid() == 1)
+		return 0;
+	w->loop = ev_loop_new(EVFLAG_AUTO);
+	if (w->loop == NULL)
+		fatalx("ev_loop_new() failed in worker %d", slot);
+	w->conf = conf;
+	w->slot = slot;
+	w->listen_fd = listen_fd;
+	w->limits.max_file_size = (uint64_t)conf->max_file_size;
+	w->limits.anonymous = conf->anonymous;
+	w->scratch_cap = proto_b64_decoded_max((size_t)conf->max_frame);
+	w->scratch = malloc(w->scratch_cap);
+	if (w->scratch == NULL || json_writer_init(&w->jw) < 0)
+		fatalx("out of memory starting worker %d", slot);
+	w->pool = pool_create(w->loop, 2);
+	if (w->pool == NULL)
+		fatalx("cannot start disk threads in worker %d", slot);
+	w->storage.fd = -1;
+	w->storage.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
+	w->storage.retry.data = w;
+
+	ev_signal_init(&w->sig_term, worker_on_stop, SIGTERM);
+	ev_signal_start(w->loop, &w->sig_term);
+	ev_signal_init(&w->sig_int, worker_on_stop, SIGINT);
+	ev_signal_start(w->loop, &w->sig_int);
+	signal(SIGPIPE, SIG_IGN);
+
+	rds_init(&w->redis, w->loop, conf, NULL, w);
+	storage_connect(w);
+	ev_io_init(&w->accept_io, worker_on_accept, listen_fd, EV_READ);
+	w->accept_io.data = w;
+	ev_io_start(w->loop, &w->accept_io);
+	ev_timer_init(&w->accept_pause, worker_on_accept_pause, 1., 0.);
+	w->accept_pause.data = w;
+
+	log_info("accepting connections");
+	ev_run(w->loop, 0);
+	log_info("stopping");
+	worker_shutdown(w);
+	ev_loop_destroy(w->loop);
+	return 0;
+}
