@@ -44,6 +44,10 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "anonymous", T_BOOL, N(anonymous), 0, 1, "no" },
 	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768" },
 	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30" },
+	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30" },
+	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "" },
+	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
+	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
 	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296" },
 	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600" },
@@ -60,6 +64,7 @@ static const struct conf_key conf_keys[] = {
 	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5" },
 	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info" },
 	{ "log", "file", T_STR, S(log_file), 0, 0, "" },
+	{ "log", "access_log", T_STR, S(access_log), 0, 0, "" },
 };
 
 static int parse_int64(const char *value, int64_t *out)
@@ -209,6 +214,20 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 	}
 	snprintf(err, errlen, "[%s] %s: unknown key", section, name);
 	return -1;
+}
+
+int conf_storage_equal(const struct conf *a, const struct conf *b)
+{
+	/* The storage process reads [storage], [redis], [postgres], run_dir and node. */
+	return strcmp(a->root, b->root) == 0 && a->max_file_size == b->max_file_size &&
+	    a->upload_ttl == b->upload_ttl && a->fsync_policy == b->fsync_policy &&
+	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
+	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
+	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
+	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&
+	    strcmp(a->pg_conninfo, b->pg_conninfo) == 0 && a->pg_timeout == b->pg_timeout &&
+	    strcmp(a->run_dir, b->run_dir) == 0 && strcmp(a->node, b->node) == 0 &&
+	    a->log_level == b->log_level && strcmp(a->log_file, b->log_file) == 0;
 }
 
 void conf_defaults(struct conf *c)

@@ -26,6 +26,10 @@ struct conf {
 	int anonymous;              /* accept requests without uid as uid 0 */
 	int64_t download_chunk;     /* bytes per download chunk */
 	int storage_timeout;        /* seconds a worker waits for the storage process */
+	int shutdown_timeout;       /* seconds a graceful stop (QUIT) or retirement may take */
+	char stats_socket[512];     /* the master's stats and admin socket; empty: none */
+	char agent_listen[300];     /* HAProxy agent-check host:port; empty: none */
+	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */
 	int64_t max_file_size;
@@ -46,6 +50,7 @@ struct conf {
 	/* [log] */
 	int log_level;
 	char log_file[512];         /* empty: stderr in the foreground, syslog otherwise */
+	char access_log[512];       /* one line per finished transfer; empty: none */
 };
 
 /* Fills *c with the defaults. */
@@ -54,6 +59,9 @@ void conf_defaults(struct conf *c);
 /* Loads path over the defaults. On error returns -1 and writes one line
  * naming the file, line and key to err. */
 int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
+
+/* 1 when a and b agree on everything the storage process uses (then a reload keeps it running). */
+int conf_storage_equal(const struct conf *a, const struct conf *b);
 
 /* Sets one key; the same checks as a file. Used by tests and -o overrides. */
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,

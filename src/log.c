@@ -18,6 +18,11 @@ static struct {
 	char process[32];
 } log_state = { LOG_LEVEL_INFO, STDERR_FILENO, "", "resourced" };
 
+static struct {
+	int fd;
+	char path[512];
+} access_state = { -1, "" };
+
 static const char *const level_names[] = { "error", "warn", "info", "debug" };
 
 int log_level_from_name(const char *name)
@@ -63,18 +68,64 @@ void log_set_process(const char *name)
 	snprintf(log_state.process, sizeof(log_state.process), "%s", name);
 }
 
-int log_reopen(void)
+int access_log_open(const char *file, char *err, size_t errlen)
 {
-	if (log_state.path[0] == '\0')
+	if (access_state.fd >= 0)
+		close(access_state.fd);
+	access_state.fd = -1;
+	access_state.path[0] = '\0';
+	if (file == NULL || file[0] == '\0')
 		return 0;
-	int fd = open(log_state.path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
-	if (fd < 0)
+	int fd = open(file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	if (fd < 0) {
+		snprintf(err, errlen, "cannot open access log %s: %s", file, strerror(errno));
 		return -1;
-	int old = log_state.fd;
-	log_state.fd = fd;
+	}
+	access_state.fd = fd;
+	snprintf(access_state.path, sizeof(access_state.path), "%s", file);
+	return 0;
+}
+
+void access_log(const char *fmt, ...)
+{
+	if (access_state.fd < 0)
+		return;
+	char line[1024];
+	struct timespec ts;
+	struct tm tm;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	size_t n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%SZ ", &tm);
+	va_list ap;
+	va_start(ap, fmt);
+	int m = vsnprintf(line + n, sizeof(line) - n - 1, fmt, ap);
+	va_end(ap);
+	if (m < 0)
+		return;
+	n += (size_t)m < sizeof(line) - n - 1 ? (size_t)m : sizeof(line) - n - 2;
+	line[n++] = '\n';
+	ssize_t w = write(access_state.fd, line, n);
+	(void)w;
+}
+
+static int reopen_fd(int *fd, const char *path)
+{
+	if (path[0] == '\0')
+		return 0;
+	int nfd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	if (nfd < 0)
+		return -1;
+	int old = *fd;
+	*fd = nfd;
 	if (old > STDERR_FILENO)
 		close(old);
 	return 0;
+}
+
+int log_reopen(void)
+{
+	int rc = reopen_fd(&access_state.fd, access_state.path);
+	return reopen_fd(&log_state.fd, log_state.path) < 0 ? -1 : rc;
 }
 
 int log_enabled(int level)

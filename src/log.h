@@ -15,6 +15,10 @@ int log_level_from_name(const char *name);
 int log_enabled(int level);
 void log_close(void);
 
+/* The access log: one line per finished transfer, its own file, reopened with log_reopen(). */
+int access_log_open(const char *file, char *err, size_t errlen);
+void access_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 void log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));   /* adds strerror(errno) */
 void log_warnx(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void log_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -1,9 +1,11 @@
-/* master.c: binds the listening sockets, forks the storage process and the workers, and respawns them. */
+/* master.c: binds the listening sockets, forks the storage process and the workers, and supervises them. */
 #include "config.h"
 #include "master.h"
 #include "conf.h"
+#include "control.h"
 #include "ipc.h"
 #include "log.h"
+#include "stats.h"
 #include "storage.h"
 #include "worker.h"
 
@@ -23,21 +25,31 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+#ifdef HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#else
+#define sd_notify(unset, state) ((void)(unset), (void)(state), 0)
+#endif
 
 #define EXIT_FATAL 2              /* a child that exits with this is not respawned */
 #define RESPAWN_MAX_DELAY 30.0
 #define CRASH_WINDOW 2.0          /* dying sooner than this after start counts as a crash loop */
-#define STOP_TIMEOUT 10.0         /* then SIGKILL */
+#define STOP_TIMEOUT 10.0         /* fast stop: then SIGKILL */
 
 enum role { ROLE_STORAGE, ROLE_WORKER };
+enum proc_state { PROC_FREE, PROC_RUNNING, PROC_RETIRING };
 
-/* One supervised child. */
+/* One supervised child; its index in the table is its stats slot. */
 struct proc {
+	enum proc_state state;
 	enum role role;
-	int slot;                     /* worker number, 0 for storage */
+	int number;                   /* worker number from 1; 0 for storage */
+	int generation;               /* reloads bump it; only the current one is respawned */
 	pid_t pid;                    /* 0 while not running */
-	ev_tstamp started;
+	ev_tstamp started;            /* loop time of the current start */
+	double started_wall;
 	double backoff;               /* delay before the next respawn */
 	int restarts;
 	ev_timer respawn;
@@ -46,15 +58,23 @@ struct proc {
 
 struct master {
 	struct ev_loop *loop;
-	struct conf *conf;
-	int *listen_fds;              /* one SO_REUSEPORT socket per worker slot */
+	struct conf *conf;            /* the configuration new children get */
+	const char *conf_path;
+	int nlisten;                  /* listening sockets, one per worker number */
+	int *listen_fds;
 	int storage_fd;               /* the storage process's Unix socket */
-	struct proc *procs;           /* [0] is storage, [1..] workers */
-	int nprocs;
-	int stopping;
-	ev_signal sig_term, sig_int, sig_quit, sig_chld, sig_usr1;
+	struct proc procs[STATS_MAX_SLOTS];   /* [0] is storage */
+	int generation;
+	int stopping;                 /* 1 fast, 2 graceful */
+	int foreground;               /* -f: logs stay on stderr */
+	struct stats_shm *shm;
+	struct control *control;
+	ev_signal sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
+	ev_child child_watcher;
 	ev_timer stop_timer;
 };
+
+static void proc_spawn(struct proc *p);
 
 void proc_set_title(const char *fmt, ...)
 {
@@ -67,26 +87,35 @@ void proc_set_title(const char *fmt, ...)
 	log_set_process(title);
 }
 
+static double now_wall(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 /* ---------------------------------------------------------------- sockets */
 
-static int bind_listener(const struct conf *conf)
+/* Returns a listening SO_REUSEPORT socket, or -1 with the reason in err. */
+static int bind_listener(const struct conf *conf, char *err, size_t errlen)
 {
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
 	struct addrinfo *res;
 	int rc = getaddrinfo(conf->listen_host, conf->listen_port, &hints, &res);
-	if (rc != 0)
-		fatalx("listen %s:%s: %s", conf->listen_host, conf->listen_port, gai_strerror(rc));
-	int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		fatal("socket() failed");
+	if (rc != 0) {
+		snprintf(err, errlen, "listen %s:%s: %s", conf->listen_host, conf->listen_port, gai_strerror(rc));
+		return -1;
+	}
 	int one = 1;
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
-		fatal("setsockopt(SO_REUSEPORT) failed");
-	if (bind(fd, res->ai_addr, res->ai_addrlen) < 0)
-		fatal("bind(%s:%s) failed", conf->listen_host, conf->listen_port);
-	if (listen(fd, 4096) < 0)
-		fatal("listen() failed");
+	int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+	    bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
+		snprintf(err, errlen, "listen %s:%s: %s", conf->listen_host, conf->listen_port, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+	}
 	freeaddrinfo(res);
 	return fd;
 }
@@ -108,6 +137,41 @@ static int bind_storage_socket(const struct conf *conf)
 	if (listen(fd, 1024) < 0)
 		fatal("listen(%s) failed", sun.sun_path);
 	return fd;
+}
+
+/* Makes listen_fds fit conf: the same sockets when the address is unchanged, so a reload loses no queued connection. */
+static int master_bind_all(struct master *m, const struct conf *conf, int same_address, char *err, size_t errlen)
+{
+	int *fds = calloc((size_t)conf->workers, sizeof(int));
+	if (fds == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	for (int i = 0; i < conf->workers; i++) {
+		if (same_address && i < m->nlisten) {
+			fds[i] = m->listen_fds[i];
+			m->listen_fds[i] = -1;
+			continue;
+		}
+		fds[i] = bind_listener(conf, err, errlen);
+		if (fds[i] < 0) {
+			for (int j = 0; j < i; j++)
+				if (!(same_address && j < m->nlisten))
+					close(fds[j]);
+				else
+					m->listen_fds[j] = fds[j];
+			free(fds);
+			return -1;
+		}
+	}
+	/* Sockets no longer used: the retiring workers hold their own copies. */
+	for (int i = 0; i < m->nlisten; i++)
+		if (m->listen_fds[i] >= 0)
+			close(m->listen_fds[i]);
+	free(m->listen_fds);
+	m->listen_fds = fds;
+	m->nlisten = conf->workers;
+	return 0;
 }
 
 /* ---------------------------------------------------------------- privileges, pid file */
@@ -186,13 +250,23 @@ static int daemonize(void)
 
 /* ---------------------------------------------------------------- children */
 
-static void child_reset_signals(void)
+static const char *role_name(enum role r)
 {
-	static const int sigs[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGCHLD, SIGUSR1, SIGUSR2, SIGPIPE };
+	return r == ROLE_STORAGE ? "storage" : "worker";
+}
+
+static void child_reset_signals(struct master *m)
+{
+	/* libev keeps one global owner per signal: release the master's before the child's loop starts. */
+	ev_signal *sigs[] = { &m->sig_term, &m->sig_int, &m->sig_quit, &m->sig_hup, &m->sig_usr1 };
+	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+		ev_signal_stop(m->loop, sigs[i]);
+	ev_child_stop(m->loop, &m->child_watcher);
+	static const int signums[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGCHLD, SIGUSR1, SIGUSR2, SIGPIPE };
 	struct sigaction sa = { .sa_handler = SIG_DFL };
 	sigemptyset(&sa.sa_mask);
-	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
-		sigaction(sigs[i], &sa, NULL);
+	for (size_t i = 0; i < sizeof(signums) / sizeof(signums[0]); i++)
+		sigaction(signums[i], &sa, NULL);
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
@@ -201,36 +275,41 @@ static void child_reset_signals(void)
 static void proc_spawn(struct proc *p)
 {
 	struct master *m = p->m;
+	int slot = (int)(p - m->procs);
+	stats_reset_gauges(&m->shm->procs[slot]);
 	pid_t pid = fork();
 	if (pid < 0) {
-		log_warn("fork() failed while spawning %s", p->role == ROLE_STORAGE ? "storage" : "a worker");
+		log_warn("fork() failed while spawning %s %d", role_name(p->role), p->number);
 		p->backoff = 1.0;
 		ev_timer_set(&p->respawn, p->backoff, 0.);
 		ev_timer_start(m->loop, &p->respawn);
 		return;
 	}
 	if (pid == 0) {
-		child_reset_signals();
+		child_reset_signals(m);
+		control_close_inherited(m->control);
+		stats_attach(m->shm, slot);
 		int rc;
 		if (p->role == ROLE_STORAGE) {
-			for (int i = 0; i < m->conf->workers; i++)
+			for (int i = 0; i < m->nlisten; i++)
 				close(m->listen_fds[i]);
 			proc_set_title("storage");
 			rc = storage_main(m->conf, m->storage_fd);
 		} else {
-			for (int i = 0; i < m->conf->workers; i++)
-				if (i != p->slot - 1)
+			for (int i = 0; i < m->nlisten; i++)
+				if (i != p->number - 1)
 					close(m->listen_fds[i]);
 			close(m->storage_fd);
-			proc_set_title("worker %d", p->slot);
-			rc = worker_main(m->conf, p->slot, m->listen_fds[p->slot - 1]);
+			proc_set_title("worker %d", p->number);
+			rc = worker_main(m->conf, p->number, m->listen_fds[p->number - 1]);
 		}
 		log_close();
 		_exit(rc);
 	}
 	p->pid = pid;
 	p->started = ev_now(m->loop);
-	log_info("started %s (pid %d)", p->role == ROLE_STORAGE ? "storage" : "worker", (int)pid);
+	p->started_wall = now_wall();
+	log_info("started %s %d (pid %d)", role_name(p->role), p->number, (int)pid);
 }
 
 static void proc_on_respawn(struct ev_loop *loop, ev_timer *t, int revents)
@@ -238,100 +317,261 @@ static void proc_on_respawn(struct ev_loop *loop, ev_timer *t, int revents)
 	(void)loop;
 	(void)revents;
 	struct proc *p = t->data;
-	if (!p->m->stopping && p->pid == 0)
+	if (!p->m->stopping && p->pid == 0 && p->state == PROC_RUNNING)
 		proc_spawn(p);
 }
 
-static void master_on_child(struct ev_loop *loop, ev_signal *s, int revents)
+static struct proc *proc_new(struct master *m, enum role role, int number)
 {
-	(void)s;
-	(void)revents;
-	struct master *m = s->data;
-	int status;
-	pid_t pid;
-	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-		struct proc *p = NULL;
-		for (int i = 0; i < m->nprocs; i++)
-			if (m->procs[i].pid == pid)
-				p = &m->procs[i];
-		if (p == NULL)
+	int first = role == ROLE_STORAGE ? 0 : 1;
+	int last = role == ROLE_STORAGE ? 1 : STATS_MAX_SLOTS;
+	for (int i = first; i < last; i++) {
+		struct proc *p = &m->procs[i];
+		if (p->state != PROC_FREE)
 			continue;
-		p->pid = 0;
-		const char *name = p->role == ROLE_STORAGE ? "storage" : "worker";
-		if (m->stopping)
-			continue;
-		if (WIFSIGNALED(status))
-			log_warnx("%s %d (pid %d) killed by signal %d", name, p->slot, (int)pid, WTERMSIG(status));
-		else
-			log_warnx("%s %d (pid %d) exited with status %d", name, p->slot, (int)pid, WEXITSTATUS(status));
-		if (WIFEXITED(status) && WEXITSTATUS(status) == EXIT_FATAL) {
-			log_error("%s %d failed fatally: not respawning it", name, p->slot);
-			continue;
-		}
-		/* Crash loops back off; a process that ran a while comes back at once. */
-		if (ev_now(loop) - p->started < CRASH_WINDOW)
-			p->backoff = p->backoff < 0.1 ? 0.1 : (p->backoff * 2 > RESPAWN_MAX_DELAY ? RESPAWN_MAX_DELAY : p->backoff * 2);
-		else
-			p->backoff = 0;
-		p->restarts++;
-		ev_timer_set(&p->respawn, p->backoff, 0.);
-		ev_timer_start(loop, &p->respawn);
+		memset(p, 0, sizeof(*p));
+		p->state = PROC_RUNNING;
+		p->role = role;
+		p->number = number;
+		p->generation = m->generation;
+		p->m = m;
+		ev_timer_init(&p->respawn, proc_on_respawn, 0., 0.);
+		p->respawn.data = p;
+		return p;
 	}
-	if (m->stopping) {
-		int alive = 0;
-		for (int i = 0; i < m->nprocs; i++)
-			alive += m->procs[i].pid != 0;
-		if (alive == 0)
-			ev_break(loop, EVBREAK_ALL);
-	}
+	return NULL;
 }
 
-static void master_signal_children(struct master *m, int sig)
+static int procs_alive(const struct master *m)
 {
-	for (int i = 0; i < m->nprocs; i++)
-		if (m->procs[i].pid > 0)
+	int alive = 0;
+	for (int i = 0; i < STATS_MAX_SLOTS; i++)
+		alive += m->procs[i].pid != 0;
+	return alive;
+}
+
+static int workers_alive(const struct master *m)
+{
+	int alive = 0;
+	for (int i = 1; i < STATS_MAX_SLOTS; i++)
+		alive += m->procs[i].pid != 0;
+	return alive;
+}
+
+static void master_signal_role(struct master *m, int role_mask, int sig)
+{
+	for (int i = 0; i < STATS_MAX_SLOTS; i++)
+		if (m->procs[i].pid > 0 && (role_mask & (1 << m->procs[i].role)))
 			kill(m->procs[i].pid, sig);
 }
+#define ROLES_ALL ((1 << ROLE_STORAGE) | (1 << ROLE_WORKER))
+
+static void master_on_child(struct ev_loop *loop, ev_child *w, int revents)
+{
+	(void)revents;
+	struct master *m = w->data;
+	pid_t pid = w->rpid;
+	int status = w->rstatus;
+	struct proc *p = NULL;
+	for (int i = 0; i < STATS_MAX_SLOTS; i++)
+		if (m->procs[i].pid == pid)
+			p = &m->procs[i];
+	if (p == NULL)
+		return;
+	p->pid = 0;
+	const char *name = role_name(p->role);
+	if (m->stopping || p->state == PROC_RETIRING) {
+		log_info("%s %d (pid %d) exited", name, p->number, (int)pid);
+		if (p->state == PROC_RETIRING)
+			p->state = PROC_FREE;
+	} else {
+		if (WIFSIGNALED(status))
+			log_warnx("%s %d (pid %d) killed by signal %d", name, p->number, (int)pid, WTERMSIG(status));
+		else
+			log_warnx("%s %d (pid %d) exited with status %d", name, p->number, (int)pid, WEXITSTATUS(status));
+		if (WIFEXITED(status) && WEXITSTATUS(status) == EXIT_FATAL) {
+			log_error("%s %d failed fatally: not respawning it", name, p->number);
+		} else {
+			/* Crash loops back off; a process that ran a while comes back at once. */
+			if (ev_now(loop) - p->started < CRASH_WINDOW)
+				p->backoff = p->backoff < 0.1 ? 0.1
+				    : (p->backoff * 2 > RESPAWN_MAX_DELAY ? RESPAWN_MAX_DELAY : p->backoff * 2);
+			else
+				p->backoff = 0;
+			p->restarts++;
+			ev_timer_set(&p->respawn, p->backoff, 0.);
+			ev_timer_start(loop, &p->respawn);
+		}
+	}
+	if (m->stopping == 2 && workers_alive(m) == 0 && m->procs[0].pid > 0)
+		kill(m->procs[0].pid, SIGTERM);   /* graceful: storage goes last, its queue drained */
+	if (m->stopping && procs_alive(m) == 0)
+		ev_break(loop, EVBREAK_ALL);
+}
+
+/* ---------------------------------------------------------------- stopping */
 
 static void master_on_stop_timeout(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
 	struct master *m = t->data;
-	log_warnx("children did not stop within %.0f s: killing them", STOP_TIMEOUT);
-	master_signal_children(m, SIGKILL);
+	log_warnx("children did not stop in time: killing them");
+	master_signal_role(m, ROLES_ALL, SIGKILL);
 }
 
-static void master_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
+static void master_stop(struct master *m, int graceful)
 {
-	(void)revents;
-	struct master *m = s->data;
 	if (m->stopping)
 		return;
-	log_info("signal %d: stopping", s->signum);
-	m->stopping = 1;
-	for (int i = 0; i < m->nprocs; i++)
-		ev_timer_stop(loop, &m->procs[i].respawn);
-	/* Workers first would be kinder, but each child finishes its own in-flight disk work. */
-	master_signal_children(m, SIGTERM);
-	ev_timer_init(&m->stop_timer, master_on_stop_timeout, STOP_TIMEOUT, 0.);
+	m->stopping = graceful ? 2 : 1;
+	sd_notify(0, "STOPPING=1");
+	control_set_draining(m->control, 1);
+	for (int i = 0; i < STATS_MAX_SLOTS; i++)
+		ev_timer_stop(m->loop, &m->procs[i].respawn);
+	if (graceful) {
+		/* Workers finish what is in flight; storage stops when they are gone. */
+		master_signal_role(m, 1 << ROLE_WORKER, SIGQUIT);
+		if (workers_alive(m) == 0)
+			master_signal_role(m, 1 << ROLE_STORAGE, SIGTERM);
+	} else {
+		master_signal_role(m, ROLES_ALL, SIGTERM);
+	}
+	ev_timer_init(&m->stop_timer, master_on_stop_timeout,
+	    graceful ? m->conf->shutdown_timeout + STOP_TIMEOUT : STOP_TIMEOUT, 0.);
 	m->stop_timer.data = m;
-	ev_timer_start(loop, &m->stop_timer);
-	int alive = 0;
-	for (int i = 0; i < m->nprocs; i++)
-		alive += m->procs[i].pid != 0;
-	if (alive == 0)
-		ev_break(loop, EVBREAK_ALL);
+	ev_timer_start(m->loop, &m->stop_timer);
+	if (procs_alive(m) == 0)
+		ev_break(m->loop, EVBREAK_ALL);
 }
 
-static void master_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
+static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents);
+
+/* ---------------------------------------------------------------- reload */
+
+static void spawn_workers(struct master *m)
+{
+	for (int n = 1; n <= m->conf->workers; n++) {
+		struct proc *p = proc_new(m, ROLE_WORKER, n);
+		if (p == NULL) {
+			log_error("no free process slot for worker %d", n);
+			continue;
+		}
+		proc_spawn(p);
+	}
+}
+
+/* Re-reads the configuration; new workers take over and the old ones retire gracefully. */
+static int master_reload(void *ctx, char *msg, size_t msglen)
+{
+	struct master *m = ctx;
+	char err[512];
+	if (m->stopping) {
+		snprintf(msg, msglen, "stopping: reload refused");
+		return -1;
+	}
+	struct conf *next = malloc(sizeof(*next));
+	if (next == NULL) {
+		snprintf(msg, msglen, "out of memory");
+		return -1;
+	}
+	conf_defaults(next);
+	if (conf_load(next, m->conf_path, err, sizeof(err)) < 0) {
+		log_error("reload refused, still running on the old configuration: %s", err);
+		snprintf(msg, msglen, "%s", err);
+		free(next);
+		return -1;
+	}
+	sd_notify(0, "RELOADING=1");
+	int same_address = strcmp(next->listen_host, m->conf->listen_host) == 0 &&
+	    strcmp(next->listen_port, m->conf->listen_port) == 0;
+	if (master_bind_all(m, next, same_address, err, sizeof(err)) < 0) {
+		log_error("reload refused: %s", err);
+		snprintf(msg, msglen, "%s", err);
+		free(next);
+		sd_notify(0, "READY=1");
+		return -1;
+	}
+	int storage_same = conf_storage_equal(m->conf, next);
+	if (log_open(next->log_file, next->log_level, m->foreground, err, sizeof(err)) < 0)
+		log_warnx("reload: %s (keeping the old log)", err);
+	struct conf *old = m->conf;
+	m->conf = next;
+	control_set_conf(m->control, next);
+	m->generation++;
+	/* Old workers retire: they stop accepting and finish what is in flight. */
+	for (int i = 1; i < STATS_MAX_SLOTS; i++) {
+		struct proc *p = &m->procs[i];
+		if (p->state != PROC_RUNNING)
+			continue;
+		ev_timer_stop(m->loop, &p->respawn);
+		if (p->pid > 0) {
+			p->state = PROC_RETIRING;
+			kill(p->pid, SIGQUIT);
+		} else {
+			p->state = PROC_FREE;
+		}
+	}
+	spawn_workers(m);
+	if (!storage_same && m->procs[0].pid > 0) {
+		/* It comes back with the new configuration; workers answer 1027 meanwhile. */
+		log_info("storage settings changed: restarting the storage process");
+		m->procs[0].backoff = 0;
+		kill(m->procs[0].pid, SIGTERM);
+	}
+	free(old);   /* children forked from it have their own copies */
+	log_info("reloaded %s: generation %d, %d workers", m->conf_path, m->generation, m->conf->workers);
+	snprintf(msg, msglen, "reloaded: %d workers", m->conf->workers);
+	sd_notify(0, "READY=1");
+	return 0;
+}
+
+static int master_list(void *ctx, struct control_proc *out, int max)
+{
+	struct master *m = ctx;
+	int n = 0;
+	for (int i = 0; i < STATS_MAX_SLOTS && n < max; i++) {
+		const struct proc *p = &m->procs[i];
+		if (p->state == PROC_FREE)
+			continue;
+		out[n].role = role_name(p->role);
+		out[n].number = p->number;
+		out[n].slot = i;
+		out[n].pid = p->pid;
+		out[n].started = p->started_wall;
+		out[n].restarts = p->restarts;
+		out[n].state = p->pid == 0 ? "down" : p->state == PROC_RETIRING ? "retiring" : "running";
+		n++;
+	}
+	return n;
+}
+
+static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents)
 {
 	(void)loop;
 	(void)revents;
 	struct master *m = s->data;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log file");
-	master_signal_children(m, SIGUSR1);
+	char msg[512];
+	switch (s->signum) {
+	case SIGTERM:
+	case SIGINT:
+		log_info("signal %d: fast stop", s->signum);
+		master_stop(m, 0);
+		break;
+	case SIGQUIT:
+		log_info("SIGQUIT: graceful stop (at most %d s)", m->conf->shutdown_timeout);
+		master_stop(m, 1);
+		break;
+	case SIGHUP:
+		log_info("SIGHUP: reloading %s", m->conf_path);
+		master_reload(m, msg, sizeof(msg));
+		break;
+	case SIGUSR1:
+		if (log_reopen() < 0)
+			log_warn("cannot reopen the log file");
+		master_signal_role(m, ROLES_ALL, SIGUSR1);
+		break;
+	}
 }
 
 int master_run(struct conf *conf, const char *conf_path, int foreground)
@@ -346,18 +586,33 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 		return 1;
 	}
 	static struct master m;
-	m.conf = conf;
-	m.listen_fds = calloc((size_t)conf->workers, sizeof(int));
-	m.nprocs = conf->workers + 1;
-	m.procs = calloc((size_t)m.nprocs, sizeof(struct proc));
-	if (m.listen_fds == NULL || m.procs == NULL)
+	/* The master owns its configuration: reloads replace it. */
+	m.conf = malloc(sizeof(*conf));
+	if (m.conf == NULL)
 		fatalx("out of memory");
-	for (int i = 0; i < conf->workers; i++)
-		m.listen_fds[i] = bind_listener(conf);
+	*m.conf = *conf;
+	conf = m.conf;
+	m.conf_path = conf_path;
+	m.foreground = foreground;
+	m.shm = stats_create();
+	if (m.shm == NULL)
+		fatal("mmap() of the stats page failed");
+	if (master_bind_all(&m, conf, 0, err, sizeof(err)) < 0)
+		fatalx("%s", err);
 	m.storage_fd = bind_storage_socket(conf);
+
+	m.loop = ev_default_loop(EVFLAG_AUTO);
+	if (m.loop == NULL)
+		fatalx("cannot start the event loop");
+	struct control_ops ops = { master_list, master_reload, &m };
+	m.control = control_create(m.loop, conf, m.shm, &ops);
+	if (m.control == NULL)
+		fatalx("out of memory");
 	drop_privileges(conf);
 
 	int ready_fd = foreground ? -1 : daemonize();
+	if (ready_fd >= 0)
+		ev_loop_fork(m.loop);
 	write_pid_file(conf);
 	if (ready_fd >= 0) {
 		/* The pid file exists: init scripts may now read it. */
@@ -369,39 +624,33 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	log_info("resourced %s started with %s: %d workers on %s:%s", PACKAGE_VERSION, conf_path,
 	    conf->workers, conf->listen_host, conf->listen_port);
 
-	m.loop = ev_default_loop(EVFLAG_AUTO);
-	if (m.loop == NULL)
-		fatalx("cannot start the event loop");
 	signal(SIGPIPE, SIG_IGN);
-	ev_signal_init(&m.sig_term, master_on_stop, SIGTERM);
-	ev_signal_init(&m.sig_int, master_on_stop, SIGINT);
-	ev_signal_init(&m.sig_quit, master_on_stop, SIGQUIT);
-	ev_signal_init(&m.sig_chld, master_on_child, SIGCHLD);
-	ev_signal_init(&m.sig_usr1, master_on_usr1, SIGUSR1);
-	ev_signal *sigs[] = { &m.sig_term, &m.sig_int, &m.sig_quit, &m.sig_chld, &m.sig_usr1 };
+	ev_signal *sigs[] = { &m.sig_term, &m.sig_int, &m.sig_quit, &m.sig_hup, &m.sig_usr1 };
+	int signums[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 };
 	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+		ev_signal_init(sigs[i], master_on_signal, signums[i]);
 		sigs[i]->data = &m;
 		ev_signal_start(m.loop, sigs[i]);
 	}
+	/* libev reaps children on the default loop itself: watch them through it. */
+	ev_child_init(&m.child_watcher, master_on_child, 0, 0);
+	m.child_watcher.data = &m;
+	ev_child_start(m.loop, &m.child_watcher);
 
-	for (int i = 0; i < m.nprocs; i++) {
-		struct proc *p = &m.procs[i];
-		p->m = &m;
-		p->role = i == 0 ? ROLE_STORAGE : ROLE_WORKER;
-		p->slot = i;
-		ev_timer_init(&p->respawn, proc_on_respawn, 0., 0.);
-		p->respawn.data = p;
-		proc_spawn(p);
-	}
+	struct proc *storage = proc_new(&m, ROLE_STORAGE, 0);
+	proc_spawn(storage);
+	spawn_workers(&m);
+	sd_notify(0, "READY=1");
 
 	ev_run(m.loop, 0);
 
 	ev_timer_stop(m.loop, &m.stop_timer);
+	control_destroy(m.control);
 	char path[600];
-	snprintf(path, sizeof(path), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
+	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);
 	unlink(path);
-	if (conf->pid_file[0])
-		unlink(conf->pid_file);
+	if (m.conf->pid_file[0])
+		unlink(m.conf->pid_file);
 	log_info("stopped");
 	return 0;
 }

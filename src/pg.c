@@ -5,6 +5,7 @@
 #include "json.h"
 #include "log.h"
 #include "rds.h"
+#include "stats.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -109,6 +110,7 @@ static void pending_done(struct pg *pg, uint64_t uid, const char *name)
 	pending_path(pg, uid, path, sizeof(path));
 	if (unlink(path) == 0 && pg->backlog > 0)
 		pg->backlog--;
+	STAT_SET(retry_backlog, pg->backlog);
 }
 
 static void pg_queue_uid(struct pg *pg, uint64_t uid)
@@ -131,6 +133,7 @@ static void pg_queue_uid(struct pg *pg, uint64_t uid)
 void pg_icon_queue(struct pg *pg, uint64_t uid)
 {
 	pg->backlog++;   /* approximate until the next rescan counts the files */
+	STAT_SET(retry_backlog, pg->backlog);
 	pg_queue_uid(pg, uid);
 }
 
@@ -153,13 +156,16 @@ static void pg_rescan(struct pg *pg)
 	}
 	closedir(d);
 	pg->backlog = count;
+	STAT_SET(retry_backlog, pg->backlog);
 }
 
 static void pg_reset(struct pg *pg, const char *why)
 {
 	if (pg->conn) {
-		if (why)
+		if (why) {
+			STAT_INC(pg_errors);
 			log_warnx("postgres: %s", why);
+		}
 		ev_io_stop(pg->loop, &pg->io);
 		PQfinish(pg->conn);
 	}
@@ -225,6 +231,7 @@ static void pg_on_result(struct pg *pg, PGresult *res)
 			pg_write_cache(pg, res);
 		}
 	} else {
+		STAT_INC(pg_errors);
 		log_warnx("postgres: icon update for uid %" PRIu64 " failed: %s", pg->busy_uid,
 		    PQresultErrorMessage(res));
 	}

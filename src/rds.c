@@ -3,6 +3,7 @@
 #include "rds.h"
 #include "conf.h"
 #include "log.h"
+#include "stats.h"
 
 #include <hiredis/adapters/libev.h>
 #include <stdarg.h>
@@ -41,6 +42,7 @@ static void rds_on_connect(const redisAsyncContext *c, int status)
 {
 	struct rds *r = c->data;
 	if (status != REDIS_OK) {
+		STAT_INC(redis_errors);
 		if (r->errors++ % 50 == 0)
 			log_warnx("redis: cannot connect: %s", c->errstr);
 		r->ctx = NULL;   /* hiredis frees the context */
@@ -54,6 +56,7 @@ static void rds_on_connect(const redisAsyncContext *c, int status)
 	if (conf->redis_db)
 		redisAsyncCommand(r->ctx, rds_on_setup_reply, NULL, "SELECT %d", conf->redis_db);
 	r->ready = 1;
+	STAT_SET(redis_up, 1);
 	r->retry_delay = RDS_RETRY_MIN;
 	log_info("redis: connected");
 	if (r->on_ready)
@@ -65,9 +68,11 @@ static void rds_on_disconnect(const redisAsyncContext *c, int status)
 	struct rds *r = c->data;
 	r->ready = 0;
 	r->ctx = NULL;
+	STAT_SET(redis_up, 0);
 	if (r->closing)
 		return;
 	if (status != REDIS_OK) {
+		STAT_INC(redis_errors);
 		r->errors++;
 		log_warnx("redis: connection lost: %s", c->errstr);
 	}

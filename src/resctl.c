@@ -654,12 +654,8 @@ static int common_option(const char *command, int opt, const char *arg, struct r
 	"  --timeout S      seconds to wait for each answer (default 30)\n" \
 	"  -h, --help       this text\n"
 
-/* Parses the remaining options of argv; returns the number of positional arguments
- * (at argv + optind), or -1 after printing why not. */
-typedef int option_fn(void *ctx, int opt, const char *arg);
-
-static int parse_options(const char *command, int argc, char **argv, const struct option *longopts,
-    const char *usage, option_fn *fn, void *ctx)
+int resctl_parse_options(const char *command, int argc, char **argv, const struct option *longopts,
+    const char *usage, resctl_option_fn *fn, void *ctx)
 {
 	int opt;
 	optind = 0;   /* glibc: full re-initialisation */
@@ -768,7 +764,7 @@ static int cmd_ping(int argc, char **argv)
 	};
 	struct ping_opts o = { .timeout_ms = RESCTL_TIMEOUT_MS, .count = 1, .interval_ms = 1000 };
 	struct resctl_endpoint ep;
-	int n = parse_options("ping", argc, argv, longopts, ping_usage, ping_option, &o);
+	int n = resctl_parse_options("ping", argc, argv, longopts, ping_usage, ping_option, &o);
 	if (n < 0 || need_positionals("ping", n, 1) != 0 || parse_endpoint_arg("ping", argv[optind], &ep) != 0)
 		return RESCTL_EXIT_USAGE;
 
@@ -853,6 +849,21 @@ static void build_sync(struct json_writer *w, const char *md5, const struct resc
 	json_end(w, body, len);
 }
 
+/* The server's view of an upload as one line. */
+static void sync_print(yajl_val answer)
+{
+	uint64_t seq = 0, trans = 0, total = 0;
+	int64_t code = answer_error(answer);
+	const char *name = answer_str(answer, "name");
+	const char *message = answer_str(answer, "message");
+	answer_u64(answer, "seq", &seq);
+	answer_u64(answer, "trans_size", &trans);
+	answer_u64(answer, "total_size", &total);
+	printf("error=%" PRId64 " (%s) name=%s seq=%" PRIu64 " trans_size=%" PRIu64 " total_size=%" PRIu64 "%s%s%s\n",
+	    code, resctl_error_name(code), name ? name : "", seq, trans, total,
+	    message ? " message=\"" : "", message ? message : "", message ? "\"" : "");
+}
+
 static int cmd_sync(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -862,7 +873,7 @@ static int cmd_sync(int argc, char **argv)
 	};
 	struct sync_opts o = { .timeout_ms = RESCTL_TIMEOUT_MS };
 	struct resctl_endpoint ep;
-	int n = parse_options("sync", argc, argv, longopts, sync_usage, sync_option, &o);
+	int n = resctl_parse_options("sync", argc, argv, longopts, sync_usage, sync_option, &o);
 	if (n < 0 || need_positionals("sync", n, 2) != 0 || parse_endpoint_arg("sync", argv[optind], &ep) != 0)
 		return RESCTL_EXIT_USAGE;
 	const char *md5 = argv[optind + 1];
@@ -899,22 +910,13 @@ static int cmd_sync(int argc, char **argv)
 		    rid == MSG_SYNC + 1 ? why : "");
 		goto out;
 	}
-	int64_t code = answer_error(answer);
 	if (o.json) {
 		fwrite(rbody, 1, rlen, stdout);
 		fputc('\n', stdout);
 	} else {
-		uint64_t seq = 0, trans = 0, total = 0;
-		const char *name = answer_str(answer, "name");
-		const char *message = answer_str(answer, "message");
-		answer_u64(answer, "seq", &seq);
-		answer_u64(answer, "trans_size", &trans);
-		answer_u64(answer, "total_size", &total);
-		printf("error=%" PRId64 " (%s) name=%s seq=%" PRIu64 " trans_size=%" PRIu64 " total_size=%" PRIu64 "%s%s%s\n",
-		    code, resctl_error_name(code), name ? name : "", seq, trans, total,
-		    message ? " message=\"" : "", message ? message : "", message ? "\"" : "");
+		sync_print(answer);
 	}
-	status = code == 0 ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+	status = answer_error(answer) == 0 ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
 out:
 	if (answer)
 		yajl_tree_free(answer);
@@ -954,6 +956,7 @@ struct upload {
 	struct json_writer w;
 	struct backoff backoff;
 	int dropped;               /* --drop-after has fired */
+	uint64_t rewinds;          /* 1012/1018 answers that sent the upload back; bounded by --retries */
 	unsigned resumes;          /* times the upload went on from a server-side record */
 	uint64_t acked;            /* chunks acknowledged in this run */
 	uint64_t sent_bytes;       /* file bytes acknowledged in this run */
@@ -1208,10 +1211,12 @@ static enum upload_step upload_chunk(struct upload *u)
 		u->seq++;
 	} else if (code == ERR_BUSY) {
 		step = STEP_RECONNECT;
-	} else if (code == ERR_OFFSET_INVALID) {
-		step = upload_rewind(u, answer);
-	} else if (code == ERR_FILE_NOT_EXISTS && u->seq > 1) {
-		upload_position(u, 0, 1);   /* the record expired: start again */
+	} else if ((code == ERR_OFFSET_INVALID || (code == ERR_FILE_NOT_EXISTS && u->seq > 1)) &&
+	    ++u->rewinds <= o->retries) {
+		if (code == ERR_OFFSET_INVALID)
+			step = upload_rewind(u, answer);
+		else
+			upload_position(u, 0, 1);   /* the record expired: start again */
 	} else {
 		report_server_error("upload", answer);
 		step = STEP_FAIL;
@@ -1320,7 +1325,7 @@ static int cmd_upload(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct upload_opts o = { .chunk = RESCTL_CHUNK, .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
-	int n = parse_options("upload", argc, argv, longopts, upload_usage, upload_option, &o);
+	int n = resctl_parse_options("upload", argc, argv, longopts, upload_usage, upload_option, &o);
 	if (n < 0 || need_positionals("upload", n, 2) != 0 || parse_endpoint_arg("upload", argv[optind], &o.ep) != 0)
 		return RESCTL_EXIT_USAGE;
 	o.path = argv[optind + 1];
@@ -1639,7 +1644,7 @@ static int cmd_download(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct download_opts o = { .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
-	int n = parse_options("download", argc, argv, longopts, download_usage, download_option, &o);
+	int n = resctl_parse_options("download", argc, argv, longopts, download_usage, download_option, &o);
 	if (n < 0 || need_positionals("download", n, 3) != 0 ||
 	    parse_endpoint_arg("download", argv[optind], &o.ep) != 0)
 		return RESCTL_EXIT_USAGE;

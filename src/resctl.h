@@ -57,6 +57,14 @@ struct resctl_auth {
 /* An option parser failure message for getopt_long's '?' or ':' return. */
 void resctl_bad_option(const char *command, char *const argv[], int opt);
 
+/* Runs getopt_long over a command's argv: --help/-h (longopts must map it to 'h') prints
+ * usage and exits 0; every other option goes to fn, which returns 0 or -1 after saying why.
+ * Returns the number of positional arguments, found at argv + optind, or -1. */
+struct option;
+typedef int resctl_option_fn(void *ctx, int opt, const char *arg);
+int resctl_parse_options(const char *command, int argc, char **argv, const struct option *longopts,
+    const char *usage, resctl_option_fn *fn, void *ctx);
+
 /* ---------------------------------------------------------------- network */
 
 /* Resolves the endpoint to a list of stream addresses; free with freeaddrinfo. */

@@ -106,8 +106,9 @@ static const char *bench_option_name(int opt)
 	return "?";
 }
 
-static int bench_parse_option(struct bench_opts *o, int opt, const char *arg)
+static int bench_parse_option(void *ctx, int opt, const char *arg)
 {
+	struct bench_opts *o = ctx;
 	uint64_t v;
 	switch (opt) {
 	case BOPT_CONNECTIONS:
@@ -165,22 +166,10 @@ static int bench_parse_args(int argc, char **argv, struct bench_opts *o)
 {
 	*o = (struct bench_opts){ .connections = 16, .size = 8u << 20, .chunk = RESCTL_CHUNK,
 		.mode = MODE_UPLOAD, .duration_ms = 10000, .timeout_ms = RESCTL_TIMEOUT_MS };
-	int opt;
-	optind = 0;   /* glibc: full re-initialisation */
-	opterr = 0;
-	while ((opt = getopt_long(argc, argv, ":h", bench_longopts, NULL)) != -1) {
-		if (opt == BOPT_HELP) {
-			fputs(bench_usage, stdout);
-			exit(RESCTL_EXIT_OK);
-		}
-		if (opt == '?' || opt == ':') {
-			resctl_bad_option("bench", argv, opt);
-			return -1;
-		}
-		if (bench_parse_option(o, opt, optarg) != 0)
-			return -1;
-	}
-	if (argc - optind != 1) {
+	int n = resctl_parse_options("bench", argc, argv, bench_longopts, bench_usage, bench_parse_option, o);
+	if (n < 0)
+		return -1;
+	if (n != 1) {
 		resctl_error("bench: expected HOST:PORT (see resctl bench --help)");
 		return -1;
 	}
@@ -362,12 +351,13 @@ static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
 
 	s->b64_stride = b64_len(chunk);
 	if ((uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
-		size_t table = s->b64_stride * (size_t)s->first_tail_chunk + 1;   /* + the last NUL */
-		s->b64 = malloc(table);
+		s->b64 = malloc(s->b64_stride * (size_t)s->first_tail_chunk + 1);   /* + the last NUL */
 		if (s->b64 == NULL)
 			return -1;
+		/* Each NUL lands on the next chunk's first byte until that is written; the
+		 * bound is one stride because sodium zero-fills up to it. */
 		for (uint64_t i = 0; i < s->first_tail_chunk; i++)
-			sodium_bin2base64(s->b64 + i * s->b64_stride, table - i * s->b64_stride, s->data + i * chunk,
+			sodium_bin2base64(s->b64 + i * s->b64_stride, s->b64_stride + 1, s->data + i * chunk,
 			    chunk, sodium_base64_VARIANT_ORIGINAL);
 	}
 	return 0;
@@ -978,7 +968,7 @@ static void conn_next_file(struct bench_conn *c)
 	conn_start_file(c);
 }
 
-/* ================================================================ answers */
+/* ================================================================ handling answers */
 
 static void conn_file_done(struct bench_conn *c)
 {
@@ -1052,8 +1042,7 @@ static void bench_dl_table(struct bench *b, uint64_t chunk)
 			uint64_t off = i * chunk;
 			size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
 			source_copy(s, b->dl_tail, off, len, raw);
-			sodium_bin2base64(table + i * stride, (size_t)((chunks - i) * stride) + 1, raw, len,
-			    sodium_base64_VARIANT_ORIGINAL);
+			sodium_bin2base64(table + i * stride, stride + 1, raw, len, sodium_base64_VARIANT_ORIGINAL);
 		}
 		b->dl_b64 = table;
 		b->dl_stride = stride;
@@ -1129,8 +1118,9 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		int r = resctl_rbuf_frame(&c->in, &id, &body, &len, &need);
 		if (r > 0) {
 			conn_frame(c, id, body, len);
-			if (c->fd < 0 || c->state != CONN_BUSY)
-				return;   /* closed, finished or backing off */
+			/* Closed, finished, backing off, or nothing buffered: the loop calls again when more comes. */
+			if (c->fd < 0 || c->state != CONN_BUSY || c->in.start == c->in.end)
+				return;
 			continue;
 		}
 		if (r < 0) {

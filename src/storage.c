@@ -10,6 +10,7 @@
 #include "pool.h"
 #include "proto.h"
 #include "rds.h"
+#include "stats.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -90,6 +91,7 @@ struct upload {
 	int retired;                  /* out of the table; freed when pins reach 0 */
 	int record_inflight, record_dirty;
 	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
+	int xfer;                     /* entry in the stats transfer table, -1 if none */
 	/* The disk job of the running op. */
 	struct pool_job job;
 	enum disk_work work;
@@ -102,7 +104,7 @@ struct storage {
 	const struct conf *conf;
 	int listen_fd;
 	ev_io accept_io;
-	ev_signal sig_term, sig_int;
+	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
 	ev_timer janitor;
 	struct client *clients;
 	struct upload *uploads;       /* uthash table by key */
@@ -167,6 +169,9 @@ static void client_flush(struct client *cl)
 static void op_answer(struct op *op, int error, const char *message, const struct upload *up)
 {
 	struct client *cl = op->client;
+	STAT_DEC(storage_queue);
+	if (error && op->type == OP_CHUNK)
+		STAT_INC(uploads_failed);
 	if (!cl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
 		if (up && up->exists) {
@@ -527,6 +532,7 @@ static struct upload *upload_new(struct storage *st, const struct upload_key *ke
 	up->key = *key;
 	up->st = st;
 	up->fd = -1;
+	up->xfer = -1;
 	HASH_ADD(hh, st->uploads, key, sizeof(up->key), up);
 	return up;
 }
@@ -537,6 +543,8 @@ static void upload_retire(struct upload *up)
 	struct storage *st = up->st;
 	HASH_DEL(st->uploads, up);
 	up->retired = 1;
+	stats_transfer_close(up->xfer);
+	up->xfer = -1;
 	struct op *rest = up->head;
 	up->head = up->tail = NULL;
 	struct upload_key key = up->key;
@@ -622,11 +630,17 @@ static void upload_work_done(struct pool_job *job)
 			up->total_size = op->total_size;
 			up->chunk_len = op->data_len;
 			up->committed = 0;
+			STAT_INC(uploads_started);
+			stats_transfer_close(up->xfer);
+			up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
+			    up->name_len, up->total_size);
 		}
+		STAT_ADD(upload_bytes, op->data_len);
 		uint64_t end = op->offset + op->data_len;
 		if (end >= up->committed) {
 			up->committed = end;
 			up->seq = op->seq;
+			stats_transfer_update(up->xfer, up->committed);
 		}
 		up->touched = time(NULL);
 		if (up->committed == up->total_size) {
@@ -655,6 +669,7 @@ static void upload_work_done(struct pool_job *job)
 	log_info("upload %" PRIu64 "/%s complete: %.*s, %" PRIu64 " bytes", up->key.uid, up->key.md5,
 	    (int)up->name_len, up->name, up->total_size);
 	record_delete(up);
+	STAT_INC(uploads_completed);
 	if (up->kind == UPLOAD_AVATAR)
 		pg_icon_queue(up->st->pg, up->key.uid);
 	upload_pop(up);
@@ -725,6 +740,7 @@ static void op_dispatch(struct storage *st, struct op *op, const struct upload_k
 		return;
 	}
 	op->next = NULL;
+	STAT_INC(storage_queue);
 	if (up->tail)
 		up->tail->next = op;
 	else
@@ -998,6 +1014,15 @@ static void storage_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_break(loop, EVBREAK_ALL);
 }
 
+static void storage_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)loop;
+	(void)s;
+	(void)revents;
+	if (log_reopen() < 0)
+		log_warn("cannot reopen the log file");
+}
+
 static void make_dir(const char *path)
 {
 	if (mkdir(path, 0750) < 0 && errno != EEXIST)
@@ -1038,6 +1063,11 @@ int storage_main(const struct conf *conf, int listen_fd)
 	ev_signal_start(st->loop, &st->sig_term);
 	ev_signal_init(&st->sig_int, storage_on_stop, SIGINT);
 	ev_signal_start(st->loop, &st->sig_int);
+	ev_signal_init(&st->sig_quit, storage_on_stop, SIGQUIT);
+	ev_signal_start(st->loop, &st->sig_quit);
+	ev_signal_init(&st->sig_usr1, storage_on_usr1, SIGUSR1);
+	ev_signal_start(st->loop, &st->sig_usr1);
+	signal(SIGHUP, SIG_IGN);
 	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
 	st->janitor.data = st;
 	ev_timer_start(st->loop, &st->janitor);

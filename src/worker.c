@@ -10,6 +10,7 @@
 #include "pool.h"
 #include "proto.h"
 #include "rds.h"
+#include "stats.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -84,6 +85,9 @@ struct conn {
 	char dl_name[PROTO_NAME_MAX + 1];
 	uint64_t dl_size;
 	struct request req;
+	int xfer;                     /* download entry in the stats transfer table, -1 if none */
+	char xfer_md5[PROTO_MD5_HEX + 1];   /* the upload whose duration is being timed */
+	ev_tstamp xfer_start;
 	char peer[64];
 };
 
@@ -103,7 +107,9 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
-	ev_signal sig_term, sig_int;
+	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
+	int draining;                 /* QUIT: no new connections, finish and exit */
+	ev_timer drain_timer;
 	struct conn **conns;          /* table indexed by conn->slot */
 	uint32_t conns_cap;
 	uint32_t *free_slots;
@@ -118,7 +124,6 @@ struct worker {
 	size_t scratch_cap;
 	char *b64;                    /* encoded download data */
 	size_t b64_cap;
-	unsigned long rejected;
 };
 
 struct download_job {
@@ -169,11 +174,18 @@ static void conn_flush(struct conn *c)
 }
 
 /* Queues one response frame with the writer's current JSON as body. */
-static void conn_send_json(struct conn *c, uint16_t id)
+static void conn_send_json(struct conn *c, uint16_t id, int error)
 {
 	const uint8_t *body;
 	size_t len;
 	json_end(&c->w->jw, &body, &len);
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
+	if (error) {
+		stats_count_error(error);
+		if (error == ERR_TOKEN_INVALID || error == ERR_UID_INVALID)
+			STAT_INC(auth_failures);
+	}
 	uint8_t header[FRAME_HEADER_LEN];
 	frame_put_header(header, id, (uint32_t)len);
 	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, len) < 0) {
@@ -190,7 +202,7 @@ static void respond_error(struct conn *c, uint16_t req_id, int error, const char
 	json_put_int(jw, "error", error);
 	if (message)
 		json_put_str(jw, "message", message, strlen(message));
-	conn_send_json(c, (uint16_t)(req_id + 1));
+	conn_send_json(c, (uint16_t)(req_id + 1), error);
 }
 
 /* Finishes the current request: frees its tree and lets the next frame in. */
@@ -220,7 +232,7 @@ static void respond_chunk(struct conn *c, int error, const char *message, uint64
 		json_put_int(jw, "last_seq", (int64_t)ch->last_seq);
 	if (message)
 		json_put_str(jw, "message", message, strlen(message));
-	conn_send_json(c, (uint16_t)(c->req.id + 1));
+	conn_send_json(c, (uint16_t)(c->req.id + 1), error);
 }
 
 /* The request failed before reaching storage or disk: answer with its own fields. */
@@ -317,11 +329,15 @@ static void conn_close(struct conn *c, const char *why)
 	}
 	conn_close_download(c);
 	request_finish(c);
+	stats_transfer_close(c->xfer);
 	close(c->fd);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	conn_table_remove(w, c);
 	free(c);
+	STAT_DEC(conn_current);
+	if (w->draining && w->nconns == 0)
+		ev_break(w->loop, EVBREAK_ALL);
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -329,7 +345,10 @@ static void conn_update_io(struct conn *c)
 {
 	struct worker *w = c->w;
 	int events = 0;
-	if (!c->busy && !c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap)
+	/* Reading on while a request waits saves epoll churn; one frame of
+	 * read-ahead bounds what a pipelining client can park here. */
+	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
+	    buf_len(&c->in) < (size_t)w->conf->max_frame + FRAME_HEADER_LEN)
 		events |= EV_READ;
 	if (buf_len(&c->out) > 0)
 		events |= EV_WRITE;
@@ -420,7 +439,11 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		return;
 	}
 	buf_commit(&c->in, (size_t)n);
-	conn_process(c);
+	STAT_ADD(bytes_in, n);
+	if (c->busy)
+		conn_update_io(c);   /* the read-ahead bound may be reached */
+	else
+		conn_process(c);
 }
 
 /* ---------------------------------------------------------------- credentials */
@@ -518,6 +541,7 @@ static void storage_down(struct worker *w, const char *why)
 	}
 	s->fd = -1;
 	s->connected = 0;
+	STAT_SET(storage_up, 0);
 	buf_free(&s->in);
 	buf_free(&s->out);
 	storage_fail_waiting(w);
@@ -561,6 +585,24 @@ static int storage_flush(struct worker *w)
 	return 0;
 }
 
+/* Logs a finished upload: published, or refused for its checksum. */
+static void upload_log_finish(struct conn *c, const struct ipc_result *r)
+{
+	const struct proto_chunk *ch = &c->req.u.chunk;
+	if (strcmp(c->xfer_md5, ch->md5) != 0) {
+		/* Timed from the first chunk this connection carried. */
+		memcpy(c->xfer_md5, ch->md5, sizeof(c->xfer_md5));
+		c->xfer_start = c->req.since;
+	}
+	int done = r->error == ERR_OK && r->trans_size == r->total_size;
+	if (!done && r->error != ERR_CHECKSUM)
+		return;
+	access_log("%s uid=%" PRIu64 " %s name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
+	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", (int)ch->name_len, ch->name,
+	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error);
+	c->xfer_md5[0] = '\0';
+}
+
 static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
 	struct conn *c = conn_by_reqid(w, h->reqid);
@@ -587,9 +629,10 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 			json_put_int(jw, "uid", (int64_t)c->req.u.sync.cred.uid);
 			if (msg)
 				json_put_str(jw, "message", msg, strlen(msg));
-			conn_send_json(c, MSG_SYNC + 1);
+			conn_send_json(c, MSG_SYNC + 1, (int)r.error);
 		} else {
 			respond_chunk(c, (int)r.error, msg, r.seq, r.trans_size, r.total_size);
+			upload_log_finish(c, &r);
 		}
 		request_finish(c);
 	}
@@ -613,6 +656,7 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			}
 			s->connected = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
+			STAT_SET(storage_up, 1);
 			log_info("storage link up");
 		}
 		if (storage_flush(w) < 0)
@@ -676,6 +720,7 @@ static void storage_connect(struct worker *w)
 	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
 		s->connected = 1;
 		s->retry_delay = STORAGE_RETRY_MIN;
+		STAT_SET(storage_up, 1);
 		log_info("storage link up");
 	} else if (errno != EINPROGRESS && errno != EAGAIN) {
 		int err = errno;
@@ -790,6 +835,27 @@ static void download_record_progress(struct worker *w, const struct proto_downlo
 	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
 }
 
+/* Counts a download chunk, shows it in the transfer table and logs the end of the file. */
+static void download_account(struct conn *c, const struct proto_download *d, const struct download_job *j,
+    uint64_t current, int is_last)
+{
+	STAT_ADD(download_bytes, j->got);
+	if (d->seq == 1) {
+		STAT_INC(downloads_started);
+		stats_transfer_close(c->xfer);
+		c->xfer = stats_transfer_open('D', d->cred.uid, d->name, d->name_len, j->size);
+		c->xfer_start = c->req.since;
+	}
+	stats_transfer_update(c->xfer, current);
+	if (is_last) {
+		STAT_INC(downloads_completed);
+		stats_transfer_close(c->xfer);
+		c->xfer = -1;
+		access_log("%s uid=%" PRIu64 " download name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
+		    d->cred.uid, (int)d->name_len, d->name, j->size, ev_now(c->w->loop) - c->xfer_start);
+	}
+}
+
 static void download_done(struct pool_job *job)
 {
 	struct download_job *j = (struct download_job *)job;
@@ -842,8 +908,9 @@ static void download_done(struct pool_job *job)
 			json_put_bool(jw, "is_last", is_last);
 			json_put_str(jw, "name", d->name, d->name_len);
 			json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
-			conn_send_json(c, MSG_DOWNLOAD + 1);
+			conn_send_json(c, MSG_DOWNLOAD + 1, 0);
 			download_record_progress(w, d, current, j->size, is_last);
+			download_account(c, d, j, current, is_last);
 		}
 	}
 	free(j);
@@ -920,7 +987,7 @@ static void handle_test(struct conn *c, yajl_val tree)
 		json_put_value(jw, "data", data);
 	else
 		json_put_str(jw, "data", "", 0);
-	conn_send_json(c, MSG_TEST + 1);
+	conn_send_json(c, MSG_TEST + 1, 0);
 }
 
 /* Handles one complete frame. */
@@ -1002,6 +1069,7 @@ static void conn_process(struct conn *c)
 		}
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
+		STAT_INC(frames_in);
 		handle_frame(c, id, body, len);
 		buf_consume(&c->in, used);
 	}
@@ -1024,7 +1092,7 @@ static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revent
 static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
 {
 	if (w->nconns >= (uint32_t)w->conf->max_connections) {
-		w->rejected++;
+		STAT_INC(conn_rejected);
 		close(fd);
 		return;
 	}
@@ -1039,6 +1107,9 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	c->w = w;
 	c->fd = fd;
 	c->dl_fd = -1;
+	c->xfer = -1;
+	STAT_INC(conn_total);
+	STAT_INC(conn_current);
 	c->last_frame = ev_now(w->loop);
 	char addr[INET6_ADDRSTRLEN] = "?";
 	int port = 0;
@@ -1088,6 +1159,53 @@ static void worker_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
 	(void)revents;
 	(void)s;
 	ev_break(loop, EVBREAK_ALL);
+}
+
+static void worker_on_drain_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)t;
+	(void)revents;
+	log_warnx("graceful stop: connections still open after shutdown_timeout: closing them");
+	ev_break(loop, EVBREAK_ALL);
+}
+
+/* QUIT: stop accepting, close idle connections, let the rest finish their request. */
+static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)revents;
+	struct worker *w = s->data;
+	if (w->draining)
+		return;
+	w->draining = 1;
+	log_info("graceful stop: %u connections open", w->nconns);
+	ev_io_stop(loop, &w->accept_io);
+	ev_timer_stop(loop, &w->accept_pause);
+	close(w->listen_fd);
+	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, w->conf->shutdown_timeout, 0.);
+	ev_timer_start(loop, &w->drain_timer);
+	if (w->nconns == 0) {
+		ev_break(loop, EVBREAK_ALL);
+		return;
+	}
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL)
+			continue;
+		c->closing = 1;
+		if (!c->busy && buf_len(&c->out) == 0)
+			conn_close(c, "graceful stop");
+		else
+			conn_update_io(c);
+	}
+}
+
+static void worker_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)loop;
+	(void)s;
+	(void)revents;
+	if (log_reopen() < 0)
+		log_warn("cannot reopen the log files");
 }
 
 static void worker_shutdown(struct worker *w)
@@ -1140,7 +1258,16 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	ev_signal_start(w->loop, &w->sig_term);
 	ev_signal_init(&w->sig_int, worker_on_stop, SIGINT);
 	ev_signal_start(w->loop, &w->sig_int);
+	ev_signal_init(&w->sig_quit, worker_on_quit, SIGQUIT);
+	w->sig_quit.data = w;
+	ev_signal_start(w->loop, &w->sig_quit);
+	ev_signal_init(&w->sig_usr1, worker_on_usr1, SIGUSR1);
+	ev_signal_start(w->loop, &w->sig_usr1);
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);   /* reloads are the master's business */
+	char err[600];
+	if (access_log_open(conf->access_log, err, sizeof(err)) < 0)
+		log_warnx("%s", err);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
 	storage_connect(w);

@@ -1,0 +1,20 @@
+#!/bin/sh
+# deps.sh: installs the Debian 12 packages needed to build, run and test resourced (run as root).
+set -e
+PACKAGES="build-essential autoconf automake pkg-config
+  libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libmd-dev libbsd-dev
+  uthash-dev check python3 redis-server postgresql procps"
+if [ "${1:-}" = "--print" ]; then
+	echo $PACKAGES
+	exit 0
+fi
+missing=$(dpkg-query -W -f='${Package} ${Status}\n' $PACKAGES 2>/dev/null | awk '$4 != "installed" {print $1}')
+# Packages dpkg has never heard of are missing too.
+for p in $PACKAGES; do dpkg-query -W "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$(echo $missing)" ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -q
+	apt-get install -y -q --no-install-recommends $PACKAGES
+fi
+# The packaged servers are not needed as system services: tests and the
+# quickstart run private instances.

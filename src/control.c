@@ -1,0 +1,644 @@
+/* control.c: answers the stats socket (show, disable, enable, reload) and HAProxy agent-checks. */
+#include "config.h"
+#include "control.h"
+#include "buf.h"
+#include "conf.h"
+#include "log.h"
+#include "stats.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <yajl/yajl_gen.h>
+
+#define CONTROL_MAX_LINE 1024
+#define CONTROL_MAX_PROCS STATS_MAX_SLOTS
+
+struct control {
+	struct ev_loop *loop;
+	const struct conf *conf;
+	struct stats_shm *shm;
+	struct control_ops ops;
+	int stats_fd, agent_fd;
+	ev_io stats_io, agent_io;
+	int draining;
+	double started;
+	char stats_path[512];
+};
+
+struct control_client {
+	struct control *c;
+	int fd;
+	ev_io io;
+	struct buf in, out;
+	int closing;
+};
+
+/* Totals over every slot, including processes that have exited: counters only grow. */
+struct totals {
+#define STATS_FIELD(name, type, help) uint64_t name;
+	STATS_COUNTERS(STATS_FIELD)
+#undef STATS_FIELD
+	uint64_t errors[STATS_ERR_COUNT];
+};
+
+static const struct {
+	const char *name, *type, *help;
+	size_t offset;
+} counter_info[] = {
+#define STATS_FIELD(n, t, h) { #n, t, h, offsetof(struct totals, n) },
+	STATS_COUNTERS(STATS_FIELD)
+#undef STATS_FIELD
+};
+#define NCOUNTERS (sizeof(counter_info) / sizeof(counter_info[0]))
+
+static uint64_t slot_counter(const struct stats_proc *p, size_t i)
+{
+	/* struct stats_proc starts with the same fields in the same order, as atomics. */
+	const _Atomic uint64_t *base = (const _Atomic uint64_t *)p;
+	return atomic_load_explicit(&base[i], memory_order_relaxed);
+}
+
+static void sum_totals(const struct control *c, struct totals *t)
+{
+	memset(t, 0, sizeof(*t));
+	uint64_t *fields = (uint64_t *)t;
+	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
+		const struct stats_proc *p = &c->shm->procs[s];
+		for (size_t i = 0; i < NCOUNTERS; i++)
+			fields[i] += slot_counter(p, i);
+		for (int e = 0; e < STATS_ERR_COUNT; e++)
+			t->errors[e] += atomic_load_explicit(&p->errors[e], memory_order_relaxed);
+	}
+}
+
+static double now_wall(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void out_printf(struct buf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void out_printf(struct buf *out, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		buf_append(out, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+/* ---------------------------------------------------------------- JSON helpers */
+
+static void gen_key(yajl_gen g, const char *k)
+{
+	yajl_gen_string(g, (const unsigned char *)k, strlen(k));
+}
+
+static void gen_kv_int(yajl_gen g, const char *k, long long v)
+{
+	gen_key(g, k);
+	yajl_gen_integer(g, v);
+}
+
+static void gen_kv_str(yajl_gen g, const char *k, const char *v)
+{
+	gen_key(g, k);
+	yajl_gen_string(g, (const unsigned char *)v, strlen(v));
+}
+
+static void gen_finish(yajl_gen g, struct buf *out)
+{
+	const unsigned char *p;
+	size_t len;
+	yajl_gen_get_buf(g, &p, &len);
+	buf_append(out, p, len);
+	buf_append(out, "\n", 1);
+	yajl_gen_free(g);
+}
+
+/* ---------------------------------------------------------------- state */
+
+static int storage_up(const struct control_proc *procs, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (strcmp(procs[i].role, "storage") == 0 && procs[i].pid > 0)
+			return 1;
+	return 0;
+}
+
+/* up, drain or down, as the agent-check and show info say it. */
+static const char *service_state(const struct control *c, int *weight)
+{
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	*weight = 0;
+	if (!storage_up(procs, n) || !atomic_load(&c->shm->procs[0].redis_up))
+		return "down";
+	if (c->draining)
+		return "drain";
+	struct totals t;
+	sum_totals(c, &t);
+	double capacity = (double)c->conf->max_connections * c->conf->workers;
+	int w = (int)(100.0 - 100.0 * (double)t.conn_current / capacity);
+	*weight = w < 1 ? 1 : (w > 100 ? 100 : w);
+	return "up";
+}
+
+/* ---------------------------------------------------------------- show commands */
+
+static void show_info(struct control *c, struct buf *out, int json)
+{
+	struct totals t;
+	sum_totals(c, &t);
+	int weight;
+	const char *state = service_state(c, &weight);
+	long uptime = (long)(now_wall() - c->started);
+	if (json) {
+		yajl_gen g = yajl_gen_alloc(NULL);
+		yajl_gen_map_open(g);
+		gen_kv_str(g, "name", "resourced");
+		gen_kv_str(g, "version", PACKAGE_VERSION);
+		gen_kv_int(g, "pid", getpid());
+		gen_kv_int(g, "uptime_sec", uptime);
+		gen_kv_int(g, "workers", c->conf->workers);
+		gen_kv_str(g, "state", state);
+		gen_kv_int(g, "weight", weight);
+		gen_kv_int(g, "draining", c->draining);
+		const uint64_t *fields = (const uint64_t *)&t;
+		for (size_t i = 0; i < NCOUNTERS; i++)
+			gen_kv_int(g, counter_info[i].name, (long long)fields[i]);
+		gen_key(g, "errors");
+		yajl_gen_map_open(g);
+		for (int e = 0; e < STATS_ERR_COUNT; e++) {
+			if (t.errors[e] == 0)
+				continue;
+			char code[8];
+			snprintf(code, sizeof(code), "%d", STATS_ERR_BASE + e);
+			gen_kv_int(g, code, (long long)t.errors[e]);
+		}
+		yajl_gen_map_close(g);
+		yajl_gen_map_close(g);
+		gen_finish(g, out);
+		return;
+	}
+	out_printf(out, "Name: resourced\nVersion: %s\nPid: %d\nUptime_sec: %ld\nWorkers: %d\n",
+	    PACKAGE_VERSION, (int)getpid(), uptime, c->conf->workers);
+	out_printf(out, "State: %s\nWeight: %d\nDraining: %d\n", state, weight, c->draining);
+	const uint64_t *fields = (const uint64_t *)&t;
+	for (size_t i = 0; i < NCOUNTERS; i++)
+		out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.errors[e])
+			out_printf(out, "errors_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.errors[e]);
+}
+
+static void show_workers(struct control *c, struct buf *out, int json)
+{
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	double now = now_wall();
+	yajl_gen g = NULL;
+	if (json) {
+		g = yajl_gen_alloc(NULL);
+		yajl_gen_array_open(g);
+	} else {
+		out_printf(out, "# role number slot pid state uptime_sec restarts connections\n");
+	}
+	for (int i = 0; i < n; i++) {
+		const struct control_proc *p = &procs[i];
+		long uptime = p->pid ? (long)(now - p->started) : 0;
+		unsigned long long conns = atomic_load(&c->shm->procs[p->slot].conn_current);
+		if (json) {
+			yajl_gen_map_open(g);
+			gen_kv_str(g, "role", p->role);
+			gen_kv_int(g, "number", p->number);
+			gen_kv_int(g, "slot", p->slot);
+			gen_kv_int(g, "pid", p->pid);
+			gen_kv_str(g, "state", p->state);
+			gen_kv_int(g, "uptime_sec", uptime);
+			gen_kv_int(g, "restarts", p->restarts);
+			gen_kv_int(g, "connections", (long long)conns);
+			yajl_gen_map_close(g);
+		} else {
+			out_printf(out, "%s %d %d %d %s %ld %d %llu\n", p->role, p->number, p->slot, (int)p->pid,
+			    p->state, uptime, p->restarts, conns);
+		}
+	}
+	if (json) {
+		yajl_gen_array_close(g);
+		gen_finish(g, out);
+	}
+}
+
+static void show_stat(struct control *c, struct buf *out, int json)
+{
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	yajl_gen g = NULL;
+	if (json) {
+		g = yajl_gen_alloc(NULL);
+		yajl_gen_array_open(g);
+	} else {
+		out_printf(out, "# role,number,pid");
+		for (size_t i = 0; i < NCOUNTERS; i++)
+			out_printf(out, ",%s", counter_info[i].name);
+		out_printf(out, "\n");
+	}
+	for (int i = 0; i < n; i++) {
+		const struct control_proc *p = &procs[i];
+		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		if (json) {
+			yajl_gen_map_open(g);
+			gen_kv_str(g, "role", p->role);
+			gen_kv_int(g, "number", p->number);
+			gen_kv_int(g, "pid", p->pid);
+			for (size_t k = 0; k < NCOUNTERS; k++)
+				gen_kv_int(g, counter_info[k].name, (long long)slot_counter(sp, k));
+			yajl_gen_map_close(g);
+		} else {
+			out_printf(out, "%s,%d,%d", p->role, p->number, (int)p->pid);
+			for (size_t k = 0; k < NCOUNTERS; k++)
+				out_printf(out, ",%llu", (unsigned long long)slot_counter(sp, k));
+			out_printf(out, "\n");
+		}
+	}
+	if (json) {
+		yajl_gen_array_close(g);
+		gen_finish(g, out);
+	}
+}
+
+static void show_transfers(struct control *c, struct buf *out, int json)
+{
+	double now = now_wall();
+	yajl_gen g = NULL;
+	if (json) {
+		g = yajl_gen_alloc(NULL);
+		yajl_gen_array_open(g);
+	} else {
+		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
+	}
+	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
+		for (int i = 0; i < STATS_TRANSFERS; i++) {
+			struct stats_transfer t;
+			if (!stats_transfer_read(&c->shm->procs[s].transfers[i], &t))
+				continue;
+			double age = now - t.started;
+			double rate = age > 0.001 ? (double)t.bytes / age : 0;
+			const char *kind = t.kind == 'D' ? "download" : t.kind == 'A' ? "avatar" : "upload";
+			if (json) {
+				yajl_gen_map_open(g);
+				gen_kv_str(g, "kind", kind);
+				gen_kv_int(g, "uid", (long long)t.uid);
+				gen_kv_str(g, "name", t.name);
+				gen_kv_int(g, "bytes", (long long)t.bytes);
+				gen_kv_int(g, "total", (long long)t.total);
+				gen_kv_int(g, "rate", (long long)rate);
+				gen_kv_int(g, "age_sec", (long long)age);
+				yajl_gen_map_close(g);
+			} else {
+				out_printf(out, "%s %llu %s %llu %llu %.0f %.0f\n", kind, (unsigned long long)t.uid, t.name,
+				    (unsigned long long)t.bytes, (unsigned long long)t.total, rate, age);
+			}
+		}
+	}
+	if (json) {
+		yajl_gen_array_close(g);
+		gen_finish(g, out);
+	}
+}
+
+static void show_metrics(struct control *c, struct buf *out)
+{
+	struct totals t;
+	sum_totals(c, &t);
+	const uint64_t *fields = (const uint64_t *)&t;
+	for (size_t i = 0; i < NCOUNTERS; i++) {
+		const char *suffix = strcmp(counter_info[i].type, "counter") == 0 ? "_total" : "";
+		out_printf(out, "# HELP resourced_%s%s %s\n# TYPE resourced_%s%s %s\nresourced_%s%s %llu\n",
+		    counter_info[i].name, suffix, counter_info[i].help, counter_info[i].name, suffix,
+		    counter_info[i].type, counter_info[i].name, suffix, (unsigned long long)fields[i]);
+	}
+	out_printf(out, "# HELP resourced_responses_error_total Responses by error code\n"
+	    "# TYPE resourced_responses_error_total counter\n");
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.errors[e])
+			out_printf(out, "resourced_responses_error_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
+			    (unsigned long long)t.errors[e]);
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	double now = now_wall();
+	out_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
+	for (int i = 0; i < n; i++)
+		out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
+		    procs[i].pid > 0);
+	out_printf(out, "# HELP resourced_process_restarts_total Respawns of the process\n"
+	    "# TYPE resourced_process_restarts_total counter\n");
+	for (int i = 0; i < n; i++)
+		out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
+		    procs[i].number, procs[i].restarts);
+	out_printf(out, "# HELP resourced_process_uptime_seconds Seconds since the process started\n"
+	    "# TYPE resourced_process_uptime_seconds gauge\n");
+	for (int i = 0; i < n; i++)
+		out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
+		    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
+	int weight;
+	const char *state = service_state(c, &weight);
+	out_printf(out, "# HELP resourced_draining 1 while disabled or stopping\n# TYPE resourced_draining gauge\n"
+	    "resourced_draining %d\n# HELP resourced_up 1 when storage and Redis are available\n"
+	    "# TYPE resourced_up gauge\nresourced_up %d\n", c->draining, strcmp(state, "down") != 0);
+}
+
+static const char help_text[] =
+    "help                  this list\n"
+    "show info [json]      version, uptime, state and totals\n"
+    "show stat [json]      counters per process\n"
+    "show workers [json]   processes: role, pid, state, uptime, restarts\n"
+    "show transfers [json] uploads and downloads in flight\n"
+    "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
+    "disable               drain: the agent-check answers drain\n"
+    "enable                undo disable\n"
+    "reload                re-read the configuration (like SIGHUP)\n";
+
+static void control_command(struct control *c, char *line, struct buf *out)
+{
+	char *argv[4] = { 0 };
+	int argc = 0;
+	for (char *tok = strtok(line, " \t\r"); tok && argc < 4; tok = strtok(NULL, " \t\r"))
+		argv[argc++] = tok;
+	if (argc == 0)
+		return;
+	int json = argc >= 3 && strcmp(argv[2], "json") == 0;
+	if (strcmp(argv[0], "help") == 0) {
+		buf_append(out, help_text, sizeof(help_text) - 1);
+	} else if (strcmp(argv[0], "show") == 0 && argc >= 2 && (argc == 2 || json)) {
+		if (strcmp(argv[1], "info") == 0)
+			show_info(c, out, json);
+		else if (strcmp(argv[1], "stat") == 0)
+			show_stat(c, out, json);
+		else if (strcmp(argv[1], "workers") == 0)
+			show_workers(c, out, json);
+		else if (strcmp(argv[1], "transfers") == 0)
+			show_transfers(c, out, json);
+		else if (strcmp(argv[1], "metrics") == 0 && json)
+			show_info(c, out, 1);
+		else if (strcmp(argv[1], "metrics") == 0)
+			show_metrics(c, out);
+		else
+			out_printf(out, "Unknown command: show %s (try help)\n", argv[1]);
+	} else if (strcmp(argv[0], "disable") == 0 && argc == 1) {
+		control_set_draining(c, 1);
+		log_info("stats socket: disabled (draining)");
+		out_printf(out, "OK draining\n");
+	} else if (strcmp(argv[0], "enable") == 0 && argc == 1) {
+		control_set_draining(c, 0);
+		log_info("stats socket: enabled");
+		out_printf(out, "OK enabled\n");
+	} else if (strcmp(argv[0], "reload") == 0 && argc == 1) {
+		char msg[512];
+		if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
+			out_printf(out, "OK %s\n", msg);
+		else
+			out_printf(out, "ERROR %s\n", msg);
+	} else {
+		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+	}
+	buf_append(out, "\n", 1);   /* an empty line ends every answer */
+}
+
+/* ---------------------------------------------------------------- stats socket I/O */
+
+static void client_free(struct control_client *cl)
+{
+	ev_io_stop(cl->c->loop, &cl->io);
+	close(cl->fd);
+	buf_free(&cl->in);
+	buf_free(&cl->out);
+	free(cl);
+}
+
+static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+	struct control_client *cl = io->data;
+	if (revents & EV_READ) {
+		uint8_t *p = buf_reserve(&cl->in, CONTROL_MAX_LINE);
+		ssize_t n = p ? recv(cl->fd, p, CONTROL_MAX_LINE, 0) : -1;
+		if (n == 0) {
+			cl->closing = 1;
+		} else if (n < 0) {
+			if (errno != EAGAIN && errno != EINTR) {
+				client_free(cl);
+				return;
+			}
+		} else {
+			buf_commit(&cl->in, (size_t)n);
+		}
+		uint8_t *nl;
+		while ((nl = memchr(buf_head(&cl->in), '\n', buf_len(&cl->in))) != NULL) {
+			size_t len = (size_t)(nl - buf_head(&cl->in));
+			char line[CONTROL_MAX_LINE];
+			if (len >= sizeof(line))
+				len = sizeof(line) - 1;
+			memcpy(line, buf_head(&cl->in), len);
+			line[len] = '\0';
+			buf_consume(&cl->in, (size_t)(nl - buf_head(&cl->in)) + 1);
+			control_command(cl->c, line, &cl->out);
+		}
+		if (buf_len(&cl->in) >= CONTROL_MAX_LINE) {
+			out_printf(&cl->out, "Line too long\n\n");
+			cl->closing = 1;
+		}
+		if (cl->closing && buf_len(&cl->in) > 0) {
+			/* A last command without a newline. */
+			char line[CONTROL_MAX_LINE];
+			size_t len = buf_len(&cl->in) < sizeof(line) - 1 ? buf_len(&cl->in) : sizeof(line) - 1;
+			memcpy(line, buf_head(&cl->in), len);
+			line[len] = '\0';
+			buf_free(&cl->in);
+			control_command(cl->c, line, &cl->out);
+		}
+	}
+	while (buf_len(&cl->out) > 0) {
+		ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL);
+		if (n > 0)
+			buf_consume(&cl->out, (size_t)n);
+		else if (n < 0 && errno == EINTR)
+			continue;
+		else if (n < 0 && errno == EAGAIN)
+			break;
+		else {
+			client_free(cl);
+			return;
+		}
+	}
+	if (cl->closing && buf_len(&cl->out) == 0) {
+		client_free(cl);
+		return;
+	}
+	ev_io_stop(loop, io);
+	ev_io_set(io, cl->fd, (cl->closing ? 0 : EV_READ) | (buf_len(&cl->out) ? EV_WRITE : 0));
+	ev_io_start(loop, io);
+}
+
+static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)revents;
+	struct control *c = io->data;
+	int fd = accept4(c->stats_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	struct control_client *cl = calloc(1, sizeof(*cl));
+	if (cl == NULL) {
+		close(fd);
+		return;
+	}
+	cl->c = c;
+	cl->fd = fd;
+	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
+	cl->io.data = cl;
+	ev_io_start(loop, &cl->io);
+}
+
+/* The agent answers one line per connection and closes. */
+static void agent_on_accept(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct control *c = io->data;
+	int fd = accept4(c->agent_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	int weight;
+	const char *state = service_state(c, &weight);
+	char line[64];
+	int n = strcmp(state, "up") == 0 ? snprintf(line, sizeof(line), "up %d%%\n", weight)
+	    : snprintf(line, sizeof(line), "%s\n", state);
+	ssize_t w = send(fd, line, (size_t)n, MSG_NOSIGNAL);
+	(void)w;
+	close(fd);
+}
+
+static int listen_unix(const char *path)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path) >= (int)sizeof(sun.sun_path))
+		return -1;
+	unlink(path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	mode_t old = umask(0117);
+	int rc = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
+	umask(old);
+	if (rc < 0 || chmod(path, 0660) < 0 || listen(fd, 64) < 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int listen_tcp(const char *hostport)
+{
+	char host[256];
+	const char *colon = strrchr(hostport, ':');
+	if (colon == NULL || (size_t)(colon - hostport) >= sizeof(host))
+		return -1;
+	memcpy(host, hostport, (size_t)(colon - hostport));
+	host[colon - hostport] = '\0';
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
+	struct addrinfo *res;
+	if (getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res) != 0)
+		return -1;
+	int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int one = 1;
+	if (fd >= 0)
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 64) < 0) {
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	return fd;
+}
+
+struct control *control_create(struct ev_loop *loop, const struct conf *conf, struct stats_shm *shm,
+    const struct control_ops *ops)
+{
+	struct control *c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return NULL;
+	c->loop = loop;
+	c->conf = conf;
+	c->shm = shm;
+	c->ops = *ops;
+	c->stats_fd = c->agent_fd = -1;
+	c->started = now_wall();
+	if (conf->stats_socket[0]) {
+		c->stats_fd = listen_unix(conf->stats_socket);
+		if (c->stats_fd < 0)
+			fatal("stats socket %s", conf->stats_socket);
+		snprintf(c->stats_path, sizeof(c->stats_path), "%s", conf->stats_socket);
+		ev_io_init(&c->stats_io, stats_on_accept, c->stats_fd, EV_READ);
+		c->stats_io.data = c;
+		ev_io_start(loop, &c->stats_io);
+	}
+	if (conf->agent_listen[0]) {
+		c->agent_fd = listen_tcp(conf->agent_listen);
+		if (c->agent_fd < 0)
+			fatal("agent_listen %s", conf->agent_listen);
+		ev_io_init(&c->agent_io, agent_on_accept, c->agent_fd, EV_READ);
+		c->agent_io.data = c;
+		ev_io_start(loop, &c->agent_io);
+	}
+	return c;
+}
+
+void control_set_conf(struct control *c, const struct conf *conf)
+{
+	c->conf = conf;
+}
+
+void control_set_draining(struct control *c, int on)
+{
+	c->draining = on;
+}
+
+void control_destroy(struct control *c)
+{
+	if (c == NULL)
+		return;
+	if (c->stats_fd >= 0) {
+		ev_io_stop(c->loop, &c->stats_io);
+		close(c->stats_fd);
+		unlink(c->stats_path);
+	}
+	if (c->agent_fd >= 0) {
+		ev_io_stop(c->loop, &c->agent_io);
+		close(c->agent_fd);
+	}
+	free(c);
+}
+
+void control_close_inherited(struct control *c)
+{
+	if (c == NULL)
+		return;
+	if (c->stats_fd >= 0)
+		close(c->stats_fd);
+	if (c->agent_fd >= 0)
+		close(c->agent_fd);
+	c->stats_fd = c->agent_fd = -1;
+}

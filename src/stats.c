@@ -1,0 +1,111 @@
+/* stats.c: the shared counter page: creation in the master, per-process slots, the transfer table. */
+#include "config.h"
+#include "stats.h"
+
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+struct stats_proc *stats_self;
+
+struct stats_shm *stats_create(void)
+{
+	void *p = mmap(NULL, sizeof(struct stats_shm), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+void stats_reset_gauges(struct stats_proc *p)
+{
+	atomic_store(&p->conn_current, 0);
+	atomic_store(&p->storage_queue, 0);
+	atomic_store(&p->redis_up, 0);
+	atomic_store(&p->storage_up, 0);
+	for (int i = 0; i < STATS_TRANSFERS; i++) {
+		p->transfers[i].in_use = 0;
+		atomic_store(&p->transfers[i].seq, 0);
+	}
+}
+
+void stats_attach(struct stats_shm *shm, int slot)
+{
+	stats_self = shm ? &shm->procs[slot] : NULL;
+}
+
+void stats_count_error(int code)
+{
+	if (stats_self && code >= STATS_ERR_BASE && code < STATS_ERR_BASE + STATS_ERR_COUNT)
+		atomic_fetch_add_explicit(&stats_self->errors[code - STATS_ERR_BASE], 1, memory_order_relaxed);
+}
+
+static void transfer_write_begin(struct stats_transfer *t)
+{
+	atomic_fetch_add_explicit(&t->seq, 1, memory_order_relaxed);
+	atomic_thread_fence(memory_order_release);
+}
+
+static void transfer_write_end(struct stats_transfer *t)
+{
+	atomic_thread_fence(memory_order_release);
+	atomic_fetch_add_explicit(&t->seq, 1, memory_order_relaxed);
+}
+
+int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_len, uint64_t total)
+{
+	if (stats_self == NULL)
+		return -1;
+	for (int i = 0; i < STATS_TRANSFERS; i++) {
+		struct stats_transfer *t = &stats_self->transfers[i];
+		if (t->in_use)
+			continue;
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		transfer_write_begin(t);
+		t->in_use = 1;
+		t->kind = kind;
+		t->uid = uid;
+		t->bytes = 0;
+		t->total = total;
+		t->started = (double)ts.tv_sec + ts.tv_nsec / 1e9;
+		if (name_len >= STATS_NAME_MAX)
+			name_len = STATS_NAME_MAX - 1;
+		memcpy(t->name, name, name_len);
+		t->name[name_len] = '\0';
+		transfer_write_end(t);
+		return i;
+	}
+	return -1;
+}
+
+void stats_transfer_update(int handle, uint64_t bytes)
+{
+	if (stats_self == NULL || handle < 0)
+		return;
+	struct stats_transfer *t = &stats_self->transfers[handle];
+	transfer_write_begin(t);
+	t->bytes = bytes;
+	transfer_write_end(t);
+}
+
+void stats_transfer_close(int handle)
+{
+	if (stats_self == NULL || handle < 0)
+		return;
+	struct stats_transfer *t = &stats_self->transfers[handle];
+	transfer_write_begin(t);
+	t->in_use = 0;
+	transfer_write_end(t);
+}
+
+int stats_transfer_read(const struct stats_transfer *t, struct stats_transfer *out)
+{
+	for (int tries = 0; tries < 100; tries++) {
+		uint32_t before = atomic_load_explicit(&t->seq, memory_order_acquire);
+		if (before & 1)
+			continue;
+		memcpy((char *)out + sizeof(out->seq), (const char *)t + sizeof(t->seq), sizeof(*t) - sizeof(t->seq));
+		atomic_thread_fence(memory_order_acquire);
+		if (atomic_load_explicit(&t->seq, memory_order_relaxed) == before)
+			return out->in_use;
+	}
+	return 0;
+}

@@ -1,0 +1,84 @@
+/* stats.h: counters in shared memory, one slot per process, written lock-free and summed by the master. */
+#ifndef RESOURCED_STATS_H
+#define RESOURCED_STATS_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define STATS_MAX_SLOTS 514        /* storage + two generations of 256 workers */
+#define STATS_ERR_BASE 1000
+#define STATS_ERR_COUNT 32         /* error codes 1000..1031 */
+#define STATS_TRANSFERS 64         /* transfers shown per process */
+#define STATS_NAME_MAX 64
+
+/* Everything a process counts. Only the owning process writes its slot. */
+#define STATS_COUNTERS(X)                                                        \
+	X(conn_current, "gauge", "Client connections open")                         \
+	X(conn_total, "counter", "Client connections accepted")                     \
+	X(conn_rejected, "counter", "Connections closed at once: max_connections")  \
+	X(frames_in, "counter", "Request frames received")                          \
+	X(frames_out, "counter", "Response frames sent")                            \
+	X(bytes_in, "counter", "Bytes received from clients")                       \
+	X(bytes_out, "counter", "Bytes sent to clients")                            \
+	X(uploads_started, "counter", "Uploads started (chunk 1 stored)")           \
+	X(uploads_completed, "counter", "Uploads published")                        \
+	X(uploads_failed, "counter", "Upload chunks answered with an error")        \
+	X(upload_bytes, "counter", "Upload bytes stored")                           \
+	X(downloads_started, "counter", "Downloads started (chunk 1 sent)")         \
+	X(downloads_completed, "counter", "Downloads finished (last chunk sent)")   \
+	X(download_bytes, "counter", "Download bytes sent")                         \
+	X(auth_failures, "counter", "Requests refused for credentials")             \
+	X(redis_errors, "counter", "Redis connection failures and errors")          \
+	X(pg_errors, "counter", "PostgreSQL connection failures and errors")        \
+	X(storage_queue, "gauge", "Requests queued or running in the storage process") \
+	X(retry_backlog, "gauge", "Avatar icon updates waiting for PostgreSQL")     \
+	X(redis_up, "gauge", "1 when this process is connected to Redis")           \
+	X(storage_up, "gauge", "1 when this worker is linked to the storage process")
+
+struct stats_transfer {
+	_Atomic uint32_t seq;          /* odd while being written (seqlock) */
+	uint32_t in_use;
+	char kind;                     /* 'U' upload, 'A' avatar, 'D' download */
+	uint64_t uid;
+	uint64_t bytes, total;
+	double started;                /* CLOCK_REALTIME seconds */
+	char name[STATS_NAME_MAX];
+};
+
+struct stats_proc {
+#define STATS_FIELD(name, type, help) _Atomic uint64_t name;
+	STATS_COUNTERS(STATS_FIELD)
+#undef STATS_FIELD
+	_Atomic uint64_t errors[STATS_ERR_COUNT];   /* responses by error code */
+	struct stats_transfer transfers[STATS_TRANSFERS];
+} __attribute__((aligned(64)));
+
+struct stats_shm {
+	struct stats_proc procs[STATS_MAX_SLOTS];
+};
+
+/* The calling process's slot (NULL before stats_attach: counting is then a no-op). */
+extern struct stats_proc *stats_self;
+
+struct stats_shm *stats_create(void);        /* master, before forking */
+void stats_attach(struct stats_shm *shm, int slot);
+void stats_reset_gauges(struct stats_proc *p);
+
+#define STAT_ADD(field, n) \
+	do { if (stats_self) atomic_fetch_add_explicit(&stats_self->field, (uint64_t)(n), memory_order_relaxed); } while (0)
+#define STAT_INC(field) STAT_ADD(field, 1)
+#define STAT_DEC(field) \
+	do { if (stats_self) atomic_fetch_sub_explicit(&stats_self->field, 1, memory_order_relaxed); } while (0)
+#define STAT_SET(field, v) \
+	do { if (stats_self) atomic_store_explicit(&stats_self->field, (uint64_t)(v), memory_order_relaxed); } while (0)
+void stats_count_error(int code);
+
+/* Transfer table of the calling process: returns a handle (>= 0) or -1 when full. */
+int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_len, uint64_t total);
+void stats_transfer_update(int handle, uint64_t bytes);
+void stats_transfer_close(int handle);
+/* Consistent copy of one entry for readers; 0 if it was in use. */
+int stats_transfer_read(const struct stats_transfer *t, struct stats_transfer *out);
+
+#endif
