@@ -326,7 +326,9 @@ static void show_metrics(struct control *c, struct buf *out)
 	sum_totals(c, &t);
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++) {
-		const char *suffix = strcmp(counter_info[i].type, "counter") == 0 ? "_total" : "";
+		size_t nlen = strlen(counter_info[i].name);
+		int has_total = nlen > 6 && strcmp(counter_info[i].name + nlen - 6, "_total") == 0;
+		const char *suffix = strcmp(counter_info[i].type, "counter") == 0 && !has_total ? "_total" : "";
 		out_printf(out, "# HELP resourced_%s%s %s\n# TYPE resourced_%s%s %s\nresourced_%s%s %llu\n",
 		    counter_info[i].name, suffix, counter_info[i].help, counter_info[i].name, suffix,
 		    counter_info[i].type, counter_info[i].name, suffix, (unsigned long long)fields[i]);

@@ -1702,6 +1702,7 @@ static const struct command commands[] = {
 	{ "sync", cmd_sync, "show the server's record of an upload (1005)" },
 	{ "download", cmd_download, "download a file (1033), resuming a partial output file" },
 	{ "bench", resctl_bench_main, "load generator: many connections uploading and downloading" },
+	{ "stats", resctl_stats_main, "query or command a running server's stats socket" },
 };
 
 static void usage(FILE *out)

@@ -61,6 +61,8 @@ void resctl_bad_option(const char *command, char *const argv[], int opt);
  * usage and exits 0; every other option goes to fn, which returns 0 or -1 after saying why.
  * Returns the number of positional arguments, found at argv + optind, or -1. */
 struct option;
+int resctl_stats_main(int argc, char **argv);
+
 typedef int resctl_option_fn(void *ctx, int opt, const char *arg);
 int resctl_parse_options(const char *command, int argc, char **argv, const struct option *longopts,
     const char *usage, resctl_option_fn *fn, void *ctx);

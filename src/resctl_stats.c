@@ -1,0 +1,104 @@
+/* resctl_stats.c: `resctl stats`, a client of the master's stats socket (HAProxy-style commands). */
+#include "config.h"
+#include "resctl.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define STATS_DEFAULT_SOCKET "/run/resourced/stats.sock"
+#define STATS_TIMEOUT_MS 10000
+
+static const char stats_usage[] =
+    "usage: resctl stats [--socket PATH] [COMMAND...]\n"
+    "Sends one command to the stats socket of a running resourced ([server] stats_socket)\n"
+    "and prints the answer. Without COMMAND: show info. Commands (see `resctl stats help`):\n"
+    "  show info|stat|workers|transfers|metrics [json], disable, enable, reload\n"
+    "  --socket PATH    the stats socket (default " STATS_DEFAULT_SOCKET ")\n"
+    "  -h, --help       this text\n";
+
+struct stats_opts {
+	const char *socket_path;
+};
+
+enum { OPT_SOCKET = 256 };
+
+static int stats_option(void *ctx, int opt, const char *arg)
+{
+	struct stats_opts *o = ctx;
+	if (opt != OPT_SOCKET)
+		return -1;
+	o->socket_path = arg;
+	return 0;
+}
+
+int resctl_stats_main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "socket", required_argument, NULL, OPT_SOCKET },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct stats_opts o = { STATS_DEFAULT_SOCKET };
+	int npos = resctl_parse_options("stats", argc, argv, longopts, stats_usage, stats_option, &o);
+	if (npos < 0)
+		return RESCTL_EXIT_USAGE;
+	char command[1024] = "";
+	size_t len = 0;
+	for (int i = optind; i < argc; i++) {
+		int n = snprintf(command + len, sizeof(command) - len, "%s%s", i > optind ? " " : "", argv[i]);
+		if (n < 0 || (size_t)n >= sizeof(command) - len) {
+			resctl_error("stats: command too long");
+			return RESCTL_EXIT_USAGE;
+		}
+		len += (size_t)n;
+	}
+	if (len == 0)
+		len = (size_t)snprintf(command, sizeof(command), "show info");
+	command[len++] = '\n';
+
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", o.socket_path) >= (int)sizeof(sun.sun_path)) {
+		resctl_error("stats: socket path too long");
+		return RESCTL_EXIT_USAGE;
+	}
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+		resctl_error("stats: cannot connect to %s: %s", o.socket_path, strerror(errno));
+		return RESCTL_EXIT_FAIL;
+	}
+	if (send(fd, command, len, MSG_NOSIGNAL) != (ssize_t)len || shutdown(fd, SHUT_WR) < 0) {
+		resctl_error("stats: cannot send to %s: %s", o.socket_path, strerror(errno));
+		close(fd);
+		return RESCTL_EXIT_FAIL;
+	}
+	/* The answer ends when the master closes; "Unknown command" and "ERROR" lines mean failure. */
+	int status = RESCTL_EXIT_OK, at_line_start = 1;
+	char buf[65536];
+	for (;;) {
+		struct pollfd pfd = { fd, POLLIN, 0 };
+		int pr = poll(&pfd, 1, STATS_TIMEOUT_MS);
+		if (pr == 0) {
+			resctl_error("stats: no answer within %d ms", STATS_TIMEOUT_MS);
+			status = RESCTL_EXIT_FAIL;
+			break;
+		}
+		ssize_t n = read(fd, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		if (at_line_start && (strncmp(buf, "Unknown command", 15) == 0 || strncmp(buf, "ERROR", 5) == 0))
+			status = RESCTL_EXIT_FAIL;
+		at_line_start = 0;
+		fwrite(buf, 1, (size_t)n, stdout);
+	}
+	close(fd);
+	return status;
+}
