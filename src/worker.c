@@ -9,6 +9,7 @@
 #include "log.h"
 #include "pool.h"
 #include "proto.h"
+#include "proxy.h"
 #include "rds.h"
 #include "stats.h"
 
@@ -74,6 +75,7 @@ struct conn {
 	int busy;                     /* req is waiting for Redis, storage or the disk */
 	int closing;                  /* send what is queued, then close */
 	int eof;                      /* the client closed its side */
+	int awaiting_proxy;           /* a PROXY header must come first */
 	/* Credentials trusted on this connection. */
 	int auth_valid;
 	uint64_t auth_uid;
@@ -1049,7 +1051,26 @@ static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint3
 static void conn_process(struct conn *c)
 {
 	struct worker *w = c->w;
-	while (!c->busy && buf_len(&c->in) > 0 && buf_len(&c->out) < (size_t)w->conf->output_cap) {
+	if (c->awaiting_proxy && buf_len(&c->in) > 0) {
+		struct proxy_result pr;
+		size_t used;
+		enum proxy_status ps = proxy_parse(buf_head(&c->in), buf_len(&c->in), &used, &pr);
+		if (ps == PROXY_BAD) {
+			log_info("%s: no valid PROXY protocol header: closing", c->peer);
+			conn_close(c, NULL);
+			return;
+		}
+		if (ps == PROXY_OK) {
+			c->awaiting_proxy = 0;
+			if (pr.has_address)
+				snprintf(c->peer, sizeof(c->peer), "%s", pr.address);
+			buf_consume(&c->in, used);
+		} else if (c->frame_start == 0) {
+			c->frame_start = ev_now(w->loop);   /* the header must arrive within frame_timeout */
+		}
+	}
+	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 &&
+	    buf_len(&c->out) < (size_t)w->conf->output_cap) {
 		uint16_t id;
 		const uint8_t *body;
 		uint32_t len;
@@ -1108,6 +1129,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	c->fd = fd;
 	c->dl_fd = -1;
 	c->xfer = -1;
+	c->awaiting_proxy = w->conf->proxy_protocol;
 	STAT_INC(conn_total);
 	STAT_INC(conn_current);
 	c->last_frame = ev_now(w->loop);
