@@ -448,7 +448,7 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			buf_commit(&cl->in, (size_t)n);
 		}
 		uint8_t *nl;
-		while ((nl = memchr(buf_head(&cl->in), '\n', buf_len(&cl->in))) != NULL) {
+		while (buf_len(&cl->in) > 0 && (nl = memchr(buf_head(&cl->in), '\n', buf_len(&cl->in))) != NULL) {
 			size_t len = (size_t)(nl - buf_head(&cl->in));
 			char line[CONTROL_MAX_LINE];
 			if (len >= sizeof(line))

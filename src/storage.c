@@ -65,7 +65,7 @@ struct upload_key {
 	char md5[PROTO_MD5_HEX + 1];
 };
 
-enum disk_work { WORK_START, WORK_WRITE, WORK_COMPLETE, WORK_DISCARD };
+enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD };
 
 /* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
 struct upload {
@@ -166,10 +166,10 @@ static void client_flush(struct client *cl)
 	}
 }
 
-static void op_answer(struct op *op, int error, const char *message, const struct upload *up)
+/* Sends the result of op to its worker; the op itself stays until op_free. */
+static void op_reply(struct op *op, int error, const char *message, const struct upload *up)
 {
 	struct client *cl = op->client;
-	STAT_DEC(storage_queue);
 	if (error && op->type == OP_CHUNK)
 		STAT_INC(uploads_failed);
 	if (!cl->dead) {
@@ -191,8 +191,19 @@ static void op_answer(struct op *op, int error, const char *message, const struc
 		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
 			client_flush(cl);
 	}
-	client_release(cl);
+}
+
+static void op_free(struct op *op)
+{
+	STAT_DEC(storage_queue);
+	client_release(op->client);
 	free(op);
+}
+
+static void op_answer(struct op *op, int error, const char *message, const struct upload *up)
+{
+	op_reply(op, error, message, up);
+	op_free(op);
 }
 
 /* ---------------------------------------------------------------- progress records in Redis */
@@ -501,6 +512,12 @@ static void upload_work(struct pool_job *job)
 			up->work_errno = errno;
 			return;
 		}
+		/* Other chunks are hashed after their answer went out (WORK_HASH), off the round trip. */
+		if (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
+		    op->offset + op->data_len == op->total_size)
+			hash_chunk(up, op);
+		return;
+	case WORK_HASH:
 		hash_chunk(up, op);
 		return;
 	case WORK_COMPLETE:
@@ -599,6 +616,12 @@ static void upload_work_done(struct pool_job *job)
 		upload_retire(up);
 		return;
 	}
+	if (up->work == WORK_HASH) {
+		upload_pop(up);
+		op_free(op);
+		upload_run(up);
+		return;
+	}
 	if (up->work_errno || up->work_error) {
 		int error = up->work_error ? up->work_error : errno_to_error(up->work_errno);
 		if (error == ERR_CHECKSUM) {
@@ -660,9 +683,8 @@ static void upload_work_done(struct pool_job *job)
 			return;
 		}
 		record_write(up);
-		upload_pop(up);
-		op_answer(op, ERR_OK, NULL, up);
-		upload_run(up);
+		op_reply(op, ERR_OK, NULL, up);
+		upload_start_work(up, WORK_HASH);
 		return;
 	}
 	/* WORK_COMPLETE: published. */
