@@ -1067,6 +1067,7 @@ static void conn_process(struct conn *c)
 			buf_consume(&c->in, used);
 		} else if (c->frame_start == 0) {
 			c->frame_start = ev_now(w->loop);   /* the header must arrive within frame_timeout */
+			conn_arm_timer(c);
 		}
 	}
 	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 &&
@@ -1084,8 +1085,10 @@ static void conn_process(struct conn *c)
 			return;
 		}
 		if (st == FRAME_NEED_MORE) {
-			if (c->frame_start == 0)
+			if (c->frame_start == 0) {
 				c->frame_start = ev_now(w->loop);
+				conn_arm_timer(c);   /* the frame deadline may come before the idle one */
+			}
 			break;
 		}
 		c->frame_start = 0;
