@@ -304,7 +304,7 @@ static void proc_spawn(struct proc *p)
 			rc = worker_main(m->conf, p->number, m->listen_fds[p->number - 1]);
 		}
 		log_close();
-		_exit(rc);
+		exit(rc);   /* not _exit: leak checkers and atexit handlers of the child run */
 	}
 	p->pid = pid;
 	p->started = ev_now(m->loop);
