@@ -3,6 +3,7 @@
 #include "json.h"
 
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,9 +32,9 @@ size_t json_utf8_seq(const uint8_t *p, size_t left)
 }
 
 /* What yajl lets through but we must not: comments (they hide brackets from the depth count),
- * nesting that yajl would free recursively, \u0000 (it cuts C strings short) and
- * non-shortest or out-of-range UTF-8. */
-static const char *json_precheck(const uint8_t *p, size_t len)
+ * nesting that yajl would free recursively, and non-shortest or out-of-range UTF-8; it also
+ * notes \\u0000 escapes, which json_parse_object turns into U+0001. */
+static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_escape)
 {
 	int depth = 0, in_string = 0;
 	for (size_t i = 0; i < len;) {
@@ -48,7 +49,7 @@ static const char *json_precheck(const uint8_t *p, size_t len)
 		if (in_string) {
 			if (c == '\\') {
 				if (len - i >= 6 && memcmp(p + i + 1, "u0000", 5) == 0)
-					return "strings may not contain \\u0000";
+					*has_nul_escape = 1;
 				i += 2;
 				continue;
 			}
@@ -75,7 +76,8 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 		snprintf(err, errlen, "body contains a NUL byte");
 		return NULL;
 	}
-	const char *why = json_precheck(body, len);
+	int has_nul_escape = 0;
+	const char *why = json_precheck(body, len, &has_nul_escape);
 	if (why != NULL) {
 		snprintf(err, errlen, "%s", why);
 		return NULL;
@@ -87,6 +89,17 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 	}
 	memcpy(text, body, len);
 	text[len] = '\0';
+	if (has_nul_escape) {
+		/* yajl would cut C strings short at the NUL; as U+0001 it stays a control
+		 * character that the field checks refuse (a name gets 1023, not a shorter name). */
+		for (char *q = text; (q = strstr(q, "\\u0000")) != NULL; q += 6) {
+			size_t backslashes = 0;
+			while (q - (ptrdiff_t)backslashes > text && q[-1 - (ptrdiff_t)backslashes] == '\\')
+				backslashes++;
+			if (backslashes % 2 == 0)
+				q[5] = '1';
+		}
+	}
 	char yerr[128];
 	yajl_val v = yajl_tree_parse(text, yerr, sizeof(yerr));
 	free(text);

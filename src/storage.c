@@ -360,33 +360,31 @@ static int write_meta(const struct storage *st, const struct upload_key *k, cons
 	return err;
 }
 
-/* Feeds the incremental MD5; a rewrite of hashed bytes with other data forces a re-read at the end. */
+/* Before a chunk overwrites bytes already hashed: if they differ, the running MD5 is stale
+ * and the whole file is read again at the end. */
+static void check_rewrite(struct upload *up, const struct op *op)
+{
+	if (up->hash_dirty || op->offset >= up->hashed || op->data_len == 0)
+		return;
+	uint64_t end = op->offset + op->data_len;
+	size_t n = (size_t)((end < up->hashed ? end : up->hashed) - op->offset);
+	uint8_t *old = malloc(n);
+	if (old == NULL || pread(up->fd, old, n, (off_t)op->offset) != (ssize_t)n || memcmp(old, op->data, n) != 0)
+		up->hash_dirty = 1;
+	free(old);
+}
+
+/* Feeds the incremental MD5 with the part of a written chunk beyond what is hashed. */
 static void hash_chunk(struct upload *up, const struct op *op)
 {
 	uint64_t end = op->offset + op->data_len;
-	if (up->hash_dirty || end <= up->hashed) {
-		if (!up->hash_dirty && op->data_len > 0) {
-			uint8_t *old = malloc(op->data_len);
-			if (old == NULL || pread(up->fd, old, op->data_len, (off_t)op->offset) != (ssize_t)op->data_len ||
-			    memcmp(old, op->data, op->data_len) != 0)
-				up->hash_dirty = 1;
-			free(old);
-		}
+	if (up->hash_dirty || end <= up->hashed)
 		return;
-	}
 	if (op->offset > up->hashed) {
 		up->hash_dirty = 1;   /* cannot happen: gaps are refused */
 		return;
 	}
-	uint64_t skip = up->hashed - op->offset;
-	if (skip > 0) {
-		/* A resent chunk that overlaps the end of what is hashed. */
-		uint8_t *old = malloc((size_t)skip);
-		if (old == NULL || pread(up->fd, old, (size_t)skip, (off_t)op->offset) != (ssize_t)skip ||
-		    memcmp(old, op->data, (size_t)skip) != 0)
-			up->hash_dirty = 1;
-		free(old);
-	}
+	uint64_t skip = up->hashed - op->offset;   /* equal to what is hashed: check_rewrite said so */
 	MD5Update(&up->md5, op->data + skip, (size_t)(op->data_len - skip));
 	up->hashed = end;
 }
@@ -507,6 +505,7 @@ static void upload_work(struct pool_job *job)
 				return;
 			}
 		}
+		check_rewrite(up, op);
 		if ((up->work_errno = write_all_at(up->fd, op->data, op->data_len, op->offset)) != 0)
 			return;
 		if (st->conf->fsync_policy == FSYNC_ALWAYS && fsync(up->fd) < 0) {
