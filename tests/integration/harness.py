@@ -1,0 +1,967 @@
+# harness.py: shared helpers of the integration tests: TAP output, private Redis and PostgreSQL servers, the daemon, and a protocol client.
+"""Helpers for tests/integration/test_*.py (Python 3.11 standard library only).
+
+Every server a test starts (redis-server, a PostgreSQL cluster, resourced) is
+registered for cleanup: it is killed at exit, on SIGTERM/SIGINT and when the
+script's deadline passes, so that no process outlives a failed test.
+"""
+
+import atexit
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+RESOURCED_BIN = os.environ.get("RESOURCED_BIN", "resourced")
+RESCTL_BIN = os.environ.get("RESCTL_BIN", "resctl")
+SRCDIR = os.environ.get(
+    "RESOURCED_SRCDIR",
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+PG_BINDIR = os.environ.get("PG_BINDIR", "/usr/lib/postgresql/15/bin")
+KEEP = os.environ.get("RESOURCED_TEST_KEEP", "") not in ("", "0")   # keep temp dirs for post-mortems
+
+MSG_TEST, MSG_UPLOAD, MSG_SYNC, MSG_AVATAR, MSG_DOWNLOAD = 1001, 1003, 1005, 1031, 1033
+
+
+# ---------------------------------------------------------------- cleanup
+
+_cleanups = []
+_cleanup_lock = threading.Lock()
+
+
+def at_cleanup(fn):
+    """Runs fn (once) at exit, last registered first."""
+    with _cleanup_lock:
+        _cleanups.append(fn)
+    return fn
+
+
+def cleanup_all():
+    with _cleanup_lock:
+        fns = list(reversed(_cleanups))
+        _cleanups.clear()
+    for fn in fns:
+        try:
+            fn()
+        except Exception:   # cleanup must go on with the others
+            traceback.print_exc(file=sys.stderr)
+
+
+atexit.register(cleanup_all)
+
+
+def _on_fatal_signal(signum, frame):
+    sys.stdout.write("# caught signal %d: cleaning up\n" % signum)
+    sys.stdout.flush()
+    cleanup_all()
+    os._exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _on_fatal_signal)
+signal.signal(signal.SIGHUP, _on_fatal_signal)
+
+
+def temp_dir(prefix):
+    path = tempfile.mkdtemp(prefix="resourced-it-%s-" % prefix)
+    if not KEEP:
+        at_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+# ---------------------------------------------------------------- polling
+
+def wait_for(cond, timeout, interval=0.02):
+    """Polls cond() until it returns something true or timeout seconds pass; returns its last value.
+
+    An exception in cond counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except Exception:
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+_ports_used = set()
+_ports_lock = threading.Lock()
+
+
+def free_port():
+    """A loopback TCP port nobody listens on (the kernel picks it), never the same twice in one run."""
+    with _ports_lock:
+        for _ in range(100):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            if port not in _ports_used:
+                _ports_used.add(port)
+                return port
+    raise RuntimeError("no free port")
+
+
+def md5_hex(data):
+    return hashlib.md5(data).hexdigest()
+
+
+def file_md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def file_tree(top):
+    """Every path under top (relative, directories marked with a trailing /)."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel = os.path.relpath(dirpath, top)
+        for d in dirnames:
+            out.add(os.path.normpath(os.path.join(rel, d)) + "/")
+        for f in filenames:
+            out.add(os.path.normpath(os.path.join(rel, f)))
+    return out
+
+
+# ---------------------------------------------------------------- TAP
+
+class Tap:
+    """TAP producer: ok/skip/diag, the plan printed at the end, exit status 1 on any failure."""
+
+    def __init__(self, deadline=None):
+        self.count = 0
+        self.failed = []
+        self.lock = threading.Lock()
+        self.context = []          # callables giving extra diagnostics on a failure
+        if deadline:
+            self.set_deadline(deadline)
+
+    @staticmethod
+    def _clean(desc):
+        return " ".join(str(desc).replace("#", "no.").split())
+
+    def _emit(self, line, diag=None):
+        lines = [line]
+        if diag:
+            lines += ["# " + d for d in str(diag).splitlines()]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+    def ok(self, cond, desc, diag=None):
+        with self.lock:
+            self.count += 1
+            n = self.count
+            if not cond:
+                self.failed.append("%d - %s" % (n, desc))
+        extra = []
+        if not cond:
+            if diag:
+                extra.append(str(diag))
+            for fn in self.context:
+                try:
+                    extra.append(str(fn()))
+                except Exception as e:
+                    extra.append("(diagnostics failed: %r)" % e)
+        self._emit("%s %d - %s" % ("ok" if cond else "not ok", n, self._clean(desc)),
+                   "\n".join(extra) if extra else None)
+        return bool(cond)
+
+    def eq(self, got, want, desc, diag=None):
+        msg = "got:  %r\nwant: %r" % (got, want)
+        return self.ok(got == want, desc, msg + ("\n" + str(diag) if diag else ""))
+
+    def skip(self, desc, reason):
+        with self.lock:
+            self.count += 1
+            n = self.count
+        self._emit("ok %d - %s # SKIP %s" % (n, self._clean(desc), self._clean(reason)))
+
+    def diag(self, msg):
+        self._emit("# " + str(msg).replace("\n", "\n# "))
+
+    @contextlib.contextmanager
+    def diagnostics(self, fn):
+        """Adds fn's text to every failure reported inside the block."""
+        self.context.append(fn)
+        try:
+            yield
+        finally:
+            self.context.remove(fn)
+
+    @contextlib.contextmanager
+    def section(self, name):
+        """Runs a group of checks; an exception in it is one failed test, and the script goes on."""
+        t0 = time.monotonic()
+        try:
+            yield
+        except Exception:
+            self.ok(False, "%s: no exception" % name, traceback.format_exc())
+        finally:
+            self.diag("%s: %.1f s" % (name, time.monotonic() - t0))
+
+    def set_deadline(self, seconds):
+        """Past this, the script reports a failure, kills everything it started and exits."""
+        def on_alarm(signum, frame):
+            self.ok(False, "script finished within its deadline of %d s" % seconds,
+                    "".join(traceback.format_stack(frame)))
+            self.finish()
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(int(seconds))
+
+    def finish(self):
+        signal.alarm(0)
+        sys.stdout.write("1..%d\n" % self.count)
+        if self.failed:
+            sys.stdout.write("# %d of %d failed:\n" % (len(self.failed), self.count))
+            for f in self.failed:
+                sys.stdout.write("#   %s\n" % f)
+        sys.stdout.flush()
+        cleanup_all()
+        os._exit(1 if self.failed or self.count == 0 else 0)
+
+
+# ---------------------------------------------------------------- Redis
+
+class RedisError(Exception):
+    pass
+
+
+class RedisClient:
+    """A minimal RESP2 client: cmd("SET", "k", "v") returns str/int/list/None (bulk strings decoded as UTF-8 when they can be)."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=5.0):
+        self.addr = (host, port)
+        self.timeout = timeout
+        self.sock = None
+        self.buf = b""
+        self.lock = threading.Lock()
+
+    def close(self):
+        if self.sock:
+            self.sock.close()
+        self.sock = None
+        self.buf = b""
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.buf += data
+        out, self.buf = self.buf[:n], self.buf[n + 2:]
+        return out
+
+    def _reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            raw = self._exact(n)
+            try:
+                return raw.decode()
+            except UnicodeDecodeError:
+                return raw
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        raise RedisError("bad reply %r" % line)
+
+    def cmd(self, *args):
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    if self.sock is None:
+                        self.sock = socket.create_connection(self.addr, timeout=self.timeout)
+                    self.sock.sendall(b"".join(parts))
+                    return self._reply()
+                except (OSError, ConnectionError):
+                    self.close()
+                    if attempt == 2:
+                        raise
+
+    def get_json(self, key):
+        v = self.cmd("GET", key)
+        return None if v is None else json.loads(v)
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, without persistence (a restart comes back empty)."""
+
+    def __init__(self):
+        self.dir = temp_dir("redis")
+        self.port = free_port()
+        self.proc = None
+        self.client = RedisClient(self.port)
+        at_cleanup(self.kill)
+
+    def start(self, timeout=15):
+        self.client.close()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
+             "--logfile", os.path.join(self.dir, "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_for(self.ping, timeout):
+            raise RuntimeError("redis-server on port %d did not answer PING within %d s" % (self.port, timeout))
+        return self
+
+    def ping(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            probe = RedisClient(self.port, timeout=1.0)
+            try:
+                return probe.cmd("PING") == "PONG"
+            finally:
+                probe.close()
+        except (OSError, ConnectionError, RedisError):
+            return False
+
+    def stop(self, timeout=10):
+        self.client.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self):
+        """Stops and starts again on the same port, empty."""
+        self.stop()
+        return self.start()
+
+    def kill(self):
+        self.client.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def cmd(self, *args):
+        return self.client.cmd(*args)
+
+    def get_json(self, key):
+        return self.client.get_json(key)
+
+    def set_token(self, uid, token):
+        self.cmd("SET", "utoken_%d" % uid, token)
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+class PostgresServer:
+    """A private PostgreSQL cluster run by the postgres user, reachable on a Unix socket in its temp dir."""
+
+    def __init__(self):
+        self.dir = temp_dir("pg")
+        self.data = os.path.join(self.dir, "data")
+        self.logfile = os.path.join(self.dir, "pg.log")
+        self.port = free_port()
+        self.initialized = False
+        shutil.chown(self.dir, "postgres", "postgres")
+        os.chmod(self.dir, 0o755)   # root's psql needs the socket; postgres needs the data dir
+        at_cleanup(self.kill)
+
+    @property
+    def conninfo(self):
+        return "host=%s port=%d dbname=postgres user=postgres" % (self.dir, self.port)
+
+    def _as_postgres(self, args, timeout=60):
+        return subprocess.run(["runuser", "-u", "postgres", "--"] + args, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, text=True)
+
+    def init(self):
+        r = self._as_postgres([os.path.join(PG_BINDIR, "initdb"), "-D", self.data, "-U", "postgres",
+                               "--auth=trust", "-E", "UTF8", "--locale=C", "-N"], timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError("initdb failed:\n" + r.stdout)
+        self.initialized = True
+        return self
+
+    def start(self, timeout=60):
+        if not self.initialized:
+            self.init()
+        opts = "-k %s -p %d -c listen_addresses='' -c fsync=off -c synchronous_commit=off" % (self.dir, self.port)
+        r = self._as_postgres([os.path.join(PG_BINDIR, "pg_ctl"), "-D", self.data, "-l", self.logfile,
+                               "-w", "-t", str(timeout), "-o", opts, "start"], timeout=timeout + 10)
+        if r.returncode != 0:
+            raise RuntimeError("pg_ctl start failed:\n" + r.stdout + self.log_tail())
+        return self
+
+    def stop(self, mode="fast", timeout=60):
+        r = self._as_postgres([os.path.join(PG_BINDIR, "pg_ctl"), "-D", self.data, "-m", mode, "-w",
+                               "-t", str(timeout), "stop"], timeout=timeout + 10)
+        return r.returncode == 0
+
+    def running(self):
+        return os.path.exists(os.path.join(self.data, "postmaster.pid"))
+
+    def kill(self):
+        if not self.initialized or not self.running():
+            return
+        if not self.stop("immediate", timeout=20):
+            try:
+                with open(os.path.join(self.data, "postmaster.pid")) as f:
+                    os.kill(int(f.readline()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+    def sql(self, query, check=True):
+        """Runs SQL as the superuser; returns psql's unaligned, tuples-only output."""
+        r = subprocess.run(["psql", "-X", "-h", self.dir, "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                            "-v", "ON_ERROR_STOP=1", "-At", "-c", query],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=60, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError("psql failed (%d): %s" % (r.returncode, r.stderr))
+        return r.stdout.strip()
+
+    def load_schema(self):
+        with open(os.path.join(SRCDIR, "contrib", "schema.sql")) as f:
+            self.sql(f.read())
+
+    def log_tail(self, n=20):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+# ---------------------------------------------------------------- processes
+
+def proc_title(pid):
+    """The first NUL-separated field of /proc/PID/cmdline, or None."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return None
+
+
+def proc_stat(pid):
+    """(state, ppid, pgrp) from /proc/PID/stat, or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    st = proc_stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+# ---------------------------------------------------------------- the daemon
+
+class Daemon:
+    """resourced in the foreground (-f) with a private config, run dir, storage root and log file."""
+
+    def __init__(self, workers=2, redis=None, pg=None, settings=None, log_level="info"):
+        self.dir = temp_dir("daemon")
+        self.port = free_port()
+        self.workers = workers
+        self.run_dir = os.path.join(self.dir, "run")
+        self.pid_file = os.path.join(self.run_dir, "resourced.pid")
+        self.root = os.path.join(self.dir, "root")
+        self.conf_path = os.path.join(self.dir, "resourced.conf")
+        self.log_path = os.path.join(self.dir, "daemon.log")
+        self.proc = None
+        self.pgid = None
+        self.log_offset = 0
+        self.settings = {
+            "server": {"listen": "127.0.0.1:%d" % self.port, "workers": str(workers),
+                       "run_dir": self.run_dir, "pid_file": self.pid_file},
+            "storage": {"root": self.root, "fsync": "complete"},
+            "redis": {"host": "127.0.0.1", "port": str(redis.port if redis else free_port())},
+            "postgres": {"conninfo": pg.conninfo if pg else ""},
+            "log": {"level": log_level},
+        }
+        for section, kv in (settings or {}).items():
+            self.settings.setdefault(section, {}).update({k: str(v) for k, v in kv.items()})
+        self.write_config(self.conf_path, self.settings)
+        at_cleanup(self.kill)
+
+    @staticmethod
+    def write_config(path, settings):
+        lines = ["# written by the integration tests"]
+        for section, kv in settings.items():
+            lines.append("[%s]" % section)
+            lines += ["%s = %s" % (k, v) for k, v in kv.items()]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self, timeout=20):
+        logf = open(self.log_path, "ab")
+        self.log_offset = logf.tell()
+        self.proc = subprocess.Popen([RESOURCED_BIN, "-f", "-c", self.conf_path], stdin=subprocess.DEVNULL,
+                                     stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+        self.pgid = self.proc.pid
+        if not wait_for(lambda: self.proc.poll() is not None or self.ping(), timeout, 0.05) or \
+                self.proc.poll() is not None:
+            raise RuntimeError("resourced did not answer 1001 within %d s (exit %r)\n%s"
+                               % (timeout, self.proc.poll(), self.log_tail()))
+        return self
+
+    def ping(self, timeout=2.0):
+        try:
+            with Client(self.port, timeout=timeout) as c:
+                r = c.request(MSG_TEST, {"data": "ready?"}, timeout=timeout)
+                return r.get("error") == 0 and r.get("data") == "ready?"
+        except (OSError, ProtocolError):
+            return False
+
+    @property
+    def master_pid(self):
+        return self.proc.pid if self.proc else None
+
+    def processes(self):
+        """{pid: (title, ppid)} for every live process of this daemon (its process group)."""
+        out = {}
+        if self.pgid is None:
+            return out
+        for pid in all_pids():
+            st = proc_stat(pid)
+            if st and st[2] == self.pgid and st[0] != "Z":
+                out[pid] = (proc_title(pid), st[1])
+        return out
+
+    def by_title(self, title):
+        return sorted(pid for pid, (t, _) in self.processes().items() if t == title)
+
+    def worker_pids(self):
+        return {pid: t for pid, (t, _) in self.processes().items() if t and t.startswith("resourced: worker ")}
+
+    def storage_pid(self):
+        pids = self.by_title("resourced: storage")
+        return pids[0] if len(pids) == 1 else None
+
+    def wait_workers(self, timeout=10):
+        """Waits until the full set of workers and one storage process run; returns the worker pids by title."""
+        def full():
+            w = self.worker_pids()
+            return w if len(w) == self.workers and self.storage_pid() else None
+        return wait_for(full, timeout) or {}
+
+    def log_text(self, since_start=True):
+        try:
+            with open(self.log_path, "rb") as f:
+                if since_start:
+                    f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=25):
+        return "daemon log (last %d lines):\n" % n + "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_count(self, needle):
+        return self.log_text().count(needle)
+
+    def wait_redis_connected(self, timeout=10, since=0):
+        """Waits until every worker and the storage process logged a Redis connection (after `since` earlier ones)."""
+        need = since + self.workers + 1
+        return bool(wait_for(lambda: self.log_count("redis: connected") >= need, timeout, 0.05))
+
+    def send_signal(self, sig):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout=15, sig=signal.SIGTERM):
+        """Sends sig to the master; returns (master exit status, pids still alive after the wait)."""
+        if self.proc is None:
+            return None, []
+        seen = set(self.processes())
+        self.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        left = wait_for(lambda: not [p for p in seen | set(self.processes()) if pid_alive(p)], 5, 0.05)
+        still = [] if left else [p for p in seen | set(self.processes()) if pid_alive(p)]
+        return rc, still
+
+    def kill(self):
+        """SIGKILLs the master and everything in its process group (the cleanup of a failed test)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            # A fast stop first lets the master reap its children; whatever is left then gets SIGKILL.
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(3)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        wait_for(lambda: not self.processes(), 5, 0.05)
+        self.proc = None
+
+    def check_config(self, path):
+        """Runs resourced -t -c path: (exit status, stdout + stderr)."""
+        r = subprocess.run([RESOURCED_BIN, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20, text=True)
+        return r.returncode, r.stdout
+
+
+# ---------------------------------------------------------------- protocol client
+
+class ProtocolError(Exception):
+    pass
+
+
+class ConnectionClosed(ProtocolError):
+    pass
+
+
+HEADER = struct.Struct(">HI")
+
+
+def frame(msg_id, body):
+    """One frame: body is a dict/list (compact JSON), str or bytes."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body, ensure_ascii=False).encode()
+    elif isinstance(body, str):
+        body = body.encode()
+    return HEADER.pack(msg_id, len(body)) + body
+
+
+class Client:
+    """One TCP connection speaking the framed protocol."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.last_raw = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.sock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send(self, msg_id, body):
+        self.sock.sendall(frame(msg_id, body))
+
+    def _fill(self, need, deadline):
+        while len(self.buf) < need:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no complete frame in time (have %d bytes)" % len(self.buf))
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                raise TimeoutError("no complete frame in time (have %d bytes)" % len(self.buf))
+            except ConnectionResetError:
+                raise ConnectionClosed("connection reset by the server")
+            if not data:
+                raise ConnectionClosed("connection closed by the server")
+            self.buf += data
+
+    def recv_frame(self, timeout=10.0):
+        """The next frame as (id, body bytes)."""
+        deadline = time.monotonic() + timeout
+        self._fill(HEADER.size, deadline)
+        msg_id, length = HEADER.unpack(self.buf[:HEADER.size])
+        self._fill(HEADER.size + length, deadline)
+        body = self.buf[HEADER.size:HEADER.size + length]
+        self.buf = self.buf[HEADER.size + length:]
+        return msg_id, body
+
+    def recv_json(self, expect_id, timeout=10.0):
+        msg_id, body = self.recv_frame(timeout)
+        self.last_raw = body
+        if msg_id != expect_id:
+            raise ProtocolError("response id %d, expected %d: %r" % (msg_id, expect_id, body[:300]))
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise ProtocolError("response body is not JSON: %r" % body[:300])
+        if not isinstance(obj, dict):
+            raise ProtocolError("response body is not an object: %r" % body[:300])
+        return obj
+
+    def request(self, msg_id, body, timeout=10.0):
+        """Sends one request and returns the parsed response (whose id must be msg_id + 1)."""
+        self.send(msg_id, body)
+        return self.recv_json(msg_id + 1, timeout)
+
+    def wait_closed(self, timeout):
+        """True once the server closed the connection (EOF or reset) within timeout; data read meanwhile is kept."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                return False
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            if not data:
+                return True
+            self.buf += data
+
+    def is_open(self, wait=0.05):
+        """False when the server has closed the connection (nothing is consumed but pending data)."""
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+
+# ---------------------------------------------------------------- uploads and downloads
+
+class Upload:
+    """A file upload shaped like the Qt client's: chunks from offset 0, seq from 1, trans_size = offset + len."""
+
+    def __init__(self, data, name, uid, token, chunk_size=65536, msg_id=MSG_UPLOAD, md5=None,
+                 total_size=None, as_strings=False, indent=None):
+        self.data = data
+        self.name = name
+        self.uid = uid
+        self.token = token
+        self.chunk_size = chunk_size
+        self.msg_id = msg_id
+        self.md5 = md5 or md5_hex(data)
+        self.total_size = len(data) if total_size is None else total_size
+        self.as_strings = as_strings
+        self.indent = indent
+        self.last_seq = max(1, -(-len(data) // chunk_size))
+        self.responses = []
+
+    def body(self, offset, seq, **override):
+        piece = self.data[offset:offset + self.chunk_size]
+        trans = offset + len(piece)
+        num = (lambda v: str(v)) if self.as_strings else (lambda v: v)
+        b = {"md5": self.md5, "name": self.name, "seq": num(seq), "trans_size": num(trans),
+             "total_size": num(self.total_size), "last": 1 if trans >= len(self.data) else 0,
+             "data": base64.b64encode(piece).decode(), "last_seq": num(self.last_seq),
+             "uid": num(self.uid), "token": self.token}
+        b.update(override)
+        return b
+
+    def frame(self, offset, seq, **override):
+        body = self.body(offset, seq, **override)
+        if self.indent:
+            return frame(self.msg_id, json.dumps(body, indent=self.indent))
+        return frame(self.msg_id, body)
+
+    def next_offset(self, offset):
+        return min(offset + self.chunk_size, len(self.data))
+
+    def send_chunk(self, client, offset, seq, timeout=30.0, **override):
+        client.send_raw(self.frame(offset, seq, **override))
+        r = client.recv_json(self.msg_id + 1, timeout)
+        self.responses.append(r)
+        return r
+
+    def sync(self, client, timeout=30.0):
+        return client.request(MSG_SYNC, {"md5": self.md5, "uid": self.uid, "token": self.token}, timeout)
+
+    def run(self, client, offset=0, seq=1, max_chunks=None, timeout=30.0):
+        """Sends chunks one at a time from (offset, seq) until the last one or an error.
+
+        Returns (last response, next offset, next seq)."""
+        sent = 0
+        r = None
+        while max_chunks is None or sent < max_chunks:
+            r = self.send_chunk(client, offset, seq, timeout)
+            sent += 1
+            if r.get("error") != 0:
+                return r, offset, seq
+            if self.next_offset(offset) >= len(self.data):
+                return r, None, None
+            offset, seq = self.next_offset(offset), seq + 1
+        return r, offset, seq
+
+    def run_pipelined(self, client, window=8, timeout=60.0):
+        """Sends every chunk keeping up to window requests in flight; returns the responses in order."""
+        chunks = []
+        offset, seq = 0, 1
+        while True:
+            chunks.append((offset, seq))
+            if self.next_offset(offset) >= len(self.data):
+                break
+            offset, seq = self.next_offset(offset), seq + 1
+        out = []
+        sent = 0
+        while len(out) < len(chunks):
+            while sent < len(chunks) and sent - len(out) < window:
+                client.send_raw(self.frame(*chunks[sent]))
+                sent += 1
+            out.append(client.recv_json(self.msg_id + 1, timeout))
+        self.responses += out
+        return out
+
+    def complete(self, port, deadline, on_event=None):
+        """Uploads to the end through whatever happens: reconnects, resyncs and retries on 1027,
+        dropped connections, 1012 (starts over) and 1018. Returns the final response, or raises."""
+        offset, seq, started = 0, 1, False
+        events = []
+        while time.monotonic() < deadline:
+            try:
+                with Client(port, timeout=10) as c:
+                    if started:
+                        s = self.sync(c)
+                        events.append(("sync", s.get("error"), s.get("trans_size")))
+                        if s.get("error") == 0:
+                            offset, seq = s["trans_size"], s["seq"] + 1
+                        elif s.get("error") == 1012:
+                            offset, seq = 0, 1
+                        else:
+                            time.sleep(0.05)
+                            continue
+                    while time.monotonic() < deadline:
+                        r = self.send_chunk(c, offset, seq)
+                        started = True
+                        err = r.get("error")
+                        if err == 0:
+                            if self.next_offset(offset) >= len(self.data):
+                                self.events = events
+                                return r
+                            offset, seq = self.next_offset(offset), seq + 1
+                        elif err == 1018:
+                            events.append(("1018", r.get("trans_size")))
+                            offset, seq = r["trans_size"], r["seq"] + 1
+                        elif err == 1012:
+                            events.append(("1012",))
+                            offset, seq = 0, 1
+                        elif err == 1027:
+                            events.append(("1027",))
+                            time.sleep(0.05)
+                            break
+                        else:
+                            raise ProtocolError("upload %s: unexpected answer %r" % (self.name, r))
+            except (OSError, ConnectionClosed, TimeoutError) as e:
+                events.append(("dropped", str(e)))
+                if on_event:
+                    on_event(e)
+                time.sleep(0.05)
+        self.events = events
+        raise TimeoutError("upload %s did not complete in time; events %r" % (self.name, events[-10:]))
+
+
+def download(client, name, uid, token, client_path="/tmp/client/file", max_chunks=1 << 20, timeout=30.0):
+    """Fetches a published file with 1033 from seq 1 until is_last; returns (bytes, responses)."""
+    out = []
+    responses = []
+    seq = 1
+    while seq <= max_chunks:
+        r = client.request(MSG_DOWNLOAD, {"name": name, "seq": seq, "uid": uid, "token": token,
+                                          "client_path": client_path, "trans_size": "0", "total_size": "0"},
+                           timeout)
+        responses.append(r)
+        if r.get("error") != 0:
+            raise ProtocolError("download %s seq %d: %r" % (name, seq, r))
+        out.append(base64.b64decode(r["data"]))
+        if r.get("is_last") is True:
+            return b"".join(out), responses
+        seq += 1
+    raise ProtocolError("download %s: no is_last after %d chunks" % (name, max_chunks))
+
+
+def run_threads(fn, args_list, timeout):
+    """Runs fn(*args) in one thread each; returns [(result, exception)] in order."""
+    results = [(None, TimeoutError("thread did not finish"))] * len(args_list)
+
+    def body(i, args):
+        try:
+            results[i] = (fn(*args), None)
+        except Exception as e:
+            results[i] = (None, e)
+
+    threads = [threading.Thread(target=body, args=(i, a), daemon=True) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return results
