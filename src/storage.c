@@ -905,8 +905,7 @@ static void client_close(struct client *cl)
 		pp = &(*pp)->next;
 	if (*pp)
 		*pp = cl->next;
-	cl->refs++;
-	client_release(cl);
+	client_release(cl);   /* the link's own reference; queued ops hold theirs */
 }
 
 static void client_on_message(struct client *cl, const struct ipc_header *h, const uint8_t *payload)
