@@ -2,8 +2,9 @@
 """Helpers for tests/integration/test_*.py (Python 3.11 standard library only).
 
 Every server a test starts (redis-server, a PostgreSQL cluster, resourced) is
-registered for cleanup: it is killed at exit, on SIGTERM/SIGINT and when the
-script's deadline passes, so that no process outlives a failed test.
+registered for cleanup: it is killed at exit (Ctrl-C included), on SIGTERM or
+SIGHUP, and when the script's deadline passes, so no process outlives a failed test.
+Set RESOURCED_TEST_KEEP=1 to keep the temp dirs (configs, daemon logs) for a post-mortem.
 """
 
 import atexit

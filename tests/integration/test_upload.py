@@ -288,6 +288,45 @@ with tap.section("resent chunks, offsets past the committed size"):
            "answer %r; published: %s" % (r, "no" if on_disk is None else "%d bytes, md5 %s (declared %s)"
                                          % (len(on_disk), h.md5_hex(on_disk), up.md5)))
 
+    # A chunk straddling the committed end (a client that changed its chunk size).
+    for label, garble in (("same bytes", False), ("other bytes in the stored part", True)):
+        up = new_upload(4 * CH, "straddle-%d.bin" % garble, uid=1003)
+        with h.Client(d.port) as c:
+            up.run(c, max_chunks=2)
+            piece = bytearray(up.data[CH + CH // 2:2 * CH + CH // 2])
+            if garble:
+                piece[:16] = b"\x55" * 16
+            r = up.send_chunk(c, 0, 3, data=base64.b64encode(bytes(piece)).decode(),
+                              trans_size=2 * CH + CH // 2, last=0)
+            tap.ok(r.get("error") == 0 and r.get("trans_size") == 2 * CH + CH // 2,
+                   "straddling chunk (%s) is accepted; committed %d" % (label, 2 * CH + CH // 2), repr(r))
+            r, _, _ = up.run(c, 2 * CH + CH // 2, 4)
+        path = published(up.uid, up.name)
+        if not garble:
+            tap.eq(r.get("error"), 0, "upload with a straddling chunk of the same bytes completes")
+            check_published(up, "straddling chunk")
+        else:
+            on_disk = h.read_file(path) if os.path.exists(path) else None
+            tap.ok(r.get("error") == 1024 and on_disk is None,
+                   "a straddling chunk that changed stored bytes ends in 1024, nothing published",
+                   "answer %r; published: %s" % (r, on_disk is not None))
+
+    # A published name is replaced whole by the next upload to it; staging is never visible.
+    first = new_upload(2 * CH + 1, "replaced.bin", uid=1003)
+    upload_whole(first, "first upload to a name")
+    second = new_upload(CH + 7, "replaced.bin", uid=1003)
+    with h.Client(d.port) as c:
+        second.run(c, max_chunks=1)
+        got, _ = h.download(c, "replaced.bin", 1003, USERS[1003])
+        tap.ok(got == first.data, "mid-upload, a download of that name still gets the old file")
+        r = c.request(h.MSG_DOWNLOAD, {"name": "in-progress.bin", "seq": 1, "uid": 1003, "token": USERS[1003]})
+        third = new_upload(2 * CH, "in-progress.bin", uid=1003)
+        third.run(c, max_chunks=1)
+        r = c.request(h.MSG_DOWNLOAD, {"name": "in-progress.bin", "seq": 1, "uid": 1003, "token": USERS[1003]})
+        tap.eq(r.get("error"), 1012, "a download of a name whose first upload is in progress gets 1012")
+        r, _, _ = second.run(c, CH, 2)
+    check_published(second, "second upload to the same name")
+
     up = new_upload(3 * CH, "restart-seq1.bin", uid=1003)
     with h.Client(d.port) as c:
         up.run(c, max_chunks=2)
@@ -499,23 +538,30 @@ with tap.section("Redis outage"):
     tap.eq(r.get("error"), 1027, "a new upload on a new connection gets 1027 while Redis is down")
     r = other.send_chunk(held, 0, 1)
     tap.eq(r.get("error"), 1027, "a new upload on a trusted connection gets 1027 while Redis is down")
+    # The upload in progress may go on (its record trails) or be refused with 1027; either way what was
+    # acknowledged is what the server must report once Redis is back.
+    r = up.send_chunk(held, 2 * CH, 3)
+    tap.ok(r.get("error") in (0, 1027), "chunk 3 of the running upload during the outage: 0 or 1027", repr(r))
+    acked = 3 if r.get("error") == 0 else 2
+    tap.diag("chunk 3 during the outage answered %r" % r.get("error"))
     held.close()
-    connected_before = d.log_count("redis: connected")
     redis.start()   # empty: tokens and records are gone
     tap.eq(redis.cmd("EXISTS", "utoken_1002"), 0, "(Redis came back empty)")
     set_tokens()
-    rec = h.wait_for(lambda: redis.get_json(key), 10)
-    tap.ok(rec and rec.get("trans_size") == 2 * CH and rec.get("seq") == 2 and 0 < redis.cmd("TTL", key),
-           "the storage process records the upload again in the empty Redis", repr(rec))
+    rec = h.wait_for(lambda: (lambda x: x if x and x.get("trans_size") == acked * CH else None)(
+        redis.get_json(key)), 10)
+    tap.ok(rec and rec.get("seq") == acked and 0 < redis.cmd("TTL", key),
+           "the storage process records the upload again in the empty Redis (trans_size %d)" % (acked * CH),
+           repr(redis.get_json(key)))
     def synced():
         with h.Client(d.port, timeout=5) as c:
             s = up.sync(c)
             return s if s.get("error") == 0 else None
     s = h.wait_for(synced, 10, 0.1)
-    tap.ok(s and s.get("trans_size") == 2 * CH and s.get("seq") == 2,
-           "1005 answers 0 with trans_size %d after the restart" % (2 * CH), repr(s))
+    tap.ok(s and s.get("trans_size") == acked * CH and s.get("seq") == acked,
+           "1005 answers 0 with trans_size %d after the restart" % (acked * CH), repr(s))
     with h.Client(d.port) as c:
-        r, _, _ = up.run(c, 2 * CH, 3)
+        r, _, _ = up.run(c, acked * CH, acked + 1)
     tap.eq(r.get("error"), 0, "the upload completes after the Redis restart")
     check_published(up, "upload across a Redis restart")
     other = new_upload(CH + 5, "after-outage.bin", uid=1002)
@@ -544,6 +590,11 @@ with tap.section("avatar"):
            and info.get("icon") == av.name and info.get("email") == "alice@example.org" and info.get("nick") == "nick-alice"
            and info.get("desc") == "desc of alice" and info.get("pwd") == "pw2001" and info.get("sex") == 1,
            "ubaseinfo_2001 is the user row as JSON (uid, pwd, name, email, nick, desc, sex, icon)", repr(info))
+    nobody = new_upload(CH + 3, "ghost.png", uid=1004, msg_id=h.MSG_AVATAR)
+    upload_whole(nobody, "avatar of a uid without a user row")
+    tap.eq(pg.sql("SELECT count(*) FROM \"user\" WHERE icon = 'ghost.png' OR uid = 1004"), "0",
+           "no user row is created or changed for it")
+    tap.ok(d.ping(), "the daemon serves on after an avatar without a user row")
     av2 = new_upload(CH, "no-uid.png", uid=2001, msg_id=h.MSG_AVATAR)
     with h.Client(d.port) as c:
         body = av2.body(0, 1)
@@ -582,8 +633,10 @@ with tap.section("PostgreSQL outage"):
 
 
 # ---------------------------------------------------------------- concurrency
-def upload_thread(up, window=1):
+def upload_thread(up, barrier=None):
     with h.Client(d.port, timeout=60) as c:
+        if barrier:
+            barrier.wait(30)   # every client connected: start together
         r, _, _ = up.run(c, timeout=60)
     return r
 
@@ -596,9 +649,10 @@ with tap.section("concurrent uploads"):
     check_published(a, "concurrent a")
     check_published(b, "concurrent b")
 
-    ups = [new_upload(rand.randrange(1, 6 * CH), "many-%02d.bin" % i, uid=1001 + i % 4) for i in range(32)]
+    ups = [new_upload(rand.randrange(2 * CH, 12 * CH), "many-%02d.bin" % i, uid=1001 + i % 4) for i in range(32)]
     t0 = time.monotonic()
-    res = h.run_threads(upload_thread, [(u,) for u in ups], 90)
+    barrier = threading.Barrier(len(ups))
+    res = h.run_threads(upload_thread, [(u, barrier) for u in ups], 90)
     tap.ok(all(e is None and r.get("error") == 0 for r, e in res),
            "32 concurrent uploads complete (%.1f s)" % (time.monotonic() - t0),
            repr([(u.name, r, e) for u, (r, e) in zip(ups, res) if e or r.get("error")][:5]))
@@ -626,6 +680,11 @@ with tap.section("storage killed during 8 uploads"):
         except Exception as e:
             results[i] = e
 
+    # One more upload sits idle with 3 acknowledged chunks: the crash must not lose them.
+    quiet = new_upload(5 * CH + 99, "crash-quiet.bin", uid=1004)
+    with h.Client(d.port) as c:
+        r, _, _ = quiet.run(c, max_chunks=3)
+    tap.eq(r.get("error"), 0, "3 chunks of an idle upload acknowledged before the crash")
     threads = [threading.Thread(target=crash_thread, args=(i,), daemon=True) for i in range(len(ups))]
     for t in threads:
         t.start()
@@ -639,6 +698,18 @@ with tap.section("storage killed during 8 uploads"):
     for t in threads:
         t.join(max(0, deadline - time.monotonic()))
     tap.ok(d.storage_pid() not in (None, old), "a new storage process runs")
+    with h.Client(d.port) as c:
+        s = h.wait_for(lambda: (lambda x: x if x.get("error") != 1027 else None)(quiet.sync(c)), 10, 0.05)
+    tap.ok(s and s.get("error") == 0 and s.get("trans_size") == 3 * CH and s.get("seq") == 3,
+           "after the crash 1005 still reports the 3 acknowledged chunks of the idle upload", repr(s))
+    rec = h.wait_for(lambda: (lambda x: x if x and x.get("trans_size") == 3 * CH else None)(
+        redis.get_json(record_key(quiet.uid, quiet.md5))), 10, 0.05)
+    tap.ok(rec and rec.get("seq") == 3 and 0 < redis.cmd("TTL", record_key(quiet.uid, quiet.md5)),
+           "the new storage process records the recovered upload in Redis", repr(rec))
+    with h.Client(d.port) as c:
+        r, _, _ = quiet.run(c, 3 * CH, 4)
+    tap.eq(r.get("error"), 0, "the idle upload completes after the crash")
+    check_published(quiet, "idle upload across the crash")
     errors = [(u.name, r) for u, r in zip(ups, results) if not isinstance(r, dict) or r.get("error") != 0]
     tap.eq(errors, [], "every client completes after retrying (1027 or dropped, then 1005)")
     disrupted = sum(1 for u in ups if any(e[0] in ("1027", "dropped") for e in getattr(u, "events", [])))
