@@ -3,6 +3,7 @@ import base64
 import glob
 import json
 import os
+import stat
 import signal
 import sys
 import threading
@@ -88,6 +89,10 @@ def check_published(up, what):
     good = data == up.data and h.file_md5(path) == up.md5
     tap.ok(good, "%s: published file identical (%d bytes, md5 %s)" % (what, len(up.data), up.md5),
            "on disk %d bytes md5 %s" % (len(data), h.md5_hex(data)))
+    modes = (stat.S_IMODE(os.stat(path).st_mode), stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode))
+    tap.ok(modes[0] & 0o027 == 0 and modes[1] & 0o027 == 0,
+           "%s: file and directory are not group-writable or world-accessible (0640/0750)" % what,
+           "modes %o %o" % modes)
     gone = h.wait_for(lambda: redis.cmd("EXISTS", record_key(up.uid, up.md5)) == 0, 5)
     tap.ok(gone and not staging_files(up.uid, up.md5),
            "%s: upload record and staging files are gone" % what,
@@ -595,6 +600,10 @@ with tap.section("avatar"):
     tap.eq(pg.sql("SELECT count(*) FROM \"user\" WHERE icon = 'ghost.png' OR uid = 1004"), "0",
            "no user row is created or changed for it")
     tap.ok(d.ping(), "the daemon serves on after an avatar without a user row")
+    quoted = new_upload(CH + 5, "bob's \"face\"; DROP TABLE user;--.png", uid=2003, msg_id=h.MSG_AVATAR)
+    upload_whole(quoted, "avatar whose name holds SQL quotes")
+    icon = h.wait_for(lambda: icon_of(2003) == quoted.name and icon_of(2003), 10, 0.1)
+    tap.eq(icon, quoted.name, "a name with quotes reaches \"user\".icon unchanged (parameters, not SQL text)")
     av2 = new_upload(CH, "no-uid.png", uid=2001, msg_id=h.MSG_AVATAR)
     with h.Client(d.port) as c:
         body = av2.body(0, 1)
