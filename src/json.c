@@ -31,6 +31,21 @@ size_t json_utf8_seq(const uint8_t *p, size_t left)
 	return n;
 }
 
+/* The value of 4 hex digits, or 0x110000 when they are not hex (yajl reports those). */
+static unsigned hex4(const uint8_t *p)
+{
+	unsigned v = 0;
+	for (int k = 0; k < 4; k++) {
+		uint8_t c = p[k];
+		unsigned d = c >= '0' && c <= '9' ? (unsigned)(c - '0') : c >= 'a' && c <= 'f' ? (unsigned)(c - 'a' + 10)
+		    : c >= 'A' && c <= 'F' ? (unsigned)(c - 'A' + 10) : 16;
+		if (d == 16)
+			return 0x110000;
+		v = v << 4 | d;
+	}
+	return v;
+}
+
 /* What yajl lets through but we must not: comments (they hide brackets from the depth count),
  * nesting that yajl would free recursively, and non-shortest or out-of-range UTF-8; it also
  * notes \\u0000 escapes, which json_parse_object turns into U+0001. */
@@ -55,8 +70,21 @@ static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_esca
 				continue;
 			}
 			if (c == '\\') {
-				if (len - i >= 6 && memcmp(p + i + 1, "u0000", 5) == 0)
-					*has_nul_escape = 1;
+				if (len - i >= 6 && p[i + 1] == 'u') {
+					unsigned cp = hex4(p + i + 2);
+					if (cp == 0)
+						*has_nul_escape = 1;
+					if (cp >= 0xdc00 && cp <= 0xdfff)
+						return "body is not valid JSON (unpaired surrogate escape)";
+					if (cp >= 0xd800 && cp <= 0xdbff) {
+						/* yajl would turn a lone high surrogate into '?': two names, one file. */
+						unsigned low = len - i >= 12 && p[i + 6] == '\\' && p[i + 7] == 'u' ? hex4(p + i + 8) : 0;
+						if (low < 0xdc00 || low > 0xdfff)
+							return "body is not valid JSON (unpaired surrogate escape)";
+						i += 12;
+						continue;
+					}
+				}
 				i += 2;
 				continue;
 			}
@@ -77,7 +105,7 @@ static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_esca
 	return NULL;
 }
 
-yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen)
+static yajl_val json_parse(const uint8_t *body, size_t len, int nul_as_control, char *err, size_t errlen)
 {
 	if (memchr(body, '\0', len) != NULL) {
 		snprintf(err, errlen, "body contains a NUL byte");
@@ -85,6 +113,8 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 	}
 	int has_nul_escape = 0;
 	const char *why = json_precheck(body, len, &has_nul_escape);
+	if (why == NULL && has_nul_escape && !nul_as_control)
+		why = "strings may not contain \\u0000";
 	if (why != NULL) {
 		snprintf(err, errlen, "%s", why);
 		return NULL;
@@ -122,6 +152,16 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 		return NULL;
 	}
 	return v;
+}
+
+yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen)
+{
+	return json_parse(body, len, 0, err, errlen);
+}
+
+yajl_val json_parse_request(const uint8_t *body, size_t len, char *err, size_t errlen)
+{
+	return json_parse(body, len, 1, err, errlen);
 }
 
 yajl_val json_member(yajl_val obj, const char *key)

@@ -13,10 +13,15 @@
 
 enum json_field { JSON_FIELD_OK = 0, JSON_FIELD_MISSING = -1, JSON_FIELD_BAD = -2 };
 
-/* Parses one JSON object (the whole body). Rejects NUL bytes, invalid UTF-8,
- * nesting deeper than JSON_MAX_DEPTH, and anything that is not an object.
- * Returns NULL with a reason in err. Free with yajl_tree_free(). */
+/* Parses one JSON object (the whole body). Rejects NUL bytes and \u0000, invalid
+ * UTF-8 and unpaired surrogate escapes, comments, nesting deeper than
+ * JSON_MAX_DEPTH, and anything that is not an object. Returns NULL with a
+ * reason in err. Free with yajl_tree_free(). */
 yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t errlen);
+/* The same for requests whose fields are checked afterwards: \u0000 is read as
+ * U+0001, a control character every field check refuses (a name with NUL gets
+ * 1023 instead of being cut short at the NUL). */
+yajl_val json_parse_request(const uint8_t *body, size_t len, char *err, size_t errlen);
 
 /* Length of one well-formed UTF-8 sequence at p (no overlongs, surrogates or > U+10FFFF), else 0. */
 size_t json_utf8_seq(const uint8_t *p, size_t left);

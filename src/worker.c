@@ -81,16 +81,24 @@ struct conn {
 	uint64_t auth_uid;
 	uint8_t auth_token_hash[crypto_generichash_BYTES];
 	ev_tstamp auth_until;
-	/* The published file being downloaded, kept open so that a replacement mid-download is not mixed in. */
-	int dl_fd;
-	uint64_t dl_uid;
-	char dl_name[PROTO_NAME_MAX + 1];
-	uint64_t dl_size;
+	/* Published files being downloaded, kept open so that a replacement mid-download is not mixed in. */
+	struct dl_file *dl;           /* DL_CACHE entries, allocated by the first download */
+	uint32_t dl_tick;
 	struct request req;
 	int xfer;                     /* download entry in the stats transfer table, -1 if none */
 	char xfer_md5[PROTO_MD5_HEX + 1];   /* the upload whose duration is being timed */
 	ev_tstamp xfer_start;
 	char peer[64];
+};
+
+/* A file a connection is downloading: later chunks read the inode chunk 1 opened. */
+#define DL_CACHE 4
+struct dl_file {
+	int fd;                       /* -1: free */
+	uint64_t uid;
+	uint64_t size;
+	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
+	char name[PROTO_NAME_MAX + 1];
 };
 
 struct storage_link {
@@ -133,6 +141,7 @@ struct download_job {
 	struct worker *w;
 	uint64_t reqid;
 	int fd;                       /* the file to read; -1: open path */
+	int borrowed_fd;              /* fd lent by the connection's cache, -1 if none (loop-owned) */
 	int opened;                   /* fd was opened by this job */
 	int orphaned;                 /* the connection went away: close fd when done */
 	char path[1024];
@@ -308,12 +317,55 @@ static void conn_table_remove(struct worker *w, struct conn *c)
 
 /* ---------------------------------------------------------------- connection I/O */
 
-static void conn_close_download(struct conn *c)
+static struct dl_file *dl_find(struct conn *c, uint64_t uid, const char *name, size_t name_len)
 {
-	if (c->dl_fd >= 0)
-		close(c->dl_fd);
-	c->dl_fd = -1;
-	c->dl_name[0] = '\0';
+	for (int i = 0; c->dl && i < DL_CACHE; i++) {
+		struct dl_file *f = &c->dl[i];
+		if (f->fd >= 0 && f->uid == uid && strlen(f->name) == name_len && memcmp(f->name, name, name_len) == 0)
+			return f;
+	}
+	return NULL;
+}
+
+/* Keeps fd open for (uid, name), replacing an older view of that name or the least recently read file. */
+static void dl_remember(struct conn *c, int fd, uint64_t uid, const char *name, size_t name_len, uint64_t size)
+{
+	if (c->dl == NULL) {
+		c->dl = malloc(DL_CACHE * sizeof(*c->dl));
+		if (c->dl == NULL) {
+			close(fd);
+			return;
+		}
+		for (int i = 0; i < DL_CACHE; i++)
+			c->dl[i].fd = -1;
+	}
+	struct dl_file *f = dl_find(c, uid, name, name_len);   /* a newer view of the same name */
+	for (int i = 0; f == NULL && i < DL_CACHE; i++)
+		if (c->dl[i].fd < 0)
+			f = &c->dl[i];
+	if (f == NULL) {
+		f = &c->dl[0];
+		for (int i = 1; i < DL_CACHE; i++)
+			if (c->dl[i].used < f->used)
+				f = &c->dl[i];
+	}
+	if (f->fd >= 0)
+		close(f->fd);
+	f->fd = fd;
+	f->uid = uid;
+	f->size = size;
+	f->used = ++c->dl_tick;
+	snprintf(f->name, sizeof(f->name), "%.*s", (int)name_len, name);
+}
+
+/* Closes every kept file except keep_fd (a disk thread may still be reading that one). */
+static void conn_close_download(struct conn *c, int keep_fd)
+{
+	for (int i = 0; c->dl && i < DL_CACHE; i++)
+		if (c->dl[i].fd >= 0 && c->dl[i].fd != keep_fd)
+			close(c->dl[i].fd);
+	free(c->dl);
+	c->dl = NULL;
 }
 
 static void conn_close(struct conn *c, const char *why)
@@ -323,13 +375,13 @@ static void conn_close(struct conn *c, const char *why)
 		log_debug("%s: closed: %s", c->peer, why);
 	ev_io_stop(w->loop, &c->io);
 	ev_timer_stop(w->loop, &c->timer);
+	int job_fd = -1;
 	if (c->req.job) {
-		/* A disk thread may be reading dl_fd: the job closes it when it is done. */
+		/* A disk thread may be reading its file: the job closes it when it is done. */
 		c->req.job->orphaned = 1;
-		if (!c->req.job->opened)
-			c->dl_fd = -1;
+		job_fd = c->req.job->borrowed_fd;
 	}
-	conn_close_download(c);
+	conn_close_download(c, job_fd);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
 	close(c->fd);
@@ -872,13 +924,8 @@ static void download_done(struct pool_job *job)
 	}
 	c->req.job = NULL;
 	const struct proto_download *d = &c->req.u.download;
-	if (j->opened) {
-		conn_close_download(c);
-		c->dl_fd = j->fd;
-		c->dl_uid = d->cred.uid;
-		snprintf(c->dl_name, sizeof(c->dl_name), "%.*s", (int)d->name_len, d->name);
-		c->dl_size = j->size;
-	}
+	if (j->opened)
+		dl_remember(c, j->fd, d->cred.uid, d->name, d->name_len, j->size);
 	if (j->error) {
 		char msg[128];
 		snprintf(msg, sizeof(msg), j->error == ERR_FILE_NOT_EXISTS ? "name: no such file" :
@@ -937,11 +984,13 @@ static void download_start(struct conn *c)
 	j->want = chunk;
 	j->offset = (d->seq - 1) * (uint64_t)chunk;
 	j->fd = -1;
-	/* Later chunks of the same file read the inode the first chunk opened. */
-	if (d->seq > 1 && c->dl_fd >= 0 && c->dl_uid == d->cred.uid &&
-	    strlen(c->dl_name) == d->name_len && memcmp(c->dl_name, d->name, d->name_len) == 0) {
-		j->fd = c->dl_fd;
-		j->size = c->dl_size;
+	j->borrowed_fd = -1;
+	/* Later chunks of a file read the inode its first chunk opened; chunk 1 looks afresh. */
+	struct dl_file *f = d->seq > 1 ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+	if (f != NULL) {
+		j->fd = j->borrowed_fd = f->fd;
+		j->size = f->size;
+		f->used = ++c->dl_tick;
 	}
 	snprintf(j->path, sizeof(j->path), "%s/%" PRIu64 "/%.*s", w->conf->root, d->cred.uid,
 	    (int)d->name_len, d->name);
@@ -1002,7 +1051,9 @@ static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint3
 		respond_error(c, id, ERR_MSG_ID, msg);
 		return;
 	}
-	yajl_val tree = json_parse_object(body, len, msg, sizeof(msg));
+	/* 1001 echoes its data: it must come back unchanged or be refused. */
+	yajl_val tree = id == MSG_TEST ? json_parse_object(body, len, msg, sizeof(msg))
+	    : json_parse_request(body, len, msg, sizeof(msg));
 	if (tree == NULL) {
 		respond_error(c, id, ERR_JSON, msg);
 		return;
@@ -1130,7 +1181,6 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c->w = w;
 	c->fd = fd;
-	c->dl_fd = -1;
 	c->xfer = -1;
 	c->awaiting_proxy = w->conf->proxy_protocol;
 	STAT_INC(conn_total);

@@ -190,7 +190,9 @@ START_TEST(test_get_str_escaped_nul)
 	 * escaped backslash before "u0000" is ordinary text and stays as it is. */
 	char err[256];
 	const char *body = "{\"s\": \"ab\\u0000cd\", \"t\": \"x\\\\u0000\"}";
-	yajl_val v = parse_len(body, strlen(body), err, sizeof(err));
+	ck_assert_ptr_null(parse_len(body, strlen(body), err, sizeof(err)));   /* plain objects refuse it */
+	unit_assert_contains(err, "u0000");
+	yajl_val v = json_parse_request((const uint8_t *)body, strlen(body), err, sizeof(err));
 	ck_assert_msg(v != NULL, "refused: %s", err);
 	const char *s = NULL;
 	size_t len = 0;
@@ -199,6 +201,27 @@ START_TEST(test_get_str_escaped_nul)
 	ck_assert_mem_eq(s, "ab\x01" "cd", 5);
 	ck_assert_int_eq(json_get_str(v, "t", &s, &len), JSON_FIELD_OK);
 	ck_assert_str_eq(s, "x\\u0000");
+	yajl_tree_free(v);
+}
+END_TEST
+
+START_TEST(test_unpaired_surrogates)
+{
+	char err[256];
+	static const char *const bad[] = {
+		"{\"s\": \"x\\ud800y\"}", "{\"s\": \"x\\udc00\"}", "{\"s\": \"\\ud800\\u0041\"}", "{\"s\": \"\\uDBFF\"}",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		ck_assert_msg(parse_len(bad[i], strlen(bad[i]), err, sizeof(err)) == NULL, "accepted %s", bad[i]);
+		unit_assert_contains(err, "surrogate");
+	}
+	const char *good = "{\"s\": \"\\ud83d\\ude00\"}";   /* a pair: U+1F600 */
+	yajl_val v = parse_len(good, strlen(good), err, sizeof(err));
+	ck_assert_msg(v != NULL, "refused a surrogate pair: %s", err);
+	const char *s;
+	size_t len;
+	ck_assert_int_eq(json_get_str(v, "s", &s, &len), JSON_FIELD_OK);
+	ck_assert_mem_eq(s, "\xf0\x9f\x98\x80", 4);
 	yajl_tree_free(v);
 }
 END_TEST
@@ -575,6 +598,7 @@ static Suite *json_suite(void)
 	tcase_add_test(tc, test_get_str);
 	tcase_add_test(tc, test_get_str_escaped_nul);
 	tcase_add_test(tc, test_get_flag);
+	tcase_add_test(tc, test_unpaired_surrogates);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("parse");
 	tcase_add_test(tc, test_parse_rejects_non_objects);
