@@ -422,8 +422,18 @@ static void master_on_stop_timeout(struct ev_loop *loop, ev_timer *t, int revent
 
 static void master_stop(struct master *m, int graceful)
 {
-	if (m->stopping)
+	if (m->stopping == 1 || (m->stopping == 2 && graceful))
 		return;
+	if (m->stopping == 2) {
+		/* TERM during a graceful stop: stop now. */
+		log_info("fast stop requested during a graceful stop");
+		m->stopping = 1;
+		master_signal_role(m, ROLES_ALL, SIGTERM);
+		ev_timer_stop(m->loop, &m->stop_timer);
+		ev_timer_set(&m->stop_timer, STOP_TIMEOUT, 0.);
+		ev_timer_start(m->loop, &m->stop_timer);
+		return;
+	}
 	m->stopping = graceful ? 2 : 1;
 	sd_notify(0, "STOPPING=1");
 	control_set_draining(m->control, 1);
@@ -499,7 +509,8 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	m->conf = next;
 	control_set_conf(m->control, next);
 	m->generation++;
-	/* Old workers retire: they stop accepting and finish what is in flight. */
+	/* Old workers retire (USR2): they stop accepting and serve their clients until
+	 * these leave or shutdown_timeout passes; new connections go to the new workers. */
 	for (int i = 1; i < STATS_MAX_SLOTS; i++) {
 		struct proc *p = &m->procs[i];
 		if (p->state != PROC_RUNNING)
@@ -507,7 +518,7 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		ev_timer_stop(m->loop, &p->respawn);
 		if (p->pid > 0) {
 			p->state = PROC_RETIRING;
-			kill(p->pid, SIGQUIT);
+			kill(p->pid, SIGUSR2);
 		} else {
 			p->state = PROC_FREE;
 		}
@@ -625,6 +636,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	    conf->workers, conf->listen_host, conf->listen_port);
 
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGUSR2, SIG_IGN);   /* tells a worker to retire; meaningless to the master */
 	ev_signal *sigs[] = { &m.sig_term, &m.sig_int, &m.sig_quit, &m.sig_hup, &m.sig_usr1 };
 	int signums[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 };
 	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {

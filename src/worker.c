@@ -117,8 +117,8 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
-	int draining;                 /* QUIT: no new connections, finish and exit */
+	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
+	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
 	struct conn **conns;          /* table indexed by conn->slot */
 	uint32_t conns_cap;
@@ -1244,22 +1244,23 @@ static void worker_on_drain_timeout(struct ev_loop *loop, ev_timer *t, int reven
 	ev_break(loop, EVBREAK_ALL);
 }
 
-/* QUIT: stop accepting, close idle connections, let the rest finish their request. */
-static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
+/* Stops accepting; the loop ends once the last connection closes. */
+static void worker_stop_accepting(struct worker *w)
 {
-	(void)revents;
-	struct worker *w = s->data;
-	if (w->draining)
-		return;
 	w->draining = 1;
-	log_info("graceful stop: %u connections open", w->nconns);
-	ev_io_stop(loop, &w->accept_io);
-	ev_timer_stop(loop, &w->accept_pause);
+	ev_io_stop(w->loop, &w->accept_io);
+	ev_timer_stop(w->loop, &w->accept_pause);
 	close(w->listen_fd);
-	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, w->conf->shutdown_timeout, 0.);
-	ev_timer_start(loop, &w->drain_timer);
+}
+
+/* Closes idle connections now and the others right after the answer they wait for. */
+static void worker_close_connections(struct worker *w, double grace)
+{
+	ev_timer_stop(w->loop, &w->drain_timer);
+	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, grace, 0.);
+	ev_timer_start(w->loop, &w->drain_timer);
 	if (w->nconns == 0) {
-		ev_break(loop, EVBREAK_ALL);
+		ev_break(w->loop, EVBREAK_ALL);
 		return;
 	}
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
@@ -1272,6 +1273,50 @@ static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
 		else
 			conn_update_io(c);
 	}
+}
+
+/* QUIT: stop accepting, close idle connections, let the rest finish their request. */
+static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct worker *w = s->data;
+	if (w->draining == 2)
+		return;
+	log_info("graceful stop: %u connections open", w->nconns);
+	if (!w->draining)
+		worker_stop_accepting(w);
+	w->draining = 2;
+	worker_close_connections(w, w->conf->shutdown_timeout);
+}
+
+static void worker_on_retire_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct worker *w = t->data;
+	log_info("retiring: %u clients still connected after shutdown_timeout: closing them", w->nconns);
+	w->draining = 2;
+	worker_close_connections(w, 5.0);
+}
+
+/* USR2 (a reload replaced this worker): no new connections, but the open ones are
+ * served until their clients leave, so no request fails; shutdown_timeout bounds it. */
+static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)revents;
+	struct worker *w = s->data;
+	if (w->draining)
+		return;
+	log_info("retiring: %u connections open", w->nconns);
+	worker_stop_accepting(w);
+	if (w->nconns == 0) {
+		ev_break(loop, EVBREAK_ALL);
+		return;
+	}
+	ev_timer_init(&w->drain_timer, worker_on_retire_timeout, w->conf->shutdown_timeout, 0.);
+	w->drain_timer.data = w;
+	ev_timer_start(loop, &w->drain_timer);
 }
 
 static void worker_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
@@ -1336,6 +1381,9 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	ev_signal_init(&w->sig_quit, worker_on_quit, SIGQUIT);
 	w->sig_quit.data = w;
 	ev_signal_start(w->loop, &w->sig_quit);
+	ev_signal_init(&w->sig_usr2, worker_on_retire, SIGUSR2);
+	w->sig_usr2.data = w;
+	ev_signal_start(w->loop, &w->sig_usr2);
 	ev_signal_init(&w->sig_usr1, worker_on_usr1, SIGUSR1);
 	ev_signal_start(w->loop, &w->sig_usr1);
 	signal(SIGPIPE, SIG_IGN);
