@@ -525,7 +525,8 @@ static void agent_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	int weight;
 	const char *state = service_state(c, &weight);
 	char line[64];
-	int n = strcmp(state, "up") == 0 ? snprintf(line, sizeof(line), "up %d%%\n", weight)
+	/* HAProxy leaves DRAIN only on "ready"; "up" alone would keep a re-enabled server drained. */
+	int n = strcmp(state, "up") == 0 ? snprintf(line, sizeof(line), "up ready %d%%\n", weight)
 	    : snprintf(line, sizeof(line), "%s\n", state);
 	ssize_t w = send(fd, line, (size_t)n, MSG_NOSIGNAL);
 	(void)w;

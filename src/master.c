@@ -204,6 +204,13 @@ static void drop_privileges(const struct conf *conf)
 	make_owned_dir(conf->root, pw->pw_uid, gid);
 	if (chown(conf->run_dir, pw->pw_uid, gid) < 0)
 		fatal("chown(%s) failed", conf->run_dir);
+	/* Sockets bound as root must stay usable by the processes that now run as the user. */
+	char sock[600];
+	snprintf(sock, sizeof(sock), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
+	if (chown(sock, pw->pw_uid, gid) < 0)
+		fatal("chown(%s) failed", sock);
+	if (conf->stats_socket[0] && chown(conf->stats_socket, pw->pw_uid, gid) < 0)
+		fatal("chown(%s) failed", conf->stats_socket);
 	if (setgid(gid) < 0 || initgroups(conf->user, gid) < 0 || setuid(pw->pw_uid) < 0)
 		fatal("cannot switch to user %s", conf->user);
 	log_info("running as %s", conf->user);
@@ -505,6 +512,8 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	int storage_same = conf_storage_equal(m->conf, next);
 	if (log_open(next->log_file, next->log_level, m->foreground, err, sizeof(err)) < 0)
 		log_warnx("reload: %s (keeping the old log)", err);
+	if (strcmp(next->access_log, m->conf->access_log) != 0 && access_log_open(next->access_log, err, sizeof(err)) < 0)
+		log_warnx("reload: %s (no access log)", err);
 	struct conf *old = m->conf;
 	m->conf = next;
 	control_set_conf(m->control, next);
@@ -611,6 +620,9 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	if (master_bind_all(&m, conf, 0, err, sizeof(err)) < 0)
 		fatalx("%s", err);
 	m.storage_fd = bind_storage_socket(conf);
+	/* Opened before privileges drop, like the log: workers inherit the descriptor. */
+	if (access_log_open(conf->access_log, err, sizeof(err)) < 0)
+		fatalx("%s", err);
 
 	m.loop = ev_default_loop(EVFLAG_AUTO);
 	if (m.loop == NULL)

@@ -19,6 +19,7 @@
 	X(conn_rejected, "counter", "Connections closed at once: max_connections")  \
 	X(frames_in, "counter", "Request frames received")                          \
 	X(frames_out, "counter", "Response frames sent")                            \
+	X(frames_oversize, "counter", "Connections closed for a frame over max_frame") \
 	X(bytes_in, "counter", "Bytes received from clients")                       \
 	X(bytes_out, "counter", "Bytes sent to clients")                            \
 	X(uploads_started, "counter", "Uploads started (chunk 1 stored)")           \

@@ -91,6 +91,7 @@ struct upload {
 	int retired;                  /* out of the table; freed when pins reach 0 */
 	int record_inflight, record_dirty;
 	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
+	int published;                /* moved to its final path: the staging file is gone */
 	int xfer;                     /* entry in the stats transfer table, -1 if none */
 	/* The disk job of the running op. */
 	struct pool_job job;
@@ -440,6 +441,8 @@ static void work_complete(struct upload *up)
 	} else {
 		MD5End(&up->md5, digest);
 	}
+	/* The running hash is used up: should publishing fail below, a resent last chunk re-reads the file. */
+	up->hash_dirty = 1;
 	char part[700], meta[700];
 	staging_path(st, &up->key, "part", part, sizeof(part));
 	staging_path(st, &up->key, "meta", meta, sizeof(meta));
@@ -464,10 +467,14 @@ static void work_complete(struct upload *up)
 	if (conf->fsync_policy != FSYNC_NONE)
 		fsync_dir(dir);
 	unlink(meta);
+	up->published = 1;
 	if (up->kind == UPLOAD_AVATAR) {
 		int err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
-		if (err)
-			log_warnx("cannot queue the icon update of uid %" PRIu64 ": %s", up->key.uid, strerror(err));
+		if (err) {
+			/* The client hears of it: an icon update that is not on disk could be lost. */
+			up->work_errno = err;
+			up->work_error = ERR_WRITE_PERMISSION;
+		}
 	}
 }
 
@@ -634,8 +641,17 @@ static void upload_work_done(struct pool_job *job)
 			upload_retire(up);
 			return;
 		}
-		snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" : "cannot store the file",
-		    strerror(up->work_errno));
+		snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
+		    up->published ? "file stored but its icon update could not be queued; upload it again" :
+		    "cannot store the file", strerror(up->work_errno));
+		if (up->published) {
+			log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
+			record_delete(up);
+			upload_pop(up);
+			op_answer(op, error, msg, NULL);
+			upload_retire(up);
+			return;
+		}
 		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
 		if (up->work == WORK_START)
 			up->exists = 0;   /* a failed start leaves nothing to resume */
@@ -841,21 +857,16 @@ static void storage_recover(struct storage *st)
 		up->kind = (int)kind;
 		up->total_size = total;
 		up->chunk_len = chunk;
-		/* Keep whole chunks only: a torn last write was never acknowledged. */
+		/* Chunks are written in order with no gaps, so the file is a prefix of the upload:
+		 * every byte in it counts, acknowledged or not (a torn write leaves a shorter prefix).
+		 * A complete file was not published, so its last chunk was never acknowledged:
+		 * hold back one byte, and the resent last chunk completes it. */
 		uint64_t size = (uint64_t)sb.st_size;
-		up->seq = chunk ? size / chunk : 0;
+		up->committed = size < total ? size : (total > 0 ? total - 1 : 0);
+		up->seq = chunk ? up->committed / chunk : 0;
 		if (up->seq == 0)
 			up->seq = 1;
-		up->committed = chunk ? up->seq * chunk : 0;
-		if (up->committed > size || up->committed >= total) {
-			up->seq = chunk && size > 0 ? (size - 1) / chunk : 0;
-			if (up->seq == 0)
-				up->seq = 1;
-			up->committed = chunk ? up->seq * chunk : 0;
-		}
-		if (up->committed > size)
-			up->committed = size;
-		if (truncate(part, (off_t)up->committed) < 0)
+		if (up->committed < size && truncate(part, (off_t)up->committed) < 0)
 			log_warn("truncate(%s) failed", part);
 		up->touched = sb.st_mtime;
 		up->hash_dirty = 1;

@@ -66,7 +66,6 @@ struct conn {
 	struct worker *w;
 	int fd;
 	uint32_t slot;                /* index in the worker's connection table */
-	uint32_t op_seq;              /* bumped for every async step: stale answers are dropped */
 	ev_io io;
 	ev_timer timer;               /* idle, frame and dependency timeouts */
 	struct buf in, out;
@@ -125,6 +124,7 @@ struct worker {
 	uint32_t *free_slots;
 	uint32_t nfree;
 	uint32_t nconns;
+	uint32_t op_seq;              /* tags every async step; with the slot it forms a reqid */
 	struct storage_link storage;
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
@@ -162,7 +162,8 @@ static void storage_connect(struct worker *w);
 
 /* ---------------------------------------------------------------- responses */
 
-static void conn_flush(struct conn *c)
+/* Sends what it can; returns -1 when the connection was closed (c is gone). */
+static int conn_flush(struct conn *c)
 {
 	while (buf_len(&c->out) > 0) {
 		ssize_t n = send(c->fd, buf_head(&c->out), buf_len(&c->out), MSG_NOSIGNAL);
@@ -175,13 +176,14 @@ static void conn_flush(struct conn *c)
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			break;
 		conn_close(c, "write failed");
-		return;
+		return -1;
 	}
 	if (buf_len(&c->out) == 0 && c->closing && !c->busy) {
 		conn_close(c, NULL);
-		return;
+		return -1;
 	}
 	conn_update_io(c);
+	return 0;
 }
 
 /* Queues one response frame with the writer's current JSON as body. */
@@ -237,7 +239,7 @@ static void respond_chunk(struct conn *c, int error, const char *message, uint64
 	json_put_str(jw, "name", ch->name, ch->name_len);
 	json_put_int(jw, "trans_size", (int64_t)trans_size);
 	json_put_int(jw, "last", ch->last);
-	json_put_str(jw, "md5", ch->md5, PROTO_MD5_HEX);
+	json_put_str(jw, "md5", ch->md5, strlen(ch->md5));   /* empty when md5 itself was refused */
 	json_put_int(jw, "uid", (int64_t)ch->cred.uid);
 	if (c->req.id == MSG_AVATAR)
 		json_put_int(jw, "last_seq", (int64_t)ch->last_seq);
@@ -267,8 +269,9 @@ static void respond_request_error(struct conn *c, int error, const char *message
 
 static uint64_t conn_next_reqid(struct conn *c)
 {
-	c->op_seq++;
-	c->req.reqid = (uint64_t)c->op_seq << 32 | c->slot;
+	/* Worker-wide, not per connection: a slot reused by a new connection must never
+	 * receive an answer (a token check above all) owed to the one before it. */
+	c->req.reqid = (uint64_t)++c->w->op_seq << 32 | c->slot;
 	return c->req.reqid;
 }
 
@@ -468,8 +471,11 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	(void)loop;
 	struct conn *c = io->data;
 	if (revents & EV_WRITE) {
-		conn_flush(c);
-		return;   /* conn may be gone; a readable socket fires again */
+		/* Frames that waited for the client to read its answers go on now. */
+		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 &&
+		    buf_len(&c->out) < (size_t)c->w->conf->output_cap)
+			conn_process(c);
+		return;   /* a readable socket fires again */
 	}
 	if (!(revents & EV_READ))
 		return;
@@ -1130,6 +1136,7 @@ static void conn_process(struct conn *c)
 		enum frame_status st = frame_decode(buf_head(&c->in), buf_len(&c->in),
 		    (uint32_t)w->conf->max_frame, &id, &body, &len, &used);
 		if (st == FRAME_OVERSIZE) {
+			STAT_INC(frames_oversize);
 			log_warnx("%s: frame header announces more than max_frame (%" PRId64 "): closing",
 			    c->peer, w->conf->max_frame);
 			conn_close(c, NULL);
@@ -1388,9 +1395,6 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	ev_signal_start(w->loop, &w->sig_usr1);
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);   /* reloads are the master's business */
-	char err[600];
-	if (access_log_open(conf->access_log, err, sizeof(err)) < 0)
-		log_warnx("%s", err);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
 	storage_connect(w);

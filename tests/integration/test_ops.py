@@ -507,11 +507,11 @@ with tap.section("show metrics"):
 # ---------------------------------------------------------------- agent-check
 with tap.section("agent-check"):
     a = agent()
-    m = re.match(r"^up (\d+)%\n$", a)
-    tap.ok(m and 1 <= int(m.group(1)) <= 100, "agent answers 'up N%' with N in 1..100", repr(a))
+    m = re.match(r"^up ready (\d+)%\n$", a)
+    tap.ok(m and 1 <= int(m.group(1)) <= 100, "agent answers 'up ready N%' with N in 1..100", repr(a))
     with h.Client(d.port), h.Client(d.port):
         a2 = agent()
-    tap.ok(re.match(r"^up (\d+)%\n$", a2), "agent still 'up N%%' with connections open (%r)" % a2)
+    tap.ok(re.match(r"^up ready (\d+)%\n$", a2), "agent still 'up ready N%%' with connections open (%r)" % a2)
     tap.eq(stats("disable"), "OK draining\n", "'disable' answers OK draining")
     tap.eq(agent(), "drain\n", "agent answers 'drain' after disable")
     j = info()
@@ -520,7 +520,7 @@ with tap.section("agent-check"):
     rc, out, err = resctl("stats", "--socket", STATS, "enable")
     tap.ok(rc == 0 and out.startswith("OK"), "resctl stats enable exits 0 and answers OK", out + err)
     a = agent()
-    tap.ok(re.match(r"^up \d+%\n$", a), "agent answers 'up N%' again after enable", repr(a))
+    tap.ok(re.match(r"^up ready \d+%\n$", a), "agent answers 'up ready N%' again after enable", repr(a))
     tap.eq(info()["state"], "up", "show info state up after enable")
 
     redis.stop()
@@ -534,7 +534,7 @@ with tap.section("agent-check"):
     redis.start()
     set_tokens()
     a = h.wait_for(lambda: (lambda x: x if x.startswith("up ") else None)(agent()), 15)
-    tap.ok(a and re.match(r"^up \d+%\n$", a), "agent answers 'up N%' again once Redis is back", repr(agent()))
+    tap.ok(a and re.match(r"^up ready \d+%\n$", a), "agent answers 'up ready N%' again once Redis is back", repr(agent()))
     tap.ok(bool(wait_state_up(15)), "every process reconnected to Redis")
     r = upload(rbytes(5000), "after-redis.bin")
     tap.eq(r.get("error"), 0, "uploads work again after the Redis restart", repr(r))
