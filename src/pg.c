@@ -78,11 +78,11 @@ int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, si
 	}
 	/* The rename itself must survive a crash: flush the directory. */
 	int dfd = open(pending_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd >= 0) {
-		fsync(dfd);
-		close(dfd);
-	}
-	return 0;
+	if (dfd < 0)
+		return errno;
+	err = fsync(dfd) < 0 ? errno : 0;
+	close(dfd);
+	return err;
 }
 
 /* The icon name queued for uid, or -1 when nothing is pending. */

@@ -454,22 +454,30 @@ static void work_complete(struct upload *up)
 	}
 	char dir[600], final[900];
 	snprintf(dir, sizeof(dir), "%s/%" PRIu64, conf->root, up->key.uid);
-	if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
+	int created = mkdir(dir, 0750) == 0;
+	if (!created && errno != EEXIST) {
 		up->work_errno = errno;
 		up->work_error = ERR_CREATE_PATH;
 		return;
 	}
+	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
+		log_warn("fsync(%s) failed", conf->root);   /* the rename below is checked again */
 	snprintf(final, sizeof(final), "%s/%.*s", dir, (int)up->name_len, up->name);
 	if (rename(part, final) < 0) {
 		up->work_errno = errno;
 		return;
 	}
-	if (conf->fsync_policy != FSYNC_NONE)
-		fsync_dir(dir);
 	unlink(meta);
 	up->published = 1;
+	int err = conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
+	if (err) {
+		/* The rename may not survive a power cut: the client must not count on it. */
+		up->work_errno = err;
+		up->work_error = ERR_WRITE_PERMISSION;
+		return;
+	}
 	if (up->kind == UPLOAD_AVATAR) {
-		int err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
+		err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
 		if (err) {
 			/* The client hears of it: an icon update that is not on disk could be lost. */
 			up->work_errno = err;
@@ -642,7 +650,7 @@ static void upload_work_done(struct pool_job *job)
 			return;
 		}
 		snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
-		    up->published ? "file stored but its icon update could not be queued; upload it again" :
+		    up->published ? "file stored but not made durable, or its icon update not queued; upload it again" :
 		    "cannot store the file", strerror(up->work_errno));
 		if (up->published) {
 			log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
