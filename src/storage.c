@@ -461,7 +461,7 @@ static void work_complete(struct upload *up)
 		return;
 	}
 	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
-		log_warn("fsync(%s) failed", conf->root);   /* the rename below is checked again */
+		log_warn("fsync(%s) failed", conf->root);   /* rare; the directory fsync below decides the answer */
 	snprintf(final, sizeof(final), "%s/%.*s", dir, (int)up->name_len, up->name);
 	if (rename(part, final) < 0) {
 		up->work_errno = errno;
