@@ -13,7 +13,8 @@ struct buf {
 };
 
 static inline size_t buf_len(const struct buf *b) { return b->end - b->start; }
-static inline uint8_t *buf_head(const struct buf *b) { return b->data + b->start; }
+/* NULL while empty and unallocated (NULL + 0 is undefined behaviour in C). */
+static inline uint8_t *buf_head(const struct buf *b) { return b->data ? b->data + b->start : NULL; }
 
 /* Makes room for at least n more bytes at the end; returns the write pointer or NULL. */
 uint8_t *buf_reserve(struct buf *b, size_t n);

@@ -1,0 +1,483 @@
+/* fuzz_request.c: libFuzzer target for request bodies: json_parse_object
+ * (src/json.c), the request parsers of src/proto.c and the response writer.
+ *
+ * The input is one frame body. It goes through:
+ *   - proto_name_valid on the raw bytes, against an independent implementation
+ *     of the Names rules of PROTOCOL.md;
+ *   - json_parse_object, then every request parser: proto_parse_chunk (1003
+ *     and 1031, anonymous on and off, several max_file_size values, a roomy and
+ *     a tiny data buffer), proto_parse_sync and proto_parse_download; on ERR_OK
+ *     the checked struct must obey what the rest of the server relies on;
+ *   - the json_writer: every member of the parsed object copied with
+ *     json_put_value (as 1001 echoes data) and the whole tree nested under a
+ *     key; the output must parse again to the same tree.
+ * Every violated invariant is a __builtin_trap().
+ *
+ * Build with -DFUZZ_SKIP_KNOWN to step over findings already reported
+ * (see README.md), so a long run can look for new ones. */
+#include "config.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sodium.h>
+
+#include "json.h"
+#include "proto.h"
+
+#include "fuzz_check.h"
+
+
+static struct json_writer jw;
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc;
+	(void)argv;
+	if (sodium_init() < 0 || json_writer_init(&jw) < 0)
+		abort();
+	return 0;
+}
+
+/* ---------------------------------------------------------------- references */
+
+/* One UTF-8 scalar value at p, strictly (RFC 3629); returns its length or 0. */
+static size_t ref_utf8(const uint8_t *p, size_t left, uint32_t *cp)
+{
+	uint8_t b = p[0];
+	size_t n;
+	uint32_t min;
+	if (b < 0x80) {
+		*cp = b;
+		return 1;
+	} else if ((b & 0xe0) == 0xc0) {
+		n = 2; *cp = b & 0x1f; min = 0x80;
+	} else if ((b & 0xf0) == 0xe0) {
+		n = 3; *cp = b & 0x0f; min = 0x800;
+	} else if ((b & 0xf8) == 0xf0) {
+		n = 4; *cp = b & 0x07; min = 0x10000;
+	} else {
+		return 0;
+	}
+	if (left < n)
+		return 0;
+	for (size_t i = 1; i < n; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		*cp = *cp << 6 | (p[i] & 0x3f);
+	}
+	if (*cp < min || *cp > 0x10ffff || (*cp >= 0xd800 && *cp <= 0xdfff))
+		return 0;
+	return n;
+}
+
+static int ref_utf8_valid(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len;) {
+		uint32_t cp;
+		size_t n = ref_utf8(p + i, len - i, &cp);
+		if (n == 0)
+			return 0;
+		i += n;
+	}
+	return 1;
+}
+
+/* PROTOCOL.md, Names: 1 to 255 bytes of valid UTF-8; no /, \, NUL or other
+ * control characters (C0, DEL, C1); not . or ..; not starting with a dot. */
+static int ref_name_valid(const uint8_t *p, size_t len)
+{
+	if (len < 1 || len > 255 || p[0] == '.')
+		return 0;
+	for (size_t i = 0; i < len;) {
+		uint32_t cp;
+		size_t n = ref_utf8(p + i, len - i, &cp);
+		if (n == 0)
+			return 0;
+		if (cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp <= 0x9f) || cp == '/' || cp == '\\')
+			return 0;
+		i += n;
+	}
+	return 1;
+}
+
+static int b64_value(uint8_t c)
+{
+	if (c >= 'A' && c <= 'Z') return c - 'A';
+	if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+	if (c >= '0' && c <= '9') return c - '0' + 52;
+	if (c == '+') return 62;
+	if (c == '/') return 63;
+	return -1;
+}
+
+/* Standard base64 with padding, canonical (unused bits zero). Returns the
+ * decoded length or -1. out must hold len / 4 * 3 bytes. */
+static long ref_b64_decode(const char *s, size_t len, uint8_t *out)
+{
+	if (len % 4 != 0)
+		return -1;
+	size_t n = 0;
+	for (size_t i = 0; i < len; i += 4) {
+		int v[4];
+		int pad = 0;
+		for (int k = 0; k < 4; k++) {
+			uint8_t c = (uint8_t)s[i + k];
+			if (c == '=' && i + 4 == len && k >= 2) {
+				pad++;
+				v[k] = 0;
+				continue;
+			}
+			if (pad)   /* a digit after '=' */
+				return -1;
+			v[k] = b64_value(c);
+			if (v[k] < 0)
+				return -1;
+		}
+		uint32_t acc = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | (uint32_t)v[3];
+		out[n++] = (uint8_t)(acc >> 16);
+		if (pad < 2)
+			out[n++] = (uint8_t)(acc >> 8);
+		if (pad < 1)
+			out[n++] = (uint8_t)acc;
+		if ((pad == 1 && (acc & 0xff) != 0) || (pad == 2 && (acc & 0xffff) != 0))
+			return -1;   /* non-zero unused bits */
+	}
+	return (long)n;
+}
+
+/* What json_get_u64 should make of member key: 1 and *out, or 0. */
+static int ref_u64(yajl_val obj, const char *key, uint64_t max, uint64_t *out)
+{
+	yajl_val v = json_member(obj, key);
+	if (YAJL_IS_NUMBER(v)) {
+		if (!(v->u.number.flags & YAJL_NUMBER_INT_VALID) || v->u.number.i < 0 ||
+		    (uint64_t)v->u.number.i > max)
+			return 0;
+		*out = (uint64_t)v->u.number.i;
+		return 1;
+	}
+	if (YAJL_IS_STRING(v)) {
+		const char *s = v->u.string;
+		size_t n = strlen(s);
+		if (n == 0 || n > 19)
+			return 0;
+		uint64_t r = 0;
+		for (size_t i = 0; i < n; i++) {
+			if (s[i] < '0' || s[i] > '9')
+				return 0;
+			r = r * 10 + (uint64_t)(s[i] - '0');
+		}
+		if (r > max)
+			return 0;
+		*out = r;
+		return 1;
+	}
+	return 0;
+}
+
+static int tree_equal(yajl_val a, yajl_val b)
+{
+	if (a == NULL || b == NULL)
+		return a == b;
+	if (a->type != b->type)
+		return 0;
+	switch (a->type) {
+	case yajl_t_string:
+		return strcmp(a->u.string, b->u.string) == 0;
+	case yajl_t_number:
+		return strcmp(a->u.number.r, b->u.number.r) == 0 && a->u.number.flags == b->u.number.flags;
+	case yajl_t_object:
+		if (a->u.object.len != b->u.object.len)
+			return 0;
+		for (size_t i = 0; i < a->u.object.len; i++)
+			if (strcmp(a->u.object.keys[i], b->u.object.keys[i]) != 0 ||
+			    !tree_equal(a->u.object.values[i], b->u.object.values[i]))
+				return 0;
+		return 1;
+	case yajl_t_array:
+		if (a->u.array.len != b->u.array.len)
+			return 0;
+		for (size_t i = 0; i < a->u.array.len; i++)
+			if (!tree_equal(a->u.array.values[i], b->u.array.values[i]))
+				return 0;
+		return 1;
+	default:
+		return 1;
+	}
+}
+
+static int tree_depth(yajl_val v)
+{
+	int d = 0;
+	if (YAJL_IS_OBJECT(v)) {
+		for (size_t i = 0; i < v->u.object.len; i++) {
+			int c = tree_depth(v->u.object.values[i]);
+			d = c > d ? c : d;
+		}
+		return d + 1;
+	}
+	if (YAJL_IS_ARRAY(v)) {
+		for (size_t i = 0; i < v->u.array.len; i++) {
+			int c = tree_depth(v->u.array.values[i]);
+			d = c > d ? c : d;
+		}
+		return d + 1;
+	}
+	return 0;
+}
+
+#ifdef FUZZ_SKIP_KNOWN
+/* 1 when every string and key in the tree is valid UTF-8. */
+static int tree_utf8_valid(yajl_val v)
+{
+	if (YAJL_IS_STRING(v))
+		return ref_utf8_valid((const uint8_t *)v->u.string, strlen(v->u.string));
+	if (YAJL_IS_OBJECT(v)) {
+		for (size_t i = 0; i < v->u.object.len; i++)
+			if (!ref_utf8_valid((const uint8_t *)v->u.object.keys[i], strlen(v->u.object.keys[i])) ||
+			    !tree_utf8_valid(v->u.object.values[i]))
+				return 0;
+	}
+	if (YAJL_IS_ARRAY(v)) {
+		for (size_t i = 0; i < v->u.array.len; i++)
+			if (!tree_utf8_valid(v->u.array.values[i]))
+				return 0;
+	}
+	return 1;
+}
+#endif
+
+/* ---------------------------------------------------------------- invariants */
+
+static void check_msg(int rc, const char *msg, size_t msglen)
+{
+	static const int known[] = {
+		ERR_OK, ERR_JSON, ERR_SEQ_INVALID, ERR_NAME_INVALID, ERR_TOO_LARGE,
+	};
+	int ok = 0;
+	for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+		ok |= rc == known[i];
+	CHECK(ok);
+	if (rc != ERR_OK)
+		CHECK(memchr(msg, '\0', msglen) != NULL && msg[0] != '\0');
+}
+
+static void check_md5(yajl_val tree, const char md5[PROTO_MD5_HEX + 1])
+{
+	yajl_val v = json_member(tree, "md5");
+	CHECK(YAJL_IS_STRING(v) && strlen(v->u.string) == PROTO_MD5_HEX);
+	for (size_t i = 0; i < PROTO_MD5_HEX; i++) {
+		char c = md5[i];
+		CHECK((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+		char s = v->u.string[i];
+		CHECK(s == c || (s >= 'A' && s <= 'F' && s + ('a' - 'A') == c));
+	}
+	CHECK(md5[PROTO_MD5_HEX] == '\0');
+}
+
+static void check_name(yajl_val tree, const char *key, const char *name, size_t len)
+{
+	yajl_val v = json_member(tree, key);
+	CHECK(YAJL_IS_STRING(v) && v->u.string == name && strlen(name) == len);
+	CHECK(proto_name_valid(name, len));
+	CHECK(ref_name_valid((const uint8_t *)name, len));
+}
+
+static void check_cred(yajl_val tree, const struct proto_limits *lim, int uid_required,
+    const struct proto_credentials *c)
+{
+	if (c->anonymous) {
+		CHECK(lim->anonymous && !uid_required);
+		CHECK(json_member(tree, "uid") == NULL);
+		CHECK(c->uid == 0 && c->token == NULL && c->token_len == 0);
+		return;
+	}
+	uint64_t uid;
+	CHECK(ref_u64(tree, "uid", JSON_MAX_SAFE_INT, &uid) && uid == c->uid);
+	yajl_val t = json_member(tree, "token");
+	CHECK(YAJL_IS_STRING(t) && c->token == t->u.string);
+	CHECK(c->token_len >= 1 && c->token_len <= PROTO_TOKEN_MAX && strlen(c->token) == c->token_len);
+}
+
+static void run_chunk(yajl_val tree, int kind, const struct proto_limits *lim, size_t cap)
+{
+	uint8_t *data = malloc(cap ? cap : 1);
+	CHECK(data != NULL);
+	struct proto_chunk ch;
+	char msg[256];
+	msg[0] = '\0';
+	int rc = proto_parse_chunk(tree, kind, lim, data, cap, &ch, msg, sizeof(msg));
+	check_msg(rc, msg, sizeof(msg));
+	if (rc == ERR_OK) {
+		check_md5(tree, ch.md5);
+		check_name(tree, "name", ch.name, ch.name_len);
+		uint64_t v;
+		CHECK(ref_u64(tree, "seq", JSON_MAX_SAFE_INT, &v) && v == ch.seq && ch.seq >= 1);
+		CHECK(ref_u64(tree, "trans_size", JSON_MAX_SAFE_INT, &v) && v == ch.trans_size);
+		CHECK(ref_u64(tree, "total_size", JSON_MAX_SAFE_INT, &v) && v == ch.total_size);
+		CHECK(ch.total_size <= lim->max_file_size);
+		CHECK(ch.trans_size <= ch.total_size);
+		CHECK(ch.data_len <= cap);
+		CHECK(ch.data_len <= ch.trans_size);
+		CHECK(ch.offset + ch.data_len == ch.trans_size);
+		CHECK(ch.seq != 1 || ch.offset == 0);
+		CHECK(ch.last == 0 || ch.last == 1);
+		CHECK(!ch.last || ch.trans_size == ch.total_size);
+		if (ch.has_last_seq)
+			CHECK(ref_u64(tree, "last_seq", JSON_MAX_SAFE_INT, &v) && v == ch.last_seq);
+		else
+			CHECK(json_member(tree, "last_seq") == NULL);
+		/* The decoded bytes are the base64 text, decoded strictly. */
+		yajl_val d = json_member(tree, "data");
+		CHECK(YAJL_IS_STRING(d));
+		size_t dlen = strlen(d->u.string);
+		uint8_t *ref = malloc(dlen / 4 * 3 + 1);
+		CHECK(ref != NULL);
+		long n = ref_b64_decode(d->u.string, dlen, ref);
+#ifdef FUZZ_SKIP_KNOWN
+		/* Known: libsodium 1.0.18 takes any byte >= 0x80 for the digit '/'. */
+		for (size_t i = 0; i < dlen; i++)
+			if ((uint8_t)d->u.string[i] >= 0x80)
+				n = -2;
+		if (n != -2) {
+#endif
+		CHECK(n >= 0 && (size_t)n == ch.data_len);
+		CHECK(n == 0 || memcmp(ref, data, (size_t)n) == 0);
+#ifdef FUZZ_SKIP_KNOWN
+		}
+#endif
+		free(ref);
+		check_cred(tree, lim, kind == UPLOAD_AVATAR, &ch.cred);
+		if (kind == UPLOAD_AVATAR)
+			CHECK(!ch.cred.anonymous);
+	}
+	free(data);
+}
+
+static void run_sync(yajl_val tree, const struct proto_limits *lim)
+{
+	struct proto_sync s;
+	char msg[256];
+	msg[0] = '\0';
+	int rc = proto_parse_sync(tree, lim, &s, msg, sizeof(msg));
+	check_msg(rc, msg, sizeof(msg));
+	if (rc == ERR_OK) {
+		check_md5(tree, s.md5);
+		check_cred(tree, lim, 0, &s.cred);
+	}
+}
+
+static void run_download(yajl_val tree, const struct proto_limits *lim)
+{
+	struct proto_download d;
+	char msg[256];
+	msg[0] = '\0';
+	int rc = proto_parse_download(tree, lim, &d, msg, sizeof(msg));
+	check_msg(rc, msg, sizeof(msg));
+	if (rc == ERR_OK) {
+		check_name(tree, "name", d.name, d.name_len);
+		uint64_t v;
+		CHECK(ref_u64(tree, "seq", JSON_MAX_SAFE_INT, &v) && v == d.seq && d.seq >= 1);
+		yajl_val cp = json_member(tree, "client_path");
+		if (cp == NULL) {
+			CHECK(d.client_path == NULL);
+		} else {
+			CHECK(YAJL_IS_STRING(cp) && d.client_path == cp->u.string);
+			CHECK(strlen(d.client_path) == d.client_path_len);
+		}
+		check_cred(tree, lim, 0, &d.cred);
+	}
+}
+
+/* The output of the writer must parse, to the same tree. */
+static void reparse(const uint8_t *out, size_t len, yajl_val want_members, const char *key, yajl_val want_value)
+{
+	char err[256];
+	yajl_val back = json_parse_object(out, len, err, sizeof(err));
+	CHECK(back != NULL);
+	if (want_members != NULL)
+		CHECK(tree_equal(back, want_members));
+	if (key != NULL)
+		CHECK(back->u.object.len == 1 && strcmp(back->u.object.keys[0], key) == 0 &&
+		    tree_equal(back->u.object.values[0], want_value));
+	yajl_tree_free(back);
+}
+
+static void run_writer(yajl_val tree)
+{
+#ifdef FUZZ_SKIP_KNOWN
+	/* Known: a lone low-surrogate escape (\udc00) reaches the tree as invalid UTF-8. */
+	if (!tree_utf8_valid(tree))
+		return;
+#endif
+	const uint8_t *out;
+	size_t len;
+	/* Each member copied, as 1001 echoes data: the same depth as the request. */
+	json_begin(&jw);
+	for (size_t i = 0; i < tree->u.object.len; i++)
+		json_put_value(&jw, tree->u.object.keys[i], tree->u.object.values[i]);
+	json_end(&jw, &out, &len);
+	reparse(out, len, tree, NULL, NULL);
+
+	/* The whole tree one level down, while that stays within the depth limit. */
+	if (tree_depth(tree) < JSON_MAX_DEPTH) {
+		json_begin(&jw);
+		json_put_value(&jw, "data", tree);
+		json_end(&jw, &out, &len);
+		reparse(out, len, NULL, "data", tree);
+	}
+
+	/* The 1001 answer itself. */
+	json_begin(&jw);
+	json_put_int(&jw, "error", 0);
+	yajl_val data = json_member(tree, "data");
+	if (data)
+		json_put_value(&jw, "data", data);
+	else
+		json_put_str(&jw, "data", "", 0);
+	json_end(&jw, &out, &len);
+	reparse(out, len, NULL, NULL, NULL);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	/* The raw bytes as a name. */
+	CHECK(proto_name_valid((const char *)data, size) == ref_name_valid(data, size));
+
+	char err[256];
+	err[0] = '\0';
+	yajl_val tree = json_parse_object(data, size, err, sizeof(err));
+	if (tree == NULL) {
+		CHECK(memchr(err, '\0', sizeof(err)) != NULL && err[0] != '\0');
+		return 0;
+	}
+	CHECK(YAJL_IS_OBJECT(tree));
+	/* What the parser promises: no NUL in the body, and body nesting within the limit. */
+	CHECK(memchr(data, '\0', size) == NULL);
+	CHECK(tree_depth(tree) <= JSON_MAX_DEPTH);
+	CHECK(ref_utf8_valid(data, size));
+
+	static const uint64_t max_sizes[] = { 4294967296u, 16 };
+	/* The worker's scratch buffer holds any chunk of a max_frame body; also try one that is too small. */
+	const size_t caps[] = { proto_b64_decoded_max(size), 4 };
+	for (int kind = UPLOAD_FILE; kind <= UPLOAD_AVATAR; kind++)
+		for (int anon = 0; anon <= 1; anon++)
+			for (size_t m = 0; m < sizeof(max_sizes) / sizeof(max_sizes[0]); m++)
+				for (size_t c = 0; c < sizeof(caps) / sizeof(caps[0]); c++) {
+					struct proto_limits lim = { .max_file_size = max_sizes[m], .anonymous = anon };
+					run_chunk(tree, kind, &lim, caps[c]);
+				}
+	for (int anon = 0; anon <= 1; anon++) {
+		struct proto_limits lim = { .max_file_size = 4294967296u, .anonymous = anon };
+		run_sync(tree, &lim);
+		run_download(tree, &lim);
+	}
+	run_writer(tree);
+	yajl_tree_free(tree);
+	return 0;
+}
