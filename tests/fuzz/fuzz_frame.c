@@ -186,7 +186,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	};
 	/* Split point and read size come from the data, so the fuzzer steers them. */
 	size_t split = size ? ((size_t)data[0] * 131u + (size_t)data[size / 2]) % (size + 1) : 0;
-	static const size_t chunks[] = { 1, 3, 64, 4096, 65536 };
+	static const size_t chunks[] = { 1, 3, 64, 4096, 16384 };
 	size_t chunk = chunks[size ? data[size - 1] % 5 : 0];
 
 	for (size_t i = 0; i < sizeof(maxes) / sizeof(maxes[0]); i++) {

@@ -183,14 +183,9 @@ static int receive(struct buf *in, const uint8_t *p, size_t n, const uint8_t *da
 	CHECK(w != NULL);
 	memcpy(w, p, n);
 	buf_commit(in, n);
-#ifdef FUZZ_SKIP_KNOWN
-	/* Known: the loops below call buf_head() on a buffer emptied (and freed)
-	 * by buf_consume(), NULL + 0; checking buf_len() first steps over it. */
-	while (buf_len(in) > 0) {
-#else
-	/* As storage.c client_on_io() and worker.c storage_on_io() loop. */
+	/* As storage.c client_on_io() and worker.c storage_on_io() loop: buf_head()
+	 * of a buffer that buf_consume() has just emptied must be safe. */
 	for (;;) {
-#endif
 		struct ipc_header h;
 		const uint8_t *payload;
 		enum ipc_status st = header_checked(buf_head(in), buf_len(in), &h, &payload);

@@ -4,17 +4,17 @@
  * The input is one frame body. It goes through:
  *   - proto_name_valid on the raw bytes, against an independent implementation
  *     of the Names rules of PROTOCOL.md;
- *   - json_parse_object, then every request parser: proto_parse_chunk (1003
- *     and 1031, anonymous on and off, several max_file_size values, a roomy and
- *     a tiny data buffer), proto_parse_sync and proto_parse_download; on ERR_OK
- *     the checked struct must obey what the rest of the server relies on;
+ *   - json_parse_request (what worker.c uses for 1003/1005/1031/1033), then
+ *     every request parser: proto_parse_chunk (1003 and 1031, anonymous on and
+ *     off, several max_file_size values, a roomy and a tiny data buffer),
+ *     proto_parse_sync and proto_parse_download; on ERR_OK the checked struct
+ *     must obey what the rest of the server relies on;
+ *   - json_parse_object (1001 and everything else), which must agree with
+ *     json_parse_request except that it refuses \u0000;
  *   - the json_writer: every member of the parsed object copied with
  *     json_put_value (as 1001 echoes data) and the whole tree nested under a
  *     key; the output must parse again to the same tree.
- * Every violated invariant is a __builtin_trap().
- *
- * Build with -DFUZZ_SKIP_KNOWN to step over findings already reported
- * (see README.md), so a long run can look for new ones. */
+ * Every violated invariant is a __builtin_trap(). */
 #include "config.h"
 
 #include <stddef.h>
@@ -231,7 +231,6 @@ static int tree_depth(yajl_val v)
 	return 0;
 }
 
-#ifdef FUZZ_SKIP_KNOWN
 /* 1 when every string and key in the tree is valid UTF-8. */
 static int tree_utf8_valid(yajl_val v)
 {
@@ -250,7 +249,21 @@ static int tree_utf8_valid(yajl_val v)
 	}
 	return 1;
 }
-#endif
+
+/* 1 when a JSON string escape \u0000 occurs in p (an odd run of backslashes before u0000). */
+static int has_nul_escape(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i + 6 <= len; i++) {
+		if (p[i] != '\\' || memcmp(p + i + 1, "u0000", 5) != 0)
+			continue;
+		size_t run = 0;
+		while (run < i && p[i - 1 - run] == '\\')
+			run++;
+		if (run % 2 == 0)
+			return 1;
+	}
+	return 0;
+}
 
 /* ---------------------------------------------------------------- invariants */
 
@@ -339,18 +352,8 @@ static void run_chunk(yajl_val tree, int kind, const struct proto_limits *lim, s
 		uint8_t *ref = malloc(dlen / 4 * 3 + 1);
 		CHECK(ref != NULL);
 		long n = ref_b64_decode(d->u.string, dlen, ref);
-#ifdef FUZZ_SKIP_KNOWN
-		/* Known: libsodium 1.0.18 takes any byte >= 0x80 for the digit '/'. */
-		for (size_t i = 0; i < dlen; i++)
-			if ((uint8_t)d->u.string[i] >= 0x80)
-				n = -2;
-		if (n != -2) {
-#endif
 		CHECK(n >= 0 && (size_t)n == ch.data_len);
 		CHECK(n == 0 || memcmp(ref, data, (size_t)n) == 0);
-#ifdef FUZZ_SKIP_KNOWN
-		}
-#endif
 		free(ref);
 		check_cred(tree, lim, kind == UPLOAD_AVATAR, &ch.cred);
 		if (kind == UPLOAD_AVATAR)
@@ -410,11 +413,6 @@ static void reparse(const uint8_t *out, size_t len, yajl_val want_members, const
 
 static void run_writer(yajl_val tree)
 {
-#ifdef FUZZ_SKIP_KNOWN
-	/* Known: a lone low-surrogate escape (\udc00) reaches the tree as invalid UTF-8. */
-	if (!tree_utf8_valid(tree))
-		return;
-#endif
 	const uint8_t *out;
 	size_t len;
 	/* Each member copied, as 1001 echoes data: the same depth as the request. */
@@ -449,18 +447,33 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* The raw bytes as a name. */
 	CHECK(proto_name_valid((const char *)data, size) == ref_name_valid(data, size));
 
-	char err[256];
-	err[0] = '\0';
-	yajl_val tree = json_parse_object(data, size, err, sizeof(err));
+	char err[256], err2[256];
+	err[0] = err2[0] = '\0';
+	yajl_val tree = json_parse_request(data, size, err, sizeof(err));
+	yajl_val plain = json_parse_object(data, size, err2, sizeof(err2));
+	if (plain != NULL) {
+		/* The two parsers differ only on \u0000. */
+		CHECK(tree != NULL && tree_equal(tree, plain));
+		CHECK(!has_nul_escape(data, size));
+		CHECK(YAJL_IS_OBJECT(plain) && tree_utf8_valid(plain) && tree_depth(plain) <= JSON_MAX_DEPTH);
+		run_writer(plain);
+		yajl_tree_free(plain);
+	} else {
+		CHECK(memchr(err2, '\0', sizeof(err2)) != NULL && err2[0] != '\0');
+		if (tree != NULL)
+			CHECK(has_nul_escape(data, size));
+	}
 	if (tree == NULL) {
 		CHECK(memchr(err, '\0', sizeof(err)) != NULL && err[0] != '\0');
 		return 0;
 	}
 	CHECK(YAJL_IS_OBJECT(tree));
-	/* What the parser promises: no NUL in the body, and body nesting within the limit. */
+	/* What the parser promises: no NUL in the body or its strings, valid UTF-8
+	 * throughout (no unpaired surrogate escapes), nesting within the limit. */
 	CHECK(memchr(data, '\0', size) == NULL);
 	CHECK(tree_depth(tree) <= JSON_MAX_DEPTH);
 	CHECK(ref_utf8_valid(data, size));
+	CHECK(tree_utf8_valid(tree));
 
 	static const uint64_t max_sizes[] = { 4294967296u, 16 };
 	/* The worker's scratch buffer holds any chunk of a max_frame body; also try one that is too small. */
@@ -477,6 +490,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		run_sync(tree, &lim);
 		run_download(tree, &lim);
 	}
+	/* The writer on the request tree too (it may hold U+0001 for \u0000). */
 	run_writer(tree);
 	yajl_tree_free(tree);
 	return 0;

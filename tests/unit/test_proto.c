@@ -405,7 +405,7 @@ START_TEST(test_chunk_base64)
 		"\"aGVsbG9=\"",      /* non-zero padding bits */
 		"\"a\"",
 		"5", "null", "[]",
-		"\"aGVs\xc2\x85bG8=\"",   /* U+0085: libsodium 1.0.18 reads bytes >= 0x80 as '/' (fuzz_request) */
+		"\"aGVs\xc2\x85" "bG8=\"",   /* U+0085: libsodium 1.0.18 reads bytes >= 0x80 as '/' (fuzz_request) */
 		"\"aGVsbG\xc3\xa9=\"",
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
