@@ -102,7 +102,8 @@ struct dl_file {
 
 struct storage_link {
 	int fd;
-	int connected;
+	int connected;                /* the socket is connected */
+	int ready;                    /* the storage process answered our ping: requests may go */
 	ev_io io;
 	ev_timer retry;
 	double retry_delay;
@@ -550,8 +551,9 @@ static void auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdata)
 			memcpy(c->auth_token_hash, got, sizeof(got));
 			c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
 			c->req.stage = STAGE_NONE;
+			c->busy = 0;
+			/* It may be answered at once (storage down, a bad chunk): conn_process flushes that. */
 			request_continue(c);
-			return;
 		}
 	}
 	conn_process(c);
@@ -601,6 +603,7 @@ static void storage_down(struct worker *w, const char *why)
 	}
 	s->fd = -1;
 	s->connected = 0;
+	s->ready = 0;
 	STAT_SET(storage_up, 0);
 	buf_free(&s->in);
 	buf_free(&s->out);
@@ -704,24 +707,8 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	(void)loop;
 	struct worker *w = io->data;
 	struct storage_link *s = &w->storage;
-	if (revents & EV_WRITE) {
-		if (!s->connected) {
-			int err = 0;
-			socklen_t len = sizeof(err);
-			getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
-			if (err) {
-				errno = err;
-				storage_down(w, strerror(err));
-				return;
-			}
-			s->connected = 1;
-			s->retry_delay = STORAGE_RETRY_MIN;
-			STAT_SET(storage_up, 1);
-			log_info("storage link up");
-		}
-		if (storage_flush(w) < 0)
-			return;
-	}
+	if ((revents & EV_WRITE) && storage_flush(w) < 0)
+		return;
 	if (!(revents & EV_READ))
 		return;
 	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
@@ -747,10 +734,16 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			storage_down(w, "bad message header");
 			return;
 		}
-		if (h.type == IPC_STORAGE_WORKER_RESULT)
+		if (h.type == IPC_STORAGE_WORKER_RESULT) {
 			storage_on_result(w, &h, payload);
-		else if (h.type != IPC_STORAGE_WORKER_PONG)
+		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
+			s->ready = 1;
+			s->retry_delay = STORAGE_RETRY_MIN;
+			STAT_SET(storage_up, 1);
+			log_info("storage link up");
+		} else {
 			log_warnx("storage: unexpected message type %u", h.type);
+		}
 		if (s->fd < 0)
 			return;   /* a callback brought the link down */
 		buf_consume(&s->in, IPC_HEADER_LEN + h.len);
@@ -777,21 +770,23 @@ static void storage_connect(struct worker *w)
 		return;
 	}
 	s->connected = 0;
-	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
-		s->connected = 1;
-		s->retry_delay = STORAGE_RETRY_MIN;
-		STAT_SET(storage_up, 1);
-		log_info("storage link up");
-	} else if (errno != EINPROGRESS && errno != EAGAIN) {
+	s->ready = 0;
+	/* A Unix socket connects at once or not at all (EAGAIN: backlog full, try again). */
+	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
 		close(s->fd);
 		s->fd = -1;
 		storage_down(w, strerror(err));
 		return;
 	}
-	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ | EV_WRITE);
+	s->connected = 1;
+	/* The socket outlives storage processes (the master holds it), so a connect may
+	 * only reach the backlog: requests go once a live storage process answers a ping. */
+	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
 	s->io.data = w;
 	ev_io_start(w->loop, &s->io);
+	if (ipc_encode_ping(&s->out, 0, 0) == 0)
+		storage_flush(w);
 }
 
 /* Sends the current request to the storage process; the answer resumes the connection. */
@@ -799,7 +794,7 @@ static void storage_forward(struct conn *c)
 {
 	struct worker *w = c->w;
 	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	if (s->fd < 0 || !s->ready) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
 	}
