@@ -338,10 +338,27 @@ START_TEST(test_buf_grows_keeping_data)
 }
 END_TEST
 
+START_TEST(test_buf_head_after_consume)
+{
+	/* fuzz_ipc: a decode loop calls buf_head() again after the last message freed the
+	 * buffer; that must be NULL with length 0, not NULL + start. */
+	struct buf b = { 0 };
+	ck_assert_ptr_null(buf_head(&b));
+	ck_assert_int_eq(buf_append(&b, "abc", 3), 0);
+	buf_consume(&b, 3);
+	ck_assert_ptr_null(buf_head(&b));
+	ck_assert_uint_eq(buf_len(&b), 0);
+	uint16_t id;
+	const uint8_t *body;
+	uint32_t blen;
+	size_t used;
+	ck_assert_int_eq(frame_decode(buf_head(&b), buf_len(&b), 100, &id, &body, &blen, &used), FRAME_NEED_MORE);
+}
+END_TEST
+
 START_TEST(test_buf_append_nothing)
 {
-	/* Appending zero bytes is not an error, whether or not the buffer holds data.
-	 * (Fails today on an empty buffer: buf_reserve returns data + end = NULL + 0.) */
+	/* Appending zero bytes is not an error, whether or not the buffer holds data. */
 	struct buf b = { 0 };
 	ck_assert_int_eq(buf_append(&b, "", 0), 0);
 	ck_assert_uint_eq(buf_len(&b), 0);
@@ -374,6 +391,7 @@ static Suite *frame_suite(void)
 	tcase_add_test(tc, test_buf_compacts_before_growing);
 	tcase_add_test(tc, test_buf_grows_keeping_data);
 	tcase_add_test(tc, test_buf_append_nothing);
+	tcase_add_test(tc, test_buf_head_after_consume);
 	suite_add_tcase(s, tc);
 	return s;
 }
