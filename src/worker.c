@@ -781,7 +781,7 @@ static void storage_connect(struct worker *w)
 	}
 	s->connected = 1;
 	/* The socket outlives storage processes (the master holds it), so a connect may
-	 * only reach the backlog: requests go once a live storage process answers a ping. */
+	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
 	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
 	s->io.data = w;
 	ev_io_start(w->loop, &s->io);
@@ -794,7 +794,9 @@ static void storage_forward(struct conn *c)
 {
 	struct worker *w = c->w;
 	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->ready) {
+	/* Connected but not yet ready (the ping is unanswered): the request queues behind
+	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
+	if (s->fd < 0 || !s->connected) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
 	}

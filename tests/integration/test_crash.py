@@ -720,7 +720,12 @@ with tap.section("(d) PostgreSQL outage"):
     except Exception:
         drained = False
     tap.ok(drained, "(d): retry_backlog is back to 0")
+    failures = sum(1 for r in results if not isinstance(r, dict) or r.get("error") != 0)
+    tap.diag("(d): transfers %d avatar uploads, resumes %d, failures %d"
+             % (len(avs), sum(u.resumes() for u in avs), failures))
     healthy(D, "(d)")
+if not pg.running():
+    pg.start()                             # whatever happened above
 
 rc, left = D.stop()
 tap.ok(rc == 0 and not left, "daemon of (a)-(d) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
