@@ -80,13 +80,6 @@ static void sum_totals(const struct control *c, struct totals *t)
 	}
 }
 
-static double now_wall(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void out_printf(struct buf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void out_printf(struct buf *out, const char *fmt, ...)
 {
@@ -164,7 +157,7 @@ static void show_info(struct control *c, struct buf *out, int json)
 	sum_totals(c, &t);
 	int weight;
 	const char *state = service_state(c, &weight);
-	long uptime = (long)(now_wall() - c->started);
+	long uptime = (long)(stats_wall_now() - c->started);
 	if (json) {
 		yajl_gen g = yajl_gen_alloc(NULL);
 		yajl_gen_map_open(g);
@@ -208,7 +201,7 @@ static void show_workers(struct control *c, struct buf *out, int json)
 {
 	struct control_proc procs[CONTROL_MAX_PROCS];
 	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
-	double now = now_wall();
+	double now = stats_wall_now();
 	yajl_gen g = NULL;
 	if (json) {
 		g = yajl_gen_alloc(NULL);
@@ -282,7 +275,7 @@ static void show_stat(struct control *c, struct buf *out, int json)
 
 static void show_transfers(struct control *c, struct buf *out, int json)
 {
-	double now = now_wall();
+	double now = stats_wall_now();
 	yajl_gen g = NULL;
 	if (json) {
 		g = yajl_gen_alloc(NULL);
@@ -341,7 +334,7 @@ static void show_metrics(struct control *c, struct buf *out)
 			    (unsigned long long)t.errors[e]);
 	struct control_proc procs[CONTROL_MAX_PROCS];
 	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
-	double now = now_wall();
+	double now = stats_wall_now();
 	out_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
 	for (int i = 0; i < n; i++)
 		out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
@@ -588,7 +581,7 @@ struct control *control_create(struct ev_loop *loop, const struct conf *conf, st
 	c->shm = shm;
 	c->ops = *ops;
 	c->stats_fd = c->agent_fd = -1;
-	c->started = now_wall();
+	c->started = stats_wall_now();
 	if (conf->stats_socket[0]) {
 		c->stats_fd = listen_unix(conf->stats_socket);
 		if (c->stats_fd < 0)

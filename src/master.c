@@ -87,13 +87,6 @@ void proc_set_title(const char *fmt, ...)
 	log_set_process(title);
 }
 
-static double now_wall(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 /* ---------------------------------------------------------------- sockets */
 
 /* Returns a listening SO_REUSEPORT socket, or -1 with the reason in err. */
@@ -315,7 +308,7 @@ static void proc_spawn(struct proc *p)
 	}
 	p->pid = pid;
 	p->started = ev_now(m->loop);
-	p->started_wall = now_wall();
+	p->started_wall = stats_wall_now();
 	log_info("started %s %d (pid %d)", role_name(p->role), p->number, (int)pid);
 }
 

@@ -8,6 +8,13 @@
 
 struct stats_proc *stats_self;
 
+double stats_wall_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 struct stats_shm *stats_create(void)
 {
 	void *p = mmap(NULL, sizeof(struct stats_shm), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -57,15 +64,14 @@ int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_l
 		struct stats_transfer *t = &stats_self->transfers[i];
 		if (t->in_use)
 			continue;
-		struct timespec ts;
-		clock_gettime(CLOCK_REALTIME, &ts);
+		double started = stats_wall_now();
 		transfer_write_begin(t);
 		t->in_use = 1;
 		t->kind = kind;
 		t->uid = uid;
 		t->bytes = 0;
 		t->total = total;
-		t->started = (double)ts.tv_sec + ts.tv_nsec / 1e9;
+		t->started = started;
 		if (name_len >= STATS_NAME_MAX)
 			name_len = STATS_NAME_MAX - 1;
 		memcpy(t->name, name, name_len);

@@ -62,6 +62,9 @@ struct stats_shm {
 /* The calling process's slot (NULL before stats_attach: counting is then a no-op). */
 extern struct stats_proc *stats_self;
 
+/* Wall-clock seconds, the time base of transfers and process start times. */
+double stats_wall_now(void);
+
 struct stats_shm *stats_create(void);        /* master, before forking */
 void stats_attach(struct stats_shm *shm, int slot);
 void stats_reset_gauges(struct stats_proc *p);

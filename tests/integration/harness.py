@@ -672,6 +672,20 @@ class Daemon:
 
 # ---------------------------------------------------------------- protocol client
 
+def stats_info(d):
+    """`show info json` of a daemon started with [server] stats_socket (d.stats_socket), via resctl stats."""
+    r = subprocess.run([RESCTL_BIN, "stats", "--socket", d.stats_socket, "show", "info", "json"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("resctl stats failed (%d): %s" % (r.returncode, r.stderr))
+    return json.loads(r.stdout)
+
+
+def published(d, uid, name):
+    """Where a finished upload lives: <root>/<uid>/<name>."""
+    return os.path.join(d.root, str(uid), name)
+
+
 class ProtocolError(Exception):
     pass
 

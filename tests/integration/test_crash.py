@@ -201,16 +201,6 @@ def new_daemon(before_start=None):
     return d
 
 
-def stats_info(d):
-    r = subprocess.run([h.RESCTL_BIN, "stats", "--socket", d.stats_socket, "show", "info", "json"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("resctl stats failed (%d): %s" % (r.returncode, r.stderr))
-    return json.loads(r.stdout)
-
-
-def published(d, uid, name):
-    return os.path.join(d.root, str(uid), name)
 
 
 def staging_left(d):
@@ -465,7 +455,7 @@ class Storm:
             if not isinstance(r, dict) or r.get("error") != 0 or r.get("trans_size") != len(u.data):
                 failed.append("upload %s: %r" % (u.name, r))
                 continue
-            path = published(d, u.uid, u.name)
+            path = h.published(d, u.uid, u.name)
             try:
                 data = h.read_file(path)
             except OSError as e:
@@ -681,12 +671,12 @@ with tap.section("(d) PostgreSQL outage"):
     tap.ok(not pg.running(), "(d): ... and PostgreSQL was still down when they completed")
     mine = [x for x in UNANSWERED if x[0] == "(d)"]
     tap.ok(not mine, "(d): every request got an answer within %d s" % ANSWER_LIMIT, repr(mine[:5]))
-    bad = [u.name for u in avs if not os.path.exists(published(D, u.uid, u.name))
-           or h.file_md5(published(D, u.uid, u.name)) != u.md5]
+    bad = [u.name for u in avs if not os.path.exists(h.published(D, u.uid, u.name))
+           or h.file_md5(h.published(D, u.uid, u.name)) != u.md5]
     tap.eq(bad, [], "(d): the 8 avatars are published byte-identical")
     try:
-        backlog = h.wait_for(lambda: (lambda j: j if j.get("retry_backlog") == len(avs) else None)(stats_info(D)), 10)
-        info = stats_info(D)
+        backlog = h.wait_for(lambda: (lambda j: j if j.get("retry_backlog") == len(avs) else None)(h.stats_info(D)), 10)
+        info = h.stats_info(D)
     except Exception as e:
         backlog, info = None, {"error": repr(e)}
     tap.ok(backlog, "(d): show info json reports retry_backlog %d while PostgreSQL is down" % len(avs),
@@ -716,7 +706,7 @@ with tap.section("(d) PostgreSQL outage"):
     tap.ok(ok, "(d): Redis ubaseinfo_<uid> of every user has the new icon (and the user's row)",
            repr({uid: redis.get_json("ubaseinfo_%d" % uid) for uid in list(want)[:3]}))
     try:
-        drained = h.wait_for(lambda: stats_info(D).get("retry_backlog") == 0, 15)
+        drained = h.wait_for(lambda: h.stats_info(D).get("retry_backlog") == 0, 15)
     except Exception:
         drained = False
     tap.ok(drained, "(d): retry_backlog is back to 0")

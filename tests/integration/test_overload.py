@@ -78,20 +78,10 @@ def new_daemon(workers, server):
     return d
 
 
-def stats_info(d):
-    r = subprocess.run([h.RESCTL_BIN, "stats", "--socket", d.stats_socket, "show", "info", "json"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("resctl stats failed (%d): %s" % (r.returncode, r.stderr))
-    return json.loads(r.stdout)
-
-
-def published(d, uid, name):
-    return os.path.join(d.root, str(uid), name)
 
 
 def check_published(d, up, what):
-    path = published(d, up.uid, up.name)
+    path = h.published(d, up.uid, up.name)
     try:
         good = h.read_file(path) == up.data and h.file_md5(path) == up.md5
     except OSError as e:
@@ -133,8 +123,8 @@ def timed_upload(d, up):
 with tap.section("(a) max_connections"):
     A = new_daemon(1, {"max_connections": 200, "idle_timeout": 120})
     tap.context.append(lambda: A.log_tail(10))
-    h.wait_for(lambda: stats_info(A).get("conn_current") == 0, 5)   # the start-up ping has gone
-    before = stats_info(A).get("conn_rejected", 0)
+    h.wait_for(lambda: h.stats_info(A).get("conn_current") == 0, 5)   # the start-up ping has gone
+    before = h.stats_info(A).get("conn_rejected", 0)
     conns = []
     t0 = time.monotonic()
     for i in range(250):
@@ -154,14 +144,14 @@ with tap.section("(a) max_connections"):
         except (OSError, h.ProtocolError):
             pass
     tap.eq(answers, 200, "(a): the first 200 connections still answer 1001")
-    info = stats_info(A)
+    info = h.stats_info(A)
     tap.ok(info.get("conn_rejected", 0) - before >= 50,
            "(a): resctl stats show info json: conn_rejected >= 50 (%r)" % info.get("conn_rejected"),
            json.dumps(info)[:500])
     tap.eq(info.get("conn_current"), 200, "(a): conn_current is 200")
     for c in conns:
         c.close()
-    tap.ok(h.wait_for(lambda: stats_info(A).get("conn_current") == 0, 10), "(a): the 200 closed connections are let go")
+    tap.ok(h.wait_for(lambda: h.stats_info(A).get("conn_current") == 0, 10), "(a): the 200 closed connections are let go")
     tap.ok(A.ping(), "(a): a new connection is served once there is room again")
     tap.diag("(a): opening 250 connections took %.2f s" % t_open)
     rc, left = A.stop()
@@ -319,8 +309,8 @@ with tap.section("(b) slow-drip and idle connections"):
     tap.ok(not load.unexpected, "(b): the server sent nothing to the slow and idle connections",
            repr(load.unexpected[:3]))
     load.shutdown()
-    tap.ok(h.wait_for(lambda: stats_info(B).get("conn_current") == 0, 10), "(b): conn_current back to 0",
-           repr(stats_info(B).get("conn_current")))
+    tap.ok(h.wait_for(lambda: h.stats_info(B).get("conn_current") == 0, 10), "(b): conn_current back to 0",
+           repr(h.stats_info(B).get("conn_current")))
     tap.eq(sorted(B.worker_pids()), workers_before, "(b): the same workers run (none crashed)")
     tap.ok(B.ping(), "(b): 1001 answered afterwards")
     p_un, p_lo = percentile(unloaded, 99), percentile(loaded, 99)
@@ -398,7 +388,7 @@ with tap.section("(c) clients that never read"):
         tap.ok(got == src.data, "(c): it downloads back")
     time.sleep(0.5)
     rss0, srss0 = vm_rss(wpid), vm_rss(spid)
-    info0 = stats_info(C)
+    info0 = h.stats_info(C)
 
     # 200 MB worth of requests each. The uploader's chunks are 2 KiB: its answers (about 180 bytes each) must
     # outgrow what the kernel buffers (a few MB) plus output_cap, or the worker never has to stop reading.
@@ -471,7 +461,7 @@ with tap.section("(c) clients that never read"):
     sampling[0] = False
     sampler.join(2)
     peak[0], peak[1] = max(peak[0], rss1), max(peak[1], srss1)
-    info1 = stats_info(C)
+    info1 = h.stats_info(C)
     served_dl = info1.get("download_bytes", 0) - info0.get("download_bytes", 0)
     stored_up = info1.get("upload_bytes", 0) - info0.get("upload_bytes", 0) - len(small.data)
     growth = peak[0] - rss0
@@ -492,8 +482,8 @@ with tap.section("(c) clients that never read"):
              "%.1f s of pushing" % (rss0 / MB, peak[0] / MB, rss1 / MB, srss0 / MB, peak[1] / MB, t_send))
     uploader.s.close()
     downloader.s.close()
-    tap.ok(h.wait_for(lambda: stats_info(C).get("conn_current") == 0, 10), "(c): both are let go once closed",
-           repr(stats_info(C).get("conn_current")))
+    tap.ok(h.wait_for(lambda: h.stats_info(C).get("conn_current") == 0, 10), "(c): both are let go once closed",
+           repr(h.stats_info(C).get("conn_current")))
     tap.ok(C.ping() and C.storage_pid() == spid and wpid in C.worker_pids(),
            "(c): the same worker and storage process serve on", repr(C.processes()))
     tap.diag("(c): worker VmRSS %.1f MB once they are gone" % (vm_rss(wpid) / MB))
