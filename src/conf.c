@@ -1,6 +1,7 @@
 /* conf.c: one table drives every configuration key: its section, type, bounds and default. */
 #include "config.h"
 #include "conf.h"
+#include "backend.h"
 #include "log.h"
 
 #include <errno.h>
@@ -12,7 +13,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL };
+enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND };
 
 struct conf_key {
 	const char *section;
@@ -49,6 +50,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
+	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs" },
 	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296" },
 	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600" },
 	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete" },
@@ -185,6 +187,13 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 			return -1;
 		}
 		return 0;
+	case T_BACKEND:
+		if (strlen(value) >= k->size || backend_find(value) == NULL) {
+			snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
+			return -1;
+		}
+		memcpy(base + k->offset, value, strlen(value) + 1);
+		return 0;
 	case T_LOGLEVEL: {
 		int level = log_level_from_name(value);
 		if (level < 0) {
@@ -219,7 +228,8 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 int conf_storage_equal(const struct conf *a, const struct conf *b)
 {
 	/* The storage process reads [storage], [redis], [postgres], run_dir and node. */
-	return strcmp(a->root, b->root) == 0 && a->max_file_size == b->max_file_size &&
+	return strcmp(a->root, b->root) == 0 && strcmp(a->backend, b->backend) == 0 &&
+	    a->max_file_size == b->max_file_size &&
 	    a->upload_ttl == b->upload_ttl && a->fsync_policy == b->fsync_policy &&
 	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
 	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&

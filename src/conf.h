@@ -32,6 +32,7 @@ struct conf {
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */
+	char backend[32];           /* storage backend by name (backend.c): fs */
 	int64_t max_file_size;
 	int upload_ttl;             /* seconds an idle upload record lives */
 	int fsync_policy;           /* enum fsync_policy */

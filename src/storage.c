@@ -1,6 +1,7 @@
 /* storage.c: the storage process: writes upload chunks in order per file, records progress, publishes. */
 #include "config.h"
 #include "storage.h"
+#include "backend.h"
 #include "buf.h"
 #include "conf.h"
 #include "ipc.h"
@@ -12,7 +13,6 @@
 #include "rds.h"
 #include "stats.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -28,7 +28,6 @@
 #include <unistd.h>
 #include <uthash.h>
 
-#define STAGING_DIR ".staging"
 #define PENDING_DIR ".pending"
 #define READ_CHUNK (256 * 1024)
 #define HASH_BLOCK (1024 * 1024)
@@ -81,7 +80,7 @@ struct upload {
 	uint64_t seq;                 /* the chunk that last advanced committed */
 	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
 	time_t touched;
-	int fd;                       /* staging file, opened by the first write */
+	struct backend_staging *stg;  /* staging entry: created by seq 1 or attached by recovery */
 	MD5_CTX md5;                  /* incremental hash of [0, hashed) */
 	uint64_t hashed;
 	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
@@ -113,7 +112,7 @@ struct storage {
 	struct pg *pg;
 	struct pool *pool;
 	struct json_writer jw;
-	char staging[600];
+	struct backend backend;       /* staging and published files */
 	char pending[600];
 	int stopping;                 /* the loop has ended: start no new work */
 };
@@ -122,12 +121,6 @@ static void upload_run(struct upload *up);
 static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key);
 
 /* ---------------------------------------------------------------- paths and errors */
-
-static void staging_path(const struct storage *st, const struct upload_key *k, const char *ext,
-    char *out, size_t outlen)
-{
-	snprintf(out, outlen, "%s/%" PRIu64 "-%s.%s", st->staging, k->uid, k->md5, ext);
-}
 
 static int errno_to_error(int err)
 {
@@ -140,6 +133,8 @@ static int errno_to_error(int err)
 	case EPERM:
 	case EROFS:
 		return ERR_WRITE_PERMISSION;
+	case ESTALE:
+		return ERR_BUSY;   /* fenced out: another writer holds the upload now */
 	default:
 		return ERR_WRITE_PERMISSION;
 	}
@@ -218,8 +213,7 @@ static void record_key(const struct storage *st, const struct upload_key *k, cha
 static void upload_unpin(struct upload *up)
 {
 	if (--up->pins == 0 && up->retired) {
-		if (up->fd >= 0)
-			close(up->fd);
+		up->st->backend.ops->staging_close(up->stg);
 		free(up);
 	}
 }
@@ -314,53 +308,6 @@ static void storage_on_redis_ready(struct rds *r)
 
 /* ---------------------------------------------------------------- disk work (pool threads) */
 
-static int write_all_at(int fd, const uint8_t *p, size_t len, uint64_t offset)
-{
-	while (len > 0) {
-		ssize_t n = pwrite(fd, p, len, (off_t)offset);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return errno;
-		p += n;
-		len -= (size_t)n;
-		offset += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int write_meta(const struct storage *st, const struct upload_key *k, const struct op *op)
-{
-	char path[700], tmp[720];
-	staging_path(st, k, "meta", path, sizeof(path));
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	char text[600];
-	/* The name is valid UTF-8 without control characters; escape what JSON needs. */
-	char name[2 * PROTO_NAME_MAX + 1];
-	size_t j = 0;
-	for (size_t i = 0; i < op->name_len; i++) {
-		if (op->name[i] == '"')
-			name[j++] = '\\';
-		name[j++] = op->name[i];
-	}
-	name[j] = '\0';
-	int len = snprintf(text, sizeof(text),
-	    "{\"uid\":%" PRIu64 ",\"md5\":\"%s\",\"name\":\"%s\",\"kind\":%d,\"total_size\":%" PRIu64
-	    ",\"chunk_len\":%u}\n", k->uid, k->md5, name, op->kind, op->total_size, op->data_len);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-	if (fd < 0)
-		return errno;
-	int err = write_all_at(fd, (const uint8_t *)text, (size_t)len, 0);
-	if (err == 0 && st->conf->fsync_policy == FSYNC_ALWAYS && fsync(fd) < 0)
-		err = errno;
-	close(fd);
-	if (err == 0 && rename(tmp, path) < 0)
-		err = errno;
-	if (err)
-		unlink(tmp);
-	return err;
-}
-
 /* Before a chunk overwrites bytes already hashed: if they differ, the running MD5 is stale
  * and the whole file is read again at the end. */
 static void check_rewrite(struct upload *up, const struct op *op)
@@ -370,7 +317,9 @@ static void check_rewrite(struct upload *up, const struct op *op)
 	uint64_t end = op->offset + op->data_len;
 	size_t n = (size_t)((end < up->hashed ? end : up->hashed) - op->offset);
 	uint8_t *old = malloc(n);
-	if (old == NULL || pread(up->fd, old, n, (off_t)op->offset) != (ssize_t)n || memcmp(old, op->data, n) != 0)
+	size_t got = 0;
+	if (old == NULL || up->st->backend.ops->staging_read(up->stg, old, n, op->offset, &got) != 0 || got != n ||
+	    memcmp(old, op->data, n) != 0)
 		up->hash_dirty = 1;
 	free(old);
 }
@@ -390,7 +339,8 @@ static void hash_chunk(struct upload *up, const struct op *op)
 	up->hashed = end;
 }
 
-static int hash_file(int fd, uint64_t size, char out[PROTO_MD5_HEX + 1])
+static int hash_staging(const struct backend *be, struct backend_staging *stg, uint64_t size,
+    char out[PROTO_MD5_HEX + 1])
 {
 	MD5_CTX ctx;
 	MD5Init(&ctx);
@@ -400,42 +350,29 @@ static int hash_file(int fd, uint64_t size, char out[PROTO_MD5_HEX + 1])
 	uint64_t off = 0;
 	while (off < size) {
 		size_t want = size - off < HASH_BLOCK ? (size_t)(size - off) : HASH_BLOCK;
-		ssize_t n = pread(fd, block, want, (off_t)off);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
+		size_t got = 0;
+		int err = be->ops->staging_read(stg, block, want, off, &got);
+		if (err || got == 0) {
 			free(block);
-			return n < 0 ? errno : EIO;
+			return err ? err : EIO;
 		}
-		MD5Update(&ctx, block, (size_t)n);
-		off += (uint64_t)n;
+		MD5Update(&ctx, block, got);
+		off += got;
 	}
 	free(block);
 	MD5End(&ctx, out);
 	return 0;
 }
 
-static int fsync_dir(const char *dir)
-{
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return errno;
-	int err = fsync(fd) < 0 ? errno : 0;
-	close(fd);
-	return err;
-}
-
 static void work_complete(struct upload *up)
 {
 	struct storage *st = up->st;
-	const struct conf *conf = st->conf;
-	if (conf->fsync_policy != FSYNC_NONE && fsync(up->fd) < 0) {
-		up->work_errno = errno;
+	const struct backend *be = &st->backend;
+	if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_PUBLISH)) != 0)
 		return;
-	}
 	char digest[PROTO_MD5_HEX + 1];
 	if (up->hash_dirty || up->hashed != up->total_size) {
-		up->work_errno = hash_file(up->fd, up->total_size, digest);
+		up->work_errno = hash_staging(be, up->stg, up->total_size, digest);
 		if (up->work_errno)
 			return;
 	} else {
@@ -443,40 +380,25 @@ static void work_complete(struct upload *up)
 	}
 	/* The running hash is used up: should publishing fail below, a resent last chunk re-reads the file. */
 	up->hash_dirty = 1;
-	char part[700], meta[700];
-	staging_path(st, &up->key, "part", part, sizeof(part));
-	staging_path(st, &up->key, "meta", meta, sizeof(meta));
 	if (strcmp(digest, up->key.md5) != 0) {
 		up->work_error = ERR_CHECKSUM;
-		unlink(part);
-		unlink(meta);
+		be->ops->staging_discard(up->stg);
 		return;
 	}
-	char dir[600], final[900];
-	snprintf(dir, sizeof(dir), "%s/%" PRIu64, conf->root, up->key.uid);
-	int created = mkdir(dir, 0750) == 0;
-	if (!created && errno != EEXIST) {
-		up->work_errno = errno;
-		up->work_error = ERR_CREATE_PATH;
-		return;
-	}
-	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
-		log_warn("fsync(%s) failed", conf->root);   /* rare; the directory fsync below decides the answer */
-	snprintf(final, sizeof(final), "%s/%.*s", dir, (int)up->name_len, up->name);
-	if (rename(part, final) < 0) {
-		up->work_errno = errno;
-		return;
-	}
-	unlink(meta);
-	up->published = 1;
-	int err = conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
+	int flags = 0;
+	int err = be->ops->publish(up->stg, BACKEND_NO_FENCE, &flags);
+	if (flags & BACKEND_PUBLISHED)
+		up->published = 1;
 	if (err) {
-		/* The rename may not survive a power cut: the client must not count on it. */
 		up->work_errno = err;
-		up->work_error = ERR_WRITE_PERMISSION;
+		if (flags & BACKEND_PATH_FAILED)
+			up->work_error = ERR_CREATE_PATH;
+		else if (flags & BACKEND_PUBLISHED)
+			up->work_error = ERR_WRITE_PERMISSION;   /* in place, but may not survive a power cut */
 		return;
 	}
 	if (up->kind == UPLOAD_AVATAR) {
+		/* The icon queue stays on the local disk whatever the backend (design.md). */
 		err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
 		if (err) {
 			/* The client hears of it: an icon update that is not on disk could be lost. */
@@ -489,44 +411,37 @@ static void work_complete(struct upload *up)
 static void upload_work(struct pool_job *job)
 {
 	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
-	struct storage *st = up->st;
+	const struct backend *be = &up->st->backend;
 	struct op *op = up->head;
-	char path[700];
 	up->work_errno = 0;
 	up->work_error = 0;
 	switch (up->work) {
-	case WORK_START:
-		staging_path(st, &up->key, "part", path, sizeof(path));
-		if (up->fd >= 0)
-			close(up->fd);
-		up->fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-		if (up->fd < 0) {
-			up->work_errno = errno;
-			return;
-		}
-		if ((up->work_errno = write_meta(st, &up->key, op)) != 0)
+	case WORK_START: {
+		struct backend_meta meta = { .uid = up->key.uid, .kind = op->kind, .total_size = op->total_size,
+			.chunk_len = op->data_len, .name_len = op->name_len };
+		memcpy(meta.md5, up->key.md5, sizeof(meta.md5));
+		memcpy(meta.name, op->name, op->name_len + 1u);
+		be->ops->staging_close(up->stg);
+		up->stg = NULL;
+		if ((up->work_errno = be->ops->staging_begin(&up->st->backend, &meta, BACKEND_NO_FENCE, &up->stg)) != 0)
 			return;
 		MD5Init(&up->md5);
 		up->hashed = 0;
 		up->hash_dirty = 0;
 		/* Chunk 1 is written like any other. */
+	}
 		/* FALLTHROUGH */
 	case WORK_WRITE:
-		if (up->fd < 0) {
-			staging_path(st, &up->key, "part", path, sizeof(path));
-			up->fd = open(path, O_RDWR | O_CLOEXEC);
-			if (up->fd < 0) {
-				up->work_errno = errno;
-				return;
-			}
+		if (up->stg == NULL) {
+			up->work_errno = ENOENT;   /* cannot happen: an upload that exists has its entry */
+			return;
 		}
 		check_rewrite(up, op);
-		if ((up->work_errno = write_all_at(up->fd, op->data, op->data_len, op->offset)) != 0)
+		if ((up->work_errno = be->ops->staging_write(up->stg, op->data, op->data_len, op->offset,
+		    BACKEND_NO_FENCE)) != 0)
 			return;
-		if (st->conf->fsync_policy == FSYNC_ALWAYS && fsync(up->fd) < 0) {
-			up->work_errno = errno;
+		if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_CHUNK)) != 0)
 			return;
-		}
 		/* Other chunks are hashed after their answer went out (WORK_HASH), off the round trip. */
 		if (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
 		    op->offset + op->data_len == op->total_size)
@@ -539,10 +454,8 @@ static void upload_work(struct pool_job *job)
 		work_complete(up);
 		return;
 	case WORK_DISCARD:
-		staging_path(st, &up->key, "part", path, sizeof(path));
-		unlink(path);
-		staging_path(st, &up->key, "meta", path, sizeof(path));
-		unlink(path);
+		if (up->stg)
+			be->ops->staging_discard(up->stg);
 		return;
 	}
 }
@@ -563,7 +476,6 @@ static struct upload *upload_new(struct storage *st, const struct upload_key *ke
 		return NULL;
 	up->key = *key;
 	up->st = st;
-	up->fd = -1;
 	up->xfer = -1;
 	HASH_ADD(hh, st->uploads, key, sizeof(up->key), up);
 	return up;
@@ -581,8 +493,7 @@ static void upload_retire(struct upload *up)
 	up->head = up->tail = NULL;
 	struct upload_key key = up->key;
 	if (up->pins == 0) {
-		if (up->fd >= 0)
-			close(up->fd);
+		st->backend.ops->staging_close(up->stg);
 		free(up);
 	}
 	while (rest) {
@@ -799,91 +710,59 @@ static void op_dispatch(struct storage *st, struct op *op, const struct upload_k
 
 /* ---------------------------------------------------------------- recovery and janitor */
 
-/* Rebuilds the uploads that were in progress from the staging directory. */
+struct recover_ctx {
+	struct storage *st;
+	size_t loaded;
+};
+
+/* One staging entry found at start-up becomes an upload that can be resumed. */
+static int recover_entry(const struct backend_entry *e, void *arg)
+{
+	struct recover_ctx *rc = arg;
+	struct storage *st = rc->st;
+	const struct backend_meta *m = &e->meta;
+	struct upload_key key = { .uid = m->uid };
+	memcpy(key.md5, m->md5, sizeof(key.md5));
+	if (upload_find(st, &key) != NULL)
+		return 0;   /* listed twice: the first one stands */
+	struct upload *up = upload_new(st, &key);
+	if (up == NULL || st->backend.ops->staging_attach(&st->backend, m, &up->stg) != 0)
+		fatalx("out of memory recovering uploads");
+	up->exists = 1;
+	memcpy(up->name, m->name, m->name_len + 1u);
+	up->name_len = m->name_len;
+	up->kind = m->kind;
+	up->total_size = m->total_size;
+	up->chunk_len = m->chunk_len;
+	/* Chunks are written in order with no gaps, so the entry is a prefix of the upload:
+	 * every byte in it counts, acknowledged or not (a torn write leaves a shorter prefix).
+	 * A complete entry was not published, so its last chunk was never acknowledged:
+	 * hold back one byte, and the resent last chunk completes it. */
+	uint64_t size = e->size, total = m->total_size;
+	up->committed = size < total ? size : (total > 0 ? total - 1 : 0);
+	up->seq = m->chunk_len ? up->committed / m->chunk_len : 0;
+	if (up->seq == 0)
+		up->seq = 1;
+	if (up->committed < size && st->backend.ops->staging_truncate(up->stg, up->committed) != 0)
+		log_warnx("upload %" PRIu64 "/%s: cannot cut the staging entry to %" PRIu64 " bytes", up->key.uid,
+		    up->key.md5, up->committed);
+	up->touched = e->mtime;
+	up->hash_dirty = 1;
+	rc->loaded++;
+	return 0;
+}
+
+/* Rebuilds the uploads that were in progress from the backend's staging entries
+ * (at start-up, before the loop runs: blocking here holds up nothing). */
 static void storage_recover(struct storage *st)
 {
-	DIR *d = opendir(st->staging);
-	if (d == NULL)
-		fatal("opendir(%s) failed", st->staging);
-	struct dirent *de;
-	size_t loaded = 0, dropped = 0;
-	while ((de = readdir(d)) != NULL) {
-		const char *dot = strrchr(de->d_name, '.');
-		if (dot == NULL || de->d_name[0] == '.')
-			continue;
-		char path[900];
-		snprintf(path, sizeof(path), "%s/%s", st->staging, de->d_name);
-		if (strcmp(dot, ".part") == 0) {
-			/* A staging file without meta never got past its first write. */
-			char mpath[1000];
-			snprintf(mpath, sizeof(mpath), "%s/%.*s.meta", st->staging, (int)(dot - de->d_name), de->d_name);
-			if (access(mpath, F_OK) < 0) {
-				unlink(path);
-				dropped++;
-			}
-			continue;
-		}
-		if (strcmp(dot, ".meta") != 0) {
-			unlink(path);   /* leftovers of an interrupted meta write */
-			continue;
-		}
-		FILE *f = fopen(path, "r");
-		char text[1024];
-		size_t n = f ? fread(text, 1, sizeof(text) - 1, f) : 0;
-		if (f)
-			fclose(f);
-		text[n] = '\0';
-		char err[128];
-		yajl_val v = json_parse_object((const uint8_t *)text, n, err, sizeof(err));
-		uint64_t uid, total, chunk, kind;
-		const char *md5, *name;
-		size_t md5_len, name_len;
-		struct stat sb;
-		char part[900];
-		snprintf(part, sizeof(part), "%.*s.part", (int)(strlen(path) - 5), path);
-		if (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &uid) || json_get_u64(v, "total_size", UINT64_MAX, &total) ||
-		    json_get_u64(v, "chunk_len", UINT64_MAX, &chunk) || json_get_u64(v, "kind", 1, &kind) ||
-		    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
-		    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len) ||
-		    stat(part, &sb) < 0) {
-			log_warnx("dropping unreadable staging entry %s", path);
-			unlink(path);
-			unlink(part);
-			dropped++;
-			if (v)
-				yajl_tree_free(v);
-			continue;
-		}
-		struct upload_key key = { .uid = uid };
-		memcpy(key.md5, md5, sizeof(key.md5));
-		struct upload *up = upload_new(st, &key);
-		if (up == NULL)
-			fatalx("out of memory recovering uploads");
-		up->exists = 1;
-		memcpy(up->name, name, name_len + 1);
-		up->name_len = (uint16_t)name_len;
-		up->kind = (int)kind;
-		up->total_size = total;
-		up->chunk_len = chunk;
-		/* Chunks are written in order with no gaps, so the file is a prefix of the upload:
-		 * every byte in it counts, acknowledged or not (a torn write leaves a shorter prefix).
-		 * A complete file was not published, so its last chunk was never acknowledged:
-		 * hold back one byte, and the resent last chunk completes it. */
-		uint64_t size = (uint64_t)sb.st_size;
-		up->committed = size < total ? size : (total > 0 ? total - 1 : 0);
-		up->seq = chunk ? up->committed / chunk : 0;
-		if (up->seq == 0)
-			up->seq = 1;
-		if (up->committed < size && truncate(part, (off_t)up->committed) < 0)
-			log_warn("truncate(%s) failed", part);
-		up->touched = sb.st_mtime;
-		up->hash_dirty = 1;
-		yajl_tree_free(v);
-		loaded++;
-	}
-	closedir(d);
-	if (loaded || dropped)
-		log_info("recovered %zu uploads in progress, dropped %zu broken staging files", loaded, dropped);
+	struct recover_ctx rc = { .st = st };
+	size_t dropped = 0;
+	int err = st->backend.ops->staging_list(&st->backend, recover_entry, &rc, &dropped);
+	if (err)
+		fatalx("cannot list the staging entries: %s", strerror(err));
+	if (rc.loaded || dropped)
+		log_info("recovered %zu uploads in progress, dropped %zu broken staging files", rc.loaded, dropped);
 }
 
 static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
@@ -1076,8 +955,7 @@ static void storage_free_all(struct storage *st)
 			up->head = op->next;
 			op_free(op);
 		}
-		if (up->fd >= 0)
-			close(up->fd);
+		st->backend.ops->staging_close(up->stg);
 		free(up);
 	}
 	while (st->clients)
@@ -1105,10 +983,14 @@ int storage_main(const struct conf *conf, int listen_fd)
 	st->loop = ev_loop_new(EVFLAG_AUTO);
 	if (st->loop == NULL || json_writer_init(&st->jw) < 0)
 		fatalx("cannot start the storage loop");
+	char err[512];
+	if (backend_open(&st->backend, conf, BACKEND_WRITER, err, sizeof(err)) < 0)
+		fatalx("storage backend: %s", err);
+	/* The icon retry queue stays on the local disk whatever the backend. */
 	make_dir(conf->root);
-	snprintf(st->staging, sizeof(st->staging), "%s/" STAGING_DIR, conf->root);
-	snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);
-	make_dir(st->staging);
+	int n = snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);
+	if (n < 0 || (size_t)n >= sizeof(st->pending))
+		fatalx("[storage] root is too long");
 	make_dir(st->pending);
 	storage_recover(st);
 
@@ -1145,6 +1027,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	pg_destroy(st->pg);
 	rds_close(&st->redis);
 	storage_free_all(st);
+	backend_close(&st->backend);
 	json_writer_free(&st->jw);
 	ev_loop_destroy(st->loop);
 	return 0;

@@ -1,6 +1,7 @@
 /* worker.c: accepts clients, frames and checks their requests, and answers them in order. */
 #include "config.h"
 #include "worker.h"
+#include "backend.h"
 #include "buf.h"
 #include "conf.h"
 #include "frame.h"
@@ -90,14 +91,15 @@ struct conn {
 	char peer[64];
 };
 
-/* A file a connection is downloading: later chunks read the inode chunk 1 opened. */
+/* A file a connection is downloading: later chunks read the version chunk 1 opened. */
 #define DL_CACHE 4
 struct dl_file {
-	int fd;                       /* -1: free */
+	struct backend_file *file;    /* NULL: free */
 	uint64_t uid;
 	uint64_t size;
 	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
 	char name[PROTO_NAME_MAX + 1];
+	char version[BACKEND_VERSION_MAX];
 };
 
 struct storage_link {
@@ -129,6 +131,7 @@ struct worker {
 	struct storage_link storage;
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
+	struct backend backend;       /* where published files are read from */
 	struct json_writer jw;
 	struct proto_limits limits;
 	uint8_t *scratch;             /* decoded chunk data, max_frame bytes */
@@ -141,11 +144,15 @@ struct download_job {
 	struct pool_job job;
 	struct worker *w;
 	uint64_t reqid;
-	int fd;                       /* the file to read; -1: open path */
-	int borrowed_fd;              /* fd lent by the connection's cache, -1 if none (loop-owned) */
-	int opened;                   /* fd was opened by this job */
-	int orphaned;                 /* the connection went away: close fd when done */
-	char path[1024];
+	const struct backend *backend;
+	struct backend_file *file;    /* the file to read; NULL: open uid/name */
+	struct backend_file *borrowed;   /* lent by the connection's cache, NULL if none (loop-owned) */
+	int opened;                   /* file was opened by this job */
+	int orphaned;                 /* the connection went away: close the file when done */
+	uint64_t uid;
+	char name[PROTO_NAME_MAX + 1];
+	size_t name_len;
+	char version[BACKEND_VERSION_MAX];
 	uint64_t offset;
 	size_t want;
 	uint64_t size;                /* file size */
@@ -325,27 +332,27 @@ static struct dl_file *dl_find(struct conn *c, uint64_t uid, const char *name, s
 {
 	for (int i = 0; c->dl && i < DL_CACHE; i++) {
 		struct dl_file *f = &c->dl[i];
-		if (f->fd >= 0 && f->uid == uid && strlen(f->name) == name_len && memcmp(f->name, name, name_len) == 0)
+		if (f->file && f->uid == uid && strlen(f->name) == name_len && memcmp(f->name, name, name_len) == 0)
 			return f;
 	}
 	return NULL;
 }
 
-/* Keeps fd open for (uid, name), replacing an older view of that name or the least recently read file. */
-static void dl_remember(struct conn *c, int fd, uint64_t uid, const char *name, size_t name_len, uint64_t size)
+/* Keeps file open for (uid, name), replacing an older view of that name or the least recently read file. */
+static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid, const char *name, size_t name_len,
+    uint64_t size, const char *version)
 {
+	const struct backend_ops *ops = c->w->backend.ops;
 	if (c->dl == NULL) {
-		c->dl = malloc(DL_CACHE * sizeof(*c->dl));
+		c->dl = calloc(DL_CACHE, sizeof(*c->dl));
 		if (c->dl == NULL) {
-			close(fd);
+			ops->file_close(file);
 			return;
 		}
-		for (int i = 0; i < DL_CACHE; i++)
-			c->dl[i].fd = -1;
 	}
 	struct dl_file *f = dl_find(c, uid, name, name_len);   /* a newer view of the same name */
 	for (int i = 0; f == NULL && i < DL_CACHE; i++)
-		if (c->dl[i].fd < 0)
+		if (c->dl[i].file == NULL)
 			f = &c->dl[i];
 	if (f == NULL) {
 		f = &c->dl[0];
@@ -353,21 +360,22 @@ static void dl_remember(struct conn *c, int fd, uint64_t uid, const char *name, 
 			if (c->dl[i].used < f->used)
 				f = &c->dl[i];
 	}
-	if (f->fd >= 0)
-		close(f->fd);
-	f->fd = fd;
+	ops->file_close(f->file);
+	f->file = file;
 	f->uid = uid;
 	f->size = size;
 	f->used = ++c->dl_tick;
-	snprintf(f->name, sizeof(f->name), "%.*s", (int)name_len, name);
+	memcpy(f->name, name, name_len);
+	f->name[name_len] = '\0';
+	memcpy(f->version, version, sizeof(f->version));
 }
 
-/* Closes every kept file except keep_fd (a disk thread may still be reading that one). */
-static void conn_close_download(struct conn *c, int keep_fd)
+/* Closes every kept file except keep (a disk thread may still be reading that one). */
+static void conn_close_download(struct conn *c, struct backend_file *keep)
 {
 	for (int i = 0; c->dl && i < DL_CACHE; i++)
-		if (c->dl[i].fd >= 0 && c->dl[i].fd != keep_fd)
-			close(c->dl[i].fd);
+		if (c->dl[i].file && c->dl[i].file != keep)
+			c->w->backend.ops->file_close(c->dl[i].file);
 	free(c->dl);
 	c->dl = NULL;
 }
@@ -379,13 +387,13 @@ static void conn_close(struct conn *c, const char *why)
 		log_debug("%s: closed: %s", c->peer, why);
 	ev_io_stop(w->loop, &c->io);
 	ev_timer_stop(w->loop, &c->timer);
-	int job_fd = -1;
+	struct backend_file *job_file = NULL;
 	if (c->req.job) {
 		/* A disk thread may be reading its file: the job closes it when it is done. */
 		c->req.job->orphaned = 1;
-		job_fd = c->req.job->borrowed_fd;
+		job_file = c->req.job->borrowed;
 	}
-	conn_close_download(c, job_fd);
+	conn_close_download(c, job_file);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
 	close(c->fd);
@@ -833,40 +841,27 @@ static void storage_forward(struct conn *c)
 static void download_work(struct pool_job *job)
 {
 	struct download_job *j = (struct download_job *)job;
-	if (j->fd < 0) {
-		j->fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-		if (j->fd < 0) {
-			j->saved_errno = errno;
-			j->error = errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? ERR_FILE_NOT_EXISTS
-			    : errno == EACCES || errno == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+	const struct backend_ops *ops = j->backend->ops;
+	if (j->file == NULL) {
+		int err = ops->file_open(j->backend, j->uid, j->name, j->name_len, &j->file, &j->size, j->version);
+		if (err) {
+			j->file = NULL;
+			j->saved_errno = err;
+			j->error = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
+			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
 			return;
 		}
 		j->opened = 1;
-		struct stat st;
-		if (fstat(j->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-			j->error = ERR_FILE_NOT_EXISTS;
-			close(j->fd);
-			j->fd = -1;
-			j->opened = 0;
-			return;
-		}
-		j->size = (uint64_t)st.st_size;
 	}
 	if (j->offset >= j->size && !(j->offset == 0 && j->size == 0)) {
 		j->error = ERR_OFFSET_INVALID;
 		return;
 	}
 	size_t want = j->size - j->offset < j->want ? (size_t)(j->size - j->offset) : j->want;
-	while (j->got < want) {
-		ssize_t n = pread(j->fd, j->data + j->got, want - j->got, (off_t)(j->offset + j->got));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			j->saved_errno = n < 0 ? errno : EIO;
-			j->error = ERR_READ_FAILED;
-			return;
-		}
-		j->got += (size_t)n;
+	int err = ops->file_read(j->file, j->data, want, j->offset, &j->got);
+	if (err || j->got < want) {
+		j->saved_errno = err ? err : EIO;   /* shorter than its size: cut under us */
+		j->error = ERR_READ_FAILED;
 	}
 }
 
@@ -920,22 +915,21 @@ static void download_done(struct pool_job *job)
 	struct conn *c = j->orphaned ? NULL : conn_by_reqid(w, j->reqid);
 	if (c == NULL) {
 		if (j->opened || j->orphaned)
-			if (j->fd >= 0)
-				close(j->fd);
+			w->backend.ops->file_close(j->file);
 		free(j);
 		return;
 	}
 	c->req.job = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	if (j->opened)
-		dl_remember(c, j->fd, d->cred.uid, d->name, d->name_len, j->size);
+		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
 	if (j->error) {
 		char msg[128];
 		snprintf(msg, sizeof(msg), j->error == ERR_FILE_NOT_EXISTS ? "name: no such file" :
 		    j->error == ERR_OFFSET_INVALID ? "seq: past the end of the file" : "cannot read the file (%s)",
 		    strerror(j->saved_errno));
 		if (j->error == ERR_READ_FAILED || j->error == ERR_READ_PERMISSION)
-			log_warnx("download %s: %s", j->path, strerror(j->saved_errno));
+			log_warnx("download of a file of uid %" PRIu64 ": %s", d->cred.uid, strerror(j->saved_errno));
 		respond_error(c, MSG_DOWNLOAD, j->error, msg);
 	} else {
 		size_t need = sodium_base64_ENCODED_LEN(j->got, sodium_base64_VARIANT_ORIGINAL);
@@ -986,17 +980,19 @@ static void download_start(struct conn *c)
 	j->w = w;
 	j->want = chunk;
 	j->offset = (d->seq - 1) * (uint64_t)chunk;
-	j->fd = -1;
-	j->borrowed_fd = -1;
-	/* Later chunks of a file read the inode its first chunk opened; chunk 1 looks afresh. */
+	j->backend = &w->backend;
+	j->uid = d->cred.uid;
+	memcpy(j->name, d->name, d->name_len);   /* the job may outlive the request (orphaned) */
+	j->name[d->name_len] = '\0';
+	j->name_len = d->name_len;
+	/* Later chunks of a file read the version its first chunk opened; chunk 1 looks afresh. */
 	struct dl_file *f = d->seq > 1 ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
 	if (f != NULL) {
-		j->fd = j->borrowed_fd = f->fd;
+		j->file = j->borrowed = f->file;
 		j->size = f->size;
+		memcpy(j->version, f->version, sizeof(j->version));
 		f->used = ++c->dl_tick;
 	}
-	snprintf(j->path, sizeof(j->path), "%s/%" PRIu64 "/%.*s", w->conf->root, d->cred.uid,
-	    (int)d->name_len, d->name);
 	j->reqid = conn_next_reqid(c);
 	c->req.job = j;
 	c->busy = 1;
@@ -1339,6 +1335,7 @@ static void worker_shutdown(struct worker *w)
 			conn_close(w->conns[i], NULL);
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
+	backend_close(&w->backend);
 	if (w->storage.fd >= 0)
 		close(w->storage.fd);
 	buf_free(&w->storage.in);
@@ -1373,6 +1370,9 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->pool = pool_create(w->loop, 2);
 	if (w->pool == NULL)
 		fatalx("cannot start disk threads in worker %d", slot);
+	char err[512];
+	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
+		fatalx("worker %d: storage backend: %s", slot, err);
 	w->storage.fd = -1;
 	w->storage.retry_delay = STORAGE_RETRY_MIN;
 	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);

@@ -1,0 +1,481 @@
+/* backend_fs.c: the local file system backend: staging in <root>/.staging, published files at <root>/<uid>/<name>. */
+#include "config.h"
+#include "backend.h"
+#include "conf.h"
+#include "json.h"
+#include "log.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define STAGING_DIR ".staging"
+#define META_MAX 8192                 /* a .meta is one line of about 600 bytes at most */
+
+struct fs {
+	const struct conf *conf;
+	char staging[PATH_MAX];       /* <root>/.staging */
+};
+
+struct backend_staging {
+	struct fs *fs;
+	struct backend_meta meta;
+	int fd;                       /* the .part file, opened by the first I/O; -1 while closed */
+	char part[PATH_MAX];
+	char metafile[PATH_MAX];
+};
+
+struct backend_file {
+	int fd;
+};
+
+/* snprintf that reports truncation as ENAMETOOLONG instead of using a cut path. */
+static int path_format(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int path_format(char *out, size_t outlen, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(out, outlen, fmt, ap);
+	va_end(ap);
+	return n < 0 || (size_t)n >= outlen ? ENAMETOOLONG : 0;
+}
+
+static int fs_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
+{
+	struct fs *fs = calloc(1, sizeof(*fs));
+	if (fs == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	fs->conf = b->conf;
+	if (path_format(fs->staging, sizeof(fs->staging), "%s/" STAGING_DIR, b->conf->root) != 0) {
+		snprintf(err, errlen, "[storage] root is too long");
+		free(fs);
+		return -1;
+	}
+	if (role == BACKEND_WRITER) {
+		const char *dirs[] = { b->conf->root, fs->staging };
+		for (size_t i = 0; i < 2; i++) {
+			if (mkdir(dirs[i], 0750) < 0 && errno != EEXIST) {
+				snprintf(err, errlen, "mkdir(%s) failed: %s", dirs[i], strerror(errno));
+				free(fs);
+				return -1;
+			}
+		}
+	}
+	b->priv = fs;
+	return 0;
+}
+
+static void fs_close(struct backend *b)
+{
+	free(b->priv);
+	b->priv = NULL;
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+static int write_all_at(int fd, const uint8_t *p, size_t len, uint64_t offset)
+{
+	while (len > 0) {
+		ssize_t n = pwrite(fd, p, len, (off_t)offset);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return errno;
+		p += n;
+		len -= (size_t)n;
+		offset += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int read_all_at(int fd, uint8_t *p, size_t len, uint64_t offset, size_t *got)
+{
+	*got = 0;
+	while (*got < len) {
+		ssize_t n = pread(fd, p + *got, len - *got, (off_t)(offset + *got));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return errno;
+		if (n == 0)
+			break;
+		*got += (size_t)n;
+	}
+	return 0;
+}
+
+static int fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	int err = fsync(fd) < 0 ? errno : 0;
+	close(fd);
+	return err;
+}
+
+static struct backend_staging *staging_new(struct fs *fs, const struct backend_meta *meta, int *err)
+{
+	struct backend_staging *s = calloc(1, sizeof(*s));
+	if (s == NULL) {
+		*err = ENOMEM;
+		return NULL;
+	}
+	s->fs = fs;
+	s->meta = *meta;
+	s->fd = -1;
+	*err = path_format(s->part, sizeof(s->part), "%s/%" PRIu64 "-%s.part", fs->staging, meta->uid, meta->md5);
+	if (*err == 0)
+		*err = path_format(s->metafile, sizeof(s->metafile), "%s/%" PRIu64 "-%s.meta", fs->staging, meta->uid,
+		    meta->md5);
+	if (*err) {
+		free(s);
+		return NULL;
+	}
+	return s;
+}
+
+/* The .part descriptor, opened on demand (the entry exists: begin created it). */
+static int staging_fd(struct backend_staging *s)
+{
+	if (s->fd < 0) {
+		s->fd = open(s->part, O_RDWR | O_CLOEXEC);
+		if (s->fd < 0)
+			return errno;
+	}
+	return 0;
+}
+
+/* The metadata as one JSON line, written by yajl: any name is escaped without a size limit. */
+static int meta_write(const struct backend_staging *s)
+{
+	const struct backend_meta *m = &s->meta;
+	yajl_gen g = yajl_gen_alloc(NULL);
+	if (g == NULL)
+		return ENOMEM;
+	yajl_gen_map_open(g);
+	yajl_gen_string(g, (const unsigned char *)"uid", 3);
+	yajl_gen_integer(g, (long long)m->uid);
+	yajl_gen_string(g, (const unsigned char *)"md5", 3);
+	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
+	yajl_gen_string(g, (const unsigned char *)"name", 4);
+	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
+	yajl_gen_string(g, (const unsigned char *)"kind", 4);
+	yajl_gen_integer(g, m->kind);
+	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
+	yajl_gen_integer(g, (long long)m->total_size);
+	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
+	yajl_gen_integer(g, (long long)m->chunk_len);
+	yajl_gen_map_close(g);
+	const unsigned char *text;
+	size_t len;
+	int err = yajl_gen_get_buf(g, &text, &len) == yajl_gen_status_ok ? 0 : EINVAL;
+	char tmp[PATH_MAX];
+	if (err == 0)
+		err = path_format(tmp, sizeof(tmp), "%s.tmp", s->metafile);
+	int fd = -1;
+	if (err == 0 && (fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640)) < 0)
+		err = errno;
+	if (fd >= 0) {
+		err = write_all_at(fd, text, len, 0);
+		if (err == 0)
+			err = write_all_at(fd, (const uint8_t *)"\n", 1, len);
+		if (err == 0 && s->fs->conf->fsync_policy == FSYNC_ALWAYS && fsync(fd) < 0)
+			err = errno;
+		close(fd);
+		if (err == 0 && rename(tmp, s->metafile) < 0)
+			err = errno;
+		if (err)
+			unlink(tmp);
+	}
+	yajl_gen_free(g);
+	return err;
+}
+
+/* Reads and checks one .meta file; 0 when it describes an upload. */
+static int meta_read(const char *path, struct backend_meta *m)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	char *text = malloc(META_MAX + 1);
+	size_t n = 0;
+	int err = text ? read_all_at(fd, (uint8_t *)text, META_MAX + 1, 0, &n) : ENOMEM;
+	close(fd);
+	if (err == 0 && n > META_MAX)
+		err = EFBIG;
+	yajl_val v = NULL;
+	if (err == 0) {
+		char why[128];
+		v = json_parse_object((const uint8_t *)text, n, why, sizeof(why));
+	}
+	free(text);
+	uint64_t kind;
+	const char *md5, *name;
+	size_t md5_len, name_len;
+	memset(m, 0, sizeof(*m));
+	if (err == 0 && (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
+	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
+	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
+	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
+	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len)))
+		err = EINVAL;
+	if (err == 0) {
+		m->kind = (int)kind;
+		memcpy(m->md5, md5, PROTO_MD5_HEX);
+		memcpy(m->name, name, name_len);
+		m->name[name_len] = '\0';
+		m->name_len = (uint16_t)name_len;
+	}
+	if (v)
+		yajl_tree_free(v);
+	return err;
+}
+
+/* ---------------------------------------------------------------- staging */
+
+static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
+    struct backend_staging **out)
+{
+	(void)fence;   /* one storage process per root: nothing to fence (backend.h) */
+	int err;
+	struct backend_staging *s = staging_new(b->priv, meta, &err);
+	if (s == NULL)
+		return err;
+	s->fd = open(s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+	if (s->fd < 0)
+		err = errno;
+	else
+		err = meta_write(s);
+	if (err) {
+		if (s->fd >= 0)
+			close(s->fd);
+		free(s);
+		return err;
+	}
+	*out = s;
+	return 0;
+}
+
+static int fs_staging_attach(struct backend *b, const struct backend_meta *meta, struct backend_staging **out)
+{
+	int err;
+	*out = staging_new(b->priv, meta, &err);
+	return err;
+}
+
+static int fs_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
+    uint64_t fence)
+{
+	(void)fence;
+	int err = staging_fd(s);
+	return err ? err : write_all_at(s->fd, data, len, offset);
+}
+
+static int fs_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
+{
+	*got = 0;
+	int err = staging_fd(s);
+	return err ? err : read_all_at(s->fd, buf, len, offset, got);
+}
+
+static int fs_staging_sync(struct backend_staging *s, enum backend_sync_point point)
+{
+	int policy = s->fs->conf->fsync_policy;
+	if (policy == FSYNC_NONE || (point == BACKEND_SYNC_CHUNK && policy != FSYNC_ALWAYS))
+		return 0;
+	int err = staging_fd(s);
+	if (err == 0 && fsync(s->fd) < 0)
+		err = errno;
+	return err;
+}
+
+static int fs_staging_size(struct backend_staging *s, uint64_t *size)
+{
+	struct stat sb;
+	if (stat(s->part, &sb) < 0)
+		return errno;
+	*size = (uint64_t)sb.st_size;
+	return 0;
+}
+
+static int fs_staging_truncate(struct backend_staging *s, uint64_t size)
+{
+	return truncate(s->part, (off_t)size) < 0 ? errno : 0;
+}
+
+static int fs_staging_discard(struct backend_staging *s)
+{
+	int err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
+	if (unlink(s->metafile) < 0 && errno != ENOENT && err == 0)
+		err = errno;
+	return err;
+}
+
+static void fs_staging_close(struct backend_staging *s)
+{
+	if (s == NULL)
+		return;
+	if (s->fd >= 0)
+		close(s->fd);
+	free(s);
+}
+
+/* Parses <uid>-<md5>.<ext> names; recovery keeps an entry only when .part and .meta agree. */
+static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
+{
+	struct fs *fs = b->priv;
+	*dropped = 0;
+	DIR *d = opendir(fs->staging);
+	if (d == NULL)
+		return errno;
+	struct dirent *de;
+	int stop = 0;
+	while (!stop && (de = readdir(d)) != NULL) {
+		const char *dot = strrchr(de->d_name, '.');
+		if (dot == NULL || de->d_name[0] == '.')
+			continue;
+		char path[PATH_MAX], other[PATH_MAX];
+		if (path_format(path, sizeof(path), "%s/%s", fs->staging, de->d_name) != 0)
+			continue;   /* cannot be one of ours: our names are short */
+		int stem = (int)(dot - de->d_name);
+		if (strcmp(dot, ".part") == 0) {
+			/* A staging file without meta never got past its first write. */
+			if (path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
+			    access(other, F_OK) < 0) {
+				unlink(path);
+				(*dropped)++;
+			}
+			continue;
+		}
+		if (strcmp(dot, ".meta") != 0) {
+			unlink(path);   /* leftovers of an interrupted meta write */
+			continue;
+		}
+		struct backend_entry e;
+		struct stat sb;
+		int bad = path_format(other, sizeof(other), "%s/%.*s.part", fs->staging, stem, de->d_name) != 0 ||
+		    meta_read(path, &e.meta) != 0 || stat(other, &sb) < 0;
+		if (!bad) {
+			/* The name must be the one the metadata describes, or its handle would miss the files. */
+			char expect[PATH_MAX];
+			bad = path_format(expect, sizeof(expect), "%" PRIu64 "-%s", e.meta.uid, e.meta.md5) != 0 ||
+			    strlen(expect) != (size_t)stem || memcmp(expect, de->d_name, (size_t)stem) != 0;
+		}
+		if (bad) {
+			log_warnx("dropping unreadable staging entry %s", path);
+			unlink(path);
+			unlink(other);
+			(*dropped)++;
+			continue;
+		}
+		e.size = (uint64_t)sb.st_size;
+		e.mtime = sb.st_mtime;
+		stop = cb(&e, arg);
+	}
+	closedir(d);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- published files */
+
+static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
+{
+	(void)fence;
+	const struct conf *conf = s->fs->conf;
+	*flags = 0;
+	char dir[PATH_MAX], final[PATH_MAX];
+	int err = path_format(dir, sizeof(dir), "%s/%" PRIu64, conf->root, s->meta.uid);
+	if (err == 0)
+		err = path_format(final, sizeof(final), "%s/%.*s", dir, (int)s->meta.name_len, s->meta.name);
+	if (err)
+		return err;
+	int created = mkdir(dir, 0750) == 0;
+	if (!created && errno != EEXIST) {
+		*flags |= BACKEND_PATH_FAILED;
+		return errno;
+	}
+	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
+		log_warn("fsync(%s) failed", conf->root);   /* rare; the directory fsync below decides the answer */
+	if (rename(s->part, final) < 0)
+		return errno;
+	unlink(s->metafile);
+	*flags |= BACKEND_PUBLISHED;
+	/* The rename may not survive a power cut unless the directory is flushed. */
+	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
+}
+
+static int fs_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
+    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
+{
+	char path[PATH_MAX];
+	int err = path_format(path, sizeof(path), "%s/%" PRIu64 "/%.*s", b->conf->root, uid, (int)name_len, name);
+	if (err)
+		return err;
+	struct backend_file *f = malloc(sizeof(*f));
+	if (f == NULL)
+		return ENOMEM;
+	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	if (f->fd < 0) {
+		err = errno;
+		free(f);
+		return err;
+	}
+	struct stat sb;
+	if (fstat(f->fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
+		close(f->fd);
+		free(f);
+		return ENOENT;   /* only regular files are published */
+	}
+	/* A replacement is a new inode (rename); device, inode, size and both times tell it apart
+	 * even from an inode number the file system reuses later. */
+	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%jx.%lx.%jx.%lx", (uintmax_t)sb.st_dev,
+	    (uintmax_t)sb.st_ino, (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec,
+	    (unsigned long)sb.st_mtim.tv_nsec, (uintmax_t)sb.st_ctim.tv_sec, (unsigned long)sb.st_ctim.tv_nsec);
+	*size = (uint64_t)sb.st_size;
+	*out = f;
+	return 0;
+}
+
+static int fs_file_read(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got)
+{
+	return read_all_at(f->fd, buf, len, offset, got);
+}
+
+static void fs_file_close(struct backend_file *f)
+{
+	if (f == NULL)
+		return;
+	close(f->fd);
+	free(f);
+}
+
+const struct backend_ops backend_fs = {
+	.name = "fs",
+	.open = fs_open,
+	.close = fs_close,
+	.staging_begin = fs_staging_begin,
+	.staging_attach = fs_staging_attach,
+	.staging_write = fs_staging_write,
+	.staging_read = fs_staging_read,
+	.staging_sync = fs_staging_sync,
+	.staging_size = fs_staging_size,
+	.staging_truncate = fs_staging_truncate,
+	.staging_discard = fs_staging_discard,
+	.staging_close = fs_staging_close,
+	.staging_list = fs_staging_list,
+	.publish = fs_publish,
+	.file_open = fs_file_open,
+	.file_read = fs_file_read,
+	.file_close = fs_file_close,
+};
