@@ -281,6 +281,7 @@ with tap.section("resourced -t"):
         ("server", "max_frame", "12k", "max_frame"),
         ("server", "listen", "127.0.0.1:99999", "listen"),
         ("storage", "fsync", "sometimes", "fsync"),
+        ("storage", "backend", "cephfs", "'cephfs' is not a storage backend (known: fs"),
         ("redis", "port", "-1", "port"),
         ("log", "level", "loud", "level"),
         ("bogus_section", "key", "1", "key"),

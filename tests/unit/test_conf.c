@@ -427,6 +427,26 @@ START_TEST(test_fsync)
 }
 END_TEST
 
+START_TEST(test_backend)
+{
+	struct conf c;
+	char err[256];
+	conf_defaults(&c);
+	ck_assert_str_eq(c.backend, "fs");
+	ck_assert_int_eq(conf_set(&c, "storage", "backend", "fs", err, sizeof(err)), 0);
+	static const char *const bad[] = { "rados2", "", "FS", "fs ", "a-name-much-longer-than-the-thirty-two-bytes-kept" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		ck_assert_msg(conf_set(&c, "storage", "backend", bad[i], err, sizeof(err)) == -1,
+		    "backend = '%s' was accepted", bad[i]);
+		unit_assert_contains(err, "[storage] backend: ");
+		unit_assert_contains(err, "is not a storage backend (known: fs");
+		ck_assert_str_eq(c.backend, "fs");
+	}
+	expect_load_error("[storage]\nbackend = nfs\n", 2,
+	    "[storage] backend: 'nfs' is not a storage backend (known: fs)");
+}
+END_TEST
+
 START_TEST(test_log_level)
 {
 	static const struct { const char *name; int level; } levels[] = {
@@ -565,6 +585,7 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_out_of_range);
 	tcase_add_test(tc, test_bool);
 	tcase_add_test(tc, test_fsync);
+	tcase_add_test(tc, test_backend);
 	tcase_add_test(tc, test_log_level);
 	tcase_add_test(tc, test_string_length);
 	tcase_add_test(tc, test_relative_paths_rejected);
