@@ -35,6 +35,7 @@ enum proto_error {
 	ERR_UPLOAD_MISMATCH = 1026,
 	ERR_BUSY = 1027,
 	ERR_STORAGE_FULL = 1028,
+	ERR_FILE_CHANGED = 1029,   /* a download's file was replaced: start again at seq 1 */
 };
 
 #define PROTO_NAME_MAX 255

@@ -43,6 +43,7 @@ enum req_stage {
 	STAGE_AUTH,        /* GET utoken_<uid> in flight */
 	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
 	STAGE_DISK,        /* download read on a disk thread */
+	STAGE_DLCHECK,     /* download read from a freshly opened file; GET of its download record in flight */
 };
 
 struct download_job;
@@ -60,6 +61,7 @@ struct request {
 	} u;
 	struct proto_credentials *cred;
 	struct download_job *job;     /* STAGE_DISK */
+	struct download_job *checking;   /* STAGE_DLCHECK: read, waiting for the version check */
 	ev_tstamp since;              /* when it started waiting */
 };
 
@@ -227,8 +229,12 @@ static void respond_error(struct conn *c, uint16_t req_id, int error, const char
 }
 
 /* Finishes the current request: frees its tree and lets the next frame in. */
+static void download_job_free(struct worker *w, struct download_job *j);
+
 static void request_finish(struct conn *c)
 {
+	if (c->req.checking)
+		download_job_free(c->w, c->req.checking);
 	if (c->req.tree)
 		yajl_tree_free(c->req.tree);
 	memset(&c->req, 0, sizeof(c->req));
@@ -454,7 +460,8 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 	if (c->busy) {
 		if (now - c->req.since >= w->conf->storage_timeout) {
 			log_warnx("%s: request %u timed out waiting for %s", c->peer, c->req.id,
-			    c->req.stage == STAGE_AUTH ? "redis" : c->req.stage == STAGE_DISK ? "the disk" : "storage");
+			    c->req.stage == STAGE_AUTH || c->req.stage == STAGE_DLCHECK ? "redis" :
+			    c->req.stage == STAGE_DISK ? "the disk" : "storage");
 			if (c->req.job) {
 				conn_close(c, "disk read timed out");   /* the job may still hold the fd */
 				return;
@@ -865,12 +872,27 @@ static void download_work(struct pool_job *job)
 	}
 }
 
-static void download_record_progress(struct worker *w, const struct proto_download *d,
-    uint64_t current, uint64_t total, int last)
+/* The name of the file_download_ record; 0, or -1 if it does not fit (it always does: sizes are bounded). */
+static int download_record_key(const struct worker *w, const struct proto_download *d, char *key, size_t keylen)
 {
-	char key[400];
-	snprintf(key, sizeof(key), "%sfile_download_%" PRIu64 "_%.*s", w->conf->redis_prefix,
+	int n = snprintf(key, keylen, "%sfile_download_%" PRIu64 "_%.*s", w->conf->redis_prefix,
 	    d->cred.uid, (int)d->name_len, d->name);
+	return n < 0 || (size_t)n >= keylen ? -1 : 0;
+}
+
+static void download_job_free(struct worker *w, struct download_job *j)
+{
+	if (j->opened)
+		w->backend.ops->file_close(j->file);
+	free(j);
+}
+
+static void download_record_progress(struct worker *w, const struct proto_download *d,
+    uint64_t current, uint64_t total, int last, const char *version)
+{
+	char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX];
+	if (download_record_key(w, d, key, sizeof(key)) < 0)
+		return;
 	if (last) {
 		rds_command(&w->redis, NULL, NULL, "DEL %s", key);
 		return;
@@ -883,6 +905,8 @@ static void download_record_progress(struct worker *w, const struct proto_downlo
 	json_put_int(jw, "seq", (int64_t)d->seq);
 	json_put_int(jw, "total_size", (int64_t)total);
 	json_put_int(jw, "trans_size", (int64_t)current);
+	/* What the download started from: a later chunk that opens another version answers 1029. */
+	json_put_str(jw, "version", version, strlen(version));
 	json_end(jw, &body, &len);
 	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
 }
@@ -908,21 +932,11 @@ static void download_account(struct conn *c, const struct proto_download *d, con
 	}
 }
 
-static void download_done(struct pool_job *job)
+/* Answers a download chunk from a finished job (data or error) and moves on to the next request. */
+static void download_reply(struct conn *c, struct download_job *j)
 {
-	struct download_job *j = (struct download_job *)job;
-	struct worker *w = j->w;
-	struct conn *c = j->orphaned ? NULL : conn_by_reqid(w, j->reqid);
-	if (c == NULL) {
-		if (j->opened || j->orphaned)
-			w->backend.ops->file_close(j->file);
-		free(j);
-		return;
-	}
-	c->req.job = NULL;
+	struct worker *w = c->w;
 	const struct proto_download *d = &c->req.u.download;
-	if (j->opened)
-		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
 	if (j->error) {
 		char msg[128];
 		snprintf(msg, sizeof(msg), j->error == ERR_FILE_NOT_EXISTS ? "name: no such file" :
@@ -955,13 +969,92 @@ static void download_done(struct pool_job *job)
 			json_put_str(jw, "name", d->name, d->name_len);
 			json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
 			conn_send_json(c, MSG_DOWNLOAD + 1, 0);
-			download_record_progress(w, d, current, j->size, is_last);
+			download_record_progress(w, d, current, j->size, is_last, j->version);
 			download_account(c, d, j, current, is_last);
 		}
 	}
-	free(j);
+	download_job_free(w, j);
 	request_finish(c);
 	conn_process(c);
+}
+
+/* The download record's answer for a later chunk read from a freshly opened file: the same version
+ * the download started from (or nothing to compare with) serves it; another version answers 1029. */
+static void download_on_record(redisAsyncContext *ctx, void *reply, void *privdata)
+{
+	struct rds *r = ctx->data;
+	struct worker *w = r->data;
+	struct conn *c = conn_by_reqid(w, (uint64_t)(uintptr_t)privdata);
+	if (c == NULL || c->req.stage != STAGE_DLCHECK)
+		return;   /* closed or timed out: request_finish freed the job */
+	struct download_job *j = c->req.checking;
+	c->req.checking = NULL;
+	const struct proto_download *d = &c->req.u.download;
+	redisReply *rep = reply;
+	int changed = 0;
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+		download_job_free(w, j);
+		respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+		conn_process(c);
+		return;
+	}
+	if (rep->type == REDIS_REPLY_STRING) {
+		char err[64];
+		yajl_val rec = json_parse_object((const uint8_t *)rep->str, rep->len, err, sizeof(err));
+		const char *version;
+		size_t version_len;
+		if (rec && json_get_str(rec, "version", &version, &version_len) == JSON_FIELD_OK)
+			changed = version_len != strlen(j->version) || memcmp(version, j->version, version_len) != 0;
+		if (rec)
+			yajl_tree_free(rec);
+	}
+	if (changed) {
+		download_job_free(w, j);
+		respond_request_error(c, ERR_FILE_CHANGED,
+		    "name: the file was replaced since this download started; download it again from seq 1");
+		conn_process(c);
+		return;
+	}
+	dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+	j->opened = 0;   /* the connection keeps it now */
+	download_reply(c, j);
+}
+
+static void download_done(struct pool_job *job)
+{
+	struct download_job *j = (struct download_job *)job;
+	struct worker *w = j->w;
+	struct conn *c = j->orphaned ? NULL : conn_by_reqid(w, j->reqid);
+	if (c == NULL) {
+		if (j->orphaned && !j->opened)
+			w->backend.ops->file_close(j->file);   /* borrowed from a cache that is gone */
+		download_job_free(w, j);
+		return;
+	}
+	c->req.job = NULL;
+	const struct proto_download *d = &c->req.u.download;
+	if (j->opened && !j->error && d->seq > 1) {
+		/* A later chunk from a file this connection did not hold: is it still the version
+		 * the download started from? */
+		char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX];
+		uint64_t reqid = conn_next_reqid(c);
+		if (download_record_key(w, d, key, sizeof(key)) < 0 ||
+		    rds_command(&w->redis, download_on_record, (void *)(uintptr_t)reqid, "GET %s", key) < 0) {
+			download_job_free(w, j);
+			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+			conn_process(c);
+			return;
+		}
+		c->req.checking = j;
+		c->req.stage = STAGE_DLCHECK;
+		c->req.since = ev_now(w->loop);
+		return;
+	}
+	if (j->opened && !j->error) {
+		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+		j->opened = 0;   /* the connection keeps it now */
+	}
+	download_reply(c, j);
 }
 
 static void download_start(struct conn *c)
