@@ -60,8 +60,10 @@ static void pending_path(const struct pg *pg, uint64_t uid, char *out, size_t ou
 int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
 {
 	char path[700], tmp[720];
-	snprintf(path, sizeof(path), "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	int plen = snprintf(path, sizeof(path), "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
+	int tlen = snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	if (plen < 0 || (size_t)plen >= sizeof(path) || tlen < 0 || (size_t)tlen >= sizeof(tmp))
+		return ENAMETOOLONG;   /* cannot happen: pending_dir is bounded by [storage] root */
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
 	if (fd < 0)
 		return errno;

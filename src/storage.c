@@ -205,6 +205,9 @@ static void op_answer(struct op *op, int error, const char *message, const struc
 
 /* ---------------------------------------------------------------- progress records in Redis */
 
+/* <prefix>file_upload_<uid>_<md5>: sized for the longest prefix and uid, never cut. */
+#define RECORD_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_upload__") + 20 + PROTO_MD5_HEX)
+
 static void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
 {
 	snprintf(out, outlen, "%sfile_upload_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
@@ -260,7 +263,7 @@ static void record_write(struct upload *up)
 		up->record_dirty = 1;
 		return;
 	}
-	char key[128];
+	char key[RECORD_KEY_MAX];
 	record_key(st, &up->key, key, sizeof(key));
 	struct json_writer *jw = &st->jw;
 	const uint8_t *body;
@@ -288,7 +291,7 @@ static void record_write(struct upload *up)
 
 static void record_delete(struct upload *up)
 {
-	char key[128];
+	char key[RECORD_KEY_MAX];
 	record_key(up->st, &up->key, key, sizeof(key));
 	rds_command(&up->st->redis, NULL, NULL, "DEL %s", key);
 }
