@@ -10,25 +10,39 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #define STAGING_DIR ".staging"
 #define META_MAX 8192                 /* a .meta is one line of about 600 bytes at most */
+/* Staging files held open at once: at most this, and at most a quarter of the process's file
+ * limit. Thousands of idle uploads must not exhaust the storage process's descriptors: past
+ * the bound, the least recently used idle handle closes its file and reopens it on its next
+ * I/O (design.md §6). */
+#define FS_STAGING_OPEN_MAX 256
+#define FS_STAGING_OPEN_MIN 8
 
 struct fs {
 	const struct conf *conf;
 	char staging[PATH_MAX];       /* <root>/.staging */
+	pthread_mutex_t lock;         /* the list below; handles are used on several pool threads */
+	struct backend_staging *mru, *lru;   /* handles whose file is open, most recently used first */
+	size_t open_count;
+	size_t open_max;              /* the bound on open_count */
 };
 
 struct backend_staging {
 	struct fs *fs;
 	struct backend_meta meta;
-	int fd;                       /* the .part file, opened by the first I/O; -1 while closed */
+	int fd;                       /* the .part file while open (on the list); -1 while closed */
+	int busy;                     /* a thread is using fd: it is not closed under it */
+	struct backend_staging *prev, *next;   /* on the open list */
 	char part[PATH_MAX];
 	char metafile[PATH_MAX];
 };
@@ -56,6 +70,11 @@ static int fs_open(struct backend *b, enum backend_role role, char *err, size_t 
 		return -1;
 	}
 	fs->conf = b->conf;
+	pthread_mutex_init(&fs->lock, NULL);
+	fs->open_max = FS_STAGING_OPEN_MAX;
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur / 4 < fs->open_max)
+		fs->open_max = rl.rlim_cur / 4 > FS_STAGING_OPEN_MIN ? (size_t)(rl.rlim_cur / 4) : FS_STAGING_OPEN_MIN;
 	if (path_format(fs->staging, sizeof(fs->staging), "%s/" STAGING_DIR, b->conf->root) != 0) {
 		snprintf(err, errlen, "[storage] root is too long");
 		free(fs);
@@ -77,6 +96,9 @@ static int fs_open(struct backend *b, enum backend_role role, char *err, size_t 
 
 static void fs_close(struct backend *b)
 {
+	struct fs *fs = b->priv;
+	if (fs)
+		pthread_mutex_destroy(&fs->lock);
 	free(b->priv);
 	b->priv = NULL;
 }
@@ -145,15 +167,106 @@ static struct backend_staging *staging_new(struct fs *fs, const struct backend_m
 	return s;
 }
 
-/* The .part descriptor, opened on demand (the entry exists: begin created it). */
-static int staging_fd(struct backend_staging *s)
+/* ---------------------------------------------------------------- the bounded set of open staging files */
+
+static void open_unlink(struct fs *fs, struct backend_staging *s)
 {
-	if (s->fd < 0) {
-		s->fd = open(s->part, O_RDWR | O_CLOEXEC);
-		if (s->fd < 0)
-			return errno;
+	if (s->prev)
+		s->prev->next = s->next;
+	else
+		fs->mru = s->next;
+	if (s->next)
+		s->next->prev = s->prev;
+	else
+		fs->lru = s->prev;
+	s->prev = s->next = NULL;
+}
+
+static void open_push(struct fs *fs, struct backend_staging *s)
+{
+	s->prev = NULL;
+	s->next = fs->mru;
+	if (fs->mru)
+		fs->mru->prev = s;
+	fs->mru = s;
+	if (fs->lru == NULL)
+		fs->lru = s;
+}
+
+/* Closes idle files from the least recently used end until at most keep are open (lock held).
+ * Returns how many it closed. */
+static size_t open_trim(struct fs *fs, size_t keep)
+{
+	size_t closed = 0;
+	struct backend_staging *v = fs->lru;
+	while (fs->open_count > keep && v) {
+		struct backend_staging *prev = v->prev;
+		if (!v->busy) {
+			open_unlink(fs, v);
+			close(v->fd);
+			v->fd = -1;
+			fs->open_count--;
+			closed++;
+		}
+		v = prev;
 	}
+	return closed;
+}
+
+/* Puts a freshly opened fd on the list, busy, and trims the list to its bound. */
+static void open_register(struct backend_staging *s, int fd)
+{
+	struct fs *fs = s->fs;
+	pthread_mutex_lock(&fs->lock);
+	s->fd = fd;
+	s->busy = 1;
+	open_push(fs, s);
+	fs->open_count++;
+	open_trim(fs, fs->open_max);
+	pthread_mutex_unlock(&fs->lock);
+}
+
+/* open(2) that, out of descriptors, closes idle staging files and tries once more. */
+static int open_staging(struct fs *fs, const char *path, int flags)
+{
+	int fd = open(path, flags, 0640);
+	if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+		pthread_mutex_lock(&fs->lock);
+		size_t closed = open_trim(fs, fs->open_count / 2);
+		pthread_mutex_unlock(&fs->lock);
+		if (closed)
+			fd = open(path, flags, 0640);
+		else
+			errno = EMFILE;
+	}
+	return fd;
+}
+
+/* Makes s->fd usable by this thread until staging_release (the entry exists: begin created it). */
+static int staging_acquire(struct backend_staging *s)
+{
+	struct fs *fs = s->fs;
+	pthread_mutex_lock(&fs->lock);
+	if (s->fd >= 0) {
+		s->busy = 1;
+		open_unlink(fs, s);
+		open_push(fs, s);
+		pthread_mutex_unlock(&fs->lock);
+		return 0;
+	}
+	pthread_mutex_unlock(&fs->lock);
+	int fd = open_staging(fs, s->part, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	open_register(s, fd);
 	return 0;
+}
+
+static void staging_release(struct backend_staging *s)
+{
+	pthread_mutex_lock(&s->fs->lock);
+	s->busy = 0;
+	pthread_mutex_unlock(&s->fs->lock);
 }
 
 /* The metadata as one JSON line, written by yajl: any name is escaped without a size limit. */
@@ -244,6 +357,8 @@ static int meta_read(const char *path, struct backend_meta *m)
 
 /* ---------------------------------------------------------------- staging */
 
+static void fs_staging_close(struct backend_staging *s);
+
 static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
     struct backend_staging **out)
 {
@@ -252,15 +367,17 @@ static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, 
 	struct backend_staging *s = staging_new(b->priv, meta, &err);
 	if (s == NULL)
 		return err;
-	s->fd = open(s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-	if (s->fd < 0)
+	int fd = open_staging(s->fs, s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC);
+	if (fd < 0) {
 		err = errno;
-	else
-		err = meta_write(s);
-	if (err) {
-		if (s->fd >= 0)
-			close(s->fd);
 		free(s);
+		return err;
+	}
+	open_register(s, fd);
+	err = meta_write(s);
+	staging_release(s);
+	if (err) {
+		fs_staging_close(s);
 		return err;
 	}
 	*out = s;
@@ -278,15 +395,23 @@ static int fs_staging_write(struct backend_staging *s, const void *data, size_t 
     uint64_t fence)
 {
 	(void)fence;
-	int err = staging_fd(s);
-	return err ? err : write_all_at(s->fd, data, len, offset);
+	int err = staging_acquire(s);
+	if (err)
+		return err;
+	err = write_all_at(s->fd, data, len, offset);
+	staging_release(s);
+	return err;
 }
 
 static int fs_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
 {
 	*got = 0;
-	int err = staging_fd(s);
-	return err ? err : read_all_at(s->fd, buf, len, offset, got);
+	int err = staging_acquire(s);
+	if (err)
+		return err;
+	err = read_all_at(s->fd, buf, len, offset, got);
+	staging_release(s);
+	return err;
 }
 
 static int fs_staging_sync(struct backend_staging *s, enum backend_sync_point point)
@@ -294,9 +419,12 @@ static int fs_staging_sync(struct backend_staging *s, enum backend_sync_point po
 	int policy = s->fs->conf->fsync_policy;
 	if (policy == FSYNC_NONE || (point == BACKEND_SYNC_CHUNK && policy != FSYNC_ALWAYS))
 		return 0;
-	int err = staging_fd(s);
-	if (err == 0 && fsync(s->fd) < 0)
+	int err = staging_acquire(s);
+	if (err)
+		return err;
+	if (fsync(s->fd) < 0)
 		err = errno;
+	staging_release(s);
 	return err;
 }
 
@@ -326,8 +454,14 @@ static void fs_staging_close(struct backend_staging *s)
 {
 	if (s == NULL)
 		return;
-	if (s->fd >= 0)
+	struct fs *fs = s->fs;
+	pthread_mutex_lock(&fs->lock);
+	if (s->fd >= 0) {
+		open_unlink(fs, s);
+		fs->open_count--;
 		close(s->fd);
+	}
+	pthread_mutex_unlock(&fs->lock);
 	free(s);
 }
 
