@@ -724,13 +724,18 @@ static int recover_entry(const struct backend_entry *e, void *arg)
 	struct recover_ctx *rc = arg;
 	struct storage *st = rc->st;
 	const struct backend_meta *m = &e->meta;
-	struct upload_key key = { .uid = m->uid };
+	struct upload_key key;
+	memset(&key, 0, sizeof(key));   /* the table hashes the whole struct, padding included */
+	key.uid = m->uid;
 	memcpy(key.md5, m->md5, sizeof(key.md5));
 	if (upload_find(st, &key) != NULL)
 		return 0;   /* listed twice: the first one stands */
 	struct upload *up = upload_new(st, &key);
-	if (up == NULL || st->backend.ops->staging_attach(&st->backend, m, &up->stg) != 0)
+	if (up == NULL)
 		fatalx("out of memory recovering uploads");
+	int err = st->backend.ops->staging_attach(&st->backend, m, &up->stg);
+	if (err)
+		fatalx("cannot recover upload %" PRIu64 "/%s: %s", m->uid, m->md5, strerror(err));
 	up->exists = 1;
 	memcpy(up->name, m->name, m->name_len + 1u);
 	up->name_len = m->name_len;
