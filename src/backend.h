@@ -25,11 +25,12 @@ struct conf;
  * per upload at a time); calls on different handles are. A published-file handle is used
  * by one job at a time. A backend keeps whatever shared state it has thread-safe.
  *
- * Fencing. begin, write and publish carry a `fence`: an opaque, increasing token of the
+ * Fencing. Every call that changes a staging entry (begin, write, truncate, discard) and
+ * publish carry a `fence`: an opaque, increasing token of the
  * writer's right to this upload (for several nodes: the generation of the upload lease
  * held in Redis). BACKEND_NO_FENCE means single writer, nothing to check. A backend that
  * supports fencing records the fence with the staging entry at begin and refuses, with
- * ESTALE, a write or publish whose fence is lower than the recorded one, atomically with
+ * ESTALE, a change or publish whose fence is lower than the recorded one, atomically with
  * the write itself (RADOS: a cmpxattr in the same compound operation). The fs backend
  * ignores it today: one storage process per root is the only writer.
  */
@@ -95,9 +96,9 @@ struct backend_ops {
 	int (*staging_sync)(struct backend_staging *s, enum backend_sync_point point);
 	int (*staging_size)(struct backend_staging *s, uint64_t *size);
 	/* Cuts the entry to size (recovery drops bytes that cannot count). */
-	int (*staging_truncate)(struct backend_staging *s, uint64_t size);
+	int (*staging_truncate)(struct backend_staging *s, uint64_t size, uint64_t fence);
 	/* Removes the entry's data and metadata; the handle stays valid until staging_close. */
-	int (*staging_discard)(struct backend_staging *s);
+	int (*staging_discard)(struct backend_staging *s, uint64_t fence);
 	/* Frees the handle (NULL is ignored); the entry stays (or is gone after discard or publish). */
 	void (*staging_close)(struct backend_staging *s);
 	/* Walks every entry for crash recovery and the janitor; removes broken ones itself. */

@@ -437,13 +437,15 @@ static int fs_staging_size(struct backend_staging *s, uint64_t *size)
 	return 0;
 }
 
-static int fs_staging_truncate(struct backend_staging *s, uint64_t size)
+static int fs_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
 {
+	(void)fence;
 	return truncate(s->part, (off_t)size) < 0 ? errno : 0;
 }
 
-static int fs_staging_discard(struct backend_staging *s)
+static int fs_staging_discard(struct backend_staging *s, uint64_t fence)
 {
+	(void)fence;
 	int err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
 	if (unlink(s->metafile) < 0 && errno != ENOENT && err == 0)
 		err = errno;

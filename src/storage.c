@@ -385,7 +385,7 @@ static void work_complete(struct upload *up)
 	up->hash_dirty = 1;
 	if (strcmp(digest, up->key.md5) != 0) {
 		up->work_error = ERR_CHECKSUM;
-		be->ops->staging_discard(up->stg);
+		be->ops->staging_discard(up->stg, BACKEND_NO_FENCE);
 		return;
 	}
 	int flags = 0;
@@ -458,7 +458,7 @@ static void upload_work(struct pool_job *job)
 		return;
 	case WORK_DISCARD:
 		if (up->stg)
-			be->ops->staging_discard(up->stg);
+			be->ops->staging_discard(up->stg, BACKEND_NO_FENCE);
 		return;
 	}
 }
@@ -751,7 +751,8 @@ static int recover_entry(const struct backend_entry *e, void *arg)
 	up->seq = m->chunk_len ? up->committed / m->chunk_len : 0;
 	if (up->seq == 0)
 		up->seq = 1;
-	if (up->committed < size && st->backend.ops->staging_truncate(up->stg, up->committed) != 0)
+	if (up->committed < size && st->backend.ops->staging_truncate(up->stg, up->committed,
+	    BACKEND_NO_FENCE) != 0)
 		log_warnx("upload %" PRIu64 "/%s: cannot cut the staging entry to %" PRIu64 " bytes", up->key.uid,
 		    up->key.md5, up->committed);
 	up->touched = e->mtime;
