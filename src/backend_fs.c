@@ -573,11 +573,12 @@ static int fs_file_open(const struct backend *b, uint64_t uid, const char *name,
 		free(f);
 		return ENOENT;   /* only regular files are published */
 	}
-	/* A replacement is a new inode (rename); device, inode, size and both times tell it apart
-	 * even from an inode number the file system reuses later. */
-	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%jx.%lx.%jx.%lx", (uintmax_t)sb.st_dev,
-	    (uintmax_t)sb.st_ino, (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec,
-	    (unsigned long)sb.st_mtim.tv_nsec, (uintmax_t)sb.st_ctim.tv_sec, (unsigned long)sb.st_ctim.tv_nsec);
+	/* A replacement is a new inode (rename); inode, size and both times tell it apart even from an
+	 * inode number the file system reuses later. Not the device: nodes sharing the root over NFS
+	 * or CephFS see other device numbers for the same file, and must agree on its version. */
+	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%lx.%jx.%lx", (uintmax_t)sb.st_ino,
+	    (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec, (unsigned long)sb.st_mtim.tv_nsec,
+	    (uintmax_t)sb.st_ctim.tv_sec, (unsigned long)sb.st_ctim.tv_nsec);
 	*size = (uint64_t)sb.st_size;
 	*out = f;
 	return 0;
