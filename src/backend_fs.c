@@ -488,10 +488,8 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 		if (strcmp(dot, ".part") == 0) {
 			/* A staging file without meta never got past its first write. */
 			if (path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
-			    access(other, F_OK) < 0) {
-				unlink(path);
-				(*dropped)++;
-			}
+			    access(other, F_OK) < 0 && unlink(path) == 0)
+				(*dropped)++;   /* not counted twice when its broken .meta took it first */
 			continue;
 		}
 		if (strcmp(dot, ".meta") != 0) {

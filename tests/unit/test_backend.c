@@ -1,0 +1,365 @@
+/* test_backend.c: the storage interface's contract (backend.h), run against each backend that needs no server (fs). */
+#include "config.h"
+#include "unit.h"
+
+#include "backend.h"
+#include "conf.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static struct conf conf;
+static struct backend be;
+static char root[64];
+
+/* A fresh root and an opened writer backend for each test. */
+static void setup(void)
+{
+	conf_defaults(&conf);
+	snprintf(root, sizeof(root), "/tmp/resourced-unit-be-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(root));
+	char err[256];
+	ck_assert_int_eq(conf_set(&conf, "storage", "root", root, err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "storage", "backend", "fs", err, sizeof(err)), 0);
+	ck_assert_msg(backend_open(&be, &conf, BACKEND_WRITER, err, sizeof(err)) == 0, "%s", err);
+}
+
+static void teardown(void)
+{
+	backend_close(&be);
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", root);
+	if (system(cmd) != 0)
+		fprintf(stderr, "cannot remove %s\n", root);
+}
+
+static struct backend_meta meta_of(uint64_t uid, const char *md5, const char *name, uint64_t total)
+{
+	struct backend_meta m;
+	memset(&m, 0, sizeof(m));
+	m.uid = uid;
+	snprintf(m.md5, sizeof(m.md5), "%s", md5);
+	m.name_len = (uint16_t)strlen(name);
+	memcpy(m.name, name, m.name_len);
+	m.total_size = total;
+	m.chunk_len = 4;
+	return m;
+}
+
+#define MD5_A "0123456789abcdef0123456789abcdef"
+#define MD5_B "fedcba9876543210fedcba9876543210"
+
+struct listed {
+	int n;
+	struct backend_entry e[8];
+};
+
+static int collect(const struct backend_entry *e, void *arg)
+{
+	struct listed *l = arg;
+	if (l->n < 8)
+		l->e[l->n] = *e;
+	l->n++;
+	return 0;
+}
+
+static struct listed list_all(size_t *dropped)
+{
+	struct listed l = { 0 };
+	size_t d = 0;
+	ck_assert_int_eq(be.ops->staging_list(&be, collect, &l, &d), 0);
+	if (dropped)
+		*dropped = d;
+	return l;
+}
+
+static void write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0640);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+	close(fd);
+}
+
+START_TEST(test_staging_lifecycle)
+{
+	struct backend_meta m = meta_of(7, MD5_A, "a.bin", 10);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "0123", 4, 0, BACKEND_NO_FENCE), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "4567", 4, 4, BACKEND_NO_FENCE), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "45", 2, 4, BACKEND_NO_FENCE), 0);   /* a resent piece */
+	ck_assert_int_eq(be.ops->staging_sync(s, BACKEND_SYNC_CHUNK), 0);
+	ck_assert_int_eq(be.ops->staging_sync(s, BACKEND_SYNC_PUBLISH), 0);
+	char buf[16];
+	size_t got = 99;
+	ck_assert_int_eq(be.ops->staging_read(s, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_uint_eq(got, 8);   /* short only at the end */
+	ck_assert_int_eq(memcmp(buf, "01234567", 8), 0);
+	uint64_t size = 0;
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, 8);
+	be.ops->staging_close(s);
+
+	struct listed l = list_all(NULL);
+	ck_assert_int_eq(l.n, 1);
+	ck_assert_uint_eq(l.e[0].size, 8);
+	ck_assert_uint_eq(l.e[0].meta.uid, 7);
+	ck_assert_str_eq(l.e[0].meta.md5, MD5_A);
+	ck_assert_str_eq(l.e[0].meta.name, "a.bin");
+	ck_assert_uint_eq(l.e[0].meta.total_size, 10);
+	ck_assert_uint_eq(l.e[0].meta.chunk_len, 4);
+
+	/* Recovery attaches without changing anything, and may cut the entry back. */
+	ck_assert_int_eq(be.ops->staging_attach(&be, &l.e[0].meta, &s), 0);
+	ck_assert_int_eq(be.ops->staging_read(s, buf, 4, 4, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "4567", 4), 0);
+	ck_assert_int_eq(be.ops->staging_truncate(s, 5, BACKEND_NO_FENCE), 0);
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, 5);
+	ck_assert_int_eq(be.ops->staging_discard(s, BACKEND_NO_FENCE), 0);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(list_all(NULL).n, 0);
+	be.ops->staging_close(NULL);   /* allowed */
+}
+END_TEST
+
+START_TEST(test_begin_resets)
+{
+	struct backend_meta m = meta_of(7, MD5_A, "a.bin", 10);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "0123456", 7, 0, BACKEND_NO_FENCE), 0);
+	be.ops->staging_close(s);
+	m = meta_of(7, MD5_A, "renamed.bin", 12);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	uint64_t size = 99;
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, 0);
+	be.ops->staging_close(s);
+	struct listed l = list_all(NULL);
+	ck_assert_int_eq(l.n, 1);
+	ck_assert_str_eq(l.e[0].meta.name, "renamed.bin");
+	ck_assert_uint_eq(l.e[0].meta.total_size, 12);
+}
+END_TEST
+
+/* Publishes content under uid 9 / name through a staging entry. */
+static void publish(const char *md5, const char *name, const char *content)
+{
+	struct backend_meta m = meta_of(9, md5, name, strlen(content));
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, content, strlen(content), 0, BACKEND_NO_FENCE), 0);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(s, BACKEND_NO_FENCE, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	be.ops->staging_close(s);
+}
+
+START_TEST(test_publish_and_versions)
+{
+	publish(MD5_A, "f.txt", "old content!");
+	ck_assert_int_eq(list_all(NULL).n, 0);   /* the staging entry is gone */
+	struct backend_file *f1, *f2;
+	uint64_t size1, size2;
+	char v1[BACKEND_VERSION_MAX], v2[BACKEND_VERSION_MAX], again[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "f.txt", 5, &f1, &size1, v1), 0);
+	ck_assert_uint_eq(size1, 12);
+	ck_assert_int_gt(strlen(v1), 0);
+	struct backend_file *f1b;
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "f.txt", 5, &f1b, &size1, again), 0);
+	ck_assert_str_eq(v1, again);   /* the same file: the same version */
+	be.ops->file_close(f1b);
+
+	publish(MD5_B, "f.txt", "NEW CONTENT?");   /* same size */
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "f.txt", 5, &f2, &size2, v2), 0);
+	ck_assert_uint_eq(size2, 12);
+	ck_assert_str_ne(v1, v2);
+	char buf[32];
+	size_t got;
+	ck_assert_int_eq(be.ops->file_read(f1, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_uint_eq(got, 12);
+	ck_assert_int_eq(memcmp(buf, "old content!", 12), 0);   /* the opened version, to its end */
+	ck_assert_int_eq(be.ops->file_read(f2, buf, 5, 4, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "CONTE", 5), 0);
+	be.ops->file_close(f1);
+	be.ops->file_close(f2);
+	be.ops->file_close(NULL);
+}
+END_TEST
+
+START_TEST(test_file_open_refuses)
+{
+	struct backend_file *f;
+	uint64_t size;
+	char v[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "none", 4, &f, &size, v), ENOENT);
+	publish(MD5_A, "real", "x");
+	char path[PATH_MAX], target[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/9/dir", root);
+	ck_assert_int_eq(mkdir(path, 0750), 0);
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "dir", 3, &f, &size, v), ENOENT);   /* not a regular file */
+	snprintf(path, sizeof(path), "%s/9/link", root);
+	snprintf(target, sizeof(target), "%s/9/real", root);
+	ck_assert_int_eq(symlink(target, path), 0);
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "link", 4, &f, &size, v), ELOOP);   /* links are not followed */
+}
+END_TEST
+
+START_TEST(test_meta_any_name)
+{
+	/* 255 bytes that JSON escaping doubles, and 255 bytes of multi-byte characters. */
+	char quotes[256], utf8[256];
+	memset(quotes, '"', 255);
+	quotes[255] = '\0';
+	size_t n = 0;
+	while (n + 2 <= 254) {
+		utf8[n++] = (char)0xc3;
+		utf8[n++] = (char)0xa9;
+	}
+	utf8[n++] = '"';
+	utf8[n] = '\0';
+	ck_assert_uint_eq(strlen(utf8), 255);
+	const char *names[] = { quotes, utf8 };
+	for (int i = 0; i < 2; i++) {
+		struct backend_meta m = meta_of(11, i ? MD5_B : MD5_A, names[i], 100);
+		struct backend_staging *s;
+		ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+		be.ops->staging_close(s);
+	}
+	size_t dropped = 9;
+	struct listed l = list_all(&dropped);
+	ck_assert_uint_eq(dropped, 0);
+	ck_assert_int_eq(l.n, 2);
+	for (int i = 0; i < 2; i++) {
+		const char *want = strcmp(l.e[i].meta.md5, MD5_A) == 0 ? quotes : utf8;
+		ck_assert_uint_eq(l.e[i].meta.name_len, 255);
+		ck_assert_int_eq(memcmp(l.e[i].meta.name, want, 255), 0);
+	}
+}
+END_TEST
+
+START_TEST(test_list_drops_broken)
+{
+	struct backend_meta m = meta_of(7, MD5_A, "keep.bin", 10);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	be.ops->staging_close(s);
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/.staging/8-" MD5_B ".part", root);        /* no .meta */
+	write_text(path, "x");
+	snprintf(path, sizeof(path), "%s/.staging/9-" MD5_B ".meta", root);        /* not JSON */
+	write_text(path, "{\"uid\":9,");
+	snprintf(path, sizeof(path), "%s/.staging/9-" MD5_B ".part", root);
+	write_text(path, "y");
+	snprintf(path, sizeof(path), "%s/.staging/10-" MD5_B ".meta", root);       /* names another upload */
+	write_text(path, "{\"uid\":99,\"md5\":\"" MD5_B "\",\"name\":\"n\",\"kind\":0,\"total_size\":5,\"chunk_len\":1}");
+	snprintf(path, sizeof(path), "%s/.staging/10-" MD5_B ".part", root);
+	write_text(path, "z");
+	snprintf(path, sizeof(path), "%s/.staging/7-" MD5_A ".meta.tmp", root);    /* an interrupted meta write */
+	write_text(path, "{");
+	size_t dropped = 0;
+	struct listed l = list_all(&dropped);
+	ck_assert_int_eq(l.n, 1);
+	ck_assert_str_eq(l.e[0].meta.name, "keep.bin");
+	ck_assert_uint_eq(dropped, 3);
+	snprintf(path, sizeof(path), "%s/.staging", root);
+	DIR *d = opendir(path);
+	ck_assert_ptr_nonnull(d);
+	int left = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL)
+		left += de->d_name[0] != '.';
+	closedir(d);
+	ck_assert_int_eq(left, 2);   /* keep.bin's .part and .meta */
+}
+END_TEST
+
+/* Descriptors of this process open on files under the staging directory. */
+static int staging_fds(void)
+{
+	char want[PATH_MAX], link[PATH_MAX], path[300];
+	snprintf(want, sizeof(want), "%s/.staging/", root);
+	DIR *d = opendir("/proc/self/fd");
+	ck_assert_ptr_nonnull(d);
+	int n = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%s", de->d_name);
+		ssize_t len = readlink(path, link, sizeof(link) - 1);
+		if (len > 0) {
+			link[len] = '\0';
+			n += strncmp(link, want, strlen(want)) == 0;
+		}
+	}
+	closedir(d);
+	return n;
+}
+
+START_TEST(test_open_files_bounded)
+{
+	enum { HANDLES = 300, BOUND = 256 };
+	static struct backend_staging *s[HANDLES];
+	for (int i = 0; i < HANDLES; i++) {
+		char md5[33];
+		snprintf(md5, sizeof(md5), "%032x", i);
+		struct backend_meta m = meta_of((uint64_t)i, md5, "idle.bin", 100);
+		ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s[i]), 0);
+		ck_assert_int_eq(be.ops->staging_write(s[i], &i, sizeof(i), 0, BACKEND_NO_FENCE), 0);
+	}
+	ck_assert_int_le(staging_fds(), BOUND);
+	for (int i = 0; i < HANDLES; i++) {   /* every handle still works: closed files reopen */
+		ck_assert_int_eq(be.ops->staging_write(s[i], &i, sizeof(i), sizeof(i), BACKEND_NO_FENCE), 0);
+		int back[2];
+		size_t got;
+		ck_assert_int_eq(be.ops->staging_read(s[i], back, sizeof(back), 0, &got), 0);
+		ck_assert_uint_eq(got, sizeof(back));
+		ck_assert_int_eq(back[0], i);
+		ck_assert_int_eq(back[1], i);
+	}
+	ck_assert_int_le(staging_fds(), BOUND);
+	for (int i = 0; i < HANDLES; i++)
+		be.ops->staging_close(s[i]);
+	ck_assert_int_eq(staging_fds(), 0);
+}
+END_TEST
+
+START_TEST(test_unknown_backend)
+{
+	struct conf c = conf;
+	struct backend b;
+	char err[256];
+	snprintf(c.backend, sizeof(c.backend), "nope");
+	ck_assert_int_eq(backend_open(&b, &c, BACKEND_READER, err, sizeof(err)), -1);
+	unit_assert_contains(err, "unknown storage backend 'nope' (known: fs)");
+	ck_assert_ptr_eq(backend_find("fs"), &backend_fs);
+	ck_assert_ptr_null(backend_find("nope"));
+}
+END_TEST
+
+static Suite *backend_suite(void)
+{
+	Suite *s = suite_create("backend");
+	TCase *tc = tcase_create("fs");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_staging_lifecycle);
+	tcase_add_test(tc, test_begin_resets);
+	tcase_add_test(tc, test_publish_and_versions);
+	tcase_add_test(tc, test_file_open_refuses);
+	tcase_add_test(tc, test_meta_any_name);
+	tcase_add_test(tc, test_list_drops_broken);
+	tcase_add_test(tc, test_open_files_bounded);
+	tcase_add_test(tc, test_unknown_backend);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	return unit_run(backend_suite());
+}
