@@ -26,13 +26,15 @@ struct conf;
  * by one job at a time. A backend keeps whatever shared state it has thread-safe.
  *
  * Fencing. Every call that changes a staging entry (begin, write, truncate, discard) and
- * publish carry a `fence`: an opaque, increasing token of the
- * writer's right to this upload (for several nodes: the generation of the upload lease
- * held in Redis). BACKEND_NO_FENCE means single writer, nothing to check. A backend that
- * supports fencing records the fence with the staging entry at begin and refuses, with
- * ESTALE, a change or publish whose fence is lower than the recorded one, atomically with
- * the write itself (RADOS: a cmpxattr in the same compound operation). The fs backend
- * ignores it today: one storage process per root is the only writer.
+ * publish carry a `fence`: an opaque, increasing token of the writer's right to this
+ * upload (for several nodes: the generation of the upload lease held in Redis).
+ * BACKEND_NO_FENCE means a single writer, nothing to check. A backend that supports
+ * fencing keeps the highest fence seen with the staging entry: a call carrying a lower
+ * one fails with ESTALE and changes nothing, a higher one becomes the recorded one (a
+ * node taking an upload over attaches and writes with its newer fence), and the check is
+ * atomic with the change itself (RADOS: a cmpxattr in the same compound operation; a
+ * shared file system: under an flock of the entry's metadata). The fs backend ignores it
+ * today: one storage process per root is the only writer.
  */
 
 #define BACKEND_NO_FENCE 0
