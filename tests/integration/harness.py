@@ -663,6 +663,20 @@ class Daemon:
         wait_for(lambda: not self.processes(), 5, 0.05)
         self.proc = None
 
+    def run_again(self, conf_path=None, timeout=20):
+        """Starts a second resourced -f with this (or another) configuration and waits for it to exit:
+        (exit status or None if it was still running after timeout, its output). Killed if it stays."""
+        p = subprocess.Popen([RESOURCED_BIN, "-f", "-c", conf_path or self.conf_path], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+            return p.returncode, out.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate(timeout=10)
+            return None, out.decode(errors="replace")
+
     def check_config(self, path):
         """Runs resourced -t -c path: (exit status, stdout + stderr)."""
         r = subprocess.run([RESOURCED_BIN, "-t", "-c", path], stdin=subprocess.DEVNULL,
@@ -671,6 +685,18 @@ class Daemon:
 
 
 # ---------------------------------------------------------------- protocol client
+
+def agent_answer(port, host="127.0.0.1", timeout=3.0):
+    """The one line the master's agent_listen port answers (HAProxy agent-check), as text."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        buf = b""
+        while True:
+            data = s.recv(256)
+            if not data:
+                break
+            buf += data
+    return buf.decode(errors="replace")
+
 
 def stats_info(d):
     """`show info json` of a daemon started with [server] stats_socket (d.stats_socket), via resctl stats."""
@@ -831,6 +857,7 @@ class Upload:
         self.indent = indent
         self.last_seq = max(1, -(-len(data) // chunk_size))
         self.responses = []
+        self.sent_bytes = 0        # file bytes sent in chunks, resends included
 
     def body(self, offset, seq, **override):
         piece = self.data[offset:offset + self.chunk_size]
@@ -854,6 +881,7 @@ class Upload:
 
     def send_chunk(self, client, offset, seq, timeout=30.0, **override):
         client.send_raw(self.frame(offset, seq, **override))
+        self.sent_bytes += len(self.data[offset:offset + self.chunk_size])
         r = client.recv_json(self.msg_id + 1, timeout)
         self.responses.append(r)
         return r
