@@ -394,6 +394,135 @@ class RedisServer:
         self.cmd("SET", "utoken_%d" % uid, token)
 
 
+class RedisConfServer(RedisServer):
+    """A redis-server (or redis-sentinel) run from a config file of its own, so that CONFIG REWRITE,
+    which Sentinel sends on a failover, works. lines: extra config lines."""
+
+    def __init__(self, lines=(), sentinel=False):
+        super().__init__()
+        self.sentinel = sentinel
+        self.conf_path = os.path.join(self.dir, "sentinel.conf" if sentinel else "redis.conf")
+        self.lines = list(lines)
+
+    def start(self, timeout=15):
+        self.client.close()
+        base = ["port %d" % self.port, "bind 127.0.0.1", "daemonize no", "dir %s" % self.dir,
+                "logfile %s" % os.path.join(self.dir, "redis.log")]
+        if not self.sentinel:
+            base += ['save ""', "appendonly no"]
+        if not os.path.exists(self.conf_path):   # a restart keeps what Sentinel rewrote
+            with open(self.conf_path, "w") as f:
+                f.write("\n".join(base + self.lines) + "\n")
+        args = ["redis-server", self.conf_path] + (["--sentinel"] if self.sentinel else [])
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        if not wait_for(self.ping, timeout):
+            raise RuntimeError("%s on port %d did not answer PING within %d s"
+                               % ("redis-sentinel" if self.sentinel else "redis-server", self.port, timeout))
+        return self
+
+    def role(self):
+        try:
+            return self.cmd("ROLE")[0]
+        except (OSError, ConnectionError, RedisError, IndexError, TypeError):
+            return None
+
+    def log_tail(self, n=15):
+        try:
+            with open(os.path.join(self.dir, "redis.log"), errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+class SentinelSet:
+    """One Redis master, one replica and `count` sentinels watching them as `name`, all on loopback.
+
+    down_after_ms: how long a silent master takes to count as down (kept short for the tests)."""
+
+    def __init__(self, name="mymaster", count=3, down_after_ms=1000, failover_timeout_ms=5000):
+        self.name = name
+        self.master = RedisConfServer()
+        self.replica = RedisConfServer(["replicaof 127.0.0.1 %d" % self.master.port])
+        self.sentinels = []
+        for _ in range(count):
+            self.sentinels.append(RedisConfServer([
+                "sentinel monitor %s 127.0.0.1 %d 2" % (name, self.master.port),
+                "sentinel down-after-milliseconds %s %d" % (name, down_after_ms),
+                "sentinel failover-timeout %s %d" % (name, failover_timeout_ms),
+                "sentinel parallel-syncs %s 1" % name], sentinel=True))
+
+    @property
+    def servers(self):
+        return [self.master, self.replica]
+
+    @property
+    def addresses(self):
+        """The value of [redis] sentinels."""
+        return ",".join("127.0.0.1:%d" % s.port for s in self.sentinels)
+
+    def start(self, timeout=30):
+        self.master.start()
+        self.replica.start()
+        for s in self.sentinels:
+            s.start()
+        if not wait_for(self.settled, timeout, 0.1):
+            raise RuntimeError("the sentinels did not settle within %d s: %r" % (timeout, self.state()))
+        return self
+
+    def state(self):
+        out = {}
+        for s in self.sentinels:
+            try:
+                out[s.port] = {"master": s.cmd("SENTINEL", "get-master-addr-by-name", self.name),
+                               "replicas": len(s.cmd("SENTINEL", "replicas", self.name)),
+                               "sentinels": len(s.cmd("SENTINEL", "sentinels", self.name))}
+            except (OSError, ConnectionError, RedisError) as e:
+                out[s.port] = repr(e)
+        return out
+
+    def settled(self):
+        """Every sentinel agrees on the master, knows a replica in sync and the other sentinels."""
+        master = self.current_master()
+        if master is None or master.role() != "master":
+            return False
+        for s in self.sentinels:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            if s.cmd("SENTINEL", "get-master-addr-by-name", self.name) != ["127.0.0.1", str(master.port)]:
+                return False
+            replicas = [dict(zip(r[::2], r[1::2])) for r in s.cmd("SENTINEL", "replicas", self.name)]
+            if not any(r.get("flags") == "slave" and r.get("master-link-status") == "ok" for r in replicas):
+                return False
+            if len(s.cmd("SENTINEL", "sentinels", self.name)) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def current_master(self):
+        """The server the first live sentinel names as master (a RedisConfServer), or None."""
+        for s in self.sentinels:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            try:
+                addr = s.cmd("SENTINEL", "get-master-addr-by-name", self.name)
+            except (OSError, ConnectionError, RedisError):
+                continue
+            for r in self.servers:
+                if addr and int(addr[1]) == r.port:
+                    return r
+        return None
+
+    def failover(self):
+        """SENTINEL FAILOVER: promotes the replica; returns the server that was master."""
+        old = self.current_master()
+        self.sentinels[0].cmd("SENTINEL", "FAILOVER", self.name)
+        return old
+
+    def synced(self, key, value):
+        """True when every live data server holds key = value (replication caught up)."""
+        return all(r.cmd("GET", key) == value for r in self.servers if r.proc and r.proc.poll() is None)
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 class PostgresServer:
