@@ -47,6 +47,7 @@ static void rds_set_ready(struct rds *r)
 	r->ready = 1;
 	STAT_SET(redis_up, 1);
 	r->retry_delay = RDS_RETRY_MIN;
+	r->not_master = 0;
 	if (r->sentinel)
 		log_info("redis: connected to the master %s:%d", r->master_host, r->master_port);
 	else
@@ -67,7 +68,8 @@ static void rds_on_role(redisAsyncContext *c, void *reply, void *privdata)
 		return;
 	}
 	STAT_INC(redis_errors);
-	if (r->errors++ % 50 == 0)
+	r->errors++;
+	if (r->not_master++ % 50 == 0)
 		log_warnx("redis: %s:%d is not a master (%s): asking the sentinels again", r->master_host, r->master_port,
 		    rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 && rep->element[0]->type == REDIS_REPLY_STRING
 		    ? rep->element[0]->str : rep->type == REDIS_REPLY_ERROR ? rep->str : "no ROLE answer");
@@ -237,6 +239,7 @@ void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
 	r->sentinel = sentinel_create(loop, conf, &ops);
 	r->master_host[0] = '\0';
 	r->master_port = 0;
+	r->not_master = 0;
 	rds_connect(r);
 }
 

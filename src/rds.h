@@ -22,6 +22,7 @@ struct rds {
 	struct sentinel *sentinel;  /* [redis] sentinels set: the master is asked for, not configured */
 	char master_host[256];      /* with sentinels: the address being used */
 	int master_port;
+	unsigned long not_master;   /* servers ROLE refused since the last ready connection */
 };
 
 void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,

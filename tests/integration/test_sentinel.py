@@ -173,6 +173,33 @@ with tap.section("master killed"):
         r, _, _ = up.run(c, offset=s.get("trans_size", 0), seq=s.get("seq", 0) + 1)
     tap.ok(r.get("error") == 0 and published_ok(up), "the upload completes byte-identical after the kill", repr(r))
     tap.ok(up.sent_bytes < 1.5 * len(up.data), "without a restart from zero (%d bytes sent)" % up.sent_bytes)
+    victim.start()   # comes back empty; the sentinels make it a replica of the survivor
+
+with tap.section("master turned read-only"):
+    # The master becomes a replica behind the sentinels' back (they would count
+    # it down only after down-after + 20 s): the storage process's next write
+    # answers READONLY, it asks the sentinels again, and ROLE refuses their
+    # stale answer until the server is a master again.
+    ro = h.wait_for(lambda: (lambda m: m if m and m.role() == "master" else None)(ss.current_master()), 15)
+    tap.ok(ro, "the sentinels name a master")
+    up = new_upload("across-readonly.bin", 1000000)
+    with h.Client(d.port) as c:
+        r, offset, seq = up.run(c, max_chunks=5)
+        before = connected_to(ro)
+        ro.cmd("REPLICAOF", "127.0.0.1", h.free_port())
+        r, offset, seq = up.run(c, offset=offset, seq=seq, max_chunks=1)
+        tap.eq(r.get("error"), 0, "a chunk written while the master is read-only is acknowledged (it is on disk)")
+        tap.ok(h.wait_for(lambda: d.log_count("became read-only (a failover)"), 10),
+               "the storage process notices READONLY and leaves that server")
+        tap.ok(h.wait_for(lambda: d.log_count("127.0.0.1:%d is not a master (slave)" % ro.port), 10),
+               "ROLE keeps it from using the server while it is a replica")
+        ro.cmd("REPLICAOF", "NO", "ONE")
+        tap.ok(h.wait_for(lambda: connected_to(ro) > before, 15), "the storage process is back once it is a master")
+        tap.ok(h.wait_for(lambda: (record(ro, up) or {}).get("trans_size") == 6 * CHUNK, 15),
+               "the acknowledged progress is recorded", repr(record(ro, up)))
+        r, _, _ = up.run(c, offset=offset, seq=seq)
+    tap.ok(r.get("error") == 0 and published_ok(up), "the upload completes byte-identical", repr(r))
+    tap.ok(up.sent_bytes < 1.5 * len(up.data), "without a restart from zero (%d bytes sent)" % up.sent_bytes)
 
 with tap.section("stop"):
     rc, left = d.stop()
