@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,7 +46,11 @@ static int lock_file(const char *path, const char *what, char *err, size_t errle
 	int saved = errno;
 	if (saved == EWOULDBLOCK) {
 		long pid = read_pid(fd);
-		if (pid)
+		if (pid && kill((pid_t)pid, 0) < 0 && errno == ESRCH)
+			snprintf(err, errlen, "the %s %s is still locked by processes of a resourced whose master (pid %ld) "
+			    "is gone (its storage process finishing, or a stuck child: see fuser %s); refusing to start",
+			    what, path, pid, path);
+		else if (pid)
 			snprintf(err, errlen, "another resourced (pid %ld) is running with this configuration: it holds "
 			    "the %s %s; refusing to start", pid, what, path);
 		else

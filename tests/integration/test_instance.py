@@ -117,12 +117,21 @@ with tap.section("stats socket of a live instance"):
     tap.ok(rc not in (0, None) and "live process" in out, "an instance naming a live stats socket is refused", out)
     running_one_untouched("same stats socket")
 
-with tap.section("stale leftovers of a dead instance"):
+with tap.section("children of a killed master"):
+    # The storage process outlives a SIGKILLed master until its pending SIGTERM
+    # (PR_SET_PDEATHSIG) is handled: stopped here, it keeps the instance locked.
     master = d.master_pid
-    for pid in list(d.processes()):
-        os.kill(pid, signal.SIGKILL)
-    tap.ok(h.wait_for(lambda: not d.processes(), 10), "the instance is dead (SIGKILL to all its processes)")
+    storage = d.storage_pid()
+    os.kill(storage, signal.SIGSTOP)
+    os.kill(master, signal.SIGKILL)
     d.proc.wait(5)
+    rc, out = d.run_again()
+    tap.ok(rc not in (0, None) and "pid %d" % master in out and "is gone" in out,
+           "while a child of the killed master lives, a new instance is refused and says the master is gone", out)
+    os.kill(storage, signal.SIGCONT)
+    tap.ok(h.wait_for(lambda: not d.processes(), 15), "the storage process then stops (SIGTERM from the master's death)")
+
+with tap.section("stale leftovers of a dead instance"):
     tap.ok(read_text(d.pid_file).strip() == str(master) and os.path.exists(d.stats_socket) and
            os.path.exists(os.path.join(d.run_dir, "storage.sock")),
            "its pid file and socket files are left behind", repr(snapshot()))
