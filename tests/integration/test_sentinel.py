@@ -9,7 +9,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=150)
+tap = h.Tap(deadline=200)
 
 UID, TOKEN = 4201, "sentinel-token"
 CHUNK = 32768
@@ -150,14 +150,14 @@ with tap.section("tokens after the failover"):
         r = c.request(h.MSG_UPLOAD, h.Upload(b"x" * 100, "refused.bin", UID + 1, "after-failover").body(0, 1))
     tap.ok(r.get("error") not in (0, None), "a token changed on the new master is checked again: the old one "
            "is refused", repr(r))
-    tap.ok(old.role() == "slave" or h.wait_for(lambda: old.role() == "slave", 15),
+    tap.ok(old.role() == "slave" or h.wait_for(lambda: old.role() == "slave", 40),
            "the old master became a replica (its writes would answer READONLY)")
 
 with tap.section("master killed"):
     # The new master dies: the connections drop, the sentinels elect the old one again.
     victim = ss.current_master()
     survivor = ss.replica if victim is ss.master else ss.master
-    tap.ok(h.wait_for(lambda: ss.settled(), 20), "the sentinels settle before the kill")
+    tap.ok(h.wait_for(lambda: ss.settled(), 40), "the sentinels settle before the kill")
     up = new_upload("across-kill.bin", 1500000)
     with h.Client(d.port) as c:
         r, offset, seq = up.run(c, max_chunks=10)
