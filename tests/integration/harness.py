@@ -1236,9 +1236,12 @@ class Upload:
         self.responses += out
         return out
 
-    def complete(self, port, deadline, on_event=None):
+    def complete(self, port, deadline, on_event=None, before_chunk=None):
         """Uploads to the end through whatever happens: reconnects, resyncs and retries on 1027,
-        dropped connections, 1012 (starts over) and 1018. Returns the final response, or raises."""
+        dropped connections, 1012 (starts over) and 1018. Returns the final response, or raises.
+
+        before_chunk(offset), when given, runs before every chunk; when it returns true the
+        client closes the connection and resumes on a new one (1005 first)."""
         offset, seq, started = 0, 1, False
         events = []
         while time.monotonic() < deadline:
@@ -1255,6 +1258,9 @@ class Upload:
                             time.sleep(0.05)
                             continue
                     while time.monotonic() < deadline:
+                        if before_chunk and before_chunk(offset):
+                            events.append(("reconnect", offset))
+                            break
                         r = self.send_chunk(c, offset, seq)
                         started = True
                         err = r.get("error")

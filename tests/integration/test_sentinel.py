@@ -89,14 +89,29 @@ with tap.section("failover during uploads"):
     tap.ok(all((record(first_master, up) or {}).get("trans_size") == 15 * CHUNK for up in paused),
            "their progress records are on the first master")
 
-    # Running uploads: they go on through the failover, resuming with 1005 when needed.
+    # Running uploads: half of each goes before the failover, the third quarter
+    # while it runs and the rest after resourced followed it, on a new connection
+    # every 4 chunks (1005, and a token check in Redis).
     running = [new_upload("running-%d.bin" % i, 3000000) for i in range(3)]
     deadline = h.time.monotonic() + 60
     results = [None] * len(running)
+    failover_started = threading.Event()
+    failover_followed = threading.Event()
 
     def run_one(i):
+        up = running[i]
+        calls = [0]
+
+        def before_chunk(offset):
+            if offset < len(up.data) // 2:
+                return False
+            failover_started.wait(30)
+            if offset >= len(up.data) * 3 // 4:
+                failover_followed.wait(30)
+            calls[0] += 1
+            return calls[0] % 5 == 0
         try:
-            results[i] = (running[i].complete(d.port, deadline), None)
+            results[i] = (up.complete(d.port, deadline, before_chunk=before_chunk), None)
         except Exception as e:
             results[i] = (None, e)
     threads = [threading.Thread(target=run_one, args=(i,), daemon=True) for i in range(len(running))]
@@ -109,19 +124,26 @@ with tap.section("failover during uploads"):
     for up in paused:
         ss.replica.cmd("DEL", "file_upload_%d_%s" % (UID, up.md5))
     tap.ok(not any(record(ss.replica, up) for up in paused), "the paused uploads' records are gone on the replica")
-    h.wait_for(lambda: any(u.sent_bytes > 5 * CHUNK for u in running), 10)
+    tap.ok(h.wait_for(lambda: all(u.sent_bytes >= len(u.data) // 2 for u in running), 20),
+           "the running uploads are half done before the failover")
     old = ss.failover()
+    failover_started.set()
     new = ss.replica if old is ss.master else ss.master
     tap.ok(h.wait_for(lambda: ss.current_master() is new and new.role() == "master", 30),
            "the sentinels promote the replica")
     tap.ok(h.wait_for(lambda: connected_to(new) >= WORKERS + 1, 30),
            "every worker and the storage process follow the failover to the new master")
+    failover_followed.set()
     tap.ok(h.wait_for(lambda: all((record(new, up) or {}).get("trans_size") == 15 * CHUNK for up in paused), 15),
            "the paused uploads' progress is recorded again on the new master",
            repr([record(new, up) for up in paused]))
     for t in threads:
         t.join(max(0.0, deadline - h.time.monotonic()))
     for i, up in enumerate(running):
+        events = [e[0] for e in getattr(up, "events", [])]
+        tap.diag("running upload %d: %d bytes sent for %d; %d reconnects, %d answered 1027, %d dropped"
+                 % (i, up.sent_bytes, len(up.data), events.count("reconnect"), events.count("1027"),
+                    events.count("dropped")))
         r, e = results[i]
         tap.ok(e is None and r and r.get("error") == 0, "running upload %d completes through the failover" % i,
                "%r %r" % (e, getattr(up, "events", None)))
