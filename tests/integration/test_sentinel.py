@@ -86,8 +86,10 @@ with tap.section("failover during uploads"):
             r, offset, seq = up.run(c, max_chunks=15)
         paused_at.append((offset, seq))
     tap.ok(all(o == 15 * CHUNK for o, _ in paused_at), "the paused uploads have 15 chunks acknowledged")
-    tap.ok(all((record(first_master, up) or {}).get("trans_size") == 15 * CHUNK for up in paused),
-           "their progress records are on the first master")
+    # A record is written after its chunk is answered (only seq 1 waits for it).
+    tap.ok(h.wait_for(lambda: all((record(first_master, up) or {}).get("trans_size") == 15 * CHUNK
+                                  for up in paused), 10),
+           "their progress records are on the first master", repr([record(first_master, up) for up in paused]))
 
     # Running uploads: half of each goes before the failover, the third quarter
     # while it runs and the rest after resourced followed it, on a new connection
@@ -120,6 +122,8 @@ with tap.section("failover during uploads"):
     # Writes the master acknowledged but had not replicated yet are lost in a
     # failover: delete the paused uploads' records on the replica to be sure
     # resourced writes them again on the new master.
+    tap.ok(h.wait_for(lambda: all((record(ss.replica, up) or {}).get("trans_size") == 15 * CHUNK
+                                  for up in paused), 10), "the records reached the replica")
     ss.replica.cmd("CONFIG", "SET", "replica-read-only", "no")
     for up in paused:
         ss.replica.cmd("DEL", "file_upload_%d_%s" % (UID, up.md5))
