@@ -3,7 +3,7 @@
 set -e
 PACKAGES="build-essential autoconf automake pkg-config
   libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libmd-dev libbsd-dev
-  uthash-dev check python3 redis-server postgresql procps valgrind
+  uthash-dev check python3 redis-server postgresql procps valgrind haproxy
   clang libclang-rt-14-dev libsystemd-dev"
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES

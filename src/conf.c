@@ -13,7 +13,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND };
+enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND, T_SENTINELS };
 
 struct conf_key {
 	const char *section;
@@ -62,6 +62,9 @@ static const struct conf_key conf_keys[] = {
 	{ "redis", "password", T_STR, S(redis_password), 0, 0, "" },
 	{ "redis", "db", T_INT, N(redis_db), 0, 65535, "0" },
 	{ "redis", "prefix", T_STR, S(redis_prefix), 0, 0, "" },
+	{ "redis", "sentinels", T_SENTINELS, S(redis_sentinels), 0, 0, "" },
+	{ "redis", "master_name", T_STR, S(redis_master_name), 0, 0, "" },
+	{ "redis", "sentinel_password", T_STR, S(redis_sentinel_password), 0, 0, "" },
 	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "" },
 	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5" },
 	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info" },
@@ -194,6 +197,20 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 		}
 		memcpy(base + k->offset, value, strlen(value) + 1);
 		return 0;
+	case T_SENTINELS: {
+		struct conf_hostport hp[CONF_MAX_SENTINELS];
+		if (strlen(value) >= k->size) {
+			snprintf(why, whylen, "value is longer than %zu bytes", k->size - 1);
+			return -1;
+		}
+		if (value[0] && conf_parse_hostports(value, hp, CONF_MAX_SENTINELS) < 0) {
+			snprintf(why, whylen, "'%s' is not host:port[,host:port...] (at most %d, ports 1-65535)", value,
+			    CONF_MAX_SENTINELS);
+			return -1;
+		}
+		memcpy(base + k->offset, value, strlen(value) + 1);
+		return 0;
+	}
 	case T_LOGLEVEL: {
 		int level = log_level_from_name(value);
 		if (level < 0) {
@@ -205,6 +222,51 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 	}
 	}
 	return -1;
+}
+
+int conf_parse_hostports(const char *list, struct conf_hostport *out, int max)
+{
+	int n = 0;
+	const char *p = list;
+	for (;;) {
+		while (*p == ' ' || *p == '\t')
+			p++;
+		size_t len = strcspn(p, ",");
+		while (len > 0 && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+			len--;
+		char item[300];
+		if (len == 0 || len >= sizeof(item) || n >= max)
+			return -1;
+		memcpy(item, p, len);
+		item[len] = '\0';
+		const char *host = item, *port;
+		char *colon;
+		if (item[0] == '[') {
+			char *close = strchr(item, ']');
+			if (close == NULL || close[1] != ':')
+				return -1;
+			*close = '\0';
+			host = item + 1;
+			port = close + 2;
+		} else {
+			colon = strrchr(item, ':');
+			if (colon == NULL)
+				return -1;
+			*colon = '\0';
+			port = colon + 1;
+		}
+		int64_t v;
+		if (host[0] == '\0' || strlen(host) >= sizeof(out[n].host) || parse_int64(port, &v) < 0 ||
+		    v < 1 || v > 65535)
+			return -1;
+		snprintf(out[n].host, sizeof(out[n].host), "%s", host);
+		out[n].port = (int)v;
+		n++;
+		p = strchr(p, ',');
+		if (p == NULL)
+			return n;
+		p++;
+	}
 }
 
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
@@ -235,6 +297,9 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
 	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
 	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&
+	    strcmp(a->redis_sentinels, b->redis_sentinels) == 0 &&
+	    strcmp(a->redis_master_name, b->redis_master_name) == 0 &&
+	    strcmp(a->redis_sentinel_password, b->redis_sentinel_password) == 0 &&
 	    strcmp(a->pg_conninfo, b->pg_conninfo) == 0 && a->pg_timeout == b->pg_timeout &&
 	    strcmp(a->run_dir, b->run_dir) == 0 && strcmp(a->node, b->node) == 0 &&
 	    a->log_level == b->log_level && strcmp(a->log_file, b->log_file) == 0;
@@ -318,6 +383,10 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 	}
 	if (c->root[0] != '/' || c->run_dir[0] != '/') {
 		snprintf(err, errlen, "%s: [storage] root and [server] run_dir must be absolute paths", path);
+		return -1;
+	}
+	if (c->redis_sentinels[0] && c->redis_master_name[0] == '\0') {
+		snprintf(err, errlen, "%s: [redis] sentinels needs master_name (the name the sentinels monitor)", path);
 		return -1;
 	}
 	if (c->node[0] == '\0' && gethostname(c->node, sizeof(c->node) - 1) < 0)

@@ -45,6 +45,9 @@ struct conf {
 	char redis_password[256];
 	int redis_db;
 	char redis_prefix[64];      /* prefix of the file_upload_/file_download_ keys */
+	char redis_sentinels[1024]; /* host:port[,host:port...]: find the master through Sentinel */
+	char redis_master_name[128];/* the master's name in the sentinels' configuration */
+	char redis_sentinel_password[256];   /* AUTH on the sentinels; empty: none */
 	/* [postgres] */
 	char pg_conninfo[1024];
 	int pg_timeout;             /* seconds an icon update may take before the answer goes out */
@@ -53,6 +56,17 @@ struct conf {
 	char log_file[512];         /* empty: stderr in the foreground, syslog otherwise */
 	char access_log[512];       /* one line per finished transfer; empty: none */
 };
+
+#define CONF_MAX_SENTINELS 16
+
+struct conf_hostport {
+	char host[256];
+	int port;
+};
+
+/* Parses "host:port[,host:port...]" ([v6]:port allowed) into out; returns the
+ * count, or -1 when an entry is malformed or there are more than max. */
+int conf_parse_hostports(const char *list, struct conf_hostport *out, int max);
 
 /* Fills *c with the defaults. */
 void conf_defaults(struct conf *c);

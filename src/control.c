@@ -1,6 +1,7 @@
 /* control.c: answers the stats socket (show, disable, enable, reload) and HAProxy agent-checks. */
 #include "config.h"
 #include "control.h"
+#include "instance.h"
 #include "buf.h"
 #include "conf.h"
 #include "log.h"
@@ -531,6 +532,11 @@ static int listen_unix(const char *path)
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path) >= (int)sizeof(sun.sun_path))
 		return -1;
+	/* Never take a socket a live process (another instance) answers on; a stale one goes. */
+	if (instance_unix_socket_live(path)) {
+		errno = EADDRINUSE;
+		return -1;
+	}
 	unlink(path);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
@@ -585,7 +591,8 @@ struct control *control_create(struct ev_loop *loop, const struct conf *conf, st
 	if (conf->stats_socket[0]) {
 		c->stats_fd = listen_unix(conf->stats_socket);
 		if (c->stats_fd < 0)
-			fatal("stats socket %s", conf->stats_socket);
+			fatal("stats socket %s%s", conf->stats_socket,
+			    errno == EADDRINUSE ? ": a live process (another instance?) listens there" : "");
 		snprintf(c->stats_path, sizeof(c->stats_path), "%s", conf->stats_socket);
 		ev_io_init(&c->stats_io, stats_on_accept, c->stats_fd, EV_READ);
 		c->stats_io.data = c;

@@ -3,6 +3,7 @@
 #include "master.h"
 #include "conf.h"
 #include "control.h"
+#include "instance.h"
 #include "ipc.h"
 #include "log.h"
 #include "stats.h"
@@ -119,7 +120,11 @@ static int bind_storage_socket(const struct conf *conf)
 	int n = snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
 	if (n >= (int)sizeof(sun.sun_path))
 		fatalx("run_dir %s is too long for a Unix socket path", conf->run_dir);
-	unlink(sun.sun_path);   /* stale from a previous run */
+	/* A stale file from a dead instance goes; a live instance's socket never does
+	 * (the run_dir lock keeps our own kind out; this guards against anything else). */
+	if (instance_unix_socket_live(sun.sun_path))
+		fatalx("%s: a live process listens there (another instance?): refusing to start", sun.sun_path);
+	unlink(sun.sun_path);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		fatal("socket(AF_UNIX) failed");
@@ -209,15 +214,10 @@ static void drop_privileges(const struct conf *conf)
 	log_info("running as %s", conf->user);
 }
 
-static void write_pid_file(const struct conf *conf)
+static void write_pid_file(void)
 {
-	if (conf->pid_file[0] == '\0')
-		return;
-	char tmp[600];
-	snprintf(tmp, sizeof(tmp), "%s.tmp", conf->pid_file);
-	FILE *f = fopen(tmp, "w");
-	if (f == NULL || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0 || rename(tmp, conf->pid_file) < 0)
-		fatal("cannot write pid file %s", conf->pid_file);
+	if (instance_write_pid() < 0)
+		fatal("cannot write the pid file");
 }
 
 /* Forks into the background; the parent exits once the child writes to the returned fd. */
@@ -589,13 +589,22 @@ static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents)
 
 int master_run(struct conf *conf, const char *conf_path, int foreground)
 {
-	char err[256];
+	char err[512];
 	if (log_open(conf->log_file, conf->log_level, foreground, err, sizeof(err)) < 0) {
 		fprintf(stderr, "resourced: %s\n", err);
 		return 1;
 	}
 	if (mkdir(conf->run_dir, 0750) < 0 && errno != EEXIST) {
 		fprintf(stderr, "resourced: mkdir(%s): %s\n", conf->run_dir, strerror(errno));
+		return 1;
+	}
+	/* Before any socket or file of the instance is touched: one instance per
+	 * configuration, and none beside another process on the same address. */
+	if (instance_lock(conf, err, sizeof(err)) < 0 ||
+	    instance_probe_listen(conf->listen_host, conf->listen_port, err, sizeof(err)) < 0) {
+		log_error("%s", err);
+		if (!foreground || conf->log_file[0])
+			fprintf(stderr, "resourced: %s\n", err);
 		return 1;
 	}
 	static struct master m;
@@ -629,7 +638,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	int ready_fd = foreground ? -1 : daemonize();
 	if (ready_fd >= 0)
 		ev_loop_fork(m.loop);
-	write_pid_file(conf);
+	write_pid_file();
 	if (ready_fd >= 0) {
 		/* The pid file exists: init scripts may now read it. */
 		ssize_t w = write(ready_fd, "", 1);

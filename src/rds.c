@@ -1,18 +1,22 @@
-/* rds.c: keeps an async Redis connection up: connect, AUTH, SELECT, and reconnect with back-off. */
+/* rds.c: keeps an async Redis connection up: connect (to the master Sentinel names, when configured), AUTH, SELECT, and reconnect with back-off. */
 #include "config.h"
 #include "rds.h"
 #include "conf.h"
 #include "log.h"
+#include "sentinel.h"
 #include "stats.h"
 
 #include <hiredis/adapters/libev.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define RDS_RETRY_MIN 0.1
 #define RDS_RETRY_MAX 2.0
 
 static void rds_connect(struct rds *r);
+static void rds_on_role(redisAsyncContext *c, void *reply, void *privdata);
 
 static void rds_schedule_retry(struct rds *r)
 {
@@ -38,6 +42,40 @@ static void rds_on_setup_reply(redisAsyncContext *c, void *reply, void *privdata
 		log_warnx("redis: AUTH/SELECT failed: %s", rep->str);
 }
 
+static void rds_set_ready(struct rds *r)
+{
+	r->ready = 1;
+	STAT_SET(redis_up, 1);
+	r->retry_delay = RDS_RETRY_MIN;
+	r->not_master = 0;
+	if (r->sentinel)
+		log_info("redis: connected to the master %s:%d", r->master_host, r->master_port);
+	else
+		log_info("redis: connected");
+	if (r->on_ready)
+		r->on_ready(r);
+}
+
+static void rds_on_role(redisAsyncContext *c, void *reply, void *privdata)
+{
+	struct rds *r = privdata;
+	redisReply *rep = reply;
+	if (rep == NULL || r->ctx != c || r->closing)
+		return;   /* the connection is gone: its disconnect callback retries */
+	if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 && rep->element[0]->type == REDIS_REPLY_STRING &&
+	    strcmp(rep->element[0]->str, "master") == 0) {
+		rds_set_ready(r);
+		return;
+	}
+	STAT_INC(redis_errors);
+	r->errors++;
+	if (r->not_master++ % 50 == 0)
+		log_warnx("redis: %s:%d is not a master (%s): asking the sentinels again", r->master_host, r->master_port,
+		    rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 && rep->element[0]->type == REDIS_REPLY_STRING
+		    ? rep->element[0]->str : rep->type == REDIS_REPLY_ERROR ? rep->str : "no ROLE answer");
+	redisAsyncDisconnect(c);
+}
+
 static void rds_on_connect(const redisAsyncContext *c, int status)
 {
 	struct rds *r = c->data;
@@ -55,12 +93,12 @@ static void rds_on_connect(const redisAsyncContext *c, int status)
 		redisAsyncCommand(r->ctx, rds_on_setup_reply, NULL, "AUTH %s", conf->redis_password);
 	if (conf->redis_db)
 		redisAsyncCommand(r->ctx, rds_on_setup_reply, NULL, "SELECT %d", conf->redis_db);
-	r->ready = 1;
-	STAT_SET(redis_up, 1);
-	r->retry_delay = RDS_RETRY_MIN;
-	log_info("redis: connected");
-	if (r->on_ready)
-		r->on_ready(r);
+	if (r->sentinel) {
+		/* A sentinel's answer may be stale (a failover under way): only a master will do. */
+		redisAsyncCommand(r->ctx, rds_on_role, r, "ROLE");
+		return;
+	}
+	rds_set_ready(r);
 }
 
 static void rds_on_disconnect(const redisAsyncContext *c, int status)
@@ -79,11 +117,12 @@ static void rds_on_disconnect(const redisAsyncContext *c, int status)
 	rds_schedule_retry(r);
 }
 
-static void rds_connect(struct rds *r)
+/* Connects to the configured server, or to the master the sentinels named. */
+static void rds_connect_now(struct rds *r)
 {
 	const struct conf *conf = r->conf;
-	redisAsyncContext *c = conf->redis_socket[0]
-	    ? redisAsyncConnectUnix(conf->redis_socket)
+	redisAsyncContext *c = r->sentinel ? redisAsyncConnect(r->master_host, r->master_port)
+	    : conf->redis_socket[0] ? redisAsyncConnectUnix(conf->redis_socket)
 	    : redisAsyncConnect(conf->redis_host, conf->redis_port);
 	if (c == NULL || c->err) {
 		if (r->errors++ % 50 == 0)
@@ -100,6 +139,88 @@ static void rds_connect(struct rds *r)
 	redisAsyncSetDisconnectCallback(c, rds_on_disconnect);
 }
 
+static void rds_connect(struct rds *r)
+{
+	if (r->sentinel)
+		sentinel_discover(r->sentinel);   /* rds_on_master connects */
+	else
+		rds_connect_now(r);
+}
+
+static void rds_on_master(void *data, const char *host, int port)
+{
+	struct rds *r = data;
+	if (r->closing || r->ctx != NULL)
+		return;
+	if (host == NULL) {
+		STAT_INC(redis_errors);
+		if (r->errors++ % 50 == 0)
+			log_warnx("redis: no sentinel of [redis] sentinels names the master %s", r->conf->redis_master_name);
+		rds_schedule_retry(r);
+		return;
+	}
+	snprintf(r->master_host, sizeof(r->master_host), "%s", host);
+	r->master_port = port;
+	rds_connect_now(r);
+}
+
+/* A sentinel announced a new master: leave the old one now rather than at its first failed write. */
+static void rds_on_switch(void *data, const char *host, int port)
+{
+	struct rds *r = data;
+	if (r->closing)
+		return;
+	r->retry_delay = RDS_RETRY_MIN;
+	if (r->ctx != NULL) {
+		if ((r->ctx->c.flags & REDIS_CONNECTED) &&
+		    (strcmp(host, r->master_host) != 0 || port != r->master_port))
+			redisAsyncDisconnect(r->ctx);   /* rds_on_disconnect asks the sentinels again */
+		return;   /* a connection under way is checked with ROLE */
+	}
+	ev_timer_stop(r->loop, &r->retry);
+	rds_connect(r);
+}
+
+/* With sentinels, every reply passes here first: READONLY means this server became a replica. */
+struct rds_call {
+	struct rds *r;
+	redisCallbackFn *cb;
+	void *privdata;
+};
+
+static void rds_on_checked_reply(redisAsyncContext *c, void *reply, void *privdata)
+{
+	struct rds_call *call = privdata;
+	struct rds *r = call->r;
+	redisReply *rep = reply;
+	if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "READONLY", 8) == 0 && r->ctx == c &&
+	    r->ready && !r->closing) {
+		log_warnx("redis: %s:%d became read-only (a failover): asking the sentinels again", r->master_host,
+		    r->master_port);
+		r->ready = 0;   /* refuse new commands until the new master answers */
+		STAT_SET(redis_up, 0);
+		redisAsyncDisconnect(c);
+	}
+	if (call->cb)
+		call->cb(c, reply, call->privdata);
+	free(call);
+}
+
+static struct rds_call *rds_wrap(struct rds *r, redisCallbackFn **cb, void **privdata)
+{
+	if (r->sentinel == NULL)
+		return NULL;
+	struct rds_call *call = malloc(sizeof(*call));
+	if (call == NULL)
+		return NULL;   /* the command goes unchecked: a later one will notice */
+	call->r = r;
+	call->cb = *cb;
+	call->privdata = *privdata;
+	*cb = rds_on_checked_reply;
+	*privdata = call;
+	return call;
+}
+
 void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
     void (*on_ready)(struct rds *r), void *data)
 {
@@ -114,6 +235,11 @@ void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
 	r->retry_delay = RDS_RETRY_MIN;
 	ev_timer_init(&r->retry, rds_on_retry, 0., 0.);
 	r->retry.data = r;
+	struct sentinel_ops ops = { rds_on_master, rds_on_switch, r };
+	r->sentinel = sentinel_create(loop, conf, &ops);
+	r->master_host[0] = '\0';
+	r->master_port = 0;
+	r->not_master = 0;
 	rds_connect(r);
 }
 
@@ -121,10 +247,13 @@ int rds_command(struct rds *r, redisCallbackFn *cb, void *privdata, const char *
 {
 	if (!r->ready || r->ctx == NULL)
 		return -1;
+	struct rds_call *call = rds_wrap(r, &cb, &privdata);
 	va_list ap;
 	va_start(ap, fmt);
 	int rc = redisvAsyncCommand(r->ctx, cb, privdata, fmt, ap);
 	va_end(ap);
+	if (rc != REDIS_OK)
+		free(call);
 	return rc == REDIS_OK ? 0 : -1;
 }
 
@@ -133,7 +262,11 @@ int rds_command_argv(struct rds *r, redisCallbackFn *cb, void *privdata, int arg
 {
 	if (!r->ready || r->ctx == NULL)
 		return -1;
-	return redisAsyncCommandArgv(r->ctx, cb, privdata, argc, argv, argvlen) == REDIS_OK ? 0 : -1;
+	struct rds_call *call = rds_wrap(r, &cb, &privdata);
+	if (redisAsyncCommandArgv(r->ctx, cb, privdata, argc, argv, argvlen) == REDIS_OK)
+		return 0;
+	free(call);
+	return -1;
 }
 
 void rds_close(struct rds *r)
@@ -141,6 +274,8 @@ void rds_close(struct rds *r)
 	ev_timer_stop(r->loop, &r->retry);
 	r->on_ready = NULL;
 	r->closing = 1;
+	sentinel_destroy(r->sentinel);
+	r->sentinel = NULL;
 	if (r->ctx) {
 		redisAsyncContext *c = r->ctx;
 		r->ctx = NULL;

@@ -1,4 +1,4 @@
-/* rds.h: one async hiredis connection on a libev loop that logs in, selects its db and reconnects. */
+/* rds.h: one async hiredis connection on a libev loop that logs in, selects its db and reconnects (to the master Sentinel names, when configured). */
 #ifndef RESOURCED_RDS_H
 #define RESOURCED_RDS_H
 
@@ -6,6 +6,7 @@
 #include <hiredis/async.h>
 
 struct conf;
+struct sentinel;
 
 struct rds {
 	struct ev_loop *loop;
@@ -18,6 +19,10 @@ struct rds {
 	void (*on_ready)(struct rds *r);   /* after every (re)connect; may be NULL */
 	void *data;
 	unsigned long errors;       /* failed connects and lost connections */
+	struct sentinel *sentinel;  /* [redis] sentinels set: the master is asked for, not configured */
+	char master_host[256];      /* with sentinels: the address being used */
+	int master_port;
+	unsigned long not_master;   /* servers ROLE refused since the last ready connection */
 };
 
 void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,

@@ -394,6 +394,135 @@ class RedisServer:
         self.cmd("SET", "utoken_%d" % uid, token)
 
 
+class RedisConfServer(RedisServer):
+    """A redis-server (or redis-sentinel) run from a config file of its own, so that CONFIG REWRITE,
+    which Sentinel sends on a failover, works. lines: extra config lines."""
+
+    def __init__(self, lines=(), sentinel=False):
+        super().__init__()
+        self.sentinel = sentinel
+        self.conf_path = os.path.join(self.dir, "sentinel.conf" if sentinel else "redis.conf")
+        self.lines = list(lines)
+
+    def start(self, timeout=15):
+        self.client.close()
+        base = ["port %d" % self.port, "bind 127.0.0.1", "daemonize no", "dir %s" % self.dir,
+                "logfile %s" % os.path.join(self.dir, "redis.log")]
+        if not self.sentinel:
+            base += ['save ""', "appendonly no"]
+        if not os.path.exists(self.conf_path):   # a restart keeps what Sentinel rewrote
+            with open(self.conf_path, "w") as f:
+                f.write("\n".join(base + self.lines) + "\n")
+        args = ["redis-server", self.conf_path] + (["--sentinel"] if self.sentinel else [])
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        if not wait_for(self.ping, timeout):
+            raise RuntimeError("%s on port %d did not answer PING within %d s"
+                               % ("redis-sentinel" if self.sentinel else "redis-server", self.port, timeout))
+        return self
+
+    def role(self):
+        try:
+            return self.cmd("ROLE")[0]
+        except (OSError, ConnectionError, RedisError, IndexError, TypeError):
+            return None
+
+    def log_tail(self, n=15):
+        try:
+            with open(os.path.join(self.dir, "redis.log"), errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+class SentinelSet:
+    """One Redis master, one replica and `count` sentinels watching them as `name`, all on loopback.
+
+    down_after_ms: how long a silent master takes to count as down (kept short for the tests)."""
+
+    def __init__(self, name="mymaster", count=3, down_after_ms=1000, failover_timeout_ms=5000):
+        self.name = name
+        self.master = RedisConfServer()
+        self.replica = RedisConfServer(["replicaof 127.0.0.1 %d" % self.master.port])
+        self.sentinels = []
+        for _ in range(count):
+            self.sentinels.append(RedisConfServer([
+                "sentinel monitor %s 127.0.0.1 %d 2" % (name, self.master.port),
+                "sentinel down-after-milliseconds %s %d" % (name, down_after_ms),
+                "sentinel failover-timeout %s %d" % (name, failover_timeout_ms),
+                "sentinel parallel-syncs %s 1" % name], sentinel=True))
+
+    @property
+    def servers(self):
+        return [self.master, self.replica]
+
+    @property
+    def addresses(self):
+        """The value of [redis] sentinels."""
+        return ",".join("127.0.0.1:%d" % s.port for s in self.sentinels)
+
+    def start(self, timeout=30):
+        self.master.start()
+        self.replica.start()
+        for s in self.sentinels:
+            s.start()
+        if not wait_for(self.settled, timeout, 0.1):
+            raise RuntimeError("the sentinels did not settle within %d s: %r" % (timeout, self.state()))
+        return self
+
+    def state(self):
+        out = {}
+        for s in self.sentinels:
+            try:
+                out[s.port] = {"master": s.cmd("SENTINEL", "get-master-addr-by-name", self.name),
+                               "replicas": len(s.cmd("SENTINEL", "replicas", self.name)),
+                               "sentinels": len(s.cmd("SENTINEL", "sentinels", self.name))}
+            except (OSError, ConnectionError, RedisError) as e:
+                out[s.port] = repr(e)
+        return out
+
+    def settled(self):
+        """Every sentinel agrees on the master, knows a replica in sync and the other sentinels."""
+        master = self.current_master()
+        if master is None or master.role() != "master":
+            return False
+        for s in self.sentinels:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            if s.cmd("SENTINEL", "get-master-addr-by-name", self.name) != ["127.0.0.1", str(master.port)]:
+                return False
+            replicas = [dict(zip(r[::2], r[1::2])) for r in s.cmd("SENTINEL", "replicas", self.name)]
+            if not any(r.get("flags") == "slave" and r.get("master-link-status") == "ok" for r in replicas):
+                return False
+            if len(s.cmd("SENTINEL", "sentinels", self.name)) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def current_master(self):
+        """The server the first live sentinel names as master (a RedisConfServer), or None."""
+        for s in self.sentinels:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            try:
+                addr = s.cmd("SENTINEL", "get-master-addr-by-name", self.name)
+            except (OSError, ConnectionError, RedisError):
+                continue
+            for r in self.servers:
+                if addr and int(addr[1]) == r.port:
+                    return r
+        return None
+
+    def failover(self):
+        """SENTINEL FAILOVER: promotes the replica; returns the server that was master."""
+        old = self.current_master()
+        self.sentinels[0].cmd("SENTINEL", "FAILOVER", self.name)
+        return old
+
+    def synced(self, key, value):
+        """True when every live data server holds key = value (replication caught up)."""
+        return all(r.cmd("GET", key) == value for r in self.servers if r.proc and r.proc.poll() is None)
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 class PostgresServer:
@@ -510,8 +639,9 @@ def all_pids():
 class Daemon:
     """resourced in the foreground (-f) with a private config, run dir, storage root and log file."""
 
-    def __init__(self, workers=2, redis=None, pg=None, settings=None, log_level="info"):
+    def __init__(self, workers=2, redis=None, pg=None, settings=None, log_level="info", host="127.0.0.1"):
         self.dir = temp_dir("daemon")
+        self.host = host           # another loopback address (127.0.0.2...) for multi-node setups
         self.port = free_port()
         self.workers = workers
         self.run_dir = os.path.join(self.dir, "run")
@@ -523,7 +653,7 @@ class Daemon:
         self.pgid = None
         self.log_offset = 0
         self.settings = {
-            "server": {"listen": "127.0.0.1:%d" % self.port, "workers": str(workers),
+            "server": {"listen": "%s:%d" % (host, self.port), "workers": str(workers),
                        "run_dir": self.run_dir, "pid_file": self.pid_file},
             "storage": {"root": self.root, "fsync": "complete"},
             "redis": {"host": "127.0.0.1", "port": str(redis.port if redis else free_port())},
@@ -557,9 +687,16 @@ class Daemon:
                                % (timeout, self.proc.poll(), self.log_tail()))
         return self
 
+    def connect(self, timeout=10.0):
+        """A client connection straight to this daemon (with a PROXY v1 header when proxy_protocol is on)."""
+        c = Client(self.port, host=self.host, timeout=timeout)
+        if self.settings["server"].get("proxy_protocol") in ("on", "yes", "true", "1"):
+            c.send_raw(b"PROXY TCP4 192.0.2.250 %s 1 %d\r\n" % (self.host.encode(), self.port))
+        return c
+
     def ping(self, timeout=2.0):
         try:
-            with Client(self.port, timeout=timeout) as c:
+            with self.connect(timeout=timeout) as c:
                 r = c.request(MSG_TEST, {"data": "ready?"}, timeout=timeout)
                 return r.get("error") == 0 and r.get("data") == "ready?"
         except (OSError, ProtocolError):
@@ -663,6 +800,20 @@ class Daemon:
         wait_for(lambda: not self.processes(), 5, 0.05)
         self.proc = None
 
+    def run_again(self, conf_path=None, timeout=20):
+        """Starts a second resourced -f with this (or another) configuration and waits for it to exit:
+        (exit status or None if it was still running after timeout, its output). Killed if it stays."""
+        p = subprocess.Popen([RESOURCED_BIN, "-f", "-c", conf_path or self.conf_path], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+            return p.returncode, out.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate(timeout=10)
+            return None, out.decode(errors="replace")
+
     def check_config(self, path):
         """Runs resourced -t -c path: (exit status, stdout + stderr)."""
         r = subprocess.run([RESOURCED_BIN, "-t", "-c", path], stdin=subprocess.DEVNULL,
@@ -670,7 +821,194 @@ class Daemon:
         return r.returncode, r.stdout
 
 
+# ---------------------------------------------------------------- several nodes behind HAProxy
+
+HAPROXY_BIN = os.environ.get("HAPROXY_BIN", "/usr/sbin/haproxy")
+
+
+class HAProxy:
+    """A real HAProxy (Debian's) in front of daemons, run from contrib/haproxy.cfg with the test's addresses.
+
+    The shipped file is used as is (mode tcp, send-proxy-v2, check-send-proxy, the 1001 tcp-check,
+    agent-check, maxconn) except for: the addresses and ports, the admin socket and stats page paths,
+    no syslog, roundrobin without stickiness unless sticky=True, and checks every 300 ms instead of 2 s
+    without slowstart so that the tests do not wait."""
+
+    def __init__(self, nodes, balance="roundrobin", sticky=False):
+        self.nodes = list(nodes)
+        self.dir = temp_dir("haproxy")
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.admin = os.path.join(self.dir, "admin.sock")
+        self.conf_path = os.path.join(self.dir, "haproxy.cfg")
+        self.log_path = os.path.join(self.dir, "haproxy.log")
+        self.proc = None
+        self.write_config(balance, sticky)
+        at_cleanup(self.kill)
+
+    @staticmethod
+    def _sub(text, old, new):
+        if old not in text:
+            raise RuntimeError("contrib/haproxy.cfg changed: %r not found (update harness.HAProxy)" % old)
+        return text.replace(old, new)
+
+    def write_config(self, balance, sticky):
+        with open(os.path.join(SRCDIR, "contrib", "haproxy.cfg")) as f:
+            text = f.read()
+        sub = self._sub
+        text = sub(text, "\tlog /dev/log local0\n", "")
+        text = sub(text, "\tlog global\n", "")
+        text = sub(text, "\toption tcplog\n", "")
+        text = sub(text, "/run/haproxy/admin.sock", self.admin)
+        text = sub(text, "bind :9090", "bind 127.0.0.1:%d" % self.port)
+        text = sub(text, "bind 127.0.0.1:8404", "bind 127.0.0.1:%d" % self.stats_port)
+        text = sub(text, "balance leastconn", "balance %s" % balance)
+        if not sticky:
+            text = sub(text, "\tstick-table type ip size 1m expire 2h\n", "")
+            text = sub(text, "\tstick on src\n", "")
+        text = sub(text, "check inter 2s", "check inter 300ms")
+        text = sub(text, "agent-inter 2s", "agent-inter 300ms")
+        text = sub(text, " slowstart 30s", "")
+        lines = []
+        for i, n in enumerate(self.nodes):
+            agent = n.settings["server"].get("agent_listen", "")
+            agent_port = agent.rsplit(":", 1)[1] if agent else None
+            lines.append("\tserver node%d %s:%d%s" % (i + 1, n.host, n.port,
+                                                        " agent-port %s agent-addr %s" % (agent_port, n.host)
+                                                        if agent_port else " no-agent-check"))
+        servers = [l for l in text.splitlines() if l.startswith("\tserver res")]
+        if len(servers) != 3:
+            raise RuntimeError("contrib/haproxy.cfg changed: expected 3 'server resN' lines")
+        text = text.replace("\n".join(servers), "\n".join(lines))
+        with open(self.conf_path, "w") as f:
+            f.write(text)
+
+    def check(self):
+        """haproxy -c on the generated file: (exit status, output)."""
+        r = subprocess.run([HAPROXY_BIN, "-c", "-f", self.conf_path], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20, text=True)
+        return r.returncode, r.stdout
+
+    def start(self, timeout=20, all_up=True):
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([HAPROXY_BIN, "-db", "-f", self.conf_path], stdin=subprocess.DEVNULL,
+                                     stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+        if not wait_for(lambda: self.proc.poll() is not None or os.path.exists(self.admin), timeout, 0.05) \
+                or self.proc.poll() is not None:
+            raise RuntimeError("haproxy did not start (exit %r)\n%s" % (self.proc.poll(), self.log_tail()))
+        if all_up and not wait_for(lambda: self.up_servers() == self.server_names(), timeout, 0.05):
+            raise RuntimeError("not every server came UP in haproxy within %d s: %r\n%s"
+                               % (timeout, self.servers(), self.log_tail()))
+        return self
+
+    def server_names(self):
+        return ["node%d" % (i + 1) for i in range(len(self.nodes))]
+
+    def admin_cmd(self, line):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(self.admin)
+            s.sendall(line.encode() + b"\n")
+            out = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                out += data
+        return out.decode(errors="replace")
+
+    def servers(self):
+        """{server name: {"status": "UP"/"DOWN"/"DRAIN"/"MAINT"..., "stot": sessions so far, ...}} from show stat."""
+        lines = self.admin_cmd("show stat").splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return {}
+        head = lines[0][2:].split(",")
+        out = {}
+        for line in lines[1:]:
+            row = dict(zip(head, line.split(",")))
+            if row.get("pxname") == "resourced" and row.get("svname") not in ("BACKEND", "FRONTEND", None):
+                out[row["svname"]] = row
+        return out
+
+    def up_servers(self):
+        return sorted(n for n, row in self.servers().items() if row.get("status") == "UP")
+
+    def sessions(self):
+        """{server name: total sessions routed to it so far}."""
+        return {n: int(row.get("stot") or 0) for n, row in self.servers().items()}
+
+    def connect(self, timeout=10.0):
+        return Client(self.port, timeout=timeout)
+
+    def log_tail(self, n=20):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "haproxy log:\n" + "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        self.proc = None
+
+
+class Cluster:
+    """n resourced nodes on 127.0.0.2, 127.0.0.3, ... sharing one Redis and one storage root, each with
+    proxy_protocol on and an agent_listen port, behind one HAProxy. Every process is cleaned up by pid."""
+
+    def __init__(self, n=3, redis=None, pg=None, workers=1, settings=None, balance="roundrobin", sticky=False):
+        self.redis = redis or RedisServer().start()
+        self.root = temp_dir("shared-root")
+        self.nodes = []
+        for i in range(n):
+            host = "127.0.0.%d" % (i + 2)
+            node_settings = {"server": {"proxy_protocol": "on", "agent_listen": "%s:%d" % (host, free_port()),
+                                        "node": "node%d" % (i + 1)},
+                             "storage": {"root": self.root}}
+            for section, kv in (settings or {}).items():
+                node_settings.setdefault(section, {}).update(kv)
+            self.nodes.append(Daemon(workers=workers, redis=self.redis, pg=pg, settings=node_settings, host=host))
+        self.haproxy = HAProxy(self.nodes, balance=balance, sticky=sticky)
+
+    def start(self, timeout=30):
+        for node in self.nodes:
+            node.start(timeout)
+        self.haproxy.start(timeout)
+        return self
+
+    def published(self, uid, name):
+        return os.path.join(self.root, str(uid), name)
+
+    def diagnostics(self):
+        out = [self.haproxy.log_tail(10)]
+        try:
+            out.append("haproxy servers: %r" % {n: (r.get("status"), r.get("stot"))
+                                                for n, r in self.haproxy.servers().items()})
+        except OSError as e:
+            out.append("haproxy admin socket: %r" % e)
+        for i, node in enumerate(self.nodes):
+            out.append("node%d %s" % (i + 1, node.log_tail(6)))
+        return "\n".join(out)
+
+
 # ---------------------------------------------------------------- protocol client
+
+def agent_answer(port, host="127.0.0.1", timeout=3.0):
+    """The one line the master's agent_listen port answers (HAProxy agent-check), as text."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        buf = b""
+        while True:
+            data = s.recv(256)
+            if not data:
+                break
+            buf += data
+    return buf.decode(errors="replace")
+
 
 def stats_info(d):
     """`show info json` of a daemon started with [server] stats_socket (d.stats_socket), via resctl stats."""
@@ -831,6 +1169,7 @@ class Upload:
         self.indent = indent
         self.last_seq = max(1, -(-len(data) // chunk_size))
         self.responses = []
+        self.sent_bytes = 0        # file bytes sent in chunks, resends included
 
     def body(self, offset, seq, **override):
         piece = self.data[offset:offset + self.chunk_size]
@@ -854,6 +1193,7 @@ class Upload:
 
     def send_chunk(self, client, offset, seq, timeout=30.0, **override):
         client.send_raw(self.frame(offset, seq, **override))
+        self.sent_bytes += len(self.data[offset:offset + self.chunk_size])
         r = client.recv_json(self.msg_id + 1, timeout)
         self.responses.append(r)
         return r
@@ -896,9 +1236,12 @@ class Upload:
         self.responses += out
         return out
 
-    def complete(self, port, deadline, on_event=None):
+    def complete(self, port, deadline, on_event=None, before_chunk=None):
         """Uploads to the end through whatever happens: reconnects, resyncs and retries on 1027,
-        dropped connections, 1012 (starts over) and 1018. Returns the final response, or raises."""
+        dropped connections, 1012 (starts over) and 1018. Returns the final response, or raises.
+
+        before_chunk(offset), when given, runs before every chunk; when it returns true the
+        client closes the connection and resumes on a new one (1005 first)."""
         offset, seq, started = 0, 1, False
         events = []
         while time.monotonic() < deadline:
@@ -915,6 +1258,9 @@ class Upload:
                             time.sleep(0.05)
                             continue
                     while time.monotonic() < deadline:
+                        if before_chunk and before_chunk(offset):
+                            events.append(("reconnect", offset))
+                            break
                         r = self.send_chunk(c, offset, seq)
                         started = True
                         err = r.get("error")

@@ -568,11 +568,39 @@ START_TEST(test_long_value_not_misread)
 }
 END_TEST
 
+START_TEST(test_sentinels)
+{
+	struct conf c;
+	char err[512];
+	ck_assert_int_eq(load("[redis]\nsentinels = 10.0.0.1:26379, [::1]:26380,s3:1\nmaster_name = chat\n",
+	    &c, err, sizeof(err)), 0);
+	struct conf_hostport hp[CONF_MAX_SENTINELS];
+	ck_assert_int_eq(conf_parse_hostports(c.redis_sentinels, hp, CONF_MAX_SENTINELS), 3);
+	ck_assert_str_eq(hp[0].host, "10.0.0.1");
+	ck_assert_int_eq(hp[0].port, 26379);
+	ck_assert_str_eq(hp[1].host, "::1");
+	ck_assert_int_eq(hp[1].port, 26380);
+	ck_assert_str_eq(hp[2].host, "s3");
+	ck_assert_int_eq(hp[2].port, 1);
+	ck_assert_str_eq(c.redis_master_name, "chat");
+	ck_assert_int_eq(conf_parse_hostports("a:1,,b:2", hp, CONF_MAX_SENTINELS), -1);
+	ck_assert_int_eq(conf_parse_hostports("a:1,b:2", hp, 1), -1);
+	expect_load_error("[redis]\nsentinels = host\n", 2,
+	    "[redis] sentinels: 'host' is not host:port[,host:port...] (at most 16, ports 1-65535)");
+	expect_load_error("[redis]\nsentinels = h:1,h:0\n", 2,
+	    "[redis] sentinels: 'h:1,h:0' is not host:port[,host:port...] (at most 16, ports 1-65535)");
+	/* Sentinels without the master's name cannot ask for anything. */
+	ck_assert_int_eq(load("[redis]\nsentinels = h:1\n", &c, err, sizeof(err)), -1);
+	ck_assert_ptr_nonnull(strstr(err, "master_name"));
+}
+END_TEST
+
 static Suite *conf_suite(void)
 {
 	Suite *s = suite_create("conf");
 	TCase *tc = tcase_create("conf");
 	tcase_add_test(tc, test_defaults);
+	tcase_add_test(tc, test_sentinels);
 	tcase_add_test(tc, test_empty_file_keeps_defaults);
 	tcase_add_test(tc, test_good_file);
 	tcase_add_test(tc, test_whitespace_and_inline_comments);
