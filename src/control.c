@@ -32,10 +32,12 @@ struct control {
 	int draining;
 	double started;
 	char stats_path[512];
+	struct control_client *clients;   /* open stats connections: a forked child must close them */
 };
 
 struct control_client {
 	struct control *c;
+	struct control_client *prev, *next;
 	int fd;
 	ev_io io;
 	struct buf in, out;
@@ -417,6 +419,12 @@ static void control_command(struct control *c, char *line, struct buf *out)
 
 static void client_free(struct control_client *cl)
 {
+	if (cl->prev)
+		cl->prev->next = cl->next;
+	else
+		cl->c->clients = cl->next;
+	if (cl->next)
+		cl->next->prev = cl->prev;
 	ev_io_stop(cl->c->loop, &cl->io);
 	close(cl->fd);
 	buf_free(&cl->in);
@@ -501,6 +509,10 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	cl->c = c;
 	cl->fd = fd;
+	cl->next = c->clients;
+	if (c->clients)
+		c->clients->prev = cl;
+	c->clients = cl;
 	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
 	cl->io.data = cl;
 	ev_io_start(loop, &cl->io);
@@ -625,6 +637,8 @@ void control_destroy(struct control *c)
 		ev_io_stop(c->loop, &c->agent_io);
 		close(c->agent_fd);
 	}
+	while (c->clients)
+		client_free(c->clients);
 	free(c);
 }
 
@@ -637,4 +651,15 @@ void control_close_inherited(struct control *c)
 	if (c->agent_fd >= 0)
 		close(c->agent_fd);
 	c->stats_fd = c->agent_fd = -1;
+	/* A child forked while a client waits (reload) would otherwise hold its connection open:
+	 * the client would never see the end of the answer.
+	 * The loop is the master's: leave its watchers alone, free only this copy's memory. */
+	while (c->clients) {
+		struct control_client *cl = c->clients;
+		c->clients = cl->next;
+		close(cl->fd);
+		buf_free(&cl->in);
+		buf_free(&cl->out);
+		free(cl);
+	}
 }
