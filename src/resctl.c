@@ -1727,7 +1727,7 @@ int main(int argc, char **argv)
 		usage(stdout);
 		return RESCTL_EXIT_OK;
 	}
-	if (strcmp(argv[1], "--version") == 0) {
+	if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
 #ifdef PACKAGE_VERSION
 		printf("resctl %s\n", PACKAGE_VERSION);
 #else

@@ -49,4 +49,87 @@ rc, out, err, secs = stats(d, "reload")
 tap.ok(rc == 0 and "no answer within" not in err, "a second reload answers the same way (exit %d)" % rc, err)
 d.wait_workers(20)
 
+# ---------------------------------------------------------------- item 7: long options
+tap.section("--help and --version")
+for binary, name in ((h.RESOURCED_BIN, "resourced"), (h.RESCTL_BIN, "resctl")):
+    rc, out, err, _ = run([binary, "--help"])
+    tap.ok(rc == 0 and out.startswith("usage: %s" % name), "%s --help prints the usage and exits 0" % name, out + err)
+    for flag in ("--version", "-V"):
+        rc, out, err, _ = run([binary, flag])
+        tap.ok(rc == 0 and out.strip().startswith(name + " ") and out.strip()[len(name) + 1:][:1].isdigit(),
+               "%s %s prints the version and exits 0" % (name, flag), out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "--config", d.conf_path, "--test"])
+tap.ok(rc == 0 and "is valid" in out, "resourced --config FILE --test is -c FILE -t", out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "--no-such-option"])
+tap.ok(rc == 1 and "usage" in err, "an unknown long option is refused with the usage", out + err)
+
+
+# ---------------------------------------------------------------- item 6: -t checks what start needs
+tap.section("resourced -t checks what start needs")
+case_dir = h.temp_dir("operator-conf")
+SUN_PATH_MAX = 107
+
+
+def check_with(changes, tag):
+    settings = {s: dict(kv) for s, kv in d.settings.items()}
+    for section, kv in changes.items():
+        settings.setdefault(section, {}).update(kv)
+    path = os.path.join(case_dir, tag + ".conf")
+    h.Daemon.write_config(path, settings)
+    return path, d.check_config(path)
+
+
+missing = os.path.join(case_dir, "no-such-dir")
+a_file = os.path.join(case_dir, "plain-file")
+with open(a_file, "w") as f:
+    f.write("not a directory\n")
+long_sock = os.path.join(case_dir, "s" * (SUN_PATH_MAX + 5 - len(case_dir)) + ".sock")
+cases = [
+    ("storage root whose parent does not exist", {"storage": {"root": os.path.join(missing, "root")}},
+     "[storage] root", missing),
+    ("storage root that is a file", {"storage": {"root": a_file}}, "[storage] root", "not a directory"),
+    ("stats socket in a directory that does not exist",
+     {"server": {"stats_socket": os.path.join(missing, "stats.sock")}}, "[server] stats_socket", missing),
+    ("stats socket path longer than sun_path", {"server": {"stats_socket": long_sock}},
+     "[server] stats_socket", "longer than a Unix socket path"),
+    ("stats socket path that is a regular file", {"server": {"stats_socket": a_file}},
+     "[server] stats_socket", "not a socket"),
+    ("run_dir whose parent does not exist",
+     {"server": {"run_dir": os.path.join(missing, "run"), "pid_file": os.path.join(missing, "run", "r.pid")}},
+     "[server] run_dir", missing),
+    ("run_dir too long for the storage socket",
+     {"server": {"run_dir": os.path.join(case_dir, "r" * 100)}}, "storage socket", "longer than a Unix socket"),
+    ("pid file in a directory that does not exist",
+     {"server": {"pid_file": os.path.join(missing, "r.pid")}}, "[server] pid_file", missing),
+    ("log file in a directory that does not exist", {"log": {"file": os.path.join(missing, "r.log")}},
+     "[log] file", missing),
+    ("access log that is a directory", {"log": {"access_log": case_dir}}, "[log] access_log", "is a directory"),
+    ("agent_listen without a port", {"server": {"agent_listen": "127.0.0.1"}}, "[server] agent_listen",
+     "host:port"),
+    ("user that does not exist", {"server": {"user": "no-such-user-4101"}}, "[server] user", "no such user"),
+    ("group that does not exist", {"server": {"group": "no-such-group-4101"}}, "[server] group",
+     "no such group"),
+]
+for i, (desc, changes, key, why) in enumerate(cases):
+    path, (rc, out) = check_with(changes, "case%d" % i)
+    if key in ("[server] user", "[server] group") and os.geteuid() != 0:
+        tap.ok(rc == 0 and "warning" in out and why in out, "-t warns (not root): %s" % desc, out)
+        continue
+    tap.ok(rc == 1 and key in out and why in out, "-t exits 1 naming %s: %s" % (key, desc),
+           "exit %r, output %r" % (rc, out))
+rc, out = d.check_config(case_dir)
+tap.ok(rc == 1 and "is a directory" in out, "-t on a directory as the configuration file exits 1", out)
+two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
+                             "log": {"file": os.path.join(missing, "r.log")}}, "two")
+tap.ok(rc == 1 and "[storage] root" in out and "[log] file" in out and "2 problems" in out,
+       "-t reports every problem, not only the first", out)
+tap.ok(not os.path.exists(missing), "-t created nothing")
+
+# Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
+path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
+rc, out, err, _ = run([h.RESOURCED_BIN, "-f", "-c", path], timeout=30)
+tap.ok(rc == 1 and "longer than a Unix socket path" in err and "not started" in err,
+       "start with an over-long stats socket path exits 1 naming it", out + err)
+tap.ok(h.pid_alive(d.master_pid) and d.ping(), "the running daemon is not disturbed")
+
 tap.finish()
