@@ -132,4 +132,99 @@ tap.ok(rc == 1 and "longer than a Unix socket path" in err and "not started" in 
        "start with an over-long stats socket path exits 1 naming it", out + err)
 tap.ok(h.pid_alive(d.master_pid) and d.ping(), "the running daemon is not disturbed")
 
+
+# ---------------------------------------------------------------- items 4 and 5: per-process gauges, expected answers
+tap.section("gauges per process, sums only where they mean something")
+
+
+def info():
+    return h.stats_info(d)
+
+
+def metrics():
+    rc, out, err, _ = stats(d, "show", "metrics")
+    return out
+
+
+def series(text, name):
+    """{labels string: value} of one metric in a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name):]] = float(value)
+    return out
+
+
+def all_connected():
+    i = info()
+    return i if i["redis_connected"] == 3 and i["storage_linked"] == 2 else None
+
+
+# Two reloads above left two old generations behind: their slots must not count.
+i = h.wait_for(all_connected, 20)
+tap.ok(i, "show info: redis_connected 3 and storage_linked 2 with 2 workers after two reloads", repr(info()))
+i = i or info()
+tap.eq((i.get("processes_running"), i.get("workers_running")), (3, 2), "show info: 3 processes, 2 workers running")
+tap.ok("redis_up" not in i and "storage_up" not in i, "show info has no sum of per-process states", repr(i))
+rc, text, err, _ = stats(d, "show", "info")
+tap.ok("Redis_connected: 3" in text and "redis_up" not in text, "show info text says Redis_connected: 3", text)
+rc, out, err, _ = stats(d, "show", "stat", "json")
+rows = json.loads(out)
+running = [r for r in rows if r["pid"] > 0]
+tap.ok(all(r["redis_up"] == 1 for r in running), "show stat: redis_up is 1 per running process", out)
+m = metrics()
+up = series(m, "resourced_redis_up")
+tap.ok(len(up) == 3 and set(up.values()) == {1.0} and all("role=" in k for k in up),
+       "metrics: resourced_redis_up is one series per process, each 1", repr(up))
+tap.ok("" not in up, "metrics: no unlabelled resourced_redis_up sum", repr(up))
+link = series(m, "resourced_storage_up")
+tap.ok(len(link) == 2 and all('role="worker"' in k for k in link) and set(link.values()) == {1.0},
+       "metrics: resourced_storage_up per worker", repr(link))
+tap.ok("# HELP resourced_redis_up 1 when the process is connected to Redis" in m,
+       "metrics: the HELP of redis_up speaks of one process, as its series do")
+up_series = series(m, "resourced_process_up")
+tap.eq(len(up_series), 3, "metrics: process_up has one series per current process (no duplicate labels)",
+       repr(up_series))
+
+with h.Client(d.port) as c1, h.Client(d.port) as c2:
+    c1.request(h.MSG_TEST, {"data": "x"})
+    c2.request(h.MSG_TEST, {"data": "y"})
+    tap.ok(h.wait_for(lambda: info()["conn_current"] == 2, 10), "conn_current sums the running workers' connections",
+           repr(info()["conn_current"]))
+
+tap.section("a sync's 1012 before a fresh upload is an expected answer, not an error")
+before = info()
+data = os.urandom(100000)
+up = h.Upload(data, "operator-fresh.bin", UID, TOKEN)
+with h.Client(d.port) as c:
+    s = up.sync(c)
+    tap.eq(s.get("error"), 1012, "sync before a fresh upload answers 1012")
+    r, _, _ = up.run(c)
+    tap.eq(r.get("error"), 0, "the upload completes")
+    bad = c.request(h.MSG_UPLOAD, up.body(0, 3))     # seq 3 of an upload that is done: a real 1012
+    tap.eq(bad.get("error"), 1012, "a chunk of an upload not in progress answers 1012")
+after = info()
+
+
+def count(i, kind, code="1012"):
+    return i.get(kind, {}).get(code, 0)
+
+
+tap.eq(count(after, "expected") - count(before, "expected"), 1, "show info: expected 1012 counts the sync's answer")
+tap.eq(count(after, "errors") - count(before, "errors"), 1, "show info: errors 1012 counts only the upload chunk's")
+rc, text, err, _ = stats(d, "show", "info")
+tap.ok("expected_1012: %d" % count(after, "expected") in text, "show info text has expected_1012", text)
+rc, out, err, _ = stats(d, "show", "stat", "json")
+rows = json.loads(out)
+tap.eq(sum(r.get("expected", {}).get("1012", 0) for r in rows), count(after, "expected"),
+       "show stat json: expected per process adds up to the total")
+rc, out, err, _ = stats(d, "show", "stat")
+tap.ok(out.splitlines()[0].endswith(",errors,expected"), "show stat text has errors and expected columns", out[:300])
+m = metrics()
+tap.eq(series(m, "resourced_responses_expected_total").get('{code="1012"}'), float(count(after, "expected")),
+       "metrics: resourced_responses_expected_total{code=\"1012\"}")
+tap.eq(series(m, "resourced_responses_error_total").get('{code="1012"}'), float(count(after, "errors")),
+       "metrics: resourced_responses_error_total{code=\"1012\"} leaves the sync's answer out")
+
 tap.finish()
