@@ -1631,6 +1631,7 @@ struct download {
 	int fd;                    /* the part file */
 	int state_fd;
 	struct download_state saved;   /* read from the state file; total 0 when there was none */
+	char uid[24];              /* this run's user, as the state file writes it */
 	struct client c;
 	struct json_writer w;
 	struct backoff backoff;
@@ -1775,7 +1776,7 @@ static int state_write(struct download *d, uint64_t chunk)
 {
 	char text[1024];
 	int n = snprintf(text, sizeof(text), DOWNLOAD_STATE_MAGIC "\nname %s\nuid %s\ntotal_size %" PRIu64
-	    "\nchunk %" PRIu64 "\nreceived %0*" PRIu64 "\n", d->o->name, d->saved.uid, d->total, chunk,
+	    "\nchunk %" PRIu64 "\nreceived %0*" PRIu64 "\n", d->o->name, d->uid, d->total, chunk,
 	    STATE_RECEIVED_WIDTH, d->have);
 	if (d->state_fd >= 0)
 		close(d->state_fd);
@@ -1863,7 +1864,7 @@ static uint64_t download_resumable(struct download *d, uint64_t chunk, const str
 	struct stat sb;
 	if (first->is_last || st->total == 0 || fstat(d->fd, &sb) != 0)
 		return 0;
-	if (strcmp(st->name, d->o->name) != 0 || strcmp(st->uid, d->saved.uid) != 0 || st->total != d->total ||
+	if (strcmp(st->name, d->o->name) != 0 || strcmp(st->uid, d->uid) != 0 || st->total != d->total ||
 	    st->chunk != chunk) {
 		resctl_error("download: %s holds a different file or version: starting over", d->part);
 		return 0;
@@ -1968,9 +1969,12 @@ static int download_run(struct download *d, uint64_t *resumed_from)
 		    (intmax_t)st.st_size, d->total);
 		return -1;
 	}
-	/* Complete and checked: only now does OUTFILE appear (or get replaced, with --force). */
-	if (fsync(d->fd) != 0 || rename(d->part, d->o->outfile) != 0) {
-		resctl_error("download: renaming %s to %s: %s", d->part, d->o->outfile, strerror(errno));
+	/* Complete and checked: only now does OUTFILE appear (or get replaced, with --force). A file
+	 * that appeared there meanwhile is not replaced without --force either. */
+	if (fsync(d->fd) != 0 ||
+	    renameat2(AT_FDCWD, d->part, AT_FDCWD, d->o->outfile, d->o->force ? 0 : RENAME_NOREPLACE) != 0) {
+		resctl_error("download: renaming %s to %s: %s%s", d->part, d->o->outfile, strerror(errno),
+		    errno == EEXIST ? " (it appeared during the download; the data is complete in the part file)" : "");
 		return -1;
 	}
 	unlink(d->state_path);
@@ -2009,9 +2013,9 @@ static int download_open(struct download *d)
 	if (state_read(d, &d->saved) != 0)
 		d->saved.total = 0;
 	if (d->o->auth.has_uid)
-		snprintf(d->saved.uid, sizeof(d->saved.uid), "%" PRIu64, d->o->auth.uid);
+		snprintf(d->uid, sizeof(d->uid), "%" PRIu64, d->o->auth.uid);
 	else
-		snprintf(d->saved.uid, sizeof(d->saved.uid), "-");
+		snprintf(d->uid, sizeof(d->uid), "-");
 	d->raw_cap = 1u << 20;
 	d->raw = malloc(d->raw_cap);
 	if (d->raw == NULL || qt_writer_init(&d->w) != 0) {

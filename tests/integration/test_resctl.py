@@ -102,6 +102,15 @@ rc, so, se = resctl("download", ADDR, NAME, resized, *CRED)
 tap.ok(rc == 0 and h.read_file(resized) == data and "different file" in se and "resuming" not in se,
        "a state that describes another file: starts over, byte-identical", so + se)
 
+UID2, TOKEN2 = 4202, "tok-4202-resctl"
+redis.set_token(UID2, TOKEN2)
+theirs = os.path.join(work, "theirs.bin")
+rc, so, se = resctl("upload", ADDR, os.path.join(work, "src-" + NAME), "--name", NAME, "--uid", UID2, "--token", TOKEN2)
+rc, so, se = resctl("download", ADDR, NAME, theirs, "--stop-after", 5, *CRED)
+rc, so, se = resctl("download", ADDR, NAME, theirs, "--uid", UID2, "--token", TOKEN2)
+tap.ok(rc == 0 and h.read_file(theirs) == data and "different file" in se and "resuming" not in se,
+       "another user's file of the same name: not resumed from the first user's part", so + se)
+
 changed = os.path.join(work, "changed.bin")
 NAME2 = "resctl-changes.bin"
 put_file(NAME2, data)
