@@ -255,12 +255,17 @@ static void show_workers(struct control *c, struct buf *out, int json)
 		g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(g);
 	} else {
-		out_printf(out, "# role number slot pid state uptime_sec restarts connections\n");
+		out_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i];
 		long uptime = p->pid ? (long)(now - p->started) : 0;
-		unsigned long long conns = atomic_load(&c->shm->procs[p->slot].conn_current);
+		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		unsigned long long conns = atomic_load(&sp->conn_current);
+		/* A process that is down is connected to nothing, whatever its slot last said. */
+		int redis_up = p->pid > 0 && atomic_load(&sp->redis_up) != 0;
+		int worker = strcmp(p->role, "worker") == 0;
+		int storage_up = worker && p->pid > 0 && atomic_load(&sp->storage_up) != 0;
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -271,10 +276,13 @@ static void show_workers(struct control *c, struct buf *out, int json)
 			gen_kv_int(g, "uptime_sec", uptime);
 			gen_kv_int(g, "restarts", p->restarts);
 			gen_kv_int(g, "connections", (long long)conns);
+			gen_kv_int(g, "redis_up", redis_up);
+			if (worker)
+				gen_kv_int(g, "storage_up", storage_up);
 			yajl_gen_map_close(g);
 		} else {
-			out_printf(out, "%s %d %d %d %s %ld %d %llu\n", p->role, p->number, p->slot, (int)p->pid,
-			    p->state, uptime, p->restarts, conns);
+			out_printf(out, "%s %d %d %d %s %ld %d %llu %d %s\n", p->role, p->number, p->slot, (int)p->pid,
+			    p->state, uptime, p->restarts, conns, redis_up, worker ? (storage_up ? "1" : "0") : "-");
 		}
 	}
 	if (json) {
@@ -445,7 +453,7 @@ static const char help_text[] =
     "help                  this list\n"
     "show info [json]      version, uptime, state and totals\n"
     "show stat [json]      counters per process\n"
-    "show workers [json]   processes: role, pid, state, uptime, restarts\n"
+    "show workers [json]   processes: role, pid, state, uptime, restarts, links up\n"
     "show transfers [json] uploads and downloads in flight\n"
     "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
     "disable               drain: the agent-check answers drain\n"

@@ -173,6 +173,15 @@ rc, out, err, _ = stats(d, "show", "stat", "json")
 rows = json.loads(out)
 running = [r for r in rows if r["pid"] > 0]
 tap.ok(all(r["redis_up"] == 1 for r in running), "show stat: redis_up is 1 per running process", out)
+rc, out, err, _ = stats(d, "show", "workers")
+rows = [l.split() for l in out.splitlines() if l and not l.startswith("#")]
+tap.ok(out.startswith("# role number slot pid state uptime_sec restarts connections redis_up storage_up") and
+       len(rows) == 3 and all(r[8] == "1" for r in rows) and
+       sorted(r[9] for r in rows) == ["-", "1", "1"], "show workers: redis_up and storage_up per process", out)
+rc, out, err, _ = stats(d, "show", "workers", "json")
+wj = json.loads(out)
+tap.ok(all(w["redis_up"] == 1 for w in wj) and all(w.get("storage_up") == 1 for w in wj if w["role"] == "worker")
+       and all("storage_up" not in w for w in wj if w["role"] == "storage"), "show workers json: the same", out)
 m = metrics()
 up = series(m, "resourced_redis_up")
 tap.ok(len(up) == 3 and set(up.values()) == {1.0} and all("role=" in k for k in up),
