@@ -145,6 +145,10 @@ rc, so, se = resctl("download", "127.0.0.1:%d" % closer.getsockname()[1], NAME, 
                     "--retries", 2, *CRED)
 tap.ok(rc == 1 and "connection lost" in se and "retrying (1/2) in 0.1 s" in se and "retrying (2/2) in 0.2 s" in se
        and "giving up after 2" in se, "each retry is announced: connection lost, retrying (n/N) in s", se)
+rc, so, se = resctl("upload", "127.0.0.1:%d" % closer.getsockname()[1], os.path.join(work, "src-" + NAME),
+                    "--retries", 1, *CRED)
+tap.ok(rc == 1 and "resctl: upload: connection lost" in se and "retrying (1/1) in 0.1 s" in se,
+       "upload announces its retries the same way", se)
 rc, so, se = resctl("download", dead, NAME, os.path.join(work, "dead.bin"), "--retries", 2, *CRED)
 tap.ok(rc == 1 and "Connection refused" in se and not os.path.exists(os.path.join(work, "dead.bin.resctl-part")),
        "a refused first connection fails at once and leaves no part file", se)
