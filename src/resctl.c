@@ -1929,6 +1929,19 @@ static int download_run(struct download *d, uint64_t *resumed_from)
 		return -1;
 	}
 	uint64_t keep = download_resumable(d, chunk, &first);
+	if (keep > chunk) {
+		/* The part's tail is what a crash leaves unwritten: its last kept chunk must be the server's too. */
+		struct download_chunk overlap;
+		if (download_fetch(d, keep / chunk, &overlap) != 0)
+			return -1;
+		if (overlap.len != chunk || !part_matches(d, keep - chunk, overlap.len)) {
+			resctl_error("download: %s does not hold the server's bytes before %.1f MB: starting over", d->part,
+			    (double)keep / 1e6);
+			keep = 0;
+			if (download_fetch(d, 1, &first) != 0)   /* its data is needed again */
+				return -1;
+		}
+	}
 	if (download_keep(d, keep) != 0 || state_write(d, chunk) != 0)
 		return -1;
 	*resumed_from = keep;

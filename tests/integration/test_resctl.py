@@ -111,6 +111,15 @@ rc, so, se = resctl("download", ADDR, NAME, theirs, "--uid", UID2, "--token", TO
 tap.ok(rc == 0 and h.read_file(theirs) == data and "different file" in se and "resuming" not in se,
        "another user's file of the same name: not resumed from the first user's part", so + se)
 
+torn = os.path.join(work, "torn.bin")
+rc, so, se = resctl("download", ADDR, NAME, torn, "--stop-after", 12, *CRED)
+with open(torn + ".resctl-part", "r+b") as f:     # what a power cut can leave: a tail never written
+    f.seek(11 * CHUNK)
+    f.write(bytes(CHUNK))
+rc, so, se = resctl("download", ADDR, NAME, torn, *CRED)
+tap.ok(rc == 0 and h.read_file(torn) == data and "does not hold the server's bytes" in se,
+       "a part whose last kept chunk differs from the server's starts over, byte-identical", so + se)
+
 changed = os.path.join(work, "changed.bin")
 NAME2 = "resctl-changes.bin"
 put_file(NAME2, data)
