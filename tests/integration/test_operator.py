@@ -1,8 +1,10 @@
 # test_operator.py: what operators meet first: the reload answer over the stats socket, --help/--version, -t checks, per-process gauges and expected answers apart from errors.
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
@@ -117,6 +119,30 @@ for i, (desc, changes, key, why) in enumerate(cases):
         continue
     tap.ok(rc == 1 and key in out and why in out, "-t exits 1 naming %s: %s" % (key, desc),
            "exit %r, output %r" % (rc, out))
+# Writable is what root cannot be refused: check as nobody, with every path in a tree nobody can read.
+nobody_runs = os.geteuid() == 0 and \
+    run(["runuser", "-u", "nobody", "--", h.RESOURCED_BIN, "--version"])[0] == 0   # the build tree may be private
+if nobody_runs:
+    shared = tempfile.mkdtemp(prefix="resourced-it-operator-nobody-")
+    h.at_cleanup(lambda: shutil.rmtree(shared, ignore_errors=True))
+    os.chmod(shared, 0o755)
+    locked = os.path.join(shared, "locked")
+    os.mkdir(locked, 0o755)
+    settings = {"server": {"listen": "127.0.0.1:%d" % d.port, "run_dir": os.path.join(shared, "run"),
+                           "pid_file": os.path.join(shared, "run", "r.pid")},
+                "storage": {"root": os.path.join(locked, "root")},
+                "log": {"file": os.path.join(locked, "r.log")}}
+    os.chmod(shared, 0o777)           # run_dir may be created; nothing in locked/ may
+    path = os.path.join(shared, "nobody.conf")
+    h.Daemon.write_config(path, settings)
+    os.chmod(path, 0o644)
+    rc, out, err, _ = run(["runuser", "-u", "nobody", "--", h.RESOURCED_BIN, "-t", "-c", path])
+    tap.ok(rc == 1 and "[storage] root" in err and "%s is not writable" % locked in err and "[log] file" in err
+           and "[server] run_dir" not in err, "-t as nobody: a storage root and a log nobody may create are named",
+           "exit %r, %s%s" % (rc, out, err))
+else:
+    tap.skip("-t as another user: a directory that is not writable",
+             "needs root, and a build tree the user nobody can reach")
 rc, out = d.check_config(case_dir)
 tap.ok(rc == 1 and "is a directory" in out, "-t on a directory as the configuration file exits 1", out)
 two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
