@@ -33,22 +33,28 @@ struct control {
 	int draining;
 	double started;
 	char stats_path[512];
+	struct control_client *clients;   /* open stats connections: a forked child must close them */
 };
 
 struct control_client {
 	struct control *c;
+	struct control_client *prev, *next;
 	int fd;
 	ev_io io;
 	struct buf in, out;
 	int closing;
 };
 
-/* Totals over every slot, including processes that have exited: counters only grow. */
+/* Totals: counters over every slot (processes that exited included: counters only grow), gauges over
+ * the running processes; states (redis_up, storage_up) have no sum and are left 0. */
 struct totals {
 #define STATS_FIELD(name, type, help) uint64_t name;
 	STATS_COUNTERS(STATS_FIELD)
 #undef STATS_FIELD
 	uint64_t errors[STATS_ERR_COUNT];
+	uint64_t expected[STATS_ERR_COUNT];
+	/* Of the running processes: how many, and how many are connected. */
+	int processes, workers, redis_connected, storage_linked;
 };
 
 static const struct {
@@ -60,6 +66,11 @@ static const struct {
 #undef STATS_FIELD
 };
 #define NCOUNTERS (sizeof(counter_info) / sizeof(counter_info[0]))
+
+static int is_type(size_t i, const char *type)
+{
+	return strcmp(counter_info[i].type, type) == 0;
+}
 
 static uint64_t slot_counter(const struct stats_proc *p, size_t i)
 {
@@ -75,9 +86,28 @@ static void sum_totals(const struct control *c, struct totals *t)
 	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
 		const struct stats_proc *p = &c->shm->procs[s];
 		for (size_t i = 0; i < NCOUNTERS; i++)
-			fields[i] += slot_counter(p, i);
-		for (int e = 0; e < STATS_ERR_COUNT; e++)
+			if (is_type(i, "counter"))
+				fields[i] += slot_counter(p, i);
+		for (int e = 0; e < STATS_ERR_COUNT; e++) {
 			t->errors[e] += atomic_load_explicit(&p->errors[e], memory_order_relaxed);
+			t->expected[e] += atomic_load_explicit(&p->expected[e], memory_order_relaxed);
+		}
+	}
+	/* A gauge left behind by a process that exited (or by the previous generation after a reload) is stale. */
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	for (int k = 0; k < n; k++) {
+		if (procs[k].pid <= 0)
+			continue;
+		const struct stats_proc *p = &c->shm->procs[procs[k].slot];
+		for (size_t i = 0; i < NCOUNTERS; i++)
+			if (is_type(i, "gauge"))
+				fields[i] += slot_counter(p, i);
+		int worker = strcmp(procs[k].role, "worker") == 0;
+		t->processes++;
+		t->workers += worker;
+		t->redis_connected += atomic_load(&p->redis_up) != 0;
+		t->storage_linked += worker && atomic_load(&p->storage_up) != 0;
 	}
 }
 
@@ -120,6 +150,21 @@ static void gen_finish(yajl_gen g, struct buf *out)
 	buf_append(out, p, len);
 	buf_append(out, "\n", 1);
 	yajl_gen_free(g);
+}
+
+/* {"1012": n, ...} of the codes counted at least once. */
+static void gen_code_map(yajl_gen g, const char *key, const uint64_t *by_code)
+{
+	gen_key(g, key);
+	yajl_gen_map_open(g);
+	for (int e = 0; e < STATS_ERR_COUNT; e++) {
+		if (by_code[e] == 0)
+			continue;
+		char code[8];
+		snprintf(code, sizeof(code), "%d", STATS_ERR_BASE + e);
+		gen_kv_int(g, code, (long long)by_code[e]);
+	}
+	yajl_gen_map_close(g);
 }
 
 /* ---------------------------------------------------------------- state */
@@ -170,19 +215,16 @@ static void show_info(struct control *c, struct buf *out, int json)
 		gen_kv_str(g, "state", state);
 		gen_kv_int(g, "weight", weight);
 		gen_kv_int(g, "draining", c->draining);
+		gen_kv_int(g, "processes_running", t.processes);
+		gen_kv_int(g, "workers_running", t.workers);
+		gen_kv_int(g, "redis_connected", t.redis_connected);
+		gen_kv_int(g, "storage_linked", t.storage_linked);
 		const uint64_t *fields = (const uint64_t *)&t;
 		for (size_t i = 0; i < NCOUNTERS; i++)
-			gen_kv_int(g, counter_info[i].name, (long long)fields[i]);
-		gen_key(g, "errors");
-		yajl_gen_map_open(g);
-		for (int e = 0; e < STATS_ERR_COUNT; e++) {
-			if (t.errors[e] == 0)
-				continue;
-			char code[8];
-			snprintf(code, sizeof(code), "%d", STATS_ERR_BASE + e);
-			gen_kv_int(g, code, (long long)t.errors[e]);
-		}
-		yajl_gen_map_close(g);
+			if (!is_type(i, "state"))
+				gen_kv_int(g, counter_info[i].name, (long long)fields[i]);
+		gen_code_map(g, "errors", t.errors);
+		gen_code_map(g, "expected", t.expected);
 		yajl_gen_map_close(g);
 		gen_finish(g, out);
 		return;
@@ -190,12 +232,18 @@ static void show_info(struct control *c, struct buf *out, int json)
 	out_printf(out, "Name: resourced\nVersion: %s\nPid: %d\nUptime_sec: %ld\nWorkers: %d\n",
 	    PACKAGE_VERSION, (int)getpid(), uptime, c->conf->workers);
 	out_printf(out, "State: %s\nWeight: %d\nDraining: %d\n", state, weight, c->draining);
+	out_printf(out, "Processes_running: %d\nWorkers_running: %d\nRedis_connected: %d\nStorage_linked: %d\n",
+	    t.processes, t.workers, t.redis_connected, t.storage_linked);
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++)
-		out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
+		if (!is_type(i, "state"))
+			out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
 			out_printf(out, "errors_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.errors[e]);
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.expected[e])
+			out_printf(out, "expected_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.expected[e]);
 }
 
 static void show_workers(struct control *c, struct buf *out, int json)
@@ -208,12 +256,17 @@ static void show_workers(struct control *c, struct buf *out, int json)
 		g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(g);
 	} else {
-		out_printf(out, "# role number slot pid state uptime_sec restarts connections\n");
+		out_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i];
 		long uptime = p->pid ? (long)(now - p->started) : 0;
-		unsigned long long conns = atomic_load(&c->shm->procs[p->slot].conn_current);
+		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		unsigned long long conns = atomic_load(&sp->conn_current);
+		/* A process that is down is connected to nothing, whatever its slot last said. */
+		int redis_up = p->pid > 0 && atomic_load(&sp->redis_up) != 0;
+		int worker = strcmp(p->role, "worker") == 0;
+		int storage_up = worker && p->pid > 0 && atomic_load(&sp->storage_up) != 0;
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -224,10 +277,13 @@ static void show_workers(struct control *c, struct buf *out, int json)
 			gen_kv_int(g, "uptime_sec", uptime);
 			gen_kv_int(g, "restarts", p->restarts);
 			gen_kv_int(g, "connections", (long long)conns);
+			gen_kv_int(g, "redis_up", redis_up);
+			if (worker)
+				gen_kv_int(g, "storage_up", storage_up);
 			yajl_gen_map_close(g);
 		} else {
-			out_printf(out, "%s %d %d %d %s %ld %d %llu\n", p->role, p->number, p->slot, (int)p->pid,
-			    p->state, uptime, p->restarts, conns);
+			out_printf(out, "%s %d %d %d %s %ld %d %llu %d %s\n", p->role, p->number, p->slot, (int)p->pid,
+			    p->state, uptime, p->restarts, conns, redis_up, worker ? (storage_up ? "1" : "0") : "-");
 		}
 	}
 	if (json) {
@@ -248,11 +304,16 @@ static void show_stat(struct control *c, struct buf *out, int json)
 		out_printf(out, "# role,number,pid");
 		for (size_t i = 0; i < NCOUNTERS; i++)
 			out_printf(out, ",%s", counter_info[i].name);
-		out_printf(out, "\n");
+		out_printf(out, ",errors,expected\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i];
 		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		uint64_t errors[STATS_ERR_COUNT], expected[STATS_ERR_COUNT], errors_sum = 0, expected_sum = 0;
+		for (int e = 0; e < STATS_ERR_COUNT; e++) {
+			errors_sum += errors[e] = atomic_load_explicit(&sp->errors[e], memory_order_relaxed);
+			expected_sum += expected[e] = atomic_load_explicit(&sp->expected[e], memory_order_relaxed);
+		}
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -260,12 +321,14 @@ static void show_stat(struct control *c, struct buf *out, int json)
 			gen_kv_int(g, "pid", p->pid);
 			for (size_t k = 0; k < NCOUNTERS; k++)
 				gen_kv_int(g, counter_info[k].name, (long long)slot_counter(sp, k));
+			gen_code_map(g, "errors", errors);
+			gen_code_map(g, "expected", expected);
 			yajl_gen_map_close(g);
 		} else {
 			out_printf(out, "%s,%d,%d", p->role, p->number, (int)p->pid);
 			for (size_t k = 0; k < NCOUNTERS; k++)
 				out_printf(out, ",%llu", (unsigned long long)slot_counter(sp, k));
-			out_printf(out, "\n");
+			out_printf(out, ",%llu,%llu\n", (unsigned long long)errors_sum, (unsigned long long)expected_sum);
 		}
 	}
 	if (json) {
@@ -314,42 +377,72 @@ static void show_transfers(struct control *c, struct buf *out, int json)
 	}
 }
 
+/* After a reload the old generation has the same role and number as the new one until it exits:
+ * per-process series leave it out so that no two series have the same labels. */
+static int retiring(const struct control_proc *p)
+{
+	return strcmp(p->state, "retiring") == 0;
+}
+
 static void show_metrics(struct control *c, struct buf *out)
 {
 	struct totals t;
 	sum_totals(c, &t);
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	double now = stats_wall_now();
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++) {
-		size_t nlen = strlen(counter_info[i].name);
-		int has_total = nlen > 6 && strcmp(counter_info[i].name + nlen - 6, "_total") == 0;
-		const char *suffix = strcmp(counter_info[i].type, "counter") == 0 && !has_total ? "_total" : "";
-		out_printf(out, "# HELP resourced_%s%s %s\n# TYPE resourced_%s%s %s\nresourced_%s%s %llu\n",
-		    counter_info[i].name, suffix, counter_info[i].help, counter_info[i].name, suffix,
-		    counter_info[i].type, counter_info[i].name, suffix, (unsigned long long)fields[i]);
+		const char *name = counter_info[i].name;
+		size_t nlen = strlen(name);
+		int has_total = nlen > 6 && strcmp(name + nlen - 6, "_total") == 0;
+		const char *suffix = is_type(i, "counter") && !has_total ? "_total" : "";
+		const char *type = is_type(i, "counter") ? "counter" : "gauge";
+		const char *scope = is_type(i, "counter") ? " (all processes)" : is_type(i, "gauge") ? " (running processes)" : "";
+		out_printf(out, "# HELP resourced_%s%s %s%s\n# TYPE resourced_%s%s %s\n", name, suffix, counter_info[i].help,
+		    scope, name, suffix, type);
+		if (!is_type(i, "state")) {
+			out_printf(out, "resourced_%s%s %llu\n", name, suffix, (unsigned long long)fields[i]);
+			continue;
+		}
+		/* One series per process: a sum of 0/1 states would say nothing. storage_up is a worker's link. */
+		for (int k = 0; k < n; k++) {
+			if (retiring(&procs[k]) || (strcmp(name, "storage_up") == 0 && strcmp(procs[k].role, "worker") != 0))
+				continue;
+			uint64_t v = procs[k].pid > 0 ? slot_counter(&c->shm->procs[procs[k].slot], i) : 0;
+			out_printf(out, "resourced_%s{role=\"%s\",number=\"%d\"} %llu\n", name, procs[k].role,
+			    procs[k].number, (unsigned long long)v);
+		}
 	}
-	out_printf(out, "# HELP resourced_responses_error_total Responses by error code\n"
+	out_printf(out, "# HELP resourced_responses_error_total Responses by error code (expected answers apart)\n"
 	    "# TYPE resourced_responses_error_total counter\n");
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
 			out_printf(out, "resourced_responses_error_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
 			    (unsigned long long)t.errors[e]);
-	struct control_proc procs[CONTROL_MAX_PROCS];
-	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
-	double now = stats_wall_now();
+	out_printf(out, "# HELP resourced_responses_expected_total Responses with a code healthy traffic gets "
+	    "(1012 to a sync before a fresh upload)\n# TYPE resourced_responses_expected_total counter\n");
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.expected[e])
+			out_printf(out, "resourced_responses_expected_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
+			    (unsigned long long)t.expected[e]);
 	out_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
-		    procs[i].pid > 0);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
+			    procs[i].pid > 0);
 	out_printf(out, "# HELP resourced_process_restarts_total Respawns of the process\n"
 	    "# TYPE resourced_process_restarts_total counter\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
-		    procs[i].number, procs[i].restarts);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
+			    procs[i].number, procs[i].restarts);
 	out_printf(out, "# HELP resourced_process_uptime_seconds Seconds since the process started\n"
 	    "# TYPE resourced_process_uptime_seconds gauge\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
-		    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
+			    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
 	int weight;
 	const char *state = service_state(c, &weight);
 	out_printf(out, "# HELP resourced_draining 1 while disabled or stopping\n# TYPE resourced_draining gauge\n"
@@ -361,7 +454,7 @@ static const char help_text[] =
     "help                  this list\n"
     "show info [json]      version, uptime, state and totals\n"
     "show stat [json]      counters per process\n"
-    "show workers [json]   processes: role, pid, state, uptime, restarts\n"
+    "show workers [json]   processes: role, pid, state, uptime, restarts, links up\n"
     "show transfers [json] uploads and downloads in flight\n"
     "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
     "disable               drain: the agent-check answers drain\n"
@@ -418,6 +511,12 @@ static void control_command(struct control *c, char *line, struct buf *out)
 
 static void client_free(struct control_client *cl)
 {
+	if (cl->prev)
+		cl->prev->next = cl->next;
+	else
+		cl->c->clients = cl->next;
+	if (cl->next)
+		cl->next->prev = cl->prev;
 	ev_io_stop(cl->c->loop, &cl->io);
 	close(cl->fd);
 	buf_free(&cl->in);
@@ -502,6 +601,10 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	cl->c = c;
 	cl->fd = fd;
+	cl->next = c->clients;
+	if (c->clients)
+		c->clients->prev = cl;
+	c->clients = cl;
 	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
 	cl->io.data = cl;
 	ev_io_start(loop, &cl->io);
@@ -632,6 +735,8 @@ void control_destroy(struct control *c)
 		ev_io_stop(c->loop, &c->agent_io);
 		close(c->agent_fd);
 	}
+	while (c->clients)
+		client_free(c->clients);
 	free(c);
 }
 
@@ -644,4 +749,15 @@ void control_close_inherited(struct control *c)
 	if (c->agent_fd >= 0)
 		close(c->agent_fd);
 	c->stats_fd = c->agent_fd = -1;
+	/* A child forked while a client waits (reload) would otherwise hold its connection open:
+	 * the client would never see the end of the answer.
+	 * The loop is the master's: leave its watchers alone, free only this copy's memory. */
+	while (c->clients) {
+		struct control_client *cl = c->clients;
+		c->clients = cl->next;
+		close(cl->fd);
+		buf_free(&cl->in);
+		buf_free(&cl->out);
+		free(cl);
+	}
 }

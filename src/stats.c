@@ -1,6 +1,7 @@
 /* stats.c: the shared counter page: creation in the master, per-process slots, the transfer table. */
 #include "config.h"
 #include "stats.h"
+#include "proto.h"
 
 #include <string.h>
 #include <sys/mman.h>
@@ -42,6 +43,25 @@ void stats_count_error(int code)
 {
 	if (stats_self && code >= STATS_ERR_BASE && code < STATS_ERR_BASE + STATS_ERR_COUNT)
 		atomic_fetch_add_explicit(&stats_self->errors[code - STATS_ERR_BASE], 1, memory_order_relaxed);
+}
+
+/* A client syncs before every fresh upload, and "no upload in progress" is then the normal answer:
+ * counted apart, error rates mean trouble. */
+static int answer_expected(int response_id, int code)
+{
+	return response_id == MSG_SYNC + 1 && code == ERR_FILE_NOT_EXISTS;
+}
+
+void stats_count_answer(int response_id, int code)
+{
+	if (code == 0)
+		return;
+	if (!answer_expected(response_id, code)) {
+		stats_count_error(code);
+		return;
+	}
+	if (stats_self && code >= STATS_ERR_BASE && code < STATS_ERR_BASE + STATS_ERR_COUNT)
+		atomic_fetch_add_explicit(&stats_self->expected[code - STATS_ERR_BASE], 1, memory_order_relaxed);
 }
 
 static void transfer_write_begin(struct stats_transfer *t)

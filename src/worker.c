@@ -205,7 +205,7 @@ static void conn_send_json(struct conn *c, uint16_t id, int error)
 	STAT_INC(frames_out);
 	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
 	if (error) {
-		stats_count_error(error);
+		stats_count_answer(id, error);
 		if (error == ERR_TOKEN_INVALID || error == ERR_UID_INVALID)
 			STAT_INC(auth_failures);
 	}

@@ -311,7 +311,7 @@ with tap.section("show workers and show stat"):
     lines = [l for l in text.splitlines() if l]
     tap.ok(lines and lines[0].startswith("#"), "show workers text starts with a # header", text)
     trows = [l.split() for l in lines[1:]]
-    tap.ok(len(trows) == 3 and all(len(r) == 8 for r in trows), "show workers text: 3 rows of 8 fields", text)
+    tap.ok(len(trows) == 3 and all(len(r) == 10 for r in trows), "show workers text: 3 rows of 10 fields", text)
     tap.eq(sorted(int(r[3]) for r in trows if len(r) > 3), sorted(want_titles), "text and json list the same pids")
 
     raw = stats("show stat json")
