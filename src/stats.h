@@ -8,7 +8,7 @@
 
 #define STATS_MAX_SLOTS 514        /* storage + two generations of 256 workers */
 #define STATS_ERR_BASE 1000
-#define STATS_ERR_COUNT 32         /* error codes 1000..1031 */
+#define STATS_ERR_COUNT 50         /* error codes 1000..1049 */
 #define STATS_TRANSFERS 64         /* transfers shown per process */
 #define STATS_NAME_MAX 64
 
@@ -35,7 +35,9 @@
 	X(storage_queue, "gauge", "Requests queued or running in the storage process") \
 	X(retry_backlog, "gauge", "Avatar icon updates waiting for PostgreSQL")     \
 	X(redis_up, "gauge", "1 when this process is connected to Redis")           \
-	X(storage_up, "gauge", "1 when this worker is linked to the storage process")
+	X(storage_up, "gauge", "1 when this worker is linked to the storage process") \
+	X(uploads_in_progress, "gauge", "Uploads in progress counted against max_uploads") \
+	X(uploads_refused, "counter", "Chunks 1 refused: max_uploads_per_user, max_uploads or free space")
 
 struct stats_transfer {
 	_Atomic uint32_t seq;          /* odd while being written (seqlock) */

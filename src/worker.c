@@ -7,6 +7,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
+#include "escape.h"
 #include "pool.h"
 #include "proto.h"
 #include "proxy.h"
@@ -660,8 +661,10 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	int done = r->error == ERR_OK && r->trans_size == r->total_size;
 	if (!done && r->error != ERR_CHECKSUM)
 		return;
-	access_log("%s uid=%" PRIu64 " %s name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
-	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", (int)ch->name_len, ch->name,
+	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+	escape_quoted(name, sizeof(name), ch->name, ch->name_len);
+	access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
+	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", name,
 	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error);
 	c->xfer_md5[0] = '\0';
 }
@@ -908,8 +911,10 @@ static void download_account(struct conn *c, const struct proto_download *d, con
 		STAT_INC(downloads_completed);
 		stats_transfer_close(c->xfer);
 		c->xfer = -1;
-		access_log("%s uid=%" PRIu64 " download name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
-		    d->cred.uid, (int)d->name_len, d->name, j->size, ev_now(c->w->loop) - c->xfer_start);
+		char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+		escape_quoted(name, sizeof(name), d->name, d->name_len);
+		access_log("%s uid=%" PRIu64 " download name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
+		    d->cred.uid, name, j->size, ev_now(c->w->loop) - c->xfer_start);
 	}
 }
 
@@ -934,8 +939,11 @@ static void download_done(struct pool_job *job)
 		snprintf(msg, sizeof(msg), j->error == ERR_FILE_NOT_EXISTS ? "name: no such file" :
 		    j->error == ERR_OFFSET_INVALID ? "seq: past the end of the file" : "cannot read the file (%s)",
 		    strerror(j->saved_errno));
-		if (j->error == ERR_READ_FAILED || j->error == ERR_READ_PERMISSION)
-			log_warnx("download %s: %s", j->path, strerror(j->saved_errno));
+		if (j->error == ERR_READ_FAILED || j->error == ERR_READ_PERMISSION) {
+			char path[1024];   /* escape_quoted stops at a whole character */
+			escape_quoted(path, sizeof(path), j->path, strlen(j->path));
+			log_warnx("download \"%s\": %s", path, strerror(j->saved_errno));
+		}
 		respond_error(c, MSG_DOWNLOAD, j->error, msg);
 	} else {
 		size_t need = sodium_base64_ENCODED_LEN(j->got, sodium_base64_VARIANT_ORIGINAL);
@@ -985,7 +993,7 @@ static void download_start(struct conn *c)
 	j->job.done = download_done;
 	j->w = w;
 	j->want = chunk;
-	j->offset = (d->seq - 1) * (uint64_t)chunk;
+	j->offset = d->offset;   /* proto checked it cannot overflow */
 	j->fd = -1;
 	j->borrowed_fd = -1;
 	/* Later chunks of a file read the inode its first chunk opened; chunk 1 looks afresh. */
@@ -1365,6 +1373,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->slot = slot;
 	w->listen_fd = listen_fd;
 	w->limits.max_file_size = (uint64_t)conf->max_file_size;
+	w->limits.download_chunk = (uint64_t)conf->download_chunk;
 	w->limits.anonymous = conf->anonymous;
 	w->scratch_cap = proto_b64_decoded_max((size_t)conf->max_frame);
 	w->scratch = malloc(w->scratch_cap);
