@@ -501,6 +501,7 @@ static void accept_failed(struct control *c, ev_io *io, ev_timer *pause, const c
 		return;
 	log_warn("accept4() on the %s failed: pausing its accepts for %.1f s", what, ACCEPT_PAUSE);
 	ev_io_stop(c->loop, io);
+	ev_timer_set(pause, ACCEPT_PAUSE, 0.);   /* a fired one-shot timer restarts at once otherwise */
 	ev_timer_start(c->loop, pause);
 }
 

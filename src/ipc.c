@@ -128,7 +128,7 @@ int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c)
 	c->name = (const char *)rd_view(&r, c->name_len);
 	c->data_len = rd_u32(&r);
 	c->data = rd_view(&r, c->data_len);
-	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->data_len > c->trans_size ||
+	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->seq == 0 || c->data_len > c->trans_size ||
 	    c->trans_size > c->total_size || !proto_name_valid(c->name, c->name_len))
 		return -1;
 	return 0;
