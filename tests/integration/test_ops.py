@@ -575,7 +575,7 @@ with tap.section("USR1 reopens the logs"):
     tap.ok(all(l[0] != "BAD" for l in lines), "every new access log line has the documented format", read_text(ACCESS))
     new_log = read_text(LOG)
     tap.ok("stats socket: disabled" in new_log, "the master writes to the new log file")
-    tap.ok(re.search(r"storage info: upload 3001/\S+ complete: rot-0\.bin", new_log),
+    tap.ok(re.search(r"storage info: upload 3001/\S+ complete: \"rot-0\.bin\"", new_log),
            "the storage process writes to the new log file")
     tap.ok(workers_now <= seen_pids, "both workers write to the new log file",
            "workers %r, seen %r" % (workers_now, seen_pids))
