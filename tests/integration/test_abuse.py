@@ -110,11 +110,13 @@ with tap.section("arithmetic"):
             return 1025 if v > 64 * 1024 * 1024 else 1001 if v != size else 0
         if field == "trans_size":
             return 1001 if v != size else 0
+        if field == "uid":
+            return 1011   # no utoken_ key for these uids
         return 0   # last_seq is only echoed
 
     bad = []
     n = 0
-    for field in ("seq", "trans_size", "total_size", "last_seq"):
+    for field in ("seq", "trans_size", "total_size", "last_seq", "uid"):
         for v in bounds:
             for form in (v, str(v)):
                 n += 1
@@ -129,7 +131,7 @@ with tap.section("arithmetic"):
                 if r.get("error") != want or (want != 0 and (pub or s.get("error") != 1012)) or \
                         (want == 0 and not pub):
                     bad.append((field, form, r.get("error"), want, pub, s.get("error")))
-    tap.ok(not bad, "%d uploads with seq, trans_size, total_size, last_seq at the boundaries: the documented code, "
+    tap.ok(not bad, "%d uploads with seq, trans_size, total_size, last_seq, uid at the boundaries: the documented code, "
            "and a refused one starts nothing" % n, repr(bad))
 
 
