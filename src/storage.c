@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -1496,6 +1497,12 @@ int storage_main(const struct conf *conf, int listen_fd)
 	make_dir(st->staging);
 	make_dir(st->pending);
 	storage_recover(st);
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
+		log_warnx("the file limit (%llu) is below max_uploads (%d) + 64: uploads may fail with 1015 "
+		    "before max_uploads refuses them; raise LimitNOFILE or lower max_uploads",
+		    (unsigned long long)nofile.rlim_cur, conf->max_uploads);
 
 	st->pool = pool_create(st->loop, conf->io_threads);
 	if (st->pool == NULL)
