@@ -38,6 +38,9 @@ struct conf {
 	int fsync_policy;           /* enum fsync_policy */
 	int io_threads;             /* disk threads in the storage process */
 	int janitor_interval;       /* seconds between sweeps of abandoned staging files */
+	int max_uploads;            /* uploads in progress on this node (1036 beyond) */
+	int max_uploads_per_user;   /* uploads in progress of one uid (1035 beyond) */
+	int64_t min_free_space;     /* bytes kept free beyond what uploads in progress announced (1028) */
 	/* [redis] */
 	char redis_host[256];
 	int redis_port;

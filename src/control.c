@@ -1,6 +1,7 @@
 /* control.c: answers the stats socket (show, disable, enable, reload) and HAProxy agent-checks. */
 #include "config.h"
 #include "control.h"
+#include "escape.h"
 #include "instance.h"
 #include "buf.h"
 #include "conf.h"
@@ -30,6 +31,7 @@ struct control {
 	struct control_ops ops;
 	int stats_fd, agent_fd;
 	ev_io stats_io, agent_io;
+	ev_timer stats_pause, agent_pause;   /* accepts stopped for a moment after EMFILE/ENFILE */
 	int draining;
 	double started;
 	char stats_path[512];
@@ -366,7 +368,10 @@ static void show_transfers(struct control *c, struct buf *out, int json)
 				gen_kv_int(g, "age_sec", (long long)age);
 				yajl_gen_map_close(g);
 			} else {
-				out_printf(out, "%s %llu %s %llu %llu %.0f %.0f\n", kind, (unsigned long long)t.uid, t.name,
+				/* Quoted and escaped: names may hold spaces and quotes. */
+				char name[ESCAPE_SIZE(STATS_NAME_MAX)];
+				escape_quoted(name, sizeof(name), t.name, strnlen(t.name, sizeof(t.name)));
+				out_printf(out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", kind, (unsigned long long)t.uid, name,
 				    (unsigned long long)t.bytes, (unsigned long long)t.total, rate, age);
 			}
 		}
@@ -587,13 +592,34 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	ev_io_start(loop, io);
 }
 
+#define ACCEPT_PAUSE 0.5   /* seconds */
+
+/* Out of descriptors, the listening socket stays readable: waiting on it again at once would spin. */
+static void accept_failed(struct control *c, ev_io *io, ev_timer *pause, const char *what)
+{
+	if (errno != EMFILE && errno != ENFILE && errno != ENOBUFS && errno != ENOMEM)
+		return;
+	log_warn("accept4() on the %s failed: pausing its accepts for %.1f s", what, ACCEPT_PAUSE);
+	ev_io_stop(c->loop, io);
+	ev_timer_set(pause, ACCEPT_PAUSE, 0.);   /* a fired one-shot timer restarts at once otherwise */
+	ev_timer_start(c->loop, pause);
+}
+
+static void on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	ev_io_start(loop, (ev_io *)t->data);
+}
+
 static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)revents;
 	struct control *c = io->data;
 	int fd = accept4(c->stats_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
+	}
 	struct control_client *cl = calloc(1, sizeof(*cl));
 	if (cl == NULL) {
 		close(fd);
@@ -617,8 +643,10 @@ static void agent_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	(void)revents;
 	struct control *c = io->data;
 	int fd = accept4(c->agent_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		accept_failed(c, io, &c->agent_pause, "agent listener");
 		return;
+	}
 	int weight;
 	const char *state = service_state(c, &weight);
 	char line[64];
@@ -691,6 +719,10 @@ struct control *control_create(struct ev_loop *loop, const struct conf *conf, st
 	c->ops = *ops;
 	c->stats_fd = c->agent_fd = -1;
 	c->started = stats_wall_now();
+	ev_timer_init(&c->stats_pause, on_accept_pause, ACCEPT_PAUSE, 0.);
+	c->stats_pause.data = &c->stats_io;
+	ev_timer_init(&c->agent_pause, on_accept_pause, ACCEPT_PAUSE, 0.);
+	c->agent_pause.data = &c->agent_io;
 	if (conf->stats_socket[0]) {
 		c->stats_fd = listen_unix(conf->stats_socket);
 		if (c->stats_fd < 0)
@@ -726,6 +758,8 @@ void control_destroy(struct control *c)
 {
 	if (c == NULL)
 		return;
+	ev_timer_stop(c->loop, &c->stats_pause);
+	ev_timer_stop(c->loop, &c->agent_pause);
 	if (c->stats_fd >= 0) {
 		ev_io_stop(c->loop, &c->stats_io);
 		close(c->stats_fd);

@@ -77,6 +77,8 @@ static uint8_t *put_header(struct buf *out, uint16_t type, uint64_t reqid, uint3
 	return w + IPC_HEADER_LEN;
 }
 
+#define IPC_MAX_NUMBER ((UINT64_C(1) << 53) - 1)
+
 #define PUT(w, v) do { memcpy((w), &(v), sizeof(v)); (w) += sizeof(v); } while (0)
 #define PUT_BYTES(w, p, n) do { if (n) memcpy((w), (p), (n)); (w) += (n); } while (0)
 
@@ -128,7 +130,9 @@ int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c)
 	c->name = (const char *)rd_view(&r, c->name_len);
 	c->data_len = rd_u32(&r);
 	c->data = rd_view(&r, c->data_len);
-	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->data_len > c->trans_size ||
+	/* Workers send only checked numbers (at most 2^53 - 1); anything else would be a bug or an attack. */
+	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->seq == 0 || c->seq > IPC_MAX_NUMBER ||
+	    c->total_size > IPC_MAX_NUMBER || c->data_len > c->trans_size ||
 	    c->trans_size > c->total_size || !proto_name_valid(c->name, c->name_len))
 		return -1;
 	return 0;

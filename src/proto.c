@@ -4,6 +4,7 @@
 #include "json.h"
 
 #include <sodium.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -175,6 +176,14 @@ int proto_parse_download(yajl_val obj, const struct proto_limits *lim, struct pr
 		snprintf(msg, msglen, "seq: chunks are numbered from 1");
 		return ERR_SEQ_INVALID;
 	}
+	/* No file is larger than an off_t can say: an offset beyond it is past the end of any file,
+	 * and (seq - 1) * download_chunk must never wrap around to a small offset. */
+	uint64_t chunk = lim->download_chunk ? lim->download_chunk : 1;
+	if (out->seq - 1 > ((uint64_t)INT64_MAX - chunk) / chunk) {
+		snprintf(msg, msglen, "seq: past the end of the file");
+		return ERR_OFFSET_INVALID;
+	}
+	out->offset = (out->seq - 1) * chunk;
 	if (json_member(obj, "client_path") != NULL &&
 	    json_get_str(obj, "client_path", &out->client_path, &out->client_path_len) != JSON_FIELD_OK)
 		return field_error(msg, msglen, "client_path", JSON_FIELD_BAD, "a string");

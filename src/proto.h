@@ -36,6 +36,8 @@ enum proto_error {
 	ERR_BUSY = 1027,
 	ERR_STORAGE_FULL = 1028,
 	ERR_FILE_CHANGED = 1029,   /* a download's file was replaced: start again at seq 1 */
+	ERR_USER_UPLOADS = 1035,      /* this uid has max_uploads_per_user uploads in progress */
+	ERR_SERVER_UPLOADS = 1036,    /* the node has max_uploads uploads in progress */
 };
 
 #define PROTO_NAME_MAX 255
@@ -75,11 +77,13 @@ struct proto_download {
 	const char *client_path;
 	size_t client_path_len;
 	uint64_t seq;
+	uint64_t offset;         /* (seq - 1) * download_chunk, checked not to overflow */
 };
 
 /* What the request checks need to know of the configuration. */
 struct proto_limits {
 	uint64_t max_file_size;
+	uint64_t download_chunk;   /* bytes per download seq; 0 counts as 1 */
 	int anonymous;
 };
 

@@ -62,6 +62,8 @@ static const struct {
 	{ ERR_UPLOAD_MISMATCH, "UploadMismatch" },
 	{ ERR_BUSY, "ServerBusy" },
 	{ ERR_STORAGE_FULL, "StorageFull" },
+	{ ERR_USER_UPLOADS, "TooManyUserUploads" },
+	{ ERR_SERVER_UPLOADS, "TooManyUploads" },
 };
 
 /* What an error code means, for people; the ids and names are for --verbose. */
@@ -1429,8 +1431,8 @@ static enum upload_step upload_chunk(struct upload *u)
 			step = STEP_STOPPED;
 		u->offset += len;
 		u->seq++;
-	} else if (code == ERR_BUSY) {
-		step = STEP_RECONNECT;
+	} else if (code == ERR_BUSY || code == ERR_SERVER_UPLOADS) {
+		step = STEP_RECONNECT;   /* 1036: the node is full of uploads for now; back off and retry */
 	} else if ((code == ERR_OFFSET_INVALID || (code == ERR_FILE_NOT_EXISTS && u->seq > 1)) &&
 	    ++u->rewinds <= o->retries) {
 		if (code == ERR_OFFSET_INVALID)

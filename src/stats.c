@@ -1,6 +1,7 @@
 /* stats.c: the shared counter page: creation in the master, per-process slots, the transfer table. */
 #include "config.h"
 #include "stats.h"
+#include "escape.h"
 #include "proto.h"
 
 #include <string.h>
@@ -92,8 +93,7 @@ int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_l
 		t->bytes = 0;
 		t->total = total;
 		t->started = started;
-		if (name_len >= STATS_NAME_MAX)
-			name_len = STATS_NAME_MAX - 1;
+		name_len = utf8_prefix(name, name_len, STATS_NAME_MAX - 1);   /* never half a character */
 		memcpy(t->name, name, name_len);
 		t->name[name_len] = '\0';
 		transfer_write_end(t);

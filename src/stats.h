@@ -37,6 +37,8 @@
 	X(pg_errors, "counter", "PostgreSQL connection failures and errors")        \
 	X(storage_queue, "gauge", "Requests queued or running in the storage process") \
 	X(retry_backlog, "gauge", "Avatar icon updates waiting for PostgreSQL")     \
+	X(uploads_in_progress, "gauge", "Uploads in progress counted against max_uploads") \
+	X(uploads_refused, "counter", "Chunks 1 refused: max_uploads_per_user, max_uploads or free space") \
 	X(redis_up, "state", "1 when the process is connected to Redis")            \
 	X(storage_up, "state", "1 when the worker is linked to the storage process")
 

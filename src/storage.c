@@ -7,6 +7,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
+#include "escape.h"
 #include "pg.h"
 #include "pool.h"
 #include "proto.h"
@@ -22,8 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <uthash.h>
@@ -31,6 +34,8 @@
 #define PENDING_DIR ".pending"
 #define READ_CHUNK (256 * 1024)
 #define HASH_BLOCK (1024 * 1024)
+#define ACCEPT_PAUSE 0.5        /* seconds without accepting after EMFILE/ENFILE */
+#define SPACE_INTERVAL 2.0      /* seconds between statvfs of the root */
 
 /* A worker connected over the Unix socket. */
 struct client {
@@ -64,7 +69,7 @@ struct upload_key {
 	char md5[PROTO_MD5_HEX + 1];
 };
 
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD };
+enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY };
 
 /* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
 struct upload {
@@ -92,11 +97,35 @@ struct upload {
 	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
 	int published;                /* moved to its final path: the staging file is gone */
 	int xfer;                     /* entry in the stats transfer table, -1 if none */
+	/* Chunk n starts at anchor_offset + (n - anchor_seq) * chunk_len; the anchor moves only when
+	 * a client resumes at a committed size that is not on a chunk boundary (after a restart). */
+	uint64_t anchor_seq, anchor_offset;
+	int counted;                  /* counted in the limits of uploads in progress */
+	uint64_t left_accounted;      /* its share of storage.announced_left */
+	/* The published file a resent final chunk is checked against (from the Redis record). */
+	uint64_t pub_size;
+	char pub_version[BACKEND_VERSION_MAX];
 	/* The disk job of the running op. */
 	struct pool_job job;
 	enum disk_work work;
 	int work_errno;
 	int work_error;               /* proto error set by the job */
+};
+
+/* Uploads in progress of one uid, for max_uploads_per_user. */
+struct user_count {
+	UT_hash_handle hh;
+	uint64_t uid;
+	unsigned n;
+};
+
+/* statvfs of the root, run on a pool thread so the loop never waits for the file system. */
+struct space_probe {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	uint64_t avail;
+	int ok;
 };
 
 struct storage {
@@ -106,6 +135,14 @@ struct storage {
 	ev_io accept_io;
 	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
 	ev_timer janitor;
+	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
+	ev_timer space_timer;
+	struct space_probe space;
+	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
+	int free_known;
+	uint64_t announced_left;      /* bytes still to come of every upload in progress */
+	unsigned uploads_counted;
+	struct user_count *users;
 	struct client *clients;
 	struct upload *uploads;       /* uthash table by key */
 	struct rds redis;
@@ -118,6 +155,7 @@ struct storage {
 };
 
 static void upload_run(struct upload *up);
+static void upload_uncount(struct upload *up);
 static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key);
 
 /* ---------------------------------------------------------------- paths and errors */
@@ -167,7 +205,7 @@ static void client_flush(struct client *cl)
 static void op_reply(struct op *op, int error, const char *message, const struct upload *up)
 {
 	struct client *cl = op->client;
-	if (error && op->type == OP_CHUNK)
+	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
 		STAT_INC(uploads_failed);
 	if (!cl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
@@ -278,6 +316,7 @@ static void record_write(struct upload *up)
 	json_put_int(jw, "trans_size", (int64_t)up->committed);
 	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
 	json_put_int(jw, "updated", (int64_t)time(NULL));
+	json_put_str(jw, "state", "uploading", 9);
 	json_end(jw, &body, &len);
 	if (rds_command(&st->redis, record_on_reply, up, "SETEX %s %d %b", key, st->conf->upload_ttl,
 	    body, len) < 0) {
@@ -287,6 +326,34 @@ static void record_write(struct upload *up)
 	up->record_dirty = 0;
 	up->record_inflight = 1;
 	up->pins++;
+}
+
+/* After publishing, the record stays for upload_ttl as "published" with the identity of the file
+ * (inode, size, modification time), so that a final chunk resent by a client that lost the answer
+ * is answered 0 by any node sharing this Redis, as long as the name still holds that file. */
+static void record_published(struct upload *up)
+{
+	struct storage *st = up->st;
+	char key[RECORD_KEY_MAX];
+	record_key(st, &up->key, key, sizeof(key));
+	struct json_writer *jw = &st->jw;
+	const uint8_t *body;
+	size_t len;
+	json_begin(jw);
+	json_put_str(jw, "name", up->name, up->name_len);
+	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
+	json_put_int(jw, "uid", (int64_t)up->key.uid);
+	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
+	json_put_int(jw, "seq", (int64_t)up->seq);
+	json_put_int(jw, "total_size", (int64_t)up->total_size);
+	json_put_int(jw, "trans_size", (int64_t)up->committed);
+	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
+	json_put_int(jw, "updated", (int64_t)time(NULL));
+	json_put_str(jw, "state", "published", 9);
+	json_put_str(jw, "version", up->pub_version, strlen(up->pub_version));
+	json_end(jw, &body, &len);
+	if (rds_command(&st->redis, NULL, NULL, "SETEX %s %d %b", key, st->conf->upload_ttl, body, len) < 0)
+		rds_command(&st->redis, NULL, NULL, "DEL %s", key);   /* never leave the in-progress record */
 }
 
 static void record_delete(struct upload *up)
@@ -367,6 +434,19 @@ static int hash_staging(const struct backend *be, struct backend_staging *stg, u
 	return 0;
 }
 
+/* The version of the file published under name (empty when it cannot be opened): a resent final
+ * chunk is answered 0 only while the name still holds that version. */
+static void published_identity(const struct backend *be, uint64_t uid, const char *name, size_t name_len,
+    uint64_t *size, char version[BACKEND_VERSION_MAX])
+{
+	struct backend_file *f = NULL;
+	version[0] = '\0';
+	*size = 0;
+	if (be->ops->file_open(be, uid, name, name_len, &f, size, version) != 0)
+		version[0] = '\0';
+	be->ops->file_close(f);
+}
+
 static void work_complete(struct upload *up)
 {
 	struct storage *st = up->st;
@@ -400,6 +480,7 @@ static void work_complete(struct upload *up)
 			up->work_error = ERR_WRITE_PERMISSION;   /* in place, but may not survive a power cut */
 		return;
 	}
+	published_identity(be, up->key.uid, up->name, up->name_len, &up->pub_size, up->pub_version);
 	if (up->kind == UPLOAD_AVATAR) {
 		/* The icon queue stays on the local disk whatever the backend (design.md). */
 		err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
@@ -456,6 +537,16 @@ static void upload_work(struct pool_job *job)
 	case WORK_COMPLETE:
 		work_complete(up);
 		return;
+	case WORK_VERIFY: {
+		/* Is the file the record says we published still at its name? */
+		uint64_t size;
+		char version[BACKEND_VERSION_MAX];
+		published_identity(be, up->key.uid, op->name, op->name_len, &size, version);
+		if (version[0] == '\0' || strcmp(version, up->pub_version) != 0 || size != up->pub_size ||
+		    size != op->total_size)
+			up->work_error = ERR_FILE_NOT_EXISTS;
+		return;
+	}
 	case WORK_DISCARD:
 		if (up->stg)
 			be->ops->staging_discard(up->stg, BACKEND_NO_FENCE);
@@ -490,6 +581,7 @@ static void upload_retire(struct upload *up)
 	struct storage *st = up->st;
 	HASH_DEL(st->uploads, up);
 	up->retired = 1;
+	upload_uncount(up);
 	stats_transfer_close(up->xfer);
 	up->xfer = -1;
 	struct op *rest = up->head;
@@ -534,6 +626,245 @@ static void upload_start_work(struct upload *up, enum disk_work work)
 	pool_submit(up->st->pool, &up->job);
 }
 
+/* ---------------------------------------------------------------- limits on uploads in progress */
+
+static uint64_t kib(uint64_t bytes)
+{
+	return bytes / 1024 + (bytes % 1024 != 0);
+}
+
+/* Sets the upload's share of the bytes announced but not yet stored. Kept in KiB (rounded up) so the
+ * sum over max_uploads uploads of max_file_size each cannot overflow. */
+static void space_set(struct upload *up, uint64_t left_bytes)
+{
+	struct storage *st = up->st;
+	st->announced_left -= up->left_accounted;
+	up->left_accounted = kib(left_bytes);
+	st->announced_left += up->left_accounted;
+}
+
+static void space_update(struct upload *up)
+{
+	if (up->counted)
+		space_set(up, up->exists && up->total_size > up->committed ? up->total_size - up->committed : 0);
+}
+
+static struct user_count *user_find(struct storage *st, uint64_t uid)
+{
+	struct user_count *u;
+	HASH_FIND(hh, st->users, &uid, sizeof(uid), u);
+	return u;
+}
+
+/* Counts the upload in the limits; -1 when out of memory. */
+static int upload_count(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (up->counted)
+		return 0;
+	struct user_count *u = user_find(st, up->key.uid);
+	if (u == NULL) {
+		if ((u = calloc(1, sizeof(*u))) == NULL)
+			return -1;
+		u->uid = up->key.uid;
+		HASH_ADD(hh, st->users, uid, sizeof(u->uid), u);
+	}
+	u->n++;
+	st->uploads_counted++;
+	up->counted = 1;
+	STAT_SET(uploads_in_progress, st->uploads_counted);
+	return 0;
+}
+
+static void upload_uncount(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (!up->counted)
+		return;
+	space_set(up, 0);
+	struct user_count *u = user_find(st, up->key.uid);
+	if (u && --u->n == 0) {
+		HASH_DEL(st->users, u);
+		free(u);
+	}
+	st->uploads_counted--;
+	up->counted = 0;
+	STAT_SET(uploads_in_progress, st->uploads_counted);
+}
+
+/* Chunk 1 starts (or restarts) an upload: within the limits of uploads in progress, and only if free
+ * space covers what every upload in progress still announces plus min_free_space. ERR_OK or a code. */
+static int upload_admit(struct upload *up, const struct op *op, char *msg, size_t msglen)
+{
+	struct storage *st = up->st;
+	const struct conf *conf = st->conf;
+	if (!up->counted) {
+		const struct user_count *u = user_find(st, up->key.uid);
+		if (u && u->n >= (unsigned)conf->max_uploads_per_user) {
+			snprintf(msg, msglen, "too many uploads in progress for this user (%d): finish or abandon one",
+			    conf->max_uploads_per_user);
+			return ERR_USER_UPLOADS;
+		}
+		if (st->uploads_counted >= (unsigned)conf->max_uploads) {
+			snprintf(msg, msglen, "server busy: too many uploads in progress (%d), retry later", conf->max_uploads);
+			return ERR_SERVER_UPLOADS;
+		}
+	}
+	if (st->free_known) {
+		uint64_t others = st->announced_left - up->left_accounted;
+		uint64_t need = others + kib(op->total_size) + kib((uint64_t)conf->min_free_space);
+		if (need > st->free_bytes / 1024) {
+			snprintf(msg, msglen, "storage full: %" PRIu64 " KiB free, uploads in progress announce %" PRIu64
+			    " KiB more and this one %" PRIu64 " KiB", st->free_bytes / 1024, others, kib(op->total_size));
+			return ERR_STORAGE_FULL;
+		}
+	}
+	if (upload_count(up) < 0) {
+		snprintf(msg, msglen, "server busy: out of memory");
+		return ERR_BUSY;
+	}
+	space_set(up, op->total_size);
+	return ERR_OK;
+}
+
+static void space_probe_work(struct pool_job *job)
+{
+	struct space_probe *p = (struct space_probe *)job;
+	struct statvfs sv;
+	p->ok = statvfs(p->st->conf->root, &sv) == 0;
+	if (p->ok)
+		p->avail = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+}
+
+static void space_probe_done(struct pool_job *job)
+{
+	struct space_probe *p = (struct space_probe *)job;
+	p->busy = 0;
+	p->st->free_known = p->ok;
+	p->st->free_bytes = p->avail;
+}
+
+static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct storage *st = t->data;
+	if (st->space.busy)
+		return;
+	st->space.busy = 1;
+	st->space.st = st;
+	st->space.job.work = space_probe_work;
+	st->space.job.done = space_probe_done;
+	pool_submit(st->pool, &st->space.job);
+}
+
+/* ---------------------------------------------------------------- what seq means */
+
+/* Chunk n of an upload whose chunk 1 held L bytes starts at (n - 1) * L: the Qt client sends chunks of
+ * one size, numbered from 1 (the instant-upload extension keeps seq * L = trans_size). After a restart
+ * the committed size need not be on a chunk boundary; a client resumes there with the answered seq + 1,
+ * and the chunks after it follow from that anchor. Anything else contradicts the numbering: 1017. */
+static int seq_on_line(const struct upload *up, uint64_t seq, uint64_t offset)
+{
+	if (seq < up->anchor_seq)
+		return 0;
+	uint64_t k = seq - up->anchor_seq;
+	if (up->chunk_len == 0)
+		return k == 0 && offset == up->anchor_offset;
+	if (k > (UINT64_MAX - up->anchor_offset) / up->chunk_len)
+		return 0;
+	return offset == up->anchor_offset + k * up->chunk_len;
+}
+
+static int seq_fits(struct upload *up, const struct op *op)
+{
+	if (seq_on_line(up, op->seq, op->offset))
+		return 1;
+	if (op->seq == up->seq + 1 && op->offset == up->committed) {
+		up->anchor_seq = op->seq;
+		up->anchor_offset = op->offset;
+		return 1;
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------- final chunk resent after publishing */
+
+static void published_answer(struct op *op)
+{
+	struct client *cl = op->client;
+	if (!cl->dead) {
+		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
+		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
+		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
+			client_flush(cl);
+	}
+	op_free(op);
+}
+
+/* Does the Redis record say this upload was published under the op's name, size and kind? */
+static int published_match(struct upload *up, const struct op *op, const char *text, size_t len)
+{
+	char err[64];
+	yajl_val v = json_parse_object((const uint8_t *)text, len, err, sizeof(err));
+	if (v == NULL)
+		return 0;
+	const char *state, *name, *kind, *version;
+	size_t state_len, name_len, kind_len, version_len;
+	uint64_t total;
+	const char *want_kind = op->kind == UPLOAD_AVATAR ? "avatar" : "file";
+	int ok = json_get_str(v, "state", &state, &state_len) == JSON_FIELD_OK && state_len == 9 &&
+	    memcmp(state, "published", 9) == 0 &&
+	    json_get_str(v, "name", &name, &name_len) == JSON_FIELD_OK && name_len == op->name_len &&
+	    memcmp(name, op->name, name_len) == 0 &&
+	    json_get_str(v, "kind", &kind, &kind_len) == JSON_FIELD_OK && kind_len == strlen(want_kind) &&
+	    memcmp(kind, want_kind, kind_len) == 0 &&
+	    json_get_u64(v, "total_size", UINT64_MAX, &total) == JSON_FIELD_OK && total == op->total_size &&
+	    json_get_str(v, "version", &version, &version_len) == JSON_FIELD_OK && version_len > 0 &&
+	    version_len < BACKEND_VERSION_MAX;
+	if (ok) {
+		up->pub_size = total;
+		memcpy(up->pub_version, version, version_len);
+		up->pub_version[version_len] = '\0';
+	}
+	yajl_tree_free(v);
+	return ok;
+}
+
+static void published_on_reply(redisAsyncContext *c, void *reply, void *privdata)
+{
+	(void)c;
+	struct upload *up = privdata;
+	redisReply *rep = reply;
+	struct op *op = up->head;
+	if (up->retired || up->st->stopping) {
+		upload_unpin(up);
+		return;
+	}
+	if (rep && rep->type == REDIS_REPLY_STRING && published_match(up, op, rep->str, rep->len)) {
+		upload_start_work(up, WORK_VERIFY);   /* the file itself is looked at on a disk thread */
+		upload_unpin(up);
+		return;
+	}
+	upload_pop(up);
+	op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+	upload_unpin(up);
+	upload_run(up);
+}
+
+/* A chunk that ends the file arrived for no upload in progress: maybe the client lost the answer to
+ * the final chunk. The record (any node's) tells whether that file was published. */
+static int published_lookup(struct upload *up)
+{
+	char key[RECORD_KEY_MAX];
+	record_key(up->st, &up->key, key, sizeof(key));
+	if (rds_command(&up->st->redis, published_on_reply, up, "GET %s", key) < 0)
+		return -1;
+	up->running = 1;
+	up->pins++;
+	return 0;
+}
+
 static void upload_work_done(struct pool_job *job)
 {
 	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
@@ -548,6 +879,15 @@ static void upload_work_done(struct pool_job *job)
 	if (up->work == WORK_HASH) {
 		upload_pop(up);
 		op_free(op);
+		upload_run(up);
+		return;
+	}
+	if (up->work == WORK_VERIFY) {
+		upload_pop(up);
+		if (up->work_error)
+			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+		else
+			published_answer(op);
 		upload_run(up);
 		return;
 	}
@@ -575,8 +915,10 @@ static void upload_work_done(struct pool_job *job)
 			return;
 		}
 		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
-		if (up->work == WORK_START)
+		if (up->work == WORK_START) {
 			up->exists = 0;   /* a failed start leaves nothing to resume */
+			upload_uncount(up);
+		}
 		upload_pop(up);
 		op_answer(op, error, msg, up->exists ? up : NULL);
 		upload_run(up);
@@ -591,6 +933,8 @@ static void upload_work_done(struct pool_job *job)
 			up->total_size = op->total_size;
 			up->chunk_len = op->data_len;
 			up->committed = 0;
+			up->anchor_seq = 1;
+			up->anchor_offset = 0;
 			STAT_INC(uploads_started);
 			stats_transfer_close(up->xfer);
 			up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
@@ -603,6 +947,7 @@ static void upload_work_done(struct pool_job *job)
 			up->seq = op->seq;
 			stats_transfer_update(up->xfer, up->committed);
 		}
+		space_update(up);
 		up->touched = time(NULL);
 		if (up->committed == up->total_size) {
 			upload_start_work(up, WORK_COMPLETE);
@@ -626,9 +971,11 @@ static void upload_work_done(struct pool_job *job)
 		return;
 	}
 	/* WORK_COMPLETE: published. */
-	log_info("upload %" PRIu64 "/%s complete: %.*s, %" PRIu64 " bytes", up->key.uid, up->key.md5,
-	    (int)up->name_len, up->name, up->total_size);
-	record_delete(up);
+	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+	escape_quoted(name, sizeof(name), up->name, up->name_len);
+	log_info("upload %" PRIu64 "/%s complete: \"%s\", %" PRIu64 " bytes", up->key.uid, up->key.md5,
+	    name, up->total_size);
+	record_published(up);
 	STAT_INC(uploads_completed);
 	if (up->kind == UPLOAD_AVATAR)
 		pg_icon_queue(up->st->pg, up->key.uid);
@@ -665,10 +1012,19 @@ static void upload_run(struct upload *up)
 				op_answer(op, ERR_BUSY, "server busy: progress store unavailable, retry", NULL);
 				continue;
 			}
+			int refused = upload_admit(up, op, msg, sizeof(msg));
+			if (refused != ERR_OK) {
+				STAT_INC(uploads_refused);
+				upload_pop(up);
+				op_answer(op, refused, msg, up->exists ? up : NULL);
+				continue;
+			}
 			upload_start_work(up, WORK_START);
 			return;
 		}
 		if (!up->exists) {
+			if (op->trans_size == op->total_size && up->st->redis.ready && published_lookup(up) == 0)
+				return;
 			upload_pop(up);
 			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
 			continue;
@@ -685,6 +1041,14 @@ static void upload_run(struct upload *up)
 			snprintf(msg, sizeof(msg), "trans_size: chunk starts at %" PRIu64 " but only %" PRIu64
 			    " bytes are stored; resume from there", op->offset, up->committed);
 			op_answer(op, ERR_OFFSET_INVALID, msg, up);
+			continue;
+		}
+		if (!seq_fits(up, op)) {
+			upload_pop(up);
+			snprintf(msg, sizeof(msg), "seq: chunk %" PRIu64 " cannot start at offset %" PRIu64 " (chunk 1 held %"
+			    PRIu64 " bytes; %" PRIu64 " bytes are stored, by chunk %" PRIu64 ")", op->seq, op->offset,
+			    up->chunk_len, up->committed, up->seq);
+			op_answer(op, ERR_SEQ_INVALID, msg, up);
 			continue;
 		}
 		upload_start_work(up, WORK_WRITE);
@@ -757,6 +1121,11 @@ static int recover_entry(const struct backend_entry *e, void *arg)
 		    up->key.md5, up->committed);
 	up->touched = e->mtime;
 	up->hash_dirty = 1;
+	up->anchor_seq = 1;
+	up->anchor_offset = 0;
+	if (upload_count(up) < 0)
+		fatalx("out of memory recovering uploads");
+	space_update(up);
 	rc->loaded++;
 	return 0;
 }
@@ -782,8 +1151,10 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
 		if (!up->running && up->head == NULL && upload_expired(up)) {
-			log_info("removing abandoned upload %" PRIu64 "/%s (%.*s, %" PRIu64 " of %" PRIu64 " bytes)",
-			    up->key.uid, up->key.md5, (int)up->name_len, up->name, up->committed, up->total_size);
+			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+			escape_quoted(name, sizeof(name), up->name, up->name_len);
+			log_info("removing abandoned upload %" PRIu64 "/%s (\"%s\", %" PRIu64 " of %" PRIu64 " bytes)",
+			    up->key.uid, up->key.md5, name, up->committed, up->total_size);
 			up->exists = 0;
 			upload_start_work(up, WORK_DISCARD);
 		}
@@ -917,8 +1288,16 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	struct storage *st = io->data;
 	for (;;) {
 		int fd = accept4(st->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0)
+		if (fd < 0) {
+			/* Out of descriptors: the socket stays readable, so waiting on it would spin. */
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				log_warn("accept4() on the storage socket failed: pausing accepts for %.1f s", ACCEPT_PAUSE);
+				ev_io_stop(loop, &st->accept_io);
+				ev_timer_set(&st->accept_pause, ACCEPT_PAUSE, 0.);
+				ev_timer_start(loop, &st->accept_pause);
+			}
 			return;
+		}
 		struct client *cl = calloc(1, sizeof(*cl));
 		if (cl == NULL) {
 			close(fd);
@@ -933,6 +1312,13 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		cl->io.data = cl;
 		ev_io_start(loop, &cl->io);
 	}
+}
+
+static void storage_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct storage *st = t->data;
+	ev_io_start(loop, &st->accept_io);
 }
 
 /* ---------------------------------------------------------------- lifecycle */
@@ -969,6 +1355,11 @@ static void storage_free_all(struct storage *st)
 	}
 	while (st->clients)
 		client_close(st->clients);
+	struct user_count *u, *utmp;
+	HASH_ITER(hh, st->users, u, utmp) {
+		HASH_DEL(st->users, u);
+		free(u);
+	}
 }
 
 static void make_dir(const char *path)
@@ -1002,6 +1393,12 @@ int storage_main(const struct conf *conf, int listen_fd)
 		fatalx("[storage] root is too long");
 	make_dir(st->pending);
 	storage_recover(st);
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
+		log_warnx("the file limit (%llu) is below max_uploads (%d) + 64: uploads may fail with 1015 "
+		    "before max_uploads refuses them; raise LimitNOFILE or lower max_uploads",
+		    (unsigned long long)nofile.rlim_cur, conf->max_uploads);
 
 	st->pool = pool_create(st->loop, conf->io_threads);
 	if (st->pool == NULL)
@@ -1026,6 +1423,17 @@ int storage_main(const struct conf *conf, int listen_fd)
 	ev_io_init(&st->accept_io, storage_on_accept, listen_fd, EV_READ);
 	st->accept_io.data = st;
 	ev_io_start(st->loop, &st->accept_io);
+	ev_timer_init(&st->accept_pause, storage_on_accept_pause, ACCEPT_PAUSE, 0.);
+	st->accept_pause.data = st;
+	/* Free space is measured once now, then on a disk thread: statvfs can block. */
+	struct statvfs sv;
+	if (statvfs(conf->root, &sv) == 0) {
+		st->free_bytes = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+		st->free_known = 1;
+	}
+	ev_timer_init(&st->space_timer, storage_on_space_timer, SPACE_INTERVAL, SPACE_INTERVAL);
+	st->space_timer.data = st;
+	ev_timer_start(st->loop, &st->space_timer);
 
 	log_info("serving workers on %s/%s", conf->run_dir, IPC_SOCKET_NAME);
 	ev_run(st->loop, 0);

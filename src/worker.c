@@ -8,6 +8,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
+#include "escape.h"
 #include "pool.h"
 #include "proto.h"
 #include "proxy.h"
@@ -675,8 +676,10 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	int done = r->error == ERR_OK && r->trans_size == r->total_size;
 	if (!done && r->error != ERR_CHECKSUM)
 		return;
-	access_log("%s uid=%" PRIu64 " %s name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
-	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", (int)ch->name_len, ch->name,
+	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+	escape_quoted(name, sizeof(name), ch->name, ch->name_len);
+	access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
+	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", name,
 	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error);
 	c->xfer_md5[0] = '\0';
 }
@@ -927,8 +930,10 @@ static void download_account(struct conn *c, const struct proto_download *d, con
 		STAT_INC(downloads_completed);
 		stats_transfer_close(c->xfer);
 		c->xfer = -1;
-		access_log("%s uid=%" PRIu64 " download name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
-		    d->cred.uid, (int)d->name_len, d->name, j->size, ev_now(c->w->loop) - c->xfer_start);
+		char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+		escape_quoted(name, sizeof(name), d->name, d->name_len);
+		access_log("%s uid=%" PRIu64 " download name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
+		    d->cred.uid, name, j->size, ev_now(c->w->loop) - c->xfer_start);
 	}
 }
 
@@ -1072,7 +1077,7 @@ static void download_start(struct conn *c)
 	j->job.done = download_done;
 	j->w = w;
 	j->want = chunk;
-	j->offset = (d->seq - 1) * (uint64_t)chunk;
+	j->offset = d->offset;   /* proto checked it cannot overflow */
 	j->backend = &w->backend;
 	j->uid = d->cred.uid;
 	memcpy(j->name, d->name, d->name_len);   /* the job may outlive the request (orphaned) */
@@ -1455,6 +1460,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->slot = slot;
 	w->listen_fd = listen_fd;
 	w->limits.max_file_size = (uint64_t)conf->max_file_size;
+	w->limits.download_chunk = (uint64_t)conf->download_chunk;
 	w->limits.anonymous = conf->anonymous;
 	w->scratch_cap = proto_b64_decoded_max((size_t)conf->max_frame);
 	w->scratch = malloc(w->scratch_cap);

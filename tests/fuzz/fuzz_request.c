@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sodium.h>
 
+#include "escape.h"
 #include "json.h"
 #include "proto.h"
 
@@ -442,10 +443,58 @@ static void run_writer(yajl_val tree)
 	reparse(out, len, NULL, NULL, NULL);
 }
 
+/* escape.c on any bytes: the output is one quoted field (no raw quote, a backslash only before an
+ * escape, no control byte), it gives back the input when unescaped, and utf8_prefix never splits a
+ * valid character. */
+static void check_escape(const uint8_t *data, size_t size)
+{
+	static char out[ESCAPE_SIZE(4096)];
+	static uint8_t back[4096];
+	if (size > 4096)
+		size = 4096;
+	size_t n = escape_quoted(out, sizeof(out), (const char *)data, size);
+	CHECK(n < sizeof(out) && out[n] == '\0');
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)out[i];
+		CHECK(c >= 0x20 && c != 0x7f && c != '"');
+		if (c != '\\') {
+			back[k++] = c;
+			continue;
+		}
+		CHECK(i + 1 < n);
+		if (out[i + 1] == 'x') {
+			CHECK(i + 3 < n);
+			char hex[3] = { out[i + 2], out[i + 3], 0 };
+			back[k++] = (uint8_t)strtoul(hex, NULL, 16);
+			i += 3;
+		} else {
+			CHECK(out[i + 1] == '"' || out[i + 1] == '\\');
+			back[k++] = (uint8_t)out[++i];
+		}
+	}
+	CHECK(k == size && memcmp(back, data, size) == 0);
+	/* Boundaries: a valid character is one unit, any other byte is one unit. */
+	for (size_t max = 0; max <= size && max < 80; max++) {
+		size_t cut = utf8_prefix((const char *)data, size, max), i = 0;
+		CHECK(cut <= max);
+		while (i < cut) {
+			size_t u = json_utf8_seq(data + i, size - i);
+			i += u ? u : 1;
+		}
+		CHECK(i == cut);   /* the cut is on a boundary */
+		if (cut < size) {
+			size_t u = json_utf8_seq(data + cut, size - cut);
+			CHECK(cut + (u ? u : 1) > max);   /* and the longest one within max */
+		}
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	/* The raw bytes as a name. */
 	CHECK(proto_name_valid((const char *)data, size) == ref_name_valid(data, size));
+	check_escape(data, size);
 
 	char err[256], err2[256];
 	err[0] = err2[0] = '\0';

@@ -1019,6 +1019,13 @@ def stats_info(d):
     return json.loads(r.stdout)
 
 
+def record_in_progress(redis, key):
+    """True while key holds an upload record of an upload in progress. After publishing, the record stays
+    for upload_ttl with state "published" (so a resent final chunk is answered 0): that one does not count."""
+    rec = redis.get_json(key)
+    return rec is not None and rec.get("state") != "published"
+
+
 def published(d, uid, name):
     """Where a finished upload lives: <root>/<uid>/<name>."""
     return os.path.join(d.root, str(uid), name)

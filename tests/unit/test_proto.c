@@ -689,7 +689,7 @@ static int download_k(int anonymous, struct proto_download *out, ...)
 	va_start(ap, out);
 	yajl_val v = build(download_base, sizeof(download_base) / sizeof(download_base[0]), ap);
 	va_end(ap);
-	struct proto_limits lim = { .max_file_size = MAX_FILE, .anonymous = anonymous };
+	struct proto_limits lim = { .max_file_size = MAX_FILE, .download_chunk = 32768, .anonymous = anonymous };
 	strcpy(msg, "(unset)");
 	int rc = proto_parse_download(v, &lim, out, msg, sizeof(msg));
 	/* Copy the strings out before the tree goes. */
@@ -773,6 +773,41 @@ START_TEST(test_download_errors)
 }
 END_TEST
 
+/* (seq - 1) * download_chunk must never wrap around: 2^49 + 1 once read chunk 1 again. */
+START_TEST(test_download_seq_overflow)
+{
+	struct proto_download d;
+	static const struct { const char *seq; int want; uint64_t offset; } cases[] = {
+		{ "1", ERR_OK, 0 },
+		{ "2", ERR_OK, 32768 },
+		{ "2147483648", ERR_OK, (UINT64_C(1) << 31) * 32768 - 32768 },
+		{ "4294967296", ERR_OK, (UINT64_C(1) << 32) * 32768 - 32768 },
+		{ "281474976710655", ERR_OK, (UINT64_C(1) << 48) * 32768 - 2 * 32768 },   /* 2^48 - 1 */
+		{ "281474976710656", ERR_OFFSET_INVALID, 0 },                               /* 2^48: offset 2^63 - 2^15 */
+		{ "562949953421313", ERR_OFFSET_INVALID, 0 },                               /* 2^49 + 1: wrapped to 0 */
+		{ "562949953421314", ERR_OFFSET_INVALID, 0 },                               /* 2^49 + 2: wrapped to 1 chunk */
+		{ "9007199254740991", ERR_OFFSET_INVALID, 0 },                              /* 2^53 - 1 */
+		{ "9007199254740992", ERR_JSON, 0 },                                        /* 2^53 */
+		{ "9223372036854775808", ERR_JSON, 0 },                                     /* 2^63 */
+		{ "18446744073709551615", ERR_JSON, 0 },                                    /* 2^64 - 1 */
+		{ "18446744073709551616", ERR_JSON, 0 },                                    /* 2^64 */
+		{ "-1", ERR_JSON, 0 },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		for (int as_string = 0; as_string < 2; as_string++) {
+			char v[64];
+			snprintf(v, sizeof(v), as_string ? "\"%s\"" : "%s", cases[i].seq);
+			int rc = download_k(0, &d, "seq", v, NULL);
+			ck_assert_msg(rc == cases[i].want, "seq %s: got %d, want %d (%s)", v, rc, cases[i].want, msg);
+			if (rc == ERR_OK)
+				ck_assert_uint_eq(d.offset, cases[i].offset);
+			else
+				assert_msg_names("seq");
+		}
+	}
+}
+END_TEST
+
 static Suite *proto_suite(void)
 {
 	Suite *s = suite_create("proto");
@@ -809,6 +844,7 @@ static Suite *proto_suite(void)
 	tcase_add_test(tc, test_download);
 	tcase_add_test(tc, test_download_client_path_optional);
 	tcase_add_test(tc, test_download_errors);
+	tcase_add_test(tc, test_download_seq_overflow);
 	suite_add_tcase(s, tc);
 	return s;
 }

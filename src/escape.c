@@ -1,0 +1,69 @@
+/* escape.c: escapes client strings for text outputs and cuts them only at UTF-8 character boundaries. */
+#include "config.h"
+#include "escape.h"
+#include "json.h"
+
+#include <stdint.h>
+
+/* Length of the valid UTF-8 character at p, or 0 (json.c's checker: shortest forms, no surrogates). */
+static size_t char_len(const char *p, size_t len)
+{
+	return json_utf8_seq((const uint8_t *)p, len);
+}
+
+size_t utf8_prefix(const char *s, size_t len, size_t max)
+{
+	size_t i = 0;
+	while (i < len) {
+		size_t n = char_len(s + i, len - i);
+		if (n == 0)
+			n = 1;   /* a stray byte is a unit of its own (escaped by escape_quoted) */
+		if (i + n > max)
+			break;
+		i += n;
+	}
+	return i;
+}
+
+size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t o = 0;
+	for (size_t i = 0; i < len;) {
+		unsigned char b = (unsigned char)s[i];
+		char tmp[8];
+		size_t tn = 0, used = 1;
+		if (b == '"' || b == '\\') {
+			tmp[tn++] = '\\';
+			tmp[tn++] = (char)b;
+		} else if (b < 0x20 || b == 0x7f) {
+			tmp[tn++] = '\\';
+			tmp[tn++] = 'x';
+			tmp[tn++] = hex[b >> 4];
+			tmp[tn++] = hex[b & 15];
+		} else if (b < 0x80) {
+			tmp[tn++] = (char)b;
+		} else {
+			size_t n = char_len(s + i, len - i);
+			/* C1 controls (U+0080..U+009F) are escaped like the C0 ones. */
+			if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0)) {
+				tmp[tn++] = '\\';
+				tmp[tn++] = 'x';
+				tmp[tn++] = hex[b >> 4];
+				tmp[tn++] = hex[b & 15];
+			} else {
+				for (size_t k = 0; k < n; k++)
+					tmp[tn++] = s[i + k];
+				used = n;
+			}
+		}
+		if (o + tn + 1 > cap)
+			break;
+		for (size_t k = 0; k < tn; k++)
+			out[o++] = tmp[k];
+		i += used;
+	}
+	if (cap > 0)
+		out[o] = '\0';
+	return o;
+}

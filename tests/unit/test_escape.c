@@ -1,0 +1,101 @@
+/* test_escape.c: unit tests of escape.c: quoting of client strings for logs and the stats socket, and cuts at UTF-8 character boundaries. */
+#include "config.h"
+#include "unit.h"
+
+#include "escape.h"
+
+static const char *esc(const char *s, size_t len, size_t cap)
+{
+	static char out[2048];
+	ck_assert_uint_le(cap, sizeof(out));
+	size_t n = escape_quoted(out, cap, s, len);
+	ck_assert_uint_eq(n, strlen(out));
+	ck_assert_uint_lt(n, cap);
+	return out;
+}
+
+START_TEST(test_plain_and_utf8_kept)
+{
+	ck_assert_str_eq(esc("a b.txt", 7, 64), "a b.txt");
+	ck_assert_str_eq(esc("caf\xc3\xa9 \xe6\x96\x87 \xf0\x9f\x98\x80", 14, 64), "caf\xc3\xa9 \xe6\x96\x87 \xf0\x9f\x98\x80");
+}
+END_TEST
+
+START_TEST(test_quotes_backslashes_controls)
+{
+	const char forged[] = "x.bin\" bytes=0 duration=0 result=1024 uid=1 name=\"y";
+	ck_assert_str_eq(esc(forged, strlen(forged), 256),
+	    "x.bin\\\" bytes=0 duration=0 result=1024 uid=1 name=\\\"y");
+	ck_assert_str_eq(esc("a\\b", 3, 64), "a\\\\b");
+	ck_assert_str_eq(esc("a\nb\r\t\x7f", 6, 64), "a\\x0ab\\x0d\\x09\\x7f");
+	ck_assert_str_eq(esc("a\0b", 3, 64), "a\\x00b");
+	ck_assert_str_eq(esc("\xc2\x85", 2, 64), "\\xc2\\x85");          /* C1 NEL */
+	ck_assert_str_eq(esc("\xff\xc3", 2, 64), "\\xff\\xc3");          /* not UTF-8; truncated */
+	ck_assert_str_eq(esc("\xed\xa0\x80", 3, 64), "\\xed\\xa0\\x80"); /* a surrogate */
+	/* The output never holds a raw quote without a backslash before it, nor a control byte. */
+	char all[256];
+	for (int i = 0; i < 256; i++)
+		all[i] = (char)i;
+	const char *o = esc(all, sizeof(all), 2048);
+	for (size_t i = 0; o[i]; i++) {
+		ck_assert_msg((unsigned char)o[i] >= 0x20 && o[i] != 0x7f, "control byte at %zu", i);
+		if (o[i] == '\\')
+			i++;
+		else
+			ck_assert_msg(o[i] != '"', "unescaped quote at %zu", i);
+	}
+	ck_assert_uint_le(strlen(o), ESCAPE_SIZE(sizeof(all)) - 1);
+}
+END_TEST
+
+START_TEST(test_escape_cut_whole)
+{
+	/* Too small: stops before a character or an escape, never inside one. */
+	ck_assert_str_eq(esc("ab\xe6\x96\x87", 5, 5), "ab");
+	ck_assert_str_eq(esc("ab\"", 3, 4), "ab");
+	ck_assert_str_eq(esc("ab\n", 3, 6), "ab");
+	ck_assert_str_eq(esc("ab\n", 3, 7), "ab\\x0a");
+	char one[1];
+	ck_assert_uint_eq(escape_quoted(one, 1, "abc", 3), 0);
+	ck_assert_str_eq(one, "");
+}
+END_TEST
+
+START_TEST(test_utf8_prefix)
+{
+	ck_assert_uint_eq(utf8_prefix("abc", 3, 10), 3);
+	ck_assert_uint_eq(utf8_prefix("abc", 3, 2), 2);
+	/* 62 ASCII bytes then a 3-byte character: a cut at 63 bytes keeps 62. */
+	char s[80];
+	memset(s, 'a', 62);
+	memcpy(s + 62, "\xe6\x96\x87", 3);
+	ck_assert_uint_eq(utf8_prefix(s, 65, 63), 62);
+	ck_assert_uint_eq(utf8_prefix(s, 65, 64), 62);
+	ck_assert_uint_eq(utf8_prefix(s, 65, 65), 65);
+	/* Every cut of a string of 4-byte characters lands on a multiple of 4. */
+	char e[40];
+	for (int i = 0; i < 10; i++)
+		memcpy(e + 4 * i, "\xf0\x9f\x98\x80", 4);
+	for (size_t max = 0; max <= 40; max++)
+		ck_assert_uint_eq(utf8_prefix(e, 40, max), max / 4 * 4);
+	/* A stray byte counts as one unit. */
+	ck_assert_uint_eq(utf8_prefix("a\xff" "b", 3, 2), 2);
+}
+END_TEST
+
+static Suite *escape_suite(void)
+{
+	Suite *s = suite_create("escape");
+	TCase *tc = tcase_create("escape");
+	tcase_add_test(tc, test_plain_and_utf8_kept);
+	tcase_add_test(tc, test_quotes_backslashes_controls);
+	tcase_add_test(tc, test_escape_cut_whole);
+	tcase_add_test(tc, test_utf8_prefix);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	return unit_run(escape_suite());
+}
