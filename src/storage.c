@@ -3,6 +3,7 @@
 #include "storage.h"
 #include "buf.h"
 #include "conf.h"
+#include "digest.h"
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
@@ -16,7 +17,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <md5.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,7 +82,7 @@ struct upload {
 	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
 	time_t touched;
 	int fd;                       /* staging file, opened by the first write */
-	MD5_CTX md5;                  /* incremental hash of [0, hashed) */
+	struct md5 md5;               /* incremental hash of [0, hashed) */
 	uint64_t hashed;
 	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
 	struct op *head, *tail;       /* requests in arrival order; head is the one running */
@@ -220,6 +220,7 @@ static void upload_unpin(struct upload *up)
 	if (--up->pins == 0 && up->retired) {
 		if (up->fd >= 0)
 			close(up->fd);
+		md5_free(&up->md5);
 		free(up);
 	}
 }
@@ -381,22 +382,28 @@ static void hash_chunk(struct upload *up, const struct op *op)
 	uint64_t end = op->offset + op->data_len;
 	if (up->hash_dirty || end <= up->hashed)
 		return;
+	if (up->md5.ctx == NULL) {
+		up->hash_dirty = 1;   /* no running hash (never started): read the file at the end */
+		return;
+	}
 	if (op->offset > up->hashed) {
 		up->hash_dirty = 1;   /* cannot happen: gaps are refused */
 		return;
 	}
 	uint64_t skip = up->hashed - op->offset;   /* equal to what is hashed: check_rewrite said so */
-	MD5Update(&up->md5, op->data + skip, (size_t)(op->data_len - skip));
+	md5_update(&up->md5, op->data + skip, (size_t)(op->data_len - skip));
 	up->hashed = end;
 }
 
 static int hash_file(int fd, uint64_t size, char out[PROTO_MD5_HEX + 1])
 {
-	MD5_CTX ctx;
-	MD5Init(&ctx);
+	struct md5 ctx = { NULL };
 	uint8_t *block = malloc(HASH_BLOCK);
-	if (block == NULL)
+	if (block == NULL || md5_init(&ctx) < 0) {
+		free(block);
+		md5_free(&ctx);
 		return ENOMEM;
+	}
 	uint64_t off = 0;
 	while (off < size) {
 		size_t want = size - off < HASH_BLOCK ? (size_t)(size - off) : HASH_BLOCK;
@@ -404,14 +411,17 @@ static int hash_file(int fd, uint64_t size, char out[PROTO_MD5_HEX + 1])
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
+			int err = n < 0 ? errno : EIO;
 			free(block);
-			return n < 0 ? errno : EIO;
+			md5_free(&ctx);
+			return err;
 		}
-		MD5Update(&ctx, block, (size_t)n);
+		md5_update(&ctx, block, (size_t)n);
 		off += (uint64_t)n;
 	}
 	free(block);
-	MD5End(&ctx, out);
+	md5_final_hex(&ctx, out);
+	md5_free(&ctx);
 	return 0;
 }
 
@@ -434,12 +444,12 @@ static void work_complete(struct upload *up)
 		return;
 	}
 	char digest[PROTO_MD5_HEX + 1];
-	if (up->hash_dirty || up->hashed != up->total_size) {
+	if (up->hash_dirty || up->hashed != up->total_size || up->md5.ctx == NULL) {
 		up->work_errno = hash_file(up->fd, up->total_size, digest);
 		if (up->work_errno)
 			return;
 	} else {
-		MD5End(&up->md5, digest);
+		md5_final_hex(&up->md5, digest);
 	}
 	/* The running hash is used up: should publishing fail below, a resent last chunk re-reads the file. */
 	up->hash_dirty = 1;
@@ -506,7 +516,10 @@ static void upload_work(struct pool_job *job)
 		}
 		if ((up->work_errno = write_meta(st, &up->key, op)) != 0)
 			return;
-		MD5Init(&up->md5);
+		if (md5_init(&up->md5) < 0) {
+			up->work_errno = ENOMEM;
+			return;
+		}
 		up->hashed = 0;
 		up->hash_dirty = 0;
 		/* Chunk 1 is written like any other. */
@@ -583,6 +596,7 @@ static void upload_retire(struct upload *up)
 	if (up->pins == 0) {
 		if (up->fd >= 0)
 			close(up->fd);
+		md5_free(&up->md5);
 		free(up);
 	}
 	while (rest) {
@@ -1078,6 +1092,7 @@ static void storage_free_all(struct storage *st)
 		}
 		if (up->fd >= 0)
 			close(up->fd);
+		md5_free(&up->md5);
 		free(up);
 	}
 	while (st->clients)
