@@ -9,6 +9,8 @@
 #include <string.h>
 #include <yajl/yajl_parse.h>
 
+#define FLAT_REFUSED "requests are flat JSON objects: arrays and nested objects are not allowed"
+
 size_t json_utf8_seq(const uint8_t *p, size_t left)
 {
 	uint8_t c = p[0];
@@ -118,7 +120,7 @@ static const char *json_precheck(const uint8_t *p, size_t len, int flat, int *ha
 			/* A request is one object of scalars: the first bracket of anything else ends it here,
 			 * before the parser spends anything on the rest. */
 			if (flat && (c == '[' || depth > 0))
-				return "requests are flat JSON objects: arrays and nested objects are not allowed";
+				return FLAT_REFUSED;
 			if (++depth > JSON_MAX_DEPTH)
 				return "JSON nested deeper than " JSON_MAX_DEPTH_TEXT " levels";
 		} else if (c == '}' || c == ']') {
@@ -197,13 +199,30 @@ struct flat_reader {
 	size_t nkeys;
 	struct json_scalar *values;
 	struct json_scalar *current;   /* where the value of the last key goes; NULL: ignored */
-	int depth;
+	struct json_scalar *raw_slot;  /* the one field that may hold an array or object, or NULL */
+	int depth;                     /* of the request object: 0 outside, 1 inside */
+	int raw_depth;                 /* nesting inside a raw value, 0 when not in one */
+	int raw_record;                /* the raw value in progress is the field's first value */
+	size_t raw_start;
+	size_t raw_values;
 	size_t members;
 	const char *why;               /* why the callbacks stopped the parser */
 };
 
+/* Inside a raw value every token only counts: the value is echoed as its text. */
+static int raw_count(struct flat_reader *r)
+{
+	if (++r->raw_values > JSON_MAX_RAW_VALUES) {
+		r->why = "1001 data holds more than " JSON_MAX_RAW_VALUES_TEXT " values";
+		return 0;
+	}
+	return 1;
+}
+
 static int flat_value(struct flat_reader *r, enum json_kind kind, const char *s, size_t len)
 {
+	if (r->raw_depth > 0)
+		return raw_count(r);
 	if (r->depth != 1) {
 		r->why = "body is not a JSON object";
 		return 0;
@@ -226,6 +245,8 @@ static int flat_string(void *ctx, const unsigned char *s, size_t len)
 {
 	struct flat_reader *r = ctx;
 	const uint8_t *p = s;
+	if (r->raw_depth > 0)
+		return raw_count(r);   /* never decoded in place: the raw text is echoed */
 	if (r->current != NULL && r->current->kind == JSON_NONE && !(p >= r->body && p + len <= r->body + r->len)) {
 		/* yajl decoded escapes into its own buffer, which the next string reuses. The
 		 * decoded text is never longer than the escaped one, so it fits at the end of
@@ -242,33 +263,55 @@ static int flat_string(void *ctx, const unsigned char *s, size_t len)
 	return flat_value(r, JSON_STRING, (const char *)p, len);
 }
 
-static int flat_start_map(void *ctx)
+/* '{' or '[': the request object itself, the start of the raw field's value, or refused. */
+static int flat_open(struct flat_reader *r, int is_map)
 {
-	struct flat_reader *r = ctx;
-	if (r->depth++ != 0) {
-		r->why = "requests are flat JSON objects: arrays and nested objects are not allowed";
-		return 0;
+	if (r->raw_depth > 0) {
+		r->raw_depth++;
+		return raw_count(r);
 	}
-	return 1;
+	if (r->depth == 0 && is_map) {
+		r->depth = 1;
+		return 1;
+	}
+	if (r->depth == 1 && r->current != NULL && r->current == r->raw_slot) {
+		r->raw_depth = 1;
+		r->raw_record = r->current->kind == JSON_NONE;
+		r->raw_start = yajl_get_bytes_consumed(r->parser) - 1;   /* the bracket itself */
+		return raw_count(r);
+	}
+	r->why = FLAT_REFUSED;
+	return 0;
 }
 
-static int flat_end_map(void *ctx)
+static int flat_close(struct flat_reader *r)
 {
-	struct flat_reader *r = ctx;
+	if (r->raw_depth > 0) {
+		if (--r->raw_depth == 0) {
+			size_t end = yajl_get_bytes_consumed(r->parser);
+			if (r->raw_record) {
+				r->current->kind = JSON_RAW;
+				r->current->s = (const char *)r->body + r->raw_start;
+				r->current->len = end - r->raw_start;
+			}
+			r->current = NULL;
+		}
+		return 1;
+	}
 	r->depth--;
 	return 1;
 }
 
-static int flat_start_array(void *ctx)
-{
-	struct flat_reader *r = ctx;
-	r->why = "requests are flat JSON objects: arrays and nested objects are not allowed";
-	return 0;
-}
+static int flat_start_map(void *ctx) { return flat_open(ctx, 1); }
+static int flat_start_array(void *ctx) { return flat_open(ctx, 0); }
+static int flat_end_map(void *ctx) { return flat_close(ctx); }
+static int flat_end_array(void *ctx) { return flat_close(ctx); }
 
 static int flat_key(void *ctx, const unsigned char *key, size_t len)
 {
 	struct flat_reader *r = ctx;
+	if (r->raw_depth > 0)
+		return raw_count(r);
 	if (++r->members > JSON_MAX_MEMBERS) {
 		r->why = "request objects have at most " JSON_MAX_MEMBERS_TEXT " fields";
 		return 0;
@@ -291,10 +334,17 @@ static const yajl_callbacks flat_callbacks = {
 	.yajl_map_key = flat_key,
 	.yajl_end_map = flat_end_map,
 	.yajl_start_array = flat_start_array,
+	.yajl_end_array = flat_end_array,
 };
 
 int json_read_flat(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
     struct json_scalar *values, char *err, size_t errlen)
+{
+	return json_read_flat_raw(body, len, keys, nkeys, values, -1, err, errlen);
+}
+
+int json_read_flat_raw(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
+    struct json_scalar *values, int raw_key, char *err, size_t errlen)
 {
 	memset(values, 0, nkeys * sizeof(*values));
 	if (len > 0 && memchr(body, '\0', len) != NULL) {
@@ -302,12 +352,15 @@ int json_read_flat(uint8_t *body, size_t len, const char *const *keys, size_t nk
 		return -1;
 	}
 	int has_nul_escape = 0;
-	const char *why = json_precheck(body, len, 1, &has_nul_escape);
+	/* Without a raw field the first bracket inside the object ends it here; with one,
+	 * the depth limit applies and the callbacks refuse brackets anywhere else. */
+	const char *why = json_precheck(body, len, raw_key < 0, &has_nul_escape);
 	if (why != NULL) {
 		snprintf(err, errlen, "%s", why);
 		return -1;
 	}
-	struct flat_reader r = { .body = body, .len = len, .keys = keys, .nkeys = nkeys, .values = values };
+	struct flat_reader r = { .body = body, .len = len, .keys = keys, .nkeys = nkeys, .values = values,
+	    .raw_slot = raw_key >= 0 && (size_t)raw_key < nkeys ? &values[raw_key] : NULL };
 	r.parser = yajl_alloc(&flat_callbacks, NULL, &r);
 	if (r.parser == NULL) {
 		snprintf(err, errlen, "out of memory");

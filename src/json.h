@@ -12,6 +12,8 @@
 #define JSON_MAX_SAFE_INT ((UINT64_C(1) << 53) - 1)   /* larger sizes lose precision in clients */
 #define JSON_MAX_MEMBERS 64      /* fields of one request object: the largest request has 11 */
 #define JSON_MAX_MEMBERS_TEXT "64"
+#define JSON_MAX_RAW_VALUES 1024  /* values inside the one field that may nest (1001's data) */
+#define JSON_MAX_RAW_VALUES_TEXT "1024"
 
 enum json_field { JSON_FIELD_OK = 0, JSON_FIELD_MISSING = -1, JSON_FIELD_BAD = -2 };
 
@@ -26,10 +28,11 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 yajl_val json_parse_request(const uint8_t *body, size_t len, char *err, size_t errlen);
 
 /* One value of a flat request object. Strings are decoded; s points into the body. */
-enum json_kind { JSON_NONE = 0, JSON_STRING, JSON_NUMBER, JSON_TRUE, JSON_FALSE, JSON_NULL };
+enum json_kind { JSON_NONE = 0, JSON_STRING, JSON_NUMBER, JSON_TRUE, JSON_FALSE, JSON_NULL, JSON_RAW };
 struct json_scalar {
 	enum json_kind kind;     /* JSON_NONE: the key was absent */
-	const char *s;           /* JSON_STRING: the decoded bytes; JSON_NUMBER: its text */
+	const char *s;           /* JSON_STRING: the decoded bytes; JSON_NUMBER: its text;
+	                          * JSON_RAW: the text of an array or object, as sent */
 	size_t len;
 };
 
@@ -45,6 +48,12 @@ struct json_scalar {
  * with the reason in err. */
 int json_read_flat(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
     struct json_scalar *values, char *err, size_t errlen);
+/* The same, except that keys[raw_key] may also hold an array or object: nested at
+ * most JSON_MAX_DEPTH levels (with the request object) and JSON_MAX_RAW_VALUES
+ * values, never decoded, handed out as JSON_RAW text (1001 echoes its data so).
+ * Arrays and objects anywhere else are refused as by json_read_flat. */
+int json_read_flat_raw(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
+    struct json_scalar *values, int raw_key, char *err, size_t errlen);
 
 /* The same field rules as json_get_u64, json_get_str and json_get_flag, on scalars. */
 enum json_field json_scalar_u64(const struct json_scalar *v, uint64_t max, uint64_t *out);

@@ -18,6 +18,11 @@ int proto_read_request(uint8_t *body, size_t len, struct proto_fields *f, char *
 	return json_read_flat(body, len, field_names, PF_COUNT, f->v, msg, msglen) == 0 ? ERR_OK : ERR_JSON;
 }
 
+int proto_read_test(uint8_t *body, size_t len, struct proto_fields *f, char *msg, size_t msglen)
+{
+	return json_read_flat_raw(body, len, field_names, PF_COUNT, f->v, PF_DATA, msg, msglen) == 0 ? ERR_OK : ERR_JSON;
+}
+
 static int field_error(char *msg, size_t msglen, const char *field, enum json_field why, const char *expected)
 {
 	snprintf(msg, msglen, "%s: %s (expected %s)", field,

@@ -97,6 +97,9 @@ struct proto_limits {
 /* Reads a request body (a flat JSON object, see json_read_flat; the body is
  * modified in place) into f. Returns ERR_OK or ERR_JSON with the reason. */
 int proto_read_request(uint8_t *body, size_t len, struct proto_fields *f, char *msg, size_t msglen);
+/* The same for 1001, whose data may also be an array or object (bounded, see
+ * json_read_flat_raw): it is then JSON_RAW, echoed as sent. */
+int proto_read_test(uint8_t *body, size_t len, struct proto_fields *f, char *msg, size_t msglen);
 
 /* Each parser returns ERR_OK or an error code with a message naming the field.
  * proto_parse_chunk checks everything but the base64 characters: the data is

@@ -1065,10 +1065,35 @@ static void request_continue(struct conn *c)
 static void handle_test(struct conn *c, const struct proto_fields *f)
 {
 	struct json_writer *jw = &c->w->jw;
+	const struct json_scalar *data = &f->v[PF_DATA];
 	json_begin(jw);
 	json_put_int(jw, "error", 0);
-	if (f->v[PF_DATA].kind != JSON_NONE)
-		json_put_scalar(jw, "data", &f->v[PF_DATA]);
+	if (data->kind == JSON_RAW) {
+		/* An array or object goes back as the text it came as (checked by the reader). */
+		const uint8_t *fields;
+		size_t fields_len;
+		json_open_fields(jw, &fields, &fields_len);
+		static const char key[] = ",\"data\":";
+		size_t body_len = fields_len + strlen(key) + data->len + 1;
+		uint8_t *p = buf_reserve(&c->out, FRAME_HEADER_LEN + body_len);
+		if (p == NULL) {
+			log_warnx("%s: out of memory queueing a response: closing", c->peer);
+			c->closing = 1;
+			return;
+		}
+		frame_put_header(p, MSG_TEST + 1, (uint32_t)body_len);
+		p += FRAME_HEADER_LEN;
+		memcpy(p, fields, fields_len);
+		memcpy(p + fields_len, key, strlen(key));
+		memcpy(p + fields_len + strlen(key), data->s, data->len);
+		p[body_len - 1] = '}';
+		buf_commit(&c->out, FRAME_HEADER_LEN + body_len);
+		STAT_INC(frames_out);
+		STAT_ADD(bytes_out, FRAME_HEADER_LEN + body_len);
+		return;
+	}
+	if (data->kind != JSON_NONE)
+		json_put_scalar(jw, "data", data);
 	else
 		json_put_str(jw, "data", "", 0);
 	conn_send_json(c, MSG_TEST + 1, 0);
@@ -1084,11 +1109,14 @@ static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t le
 		respond_error(c, id, ERR_MSG_ID, msg);
 		return;
 	}
-	/* Every request, 1001 included, is a flat object of scalars, read without a tree:
-	 * what a client can make the worker do before any token check is linear in the
-	 * frame's length. The strings point into the frame, which the request holds. */
+	/* Every request is a flat object of scalars, read without a tree (1001's data may
+	 * also be a bounded array or object, echoed as its text): what a client can make
+	 * the worker do before any token check is linear in the frame's length, with no
+	 * allocation per value. The strings point into the frame, which the request holds. */
 	struct proto_fields f;
-	if (proto_read_request(body, len, &f, msg, sizeof(msg)) != ERR_OK) {
+	int read = id == MSG_TEST ? proto_read_test(body, len, &f, msg, sizeof(msg))
+	    : proto_read_request(body, len, &f, msg, sizeof(msg));
+	if (read != ERR_OK) {
 		respond_error(c, id, ERR_JSON, msg);
 		return;
 	}

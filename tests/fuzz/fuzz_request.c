@@ -572,6 +572,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		run_sync(tree, &f, &lim);
 		run_download(tree, &f, &lim);
 	}
+	{
+		/* 1001's reader: it accepts whatever the flat reader does, only what the tree
+		 * parser accepts, and its raw data is the text of the tree's data. */
+		uint8_t *copy2 = malloc(size ? size : 1);
+		CHECK(copy2 != NULL);
+		memcpy(copy2, data, size);
+		struct proto_fields t;
+		int test_ok = proto_read_test(copy2, size, &t, err3, sizeof(err3)) == ERR_OK;
+		CHECK(!flat_ok || test_ok);
+		CHECK(!test_ok || tree != NULL);
+		if (test_ok && t.v[PF_DATA].kind == JSON_RAW) {
+			char e[256];
+			yajl_val raw = json_parse_request((const uint8_t *)t.v[PF_DATA].s, t.v[PF_DATA].len, e, sizeof(e));
+			yajl_val sent = json_member(tree, "data");
+			if (raw != NULL)   /* an object parses alone; an array is checked inside one below */
+				CHECK(tree_equal(raw, sent));
+			yajl_tree_free(raw);
+			char *wrapped = malloc(t.v[PF_DATA].len + 16);
+			CHECK(wrapped != NULL);
+			int n = sprintf(wrapped, "{\"data\":");
+			memcpy(wrapped + n, t.v[PF_DATA].s, t.v[PF_DATA].len);
+			wrapped[n + t.v[PF_DATA].len] = '}';
+			yajl_val back = json_parse_request((const uint8_t *)wrapped, (size_t)n + t.v[PF_DATA].len + 1, e, sizeof(e));
+			CHECK(back != NULL && tree_equal(json_member(back, "data"), sent));
+			yajl_tree_free(back);
+			free(wrapped);
+		}
+		free(copy2);
+	}
 	if (flat_ok) {
 		/* The 1001 answer as the worker writes it: it parses, with data as sent. */
 		const uint8_t *out;

@@ -691,6 +691,48 @@ START_TEST(test_request_escapes_decoded_in_place)
 }
 END_TEST
 
+START_TEST(test_request_1001_raw_data)
+{
+	/* 1001's data may be an array or object: handed out as the text sent, undecoded. */
+	static const char *const echoed[] = {
+		"[1,2.5,null,true,\"x\"]", "{\"nested\":[1,{\"a\":\"\\u0000\\n\"}]}", "[]", "{}",
+		"[ 1 ,\n  2 ]",
+	};
+	static char copy[8192];
+	for (size_t i = 0; i < sizeof(echoed) / sizeof(echoed[0]); i++) {
+		int n = snprintf(copy, sizeof(copy), "{\"data\":%s,\"x\":\"\\n\"}", echoed[i]);
+		ck_assert_msg(proto_read_test((uint8_t *)copy, (size_t)n, &fields, msg, sizeof(msg)) == ERR_OK, "%s: %s",
+		    echoed[i], msg);
+		ck_assert_int_eq(fields.v[PF_DATA].kind, JSON_RAW);
+		ck_assert_uint_eq(fields.v[PF_DATA].len, strlen(echoed[i]));
+		ck_assert_mem_eq(fields.v[PF_DATA].s, echoed[i], strlen(echoed[i]));
+	}
+	/* Other requests still refuse the same bodies. */
+	int n = snprintf(copy, sizeof(copy), "{\"data\":[1]}");
+	ck_assert_int_eq(proto_read_request((uint8_t *)copy, (size_t)n, &fields, msg, sizeof(msg)), ERR_JSON);
+	/* Nesting elsewhere, too deep, or too many values is refused. */
+	static const char *const refused[] = {
+		"{\"data\":1,\"other\":[1]}", "{\"other\":{}}",
+		"{\"data\":[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}",   /* 17 levels with the object */
+	};
+	for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+		n = snprintf(copy, sizeof(copy), "%s", refused[i]);
+		ck_assert_msg(proto_read_test((uint8_t *)copy, (size_t)n, &fields, msg, sizeof(msg)) == ERR_JSON,
+		    "%s accepted", refused[i]);
+	}
+	n = snprintf(copy, sizeof(copy), "{\"data\":[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]}");   /* 16 levels */
+	ck_assert_msg(proto_read_test((uint8_t *)copy, (size_t)n, &fields, msg, sizeof(msg)) == ERR_OK, "%s", msg);
+	size_t k = (size_t)sprintf(copy, "{\"data\":[");
+	for (int i = 0; i < JSON_MAX_RAW_VALUES - 1; i++)
+		k += (size_t)sprintf(copy + k, "%s0", i ? "," : "");
+	strcpy(copy + k, "]}");
+	ck_assert_msg(proto_read_test((uint8_t *)copy, k + 2, &fields, msg, sizeof(msg)) == ERR_OK, "%s", msg);
+	strcpy(copy + k, ",0]}");
+	ck_assert_int_eq(proto_read_test((uint8_t *)copy, k + 4, &fields, msg, sizeof(msg)), ERR_JSON);
+	unit_assert_contains(msg, "values");
+}
+END_TEST
+
 /* ---- strict base64 ---- */
 
 static int b64_ok(const char *text, uint8_t *out, size_t *out_len)
@@ -962,6 +1004,7 @@ static Suite *proto_suite(void)
 	tc = tcase_create("request");
 	tcase_add_test(tc, test_request_flat);
 	tcase_add_test(tc, test_request_escapes_decoded_in_place);
+	tcase_add_test(tc, test_request_1001_raw_data);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("base64");
 	tcase_add_test(tc, test_b64_edges);
