@@ -88,12 +88,27 @@ int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong)
 	    ? 0 : -1;
 }
 
-int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+/* Payload bytes of a chunk message before its data. */
+static size_t chunk_prefix_len(const struct ipc_chunk *c)
 {
-	uint32_t len = 8 * 4 + 2 + PROTO_MD5_HEX + 2 + c->name_len + 4 + c->data_len;
-	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);
+	return 8 * 4 + 2 + PROTO_MD5_HEX + 2 + (size_t)c->name_len + 4;
+}
+
+uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room)
+{
+	size_t prefix = IPC_HEADER_LEN + chunk_prefix_len(c);
+	if (data_room > IPC_MAX_PAYLOAD)
+		return NULL;
+	uint8_t *w = buf_reserve(out, prefix + data_room);
+	return w ? w + prefix : NULL;
+}
+
+void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+{
+	uint32_t len = (uint32_t)chunk_prefix_len(c) + c->data_len;
+	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);   /* inside the reserved room */
 	if (w == NULL)
-		return -1;
+		return;   /* cannot happen: ipc_reserve_chunk made the room */
 	PUT(w, c->uid);
 	PUT(w, c->seq);
 	PUT(w, c->trans_size);
@@ -104,7 +119,16 @@ int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
 	PUT(w, c->name_len);
 	PUT_BYTES(w, c->name, c->name_len);
 	PUT(w, c->data_len);
-	PUT_BYTES(w, c->data, c->data_len);
+}
+
+int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+{
+	uint8_t *data = ipc_reserve_chunk(out, c, c->data_len);
+	if (data == NULL)
+		return -1;
+	if (c->data_len)
+		memcpy(data, c->data, c->data_len);
+	ipc_commit_chunk(out, reqid, c);
 	return 0;
 }
 

@@ -64,6 +64,13 @@ enum ipc_status ipc_decode_header(const uint8_t *p, size_t len, struct ipc_heade
 
 int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong);
 int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
+/* The same in two steps, so the data can be written straight into the queue:
+ * ipc_reserve_chunk makes room for a message with up to data_room bytes of data
+ * (c->data is not used) and returns where the data goes; ipc_commit_chunk then
+ * queues it with c->data_len bytes written there. Nothing is queued until the commit,
+ * and nothing else may be written to out in between. */
+uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room);
+void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
 int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s);
 int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *r);
 

@@ -1,6 +1,8 @@
 /* resctl.c: the command-line client of resourced: ping, upload, sync and download over the compatible protocol. */
 #include "config.h"
 #include "resctl.h"
+#include "b64.h"
+#include "digest.h"
 #include "frame.h"
 #include "json.h"
 #include "proto.h"
@@ -10,7 +12,6 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
-#include <md5.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -1161,7 +1162,7 @@ struct upload {
 	const struct upload_opts *o;
 	int fd;
 	uint64_t total;
-	char md5[MD5_DIGEST_STRING_LENGTH];
+	char md5[MD5_HEX_LEN + 1];
 	uint64_t offset;           /* where the next chunk starts */
 	uint64_t seq;              /* its seq */
 	uint64_t last_seq;         /* how many chunks the upload has, as the server is told */
@@ -1268,8 +1269,11 @@ static int pread_full(int fd, void *p, size_t len, uint64_t off)
 /* MD5 of the whole file, before anything is sent (the server checks it at the end). */
 static int upload_hash(struct upload *u)
 {
-	MD5_CTX ctx;
-	MD5Init(&ctx);
+	struct md5 ctx = { NULL };
+	if (md5_init(&ctx) < 0) {
+		resctl_error("upload: out of memory");
+		return -1;
+	}
 	uint64_t done = 0;
 	struct resctl_progress p;
 	resctl_progress_init(&p, "hashing");
@@ -1278,14 +1282,16 @@ static int upload_hash(struct upload *u)
 		if (pread_full(u->fd, u->raw, len, done) != 0) {
 			resctl_progress_clear(&p);
 			resctl_error("upload: reading %s: %s", u->o->path, errno == ENODATA ? "file got shorter" : strerror(errno));
+			md5_free(&ctx);
 			return -1;
 		}
-		MD5Update(&ctx, u->raw, len);
+		md5_update(&ctx, u->raw, len);
 		done += len;
 		resctl_progress_update(&p, done, u->total);
 	}
 	resctl_progress_clear(&p);
-	MD5End(&ctx, u->md5);
+	md5_final_hex(&ctx, u->md5);
+	md5_free(&ctx);
 	return 0;
 }
 
@@ -1358,7 +1364,7 @@ static enum upload_step upload_sync(struct upload *u)
 static void upload_build_chunk(struct upload *u, size_t len, int last, const uint8_t **body, size_t *body_len)
 {
 	const struct upload_opts *o = u->o;
-	sodium_bin2base64(u->b64, u->b64_cap, u->raw, len, sodium_base64_VARIANT_ORIGINAL);
+	b64_encode(u->b64, u->raw, len);
 	json_begin(&u->w);
 	put_cstr(&u->w, "data", u->b64);
 	json_put_int(&u->w, "last", last);
@@ -1510,7 +1516,7 @@ static int upload_open(struct upload *u, const struct upload_opts *o)
 		return -1;
 	}
 	u->total = (uint64_t)st.st_size;
-	u->b64_cap = sodium_base64_ENCODED_LEN(o->chunk, sodium_base64_VARIANT_ORIGINAL);
+	u->b64_cap = b64_encode_room(o->chunk);
 	u->raw = malloc(o->chunk > UPLOAD_READ_SIZE ? o->chunk : UPLOAD_READ_SIZE);
 	u->b64 = malloc(u->b64_cap);
 	if (u->raw == NULL || u->b64 == NULL || qt_writer_init(&u->w) != 0) {
@@ -1644,7 +1650,7 @@ struct download {
 	uint64_t received;         /* bytes received in this run */
 	uint64_t written;          /* chunks written in this run (--stop-after) */
 	int gave_up;               /* the retries ran out: a rerun can resume */
-	MD5_CTX md5;
+	struct md5 md5;
 	struct resctl_progress progress;
 };
 
@@ -1701,8 +1707,7 @@ static int download_parse(struct download *d, yajl_val answer, struct download_c
 		d->raw = raw;
 		d->raw_cap = cap;
 	}
-	if (sodium_base642bin(d->raw, d->raw_cap, data, data_len, NULL, &ch->len, NULL,
-	        sodium_base64_VARIANT_ORIGINAL) != 0) {
+	if (b64_decode_strict(d->raw, d->raw_cap, data, data_len, &ch->len) != 0) {
 		snprintf(d->c.err, sizeof(d->c.err), "data is not valid base64");
 		return -1;
 	}
@@ -1843,7 +1848,7 @@ static int download_write(struct download *d, uint64_t offset, size_t len)
 		}
 		done += (size_t)n;
 	}
-	MD5Update(&d->md5, d->raw, len);
+	md5_update(&d->md5, d->raw, len);
 	d->have = offset + len;
 	d->received += len;
 	d->written++;
@@ -1903,7 +1908,7 @@ static int download_keep(struct download *d, uint64_t keep)
 			free(buf);
 			return -1;
 		}
-		MD5Update(&d->md5, buf, len);
+		md5_update(&d->md5, buf, len);
 		off += len;
 	}
 	free(buf);
@@ -2064,7 +2069,10 @@ static int cmd_download(int argc, char **argv)
 	struct download d = { .o = &o, .fd = -1, .state_fd = -1, .backoff = { .max_attempts = o.retries } };
 	backoff_reset(&d.backoff);
 	client_init(&d.c, &o.ep, o.timeout_ms);
-	MD5Init(&d.md5);
+	if (md5_init(&d.md5) < 0) {
+		resctl_error("download: out of memory");
+		return RESCTL_EXIT_FAIL;
+	}
 	uint64_t resumed_from = 0;
 	int r = -1;
 	int64_t start = resctl_now_ns();
@@ -2074,9 +2082,9 @@ static int cmd_download(int argc, char **argv)
 		resctl_progress_clear(&d.progress);
 	}
 	if (r == 0) {
-		char md5[MD5_DIGEST_STRING_LENGTH];
+		char md5[MD5_HEX_LEN + 1];
 		double seconds = (double)(resctl_now_ns() - start) / 1e9;
-		MD5End(&d.md5, md5);
+		md5_final_hex(&d.md5, md5);
 		printf("downloaded %s to %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", o.name, o.outfile,
 		    d.total, seconds, seconds > 0 ? (double)d.received / 1e6 / seconds : 0, md5);
 		if (resumed_from)
@@ -2105,6 +2113,7 @@ static int cmd_download(int argc, char **argv)
 	resctl_rbuf_free(&d.c.in);
 	json_writer_free(&d.w);
 	free(d.raw);
+	md5_free(&d.md5);
 	return r == 0 ? RESCTL_EXIT_OK : r == 3 ? RESCTL_EXIT_STOPPED : RESCTL_EXIT_FAIL;
 }
 

@@ -1,6 +1,8 @@
 /* resctl_bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
 #include "config.h"
 #include "resctl.h"
+#include "b64.h"
+#include "digest.h"
 #include "frame.h"
 #include "json.h"
 #include "proto.h"
@@ -9,7 +11,6 @@
 #include <ev.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <md5.h>
 #include <netdb.h>
 #include <sodium.h>
 #include <stdarg.h>
@@ -323,15 +324,12 @@ struct bench_source {
 	uint64_t first_tail_chunk;   /* chunks from here on hold varied bytes */
 	char *b64;                   /* base64 of every chunk before first_tail_chunk, or NULL */
 	size_t b64_stride;
-	MD5_CTX md5_prefix;          /* state after md5_prefix_len bytes */
+	struct md5 md5_prefix;       /* state after md5_prefix_len bytes */
 	uint64_t md5_prefix_len;
 	uint64_t nonce;              /* makes this run's files differ from other runs' */
 };
 
-static size_t b64_len(size_t n)
-{
-	return (n + 2) / 3 * 4;
-}
+#define MD5_BLOCK_BYTES 64   /* the prefix ends on a block: copying the state is then exact */
 
 static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
 {
@@ -345,20 +343,19 @@ static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
 		return -1;
 	randombytes_buf(s->data, (size_t)size);
 	randombytes_buf(&s->nonce, sizeof(s->nonce));
-	s->md5_prefix_len = s->tail_start / MD5_BLOCK_LENGTH * MD5_BLOCK_LENGTH;
-	MD5Init(&s->md5_prefix);
-	MD5Update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
+	s->md5_prefix_len = s->tail_start / MD5_BLOCK_BYTES * MD5_BLOCK_BYTES;
+	if (md5_init(&s->md5_prefix) < 0)
+		return -1;
+	md5_update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
 
-	s->b64_stride = b64_len(chunk);
+	s->b64_stride = b64_encoded_len(chunk);
 	if ((uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
 		s->b64 = malloc(s->b64_stride * (size_t)s->first_tail_chunk + 1);   /* + the last NUL */
 		if (s->b64 == NULL)
 			return -1;
-		/* Each NUL lands on the next chunk's first byte until that is written; the
-		 * bound is one stride because sodium zero-fills up to it. */
+		/* Each NUL lands on the next chunk's first byte until that is written. */
 		for (uint64_t i = 0; i < s->first_tail_chunk; i++)
-			sodium_bin2base64(s->b64 + i * s->b64_stride, s->b64_stride + 1, s->data + i * chunk,
-			    chunk, sodium_base64_VARIANT_ORIGINAL);
+			b64_encode(s->b64 + i * s->b64_stride, s->data + i * chunk, chunk);
 	}
 	return 0;
 }
@@ -367,6 +364,7 @@ static void source_free(struct bench_source *s)
 {
 	free(s->data);
 	free(s->b64);
+	md5_free(&s->md5_prefix);
 }
 
 static void source_tail(const struct bench_source *s, uint64_t file_id, uint8_t tail[BENCH_TAIL_MAX])
@@ -376,12 +374,18 @@ static void source_tail(const struct bench_source *s, uint64_t file_id, uint8_t 
 		tail[i] = (uint8_t)(v >> (8 * i));
 }
 
-static void source_md5(const struct bench_source *s, const uint8_t *tail, char out[MD5_DIGEST_STRING_LENGTH])
+static void source_md5(const struct bench_source *s, const uint8_t *tail, char out[MD5_HEX_LEN + 1])
 {
-	MD5_CTX ctx = s->md5_prefix;
-	MD5Update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
-	MD5Update(&ctx, tail, s->tail_len);
-	MD5End(&ctx, out);
+	struct md5 ctx = { NULL };
+	if (md5_copy(&ctx, &s->md5_prefix) < 0) {
+		memset(out, '?', MD5_HEX_LEN);   /* out of memory: the server refuses the file (1024) */
+		out[MD5_HEX_LEN] = '\0';
+		return;
+	}
+	md5_update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
+	md5_update(&ctx, tail, s->tail_len);
+	md5_final_hex(&ctx, out);
+	md5_free(&ctx);
 }
 
 /* Copies [off, off + len) of the file with this tail into out. */
@@ -477,7 +481,7 @@ struct bench_conn {
 	/* the file in progress */
 	int in_file;
 	char name[64];
-	char md5[MD5_DIGEST_STRING_LENGTH];
+	char md5[MD5_HEX_LEN + 1];
 	uint8_t tail[BENCH_TAIL_MAX];
 	uint64_t files_made;       /* names bench-<index>-<files_made> */
 	uint64_t seq;
@@ -592,7 +596,7 @@ static int answer_data_expected(struct bench_conn *c, const unsigned char *s, si
 	if (c->role != ROLE_DOWNLOAD || b->dl_chunk == 0 || c->offset != (c->seq - 1) * b->dl_chunk)
 		return 0;
 	size_t want = size - c->offset < b->dl_chunk ? (size_t)(size - c->offset) : (size_t)b->dl_chunk;
-	if (len != b64_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
+	if (len != b64_encoded_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
 		return 0;
 	*data_len = want;
 	return 1;
@@ -617,8 +621,7 @@ static void answer_data(struct bench_answer *a, const unsigned char *s, size_t l
 		c->raw_cap = need;
 	}
 	a->has |= HAS_DATA;
-	if (sodium_base642bin(c->raw, c->raw_cap, (const char *)s, len, NULL, &a->data_len, NULL,
-	        sodium_base64_VARIANT_ORIGINAL) != 0)
+	if (b64_decode_strict(c->raw, c->raw_cap, (const char *)s, len, &a->data_len) != 0)
 		a->data_bad = 1;
 }
 
@@ -874,12 +877,12 @@ static void upload_send_chunk(struct bench_conn *c)
 	uint64_t index = c->offset / s->chunk;
 	c->chunk_len = s->size - c->offset < s->chunk ? (size_t)(s->size - c->offset) : s->chunk;
 	const char *data;
-	size_t data_len = b64_len(c->chunk_len);
+	size_t data_len = b64_encoded_len(c->chunk_len);
 	if (s->b64 != NULL && index < s->first_tail_chunk) {
 		data = s->b64 + index * s->b64_stride;   /* shared, encoded once */
 	} else {
 		source_copy(s, c->tail, c->offset, c->chunk_len, c->raw);
-		sodium_bin2base64(c->b64, c->b64_cap, c->raw, c->chunk_len, sodium_base64_VARIANT_ORIGINAL);
+		b64_encode(c->b64, c->raw, c->chunk_len);
 		data = c->b64;
 	}
 	int last = c->offset + c->chunk_len == s->size;
@@ -1031,7 +1034,7 @@ static void bench_dl_table(struct bench *b, uint64_t chunk)
 {
 	const struct bench_source *s = &b->src;
 	uint64_t chunks = (s->size + chunk - 1) / chunk;
-	size_t stride = b64_len((size_t)chunk);
+	size_t stride = b64_encoded_len((size_t)chunk);
 	b->dl_table_tried = 1;
 	if (chunks * stride > BENCH_MAX_TABLE)
 		return;   /* answers get decoded instead */
@@ -1042,7 +1045,7 @@ static void bench_dl_table(struct bench *b, uint64_t chunk)
 			uint64_t off = i * chunk;
 			size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
 			source_copy(s, b->dl_tail, off, len, raw);
-			sodium_bin2base64(table + i * stride, stride + 1, raw, len, sodium_base64_VARIANT_ORIGINAL);
+			b64_encode(table + i * stride, raw, len);
 		}
 		b->dl_b64 = table;
 		b->dl_stride = stride;
@@ -1185,7 +1188,7 @@ static int conn_init(struct bench *b, struct bench_conn *c, unsigned index, enum
 	c->io_read.data = c->io_write.data = c->timer.data = c;
 	c->text_cap = 512 + (b->token_json ? strlen(b->token_json) : 0);
 	c->raw_cap = b->src.chunk > 65536 ? b->src.chunk : 65536;
-	c->b64_cap = sodium_base64_ENCODED_LEN(b->src.chunk, sodium_base64_VARIANT_ORIGINAL);
+	c->b64_cap = b64_encode_room(b->src.chunk);
 	c->text = malloc(c->text_cap);
 	c->raw = malloc(c->raw_cap);
 	c->b64 = malloc(c->b64_cap);

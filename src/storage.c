@@ -4,6 +4,7 @@
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
+#include "digest.h"
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
@@ -17,7 +18,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <md5.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +27,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <uthash.h>
@@ -46,6 +47,11 @@ struct client {
 	int dead;          /* the link is closed; answers are dropped */
 	int refs;          /* ops still holding this client */
 	struct client *next;
+	/* A chunk message being received straight into its own block, which becomes
+	 * the op's data: the chunk is not copied again in user space. NULL when none. */
+	uint8_t *block;
+	struct ipc_header block_header;
+	size_t block_got;
 };
 
 enum op_type { OP_CHUNK, OP_SYNC };
@@ -60,8 +66,9 @@ struct op {
 	char name[PROTO_NAME_MAX + 1];
 	uint16_t name_len;
 	uint32_t data_len;
+	const uint8_t *data;          /* the chunk, inside block */
+	uint8_t *block;               /* the received message payload, freed with the op */
 	struct op *next;
-	uint8_t data[];
 };
 
 struct upload_key {
@@ -86,7 +93,7 @@ struct upload {
 	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
 	time_t touched;
 	struct backend_staging *stg;  /* staging entry: created by seq 1 or attached by recovery */
-	MD5_CTX md5;                  /* incremental hash of [0, hashed) */
+	struct md5 md5;               /* incremental hash of [0, hashed) */
 	uint64_t hashed;
 	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
 	struct op *head, *tail;       /* requests in arrival order; head is the one running */
@@ -232,6 +239,7 @@ static void op_free(struct op *op)
 {
 	STAT_DEC(storage_queue);
 	client_release(op->client);
+	free(op->block);
 	free(op);
 }
 
@@ -255,6 +263,7 @@ static void upload_unpin(struct upload *up)
 {
 	if (--up->pins == 0 && up->retired) {
 		up->st->backend.ops->staging_close(up->stg);
+		md5_free(&up->md5);
 		free(up);
 	}
 }
@@ -400,23 +409,29 @@ static void hash_chunk(struct upload *up, const struct op *op)
 	uint64_t end = op->offset + op->data_len;
 	if (up->hash_dirty || end <= up->hashed)
 		return;
+	if (up->md5.ctx == NULL) {
+		up->hash_dirty = 1;   /* no running hash (never started): read the file at the end */
+		return;
+	}
 	if (op->offset > up->hashed) {
 		up->hash_dirty = 1;   /* cannot happen: gaps are refused */
 		return;
 	}
 	uint64_t skip = up->hashed - op->offset;   /* equal to what is hashed: check_rewrite said so */
-	MD5Update(&up->md5, op->data + skip, (size_t)(op->data_len - skip));
+	md5_update(&up->md5, op->data + skip, (size_t)(op->data_len - skip));
 	up->hashed = end;
 }
 
 static int hash_staging(const struct backend *be, struct backend_staging *stg, uint64_t size,
     char out[PROTO_MD5_HEX + 1])
 {
-	MD5_CTX ctx;
-	MD5Init(&ctx);
+	struct md5 ctx = { NULL };
 	uint8_t *block = malloc(HASH_BLOCK);
-	if (block == NULL)
+	if (block == NULL || md5_init(&ctx) < 0) {
+		free(block);
+		md5_free(&ctx);
 		return ENOMEM;
+	}
 	uint64_t off = 0;
 	while (off < size) {
 		size_t want = size - off < HASH_BLOCK ? (size_t)(size - off) : HASH_BLOCK;
@@ -424,13 +439,15 @@ static int hash_staging(const struct backend *be, struct backend_staging *stg, u
 		int err = be->ops->staging_read(stg, block, want, off, &got);
 		if (err || got == 0) {
 			free(block);
+			md5_free(&ctx);
 			return err ? err : EIO;
 		}
-		MD5Update(&ctx, block, got);
+		md5_update(&ctx, block, got);
 		off += got;
 	}
 	free(block);
-	MD5End(&ctx, out);
+	md5_final_hex(&ctx, out);
+	md5_free(&ctx);
 	return 0;
 }
 
@@ -454,12 +471,12 @@ static void work_complete(struct upload *up)
 	if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_PUBLISH)) != 0)
 		return;
 	char digest[PROTO_MD5_HEX + 1];
-	if (up->hash_dirty || up->hashed != up->total_size) {
+	if (up->hash_dirty || up->hashed != up->total_size || up->md5.ctx == NULL) {
 		up->work_errno = hash_staging(be, up->stg, up->total_size, digest);
 		if (up->work_errno)
 			return;
 	} else {
-		MD5End(&up->md5, digest);
+		md5_final_hex(&up->md5, digest);
 	}
 	/* The running hash is used up: should publishing fail below, a resent last chunk re-reads the file. */
 	up->hash_dirty = 1;
@@ -509,7 +526,10 @@ static void upload_work(struct pool_job *job)
 		up->stg = NULL;
 		if ((up->work_errno = be->ops->staging_begin(&up->st->backend, &meta, BACKEND_NO_FENCE, &up->stg)) != 0)
 			return;
-		MD5Init(&up->md5);
+		if (md5_init(&up->md5) < 0) {
+			up->work_errno = ENOMEM;
+			return;
+		}
 		up->hashed = 0;
 		up->hash_dirty = 0;
 		/* Chunk 1 is written like any other. */
@@ -589,6 +609,7 @@ static void upload_retire(struct upload *up)
 	struct upload_key key = up->key;
 	if (up->pins == 0) {
 		st->backend.ops->staging_close(up->stg);
+		md5_free(&up->md5);
 		free(up);
 	}
 	while (rest) {
@@ -1168,6 +1189,7 @@ static void client_release(struct client *cl)
 	if (--cl->refs == 0 && cl->dead) {
 		buf_free(&cl->in);
 		buf_free(&cl->out);
+		free(cl->block);
 		free(cl);
 	}
 }
@@ -1186,10 +1208,14 @@ static void client_close(struct client *cl)
 	client_release(cl);   /* the link's own reference; queued ops hold theirs */
 }
 
-static void client_on_message(struct client *cl, const struct ipc_header *h, const uint8_t *payload)
+/* Handles one message. block, when not NULL, is payload in its own allocation,
+ * which a chunk op takes over (it is freed here otherwise). */
+static void client_on_message(struct client *cl, const struct ipc_header *h, const uint8_t *payload,
+    uint8_t *block)
 {
 	struct storage *st = cl->st;
 	if (h->type == IPC_WORKER_STORAGE_PING) {
+		free(block);
 		if (ipc_encode_ping(&cl->out, h->reqid, 1) == 0)
 			client_flush(cl);
 		return;
@@ -1201,12 +1227,18 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 		struct ipc_chunk c;
 		if (ipc_decode_chunk(payload, h->len, &c) < 0) {
 			log_warnx("malformed chunk message from a worker: dropped");
+			free(block);
 			return;
 		}
-		op = malloc(sizeof(*op) + c.data_len);
-		if (op == NULL)
+		if (block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
+			memcpy(block, c.data, c.data_len);   /* it came in the link's buffer */
+			c.data = block;
+		}
+		op = block ? calloc(1, sizeof(*op)) : NULL;
+		if (op == NULL) {
+			free(block);
 			return;
-		memset(op, 0, sizeof(*op));
+		}
 		op->type = OP_CHUNK;
 		op->seq = c.seq;
 		op->trans_size = c.trans_size;
@@ -1218,10 +1250,12 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 		op->name[c.name_len] = '\0';
 		op->name_len = c.name_len;
 		op->data_len = c.data_len;
-		memcpy(op->data, c.data, c.data_len);
+		op->data = c.data;
+		op->block = block;
 		key.uid = c.uid;
 		memcpy(key.md5, c.md5, sizeof(key.md5));
 	} else if (h->type == IPC_WORKER_STORAGE_SYNC) {
+		free(block);
 		struct ipc_sync s;
 		if (ipc_decode_sync(payload, h->len, &s) < 0) {
 			log_warnx("malformed sync message from a worker: dropped");
@@ -1234,6 +1268,7 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 		key.uid = s.uid;
 		memcpy(key.md5, s.md5, sizeof(key.md5));
 	} else {
+		free(block);
 		log_warnx("unexpected message type %u from a worker", h->type);
 		return;
 	}
@@ -1241,6 +1276,38 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 	op->reqid = h->reqid;
 	cl->refs++;
 	op_dispatch(st, op, &key);
+}
+
+/* Receives the rest of a chunk message into its block and, in the same call, the
+ * header of the next message into the link's buffer. 1: go on reading, 0: no more
+ * data now, -1: the link was closed. */
+static int client_read_block(struct client *cl)
+{
+	uint8_t *next = buf_reserve(&cl->in, IPC_HEADER_LEN);
+	if (next == NULL) {
+		client_close(cl);
+		return -1;
+	}
+	struct iovec iov[2] = {
+		{ cl->block + cl->block_got, cl->block_header.len - cl->block_got },
+		{ next, IPC_HEADER_LEN },
+	};
+	ssize_t n = readv(cl->fd, iov, 2);
+	if (n <= 0) {
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return 0;
+		client_close(cl);
+		return -1;
+	}
+	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
+	cl->block_got += into_block;
+	buf_commit(&cl->in, (size_t)n - into_block);
+	if (cl->block_got < cl->block_header.len)
+		return 0;
+	uint8_t *block = cl->block;
+	cl->block = NULL;
+	client_on_message(cl, &cl->block_header, block, block);
+	return cl->dead ? -1 : 1;
 }
 
 static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
@@ -1251,33 +1318,69 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		client_flush(cl);
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&cl->in, READ_CHUNK);
-	if (p == NULL) {
-		client_close(cl);
-		return;
-	}
-	ssize_t n = recv(cl->fd, p, READ_CHUNK, 0);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return;
-		client_close(cl);
-		return;
-	}
-	buf_commit(&cl->in, (size_t)n);
-	cl->refs++;   /* answers inside the loop below must not free cl */
-	for (;;) {
-		struct ipc_header h;
-		const uint8_t *payload;
-		enum ipc_status s = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
-		if (s == IPC_NEED_MORE)
-			break;
-		if (s == IPC_BAD) {
-			log_warnx("bad message header from a worker: closing its link");
-			client_close(cl);
-			break;
+	cl->refs++;   /* answers inside the loops below must not free cl */
+	for (int reads = 0; reads < 64 && !cl->dead; reads++) {
+		if (cl->block != NULL) {
+			if (client_read_block(cl) <= 0)
+				break;
+		} else {
+			/* Small reads: at most what completes the message at the head, so that a
+			 * chunk's payload is never read into this buffer but into its own block. */
+			size_t want = IPC_HEADER_LEN;
+			struct ipc_header h;
+			const uint8_t *payload;
+			enum ipc_status st = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
+			if (st == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN)
+				want = IPC_HEADER_LEN + h.len;
+			if (st == IPC_NEED_MORE) {
+				want -= buf_len(&cl->in);
+				uint8_t *p = buf_reserve(&cl->in, want);
+				if (p == NULL) {
+					client_close(cl);
+					break;
+				}
+				ssize_t n = recv(cl->fd, p, want, 0);
+				if (n <= 0) {
+					if (!(n < 0 && (errno == EAGAIN || errno == EINTR)))
+						client_close(cl);
+					break;
+				}
+				buf_commit(&cl->in, (size_t)n);
+			}
 		}
-		client_on_message(cl, &h, payload);
-		buf_consume(&cl->in, IPC_HEADER_LEN + h.len);
+		/* Messages complete in the buffer, and the start of a chunk's block. */
+		for (;;) {
+			struct ipc_header h;
+			const uint8_t *payload;
+			enum ipc_status s = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
+			if (s == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
+			    cl->block == NULL) {
+				/* Whatever of the payload is here already moves to the block (only
+				 * bytes read before the header was known, at most a header's worth). */
+				size_t have = buf_len(&cl->in) - IPC_HEADER_LEN;
+				cl->block = malloc(h.len ? h.len : 1);
+				if (cl->block == NULL) {
+					client_close(cl);
+					break;
+				}
+				cl->block_header = h;
+				memcpy(cl->block, buf_head(&cl->in) + IPC_HEADER_LEN, have);
+				cl->block_got = have;
+				buf_consume(&cl->in, IPC_HEADER_LEN + have);
+				break;
+			}
+			if (s == IPC_NEED_MORE)
+				break;
+			if (s == IPC_BAD) {
+				log_warnx("bad message header from a worker: closing its link");
+				client_close(cl);
+				break;
+			}
+			client_on_message(cl, &h, payload, NULL);
+			if (cl->dead)
+				break;
+			buf_consume(&cl->in, IPC_HEADER_LEN + h.len);
+		}
 	}
 	client_release(cl);
 }
@@ -1351,6 +1454,7 @@ static void storage_free_all(struct storage *st)
 			op_free(op);
 		}
 		st->backend.ops->staging_close(up->stg);
+		md5_free(&up->md5);
 		free(up);
 	}
 	while (st->clients)

@@ -1,6 +1,7 @@
 /* worker.c: accepts clients, frames and checks their requests, and answers them in order. */
 #include "config.h"
 #include "worker.h"
+#include "b64.h"
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
@@ -54,7 +55,10 @@ struct request {
 	uint16_t id;
 	enum req_stage stage;
 	uint64_t reqid;               /* matches the async answer to this request */
-	yajl_val tree;                /* the parsed body; the structs below point into it */
+	/* The request's frame stays at the head of conn->in until request_finish, and the
+	 * structs below point into it (no copy of the body is made); while it is there the
+	 * buffer is never moved. 0 when no frame is held. */
+	size_t frame_used;
 	union {
 		struct proto_chunk chunk;
 		struct proto_sync sync;
@@ -137,10 +141,6 @@ struct worker {
 	struct backend backend;       /* where published files are read from */
 	struct json_writer jw;
 	struct proto_limits limits;
-	uint8_t *scratch;             /* decoded chunk data, max_frame bytes */
-	size_t scratch_cap;
-	char *b64;                    /* encoded download data */
-	size_t b64_cap;
 };
 
 struct download_job {
@@ -229,17 +229,18 @@ static void respond_error(struct conn *c, uint16_t req_id, int error, const char
 	conn_send_json(c, (uint16_t)(req_id + 1), error);
 }
 
-/* Finishes the current request: frees its tree and lets the next frame in. */
+/* Finishes the current request: drops its frame and lets the next one in. */
 static void download_job_free(struct worker *w, struct download_job *j);
 
 static void request_finish(struct conn *c)
 {
 	if (c->req.checking)
 		download_job_free(c->w, c->req.checking);
-	if (c->req.tree)
-		yajl_tree_free(c->req.tree);
+	size_t used = c->req.frame_used;
 	memset(&c->req, 0, sizeof(c->req));
 	c->busy = 0;
+	if (used)
+		buf_consume(&c->in, used);
 }
 
 static void respond_chunk(struct conn *c, int error, const char *message, uint64_t seq,
@@ -421,7 +422,8 @@ static void conn_update_io(struct conn *c)
 	/* Reading on while a request waits saves epoll churn; one frame of
 	 * read-ahead bounds what a pipelining client can park here. */
 	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
-	    buf_len(&c->in) < (size_t)w->conf->max_frame + FRAME_HEADER_LEN)
+	    buf_len(&c->in) < (size_t)w->conf->max_frame + FRAME_HEADER_LEN &&
+	    !(c->req.frame_used && c->in.end == c->in.cap))   /* a held frame's buffer is full */
 		events |= EV_READ;
 	if (buf_len(&c->out) > 0)
 		events |= EV_WRITE;
@@ -496,12 +498,22 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&c->in, READ_CHUNK);
-	if (p == NULL) {
+	uint8_t *p;
+	size_t room = READ_CHUNK;
+	if (c->req.frame_used) {
+		/* The request in progress points into its frame: read ahead only into the room
+		 * the buffer already has, so that it does not move. */
+		room = c->in.cap - c->in.end < READ_CHUNK ? c->in.cap - c->in.end : READ_CHUNK;
+		if (room == 0) {
+			conn_update_io(c);
+			return;
+		}
+		p = c->in.data + c->in.end;
+	} else if ((p = buf_reserve(&c->in, READ_CHUNK)) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
-	ssize_t n = recv(c->fd, p, READ_CHUNK, 0);
+	ssize_t n = recv(c->fd, p, room, 0);
 	if (n == 0) {
 		c->eof = 1;
 		/* Answer what is already complete, then close. */
@@ -827,14 +839,26 @@ static void storage_forward(struct conn *c)
 	} else {
 		const struct proto_chunk *ch = &c->req.u.chunk;
 		struct ipc_chunk msg = {
-			.uid = ch->cred.uid, .seq = ch->seq, .trans_size = ch->trans_size,
+			.uid = ch->cred.anonymous ? 0 : ch->cred.uid, .seq = ch->seq, .trans_size = ch->trans_size,
 			.total_size = ch->total_size, .last = (uint8_t)ch->last,
 			.kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE,
 			.name = ch->name, .name_len = (uint16_t)ch->name_len,
-			.data = w->scratch, .data_len = (uint32_t)ch->data_len,
+			.data_len = (uint32_t)ch->data_len,
 		};
 		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
-		rc = ipc_encode_chunk(&s->out, reqid, &msg);
+		/* The chunk is decoded once, now that its credentials are good, straight
+		 * from its frame into the message queued for the storage process. */
+		size_t room = b64_decode_room(ch->data_b64_len);
+		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
+		rc = data ? 0 : -1;
+		if (data != NULL) {
+			char why[128];
+			if (proto_decode_chunk(ch, data, room, why, sizeof(why)) != ERR_OK) {
+				respond_request_error(c, ERR_JSON, why);
+				return;
+			}
+			ipc_commit_chunk(&s->out, reqid, &msg);
+		}
 	}
 	if (rc < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
@@ -937,6 +961,46 @@ static void download_account(struct conn *c, const struct proto_download *d, con
 	}
 }
 
+/* Queues a 1034 answer with the chunk's base64 encoded once, straight into the output
+ * buffer: the other fields come from the JSON writer, data goes last (base64 needs no
+ * JSON escaping). Returns -1 when out of memory (nothing queued). */
+static int download_send_chunk(struct conn *c, const struct proto_download *d, const struct download_job *j,
+    uint64_t current, int is_last)
+{
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", 0);
+	json_put_int(jw, "seq", (int64_t)d->seq);
+	json_put_u64_str(jw, "total_size", j->size);
+	json_put_u64_str(jw, "current_size", current);
+	json_put_bool(jw, "is_last", is_last);
+	json_put_str(jw, "name", d->name, d->name_len);
+	json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
+	const uint8_t *fields;
+	size_t fields_len;
+	json_open_fields(jw, &fields, &fields_len);   /* "{...": the object left open */
+	static const char data_key[] = ",\"data\":\"", close[] = "\"}";
+	size_t text_len = b64_encoded_len(j->got);
+	size_t body_len = fields_len + strlen(data_key) + text_len + strlen(close);
+	if (body_len > UINT32_MAX)
+		return -1;
+	uint8_t *p = buf_reserve(&c->out, FRAME_HEADER_LEN + body_len + 1);   /* + the NUL modp_b64 writes */
+	if (p == NULL)
+		return -1;
+	frame_put_header(p, MSG_DOWNLOAD + 1, (uint32_t)body_len);
+	p += FRAME_HEADER_LEN;
+	memcpy(p, fields, fields_len);
+	p += fields_len;
+	memcpy(p, data_key, strlen(data_key));
+	p += strlen(data_key);
+	p += b64_encode((char *)p, j->data, j->got);
+	memcpy(p, close, strlen(close));
+	buf_commit(&c->out, FRAME_HEADER_LEN + body_len);
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + body_len);
+	return 0;
+}
+
 /* Answers a download chunk from a finished job (data or error) and moves on to the next request. */
 static void download_reply(struct conn *c, struct download_job *j)
 {
@@ -951,29 +1015,11 @@ static void download_reply(struct conn *c, struct download_job *j)
 			log_warnx("download of a file of uid %" PRIu64 ": %s", d->cred.uid, strerror(j->saved_errno));
 		respond_error(c, MSG_DOWNLOAD, j->error, msg);
 	} else {
-		size_t need = sodium_base64_ENCODED_LEN(j->got, sodium_base64_VARIANT_ORIGINAL);
-		if (need > w->b64_cap) {
-			free(w->b64);
-			w->b64 = malloc(need);
-			w->b64_cap = w->b64 ? need : 0;
-		}
-		if (w->b64 == NULL) {
+		uint64_t current = j->offset + j->got;
+		int is_last = current >= j->size;
+		if (download_send_chunk(c, d, j, current, is_last) < 0) {
 			respond_error(c, MSG_DOWNLOAD, ERR_BUSY, "server busy: out of memory");
 		} else {
-			sodium_bin2base64(w->b64, need, j->data, j->got, sodium_base64_VARIANT_ORIGINAL);
-			uint64_t current = j->offset + j->got;
-			int is_last = current >= j->size;
-			struct json_writer *jw = &w->jw;
-			json_begin(jw);
-			json_put_int(jw, "error", 0);
-			json_put_str(jw, "data", w->b64, need - 1);
-			json_put_int(jw, "seq", (int64_t)d->seq);
-			json_put_u64_str(jw, "total_size", j->size);
-			json_put_u64_str(jw, "current_size", current);
-			json_put_bool(jw, "is_last", is_last);
-			json_put_str(jw, "name", d->name, d->name_len);
-			json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
-			conn_send_json(c, MSG_DOWNLOAD + 1, 0);
 			download_record_progress(w, d, current, j->size, is_last, j->version);
 			download_account(c, d, j, current, is_last);
 		}
@@ -1104,42 +1150,51 @@ static void download_start(struct conn *c)
 /* After the credentials are known good: hand the request to whoever does the work. */
 static void request_continue(struct conn *c)
 {
-	struct worker *w = c->w;
-	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
-		/* The scratch buffer may hold another connection's chunk by now: decode again. */
-		char msg[256];
-		int kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
-		int rc = proto_parse_chunk(c->req.tree, kind, &w->limits, w->scratch, w->scratch_cap,
-		    &c->req.u.chunk, msg, sizeof(msg));
-		if (rc != ERR_OK) {
-			respond_request_error(c, rc, msg);
-			return;
-		}
-		if (c->req.u.chunk.cred.anonymous)
-			c->req.u.chunk.cred.uid = 0;
-		storage_forward(c);
-	} else if (c->req.id == MSG_SYNC) {
-		storage_forward(c);
-	} else if (c->req.id == MSG_DOWNLOAD) {
+	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR || c->req.id == MSG_SYNC)
+		storage_forward(c);   /* decodes a chunk's data on the way */
+	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
-	}
 }
 
-static void handle_test(struct conn *c, yajl_val tree)
+static void handle_test(struct conn *c, const struct proto_fields *f)
 {
 	struct json_writer *jw = &c->w->jw;
+	const struct json_scalar *data = &f->v[PF_DATA];
 	json_begin(jw);
 	json_put_int(jw, "error", 0);
-	yajl_val data = json_member(tree, "data");
-	if (data)
-		json_put_value(jw, "data", data);
+	if (data->kind == JSON_RAW) {
+		/* An array or object goes back as the text it came as (checked by the reader). */
+		const uint8_t *fields;
+		size_t fields_len;
+		json_open_fields(jw, &fields, &fields_len);
+		static const char key[] = ",\"data\":";
+		size_t body_len = fields_len + strlen(key) + data->len + 1;
+		uint8_t *p = buf_reserve(&c->out, FRAME_HEADER_LEN + body_len);
+		if (p == NULL) {
+			log_warnx("%s: out of memory queueing a response: closing", c->peer);
+			c->closing = 1;
+			return;
+		}
+		frame_put_header(p, MSG_TEST + 1, (uint32_t)body_len);
+		p += FRAME_HEADER_LEN;
+		memcpy(p, fields, fields_len);
+		memcpy(p + fields_len, key, strlen(key));
+		memcpy(p + fields_len + strlen(key), data->s, data->len);
+		p[body_len - 1] = '}';
+		buf_commit(&c->out, FRAME_HEADER_LEN + body_len);
+		STAT_INC(frames_out);
+		STAT_ADD(bytes_out, FRAME_HEADER_LEN + body_len);
+		return;
+	}
+	if (data->kind != JSON_NONE)
+		json_put_scalar(jw, "data", data);
 	else
 		json_put_str(jw, "data", "", 0);
 	conn_send_json(c, MSG_TEST + 1, 0);
 }
 
 /* Handles one complete frame. */
-static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint32_t len)
+static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len)
 {
 	struct worker *w = c->w;
 	char msg[256];
@@ -1148,34 +1203,36 @@ static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint3
 		respond_error(c, id, ERR_MSG_ID, msg);
 		return;
 	}
-	/* 1001 echoes its data: it must come back unchanged or be refused. */
-	yajl_val tree = id == MSG_TEST ? json_parse_object(body, len, msg, sizeof(msg))
-	    : json_parse_request(body, len, msg, sizeof(msg));
-	if (tree == NULL) {
+	/* Every request is a flat object of scalars, read without a tree (1001's data may
+	 * also be a bounded array or object, echoed as its text): what a client can make
+	 * the worker do before any token check is linear in the frame's length, with no
+	 * allocation per value. The strings point into the frame, which the request holds. */
+	struct proto_fields f;
+	int read = id == MSG_TEST ? proto_read_test(body, len, &f, msg, sizeof(msg))
+	    : proto_read_request(body, len, &f, msg, sizeof(msg));
+	if (read != ERR_OK) {
 		respond_error(c, id, ERR_JSON, msg);
 		return;
 	}
 	if (id == MSG_TEST) {
-		handle_test(c, tree);
-		yajl_tree_free(tree);
+		handle_test(c, &f);
 		return;
 	}
 	c->req.id = id;
-	c->req.tree = tree;
 	int rc;
 	switch (id) {
 	case MSG_UPLOAD:
 	case MSG_AVATAR:
-		rc = proto_parse_chunk(tree, id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE, &w->limits,
-		    w->scratch, w->scratch_cap, &c->req.u.chunk, msg, sizeof(msg));
+		rc = proto_parse_chunk(&f, id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE, &w->limits,
+		    &c->req.u.chunk, msg, sizeof(msg));
 		c->req.cred = &c->req.u.chunk.cred;
 		break;
 	case MSG_SYNC:
-		rc = proto_parse_sync(tree, &w->limits, &c->req.u.sync, msg, sizeof(msg));
+		rc = proto_parse_sync(&f, &w->limits, &c->req.u.sync, msg, sizeof(msg));
 		c->req.cred = &c->req.u.sync.cred;
 		break;
 	default:
-		rc = proto_parse_download(tree, &w->limits, &c->req.u.download, msg, sizeof(msg));
+		rc = proto_parse_download(&f, &w->limits, &c->req.u.download, msg, sizeof(msg));
 		c->req.cred = &c->req.u.download.cred;
 		break;
 	}
@@ -1183,16 +1240,8 @@ static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint3
 		respond_request_error(c, rc, msg);
 		return;
 	}
-	if (!auth_check(c))
-		return;
-	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
-		/* Credentials were cached: the scratch buffer still holds this chunk. */
-		if (c->req.u.chunk.cred.anonymous)
-			c->req.u.chunk.cred.uid = 0;
-		storage_forward(c);
-	} else {
+	if (auth_check(c))
 		request_continue(c);
-	}
 }
 
 /* Handles complete frames until one needs to wait, then decides what to watch. */
@@ -1243,8 +1292,12 @@ static void conn_process(struct conn *c)
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
 		STAT_INC(frames_in);
-		handle_frame(c, id, body, len);
-		buf_consume(&c->in, used);
+		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
+		handle_frame(c, id, (uint8_t *)body, len);
+		if (!c->busy && c->req.frame_used) {
+			buf_consume(&c->in, c->req.frame_used);
+			c->req.frame_used = 0;
+		}
 	}
 	if (buf_len(&c->in) == 0)
 		c->frame_start = 0;
@@ -1441,8 +1494,6 @@ static void worker_shutdown(struct worker *w)
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
-	free(w->scratch);
-	free(w->b64);
 }
 
 int worker_main(const struct conf *conf, int slot, int listen_fd)
@@ -1462,9 +1513,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->limits.max_file_size = (uint64_t)conf->max_file_size;
 	w->limits.download_chunk = (uint64_t)conf->download_chunk;
 	w->limits.anonymous = conf->anonymous;
-	w->scratch_cap = proto_b64_decoded_max((size_t)conf->max_frame);
-	w->scratch = malloc(w->scratch_cap);
-	if (w->scratch == NULL || json_writer_init(&w->jw) < 0)
+	if (json_writer_init(&w->jw) < 0)
 		fatalx("out of memory starting worker %d", slot);
 	w->pool = pool_create(w->loop, 2);
 	if (w->pool == NULL)
