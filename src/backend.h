@@ -27,14 +27,16 @@ struct conf;
  *
  * Fencing. Every call that changes a staging entry (begin, write, truncate, discard) and
  * publish carry a `fence`: an opaque, increasing token of the writer's right to this
- * upload (for several nodes: the generation of the upload lease held in Redis).
+ * upload: the fence of the upload lease held in Redis (lease.h: the Redis server's clock
+ * when the lease was taken, so a later holding has a larger one).
  * BACKEND_NO_FENCE means a single writer, nothing to check. A backend that supports
  * fencing keeps the highest fence seen with the staging entry: a call carrying a lower
  * one fails with ESTALE and changes nothing, a higher one becomes the recorded one (a
  * node taking an upload over attaches and writes with its newer fence), and the check is
- * atomic with the change itself (RADOS: a cmpxattr in the same compound operation; a
- * shared file system: under an flock of the entry's metadata). The fs backend ignores it
- * today: one storage process per root is the only writer.
+ * atomic with the change itself (RADOS: a cmpxattr in the same compound operation; the
+ * fs backend: <key>.lock holds the fence and is flocked around each change, see
+ * backend_fs.c). The recorded fence lives as long as the entry: begin on a new entry
+ * starts from the fence it is given.
  */
 
 #define BACKEND_NO_FENCE 0
@@ -91,6 +93,11 @@ struct backend_ops {
 	    struct backend_staging **out);
 	/* A handle on an existing entry (from staging_list), without changing it. */
 	int (*staging_attach)(struct backend *b, const struct backend_meta *meta, struct backend_staging **out);
+	/* The entry of (uid, md5) if there is one: its metadata, bytes stored and a handle, without
+	 * changing it (an upload taken over from another node or a restarted storage process).
+	 * ENOENT when there is none, EINVAL when it is broken. */
+	int (*staging_find)(struct backend *b, uint64_t uid, const char *md5, struct backend_meta *meta,
+	    uint64_t *size, struct backend_staging **out);
 	int (*staging_write)(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
 	    uint64_t fence);
 	/* Reads up to len bytes at offset; *got < len only at the end of the entry. */

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -45,6 +46,8 @@ struct backend_staging {
 	struct backend_staging *prev, *next;   /* on the open list */
 	char part[PATH_MAX];
 	char metafile[PATH_MAX];
+	char lockfile[PATH_MAX];      /* holds the highest fence seen; flocked around every fenced change */
+	int lock_fd;                  /* open between fence_enter and fence_leave */
 };
 
 struct backend_file {
@@ -160,6 +163,10 @@ static struct backend_staging *staging_new(struct fs *fs, const struct backend_m
 	if (*err == 0)
 		*err = path_format(s->metafile, sizeof(s->metafile), "%s/%" PRIu64 "-%s.meta", fs->staging, meta->uid,
 		    meta->md5);
+	if (*err == 0)
+		*err = path_format(s->lockfile, sizeof(s->lockfile), "%s/%" PRIu64 "-%s.lock", fs->staging, meta->uid,
+		    meta->md5);
+	s->lock_fd = -1;
 	if (*err) {
 		free(s);
 		return NULL;
@@ -355,6 +362,72 @@ static int meta_read(const char *path, struct backend_meta *m)
 	return err;
 }
 
+/* ---------------------------------------------------------------- fencing (backend.h) */
+
+/*
+ * Nodes sharing the root take turns on an upload through its lease in Redis; the fence
+ * makes a node that lost the lease harmless even if it does not know yet. <key>.lock
+ * holds the highest fence seen (8 bytes, little endian). Every fenced change opens it,
+ * takes an exclusive flock (NFSv4 and CephFS carry these between clients), refuses a
+ * lower fence with ESTALE, records a higher one, makes the change and unlocks: the check
+ * and the change are one step for every other holder. The file is opened per change, so
+ * thousands of idle uploads hold no descriptor, and checked after locking to be the one
+ * the path names (discard and publish remove it under the lock).
+ */
+static int fence_enter(struct backend_staging *s, uint64_t fence)
+{
+	if (fence == BACKEND_NO_FENCE)
+		return 0;
+	for (int tries = 0; tries < 8; tries++) {
+		int fd = open(s->lockfile, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+		if (fd < 0)
+			return errno;
+		int rc;
+		while ((rc = flock(fd, LOCK_EX)) < 0 && errno == EINTR)
+			;
+		struct stat held, named;
+		if (rc < 0 || fstat(fd, &held) < 0) {
+			int err = errno;
+			close(fd);
+			return err;
+		}
+		if (stat(s->lockfile, &named) < 0 || named.st_ino != held.st_ino || named.st_dev != held.st_dev) {
+			close(fd);   /* removed or replaced while we waited: lock the current one */
+			continue;
+		}
+		uint8_t b[8] = { 0 };
+		ssize_t n = pread(fd, b, sizeof(b), 0);
+		uint64_t recorded = 0;
+		for (int i = 7; n == (ssize_t)sizeof(b) && i >= 0; i--)
+			recorded = recorded << 8 | b[i];
+		if (fence < recorded) {
+			close(fd);
+			return ESTALE;
+		}
+		if (fence > recorded) {
+			for (int i = 0; i < 8; i++)
+				b[i] = (uint8_t)(fence >> (8 * i));
+			int err = write_all_at(fd, b, sizeof(b), 0);
+			if (err) {
+				close(fd);
+				return err;
+			}
+		}
+		s->lock_fd = fd;
+		return 0;
+	}
+	return EAGAIN;
+}
+
+/* Unlocks (closing the descriptor drops the flock). */
+static void fence_leave(struct backend_staging *s)
+{
+	if (s->lock_fd >= 0) {
+		close(s->lock_fd);
+		s->lock_fd = -1;
+	}
+}
+
 /* ---------------------------------------------------------------- staging */
 
 static void fs_staging_close(struct backend_staging *s);
@@ -362,19 +435,24 @@ static void fs_staging_close(struct backend_staging *s);
 static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
     struct backend_staging **out)
 {
-	(void)fence;   /* one storage process per root: nothing to fence (backend.h) */
 	int err;
 	struct backend_staging *s = staging_new(b->priv, meta, &err);
 	if (s == NULL)
 		return err;
+	if ((err = fence_enter(s, fence)) != 0) {
+		free(s);
+		return err;
+	}
 	int fd = open_staging(s->fs, s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC);
 	if (fd < 0) {
 		err = errno;
+		fence_leave(s);
 		free(s);
 		return err;
 	}
 	open_register(s, fd);
 	err = meta_write(s);
+	fence_leave(s);
 	staging_release(s);
 	if (err) {
 		fs_staging_close(s);
@@ -391,14 +469,41 @@ static int fs_staging_attach(struct backend *b, const struct backend_meta *meta,
 	return err;
 }
 
+static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_meta *meta,
+    uint64_t *size, struct backend_staging **out)
+{
+	struct backend_meta key = { .uid = uid };
+	memcpy(key.md5, md5, PROTO_MD5_HEX);
+	int err;
+	struct backend_staging *s = staging_new(b->priv, &key, &err);
+	if (s == NULL)
+		return err;
+	struct stat sb;
+	err = meta_read(s->metafile, meta);
+	if (err == 0 && (meta->uid != uid || memcmp(meta->md5, md5, PROTO_MD5_HEX) != 0))
+		err = EINVAL;   /* not the metadata its name promises: treated as broken */
+	if (err == 0 && stat(s->part, &sb) < 0)
+		err = errno;
+	if (err) {
+		free(s);
+		return err;
+	}
+	s->meta = *meta;
+	*size = (uint64_t)sb.st_size;
+	*out = s;
+	return 0;
+}
+
 static int fs_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
     uint64_t fence)
 {
-	(void)fence;
 	int err = staging_acquire(s);
 	if (err)
 		return err;
-	err = write_all_at(s->fd, data, len, offset);
+	if ((err = fence_enter(s, fence)) == 0) {
+		err = write_all_at(s->fd, data, len, offset);
+		fence_leave(s);
+	}
 	staging_release(s);
 	return err;
 }
@@ -439,16 +544,24 @@ static int fs_staging_size(struct backend_staging *s, uint64_t *size)
 
 static int fs_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
 {
-	(void)fence;
-	return truncate(s->part, (off_t)size) < 0 ? errno : 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = truncate(s->part, (off_t)size) < 0 ? errno : 0;
+	fence_leave(s);
+	return err;
 }
 
 static int fs_staging_discard(struct backend_staging *s, uint64_t fence)
 {
-	(void)fence;
-	int err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
 	if (unlink(s->metafile) < 0 && errno != ENOENT && err == 0)
 		err = errno;
+	unlink(s->lockfile);   /* under the lock: a waiter sees it gone and locks the next one */
+	fence_leave(s);
 	return err;
 }
 
@@ -492,6 +605,21 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 				(*dropped)++;   /* not counted twice when its broken .meta took it first */
 			continue;
 		}
+		if (strcmp(dot, ".lock") == 0) {
+			/* Kept while its entry exists: it holds the fence. An orphan (a begin that died
+			 * before its .part) goes, but only when nobody holds it. */
+			char part[PATH_MAX];
+			if (path_format(part, sizeof(part), "%s/%.*s.part", fs->staging, stem, de->d_name) == 0 &&
+			    path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
+			    access(part, F_OK) < 0 && access(other, F_OK) < 0) {
+				int fd = open(path, O_RDWR | O_CLOEXEC);
+				if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && access(part, F_OK) < 0)
+					unlink(path);
+				if (fd >= 0)
+					close(fd);
+			}
+			continue;
+		}
 		if (strcmp(dot, ".meta") != 0) {
 			unlink(path);   /* leftovers of an interrupted meta write */
 			continue;
@@ -523,11 +651,22 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 
 /* ---------------------------------------------------------------- published files */
 
+static int publish_locked(struct backend_staging *s, int *flags);
+
 static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
 {
-	(void)fence;
-	const struct conf *conf = s->fs->conf;
 	*flags = 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = publish_locked(s, flags);
+	fence_leave(s);
+	return err;
+}
+
+static int publish_locked(struct backend_staging *s, int *flags)
+{
+	const struct conf *conf = s->fs->conf;
 	char dir[PATH_MAX], final[PATH_MAX];
 	int err = path_format(dir, sizeof(dir), "%s/%" PRIu64, conf->root, s->meta.uid);
 	if (err == 0)
@@ -544,6 +683,7 @@ static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	if (rename(s->part, final) < 0)
 		return errno;
 	unlink(s->metafile);
+	unlink(s->lockfile);
 	*flags |= BACKEND_PUBLISHED;
 	/* The rename may not survive a power cut unless the directory is flushed. */
 	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
@@ -601,6 +741,7 @@ const struct backend_ops backend_fs = {
 	.close = fs_close,
 	.staging_begin = fs_staging_begin,
 	.staging_attach = fs_staging_attach,
+	.staging_find = fs_staging_find,
 	.staging_write = fs_staging_write,
 	.staging_read = fs_staging_read,
 	.staging_sync = fs_staging_sync,

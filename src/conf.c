@@ -59,6 +59,7 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "max_uploads", T_INT, N(max_uploads), 1, 1000000, "10000" },
 	{ "storage", "max_uploads_per_user", T_INT, N(max_uploads_per_user), 1, 1000000, "100" },
 	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864" },
+	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6" },
 	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1" },
 	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379" },
 	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "" },
@@ -299,6 +300,7 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
 	    a->max_uploads == b->max_uploads && a->max_uploads_per_user == b->max_uploads_per_user &&
 	    a->min_free_space == b->min_free_space &&
+	    a->lease_ttl == b->lease_ttl &&
 	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
 	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
 	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&

@@ -41,6 +41,7 @@ struct conf {
 	int max_uploads;            /* uploads in progress on this node (1036 beyond) */
 	int max_uploads_per_user;   /* uploads in progress of one uid (1035 beyond) */
 	int64_t min_free_space;     /* bytes kept free beyond what uploads in progress announced (1028) */
+	int lease_ttl;              /* seconds an upload's lease lives unless renewed (several nodes) */
 	/* [redis] */
 	char redis_host[256];
 	int redis_port;
