@@ -93,11 +93,11 @@ struct backend_ops {
 	    struct backend_staging **out);
 	/* A handle on an existing entry (from staging_list), without changing it. */
 	int (*staging_attach)(struct backend *b, const struct backend_meta *meta, struct backend_staging **out);
-	/* The entry of (uid, md5) if there is one: its metadata, bytes stored and a handle, without
+	/* The entry of (uid, md5) if there is one: its metadata, size, mtime and a handle, without
 	 * changing it (an upload taken over from another node or a restarted storage process).
 	 * ENOENT when there is none, EINVAL when it is broken. */
-	int (*staging_find)(struct backend *b, uint64_t uid, const char *md5, struct backend_meta *meta,
-	    uint64_t *size, struct backend_staging **out);
+	int (*staging_find)(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+	    struct backend_staging **out);
 	int (*staging_write)(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
 	    uint64_t fence);
 	/* Reads up to len bytes at offset; *got < len only at the end of the entry. */

@@ -469,8 +469,8 @@ static int fs_staging_attach(struct backend *b, const struct backend_meta *meta,
 	return err;
 }
 
-static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_meta *meta,
-    uint64_t *size, struct backend_staging **out)
+static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+    struct backend_staging **out)
 {
 	struct backend_meta key = { .uid = uid };
 	memcpy(key.md5, md5, PROTO_MD5_HEX);
@@ -479,8 +479,8 @@ static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 	if (s == NULL)
 		return err;
 	struct stat sb;
-	err = meta_read(s->metafile, meta);
-	if (err == 0 && (meta->uid != uid || memcmp(meta->md5, md5, PROTO_MD5_HEX) != 0))
+	err = meta_read(s->metafile, &entry->meta);
+	if (err == 0 && (entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0))
 		err = EINVAL;   /* not the metadata its name promises: treated as broken */
 	if (err == 0 && stat(s->part, &sb) < 0)
 		err = errno;
@@ -488,8 +488,9 @@ static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 		free(s);
 		return err;
 	}
-	s->meta = *meta;
-	*size = (uint64_t)sb.st_size;
+	s->meta = entry->meta;
+	entry->size = (uint64_t)sb.st_size;
+	entry->mtime = sb.st_mtime;
 	*out = s;
 	return 0;
 }
@@ -581,6 +582,14 @@ static void fs_staging_close(struct backend_staging *s)
 }
 
 /* Parses <uid>-<md5>.<ext> names; recovery keeps an entry only when .part and .meta agree. */
+/* Only what nobody has touched for upload_ttl is cleaned up: on a root shared by several nodes, a
+ * .part without its .meta or a .meta.tmp may be another node's begin in progress. */
+static int stale(const struct fs *fs, const char *path)
+{
+	struct stat sb;
+	return lstat(path, &sb) == 0 && time(NULL) - sb.st_mtime >= fs->conf->upload_ttl;
+}
+
 static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
 {
 	struct fs *fs = b->priv;
@@ -601,7 +610,7 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 		if (strcmp(dot, ".part") == 0) {
 			/* A staging file without meta never got past its first write. */
 			if (path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
-			    access(other, F_OK) < 0 && unlink(path) == 0)
+			    access(other, F_OK) < 0 && stale(fs, path) && unlink(path) == 0)
 				(*dropped)++;   /* not counted twice when its broken .meta took it first */
 			continue;
 		}
@@ -611,7 +620,7 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 			char part[PATH_MAX];
 			if (path_format(part, sizeof(part), "%s/%.*s.part", fs->staging, stem, de->d_name) == 0 &&
 			    path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
-			    access(part, F_OK) < 0 && access(other, F_OK) < 0) {
+			    access(part, F_OK) < 0 && access(other, F_OK) < 0 && stale(fs, path)) {
 				int fd = open(path, O_RDWR | O_CLOEXEC);
 				if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && access(part, F_OK) < 0)
 					unlink(path);
@@ -621,7 +630,8 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 			continue;
 		}
 		if (strcmp(dot, ".meta") != 0) {
-			unlink(path);   /* leftovers of an interrupted meta write */
+			if (stale(fs, path))
+				unlink(path);   /* leftovers of an interrupted meta write */
 			continue;
 		}
 		struct backend_entry e;
@@ -634,6 +644,8 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 			bad = path_format(expect, sizeof(expect), "%" PRIu64 "-%s", e.meta.uid, e.meta.md5) != 0 ||
 			    strlen(expect) != (size_t)stem || memcmp(expect, de->d_name, (size_t)stem) != 0;
 		}
+		if (bad && !stale(fs, path))
+			continue;   /* may be a change in progress on another node: looked at again later */
 		if (bad) {
 			log_warnx("dropping unreadable staging entry %s", path);
 			unlink(path);

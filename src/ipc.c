@@ -162,14 +162,24 @@ int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c)
 	return 0;
 }
 
-int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s)
+static int encode_upload_key(struct buf *out, uint16_t type, uint64_t reqid, const struct ipc_sync *s)
 {
-	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_SYNC, reqid, 8 + PROTO_MD5_HEX);
+	uint8_t *w = put_header(out, type, reqid, 8 + PROTO_MD5_HEX);
 	if (w == NULL)
 		return -1;
 	PUT(w, s->uid);
 	PUT_BYTES(w, s->md5, PROTO_MD5_HEX);
 	return 0;
+}
+
+int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s)
+{
+	return encode_upload_key(out, IPC_WORKER_STORAGE_SYNC, reqid, s);
+}
+
+int ipc_encode_release(struct buf *out, const struct ipc_sync *s)
+{
+	return encode_upload_key(out, IPC_WORKER_STORAGE_RELEASE, 0, s);
 }
 
 int ipc_decode_sync(const uint8_t *p, size_t len, struct ipc_sync *s)

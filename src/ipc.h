@@ -9,7 +9,7 @@
 #include "proto.h"
 
 /* Bump when a message type or layout changes: both ends check it. */
-#define IPC_VERSION 1
+#define IPC_VERSION 2
 #define IPC_HEADER_LEN 16
 #define IPC_MAX_PAYLOAD (64u << 20)
 #define IPC_SOCKET_NAME "storage.sock"
@@ -21,6 +21,7 @@ enum ipc_type {
 	IPC_WORKER_STORAGE_CHUNK = 3,     /* write one upload chunk */
 	IPC_WORKER_STORAGE_SYNC = 4,      /* ask how far an upload got */
 	IPC_STORAGE_WORKER_RESULT = 5,    /* the answer to CHUNK or SYNC */
+	IPC_WORKER_STORAGE_RELEASE = 6,   /* the client connection that drove an upload closed (no answer) */
 };
 
 /* On the wire in host byte order (both ends are on one host). */
@@ -72,6 +73,8 @@ int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
 uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room);
 void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
 int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s);
+/* RELEASE carries the same payload as SYNC: the upload's uid and md5. */
+int ipc_encode_release(struct buf *out, const struct ipc_sync *s);
 int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *r);
 
 /* Each returns 0, or -1 if the payload is short, too long or malformed. */

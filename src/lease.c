@@ -14,30 +14,42 @@
 static char owner[LEASE_OWNER_MAX];
 
 /*
- * A lease is a hash {owner, fence} with a TTL. Every script compares the owner, so only
- * the holding that took the lease can extend it, drop it or write under it. The fence is
- * the Redis server's clock at the moment the lease was taken: holdings of one upload
- * follow each other (the next waits for the previous one to be released or to expire),
- * so their fences increase without a counter that a Redis restart could reset.
+ * A lease is a hash {owner, fence, last} with a TTL. Every script compares the owner, so
+ * only the holding that took the lease can extend it, release it or write under it. The
+ * fence is the Redis server's clock when a holding began: holdings of one upload follow
+ * each other (the next waits for the previous one to be released or to expire), so their
+ * fences increase without a counter that a Redis restart could reset. A released lease
+ * keeps its fence and last owner for a while: the same owner taking it back first gets
+ * the same fence, which tells it that nobody else changed the upload meanwhile.
  */
 static const char acquire_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
 	"if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
 	"  return {1, redis.call('HGET', KEYS[1], 'fence')} end "
-	"if o then return {0, o, redis.call('PTTL', KEYS[1])} end "
-	"local t = redis.call('TIME') "
-	"local f = t[1] .. string.format('%06d', tonumber(t[2])) "
-	"redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'fence', f) "
+	"if o and o ~= '' then return {0, o, redis.call('PTTL', KEYS[1])} end "
+	"local f "
+	"if o == '' and redis.call('HGET', KEYS[1], 'last') == ARGV[1] then "
+	"  f = redis.call('HGET', KEYS[1], 'fence') "
+	"else "
+	"  local t = redis.call('TIME') "
+	"  f = t[1] .. string.format('%06d', tonumber(t[2])) end "
+	"redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last', ARGV[1], 'fence', f) "
 	"redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
 	"return {1, f}";
 static const char renew_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
 	"if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
 	"  return {1, redis.call('HGET', KEYS[1], 'fence')} end "
-	"if o then return {0, o, redis.call('PTTL', KEYS[1])} end "
+	"if o and o ~= '' then return {0, o, redis.call('PTTL', KEYS[1])} end "
 	"return {0, '', -2}";
+/* Released with ARGV[2] > 0: free for anyone, but remembered for that long, so that the same owner
+ * taking it again before anyone else gets the same fence back (nothing changed in between). */
 static const char release_script[] =
-	"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end return {1, '0'}";
+	"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then "
+	"  if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[1], 'owner', '') "
+	"    redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+	"  else redis.call('DEL', KEYS[1]) end end "
+	"return {1, '0'}";
 /* ARGV[1] owner, ARGV[2] the command's name, ARGV[3..] its arguments. */
 static const char fenced_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
@@ -136,9 +148,9 @@ int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void 
 	return lease_eval_ttl(r, renew_script, key, ttl_ms, cb, data);
 }
 
-int lease_release(struct rds *r, const char *key, lease_cb *cb, void *data)
+int lease_release(struct rds *r, const char *key, long keep_ms, lease_cb *cb, void *data)
 {
-	return lease_eval(r, release_script, key, 0, NULL, NULL, cb, data);
+	return lease_eval_ttl(r, release_script, key, keep_ms, cb, data);
 }
 
 int lease_fenced_command(struct rds *r, const char *key, int argc, const char **argv, const size_t *argvlen,

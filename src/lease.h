@@ -29,13 +29,15 @@ void lease_owner_init(const char *node);
 const char *lease_owner(void);
 
 /* Takes key for ttl_ms unless another owner holds it; taking it again as the same owner
- * extends it and keeps its fence. Each returns -1 without calling cb when Redis is not
+ * extends it and keeps its fence, and so does taking it back after releasing it if nobody
+ * else took it meanwhile. Each returns -1 without calling cb when Redis is not
  * connected. */
 int lease_acquire(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data);
 /* Extends the lease if this owner still holds it: LEASE_HELD, or LEASE_BUSY when it is lost. */
 int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data);
-/* Gives the lease up if this owner holds it; cb may be NULL. */
-int lease_release(struct rds *r, const char *key, lease_cb *cb, void *data);
+/* Gives the lease up if this owner holds it; cb may be NULL. keep_ms > 0 keeps its fence for that
+ * long: this owner taking it back before anyone else gets the same fence (nothing changed). */
+int lease_release(struct rds *r, const char *key, long keep_ms, lease_cb *cb, void *data);
 /* Runs a Redis command (argv) only while this owner holds key: LEASE_HELD when it ran,
  * LEASE_BUSY when the lease is not ours (the command did not run). */
 int lease_fenced_command(struct rds *r, const char *key, int argc, const char **argv, const size_t *argvlen,

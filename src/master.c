@@ -8,6 +8,7 @@
 #include "log.h"
 #include "stats.h"
 #include "storage.h"
+#include "lease.h"
 #include "worker.h"
 
 #include <bsd/unistd.h>
@@ -18,6 +19,7 @@
 #include <netdb.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sodium.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -663,6 +665,11 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.child_watcher.data = &m;
 	ev_child_start(m.loop, &m.child_watcher);
 
+	/* One lease owner per master: a storage process it restarts takes its predecessor's
+	 * upload leases back at once, other nodes wait for them (lease.h). */
+	if (sodium_init() < 0)
+		fatalx("libsodium cannot start");
+	lease_owner_init(conf->node);
 	struct proc *storage = proc_new(&m, ROLE_STORAGE, 0);
 	proc_spawn(storage);
 	spawn_workers(&m);

@@ -7,6 +7,7 @@
 #include "digest.h"
 #include "ipc.h"
 #include "json.h"
+#include "lease.h"
 #include "log.h"
 #include "escape.h"
 #include "pg.h"
@@ -54,7 +55,7 @@ struct client {
 	size_t block_got;
 };
 
-enum op_type { OP_CHUNK, OP_SYNC };
+enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no client */
 
 /* One request from a worker, queued on its upload. */
 struct op {
@@ -76,7 +77,10 @@ struct upload_key {
 	char md5[PROTO_MD5_HEX + 1];
 };
 
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY };
+enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD };
+
+/* Where this node stands with an upload's lease (lease.h). */
+enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
 
 /* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
 struct upload {
@@ -117,6 +121,21 @@ struct upload {
 	enum disk_work work;
 	int work_errno;
 	int work_error;               /* proto error set by the job */
+	/* Several nodes share the storage: the lease in Redis makes this node the upload's one
+	 * writer, and its fence goes with every staging change (design.md, "Several nodes"). */
+	int lease;                    /* enum upload_lease */
+	uint64_t fence;               /* of the lease held */
+	ev_tstamp lease_until;        /* no staging change starts after this unless renewed */
+	ev_tstamp lease_asked, renew_asked;
+	ev_tstamp wait_since;         /* since when the lease is held elsewhere; 0 when not waiting */
+	int renewing;                 /* a renew is in flight */
+	ev_timer lease_timer;         /* renews while held; asks again while held elsewhere */
+	int loaded;                   /* progress is the shared truth: started here or read back */
+	int loading;                  /* WORK_LOAD is reading the staging entry back */
+	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
+	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
+	ev_tstamp active;             /* last request: an idle upload lets its lease go */
+	struct backend_entry load;    /* what WORK_LOAD found */
 };
 
 /* Uploads in progress of one uid, for max_uploads_per_user. */
@@ -135,6 +154,8 @@ struct space_probe {
 	int ok;
 };
 
+struct sweep;
+
 struct storage {
 	struct ev_loop *loop;
 	const struct conf *conf;
@@ -145,6 +166,7 @@ struct storage {
 	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
 	ev_timer space_timer;
 	struct space_probe space;
+	struct sweep *sweep;          /* the janitor's listing of old staging entries */
 	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
 	int free_known;
 	uint64_t announced_left;      /* bytes still to come of every upload in progress */
@@ -214,7 +236,7 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 	struct client *cl = op->client;
 	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
 		STAT_INC(uploads_failed);
-	if (!cl->dead) {
+	if (cl && !cl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
 		if (up && up->exists) {
 			r.seq = up->seq;
@@ -238,7 +260,8 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 static void op_free(struct op *op)
 {
 	STAT_DEC(storage_queue);
-	client_release(op->client);
+	if (op->client)
+		client_release(op->client);
 	free(op->block);
 	free(op);
 }
@@ -259,6 +282,13 @@ static void record_key(const struct storage *st, const struct upload_key *k, cha
 	snprintf(out, outlen, "%sfile_upload_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
 }
 
+#define LEASE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_lease__") + 20 + PROTO_MD5_HEX)
+
+static void lease_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
+{
+	snprintf(out, outlen, "%sfile_lease_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
+}
+
 static void upload_unpin(struct upload *up)
 {
 	if (--up->pins == 0 && up->retired) {
@@ -270,14 +300,18 @@ static void upload_unpin(struct upload *up)
 
 static void record_write(struct upload *up);
 
-static void record_on_reply(redisAsyncContext *c, void *reply, void *privdata)
+static void upload_lost(struct upload *up, const char *holder);
+
+/* The record is written only while this node holds the lease (lease_fenced_command). */
+static void record_on_reply(void *data, enum lease_status status, uint64_t fence, const char *holder,
+    long remaining_ms)
 {
-	(void)c;
-	struct upload *up = privdata;
-	redisReply *rep = reply;
+	(void)fence;
+	(void)remaining_ms;
+	struct upload *up = data;
 	up->record_inflight = 0;
-	int ok = rep && rep->type != REDIS_REPLY_ERROR;
-	if (!ok)
+	int ok = status == LEASE_HELD;
+	if (status == LEASE_ERROR)
 		up->record_dirty = 1;   /* written again when Redis is back */
 	struct op *op = up->head;
 	/* seq 1 is answered only once its record is stored. */
@@ -292,6 +326,8 @@ static void record_on_reply(redisAsyncContext *c, void *reply, void *privdata)
 		else
 			op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
 	}
+	if (status == LEASE_BUSY && !up->retired)
+		upload_lost(up, holder);
 	if (up->record_dirty && ok && !up->retired)
 		record_write(up);
 	int retired = up->retired;
@@ -327,8 +363,13 @@ static void record_write(struct upload *up)
 	json_put_int(jw, "updated", (int64_t)time(NULL));
 	json_put_str(jw, "state", "uploading", 9);
 	json_end(jw, &body, &len);
-	if (rds_command(&st->redis, record_on_reply, up, "SETEX %s %d %b", key, st->conf->upload_ttl,
-	    body, len) < 0) {
+	char lkey[LEASE_KEY_MAX], ttl[16];
+	lease_key(st, &up->key, lkey, sizeof(lkey));
+	snprintf(ttl, sizeof(ttl), "%d", st->conf->upload_ttl);
+	const char *argv[] = { "SETEX", key, ttl, (const char *)body };
+	size_t argvlen[] = { 5, strlen(key), strlen(ttl), len };
+	if (up->lease != UL_OURS ||
+	    lease_fenced_command(&st->redis, lkey, 4, argv, argvlen, record_on_reply, up) < 0) {
 		up->record_dirty = 1;
 		return;
 	}
@@ -372,15 +413,20 @@ static void record_delete(struct upload *up)
 	rds_command(&up->st->redis, NULL, NULL, "DEL %s", key);
 }
 
-/* Redis (re)connected: it may have come back empty, so record every upload again. */
+static void upload_lease_ask(struct upload *up);
+
+/* Redis (re)connected: it may have come back empty, without the records or the leases. Every upload
+ * this node knows takes its lease again: the same fence means nothing changed and the record is
+ * written again; another fence means it is read back from the staging entry first. */
 static void storage_on_redis_ready(struct rds *r)
 {
 	struct storage *st = r->data;
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
-		if (up->exists) {
-			up->record_dirty = 1;
-			record_write(up);
+		if (up->exists && up->loaded && !up->retired) {
+			up->reload_now = 1;
+			if (up->lease != UL_ASKING && !up->running && !up->loading)
+				upload_lease_ask(up);
 		}
 	}
 }
@@ -482,11 +528,11 @@ static void work_complete(struct upload *up)
 	up->hash_dirty = 1;
 	if (strcmp(digest, up->key.md5) != 0) {
 		up->work_error = ERR_CHECKSUM;
-		be->ops->staging_discard(up->stg, BACKEND_NO_FENCE);
+		be->ops->staging_discard(up->stg, up->fence);
 		return;
 	}
 	int flags = 0;
-	int err = be->ops->publish(up->stg, BACKEND_NO_FENCE, &flags);
+	int err = be->ops->publish(up->stg, up->fence, &flags);
 	if (flags & BACKEND_PUBLISHED)
 		up->published = 1;
 	if (err) {
@@ -524,7 +570,7 @@ static void upload_work(struct pool_job *job)
 		memcpy(meta.name, op->name, op->name_len + 1u);
 		be->ops->staging_close(up->stg);
 		up->stg = NULL;
-		if ((up->work_errno = be->ops->staging_begin(&up->st->backend, &meta, BACKEND_NO_FENCE, &up->stg)) != 0)
+		if ((up->work_errno = be->ops->staging_begin(&up->st->backend, &meta, up->fence, &up->stg)) != 0)
 			return;
 		if (md5_init(&up->md5) < 0) {
 			up->work_errno = ENOMEM;
@@ -542,7 +588,7 @@ static void upload_work(struct pool_job *job)
 		}
 		check_rewrite(up, op);
 		if ((up->work_errno = be->ops->staging_write(up->stg, op->data, op->data_len, op->offset,
-		    BACKEND_NO_FENCE)) != 0)
+		    up->fence)) != 0)
 			return;
 		if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_CHUNK)) != 0)
 			return;
@@ -569,8 +615,21 @@ static void upload_work(struct pool_job *job)
 	}
 	case WORK_DISCARD:
 		if (up->stg)
-			be->ops->staging_discard(up->stg, BACKEND_NO_FENCE);
+			be->ops->staging_discard(up->stg, up->fence);
 		return;
+	case WORK_LOAD: {
+		be->ops->staging_close(up->stg);
+		up->stg = NULL;
+		up->work_errno = be->ops->staging_find(&up->st->backend, up->key.uid, up->key.md5, &up->load, &up->stg);
+		uint64_t total = up->load.meta.total_size;
+		if (up->work_errno == 0 && total > 0 && up->load.size >= total) {
+			/* Complete but never published: its last chunk was not acknowledged. Hold back one
+			 * byte, and the resent last chunk completes it under this node's fence. */
+			up->work_errno = be->ops->staging_truncate(up->stg, total - 1, up->fence);
+			up->load.size = total - 1;
+		}
+		return;
+	}
 	}
 }
 
@@ -583,6 +642,8 @@ static struct upload *upload_find(struct storage *st, const struct upload_key *k
 	return up;
 }
 
+static void upload_on_lease_timer(struct ev_loop *loop, ev_timer *t, int revents);
+
 static struct upload *upload_new(struct storage *st, const struct upload_key *key)
 {
 	struct upload *up = calloc(1, sizeof(*up));
@@ -591,6 +652,8 @@ static struct upload *upload_new(struct storage *st, const struct upload_key *ke
 	up->key = *key;
 	up->st = st;
 	up->xfer = -1;
+	ev_timer_init(&up->lease_timer, upload_on_lease_timer, 0., 0.);
+	up->lease_timer.data = up;
 	HASH_ADD(hh, st->uploads, key, sizeof(up->key), up);
 	return up;
 }
@@ -601,6 +664,14 @@ static void upload_retire(struct upload *up)
 	struct storage *st = up->st;
 	HASH_DEL(st->uploads, up);
 	up->retired = 1;
+	ev_timer_stop(st->loop, &up->lease_timer);
+	if (up->lease == UL_OURS) {
+		/* The next holder, on any node, may start at once instead of waiting for the expiry. */
+		char key[LEASE_KEY_MAX];
+		lease_key(st, &up->key, key, sizeof(key));
+		lease_release(&st->redis, key, 0, NULL, NULL);
+		up->lease = UL_NONE;
+	}
 	upload_uncount(up);
 	stats_transfer_close(up->xfer);
 	up->xfer = -1;
@@ -646,6 +717,7 @@ static void upload_start_work(struct upload *up, enum disk_work work)
 	up->job.done = upload_work_done;
 	pool_submit(up->st->pool, &up->job);
 }
+
 
 /* ---------------------------------------------------------------- limits on uploads in progress */
 
@@ -779,6 +851,262 @@ static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revent
 	pool_submit(st->pool, &st->space.job);
 }
 
+/* ---------------------------------------------------------------- the upload lease (several nodes) */
+
+/*
+ * Every node sharing the storage may be handed any chunk of any upload. Before it touches an
+ * upload's staging entry (or answers how far it got) a node takes the upload's lease in Redis,
+ * reads the entry back unless it started or holds it already, and keeps the lease while the
+ * upload is active. Every staging change carries the lease's fence, so a node that lost the
+ * lease without noticing can no longer change anything (backend.h, "Fencing"). The lease goes
+ * back when the upload is published or abandoned, when the client connection that drove it
+ * closes, or after lease_ttl * 2 without a request; a node that dies loses it after lease_ttl.
+ */
+
+static int upload_lease_valid(const struct upload *up)
+{
+	return up->lease == UL_OURS && ev_now(up->st->loop) < up->lease_until;
+}
+
+/* Answers every queued request that has not started with error (sweeps just go). */
+static void upload_fail_queue(struct upload *up, int error, const char *message)
+{
+	while (up->head && !up->running) {
+		struct op *op = up->head;
+		upload_pop(up);
+		if (op->type == OP_SWEEP)
+			op_free(op);
+		else
+			op_answer(op, error, message, NULL);
+	}
+}
+
+/* Another node took the upload over (or Redis lost the lease): what this node knew is stale. */
+static void upload_lost(struct upload *up, const char *holder)
+{
+	struct storage *st = up->st;
+	if (up->lease == UL_OURS && up->loaded)
+		log_info("upload %" PRIu64 "/%s: lease lost%s%s; reading it back before the next request",
+		    up->key.uid, up->key.md5, holder && holder[0] ? " to " : "", holder && holder[0] ? holder : "");
+	up->lease = UL_NONE;
+	up->loaded = 0;
+	up->exists = 0;
+	ev_timer_stop(st->loop, &up->lease_timer);
+	upload_uncount(up);
+	stats_transfer_close(up->xfer);
+	up->xfer = -1;
+}
+
+static void upload_on_lease(void *data, enum lease_status status, uint64_t fence, const char *holder,
+    long remaining_ms)
+{
+	struct upload *up = data;
+	struct storage *st = up->st;
+	if (up->retired || st->stopping) {
+		if (status == LEASE_HELD && up->retired && !st->stopping) {
+			char key[LEASE_KEY_MAX];
+			lease_key(st, &up->key, key, sizeof(key));
+			lease_release(&st->redis, key, 0, NULL, NULL);
+		}
+		upload_unpin(up);
+		return;
+	}
+	ev_tstamp now = ev_now(st->loop);
+	double ttl = st->conf->lease_ttl;
+	up->lease = UL_NONE;
+	if (status == LEASE_HELD) {
+		if (up->loaded && fence != up->fence) {
+			upload_lost(up, NULL);   /* someone else may have changed it in between */
+		} else if (up->reload_now) {
+			up->reload_now = 0;   /* Redis came back with our lease: the record may be gone */
+			up->record_dirty = 1;
+		}
+		up->lease = UL_OURS;
+		up->fence = fence;
+		/* A quarter of the lease is kept back for clock drift and a slow Redis answer. */
+		up->lease_until = up->lease_asked + ttl * 0.75;
+		up->wait_since = 0;
+		ev_timer_stop(st->loop, &up->lease_timer);
+		ev_timer_set(&up->lease_timer, ttl / 3, ttl / 3);
+		ev_timer_start(st->loop, &up->lease_timer);
+		if (up->record_dirty && up->exists)
+			record_write(up);
+	} else if (status == LEASE_BUSY) {
+		up->reload_now = 0;
+		while (up->head && up->head->type == OP_SWEEP) {   /* in use elsewhere: not the janitor's */
+			struct op *op = up->head;
+			upload_pop(up);
+			op_free(op);
+		}
+		if (up->loaded)
+			upload_lost(up, holder);   /* its holder may change it: what this node knew is stale */
+		if (up->wait_since == 0)
+			up->wait_since = now;
+		/* Wait for it (its holder releases it when its client leaves, or it expires) as long as the
+		 * worker waits for us, less a second for the answer to travel. */
+		double limit = st->conf->storage_timeout > 2 ? st->conf->storage_timeout - 1.0 : 0.5;
+		if (now - up->wait_since >= limit) {
+			up->wait_since = 0;
+			log_info("upload %" PRIu64 "/%s: still written by %s after %.0f s: answering busy", up->key.uid,
+			    up->key.md5, holder ? holder : "another node", limit);
+			upload_fail_queue(up, ERR_BUSY, "server busy: another node is writing this upload, retry");
+		} else if (up->head) {
+			double retry = remaining_ms > 0 && remaining_ms < 200 ? remaining_ms / 1000.0 : 0.2;
+			ev_timer_stop(st->loop, &up->lease_timer);
+			ev_timer_set(&up->lease_timer, retry, 0.);
+			ev_timer_start(st->loop, &up->lease_timer);
+		}
+	} else {
+		up->reload_now = 0;
+		upload_fail_queue(up, ERR_BUSY, "server busy: progress store unavailable, retry");
+	}
+	upload_unpin(up);
+	upload_run(up);
+}
+
+static void upload_lease_ask(struct upload *up)
+{
+	struct storage *st = up->st;
+	char key[LEASE_KEY_MAX];
+	lease_key(st, &up->key, key, sizeof(key));
+	up->lease_asked = ev_now(st->loop);
+	if (lease_acquire(&st->redis, key, st->conf->lease_ttl * 1000L, upload_on_lease, up) < 0) {
+		upload_fail_queue(up, ERR_BUSY, "server busy: progress store unavailable, retry");
+		return;
+	}
+	up->lease = UL_ASKING;
+	up->pins++;
+}
+
+static void upload_on_renew(void *data, enum lease_status status, uint64_t fence, const char *holder,
+    long remaining_ms)
+{
+	(void)remaining_ms;
+	struct upload *up = data;
+	up->renewing = 0;
+	if (!up->retired && !up->st->stopping && up->lease == UL_OURS) {
+		if (status == LEASE_HELD && fence == up->fence)
+			up->lease_until = up->renew_asked + up->st->conf->lease_ttl * 0.75;
+		else if (status != LEASE_ERROR)
+			upload_lost(up, holder);
+		/* LEASE_ERROR: Redis is away; the next tick tries again, and lease_until stops writes meanwhile. */
+	}
+	int retired = up->retired;
+	upload_unpin(up);
+	if (!retired)
+		upload_run(up);
+}
+
+/* Gives the lease back once nothing is queued, running or unrecorded (the next holder, on any
+ * node, reads the progress back from the staging entry). The upload stays here, parked: counted
+ * in the limits and listed in the transfers until it expires; if this node takes it back before
+ * anyone else, the lease comes back with the same fence and what is in memory still holds.
+ * Returns 1 when the lease was given back. */
+static int upload_release(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (up->retired || up->head || up->running || up->awaiting_record || up->loading || up->lease == UL_ASKING)
+		return 0;
+	if (up->lease != UL_OURS) {
+		up->release_wanted = 0;
+		return 1;
+	}
+	if (st->redis.ready && (up->record_dirty || up->record_inflight)) {
+		if (!up->record_inflight)
+			record_write(up);
+		if (up->record_inflight)
+			return 0;   /* record_on_reply runs upload_run, which comes back here */
+	}
+	char key[LEASE_KEY_MAX];
+	lease_key(st, &up->key, key, sizeof(key));
+	lease_release(&st->redis, key, st->conf->upload_ttl * 1000L, NULL, NULL);
+	up->lease = UL_NONE;
+	up->release_wanted = 0;
+	ev_timer_stop(st->loop, &up->lease_timer);
+	return 1;
+}
+
+static void upload_on_lease_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct upload *up = t->data;
+	struct storage *st = up->st;
+	if (up->lease != UL_OURS) {
+		upload_run(up);   /* the lease was held elsewhere: ask again */
+		return;
+	}
+	if (!up->head && !up->running && ev_now(loop) - up->active >= st->conf->lease_ttl * 2.0)
+		up->release_wanted = 1;   /* idle: another node may be waiting for it */
+	if (up->release_wanted && upload_release(up))
+		return;
+	if (up->renewing)
+		return;
+	char key[LEASE_KEY_MAX];
+	lease_key(st, &up->key, key, sizeof(key));
+	up->renew_asked = ev_now(loop);
+	if (lease_renew(&st->redis, key, st->conf->lease_ttl * 1000L, upload_on_renew, up) == 0) {
+		up->renewing = 1;
+		up->pins++;
+	}
+}
+
+/* Reads the staging entry back: this node did not start the upload, or lost it for a while. */
+static void upload_load(struct upload *up)
+{
+	up->loading = 1;
+	upload_start_work(up, WORK_LOAD);
+}
+
+/* The entry as WORK_LOAD found it becomes the upload's state (on the loop). */
+static void upload_loaded(struct upload *up)
+{
+	int err = up->work_errno;
+	up->loading = 0;
+	if (err == ENOENT || err == EINVAL) {
+		up->exists = 0;   /* nothing to resume (EINVAL: broken; seq 1 replaces it, the janitor removes it) */
+		up->loaded = 1;
+		return;
+	}
+	if (err) {
+		char msg[160];
+		snprintf(msg, sizeof(msg), "server busy: cannot read the upload back (%s), retry", strerror(err));
+		log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
+		if (err == ESTALE)
+			upload_lost(up, NULL);
+		upload_fail_queue(up, ERR_BUSY, msg);
+		return;
+	}
+	const struct backend_meta *m = &up->load.meta;
+	up->exists = 1;
+	up->loaded = 1;
+	memcpy(up->name, m->name, m->name_len + 1u);
+	up->name_len = m->name_len;
+	up->kind = m->kind;
+	up->total_size = m->total_size;
+	up->chunk_len = m->chunk_len;
+	/* Chunks are written in order with no gaps under one fence at a time, so the entry is a prefix
+	 * of the upload: every byte in it counts, acknowledged or not. (WORK_LOAD held back the last
+	 * byte of an entry that was complete but never published.) */
+	up->committed = up->load.size;
+	up->seq = up->chunk_len ? up->committed / up->chunk_len : 0;
+	if (up->seq == 0)
+		up->seq = 1;
+	up->anchor_seq = 1;
+	up->anchor_offset = 0;
+	up->touched = up->load.mtime;
+	up->hash_dirty = 1;   /* other writers wrote it: the MD5 is computed from the entry at the end */
+	up->hashed = 0;
+	if (upload_count(up) < 0)
+		log_warnx("upload %" PRIu64 "/%s: out of memory counting it", up->key.uid, up->key.md5);
+	space_update(up);
+	stats_transfer_close(up->xfer);
+	up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name, up->name_len,
+	    up->total_size);
+	stats_transfer_update(up->xfer, up->committed);
+	up->record_dirty = 1;   /* the record names this node now, with the progress read back */
+	record_write(up);
+}
+
 /* ---------------------------------------------------------------- what seq means */
 
 /* Chunk n of an upload whose chunk 1 held L bytes starts at (n - 1) * L: the Qt client sends chunks of
@@ -897,6 +1225,12 @@ static void upload_work_done(struct pool_job *job)
 		upload_retire(up);
 		return;
 	}
+	if (up->work == WORK_LOAD) {
+		up->running = 0;
+		upload_loaded(up);
+		upload_run(up);
+		return;
+	}
 	if (up->work == WORK_HASH) {
 		upload_pop(up);
 		op_free(op);
@@ -936,6 +1270,14 @@ static void upload_work_done(struct pool_job *job)
 			return;
 		}
 		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
+		if (up->work_errno == ESTALE) {
+			/* Fenced out: another node holds the upload now; this one forgets what it knew. */
+			upload_pop(up);
+			op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
+			upload_lost(up, NULL);
+			upload_run(up);
+			return;
+		}
 		if (up->work == WORK_START) {
 			up->exists = 0;   /* a failed start leaves nothing to resume */
 			upload_uncount(up);
@@ -1011,8 +1353,51 @@ static void upload_run(struct upload *up)
 	char msg[256];
 	if (up->st->stopping)
 		return;
+	if (up->reload_now && !up->running && !up->loading && up->lease != UL_ASKING) {
+		if (upload_lease_valid(up) && !up->loaded) {
+			up->reload_now = 0;
+			upload_load(up);   /* another fence came back: read it back, then record it */
+			return;
+		}
+		if (up->lease == UL_OURS || !ev_is_active(&up->lease_timer)) {
+			upload_lease_ask(up);   /* the answer says whether anything changed */
+			if (up->lease == UL_ASKING)
+				return;
+			up->reload_now = 0;   /* Redis is away again: the next reconnection comes back here */
+		}
+	}
 	while (!up->running && up->head) {
 		struct op *op = up->head;
+		up->active = ev_now(up->st->loop);
+		if (up->lease == UL_ASKING || up->loading)
+			return;   /* its callback runs this again */
+		if (!upload_lease_valid(up)) {
+			if (up->lease != UL_OURS && ev_is_active(&up->lease_timer))
+				return;   /* held elsewhere: the timer asks again */
+			upload_lease_ask(up);
+			continue;   /* asking, or the queue was answered busy */
+		}
+		if (!up->loaded && !(op->type == OP_CHUNK && op->seq == 1)) {
+			upload_load(up);
+			return;
+		}
+		if (op->type == OP_SWEEP) {
+			/* The janitor: an entry untouched for upload_ttl whose lease was free is abandoned. */
+			if (upload_expired(up)) {
+				char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+				escape_quoted(name, sizeof(name), up->name, up->name_len);
+				log_info("removing abandoned upload %" PRIu64 "/%s (\"%s\", %" PRIu64 " of %" PRIu64 " bytes)",
+				    up->key.uid, up->key.md5, name, up->committed, up->total_size);
+				upload_pop(up);
+				op_free(op);
+				up->exists = 0;
+				upload_start_work(up, WORK_DISCARD);
+				return;
+			}
+			upload_pop(up);
+			op_free(op);
+			continue;
+		}
 		if (upload_expired(up)) {
 			/* Abandoned for upload_ttl: the janitor's job, but nothing may resume it now. */
 			up->exists = 0;
@@ -1075,8 +1460,12 @@ static void upload_run(struct upload *up)
 		upload_start_work(up, WORK_WRITE);
 		return;
 	}
-	if (!up->running && up->head == NULL && !up->exists && !up->retired)
-		upload_retire(up);   /* a placeholder that never started */
+	if (up->running || up->head || up->retired || up->loading || up->lease == UL_ASKING || up->reload_now)
+		return;
+	if (!up->exists)
+		upload_retire(up);   /* nothing in progress: a placeholder, or a sync answered 1012 */
+	else if (up->release_wanted)
+		upload_release(up);
 }
 
 static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key)
@@ -1098,70 +1487,65 @@ static void op_dispatch(struct storage *st, struct op *op, const struct upload_k
 
 /* ---------------------------------------------------------------- recovery and janitor */
 
-struct recover_ctx {
+/* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
+#define SWEEP_MAX 256
+
+struct sweep {
+	struct pool_job job;
 	struct storage *st;
-	size_t loaded;
+	int busy;
+	time_t now;
+	size_t n;
+	struct upload_key keys[SWEEP_MAX];
 };
 
-/* One staging entry found at start-up becomes an upload that can be resumed. */
-static int recover_entry(const struct backend_entry *e, void *arg)
+static int sweep_entry(const struct backend_entry *e, void *arg)
 {
-	struct recover_ctx *rc = arg;
-	struct storage *st = rc->st;
-	const struct backend_meta *m = &e->meta;
-	struct upload_key key;
-	memset(&key, 0, sizeof(key));   /* the table hashes the whole struct, padding included */
-	key.uid = m->uid;
-	memcpy(key.md5, m->md5, sizeof(key.md5));
-	if (upload_find(st, &key) != NULL)
-		return 0;   /* listed twice: the first one stands */
-	struct upload *up = upload_new(st, &key);
-	if (up == NULL)
-		fatalx("out of memory recovering uploads");
-	int err = st->backend.ops->staging_attach(&st->backend, m, &up->stg);
-	if (err)
-		fatalx("cannot recover upload %" PRIu64 "/%s: %s", m->uid, m->md5, strerror(err));
-	up->exists = 1;
-	memcpy(up->name, m->name, m->name_len + 1u);
-	up->name_len = m->name_len;
-	up->kind = m->kind;
-	up->total_size = m->total_size;
-	up->chunk_len = m->chunk_len;
-	/* Chunks are written in order with no gaps, so the entry is a prefix of the upload:
-	 * every byte in it counts, acknowledged or not (a torn write leaves a shorter prefix).
-	 * A complete entry was not published, so its last chunk was never acknowledged:
-	 * hold back one byte, and the resent last chunk completes it. */
-	uint64_t size = e->size, total = m->total_size;
-	up->committed = size < total ? size : (total > 0 ? total - 1 : 0);
-	up->seq = m->chunk_len ? up->committed / m->chunk_len : 0;
-	if (up->seq == 0)
-		up->seq = 1;
-	if (up->committed < size && st->backend.ops->staging_truncate(up->stg, up->committed,
-	    BACKEND_NO_FENCE) != 0)
-		log_warnx("upload %" PRIu64 "/%s: cannot cut the staging entry to %" PRIu64 " bytes", up->key.uid,
-		    up->key.md5, up->committed);
-	up->touched = e->mtime;
-	up->hash_dirty = 1;
-	up->anchor_seq = 1;
-	up->anchor_offset = 0;
-	if (upload_count(up) < 0)
-		fatalx("out of memory recovering uploads");
-	space_update(up);
-	rc->loaded++;
-	return 0;
+	struct sweep *sw = arg;
+	if (sw->now - e->mtime < sw->st->conf->upload_ttl)
+		return 0;
+	struct upload_key *k = &sw->keys[sw->n++];
+	memset(k, 0, sizeof(*k));   /* the table hashes the whole struct, padding included */
+	k->uid = e->meta.uid;
+	memcpy(k->md5, e->meta.md5, sizeof(k->md5));
+	return sw->n == SWEEP_MAX;   /* the rest waits for the next round */
 }
 
-/* Rebuilds the uploads that were in progress from the backend's staging entries
- * (at start-up, before the loop runs: blocking here holds up nothing). */
-static void storage_recover(struct storage *st)
+static void sweep_work(struct pool_job *job)
 {
-	struct recover_ctx rc = { .st = st };
+	struct sweep *sw = (struct sweep *)job;
 	size_t dropped = 0;
-	int err = st->backend.ops->staging_list(&st->backend, recover_entry, &rc, &dropped);
+	sw->n = 0;
+	sw->now = time(NULL);
+	int err = sw->st->backend.ops->staging_list(&sw->st->backend, sweep_entry, sw, &dropped);
 	if (err)
-		fatalx("cannot list the staging entries: %s", strerror(err));
-	if (rc.loaded || dropped)
-		log_info("recovered %zu uploads in progress, dropped %zu broken staging files", rc.loaded, dropped);
+		log_warnx("janitor: cannot list the staging entries: %s", strerror(err));
+	else if (dropped)
+		log_info("janitor: dropped %zu broken staging files", dropped);
+}
+
+/* Each old entry not in memory gets a sweep request: it takes the lease (or leaves the entry
+ * alone when another node holds it), reads the entry back and removes it if still untouched. */
+static void sweep_done(struct pool_job *job)
+{
+	struct sweep *sw = (struct sweep *)job;
+	struct storage *st = sw->st;
+	sw->busy = 0;
+	if (st->stopping || !st->redis.ready)
+		return;
+	for (size_t i = 0; i < sw->n; i++) {
+		if (upload_find(st, &sw->keys[i]) != NULL)
+			continue;   /* in use here: the loop below looks after it */
+		struct op *op = calloc(1, sizeof(*op));
+		struct upload *up = op ? upload_new(st, &sw->keys[i]) : NULL;
+		if (up == NULL) {
+			free(op);
+			return;
+		}
+		op->type = OP_SWEEP;
+		up->release_wanted = 1;
+		op_dispatch(st, op, &sw->keys[i]);
+	}
 }
 
 static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
@@ -1170,8 +1554,12 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 	(void)revents;
 	struct storage *st = t->data;
 	struct upload *up, *tmp;
+	struct upload_key parked[SWEEP_MAX];
+	size_t nparked = 0;
 	HASH_ITER(hh, st->uploads, up, tmp) {
-		if (!up->running && up->head == NULL && upload_expired(up)) {
+		if (!up->running && up->head == NULL && up->lease == UL_NONE && upload_expired(up) && nparked < SWEEP_MAX)
+			parked[nparked++] = up->key;   /* its lease was given back: a sweep takes it first */
+		if (!up->running && up->head == NULL && up->lease == UL_OURS && upload_expired(up)) {
 			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 			escape_quoted(name, sizeof(name), up->name, up->name_len);
 			log_info("removing abandoned upload %" PRIu64 "/%s (\"%s\", %" PRIu64 " of %" PRIu64 " bytes)",
@@ -1179,6 +1567,23 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 			up->exists = 0;
 			upload_start_work(up, WORK_DISCARD);
 		}
+	}
+	for (size_t i = 0; i < nparked && st->redis.ready; i++) {
+		struct op *op = calloc(1, sizeof(*op));
+		if (op == NULL)
+			break;
+		struct upload *u = upload_find(st, &parked[i]);
+		if (u)
+			u->release_wanted = 1;
+		op->type = OP_SWEEP;
+		op_dispatch(st, op, &parked[i]);
+	}
+	if (st->sweep && !st->sweep->busy) {
+		st->sweep->busy = 1;
+		st->sweep->st = st;
+		st->sweep->job.work = sweep_work;
+		st->sweep->job.done = sweep_done;
+		pool_submit(st->pool, &st->sweep->job);
 	}
 }
 
@@ -1254,6 +1659,22 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 		op->block = block;
 		key.uid = c.uid;
 		memcpy(key.md5, c.md5, sizeof(key.md5));
+	} else if (h->type == IPC_WORKER_STORAGE_RELEASE) {
+		free(block);
+		struct ipc_sync s;
+		if (ipc_decode_sync(payload, h->len, &s) < 0) {
+			log_warnx("malformed release message from a worker: dropped");
+			return;
+		}
+		key.uid = s.uid;
+		memcpy(key.md5, s.md5, sizeof(key.md5));
+		struct upload *up = upload_find(st, &key);
+		if (up != NULL) {
+			/* Its client left: once idle, the lease goes back so another node can take over at once. */
+			up->release_wanted = 1;
+			upload_run(up);
+		}
+		return;
 	} else if (h->type == IPC_WORKER_STORAGE_SYNC) {
 		free(block);
 		struct ipc_sync s;
@@ -1496,7 +1917,13 @@ int storage_main(const struct conf *conf, int listen_fd)
 	if (n < 0 || (size_t)n >= sizeof(st->pending))
 		fatalx("[storage] root is too long");
 	make_dir(st->pending);
-	storage_recover(st);
+	/* Nothing is read back at start: an upload is read back when a request for it comes, under its
+	 * lease (another node sharing the storage may be writing it now), and the janitor removes what
+	 * was abandoned. */
+	if ((st->sweep = calloc(1, sizeof(*st->sweep))) == NULL)
+		fatalx("out of memory");
+	if (lease_owner()[0] == '\0')
+		lease_owner_init(conf->node);
 	struct rlimit nofile;
 	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
 	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
@@ -1548,6 +1975,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	pg_destroy(st->pg);
 	rds_close(&st->redis);
 	storage_free_all(st);
+	free(st->sweep);
 	backend_close(&st->backend);
 	json_writer_free(&st->jw);
 	ev_loop_destroy(st->loop);

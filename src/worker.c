@@ -94,6 +94,10 @@ struct conn {
 	struct request req;
 	int xfer;                     /* download entry in the stats transfer table, -1 if none */
 	char xfer_md5[PROTO_MD5_HEX + 1];   /* the upload whose duration is being timed */
+	/* Uploads this connection sent to storage: their leases are released when it closes,
+	 * so a client that reconnects to another node is taken over at once (design.md). */
+	struct ipc_sync drove[2];
+	unsigned ndrove;
 	ev_tstamp xfer_start;
 	char peer[64];
 };
@@ -166,6 +170,7 @@ struct download_job {
 };
 
 static void conn_close(struct conn *c, const char *why);
+static void storage_update_io(struct worker *w);
 static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
@@ -388,6 +393,34 @@ static void conn_close_download(struct conn *c, struct backend_file *keep)
 	c->dl = NULL;
 }
 
+/* Remembers an upload this connection drove (the two most recent: clients drive one at a time). */
+static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
+{
+	for (unsigned i = 0; i < c->ndrove; i++)
+		if (c->drove[i].uid == uid && memcmp(c->drove[i].md5, md5, PROTO_MD5_HEX) == 0)
+			return;
+	if (c->ndrove == 2) {
+		c->drove[0] = c->drove[1];
+		c->ndrove = 1;
+	}
+	struct ipc_sync *d = &c->drove[c->ndrove++];
+	d->uid = uid;
+	memcpy(d->md5, md5, PROTO_MD5_HEX);
+	d->md5[PROTO_MD5_HEX] = '\0';
+}
+
+/* Tells storage the uploads this connection drove have lost their client (it releases their leases). */
+static void conn_release_uploads(struct conn *c)
+{
+	struct storage_link *s = &c->w->storage;
+	if (c->ndrove == 0 || s->fd < 0 || !s->connected)
+		return;
+	for (unsigned i = 0; i < c->ndrove; i++)
+		ipc_encode_release(&s->out, &c->drove[i]);
+	c->ndrove = 0;
+	storage_update_io(c->w);
+}
+
 static void conn_close(struct conn *c, const char *why)
 {
 	struct worker *w = c->w;
@@ -402,6 +435,7 @@ static void conn_close(struct conn *c, const char *why)
 		job_file = c->req.job->borrowed;
 	}
 	conn_close_download(c, job_file);
+	conn_release_uploads(c);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
 	close(c->fd);
@@ -864,6 +898,10 @@ static void storage_forward(struct conn *c)
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
 		return;
 	}
+	if (c->req.id == MSG_SYNC)
+		conn_drove(c, c->req.u.sync.cred.uid, c->req.u.sync.md5);
+	else
+		conn_drove(c, c->req.u.chunk.cred.anonymous ? 0 : c->req.u.chunk.cred.uid, c->req.u.chunk.md5);
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);

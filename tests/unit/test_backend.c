@@ -10,6 +10,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 static struct conf conf;
@@ -244,6 +246,25 @@ START_TEST(test_meta_any_name)
 }
 END_TEST
 
+/* Makes every staging file but keep two days old. */
+static void age_all_but(const char *keep)
+{
+	char dir[PATH_MAX], path[PATH_MAX + 256];
+	snprintf(dir, sizeof(dir), "%s/.staging", root);
+	DIR *d = opendir(dir);
+	ck_assert_ptr_nonnull(d);
+	struct dirent *de;
+	struct timeval old[2] = { { time(NULL) - 2 * 86400, 0 }, { time(NULL) - 2 * 86400, 0 } };
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		if (strcmp(path, keep) != 0)
+			ck_assert_int_eq(utimes(path, old), 0);
+	}
+	closedir(d);
+}
+
 START_TEST(test_list_drops_broken)
 {
 	struct backend_meta m = meta_of(7, MD5_A, "keep.bin", 10);
@@ -263,6 +284,11 @@ START_TEST(test_list_drops_broken)
 	write_text(path, "z");
 	snprintf(path, sizeof(path), "%s/.staging/7-" MD5_A ".meta.tmp", root);    /* an interrupted meta write */
 	write_text(path, "{");
+	/* Broken entries go only once nobody touched them for upload_ttl: on a shared root they may be
+	 * another node's begin in progress. Fresh ones stay, aged ones go. */
+	snprintf(path, sizeof(path), "%s/.staging/11-" MD5_B ".part", root);       /* fresh, no .meta */
+	write_text(path, "w");
+	age_all_but(path);
 	size_t dropped = 0;
 	struct listed l = list_all(&dropped);
 	ck_assert_int_eq(l.n, 1);
@@ -276,7 +302,7 @@ START_TEST(test_list_drops_broken)
 	while ((de = readdir(d)) != NULL)
 		left += de->d_name[0] != '.';
 	closedir(d);
-	ck_assert_int_eq(left, 2);   /* keep.bin's .part and .meta */
+	ck_assert_int_eq(left, 3);   /* keep.bin's .part and .meta, and the fresh .part */
 }
 END_TEST
 
