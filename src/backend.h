@@ -13,9 +13,7 @@ struct conf;
 /*
  * Every call below may block (disk, network): call them on pool threads, never on an
  * event loop. The exceptions: backend_open/backend_close; staging_close and file_close,
- * which only free memory and descriptors and must never block; and staging_list,
- * staging_attach and staging_truncate during the storage process's start-up, before its
- * loop runs.
+ * which only free memory and descriptors and must never block.
  *
  * Errors are errno values (0 on success). A backend maps its own failures onto the
  * errno a caller already understands: ENOENT (no such entry or file), ENOSPC/EDQUOT/EFBIG
