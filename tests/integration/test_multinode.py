@@ -386,9 +386,9 @@ with tap.section("every 3 chunks on another node"):
 with tap.section("a client going A, B, A"):
     # The corruption of the issue: on the shared root, B truncated the staging at seq 1 and A then
     # published a file with zeros in the middle with error 0. Straight to two nodes to force the order.
-    n1, n2 = cluster.nodes[1], cluster.nodes[2]
+    a, b = cluster.nodes[1], cluster.nodes[2]
     up = h.Upload(os.urandom(600000), "aba.bin", UID, TOKEN, chunk_size=65536)   # 10 chunks
-    qt = QtClient(up, n1.connect, route=[(n1.connect, 4), (n2.connect, 1), (n1.connect, None)])
+    qt = QtClient(up, a.connect, route=[(a.connect, 4), (b.connect, 1), (a.connect, None)])
     qt.run()
     tap.ok(not qt.ok() or published_ok(up), "an error-0 answer means the published file is byte-identical",
            qt.report())
@@ -465,6 +465,9 @@ with tap.section("kill -9 of the node serving an upload"):
         check_resumed(qt, "upload whose node was killed")
         tap.ok(h.wait_for(lambda: not staging_of(up), 5), "no staging entry of it is left in <root>/.staging",
                repr(staging_of(up)))
+        lease_key = "file_lease_%d_%s" % (UID, up.md5)
+        tap.ok(h.wait_for(lambda: ss.current_master().cmd("EXISTS", lease_key) == 0, 5),
+               "no lease of it is left in Redis", repr(ss.current_master().cmd("TTL", lease_key)))
         victim.start()
         tap.ok(h.wait_for(lambda: hap.up_servers() == hap.server_names(), 15),
                "%s starts again and HAProxy takes it back" % seen[0])
