@@ -17,7 +17,8 @@ What holds with a shared root whatever the lease:
 What needs the upload lease (issue 9 items 1-3; on a build without it these fail, mostly by restarting
 from zero because 1005 on another node answers 1012):
   - an upload that disconnects and reconnects five times, hopping across nodes, completes identical,
-    every sync answers what was acknowledged, and the client sends < 1.5x the file;
+    no sync answers less than what was acknowledged (beyond the Redis record's documented lag of at
+    most two chunks), and the client sends < 1.5x the file;
   - one client whose every 3 chunks go to another node completes identical without a restart;
     a client whose connections go A, B, A (straight to two nodes) never gets a corrupt file published;
   - two clients uploading the same (uid, md5) at once through two nodes (straight, and through HAProxy),
@@ -33,7 +34,8 @@ from zero because 1005 on another node answers 1012):
     uploads run on the two others never removes or adopts them: they complete identical with no error
     answer and their staging entries stay in place;
   - a Redis master failover through Sentinel while uploads hop across nodes every 3 chunks loses no
-    acknowledged byte (no sync ever answers less than what was acknowledged, < 1.5x sent, identical).
+    acknowledged byte (no sync answers less than what was acknowledged beyond the record's lag,
+    < 1.5x sent, identical).
 
 [storage] lease_ttl is set to 4 s on every node when the binary knows the key (resourced -t), and
 left out otherwise; [server] storage_timeout is 8 s, so a node waiting for a lease held elsewhere
@@ -275,7 +277,12 @@ def check_resumed(qt, what):
     up = qt.up
     tap.ok(qt.ok(), "%s: the last chunk is answered error 0" % what, qt.report())
     tap.ok(published_ok(up), "%s: the published file is byte-identical" % what, qt.report())
-    tap.eq(qt.lost, [], "%s: no sync answered less than what had been acknowledged" % what, qt.report())
+    # The record may lag behind the answers by the SETEX in flight and the one queued behind it
+    # (protocol.md 8): a sync may answer up to two chunks less than acknowledged, never more.
+    worst = max([acked - trans for acked, trans in qt.lost] or [0])
+    tap.ok(worst <= 2 * up.chunk_size,
+           "%s: no sync answered less than what had been acknowledged, beyond the record's lag (%d bytes)"
+           % (what, worst), qt.report())
     tap.ok(qt.restarts == 0 and up.sent_bytes < 1.5 * len(up.data),
            "%s: resumed, never restarted from zero (sent %.2fx the file)" % (what, up.sent_bytes / len(up.data)),
            qt.report())
