@@ -1002,9 +1002,19 @@ class Cluster:
     proxy_protocol on and an agent_listen port, behind one HAProxy. Every process is cleaned up by pid."""
 
     def __init__(self, n=3, redis=None, pg=None, workers=1, settings=None, balance="roundrobin", sticky=False,
-                 node_settings=None):
-        """settings: for every node; node_settings: a list of n dicts applied after it, one per node."""
+                 node_settings=None, lease_ttl=None):
+        """settings: for every node; node_settings: a list of n dicts applied after it, one per node.
+        lease_ttl: [storage] lease_ttl in seconds, one number for every node or a list with one per node,
+        set only when RESOURCED_BIN knows the key (self.lease_ttl is then the list, else None)."""
         self.redis = redis or RedisServer().start()
+        ttls = lease_ttl if isinstance(lease_ttl, (list, tuple)) else [lease_ttl] * n
+        self.lease_ttl = None
+        if lease_ttl is not None and all(daemon_knows("storage", "lease_ttl", str(t)) for t in ttls if t is not None):
+            self.lease_ttl = list(ttls)
+            node_settings = [dict(x) for x in (node_settings or [{}] * n)]
+            for i, t in enumerate(ttls):
+                if t is not None:
+                    node_settings[i]["storage"] = dict(node_settings[i].get("storage", {}), lease_ttl=str(t))
         self.root = temp_dir("shared-root")
         self.nodes = []
         for i in range(n):

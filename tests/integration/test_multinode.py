@@ -74,16 +74,15 @@ for uid in [UID] + RACE_UIDS:
     ss.master.set_token(uid, TOKEN)
 common = {"redis": {"sentinels": ss.addresses, "master_name": ss.name},
           "server": {"storage_timeout": "8"}}
-if h.daemon_knows("storage", "lease_ttl", str(LEASE_TTL)):
-    common["storage"] = {"lease_ttl": str(LEASE_TTL)}
-    tap.diag("[storage] lease_ttl = %d on every node" % LEASE_TTL)
-else:
-    tap.diag("%s does not know [storage] lease_ttl: the nodes run without it" % h.RESOURCED_BIN)
 # node1 is the one restarted while others upload: a short upload_ttl and a janitor every second make
 # it act on anything it wrongly adopted while the test still watches.
 per_node = [{"storage": {"upload_ttl": str(RESTARTED_UPLOAD_TTL), "janitor_interval": str(RESTARTED_JANITOR)}},
             {}, {}]
-cluster = h.Cluster(NODES, redis=ss.master, settings=common, node_settings=per_node)
+cluster = h.Cluster(NODES, redis=ss.master, settings=common, node_settings=per_node, lease_ttl=LEASE_TTL)
+if cluster.lease_ttl:
+    tap.diag("[storage] lease_ttl = %d on every node" % LEASE_TTL)
+else:
+    tap.diag("%s does not know [storage] lease_ttl: the nodes run without it" % h.RESOURCED_BIN)
 tap.context.append(cluster.diagnostics)
 
 rc, out = cluster.haproxy.check()
