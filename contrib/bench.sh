@@ -119,3 +119,127 @@ print(f"RSS before {before} KiB, with 10000 idle connections {after} KiB: {(afte
 for s in socks: s.close()
 PY
 "$resctl" stats --socket "$work/run/stats.sock" show info | grep -E '^(conn_total|conn_rejected|errors_)' || true
+
+# ---------------------------------------------------------------- multi-node (issue 9)
+# Aggregate upload throughput through HAProxy with 1 and 3 nodes against one node directly: the nodes
+# share one storage root and the Redis above, HAProxy runs from contrib/haproxy.cfg with the local
+# addresses (no stickiness: every connection comes from 127.0.0.1). Kept apart from the scenarios
+# above so that it merges on its own. MN_DURATION (default 15) is the length of each run in seconds.
+bench_multinode() {
+	local haproxy=${HAPROXY_BIN:-/usr/sbin/haproxy}
+	[ -x "$haproxy" ] || { echo "== multi-node: skipped ($haproxy is not installed)"; return 0; }
+	local dur=${MN_DURATION:-15} mn=$work/mn hport=$((port + 10)) i
+	local load=(--connections 32 --size 8388608 --chunk 32768 --mode upload --duration "$dur" --uid 1 --token bench --json)
+	mkdir -p "$mn/root"
+	mn_node_conf() {   # node number, proxy_protocol on|off
+		local n=$1
+		mkdir -p "$mn/run$n"
+		cat > "$mn/node$n.conf" <<NODE
+[server]
+listen = 127.0.0.$((n + 1)):$((port + 20))
+workers = auto
+run_dir = $mn/run$n
+pid_file = $mn/run$n/resourced.pid
+max_connections = 20000
+idle_timeout = 600
+proxy_protocol = $2
+agent_listen = 127.0.0.$((n + 1)):$((port + 21))
+node = bench$n
+[storage]
+root = $mn/root
+max_file_size = 1073741824
+[redis]
+port = $rport
+[log]
+level = warn
+file = $mn/node$n.log
+NODE
+	}
+	mn_start() {   # node number: starts it and waits until it answers
+		"$resourced" -f -c "$mn/node$1.conf" &
+		local line=""   # the agent answers "up" once the workers and the storage process run
+		for _ in $(seq 200); do
+			{ exec 3<>"/dev/tcp/127.0.0.$(($1 + 1))/$((port + 21))" && read -r -t 1 line <&3; exec 3<&-; } 2>/dev/null || true
+			case $line in up*) return 0 ;; esac
+			sleep 0.05
+		done
+		echo "bench.sh: node $1 did not come up" >&2
+	}
+	mn_stop() {   # node number
+		local pid
+		pid=$(cat "$mn/run$1/resourced.pid" 2>/dev/null) || return 0
+		kill -TERM "$pid" 2>/dev/null || return 0
+		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+	}
+	mn_haproxy() {   # number of nodes: writes the configuration and starts HAProxy, waits for every server UP
+		local n=$1 servers=""
+		for i in $(seq "$n"); do
+			servers+="	server node$i 127.0.0.$((i + 1)):$((port + 20)) agent-port $((port + 21)) agent-addr 127.0.0.$((i + 1))\n"
+		done
+		sed -e '/^\tlog \/dev\/log/d' -e '/^\tlog global/d' -e '/^\toption tcplog/d' \
+			-e "s|/run/haproxy/admin.sock|$mn/haproxy.sock|" -e "s|bind :9090|bind 127.0.0.1:$hport|" \
+			-e "s|bind 127.0.0.1:8404|bind 127.0.0.1:$((hport + 1))|" \
+			-e '/^\tstick-table /d' -e '/^\tstick on src/d' -e 's/ slowstart 30s//' \
+			-e 's/check inter 2s/check inter 300ms/' -e 's/agent-inter 2s/agent-inter 300ms/' \
+			-e '/^\tserver res[23] /d' -e "s|^\tserver res1 .*|$servers|" \
+			"$top/contrib/haproxy.cfg" > "$mn/haproxy.cfg"
+		"$haproxy" -db -f "$mn/haproxy.cfg" > "$mn/haproxy.log" 2>&1 &
+		echo $! > "$mn/haproxy.pid"
+		python3 - "$mn/haproxy.sock" "$n" <<'PY'
+import socket, sys, time
+path, want = sys.argv[1], int(sys.argv[2])
+for _ in range(300):
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect(path); s.sendall(b"show stat\n")
+        out = b""
+        while True:
+            d = s.recv(65536)
+            if not d: break
+            out += d
+        up = [l for l in out.decode().splitlines() if l.startswith("resourced,node") and ",UP," in l]
+        if len(up) == want: sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit("haproxy: not every server came UP")
+PY
+	}
+	mn_haproxy_stop() {
+		[ -f "$mn/haproxy.pid" ] && kill "$(cat "$mn/haproxy.pid")" 2>/dev/null || true
+		rm -f "$mn/haproxy.pid"
+		sleep 0.2
+	}
+	mn_cleanup() {
+		mn_haproxy_stop
+		for i in 1 2 3; do mn_stop "$i"; done
+	}
+	trap 'mn_cleanup; cleanup' EXIT
+	mn_line() {   # label, resctl bench JSON
+		python3 - "$1" "$2" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+errors = ", ".join("%s x%d" % kv for kv in r["errors"].items()) or "none"
+print("%-22s %9.2f %7d %9.3f %9.3f  %s" % (sys.argv[1], r["mb_per_s"], r["files"], r["rtt_ms"]["p50"],
+                                            r["rtt_ms"]["p99"], errors))
+PY
+	}
+
+	echo "== 5: multi-node (issue 9): 32 connections uploading 8 MiB files for $dur s each, shared root, one Redis"
+	printf '%-22s %9s %7s %9s %9s  %s\n' setup "MB/s" files "p50 ms" "p99 ms" errors
+	mn_node_conf 1 off
+	mn_start 1
+	mn_line "one node directly" "$("$resctl" bench "127.0.0.2:$((port + 20))" "${load[@]}" || true)"
+	mn_stop 1
+	for i in 1 2 3; do mn_node_conf "$i" on; done
+	mn_start 1
+	mn_haproxy 1
+	mn_line "HAProxy, 1 node" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	mn_haproxy_stop
+	mn_start 2
+	mn_start 3
+	mn_haproxy 3
+	mn_line "HAProxy, 3 nodes" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	mn_cleanup
+	trap cleanup EXIT
+}
+bench_multinode

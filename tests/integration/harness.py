@@ -800,6 +800,27 @@ class Daemon:
         wait_for(lambda: not self.processes(), 5, 0.05)
         self.proc = None
 
+    def kill9(self, timeout=10):
+        """kill -9 of the whole node, as a crash or a power loss would leave it: SIGKILL to the master named
+        by the pid file (the process this object started when the file is gone) and to every process of its
+        process group at once. Returns the pids killed; the stale pid file stays."""
+        if self.proc is None:
+            return []
+        master = self.proc.pid
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.pid_file) as f:
+                master = int(f.read().split()[0])
+        pgid = (proc_stat(master) or (None, None, self.pgid))[2]
+        if pgid != self.pgid:   # a pid file naming another process: only what this object started is killed
+            master, pgid = self.proc.pid, self.pgid
+        pids = sorted(set(self.processes()) | {master})
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        wait_for(lambda: not self.processes(), timeout, 0.02)
+        return pids
+
     def run_again(self, conf_path=None, timeout=20):
         """Starts a second resourced -f with this (or another) configuration and waits for it to exit:
         (exit status or None if it was still running after timeout, its output). Killed if it stays."""
@@ -819,6 +840,25 @@ class Daemon:
         r = subprocess.run([RESOURCED_BIN, "-t", "-c", path], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20, text=True)
         return r.returncode, r.stdout
+
+
+_known_keys = {}
+
+
+def daemon_knows(section, key, value):
+    """True when RESOURCED_BIN accepts `key = value` in [section] (resourced -t on a minimal file): lets a
+    suite use a setting that only newer builds have, and run without it against older ones."""
+    if (section, key, value) not in _known_keys:
+        d = temp_dir("probe")
+        path = os.path.join(d, "probe.conf")
+        settings = {"server": {"listen": "127.0.0.1:%d" % free_port()},
+                    "storage": {"root": os.path.join(d, "root")}}
+        settings.setdefault(section, {})[key] = value
+        Daemon.write_config(path, settings)
+        r = subprocess.run([RESOURCED_BIN, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20, text=True)
+        _known_keys[(section, key, value)] = r.returncode == 0
+    return _known_keys[(section, key, value)]
 
 
 # ---------------------------------------------------------------- several nodes behind HAProxy
@@ -961,18 +1001,31 @@ class Cluster:
     """n resourced nodes on 127.0.0.2, 127.0.0.3, ... sharing one Redis and one storage root, each with
     proxy_protocol on and an agent_listen port, behind one HAProxy. Every process is cleaned up by pid."""
 
-    def __init__(self, n=3, redis=None, pg=None, workers=1, settings=None, balance="roundrobin", sticky=False):
+    def __init__(self, n=3, redis=None, pg=None, workers=1, settings=None, balance="roundrobin", sticky=False,
+                 node_settings=None, lease_ttl=None):
+        """settings: for every node; node_settings: a list of n dicts applied after it, one per node.
+        lease_ttl: [storage] lease_ttl in seconds, one number for every node or a list with one per node,
+        set only when RESOURCED_BIN knows the key (self.lease_ttl is then the list, else None)."""
         self.redis = redis or RedisServer().start()
+        ttls = lease_ttl if isinstance(lease_ttl, (list, tuple)) else [lease_ttl] * n
+        self.lease_ttl = None
+        if lease_ttl is not None and all(daemon_knows("storage", "lease_ttl", str(t)) for t in ttls if t is not None):
+            self.lease_ttl = list(ttls)
+            node_settings = [dict(x) for x in (node_settings or [{}] * n)]
+            for i, t in enumerate(ttls):
+                if t is not None:
+                    node_settings[i]["storage"] = dict(node_settings[i].get("storage", {}), lease_ttl=str(t))
         self.root = temp_dir("shared-root")
         self.nodes = []
         for i in range(n):
             host = "127.0.0.%d" % (i + 2)
-            node_settings = {"server": {"proxy_protocol": "on", "agent_listen": "%s:%d" % (host, free_port()),
-                                        "node": "node%d" % (i + 1)},
-                             "storage": {"root": self.root}}
-            for section, kv in (settings or {}).items():
-                node_settings.setdefault(section, {}).update(kv)
-            self.nodes.append(Daemon(workers=workers, redis=self.redis, pg=pg, settings=node_settings, host=host))
+            this = {"server": {"proxy_protocol": "on", "agent_listen": "%s:%d" % (host, free_port()),
+                               "node": "node%d" % (i + 1)},
+                    "storage": {"root": self.root}}
+            for extra in (settings or {}, (node_settings or [{}] * n)[i]):
+                for section, kv in extra.items():
+                    this.setdefault(section, {}).update(kv)
+            self.nodes.append(Daemon(workers=workers, redis=self.redis, pg=pg, settings=this, host=host))
         self.haproxy = HAProxy(self.nodes, balance=balance, sticky=sticky)
 
     def start(self, timeout=30):
