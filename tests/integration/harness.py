@@ -777,6 +777,7 @@ class Daemon:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.thaw()   # a frozen node (freeze) could not act on the TERM below
             # A fast stop first lets the master reap its children; whatever is left then gets SIGKILL.
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
@@ -820,6 +821,15 @@ class Daemon:
             self.proc.wait(timeout)
         wait_for(lambda: not self.processes(), timeout, 0.02)
         return pids
+
+    def freeze(self):
+        """SIGSTOP to every process of the node at once: a node that hangs (or is cut off) without dying."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGSTOP)
+
+    def thaw(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGCONT)
 
     def run_again(self, conf_path=None, timeout=20):
         """Starts a second resourced -f with this (or another) configuration and waits for it to exit:

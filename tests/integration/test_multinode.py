@@ -26,6 +26,9 @@ from zero because 1005 on another node answers 1012):
     is the honest data, the garbage client never gets error 0 on its last chunk unless the intact file
     of that md5 is already published (the answer to a final chunk resent after publication), and the
     honest client finishes identical (the loser may see 1027, 1024 or 1012 and retries);
+  - a node frozen (SIGSTOP) past its lease while a client sends garbage through it: another node takes
+    the upload over for the honest client; thawed, the frozen node refuses its old client's next chunk
+    (fenced), and only the honest data is published;
   - kill -9 of the node serving an upload (master and every child): the client resumes through HAProxy
     on another node within 15 s (the time is printed), without restarting, identical, and no staging
     entry of it is left in <root>/.staging;
@@ -54,7 +57,7 @@ import harness as h  # noqa: E402
 tap = h.Tap(deadline=240)
 
 UID, TOKEN = 4301, "multinode-token"
-RACE_UIDS = [4310 + i for i in range(4)]   # one per race scenario: everything published there must be honest
+RACE_UIDS = [4310 + i for i in range(5)]   # one per race scenario: everything published there must be honest
 NODES = 3
 LEASE_TTL = 4
 RESTARTED_UPLOAD_TTL, RESTARTED_JANITOR = 6, 1
@@ -165,6 +168,7 @@ class QtClient:
         self.deadline = time.monotonic() + timeout
         self.max_restarts, self.max_connections, self.hold = max_restarts, max_connections, hold
         self.on_last_ok, self.last_ok_checks = on_last_ok, []
+        self.span = [None, None]   # when its first chunk was sent, when its last answer came
         self.offset, self.seq, self.acked, self.started = 0, 1, 0, False
         self.restarts, self.connections = 0, 0
         self.lost, self.events, self.last_answers, self.ok_at = [], [], [], []
@@ -212,7 +216,9 @@ class QtClient:
                 self.hold(self.offset)
             nxt = self.up.next_offset(self.offset)
             last = nxt >= len(self.up.data)
+            self.span[0] = self.span[0] or time.monotonic()
             r = self.up.send_chunk(c, self.offset, self.seq)
+            self.span[1] = time.monotonic()
             sent += 1
             self.started = True
             err = r.get("error")
@@ -407,9 +413,10 @@ with tap.section("a client going A, B, A"):
     check_resumed(qt, "upload going A, B, A")
 
 
-def race(uid, connects, garbage, name):
+def race(uid, connects, garbage, name, head_start=0):
     """Two clients send the same (uid, md5) at once through connects[0] and connects[1]; the second one
-    sends random bytes under the first one's md5 when garbage. Returns (honest QtClient, other QtClient)."""
+    sends random bytes under the first one's md5 when garbage, and sends head_start chunks before the
+    honest one begins (then both go on together). Returns (honest QtClient, other QtClient)."""
     data = os.urandom(1000000)
     honest = h.Upload(data, "race.bin", uid, TOKEN, chunk_size=32768)
     other = h.Upload(os.urandom(len(data)) if garbage else data, "race.bin", uid, TOKEN, chunk_size=32768,
@@ -421,12 +428,29 @@ def race(uid, connects, garbage, name):
                QtClient(other, connects[1], timeout=20, max_restarts=1 if garbage else 6, max_connections=40,
                         on_last_ok=lambda: published_ok_at(uid, honest))]
     start = threading.Barrier(2)
+    honest_sent = threading.Event()
 
-    def drive(qt):
+    def honest_hold(offset):
+        honest_sent.set()
+
+    def other_hold(offset):
+        if offset >= head_start * other.chunk_size:
+            honest_sent.wait(10)   # the honest client's first chunk is on its way: go on together
+
+    clients[0].hold = honest_hold
+    clients[1].hold = other_hold if head_start else None
+
+    def drive(qt, wait_other):
         start.wait(10)
+        if wait_other:
+            h.wait_for(lambda: clients[1].acked >= head_start * other.chunk_size or clients[1].final, 10)
         return qt.run()
 
-    h.run_threads(drive, [(c,) for c in clients], 60)
+    h.run_threads(drive, [(clients[0], head_start > 0), (clients[1], False)], 60)
+    spans = [c.span for c in clients]
+    if all(a and b for a, b in spans):
+        tap.diag("%s: both clients were sending at once for %.2f s" % (
+            name, max(0.0, min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]))))
     files = published_files(uid)
     tap.diag("%s: honest: %s" % (name, clients[0].report()))
     tap.diag("%s: other: %s" % (name, clients[1].report()))
@@ -455,8 +479,58 @@ with tap.section("two clients, same upload, two nodes at once"):
     a, b = cluster.nodes[0], cluster.nodes[1]
     race(RACE_UIDS[0], (a.connect, b.connect), False, "two honest clients on node1 and node2")
     race(RACE_UIDS[1], (a.connect, b.connect), True, "honest on node1, garbage on node2")
-    race(RACE_UIDS[2], (b.connect, a.connect), True, "garbage on node1, honest on node2")
-    race(RACE_UIDS[3], (hap.connect, hap.connect), True, "honest and garbage through HAProxy")
+    race(RACE_UIDS[2], (b.connect, a.connect), True, "garbage on node1 first, then honest on node2", head_start=12)
+    race(RACE_UIDS[3], (hap.connect, hap.connect), True, "garbage first, then honest, through HAProxy",
+         head_start=12)
+
+with tap.section("a frozen node's upload taken over"):
+    # A node that hangs past its lease (SIGSTOP of all its processes) while a client sends garbage under
+    # an honest md5 through it; the honest client goes to another node, which takes the upload over.
+    # Thawed, the frozen node must not write for its old client any more (fencing): its next chunk is
+    # refused, and the honest file is published intact. Straight to the nodes: HAProxy would keep
+    # routing to the frozen node until its checks time out.
+    uid = RACE_UIDS[4]
+    frozen, other = cluster.nodes[1], cluster.nodes[2]
+    data = os.urandom(1000000)
+    honest = h.Upload(data, "frozen.bin", uid, TOKEN, chunk_size=32768)
+    garbage = h.Upload(os.urandom(len(data)), "frozen.bin", uid, TOKEN, chunk_size=32768, md5=honest.md5)
+    g = frozen.connect(timeout=30)
+    r, g_offset, g_seq = garbage.run(g, max_chunks=10)
+    tap.ok(r.get("error") == 0, "the garbage client has 10 chunks acknowledged by node2", repr(r))
+    at_last, go_on = threading.Event(), threading.Event()
+
+    def before_last(offset):
+        if honest.next_offset(offset) >= len(data) and not go_on.is_set():
+            at_last.set()
+            go_on.wait(30)
+
+    qt = QtClient(honest, other.connect, timeout=40, max_restarts=3, hold=before_last)
+    thread = threading.Thread(target=qt.run, daemon=True)
+    frozen.freeze()
+    try:
+        t_freeze = time.monotonic()
+        thread.start()
+        tap.ok(h.wait_for(at_last.is_set, 25), "the honest client gets all but its last chunk acknowledged by node3",
+               qt.report())
+        tap.diag("node3 took the upload over %.2f s after node2 froze" % (time.monotonic() - t_freeze))
+    finally:
+        frozen.thaw()
+    try:
+        after = garbage.send_chunk(g, g_offset, g_seq, timeout=30)
+    except (OSError, h.ProtocolError) as e:
+        after = {"error": None, "dropped": str(e)}
+    g.close()
+    tap.diag("node2's answer to its old client after the thaw: %r" % after)
+    tap.ok(after.get("error") != 0, "thawed, node2 refuses its old client's next chunk (answer %r)"
+           % after.get("error"), repr(after))
+    go_on.set()
+    thread.join(40)
+    tap.ok(qt.ok() and published_ok_at(uid, honest), "the honest client finishes, its file byte-identical",
+           qt.report())
+    files = published_files(uid)
+    tap.ok(files and all(v == data for v in files.values()),
+           "every file published under <root>/%d/ is the honest data (%d files)" % (uid, len(files)),
+           repr({p: (len(v), h.md5_hex(v)) for p, v in files.items()}))
 
 with tap.section("kill -9 of the node serving an upload"):
     up = h.Upload(os.urandom(3000000), "killed.bin", UID, TOKEN, chunk_size=65536)   # 46 chunks
