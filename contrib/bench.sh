@@ -128,7 +128,8 @@ PY
 bench_multinode() {
 	local haproxy=${HAPROXY_BIN:-/usr/sbin/haproxy}
 	[ -x "$haproxy" ] || { echo "== multi-node: skipped ($haproxy is not installed)"; return 0; }
-	local dur=${MN_DURATION:-15} mn=$work/mn hport=$((port + 10)) i
+	local dur=${MN_DURATION:-15} hport=$((port + 10)) i
+	mn=$work/mn   # global: the EXIT trap below needs it
 	local load=(--connections 32 --size 8388608 --chunk 32768 --mode upload --duration "$dur" --uid 1 --token bench --json)
 	mkdir -p "$mn/root"
 	mn_node_conf() {   # node number, proxy_protocol on|off
@@ -188,7 +189,7 @@ NODE
 		python3 - "$mn/haproxy.sock" "$n" <<'PY'
 import socket, sys, time
 path, want = sys.argv[1], int(sys.argv[2])
-for _ in range(300):
+for _ in range(600):
     try:
         s = socket.socket(socket.AF_UNIX); s.connect(path); s.sendall(b"show stat\n")
         out = b""
@@ -201,7 +202,8 @@ for _ in range(300):
     except OSError:
         pass
     time.sleep(0.1)
-sys.exit("haproxy: not every server came UP")
+sys.exit("haproxy: not every server came UP within 60 s: %s" % [l.split(",")[1:2] + l.split(",")[17:18]
+                                                                  for l in out.decode().splitlines()[1:]])
 PY
 	}
 	mn_haproxy_stop() {
@@ -232,13 +234,15 @@ PY
 	mn_stop 1
 	for i in 1 2 3; do mn_node_conf "$i" on; done
 	mn_start 1
-	mn_haproxy 1
-	mn_line "HAProxy, 1 node" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	if mn_haproxy 1; then
+		mn_line "HAProxy, 1 node" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	fi
 	mn_haproxy_stop
 	mn_start 2
 	mn_start 3
-	mn_haproxy 3
-	mn_line "HAProxy, 3 nodes" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	if mn_haproxy 3; then
+		mn_line "HAProxy, 3 nodes" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	fi
 	mn_cleanup
 	trap cleanup EXIT
 }
