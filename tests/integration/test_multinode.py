@@ -515,16 +515,19 @@ with tap.section("a frozen node's upload taken over"):
         tap.diag("node3 took the upload over %.2f s after node2 froze" % (time.monotonic() - t_freeze))
     finally:
         frozen.thaw()
+    # The garbage chunk goes out first, the honest last chunk right behind it: the honest client stays
+    # active (its node keeps the lease) while the thawed node handles its old client's chunk.
+    g.send_raw(garbage.frame(g_offset, g_seq))
+    go_on.set()
+    thread.join(40)
     try:
-        after = garbage.send_chunk(g, g_offset, g_seq, timeout=30)
+        after = g.recv_json(h.MSG_UPLOAD + 1, timeout=30)
     except (OSError, h.ProtocolError) as e:
         after = {"error": None, "dropped": str(e)}
     g.close()
     tap.diag("node2's answer to its old client after the thaw: %r" % after)
     tap.ok(after.get("error") != 0, "thawed, node2 refuses its old client's next chunk (answer %r)"
            % after.get("error"), repr(after))
-    go_on.set()
-    thread.join(40)
     tap.ok(qt.ok() and published_ok_at(uid, honest), "the honest client finishes, its file byte-identical",
            qt.report())
     files = published_files(uid)
