@@ -30,8 +30,8 @@ from zero because 1005 on another node answers 1012):
     the upload over for the honest client; thawed, the frozen node refuses its old client's next chunk
     (fenced), and only the honest data is published;
   - kill -9 of the node serving an upload (master and every child): the client resumes through HAProxy
-    on another node within 15 s (the time is printed), without restarting, identical, and no staging
-    entry of it is left in <root>/.staging;
+    on another node within 15 s (the time is printed), without restarting, identical, and neither a
+    staging entry of it in <root>/.staging nor its lease in Redis is left;
   - a node restarted (TERM, then the same configuration again; its upload_ttl is 6 s and its janitor
     runs every second, so that a wrongly adopted upload would be removed while the test watches) while
     uploads run on the two others never removes or adopts them: they complete identical with no error
