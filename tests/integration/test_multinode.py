@@ -23,7 +23,8 @@ from zero because 1005 on another node answers 1012):
     a client whose connections go A, B, A (straight to two nodes) never gets a corrupt file published;
   - two clients uploading the same (uid, md5) at once through two nodes (straight, and through HAProxy),
     both honest, or one sending garbage under the honest md5: every file published under <root>/<uid>/
-    is the honest data, the garbage client never gets error 0 on its last chunk unless the intact file
+    is the honest data (also when both hop across nodes every 3 chunks through HAProxy), the garbage
+    client never gets error 0 on its last chunk unless the intact file
     of that md5 is already published (the answer to a final chunk resent after publication), and the
     honest client finishes identical (the loser may see 1027, 1024 or 1012 and retries);
   - a node frozen (SIGSTOP) past its lease while a client sends garbage through it: another node takes
@@ -57,7 +58,7 @@ import harness as h  # noqa: E402
 tap = h.Tap(deadline=240)
 
 UID, TOKEN = 4301, "multinode-token"
-RACE_UIDS = [4310 + i for i in range(5)]   # one per race scenario: everything published there must be honest
+RACE_UIDS = [4310 + i for i in range(6)]   # one per race scenario: everything published there must be honest
 NODES = 3
 LEASE_TTL = 4
 RESTARTED_UPLOAD_TTL, RESTARTED_JANITOR = 6, 1
@@ -413,10 +414,11 @@ with tap.section("a client going A, B, A"):
     check_resumed(qt, "upload going A, B, A")
 
 
-def race(uid, connects, garbage, name, head_start=0):
+def race(uid, connects, garbage, name, head_start=0, hop=None):
     """Two clients send the same (uid, md5) at once through connects[0] and connects[1]; the second one
     sends random bytes under the first one's md5 when garbage, and sends head_start chunks before the
-    honest one begins (then both go on together). Returns (honest QtClient, other QtClient)."""
+    honest one begins (then both go on together); with hop, both hang up and reconnect every hop chunks.
+    Returns (honest QtClient, other QtClient)."""
     data = os.urandom(1000000)
     honest = h.Upload(data, "race.bin", uid, TOKEN, chunk_size=32768)
     other = h.Upload(os.urandom(len(data)) if garbage else data, "race.bin", uid, TOKEN, chunk_size=32768,
@@ -424,9 +426,10 @@ def race(uid, connects, garbage, name, head_start=0):
     # A final chunk resent after the file was published is answered 0 while the published file is
     # unchanged (protocol.md 6): for the garbage client that answer is right only when the file of that
     # md5 is already published intact, which is checked the moment the answer arrives.
-    clients = [QtClient(honest, connects[0], timeout=30, max_restarts=6, max_connections=40),
-               QtClient(other, connects[1], timeout=20, max_restarts=1 if garbage else 6, max_connections=40,
-                        on_last_ok=lambda: published_ok_at(uid, honest))]
+    routes = [[(c, hop)] * 20 if hop else [] for c in connects]
+    clients = [QtClient(honest, connects[0], route=routes[0], timeout=30, max_restarts=6, max_connections=60),
+               QtClient(other, connects[1], route=routes[1], timeout=20, max_restarts=1 if garbage else 6,
+                        max_connections=60, on_last_ok=lambda: published_ok_at(uid, honest))]
     start = threading.Barrier(2)
     honest_sent = threading.Event()
 
@@ -482,6 +485,8 @@ with tap.section("two clients, same upload, two nodes at once"):
     race(RACE_UIDS[2], (b.connect, a.connect), True, "garbage on node1 first, then honest on node2", head_start=12)
     race(RACE_UIDS[3], (hap.connect, hap.connect), True, "garbage first, then honest, through HAProxy",
          head_start=12)
+    race(RACE_UIDS[5], (hap.connect, hap.connect), True, "honest and garbage both hopping every 3 chunks",
+         hop=3)
 
 with tap.section("a frozen node's upload taken over"):
     # A node that hangs past its lease (SIGSTOP of all its processes) while a client sends garbage under
