@@ -41,8 +41,8 @@ from zero because 1005 on another node answers 1012):
     acknowledged byte (no sync answers less than what was acknowledged beyond the record's lag,
     < 1.5x sent, identical).
 
-[storage] lease_ttl is set to 4 s on every node when the binary knows the key (resourced -t), and
-left out otherwise; [server] storage_timeout is 8 s, so a node waiting for a lease held elsewhere
+[storage] lease_ttl is set to 4 s on every node (RESOURCED_TEST_LEASE_TTL overrides it) when the
+binary knows the key (resourced -t), and left out otherwise; [server] storage_timeout is 8 s, so a node waiting for a lease held elsewhere
 answers 1027 well within the clients' timeouts.
 """
 import os
@@ -60,7 +60,7 @@ tap = h.Tap(deadline=240)
 UID, TOKEN = 4301, "multinode-token"
 RACE_UIDS = [4310 + i for i in range(6)]   # one per race scenario: everything published there must be honest
 NODES = 3
-LEASE_TTL = 4
+LEASE_TTL = int(os.environ.get("RESOURCED_TEST_LEASE_TTL", "4"))   # 6 is the daemon's default
 RESTARTED_UPLOAD_TTL, RESTARTED_JANITOR = 6, 1
 
 if not os.access(h.HAPROXY_BIN, os.X_OK):
