@@ -102,6 +102,10 @@ struct backend_ops {
 	int (*staging_read)(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got);
 	int (*staging_sync)(struct backend_staging *s, enum backend_sync_point point);
 	int (*staging_size)(struct backend_staging *s, uint64_t *size);
+	/* The highest fence recorded with the entry (0 when none is): a holder that took its lease back
+	 * with the fence it had checks that nobody changed the entry meanwhile (Redis may have lost
+	 * writes). A backend without fencing answers 0. */
+	int (*staging_fence)(struct backend_staging *s, uint64_t *recorded);
 	/* Cuts the entry to size (recovery drops bytes that cannot count). */
 	int (*staging_truncate)(struct backend_staging *s, uint64_t size, uint64_t fence);
 	/* Removes the entry's data and metadata; the handle stays valid until staging_close. */

@@ -372,7 +372,11 @@ static int meta_read(const char *path, struct backend_meta *m)
  * lower fence with ESTALE, records a higher one, makes the change and unlocks: the check
  * and the change are one step for every other holder. The file is opened per change, so
  * thousands of idle uploads hold no descriptor, and checked after locking to be the one
- * the path names (discard and publish remove it under the lock).
+ * the path names (discard and publish remove it under the lock, with the entry). A
+ * stale holder that comes back after that finds no fence to compare with, so a write
+ * also checks that its descriptor is the .part the path names now: a .part published
+ * (renamed) or discarded meanwhile is refused, and a new entry at that path has a newer
+ * fence. (A lock file such a holder creates again is an orphan the janitor removes.)
  */
 static int fence_enter(struct backend_staging *s, uint64_t fence)
 {
@@ -417,6 +421,24 @@ static int fence_enter(struct backend_staging *s, uint64_t fence)
 		return 0;
 	}
 	return EAGAIN;
+}
+
+static int fs_staging_fence(struct backend_staging *s, uint64_t *recorded)
+{
+	*recorded = 0;
+	int fd = open(s->lockfile, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : errno;
+	int rc;
+	while ((rc = flock(fd, LOCK_SH)) < 0 && errno == EINTR)
+		;
+	uint8_t b[8];
+	ssize_t n = rc == 0 ? pread(fd, b, sizeof(b), 0) : -1;
+	int err = rc < 0 || n < 0 ? errno : 0;
+	close(fd);
+	for (int i = 7; n == (ssize_t)sizeof(b) && i >= 0; i--)
+		*recorded = *recorded << 8 | b[i];
+	return err;
 }
 
 /* Unlocks (closing the descriptor drops the flock). */
@@ -502,7 +524,12 @@ static int fs_staging_write(struct backend_staging *s, const void *data, size_t 
 	if (err)
 		return err;
 	if ((err = fence_enter(s, fence)) == 0) {
-		err = write_all_at(s->fd, data, len, offset);
+		struct stat held, named;
+		if (fstat(s->fd, &held) < 0 || stat(s->part, &named) < 0 || held.st_ino != named.st_ino ||
+		    held.st_dev != named.st_dev)
+			err = ESTALE;   /* published or discarded by another holder since it was opened */
+		else
+			err = write_all_at(s->fd, data, len, offset);
 		fence_leave(s);
 	}
 	staging_release(s);
@@ -754,6 +781,7 @@ const struct backend_ops backend_fs = {
 	.staging_begin = fs_staging_begin,
 	.staging_attach = fs_staging_attach,
 	.staging_find = fs_staging_find,
+	.staging_fence = fs_staging_fence,
 	.staging_write = fs_staging_write,
 	.staging_read = fs_staging_read,
 	.staging_sync = fs_staging_sync,

@@ -69,6 +69,7 @@ struct op {
 	uint32_t data_len;
 	const uint8_t *data;          /* the chunk, inside block */
 	uint8_t *block;               /* the received message payload, freed with the op */
+	int retried;                  /* run again once after the upload was read back */
 	struct op *next;
 };
 
@@ -77,7 +78,8 @@ struct upload_key {
 	char md5[PROTO_MD5_HEX + 1];
 };
 
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD };
+enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
+	WORK_CHECK };
 
 /* Where this node stands with an upload's lease (lease.h). */
 enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
@@ -134,6 +136,8 @@ struct upload {
 	int loading;                  /* WORK_LOAD is reading the staging entry back */
 	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
 	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
+	int parked;                   /* its lease was given back while what is in memory stayed */
+	int check_hold;               /* taken back with the same fence: confirm with the storage first */
 	ev_tstamp active;             /* last request: an idle upload lets its lease go */
 	struct backend_entry load;    /* what WORK_LOAD found */
 };
@@ -617,6 +621,15 @@ static void upload_work(struct pool_job *job)
 		if (up->stg)
 			be->ops->staging_discard(up->stg, up->fence);
 		return;
+	case WORK_CHECK: {
+		uint64_t recorded = 0, size = 0;
+		up->work_errno = up->stg ? be->ops->staging_fence(up->stg, &recorded) : ENOENT;
+		if (up->work_errno == 0)
+			up->work_errno = be->ops->staging_size(up->stg, &size);
+		if (up->work_errno == 0 && (recorded != up->fence || size < up->committed))
+			up->work_errno = ESTALE;   /* changed by another holder while Redis said otherwise */
+		return;
+	}
 	case WORK_LOAD: {
 		be->ops->staging_close(up->stg);
 		up->stg = NULL;
@@ -891,6 +904,8 @@ static void upload_lost(struct upload *up, const char *holder)
 	up->lease = UL_NONE;
 	up->loaded = 0;
 	up->exists = 0;
+	up->parked = 0;
+	up->check_hold = 0;
 	ev_timer_stop(st->loop, &up->lease_timer);
 	upload_uncount(up);
 	stats_transfer_close(up->xfer);
@@ -917,7 +932,13 @@ static void upload_on_lease(void *data, enum lease_status status, uint64_t fence
 	if (status == LEASE_HELD) {
 		if (up->loaded && fence != up->fence) {
 			upload_lost(up, NULL);   /* someone else may have changed it in between */
-		} else if (up->reload_now) {
+		} else if (up->loaded && up->parked) {
+			/* The same fence: nobody took it meanwhile, says Redis. A Redis that lost writes
+			 * (a failover, a restart from a snapshot) could say so wrongly: the fence recorded
+			 * with the staging entry decides before memory is trusted again (WORK_CHECK). */
+			up->check_hold = 1;
+		}
+		if (up->loaded && up->reload_now) {
 			up->reload_now = 0;   /* Redis came back with our lease: the record may be gone */
 			up->record_dirty = 1;
 		}
@@ -1022,6 +1043,7 @@ static int upload_release(struct upload *up)
 	lease_release(&st->redis, key, st->conf->upload_ttl * 1000L, NULL, NULL);
 	up->lease = UL_NONE;
 	up->release_wanted = 0;
+	up->parked = 1;
 	ev_timer_stop(st->loop, &up->lease_timer);
 	return 1;
 }
@@ -1079,6 +1101,7 @@ static void upload_loaded(struct upload *up)
 	const struct backend_meta *m = &up->load.meta;
 	up->exists = 1;
 	up->loaded = 1;
+	up->parked = 0;
 	memcpy(up->name, m->name, m->name_len + 1u);
 	up->name_len = m->name_len;
 	up->kind = m->kind;
@@ -1231,6 +1254,19 @@ static void upload_work_done(struct pool_job *job)
 		upload_run(up);
 		return;
 	}
+	if (up->work == WORK_CHECK) {
+		up->running = 0;
+		up->check_hold = 0;
+		if (up->work_errno) {
+			log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
+			    up->key.uid, up->key.md5, strerror(up->work_errno));
+			upload_lost(up, NULL);
+		} else {
+			up->parked = 0;
+		}
+		upload_run(up);
+		return;
+	}
 	if (up->work == WORK_HASH) {
 		upload_pop(up);
 		op_free(op);
@@ -1270,8 +1306,18 @@ static void upload_work_done(struct pool_job *job)
 			return;
 		}
 		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
-		if (up->work_errno == ESTALE) {
-			/* Fenced out: another node holds the upload now; this one forgets what it knew. */
+		if (up->work_errno == ESTALE ||
+		    (up->work_errno == ENOENT && (up->work == WORK_WRITE || up->work == WORK_COMPLETE))) {
+			/* Fenced out, or the entry is gone: another holder changed the upload. This node
+			 * forgets what it knew and runs the request once more on what it reads back (a final
+			 * chunk whose file another node published is then answered 0); a second time, busy. */
+			if (!op->retried && (up->work == WORK_WRITE || up->work == WORK_COMPLETE)) {
+				op->retried = 1;
+				up->running = 0;
+				upload_lost(up, NULL);
+				upload_run(up);
+				return;
+			}
 			upload_pop(up);
 			op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
 			upload_lost(up, NULL);
@@ -1379,6 +1425,10 @@ static void upload_run(struct upload *up)
 		}
 		if (!up->loaded && !(op->type == OP_CHUNK && op->seq == 1)) {
 			upload_load(up);
+			return;
+		}
+		if (up->check_hold) {
+			upload_start_work(up, WORK_CHECK);
 			return;
 		}
 		if (op->type == OP_SWEEP) {

@@ -368,6 +368,51 @@ START_TEST(test_unknown_backend)
 }
 END_TEST
 
+/* Fencing (backend.h): a lower fence changes nothing; a higher one takes over; a holder that lost
+ * the upload cannot write into what another holder published, nor find it again. */
+START_TEST(test_fencing)
+{
+	struct backend_meta m = meta_of(21, MD5_A, "fenced.bin", 8);
+	struct backend_staging *a, *b;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &a), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, "abcd", 4, 0, 10), 0);
+	uint64_t recorded = 0;
+	ck_assert_int_eq(be.ops->staging_fence(a, &recorded), 0);
+	ck_assert_uint_eq(recorded, 10);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 9), ESTALE);
+	/* Another holder takes over with a newer fence: the old one is refused from then on. */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 21, MD5_A, &e, &b), 0);
+	ck_assert_uint_eq(e.size, 4);
+	ck_assert_str_eq(e.meta.name, "fenced.bin");
+	ck_assert_int_eq(be.ops->staging_write(b, "efgh", 4, 4, 20), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 4, 10), ESTALE);
+	ck_assert_int_eq(be.ops->staging_truncate(a, 0, 10), ESTALE);
+	ck_assert_int_eq(be.ops->staging_discard(a, 10), ESTALE);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(a, 10, &flags), ESTALE);
+	ck_assert_int_eq(flags, 0);
+	ck_assert_int_eq(be.ops->publish(b, 20, &flags), 0);
+	ck_assert(flags & BACKEND_PUBLISHED);
+	be.ops->staging_close(b);
+	/* Published: the old holder's descriptor now names the published file; its write is refused,
+	 * even though the lock that held the fence went with the entry. */
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 10), ESTALE);
+	struct backend_file *f;
+	uint64_t size;
+	char version[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 21, "fenced.bin", 10, &f, &size, version), 0);
+	char buf[9] = { 0 };
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->file_read(f, buf, 8, 0, &got), 0);
+	ck_assert_uint_eq(got, 8);
+	ck_assert_str_eq(buf, "abcdefgh");
+	be.ops->file_close(f);
+	ck_assert_int_eq(be.ops->staging_find(&be, 21, MD5_A, &e, &b), ENOENT);
+	be.ops->staging_close(a);
+}
+END_TEST
+
 static Suite *backend_suite(void)
 {
 	Suite *s = suite_create("backend");
@@ -381,6 +426,7 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_list_drops_broken);
 	tcase_add_test(tc, test_open_files_bounded);
 	tcase_add_test(tc, test_unknown_backend);
+	tcase_add_test(tc, test_fencing);
 	suite_add_tcase(s, tc);
 	return s;
 }
