@@ -90,6 +90,7 @@ struct conn {
 	 * download chunk before is_last, or a sync (the client goes on with a chunk). A graceful
 	 * stop lets such a connection carry on until its transfer ends. */
 	int in_transfer;
+	int late;                     /* taken from the queue as accepting stopped: its first request is awaited */
 	/* Credentials trusted on this connection. */
 	int auth_valid;
 	uint64_t auth_uid;
@@ -463,7 +464,7 @@ static void conn_close(struct conn *c, const char *why)
  * or partly received, and no transfer left open by the last answer. */
 static int conn_done_for_stop(const struct conn *c)
 {
-	return !c->busy && !c->in_transfer && buf_len(&c->in) == 0;
+	return !c->busy && !c->in_transfer && !c->late && buf_len(&c->in) == 0;
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -1420,6 +1421,7 @@ static void conn_process(struct conn *c)
 		}
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
+		c->late = 0;
 		STAT_INC(frames_in);
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
@@ -1446,18 +1448,19 @@ static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revent
 	ev_io_start(loop, &w->accept_io);
 }
 
-static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
+/* Returns the new connection, or NULL when it was refused (the limit, out of memory). */
+static struct conn *worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
 {
 	if (w->nconns >= (uint32_t)w->conf->max_connections) {
 		STAT_INC(conn_rejected);
 		close(fd);
-		return;
+		return NULL;
 	}
 	struct conn *c = calloc(1, sizeof(*c));
 	if (c == NULL || conn_table_add(w, c) < 0) {
 		free(c);
 		close(fd);
-		return;
+		return NULL;
 	}
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -1486,6 +1489,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	ev_timer_init(&c->timer, conn_on_timer, w->conf->idle_timeout, 0.);
 	c->timer.data = c;
 	ev_timer_start(w->loop, &c->timer);
+	return c;
 }
 
 static void worker_on_accept(struct ev_loop *loop, ev_io *io, int revents)
@@ -1539,7 +1543,9 @@ static void worker_stop_accepting(struct worker *w)
 		int fd = accept4(w->listen_fd, (struct sockaddr *)&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0)
 			break;
-		worker_accept_one(w, fd, &ss);
+		struct conn *c = worker_accept_one(w, fd, &ss);
+		if (c != NULL)
+			c->late = 1;
 	}
 	close(w->listen_fd);
 }
