@@ -38,6 +38,7 @@
 #define ACCEPT_BURST 64
 #define STORAGE_RETRY_MIN 0.05
 #define STORAGE_RETRY_MAX 1.0
+#define STOP_FRESH_WAIT 1.0       /* a graceful stop waits this long for the first request of a new connection */
 
 /* Where the request in progress is waiting. */
 enum req_stage {
@@ -90,7 +91,7 @@ struct conn {
 	 * download chunk before is_last, or a sync (the client goes on with a chunk). A graceful
 	 * stop lets such a connection carry on until its transfer ends. */
 	int in_transfer;
-	int late;                     /* taken from the queue as accepting stopped: its first request is awaited */
+	int fresh;                    /* no complete frame yet (last_frame is the accept time) */
 	/* Credentials trusted on this connection. */
 	int auth_valid;
 	uint64_t auth_uid;
@@ -141,6 +142,7 @@ struct worker {
 	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
+	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
 	struct conn **conns;          /* table indexed by conn->slot */
 	uint32_t conns_cap;
 	uint32_t *free_slots;
@@ -464,7 +466,9 @@ static void conn_close(struct conn *c, const char *why)
  * or partly received, and no transfer left open by the last answer. */
 static int conn_done_for_stop(const struct conn *c)
 {
-	return !c->busy && !c->in_transfer && !c->late && buf_len(&c->in) == 0;
+	/* A connection accepted just now has a request on its way, not yet read: it is served. */
+	int arriving = c->fresh && ev_now(c->w->loop) - c->last_frame < STOP_FRESH_WAIT;
+	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0;
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -1421,7 +1425,7 @@ static void conn_process(struct conn *c)
 		}
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
-		c->late = 0;
+		c->fresh = 0;
 		STAT_INC(frames_in);
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
@@ -1448,25 +1452,25 @@ static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revent
 	ev_io_start(loop, &w->accept_io);
 }
 
-/* Returns the new connection, or NULL when it was refused (the limit, out of memory). */
-static struct conn *worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
+static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
 {
 	if (w->nconns >= (uint32_t)w->conf->max_connections) {
 		STAT_INC(conn_rejected);
 		close(fd);
-		return NULL;
+		return;
 	}
 	struct conn *c = calloc(1, sizeof(*c));
 	if (c == NULL || conn_table_add(w, c) < 0) {
 		free(c);
 		close(fd);
-		return NULL;
+		return;
 	}
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c->w = w;
 	c->fd = fd;
 	c->xfer = -1;
+	c->fresh = 1;
 	c->awaiting_proxy = w->conf->proxy_protocol;
 	STAT_INC(conn_total);
 	STAT_INC(conn_current);
@@ -1489,7 +1493,6 @@ static struct conn *worker_accept_one(struct worker *w, int fd, const struct soc
 	ev_timer_init(&c->timer, conn_on_timer, w->conf->idle_timeout, 0.);
 	c->timer.data = c;
 	ev_timer_start(w->loop, &c->timer);
-	return c;
 }
 
 static void worker_on_accept(struct ev_loop *loop, ev_io *io, int revents)
@@ -1543,11 +1546,38 @@ static void worker_stop_accepting(struct worker *w)
 		int fd = accept4(w->listen_fd, (struct sockaddr *)&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0)
 			break;
-		struct conn *c = worker_accept_one(w, fd, &ss);
-		if (c != NULL)
-			c->late = 1;
+		worker_accept_one(w, fd, &ss);
 	}
 	close(w->listen_fd);
+}
+
+/* Closes the connections with nothing in progress; returns how many carry on. */
+static unsigned worker_close_done(struct worker *w)
+{
+	unsigned carry_on = 0;
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL)
+			continue;
+		if (!conn_done_for_stop(c)) {
+			carry_on++;   /* a request or a transfer in progress: it goes on */
+			continue;
+		}
+		c->closing = 1;
+		if (buf_len(&c->out) == 0)
+			conn_close(c, "graceful stop");
+		else
+			conn_update_io(c);
+	}
+	return carry_on;
+}
+
+/* New connections that have still sent nothing by now are idle ones. */
+static void worker_on_fresh_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	worker_close_done(t->data);
 }
 
 /* Closes the connections with nothing in progress now; the others once the transfer they are
@@ -1561,23 +1591,15 @@ static void worker_close_connections(struct worker *w, double limit)
 		ev_break(w->loop, EVBREAK_ALL);
 		return;
 	}
-	unsigned transfers = 0;
-	for (uint32_t i = 0; i < w->conns_cap; i++) {
-		struct conn *c = w->conns[i];
-		if (c == NULL)
-			continue;
-		if (!conn_done_for_stop(c)) {
-			transfers++;   /* a request or a transfer in progress: it goes on */
-			continue;
-		}
-		c->closing = 1;
-		if (buf_len(&c->out) == 0)
-			conn_close(c, "graceful stop");
-		else
-			conn_update_io(c);
+	unsigned carry_on = worker_close_done(w);
+	if (w->nconns > 0) {
+		ev_timer_stop(w->loop, &w->fresh_timer);
+		ev_timer_init(&w->fresh_timer, worker_on_fresh_timeout, STOP_FRESH_WAIT + 0.01, 0.);
+		w->fresh_timer.data = w;
+		ev_timer_start(w->loop, &w->fresh_timer);
 	}
 	log_info("graceful stop: %u connections with a request or transfer in progress carry on (at most %.1f s)",
-	    transfers, limit);
+	    carry_on, limit);
 }
 
 /* QUIT (sent by the master once the drain grace is over): stop accepting, close the connections

@@ -196,11 +196,31 @@ with tap.section("QUIT with stalled clients"):
     r, _, _ = silent_up.run(silent, max_chunks=3)
     tap.ok(r.get("error") == 0, "(an upload stops after 3 of 16 chunks and keeps its connection)")
     procs = d.processes()
+    # Workers stopped (SIGSTOP) through the grace: a connection made then waits in the kernel's
+    # queue when accepting stops. It must be taken and answered, not reset with the socket.
+    workers = d.worker_pids()
+    for p in workers:
+        os.kill(p, signal.SIGSTOP)
     mark = len(read_text(d.log_file))
     t_quit = time.monotonic()
-    d.send_signal(signal.SIGQUIT)
-    tap.ok(h.wait_for(lambda: "no longer accepting" in read_text(d.log_file, mark), GRACE + 5) and
-           silent.is_open(0.3), "after the grace the silent upload's connection is still open (a transfer in progress)")
+    try:
+        d.send_signal(signal.SIGQUIT)
+        queued = h.Client(d.port, timeout=10)
+        queued.send(h.MSG_TEST, {"data": "queued"})
+        ended = h.wait_for(lambda: "no longer accepting" in read_text(d.log_file, mark), GRACE + 5)
+    finally:
+        for p in workers:
+            os.kill(p, signal.SIGCONT)
+    tap.ok(ended, "(the grace ended while the workers were stopped)")
+    try:
+        r = queued.recv_json(h.MSG_TEST + 1, 5)
+    except (OSError, h.ProtocolError) as e:
+        r = {"exception": repr(e)}
+    tap.ok(r.get("error") == 0 and r.get("data") == "queued",
+           "a connection still queued when accepting stopped is taken and answered", repr(r))
+    tap.ok(queued.wait_closed(5), "... and then closed")
+    queued.close()
+    tap.ok(silent.is_open(0.3), "after the grace the silent upload's connection is still open (a transfer in progress)")
     try:
         rc = d.proc.wait(SHORT_SHUTDOWN + 8)
     except subprocess.TimeoutExpired:
