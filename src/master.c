@@ -461,7 +461,7 @@ static void master_stop(struct master *m, int graceful)
 	}
 	m->stopping = graceful ? 2 : 1;
 	sd_notify(0, "STOPPING=1");
-	control_set_draining(m->control, 1);
+	control_set_stopping(m->control);
 	for (int i = 0; i < STATS_MAX_SLOTS; i++)
 		ev_timer_stop(m->loop, &m->procs[i].respawn);
 	if (graceful) {

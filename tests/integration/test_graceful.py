@@ -103,6 +103,21 @@ def bad_answers(st):
     return [r for r in st["answers"] if r.get("error") != 0]
 
 
+def stats_command(path, cmd):
+    """One command on the stats socket; its answer (up to the empty line that ends it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(cmd.encode() + b"\n")
+        buf = b""
+        while b"\n\n" not in buf:
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    return buf.decode(errors="replace").strip()
+
+
 def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -118,6 +133,9 @@ with tap.section("QUIT lets transfers finish"):
     agent_port = h.free_port()
     d = new_daemon({"shutdown_timeout": SHUTDOWN, "drain_grace": GRACE, "storage_timeout": 10,
                     "agent_listen": "127.0.0.1:%d" % agent_port, "download_chunk": 32768})
+    stats_sock = os.path.join(d.run_dir, "stats.sock")
+    d.settings["server"]["stats_socket"] = stats_sock
+    h.Daemon.write_config(d.conf_path, d.settings)
     d.start()
     tap.ok(h.wait_for(lambda: h.agent_answer(agent_port).startswith("up"), 15), "(daemon up, the agent says up)")
     source = rand.randbytes(4 << 20)
@@ -150,6 +168,12 @@ with tap.section("QUIT lets transfers finish"):
     tap.ok(r.get("error") == 0 and r.get("data") == "during the grace" and accepting,
            "a connection arriving during the grace is served (%.2f s after QUIT)" % served_at, repr(r))
     tap.ok(idle.is_open(), "the idle connection stays open during the grace")
+    try:
+        answer = stats_command(stats_sock, "enable")
+    except OSError as e:
+        answer = repr(e)
+    tap.ok(answer.startswith("ERROR") and h.agent_answer(agent_port, timeout=1) == "drain\n",
+           "enable on the stats socket during a graceful stop is refused: the agent still says drain", answer)
     tap.ok(h.wait_for(lambda: "no longer accepting" in read_text(d.log_file, mark), GRACE + 5),
            "after drain_grace the master stops accepting (the log says so)")
     tap.ok(h.wait_for(lambda: refused(d.port), 5), "after the grace a new connection is refused")
