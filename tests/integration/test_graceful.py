@@ -103,6 +103,16 @@ def bad_answers(st):
     return [r for r in st["answers"] if r.get("error") != 0]
 
 
+def log_time(path, offset, needle):
+    """Seconds (of the day) of the first log line after offset that contains needle, or None."""
+    for line in read_text(path, offset).splitlines():
+        if needle in line:
+            hms = line.split()[1]
+            hh, mm, ss = hms.split(":")
+            return int(hh) * 3600 + int(mm) * 60 + float(ss)
+    return None
+
+
 def stats_command(path, cmd):
     """One command on the stats socket; its answer (up to the empty line that ends it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -251,10 +261,14 @@ with tap.section("QUIT with stalled clients"):
         rc = None
     took = time.monotonic() - t_quit
     tap.eq(rc, 0, "the master exits with status 0")
-    tap.ok(took <= SHORT_SHUTDOWN + 2, "the master exits within shutdown_timeout (%d s) + 2 s although clients stall: "
-           "%.2f s" % (SHORT_SHUTDOWN, took))
-    tap.ok("connections still open after shutdown_timeout: closing them" in read_text(d.log_file, mark),
-           "the log says connections were cut at shutdown_timeout")
+    # The cut comes from the workers' timer at shutdown_timeout; leaving takes what process exit takes
+    # (more under sanitizers), well before the master's own SIGKILL at shutdown_timeout + 10 s.
+    quit_at = log_time(d.log_file, mark, "SIGQUIT: graceful stop")
+    cut_at = log_time(d.log_file, mark, "connections still open after shutdown_timeout: closing them")
+    tap.ok(quit_at is not None and cut_at is not None and cut_at - quit_at <= SHORT_SHUTDOWN + 1,
+           "the stalled connections are cut at shutdown_timeout (%d s) after QUIT: %s s"
+           % (SHORT_SHUTDOWN, "%.2f" % (cut_at - quit_at) if quit_at and cut_at else "?"))
+    tap.ok(took <= SHORT_SHUTDOWN + 5, "the master exits soon after: %.2f s after QUIT" % took)
     tap.ok(silent.wait_closed(3), "the silent upload's connection was cut")
     silent.close()
     stalled.settimeout(5)
