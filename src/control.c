@@ -33,7 +33,7 @@ struct control {
 	ev_io stats_io, agent_io;
 	ev_timer stats_pause, agent_pause;   /* accepts stopped for a moment after EMFILE/ENFILE */
 	int draining;
-	int stopping;                 /* a graceful stop: drain for good, enable cannot undo it */
+	int stopping;                 /* a stop began: drain for good, enable cannot undo it */
 	double started;
 	char stats_path[512];
 	struct control_client *clients;   /* open stats connections: a forked child must close them */
