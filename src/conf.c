@@ -46,6 +46,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768" },
 	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30" },
 	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30" },
+	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3" },
 	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "" },
 	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
@@ -310,6 +311,14 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    strcmp(a->pg_conninfo, b->pg_conninfo) == 0 && a->pg_timeout == b->pg_timeout &&
 	    strcmp(a->run_dir, b->run_dir) == 0 && strcmp(a->node, b->node) == 0 &&
 	    a->log_level == b->log_level && strcmp(a->log_file, b->log_file) == 0;
+}
+
+double conf_drain_grace(const struct conf *c)
+{
+	/* The whole graceful stop stays within shutdown_timeout (service managers wait for
+	 * that): the grace takes at most half of it, transfers in progress keep the rest. */
+	double half = c->shutdown_timeout / 2.0;
+	return c->drain_grace < half ? (double)c->drain_grace : half;
 }
 
 void conf_defaults(struct conf *c)

@@ -27,6 +27,7 @@ struct conf {
 	int64_t download_chunk;     /* bytes per download chunk */
 	int storage_timeout;        /* seconds a worker waits for the storage process */
 	int shutdown_timeout;       /* seconds a graceful stop (QUIT) or retirement may take */
+	int drain_grace;            /* seconds a graceful stop keeps accepting while the agent says drain */
 	char stats_socket[512];     /* the master's stats and admin socket; empty: none */
 	char agent_listen[300];     /* HAProxy agent-check host:port; empty: none */
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
@@ -81,6 +82,10 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
 
 /* 1 when a and b agree on everything the storage process uses (then a reload keeps it running). */
 int conf_storage_equal(const struct conf *a, const struct conf *b);
+
+/* Seconds a graceful stop keeps accepting while the agent-check answers drain:
+ * drain_grace, but at most half of shutdown_timeout (the whole stop stays within it). */
+double conf_drain_grace(const struct conf *c);
 
 /* Sets one key; the same checks as a file. Used by tests and -o overrides. */
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,

@@ -33,6 +33,7 @@ struct control {
 	ev_io stats_io, agent_io;
 	ev_timer stats_pause, agent_pause;   /* accepts stopped for a moment after EMFILE/ENFILE */
 	int draining;
+	int stopping;                 /* a stop began: drain for good, enable cannot undo it */
 	double started;
 	char stats_path[512];
 	struct control_client *clients;   /* open stats connections: a forked child must close them */
@@ -496,6 +497,8 @@ static void control_command(struct control *c, char *line, struct buf *out)
 		control_set_draining(c, 1);
 		log_info("stats socket: disabled (draining)");
 		out_printf(out, "OK draining\n");
+	} else if (strcmp(argv[0], "enable") == 0 && argc == 1 && c->stopping) {
+		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
 	} else if (strcmp(argv[0], "enable") == 0 && argc == 1) {
 		control_set_draining(c, 0);
 		log_info("stats socket: enabled");
@@ -752,6 +755,12 @@ void control_set_conf(struct control *c, const struct conf *conf)
 void control_set_draining(struct control *c, int on)
 {
 	c->draining = on;
+}
+
+void control_set_stopping(struct control *c)
+{
+	c->stopping = 1;
+	c->draining = 1;
 }
 
 void control_destroy(struct control *c)

@@ -34,6 +34,8 @@ struct control *control_create(struct ev_loop *loop, const struct conf *conf, st
 void control_set_conf(struct control *c, const struct conf *conf);
 /* Draining: agent-check says drain (disable, graceful stop). */
 void control_set_draining(struct control *c, int on);
+/* Stopping (graceful or not): drain until the end; `enable` is refused. */
+void control_set_stopping(struct control *c);
 void control_destroy(struct control *c);
 /* In a forked child: closes the inherited sockets without removing the stats socket file. */
 void control_close_inherited(struct control *c);

@@ -75,6 +75,7 @@ struct master {
 	ev_signal sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
 	ev_child child_watcher;
 	ev_timer stop_timer;
+	ev_timer grace_timer;         /* graceful stop: the agent says drain, workers still accept */
 };
 
 static void proc_spawn(struct proc *p);
@@ -405,7 +406,7 @@ static void master_on_child(struct ev_loop *loop, ev_child *w, int revents)
 			ev_timer_start(loop, &p->respawn);
 		}
 	}
-	if (m->stopping == 2 && workers_alive(m) == 0 && m->procs[0].pid > 0)
+	if (m->stopping == 2 && !ev_is_active(&m->grace_timer) && workers_alive(m) == 0 && m->procs[0].pid > 0)
 		kill(m->procs[0].pid, SIGTERM);   /* graceful: storage goes last, its queue drained */
 	if (m->stopping && procs_alive(m) == 0)
 		ev_break(loop, EVBREAK_ALL);
@@ -422,6 +423,27 @@ static void master_on_stop_timeout(struct ev_loop *loop, ev_timer *t, int revent
 	master_signal_role(m, ROLES_ALL, SIGKILL);
 }
 
+/* The end of a graceful stop's grace: the balancers have seen drain, so the node stops
+ * accepting; the workers finish the transfers in progress and close everything else. */
+static void master_on_grace_end(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct master *m = t->data;
+	/* The master's copies of the listening sockets go first: with them open the kernel would
+	 * still complete handshakes into a backlog nobody accepts from. Once the workers close
+	 * theirs too, a new connection is refused, and the balancer tries another server. */
+	for (int i = 0; i < m->nlisten; i++)
+		if (m->listen_fds[i] >= 0) {
+			close(m->listen_fds[i]);
+			m->listen_fds[i] = -1;
+		}
+	log_info("graceful stop: no longer accepting; %d workers finish the transfers in progress", workers_alive(m));
+	master_signal_role(m, 1 << ROLE_WORKER, SIGQUIT);
+	if (workers_alive(m) == 0)
+		master_signal_role(m, 1 << ROLE_STORAGE, SIGTERM);
+}
+
 static void master_stop(struct master *m, int graceful)
 {
 	if (m->stopping == 1 || (m->stopping == 2 && graceful))
@@ -430,6 +452,7 @@ static void master_stop(struct master *m, int graceful)
 		/* TERM during a graceful stop: stop now. */
 		log_info("fast stop requested during a graceful stop");
 		m->stopping = 1;
+		ev_timer_stop(m->loop, &m->grace_timer);
 		master_signal_role(m, ROLES_ALL, SIGTERM);
 		ev_timer_stop(m->loop, &m->stop_timer);
 		ev_timer_set(&m->stop_timer, STOP_TIMEOUT, 0.);
@@ -438,17 +461,23 @@ static void master_stop(struct master *m, int graceful)
 	}
 	m->stopping = graceful ? 2 : 1;
 	sd_notify(0, "STOPPING=1");
-	control_set_draining(m->control, 1);
+	control_set_stopping(m->control);
 	for (int i = 0; i < STATS_MAX_SLOTS; i++)
 		ev_timer_stop(m->loop, &m->procs[i].respawn);
 	if (graceful) {
-		/* Workers finish what is in flight; storage stops when they are gone. */
-		master_signal_role(m, 1 << ROLE_WORKER, SIGQUIT);
-		if (workers_alive(m) == 0)
-			master_signal_role(m, 1 << ROLE_STORAGE, SIGTERM);
+		/* The agent-check answers drain from now on, while the workers go on accepting for
+		 * the grace: a balancer that checks every few seconds sees drain and sends no one
+		 * new before the node refuses connections. Then workers finish what is in flight
+		 * (master_on_grace_end); storage stops when they are gone. */
+		double grace = conf_drain_grace(m->conf);
+		log_info("graceful stop: the agent answers drain; accepting for %.1f s more", grace);
+		ev_timer_init(&m->grace_timer, master_on_grace_end, grace, 0.);
+		m->grace_timer.data = m;
+		ev_timer_start(m->loop, &m->grace_timer);
 	} else {
 		master_signal_role(m, ROLES_ALL, SIGTERM);
 	}
+	/* shutdown_timeout bounds the whole graceful stop, grace included; the workers keep to it. */
 	ev_timer_init(&m->stop_timer, master_on_stop_timeout,
 	    graceful ? m->conf->shutdown_timeout + STOP_TIMEOUT : STOP_TIMEOUT, 0.);
 	m->stop_timer.data = m;
@@ -678,6 +707,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	ev_run(m.loop, 0);
 
 	ev_timer_stop(m.loop, &m.stop_timer);
+	ev_timer_stop(m.loop, &m.grace_timer);
 	control_destroy(m.control);
 	char path[600];
 	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);

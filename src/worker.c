@@ -38,6 +38,7 @@
 #define ACCEPT_BURST 64
 #define STORAGE_RETRY_MIN 0.05
 #define STORAGE_RETRY_MAX 1.0
+#define STOP_FRESH_WAIT 1.0       /* a graceful stop waits this long for the first request of a new connection */
 
 /* Where the request in progress is waiting. */
 enum req_stage {
@@ -67,6 +68,9 @@ struct request {
 	struct proto_credentials *cred;
 	struct download_job *job;     /* STAGE_DISK */
 	struct download_job *checking;   /* STAGE_DLCHECK: read, waiting for the version check */
+	/* STAGE_STORAGE: not on the storage link, which is down or was lost before the answer came;
+	 * the request is (re)sent from its frame once a link is up, within storage_timeout. */
+	int unsent;
 	ev_tstamp since;              /* when it started waiting */
 };
 
@@ -83,6 +87,11 @@ struct conn {
 	int closing;                  /* send what is queued, then close */
 	int eof;                      /* the client closed its side */
 	int awaiting_proxy;           /* a PROXY header must come first */
+	/* The last answer left a transfer open: an upload chunk that was not the last one, a
+	 * download chunk before is_last, or a sync (the client goes on with a chunk). A graceful
+	 * stop lets such a connection carry on until its transfer ends. */
+	int in_transfer;
+	int fresh;                    /* no complete frame yet (last_frame is the accept time) */
 	/* Credentials trusted on this connection. */
 	int auth_valid;
 	uint64_t auth_uid;
@@ -133,6 +142,7 @@ struct worker {
 	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
+	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
 	struct conn **conns;          /* table indexed by conn->slot */
 	uint32_t conns_cap;
 	uint32_t *free_slots;
@@ -175,6 +185,7 @@ static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
 static void storage_connect(struct worker *w);
+static void storage_resend_unsent(struct worker *w);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -227,6 +238,8 @@ static void conn_send_json(struct conn *c, uint16_t id, int error)
 static void respond_error(struct conn *c, uint16_t req_id, int error, const char *message)
 {
 	struct json_writer *jw = &c->w->jw;
+	if (req_id != MSG_TEST)
+		c->in_transfer = 0;   /* the client gives up on an error */
 	json_begin(jw);
 	json_put_int(jw, "error", error);
 	if (message)
@@ -253,6 +266,7 @@ static void respond_chunk(struct conn *c, int error, const char *message, uint64
 {
 	struct json_writer *jw = &c->w->jw;
 	const struct proto_chunk *ch = &c->req.u.chunk;
+	c->in_transfer = error == ERR_OK && trans_size < total_size;
 	json_begin(jw);
 	json_put_int(jw, "error", error);
 	json_put_int(jw, "total_size", (int64_t)total_size);
@@ -446,6 +460,15 @@ static void conn_close(struct conn *c, const char *why)
 	STAT_DEC(conn_current);
 	if (w->draining && w->nconns == 0)
 		ev_break(w->loop, EVBREAK_ALL);
+}
+
+/* A graceful stop may close this connection once its answers are out: no request running
+ * or partly received, and no transfer left open by the last answer. */
+static int conn_done_for_stop(const struct conn *c)
+{
+	/* A connection accepted just now has a request on its way, not yet read: it is served. */
+	int arriving = c->fresh && ev_now(c->w->loop) - c->last_frame < STOP_FRESH_WAIT;
+	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0;
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -644,15 +667,26 @@ static int auth_check(struct conn *c)
 
 /* ---------------------------------------------------------------- storage link */
 
-static void storage_fail_waiting(struct worker *w)
+/* The link died: requests it carried may never be answered. Each keeps its frame, so it is
+ * sent again, exactly as it was, once a new link is up (storage_resend_unsent), and
+ * storage_timeout (from when it first went) still bounds the wait. Sending it again is safe:
+ * the storage process treats a chunk at or below what it has committed as a rewrite of the
+ * same bytes, and a final chunk of an upload it already published as done. A resent seq 1
+ * cannot reset an upload that went on, because this connection sends nothing else of the
+ * upload until this request is answered (one request at a time), and a client drives an
+ * upload on one connection. */
+static void storage_hold_waiting(struct worker *w)
 {
+	unsigned held = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
-		if (c && c->busy && c->req.stage == STAGE_STORAGE) {
-			respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
-			conn_process(c);
+		if (c && c->busy && c->req.stage == STAGE_STORAGE && !c->req.unsent) {
+			c->req.unsent = 1;
+			held++;
 		}
 	}
+	if (held)
+		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
 
 static void storage_down(struct worker *w, const char *why)
@@ -669,7 +703,7 @@ static void storage_down(struct worker *w, const char *why)
 	STAT_SET(storage_up, 0);
 	buf_free(&s->in);
 	buf_free(&s->out);
-	storage_fail_waiting(w);
+	storage_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
 	ev_timer_start(w->loop, &s->retry);
@@ -757,6 +791,8 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 			if (msg)
 				json_put_str(jw, "message", msg, strlen(msg));
 			conn_send_json(c, MSG_SYNC + 1, (int)r.error);
+			/* A sync opens a transfer: the client resumes, or starts at seq 1 after 1012. */
+			c->in_transfer = r.error == ERR_OK || r.error == ERR_FILE_NOT_EXISTS;
 		} else {
 			respond_chunk(c, (int)r.error, msg, r.seq, r.trans_size, r.total_size);
 			upload_log_finish(c, &r);
@@ -849,21 +885,18 @@ static void storage_connect(struct worker *w)
 	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
 	s->io.data = w;
 	ev_io_start(w->loop, &s->io);
-	if (ipc_encode_ping(&s->out, 0, 0) == 0)
+	if (ipc_encode_ping(&s->out, 0, 0) == 0) {
+		storage_resend_unsent(w);
 		storage_flush(w);
+	}
 }
 
-/* Sends the current request to the storage process; the answer resumes the connection. */
-static void storage_forward(struct conn *c)
+/* Queues the current request on the storage link under a new request id. Returns 0, or -1
+ * when it was answered instead (bad data, out of memory). */
+static int storage_send(struct conn *c)
 {
 	struct worker *w = c->w;
 	struct storage_link *s = &w->storage;
-	/* Connected but not yet ready (the ping is unanswered): the request queues behind
-	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
-	if (s->fd < 0 || !s->connected) {
-		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
-		return;
-	}
 	uint64_t reqid = conn_next_reqid(c);
 	int rc;
 	if (c->req.id == MSG_SYNC) {
@@ -880,8 +913,8 @@ static void storage_forward(struct conn *c)
 			.data_len = (uint32_t)ch->data_len,
 		};
 		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
-		/* The chunk is decoded once, now that its credentials are good, straight
-		 * from its frame into the message queued for the storage process. */
+		/* The chunk is decoded straight from its frame into the message queued for the
+		 * storage process (again from the same frame if the link is lost before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
 		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
 		rc = data ? 0 : -1;
@@ -889,14 +922,58 @@ static void storage_forward(struct conn *c)
 			char why[128];
 			if (proto_decode_chunk(ch, data, room, why, sizeof(why)) != ERR_OK) {
 				respond_request_error(c, ERR_JSON, why);
-				return;
+				return -1;
 			}
 			ipc_commit_chunk(&s->out, reqid, &msg);
 		}
 	}
 	if (rc < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
-		return;
+		return -1;
+	}
+	c->req.unsent = 0;
+	return 0;
+}
+
+/* While no link is up, a chunk waits for one: its data is checked now, so that bad base64 is
+ * answered 1001 at once, not 1027 later. Returns 0, or -1 when it was answered. */
+static int chunk_data_check(struct conn *c)
+{
+	const struct proto_chunk *ch = &c->req.u.chunk;
+	size_t room = b64_decode_room(ch->data_b64_len);
+	uint8_t *scratch = malloc(room);
+	if (scratch == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return -1;
+	}
+	char why[128];
+	int rc = proto_decode_chunk(ch, scratch, room, why, sizeof(why));
+	free(scratch);
+	if (rc != ERR_OK) {
+		respond_request_error(c, ERR_JSON, why);
+		return -1;
+	}
+	return 0;
+}
+
+/* Hands the current request to the storage process; the answer resumes the connection. While
+ * the link is down (a storage process restarting after a reload or a crash) the request waits
+ * for the next link, at most storage_timeout, so a restart of storage is invisible to clients. */
+static void storage_forward(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct storage_link *s = &w->storage;
+	/* Connected but not yet ready (the ping is unanswered): the request queues behind
+	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
+	int link = s->fd >= 0 && s->connected;
+	if (link) {
+		if (storage_send(c) < 0)
+			return;
+	} else {
+		if (c->req.id != MSG_SYNC && chunk_data_check(c) < 0)
+			return;
+		conn_next_reqid(c);   /* nothing owed to an earlier step may match it */
+		c->req.unsent = 1;
 	}
 	if (c->req.id == MSG_SYNC)
 		conn_drove(c, c->req.u.sync.cred.uid, c->req.u.sync.md5);
@@ -905,7 +982,25 @@ static void storage_forward(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
-	storage_flush(w);
+	if (link)
+		storage_flush(w);
+}
+
+/* A new link is connected: the requests held while there was none go on it, behind the ping. */
+static void storage_resend_unsent(struct worker *w)
+{
+	unsigned sent = 0;
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || !c->busy || c->req.stage != STAGE_STORAGE || !c->req.unsent)
+			continue;
+		if (storage_send(c) < 0)
+			conn_process(c);   /* answered: the connection moves on (or closes) */
+		else
+			sent++;
+	}
+	if (sent)
+		log_info("storage link: %u held requests sent", sent);
 }
 
 /* ---------------------------------------------------------------- downloads */
@@ -1058,6 +1153,7 @@ static void download_reply(struct conn *c, struct download_job *j)
 		if (download_send_chunk(c, d, j, current, is_last) < 0) {
 			respond_error(c, MSG_DOWNLOAD, ERR_BUSY, "server busy: out of memory");
 		} else {
+			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
 			download_account(c, d, j, current, is_last);
 		}
@@ -1329,6 +1425,7 @@ static void conn_process(struct conn *c)
 		}
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
+		c->fresh = 0;
 		STAT_INC(frames_in);
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
@@ -1339,6 +1436,8 @@ static void conn_process(struct conn *c)
 	}
 	if (buf_len(&c->in) == 0)
 		c->frame_start = 0;
+	if (w->draining == 2 && conn_done_for_stop(c))
+		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
 	if (!ev_is_active(&c->timer) || c->busy)
 		conn_arm_timer(c);
 	conn_flush(c);
@@ -1371,6 +1470,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	c->w = w;
 	c->fd = fd;
 	c->xfer = -1;
+	c->fresh = 1;
 	c->awaiting_proxy = w->conf->proxy_protocol;
 	STAT_INC(conn_total);
 	STAT_INC(conn_current);
@@ -1433,38 +1533,78 @@ static void worker_on_drain_timeout(struct ev_loop *loop, ev_timer *t, int reven
 	ev_break(loop, EVBREAK_ALL);
 }
 
-/* Stops accepting; the loop ends once the last connection closes. */
+/* Stops accepting; the loop ends once the last connection closes. Connections the kernel
+ * has already completed are taken first and served: closing the socket would reset them. */
 static void worker_stop_accepting(struct worker *w)
 {
 	w->draining = 1;
 	ev_io_stop(w->loop, &w->accept_io);
 	ev_timer_stop(w->loop, &w->accept_pause);
+	for (int i = 0; i < 4096; i++) {   /* the backlog's size */
+		struct sockaddr_storage ss;
+		socklen_t sslen = sizeof(ss);
+		int fd = accept4(w->listen_fd, (struct sockaddr *)&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			break;
+		worker_accept_one(w, fd, &ss);
+	}
 	close(w->listen_fd);
 }
 
-/* Closes idle connections now and the others right after the answer they wait for. */
-static void worker_close_connections(struct worker *w, double grace)
+/* Closes the connections with nothing in progress; returns how many carry on. */
+static unsigned worker_close_done(struct worker *w)
+{
+	unsigned carry_on = 0;
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL)
+			continue;
+		if (!conn_done_for_stop(c)) {
+			carry_on++;   /* a request or a transfer in progress: it goes on */
+			continue;
+		}
+		c->closing = 1;
+		if (buf_len(&c->out) == 0)
+			conn_close(c, "graceful stop");
+		else
+			conn_update_io(c);
+	}
+	return carry_on;
+}
+
+/* New connections that have still sent nothing by now are idle ones. */
+static void worker_on_fresh_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	worker_close_done(t->data);
+}
+
+/* Closes the connections with nothing in progress now; the others once the transfer they are
+ * in ends (conn_process), or at the latest after limit seconds. */
+static void worker_close_connections(struct worker *w, double limit)
 {
 	ev_timer_stop(w->loop, &w->drain_timer);
-	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, grace, 0.);
+	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, limit, 0.);
 	ev_timer_start(w->loop, &w->drain_timer);
 	if (w->nconns == 0) {
 		ev_break(w->loop, EVBREAK_ALL);
 		return;
 	}
-	for (uint32_t i = 0; i < w->conns_cap; i++) {
-		struct conn *c = w->conns[i];
-		if (c == NULL)
-			continue;
-		c->closing = 1;
-		if (!c->busy && buf_len(&c->out) == 0)
-			conn_close(c, "graceful stop");
-		else
-			conn_update_io(c);
+	unsigned carry_on = worker_close_done(w);
+	if (w->nconns > 0) {
+		ev_timer_stop(w->loop, &w->fresh_timer);
+		ev_timer_init(&w->fresh_timer, worker_on_fresh_timeout, STOP_FRESH_WAIT + 0.01, 0.);
+		w->fresh_timer.data = w;
+		ev_timer_start(w->loop, &w->fresh_timer);
 	}
+	log_info("graceful stop: %u connections with a request or transfer in progress carry on (at most %.1f s)",
+	    carry_on, limit);
 }
 
-/* QUIT: stop accepting, close idle connections, let the rest finish their request. */
+/* QUIT (sent by the master once the drain grace is over): stop accepting, close the connections
+ * with nothing in progress, let every transfer in progress finish. The master's grace was part
+ * of shutdown_timeout; the rest of it bounds the transfers. */
 static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
 {
 	(void)loop;
@@ -1476,7 +1616,7 @@ static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
 	if (!w->draining)
 		worker_stop_accepting(w);
 	w->draining = 2;
-	worker_close_connections(w, w->conf->shutdown_timeout);
+	worker_close_connections(w, w->conf->shutdown_timeout - conf_drain_grace(w->conf));
 }
 
 static void worker_on_retire_timeout(struct ev_loop *loop, ev_timer *t, int revents)

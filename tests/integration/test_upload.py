@@ -725,7 +725,8 @@ with tap.section("storage killed during 8 uploads"):
     tap.eq(errors, [], "every client completes after retrying (1027 or dropped, then 1005)")
     disrupted = sum(1 for u in ups if any(e[0] in ("1027", "dropped") for e in getattr(u, "events", [])))
     tap.diag("%d of 8 uploads saw 1027 or a dropped connection" % disrupted)
-    tap.ok(disrupted >= 1, "at least one upload was disrupted by the kill")
+    # The workers hold the chunks the dead storage process left unanswered and send them to the new one.
+    tap.ok(disrupted == 0, "the kill was invisible: no upload saw 1027 or a dropped connection")
     bad = [u.name for u in ups if not os.path.exists(published(u.uid, u.name))
            or h.file_md5(published(u.uid, u.name)) != u.md5]
     tap.eq(bad, [], "all 8 files are byte-identical")
