@@ -37,6 +37,10 @@ struct http {
 
 static void http_run(struct http *h)
 {
+	/* Twice: at its connection limit MHD takes the listening socket out of its epoll set, and
+	 * puts it back only at the start of the run after the one that closed a connection; with
+	 * nothing else to wake the loop, connections waiting in the backlog would never be seen. */
+	MHD_run(h->daemon);
 	MHD_run(h->daemon);
 	MHD_UNSIGNED_LONG_LONG ms;
 	ev_timer_stop(h->loop, &h->timer);
@@ -179,7 +183,9 @@ static void page_header(struct http *h, struct buf *out, const struct control_to
 	    "<meta http-equiv=\"refresh\" content=\"%d\"><title>", HTTP_REFRESH);
 	out_str(out, "resourced on ");
 	out_escaped(out, host);
-	out_printf(out, "</title><style>%s</style></head><body>\n<header><h1>resourced %s on ", page_style, PACKAGE_VERSION);
+	out_str(out, "</title><style>");
+	out_str(out, page_style);   /* longer than a line of out_printf */
+	out_printf(out, "</style></head><body>\n<header><h1>resourced %s on ", PACKAGE_VERSION);
 	out_escaped(out, host);
 	out_printf(out, "</h1><span class=\"state %s\" id=\"state\">%s</span>", state, state);
 	if (strcmp(state, "up") == 0)
@@ -415,12 +421,12 @@ struct http *http_create(struct ev_loop *loop, const char *listen, struct contro
 	h->listen_fd = listen_tcp(listen);
 	if (h->listen_fd < 0)
 		fatal("http_listen %s", listen);
-	h->daemon = MHD_start_daemon(MHD_USE_EPOLL, 0, NULL, NULL, on_request, h,
+	h->daemon = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, h,
+	    MHD_OPTION_EXTERNAL_LOGGER, http_log, h,   /* first: it applies to the options after it */
 	    MHD_OPTION_LISTEN_SOCKET, (MHD_socket)h->listen_fd,
 	    MHD_OPTION_CONNECTION_LIMIT, (unsigned)HTTP_MAX_CONNECTIONS,
 	    MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_TIMEOUT,
 	    MHD_OPTION_NOTIFY_CONNECTION, http_on_connection, h,
-	    MHD_OPTION_EXTERNAL_LOGGER, http_log, h,
 	    MHD_OPTION_END);
 	if (h->daemon == NULL)
 		fatalx("http_listen %s: libmicrohttpd cannot start", listen);
