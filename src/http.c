@@ -199,8 +199,12 @@ static void page_header(struct http *h, struct buf *out, const struct control_to
 	out_str(out, "<div class=\"cards\">");
 	snprintf(v, sizeof(v), "%llu", (unsigned long long)t->conn_current);
 	page_card(out, v, "connections open");
-	snprintf(v, sizeof(v), "%d / %d", t->workers, t->processes - (t->processes > t->workers));
-	page_card(out, v, "workers running / all");
+	struct control_proc_view procs[STATS_MAX_SLOTS];
+	int n = control_processes(h->control, procs, STATS_MAX_SLOTS), expected = 0;
+	for (int i = 0; i < n; i++)
+		expected += strcmp(procs[i].proc.role, "worker") == 0 && strcmp(procs[i].proc.state, "retiring") != 0;
+	snprintf(v, sizeof(v), "%d / %d", t->workers, expected);
+	page_card(out, v, "workers running / wanted");
 	snprintf(v, sizeof(v), "%llu", (unsigned long long)t->uploads_in_progress);
 	page_card(out, v, "uploads in progress");
 	page_card(out, human_bytes(v, sizeof(v), (double)t->upload_bytes), "uploaded");
