@@ -107,6 +107,12 @@ with tap.section("/metrics"):
     tap.eq(over_http.get(("resourced_up", "")), 1.0, "resourced_up 1")
     tap.ok(over_socket.get(("resourced_conn_total", ""), -1) >= over_http.get(("resourced_conn_total", ""), 0),
            "a counter read later is not smaller")
+    # The Grafana dashboard in contrib/ asks only for metrics that exist.
+    with open(os.path.join(os.environ.get("RESOURCED_SRCDIR", "."), "contrib", "grafana-resourced.json")) as f:
+        used = set(re.findall(r'\bresourced_[a-z_]+', json.dumps([p.get("targets") for p in json.load(f)["panels"]])))
+    typed = set(re.findall(r'^# TYPE (\S+)', body.decode(), re.M))
+    tap.ok(len(used) > 10 and used <= typed, "every metric of contrib/grafana-resourced.json is exposed (%d)" % len(used),
+           repr(sorted(used - typed)))
     status, hdr, body = get("/metrics", "HEAD")
     tap.ok(status == 200 and body == b"", "HEAD /metrics: 200 without a body", repr((status, body[:80])))
 
