@@ -54,6 +54,25 @@ def stats(*command):
     return r.returncode, r.stdout
 
 
+def listening_holders(port):
+    """Pids that hold the listening TCP socket of 127.0.0.1:port (from /proc)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(":%04X" % port) and fields[3] == "0A":   # 0A: LISTEN
+                inodes.add("socket:[%s]" % fields[9])
+    pids = set()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+            if any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes for fd in fds):
+                pids.add(pid)
+        except OSError:
+            pass
+    return pids
+
+
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? '
                     r'(-?[0-9.e+]+|NaN|[+-]Inf)$')
 
@@ -234,6 +253,15 @@ with tap.section("slow clients"):
     tap.ok(rc == 0 and "State: up" in out, "the stats socket answers while two HTTP clients hang")
     status, _, body = get("/health", timeout=5)
     tap.ok(status == 200 and body == b"up\n", "another HTTP request is answered meanwhile")
+    # A reload forks new workers while both hang: it neither waits for them nor hands them over.
+    rc, out = stats("reload")
+    tap.ok(rc == 0 and out.startswith("OK"), "reload (new workers forked) while they hang", out)
+    d.wait_workers(20)
+    children = set(d.processes()) - {d.master_pid}
+    holders = listening_holders(http_port)
+    tap.ok(holders == {d.master_pid} and children,
+           "only the master holds the HTTP listening socket, none of its %d children" % len(children),
+           repr((holders, d.master_pid)))
     # The server ends them itself (its connection timeout), rather than holding them forever.
     for name, s in (("silent", silent), ("partial", partial)):
         s.settimeout(30)
