@@ -49,6 +49,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3" },
 	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "" },
 	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
+	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "" },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
 	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs" },

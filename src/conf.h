@@ -30,6 +30,7 @@ struct conf {
 	int drain_grace;            /* seconds a graceful stop keeps accepting while the agent says drain */
 	char stats_socket[512];     /* the master's stats and admin socket; empty: none */
 	char agent_listen[300];     /* HAProxy agent-check host:port; empty: none */
+	char http_listen[300];      /* HTTP /metrics, /health and status page host:port; empty: none */
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */

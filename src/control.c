@@ -48,23 +48,11 @@ struct control_client {
 	int closing;
 };
 
-/* Totals: counters over every slot (processes that exited included: counters only grow), gauges over
- * the running processes; states (redis_up, storage_up) have no sum and are left 0. */
-struct totals {
-#define STATS_FIELD(name, type, help) uint64_t name;
-	STATS_COUNTERS(STATS_FIELD)
-#undef STATS_FIELD
-	uint64_t errors[STATS_ERR_COUNT];
-	uint64_t expected[STATS_ERR_COUNT];
-	/* Of the running processes: how many, and how many are connected. */
-	int processes, workers, redis_connected, storage_linked;
-};
-
 static const struct {
 	const char *name, *type, *help;
 	size_t offset;
 } counter_info[] = {
-#define STATS_FIELD(n, t, h) { #n, t, h, offsetof(struct totals, n) },
+#define STATS_FIELD(n, t, h) { #n, t, h, offsetof(struct control_totals, n) },
 	STATS_COUNTERS(STATS_FIELD)
 #undef STATS_FIELD
 };
@@ -82,7 +70,7 @@ static uint64_t slot_counter(const struct stats_proc *p, size_t i)
 	return atomic_load_explicit(&base[i], memory_order_relaxed);
 }
 
-static void sum_totals(const struct control *c, struct totals *t)
+static void sum_totals(const struct control *c, struct control_totals *t)
 {
 	memset(t, 0, sizeof(*t));
 	uint64_t *fields = (uint64_t *)t;
@@ -190,7 +178,7 @@ static const char *service_state(const struct control *c, int *weight)
 		return "down";
 	if (c->draining)
 		return "drain";
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
 	double capacity = (double)c->conf->max_connections * c->conf->workers;
 	int w = (int)(100.0 - 100.0 * (double)t.conn_current / capacity);
@@ -202,7 +190,7 @@ static const char *service_state(const struct control *c, int *weight)
 
 static void show_info(struct control *c, struct buf *out, int json)
 {
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
 	int weight;
 	const char *state = service_state(c, &weight);
@@ -249,11 +237,29 @@ static void show_info(struct control *c, struct buf *out, int json)
 			out_printf(out, "expected_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.expected[e]);
 }
 
-static void show_workers(struct control *c, struct buf *out, int json)
+int control_processes(struct control *c, struct control_proc_view *out, int max)
 {
 	struct control_proc procs[CONTROL_MAX_PROCS];
-	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	int n = c->ops.list(c->ops.ctx, procs, max < CONTROL_MAX_PROCS ? max : CONTROL_MAX_PROCS);
 	double now = stats_wall_now();
+	for (int i = 0; i < n; i++) {
+		const struct control_proc *p = &procs[i];
+		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		int worker = strcmp(p->role, "worker") == 0;
+		out[i].proc = *p;
+		out[i].uptime = p->pid ? (long)(now - p->started) : 0;
+		out[i].connections = atomic_load(&sp->conn_current);
+		/* A process that is down is connected to nothing, whatever its slot last said. */
+		out[i].redis_up = p->pid > 0 && atomic_load(&sp->redis_up) != 0;
+		out[i].storage_up = !worker ? -1 : p->pid > 0 && atomic_load(&sp->storage_up) != 0;
+	}
+	return n;
+}
+
+static void show_workers(struct control *c, struct buf *out, int json)
+{
+	struct control_proc_view procs[CONTROL_MAX_PROCS];
+	int n = control_processes(c, procs, CONTROL_MAX_PROCS);
 	yajl_gen g = NULL;
 	if (json) {
 		g = yajl_gen_alloc(NULL);
@@ -262,14 +268,12 @@ static void show_workers(struct control *c, struct buf *out, int json)
 		out_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
 	}
 	for (int i = 0; i < n; i++) {
-		const struct control_proc *p = &procs[i];
-		long uptime = p->pid ? (long)(now - p->started) : 0;
-		const struct stats_proc *sp = &c->shm->procs[p->slot];
-		unsigned long long conns = atomic_load(&sp->conn_current);
-		/* A process that is down is connected to nothing, whatever its slot last said. */
-		int redis_up = p->pid > 0 && atomic_load(&sp->redis_up) != 0;
-		int worker = strcmp(p->role, "worker") == 0;
-		int storage_up = worker && p->pid > 0 && atomic_load(&sp->storage_up) != 0;
+		const struct control_proc *p = &procs[i].proc;
+		long uptime = procs[i].uptime;
+		unsigned long long conns = procs[i].connections;
+		int redis_up = procs[i].redis_up;
+		int worker = procs[i].storage_up >= 0;
+		int storage_up = procs[i].storage_up > 0;
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -340,46 +344,66 @@ static void show_stat(struct control *c, struct buf *out, int json)
 	}
 }
 
-static void show_transfers(struct control *c, struct buf *out, int json)
+void control_transfers(struct control *c, void (*each)(void *ctx, const struct control_transfer *t), void *ctx)
 {
 	double now = stats_wall_now();
-	yajl_gen g = NULL;
-	if (json) {
-		g = yajl_gen_alloc(NULL);
-		yajl_gen_array_open(g);
-	} else {
-		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
-	}
 	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
 		for (int i = 0; i < STATS_TRANSFERS; i++) {
 			struct stats_transfer t;
 			if (!stats_transfer_read(&c->shm->procs[s].transfers[i], &t))
 				continue;
-			double age = now - t.started;
-			double rate = age > 0.001 ? (double)t.bytes / age : 0;
-			const char *kind = t.kind == 'D' ? "download" : t.kind == 'A' ? "avatar" : "upload";
-			if (json) {
-				yajl_gen_map_open(g);
-				gen_kv_str(g, "kind", kind);
-				gen_kv_int(g, "uid", (long long)t.uid);
-				gen_kv_str(g, "name", t.name);
-				gen_kv_int(g, "bytes", (long long)t.bytes);
-				gen_kv_int(g, "total", (long long)t.total);
-				gen_kv_int(g, "rate", (long long)rate);
-				gen_kv_int(g, "age_sec", (long long)age);
-				yajl_gen_map_close(g);
-			} else {
-				/* Quoted and escaped: names may hold spaces and quotes. */
-				char name[ESCAPE_SIZE(STATS_NAME_MAX)];
-				escape_quoted(name, sizeof(name), t.name, strnlen(t.name, sizeof(t.name)));
-				out_printf(out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", kind, (unsigned long long)t.uid, name,
-				    (unsigned long long)t.bytes, (unsigned long long)t.total, rate, age);
-			}
+			t.name[sizeof(t.name) - 1] = '\0';
+			struct control_transfer view = {
+				.kind = t.kind == 'D' ? "download" : t.kind == 'A' ? "avatar" : "upload",
+				.uid = t.uid, .name = t.name, .bytes = t.bytes, .total = t.total, .age = now - t.started,
+			};
+			view.rate = view.age > 0.001 ? (double)t.bytes / view.age : 0;
+			each(ctx, &view);
 		}
 	}
+}
+
+struct transfer_out {
+	struct buf *out;
+	yajl_gen g;
+};
+
+static void show_transfer(void *ctx, const struct control_transfer *t)
+{
+	struct transfer_out *to = ctx;
+	yajl_gen g = to->g;
+	if (g) {
+		yajl_gen_map_open(g);
+		gen_kv_str(g, "kind", t->kind);
+		gen_kv_int(g, "uid", (long long)t->uid);
+		gen_kv_str(g, "name", t->name);
+		gen_kv_int(g, "bytes", (long long)t->bytes);
+		gen_kv_int(g, "total", (long long)t->total);
+		gen_kv_int(g, "rate", (long long)t->rate);
+		gen_kv_int(g, "age_sec", (long long)t->age);
+		yajl_gen_map_close(g);
+	} else {
+		/* Quoted and escaped: names may hold spaces and quotes. */
+		char name[ESCAPE_SIZE(STATS_NAME_MAX)];
+		escape_quoted(name, sizeof(name), t->name, strlen(t->name));
+		out_printf(to->out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", t->kind, (unsigned long long)t->uid, name,
+		    (unsigned long long)t->bytes, (unsigned long long)t->total, t->rate, t->age);
+	}
+}
+
+static void show_transfers(struct control *c, struct buf *out, int json)
+{
+	struct transfer_out to = { out, NULL };
 	if (json) {
-		yajl_gen_array_close(g);
-		gen_finish(g, out);
+		to.g = yajl_gen_alloc(NULL);
+		yajl_gen_array_open(to.g);
+	} else {
+		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
+	}
+	control_transfers(c, show_transfer, &to);
+	if (json) {
+		yajl_gen_array_close(to.g);
+		gen_finish(to.g, out);
 	}
 }
 
@@ -392,7 +416,7 @@ static int retiring(const struct control_proc *p)
 
 static void show_metrics(struct control *c, struct buf *out)
 {
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
 	struct control_proc procs[CONTROL_MAX_PROCS];
 	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
@@ -685,7 +709,7 @@ static int listen_unix(const char *path)
 	return fd;
 }
 
-static int listen_tcp(const char *hostport)
+int listen_tcp(const char *hostport)
 {
 	char host[256];
 	const char *colon = strrchr(hostport, ':');
@@ -802,5 +826,40 @@ void control_close_inherited(struct control *c)
 		buf_free(&cl->in);
 		buf_free(&cl->out);
 		free(cl);
+	}
+}
+
+/* ---------------------------------------------------------------- for the HTTP listener (http.c) */
+
+const char *control_state(struct control *c, int *weight)
+{
+	return service_state(c, weight);
+}
+
+void control_sum(struct control *c, struct control_totals *t)
+{
+	sum_totals(c, t);
+}
+
+long control_uptime(const struct control *c)
+{
+	return (long)(stats_wall_now() - c->started);
+}
+
+void control_report(struct control *c, enum control_report what, int json, struct buf *out)
+{
+	switch (what) {
+	case CONTROL_INFO:
+		show_info(c, out, json);
+		break;
+	case CONTROL_WORKERS:
+		show_workers(c, out, json);
+		break;
+	case CONTROL_TRANSFERS:
+		show_transfers(c, out, json);
+		break;
+	case CONTROL_METRICS:
+		show_metrics(c, out);
+		break;
 	}
 }

@@ -1,9 +1,10 @@
-/* escape.c: escapes client strings for text outputs and cuts them only at UTF-8 character boundaries. */
+/* escape.c: escapes client strings for text outputs and HTML and cuts them only at UTF-8 character boundaries. */
 #include "config.h"
 #include "escape.h"
 #include "json.h"
 
 #include <stdint.h>
+#include <string.h>
 
 /* Length of the valid UTF-8 character at p, or 0 (json.c's checker: shortest forms, no surrogates). */
 static size_t char_len(const char *p, size_t len)
@@ -61,6 +62,43 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 			break;
 		for (size_t k = 0; k < tn; k++)
 			out[o++] = tmp[k];
+		i += used;
+	}
+	if (cap > 0)
+		out[o] = '\0';
+	return o;
+}
+
+size_t escape_html(char *out, size_t cap, const char *s, size_t len)
+{
+	size_t o = 0;
+	for (size_t i = 0; i < len;) {
+		unsigned char b = (unsigned char)s[i];
+		const char *rep = NULL;
+		size_t used = 1;
+		switch (b) {
+		case '&': rep = "&amp;"; break;
+		case '<': rep = "&lt;"; break;
+		case '>': rep = "&gt;"; break;
+		case '"': rep = "&quot;"; break;
+		case '\'': rep = "&#39;"; break;
+		default:
+			if (b < 0x20 || b == 0x7f) {
+				rep = "&#xfffd;";
+			} else if (b >= 0x80) {
+				size_t n = char_len(s + i, len - i);
+				if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0))
+					rep = "&#xfffd;";   /* a stray byte or a C1 control */
+				else
+					used = n;
+			}
+		}
+		const char *from = rep ? rep : s + i;
+		size_t n = rep ? strlen(rep) : used;
+		if (o + n + 1 > cap)
+			break;
+		memcpy(out + o, from, n);
+		o += n;
 		i += used;
 	}
 	if (cap > 0)

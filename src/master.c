@@ -3,6 +3,7 @@
 #include "master.h"
 #include "conf.h"
 #include "control.h"
+#include "http.h"
 #include "instance.h"
 #include "ipc.h"
 #include "log.h"
@@ -72,6 +73,7 @@ struct master {
 	int foreground;               /* -f: logs stay on stderr */
 	struct stats_shm *shm;
 	struct control *control;
+	struct http *http;            /* [server] http_listen; NULL when off */
 	ev_signal sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
 	ev_child child_watcher;
 	ev_timer stop_timer;
@@ -291,6 +293,7 @@ static void proc_spawn(struct proc *p)
 	if (pid == 0) {
 		child_reset_signals(m);
 		control_close_inherited(m->control);
+		http_close_inherited(m->http);
 		stats_attach(m->shm, slot);
 		int rc;
 		if (p->role == ROLE_STORAGE) {
@@ -538,6 +541,9 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		log_warnx("reload: %s (keeping the old log)", err);
 	if (strcmp(next->access_log, m->conf->access_log) != 0 && access_log_open(next->access_log, err, sizeof(err)) < 0)
 		log_warnx("reload: %s (no access log)", err);
+	if (strcmp(next->http_listen, m->conf->http_listen) != 0)
+		log_warnx("reload: http_listen changes take effect at the next start (still %s)",
+		    m->conf->http_listen[0] ? m->conf->http_listen : "off");
 	struct conf *old = m->conf;
 	m->conf = next;
 	control_set_conf(m->control, next);
@@ -664,6 +670,8 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.control = control_create(m.loop, conf, m.shm, &ops);
 	if (m.control == NULL)
 		fatalx("out of memory");
+	if (conf->http_listen[0])
+		m.http = http_create(m.loop, conf->http_listen, m.control);   /* bound as root: any port */
 	drop_privileges(conf);
 
 	int ready_fd = foreground ? -1 : daemonize();
@@ -708,6 +716,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 
 	ev_timer_stop(m.loop, &m.stop_timer);
 	ev_timer_stop(m.loop, &m.grace_timer);
+	http_destroy(m.http);
 	control_destroy(m.control);
 	char path[600];
 	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);

@@ -122,17 +122,17 @@ static void check_address(struct preflight *p, const char *key, const char *valu
 	freeaddrinfo(res);
 }
 
-/* agent_listen as control.c's listen_tcp reads it: host:port split at the last colon. */
-static void check_agent_listen(struct preflight *p, const char *value)
+/* agent_listen and http_listen as control.c's listen_tcp reads them: host:port split at the last colon. */
+static void check_host_port(struct preflight *p, const char *key, const char *value)
 {
 	const char *colon = strrchr(value, ':');
 	char host[256];
 	if (colon == NULL || (size_t)(colon - value) >= sizeof(host)) {
-		problem(p, "[server] agent_listen", value, "not host:port");
+		problem(p, key, value, "not host:port");
 		return;
 	}
 	snprintf(host, sizeof(host), "%.*s", (int)(colon - value), value);
-	check_address(p, "[server] agent_listen", value, host, colon + 1);
+	check_address(p, key, value, host, colon + 1);
 }
 
 static void check_user(struct preflight *p, const struct conf *c)
@@ -161,7 +161,9 @@ int preflight_check(const struct conf *c, FILE *report)
 	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
 	check_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
 	if (c->agent_listen[0])
-		check_agent_listen(&p, c->agent_listen);
+		check_host_port(&p, "[server] agent_listen", c->agent_listen);
+	if (c->http_listen[0])
+		check_host_port(&p, "[server] http_listen", c->http_listen);
 
 	check_dir(&p, "[server] run_dir", c->run_dir, NULL);
 	char storage_sock[600];

@@ -1,4 +1,4 @@
-/* test_escape.c: unit tests of escape.c: quoting of client strings for logs and the stats socket, and cuts at UTF-8 character boundaries. */
+/* test_escape.c: unit tests of escape.c: quoting of client strings for logs, the stats socket and HTML, and cuts at UTF-8 character boundaries. */
 #include "config.h"
 #include "unit.h"
 
@@ -83,6 +83,57 @@ START_TEST(test_utf8_prefix)
 }
 END_TEST
 
+static const char *html(const char *s, size_t len, size_t cap)
+{
+	static char out[4096];
+	ck_assert_uint_le(cap, sizeof(out));
+	size_t n = escape_html(out, cap, s, len);
+	ck_assert_uint_eq(n, strlen(out));
+	ck_assert_uint_lt(n, cap);
+	return out;
+}
+
+START_TEST(test_html_markup_escaped)
+{
+	const char hostile[] = "<script>alert('x')</script>\"><img src=x onerror=y>&amp;";
+	ck_assert_str_eq(html(hostile, strlen(hostile), 512),
+	    "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&quot;&gt;&lt;img src=x onerror=y&gt;&amp;amp;");
+	ck_assert_str_eq(html("caf\xc3\xa9 \xf0\x9f\x98\x80 a b", 14, 64), "caf\xc3\xa9 \xf0\x9f\x98\x80 a b");
+}
+END_TEST
+
+START_TEST(test_html_controls_and_bad_utf8)
+{
+	ck_assert_str_eq(html("a\nb\0c\x7f", 6, 64), "a&#xfffd;b&#xfffd;c&#xfffd;");
+	ck_assert_str_eq(html("\xc2\x85", 2, 64), "&#xfffd;&#xfffd;");           /* C1 NEL: two units */
+	ck_assert_str_eq(html("\xff<", 2, 64), "&#xfffd;&lt;");                   /* a stray byte */
+	ck_assert_str_eq(html("\xed\xa0\x80", 3, 64), "&#xfffd;&#xfffd;&#xfffd;"); /* a surrogate */
+	/* Of every byte value, nothing markup-like or control-like comes out raw. */
+	char all[256];
+	for (int i = 0; i < 256; i++)
+		all[i] = (char)i;
+	const char *o = html(all, sizeof(all), 4096);
+	ck_assert_uint_le(strlen(o), ESCAPE_HTML_SIZE(sizeof(all)) - 1);
+	for (size_t i = 0; o[i]; i++) {
+		unsigned char b = (unsigned char)o[i];
+		ck_assert_msg(b >= 0x20 && b != 0x7f && b != '<' && b != '>' && b != '"' && b != '\'', "raw byte %#x at %zu", b, i);
+		ck_assert_msg(b < 0x80, "a byte that is not ASCII at %zu: every byte of 0x80..0xff alone is invalid UTF-8", i);
+	}
+}
+END_TEST
+
+START_TEST(test_html_cut_whole)
+{
+	ck_assert_str_eq(html("ab<", 3, 5), "ab");         /* "&lt;" does not fit: left out whole */
+	ck_assert_str_eq(html("ab<", 3, 7), "ab&lt;");
+	ck_assert_str_eq(html("ab\xe6\x96\x87", 5, 5), "ab");
+	ck_assert_str_eq(html("ab\n", 3, 10), "ab");       /* "&#xfffd;" is 8 bytes */
+	char one[1];
+	ck_assert_uint_eq(escape_html(one, 1, "<", 1), 0);
+	ck_assert_str_eq(one, "");
+}
+END_TEST
+
 static Suite *escape_suite(void)
 {
 	Suite *s = suite_create("escape");
@@ -91,6 +142,9 @@ static Suite *escape_suite(void)
 	tcase_add_test(tc, test_quotes_backslashes_controls);
 	tcase_add_test(tc, test_escape_cut_whole);
 	tcase_add_test(tc, test_utf8_prefix);
+	tcase_add_test(tc, test_html_markup_escaped);
+	tcase_add_test(tc, test_html_controls_and_bad_utf8);
+	tcase_add_test(tc, test_html_cut_whole);
 	suite_add_tcase(s, tc);
 	return s;
 }
