@@ -5,7 +5,7 @@ PACKAGES="build-essential autoconf automake pkg-config
   libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libssl-dev libmodpbase64-dev libbsd-dev
   uthash-dev check python3 redis-server postgresql procps valgrind haproxy
   clang libclang-rt-14-dev libsystemd-dev
-  debhelper"
+  debhelper adduser"
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES
 	exit 0
