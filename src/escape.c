@@ -26,6 +26,18 @@ size_t utf8_prefix(const char *s, size_t len, size_t max)
 	return i;
 }
 
+/* Characters that change how a line reads without showing: line and paragraph separators,
+ * bidirectional controls, zero-width and other format characters (Unicode Zl, Zp, and the Cf
+ * ones that matter in a log). A terminal or a log viewer would split or reorder the line. */
+static int invisible(const unsigned char *p, size_t n)
+{
+	uint32_t cp = n == 2 ? (uint32_t)(p[0] & 0x1f) << 6 | (p[1] & 0x3f)
+	    : n == 3 ? (uint32_t)(p[0] & 0x0f) << 12 | (uint32_t)(p[1] & 0x3f) << 6 | (p[2] & 0x3f) : 0;
+	return cp == 0x00ad || cp == 0x061c || cp == 0x180e || (cp >= 0x200b && cp <= 0x200f) ||
+	    (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2060 && cp <= 0x206f) || cp == 0xfeff ||
+	    (cp >= 0xfff9 && cp <= 0xfffb);
+}
+
 size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 {
 	static const char hex[] = "0123456789abcdef";
@@ -46,8 +58,10 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 			tmp[tn++] = (char)b;
 		} else {
 			size_t n = char_len(s + i, len - i);
-			/* C1 controls (U+0080..U+009F) are escaped like the C0 ones. */
-			if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0)) {
+			/* C1 controls (U+0080..U+009F) are escaped like the C0 ones; so is each byte of an
+			 * invisible character. */
+			if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0) ||
+			    invisible((const unsigned char *)s + i, n)) {
 				tmp[tn++] = '\\';
 				tmp[tn++] = 'x';
 				tmp[tn++] = hex[b >> 4];

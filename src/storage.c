@@ -1598,6 +1598,22 @@ static void sweep_done(struct pool_job *job)
 	}
 }
 
+/* A parked upload another node took since (its lease's last owner is not this node, or the lease is
+ * gone: published, discarded or expired there) no longer counts here. */
+static void parked_on_reply(redisAsyncContext *c, void *reply, void *privdata)
+{
+	(void)c;
+	struct upload *up = privdata;
+	redisReply *rep = reply;
+	if (!up->retired && !up->st->stopping && up->parked && up->lease == UL_NONE && !up->head && !up->running &&
+	    rep != NULL && (rep->type == REDIS_REPLY_NIL ||
+	    (rep->type == REDIS_REPLY_STRING && strcmp(rep->str, lease_owner()) != 0))) {
+		upload_lost(up, NULL);
+		upload_retire(up);
+	}
+	upload_unpin(up);
+}
+
 static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
@@ -1609,6 +1625,12 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 	HASH_ITER(hh, st->uploads, up, tmp) {
 		if (!up->running && up->head == NULL && up->lease == UL_NONE && upload_expired(up) && nparked < SWEEP_MAX)
 			parked[nparked++] = up->key;   /* its lease was given back: a sweep takes it first */
+		else if (up->parked && up->lease == UL_NONE && !up->running && up->head == NULL) {
+			char key[LEASE_KEY_MAX];
+			lease_key(st, &up->key, key, sizeof(key));
+			if (rds_command(&st->redis, parked_on_reply, up, "HGET %s last", key) == 0)
+				up->pins++;
+		}
 		if (!up->running && up->head == NULL && up->lease == UL_OURS && upload_expired(up)) {
 			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 			escape_quoted(name, sizeof(name), up->name, up->name_len);
