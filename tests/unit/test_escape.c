@@ -32,6 +32,13 @@ START_TEST(test_quotes_backslashes_controls)
 	ck_assert_str_eq(esc("\xc2\x85", 2, 64), "\\xc2\\x85");          /* C1 NEL */
 	ck_assert_str_eq(esc("\xff\xc3", 2, 64), "\\xff\\xc3");          /* not UTF-8; truncated */
 	ck_assert_str_eq(esc("\xed\xa0\x80", 3, 64), "\\xed\\xa0\\x80"); /* a surrogate */
+	/* Characters that split or reorder a line without showing (found by a red-team pass). */
+	ck_assert_str_eq(esc("a\xe2\x80\xa8" "b", 5, 64), "a\\xe2\\x80\\xa8b");           /* U+2028 line separator */
+	ck_assert_str_eq(esc("\xe2\x80\xa9", 3, 64), "\\xe2\\x80\\xa9");               /* U+2029 */
+	ck_assert_str_eq(esc("\xe2\x80\xae", 3, 64), "\\xe2\\x80\\xae");               /* U+202E right-to-left override */
+	ck_assert_str_eq(esc("\xc2\xad", 2, 64), "\\xc2\\xad");                        /* U+00AD soft hyphen */
+	ck_assert_str_eq(esc("\xef\xbb\xbf", 3, 64), "\\xef\\xbb\\xbf");               /* U+FEFF */
+	ck_assert_str_eq(esc("\xe2\x80\x94", 3, 64), "\xe2\x80\x94");                   /* an em dash stays */
 	/* The output never holds a raw quote without a backslash before it, nor a control byte. */
 	char all[256];
 	for (int i = 0; i < 256; i++)
