@@ -90,7 +90,16 @@ class Bin:
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
 redis.set_token(OTHER_UID, OTHER_TOKEN)
-d = h.Daemon(workers=2, redis=redis, settings={"server": {"storage_timeout": 10}})
+ACCESS = os.path.join(h.temp_dir("binary-access"), "access.log")
+d = h.Daemon(workers=2, redis=redis, settings={"server": {"storage_timeout": 10}, "log": {"access_log": ACCESS}})
+
+
+def access_lines(needle):
+    try:
+        with open(ACCESS) as f:
+            return [line for line in f if needle in line]
+    except OSError:
+        return []
 tap.context.append(lambda: d.log_tail(12))
 try:
     d.start()
@@ -253,8 +262,9 @@ md5 = h.md5_hex(data)
 b = Bin(d)
 b.open(md5, "bad.bin", len(data))
 b.upload(data, 0, chunk=CH, stop_at=2 * CH)
+# The record may trail the answers by one write (docs/protocol.md §8): let it settle first.
+tap.ok(h.wait_for(lambda: (record(md5) or {}).get("trans_size") == 2 * CH, 10), "the record reaches the acknowledged size")
 before = record(md5)
-staged = before and before.get("trans_size")
 # offset past the window end
 b.c.send_raw(Bin.chunk_frame(5 * CH, data[5 * CH:6 * CH]))
 a = b.ack()
@@ -330,6 +340,12 @@ p = subprocess.run([resctl, "upload", ep, src, "--name", "via-compat.bin", "--ui
                    capture_output=True, text=True, env=env, timeout=60)
 tap.ok(p.returncode == 0 and published("via-compat.bin") == data, "resctl upload --compat publishes the file",
        p.stdout + p.stderr)
+up_lines = access_lines('name="via-resctl.bin"')
+tap.ok(any("upload" in x and "binary=1" in x for x in up_lines) and
+       any("download" in x and "binary=1" in x for x in up_lines),
+       "the access log shows resctl's default upload and download on the fast path", "".join(up_lines))
+tap.ok(not any("binary=1" in x for x in access_lines('name="via-compat.bin"')),
+       "and --compat on the JSON path")
 
 # ---------------------------------------------------------------- old clients
 tap.section("an old client on the same server")
