@@ -199,6 +199,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 static void bin_on_open_result(struct conn *c, const struct ipc_result *r);
 static void bin_fail_inflight(struct conn *c);
 static uint32_t conn_max_body(const struct conn *c);
+static size_t bin_read_room(const struct conn *c);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -580,7 +581,7 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			return;
 		}
 		p = c->in.data + c->in.end;
-	} else if ((p = buf_reserve(&c->in, READ_CHUNK)) == NULL) {
+	} else if ((p = buf_reserve(&c->in, room = bin_read_room(c))) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
@@ -1303,6 +1304,19 @@ static uint32_t conn_max_body(const struct conn *c)
 	if (c->bin && max < BIN_MAX_CHUNK + BIN_CHUNK_LEN)
 		max = BIN_MAX_CHUNK + BIN_CHUNK_LEN;
 	return max;
+}
+
+/* How much one read asks for: the rest of a large binary frame at once, else READ_CHUNK. */
+static size_t bin_read_room(const struct conn *c)
+{
+	size_t have = buf_len(&c->in);
+	if (c->bin == NULL || have < FRAME_HEADER_LEN)
+		return READ_CHUNK;
+	const uint8_t *h = buf_head(&c->in);
+	size_t frame = FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+	if (frame > (size_t)conn_max_body(c) + FRAME_HEADER_LEN || frame <= have + READ_CHUNK)
+		return READ_CHUNK;
+	return frame - have;
 }
 
 static int bin_holds_output(const struct conn *c)
@@ -2095,7 +2109,10 @@ static void conn_process(struct conn *c)
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
 		if (!c->busy && c->req.frame_used) {
-			buf_consume(&c->in, c->req.frame_used);
+			if (bin_chunks_in_flight(c))   /* an upload streams on: the next chunk fits as it is */
+				buf_consume_keep(&c->in, c->req.frame_used);
+			else
+				buf_consume(&c->in, c->req.frame_used);
 			c->req.frame_used = 0;
 		}
 	}
