@@ -2195,11 +2195,14 @@ static int bin_hello(struct client *c, struct json_writer *w, const struct resct
 	*code = answer_error(a);
 	if (*code == 0 && answer_u64(a, "window", &lim->window) == 0 && answer_u64(a, "max_chunk", &lim->max_chunk) == 0 &&
 	    answer_u64(a, "max_inflight", &lim->max_inflight) == 0 && answer_u64(a, "max_range", &lim->max_range) == 0 &&
-	    lim->max_chunk > 0 && lim->max_inflight > 0 && lim->max_range > 0)
+	    lim->max_chunk > 0 && lim->max_inflight > 0 && lim->max_range > 0) {
 		lim->ok = 1;
+		if (lim->max_chunk > RESCTL_MAX_CHUNK)   /* the client's buffer is sized for this */
+			lim->max_chunk = RESCTL_MAX_CHUNK;
+	}
 	else if (*code == 0)
 		*code = ERR_MSG_ID;   /* a 1042 without the limits: treat it as a server without the fast path */
-	if (*code && *code != ERR_MSG_ID)
+	if (*code && *code != ERR_MSG_ID && *code != ERR_BUSY)
 		report_server_error("hello", a);
 	yajl_tree_free(a);
 	return CALL_OK;
@@ -2273,7 +2276,10 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 	for (;;) {
 		int64_t code;
 		int r = bin_hello(&u->c, &u->w, &o->auth, &lim, &code);
-		if (r == CALL_OK && !lim.ok) {
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(u->c.err, sizeof(u->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
 			if (code == ERR_MSG_ID) {
 				if (verbose)
 					resctl_error("upload: the server has no binary fast path: using JSON");
@@ -2285,7 +2291,7 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 		size_t chunk = 0;
 		if (r == CALL_OK) {
 			chunk = chunk_given && o->chunk < lim.max_chunk ? (size_t)o->chunk : (size_t)lim.max_chunk;
-			if (frame == NULL && (frame = malloc(BIN_CHUNK_LEN + lim.max_chunk)) == NULL) {
+			if (frame == NULL && (frame = malloc(BIN_CHUNK_LEN + RESCTL_MAX_CHUNK)) == NULL) {
 				resctl_error("upload: out of memory");
 				break;
 			}
@@ -2478,8 +2484,12 @@ static int download_binary(struct download *d)
 	for (;;) {
 		int64_t code;
 		int r = bin_hello(&d->c, &d->w, &d->o->auth, &lim, &code);
-		if (r == CALL_OK && !lim.ok)
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(d->c.err, sizeof(d->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
 			return code == ERR_MSG_ID ? 1 : -1;
+		}
 		uint64_t range = lim.max_range < BIN_DOWNLOAD_RANGE ? lim.max_range : BIN_DOWNLOAD_RANGE;
 		uint64_t asked = d->have;
 		int pending = 0;

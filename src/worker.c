@@ -152,6 +152,7 @@ struct worker {
 	struct backend backend;       /* where published files are read from */
 	struct json_writer jw;
 	struct proto_limits limits;
+	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
 };
 
 struct download_job {
@@ -185,7 +186,8 @@ static void storage_connect(struct worker *w);
 /* The binary fast path (its own section below). */
 struct bin_conn;
 static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
-static int bin_ready_for(const struct conn *c, uint16_t id, uint32_t len);
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
+static void bin_link_drained(struct worker *w);
 static int bin_holds_output(const struct conn *c);
 static int bin_chunks_in_flight(const struct conn *c);
 static int bin_wants_write(const struct conn *c);
@@ -719,7 +721,8 @@ static void storage_down(struct worker *w, const char *why)
 static void storage_update_io(struct worker *w)
 {
 	struct storage_link *s = &w->storage;
-	int events = EV_READ | (buf_len(&s->out) > 0 ? EV_WRITE : 0);
+	/* Fast-path connections waiting for the link to drain are woken from its writability. */
+	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
 	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
 		return;
 	ev_io_stop(w->loop, &s->io);
@@ -817,6 +820,8 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	struct storage_link *s = &w->storage;
 	if ((revents & EV_WRITE) && storage_flush(w) < 0)
 		return;
+	if (revents & EV_WRITE)
+		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
 	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
@@ -1293,10 +1298,12 @@ struct bin_conn {
 	size_t sf_before;
 	uint64_t sf_offset, sf_left;
 	struct bin_send_job *sf_job;
+	int link_waiting;             /* counted in worker->bin_link_waiters */
 };
 
 #define BIN_REQID_TAG 0x80000000u   /* in a reqid's slot half: the answer is a binary chunk's */
 #define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
+#define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1353,14 +1360,25 @@ static int bin_wants_write(const struct conn *c)
 
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
  * open or hello waits for the chunks in flight (their answers belong to the upload before). */
-static int bin_ready_for(const struct conn *c, uint16_t id, uint32_t len)
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 {
-	const struct bin_conn *b = c->bin;
+	struct bin_conn *b = c->bin;
 	if (b == NULL)
 		return 1;
-	if (id == MSG_BIN_CHUNK)
+	if (id == MSG_BIN_CHUNK) {
+		/* Bound what waits in the storage link: the windows of many connections would
+		 * otherwise pile up there (and every append could move that backlog). */
+		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+			if (!b->link_waiting) {
+				b->link_waiting = 1;
+				c->w->bin_link_waiters++;
+				storage_update_io(c->w);
+			}
+			return 0;
+		}
 		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT &&
 		    b->inflight_bytes + (len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0) <= BIN_WINDOW);
+	}
 	if (id == MSG_BIN_UPLOAD_OPEN || id == MSG_BIN_HELLO)
 		return b->count == 0;
 	return 1;
@@ -1932,12 +1950,32 @@ static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_
 		bin_request_continue(c);
 }
 
+/* The storage link has room again: the connections whose chunks waited for it go on. */
+static void bin_link_drained(struct worker *w)
+{
+	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+		return;
+	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || c->bin == NULL || !c->bin->link_waiting)
+			continue;
+		c->bin->link_waiting = 0;
+		w->bin_link_waiters--;
+		conn_process(c);   /* may close c; the table slot is simply empty then */
+		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+			break;   /* full again: the rest wait on */
+	}
+	storage_update_io(w);
+}
+
 /* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
 static int bin_conn_free(struct conn *c)
 {
 	struct bin_conn *b = c->bin;
 	if (b == NULL)
 		return 0;
+	if (b->link_waiting)
+		c->w->bin_link_waiters--;
 	int handed = 0;
 	if (b->sf_job) {
 		b->sf_job->orphaned = 1;
