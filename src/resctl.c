@@ -1253,7 +1253,7 @@ static const char upload_usage[] =
 	"  --avatar         upload as the user's avatar (needs --uid and a token)\n"
 	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768 in JSON,\n"
 	"                   the server's max_chunk on the fast path)\n"
-	"  --compat         use the JSON messages of the Qt client (1003/1005)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
 	COMMON_HELP
 	"Testing: --drop-after K drops the connection once after sending chunk K;\n"
@@ -1706,12 +1706,13 @@ static const char download_usage[] =
 	"Downloads the file NAME into OUTFILE.resctl-part and renames it to OUTFILE once\n"
 	"every byte is in. With --uid and a server that has the binary fast path, it\n"
 	"asks for large ranges of one version of the file (sent with sendfile) and\n"
-	"starts from byte 0. Otherwise, or with --compat, it goes chunk by chunk in\n"
-	"JSON (1033), and OUTFILE.resctl-state records which file the part holds:\n"
+	"starts from byte 0 (a part left by an earlier run is resumed in JSON).\n"
+	"Otherwise, or with --compat, it goes chunk by chunk in\n"
+	"JSON, and OUTFILE.resctl-state records which file the part holds:\n"
 	"running the same command again after a failure resumes it (only a part of the\n"
 	"same file, checked against the server's bytes, is resumed).\n"
 	"  --force          replace OUTFILE if it exists (refused otherwise)\n"
-	"  --compat         use the JSON messages of the Qt client (1033)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
 	COMMON_HELP
 	"Testing: --stop-after K exits with status 3 after K chunks, leaving the part.\n";
@@ -2119,7 +2120,8 @@ static int cmd_download(int argc, char **argv)
 		resctl_progress_init(&d.progress, o.name);
 		/* The fast path starts from byte 0 (its ranges are pinned to a version, not to chunks). */
 		r = 1;
-		if (!o.compat && o.auth.has_uid && !o.stop_after && download_keep(&d, 0) == 0) {
+		/* A part with its state is resumed by the JSON path, which checks it against the server. */
+		if (!o.compat && o.auth.has_uid && !o.stop_after && d.saved.total == 0 && download_keep(&d, 0) == 0) {
 			r = download_binary(&d);
 			if (r == 0)
 				r = download_finish(&d);
