@@ -153,7 +153,7 @@ bench_binary() {
 	up_mbs=$(field "['mb_per_s']" <<<"$up")
 	dl_mbs=$(field "['mb_per_s']" <<<"$dl")
 	printf '%-44s %10s %12s %8s   (%.0f%% of dd with fsync, %s MB/s)\n' "binary, 1 connection upload, 256 MiB" "$up_mbs" - - \
-		"$(awk -v a="$up_mbs" -v b="$dd_mbs" 'BEGIN {print b > 0 ? 100 * a / b : 0}')" "$dd_mbs"
+		"$(awk -v a="$up_mbs" -v b="$dd_mbs" 'BEGIN {print (b > 0 ? 100 * a / b : 0)}')" "$dd_mbs"
 	printf '%-44s %10s %12s %8s\n' "binary, 1 connection download, $dur s" "$dl_mbs" - -
 	local i=0 proto kind
 	for proto in json binary; do
@@ -163,7 +163,7 @@ bench_binary() {
 			bytes=$(field "['bytes']" <<<"$out")
 			printf '%-44s %10s %11.1fs %8.2f   errors %s\n' "$proto, 64 connections $kind, $dur s" "$mbs" \
 				"$(awk -v t="$ticks" -v h="$hz" 'BEGIN {print t / h}')" \
-				"$(awk -v t="$ticks" -v h="$hz" -v b="$bytes" 'BEGIN {print b > 0 ? 1000 * t / h / (b / 1e6) : 0}')" \
+				"$(awk -v t="$ticks" -v h="$hz" -v b="$bytes" 'BEGIN {print (b > 0 ? 1000 * t / h / (b / 1e6) : 0)}')" \
 				"$(field "['errors_total']" <<<"$out")"
 			i=$((i + 2))
 		done
