@@ -63,7 +63,7 @@ echo "== machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(d
 
 echo "== limit: dd of 256 MiB in 32 KiB blocks to the same file system (with fsync)"
 dd if=/dev/urandom of="$work/random.bin" bs=1M count=256 status=none
-dd if="$work/random.bin" of="$work/root/dd.bin" bs=32k conv=fsync 2>&1 | tail -n 1
+dd if="$work/random.bin" of="$work/root/dd.bin" bs=32k conv=fsync 2>&1 | tail -n 1 | tee "$work/dd.txt"
 rm -f "$work/root/dd.bin"
 
 echo "== limit: raw loopback TCP copy of 1 GiB (one connection, 32 KiB writes)"
@@ -91,9 +91,9 @@ echo "== 1: one connection uploading a 256 MiB file, 32 KiB chunks (bench: base6
 echo "== 1b: the same with one connection downloading, 30 s"
 "$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --chunk 32768 --mode download --duration 30 --uid 1 --token bench
 
-echo "== 1c: resctl upload and download of a 256 MiB file (the client encodes as it goes)"
-"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name one.bin --uid 1 --token bench --chunk 32768
-"$resctl" download "127.0.0.1:$port" one.bin "$work/one.out" --uid 1 --token bench
+echo "== 1c: resctl upload and download --compat of a 256 MiB file (the client encodes as it goes)"
+"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name one.bin --uid 1 --token bench --chunk 32768 --compat
+"$resctl" download "127.0.0.1:$port" one.bin "$work/one.out" --uid 1 --token bench --compat
 cmp "$work/random.bin" "$work/one.out" && echo "identical"
 rm -f "$work/one.out"
 
@@ -102,6 +102,79 @@ echo "== 2: 64 connections uploading 8 MiB files for 20 s"
 
 echo "== 3: 64 connections downloading 8 MiB files for 20 s"
 "$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --chunk 32768 --mode download --duration 20 --uid 1 --token bench
+
+# ---------------------------------------------------------------- binary fast path (issue 11, item 2)
+# The same scenarios over the fast path (1041-1048), and CPU per byte of this daemon's processes
+# (the master's children, not other resourced instances on the machine) for 64 connections on both
+# paths. BIN_DURATION (default 20) is the length of each timed run in seconds.
+bench_binary() {
+	local dur=${BIN_DURATION:-20} master
+	master=$(cat "$work/run/resourced.pid")
+	cpu_ticks() {   # user + system clock ticks of the master and its children
+		local total=0 pid
+		for pid in "$master" $(pgrep -P "$master"); do
+			total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+		done
+		echo "$total"
+	}
+	field() {   # key of resctl bench --json output on stdin
+		python3 -c "import json, sys; d = json.load(sys.stdin); print(d$1)"
+	}
+	local hz u; hz=$(getconf CLK_TCK)
+	# Each run as its own user: runs stopped by --duration leave uploads in progress, and one
+	# user's would reach max_uploads_per_user.
+	for u in 11 12 13 14 15 16; do redis-cli -p "$rport" set "utoken_$u" bench >/dev/null; done
+	echo "== 6: binary fast path (load: $(uptime | sed 's/.*load average: //'))"
+	local dd_mbs
+	dd_mbs=$(awk '{v = $(NF - 1); u = $NF; if (u == "GB/s") v *= 1000; if (u == "kB/s") v /= 1000; print v}' "$work/dd.txt")
+	local up dl json_up bin_up json_dl bin_dl t0 t1
+	up=$("$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --files 1 --mode upload --duration 120 \
+		--uid 11 --token bench --protocol binary --json || true)
+	dl=$("$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --mode download --duration "$dur" \
+		--uid 12 --token bench --protocol binary --json || true)
+	local row=() uid=12   # 13 to 16
+	for proto in json binary; do
+		uid=$((uid + 1))
+		t0=$(cpu_ticks)
+		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (README, Performance).
+		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode upload --duration "$dur" \
+			--uid "$uid" --token bench --protocol "$proto" $([ "$proto" = binary ] && echo --chunk 262144) --json || true)")
+		t1=$(cpu_ticks)
+		row+=("$((t1 - t0))")
+		uid=$((uid + 1))
+		t0=$(cpu_ticks)
+		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode download --duration "$dur" \
+			--uid "$uid" --token bench --protocol "$proto" --json || true)")
+		t1=$(cpu_ticks)
+		row+=("$((t1 - t0))")
+	done
+	printf '%-44s %10s %12s %8s\n' scenario "MB/s" "server CPU" "ms/MB"
+	local up_mbs dl_mbs
+	up_mbs=$(field "['mb_per_s']" <<<"$up")
+	dl_mbs=$(field "['mb_per_s']" <<<"$dl")
+	printf '%-44s %10s %12s %8s   (%.0f%% of dd with fsync, %s MB/s)\n' "binary, 1 connection upload, 256 MiB" "$up_mbs" - - \
+		"$(awk -v a="$up_mbs" -v b="$dd_mbs" 'BEGIN {print (b > 0 ? 100 * a / b : 0)}')" "$dd_mbs"
+	printf '%-44s %10s %12s %8s\n' "binary, 1 connection download, $dur s" "$dl_mbs" - -
+	local i=0 proto kind
+	for proto in json binary; do
+		for kind in upload download; do
+			local out=${row[$i]} ticks=${row[$((i + 1))]} mbs bytes
+			mbs=$(field "['mb_per_s']" <<<"$out")
+			bytes=$(field "['bytes']" <<<"$out")
+			printf '%-44s %10s %11.1fs %8.2f   errors %s\n' "$proto, 64 connections $kind, $dur s" "$mbs" \
+				"$(awk -v t="$ticks" -v h="$hz" 'BEGIN {print t / h}')" \
+				"$(awk -v t="$ticks" -v h="$hz" -v b="$bytes" 'BEGIN {print (b > 0 ? 1000 * t / h / (b / 1e6) : 0)}')" \
+				"$(field "['errors_total']" <<<"$out")"
+			i=$((i + 2))
+		done
+	done
+	echo "== 6b: resctl upload and download of a 256 MiB file over the fast path (the default)"
+	"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name two.bin --uid 1 --token bench
+	"$resctl" download "127.0.0.1:$port" two.bin "$work/two.out" --uid 1 --token bench
+	cmp "$work/random.bin" "$work/two.out" && echo "identical"
+	rm -f "$work/two.out"
+}
+bench_binary
 
 echo "== 4: 10,000 idle connections"
 before=$(rss_kib)

@@ -125,6 +125,9 @@ struct backend_ops {
 	    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX]);
 	int (*file_read)(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got);
 	void (*file_close)(struct backend_file *f);   /* NULL is ignored */
+	/* Optional (NULL when the backend has none): a descriptor of the open published file, for
+	 * sendfile(2) by the binary fast path; it stays valid until file_close and never blocks. */
+	int (*file_fd)(struct backend_file *f);
 };
 
 /* One opened backend: the table and the backend's own state. */

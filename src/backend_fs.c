@@ -774,6 +774,12 @@ static void fs_file_close(struct backend_file *f)
 	free(f);
 }
 
+/* The descriptor behind a published file: binary downloads sendfile() from it. */
+static int fs_file_fd(struct backend_file *f)
+{
+	return f->fd;
+}
+
 const struct backend_ops backend_fs = {
 	.name = "fs",
 	.open = fs_open,
@@ -794,4 +800,5 @@ const struct backend_ops backend_fs = {
 	.file_open = fs_file_open,
 	.file_read = fs_file_read,
 	.file_close = fs_file_close,
+	.file_fd = fs_file_fd,
 };

@@ -201,6 +201,12 @@ int proto_parse_sync(const struct proto_fields *f, const struct proto_limits *li
 	return parse_credentials(f, lim, 0, &out->cred, msg, msglen);
 }
 
+int proto_parse_hello(const struct proto_fields *f, const struct proto_limits *lim, struct proto_credentials *out,
+    char *msg, size_t msglen)
+{
+	return parse_credentials(f, lim, 1, out, msg, msglen);
+}
+
 int proto_parse_download(const struct proto_fields *f, const struct proto_limits *lim,
     struct proto_download *out, char *msg, size_t msglen)
 {

@@ -115,6 +115,9 @@ int proto_parse_sync(const struct proto_fields *f, const struct proto_limits *li
     char *msg, size_t msglen);
 int proto_parse_download(const struct proto_fields *f, const struct proto_limits *lim,
     struct proto_download *out, char *msg, size_t msglen);
+/* 1041 (binary fast path hello): uid and token, both required (no anonymous mode). */
+int proto_parse_hello(const struct proto_fields *f, const struct proto_limits *lim, struct proto_credentials *out,
+    char *msg, size_t msglen);
 
 /* Decodes the chunk's data into dst (cap at least b64_decode_room(c->data_b64_len)).
  * Returns ERR_OK, or ERR_JSON when it is not strict base64. */

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "resctl.h"
 #include "b64.h"
+#include "binproto.h"
 #include "digest.h"
 #include "frame.h"
 #include "json.h"
@@ -760,6 +761,8 @@ enum common_option {
 	OPT_TOKEN_FILE,
 	OPT_VERBOSE,
 	OPT_PROXY_V2,
+	OPT_COMPAT,
+	OPT_PROTOCOL,
 };
 
 /* Handles --timeout, --uid and --token; 1 if opt was one of them, -1 on a bad value. */
@@ -1156,6 +1159,8 @@ struct upload_opts {
 	uint64_t drop_after;       /* testing: drop the connection once after sending this seq; 0 = never */
 	uint64_t stop_after;       /* testing: exit 3 after this many acknowledged chunks; 0 = never */
 	int timeout_ms;
+	int compat;                /* --compat: the JSON messages (1003/1005) even when the server has the fast path */
+	int chunk_given;           /* --chunk was given (the fast path otherwise uses the server's max_chunk) */
 };
 
 struct upload {
@@ -1205,7 +1210,11 @@ static int upload_option(void *ctx, int opt, const char *arg)
 	case OPT_AVATAR:
 		o->avatar = 1;
 		return 0;
+	case OPT_COMPAT:
+		o->compat = 1;
+		return 0;
 	case OPT_CHUNK:
+		o->chunk_given = 1;
 		if (resctl_parse_size(arg, RESCTL_MAX_CHUNK, &o->chunk) == 0 && o->chunk > 0)
 			return 0;
 		what = "--chunk";
@@ -1234,13 +1243,17 @@ static int upload_option(void *ctx, int opt, const char *arg)
 
 static const char upload_usage[] =
 	"usage: resctl upload HOST:PORT FILE [--name N] [--uid U --token T] [--avatar]\n"
-	"                     [--chunk BYTES] [--retries N] [--timeout S]\n"
-	"Uploads FILE chunk by chunk, one request at a time, like the Qt client.\n"
+	"                     [--chunk BYTES] [--retries N] [--timeout S] [--compat]\n"
+	"Uploads FILE over the binary fast path (raw chunks, many in flight) when\n"
+	"the server has it and --uid is given; otherwise, or with --compat, chunk by\n"
+	"chunk in JSON, one request at a time, like the Qt client.\n"
 	"Resumes an upload the server already holds part of (it asks first), and\n"
 	"reconnects with back-off when the connection drops or the server is busy.\n"
 	"  --name N         name to store the file under (default: FILE's base name)\n"
 	"  --avatar         upload as the user's avatar (needs --uid and a token)\n"
-	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768)\n"
+	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768 in JSON,\n"
+	"                   the server's max_chunk on the fast path)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
 	COMMON_HELP
 	"Testing: --drop-after K drops the connection once after sending chunk K;\n"
@@ -1543,6 +1556,8 @@ static void upload_report(const struct upload *u, enum upload_step step, int64_t
 	printf("\n");
 }
 
+static enum upload_step upload_binary(struct upload *u, int chunk_given);
+
 static int cmd_upload(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -1553,6 +1568,7 @@ static int cmd_upload(int argc, char **argv)
 		{ "retries", required_argument, NULL, OPT_RETRIES },
 		{ "drop-after", required_argument, NULL, OPT_DROP_AFTER },
 		{ "stop-after", required_argument, NULL, OPT_STOP_AFTER },
+		{ "compat", no_argument, NULL, OPT_COMPAT },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct upload_opts o = { .chunk = RESCTL_CHUNK, .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
@@ -1581,7 +1597,11 @@ static int cmd_upload(int argc, char **argv)
 	if (upload_open(&u, &o) == 0 && upload_hash(&u) == 0) {
 		int64_t start = resctl_now_ns();
 		resctl_progress_init(&u.progress, o.name);
-		step = upload_run(&u);
+		/* The testing options count JSON chunks; without credentials there is no fast path. */
+		int binary = !o.compat && o.auth.has_uid && !o.drop_after && !o.stop_after;
+		step = binary ? upload_binary(&u, o.chunk_given) : STEP_SYNC;
+		if (step == STEP_SYNC)
+			step = upload_run(&u);
 		resctl_progress_clear(&u.progress);
 		if (step == STEP_DONE || step == STEP_STOPPED)
 			upload_report(&u, step, start);
@@ -1614,6 +1634,7 @@ struct download_opts {
 	uint64_t stop_after;       /* testing: exit 3 after this many chunks written; 0 = never */
 	int force;                 /* replace an existing OUTFILE */
 	int timeout_ms;
+	int compat;                /* --compat: 1033 even when the server has the fast path */
 };
 
 /* One 1034 answer, data decoded into the download's buffer. */
@@ -1664,6 +1685,10 @@ static int download_option(void *ctx, int opt, const char *arg)
 		o->force = 1;
 		return 0;
 	}
+	if (opt == OPT_COMPAT) {
+		o->compat = 1;
+		return 0;
+	}
 	if (opt == OPT_RETRIES && resctl_parse_u64(arg, 1000000, &o->retries) != 0) {
 		resctl_error("download: bad value '%s' for --retries", arg);
 		return -1;
@@ -1677,12 +1702,17 @@ static int download_option(void *ctx, int opt, const char *arg)
 
 static const char download_usage[] =
 	"usage: resctl download HOST:PORT NAME OUTFILE [--uid U --token T] [--force]\n"
-	"                       [--retries N] [--timeout S]\n"
-	"Downloads the file NAME chunk by chunk into OUTFILE.resctl-part and renames it\n"
-	"to OUTFILE once every byte is in. OUTFILE.resctl-state records which file the\n"
-	"part holds: running the same command again after a failure resumes it (only a\n"
-	"part of the same file, checked against the server's bytes, is resumed).\n"
+	"                       [--retries N] [--timeout S] [--compat]\n"
+	"Downloads the file NAME into OUTFILE.resctl-part and renames it to OUTFILE once\n"
+	"every byte is in. With --uid and a server that has the binary fast path, it\n"
+	"asks for large ranges of one version of the file (sent with sendfile) and\n"
+	"starts from byte 0 (a part left by an earlier run is resumed in JSON).\n"
+	"Otherwise, or with --compat, it goes chunk by chunk in\n"
+	"JSON, and OUTFILE.resctl-state records which file the part holds:\n"
+	"running the same command again after a failure resumes it (only a part of the\n"
+	"same file, checked against the server's bytes, is resumed).\n"
 	"  --force          replace OUTFILE if it exists (refused otherwise)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
 	COMMON_HELP
 	"Testing: --stop-after K exits with status 3 after K chunks, leaving the part.\n";
@@ -1916,6 +1946,9 @@ static int download_keep(struct download *d, uint64_t keep)
 	return 0;
 }
 
+static int download_finish(struct download *d);
+static int download_binary(struct download *d);
+
 /* 0 when every byte is in, 3 when --stop-after stopped it, -1 after saying why. */
 static int download_run(struct download *d, uint64_t *resumed_from)
 {
@@ -1983,6 +2016,12 @@ static int download_run(struct download *d, uint64_t *resumed_from)
 			return -1;
 	}
 	resctl_progress_clear(&d->progress);
+	return download_finish(d);
+}
+
+/* Every byte is in the part file: checks its size, flushes it and only then names it OUTFILE. */
+static int download_finish(struct download *d)
+{
 	struct stat st;
 	if (fstat(d->fd, &st) != 0 || (uint64_t)st.st_size != d->total || d->have != d->total) {
 		resctl_error("download: %s holds %jd bytes, the server announced %" PRIu64, d->part,
@@ -2052,6 +2091,7 @@ static int cmd_download(int argc, char **argv)
 		{ "retries", required_argument, NULL, OPT_RETRIES },
 		{ "force", no_argument, NULL, OPT_FORCE },
 		{ "stop-after", required_argument, NULL, OPT_STOP_AFTER },
+		{ "compat", no_argument, NULL, OPT_COMPAT },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct download_opts o = { .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
@@ -2078,7 +2118,18 @@ static int cmd_download(int argc, char **argv)
 	int64_t start = resctl_now_ns();
 	if (download_open(&d) == 0) {
 		resctl_progress_init(&d.progress, o.name);
-		r = download_run(&d, &resumed_from);
+		/* The fast path starts from byte 0 (its ranges are pinned to a version, not to chunks). */
+		r = 1;
+		/* A part with its state is resumed by the JSON path, which checks it against the server. */
+		if (!o.compat && o.auth.has_uid && !o.stop_after && d.saved.total == 0 && download_keep(&d, 0) == 0) {
+			r = download_binary(&d);
+			if (r == 0)
+				r = download_finish(&d);
+			else if (r == 1 && d.have == 0)
+				client_close(&d.c);
+		}
+		if (r == 1)
+			r = download_run(&d, &resumed_from);
 		resctl_progress_clear(&d.progress);
 	}
 	if (r == 0) {
@@ -2115,6 +2166,425 @@ static int cmd_download(int argc, char **argv)
 	free(d.raw);
 	md5_free(&d.md5);
 	return r == 0 ? RESCTL_EXIT_OK : r == 3 ? RESCTL_EXIT_STOPPED : RESCTL_EXIT_FAIL;
+}
+
+/* ================================================================ binary fast path (1041-1048) */
+
+/* What the server's 1042 allows; .ok = 0 when it does not speak the fast path (an older server). */
+struct bin_limits {
+	int ok;
+	uint64_t window, max_inflight, max_chunk, max_range;
+};
+
+/* Connects and says 1041; CALL_OK with lim->ok = 0 when the server answered 1022 (JSON only). */
+static int bin_hello(struct client *c, struct json_writer *w, const struct resctl_auth *auth, struct bin_limits *lim,
+    int64_t *code)
+{
+	memset(lim, 0, sizeof(*lim));
+	*code = 0;
+	int r = client_connect(c);
+	if (r != CALL_OK)
+		return r;
+	const uint8_t *body;
+	size_t len;
+	json_begin(w);
+	put_token(w, auth);
+	put_uid(w, auth);
+	json_end(w, &body, &len);
+	yajl_val a;
+	if ((r = client_call(c, MSG_BIN_HELLO, body, len, &a)) != CALL_OK)
+		return r;
+	*code = answer_error(a);
+	if (*code == 0 && answer_u64(a, "window", &lim->window) == 0 && answer_u64(a, "max_chunk", &lim->max_chunk) == 0 &&
+	    answer_u64(a, "max_inflight", &lim->max_inflight) == 0 && answer_u64(a, "max_range", &lim->max_range) == 0 &&
+	    lim->max_chunk > 0 && lim->max_inflight > 0 && lim->max_range > 0) {
+		lim->ok = 1;
+		if (lim->max_chunk > RESCTL_MAX_CHUNK)   /* the client's buffer is sized for this */
+			lim->max_chunk = RESCTL_MAX_CHUNK;
+	}
+	else if (*code == 0)
+		*code = ERR_MSG_ID;   /* a 1042 without the limits: treat it as a server without the fast path */
+	if (*code && *code != ERR_MSG_ID && *code != ERR_BUSY)
+		report_server_error("hello", a);
+	yajl_tree_free(a);
+	return CALL_OK;
+}
+
+struct bin_answer {
+	uint32_t error;
+	uint64_t offset, committed, total;
+	uint32_t length;
+	char message[BIN_MSG_MAX + 1];
+};
+
+static void bin_message(struct bin_answer *a, const uint8_t *p, size_t have)
+{
+	size_t n = have >= 2 ? bin_get_u16(p) : 0;
+	if (n > have - 2)
+		n = have - 2;
+	if (n > BIN_MSG_MAX)
+		n = BIN_MSG_MAX;
+	for (size_t i = 0; i < n; i++)   /* shown on a terminal: printable ASCII only */
+		a->message[i] = p[2 + i] >= 0x20 && p[2 + i] < 0x7f ? (char)p[2 + i] : '?';
+	a->message[n] = '\0';
+}
+
+/* Receives the answer to a binary request id (1044 or 1046). */
+static int bin_recv(struct client *c, uint16_t id, struct bin_answer *a)
+{
+	uint16_t rid;
+	const uint8_t *body;
+	uint32_t len;
+	int r = client_recv(c, &rid, &body, &len);
+	if (r != CALL_OK)
+		return r;
+	memset(a, 0, sizeof(*a));
+	if (rid == id + 1 && id == MSG_BIN_UPLOAD_OPEN && len >= BIN_OPEN_ANSWER_LEN) {
+		a->error = bin_get_u32(body);
+		a->committed = bin_get_u64(body + 4);
+		a->total = bin_get_u64(body + 12);
+		bin_message(a, body + 20, len - 20);
+		return CALL_OK;
+	}
+	if (rid == id + 1 && id == MSG_BIN_CHUNK && len >= BIN_ACK_LEN) {
+		a->error = bin_get_u32(body);
+		a->offset = bin_get_u64(body + 4);
+		a->length = bin_get_u32(body + 12);
+		a->committed = bin_get_u64(body + 16);
+		a->total = bin_get_u64(body + 24);
+		bin_message(a, body + 32, len - 32);
+		return CALL_OK;
+	}
+	char why[80];
+	snprintf(why, sizeof(why), "it answered message %u with message %u of %u bytes", id, rid, len);
+	not_resourced(c, why);
+	return CALL_BROKEN;
+}
+
+static void bin_report(const char *command, const struct bin_answer *a)
+{
+	resctl_error("%s: server error %u (%s): %s", command, a->error, resctl_error_name(a->error),
+	    a->message[0] ? a->message : "no message");
+}
+
+/* The upload over the fast path: 1043, then chunks kept in flight up to the window. STEP_DONE,
+ * STEP_FAIL, or STEP_SYNC when the server does not speak it (the caller goes on with JSON). */
+static enum upload_step upload_binary(struct upload *u, int chunk_given)
+{
+	const struct upload_opts *o = u->o;
+	struct bin_limits lim;
+	uint8_t *frame = NULL;
+	enum upload_step result = STEP_FAIL;
+	for (;;) {
+		int64_t code;
+		int r = bin_hello(&u->c, &u->w, &o->auth, &lim, &code);
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(u->c.err, sizeof(u->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
+			if (code == ERR_MSG_ID) {
+				if (verbose)
+					resctl_error("upload: the server has no binary fast path: using JSON");
+				result = STEP_SYNC;
+			}
+			break;
+		}
+		struct bin_answer a;
+		size_t chunk = 0;
+		if (r == CALL_OK) {
+			chunk = chunk_given && o->chunk < lim.max_chunk ? (size_t)o->chunk : (size_t)lim.max_chunk;
+			if (frame == NULL && (frame = malloc(BIN_CHUNK_LEN + RESCTL_MAX_CHUNK)) == NULL) {
+				resctl_error("upload: out of memory");
+				break;
+			}
+			size_t nlen = strlen(o->name);
+			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
+			uint8_t *p = bin_put_u64(open, u->total);
+			*p++ = o->avatar ? BIN_OPEN_AVATAR : 0;
+			memcpy(p, u->md5, PROTO_MD5_HEX);
+			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
+			memcpy(p, o->name, nlen);
+			if ((r = client_send(&u->c, MSG_BIN_UPLOAD_OPEN, open, BIN_OPEN_LEN + nlen)) == CALL_OK)
+				r = bin_recv(&u->c, MSG_BIN_UPLOAD_OPEN, &a);
+		}
+		if (r == CALL_OK && a.error == ERR_UPLOAD_MISMATCH) {
+			/* Another upload of these bytes (another name or size): ours starts over. */
+			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
+			size_t nlen = strlen(o->name);
+			uint8_t *p = bin_put_u64(open, u->total);
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART;
+			memcpy(p, u->md5, PROTO_MD5_HEX);
+			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
+			memcpy(p, o->name, nlen);
+			if ((r = client_send(&u->c, MSG_BIN_UPLOAD_OPEN, open, BIN_OPEN_LEN + nlen)) == CALL_OK)
+				r = bin_recv(&u->c, MSG_BIN_UPLOAD_OPEN, &a);
+		}
+		if (r == CALL_BROKEN) {
+			resctl_error("upload: %s", u->c.err);
+			break;
+		}
+		if (r == CALL_OK && a.error && a.error != ERR_BUSY && a.error != ERR_SERVER_UPLOADS) {
+			bin_report("upload", &a);
+			break;
+		}
+		uint64_t next = 0, acked_to = 0;
+		unsigned inflight = 0;
+		uint64_t inflight_bytes = 0, lens[256];
+		if (r == CALL_OK && a.error == 0) {
+			next = acked_to = a.committed;
+			if (next > 0 && next <= u->total) {
+				u->resumes++;
+				resctl_progress_clear(&u->progress);
+				resctl_error("upload: resuming at %.1f MB (%d%%)", (double)next / 1e6,
+				    (int)(100.0 * (double)next / (double)u->total));
+				if (u->acked == 0)
+					resctl_progress_base(&u->progress, next);
+			}
+			if (lim.max_inflight > 256)
+				lim.max_inflight = 256;
+			int finished = 0;
+			int all_sent = 0;
+			while (r == CALL_OK && !finished) {
+				/* Fill the window, then read one acknowledgement. */
+				while (!all_sent && inflight < lim.max_inflight &&
+				    (inflight == 0 || inflight_bytes + chunk <= lim.window)) {
+					size_t len = u->total - next < chunk ? (size_t)(u->total - next) : chunk;
+					int last = next + len == u->total;
+					if (len && pread_full(u->fd, frame + BIN_CHUNK_LEN, len, next) != 0) {
+						resctl_error("upload: reading %s: %s", o->path,
+						    errno == ENODATA ? "file got shorter" : strerror(errno));
+						goto out;
+					}
+					uint8_t *p = bin_put_u64(frame, next);
+					p = bin_put_u32(p, (uint32_t)len);
+					bin_put_u32(p, last ? BIN_CHUNK_LAST : 0);
+					if ((r = client_send(&u->c, MSG_BIN_CHUNK, frame, BIN_CHUNK_LEN + len)) != CALL_OK)
+						break;
+					lens[(u->acked + inflight) % 256] = len;
+					inflight++;
+					inflight_bytes += len;
+					next += len;
+					all_sent = last;
+				}
+				if (r != CALL_OK)
+					break;
+				struct bin_answer ack;
+				if ((r = bin_recv(&u->c, MSG_BIN_CHUNK, &ack)) != CALL_OK)
+					break;
+				inflight--;
+				inflight_bytes -= lens[u->acked % 256];
+				if (ack.error) {
+					if ((ack.error == ERR_OFFSET_INVALID || ack.error == ERR_SEQ_INVALID ||
+					    ack.error == ERR_FILE_NOT_EXISTS || ack.error == ERR_BUSY ||
+					    ack.error == ERR_SERVER_UPLOADS) && ++u->rewinds <= o->retries) {
+						snprintf(u->c.err, sizeof(u->c.err), "server said %u: %.200s", ack.error, ack.message);
+						r = CALL_DROPPED;   /* open again: its answer says where to go on */
+						break;
+					}
+					resctl_progress_clear(&u->progress);
+					bin_report("upload", &ack);
+					goto out;
+				}
+				u->acked++;
+				u->sent_bytes += ack.length;
+				acked_to = ack.committed;
+				backoff_reset(&u->backoff);
+				resctl_progress_update(&u->progress, acked_to, u->total);
+				if (ack.committed == u->total && inflight == 0)
+					finished = 1;
+			}
+			if (finished) {
+				u->offset = u->total;
+				result = STEP_DONE;
+				break;
+			}
+		} else if (r == CALL_OK) {
+			snprintf(u->c.err, sizeof(u->c.err), "server busy");
+		}
+		u->offset = acked_to;
+		int lost = r != CALL_OK;
+		client_close(&u->c);
+		if (backoff_wait(&u->backoff, "upload", &u->progress, lost, u->c.err) != 0) {
+			resctl_progress_clear(&u->progress);
+			resctl_error("upload: giving up after %" PRIu64 " attempts: %s", u->backoff.attempts, u->c.err);
+			u->gave_up = 1;
+			break;
+		}
+	}
+out:
+	free(frame);
+	return result;
+}
+
+/* Receives a 1048 header; its data is left in c->in, from *data for hdr->length bytes. */
+struct bin_range {
+	uint32_t error;
+	uint64_t size, offset, length;
+	char version[BIN_VERSION_MAX + 1];
+	char message[BIN_MSG_MAX + 1];
+	const uint8_t *data;
+};
+
+static int bin_recv_range(struct client *c, struct bin_range *rg)
+{
+	uint16_t rid;
+	const uint8_t *body;
+	uint32_t len;
+	int r = client_recv(c, &rid, &body, &len);
+	if (r != CALL_OK)
+		return r;
+	memset(rg, 0, sizeof(*rg));
+	if (rid == MSG_BIN_DOWNLOAD + 1 && len >= BIN_RANGE_LEN + 2) {
+		rg->error = bin_get_u32(body);
+		rg->size = bin_get_u64(body + 4);
+		rg->offset = bin_get_u64(body + 12);
+		rg->length = bin_get_u64(body + 20);
+		size_t vlen = body[28];
+		if (vlen <= BIN_VERSION_MAX && len >= BIN_RANGE_LEN + vlen + 2) {
+			memcpy(rg->version, body + BIN_RANGE_LEN, vlen);
+			rg->version[vlen] = '\0';
+			const uint8_t *m = body + BIN_RANGE_LEN + vlen;
+			size_t mlen = bin_get_u16(m);
+			size_t head = BIN_RANGE_LEN + vlen + 2 + mlen;
+			if (head <= len && len - head == rg->length) {
+				struct bin_answer tmp;
+				bin_message(&tmp, m, 2 + mlen);
+				memcpy(rg->message, tmp.message, sizeof(rg->message));
+				rg->data = body + head;
+				return CALL_OK;
+			}
+		}
+	}
+	char why[80];
+	snprintf(why, sizeof(why), "it answered message %u with message %u of %u bytes", MSG_BIN_DOWNLOAD, rid, len);
+	not_resourced(c, why);
+	return CALL_BROKEN;
+}
+
+static int bin_send_range_request(struct client *c, const char *name, uint64_t offset, uint64_t length,
+    const char *version)
+{
+	uint8_t req[BIN_DOWNLOAD_LEN + PROTO_NAME_MAX + BIN_VERSION_MAX];
+	size_t nlen = strlen(name), vlen = strlen(version);
+	uint8_t *p = bin_put_u64(req, offset);
+	p = bin_put_u64(p, length);
+	p = bin_put_u16(p, (uint16_t)nlen);
+	*p++ = (uint8_t)vlen;
+	memcpy(p, name, nlen);
+	memcpy(p + nlen, version, vlen);
+	return client_send(c, MSG_BIN_DOWNLOAD, req, BIN_DOWNLOAD_LEN + nlen + vlen);
+}
+
+#define BIN_DOWNLOAD_RANGE (16u << 20)   /* bytes asked per 1047; two are kept in flight */
+
+/* The download over the fast path into the part file, ranges pinned to the version of the first
+ * answer. 0 done, -1 failed (said), 1 the server has no fast path (the caller goes on with JSON). */
+static int download_binary(struct download *d)
+{
+	struct bin_limits lim;
+	char version[BIN_VERSION_MAX + 1] = "";
+	for (;;) {
+		int64_t code;
+		int r = bin_hello(&d->c, &d->w, &d->o->auth, &lim, &code);
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(d->c.err, sizeof(d->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
+			return code == ERR_MSG_ID ? 1 : -1;
+		}
+		uint64_t range = lim.max_range < BIN_DOWNLOAD_RANGE ? lim.max_range : BIN_DOWNLOAD_RANGE;
+		uint64_t asked = d->have;
+		int pending = 0;
+		while (r == CALL_OK) {
+			/* Keep two ranges asked, so the server never waits for the client. */
+			while (r == CALL_OK && pending < 2 && (d->total == 0 ? pending == 0 : asked < d->total)) {
+				r = bin_send_range_request(&d->c, d->o->name, asked, range, version);
+				pending++;
+				asked += range;
+			}
+			if (r != CALL_OK)
+				break;
+			struct bin_range rg;
+			if ((r = bin_recv_range(&d->c, &rg)) != CALL_OK)
+				break;
+			pending--;
+			if (rg.error == ERR_FILE_CHANGED || (rg.error == 0 && version[0] && strcmp(version, rg.version) != 0)) {
+				/* Replaced on the server: what the part file holds belongs to the old file. */
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: %s was replaced on the server: starting over", d->o->name);
+				version[0] = '\0';
+				if (download_keep(d, 0) != 0)
+					return -1;
+				md5_free(&d->md5);
+				if (md5_init(&d->md5) < 0)
+					return -1;
+				d->total = 0;
+				r = CALL_DROPPED;
+				snprintf(d->c.err, sizeof(d->c.err), "file replaced");
+				break;
+			}
+			if (rg.error == ERR_BUSY) {
+				snprintf(d->c.err, sizeof(d->c.err), "server busy");
+				r = CALL_DROPPED;
+				break;
+			}
+			if (rg.error) {
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: server error %u (%s): %s", rg.error, resctl_error_name(rg.error),
+				    rg.message[0] ? rg.message : "no message");
+				return -1;
+			}
+			if (version[0] == '\0') {
+				snprintf(version, sizeof(version), "%s", rg.version);
+				d->total = rg.size;
+				if (state_write(d, range) != 0)
+					return -1;
+			}
+			if (rg.offset != d->have || rg.size != d->total || rg.offset + rg.length > d->total) {
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: inconsistent answer (offset %" PRIu64 ", %" PRIu64 " bytes of %" PRIu64 ")",
+				    rg.offset, rg.length, rg.size);
+				return -1;
+			}
+			/* Straight from the receive buffer to the part file. */
+			for (uint64_t done = 0; done < rg.length;) {
+				ssize_t n = pwrite(d->fd, rg.data + done, (size_t)(rg.length - done), (off_t)(rg.offset + done));
+				if (n < 0 && errno == EINTR)
+					continue;
+				if (n < 0) {
+					resctl_error("download: writing %s: %s", d->part, strerror(errno));
+					return -1;
+				}
+				done += (uint64_t)n;
+			}
+			md5_update(&d->md5, rg.data, (size_t)rg.length);
+			d->have += rg.length;
+			d->received += rg.length;
+			d->written++;
+			backoff_reset(&d->backoff);
+			if (state_update(d) != 0)
+				return -1;
+			resctl_progress_update(&d->progress, d->have, d->total);
+			if (d->have == d->total && pending == 0)
+				return 0;
+			if (rg.length == 0 && d->have < d->total) {
+				resctl_error("download: the server sent an empty range before the end");
+				return -1;
+			}
+		}
+		if (r == CALL_BROKEN) {
+			resctl_error("download: %s", d->c.err);
+			return -1;
+		}
+		int lost = strcmp(d->c.err, "server busy") != 0;
+		client_close(&d->c);
+		if (backoff_wait(&d->backoff, "download", &d->progress, lost, d->c.err) != 0) {
+			resctl_progress_clear(&d->progress);
+			resctl_error("download: giving up after %" PRIu64 " attempts: %s", d->backoff.attempts, d->c.err);
+			d->gave_up = 1;
+			return -1;
+		}
+	}
 }
 
 /* ================================================================ dispatch */

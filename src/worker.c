@@ -2,6 +2,7 @@
 #include "config.h"
 #include "worker.h"
 #include "b64.h"
+#include "binproto.h"
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
@@ -29,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -47,6 +49,7 @@ enum req_stage {
 	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
 	STAGE_DISK,        /* download read on a disk thread */
 	STAGE_DLCHECK,     /* download read from a freshly opened file; GET of its download record in flight */
+	STAGE_BINOPEN,     /* binary download: the file is being opened on a disk thread */
 };
 
 struct download_job;
@@ -64,6 +67,9 @@ struct request {
 		struct proto_chunk chunk;
 		struct proto_sync sync;
 		struct proto_download download;
+		struct proto_credentials hello;                                   /* 1041 */
+		struct { struct proto_credentials cred; struct bin_open open; } bopen;   /* 1043 */
+		struct { struct proto_credentials cred; struct bin_download dl; } bdl;   /* 1047 */
 	} u;
 	struct proto_credentials *cred;
 	struct download_job *job;     /* STAGE_DISK */
@@ -108,6 +114,7 @@ struct conn {
 	struct ipc_sync drove[2];
 	unsigned ndrove;
 	ev_tstamp xfer_start;
+	struct bin_conn *bin;         /* the binary fast path, once a 1041 hello succeeded; NULL before */
 	char peer[64];
 };
 
@@ -155,6 +162,7 @@ struct worker {
 	struct backend backend;       /* where published files are read from */
 	struct json_writer jw;
 	struct proto_limits limits;
+	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
 };
 
 struct download_job {
@@ -186,6 +194,25 @@ static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
 static void storage_connect(struct worker *w);
 static void storage_resend_unsent(struct worker *w);
+/* The binary fast path (its own section below). */
+struct bin_conn;
+static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
+static void bin_link_drained(struct worker *w);
+static int bin_holds_output(const struct conn *c);
+static int bin_chunks_in_flight(const struct conn *c);
+static int bin_wants_write(const struct conn *c);
+static size_t bin_out_limit(const struct conn *c);
+static void bin_out_sent(struct conn *c, size_t n);
+static int bin_send_file(struct conn *c);
+static int bin_conn_free(struct conn *c);
+static void bin_request_continue(struct conn *c);
+static void bin_respond_request_error(struct conn *c, int error, const char *message);
+static int bin_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload);
+static void bin_on_open_result(struct conn *c, const struct ipc_result *r);
+static void bin_fail_inflight(struct conn *c);
+static uint32_t conn_max_body(const struct conn *c);
+static size_t bin_read_room(const struct conn *c);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -193,9 +220,14 @@ static void storage_resend_unsent(struct worker *w);
 static int conn_flush(struct conn *c)
 {
 	while (buf_len(&c->out) > 0) {
-		ssize_t n = send(c->fd, buf_head(&c->out), buf_len(&c->out), MSG_NOSIGNAL);
+		/* A binary range in progress: what was queued before its file bytes goes first, the rest after. */
+		size_t len = bin_out_limit(c);
+		if (len == 0)
+			break;
+		ssize_t n = send(c->fd, buf_head(&c->out), len, MSG_NOSIGNAL);
 		if (n > 0) {
 			buf_consume(&c->out, (size_t)n);
+			bin_out_sent(c, (size_t)n);
 			continue;
 		}
 		if (n < 0 && errno == EINTR)
@@ -205,7 +237,9 @@ static int conn_flush(struct conn *c)
 		conn_close(c, "write failed");
 		return -1;
 	}
-	if (buf_len(&c->out) == 0 && c->closing && !c->busy) {
+	if (bin_holds_output(c) && bin_send_file(c) < 0)
+		return -1;
+	if (buf_len(&c->out) == 0 && c->closing && !c->busy && !bin_holds_output(c) && !bin_chunks_in_flight(c)) {
 		conn_close(c, NULL);
 		return -1;
 	}
@@ -293,6 +327,11 @@ static void respond_request_error(struct conn *c, int error, const char *message
 		respond_chunk(c, error, message, ch->seq, ch->offset, ch->total_size);
 		break;
 	}
+	case MSG_BIN_HELLO:
+	case MSG_BIN_UPLOAD_OPEN:
+	case MSG_BIN_DOWNLOAD:
+		bin_respond_request_error(c, error, message);
+		break;
 	default:
 		respond_error(c, c->req.id, error, message);
 		break;
@@ -452,7 +491,8 @@ static void conn_close(struct conn *c, const char *why)
 	conn_release_uploads(c);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
-	close(c->fd);
+	if (!bin_conn_free(c))   /* 1: a disk thread is still sending on the socket and closes it */
+		close(c->fd);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	conn_table_remove(w, c);
@@ -479,10 +519,10 @@ static void conn_update_io(struct conn *c)
 	/* Reading on while a request waits saves epoll churn; one frame of
 	 * read-ahead bounds what a pipelining client can park here. */
 	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
-	    buf_len(&c->in) < (size_t)w->conf->max_frame + FRAME_HEADER_LEN &&
+	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
 	    !(c->req.frame_used && c->in.end == c->in.cap))   /* a held frame's buffer is full */
 		events |= EV_READ;
-	if (buf_len(&c->out) > 0)
+	if (bin_wants_write(c))
 		events |= EV_WRITE;
 	if (events == (c->io.events & (EV_READ | EV_WRITE)) && ev_is_active(&c->io))
 		return;
@@ -521,7 +561,7 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 		if (now - c->req.since >= w->conf->storage_timeout) {
 			log_warnx("%s: request %u timed out waiting for %s", c->peer, c->req.id,
 			    c->req.stage == STAGE_AUTH || c->req.stage == STAGE_DLCHECK ? "redis" :
-			    c->req.stage == STAGE_DISK ? "the disk" : "storage");
+			    c->req.stage == STAGE_DISK || c->req.stage == STAGE_BINOPEN ? "the disk" : "storage");
 			if (c->req.job) {
 				conn_close(c, "disk read timed out");   /* the job may still hold the fd */
 				return;
@@ -548,7 +588,7 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	struct conn *c = io->data;
 	if (revents & EV_WRITE) {
 		/* Frames that waited for the client to read its answers go on now. */
-		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 &&
+		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
 		    buf_len(&c->out) < (size_t)c->w->conf->output_cap)
 			conn_process(c);
 		return;   /* a readable socket fires again */
@@ -566,7 +606,7 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			return;
 		}
 		p = c->in.data + c->in.end;
-	} else if ((p = buf_reserve(&c->in, READ_CHUNK)) == NULL) {
+	} else if ((p = buf_reserve(&c->in, room = bin_read_room(c))) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
@@ -683,6 +723,9 @@ static void storage_hold_waiting(struct worker *w)
 		if (c && c->busy && c->req.stage == STAGE_STORAGE && !c->req.unsent) {
 			c->req.unsent = 1;
 			held++;
+		} else if (c && c->bin) {
+			/* Binary chunks in flight are not held: the client resends from the committed size. */
+			bin_fail_inflight(c);
 		}
 	}
 	if (held)
@@ -713,7 +756,8 @@ static void storage_down(struct worker *w, const char *why)
 static void storage_update_io(struct worker *w)
 {
 	struct storage_link *s = &w->storage;
-	int events = EV_READ | (buf_len(&s->out) > 0 ? EV_WRITE : 0);
+	/* Fast-path connections waiting for the link to drain are woken from its writability. */
+	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
 	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
 		return;
 	ev_io_stop(w->loop, &s->io);
@@ -766,6 +810,8 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 
 static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
+	if (bin_on_result(w, h, payload))
+		return;   /* a binary chunk's acknowledgement */
 	struct conn *c = conn_by_reqid(w, h->reqid);
 	if (c == NULL || c->req.stage != STAGE_STORAGE)
 		return;   /* the client went away or timed out */
@@ -778,7 +824,9 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 		if (r.message_len)
 			snprintf(message, sizeof(message), "%.*s", (int)r.message_len, r.message);
 		const char *msg = r.message_len ? message : NULL;
-		if (c->req.id == MSG_SYNC) {
+		if (c->req.id == MSG_BIN_UPLOAD_OPEN) {
+			bin_on_open_result(c, &r);
+		} else if (c->req.id == MSG_SYNC) {
 			struct json_writer *jw = &w->jw;
 			json_begin(jw);
 			json_put_int(jw, "error", r.error);
@@ -809,6 +857,8 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	struct storage_link *s = &w->storage;
 	if ((revents & EV_WRITE) && storage_flush(w) < 0)
 		return;
+	if (revents & EV_WRITE)
+		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
 	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
@@ -1279,6 +1329,763 @@ static void download_start(struct conn *c)
 	pool_submit(w->pool, &j->job);
 }
 
+/* ---------------------------------------------------------------- binary fast path (1041-1048) */
+
+/* A chunk on its way to storage, acknowledged in the order sent. */
+struct bin_inflight {
+	uint64_t reqid;
+	uint64_t offset;
+	uint32_t length;
+};
+
+/* A range being sent with sendfile() by a disk thread (the descriptor may block on a cold page cache). */
+struct bin_send_job {
+	struct pool_job job;
+	struct worker *w;
+	uint32_t slot;
+	int sock;                     /* the connection's socket */
+	int fd;                       /* the published file */
+	uint64_t offset, left;
+	int saved_errno;              /* 0, EAGAIN (socket full: wait for it) or the failure */
+	int orphaned;                 /* the connection went away: close sock and file when done */
+	struct backend_file *file;    /* set only when orphaned: closed when done */
+};
+
+/* Opens a published file for 1047 on a disk thread. */
+struct bin_open_job {
+	struct pool_job job;
+	struct worker *w;
+	uint64_t reqid;
+	uint64_t uid;
+	char name[PROTO_NAME_MAX + 1];
+	size_t name_len;
+	struct backend_file *file;
+	uint64_t size;
+	char version[BACKEND_VERSION_MAX];
+	int saved_errno;
+};
+
+/* What a connection that said 1041 holds: its credentials, its open upload, its open file. */
+struct bin_conn {
+	uint64_t uid;
+	char token[PROTO_TOKEN_MAX];
+	size_t token_len;
+	/* The upload 1043 opened. */
+	int up_open;
+	int up_broken;                /* a chunk failed: later ones are refused until a new 1043 */
+	uint8_t kind;
+	char md5[PROTO_MD5_HEX + 1];
+	char name[PROTO_NAME_MAX + 1];
+	size_t name_len;
+	uint64_t total;
+	uint64_t cursor;              /* where the next chunk must start */
+	uint64_t next_seq;            /* the seq storage is given for it */
+	uint64_t committed;           /* the last acknowledged committed size */
+	struct bin_inflight ring[BIN_MAX_INFLIGHT];
+	unsigned head, count;
+	uint64_t inflight_bytes;
+	/* The file of the last 1047, kept open: a range asked with its version reads that very file. */
+	struct backend_file *file;
+	uint64_t file_size;
+	char file_name[PROTO_NAME_MAX + 1];
+	size_t file_name_len;
+	char file_version[BACKEND_VERSION_MAX];
+	/* A range being sent: sf_before bytes of conn->out go first, then sf_left bytes of the file. */
+	int sf_pending;
+	size_t sf_before;
+	uint64_t sf_offset, sf_left;
+	struct bin_send_job *sf_job;
+	int link_waiting;             /* counted in worker->bin_link_waiters */
+};
+
+#define BIN_REQID_TAG 0x80000000u   /* in a reqid's slot half: the answer is a binary chunk's */
+#define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
+#define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
+
+static uint32_t conn_max_body(const struct conn *c)
+{
+	uint32_t max = (uint32_t)c->w->conf->max_frame;
+	if (c->bin && max < BIN_MAX_CHUNK + BIN_CHUNK_LEN)
+		max = BIN_MAX_CHUNK + BIN_CHUNK_LEN;
+	return max;
+}
+
+/* How much one read asks for: the rest of a large binary frame at once, else READ_CHUNK. */
+static size_t bin_read_room(const struct conn *c)
+{
+	size_t have = buf_len(&c->in);
+	if (c->bin == NULL || have < FRAME_HEADER_LEN)
+		return READ_CHUNK;
+	const uint8_t *h = buf_head(&c->in);
+	size_t frame = FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+	if (frame > (size_t)conn_max_body(c) + FRAME_HEADER_LEN || frame <= have + READ_CHUNK)
+		return READ_CHUNK;
+	return frame - have;
+}
+
+static int bin_holds_output(const struct conn *c)
+{
+	return c->bin && c->bin->sf_pending;
+}
+
+static int bin_chunks_in_flight(const struct conn *c)
+{
+	return c->bin && c->bin->count > 0;
+}
+
+static size_t bin_out_limit(const struct conn *c)
+{
+	if (!bin_holds_output(c))
+		return buf_len(&c->out);
+	return c->bin->sf_before;
+}
+
+static void bin_out_sent(struct conn *c, size_t n)
+{
+	if (bin_holds_output(c))
+		c->bin->sf_before -= n < c->bin->sf_before ? n : c->bin->sf_before;
+}
+
+static int bin_wants_write(const struct conn *c)
+{
+	if (!bin_holds_output(c))
+		return buf_len(&c->out) > 0;
+	if (c->bin->sf_job)
+		return 0;   /* the disk thread is writing the socket; its done callback looks again */
+	return 1;
+}
+
+/* Whether the frame id may be handled now: a chunk waits while the window is full, and an
+ * open or hello waits for the chunks in flight (their answers belong to the upload before). */
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
+{
+	struct bin_conn *b = c->bin;
+	if (b == NULL)
+		return 1;
+	if (id == MSG_BIN_CHUNK) {
+		/* Bound what waits in the storage link: the windows of many connections would
+		 * otherwise pile up there (and every append could move that backlog). */
+		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+			if (!b->link_waiting) {
+				b->link_waiting = 1;
+				c->w->bin_link_waiters++;
+				storage_update_io(c->w);
+			}
+			return 0;
+		}
+		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT &&
+		    b->inflight_bytes + (len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0) <= BIN_WINDOW);
+	}
+	if (id == MSG_BIN_UPLOAD_OPEN || id == MSG_BIN_HELLO)
+		return b->count == 0;
+	return 1;
+}
+
+/* Queues one binary response frame. */
+static void conn_send_bin(struct conn *c, uint16_t id, const uint8_t *body, size_t len, int error)
+{
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
+	if (error) {
+		stats_count_answer(id, error);
+		if (error == ERR_TOKEN_INVALID || error == ERR_UID_INVALID)
+			STAT_INC(auth_failures);
+	}
+	uint8_t header[FRAME_HEADER_LEN];
+	frame_put_header(header, id, (uint32_t)len);
+	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, len) < 0) {
+		log_warnx("%s: out of memory queueing a response: closing", c->peer);
+		c->closing = 1;
+	}
+}
+
+static void bin_send_ack(struct conn *c, int error, uint64_t offset, uint32_t length, uint64_t committed,
+    uint64_t total, const char *msg)
+{
+	uint8_t body[BIN_ACK_LEN + BIN_MSG_MAX];
+	size_t n = bin_put_ack(body, (uint32_t)error, offset, length, committed, total, msg);
+	conn_send_bin(c, MSG_BIN_CHUNK + 1, body, n, error);
+}
+
+static void bin_send_open_answer(struct conn *c, int error, uint64_t committed, uint64_t total, const char *msg)
+{
+	uint8_t body[BIN_OPEN_ANSWER_LEN + BIN_MSG_MAX];
+	size_t n = bin_put_open_answer(body, (uint32_t)error, committed, total, msg);
+	conn_send_bin(c, MSG_BIN_UPLOAD_OPEN + 1, body, n, error);
+}
+
+static void bin_send_range_error(struct conn *c, int error, const char *msg)
+{
+	uint8_t body[BIN_RANGE_LEN + BIN_VERSION_MAX + 2 + BIN_MSG_MAX];
+	size_t n = bin_put_range(body, (uint32_t)error, 0, 0, 0, NULL, msg);
+	conn_send_bin(c, MSG_BIN_DOWNLOAD + 1, body, n, error);
+}
+
+/* A request that failed before its work started: the answer its id needs. */
+static void bin_respond_request_error(struct conn *c, int error, const char *message)
+{
+	if (c->req.id == MSG_BIN_UPLOAD_OPEN)
+		bin_send_open_answer(c, error, 0, c->req.u.bopen.open.total_size, message);
+	else if (c->req.id == MSG_BIN_DOWNLOAD)
+		bin_send_range_error(c, error, message);
+	else
+		respond_error(c, c->req.id, error, message);
+}
+
+/* The hello's credentials are good: the connection speaks the fast path from now on. */
+static void bin_hello_finish(struct conn *c)
+{
+	const struct proto_credentials *cred = &c->req.u.hello;
+	struct bin_conn *b = c->bin;
+	if (b == NULL && (b = c->bin = calloc(1, sizeof(*b))) == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	if (b->uid != cred->uid) {
+		/* Another user: nothing of the one before stays reachable. */
+		b->up_open = 0;
+		if (b->file && !b->sf_pending) {
+			c->w->backend.ops->file_close(b->file);
+			b->file = NULL;
+		}
+	}
+	b->uid = cred->uid;
+	memcpy(b->token, cred->token, cred->token_len);
+	b->token_len = cred->token_len;
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", 0);
+	json_put_int(jw, "version", BIN_VERSION);
+	json_put_int(jw, "window", BIN_WINDOW);
+	json_put_int(jw, "max_inflight", BIN_MAX_INFLIGHT);
+	json_put_int(jw, "max_chunk", BIN_MAX_CHUNK);
+	json_put_int(jw, "max_range", BIN_MAX_RANGE);
+	json_put_int(jw, "max_file_size", (int64_t)c->w->conf->max_file_size);
+	conn_send_json(c, MSG_BIN_HELLO + 1, 0);
+	request_finish(c);
+}
+
+/* 1043 once its credentials are good: asks storage how far the upload is. */
+static void bin_open_start(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct storage_link *s = &w->storage;
+	if (s->fd < 0 || !s->connected) {
+		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
+		return;
+	}
+	struct ipc_sync msg = { .uid = c->bin->uid };
+	memcpy(msg.md5, c->req.u.bopen.open.md5, sizeof(msg.md5));
+	if (ipc_encode_sync(&s->out, conn_next_reqid(c), &msg) < 0) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	conn_drove(c, msg.uid, msg.md5);
+	c->busy = 1;
+	c->req.stage = STAGE_STORAGE;
+	c->req.since = ev_now(w->loop);
+	storage_flush(w);
+}
+
+/* Storage's answer to the open's sync: resume where it stands, or start at 0. */
+static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
+{
+	struct bin_conn *b = c->bin;
+	const struct bin_open *o = &c->req.u.bopen.open;
+	int fresh;
+	if (r->error == ERR_FILE_NOT_EXISTS || (r->error == ERR_OK && (o->flags & BIN_OPEN_RESTART))) {
+		fresh = 1;
+	} else if (r->error == ERR_OK) {
+		if (r->total_size != o->total_size || r->name_len != o->name_len ||
+		    memcmp(r->name, o->name, o->name_len) != 0) {
+			bin_send_open_answer(c, ERR_UPLOAD_MISMATCH, r->trans_size, r->total_size,
+			    "an upload of this md5 is in progress with another name or total_size: open it with "
+			    "those, or with the restart flag to start over");
+			return;
+		}
+		fresh = 0;
+	} else {
+		char msg[256];
+		snprintf(msg, sizeof(msg), "%.*s", (int)r->message_len, r->message ? r->message : "");
+		bin_send_open_answer(c, (int)r->error, 0, o->total_size, msg);
+		return;
+	}
+	b->up_open = 1;
+	b->up_broken = 0;
+	b->kind = o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
+	memcpy(b->md5, o->md5, sizeof(b->md5));
+	memcpy(b->name, o->name, o->name_len);
+	b->name[o->name_len] = '\0';
+	b->name_len = o->name_len;
+	b->total = o->total_size;
+	/* Chunks go in order, each right after the one before, numbered on from storage's seq: each
+	 * starts at the committed size with the committed seq + 1 when storage runs it, which is
+	 * what a JSON client resuming does, so the upload can change paths at any chunk. */
+	b->cursor = fresh ? 0 : r->trans_size;
+	b->next_seq = fresh ? 1 : r->seq + 1;
+	b->committed = b->cursor;
+	memcpy(c->xfer_md5, b->md5, sizeof(c->xfer_md5));
+	c->xfer_start = ev_now(c->w->loop);
+	bin_send_open_answer(c, ERR_OK, b->cursor, b->total, NULL);
+}
+
+/* 1045: checks the chunk against the open upload and queues its bytes for storage (one copy). */
+static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	struct bin_chunk ch;
+	char msg[160];
+	int rc = bin_parse_chunk(body, len, &ch, msg, sizeof(msg));
+	if (rc != ERR_OK) {
+		bin_send_ack(c, rc, ch.offset, ch.length, b->committed, b->total, msg);
+		return;
+	}
+	uint64_t end = ch.offset + ch.length;
+	if (!b->up_open) {
+		bin_send_ack(c, ERR_FILE_NOT_EXISTS, ch.offset, ch.length, 0, 0,
+		    "no upload open on this connection: send 1043 first");
+		return;
+	}
+	if (b->up_broken) {
+		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total,
+		    "an earlier chunk of this upload failed: open it again (1043) to learn where it stands");
+		return;
+	}
+	if (ch.offset != b->cursor) {
+		snprintf(msg, sizeof(msg), "offset: expected %" PRIu64 " (right after the previous chunk)", b->cursor);
+		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total, msg);
+		return;
+	}
+	if (end > b->total) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total, "length: past total_size");
+		return;
+	}
+	if (!!(ch.flags & BIN_CHUNK_LAST) != (end == b->total)) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
+		    "flags: the last flag must be set exactly on the chunk that ends the file");
+		return;
+	}
+	if (ch.length == 0 && end != b->total) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
+		    "length: an empty chunk may only end the file");
+		return;
+	}
+	struct storage_link *s = &w->storage;
+	if (s->fd < 0 || !s->connected) {
+		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
+		    "server busy: storage unavailable, retry");
+		return;
+	}
+	struct ipc_chunk msgc = {
+		.uid = b->uid, .seq = b->next_seq, .trans_size = end, .total_size = b->total,
+		.kind = b->kind, .last = end == b->total, .name = b->name, .name_len = (uint16_t)b->name_len,
+		.data_len = ch.length,
+	};
+	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
+	uint8_t *data = ipc_reserve_chunk(&s->out, &msgc, ch.length);
+	if (data == NULL) {
+		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
+		return;
+	}
+	memcpy(data, ch.data, ch.length);
+	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
+	ipc_commit_chunk(&s->out, reqid, &msgc);
+	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
+	f->reqid = reqid;
+	f->offset = ch.offset;
+	f->length = ch.length;
+	b->inflight_bytes += ch.length;
+	b->cursor = end;
+	b->next_seq++;
+	storage_flush(w);
+}
+
+/* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
+static void bin_fail_inflight(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (b->count == 0)
+		return;
+	while (b->count) {
+		struct bin_inflight *f = &b->ring[b->head];
+		bin_send_ack(c, ERR_BUSY, f->offset, f->length, b->committed, b->total,
+		    "server busy: storage unavailable; open the upload again (1043) and go on from its answer");
+		b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
+		b->count--;
+	}
+	b->inflight_bytes = 0;
+	b->up_broken = 1;
+	conn_process(c);
+}
+
+/* Storage's answer to a binary chunk; 0 when reqid is not one (the JSON path's). */
+static int bin_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+{
+	if (!((uint32_t)h->reqid & BIN_REQID_TAG))
+		return 0;
+	uint32_t slot = (uint32_t)h->reqid & ~BIN_REQID_TAG;
+	struct conn *c = slot < w->conns_cap ? w->conns[slot] : NULL;
+	struct bin_conn *b = c ? c->bin : NULL;
+	if (b == NULL || b->count == 0 || b->ring[b->head].reqid != h->reqid)
+		return 1;   /* the connection went away (or was failed when the link broke) */
+	struct bin_inflight f = b->ring[b->head];
+	b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
+	b->count--;
+	b->inflight_bytes -= f.length;
+	struct ipc_result r;
+	if (ipc_decode_result(payload, h->len, &r) < 0) {
+		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);
+		memset(&r, 0, sizeof(r));
+		r.error = ERR_BUSY;
+		r.trans_size = b->committed;
+		r.total_size = b->total;
+	}
+	char msg[256] = "";
+	if (r.message_len)
+		snprintf(msg, sizeof(msg), "%.*s", (int)r.message_len, r.message);
+	if (r.error == ERR_OK) {
+		b->committed = r.trans_size;
+	} else {
+		b->up_broken = 1;   /* the chunks behind it fail too; the client opens again */
+	}
+	bin_send_ack(c, (int)r.error, f.offset, f.length, r.trans_size, r.total_size, r.message_len ? msg : NULL);
+	if ((r.error == ERR_OK && r.trans_size == r.total_size) || r.error == ERR_CHECKSUM) {
+		if (b->up_open && b->count == 0) {
+			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+			escape_quoted(name, sizeof(name), b->name, b->name_len);
+			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1",
+			    c->peer, b->uid, b->kind == UPLOAD_AVATAR ? "avatar" : "upload", name, b->total,
+			    ev_now(w->loop) - c->xfer_start, r.error);
+		}
+		if (b->count == 0)
+			b->up_open = 0;   /* published (or refused): a new upload needs a new 1043 */
+	}
+	conn_process(c);
+	return 1;
+}
+
+/* ---- downloads */
+
+static void bin_open_work(struct pool_job *job)
+{
+	struct bin_open_job *j = (struct bin_open_job *)job;
+	const struct backend *be = &j->w->backend;
+	j->saved_errno = be->ops->file_open(be, j->uid, j->name, j->name_len, &j->file, &j->size, j->version);
+	if (j->saved_errno)
+		j->file = NULL;
+}
+
+static void bin_send_work(struct pool_job *job)
+{
+	struct bin_send_job *j = (struct bin_send_job *)job;
+	uint64_t burst = 0;
+	j->saved_errno = 0;
+	while (j->left > 0 && burst < BIN_SEND_BURST) {
+		off_t off = (off_t)j->offset;
+		size_t want = j->left < (4u << 20) ? (size_t)j->left : (4u << 20);
+		ssize_t n = sendfile(j->sock, j->fd, &off, want);
+		if (n > 0) {
+			j->offset += (uint64_t)n;
+			j->left -= (uint64_t)n;
+			burst += (uint64_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		j->saved_errno = n == 0 ? EIO : errno;   /* 0: the file is shorter than it was when opened */
+		break;
+	}
+	if (j->saved_errno == EWOULDBLOCK)
+		j->saved_errno = EAGAIN;
+}
+
+static void bin_send_done(struct pool_job *job)
+{
+	struct bin_send_job *j = (struct bin_send_job *)job;
+	struct worker *w = j->w;
+	if (j->orphaned) {
+		close(j->sock);
+		w->backend.ops->file_close(j->file);
+		free(j);
+		return;
+	}
+	struct conn *c = w->conns[j->slot];
+	struct bin_conn *b = c->bin;
+	uint64_t sent = b->sf_left - j->left;
+	b->sf_offset = j->offset;
+	b->sf_left = j->left;
+	b->sf_job = NULL;
+	STAT_ADD(download_bytes, sent);
+	STAT_ADD(bytes_out, sent);
+	int err = j->saved_errno;
+	free(j);
+	if (err && err != EAGAIN) {
+		/* The frame is cut: the stream cannot go on. */
+		log_info("%s: sending a file range failed: %s", c->peer, strerror(err));
+		conn_close(c, NULL);
+		return;
+	}
+	if (b->sf_left == 0) {
+		b->sf_pending = 0;
+		conn_process(c);
+		return;
+	}
+	conn_update_io(c);   /* EAGAIN, or a full burst: the socket's writability resumes it */
+}
+
+/* The socket is writable and everything before the range has gone: a disk thread sends the next part. */
+static int bin_send_file(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (!b->sf_pending || b->sf_job || b->sf_before > 0)
+		return 0;
+	struct bin_send_job *j = calloc(1, sizeof(*j));
+	if (j == NULL) {
+		conn_close(c, "out of memory");
+		return -1;
+	}
+	j->job.work = bin_send_work;
+	j->job.done = bin_send_done;
+	j->w = c->w;
+	j->slot = c->slot;
+	j->sock = c->fd;
+	j->fd = c->w->backend.ops->file_fd(b->file);
+	j->offset = b->sf_offset;
+	j->left = b->sf_left;
+	b->sf_job = j;
+	pool_submit(c->w->pool, &j->job);
+	conn_update_io(c);
+	return 0;
+}
+
+/* Queues the 1048 header of the range asked and lets the file's bytes follow it. */
+static void bin_range_start(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	if (d->offset > b->file_size) {
+		respond_request_error(c, ERR_OFFSET_INVALID, "offset: past the end of the file");
+		return;
+	}
+	uint64_t length = b->file_size - d->offset;
+	if (d->length && d->length < length)
+		length = d->length;
+	if (length > BIN_MAX_RANGE)
+		length = BIN_MAX_RANGE;
+	uint8_t body[BIN_RANGE_LEN + BIN_VERSION_MAX + 2];
+	size_t n = bin_put_range(body, 0, b->file_size, d->offset, length, b->file_version, NULL);
+	uint8_t header[FRAME_HEADER_LEN];
+	frame_put_header(header, MSG_BIN_DOWNLOAD + 1, (uint32_t)(n + length));
+	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, n) < 0) {
+		conn_close(c, "out of memory");   /* a header may be half queued */
+		return;
+	}
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + n);
+	if (d->offset == 0)
+		STAT_INC(downloads_started);
+	if (d->offset + length == b->file_size) {
+		STAT_INC(downloads_completed);
+		char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+		escape_quoted(name, sizeof(name), b->file_name, b->file_name_len);
+		access_log("%s uid=%" PRIu64 " download name=\"%s\" bytes=%" PRIu64 " offset=%" PRIu64
+		    " result=0 binary=1", c->peer, b->uid, name, length, d->offset);
+	}
+	if (length > 0) {
+		b->sf_pending = 1;
+		b->sf_before = buf_len(&c->out);
+		b->sf_offset = d->offset;
+		b->sf_left = length;
+	}
+	request_finish(c);   /* the caller runs conn_process, which sends the header and then the file */
+}
+
+static void bin_open_done(struct pool_job *job)
+{
+	struct bin_open_job *j = (struct bin_open_job *)job;
+	struct worker *w = j->w;
+	struct conn *c = conn_by_reqid(w, j->reqid);
+	if (c == NULL || c->req.stage != STAGE_BINOPEN) {
+		w->backend.ops->file_close(j->file);   /* closed or timed out meanwhile */
+		free(j);
+		return;
+	}
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	c->busy = 0;
+	c->req.stage = STAGE_NONE;
+	int err = j->saved_errno;
+	if (err) {
+		int code = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
+		    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+		if (code != ERR_FILE_NOT_EXISTS)
+			log_warnx("download of a file of uid %" PRIu64 ": %s", b->uid, strerror(err));
+		free(j);
+		respond_request_error(c, code, code == ERR_FILE_NOT_EXISTS ? "name: no such file" : "cannot read the file");
+		conn_process(c);
+		return;
+	}
+	if (d->version_len && (strlen(j->version) != d->version_len || memcmp(j->version, d->version, d->version_len))) {
+		w->backend.ops->file_close(j->file);
+		free(j);
+		respond_request_error(c, ERR_FILE_CHANGED,
+		    "version: the file was replaced since this download started; download it again from offset 0");
+		conn_process(c);
+		return;
+	}
+	w->backend.ops->file_close(b->file);   /* never in use here: ranges go one at a time */
+	b->file = j->file;
+	b->file_size = j->size;
+	memcpy(b->file_name, j->name, j->name_len + 1);
+	b->file_name_len = j->name_len;
+	memcpy(b->file_version, j->version, sizeof(b->file_version));
+	free(j);
+	bin_range_start(c);
+	conn_process(c);
+}
+
+/* 1047 once its credentials are good: the kept file when the client names its version, else a fresh open. */
+static void bin_download_start(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	if (w->backend.ops->file_fd == NULL) {
+		respond_request_error(c, ERR_READ_FAILED,
+		    "this storage backend cannot serve binary downloads: use 1033");
+		return;
+	}
+	if (b->file && d->version_len && b->file_name_len == d->name_len &&
+	    memcmp(b->file_name, d->name, d->name_len) == 0 && strlen(b->file_version) == d->version_len &&
+	    memcmp(b->file_version, d->version, d->version_len) == 0) {
+		bin_range_start(c);
+		return;
+	}
+	struct bin_open_job *j = calloc(1, sizeof(*j));
+	if (j == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	j->job.work = bin_open_work;
+	j->job.done = bin_open_done;
+	j->w = w;
+	j->uid = b->uid;
+	memcpy(j->name, d->name, d->name_len);
+	j->name_len = d->name_len;
+	j->reqid = conn_next_reqid(c);
+	c->busy = 1;
+	c->req.stage = STAGE_BINOPEN;
+	c->req.since = ev_now(w->loop);
+	pool_submit(w->pool, &j->job);
+}
+
+static void bin_request_continue(struct conn *c)
+{
+	switch (c->req.id) {
+	case MSG_BIN_HELLO:
+		bin_hello_finish(c);
+		break;
+	case MSG_BIN_UPLOAD_OPEN:
+		bin_open_start(c);
+		break;
+	case MSG_BIN_DOWNLOAD:
+		bin_download_start(c);
+		break;
+	default:
+		break;
+	}
+}
+
+/* Every frame with an id of the fast path's range. */
+static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len)
+{
+	struct worker *w = c->w;
+	char msg[256];
+	if (id == MSG_BIN_HELLO) {
+		struct proto_fields f;
+		if (proto_read_request(body, len, &f, msg, sizeof(msg)) != ERR_OK) {
+			respond_error(c, id, ERR_JSON, msg);
+			return;
+		}
+		c->req.id = id;
+		c->req.cred = &c->req.u.hello;
+		int rc = proto_parse_hello(&f, &w->limits, &c->req.u.hello, msg, sizeof(msg));
+		if (rc != ERR_OK) {
+			respond_request_error(c, rc, msg);
+			return;
+		}
+		if (auth_check(c))
+			bin_hello_finish(c);
+		return;
+	}
+	if (c->bin == NULL || (id != MSG_BIN_UPLOAD_OPEN && id != MSG_BIN_CHUNK && id != MSG_BIN_DOWNLOAD)) {
+		snprintf(msg, sizeof(msg), c->bin ? "unknown message id %u" :
+		    "message id %u needs the binary fast path: send a 1041 hello first", id);
+		respond_error(c, id, ERR_MSG_ID, msg);
+		return;
+	}
+	if (id == MSG_BIN_CHUNK) {
+		bin_handle_chunk(c, body, len);
+		return;
+	}
+	c->req.id = id;
+	struct proto_credentials *cred = id == MSG_BIN_UPLOAD_OPEN ? &c->req.u.bopen.cred : &c->req.u.bdl.cred;
+	int rc = id == MSG_BIN_UPLOAD_OPEN
+	    ? bin_parse_open(body, len, (uint64_t)w->conf->max_file_size, &c->req.u.bopen.open, msg, sizeof(msg))
+	    : bin_parse_download(body, len, &c->req.u.bdl.dl, msg, sizeof(msg));
+	if (rc != ERR_OK) {
+		respond_request_error(c, rc, msg);
+		return;
+	}
+	/* The hello's credentials, checked again once auth_cache_ttl has passed, as the JSON path does. */
+	cred->uid = c->bin->uid;
+	cred->token = c->bin->token;
+	cred->token_len = c->bin->token_len;
+	c->req.cred = cred;
+	if (auth_check(c))
+		bin_request_continue(c);
+}
+
+/* The storage link has room again: the connections whose chunks waited for it go on. */
+static void bin_link_drained(struct worker *w)
+{
+	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+		return;
+	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || c->bin == NULL || !c->bin->link_waiting)
+			continue;
+		c->bin->link_waiting = 0;
+		w->bin_link_waiters--;
+		conn_process(c);   /* may close c; the table slot is simply empty then */
+		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+			break;   /* full again: the rest wait on */
+	}
+	storage_update_io(w);
+}
+
+/* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
+static int bin_conn_free(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (b == NULL)
+		return 0;
+	if (b->link_waiting)
+		c->w->bin_link_waiters--;
+	int handed = 0;
+	if (b->sf_job) {
+		b->sf_job->orphaned = 1;
+		b->sf_job->file = b->file;
+		b->file = NULL;
+		handed = 1;
+	}
+	c->w->backend.ops->file_close(b->file);
+	free(b);
+	c->bin = NULL;
+	return handed;
+}
+
 /* ---------------------------------------------------------------- requests */
 
 /* After the credentials are known good: hand the request to whoever does the work. */
@@ -1288,6 +2095,8 @@ static void request_continue(struct conn *c)
 		storage_forward(c);   /* decodes a chunk's data on the way */
 	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
+	else
+		bin_request_continue(c);
 }
 
 static void handle_test(struct conn *c, const struct proto_fields *f)
@@ -1332,6 +2141,10 @@ static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t le
 {
 	struct worker *w = c->w;
 	char msg[256];
+	if (id >= MSG_BIN_HELLO && id <= 1059) {
+		bin_handle_frame(c, id, body, len);
+		return;
+	}
 	if (id != MSG_TEST && id != MSG_UPLOAD && id != MSG_SYNC && id != MSG_AVATAR && id != MSG_DOWNLOAD) {
 		snprintf(msg, sizeof(msg), "unknown message id %u", id);
 		respond_error(c, id, ERR_MSG_ID, msg);
@@ -1401,14 +2214,14 @@ static void conn_process(struct conn *c)
 			conn_arm_timer(c);
 		}
 	}
-	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 &&
+	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
 	    buf_len(&c->out) < (size_t)w->conf->output_cap) {
 		uint16_t id;
 		const uint8_t *body;
 		uint32_t len;
 		size_t used;
 		enum frame_status st = frame_decode(buf_head(&c->in), buf_len(&c->in),
-		    (uint32_t)w->conf->max_frame, &id, &body, &len, &used);
+		    conn_max_body(c), &id, &body, &len, &used);
 		if (st == FRAME_OVERSIZE) {
 			STAT_INC(frames_oversize);
 			log_warnx("%s: frame header announces more than max_frame (%" PRId64 "): closing",
@@ -1423,6 +2236,8 @@ static void conn_process(struct conn *c)
 			}
 			break;
 		}
+		if (!bin_ready_for(c, id, len))
+			break;   /* its window is full: the acknowledgements bring it back here */
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
 		c->fresh = 0;
@@ -1430,7 +2245,10 @@ static void conn_process(struct conn *c)
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
 		if (!c->busy && c->req.frame_used) {
-			buf_consume(&c->in, c->req.frame_used);
+			if (bin_chunks_in_flight(c))   /* an upload streams on: the next chunk fits as it is */
+				buf_consume_keep(&c->in, c->req.frame_used);
+			else
+				buf_consume(&c->in, c->req.frame_used);
 			c->req.frame_used = 0;
 		}
 	}
