@@ -253,7 +253,8 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 		STAT_INC(uploads_failed);
 	if (cl && !cl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
-		if (up && up->exists && up->dd_challenging && error == ERR_OK) {
+		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
+			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
 			/* Ask for chunk k: the client seeks to (k - 1) * chunk and sends seq k. */
 			uint64_t k = up->challenge[up->dd_next];
 			r.seq = k - 1;

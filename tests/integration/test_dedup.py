@@ -205,6 +205,28 @@ info = h.wait_for(lambda: (lambda x: x if x and x.get("icon") == "avatar-2.png" 
     redis.get_json("ubaseinfo_%d" % AVATAR_UID)), 10, 0.1)
 tap.ok(info and info.get("email") == "dora@example.org", "ubaseinfo names the new avatar", repr(info))
 
+# resctl follows the server's answers and says what it saved.
+R = rbytes(40 * CH + 5)
+src = os.path.join(h.temp_dir("dedup-resctl"), "r.bin")
+with open(src, "wb") as f:
+    f.write(R)
+
+
+def resctl_upload(name):
+    r = __import__("subprocess").run(
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, src, "--name", name, "--chunk", str(CH),
+         "--uid", str(U2), "--token", TOK[U2]], stdin=__import__("subprocess").DEVNULL,
+        capture_output=True, timeout=60, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+rc1, so1, se1 = resctl_upload("resctl-1.bin")
+rc2, so2, se2 = resctl_upload("resctl-2.bin")
+tap.ok(rc1 == 0 and "already on the server" not in so1, "resctl uploads a new file in full", so1 + se1)
+tap.ok(rc2 == 0 and "already on the server: published without sending (" in so2 and "MB saved)" in so2,
+       "resctl says the second upload was already on the server and what it saved", so2 + se2)
+tap.eq(stored(du, U2, "resctl-2.bin"), h.md5_hex(R), "resctl's instant upload is stored identical")
+
 # ---------------------------------------------------------------- dedup = global
 tap.section("dedup = global")
 G1, G2, G3, G4 = GLOBAL_UIDS
