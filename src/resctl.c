@@ -1436,10 +1436,11 @@ static enum upload_step upload_chunk(struct upload *u)
 		uint64_t trans, aseq;
 		int moved = answer_u64(answer, "trans_size", &trans) == 0 && answer_u64(answer, "seq", &aseq) == 0 &&
 		    trans != u->offset + len && trans <= u->total && (trans == u->total || trans % o->chunk == 0);
-		if (moved && trans == u->total) {
-			u->instant = 1;
+		if (moved && trans == u->total)
 			last = 1;
-		}
+		const char *message = answer_str(answer, "message");
+		if (last && message && strncmp(message, "instant upload", 14) == 0)
+			u->instant = 1;   /* published from content the server had (the last chunk may be a challenged one) */
 		resctl_progress_update(&u->progress, moved ? trans : u->offset + len, u->total);
 		if (last)
 			step = STEP_DONE;
