@@ -256,6 +256,47 @@ leftovers = [f for f in os.listdir(staging) if f.endswith(".part")] if os.path.i
 tap.eq(leftovers, [], "no staging file is left behind")
 tap.eq(content_entries(dg), ["%s-%d" % (h.md5_hex(F), len(F))], "the global index holds the content once")
 
+# ---------------------------------------------------------------- two nodes sharing a root (issue 9)
+tap.section("two nodes sharing the root and Redis")
+shared = h.temp_dir("dedup-shared")
+MN_UIDS = [5101, 5102, 5103]
+for uid in MN_UIDS:
+    TOK[uid] = "tok-%d-secret" % uid
+    redis.set_token(uid, TOK[uid])
+nodes = []
+for i in range(2):
+    n = daemon("global")
+    n.settings["storage"]["root"] = shared
+    n.root = shared
+    n.settings["server"]["node"] = "node%d" % (i + 1)
+    h.Daemon.write_config(n.conf_path, n.settings)
+    n.start()
+    nodes.append(n)
+na, nb = nodes
+tap.ok(all(n.wait_redis_connected(15) for n in nodes), "two nodes with dedup = global share one root")
+M = rbytes(9 * CH + 77)
+r, n, _, _ = qt_upload(na, M, "on-a.bin", MN_UIDS[0])
+tap.ok(r.get("error") == 0 and n == 10, "a file uploaded in full through node 1")
+r, n, sent, _ = qt_upload(nb, M, "on-b.bin", MN_UIDS[1])
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(M) and n <= 3,
+       "another user's upload of it through node 2 is instant: the index lives with the storage", repr((r, n)))
+tap.eq(stored(nb, MN_UIDS[1], "on-b.bin"), h.md5_hex(M), "and identical")
+
+# The proof is held by the node that asked: a client that reconnects elsewhere resyncs and goes on normally.
+up = h.Upload(M, "moved.bin", MN_UIDS[2], TOK[MN_UIDS[2]], chunk_size=CH)
+with na.connect() as c:
+    first = up.send_chunk(c, 0, 1)
+asked = first.get("error") == 0 and first.get("trans_size", 0) > CH
+with nb.connect() as c:
+    s = h.wait_for(lambda: (lambda x: x if x.get("error") == 0 else None)(up.sync(c)), 15, 0.1)
+    tap.ok(asked and s and s.get("trans_size") == CH and s.get("seq") == 1,
+           "node 1 asked for a chunk; node 2's sync reports what is stored (chunk 1)", repr((first, s)))
+    r, _, _ = up.run(c, CH, 2)
+tap.ok(r.get("error") == 0 and stored(nb, MN_UIDS[2], "moved.bin") == h.md5_hex(M),
+       "the upload goes on through node 2 as a normal one and is published", repr(r))
+for n in nodes:
+    n.stop()
+
 # ---------------------------------------------------------------- dedup = off
 tap.section("dedup = off")
 O1 = OFF_UIDS[0]
