@@ -1436,8 +1436,8 @@ static enum upload_step upload_chunk(struct upload *u)
 		uint64_t trans, aseq;
 		int moved = answer_u64(answer, "trans_size", &trans) == 0 && answer_u64(answer, "seq", &aseq) == 0 &&
 		    trans != u->offset + len && trans <= u->total && (trans == u->total || trans % o->chunk == 0);
-		if (moved && trans == u->total)
-			last = 1;
+		if (moved)
+			last = trans == u->total;   /* a challenged last chunk may be answered with the next challenge */
 		const char *message = answer_str(answer, "message");
 		if (last && message && strncmp(message, "instant upload", 14) == 0)
 			u->instant = 1;   /* published from content the server had (the last chunk may be a challenged one) */

@@ -226,6 +226,15 @@ tap.ok(rc1 == 0 and "already on the server" not in so1, "resctl uploads a new fi
 tap.ok(rc2 == 0 and "already on the server: published without sending (" in so2 and "MB saved)" in so2,
        "resctl says the second upload was already on the server and what it saved", so2 + se2)
 tap.eq(stored(du, U2, "resctl-2.bin"), h.md5_hex(R), "resctl's instant upload is stored identical")
+# Three chunks: chunks 2 and 3 are both asked for, in a random order; when the last chunk comes first,
+# its answer asks for chunk 2 and the upload is not over yet.
+with open(src, "wb") as f:
+    f.write(R[:3 * CH])
+outs = [resctl_upload("three-%d.bin" % i) for i in range(5)]
+tap.ok(all(rc == 0 for rc, _, _ in outs) and all("already on the server" in so for _, so, _ in outs[1:]),
+       "resctl completes five uploads of a three-chunk file, the last four instant", repr(outs))
+tap.ok(all(stored(du, U2, "three-%d.bin" % i) == h.md5_hex(R[:3 * CH]) for i in range(5)),
+       "each is published identical, whichever chunk was asked for first")
 
 # ---------------------------------------------------------------- dedup = global
 tap.section("dedup = global")
