@@ -329,3 +329,62 @@ PY
 	trap cleanup EXIT
 }
 bench_multinode
+
+# Instant upload (issue 14): DEDUP_USERS (default 100) users each upload the same DEDUP_MIB (default 64)
+# MiB file, one after the other, to a node with [storage] dedup = global and then to one with dedup = off:
+# the time of all uploads and the bytes that crossed the wire (show info bytes_in). Needs about
+# DEDUP_USERS x DEDUP_MIB MiB free under /var/tmp for the off run (measured first; the size shrinks to fit).
+# Kept apart from the scenarios above so that it merges on its own.
+bench_dedup() {
+	local users=${DEDUP_USERS:-100} mib=${DEDUP_MIB:-64} dd=$work/dedup i
+	local free_mib
+	free_mib=$(df -Pm "$work" | awk 'NR == 2 {print $4}')
+	while [ "$mib" -gt 1 ] && [ $((users * mib + 1024)) -gt "$free_mib" ]; do mib=$((mib / 2)); done
+	mkdir -p "$dd"
+	head -c $((mib * 1048576)) /dev/urandom > "$dd/same.bin"
+	for i in $(seq "$users"); do echo "SET utoken_$((100000 + i)) bench-$i"; done | redis-cli -p "$rport" >/dev/null
+	dedup_run() {   # dedup scope: prints one summary line
+		local scope=$1 dport=$((port + 40)) start end bytes
+		rm -rf "$dd/root" "$dd/run"
+		mkdir -p "$dd/root" "$dd/run"
+		cat > "$dd/node.conf" <<NODE
+[server]
+listen = 127.0.0.1:$dport
+workers = auto
+run_dir = $dd/run
+pid_file = $dd/run/resourced.pid
+stats_socket = $dd/run/stats.sock
+[storage]
+root = $dd/root
+max_file_size = 1073741824
+dedup = $scope
+[redis]
+port = $rport
+prefix = dedup-$scope-
+[log]
+level = warn
+file = $dd/node.log
+NODE
+		"$resourced" -f -c "$dd/node.conf" &
+		for _ in $(seq 200); do "$resctl" ping "127.0.0.1:$dport" --timeout 1 >/dev/null 2>&1 && break; sleep 0.05; done
+		start=$(date +%s.%N)
+		for i in $(seq "$users"); do
+			"$resctl" upload "127.0.0.1:$dport" "$dd/same.bin" --name "forwarded-$i.bin" \
+				--uid $((100000 + i)) --token "bench-$i" >/dev/null || echo "bench.sh: upload $i failed" >&2
+		done
+		end=$(date +%s.%N)
+		bytes=$("$resctl" stats --socket "$dd/run/stats.sock" show info json |
+			python3 -c 'import json, sys; i = json.load(sys.stdin); print(i["bytes_in"], i.get("uploads_instant", 0), i.get("instant_bytes_saved", 0))')
+		printf '%-8s %8.2f s %12s %9s %14s  %s MiB on disk\n' "$scope" "$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')" \
+			$bytes "$(du -sm "$dd/root" | cut -f1)"
+		kill -TERM "$(cat "$dd/run/resourced.pid")" 2>/dev/null || true
+		for _ in $(seq 200); do [ -e "$dd/run/resourced.pid" ] || break; sleep 0.05; done
+		sleep 0.5
+	}
+	echo "== 6: instant upload (issue 14): $users users upload the same $mib MiB file, one after the other"
+	printf '%-8s %10s %12s %9s %14s\n' dedup time "bytes in" instant "bytes saved"
+	dedup_run global
+	dedup_run off
+	rm -rf "$dd"
+}
+bench_dedup

@@ -73,6 +73,19 @@ enum backend_sync_point {
 #define BACKEND_PUBLISHED 0x1     /* the file is visible under its name (even if an error follows) */
 #define BACKEND_PATH_FAILED 0x2   /* the user's directory (or index) could not be created */
 
+/*
+ * Stored content (instant upload, design.md §5 "Instant upload"). Published files are also
+ * indexed by their content: (size, md5), and with [storage] dedup = user also the uid that
+ * stored it (owner). A backend keeps the index with the storage itself, so every
+ * node sharing it sees the same index, and frees content once no published name uses it.
+ */
+struct backend_content_key {
+	int per_user;                 /* dedup = user: only content this owner stored */
+	uint64_t owner;               /* that uid */
+	uint64_t size;
+	char md5[PROTO_MD5_HEX + 1];
+};
+
 struct backend;
 struct backend_staging;           /* one upload's staging entry, opaque */
 struct backend_file;              /* one published file opened for reading, opaque */
@@ -128,6 +141,26 @@ struct backend_ops {
 	/* Optional (NULL when the backend has none): a descriptor of the open published file, for
 	 * sendfile(2) by the binary fast path; it stays valid until file_close and never blocks. */
 	int (*file_fd)(struct backend_file *f);
+
+	/* ---- stored content, by (size, md5): never a copy, always the same bytes under another name.
+	 * A backend without an index leaves these NULL and uploads simply are never instant. */
+	/* Opens the content of key for reading (read with file_read, closed with file_close);
+	 * ENOENT when the index has none of that size. */
+	int (*content_open)(const struct backend *b, const struct backend_content_key *key,
+	    struct backend_file **out, uint64_t *size);
+	/* publish, and the published file enters the index under key unless the index has that key
+	 * already (then the file is published as it is: its bytes are never checked against the
+	 * other's here). An index failure is logged, never an error: the file is published. */
+	int (*publish_indexed)(struct backend_staging *s, const struct backend_content_key *key,
+	    uint64_t fence, int *flags);
+	/* Publishes <uid>/<name> of the staging entry s (its metadata; the data need not be there)
+	 * from the stored content of key instead, atomically and fenced like publish, and removes
+	 * the staging entry. ENOENT (nothing changed) when the content is gone meanwhile. */
+	int (*publish_from_content)(struct backend_staging *s, const struct backend_content_key *key,
+	    uint64_t fence, int *flags);
+	/* Removes content that no published name uses any more (the janitor, on a pool thread);
+	 * counts what it freed. */
+	int (*content_collect)(struct backend *b, size_t *freed, uint64_t *freed_bytes);
 };
 
 /* One opened backend: the table and the backend's own state. */

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #define STAGING_DIR ".staging"
+#define CONTENT_DIR ".content"       /* the content index: <md5>-<size> (or u<uid>-<md5>-<size>), hard links */
 #define META_MAX 8192                 /* a .meta is one line of about 600 bytes at most */
 /* Staging files held open at once: at most this, and at most a quarter of the process's file
  * limit. Thousands of idle uploads must not exhaust the storage process's descriptors: past
@@ -32,6 +33,7 @@
 struct fs {
 	const struct conf *conf;
 	char staging[PATH_MAX];       /* <root>/.staging */
+	char content[PATH_MAX];       /* <root>/.content */
 	pthread_mutex_t lock;         /* the list below; handles are used on several pool threads */
 	struct backend_staging *mru, *lru;   /* handles whose file is open, most recently used first */
 	size_t open_count;
@@ -83,9 +85,14 @@ static int fs_open(struct backend *b, enum backend_role role, char *err, size_t 
 		free(fs);
 		return -1;
 	}
+	if (path_format(fs->content, sizeof(fs->content), "%s/" CONTENT_DIR, b->conf->root) != 0) {
+		snprintf(err, errlen, "[storage] root is too long");
+		free(fs);
+		return -1;
+	}
 	if (role == BACKEND_WRITER) {
-		const char *dirs[] = { b->conf->root, fs->staging };
-		for (size_t i = 0; i < 2; i++) {
+		const char *dirs[] = { b->conf->root, fs->staging, fs->content };
+		for (size_t i = 0; i < 3; i++) {
 			if (mkdir(dirs[i], 0750) < 0 && errno != EEXIST) {
 				snprintf(err, errlen, "mkdir(%s) failed: %s", dirs[i], strerror(errno));
 				free(fs);
@@ -465,6 +472,14 @@ static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, 
 		free(s);
 		return err;
 	}
+	/* A new inode rather than truncating the old one: bytes are never written into an inode that
+	 * some published name or the content index may share (instant upload). */
+	if (unlink(s->part) < 0 && errno != ENOENT) {
+		err = errno;
+		fence_leave(s);
+		free(s);
+		return err;
+	}
 	int fd = open_staging(s->fs, s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC);
 	if (fd < 0) {
 		err = errno;
@@ -750,12 +765,14 @@ static int fs_file_open(const struct backend *b, uint64_t uid, const char *name,
 		free(f);
 		return ENOENT;   /* only regular files are published */
 	}
-	/* A replacement is a new inode (rename); inode, size and both times tell it apart even from an
-	 * inode number the file system reuses later. Not the device: nodes sharing the root over NFS
-	 * or CephFS see other device numbers for the same file, and must agree on its version. */
-	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%lx.%jx.%lx", (uintmax_t)sb.st_ino,
-	    (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec, (unsigned long)sb.st_mtim.tv_nsec,
-	    (uintmax_t)sb.st_ctim.tv_sec, (unsigned long)sb.st_ctim.tv_nsec);
+	/* A replacement is a new inode (rename); inode, size and modification time (ns) tell it apart
+	 * even from an inode number the file system reuses later (a new file is written later). Not
+	 * the change time: every instant upload of the same content links the inode again, which
+	 * changes it, and the bytes under this name did not change. Not the device: nodes sharing
+	 * the root over NFS or CephFS see other device numbers for the same file, and must agree on
+	 * its version. */
+	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%lx", (uintmax_t)sb.st_ino,
+	    (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec, (unsigned long)sb.st_mtim.tv_nsec);
 	*size = (uint64_t)sb.st_size;
 	*out = f;
 	return 0;
@@ -780,6 +797,185 @@ static int fs_file_fd(struct backend_file *f)
 	return f->fd;
 }
 
+/* ---------------------------------------------------------------- the content index (instant upload) */
+
+/*
+ * <root>/.content/<md5>-<size> (dedup = global) or u<uid>-<md5>-<size> (dedup = user) is one more
+ * hard link of a published file: the same inode, never a copy. An instant upload links it under
+ * the new name; the link count tells when no name uses it any more (only the index's link is
+ * left), and the janitor removes it then. Entries are only ever made from a file already
+ * published (its MD5 checked), and staging never writes into a published inode (staging_begin
+ * makes a new one), so an index entry's bytes never change. Temporary links (tmp-*) are named
+ * per upload and made under its fence.
+ */
+static int content_path(const struct fs *fs, const struct backend_content_key *key, char *out, size_t outlen)
+{
+	if (key->per_user)
+		return path_format(out, outlen, "%s/u%" PRIu64 "-%s-%" PRIu64, fs->content, key->owner, key->md5,
+		    key->size);
+	return path_format(out, outlen, "%s/%s-%" PRIu64, fs->content, key->md5, key->size);
+}
+
+static int fs_content_open(const struct backend *b, const struct backend_content_key *key,
+    struct backend_file **out, uint64_t *size)
+{
+	const struct fs *fs = b->priv;
+	char path[PATH_MAX];
+	int err = content_path(fs, key, path, sizeof(path));
+	if (err)
+		return err;
+	struct backend_file *f = malloc(sizeof(*f));
+	if (f == NULL)
+		return ENOMEM;
+	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	if (f->fd < 0) {
+		err = errno;
+		free(f);
+		return err == ELOOP ? ENOENT : err;
+	}
+	struct stat sb;
+	if (fstat(f->fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != key->size) {
+		close(f->fd);
+		free(f);
+		return ENOENT;   /* not what the key promises: treated as absent */
+	}
+	*size = (uint64_t)sb.st_size;
+	*out = f;
+	return 0;
+}
+
+/* Enters the file just published at final into the index, unless it has the key already. */
+static void content_enter(struct backend_staging *s, const struct backend_content_key *key, const char *final,
+    const struct stat *published)
+{
+	struct fs *fs = s->fs;
+	char entry[PATH_MAX], tmp[PATH_MAX];
+	if (content_path(fs, key, entry, sizeof(entry)) != 0 ||
+	    path_format(tmp, sizeof(tmp), "%s/tmp-%" PRIu64 "-%s.idx", fs->content, s->meta.uid, s->meta.md5) != 0)
+		return;
+	if (access(entry, F_OK) == 0)
+		return;
+	unlink(tmp);
+	if (link(final, tmp) < 0) {
+		log_warn("content index: link(%s) failed", tmp);
+		return;
+	}
+	/* The name may have been replaced since the rename by another upload of this user: only the
+	 * inode this upload published enters the index. */
+	struct stat sb;
+	if (stat(tmp, &sb) == 0 && sb.st_ino == published->st_ino && sb.st_dev == published->st_dev &&
+	    link(tmp, entry) < 0 && errno != EEXIST)
+		log_warn("content index: link(%s) failed", entry);
+	unlink(tmp);
+}
+
+static int fs_publish_indexed(struct backend_staging *s, const struct backend_content_key *key, uint64_t fence,
+    int *flags)
+{
+	*flags = 0;
+	struct stat staged;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	int have = stat(s->part, &staged) == 0;
+	err = publish_locked(s, flags);
+	if ((*flags & BACKEND_PUBLISHED) && have) {
+		char final[PATH_MAX];
+		if (path_format(final, sizeof(final), "%s/%" PRIu64 "/%.*s", s->fs->conf->root, s->meta.uid,
+		    (int)s->meta.name_len, s->meta.name) == 0)
+			content_enter(s, key, final, &staged);
+	}
+	fence_leave(s);
+	return err;
+}
+
+static int fs_publish_from_content(struct backend_staging *s, const struct backend_content_key *key,
+    uint64_t fence, int *flags)
+{
+	*flags = 0;
+	struct fs *fs = s->fs;
+	const struct conf *conf = fs->conf;
+	char entry[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX], final[PATH_MAX];
+	int err = content_path(fs, key, entry, sizeof(entry));
+	if (err == 0)
+		err = path_format(tmp, sizeof(tmp), "%s/tmp-%" PRIu64 "-%s.pub", fs->content, s->meta.uid, s->meta.md5);
+	if (err == 0)
+		err = path_format(dir, sizeof(dir), "%s/%" PRIu64, conf->root, s->meta.uid);
+	if (err == 0)
+		err = path_format(final, sizeof(final), "%s/%.*s", dir, (int)s->meta.name_len, s->meta.name);
+	if (err)
+		return err;
+	if ((err = fence_enter(s, fence)) != 0)
+		return err;
+	unlink(tmp);
+	if (link(entry, tmp) < 0) {
+		err = errno;   /* ENOENT: the janitor took it meanwhile; the caller uploads normally */
+		fence_leave(s);
+		return err;
+	}
+	struct stat sb;
+	if (stat(tmp, &sb) < 0 || (uint64_t)sb.st_size != key->size) {
+		unlink(tmp);
+		fence_leave(s);
+		return ENOENT;
+	}
+	int created = mkdir(dir, 0750) == 0;
+	if (!created && errno != EEXIST) {
+		err = errno;
+		unlink(tmp);
+		*flags |= BACKEND_PATH_FAILED;
+		fence_leave(s);
+		return err;
+	}
+	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
+		log_warn("fsync(%s) failed", conf->root);
+	if (rename(tmp, final) < 0) {
+		err = errno;
+		unlink(tmp);
+		fence_leave(s);
+		return err;
+	}
+	*flags |= BACKEND_PUBLISHED;
+	unlink(s->part);
+	unlink(s->metafile);
+	unlink(s->lockfile);
+	fence_leave(s);
+	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
+}
+
+static int fs_content_collect(struct backend *b, size_t *freed, uint64_t *freed_bytes)
+{
+	struct fs *fs = b->priv;
+	*freed = 0;
+	*freed_bytes = 0;
+	DIR *d = opendir(fs->content);
+	if (d == NULL)
+		return errno == ENOENT ? 0 : errno;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		char path[PATH_MAX];
+		struct stat sb;
+		if (path_format(path, sizeof(path), "%s/%s", fs->content, de->d_name) != 0 || lstat(path, &sb) < 0)
+			continue;
+		if (strncmp(de->d_name, "tmp-", 4) == 0) {
+			if (stale(fs, path))
+				unlink(path);   /* a publish that died between its two links */
+			continue;
+		}
+		/* Only the index's own link left: no published name uses these bytes. A node linking it
+		 * at this moment either got its link first (the name keeps the inode; only the index
+		 * entry goes) or fails with ENOENT and uploads normally. */
+		if (S_ISREG(sb.st_mode) && sb.st_nlink == 1 && unlink(path) == 0) {
+			(*freed)++;
+			*freed_bytes += (uint64_t)sb.st_size;
+		}
+	}
+	closedir(d);
+	return 0;
+}
+
 const struct backend_ops backend_fs = {
 	.name = "fs",
 	.open = fs_open,
@@ -801,4 +997,8 @@ const struct backend_ops backend_fs = {
 	.file_read = fs_file_read,
 	.file_close = fs_file_close,
 	.file_fd = fs_file_fd,
+	.content_open = fs_content_open,
+	.publish_indexed = fs_publish_indexed,
+	.publish_from_content = fs_publish_from_content,
+	.content_collect = fs_content_collect,
 };

@@ -13,7 +13,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND, T_SENTINELS };
+enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND, T_SENTINELS, T_DEDUP };
 
 struct conf_key {
 	const char *section;
@@ -62,6 +62,7 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "max_uploads_per_user", T_INT, N(max_uploads_per_user), 1, 1000000, "100" },
 	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864" },
 	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6" },
+	{ "storage", "dedup", T_DEDUP, N(dedup), 0, 0, "user" },
 	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1" },
 	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379" },
 	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "" },
@@ -196,6 +197,18 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 			return -1;
 		}
 		return 0;
+	case T_DEDUP:
+		if (strcmp(value, "off") == 0)
+			c->dedup = DEDUP_OFF;
+		else if (strcmp(value, "user") == 0)
+			c->dedup = DEDUP_USER;
+		else if (strcmp(value, "global") == 0)
+			c->dedup = DEDUP_GLOBAL;
+		else {
+			snprintf(why, whylen, "'%.*s' is not off, user or global", 64, value);
+			return -1;
+		}
+		return 0;
 	case T_BACKEND:
 		if (strlen(value) >= k->size || backend_find(value) == NULL) {
 			snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
@@ -302,7 +315,7 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
 	    a->max_uploads == b->max_uploads && a->max_uploads_per_user == b->max_uploads_per_user &&
 	    a->min_free_space == b->min_free_space &&
-	    a->lease_ttl == b->lease_ttl &&
+	    a->lease_ttl == b->lease_ttl && a->dedup == b->dedup &&
 	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
 	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
 	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&

@@ -6,6 +6,8 @@
 #include <stdint.h>
 
 enum fsync_policy { FSYNC_NONE, FSYNC_COMPLETE, FSYNC_ALWAYS };
+/* [storage] dedup: whose stored content an upload may be published from without its bytes. */
+enum dedup_scope { DEDUP_OFF, DEDUP_USER, DEDUP_GLOBAL };
 
 struct conf {
 	/* [server] */
@@ -43,6 +45,7 @@ struct conf {
 	int max_uploads;            /* uploads in progress on this node (1036 beyond) */
 	int max_uploads_per_user;   /* uploads in progress of one uid (1035 beyond) */
 	int64_t min_free_space;     /* bytes kept free beyond what uploads in progress announced (1028) */
+	int dedup;                  /* enum dedup_scope: instant upload (design.md, "Instant upload") */
 	int lease_ttl;              /* seconds an upload's lease lives unless renewed (several nodes) */
 	/* [redis] */
 	char redis_host[256];

@@ -1183,6 +1183,7 @@ struct upload {
 	uint64_t acked;            /* chunks acknowledged in this run */
 	uint64_t sent_bytes;       /* file bytes acknowledged in this run */
 	int gave_up;               /* the retries ran out: a rerun can resume */
+	int instant;               /* the server had the content: published before every byte was sent */
 	struct resctl_progress progress;
 };
 
@@ -1443,13 +1444,27 @@ static enum upload_step upload_chunk(struct upload *u)
 		u->acked++;
 		u->sent_bytes += len;
 		backoff_reset(&u->backoff);
-		resctl_progress_update(&u->progress, u->offset + len, u->total);
+		/* Like the Qt client, go where the answer says: instant upload asks for chunks at other
+		 * offsets (seq * chunk = trans_size) and ends with trans_size = total_size early. */
+		uint64_t trans, aseq;
+		int moved = answer_u64(answer, "trans_size", &trans) == 0 && answer_u64(answer, "seq", &aseq) == 0 &&
+		    trans != u->offset + len && trans <= u->total && (trans == u->total || trans % o->chunk == 0);
+		if (moved)
+			last = trans == u->total;   /* a challenged last chunk may be answered with the next challenge */
+		const char *message = answer_str(answer, "message");
+		if (last && message && strncmp(message, "instant upload", 14) == 0)
+			u->instant = 1;   /* published from content the server had (the last chunk may be a challenged one) */
+		resctl_progress_update(&u->progress, moved ? trans : u->offset + len, u->total);
 		if (last)
 			step = STEP_DONE;
 		else if (o->stop_after && u->acked == o->stop_after)
 			step = STEP_STOPPED;
-		u->offset += len;
-		u->seq++;
+		if (moved && !last) {
+			upload_position(u, trans, aseq + 1);
+		} else {
+			u->offset += len;
+			u->seq++;
+		}
 	} else if (code == ERR_BUSY || code == ERR_SERVER_UPLOADS) {
 		step = STEP_RECONNECT;   /* 1036: the node is full of uploads for now; back off and retry */
 	} else if ((code == ERR_OFFSET_INVALID || (code == ERR_FILE_NOT_EXISTS && u->seq > 1)) &&
@@ -1554,6 +1569,9 @@ static void upload_report(const struct upload *u, enum upload_step step, int64_t
 		printf(", resumed %u time%s, sent %" PRIu64 " bytes", u->resumes, u->resumes == 1 ? "" : "s",
 		    u->sent_bytes);
 	printf("\n");
+	if (u->instant)
+		printf("already on the server: published without sending (%.1f MB saved)\n",
+		    (double)(u->total > u->sent_bytes ? u->total - u->sent_bytes : 0) / 1e6);
 }
 
 static enum upload_step upload_binary(struct upload *u, int chunk_given);

@@ -29,6 +29,10 @@
 	X(uploads_completed, "counter", "Uploads published")                        \
 	X(uploads_failed, "counter", "Upload chunks answered with an error")        \
 	X(upload_bytes, "counter", "Upload bytes stored")                           \
+	X(uploads_instant, "counter", "Uploads published from content already stored (instant upload)") \
+	X(instant_bytes_saved, "counter", "Upload bytes instant uploads did not need to transfer") \
+	X(instant_fallbacks, "counter", "Instant uploads whose proof of possession failed: uploaded in full") \
+	X(content_freed_bytes, "counter", "Bytes of stored content freed once no name used it") \
 	X(downloads_started, "counter", "Downloads started (chunk 1 sent)")         \
 	X(downloads_completed, "counter", "Downloads finished (last chunk sent)")   \
 	X(download_bytes, "counter", "Download bytes sent")                         \

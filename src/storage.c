@@ -31,6 +31,7 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#include <sodium.h>
 #include <uthash.h>
 
 #define PENDING_DIR ".pending"
@@ -79,7 +80,11 @@ struct upload_key {
 };
 
 enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
-	WORK_CHECK };
+	WORK_CHECK, WORK_CHALLENGE, WORK_LINK };
+
+/* Chunks asked for at random offsets before an upload is published from stored content: with
+ * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
+#define DEDUP_CHALLENGES 2
 
 /* Where this node stands with an upload's lease (lease.h). */
 enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
@@ -140,6 +145,15 @@ struct upload {
 	int check_hold;               /* taken back with the same fence: confirm with the storage first */
 	ev_tstamp active;             /* last request: an idle upload lets its lease go */
 	struct backend_entry load;    /* what WORK_LOAD found */
+	/* Instant upload: chunk 1 matched content already stored; the chunks challenge[] (numbers
+	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
+	 * In memory only: on another node the upload simply goes on as a normal one. */
+	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
+	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
+	int dd_count, dd_next;
+	uint64_t challenge[DEDUP_CHALLENGES];
+	uint64_t dd_received;         /* file bytes the client sent for this proof */
+	int dd_linked;                /* published from stored content */
 };
 
 /* Uploads in progress of one uid, for max_uploads_per_user. */
@@ -242,7 +256,16 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 		STAT_INC(uploads_failed);
 	if (cl && !cl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
-		if (up && up->exists) {
+		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
+			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
+			/* Ask for chunk k: the client seeks to (k - 1) * chunk and sends seq k. */
+			uint64_t k = up->challenge[up->dd_next];
+			r.seq = k - 1;
+			r.trans_size = (k - 1) * up->chunk_len;
+			r.total_size = up->total_size;
+			r.name = up->name;
+			r.name_len = up->name_len;
+		} else if (up && up->exists) {
 			r.seq = up->seq;
 			r.trans_size = up->committed;
 			r.total_size = up->total_size;
@@ -514,6 +537,95 @@ static void published_identity(const struct backend *be, uint64_t uid, const cha
 	be->ops->file_close(f);
 }
 
+/* ---------------------------------------------------------------- instant upload (disk side) */
+
+static int dedup_enabled(const struct storage *st)
+{
+	return st->conf->dedup != DEDUP_OFF && st->backend.ops->content_open != NULL &&
+	    st->backend.ops->publish_from_content != NULL;
+}
+
+static void content_key(const struct upload *up, uint64_t total_size, struct backend_content_key *key)
+{
+	memset(key, 0, sizeof(*key));
+	key->per_user = up->st->conf->dedup == DEDUP_USER;
+	key->owner = up->key.uid;
+	key->size = total_size;
+	memcpy(key->md5, up->key.md5, sizeof(key->md5));
+}
+
+/* Do len bytes of the stored content of key at offset equal data? 0 when there is no such content. */
+static int content_equals(const struct upload *up, uint64_t total_size, uint64_t offset, const uint8_t *data,
+    size_t len)
+{
+	const struct backend *be = &up->st->backend;
+	struct backend_content_key key;
+	content_key(up, total_size, &key);
+	struct backend_file *f = NULL;
+	uint64_t size;
+	if (be->ops->content_open(be, &key, &f, &size) != 0)
+		return 0;
+	uint8_t *buf = malloc(len ? len : 1);
+	size_t got = 0;
+	int same = buf && size == total_size && offset <= size && len <= size - offset &&
+	    be->ops->file_read(f, buf, len, offset, &got) == 0 && got == len &&
+	    sodium_memcmp(buf, data, len) == 0;
+	free(buf);
+	be->ops->file_close(f);
+	return same;
+}
+
+/* Publishes the upload's name from the stored content instead of its staging entry (which goes). */
+static int work_link(struct upload *up)
+{
+	struct storage *st = up->st;
+	const struct backend *be = &st->backend;
+	struct backend_content_key key;
+	content_key(up, up->total_size, &key);
+	int flags = 0;
+	int err = be->ops->publish_from_content(up->stg, &key, up->fence, &flags);
+	if (flags & BACKEND_PUBLISHED)
+		up->published = 1;
+	if (err) {
+		up->work_errno = err;
+		if (flags & BACKEND_PATH_FAILED)
+			up->work_error = ERR_CREATE_PATH;
+		else if (flags & BACKEND_PUBLISHED)
+			up->work_error = ERR_WRITE_PERMISSION;
+		return -1;
+	}
+	up->dd_linked = 1;
+	published_identity(be, up->key.uid, up->name, up->name_len, &up->pub_size, up->pub_version);
+	if (up->kind == UPLOAD_AVATAR) {
+		err = pg_pending_write(st->pending, up->key.uid, up->name, up->name_len);
+		if (err) {
+			up->work_errno = err;
+			up->work_error = ERR_WRITE_PERMISSION;
+		}
+	}
+	return 0;
+}
+
+/* A file of one chunk arrived whole: if the same bytes are stored, its name shares them. */
+static int single_chunk_linked(struct upload *up)
+{
+	const struct backend *be = &up->st->backend;
+	if (!dedup_enabled(up->st) || up->total_size != up->chunk_len || up->total_size == 0)
+		return 0;
+	uint8_t *data = malloc((size_t)up->total_size);
+	size_t got = 0;
+	int same = data && be->ops->staging_read(up->stg, data, (size_t)up->total_size, 0, &got) == 0 &&
+	    got == up->total_size && content_equals(up, up->total_size, 0, data, (size_t)up->total_size);
+	free(data);
+	if (!same)
+		return 0;
+	if (work_link(up) == 0 || up->published)
+		return 1;
+	up->work_errno = 0;   /* not published: the staging entry is published as usual */
+	up->work_error = 0;
+	return 0;
+}
+
 static void work_complete(struct upload *up)
 {
 	struct storage *st = up->st;
@@ -535,8 +647,17 @@ static void work_complete(struct upload *up)
 		be->ops->staging_discard(up->stg, up->fence);
 		return;
 	}
+	if (single_chunk_linked(up))
+		return;
 	int flags = 0;
-	int err = be->ops->publish(up->stg, up->fence, &flags);
+	int err;
+	if (st->conf->dedup != DEDUP_OFF && be->ops->publish_indexed) {
+		struct backend_content_key key;
+		content_key(up, up->total_size, &key);
+		err = be->ops->publish_indexed(up->stg, &key, up->fence, &flags);
+	} else {
+		err = be->ops->publish(up->stg, up->fence, &flags);
+	}
 	if (flags & BACKEND_PUBLISHED)
 		up->published = 1;
 	if (err) {
@@ -600,6 +721,15 @@ static void upload_work(struct pool_job *job)
 		if (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
 		    op->offset + op->data_len == op->total_size)
 			hash_chunk(up, op);
+		/* Instant upload: chunk 1 of a file of several chunks is compared with stored content. */
+		up->dd_match = up->work == WORK_START && dedup_enabled(up->st) && op->data_len > 0 &&
+		    op->data_len < op->total_size && content_equals(up, op->total_size, 0, op->data, op->data_len);
+		return;
+	case WORK_CHALLENGE:
+		up->dd_match = content_equals(up, up->total_size, op->offset, op->data, op->data_len);
+		return;
+	case WORK_LINK:
+		work_link(up);
 		return;
 	case WORK_HASH:
 		hash_chunk(up, op);
@@ -906,6 +1036,7 @@ static void upload_lost(struct upload *up, const char *holder)
 	up->exists = 0;
 	up->parked = 0;
 	up->check_hold = 0;
+	up->dd_challenging = 0;   /* the proof is kept in memory only: elsewhere it is a normal upload */
 	ev_timer_stop(st->loop, &up->lease_timer);
 	upload_uncount(up);
 	stats_transfer_close(up->xfer);
@@ -1118,6 +1249,7 @@ static void upload_loaded(struct upload *up)
 	up->anchor_offset = 0;
 	up->touched = up->load.mtime;
 	up->hash_dirty = 1;   /* other writers wrote it: the MD5 is computed from the entry at the end */
+	up->dd_challenging = 0;
 	up->hashed = 0;
 	if (upload_count(up) < 0)
 		log_warnx("upload %" PRIu64 "/%s: out of memory counting it", up->key.uid, up->key.md5);
@@ -1237,12 +1369,79 @@ static int published_lookup(struct upload *up)
 	return 0;
 }
 
+/* ---------------------------------------------------------------- instant upload (loop side) */
+
+/* Chunk 1 matched stored content: pick the chunks the client must show, at random offsets. */
+static void dedup_challenge_begin(struct upload *up)
+{
+	uint64_t chunks = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
+	uint64_t range = chunks - 1;   /* chunks 2..chunks; chunk 1 was compared already */
+	up->dd_count = range < DEDUP_CHALLENGES ? (int)range : DEDUP_CHALLENGES;
+	for (int i = 0; i < up->dd_count; i++) {
+		int again;
+		do {
+			uint64_t r;
+			randombytes_buf(&r, sizeof(r));   /* the modulo bias is below range / 2^64 */
+			up->challenge[i] = 2 + r % range;
+			again = 0;
+			for (int j = 0; j < i; j++)
+				again |= up->challenge[j] == up->challenge[i];
+		} while (again);
+	}
+	up->dd_next = 0;
+	up->dd_challenging = up->dd_count > 0;
+}
+
+/* The proof failed or was interrupted: the upload goes on as a normal one from what is staged. */
+static void dedup_fallback(struct upload *up, const char *why)
+{
+	if (!up->dd_challenging)
+		return;
+	up->dd_challenging = 0;
+	STAT_INC(instant_fallbacks);
+	log_info("upload %" PRIu64 "/%s: instant upload refused (%s): uploading in full", up->key.uid, up->key.md5,
+	    why);
+}
+
 static void upload_work_done(struct pool_job *job)
 {
 	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
 	struct op *op = up->head;
 	up->pins--;
 	char msg[256];
+	if (up->work == WORK_CHALLENGE) {
+		up->running = 0;
+		up->dd_received += op->data_len;
+		up->touched = time(NULL);
+		if (!up->dd_match) {
+			dedup_fallback(up, "a challenged chunk differs from the stored content");
+		} else if (++up->dd_next == up->dd_count) {
+			upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
+			return;
+		}
+		upload_pop(up);
+		op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
+		upload_run(up);
+		return;
+	}
+	if (up->work == WORK_LINK) {
+		up->dd_challenging = 0;
+		if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
+			up->dd_challenging = 1;
+			dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
+			upload_pop(up);
+			op_answer(op, ERR_OK, NULL, up);
+			upload_run(up);
+			return;
+		}
+		if (up->dd_linked) {
+			up->committed = up->total_size;
+			up->seq = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
+			space_update(up);
+			stats_transfer_update(up->xfer, up->committed);
+		}
+		/* Errors after publishing go the way of a completion's; success ends it like one. */
+	}
 	if (up->work == WORK_DISCARD) {
 		up->running = 0;
 		upload_retire(up);
@@ -1336,6 +1535,9 @@ static void upload_work_done(struct pool_job *job)
 	if (up->work == WORK_START || up->work == WORK_WRITE) {
 		if (up->work == WORK_START) {
 			up->exists = 1;
+			/* Started here under the lease held: what memory says is the truth, nothing to read
+			 * back (without this, the next chunk re-read the entry and dropped the running MD5). */
+			up->loaded = 1;
 			memcpy(up->name, op->name, op->name_len + 1u);
 			up->name_len = op->name_len;
 			up->kind = op->kind;
@@ -1344,6 +1546,10 @@ static void upload_work_done(struct pool_job *job)
 			up->committed = 0;
 			up->anchor_seq = 1;
 			up->anchor_offset = 0;
+			up->dd_received = op->data_len;
+			up->dd_challenging = 0;
+			if (up->dd_match && op->data_len < op->total_size)
+				dedup_challenge_begin(up);
 			STAT_INC(uploads_started);
 			stats_transfer_close(up->xfer);
 			up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
@@ -1379,17 +1585,25 @@ static void upload_work_done(struct pool_job *job)
 		upload_start_work(up, WORK_HASH);
 		return;
 	}
-	/* WORK_COMPLETE: published. */
+	/* WORK_COMPLETE or WORK_LINK: published. */
 	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 	escape_quoted(name, sizeof(name), up->name, up->name_len);
-	log_info("upload %" PRIu64 "/%s complete: \"%s\", %" PRIu64 " bytes", up->key.uid, up->key.md5,
-	    name, up->total_size);
+	uint64_t saved = up->total_size > up->dd_received ? up->total_size - up->dd_received : 0;
+	if (up->dd_linked) {
+		/* The worker marks the access log from this message; clients ignore it. */
+		snprintf(msg, sizeof(msg), "instant upload: published from content already stored, %" PRIu64
+		    " bytes not sent", saved);
+		STAT_INC(uploads_instant);
+		STAT_ADD(instant_bytes_saved, saved);
+	}
+	log_info("upload %" PRIu64 "/%s complete: \"%s\", %" PRIu64 " bytes%s", up->key.uid, up->key.md5,
+	    name, up->total_size, up->dd_linked ? " (instant: from stored content)" : "");
 	record_published(up);
 	STAT_INC(uploads_completed);
 	if (up->kind == UPLOAD_AVATAR)
 		pg_icon_queue(up->st->pg, up->key.uid);
 	upload_pop(up);
-	op_answer(op, ERR_OK, NULL, up);
+	op_answer(op, ERR_OK, up->dd_linked ? msg : NULL, up);
 	upload_retire(up);
 }
 
@@ -1475,6 +1689,7 @@ static void upload_run(struct upload *up)
 				op_answer(op, refused, msg, up->exists ? up : NULL);
 				continue;
 			}
+			up->dd_challenging = 0;
 			upload_start_work(up, WORK_START);
 			return;
 		}
@@ -1491,6 +1706,17 @@ static void upload_run(struct upload *up)
 			snprintf(msg, sizeof(msg), "name, total_size or kind differ from chunk 1 of this upload");
 			op_answer(op, ERR_UPLOAD_MISMATCH, msg, up);
 			continue;
+		}
+		if (up->dd_challenging) {
+			/* Only the chunk asked for proves anything; any other chunk means a normal upload. */
+			uint64_t k = up->challenge[up->dd_next];
+			uint64_t at = (k - 1) * up->chunk_len;
+			uint64_t len = up->total_size - at < up->chunk_len ? up->total_size - at : up->chunk_len;
+			if (op->type == OP_CHUNK && op->seq == k && op->offset == at && op->data_len == len) {
+				upload_start_work(up, WORK_CHALLENGE);
+				return;
+			}
+			dedup_fallback(up, "the client sent another chunk than the one asked for");
 		}
 		if (op->offset > up->committed) {
 			upload_pop(up);
@@ -1572,6 +1798,18 @@ static void sweep_work(struct pool_job *job)
 		log_warnx("janitor: cannot list the staging entries: %s", strerror(err));
 	else if (dropped)
 		log_info("janitor: dropped %zu broken staging files", dropped);
+	/* Stored content that no published name uses any more (instant upload). */
+	struct backend *be = &sw->st->backend;
+	size_t freed = 0;
+	uint64_t freed_bytes = 0;
+	if (be->ops->content_collect) {
+		err = be->ops->content_collect(be, &freed, &freed_bytes);
+		if (err)
+			log_warnx("janitor: cannot collect unused content: %s", strerror(err));
+		else if (freed)
+			log_info("janitor: freed %zu unused stored files, %" PRIu64 " bytes", freed, freed_bytes);
+		STAT_ADD(content_freed_bytes, freed_bytes);
+	}
 }
 
 /* Each old entry not in memory gets a sweep request: it takes the lease (or leaves the entry

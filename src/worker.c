@@ -802,9 +802,11 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 		return;
 	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 	escape_quoted(name, sizeof(name), ch->name, ch->name_len);
-	access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
+	/* Storage says "instant upload: ..." when it published from content already stored. */
+	int instant = done && r->message_len >= 7 && memcmp(r->message, "instant", 7) == 0;
+	access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u%s", c->peer,
 	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", name,
-	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error);
+	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error, instant ? " instant=1" : "");
 	c->xfer_md5[0] = '\0';
 }
 

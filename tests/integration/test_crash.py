@@ -154,6 +154,9 @@ class Tracked(h.Upload):
                 continue
             if (e[2] == "chunk" and err in (0, 1018)) or (e[2] == "sync" and err == 0):
                 ts = r.get("trans_size")
+                if e[2] == "chunk" and err == 0 and isinstance(ts, int) and ts > self.next_offset(e[3]) \
+                        and ts != len(self.data):
+                    continue    # instant upload asks for another chunk (protocol.md): not an acknowledgement
                 if not isinstance(ts, int) or ts < high:
                     out.append("%s answered error %s trans_size %r after %d bytes were acknowledged"
                                % ("1005" if e[2] == "sync" else "chunk seq %s" % e[4], err, ts, high))

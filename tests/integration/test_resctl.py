@@ -192,8 +192,13 @@ tap.ok(rc == 1 and "no upload in progress" in so and "1012" not in so + se, "syn
        so + se)
 rc, so, se = resctl("sync", ADDR, "0" * 32, "--verbose", *CRED)
 tap.ok("error=1012" in so, "sync --verbose adds the raw fields", so)
-resctl("upload", ADDR, up_path, "--chunk", 10000, "--stop-after", 3, "--name", "sync-me.bin", *CRED)
-rc, so, se = resctl("sync", ADDR, h.md5_hex(up_data), *CRED)
+# New bytes: up.bin's would be published at once from the stored content (instant upload).
+sync_data = os.urandom(150000)
+sync_path = os.path.join(work, "sync-me.bin")
+with open(sync_path, "wb") as f:
+    f.write(sync_data)
+resctl("upload", ADDR, sync_path, "--chunk", 10000, "--stop-after", 3, "--name", "sync-me.bin", *CRED)
+rc, so, se = resctl("sync", ADDR, h.md5_hex(sync_data), *CRED)
 tap.ok(rc == 0 and "sync-me.bin: upload in progress, 30000 of 150000 bytes received (20%)" in so,
        "sync of an upload in progress: name, bytes and percentage", so + se)
 rc, so, se = resctl("download", ADDR, NAME, os.path.join(work, "badtok.bin"), "--uid", UID, "--token", "wrong")

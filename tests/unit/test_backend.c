@@ -195,6 +195,80 @@ START_TEST(test_publish_and_versions)
 }
 END_TEST
 
+/* The content index: publish_indexed enters a file, publish_from_content links it under another
+ * name (fenced, the staging entry goes), a version survives another name's link, and
+ * content_collect frees content once no name uses it. */
+START_TEST(test_content_index)
+{
+	if (be.ops->content_open == NULL)
+		return;   /* a backend without an index never deduplicates */
+	const char *text = "shared bytes";
+	struct backend_content_key key;
+	memset(&key, 0, sizeof(key));
+	key.size = strlen(text);
+	snprintf(key.md5, sizeof(key.md5), "%s", MD5_A);
+	struct backend_file *f;
+	uint64_t size;
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), ENOENT);
+
+	struct backend_meta m = meta_of(9, MD5_A, "one.txt", key.size);
+	struct backend_staging *s;
+	int flags = 0;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, text, key.size, 0, 5), 0);
+	ck_assert_int_eq(be.ops->publish_indexed(s, &key, 5, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), 0);
+	char buf[32];
+	size_t got;
+	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_uint_eq(got, key.size);
+	ck_assert_int_eq(memcmp(buf, text, got), 0);
+	be.ops->file_close(f);
+	char v1[BACKEND_VERSION_MAX], v1again[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "one.txt", 7, &f, &size, v1), 0);
+	be.ops->file_close(f);
+
+	/* Another uid's upload of the same content: chunk 1 staged, then published from the index. */
+	struct backend_meta m2 = meta_of(10, MD5_A, "two.txt", key.size);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m2, 7, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, text, 4, 0, 7), 0);
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 6, &flags), ESTALE);   /* an older fence */
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 7, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(list_all(NULL).n, 0);   /* the staging entry is gone */
+	ck_assert_int_eq(be.ops->file_open(&be, 10, "two.txt", 7, &f, &size, v1again), 0);
+	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_int_eq(memcmp(buf, text, key.size), 0);
+	be.ops->file_close(f);
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "one.txt", 7, &f, &size, v1again), 0);
+	be.ops->file_close(f);
+	ck_assert_str_eq(v1, v1again);   /* another name's link does not change this name's version */
+
+	size_t freed;
+	uint64_t bytes;
+	ck_assert_int_eq(be.ops->content_collect(&be, &freed, &bytes), 0);
+	ck_assert_uint_eq(freed, 0);   /* two names use it */
+	publish(MD5_B, "one.txt", "other bytes!");   /* uid 9's name replaced */
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/10/two.txt", root);
+	ck_assert_int_eq(unlink(path), 0);             /* uid 10's name removed */
+	ck_assert_int_eq(be.ops->content_collect(&be, &freed, &bytes), 0);
+	ck_assert_uint_eq(freed, 1);
+	ck_assert_uint_eq(bytes, key.size);
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), ENOENT);
+
+	/* Gone meanwhile: publish_from_content changes nothing and says ENOENT. */
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m2, 8, &s), 0);
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 8, &flags), ENOENT);
+	ck_assert_int_eq(flags, 0);
+	ck_assert_int_eq(list_all(NULL).n, 1);   /* the staging entry stays for a normal upload */
+	be.ops->staging_close(s);
+}
+END_TEST
+
 START_TEST(test_file_open_refuses)
 {
 	struct backend_file *f;
@@ -421,6 +495,7 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_staging_lifecycle);
 	tcase_add_test(tc, test_begin_resets);
 	tcase_add_test(tc, test_publish_and_versions);
+	tcase_add_test(tc, test_content_index);
 	tcase_add_test(tc, test_file_open_refuses);
 	tcase_add_test(tc, test_meta_any_name);
 	tcase_add_test(tc, test_list_drops_broken);
