@@ -40,7 +40,7 @@ def main():
         return tap.finish()
     redis = RedisServer().start()
     redis.set_token(7, "vg-token")
-    d = ValgrindDaemon(workers=1, redis=redis, settings={"log": {"level": "warn"}})
+    d = ValgrindDaemon(workers=1, redis=redis, settings={"log": {"level": "warn"}, "storage": {"dedup": "user"}})
     d.start()
     data = os.urandom(300000)
     with Client(d.port, timeout=60) as c:
