@@ -363,6 +363,24 @@ static void record_on_reply(void *data, enum lease_status status, uint64_t fence
 		upload_run(up);
 }
 
+/* The fields every upload record has (protocol.md, Redis keys), in the storage's JSON writer. */
+static void record_fields(struct upload *up, const char *state)
+{
+	struct storage *st = up->st;
+	struct json_writer *jw = &st->jw;
+	json_begin(jw);
+	json_put_str(jw, "name", up->name, up->name_len);
+	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
+	json_put_int(jw, "uid", (int64_t)up->key.uid);
+	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
+	json_put_int(jw, "seq", (int64_t)up->seq);
+	json_put_int(jw, "total_size", (int64_t)up->total_size);
+	json_put_int(jw, "trans_size", (int64_t)up->committed);
+	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
+	json_put_int(jw, "updated", (int64_t)time(NULL));
+	json_put_str(jw, "state", state, strlen(state));
+}
+
 /* Stores the newest progress; at most one write per upload is in flight. */
 static void record_write(struct upload *up)
 {
@@ -378,17 +396,7 @@ static void record_write(struct upload *up)
 	struct json_writer *jw = &st->jw;
 	const uint8_t *body;
 	size_t len;
-	json_begin(jw);
-	json_put_str(jw, "name", up->name, up->name_len);
-	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
-	json_put_int(jw, "uid", (int64_t)up->key.uid);
-	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
-	json_put_int(jw, "seq", (int64_t)up->seq);
-	json_put_int(jw, "total_size", (int64_t)up->total_size);
-	json_put_int(jw, "trans_size", (int64_t)up->committed);
-	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
-	json_put_int(jw, "updated", (int64_t)time(NULL));
-	json_put_str(jw, "state", "uploading", 9);
+	record_fields(up, "uploading");
 	json_end(jw, &body, &len);
 	char lkey[LEASE_KEY_MAX], ttl[16];
 	lease_key(st, &up->key, lkey, sizeof(lkey));
@@ -405,8 +413,8 @@ static void record_write(struct upload *up)
 	up->pins++;
 }
 
-/* After publishing, the record stays for upload_ttl as "published" with the identity of the file
- * (inode, size, modification time), so that a final chunk resent by a client that lost the answer
+/* After publishing, the record stays for upload_ttl as "published" with the file's version (as the
+ * backend names it), so that a final chunk resent by a client that lost the answer
  * is answered 0 by any node sharing this Redis, as long as the name still holds that file. */
 static void record_published(struct upload *up)
 {
@@ -416,17 +424,7 @@ static void record_published(struct upload *up)
 	struct json_writer *jw = &st->jw;
 	const uint8_t *body;
 	size_t len;
-	json_begin(jw);
-	json_put_str(jw, "name", up->name, up->name_len);
-	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
-	json_put_int(jw, "uid", (int64_t)up->key.uid);
-	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
-	json_put_int(jw, "seq", (int64_t)up->seq);
-	json_put_int(jw, "total_size", (int64_t)up->total_size);
-	json_put_int(jw, "trans_size", (int64_t)up->committed);
-	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
-	json_put_int(jw, "updated", (int64_t)time(NULL));
-	json_put_str(jw, "state", "published", 9);
+	record_fields(up, "published");
 	json_put_str(jw, "version", up->pub_version, strlen(up->pub_version));
 	json_end(jw, &body, &len);
 	if (rds_command(&st->redis, NULL, NULL, "SETEX %s %d %b", key, st->conf->upload_ttl, body, len) < 0)
