@@ -248,11 +248,9 @@ static int conn_flush(struct conn *c)
 }
 
 /* Queues one response frame with the writer's current JSON as body. */
-static void conn_send_json(struct conn *c, uint16_t id, int error)
+/* Queues one response frame with body; counts it, and its error if any. */
+static void conn_queue_frame(struct conn *c, uint16_t id, const uint8_t *body, size_t len, int error)
 {
-	const uint8_t *body;
-	size_t len;
-	json_end(&c->w->jw, &body, &len);
 	STAT_INC(frames_out);
 	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
 	if (error) {
@@ -266,6 +264,14 @@ static void conn_send_json(struct conn *c, uint16_t id, int error)
 		log_warnx("%s: out of memory queueing a response: closing", c->peer);
 		c->closing = 1;   /* conn_flush closes it; callers still hold c */
 	}
+}
+
+static void conn_send_json(struct conn *c, uint16_t id, int error)
+{
+	const uint8_t *body;
+	size_t len;
+	json_end(&c->w->jw, &body, &len);
+	conn_queue_frame(c, id, body, len, error);
 }
 
 /* A response that carries only error, message and what the request id needs. */
@@ -1483,44 +1489,27 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	return 1;
 }
 
-/* Queues one binary response frame. */
-static void conn_send_bin(struct conn *c, uint16_t id, const uint8_t *body, size_t len, int error)
-{
-	STAT_INC(frames_out);
-	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
-	if (error) {
-		stats_count_answer(id, error);
-		if (error == ERR_TOKEN_INVALID || error == ERR_UID_INVALID)
-			STAT_INC(auth_failures);
-	}
-	uint8_t header[FRAME_HEADER_LEN];
-	frame_put_header(header, id, (uint32_t)len);
-	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, len) < 0) {
-		log_warnx("%s: out of memory queueing a response: closing", c->peer);
-		c->closing = 1;
-	}
-}
 
 static void bin_send_ack(struct conn *c, int error, uint64_t offset, uint32_t length, uint64_t committed,
     uint64_t total, const char *msg)
 {
 	uint8_t body[BIN_ACK_LEN + BIN_MSG_MAX];
 	size_t n = bin_put_ack(body, (uint32_t)error, offset, length, committed, total, msg);
-	conn_send_bin(c, MSG_BIN_CHUNK + 1, body, n, error);
+	conn_queue_frame(c, MSG_BIN_CHUNK + 1, body, n, error);
 }
 
 static void bin_send_open_answer(struct conn *c, int error, uint64_t committed, uint64_t total, const char *msg)
 {
 	uint8_t body[BIN_OPEN_ANSWER_LEN + BIN_MSG_MAX];
 	size_t n = bin_put_open_answer(body, (uint32_t)error, committed, total, msg);
-	conn_send_bin(c, MSG_BIN_UPLOAD_OPEN + 1, body, n, error);
+	conn_queue_frame(c, MSG_BIN_UPLOAD_OPEN + 1, body, n, error);
 }
 
 static void bin_send_range_error(struct conn *c, int error, const char *msg)
 {
 	uint8_t body[BIN_RANGE_LEN + BIN_VERSION_MAX + 2 + BIN_MSG_MAX];
 	size_t n = bin_put_range(body, (uint32_t)error, 0, 0, 0, NULL, msg);
-	conn_send_bin(c, MSG_BIN_DOWNLOAD + 1, body, n, error);
+	conn_queue_frame(c, MSG_BIN_DOWNLOAD + 1, body, n, error);
 }
 
 /* A request that failed before its work started: the answer its id needs. */
