@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -123,6 +124,9 @@ struct upload {
 	/* The published file a resent final chunk is checked against (from the Redis record). */
 	uint64_t pub_size;
 	char pub_version[BACKEND_VERSION_MAX];
+	/* The record still said uploading: the file at the name is hashed instead (a crash between
+	 * publishing and recording it). */
+	int pub_by_digest;
 	/* The disk job of the running op. */
 	struct pool_job job;
 	enum disk_work work;
@@ -431,6 +435,20 @@ static void record_published(struct upload *up)
 		rds_command(&st->redis, NULL, NULL, "DEL %s", key);   /* never leave the in-progress record */
 }
 
+/* The published record for a final chunk found published by its MD5 (the upload itself is gone
+ * from memory, so its fields come from the request). */
+static void record_published_op(struct upload *up, const struct op *op)
+{
+	memcpy(up->name, op->name, op->name_len);
+	up->name_len = op->name_len;
+	up->kind = op->kind;
+	up->total_size = up->committed = op->total_size;
+	up->seq = op->seq;
+	up->pub_size = op->total_size;
+	record_published(up);
+	up->pub_by_digest = 0;
+}
+
 static void record_delete(struct upload *up)
 {
 	char key[RECORD_KEY_MAX];
@@ -533,6 +551,43 @@ static void published_identity(const struct backend *be, uint64_t uid, const cha
 	if (be->ops->file_open(be, uid, name, name_len, &f, size, version) != 0)
 		version[0] = '\0';
 	be->ops->file_close(f);
+}
+
+/* Is the file published under name exactly size bytes with this MD5? Its version goes to version.
+ * 0 when it is; an errno (or EILSEQ for other bytes) when not. */
+static int hash_published(const struct backend *be, uint64_t uid, const char *name, size_t name_len,
+    uint64_t size, const char *md5_hex, char version[BACKEND_VERSION_MAX])
+{
+	struct backend_file *f = NULL;
+	uint64_t have = 0;
+	int err = be->ops->file_open(be, uid, name, name_len, &f, &have, version);
+	if (err)
+		return err;
+	struct md5 ctx = { NULL };
+	uint8_t *block = have == size ? malloc(HASH_BLOCK) : NULL;
+	if (block == NULL || md5_init(&ctx) < 0)
+		err = have == size ? ENOMEM : EILSEQ;
+	for (uint64_t off = 0; err == 0 && off < size;) {
+		size_t want = size - off < HASH_BLOCK ? (size_t)(size - off) : HASH_BLOCK, got = 0;
+		err = be->ops->file_read(f, block, want, off, &got);
+		if (err == 0 && got == 0)
+			err = EIO;
+		if (err == 0)
+			md5_update(&ctx, block, got);
+		off += got;
+	}
+	char hex[PROTO_MD5_HEX + 1];
+	if (err == 0) {
+		md5_final_hex(&ctx, hex);
+		if (strcasecmp(hex, md5_hex) != 0)
+			err = EILSEQ;
+	}
+	md5_free(&ctx);
+	free(block);
+	be->ops->file_close(f);
+	if (err)
+		version[0] = '\0';
+	return err;
 }
 
 /* ---------------------------------------------------------------- instant upload (disk side) */
@@ -739,6 +794,15 @@ static void upload_work(struct pool_job *job)
 		/* Is the file the record says we published still at its name? */
 		uint64_t size;
 		char version[BACKEND_VERSION_MAX];
+		if (up->pub_by_digest) {
+			if (hash_published(be, up->key.uid, op->name, op->name_len, op->total_size, up->key.md5,
+			    up->pub_version) != 0)
+				up->work_error = ERR_FILE_NOT_EXISTS;
+			else if (op->kind == UPLOAD_AVATAR &&
+			    pg_pending_write(up->st->pending, up->key.uid, op->name, op->name_len) != 0)
+				up->work_error = ERR_FILE_NOT_EXISTS;   /* the icon update may never have been queued */
+			return;
+		}
 		published_identity(be, up->key.uid, op->name, op->name_len, &size, version);
 		if (version[0] == '\0' || strcmp(version, up->pub_version) != 0 || size != up->pub_size ||
 		    size != op->total_size)
@@ -1315,19 +1379,28 @@ static int published_match(struct upload *up, const struct op *op, const char *t
 	size_t state_len, name_len, kind_len, version_len;
 	uint64_t total;
 	const char *want_kind = op->kind == UPLOAD_AVATAR ? "avatar" : "file";
-	int ok = json_get_str(v, "state", &state, &state_len) == JSON_FIELD_OK && state_len == 9 &&
-	    memcmp(state, "published", 9) == 0 &&
+	int same = json_get_str(v, "state", &state, &state_len) == JSON_FIELD_OK &&
 	    json_get_str(v, "name", &name, &name_len) == JSON_FIELD_OK && name_len == op->name_len &&
 	    memcmp(name, op->name, name_len) == 0 &&
 	    json_get_str(v, "kind", &kind, &kind_len) == JSON_FIELD_OK && kind_len == strlen(want_kind) &&
 	    memcmp(kind, want_kind, kind_len) == 0 &&
-	    json_get_u64(v, "total_size", UINT64_MAX, &total) == JSON_FIELD_OK && total == op->total_size &&
+	    json_get_u64(v, "total_size", UINT64_MAX, &total) == JSON_FIELD_OK && total == op->total_size;
+	int ok = 0;
+	up->pub_by_digest = 0;
+	if (same && state_len == 9 && memcmp(state, "published", 9) == 0 &&
 	    json_get_str(v, "version", &version, &version_len) == JSON_FIELD_OK && version_len > 0 &&
-	    version_len < BACKEND_VERSION_MAX;
-	if (ok) {
+	    version_len < BACKEND_VERSION_MAX) {
 		up->pub_size = total;
 		memcpy(up->pub_version, version, version_len);
 		up->pub_version[version_len] = '\0';
+		ok = 1;
+	} else if (same && state_len == 9 && memcmp(state, "uploading", 9) == 0) {
+		/* The staging entry is gone but the record says the upload was live: a storage process
+		 * died between publishing and recording it. Only the file's own MD5 can tell. */
+		up->pub_size = total;
+		up->pub_version[0] = '\0';
+		up->pub_by_digest = 1;
+		ok = 1;
 	}
 	yajl_tree_free(v);
 	return ok;
@@ -1472,10 +1545,16 @@ static void upload_work_done(struct pool_job *job)
 	}
 	if (up->work == WORK_VERIFY) {
 		upload_pop(up);
-		if (up->work_error)
+		if (up->work_error) {
 			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
-		else
+		} else {
+			if (up->pub_by_digest) {
+				record_published_op(up, op);   /* the record said uploading: now it says published */
+				if (op->kind == UPLOAD_AVATAR)
+					pg_icon_queue(up->st->pg, up->key.uid);
+			}
 			published_answer(op);
+		}
 		upload_run(up);
 		return;
 	}

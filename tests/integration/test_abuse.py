@@ -307,12 +307,31 @@ with tap.section("completion"):
         r = up.send_chunk(c, off, seq)
         tap.eq(r.get("error"), 0, "... and its final chunk resent answers 0 again")
 
+    # A storage process killed between publishing and recording it leaves the record "uploading"
+    # with no staging entry: the resent final chunk is answered from the file's own MD5.
+    def crash_window(u):
+        rec = redis.get_json(record_key(U1, u.md5))
+        rec["state"] = "uploading"
+        rec.pop("version", None)
+        redis.cmd("SETEX", record_key(U1, u.md5), 600, json.dumps(rec))
+    crash_window(up)
+    with h.Client(d.port) as c:
+        r = up.send_chunk(c, off, seq)
+    rec = redis.get_json(record_key(U1, up.md5))
+    tap.ok(r.get("error") == 0 and r.get("trans_size") == len(up.data) and rec.get("state") == "published",
+           "record left 'uploading' by a crash after publishing: the resent final chunk is checked by MD5, "
+           "answered 0, and the record says published again", repr((r, rec)))
+
     # The name replaced by other bytes, or removed: 1012 as before.
     other = upload(rand.randbytes(len(up.data)), "done.bin")
     tap.eq(whole(other).get("error"), 0, "done.bin replaced by another file of the same size")
     with h.Client(d.port) as c:
         r = up.send_chunk(c, off, seq)
     tap.eq(r.get("error"), 1012, "the first file's final chunk resent: 1012 (the name holds other bytes)")
+    crash_window(up)
+    with h.Client(d.port) as c:
+        r = up.send_chunk(c, off, seq)
+    tap.eq(r.get("error"), 1012, "... also while the record says uploading: the name's MD5 differs from the chunk's")
     tap.ok(h.read_file(published(U1, "done.bin")) == other.data, "the replacement is untouched")
     os.remove(published(U1, "done.bin"))
     with h.Client(d.port) as c:
