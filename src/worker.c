@@ -48,7 +48,7 @@ enum req_stage {
 	STAGE_AUTH,        /* GET utoken_<uid> in flight */
 	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
 	STAGE_DISK,        /* download read on a disk thread */
-	STAGE_DLCHECK,     /* download read from a freshly opened file; GET of its download record in flight */
+	STAGE_DLCHECK,     /* download read from a freshly opened file; its versions script in flight */
 	STAGE_BINOPEN,     /* binary download: the file is being opened on a disk thread */
 };
 
@@ -125,6 +125,7 @@ struct dl_file {
 	uint64_t uid;
 	uint64_t size;
 	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
+	ev_tstamp versions_at;        /* when its version was last recorded in file_dlversions_ */
 	char name[PROTO_NAME_MAX + 1];
 	char version[BACKEND_VERSION_MAX];
 };
@@ -437,6 +438,7 @@ static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid,
 	f->uid = uid;
 	f->size = size;
 	f->used = ++c->dl_tick;
+	f->versions_at = ev_now(c->w->loop);   /* every file is kept after the versions script recorded it */
 	memcpy(f->name, name, name_len);
 	f->name[name_len] = '\0';
 	memcpy(f->version, version, sizeof(f->version));
@@ -1123,10 +1125,58 @@ static void download_record_progress(struct worker *w, const struct proto_downlo
 	json_put_int(jw, "seq", (int64_t)d->seq);
 	json_put_int(jw, "total_size", (int64_t)total);
 	json_put_int(jw, "trans_size", (int64_t)current);
-	/* What the download started from: a later chunk that opens another version answers 1029. */
 	json_put_str(jw, "version", version, strlen(version));
 	json_end(jw, &body, &len);
 	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
+}
+
+/* The versions of a name that downloads are being served from (docs/protocol.md §8,
+ * file_dlversions_): version -> Redis time of its last chunk, kept upload_ttl. Several downloads of
+ * one name may run at once (one user, several devices), and a request does not say which version
+ * it started from. So a seq > 1 read from a freshly opened file ("check") is served only when no
+ * other version is live, else 0: 1029. "peek" checks and records nothing (a seq past the end of
+ * the current file); "keep" records. More than 16 fold the oldest into "*", which matches none.
+ * ARGV: mode, version, ttl. */
+static const char download_versions_script[] =
+    "local now = tonumber(redis.call('TIME')[1])\n"
+    "local v, ttl = ARGV[2], tonumber(ARGV[3])\n"
+    "local all = redis.call('HGETALL', KEYS[1])\n"
+    "local live, n = {}, 0\n"
+    "for i = 1, #all, 2 do\n"
+    "  local o, t = all[i], tonumber(all[i + 1]) or 0\n"
+    "  if now - t >= ttl then redis.call('HDEL', KEYS[1], o)\n"
+    "  elseif o ~= v and ARGV[1] ~= 'keep' then return 0\n"
+    "  else live[o] = t; n = n + 1 end\n"
+    "end\n"
+    "if ARGV[1] == 'peek' then return 1 end\n"
+    "if not live[v] then n = n + 1 end\n"
+    "redis.call('HSET', KEYS[1], v, now)\n"
+    "while n > 16 do\n"
+    "  local old, at = nil, now\n"
+    "  for o, t in pairs(live) do if o ~= v and o ~= '*' and t <= at then old, at = o, t end end\n"
+    "  live[old] = nil\n"
+    "  redis.call('HDEL', KEYS[1], old)\n"
+    "  if live['*'] then n = n - 1; at = math.max(live['*'], at) end\n"
+    "  live['*'] = at\n"
+    "  redis.call('HSET', KEYS[1], '*', at)\n"
+    "end\n"
+    "redis.call('EXPIRE', KEYS[1], ttl)\n"
+    "return 1\n";
+
+/* Runs the versions script for the version a chunk was read from; -1 when Redis is not there. */
+static int download_versions(struct worker *w, uint64_t uid, const char *name, size_t name_len, const char *mode,
+    const char *version, redisCallbackFn *cb, void *privdata)
+{
+	char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX], ttl[24];
+	int n = snprintf(key, sizeof(key), "%sfile_dlversions_%" PRIu64 "_%.*s", w->conf->redis_prefix, uid,
+	    (int)name_len, name);
+	if (n < 0 || (size_t)n >= sizeof(key))
+		return -1;
+	snprintf(ttl, sizeof(ttl), "%d", w->conf->upload_ttl);
+	const char *argv[] = { "EVAL", download_versions_script, "1", key, mode, version, ttl };
+	size_t len[] = { 4, strlen(download_versions_script), 1, strlen(key), strlen(mode), strlen(version),
+	    strlen(ttl) };
+	return rds_command_argv(&w->redis, cb, privdata, (int)(sizeof(argv) / sizeof(argv[0])), argv, len);
 }
 
 /* Counts a download chunk, shows it in the transfer table and logs the end of the file. */
@@ -1213,6 +1263,13 @@ static void download_reply(struct conn *c, struct download_job *j)
 		} else {
 			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
+			/* A connection finishing a kept file keeps its version live (now and then: the
+			 * time only matters at upload_ttl's scale), so that its own resume elsewhere hears 1029. */
+			struct dl_file *f = j->borrowed ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+			double every = w->conf->upload_ttl / 4.0 < 60 ? w->conf->upload_ttl / 4.0 : 60;
+			if (f && f->file == j->borrowed && ev_now(w->loop) - f->versions_at >= every &&
+			    download_versions(w, f->uid, f->name, strlen(f->name), "keep", f->version, NULL, NULL) == 0)
+				f->versions_at = ev_now(w->loop);
 			download_account(c, d, j, current, is_last);
 		}
 	}
@@ -1221,8 +1278,8 @@ static void download_reply(struct conn *c, struct download_job *j)
 	conn_process(c);
 }
 
-/* The download record's answer for a later chunk read from a freshly opened file: the same version
- * the download started from (or nothing to compare with) serves it; another version answers 1029. */
+/* The versions script's answer for a chunk read from a freshly opened file: 1 serves it (its version
+ * is recorded), 0 answers 1029 (another version of the name is live), anything else 1027 (never a guess). */
 static void download_on_record(redisAsyncContext *ctx, void *reply, void *privdata)
 {
 	struct rds *r = ctx->data;
@@ -1234,32 +1291,25 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 	c->req.checking = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	redisReply *rep = reply;
-	int changed = 0;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+	if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+		if (rep && rep->type == REDIS_REPLY_ERROR)
+			log_warnx("redis: download versions script failed: %s", rep->str);
 		download_job_free(w, j);
-		respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+		respond_request_error(c, ERR_BUSY, "server busy: cannot check the download versions, retry");
 		conn_process(c);
 		return;
 	}
-	if (rep->type == REDIS_REPLY_STRING) {
-		char err[64];
-		yajl_val rec = json_parse_object((const uint8_t *)rep->str, rep->len, err, sizeof(err));
-		const char *version;
-		size_t version_len;
-		if (rec && json_get_str(rec, "version", &version, &version_len) == JSON_FIELD_OK)
-			changed = version_len != strlen(j->version) || memcmp(version, j->version, version_len) != 0;
-		if (rec)
-			yajl_tree_free(rec);
-	}
-	if (changed) {
+	if (rep->integer != 1) {
 		download_job_free(w, j);
 		respond_request_error(c, ERR_FILE_CHANGED,
 		    "name: the file was replaced since this download started; download it again from seq 1");
 		conn_process(c);
 		return;
 	}
-	dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
-	j->opened = 0;   /* the connection keeps it now */
+	if (!j->error) {
+		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+		j->opened = 0;   /* the connection keeps it now */
+	}
 	download_reply(c, j);
 }
 
@@ -1276,15 +1326,17 @@ static void download_done(struct pool_job *job)
 	}
 	c->req.job = NULL;
 	const struct proto_download *d = &c->req.u.download;
-	if (j->opened && !j->error && d->seq > 1) {
-		/* A later chunk from a file this connection did not hold: is it still the version
-		 * the download started from? */
-		char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX];
+	int past_end = j->error == ERR_OFFSET_INVALID && d->seq > 1;
+	if (j->opened && (!j->error || past_end)) {
+		/* Read from a freshly opened file. Seq 1 records its version before it is answered, so a
+		 * resume anywhere finds it; a later seq is served only if no other version is live (and
+		 * past the end of the current file is 1029 too if the download may have started on a longer one). */
 		uint64_t reqid = conn_next_reqid(c);
-		if (download_record_key(w, d, key, sizeof(key)) < 0 ||
-		    rds_command(&w->redis, download_on_record, (void *)(uintptr_t)reqid, "GET %s", key) < 0) {
+		const char *mode = past_end ? "peek" : d->seq > 1 ? "check" : "keep";
+		if (download_versions(w, d->cred.uid, d->name, d->name_len, mode, j->version, download_on_record,
+		    (void *)(uintptr_t)reqid) < 0) {
 			download_job_free(w, j);
-			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download versions, retry");
 			conn_process(c);
 			return;
 		}
@@ -1292,10 +1344,6 @@ static void download_done(struct pool_job *job)
 		c->req.stage = STAGE_DLCHECK;
 		c->req.since = ev_now(w->loop);
 		return;
-	}
-	if (j->opened && !j->error) {
-		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
-		j->opened = 0;   /* the connection keeps it now */
 	}
 	download_reply(c, j);
 }
