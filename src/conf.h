@@ -91,7 +91,7 @@ int conf_storage_equal(const struct conf *a, const struct conf *b);
  * drain_grace, but at most half of shutdown_timeout (the whole stop stays within it). */
 double conf_drain_grace(const struct conf *c);
 
-/* Sets one key; the same checks as a file. Used by tests and -o overrides. */
+/* Sets one key; the same checks as a file. Used by the tests. */
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
     char *err, size_t errlen);
 

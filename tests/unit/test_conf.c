@@ -554,9 +554,8 @@ END_TEST
 START_TEST(test_error_reason_matches_line)
 {
 	/* The reason must belong to the line reported: here line 2 is a syntax error
-	 * and line 3 a bad key. (Fails today: the message says
-	 * "<path>:2: [server] bogus: unknown key", the line of one error with the
-	 * reason of the other.) */
+	 * and line 3 a bad key (a regression test: the message once gave the line of
+	 * one error with the reason of the other). */
 	expect_load_error("[server]\nno equals sign here\nbogus = 1\n", 2,
 	    "syntax error (expected [section] or key = value)");
 	expect_load_error("[server\nworkers = 2\n", 1, "syntax error (expected [section] or key = value)");
@@ -566,9 +565,9 @@ END_TEST
 START_TEST(test_long_value_not_misread)
 {
 	/* conninfo holds up to 1023 bytes. A 300-byte one in the file must either
-	 * load whole or be refused with the line it is on (2). (Fails today: the
-	 * system libinih reads at most INI_MAX_LINE = 200 bytes a line and parses
-	 * the rest as a separate line, so the message is "<path>:3: syntax error".) */
+	 * load whole or be refused with the line it is on (2), although the system
+	 * libinih reads at most INI_MAX_LINE = 200 bytes a line and would parse the
+	 * rest as a separate line ("<path>:3: syntax error"). */
 	char text[600], value[301];
 	for (size_t i = 0; i < 300; i++)
 		value[i] = (char)('a' + i % 26);
