@@ -1,4 +1,4 @@
-/* resctl_bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
+/* bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
 #include "config.h"
 #include "resctl.h"
 #include "b64.h"
