@@ -6,6 +6,7 @@
 #include "http.h"
 #include "instance.h"
 #include "ipc.h"
+#include "link.h"
 #include "log.h"
 #include "stats.h"
 #include "storage.h"
@@ -122,8 +123,7 @@ static int bind_listener(const struct conf *conf, char *err, size_t errlen)
 static int bind_storage_socket(const struct conf *conf)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	int n = snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
-	if (n >= (int)sizeof(sun.sun_path))
+	if (link_socket_path(conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", conf->run_dir);
 	/* A stale file from a dead instance goes; a live instance's socket never does
 	 * (the run_dir lock keeps our own kind out; this guards against anything else). */
@@ -209,7 +209,7 @@ static void drop_privileges(const struct conf *conf)
 		fatal("chown(%s) failed", conf->run_dir);
 	/* Sockets bound as root must stay usable by the processes that now run as the user. */
 	char sock[600];
-	snprintf(sock, sizeof(sock), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
+	link_socket_path(conf->run_dir, sock, sizeof(sock));   /* bind_storage_socket checked its length */
 	if (chown(sock, pw->pw_uid, gid) < 0)
 		fatal("chown(%s) failed", sock);
 	if (conf->stats_socket[0] && chown(conf->stats_socket, pw->pw_uid, gid) < 0)
@@ -719,7 +719,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	http_destroy(m.http);
 	control_destroy(m.control);
 	char path[600];
-	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);
+	link_socket_path(m.conf->run_dir, path, sizeof(path));
 	unlink(path);
 	if (m.conf->pid_file[0])
 		unlink(m.conf->pid_file);

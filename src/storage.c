@@ -8,6 +8,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "lease.h"
+#include "link.h"
 #include "log.h"
 #include "escape.h"
 #include "pg.h"
@@ -30,6 +31,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <sodium.h>
@@ -44,9 +46,7 @@
 /* A worker connected over the Unix socket. */
 struct client {
 	struct storage *st;
-	int fd;
-	ev_io io;
-	struct buf in, out;
+	struct link link;
 	int dead;          /* the link is closed; answers are dropped */
 	int refs;          /* ops still holding this client */
 	struct client *next;
@@ -233,23 +233,10 @@ static int errno_to_error(int err)
 
 static void client_release(struct client *cl);
 
+/* EAGAIN: the write watcher goes on; errors: the read side closes the link. */
 static void client_flush(struct client *cl)
 {
-	while (buf_len(&cl->out) > 0) {
-		ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL);
-		if (n > 0)
-			buf_consume(&cl->out, (size_t)n);
-		else if (n < 0 && errno == EINTR)
-			continue;
-		else
-			break;   /* EAGAIN: the write watcher goes on; errors: the read side closes */
-	}
-	int events = EV_READ | (buf_len(&cl->out) ? EV_WRITE : 0);
-	if ((cl->io.events & (EV_READ | EV_WRITE)) != events) {
-		ev_io_stop(cl->st->loop, &cl->io);
-		ev_io_set(&cl->io, cl->fd, events);
-		ev_io_start(cl->st->loop, &cl->io);
-	}
+	link_flush(&cl->link);
 }
 
 /* Sends the result of op to its worker; the op itself stays until op_free. */
@@ -283,7 +270,7 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 			r.message = message;
 			r.message_len = (uint16_t)strlen(message);
 		}
-		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
+		if (ipc_encode_result(&cl->link.out, op->reqid, &r) == 0)
 			client_flush(cl);
 	}
 }
@@ -1362,7 +1349,7 @@ static void published_answer(struct op *op)
 	if (!cl->dead) {
 		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
 		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
-		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
+		if (ipc_encode_result(&cl->link.out, op->reqid, &r) == 0)
 			client_flush(cl);
 	}
 	op_free(op);
@@ -1979,8 +1966,6 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 static void client_release(struct client *cl)
 {
 	if (--cl->refs == 0 && cl->dead) {
-		buf_free(&cl->in);
-		buf_free(&cl->out);
 		free(cl->block);
 		free(cl);
 	}
@@ -1989,8 +1974,7 @@ static void client_release(struct client *cl)
 static void client_close(struct client *cl)
 {
 	struct storage *st = cl->st;
-	ev_io_stop(st->loop, &cl->io);
-	close(cl->fd);
+	link_close(&cl->link);
 	cl->dead = 1;
 	struct client **pp = &st->clients;
 	while (*pp && *pp != cl)
@@ -2008,7 +1992,7 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 	struct storage *st = cl->st;
 	if (h->type == IPC_WORKER_STORAGE_PING) {
 		free(block);
-		if (ipc_encode_ping(&cl->out, h->reqid, 1) == 0)
+		if (ipc_encode_ping(&cl->link.out, h->reqid, 1) == 0)
 			client_flush(cl);
 		return;
 	}
@@ -2091,7 +2075,7 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
  * data now, -1: the link was closed. */
 static int client_read_block(struct client *cl)
 {
-	uint8_t *next = buf_reserve(&cl->in, IPC_HEADER_LEN);
+	uint8_t *next = buf_reserve(&cl->link.in, IPC_HEADER_LEN);
 	if (next == NULL) {
 		client_close(cl);
 		return -1;
@@ -2100,7 +2084,7 @@ static int client_read_block(struct client *cl)
 		{ cl->block + cl->block_got, cl->block_header.len - cl->block_got },
 		{ next, IPC_HEADER_LEN },
 	};
-	ssize_t n = readv(cl->fd, iov, 2);
+	ssize_t n = readv(cl->link.fd, iov, 2);
 	if (n <= 0) {
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return 0;
@@ -2109,7 +2093,7 @@ static int client_read_block(struct client *cl)
 	}
 	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
 	cl->block_got += into_block;
-	buf_commit(&cl->in, (size_t)n - into_block);
+	buf_commit(&cl->link.in, (size_t)n - into_block);
 	if (cl->block_got < cl->block_header.len)
 		return 0;
 	uint8_t *block = cl->block;
@@ -2137,44 +2121,37 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			size_t want = IPC_HEADER_LEN;
 			struct ipc_header h;
 			const uint8_t *payload;
-			enum ipc_status st = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
-			if (st == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN)
+			enum ipc_status st = link_next(&cl->link, &h, &payload);
+			if (st == IPC_NEED_MORE && buf_len(&cl->link.in) >= IPC_HEADER_LEN)
 				want = IPC_HEADER_LEN + h.len;
 			if (st == IPC_NEED_MORE) {
-				want -= buf_len(&cl->in);
-				uint8_t *p = buf_reserve(&cl->in, want);
-				if (p == NULL) {
-					client_close(cl);
-					break;
-				}
-				ssize_t n = recv(cl->fd, p, want, 0);
+				ssize_t n = link_read(&cl->link, want - buf_len(&cl->link.in));
 				if (n <= 0) {
-					if (!(n < 0 && (errno == EAGAIN || errno == EINTR)))
+					if (n != LINK_AGAIN)
 						client_close(cl);
 					break;
 				}
-				buf_commit(&cl->in, (size_t)n);
 			}
 		}
 		/* Messages complete in the buffer, and the start of a chunk's block. */
 		for (;;) {
 			struct ipc_header h;
 			const uint8_t *payload;
-			enum ipc_status s = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
-			if (s == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
+			enum ipc_status s = link_next(&cl->link, &h, &payload);
+			if (s == IPC_NEED_MORE && buf_len(&cl->link.in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
 			    cl->block == NULL) {
 				/* Whatever of the payload is here already moves to the block (only
 				 * bytes read before the header was known, at most a header's worth). */
-				size_t have = buf_len(&cl->in) - IPC_HEADER_LEN;
+				size_t have = buf_len(&cl->link.in) - IPC_HEADER_LEN;
 				cl->block = malloc(h.len ? h.len : 1);
 				if (cl->block == NULL) {
 					client_close(cl);
 					break;
 				}
 				cl->block_header = h;
-				memcpy(cl->block, buf_head(&cl->in) + IPC_HEADER_LEN, have);
+				memcpy(cl->block, buf_head(&cl->link.in) + IPC_HEADER_LEN, have);
 				cl->block_got = have;
-				buf_consume(&cl->in, IPC_HEADER_LEN + have);
+				buf_consume(&cl->link.in, IPC_HEADER_LEN + have);
 				break;
 			}
 			if (s == IPC_NEED_MORE)
@@ -2187,7 +2164,7 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			client_on_message(cl, &h, payload, NULL);
 			if (cl->dead)
 				break;
-			buf_consume(&cl->in, IPC_HEADER_LEN + h.len);
+			link_consume(&cl->link, &h);
 		}
 	}
 	client_release(cl);
@@ -2215,13 +2192,10 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 			continue;
 		}
 		cl->st = st;
-		cl->fd = fd;
 		cl->refs = 1;   /* the link itself */
 		cl->next = st->clients;
 		st->clients = cl;
-		ev_io_init(&cl->io, client_on_io, fd, EV_READ);
-		cl->io.data = cl;
-		ev_io_start(loop, &cl->io);
+		link_open(&cl->link, loop, fd, client_on_io, cl);
 	}
 }
 
@@ -2353,7 +2327,9 @@ int storage_main(const struct conf *conf, int listen_fd)
 	st->space_timer.data = st;
 	ev_timer_start(st->loop, &st->space_timer);
 
-	log_info("serving workers on %s/%s", conf->run_dir, IPC_SOCKET_NAME);
+	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	link_socket_path(conf->run_dir, sock, sizeof(sock));
+	log_info("serving workers on %s", sock);
 	ev_run(st->loop, 0);
 	log_info("stopping");
 	st->stopping = 1;

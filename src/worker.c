@@ -9,6 +9,7 @@
 #include "frame.h"
 #include "ipc.h"
 #include "json.h"
+#include "link.h"
 #include "log.h"
 #include "escape.h"
 #include "pool.h"
@@ -130,13 +131,11 @@ struct dl_file {
 };
 
 struct storage_link {
-	int fd;
+	struct link link;             /* link.fd -1: no link */
 	int connected;                /* the socket is connected */
 	int ready;                    /* the storage process answered our ping: requests may go */
-	ev_io io;
 	ev_timer retry;
 	double retry_delay;
-	struct buf in, out;
 };
 
 struct worker {
@@ -472,10 +471,10 @@ static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
 static void conn_release_uploads(struct conn *c)
 {
 	struct storage_link *s = &c->w->storage;
-	if (c->ndrove == 0 || s->fd < 0 || !s->connected)
+	if (c->ndrove == 0 || s->link.fd < 0 || !s->connected)
 		return;
 	for (unsigned i = 0; i < c->ndrove; i++)
-		ipc_encode_release(&s->out, &c->drove[i]);
+		ipc_encode_release(&s->link.out, &c->drove[i]);
 	c->ndrove = 0;
 	storage_update_io(c->w);
 }
@@ -741,17 +740,12 @@ static void storage_hold_waiting(struct worker *w)
 static void storage_down(struct worker *w, const char *why)
 {
 	struct storage_link *s = &w->storage;
-	if (s->fd >= 0) {
+	if (s->link.fd >= 0)
 		log_warnx("storage link lost: %s", why);
-		ev_io_stop(w->loop, &s->io);
-		close(s->fd);
-	}
-	s->fd = -1;
+	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
 	STAT_SET(storage_up, 0);
-	buf_free(&s->in);
-	buf_free(&s->out);
 	storage_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
@@ -761,36 +755,16 @@ static void storage_down(struct worker *w, const char *why)
 
 static void storage_update_io(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
 	/* Fast-path connections waiting for the link to drain are woken from its writability. */
-	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
-	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
-		return;
-	ev_io_stop(w->loop, &s->io);
-	ev_io_set(&s->io, s->fd, events);
-	ev_io_start(w->loop, &s->io);
+	w->storage.link.want_write = w->bin_link_waiters > 0;
+	link_update_io(&w->storage.link);
 }
 
 static int storage_flush(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
-	while (buf_len(&s->out) > 0) {
-		ssize_t n = send(s->fd, buf_head(&s->out), buf_len(&s->out), MSG_NOSIGNAL);
-		if (n > 0) {
-			buf_consume(&s->out, (size_t)n);
-		} else if (n < 0 && errno == EINTR) {
-			continue;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			break;
-		} else {
-			/* Callers may be deep in a connection's request: the read side sees
-			 * the broken link on its own and tears it down from the loop. */
-			log_warn("storage link: send() failed");
-			buf_free(&s->out);
-			break;
-		}
-	}
-	storage_update_io(w);
+	w->storage.link.want_write = w->bin_link_waiters > 0;
+	if (link_flush(&w->storage.link) < 0)
+		log_warn("storage link: send() failed");
 	return 0;
 }
 
@@ -869,23 +843,17 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
-	if (p == NULL) {
-		storage_down(w, "out of memory");
+	ssize_t n = link_read(&s->link, READ_CHUNK);
+	if (n == LINK_AGAIN)
+		return;
+	if (n < 0) {
+		storage_down(w, n == LINK_EOF ? "storage process closed the link" : strerror(errno));
 		return;
 	}
-	ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return;
-		storage_down(w, n == 0 ? "storage process closed the link" : strerror(errno));
-		return;
-	}
-	buf_commit(&s->in, (size_t)n);
 	for (;;) {
 		struct ipc_header h;
 		const uint8_t *payload;
-		enum ipc_status st = ipc_decode_header(buf_head(&s->in), buf_len(&s->in), &h, &payload);
+		enum ipc_status st = link_next(&s->link, &h, &payload);
 		if (st == IPC_NEED_MORE)
 			break;
 		if (st == IPC_BAD) {
@@ -902,9 +870,9 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		} else {
 			log_warnx("storage: unexpected message type %u", h.type);
 		}
-		if (s->fd < 0)
+		if (s->link.fd < 0)
 			return;   /* a callback brought the link down */
-		buf_consume(&s->in, IPC_HEADER_LEN + h.len);
+		link_consume(&s->link, &h);
 	}
 }
 
@@ -919,31 +887,27 @@ static void storage_connect(struct worker *w)
 {
 	struct storage_link *s = &w->storage;
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", w->conf->run_dir, IPC_SOCKET_NAME) >=
-	    (int)sizeof(sun.sun_path))
+	if (link_socket_path(w->conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", w->conf->run_dir);
-	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (s->fd < 0) {
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
 		storage_down(w, strerror(errno));
 		return;
 	}
 	s->connected = 0;
 	s->ready = 0;
 	/* A Unix socket connects at once or not at all (EAGAIN: backlog full, try again). */
-	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
-		close(s->fd);
-		s->fd = -1;
+		close(fd);
 		storage_down(w, strerror(err));
 		return;
 	}
 	s->connected = 1;
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
-	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
-	s->io.data = w;
-	ev_io_start(w->loop, &s->io);
-	if (ipc_encode_ping(&s->out, 0, 0) == 0) {
+	link_open(&s->link, w->loop, fd, storage_on_io, w);
+	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
 		storage_resend_unsent(w);
 		storage_flush(w);
 	}
@@ -960,7 +924,7 @@ static int storage_send(struct conn *c)
 	if (c->req.id == MSG_SYNC) {
 		struct ipc_sync msg = { .uid = c->req.u.sync.cred.uid };
 		memcpy(msg.md5, c->req.u.sync.md5, sizeof(msg.md5));
-		rc = ipc_encode_sync(&s->out, reqid, &msg);
+		rc = ipc_encode_sync(&s->link.out, reqid, &msg);
 	} else {
 		const struct proto_chunk *ch = &c->req.u.chunk;
 		struct ipc_chunk msg = {
@@ -974,7 +938,7 @@ static int storage_send(struct conn *c)
 		/* The chunk is decoded straight from its frame into the message queued for the
 		 * storage process (again from the same frame if the link is lost before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
-		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
+		uint8_t *data = ipc_reserve_chunk(&s->link.out, &msg, room);
 		rc = data ? 0 : -1;
 		if (data != NULL) {
 			char why[128];
@@ -982,7 +946,7 @@ static int storage_send(struct conn *c)
 				respond_request_error(c, ERR_JSON, why);
 				return -1;
 			}
-			ipc_commit_chunk(&s->out, reqid, &msg);
+			ipc_commit_chunk(&s->link.out, reqid, &msg);
 		}
 	}
 	if (rc < 0) {
@@ -1023,7 +987,7 @@ static void storage_forward(struct conn *c)
 	struct storage_link *s = &w->storage;
 	/* Connected but not yet ready (the ping is unanswered): the request queues behind
 	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
-	int link = s->fd >= 0 && s->connected;
+	int link = s->link.fd >= 0 && s->connected;
 	if (link) {
 		if (storage_send(c) < 0)
 			return;
@@ -1473,7 +1437,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (id == MSG_BIN_CHUNK) {
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
-		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+		if (buf_len(&c->w->storage.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
 				c->w->bin_link_waiters++;
@@ -1561,13 +1525,13 @@ static void bin_open_start(struct conn *c)
 {
 	struct worker *w = c->w;
 	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	if (s->link.fd < 0 || !s->connected) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
 	}
 	struct ipc_sync msg = { .uid = c->bin->uid };
 	memcpy(msg.md5, c->req.u.bopen.open.md5, sizeof(msg.md5));
-	if (ipc_encode_sync(&s->out, conn_next_reqid(c), &msg) < 0) {
+	if (ipc_encode_sync(&s->link.out, conn_next_reqid(c), &msg) < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
 		return;
 	}
@@ -1663,7 +1627,7 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		return;
 	}
 	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
 		return;
@@ -1674,14 +1638,14 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		.data_len = ch.length,
 	};
 	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
-	uint8_t *data = ipc_reserve_chunk(&s->out, &msgc, ch.length);
+	uint8_t *data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length);
 	if (data == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
 		return;
 	}
 	memcpy(data, ch.data, ch.length);
 	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
-	ipc_commit_chunk(&s->out, reqid, &msgc);
+	ipc_commit_chunk(&s->link.out, reqid, &msgc);
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
 	f->offset = ch.offset;
@@ -2041,7 +2005,7 @@ static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_
 /* The storage link has room again: the connections whose chunks waited for it go on. */
 static void bin_link_drained(struct worker *w)
 {
-	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+	if (w->bin_link_waiters == 0 || buf_len(&w->storage.link.out) >= BIN_LINK_BACKLOG / 2)
 		return;
 	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
 		struct conn *c = w->conns[i];
@@ -2050,7 +2014,7 @@ static void bin_link_drained(struct worker *w)
 		c->bin->link_waiting = 0;
 		w->bin_link_waiters--;
 		conn_process(c);   /* may close c; the table slot is simply empty then */
-		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+		if (buf_len(&w->storage.link.out) >= BIN_LINK_BACKLOG)
 			break;   /* full again: the rest wait on */
 	}
 	storage_update_io(w);
@@ -2474,10 +2438,7 @@ static void worker_shutdown(struct worker *w)
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
-	if (w->storage.fd >= 0)
-		close(w->storage.fd);
-	buf_free(&w->storage.in);
-	buf_free(&w->storage.out);
+	link_close(&w->storage.link);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
@@ -2508,7 +2469,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	char err[512];
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
-	w->storage.fd = -1;
+	w->storage.link.fd = -1;
 	w->storage.retry_delay = STORAGE_RETRY_MIN;
 	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
 	w->storage.retry.data = w;
