@@ -15,6 +15,7 @@
 #include "pool.h"
 #include "proto.h"
 #include "rds.h"
+#include "signals.h"
 #include "stats.h"
 
 #include <errno.h>
@@ -183,7 +184,7 @@ struct storage {
 	const struct conf *conf;
 	int listen_fd;
 	ev_io accept_io;
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
+	ev_signal sigs[5];            /* storage_signals[] */
 	ev_timer janitor;
 	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
 	ev_timer space_timer;
@@ -2248,6 +2249,17 @@ static void storage_free_all(struct storage *st)
 	}
 }
 
+/* What the storage process does with each signal. SIGPIPE and SIGXFSZ are ignored before
+ * anything else in storage_main. */
+static const struct signal_action storage_signals[] = {
+	{ SIGTERM, storage_on_stop },
+	{ SIGINT, storage_on_stop },
+	{ SIGQUIT, storage_on_stop },     /* the master stops storage last, once the workers are gone */
+	{ SIGUSR1, storage_on_usr1 },     /* reopen the logs */
+	{ SIGHUP, NULL },                 /* reloads are the master's business */
+};
+_Static_assert(SIGNALS_COUNT(storage_signals) == SIGNALS_COUNT(((struct storage *)0)->sigs), "one watcher per signal");
+
 static void make_dir(const char *path)
 {
 	if (mkdir(path, 0750) < 0 && errno != EEXIST)
@@ -2300,15 +2312,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	if (st->pg == NULL)
 		fatalx("cannot start the postgres client");
 
-	ev_signal_init(&st->sig_term, storage_on_stop, SIGTERM);
-	ev_signal_start(st->loop, &st->sig_term);
-	ev_signal_init(&st->sig_int, storage_on_stop, SIGINT);
-	ev_signal_start(st->loop, &st->sig_int);
-	ev_signal_init(&st->sig_quit, storage_on_stop, SIGQUIT);
-	ev_signal_start(st->loop, &st->sig_quit);
-	ev_signal_init(&st->sig_usr1, storage_on_usr1, SIGUSR1);
-	ev_signal_start(st->loop, &st->sig_usr1);
-	signal(SIGHUP, SIG_IGN);
+	signals_watch(st->loop, storage_signals, SIGNALS_COUNT(storage_signals), st->sigs, st);
 	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
 	st->janitor.data = st;
 	ev_timer_start(st->loop, &st->janitor);

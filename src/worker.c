@@ -16,6 +16,7 @@
 #include "proto.h"
 #include "proxy.h"
 #include "rds.h"
+#include "signals.h"
 #include "stats.h"
 
 #include <arpa/inet.h>
@@ -145,7 +146,7 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
+	ev_signal sigs[7];            /* worker_signals[] */
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
 	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
@@ -2444,6 +2445,18 @@ static void worker_shutdown(struct worker *w)
 	free(w->free_slots);
 }
 
+/* What a worker does with each signal (the master sends them; resourced(8), SIGNALS). */
+static const struct signal_action worker_signals[] = {
+	{ SIGTERM, worker_on_stop },
+	{ SIGINT, worker_on_stop },
+	{ SIGQUIT, worker_on_quit },      /* graceful stop */
+	{ SIGUSR2, worker_on_retire },    /* a reload replaced this worker */
+	{ SIGUSR1, worker_on_usr1 },      /* reopen the logs */
+	{ SIGPIPE, NULL },
+	{ SIGHUP, NULL },                 /* reloads are the master's business */
+};
+_Static_assert(SIGNALS_COUNT(worker_signals) == SIGNALS_COUNT(((struct worker *)0)->sigs), "one watcher per signal");
+
 int worker_main(const struct conf *conf, int slot, int listen_fd)
 {
 	struct worker wk, *w = &wk;
@@ -2474,20 +2487,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
 	w->storage.retry.data = w;
 
-	ev_signal_init(&w->sig_term, worker_on_stop, SIGTERM);
-	ev_signal_start(w->loop, &w->sig_term);
-	ev_signal_init(&w->sig_int, worker_on_stop, SIGINT);
-	ev_signal_start(w->loop, &w->sig_int);
-	ev_signal_init(&w->sig_quit, worker_on_quit, SIGQUIT);
-	w->sig_quit.data = w;
-	ev_signal_start(w->loop, &w->sig_quit);
-	ev_signal_init(&w->sig_usr2, worker_on_retire, SIGUSR2);
-	w->sig_usr2.data = w;
-	ev_signal_start(w->loop, &w->sig_usr2);
-	ev_signal_init(&w->sig_usr1, worker_on_usr1, SIGUSR1);
-	ev_signal_start(w->loop, &w->sig_usr1);
-	signal(SIGPIPE, SIG_IGN);
-	signal(SIGHUP, SIG_IGN);   /* reloads are the master's business */
+	signals_watch(w->loop, worker_signals, SIGNALS_COUNT(worker_signals), w->sigs, w);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
 	storage_connect(w);
