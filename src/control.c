@@ -480,16 +480,85 @@ static void show_metrics(struct control *c, struct buf *out)
 	    "# TYPE resourced_up gauge\nresourced_up %d\n", c->draining, strcmp(state, "down") != 0);
 }
 
-static const char help_text[] =
-    "help                  this list\n"
-    "show info [json]      version, uptime, state and totals\n"
-    "show stat [json]      counters per process\n"
-    "show workers [json]   processes: role, pid, state, uptime, restarts, links up\n"
-    "show transfers [json] uploads and downloads in flight\n"
-    "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
-    "disable               drain: the agent-check answers drain\n"
-    "enable                undo disable\n"
-    "reload                re-read the configuration (like SIGHUP)\n";
+static void show_metrics_or_json(struct control *c, struct buf *out, int json)
+{
+	if (json)
+		show_info(c, out, 1);   /* the same numbers as show info json */
+	else
+		show_metrics(c, out);
+}
+
+static void command_disable(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	control_set_draining(c, 1);
+	log_info("stats socket: disabled (draining)");
+	out_printf(out, "OK draining\n");
+}
+
+static void command_enable(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	if (c->stopping) {
+		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
+		return;
+	}
+	control_set_draining(c, 0);
+	log_info("stats socket: enabled");
+	out_printf(out, "OK enabled\n");
+}
+
+static void command_reload(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	char msg[512];
+	if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
+		out_printf(out, "OK %s\n", msg);
+	else
+		out_printf(out, "ERROR %s\n", msg);
+}
+
+static void command_help(struct control *c, struct buf *out, int json);
+
+/* How a command's words after the first are read. */
+enum command_args {
+	ARGS_NONE,          /* none */
+	ARGS_ANY,           /* any, ignored */
+	ARGS_OBJECT,        /* the object (the second word), then an optional "json" */
+};
+
+/* Every stats socket command; help is generated from this table. */
+static const struct control_command {
+	const char *verb;
+	const char *object;           /* ARGS_OBJECT: the second word */
+	enum command_args args;
+	void (*run)(struct control *c, struct buf *out, int json);
+	const char *help;
+} commands[] = {
+	{ "help", NULL, ARGS_ANY, command_help, "this list" },
+	{ "show", "info", ARGS_OBJECT, show_info, "version, uptime, state and totals" },
+	{ "show", "stat", ARGS_OBJECT, show_stat, "counters per process" },
+	{ "show", "workers", ARGS_OBJECT, show_workers, "processes: role, pid, state, uptime, restarts, links up" },
+	{ "show", "transfers", ARGS_OBJECT, show_transfers, "uploads and downloads in flight" },
+	{ "show", "metrics", ARGS_OBJECT, show_metrics_or_json,
+	  "Prometheus text exposition (json: same as show info json)" },
+	{ "disable", NULL, ARGS_NONE, command_disable, "drain: the agent-check answers drain" },
+	{ "enable", NULL, ARGS_NONE, command_enable, "undo disable" },
+	{ "reload", NULL, ARGS_NONE, command_reload, "re-read the configuration (like SIGHUP)" },
+};
+
+static void command_help(struct control *c, struct buf *out, int json)
+{
+	(void)c;
+	(void)json;
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const struct control_command *k = &commands[i];
+		char usage[64];
+		snprintf(usage, sizeof(usage), "%s%s%s%s", k->verb, k->object ? " " : "", k->object ? k->object : "",
+		    k->args == ARGS_OBJECT ? " [json]" : "");
+		out_printf(out, "%-21s %s\n", usage, k->help);
+	}
+}
 
 static void control_command(struct control *c, char *line, struct buf *out)
 {
@@ -500,42 +569,26 @@ static void control_command(struct control *c, char *line, struct buf *out)
 	if (argc == 0)
 		return;
 	int json = argc >= 3 && strcmp(argv[2], "json") == 0;
-	if (strcmp(argv[0], "help") == 0) {
-		buf_append(out, help_text, sizeof(help_text) - 1);
-	} else if (strcmp(argv[0], "show") == 0 && argc >= 2 && (argc == 2 || json)) {
-		if (strcmp(argv[1], "info") == 0)
-			show_info(c, out, json);
-		else if (strcmp(argv[1], "stat") == 0)
-			show_stat(c, out, json);
-		else if (strcmp(argv[1], "workers") == 0)
-			show_workers(c, out, json);
-		else if (strcmp(argv[1], "transfers") == 0)
-			show_transfers(c, out, json);
-		else if (strcmp(argv[1], "metrics") == 0 && json)
-			show_info(c, out, 1);
-		else if (strcmp(argv[1], "metrics") == 0)
-			show_metrics(c, out);
-		else
-			out_printf(out, "Unknown command: show %s (try help)\n", argv[1]);
-	} else if (strcmp(argv[0], "disable") == 0 && argc == 1) {
-		control_set_draining(c, 1);
-		log_info("stats socket: disabled (draining)");
-		out_printf(out, "OK draining\n");
-	} else if (strcmp(argv[0], "enable") == 0 && argc == 1 && c->stopping) {
-		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
-	} else if (strcmp(argv[0], "enable") == 0 && argc == 1) {
-		control_set_draining(c, 0);
-		log_info("stats socket: enabled");
-		out_printf(out, "OK enabled\n");
-	} else if (strcmp(argv[0], "reload") == 0 && argc == 1) {
-		char msg[512];
-		if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
-			out_printf(out, "OK %s\n", msg);
-		else
-			out_printf(out, "ERROR %s\n", msg);
-	} else {
-		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+	/* An object verb in a well-formed line (its object, then nothing or json) with an unknown object. */
+	int unknown_object = 0;
+	const struct control_command *cmd = NULL;
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]) && cmd == NULL; i++) {
+		const struct control_command *k = &commands[i];
+		if (strcmp(argv[0], k->verb) != 0)
+			continue;
+		if (k->args == ARGS_ANY || (k->args == ARGS_NONE && argc == 1))
+			cmd = k;
+		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json) && strcmp(argv[1], k->object) == 0)
+			cmd = k;
+		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json))
+			unknown_object = 1;
 	}
+	if (cmd != NULL)
+		cmd->run(c, out, json);
+	else if (unknown_object)
+		out_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
+	else
+		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
 	buf_append(out, "\n", 1);   /* an empty line ends every answer */
 }
 
