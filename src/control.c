@@ -36,12 +36,13 @@ struct control {
 	int stopping;                 /* a stop began: drain for good, enable cannot undo it */
 	double started;
 	char stats_path[512];
-	struct control_client *clients;   /* open stats connections: a forked child must close them */
+	struct stats_session *sessions;   /* open stats connections: a forked child must close them */
 };
 
-struct control_client {
+/* One connection to the stats socket (resctl stats, socat...): lines in, answers out. */
+struct stats_session {
 	struct control *c;
-	struct control_client *prev, *next;
+	struct stats_session *prev, *next;
 	int fd;
 	ev_io io;
 	struct buf in, out;
@@ -594,81 +595,81 @@ static void control_command(struct control *c, char *line, struct buf *out)
 
 /* ---------------------------------------------------------------- stats socket I/O */
 
-static void client_free(struct control_client *cl)
+static void session_free(struct stats_session *ss)
 {
-	if (cl->prev)
-		cl->prev->next = cl->next;
+	if (ss->prev)
+		ss->prev->next = ss->next;
 	else
-		cl->c->clients = cl->next;
-	if (cl->next)
-		cl->next->prev = cl->prev;
-	ev_io_stop(cl->c->loop, &cl->io);
-	close(cl->fd);
-	buf_free(&cl->in);
-	buf_free(&cl->out);
-	free(cl);
+		ss->c->sessions = ss->next;
+	if (ss->next)
+		ss->next->prev = ss->prev;
+	ev_io_stop(ss->c->loop, &ss->io);
+	close(ss->fd);
+	buf_free(&ss->in);
+	buf_free(&ss->out);
+	free(ss);
 }
 
-static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
-	struct control_client *cl = io->data;
+	struct stats_session *ss = io->data;
 	if (revents & EV_READ) {
-		uint8_t *p = buf_reserve(&cl->in, CONTROL_MAX_LINE);
-		ssize_t n = p ? recv(cl->fd, p, CONTROL_MAX_LINE, 0) : -1;
+		uint8_t *p = buf_reserve(&ss->in, CONTROL_MAX_LINE);
+		ssize_t n = p ? recv(ss->fd, p, CONTROL_MAX_LINE, 0) : -1;
 		if (n == 0) {
-			cl->closing = 1;
+			ss->closing = 1;
 		} else if (n < 0) {
 			if (errno != EAGAIN && errno != EINTR) {
-				client_free(cl);
+				session_free(ss);
 				return;
 			}
 		} else {
-			buf_commit(&cl->in, (size_t)n);
+			buf_commit(&ss->in, (size_t)n);
 		}
 		uint8_t *nl;
-		while (buf_len(&cl->in) > 0 && (nl = memchr(buf_head(&cl->in), '\n', buf_len(&cl->in))) != NULL) {
-			size_t len = (size_t)(nl - buf_head(&cl->in));
+		while (buf_len(&ss->in) > 0 && (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
+			size_t len = (size_t)(nl - buf_head(&ss->in));
 			char line[CONTROL_MAX_LINE];
 			if (len >= sizeof(line))
 				len = sizeof(line) - 1;
-			memcpy(line, buf_head(&cl->in), len);
+			memcpy(line, buf_head(&ss->in), len);
 			line[len] = '\0';
-			buf_consume(&cl->in, (size_t)(nl - buf_head(&cl->in)) + 1);
-			control_command(cl->c, line, &cl->out);
+			buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
+			control_command(ss->c, line, &ss->out);
 		}
-		if (buf_len(&cl->in) >= CONTROL_MAX_LINE) {
-			out_printf(&cl->out, "Line too long\n\n");
-			cl->closing = 1;
+		if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
+			out_printf(&ss->out, "Line too long\n\n");
+			ss->closing = 1;
 		}
-		if (cl->closing && buf_len(&cl->in) > 0) {
+		if (ss->closing && buf_len(&ss->in) > 0) {
 			/* A last command without a newline. */
 			char line[CONTROL_MAX_LINE];
-			size_t len = buf_len(&cl->in) < sizeof(line) - 1 ? buf_len(&cl->in) : sizeof(line) - 1;
-			memcpy(line, buf_head(&cl->in), len);
+			size_t len = buf_len(&ss->in) < sizeof(line) - 1 ? buf_len(&ss->in) : sizeof(line) - 1;
+			memcpy(line, buf_head(&ss->in), len);
 			line[len] = '\0';
-			buf_free(&cl->in);
-			control_command(cl->c, line, &cl->out);
+			buf_free(&ss->in);
+			control_command(ss->c, line, &ss->out);
 		}
 	}
-	while (buf_len(&cl->out) > 0) {
-		ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL);
+	while (buf_len(&ss->out) > 0) {
+		ssize_t n = send(ss->fd, buf_head(&ss->out), buf_len(&ss->out), MSG_NOSIGNAL);
 		if (n > 0)
-			buf_consume(&cl->out, (size_t)n);
+			buf_consume(&ss->out, (size_t)n);
 		else if (n < 0 && errno == EINTR)
 			continue;
 		else if (n < 0 && errno == EAGAIN)
 			break;
 		else {
-			client_free(cl);
+			session_free(ss);
 			return;
 		}
 	}
-	if (cl->closing && buf_len(&cl->out) == 0) {
-		client_free(cl);
+	if (ss->closing && buf_len(&ss->out) == 0) {
+		session_free(ss);
 		return;
 	}
 	ev_io_stop(loop, io);
-	ev_io_set(io, cl->fd, (cl->closing ? 0 : EV_READ) | (buf_len(&cl->out) ? EV_WRITE : 0));
+	ev_io_set(io, ss->fd, (ss->closing ? 0 : EV_READ) | (buf_len(&ss->out) ? EV_WRITE : 0));
 	ev_io_start(loop, io);
 }
 
@@ -700,20 +701,20 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
 	}
-	struct control_client *cl = calloc(1, sizeof(*cl));
-	if (cl == NULL) {
+	struct stats_session *ss = calloc(1, sizeof(*ss));
+	if (ss == NULL) {
 		close(fd);
 		return;
 	}
-	cl->c = c;
-	cl->fd = fd;
-	cl->next = c->clients;
-	if (c->clients)
-		c->clients->prev = cl;
-	c->clients = cl;
-	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
-	cl->io.data = cl;
-	ev_io_start(loop, &cl->io);
+	ss->c = c;
+	ss->fd = fd;
+	ss->next = c->sessions;
+	if (c->sessions)
+		c->sessions->prev = ss;
+	c->sessions = ss;
+	ev_io_init(&ss->io, session_on_io, fd, EV_READ);
+	ss->io.data = ss;
+	ev_io_start(loop, &ss->io);
 }
 
 /* The agent answers one line per connection and closes. */
@@ -855,8 +856,8 @@ void control_destroy(struct control *c)
 		ev_io_stop(c->loop, &c->agent_io);
 		close(c->agent_fd);
 	}
-	while (c->clients)
-		client_free(c->clients);
+	while (c->sessions)
+		session_free(c->sessions);
 	free(c);
 }
 
@@ -869,16 +870,16 @@ void control_close_inherited(struct control *c)
 	if (c->agent_fd >= 0)
 		close(c->agent_fd);
 	c->stats_fd = c->agent_fd = -1;
-	/* A child forked while a client waits (reload) would otherwise hold its connection open:
-	 * the client would never see the end of the answer.
+	/* A child forked while a stats session waits (reload) would otherwise hold its connection open:
+	 * its peer would never see the end of the answer.
 	 * The loop is the master's: leave its watchers alone, free only this copy's memory. */
-	while (c->clients) {
-		struct control_client *cl = c->clients;
-		c->clients = cl->next;
-		close(cl->fd);
-		buf_free(&cl->in);
-		buf_free(&cl->out);
-		free(cl);
+	while (c->sessions) {
+		struct stats_session *ss = c->sessions;
+		c->sessions = ss->next;
+		close(ss->fd);
+		buf_free(&ss->in);
+		buf_free(&ss->out);
+		free(ss);
 	}
 }
 

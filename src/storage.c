@@ -44,13 +44,13 @@
 #define ACCEPT_PAUSE 0.5        /* seconds without accepting after EMFILE/ENFILE */
 #define SPACE_INTERVAL 2.0      /* seconds between statvfs of the root */
 
-/* A worker connected over the Unix socket. */
-struct client {
+/* A worker connected over the Unix socket (the storage end of its uplink). */
+struct worker_link {
 	struct storage *st;
 	struct link link;
 	int dead;          /* the link is closed; answers are dropped */
-	int refs;          /* ops still holding this client */
-	struct client *next;
+	int refs;          /* ops still holding this link */
+	struct worker_link *next;
 	/* A chunk message being received straight into its own block, which becomes
 	 * the op's data: the chunk is not copied again in user space. NULL when none. */
 	uint8_t *block;
@@ -58,12 +58,12 @@ struct client {
 	size_t block_got;
 };
 
-enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no client */
+enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
 
 /* One request from a worker, queued on its upload. */
 struct op {
 	enum op_type type;
-	struct client *client;
+	struct worker_link *wl;       /* the worker to answer; NULL for the janitor */
 	uint64_t reqid;
 	uint64_t seq, trans_size, total_size, offset;
 	int last, kind;
@@ -195,7 +195,7 @@ struct storage {
 	uint64_t announced_left;      /* bytes still to come of every upload in progress */
 	unsigned uploads_counted;
 	struct user_count *users;
-	struct client *clients;
+	struct worker_link *worker_links;
 	struct upload *uploads;       /* uthash table by key */
 	struct rds redis;
 	struct pg *pg;
@@ -232,21 +232,21 @@ static int errno_to_error(int err)
 
 /* ---------------------------------------------------------------- answers */
 
-static void client_release(struct client *cl);
+static void worker_link_release(struct worker_link *wl);
 
 /* EAGAIN: the write watcher goes on; errors: the read side closes the link. */
-static void client_flush(struct client *cl)
+static void worker_link_flush(struct worker_link *wl)
 {
-	link_flush(&cl->link);
+	link_flush(&wl->link);
 }
 
 /* Sends the result of op to its worker; the op itself stays until op_free. */
 static void op_reply(struct op *op, int error, const char *message, const struct upload *up)
 {
-	struct client *cl = op->client;
+	struct worker_link *wl = op->wl;
 	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
 		STAT_INC(uploads_failed);
-	if (cl && !cl->dead) {
+	if (wl && !wl->dead) {
 		struct ipc_result r = { .error = (uint32_t)error };
 		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
 			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
@@ -271,16 +271,16 @@ static void op_reply(struct op *op, int error, const char *message, const struct
 			r.message = message;
 			r.message_len = (uint16_t)strlen(message);
 		}
-		if (ipc_encode_result(&cl->link.out, op->reqid, &r) == 0)
-			client_flush(cl);
+		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
+			worker_link_flush(wl);
 	}
 }
 
 static void op_free(struct op *op)
 {
 	STAT_DEC(storage_queue);
-	if (op->client)
-		client_release(op->client);
+	if (op->wl)
+		worker_link_release(op->wl);
 	free(op->block);
 	free(op);
 }
@@ -1346,12 +1346,12 @@ static int seq_fits(struct upload *up, const struct op *op)
 
 static void published_answer(struct op *op)
 {
-	struct client *cl = op->client;
-	if (!cl->dead) {
+	struct worker_link *wl = op->wl;
+	if (!wl->dead) {
 		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
 		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
-		if (ipc_encode_result(&cl->link.out, op->reqid, &r) == 0)
-			client_flush(cl);
+		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
+			worker_link_flush(wl);
 	}
 	op_free(op);
 }
@@ -1462,195 +1462,192 @@ static void dedup_fallback(struct upload *up, const char *why)
 	    why);
 }
 
-static void upload_work_done(struct pool_job *job)
+/* ---------------------------------------------------------------- disk work done, by outcome */
+
+/* A challenged chunk was compared with the stored content. */
+static void work_done_challenge(struct upload *up, struct op *op)
 {
-	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
-	struct op *op = up->head;
-	up->pins--;
-	char msg[256];
-	if (up->work == WORK_CHALLENGE) {
-		up->running = 0;
-		up->dd_received += op->data_len;
-		up->touched = time(NULL);
-		if (!up->dd_match) {
-			dedup_fallback(up, "a challenged chunk differs from the stored content");
-		} else if (++up->dd_next == up->dd_count) {
-			upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
-			return;
-		}
-		upload_pop(up);
-		op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
-		upload_run(up);
+	up->running = 0;
+	up->dd_received += op->data_len;
+	up->touched = time(NULL);
+	if (!up->dd_match) {
+		dedup_fallback(up, "a challenged chunk differs from the stored content");
+	} else if (++up->dd_next == up->dd_count) {
+		upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
 		return;
 	}
-	if (up->work == WORK_LINK) {
-		up->dd_challenging = 0;
-		if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
-			up->dd_challenging = 1;
-			dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
-			upload_pop(up);
-			op_answer(op, ERR_OK, NULL, up);
-			upload_run(up);
-			return;
-		}
-		if (up->dd_linked) {
-			up->committed = up->total_size;
-			up->seq = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
-			space_update(up);
-			stats_transfer_update(up->xfer, up->committed);
-		}
-		/* Errors after publishing go the way of a completion's; success ends it like one. */
+	upload_pop(up);
+	op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
+	upload_run(up);
+}
+
+/* Publishing from stored content ended. Returns 1 when it fell back to a normal upload (answered
+ * here), 0 when the outcome is a completion's: published, or an error after publishing. */
+static int work_done_link(struct upload *up, struct op *op)
+{
+	up->dd_challenging = 0;
+	if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
+		up->dd_challenging = 1;
+		dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
+		upload_pop(up);
+		op_answer(op, ERR_OK, NULL, up);
+		upload_run(up);
+		return 1;
 	}
-	if (up->work == WORK_DISCARD) {
-		up->running = 0;
+	if (up->dd_linked) {
+		up->committed = up->total_size;
+		up->seq = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
+		space_update(up);
+		stats_transfer_update(up->xfer, up->committed);
+	}
+	return 0;
+}
+
+/* A parked upload taken back with the same fence was confirmed against the storage, or not. */
+static void work_done_check(struct upload *up)
+{
+	up->running = 0;
+	up->check_hold = 0;
+	if (up->work_errno) {
+		log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
+		    up->key.uid, up->key.md5, strerror(up->work_errno));
+		upload_lost(up, NULL);
+	} else {
+		up->parked = 0;
+	}
+	upload_run(up);
+}
+
+/* A final chunk resent after publishing was checked against the published file. */
+static void work_done_verify(struct upload *up, struct op *op)
+{
+	upload_pop(up);
+	if (up->work_error) {
+		op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+	} else {
+		if (up->pub_by_digest) {
+			record_published_op(up, op);   /* the record said uploading: now it says published */
+			if (op->kind == UPLOAD_AVATAR)
+				pg_icon_queue(up->st->pg, up->key.uid);
+		}
+		published_answer(op);
+	}
+	upload_run(up);
+}
+
+/* A start, write, completion or publish from stored content failed. */
+static void work_done_failed(struct upload *up, struct op *op)
+{
+	char msg[256];
+	int error = up->work_error ? up->work_error : errno_to_error(up->work_errno);
+	if (error == ERR_CHECKSUM) {
+		snprintf(msg, sizeof(msg), "md5: the file received does not match; start again at seq 1");
+		log_info("upload %" PRIu64 "/%s: checksum mismatch, reset", up->key.uid, up->key.md5);
+		record_delete(up);
+		upload_pop(up);
+		op_answer(op, error, msg, NULL);
+		up->exists = 0;
 		upload_retire(up);
 		return;
 	}
-	if (up->work == WORK_LOAD) {
-		up->running = 0;
-		upload_loaded(up);
-		upload_run(up);
-		return;
-	}
-	if (up->work == WORK_CHECK) {
-		up->running = 0;
-		up->check_hold = 0;
-		if (up->work_errno) {
-			log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
-			    up->key.uid, up->key.md5, strerror(up->work_errno));
-			upload_lost(up, NULL);
-		} else {
-			up->parked = 0;
-		}
-		upload_run(up);
-		return;
-	}
-	if (up->work == WORK_HASH) {
+	snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
+	    up->published ? "file stored but not made durable, or its icon update not queued; upload it again" :
+	    "cannot store the file", strerror(up->work_errno));
+	if (up->published) {
+		log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
+		record_delete(up);
 		upload_pop(up);
-		op_free(op);
-		upload_run(up);
+		op_answer(op, error, msg, NULL);
+		upload_retire(up);
 		return;
 	}
-	if (up->work == WORK_VERIFY) {
-		upload_pop(up);
-		if (up->work_error) {
-			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
-		} else {
-			if (up->pub_by_digest) {
-				record_published_op(up, op);   /* the record said uploading: now it says published */
-				if (op->kind == UPLOAD_AVATAR)
-					pg_icon_queue(up->st->pg, up->key.uid);
-			}
-			published_answer(op);
-		}
-		upload_run(up);
-		return;
-	}
-	if (up->work_errno || up->work_error) {
-		int error = up->work_error ? up->work_error : errno_to_error(up->work_errno);
-		if (error == ERR_CHECKSUM) {
-			snprintf(msg, sizeof(msg), "md5: the file received does not match; start again at seq 1");
-			log_info("upload %" PRIu64 "/%s: checksum mismatch, reset", up->key.uid, up->key.md5);
-			record_delete(up);
-			upload_pop(up);
-			op_answer(op, error, msg, NULL);
-			up->exists = 0;
-			upload_retire(up);
-			return;
-		}
-		snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
-		    up->published ? "file stored but not made durable, or its icon update not queued; upload it again" :
-		    "cannot store the file", strerror(up->work_errno));
-		if (up->published) {
-			log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
-			record_delete(up);
-			upload_pop(up);
-			op_answer(op, error, msg, NULL);
-			upload_retire(up);
-			return;
-		}
-		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
-		if (up->work_errno == ESTALE ||
-		    (up->work_errno == ENOENT && (up->work == WORK_WRITE || up->work == WORK_COMPLETE))) {
-			/* Fenced out, or the entry is gone: another holder changed the upload. This node
-			 * forgets what it knew and runs the request once more on what it reads back (a final
-			 * chunk whose file another node published is then answered 0); a second time, busy. */
-			if (!op->retried && (up->work == WORK_WRITE || up->work == WORK_COMPLETE)) {
-				op->retried = 1;
-				up->running = 0;
-				upload_lost(up, NULL);
-				upload_run(up);
-				return;
-			}
-			upload_pop(up);
-			op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
+	log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
+	if (up->work_errno == ESTALE ||
+	    (up->work_errno == ENOENT && (up->work == WORK_WRITE || up->work == WORK_COMPLETE))) {
+		/* Fenced out, or the entry is gone: another holder changed the upload. This node
+		 * forgets what it knew and runs the request once more on what it reads back (a final
+		 * chunk whose file another node published is then answered 0); a second time, busy. */
+		if (!op->retried && (up->work == WORK_WRITE || up->work == WORK_COMPLETE)) {
+			op->retried = 1;
+			up->running = 0;
 			upload_lost(up, NULL);
 			upload_run(up);
 			return;
 		}
-		if (up->work == WORK_START) {
-			up->exists = 0;   /* a failed start leaves nothing to resume */
-			upload_uncount(up);
-		}
 		upload_pop(up);
-		op_answer(op, error, msg, up->exists ? up : NULL);
+		op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
+		upload_lost(up, NULL);
 		upload_run(up);
 		return;
 	}
-	if (up->work == WORK_START || up->work == WORK_WRITE) {
-		if (up->work == WORK_START) {
-			up->exists = 1;
-			/* Started here under the lease held: what memory says is the truth, nothing to read
-			 * back (without this, the next chunk re-read the entry and dropped the running MD5). */
-			up->loaded = 1;
-			memcpy(up->name, op->name, op->name_len + 1u);
-			up->name_len = op->name_len;
-			up->kind = op->kind;
-			up->total_size = op->total_size;
-			up->chunk_len = op->data_len;
-			up->committed = 0;
-			up->anchor_seq = 1;
-			up->anchor_offset = 0;
-			up->dd_received = op->data_len;
-			up->dd_challenging = 0;
-			if (up->dd_match && op->data_len < op->total_size)
-				dedup_challenge_begin(up);
-			STAT_INC(uploads_started);
-			stats_transfer_close(up->xfer);
-			up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
-			    up->name_len, up->total_size);
-		}
-		STAT_ADD(upload_bytes, op->data_len);
-		uint64_t end = op->offset + op->data_len;
-		if (end >= up->committed) {
-			up->committed = end;
-			up->seq = op->seq;
-			stats_transfer_update(up->xfer, up->committed);
-		}
-		space_update(up);
-		up->touched = time(NULL);
-		if (up->committed == up->total_size) {
-			upload_start_work(up, WORK_COMPLETE);
-			return;
-		}
-		if (up->work == WORK_START) {
-			/* Answered from record_on_reply once Redis has the record. */
-			record_write(up);
-			if (up->record_inflight) {
-				up->awaiting_record = 1;
-				return;
-			}
-			upload_pop(up);
-			op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
-			upload_run(up);
-			return;
-		}
+	if (up->work == WORK_START) {
+		up->exists = 0;   /* a failed start leaves nothing to resume */
+		upload_uncount(up);
+	}
+	upload_pop(up);
+	op_answer(op, error, msg, up->exists ? up : NULL);
+	upload_run(up);
+}
+
+/* Chunk 1 started the staging entry, or a later chunk was written. */
+static void work_done_written(struct upload *up, struct op *op)
+{
+	if (up->work == WORK_START) {
+		up->exists = 1;
+		/* Started here under the lease held: what memory says is the truth, nothing to read
+		 * back (without this, the next chunk re-read the entry and dropped the running MD5). */
+		up->loaded = 1;
+		memcpy(up->name, op->name, op->name_len + 1u);
+		up->name_len = op->name_len;
+		up->kind = op->kind;
+		up->total_size = op->total_size;
+		up->chunk_len = op->data_len;
+		up->committed = 0;
+		up->anchor_seq = 1;
+		up->anchor_offset = 0;
+		up->dd_received = op->data_len;
+		up->dd_challenging = 0;
+		if (up->dd_match && op->data_len < op->total_size)
+			dedup_challenge_begin(up);
+		STAT_INC(uploads_started);
+		stats_transfer_close(up->xfer);
+		up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
+		    up->name_len, up->total_size);
+	}
+	STAT_ADD(upload_bytes, op->data_len);
+	uint64_t end = op->offset + op->data_len;
+	if (end >= up->committed) {
+		up->committed = end;
+		up->seq = op->seq;
+		stats_transfer_update(up->xfer, up->committed);
+	}
+	space_update(up);
+	up->touched = time(NULL);
+	if (up->committed == up->total_size) {
+		upload_start_work(up, WORK_COMPLETE);
+		return;
+	}
+	if (up->work == WORK_START) {
+		/* Answered from record_on_reply once Redis has the record. */
 		record_write(up);
-		op_reply(op, ERR_OK, NULL, up);
-		upload_start_work(up, WORK_HASH);
+		if (up->record_inflight) {
+			up->awaiting_record = 1;
+			return;
+		}
+		upload_pop(up);
+		op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
+		upload_run(up);
 		return;
 	}
-	/* WORK_COMPLETE or WORK_LINK: published. */
+	record_write(up);
+	op_reply(op, ERR_OK, NULL, up);
+	upload_start_work(up, WORK_HASH);
+}
+
+/* WORK_COMPLETE or WORK_LINK: published. */
+static void work_done_published(struct upload *up, struct op *op)
+{
+	char msg[256];
 	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 	escape_quoted(name, sizeof(name), up->name, up->name_len);
 	uint64_t saved = up->total_size > up->dd_received ? up->total_size - up->dd_received : 0;
@@ -1670,6 +1667,53 @@ static void upload_work_done(struct pool_job *job)
 	upload_pop(up);
 	op_answer(op, ERR_OK, up->dd_linked ? msg : NULL, up);
 	upload_retire(up);
+}
+
+/* The running op's disk job is over (on the loop): one outcome each. */
+static void upload_work_done(struct pool_job *job)
+{
+	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
+	struct op *op = up->head;
+	up->pins--;
+	switch (up->work) {
+	case WORK_CHALLENGE:
+		work_done_challenge(up, op);
+		return;
+	case WORK_LINK:
+		if (work_done_link(up, op))
+			return;
+		break;   /* errors after publishing go the way of a completion's; success ends it like one */
+	case WORK_DISCARD:
+		up->running = 0;
+		upload_retire(up);
+		return;
+	case WORK_LOAD:
+		up->running = 0;
+		upload_loaded(up);
+		upload_run(up);
+		return;
+	case WORK_CHECK:
+		work_done_check(up);
+		return;
+	case WORK_HASH:
+		upload_pop(up);
+		op_free(op);
+		upload_run(up);
+		return;
+	case WORK_VERIFY:
+		work_done_verify(up, op);
+		return;
+	case WORK_START:
+	case WORK_WRITE:
+	case WORK_COMPLETE:
+		break;
+	}
+	if (up->work_errno || up->work_error)
+		work_done_failed(up, op);
+	else if (up->work == WORK_START || up->work == WORK_WRITE)
+		work_done_written(up, op);
+	else
+		work_done_published(up, op);
 }
 
 /* Starts the request at the head of the queue unless one is already running. */
@@ -1964,37 +2008,37 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 
 /* ---------------------------------------------------------------- worker links */
 
-static void client_release(struct client *cl)
+static void worker_link_release(struct worker_link *wl)
 {
-	if (--cl->refs == 0 && cl->dead) {
-		free(cl->block);
-		free(cl);
+	if (--wl->refs == 0 && wl->dead) {
+		free(wl->block);
+		free(wl);
 	}
 }
 
-static void client_close(struct client *cl)
+static void worker_link_close(struct worker_link *wl)
 {
-	struct storage *st = cl->st;
-	link_close(&cl->link);
-	cl->dead = 1;
-	struct client **pp = &st->clients;
-	while (*pp && *pp != cl)
+	struct storage *st = wl->st;
+	link_close(&wl->link);
+	wl->dead = 1;
+	struct worker_link **pp = &st->worker_links;
+	while (*pp && *pp != wl)
 		pp = &(*pp)->next;
 	if (*pp)
-		*pp = cl->next;
-	client_release(cl);   /* the link's own reference; queued ops hold theirs */
+		*pp = wl->next;
+	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
 }
 
 /* Handles one message. block, when not NULL, is payload in its own allocation,
  * which a chunk op takes over (it is freed here otherwise). */
-static void client_on_message(struct client *cl, const struct ipc_header *h, const uint8_t *payload,
+static void worker_link_on_message(struct worker_link *wl, const struct ipc_header *h, const uint8_t *payload,
     uint8_t *block)
 {
-	struct storage *st = cl->st;
+	struct storage *st = wl->st;
 	if (h->type == IPC_WORKER_STORAGE_PING) {
 		free(block);
-		if (ipc_encode_ping(&cl->link.out, h->reqid, 1) == 0)
-			client_flush(cl);
+		if (ipc_encode_ping(&wl->link.out, h->reqid, 1) == 0)
+			worker_link_flush(wl);
 		return;
 	}
 	struct upload_key key;
@@ -2065,56 +2109,56 @@ static void client_on_message(struct client *cl, const struct ipc_header *h, con
 		log_warnx("unexpected message type %u from a worker", h->type);
 		return;
 	}
-	op->client = cl;
+	op->wl = wl;
 	op->reqid = h->reqid;
-	cl->refs++;
+	wl->refs++;
 	op_dispatch(st, op, &key);
 }
 
 /* Receives the rest of a chunk message into its block and, in the same call, the
  * header of the next message into the link's buffer. 1: go on reading, 0: no more
  * data now, -1: the link was closed. */
-static int client_read_block(struct client *cl)
+static int worker_link_read_block(struct worker_link *wl)
 {
-	uint8_t *next = buf_reserve(&cl->link.in, IPC_HEADER_LEN);
+	uint8_t *next = buf_reserve(&wl->link.in, IPC_HEADER_LEN);
 	if (next == NULL) {
-		client_close(cl);
+		worker_link_close(wl);
 		return -1;
 	}
 	struct iovec iov[2] = {
-		{ cl->block + cl->block_got, cl->block_header.len - cl->block_got },
+		{ wl->block + wl->block_got, wl->block_header.len - wl->block_got },
 		{ next, IPC_HEADER_LEN },
 	};
-	ssize_t n = readv(cl->link.fd, iov, 2);
+	ssize_t n = readv(wl->link.fd, iov, 2);
 	if (n <= 0) {
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return 0;
-		client_close(cl);
+		worker_link_close(wl);
 		return -1;
 	}
 	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
-	cl->block_got += into_block;
-	buf_commit(&cl->link.in, (size_t)n - into_block);
-	if (cl->block_got < cl->block_header.len)
+	wl->block_got += into_block;
+	buf_commit(&wl->link.in, (size_t)n - into_block);
+	if (wl->block_got < wl->block_header.len)
 		return 0;
-	uint8_t *block = cl->block;
-	cl->block = NULL;
-	client_on_message(cl, &cl->block_header, block, block);
-	return cl->dead ? -1 : 1;
+	uint8_t *block = wl->block;
+	wl->block = NULL;
+	worker_link_on_message(wl, &wl->block_header, block, block);
+	return wl->dead ? -1 : 1;
 }
 
-static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)loop;
-	struct client *cl = io->data;
+	struct worker_link *wl = io->data;
 	if (revents & EV_WRITE)
-		client_flush(cl);
+		worker_link_flush(wl);
 	if (!(revents & EV_READ))
 		return;
-	cl->refs++;   /* answers inside the loops below must not free cl */
-	for (int reads = 0; reads < 64 && !cl->dead; reads++) {
-		if (cl->block != NULL) {
-			if (client_read_block(cl) <= 0)
+	wl->refs++;   /* answers inside the loops below must not free wl */
+	for (int reads = 0; reads < 64 && !wl->dead; reads++) {
+		if (wl->block != NULL) {
+			if (worker_link_read_block(wl) <= 0)
 				break;
 		} else {
 			/* Small reads: at most what completes the message at the head, so that a
@@ -2122,14 +2166,14 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			size_t want = IPC_HEADER_LEN;
 			struct ipc_header h;
 			const uint8_t *payload;
-			enum ipc_status st = link_next(&cl->link, &h, &payload);
-			if (st == IPC_NEED_MORE && buf_len(&cl->link.in) >= IPC_HEADER_LEN)
+			enum ipc_status st = link_next(&wl->link, &h, &payload);
+			if (st == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN)
 				want = IPC_HEADER_LEN + h.len;
 			if (st == IPC_NEED_MORE) {
-				ssize_t n = link_read(&cl->link, want - buf_len(&cl->link.in));
+				ssize_t n = link_read(&wl->link, want - buf_len(&wl->link.in));
 				if (n <= 0) {
 					if (n != LINK_AGAIN)
-						client_close(cl);
+						worker_link_close(wl);
 					break;
 				}
 			}
@@ -2138,37 +2182,37 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		for (;;) {
 			struct ipc_header h;
 			const uint8_t *payload;
-			enum ipc_status s = link_next(&cl->link, &h, &payload);
-			if (s == IPC_NEED_MORE && buf_len(&cl->link.in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
-			    cl->block == NULL) {
+			enum ipc_status s = link_next(&wl->link, &h, &payload);
+			if (s == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
+			    wl->block == NULL) {
 				/* Whatever of the payload is here already moves to the block (only
 				 * bytes read before the header was known, at most a header's worth). */
-				size_t have = buf_len(&cl->link.in) - IPC_HEADER_LEN;
-				cl->block = malloc(h.len ? h.len : 1);
-				if (cl->block == NULL) {
-					client_close(cl);
+				size_t have = buf_len(&wl->link.in) - IPC_HEADER_LEN;
+				wl->block = malloc(h.len ? h.len : 1);
+				if (wl->block == NULL) {
+					worker_link_close(wl);
 					break;
 				}
-				cl->block_header = h;
-				memcpy(cl->block, buf_head(&cl->link.in) + IPC_HEADER_LEN, have);
-				cl->block_got = have;
-				buf_consume(&cl->link.in, IPC_HEADER_LEN + have);
+				wl->block_header = h;
+				memcpy(wl->block, buf_head(&wl->link.in) + IPC_HEADER_LEN, have);
+				wl->block_got = have;
+				buf_consume(&wl->link.in, IPC_HEADER_LEN + have);
 				break;
 			}
 			if (s == IPC_NEED_MORE)
 				break;
 			if (s == IPC_BAD) {
 				log_warnx("bad message header from a worker: closing its link");
-				client_close(cl);
+				worker_link_close(wl);
 				break;
 			}
-			client_on_message(cl, &h, payload, NULL);
-			if (cl->dead)
+			worker_link_on_message(wl, &h, payload, NULL);
+			if (wl->dead)
 				break;
-			link_consume(&cl->link, &h);
+			link_consume(&wl->link, &h);
 		}
 	}
-	client_release(cl);
+	worker_link_release(wl);
 }
 
 static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
@@ -2187,16 +2231,16 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 			}
 			return;
 		}
-		struct client *cl = calloc(1, sizeof(*cl));
-		if (cl == NULL) {
+		struct worker_link *wl = calloc(1, sizeof(*wl));
+		if (wl == NULL) {
 			close(fd);
 			continue;
 		}
-		cl->st = st;
-		cl->refs = 1;   /* the link itself */
-		cl->next = st->clients;
-		st->clients = cl;
-		link_open(&cl->link, loop, fd, client_on_io, cl);
+		wl->st = st;
+		wl->refs = 1;   /* the link itself */
+		wl->next = st->worker_links;
+		st->worker_links = wl;
+		link_open(&wl->link, loop, fd, worker_link_on_io, wl);
 	}
 }
 
@@ -2240,8 +2284,8 @@ static void storage_free_all(struct storage *st)
 		md5_free(&up->md5);
 		free(up);
 	}
-	while (st->clients)
-		client_close(st->clients);
+	while (st->worker_links)
+		worker_link_close(st->worker_links);
 	struct user_count *u, *utmp;
 	HASH_ITER(hh, st->users, u, utmp) {
 		HASH_DEL(st->users, u);

@@ -131,7 +131,8 @@ struct dl_file {
 	char version[BACKEND_VERSION_MAX];
 };
 
-struct storage_link {
+/* The worker's link up to the storage process, which it connects again whenever it is lost. */
+struct uplink {
 	struct link link;             /* link.fd -1: no link */
 	int connected;                /* the socket is connected */
 	int ready;                    /* the storage process answered our ping: requests may go */
@@ -156,7 +157,7 @@ struct worker {
 	uint32_t nfree;
 	uint32_t nconns;
 	uint32_t op_seq;              /* tags every async step; with the slot it forms a reqid */
-	struct storage_link storage;
+	struct uplink uplink;         /* to the storage process */
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
 	struct backend backend;       /* where published files are read from */
@@ -188,12 +189,12 @@ struct download_job {
 };
 
 static void conn_close(struct conn *c, const char *why);
-static void storage_update_io(struct worker *w);
+static void uplink_update_io(struct worker *w);
 static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
-static void storage_connect(struct worker *w);
-static void storage_resend_unsent(struct worker *w);
+static void uplink_connect(struct worker *w);
+static void uplink_resend_unsent(struct worker *w);
 /* The binary fast path (its own section below). */
 struct bin_conn;
 static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
@@ -471,13 +472,13 @@ static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
 /* Tells storage the uploads this connection drove have lost their client (it releases their leases). */
 static void conn_release_uploads(struct conn *c)
 {
-	struct storage_link *s = &c->w->storage;
+	struct uplink *s = &c->w->uplink;
 	if (c->ndrove == 0 || s->link.fd < 0 || !s->connected)
 		return;
 	for (unsigned i = 0; i < c->ndrove; i++)
 		ipc_encode_release(&s->link.out, &c->drove[i]);
 	c->ndrove = 0;
-	storage_update_io(c->w);
+	uplink_update_io(c->w);
 }
 
 static void conn_close(struct conn *c, const char *why)
@@ -714,14 +715,14 @@ static int auth_check(struct conn *c)
 /* ---------------------------------------------------------------- storage link */
 
 /* The link died: requests it carried may never be answered. Each keeps its frame, so it is
- * sent again, exactly as it was, once a new link is up (storage_resend_unsent), and
+ * sent again, exactly as it was, once a new link is up (uplink_resend_unsent), and
  * storage_timeout (from when it first went) still bounds the wait. Sending it again is safe:
  * the storage process treats a chunk at or below what it has committed as a rewrite of the
  * same bytes, and a final chunk of an upload it already published as done. A resent seq 1
  * cannot reset an upload that went on, because this connection sends nothing else of the
  * upload until this request is answered (one request at a time), and a client drives an
  * upload on one connection. */
-static void storage_hold_waiting(struct worker *w)
+static void uplink_hold_waiting(struct worker *w)
 {
 	unsigned held = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
@@ -738,33 +739,33 @@ static void storage_hold_waiting(struct worker *w)
 		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
 
-static void storage_down(struct worker *w, const char *why)
+static void uplink_down(struct worker *w, const char *why)
 {
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	if (s->link.fd >= 0)
 		log_warnx("storage link lost: %s", why);
 	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
 	STAT_SET(storage_up, 0);
-	storage_hold_waiting(w);
+	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
 	ev_timer_start(w->loop, &s->retry);
 	s->retry_delay = s->retry_delay * 2 > STORAGE_RETRY_MAX ? STORAGE_RETRY_MAX : s->retry_delay * 2;
 }
 
-static void storage_update_io(struct worker *w)
+static void uplink_update_io(struct worker *w)
 {
 	/* Fast-path connections waiting for the link to drain are woken from its writability. */
-	w->storage.link.want_write = w->bin_link_waiters > 0;
-	link_update_io(&w->storage.link);
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	link_update_io(&w->uplink.link);
 }
 
-static int storage_flush(struct worker *w)
+static int uplink_flush(struct worker *w)
 {
-	w->storage.link.want_write = w->bin_link_waiters > 0;
-	if (link_flush(&w->storage.link) < 0)
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	if (link_flush(&w->uplink.link) < 0)
 		log_warn("storage link: send() failed");
 	return 0;
 }
@@ -791,7 +792,7 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	c->xfer_md5[0] = '\0';
 }
 
-static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+static void uplink_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
 	if (bin_on_result(w, h, payload))
 		return;   /* a binary chunk's acknowledgement */
@@ -833,12 +834,12 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 	conn_process(c);
 }
 
-static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)loop;
 	struct worker *w = io->data;
-	struct storage_link *s = &w->storage;
-	if ((revents & EV_WRITE) && storage_flush(w) < 0)
+	struct uplink *s = &w->uplink;
+	if ((revents & EV_WRITE) && uplink_flush(w) < 0)
 		return;
 	if (revents & EV_WRITE)
 		bin_link_drained(w);
@@ -848,7 +849,7 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	if (n == LINK_AGAIN)
 		return;
 	if (n < 0) {
-		storage_down(w, n == LINK_EOF ? "storage process closed the link" : strerror(errno));
+		uplink_down(w, n == LINK_EOF ? "storage process closed the link" : strerror(errno));
 		return;
 	}
 	for (;;) {
@@ -858,11 +859,11 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		if (st == IPC_NEED_MORE)
 			break;
 		if (st == IPC_BAD) {
-			storage_down(w, "bad message header");
+			uplink_down(w, "bad message header");
 			return;
 		}
 		if (h.type == IPC_STORAGE_WORKER_RESULT) {
-			storage_on_result(w, &h, payload);
+			uplink_on_result(w, &h, payload);
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -877,22 +878,22 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	}
 }
 
-static void storage_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+static void uplink_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
-	storage_connect(t->data);
+	uplink_connect(t->data);
 }
 
-static void storage_connect(struct worker *w)
+static void uplink_connect(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	if (link_socket_path(w->conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", w->conf->run_dir);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
-		storage_down(w, strerror(errno));
+		uplink_down(w, strerror(errno));
 		return;
 	}
 	s->connected = 0;
@@ -901,25 +902,25 @@ static void storage_connect(struct worker *w)
 	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
 		close(fd);
-		storage_down(w, strerror(err));
+		uplink_down(w, strerror(err));
 		return;
 	}
 	s->connected = 1;
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
-	link_open(&s->link, w->loop, fd, storage_on_io, w);
+	link_open(&s->link, w->loop, fd, uplink_on_io, w);
 	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
-		storage_resend_unsent(w);
-		storage_flush(w);
+		uplink_resend_unsent(w);
+		uplink_flush(w);
 	}
 }
 
 /* Queues the current request on the storage link under a new request id. Returns 0, or -1
  * when it was answered instead (bad data, out of memory). */
-static int storage_send(struct conn *c)
+static int uplink_send(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	uint64_t reqid = conn_next_reqid(c);
 	int rc;
 	if (c->req.id == MSG_SYNC) {
@@ -982,15 +983,15 @@ static int chunk_data_check(struct conn *c)
 /* Hands the current request to the storage process; the answer resumes the connection. While
  * the link is down (a storage process restarting after a reload or a crash) the request waits
  * for the next link, at most storage_timeout, so a restart of storage is invisible to clients. */
-static void storage_forward(struct conn *c)
+static void uplink_forward(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	/* Connected but not yet ready (the ping is unanswered): the request queues behind
 	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
 	int link = s->link.fd >= 0 && s->connected;
 	if (link) {
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			return;
 	} else {
 		if (c->req.id != MSG_SYNC && chunk_data_check(c) < 0)
@@ -1006,18 +1007,18 @@ static void storage_forward(struct conn *c)
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
 	if (link)
-		storage_flush(w);
+		uplink_flush(w);
 }
 
 /* A new link is connected: the requests held while there was none go on it, behind the ping. */
-static void storage_resend_unsent(struct worker *w)
+static void uplink_resend_unsent(struct worker *w)
 {
 	unsigned sent = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
 		if (c == NULL || !c->busy || c->req.stage != STAGE_STORAGE || !c->req.unsent)
 			continue;
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			conn_process(c);   /* answered: the connection moves on (or closes) */
 		else
 			sent++;
@@ -1438,11 +1439,11 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (id == MSG_BIN_CHUNK) {
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
-		if (buf_len(&c->w->storage.link.out) >= BIN_LINK_BACKLOG) {
+		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
 				c->w->bin_link_waiters++;
-				storage_update_io(c->w);
+				uplink_update_io(c->w);
 			}
 			return 0;
 		}
@@ -1525,7 +1526,7 @@ static void bin_hello_finish(struct conn *c)
 static void bin_open_start(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	if (s->link.fd < 0 || !s->connected) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
@@ -1540,7 +1541,7 @@ static void bin_open_start(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Storage's answer to the open's sync: resume where it stands, or start at 0. */
@@ -1627,7 +1628,7 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		    "length: an empty chunk may only end the file");
 		return;
 	}
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
@@ -1654,7 +1655,7 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	b->inflight_bytes += ch.length;
 	b->cursor = end;
 	b->next_seq++;
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
@@ -2006,7 +2007,7 @@ static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_
 /* The storage link has room again: the connections whose chunks waited for it go on. */
 static void bin_link_drained(struct worker *w)
 {
-	if (w->bin_link_waiters == 0 || buf_len(&w->storage.link.out) >= BIN_LINK_BACKLOG / 2)
+	if (w->bin_link_waiters == 0 || buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG / 2)
 		return;
 	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
 		struct conn *c = w->conns[i];
@@ -2015,10 +2016,10 @@ static void bin_link_drained(struct worker *w)
 		c->bin->link_waiting = 0;
 		w->bin_link_waiters--;
 		conn_process(c);   /* may close c; the table slot is simply empty then */
-		if (buf_len(&w->storage.link.out) >= BIN_LINK_BACKLOG)
+		if (buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG)
 			break;   /* full again: the rest wait on */
 	}
-	storage_update_io(w);
+	uplink_update_io(w);
 }
 
 /* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
@@ -2048,7 +2049,7 @@ static int bin_conn_free(struct conn *c)
 static void request_continue(struct conn *c)
 {
 	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR || c->req.id == MSG_SYNC)
-		storage_forward(c);   /* decodes a chunk's data on the way */
+		uplink_forward(c);   /* decodes a chunk's data on the way */
 	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
 	else
@@ -2439,7 +2440,7 @@ static void worker_shutdown(struct worker *w)
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
-	link_close(&w->storage.link);
+	link_close(&w->uplink.link);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
@@ -2482,15 +2483,15 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	char err[512];
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
-	w->storage.link.fd = -1;
-	w->storage.retry_delay = STORAGE_RETRY_MIN;
-	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
-	w->storage.retry.data = w;
+	w->uplink.link.fd = -1;
+	w->uplink.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
+	w->uplink.retry.data = w;
 
 	signals_watch(w->loop, worker_signals, SIGNALS_COUNT(worker_signals), w->sigs, w);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
-	storage_connect(w);
+	uplink_connect(w);
 	ev_io_init(&w->accept_io, worker_on_accept, listen_fd, EV_READ);
 	w->accept_io.data = w;
 	ev_io_start(w->loop, &w->accept_io);
