@@ -1,6 +1,7 @@
-/* storage.c: the storage process: writes upload chunks in order per file, records progress, publishes. */
+/* storage.c: the state machine of each upload in the storage process: chunks written in order, hashed, leased, published. */
 #include "config.h"
 #include "storage.h"
+#include "storage_int.h"
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
@@ -38,177 +39,7 @@
 #include <sodium.h>
 #include <uthash.h>
 
-#define PENDING_DIR ".pending"
-#define READ_CHUNK (256 * 1024)
-#define HASH_BLOCK (1024 * 1024)
-#define ACCEPT_PAUSE 0.5        /* seconds without accepting after EMFILE/ENFILE */
-#define SPACE_INTERVAL 2.0      /* seconds between statvfs of the root */
-
-/* A worker connected over the Unix socket (the storage end of its uplink). */
-struct worker_link {
-	struct storage *st;
-	struct link link;
-	int dead;          /* the link is closed; answers are dropped */
-	int refs;          /* ops still holding this link */
-	struct worker_link *next;
-	/* A chunk message being received straight into its own block, which becomes
-	 * the op's data: the chunk is not copied again in user space. NULL when none. */
-	uint8_t *block;
-	struct ipc_header block_header;
-	size_t block_got;
-};
-
-enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
-
-/* One request from a worker, queued on its upload. */
-struct op {
-	enum op_type type;
-	struct worker_link *wl;       /* the worker to answer; NULL for the janitor */
-	uint64_t reqid;
-	uint64_t seq, trans_size, total_size, offset;
-	int last, kind;
-	char name[PROTO_NAME_MAX + 1];
-	uint16_t name_len;
-	uint32_t data_len;
-	const uint8_t *data;          /* the chunk, inside block */
-	uint8_t *block;               /* the received message payload, freed with the op */
-	int retried;                  /* run again once after the upload was read back */
-	struct op *next;
-};
-
-struct upload_key {
-	uint64_t uid;
-	char md5[PROTO_MD5_HEX + 1];
-};
-
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
-	WORK_CHECK, WORK_CHALLENGE, WORK_LINK };
-
-/* Chunks asked for at random offsets before an upload is published from stored content: with
- * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
-#define DEDUP_CHALLENGES 2
-
-/* Where this node stands with an upload's lease (lease.h). */
-enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
-
-/* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
-struct upload {
-	UT_hash_handle hh;
-	struct upload_key key;
-	struct storage *st;
-	int exists;                   /* seq 1 was written: a staging file and meta exist */
-	char name[PROTO_NAME_MAX + 1];
-	uint16_t name_len;
-	int kind;
-	uint64_t total_size;
-	uint64_t committed;           /* bytes in the staging file, contiguous from 0 */
-	uint64_t seq;                 /* the chunk that last advanced committed */
-	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
-	time_t touched;
-	struct backend_staging *stg;  /* staging entry: created by seq 1 or attached by recovery */
-	struct md5 md5;               /* incremental hash of [0, hashed) */
-	uint64_t hashed;
-	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
-	struct op *head, *tail;       /* requests in arrival order; head is the one running */
-	int running;                  /* head is on a disk thread or waiting for Redis */
-	int pins;                     /* async work (disk, Redis) still referring to this upload */
-	int retired;                  /* out of the table; freed when pins reach 0 */
-	int record_inflight, record_dirty;
-	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
-	int published;                /* moved to its final path: the staging file is gone */
-	int xfer;                     /* entry in the stats transfer table, -1 if none */
-	/* Chunk n starts at anchor_offset + (n - anchor_seq) * chunk_len; the anchor moves only when
-	 * a client resumes at a committed size that is not on a chunk boundary (after a restart). */
-	uint64_t anchor_seq, anchor_offset;
-	int counted;                  /* counted in the limits of uploads in progress */
-	uint64_t left_accounted;      /* its share of storage.announced_left */
-	/* The published file a resent final chunk is checked against (from the Redis record). */
-	uint64_t pub_size;
-	char pub_version[BACKEND_VERSION_MAX];
-	/* The record still said uploading: the file at the name is hashed instead (a crash between
-	 * publishing and recording it). */
-	int pub_by_digest;
-	/* The disk job of the running op. */
-	struct pool_job job;
-	enum disk_work work;
-	int work_errno;
-	int work_error;               /* proto error set by the job */
-	/* Several nodes share the storage: the lease in Redis makes this node the upload's one
-	 * writer, and its fence goes with every staging change (design.md, "Several nodes"). */
-	int lease;                    /* enum upload_lease */
-	uint64_t fence;               /* of the lease held */
-	ev_tstamp lease_until;        /* no staging change starts after this unless renewed */
-	ev_tstamp lease_asked, renew_asked;
-	ev_tstamp wait_since;         /* since when the lease is held elsewhere; 0 when not waiting */
-	int renewing;                 /* a renew is in flight */
-	ev_timer lease_timer;         /* renews while held; asks again while held elsewhere */
-	int loaded;                   /* progress is the shared truth: started here or read back */
-	int loading;                  /* WORK_LOAD is reading the staging entry back */
-	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
-	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
-	int parked;                   /* its lease was given back while what is in memory stayed */
-	int check_hold;               /* taken back with the same fence: confirm with the storage first */
-	ev_tstamp active;             /* last request: an idle upload lets its lease go */
-	struct backend_entry load;    /* what WORK_LOAD found */
-	/* Instant upload: chunk 1 matched content already stored; the chunks challenge[] (numbers
-	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
-	 * In memory only: on another node the upload simply goes on as a normal one. */
-	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
-	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
-	int dd_count, dd_next;
-	uint64_t challenge[DEDUP_CHALLENGES];
-	uint64_t dd_received;         /* file bytes the client sent for this proof */
-	int dd_linked;                /* published from stored content */
-};
-
-/* Uploads in progress of one uid, for max_uploads_per_user. */
-struct user_count {
-	UT_hash_handle hh;
-	uint64_t uid;
-	unsigned n;
-};
-
-/* statvfs of the root, run on a pool thread so the loop never waits for the file system. */
-struct space_probe {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	uint64_t avail;
-	int ok;
-};
-
-struct sweep;
-
-struct storage {
-	struct ev_loop *loop;
-	const struct conf *conf;
-	int listen_fd;
-	ev_io accept_io;
-	ev_signal sigs[5];            /* storage_signals[] */
-	ev_timer janitor;
-	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
-	ev_timer space_timer;
-	struct space_probe space;
-	struct sweep *sweep;          /* the janitor's listing of old staging entries */
-	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
-	int free_known;
-	uint64_t announced_left;      /* bytes still to come of every upload in progress */
-	unsigned uploads_counted;
-	struct user_count *users;
-	struct worker_link *worker_links;
-	struct upload *uploads;       /* uthash table by key */
-	struct rds redis;
-	struct pg *pg;
-	struct pool *pool;
-	struct json_writer jw;
-	struct backend backend;       /* staging and published files */
-	char pending[600];
-	int stopping;                 /* the loop has ended: start no new work */
-};
-
-static void upload_run(struct upload *up);
 static void upload_uncount(struct upload *up);
-static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key);
 
 /* ---------------------------------------------------------------- paths and errors */
 
@@ -230,235 +61,15 @@ static int errno_to_error(int err)
 	}
 }
 
-/* ---------------------------------------------------------------- answers */
+/* ---------------------------------------------------------------- upload memory */
 
-static void worker_link_release(struct worker_link *wl);
-
-/* EAGAIN: the write watcher goes on; errors: the read side closes the link. */
-static void worker_link_flush(struct worker_link *wl)
-{
-	link_flush(&wl->link);
-}
-
-/* Sends the result of op to its worker; the op itself stays until op_free. */
-static void op_reply(struct op *op, int error, const char *message, const struct upload *up)
-{
-	struct worker_link *wl = op->wl;
-	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
-		STAT_INC(uploads_failed);
-	if (wl && !wl->dead) {
-		struct ipc_result r = { .error = (uint32_t)error };
-		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
-			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
-			/* Ask for chunk k: the client seeks to (k - 1) * chunk and sends seq k. */
-			uint64_t k = up->challenge[up->dd_next];
-			r.seq = k - 1;
-			r.trans_size = (k - 1) * up->chunk_len;
-			r.total_size = up->total_size;
-			r.name = up->name;
-			r.name_len = up->name_len;
-		} else if (up && up->exists) {
-			r.seq = up->seq;
-			r.trans_size = up->committed;
-			r.total_size = up->total_size;
-			r.name = up->name;
-			r.name_len = up->name_len;
-		} else {
-			r.total_size = op->total_size;
-			r.seq = op->seq;
-		}
-		if (message) {
-			r.message = message;
-			r.message_len = (uint16_t)strlen(message);
-		}
-		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
-			worker_link_flush(wl);
-	}
-}
-
-static void op_free(struct op *op)
-{
-	STAT_DEC(storage_queue);
-	if (op->wl)
-		worker_link_release(op->wl);
-	free(op->block);
-	free(op);
-}
-
-static void op_answer(struct op *op, int error, const char *message, const struct upload *up)
-{
-	op_reply(op, error, message, up);
-	op_free(op);
-}
-
-/* ---------------------------------------------------------------- progress records in Redis */
-
-/* <prefix>file_upload_<uid>_<md5>: sized for the longest prefix and uid, never cut. */
-#define RECORD_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_upload__") + 20 + PROTO_MD5_HEX)
-
-static void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
-{
-	snprintf(out, outlen, "%sfile_upload_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
-}
-
-#define LEASE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_lease__") + 20 + PROTO_MD5_HEX)
-
-static void lease_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
-{
-	snprintf(out, outlen, "%sfile_lease_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
-}
-
-static void upload_unpin(struct upload *up)
+/* Async work (disk, Redis) is over: a retired upload is freed by the last. */
+void upload_unpin(struct upload *up)
 {
 	if (--up->pins == 0 && up->retired) {
 		up->st->backend.ops->staging_close(up->stg);
 		md5_free(&up->md5);
 		free(up);
-	}
-}
-
-static void record_write(struct upload *up);
-
-static void upload_lost(struct upload *up, const char *holder);
-
-/* The record is written only while this node holds the lease (lease_fenced_command). */
-static void record_on_reply(void *data, enum lease_status status, uint64_t fence, const char *holder,
-    long remaining_ms)
-{
-	(void)fence;
-	(void)remaining_ms;
-	struct upload *up = data;
-	up->record_inflight = 0;
-	int ok = status == LEASE_HELD;
-	if (status == LEASE_ERROR)
-		up->record_dirty = 1;   /* written again when Redis is back */
-	struct op *op = up->head;
-	/* seq 1 is answered only once its record is stored. */
-	if (up->awaiting_record && !up->retired) {
-		up->awaiting_record = 0;
-		up->running = 0;
-		up->head = op->next;
-		if (up->head == NULL)
-			up->tail = NULL;
-		if (ok)
-			op_answer(op, ERR_OK, NULL, up);
-		else
-			op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
-	}
-	if (status == LEASE_BUSY && !up->retired)
-		upload_lost(up, holder);
-	if (up->record_dirty && ok && !up->retired)
-		record_write(up);
-	int retired = up->retired;
-	upload_unpin(up);
-	if (!retired)
-		upload_run(up);
-}
-
-/* The fields every upload record has (protocol.md, Redis keys), in the storage's JSON writer. */
-static void record_fields(struct upload *up, const char *state)
-{
-	struct storage *st = up->st;
-	struct json_writer *jw = &st->jw;
-	json_begin(jw);
-	json_put_str(jw, "name", up->name, up->name_len);
-	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
-	json_put_int(jw, "uid", (int64_t)up->key.uid);
-	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
-	json_put_int(jw, "seq", (int64_t)up->seq);
-	json_put_int(jw, "total_size", (int64_t)up->total_size);
-	json_put_int(jw, "trans_size", (int64_t)up->committed);
-	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
-	json_put_int(jw, "updated", (int64_t)time(NULL));
-	json_put_str(jw, "state", state, strlen(state));
-}
-
-/* Stores the newest progress; at most one write per upload is in flight. */
-static void record_write(struct upload *up)
-{
-	struct storage *st = up->st;
-	if (!up->exists || up->retired)
-		return;
-	if (up->record_inflight || !st->redis.ready) {
-		up->record_dirty = 1;
-		return;
-	}
-	char key[RECORD_KEY_MAX];
-	record_key(st, &up->key, key, sizeof(key));
-	struct json_writer *jw = &st->jw;
-	const uint8_t *body;
-	size_t len;
-	record_fields(up, "uploading");
-	json_end(jw, &body, &len);
-	char lkey[LEASE_KEY_MAX], ttl[16];
-	lease_key(st, &up->key, lkey, sizeof(lkey));
-	snprintf(ttl, sizeof(ttl), "%d", st->conf->upload_ttl);
-	const char *argv[] = { "SETEX", key, ttl, (const char *)body };
-	size_t argvlen[] = { 5, strlen(key), strlen(ttl), len };
-	if (up->lease != UL_OURS ||
-	    lease_fenced_command(&st->redis, lkey, 4, argv, argvlen, record_on_reply, up) < 0) {
-		up->record_dirty = 1;
-		return;
-	}
-	up->record_dirty = 0;
-	up->record_inflight = 1;
-	up->pins++;
-}
-
-/* After publishing, the record stays for upload_ttl as "published" with the file's version (as the
- * backend names it), so that a final chunk resent by a client that lost the answer
- * is answered 0 by any node sharing this Redis, as long as the name still holds that file. */
-static void record_published(struct upload *up)
-{
-	struct storage *st = up->st;
-	char key[RECORD_KEY_MAX];
-	record_key(st, &up->key, key, sizeof(key));
-	struct json_writer *jw = &st->jw;
-	const uint8_t *body;
-	size_t len;
-	record_fields(up, "published");
-	json_put_str(jw, "version", up->pub_version, strlen(up->pub_version));
-	json_end(jw, &body, &len);
-	if (rds_command(&st->redis, NULL, NULL, "SETEX %s %d %b", key, st->conf->upload_ttl, body, len) < 0)
-		rds_command(&st->redis, NULL, NULL, "DEL %s", key);   /* never leave the in-progress record */
-}
-
-/* The published record for a final chunk found published by its MD5 (the upload itself is gone
- * from memory, so its fields come from the request). */
-static void record_published_op(struct upload *up, const struct op *op)
-{
-	memcpy(up->name, op->name, op->name_len);
-	up->name_len = op->name_len;
-	up->kind = op->kind;
-	up->total_size = up->committed = op->total_size;
-	up->seq = op->seq;
-	up->pub_size = op->total_size;
-	record_published(up);
-	up->pub_by_digest = 0;
-}
-
-static void record_delete(struct upload *up)
-{
-	char key[RECORD_KEY_MAX];
-	record_key(up->st, &up->key, key, sizeof(key));
-	rds_command(&up->st->redis, NULL, NULL, "DEL %s", key);
-}
-
-static void upload_lease_ask(struct upload *up);
-
-/* Redis (re)connected: it may have come back empty, without the records or the leases. Every upload
- * this node knows takes its lease again: the same fence means nothing changed and the record is
- * written again; another fence means it is read back from the staging entry first. */
-static void storage_on_redis_ready(struct rds *r)
-{
-	struct storage *st = r->data;
-	struct upload *up, *tmp;
-	HASH_ITER(hh, st->uploads, up, tmp) {
-		if (up->exists && up->loaded && !up->retired) {
-			up->reload_now = 1;
-			if (up->lease != UL_ASKING && !up->running && !up->loading)
-				upload_lease_ask(up);
-		}
 	}
 }
 
@@ -828,7 +439,7 @@ static void upload_work(struct pool_job *job)
 
 /* ---------------------------------------------------------------- the upload state machine (loop) */
 
-static struct upload *upload_find(struct storage *st, const struct upload_key *key)
+struct upload *upload_find(struct storage *st, const struct upload_key *key)
 {
 	struct upload *up;
 	HASH_FIND(hh, st->uploads, key, sizeof(*key), up);
@@ -889,7 +500,7 @@ static int upload_expired(const struct upload *up)
 	return up->exists && time(NULL) - up->touched >= up->st->conf->upload_ttl;
 }
 
-static void upload_pop(struct upload *up)
+void upload_pop(struct upload *up)
 {
 	struct op *op = up->head;
 	up->head = op->next;
@@ -901,7 +512,7 @@ static void upload_pop(struct upload *up)
 static void upload_work_done(struct pool_job *job);
 
 /* Runs one step of the head request on a disk thread; the upload is busy until it is done. */
-static void upload_start_work(struct upload *up, enum disk_work work)
+void upload_start_work(struct upload *up, enum disk_work work)
 {
 	up->work = work;
 	up->running = 1;
@@ -910,7 +521,6 @@ static void upload_start_work(struct upload *up, enum disk_work work)
 	up->job.done = upload_work_done;
 	pool_submit(up->st->pool, &up->job);
 }
-
 
 /* ---------------------------------------------------------------- limits on uploads in progress */
 
@@ -1030,7 +640,7 @@ static void space_probe_done(struct pool_job *job)
 	p->st->free_bytes = p->avail;
 }
 
-static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents)
+void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
@@ -1075,7 +685,7 @@ static void upload_fail_queue(struct upload *up, int error, const char *message)
 }
 
 /* Another node took the upload over (or Redis lost the lease): what this node knew is stale. */
-static void upload_lost(struct upload *up, const char *holder)
+void upload_lost(struct upload *up, const char *holder)
 {
 	struct storage *st = up->st;
 	if (up->lease == UL_OURS && up->loaded)
@@ -1166,7 +776,7 @@ static void upload_on_lease(void *data, enum lease_status status, uint64_t fence
 	upload_run(up);
 }
 
-static void upload_lease_ask(struct upload *up)
+void upload_lease_ask(struct upload *up)
 {
 	struct storage *st = up->st;
 	char key[LEASE_KEY_MAX];
@@ -1339,92 +949,6 @@ static int seq_fits(struct upload *up, const struct op *op)
 		up->anchor_offset = op->offset;
 		return 1;
 	}
-	return 0;
-}
-
-/* ---------------------------------------------------------------- final chunk resent after publishing */
-
-static void published_answer(struct op *op)
-{
-	struct worker_link *wl = op->wl;
-	if (!wl->dead) {
-		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
-		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
-		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
-			worker_link_flush(wl);
-	}
-	op_free(op);
-}
-
-/* Does the Redis record say this upload was published under the op's name, size and kind? */
-static int published_match(struct upload *up, const struct op *op, const char *text, size_t len)
-{
-	char err[64];
-	yajl_val v = json_parse_object((const uint8_t *)text, len, err, sizeof(err));
-	if (v == NULL)
-		return 0;
-	const char *state, *name, *kind, *version;
-	size_t state_len, name_len, kind_len, version_len;
-	uint64_t total;
-	const char *want_kind = op->kind == UPLOAD_AVATAR ? "avatar" : "file";
-	int same = json_get_str(v, "state", &state, &state_len) == JSON_FIELD_OK &&
-	    json_get_str(v, "name", &name, &name_len) == JSON_FIELD_OK && name_len == op->name_len &&
-	    memcmp(name, op->name, name_len) == 0 &&
-	    json_get_str(v, "kind", &kind, &kind_len) == JSON_FIELD_OK && kind_len == strlen(want_kind) &&
-	    memcmp(kind, want_kind, kind_len) == 0 &&
-	    json_get_u64(v, "total_size", UINT64_MAX, &total) == JSON_FIELD_OK && total == op->total_size;
-	int ok = 0;
-	up->pub_by_digest = 0;
-	if (same && state_len == 9 && memcmp(state, "published", 9) == 0 &&
-	    json_get_str(v, "version", &version, &version_len) == JSON_FIELD_OK && version_len > 0 &&
-	    version_len < BACKEND_VERSION_MAX) {
-		up->pub_size = total;
-		memcpy(up->pub_version, version, version_len);
-		up->pub_version[version_len] = '\0';
-		ok = 1;
-	} else if (same && state_len == 9 && memcmp(state, "uploading", 9) == 0) {
-		/* The staging entry is gone but the record says the upload was live: a storage process
-		 * died between publishing and recording it. Only the file's own MD5 can tell. */
-		up->pub_size = total;
-		up->pub_version[0] = '\0';
-		up->pub_by_digest = 1;
-		ok = 1;
-	}
-	yajl_tree_free(v);
-	return ok;
-}
-
-static void published_on_reply(redisAsyncContext *c, void *reply, void *privdata)
-{
-	(void)c;
-	struct upload *up = privdata;
-	redisReply *rep = reply;
-	struct op *op = up->head;
-	if (up->retired || up->st->stopping) {
-		upload_unpin(up);
-		return;
-	}
-	if (rep && rep->type == REDIS_REPLY_STRING && published_match(up, op, rep->str, rep->len)) {
-		upload_start_work(up, WORK_VERIFY);   /* the file itself is looked at on a disk thread */
-		upload_unpin(up);
-		return;
-	}
-	upload_pop(up);
-	op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
-	upload_unpin(up);
-	upload_run(up);
-}
-
-/* A chunk that ends the file arrived for no upload in progress: maybe the client lost the answer to
- * the final chunk. The record (any node's) tells whether that file was published. */
-static int published_lookup(struct upload *up)
-{
-	char key[RECORD_KEY_MAX];
-	record_key(up->st, &up->key, key, sizeof(key));
-	if (rds_command(&up->st->redis, published_on_reply, up, "GET %s", key) < 0)
-		return -1;
-	up->running = 1;
-	up->pins++;
 	return 0;
 }
 
@@ -1717,7 +1241,7 @@ static void upload_work_done(struct pool_job *job)
 }
 
 /* Starts the request at the head of the queue unless one is already running. */
-static void upload_run(struct upload *up)
+void upload_run(struct upload *up)
 {
 	char msg[256];
 	if (up->st->stopping)
@@ -1853,7 +1377,7 @@ static void upload_run(struct upload *up)
 		upload_release(up);
 }
 
-static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key)
+void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key)
 {
 	struct upload *up = upload_find(st, key);
 	if (up == NULL && (up = upload_new(st, key)) == NULL) {
@@ -1871,18 +1395,6 @@ static void op_dispatch(struct storage *st, struct op *op, const struct upload_k
 }
 
 /* ---------------------------------------------------------------- recovery and janitor */
-
-/* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
-#define SWEEP_MAX 256
-
-struct sweep {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	time_t now;
-	size_t n;
-	struct upload_key keys[SWEEP_MAX];
-};
 
 static int sweep_entry(const struct backend_entry *e, void *arg)
 {
@@ -1961,7 +1473,7 @@ static void parked_on_reply(redisAsyncContext *c, void *reply, void *privdata)
 	upload_unpin(up);
 }
 
-static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
+void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
@@ -2006,389 +1518,3 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 	}
 }
 
-/* ---------------------------------------------------------------- worker links */
-
-static void worker_link_release(struct worker_link *wl)
-{
-	if (--wl->refs == 0 && wl->dead) {
-		free(wl->block);
-		free(wl);
-	}
-}
-
-static void worker_link_close(struct worker_link *wl)
-{
-	struct storage *st = wl->st;
-	link_close(&wl->link);
-	wl->dead = 1;
-	struct worker_link **pp = &st->worker_links;
-	while (*pp && *pp != wl)
-		pp = &(*pp)->next;
-	if (*pp)
-		*pp = wl->next;
-	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
-}
-
-/* Handles one message. block, when not NULL, is payload in its own allocation,
- * which a chunk op takes over (it is freed here otherwise). */
-static void worker_link_on_message(struct worker_link *wl, const struct ipc_header *h, const uint8_t *payload,
-    uint8_t *block)
-{
-	struct storage *st = wl->st;
-	if (h->type == IPC_WORKER_STORAGE_PING) {
-		free(block);
-		if (ipc_encode_ping(&wl->link.out, h->reqid, 1) == 0)
-			worker_link_flush(wl);
-		return;
-	}
-	struct upload_key key;
-	memset(&key, 0, sizeof(key));
-	struct op *op;
-	if (h->type == IPC_WORKER_STORAGE_CHUNK) {
-		struct ipc_chunk c;
-		if (ipc_decode_chunk(payload, h->len, &c) < 0) {
-			log_warnx("malformed chunk message from a worker: dropped");
-			free(block);
-			return;
-		}
-		if (block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
-			memcpy(block, c.data, c.data_len);   /* it came in the link's buffer */
-			c.data = block;
-		}
-		op = block ? calloc(1, sizeof(*op)) : NULL;
-		if (op == NULL) {
-			free(block);
-			return;
-		}
-		op->type = OP_CHUNK;
-		op->seq = c.seq;
-		op->trans_size = c.trans_size;
-		op->total_size = c.total_size;
-		op->offset = c.trans_size - c.data_len;
-		op->last = c.last;
-		op->kind = c.kind;
-		memcpy(op->name, c.name, c.name_len);
-		op->name[c.name_len] = '\0';
-		op->name_len = c.name_len;
-		op->data_len = c.data_len;
-		op->data = c.data;
-		op->block = block;
-		key.uid = c.uid;
-		memcpy(key.md5, c.md5, sizeof(key.md5));
-	} else if (h->type == IPC_WORKER_STORAGE_RELEASE) {
-		free(block);
-		struct ipc_sync s;
-		if (ipc_decode_sync(payload, h->len, &s) < 0) {
-			log_warnx("malformed release message from a worker: dropped");
-			return;
-		}
-		key.uid = s.uid;
-		memcpy(key.md5, s.md5, sizeof(key.md5));
-		struct upload *up = upload_find(st, &key);
-		if (up != NULL) {
-			/* Its client left: once idle, the lease goes back so another node can take over at once. */
-			up->release_wanted = 1;
-			upload_run(up);
-		}
-		return;
-	} else if (h->type == IPC_WORKER_STORAGE_SYNC) {
-		free(block);
-		struct ipc_sync s;
-		if (ipc_decode_sync(payload, h->len, &s) < 0) {
-			log_warnx("malformed sync message from a worker: dropped");
-			return;
-		}
-		op = calloc(1, sizeof(*op));
-		if (op == NULL)
-			return;
-		op->type = OP_SYNC;
-		key.uid = s.uid;
-		memcpy(key.md5, s.md5, sizeof(key.md5));
-	} else {
-		free(block);
-		log_warnx("unexpected message type %u from a worker", h->type);
-		return;
-	}
-	op->wl = wl;
-	op->reqid = h->reqid;
-	wl->refs++;
-	op_dispatch(st, op, &key);
-}
-
-/* Receives the rest of a chunk message into its block and, in the same call, the
- * header of the next message into the link's buffer. 1: go on reading, 0: no more
- * data now, -1: the link was closed. */
-static int worker_link_read_block(struct worker_link *wl)
-{
-	uint8_t *next = buf_reserve(&wl->link.in, IPC_HEADER_LEN);
-	if (next == NULL) {
-		worker_link_close(wl);
-		return -1;
-	}
-	struct iovec iov[2] = {
-		{ wl->block + wl->block_got, wl->block_header.len - wl->block_got },
-		{ next, IPC_HEADER_LEN },
-	};
-	ssize_t n = readv(wl->link.fd, iov, 2);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return 0;
-		worker_link_close(wl);
-		return -1;
-	}
-	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
-	wl->block_got += into_block;
-	buf_commit(&wl->link.in, (size_t)n - into_block);
-	if (wl->block_got < wl->block_header.len)
-		return 0;
-	uint8_t *block = wl->block;
-	wl->block = NULL;
-	worker_link_on_message(wl, &wl->block_header, block, block);
-	return wl->dead ? -1 : 1;
-}
-
-static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
-{
-	(void)loop;
-	struct worker_link *wl = io->data;
-	if (revents & EV_WRITE)
-		worker_link_flush(wl);
-	if (!(revents & EV_READ))
-		return;
-	wl->refs++;   /* answers inside the loops below must not free wl */
-	for (int reads = 0; reads < 64 && !wl->dead; reads++) {
-		if (wl->block != NULL) {
-			if (worker_link_read_block(wl) <= 0)
-				break;
-		} else {
-			/* Small reads: at most what completes the message at the head, so that a
-			 * chunk's payload is never read into this buffer but into its own block. */
-			size_t want = IPC_HEADER_LEN;
-			struct ipc_header h;
-			const uint8_t *payload;
-			enum ipc_status st = link_next(&wl->link, &h, &payload);
-			if (st == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN)
-				want = IPC_HEADER_LEN + h.len;
-			if (st == IPC_NEED_MORE) {
-				ssize_t n = link_read(&wl->link, want - buf_len(&wl->link.in));
-				if (n <= 0) {
-					if (n != LINK_AGAIN)
-						worker_link_close(wl);
-					break;
-				}
-			}
-		}
-		/* Messages complete in the buffer, and the start of a chunk's block. */
-		for (;;) {
-			struct ipc_header h;
-			const uint8_t *payload;
-			enum ipc_status s = link_next(&wl->link, &h, &payload);
-			if (s == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
-			    wl->block == NULL) {
-				/* Whatever of the payload is here already moves to the block (only
-				 * bytes read before the header was known, at most a header's worth). */
-				size_t have = buf_len(&wl->link.in) - IPC_HEADER_LEN;
-				wl->block = malloc(h.len ? h.len : 1);
-				if (wl->block == NULL) {
-					worker_link_close(wl);
-					break;
-				}
-				wl->block_header = h;
-				memcpy(wl->block, buf_head(&wl->link.in) + IPC_HEADER_LEN, have);
-				wl->block_got = have;
-				buf_consume(&wl->link.in, IPC_HEADER_LEN + have);
-				break;
-			}
-			if (s == IPC_NEED_MORE)
-				break;
-			if (s == IPC_BAD) {
-				log_warnx("bad message header from a worker: closing its link");
-				worker_link_close(wl);
-				break;
-			}
-			worker_link_on_message(wl, &h, payload, NULL);
-			if (wl->dead)
-				break;
-			link_consume(&wl->link, &h);
-		}
-	}
-	worker_link_release(wl);
-}
-
-static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
-{
-	(void)revents;
-	struct storage *st = io->data;
-	for (;;) {
-		int fd = accept4(st->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0) {
-			/* Out of descriptors: the socket stays readable, so waiting on it would spin. */
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-				log_warn("accept4() on the storage socket failed: pausing accepts for %.1f s", ACCEPT_PAUSE);
-				ev_io_stop(loop, &st->accept_io);
-				ev_timer_set(&st->accept_pause, ACCEPT_PAUSE, 0.);
-				ev_timer_start(loop, &st->accept_pause);
-			}
-			return;
-		}
-		struct worker_link *wl = calloc(1, sizeof(*wl));
-		if (wl == NULL) {
-			close(fd);
-			continue;
-		}
-		wl->st = st;
-		wl->refs = 1;   /* the link itself */
-		wl->next = st->worker_links;
-		st->worker_links = wl;
-		link_open(&wl->link, loop, fd, worker_link_on_io, wl);
-	}
-}
-
-static void storage_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
-{
-	(void)revents;
-	struct storage *st = t->data;
-	ev_io_start(loop, &st->accept_io);
-}
-
-/* ---------------------------------------------------------------- lifecycle */
-
-static void storage_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)s;
-	(void)revents;
-	ev_break(loop, EVBREAK_ALL);
-}
-
-static void storage_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log file");
-}
-
-/* At exit: what is on disk stays; memory goes back, so leak checkers see real leaks only. */
-static void storage_free_all(struct storage *st)
-{
-	struct upload *up, *tmp;
-	HASH_ITER(hh, st->uploads, up, tmp) {
-		HASH_DEL(st->uploads, up);
-		while (up->head) {
-			struct op *op = up->head;
-			up->head = op->next;
-			op_free(op);
-		}
-		st->backend.ops->staging_close(up->stg);
-		md5_free(&up->md5);
-		free(up);
-	}
-	while (st->worker_links)
-		worker_link_close(st->worker_links);
-	struct user_count *u, *utmp;
-	HASH_ITER(hh, st->users, u, utmp) {
-		HASH_DEL(st->users, u);
-		free(u);
-	}
-}
-
-/* What the storage process does with each signal. SIGPIPE and SIGXFSZ are ignored before
- * anything else in storage_main. */
-static const struct signal_action storage_signals[] = {
-	{ SIGTERM, storage_on_stop },
-	{ SIGINT, storage_on_stop },
-	{ SIGQUIT, storage_on_stop },     /* the master stops storage last, once the workers are gone */
-	{ SIGUSR1, storage_on_usr1 },     /* reopen the logs */
-	{ SIGHUP, NULL },                 /* reloads are the master's business */
-};
-_Static_assert(SIGNALS_COUNT(storage_signals) == SIGNALS_COUNT(((struct storage *)0)->sigs), "one watcher per signal");
-
-static void make_dir(const char *path)
-{
-	if (mkdir(path, 0750) < 0 && errno != EEXIST)
-		fatal("mkdir(%s) failed", path);
-}
-
-int storage_main(const struct conf *conf, int listen_fd)
-{
-	struct storage sto, *st = &sto;
-	memset(st, 0, sizeof(*st));
-	prctl(PR_SET_PDEATHSIG, SIGTERM);
-	if (getppid() == 1)
-		return 0;
-	/* RLIMIT_FSIZE must turn into EFBIG (answered 1028), not a signal. */
-	signal(SIGXFSZ, SIG_IGN);
-	signal(SIGPIPE, SIG_IGN);
-	st->conf = conf;
-	st->listen_fd = listen_fd;
-	st->loop = ev_loop_new(EVFLAG_AUTO);
-	if (st->loop == NULL || json_writer_init(&st->jw) < 0)
-		fatalx("cannot start the storage loop");
-	char err[512];
-	if (backend_open(&st->backend, conf, BACKEND_WRITER, err, sizeof(err)) < 0)
-		fatalx("storage backend: %s", err);
-	/* The icon retry queue stays on the local disk whatever the backend. */
-	make_dir(conf->root);
-	int n = snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);
-	if (n < 0 || (size_t)n >= sizeof(st->pending))
-		fatalx("[storage] root is too long");
-	make_dir(st->pending);
-	/* Nothing is read back at start: an upload is read back when a request for it comes, under its
-	 * lease (another node sharing the storage may be writing it now), and the janitor removes what
-	 * was abandoned. */
-	if ((st->sweep = calloc(1, sizeof(*st->sweep))) == NULL)
-		fatalx("out of memory");
-	if (lease_owner()[0] == '\0')
-		lease_owner_init(conf->node);
-	struct rlimit nofile;
-	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
-	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
-		log_warnx("the file limit (%llu) is below max_uploads (%d) + 64: uploads may fail with 1015 "
-		    "before max_uploads refuses them; raise LimitNOFILE or lower max_uploads",
-		    (unsigned long long)nofile.rlim_cur, conf->max_uploads);
-
-	st->pool = pool_create(st->loop, conf->io_threads);
-	if (st->pool == NULL)
-		fatalx("cannot start disk threads");
-	rds_init(&st->redis, st->loop, conf, storage_on_redis_ready, st);
-	st->pg = pg_create(st->loop, conf, &st->redis, st->pending);
-	if (st->pg == NULL)
-		fatalx("cannot start the postgres client");
-
-	signals_watch(st->loop, storage_signals, SIGNALS_COUNT(storage_signals), st->sigs, st);
-	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
-	st->janitor.data = st;
-	ev_timer_start(st->loop, &st->janitor);
-	ev_io_init(&st->accept_io, storage_on_accept, listen_fd, EV_READ);
-	st->accept_io.data = st;
-	ev_io_start(st->loop, &st->accept_io);
-	ev_timer_init(&st->accept_pause, storage_on_accept_pause, ACCEPT_PAUSE, 0.);
-	st->accept_pause.data = st;
-	/* Free space is measured once now, then on a disk thread: statvfs can block. */
-	struct statvfs sv;
-	if (statvfs(conf->root, &sv) == 0) {
-		st->free_bytes = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
-		st->free_known = 1;
-	}
-	ev_timer_init(&st->space_timer, storage_on_space_timer, SPACE_INTERVAL, SPACE_INTERVAL);
-	st->space_timer.data = st;
-	ev_timer_start(st->loop, &st->space_timer);
-
-	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
-	link_socket_path(conf->run_dir, sock, sizeof(sock));
-	log_info("serving workers on %s", sock);
-	ev_run(st->loop, 0);
-	log_info("stopping");
-	st->stopping = 1;
-	/* Disk work in flight finishes first: every acknowledged byte is already written. */
-	pool_destroy(st->pool);
-	pg_destroy(st->pg);
-	rds_close(&st->redis);
-	storage_free_all(st);
-	free(st->sweep);
-	backend_close(&st->backend);
-	json_writer_free(&st->jw);
-	ev_loop_destroy(st->loop);
-	return 0;
-}
