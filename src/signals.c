@@ -1,6 +1,7 @@
 /* signals.c: starts and stops the signal watchers of a role's table. */
 #include "config.h"
 #include "signals.h"
+#include "log.h"
 
 #include <signal.h>
 
@@ -23,4 +24,13 @@ void signals_unwatch(struct ev_loop *loop, const struct signal_action *table, si
 	for (size_t i = 0; i < n; i++)
 		if (table[i].cb != NULL)
 			ev_signal_stop(loop, &watchers[i]);
+}
+
+void signals_reopen_logs(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	(void)loop;
+	(void)w;
+	(void)revents;
+	if (log_reopen() < 0)
+		log_warn("cannot reopen the log files");
 }

@@ -17,6 +17,10 @@ struct signal_action {
  * ignores the signals of the others. watchers has one slot per entry. */
 void signals_watch(struct ev_loop *loop, const struct signal_action *table, size_t n, ev_signal *watchers,
     void *owner);
+/* The SIGUSR1 callback of the worker and storage processes: reopens the log files (the master
+ * reopens its own, then sends SIGUSR1 to every child). */
+void signals_reopen_logs(struct ev_loop *loop, ev_signal *w, int revents);
+
 /* Stops the watchers signals_watch started. */
 void signals_unwatch(struct ev_loop *loop, const struct signal_action *table, size_t n, ev_signal *watchers);
 

@@ -366,15 +366,6 @@ static void storage_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_break(loop, EVBREAK_ALL);
 }
 
-static void storage_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log file");
-}
-
 /* At exit: what is on disk stays; memory goes back, so leak checkers see real leaks only. */
 static void storage_free_all(struct storage *st)
 {
@@ -405,7 +396,7 @@ static const struct signal_action storage_signals[] = {
 	{ SIGTERM, storage_on_stop },
 	{ SIGINT, storage_on_stop },
 	{ SIGQUIT, storage_on_stop },     /* the master stops storage last, once the workers are gone */
-	{ SIGUSR1, storage_on_usr1 },     /* reopen the logs */
+	{ SIGUSR1, signals_reopen_logs },     /* reopen the logs */
 	{ SIGHUP, NULL },                 /* reloads are the master's business */
 };
 _Static_assert(SIGNALS_COUNT(storage_signals) == SIGNALS_COUNT(((struct storage *)0)->sigs), "one watcher per signal");

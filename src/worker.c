@@ -2423,15 +2423,6 @@ static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_timer_start(loop, &w->drain_timer);
 }
 
-static void worker_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log files");
-}
-
 static void worker_shutdown(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++)
@@ -2452,7 +2443,7 @@ static const struct signal_action worker_signals[] = {
 	{ SIGINT, worker_on_stop },
 	{ SIGQUIT, worker_on_quit },      /* graceful stop */
 	{ SIGUSR2, worker_on_retire },    /* a reload replaced this worker */
-	{ SIGUSR1, worker_on_usr1 },      /* reopen the logs */
+	{ SIGUSR1, signals_reopen_logs },      /* reopen the logs */
 	{ SIGPIPE, NULL },
 	{ SIGHUP, NULL },                 /* reloads are the master's business */
 };
