@@ -9,7 +9,7 @@
 #include "buf.h"
 #include "ipc.h"
 
-/* Both ends (worker.c's storage link, storage.c's worker links) are one of these, in the spirit
+/* Both ends (worker.c's storage link, storage_process.c's worker links) are one of these, in the spirit
  * of OpenBSD's imsg: messages are queued with the ipc_encode_* functions into out and sent by
  * link_flush; link_read fills in, and link_next / link_consume take messages off its front. */
 struct link {
