@@ -292,18 +292,70 @@ tap.ok(r.get("error") == 0 and r.get("trans_size") == len(M) and n <= 3,
        "another user's upload of it through node 2 is instant: the index lives with the storage", repr((r, n)))
 tap.eq(stored(nb, MN_UIDS[1], "on-b.bin"), h.md5_hex(M), "and identical")
 
-# The proof is held by the node that asked: a client that reconnects elsewhere resyncs and goes on normally.
-up = h.Upload(M, "moved.bin", MN_UIDS[2], TOK[MN_UIDS[2]], chunk_size=CH)
+# The proof lives in Redis under the upload's lease (challenge.h): the client may go on through any node.
+def asked_chunk(r):
+    """The chunk an answer asks for (its number), or None when it asks for nothing (not a challenge)."""
+    if r.get("error") == 0 and r.get("message", "").startswith("challenge: "):
+        return r["seq"] + 1
+    return None
+
+
+def send_asked(up, c, k, **override):
+    return up.send_chunk(c, (k - 1) * CH, k, **override)
+
+
+MNX = MN_UIDS[2]
+up = h.Upload(M, "moved.bin", MNX, TOK[MNX], chunk_size=CH)
+ckey = "file_challenge_%d_%s" % (MNX, h.md5_hex(M))
 with na.connect() as c:
     first = up.send_chunk(c, 0, 1)
-asked = first.get("error") == 0 and first.get("trans_size", 0) > CH
+k1 = asked_chunk(first)
+tap.ok(k1 is not None and first.get("trans_size") == (k1 - 1) * CH,
+       "node 1 asks for a chunk after chunk 1 (seek to trans_size, send seq + 1)", repr(first))
+ttl = redis.cmd("PTTL", ckey)
+tap.ok(isinstance(ttl, int) and 0 < ttl <= 600 * 1000,
+       "the draw is in Redis and expires with the upload (upload_ttl)", repr(ttl))
 with nb.connect() as c:
-    s = h.wait_for(lambda: (lambda x: x if x.get("error") == 0 else None)(up.sync(c)), 15, 0.1)
-    tap.ok(asked and s and s.get("trans_size") == CH and s.get("seq") == 1,
-           "node 1 asked for a chunk; node 2's sync reports what is stored (chunk 1)", repr((first, s)))
+    s = up.sync(c)
+    tap.ok(s.get("error") == 0 and s.get("trans_size") == CH and s.get("seq") == 1,
+           "node 2's sync reports what is stored (chunk 1), as 1006 promises", repr(s))
+    again = up.send_chunk(c, 0, 1)
+tap.eq(asked_chunk(again), k1, "starting over at chunk 1 on node 2 asks for the same chunk: no fresh draw to guess against")
+with na.connect() as c:
+    second = send_asked(up, c, k1)
+k2 = asked_chunk(second)
+tap.ok(k2 is not None and k2 != k1, "node 1 takes the asked chunk and asks for another one", repr(second))
+with nb.connect() as c:
+    done = send_asked(up, c, k2)
+tap.ok(done.get("error") == 0 and done.get("trans_size") == len(M) and "instant upload" in done.get("message", ""),
+       "node 2 takes the last asked chunk: published without the rest of the file", repr(done))
+tap.ok(stored(nb, MNX, "moved.bin") == h.md5_hex(M) and
+       os.stat(h.published(nb, MNX, "moved.bin")).st_ino == os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       "identical, and the same inode as the stored content")
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", ckey) == 0, 5, 0.1), "the proof is deleted once it was used")
+
+# A wrong answer on one node is known to the others, and starting over does not undo it.
+MNW = MN_UIDS[1]
+wkey = "file_challenge_%d_%s" % (MNW, h.md5_hex(M))
+up = h.Upload(M, "wrong.bin", MNW, TOK[MNW], chunk_size=CH)
+with na.connect() as c:
+    k = asked_chunk(up.send_chunk(c, 0, 1))
+with nb.connect() as c:
+    garbage = __import__("base64").b64encode(rbytes(CH)).decode()
+    fb = send_asked(up, c, k, data=garbage) if k else {}
+tap.ok(k is not None and fb.get("error") == 0 and fb.get("trans_size") == CH and asked_chunk(fb) is None,
+       "a wrong answer on node 2: the upload goes on as a normal one from chunk 2", repr(fb))
+tap.eq(redis.cmd("HGET", wkey, "failed"), "1", "Redis remembers the wrong answer")
+for node, label in ((na, "node 1"), (nb, "node 2")):
+    with node.connect() as c:
+        r = up.send_chunk(c, 0, 1)
+    tap.ok(r.get("error") == 0 and r.get("trans_size") == CH and asked_chunk(r) is None,
+           "starting over on %s asks for nothing: no second guess" % label, repr(r))
+with na.connect() as c:
     r, _, _ = up.run(c, CH, 2)
-tap.ok(r.get("error") == 0 and stored(nb, MN_UIDS[2], "moved.bin") == h.md5_hex(M),
-       "the upload goes on through node 2 as a normal one and is published", repr(r))
+tap.ok(r.get("error") == 0 and stored(na, MNW, "wrong.bin") == h.md5_hex(M) and
+       os.stat(h.published(na, MNW, "wrong.bin")).st_ino != os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       "the full upload is published as its own copy", repr(r))
 for n in nodes:
     n.stop()
 
