@@ -66,6 +66,7 @@ static const struct {
 	{ ERR_STORAGE_FULL, "StorageFull" },
 	{ ERR_USER_UPLOADS, "TooManyUserUploads" },
 	{ ERR_SERVER_UPLOADS, "TooManyUploads" },
+	{ ERR_CHALLENGE, "ProveYouHoldIt" },
 };
 
 /* What an error code means, for people; the ids and names are for --verbose. */
@@ -2318,7 +2319,8 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 			size_t nlen = strlen(o->name);
 			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
 			uint8_t *p = bin_put_u64(open, u->total);
-			*p++ = o->avatar ? BIN_OPEN_AVATAR : 0;
+			/* resctl holds the whole file: it can show any chunk the server asks for. */
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_INSTANT;
 			memcpy(p, u->md5, PROTO_MD5_HEX);
 			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
 			memcpy(p, o->name, nlen);
@@ -2330,7 +2332,7 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
 			size_t nlen = strlen(o->name);
 			uint8_t *p = bin_put_u64(open, u->total);
-			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART;
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART | BIN_OPEN_INSTANT;
 			memcpy(p, u->md5, PROTO_MD5_HEX);
 			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
 			memcpy(p, o->name, nlen);
@@ -2362,9 +2364,12 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 				lim.max_inflight = 256;
 			int finished = 0;
 			int all_sent = 0;
+			/* A new upload of several chunks may be instant: chunk 1 goes alone, and while the
+			 * server answers 1049 it asks for one more chunk (protocol.md §13, instant upload). */
+			int probing = next == 0 && u->total > chunk;
 			while (r == CALL_OK && !finished) {
 				/* Fill the window, then read one acknowledgement. */
-				while (!all_sent && inflight < lim.max_inflight &&
+				while (!all_sent && inflight < lim.max_inflight && (!probing || inflight == 0) &&
 				    (inflight == 0 || inflight_bytes + chunk <= lim.window)) {
 					size_t len = u->total - next < chunk ? (size_t)(u->total - next) : chunk;
 					int last = next + len == u->total;
@@ -2391,6 +2396,23 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 					break;
 				inflight--;
 				inflight_bytes -= lens[u->acked % 256];
+				if (probing && ack.error == ERR_CHALLENGE && ack.committed < u->total &&
+				    ack.committed % chunk == 0) {
+					u->acked++;
+					u->sent_bytes += ack.length;
+					next = ack.committed;   /* the chunk asked for; nothing new is stored */
+					all_sent = 0;
+					continue;
+				}
+				if (probing && ack.error == 0) {
+					probing = 0;   /* the proof is over: from here on, a normal upload */
+					if (ack.committed < u->total) {
+						next = ack.committed;
+						all_sent = 0;
+					} else if (strncmp(ack.message, "instant upload", 14) == 0) {
+						u->instant = 1;
+					}
+				}
 				if (ack.error) {
 					if ((ack.error == ERR_OFFSET_INVALID || ack.error == ERR_SEQ_INVALID ||
 					    ack.error == ERR_FILE_NOT_EXISTS || ack.error == ERR_BUSY ||

@@ -1,5 +1,6 @@
 # test_dedup.py: instant upload (issue 14): content already stored is published under a new name after a proof of possession, never sent again.
 import os
+import struct
 import sys
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
@@ -236,6 +237,104 @@ tap.ok(all(rc == 0 for rc, _, _ in outs) and all("already on the server" in so f
        "resctl completes five uploads of a three-chunk file, the last four instant", repr(outs))
 tap.ok(all(stored(du, U2, "three-%d.bin" % i) == h.md5_hex(R[:3 * CH]) for i in range(5)),
        "each is published identical, whichever chunk was asked for first")
+
+# ---------------------------------------------------------------- the binary fast path (1043 INSTANT, 1049)
+tap.section("instant upload over the binary fast path")
+HELLO, OPEN, CHUNK = 1041, 1043, 1045
+OPEN_INSTANT, CHUNK_LAST, ERR_CHALLENGE = 4, 1, 1049
+
+
+class Bin:
+    """A fast-path client (docs/protocol.md §13) on one connection."""
+
+    def __init__(self, d, uid):
+        self.c = d.connect()
+        self.hello = self.c.request(HELLO, {"uid": uid, "token": TOK[uid]})
+
+    def open(self, data, name, flags):
+        n = name.encode()
+        self.c.send_raw(h.HEADER.pack(OPEN, 43 + len(n)) + struct.pack(">QB", len(data), flags) +
+                        h.md5_hex(data).encode() + struct.pack(">H", len(n)) + n)
+        mid, body = self.c.recv_frame()
+        err, committed, total, mlen = struct.unpack(">IQQH", body[:22])
+        return {"error": err, "committed": committed, "message": body[22:22 + mlen].decode()}
+
+    def send(self, data, offset, piece=None):
+        piece = data[offset:offset + CH] if piece is None else piece
+        last = CHUNK_LAST if offset + len(piece) == len(data) else 0
+        self.c.send_raw(h.HEADER.pack(CHUNK, 16 + len(piece)) + struct.pack(">QII", offset, len(piece), last) + piece)
+
+    def ack(self):
+        mid, body = self.c.recv_frame(30)
+        err, off, length, committed, total, mlen = struct.unpack(">IQIQQH", body[:34])
+        return {"error": err, "offset": off, "committed": committed, "message": body[34:34 + mlen].decode()}
+
+    def close(self):
+        self.c.close()
+
+
+def resctl_binary(name, path=src, uid=U2):
+    r = __import__("subprocess").run(
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, path, "--name", name, "--chunk", str(CH),
+         "--uid", str(uid), "--token", TOK[uid]], stdin=__import__("subprocess").DEVNULL,
+        capture_output=True, timeout=60, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+with open(src, "wb") as f:
+    f.write(R)
+rc, so, se = resctl_binary("resctl-bin.bin")
+tap.ok(rc == 0 and "already on the server: published without sending (" in so and "MB saved)" in so,
+       "resctl over the binary fast path: already on the server, and what it saved", so + se)
+tap.eq(stored(du, U2, "resctl-bin.bin"), h.md5_hex(R), "stored identical")
+tap.ok(os.stat(h.published(du, U2, "resctl-bin.bin")).st_ino == os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+       "by a link of the stored content")
+tap.ok(h.wait_for(lambda: any("binary=1" in line and "instant=1" in line
+                              for line in access_lines(du, "resctl-bin.bin")), 5),
+       "the access log marks the binary upload instant", repr(access_lines(du, "resctl-bin.bin")))
+with open(src, "wb") as f:
+    f.write(R[:3 * CH - 100])   # three chunks, the last one short: it may be asked for too
+outs = [resctl_binary("bin-three-%d.bin" % i) for i in range(4)]
+tap.ok(all(rc == 0 for rc, _, _ in outs) and "already on the server" not in outs[0][1] and
+       all("already on the server" in so for _, so, _ in outs[1:]),
+       "four binary uploads of a three-chunk file with a short last chunk, the last three instant", repr(outs))
+tap.ok(all(stored(du, U2, "bin-three-%d.bin" % i) == h.md5_hex(R[:3 * CH - 100]) for i in range(4)),
+       "each is published identical, whichever chunk was asked for")
+
+# A client that pipelines (no INSTANT flag) gets ordinary acknowledgements: nothing is asked of it.
+b = Bin(du, U2)
+o = b.open(R, "pipelined.bin", 0)
+for off in range(0, len(R), CH):
+    b.send(R, off)
+acks = [b.ack() for _ in range(0, len(R), CH)]
+b.close()
+tap.ok(o["error"] == 0 and all(a["error"] == 0 and a["committed"] == min(a["offset"] + CH, len(R)) for a in acks),
+       "without the INSTANT flag, pipelined chunks of stored content are acknowledged as usual",
+       repr([(a["error"], a["committed"]) for a in acks[:3]]))
+tap.eq(stored(du, U2, "pipelined.bin"), h.md5_hex(R), "and published")
+
+# The INSTANT flag with wrong bytes for the asked chunk: the answer sends the client back to chunk 2.
+b = Bin(du, U2)
+o = b.open(R, "bin-wrong.bin", OPEN_INSTANT)
+b.send(R, 0)
+a1 = b.ack()
+asked = a1["committed"]
+tap.ok(o["error"] == 0 and o["committed"] == 0 and a1["error"] == ERR_CHALLENGE and asked % CH == 0 and
+       CH <= asked < len(R) and a1["message"].startswith("challenge: "),
+       "chunk 1 of stored content: 1049 with the offset of the chunk asked for as committed", repr(a1))
+b.send(R, asked, rbytes(min(CH, len(R) - asked)))
+a2 = b.ack()
+tap.ok(a2["error"] == 0 and a2["committed"] == CH, "a wrong chunk: error 0, go on from what is stored (chunk 2)",
+       repr(a2))
+for off in range(CH, len(R), CH):
+    b.send(R, off)
+acks = [b.ack() for _ in range(CH, len(R), CH)]
+b.close()
+tap.ok(all(a["error"] == 0 for a in acks) and acks[-1]["committed"] == len(R) and not acks[-1]["message"],
+       "the rest is pipelined and the file is published from the bytes sent", repr(acks[-1]))
+tap.ok(stored(du, U2, "bin-wrong.bin") == h.md5_hex(R) and
+       os.stat(h.published(du, U2, "bin-wrong.bin")).st_ino != os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+       "as its own copy")
 
 # ---------------------------------------------------------------- dedup = global
 tap.section("dedup = global")
