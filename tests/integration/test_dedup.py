@@ -215,7 +215,7 @@ with open(src, "wb") as f:
 
 def resctl_upload(name):
     r = __import__("subprocess").run(
-        # --compat: the JSON path; instant upload over the binary fast path is not built yet.
+        # --compat: the JSON path of the Qt client.
         [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, src, "--name", name, "--chunk", str(CH), "--compat",
          "--uid", str(U2), "--token", TOK[U2]], stdin=__import__("subprocess").DEVNULL,
         capture_output=True, timeout=60, text=True)
