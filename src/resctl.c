@@ -2288,6 +2288,9 @@ static void bin_report(const char *command, const struct bin_answer *a)
 
 /* The upload over the fast path: 1043, then chunks kept in flight up to the window. STEP_DONE,
  * STEP_FAIL, or STEP_SYNC when the server does not speak it (the caller goes on with JSON). */
+/* The chunks of an instant upload's proof on the fast path (the first one and those asked for). */
+#define BIN_PROBE_CHUNK 65536
+
 static enum upload_step upload_binary(struct upload *u, int chunk_given)
 {
 	const struct upload_opts *o = u->o;
@@ -2365,13 +2368,17 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 			int finished = 0;
 			int all_sent = 0;
 			/* A new upload of several chunks may be instant: chunk 1 goes alone, and while the
-			 * server answers 1049 it asks for one more chunk (protocol.md §13, instant upload). */
-			int probing = next == 0 && u->total > chunk;
+			 * server answers 1049 it asks for one more chunk (protocol.md §13, instant upload).
+			 * Those chunks are small: the server compares them with content it holds, and the
+			 * chunks after a proof that ends go on from the committed size at full length. */
+			size_t probe = chunk < BIN_PROBE_CHUNK ? chunk : BIN_PROBE_CHUNK;
+			int probing = next == 0 && u->total > probe;
 			while (r == CALL_OK && !finished) {
 				/* Fill the window, then read one acknowledgement. */
 				while (!all_sent && inflight < lim.max_inflight && (!probing || inflight == 0) &&
 				    (inflight == 0 || inflight_bytes + chunk <= lim.window)) {
-					size_t len = u->total - next < chunk ? (size_t)(u->total - next) : chunk;
+					size_t want = probing ? probe : chunk;
+					size_t len = u->total - next < want ? (size_t)(u->total - next) : want;
 					int last = next + len == u->total;
 					if (len && pread_full(u->fd, frame + BIN_CHUNK_LEN, len, next) != 0) {
 						resctl_error("upload: reading %s: %s", o->path,
@@ -2397,7 +2404,7 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 				inflight--;
 				inflight_bytes -= lens[u->acked % 256];
 				if (probing && ack.error == ERR_CHALLENGE && ack.committed < u->total &&
-				    ack.committed % chunk == 0) {
+				    ack.committed % probe == 0) {
 					u->acked++;
 					u->sent_bytes += ack.length;
 					next = ack.committed;   /* the chunk asked for; nothing new is stored */

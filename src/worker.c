@@ -1799,8 +1799,9 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 		return 1;
 	}
 	if (challenge) {
-		/* Chunks are in flight behind it: they end the proof, and this one was stored. */
-		r.trans_size = f.offset + f.length;
+		/* Not in a proof (chunks in flight, or no INSTANT flag): an acknowledgement of what is
+		 * stored, which is chunk 1 only (a chunk taken as an answer is compared, not stored). */
+		r.trans_size = f.offset == 0 ? f.length : b->committed;
 		r.message_len = 0;
 	} else if (r.error == ERR_OK && b->instant && b->count == 0) {
 		/* The proof is over (or never began): go on from what is stored, wherever that is. */
