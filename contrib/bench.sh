@@ -379,7 +379,8 @@ NODE
 		done
 		end=$(date +%s.%N)
 		stats=$("$resctl" stats --socket "$dd/run/stats.sock" show info json |
-			python3 -c 'import json, sys; i = json.load(sys.stdin); print("%.1f %d %.1f" % (i["bytes_in"] / 1e6, i.get("uploads_instant", 0), i.get("instant_bytes_saved", 0) / 1e6))')
+			python3 -c 'import json, sys; i = json.load(sys.stdin); print("%.1f %d %.1f" % (i["bytes_in"] / 1e6, i.get("uploads_instant", 0), i.get("instant_bytes_saved", 0) / 1e6))') ||
+			stats="- - -"   # the daemon did not answer: the line still prints
 		local server_ms
 		server_ms=$(awk '/instant=1/ { for (f = 1; f <= NF; f++) if ($f ~ /^duration=/) { sub("duration=", "", $f); t += $f; n++ } }
 			END { if (n) printf "%.1f", 1000 * t / n; else printf "-" }' "$dd/access.log" 2>/dev/null || echo -)
