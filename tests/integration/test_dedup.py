@@ -455,6 +455,31 @@ with na.connect() as c:
 tap.ok(r.get("error") == 0 and stored(na, MNW, "wrong.bin") == h.md5_hex(M) and
        os.stat(h.published(na, MNW, "wrong.bin")).st_ino != os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
        "the full upload is published as its own copy", repr(r))
+# The binary path: a client that loses its connection mid-proof opens again elsewhere (RESTART) and is asked the same.
+MNB = 5104
+TOK[MNB] = "tok-%d-secret" % MNB
+redis.set_token(MNB, TOK[MNB])
+b = Bin(na, MNB)
+o = b.open(M, "bin-moved.bin", OPEN_INSTANT)
+b.send(M, 0)
+a1 = b.ack()
+b.close()
+b = Bin(nb, MNB)
+o2 = b.open(M, "bin-moved.bin", OPEN_INSTANT | 1)   # RESTART: only chunk 1 is stored
+b.send(M, 0)
+a2 = b.ack()
+tap.ok(a1["error"] == ERR_CHALLENGE and a2["error"] == ERR_CHALLENGE and a1["committed"] == a2["committed"],
+       "binary: chunk 1 again on node 2 after RESTART is asked for the same chunk as on node 1", repr((a1, o2, a2)))
+a = a2
+for _ in range(3):
+    if a["error"] != ERR_CHALLENGE:
+        break
+    b.send(M, a["committed"])
+    a = b.ack()
+b.close()
+tap.ok(a["error"] == 0 and a["committed"] == len(M) and a["message"].startswith("instant upload"),
+       "and the proof completes there: published without the rest", repr(a))
+tap.eq(stored(nb, MNB, "bin-moved.bin"), h.md5_hex(M), "identical")
 for n in nodes:
     n.stop()
 
