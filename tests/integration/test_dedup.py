@@ -440,7 +440,8 @@ up = h.Upload(M, "wrong.bin", MNW, TOK[MNW], chunk_size=CH)
 with na.connect() as c:
     k = asked_chunk(up.send_chunk(c, 0, 1))
 with nb.connect() as c:
-    garbage = __import__("base64").b64encode(rbytes(CH)).decode()
+    # As long as the chunk asked for (the last one is short): the wrong bytes, not a wrong length.
+    garbage = __import__("base64").b64encode(rbytes(len(M[(k - 1) * CH:k * CH]) if k else CH)).decode()
     fb = send_asked(up, c, k, data=garbage) if k else {}
 tap.ok(k is not None and fb.get("error") == 0 and fb.get("trans_size") == CH and asked_chunk(fb) is None,
        "a wrong answer on node 2: the upload goes on as a normal one from chunk 2", repr(fb))
