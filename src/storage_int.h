@@ -221,6 +221,7 @@ void record_write(struct upload *up);
 void record_published(struct upload *up);
 void record_published_op(struct upload *up, const struct op *op);
 void record_delete(struct upload *up);
+void record_forget(struct upload *up);
 void storage_on_redis_ready(struct rds *r);
 int published_lookup(struct upload *up);
 
