@@ -130,6 +130,12 @@ def versions_check(devs, versions, what):
     tap.ok(not bad, what, repr(bad))
 
 
+def versions_hash(name):
+    """The versions hash of name: version -> "time started completed born"."""
+    flat = redis.cmd("HGETALL", "file_dlversions_%d_%s" % (U, name)) or []
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 def sized(n_chunks):
     return rand.randbytes(n_chunks * DL - rand.randrange(0, DL // 2))
 
@@ -292,6 +298,7 @@ with tap.section("a completed download of the old file does not stop a resumed d
         raw, _ = chunk(c, name, 5)
     tap.ok(x.body() == old and y.body() == old and raw.get("error") == 0,
            "two devices finished the old file on their connections; a resent last chunk elsewhere served")
+    tap.eq(versions_hash(name), {}, "every download of it completed: the versions hash holds nothing for it")
     tap.ok(upload(new, name), "replaced")
     p = Device(name, "phone2")
     while not p.done and p.restarts <= 8:
@@ -360,11 +367,6 @@ with tap.section("a resume past the end of a shorter replacement hears 1029, not
     tap.eq(raw.get("error"), 1018, "a seq past the end of a name that was not replaced: 1018")
 
 
-def versions_hash(name):
-    flat = redis.cmd("HGETALL", "file_dlversions_%d_%s" % (U, name)) or []
-    return dict(zip(flat[::2], flat[1::2]))
-
-
 with tap.section("many versions: the oldest fold into one that matches nothing"):
     name = "many.bin"
     starts = []
@@ -387,6 +389,42 @@ with tap.section("many versions: the oldest fold into one that matches nothing")
     tap.eq(first.log[-1], (2, FILE_CHANGED), "the first version's download (folded away) still hears 1029")
     first.finish()
     tap.ok(first.done and first.body() == data, "and, started again, finishes with the current file")
+
+with tap.section("counts: a completed version leaves the hash; a completion of another lifetime counts nothing"):
+    name = "counts.bin"
+    old = sized(4)
+    new = rand.randbytes(len(old))
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    a = Device(name, "A")
+    a.step(1, new_conn=True)
+    (ver, f0), = versions_hash(name).items()
+    tap.eq(f0.split()[1:3], ["1", "0"], "seq 1 counted one download started", f0)
+    # A's field ages out (as after upload_ttl with no chunk): a new start of the same version gets a new
+    # lifetime, and A's completion, which belongs to the old one, must not count against it.
+    now = int(redis.cmd("TIME")[0])
+    redis.cmd("HSET", "file_dlversions_%d_%s" % (U, name), ver, "%d 1 0 %s" % (now - 4000, f0.split()[3]))
+    b = Device(name, "B")
+    b.step(1, new_conn=True)
+    f1 = versions_hash(name).get(ver, "")
+    tap.ok(f1.split()[1:3] == ["1", "0"] and f1.split()[3] != f0.split()[3],
+           "a start after the field aged out opens a new lifetime", repr((f0, f1)))
+    a.step(10 ** 6, new_conn=False)
+    tap.ok(a.done and a.body() == old, "A finished on its connection")
+    f2 = versions_hash(name).get(ver, "")
+    tap.eq(f2.split()[1:3], ["1", "0"], "its completion was not counted against B's lifetime", repr(f2))
+    tap.ok(upload(new, name), "replaced")
+    b.step(1, new_conn=True)
+    tap.eq(b.log[-1], (2, FILE_CHANGED), "B, still mid-way, resumes elsewhere: 1029")
+    b.finish()
+    tap.ok(b.body() == new, "and started again gets the new file whole")
+    # A field written before the counts (a bare time) reads as one download in progress.
+    tap.ok(upload(sized(4), name), "replaced again")
+    redis.cmd("HSET", "file_dlversions_%d_%s" % (U, name), "legacy-version", str(int(redis.cmd("TIME")[0])))
+    c3 = Device(name, "C")
+    c3.step(1, new_conn=True)
+    c3.step(1, new_conn=True)
+    tap.eq(c3.log[-1], (2, FILE_CHANGED), "a field in the old format (a bare time) keeps its version live")
+
 
 # ---------------------------------------------------------------- the binary path
 HELLO, DOWNLOAD = 1041, 1047
