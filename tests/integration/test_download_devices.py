@@ -317,8 +317,11 @@ with tap.section("a device mid-way in the old version still makes a resume of th
     done.step(2, new_conn=True)
     mid.step(3, new_conn=True)
     mid.drop()
+    done.step(5, new_conn=False)
+    resent = [chunk(done.conn, name, 8)[0].get("error") for _ in range(2)]   # its last answer lost, asked again
     done.step(10 ** 6, new_conn=False)
-    tap.ok(done.done and done.body() == old, "one device finished the old file on its connection")
+    tap.ok(done.done and done.body() == old and resent == [0, 0],
+           "one device finished the old file on its connection, asking for its last chunk twice more there")
     with node().connect() as c:           # its last chunk resent on a new connection: not a second completion
         raw, _ = chunk(c, name, 8)
     tap.eq(raw.get("error"), 0, "its last chunk resent elsewhere is served")
