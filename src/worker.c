@@ -9,12 +9,14 @@
 #include "frame.h"
 #include "ipc.h"
 #include "json.h"
+#include "link.h"
 #include "log.h"
 #include "escape.h"
 #include "pool.h"
 #include "proto.h"
 #include "proxy.h"
 #include "rds.h"
+#include "signals.h"
 #include "stats.h"
 
 #include <arpa/inet.h>
@@ -132,14 +134,13 @@ struct dl_file {
 	char version[BACKEND_VERSION_MAX];
 };
 
-struct storage_link {
-	int fd;
+/* The worker's link up to the storage process, which it connects again whenever it is lost. */
+struct uplink {
+	struct link link;             /* link.fd -1: no link */
 	int connected;                /* the socket is connected */
 	int ready;                    /* the storage process answered our ping: requests may go */
-	ev_io io;
 	ev_timer retry;
 	double retry_delay;
-	struct buf in, out;
 };
 
 struct worker {
@@ -149,7 +150,7 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
+	ev_signal sigs[7];            /* worker_signals[] */
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
 	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
@@ -159,7 +160,7 @@ struct worker {
 	uint32_t nfree;
 	uint32_t nconns;
 	uint32_t op_seq;              /* tags every async step; with the slot it forms a reqid */
-	struct storage_link storage;
+	struct uplink uplink;         /* to the storage process */
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
 	struct backend backend;       /* where published files are read from */
@@ -191,12 +192,12 @@ struct download_job {
 };
 
 static void conn_close(struct conn *c, const char *why);
-static void storage_update_io(struct worker *w);
+static void uplink_update_io(struct worker *w);
 static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
-static void storage_connect(struct worker *w);
-static void storage_resend_unsent(struct worker *w);
+static void uplink_connect(struct worker *w);
+static void uplink_resend_unsent(struct worker *w);
 /* The binary fast path (its own section below). */
 struct bin_conn;
 static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
@@ -476,13 +477,13 @@ static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
 /* Tells storage the uploads this connection drove have lost their client (it releases their leases). */
 static void conn_release_uploads(struct conn *c)
 {
-	struct storage_link *s = &c->w->storage;
-	if (c->ndrove == 0 || s->fd < 0 || !s->connected)
+	struct uplink *s = &c->w->uplink;
+	if (c->ndrove == 0 || s->link.fd < 0 || !s->connected)
 		return;
 	for (unsigned i = 0; i < c->ndrove; i++)
-		ipc_encode_release(&s->out, &c->drove[i]);
+		ipc_encode_release(&s->link.out, &c->drove[i]);
 	c->ndrove = 0;
-	storage_update_io(c->w);
+	uplink_update_io(c->w);
 }
 
 static void conn_close(struct conn *c, const char *why)
@@ -719,14 +720,14 @@ static int auth_check(struct conn *c)
 /* ---------------------------------------------------------------- storage link */
 
 /* The link died: requests it carried may never be answered. Each keeps its frame, so it is
- * sent again, exactly as it was, once a new link is up (storage_resend_unsent), and
+ * sent again, exactly as it was, once a new link is up (uplink_resend_unsent), and
  * storage_timeout (from when it first went) still bounds the wait. Sending it again is safe:
  * the storage process treats a chunk at or below what it has committed as a rewrite of the
  * same bytes, and a final chunk of an upload it already published as done. A resent seq 1
  * cannot reset an upload that went on, because this connection sends nothing else of the
  * upload until this request is answered (one request at a time), and a client drives an
  * upload on one connection. */
-static void storage_hold_waiting(struct worker *w)
+static void uplink_hold_waiting(struct worker *w)
 {
 	unsigned held = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
@@ -743,59 +744,34 @@ static void storage_hold_waiting(struct worker *w)
 		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
 
-static void storage_down(struct worker *w, const char *why)
+static void uplink_down(struct worker *w, const char *why)
 {
-	struct storage_link *s = &w->storage;
-	if (s->fd >= 0) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd >= 0)
 		log_warnx("storage link lost: %s", why);
-		ev_io_stop(w->loop, &s->io);
-		close(s->fd);
-	}
-	s->fd = -1;
+	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
 	STAT_SET(storage_up, 0);
-	buf_free(&s->in);
-	buf_free(&s->out);
-	storage_hold_waiting(w);
+	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
 	ev_timer_start(w->loop, &s->retry);
 	s->retry_delay = s->retry_delay * 2 > STORAGE_RETRY_MAX ? STORAGE_RETRY_MAX : s->retry_delay * 2;
 }
 
-static void storage_update_io(struct worker *w)
+static void uplink_update_io(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
 	/* Fast-path connections waiting for the link to drain are woken from its writability. */
-	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
-	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
-		return;
-	ev_io_stop(w->loop, &s->io);
-	ev_io_set(&s->io, s->fd, events);
-	ev_io_start(w->loop, &s->io);
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	link_update_io(&w->uplink.link);
 }
 
-static int storage_flush(struct worker *w)
+static int uplink_flush(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
-	while (buf_len(&s->out) > 0) {
-		ssize_t n = send(s->fd, buf_head(&s->out), buf_len(&s->out), MSG_NOSIGNAL);
-		if (n > 0) {
-			buf_consume(&s->out, (size_t)n);
-		} else if (n < 0 && errno == EINTR) {
-			continue;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			break;
-		} else {
-			/* Callers may be deep in a connection's request: the read side sees
-			 * the broken link on its own and tears it down from the loop. */
-			log_warn("storage link: send() failed");
-			buf_free(&s->out);
-			break;
-		}
-	}
-	storage_update_io(w);
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	if (link_flush(&w->uplink.link) < 0)
+		log_warn("storage link: send() failed");
 	return 0;
 }
 
@@ -821,7 +797,7 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	c->xfer_md5[0] = '\0';
 }
 
-static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+static void uplink_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
 	if (bin_on_result(w, h, payload))
 		return;   /* a binary chunk's acknowledgement */
@@ -863,42 +839,36 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 	conn_process(c);
 }
 
-static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)loop;
 	struct worker *w = io->data;
-	struct storage_link *s = &w->storage;
-	if ((revents & EV_WRITE) && storage_flush(w) < 0)
+	struct uplink *s = &w->uplink;
+	if ((revents & EV_WRITE) && uplink_flush(w) < 0)
 		return;
 	if (revents & EV_WRITE)
 		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
-	if (p == NULL) {
-		storage_down(w, "out of memory");
+	ssize_t n = link_read(&s->link, READ_CHUNK);
+	if (n == LINK_AGAIN)
+		return;
+	if (n < 0) {
+		uplink_down(w, n == LINK_EOF ? "storage process closed the link" : strerror(errno));
 		return;
 	}
-	ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return;
-		storage_down(w, n == 0 ? "storage process closed the link" : strerror(errno));
-		return;
-	}
-	buf_commit(&s->in, (size_t)n);
 	for (;;) {
 		struct ipc_header h;
 		const uint8_t *payload;
-		enum ipc_status st = ipc_decode_header(buf_head(&s->in), buf_len(&s->in), &h, &payload);
+		enum ipc_status st = link_next(&s->link, &h, &payload);
 		if (st == IPC_NEED_MORE)
 			break;
 		if (st == IPC_BAD) {
-			storage_down(w, "bad message header");
+			uplink_down(w, "bad message header");
 			return;
 		}
 		if (h.type == IPC_STORAGE_WORKER_RESULT) {
-			storage_on_result(w, &h, payload);
+			uplink_on_result(w, &h, payload);
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -907,65 +877,61 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		} else {
 			log_warnx("storage: unexpected message type %u", h.type);
 		}
-		if (s->fd < 0)
+		if (s->link.fd < 0)
 			return;   /* a callback brought the link down */
-		buf_consume(&s->in, IPC_HEADER_LEN + h.len);
+		link_consume(&s->link, &h);
 	}
 }
 
-static void storage_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+static void uplink_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
-	storage_connect(t->data);
+	uplink_connect(t->data);
 }
 
-static void storage_connect(struct worker *w)
+static void uplink_connect(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", w->conf->run_dir, IPC_SOCKET_NAME) >=
-	    (int)sizeof(sun.sun_path))
+	if (link_socket_path(w->conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", w->conf->run_dir);
-	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (s->fd < 0) {
-		storage_down(w, strerror(errno));
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		uplink_down(w, strerror(errno));
 		return;
 	}
 	s->connected = 0;
 	s->ready = 0;
 	/* A Unix socket connects at once or not at all (EAGAIN: backlog full, try again). */
-	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
-		close(s->fd);
-		s->fd = -1;
-		storage_down(w, strerror(err));
+		close(fd);
+		uplink_down(w, strerror(err));
 		return;
 	}
 	s->connected = 1;
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
-	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
-	s->io.data = w;
-	ev_io_start(w->loop, &s->io);
-	if (ipc_encode_ping(&s->out, 0, 0) == 0) {
-		storage_resend_unsent(w);
-		storage_flush(w);
+	link_open(&s->link, w->loop, fd, uplink_on_io, w);
+	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
+		uplink_resend_unsent(w);
+		uplink_flush(w);
 	}
 }
 
 /* Queues the current request on the storage link under a new request id. Returns 0, or -1
  * when it was answered instead (bad data, out of memory). */
-static int storage_send(struct conn *c)
+static int uplink_send(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	uint64_t reqid = conn_next_reqid(c);
 	int rc;
 	if (c->req.id == MSG_SYNC) {
 		struct ipc_sync msg = { .uid = c->req.u.sync.cred.uid };
 		memcpy(msg.md5, c->req.u.sync.md5, sizeof(msg.md5));
-		rc = ipc_encode_sync(&s->out, reqid, &msg);
+		rc = ipc_encode_sync(&s->link.out, reqid, &msg);
 	} else {
 		const struct proto_chunk *ch = &c->req.u.chunk;
 		struct ipc_chunk msg = {
@@ -979,7 +945,7 @@ static int storage_send(struct conn *c)
 		/* The chunk is decoded straight from its frame into the message queued for the
 		 * storage process (again from the same frame if the link is lost before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
-		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
+		uint8_t *data = ipc_reserve_chunk(&s->link.out, &msg, room);
 		rc = data ? 0 : -1;
 		if (data != NULL) {
 			char why[128];
@@ -987,7 +953,7 @@ static int storage_send(struct conn *c)
 				respond_request_error(c, ERR_JSON, why);
 				return -1;
 			}
-			ipc_commit_chunk(&s->out, reqid, &msg);
+			ipc_commit_chunk(&s->link.out, reqid, &msg);
 		}
 	}
 	if (rc < 0) {
@@ -1022,15 +988,15 @@ static int chunk_data_check(struct conn *c)
 /* Hands the current request to the storage process; the answer resumes the connection. While
  * the link is down (a storage process restarting after a reload or a crash) the request waits
  * for the next link, at most storage_timeout, so a restart of storage is invisible to clients. */
-static void storage_forward(struct conn *c)
+static void uplink_forward(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	/* Connected but not yet ready (the ping is unanswered): the request queues behind
 	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
-	int link = s->fd >= 0 && s->connected;
+	int link = s->link.fd >= 0 && s->connected;
 	if (link) {
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			return;
 	} else {
 		if (c->req.id != MSG_SYNC && chunk_data_check(c) < 0)
@@ -1046,18 +1012,18 @@ static void storage_forward(struct conn *c)
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
 	if (link)
-		storage_flush(w);
+		uplink_flush(w);
 }
 
 /* A new link is connected: the requests held while there was none go on it, behind the ping. */
-static void storage_resend_unsent(struct worker *w)
+static void uplink_resend_unsent(struct worker *w)
 {
 	unsigned sent = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
 		if (c == NULL || !c->busy || c->req.stage != STAGE_STORAGE || !c->req.unsent)
 			continue;
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			conn_process(c);   /* answered: the connection moves on (or closes) */
 		else
 			sent++;
@@ -1486,6 +1452,9 @@ struct bin_conn {
 	uint64_t cursor;              /* where the next chunk must start */
 	uint64_t next_seq;            /* the seq storage is given for it */
 	uint64_t committed;           /* the last acknowledged committed size */
+	/* Opened with BIN_OPEN_INSTANT at 0: until an answer is neither a challenge nor the end, each
+	 * chunk goes alone and answers may send the client elsewhere (to a chunk asked for). */
+	int instant;
 	struct bin_inflight ring[BIN_MAX_INFLIGHT];
 	unsigned head, count;
 	uint64_t inflight_bytes;
@@ -1570,11 +1539,11 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (id == MSG_BIN_CHUNK) {
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
-		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
 				c->w->bin_link_waiters++;
-				storage_update_io(c->w);
+				uplink_update_io(c->w);
 			}
 			return 0;
 		}
@@ -1657,14 +1626,14 @@ static void bin_hello_finish(struct conn *c)
 static void bin_open_start(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd < 0 || !s->connected) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
 	}
 	struct ipc_sync msg = { .uid = c->bin->uid };
 	memcpy(msg.md5, c->req.u.bopen.open.md5, sizeof(msg.md5));
-	if (ipc_encode_sync(&s->out, conn_next_reqid(c), &msg) < 0) {
+	if (ipc_encode_sync(&s->link.out, conn_next_reqid(c), &msg) < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
 		return;
 	}
@@ -1672,7 +1641,7 @@ static void bin_open_start(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Storage's answer to the open's sync: resume where it stands, or start at 0. */
@@ -1712,6 +1681,7 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	b->cursor = fresh ? 0 : r->trans_size;
 	b->next_seq = fresh ? 1 : r->seq + 1;
 	b->committed = b->cursor;
+	b->instant = b->cursor == 0 && (o->flags & BIN_OPEN_INSTANT);
 	memcpy(c->xfer_md5, b->md5, sizeof(c->xfer_md5));
 	c->xfer_start = ev_now(c->w->loop);
 	bin_send_open_answer(c, ERR_OK, b->cursor, b->total, NULL);
@@ -1759,8 +1729,8 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		    "length: an empty chunk may only end the file");
 		return;
 	}
-	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
 		return;
@@ -1771,14 +1741,14 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		.data_len = ch.length,
 	};
 	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
-	uint8_t *data = ipc_reserve_chunk(&s->out, &msgc, ch.length);
+	uint8_t *data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length);
 	if (data == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
 		return;
 	}
 	memcpy(data, ch.data, ch.length);
 	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
-	ipc_commit_chunk(&s->out, reqid, &msgc);
+	ipc_commit_chunk(&s->link.out, reqid, &msgc);
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
 	f->offset = ch.offset;
@@ -1786,7 +1756,7 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	b->inflight_bytes += ch.length;
 	b->cursor = end;
 	b->next_seq++;
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
@@ -1832,6 +1802,28 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	char msg[256] = "";
 	if (r.message_len)
 		snprintf(msg, sizeof(msg), "%.*s", (int)r.message_len, r.message);
+	int challenge = r.error == ERR_OK && r.message_len >= sizeof(IPC_CHALLENGE_PREFIX) - 1 &&
+	    memcmp(r.message, IPC_CHALLENGE_PREFIX, sizeof(IPC_CHALLENGE_PREFIX) - 1) == 0;
+	if (challenge && b->instant && b->count == 0) {
+		/* Instant upload: storage asks for chunk seq + 1 at trans_size; the client sends it alone
+		 * (protocol.md §13, 1049). Nothing new is committed. */
+		b->cursor = r.trans_size;
+		b->next_seq = r.seq + 1;
+		bin_send_ack(c, ERR_CHALLENGE, f.offset, f.length, r.trans_size, r.total_size, msg);
+		conn_process(c);
+		return 1;
+	}
+	if (challenge) {
+		/* Not in a proof (chunks in flight, or no INSTANT flag): an acknowledgement of what is
+		 * stored, which is chunk 1 only (a chunk taken as an answer is compared, not stored). */
+		r.trans_size = f.offset == 0 ? f.length : b->committed;
+		r.message_len = 0;
+	} else if (r.error == ERR_OK && b->instant && b->count == 0) {
+		/* The proof is over (or never began): go on from what is stored, wherever that is. */
+		b->cursor = r.trans_size;
+		b->next_seq = r.seq + 1;
+	}
+	b->instant = 0;
 	if (r.error == ERR_OK) {
 		b->committed = r.trans_size;
 	} else {
@@ -1842,9 +1834,11 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 		if (b->up_open && b->count == 0) {
 			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 			escape_quoted(name, sizeof(name), b->name, b->name_len);
-			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1",
+			int instant = r.error == ERR_OK && r.message_len >= sizeof(IPC_INSTANT_PREFIX) - 1 &&
+			    memcmp(r.message, IPC_INSTANT_PREFIX, sizeof(IPC_INSTANT_PREFIX) - 1) == 0;
+			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1%s",
 			    c->peer, b->uid, b->kind == UPLOAD_AVATAR ? "avatar" : "upload", name, b->total,
-			    ev_now(w->loop) - c->xfer_start, r.error);
+			    ev_now(w->loop) - c->xfer_start, r.error, instant ? " instant=1" : "");
 		}
 		if (b->count == 0)
 			b->up_open = 0;   /* published (or refused): a new upload needs a new 1043 */
@@ -2138,7 +2132,7 @@ static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_
 /* The storage link has room again: the connections whose chunks waited for it go on. */
 static void bin_link_drained(struct worker *w)
 {
-	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+	if (w->bin_link_waiters == 0 || buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG / 2)
 		return;
 	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
 		struct conn *c = w->conns[i];
@@ -2147,10 +2141,10 @@ static void bin_link_drained(struct worker *w)
 		c->bin->link_waiting = 0;
 		w->bin_link_waiters--;
 		conn_process(c);   /* may close c; the table slot is simply empty then */
-		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+		if (buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG)
 			break;   /* full again: the rest wait on */
 	}
-	storage_update_io(w);
+	uplink_update_io(w);
 }
 
 /* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
@@ -2180,7 +2174,7 @@ static int bin_conn_free(struct conn *c)
 static void request_continue(struct conn *c)
 {
 	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR || c->req.id == MSG_SYNC)
-		storage_forward(c);   /* decodes a chunk's data on the way */
+		uplink_forward(c);   /* decodes a chunk's data on the way */
 	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
 	else
@@ -2554,15 +2548,6 @@ static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_timer_start(loop, &w->drain_timer);
 }
 
-static void worker_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log files");
-}
-
 static void worker_shutdown(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++)
@@ -2571,14 +2556,23 @@ static void worker_shutdown(struct worker *w)
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
-	if (w->storage.fd >= 0)
-		close(w->storage.fd);
-	buf_free(&w->storage.in);
-	buf_free(&w->storage.out);
+	link_close(&w->uplink.link);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
 }
+
+/* What a worker does with each signal (the master sends them; resourced(8), SIGNALS). */
+static const struct signal_action worker_signals[] = {
+	{ SIGTERM, worker_on_stop },
+	{ SIGINT, worker_on_stop },
+	{ SIGQUIT, worker_on_quit },      /* graceful stop */
+	{ SIGUSR2, worker_on_retire },    /* a reload replaced this worker */
+	{ SIGUSR1, signals_reopen_logs },      /* reopen the logs */
+	{ SIGPIPE, NULL },
+	{ SIGHUP, NULL },                 /* reloads are the master's business */
+};
+_Static_assert(SIGNALS_COUNT(worker_signals) == SIGNALS_COUNT(((struct worker *)0)->sigs), "one watcher per signal");
 
 int worker_main(const struct conf *conf, int slot, int listen_fd)
 {
@@ -2605,28 +2599,15 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	char err[512];
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
-	w->storage.fd = -1;
-	w->storage.retry_delay = STORAGE_RETRY_MIN;
-	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
-	w->storage.retry.data = w;
+	w->uplink.link.fd = -1;
+	w->uplink.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
+	w->uplink.retry.data = w;
 
-	ev_signal_init(&w->sig_term, worker_on_stop, SIGTERM);
-	ev_signal_start(w->loop, &w->sig_term);
-	ev_signal_init(&w->sig_int, worker_on_stop, SIGINT);
-	ev_signal_start(w->loop, &w->sig_int);
-	ev_signal_init(&w->sig_quit, worker_on_quit, SIGQUIT);
-	w->sig_quit.data = w;
-	ev_signal_start(w->loop, &w->sig_quit);
-	ev_signal_init(&w->sig_usr2, worker_on_retire, SIGUSR2);
-	w->sig_usr2.data = w;
-	ev_signal_start(w->loop, &w->sig_usr2);
-	ev_signal_init(&w->sig_usr1, worker_on_usr1, SIGUSR1);
-	ev_signal_start(w->loop, &w->sig_usr1);
-	signal(SIGPIPE, SIG_IGN);
-	signal(SIGHUP, SIG_IGN);   /* reloads are the master's business */
+	signals_watch(w->loop, worker_signals, SIGNALS_COUNT(worker_signals), w->sigs, w);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
-	storage_connect(w);
+	uplink_connect(w);
 	ev_io_init(&w->accept_io, worker_on_accept, listen_fd, EV_READ);
 	w->accept_io.data = w;
 	ev_io_start(w->loop, &w->accept_io);
