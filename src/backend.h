@@ -136,5 +136,8 @@ void backend_close(struct backend *b);
 
 /* The backends, each in its own file. */
 extern const struct backend_ops backend_fs;
+#ifdef HAVE_RADOS
+extern const struct backend_ops backend_rados;   /* Ceph RADOS: built when configure found librados */
+#endif
 
 #endif

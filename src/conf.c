@@ -56,6 +56,13 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete" },
 	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4" },
 	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60" },
+	{ "rados", "conf", T_STR, S(rados_conf), 0, 0, "/etc/ceph/ceph.conf" },
+	{ "rados", "user", T_STR, S(rados_user), 0, 0, "resourced" },
+	{ "rados", "pool", T_STR, S(rados_pool), 0, 0, "resourced" },
+	{ "rados", "namespace", T_STR, S(rados_namespace), 0, 0, "" },
+	{ "rados", "op_timeout", T_INT, N(rados_op_timeout), 0, 3600, "0" },
+	{ "rados", "object_size", T_INT64, N(rados_object_size), 65536, 1 << 30, "67108864" },
+	{ "rados", "gc_grace", T_INT, N(rados_gc_grace), 0, 30 * 86400, "3600" },
 	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1" },
 	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379" },
 	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "" },
@@ -192,7 +199,11 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 		return 0;
 	case T_BACKEND:
 		if (strlen(value) >= k->size || backend_find(value) == NULL) {
-			snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
+			if (strcmp(value, "rados") == 0)
+				snprintf(why, whylen, "this build has no RADOS backend: install librados-dev and run configure "
+				    "again (known: %s)", backend_names());
+			else
+				snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
 			return -1;
 		}
 		memcpy(base + k->offset, value, strlen(value) + 1);
@@ -291,6 +302,10 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 {
 	/* The storage process reads [storage], [redis], [postgres], run_dir and node. */
 	return strcmp(a->root, b->root) == 0 && strcmp(a->backend, b->backend) == 0 &&
+	    strcmp(a->rados_conf, b->rados_conf) == 0 && strcmp(a->rados_user, b->rados_user) == 0 &&
+	    strcmp(a->rados_pool, b->rados_pool) == 0 && strcmp(a->rados_namespace, b->rados_namespace) == 0 &&
+	    a->rados_op_timeout == b->rados_op_timeout && a->rados_object_size == b->rados_object_size &&
+	    a->rados_gc_grace == b->rados_gc_grace &&
 	    a->max_file_size == b->max_file_size &&
 	    a->upload_ttl == b->upload_ttl && a->fsync_policy == b->fsync_policy &&
 	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
