@@ -855,7 +855,8 @@ static void download_work(struct pool_job *job)
 			j->file = NULL;
 			j->saved_errno = err;
 			j->error = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
-			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION
+			    : err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;   /* a storage cluster away: retry */
 			return;
 		}
 		j->opened = 1;
@@ -868,7 +869,7 @@ static void download_work(struct pool_job *job)
 	int err = ops->file_read(j->file, j->data, want, j->offset, &j->got);
 	if (err || j->got < want) {
 		j->saved_errno = err ? err : EIO;   /* shorter than its size: cut under us */
-		j->error = ERR_READ_FAILED;
+		j->error = err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;
 	}
 }
 

@@ -1577,7 +1577,7 @@ def shared_ceph():
             _shared_ceph = CephCluster(pool=os.environ.get("RESOURCED_TEST_CEPH_POOL", "resourced"))
             _shared_ceph.conf = conf
         else:
-            _shared_ceph = CephCluster().start()
+            _shared_ceph = CephCluster(store=os.environ.get("RESOURCED_TEST_CEPH_STORE", "memstore")).start()
     return _shared_ceph
 
 
