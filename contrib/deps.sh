@@ -4,7 +4,8 @@ set -e
 PACKAGES="build-essential autoconf automake pkg-config
   libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libmd-dev libbsd-dev
   uthash-dev check python3 redis-server postgresql procps valgrind haproxy
-  clang libclang-rt-14-dev libsystemd-dev"
+  clang libclang-rt-14-dev libsystemd-dev
+  librados-dev ceph-mon ceph-osd ceph-common python3-rados"
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES
 	exit 0

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 
 RESOURCED_BIN = os.environ.get("RESOURCED_BIN", "resourced")
 RESCTL_BIN = os.environ.get("RESCTL_BIN", "resctl")
@@ -1379,7 +1380,7 @@ class CephCluster:
         at_cleanup(self.kill)
 
     def _write_conf(self):
-        fsid = subprocess.run(["uuidgen"], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+        fsid = str(uuid.uuid4())
         self.fsid = fsid
         d = self.dir
         with open(self.conf, "w") as f:
@@ -1470,7 +1471,7 @@ osd memory target = 536870912
                 break
         if not wait_for(lambda: self.ceph("mon", "stat", timeout=5)[0] == 0, timeout, 0.2):
             raise RuntimeError("ceph-mon did not answer:\n" + self.log_tail())
-        self.osd_uuid = subprocess.run(["uuidgen"], stdout=subprocess.PIPE, text=True).stdout.strip()
+        self.osd_uuid = str(uuid.uuid4())
         rc, out = self.ceph("osd", "new", self.osd_uuid)
         if rc != 0 or out.strip() != "0":
             raise RuntimeError("ceph osd new: %r %r" % (rc, out))
@@ -1648,6 +1649,25 @@ def rados_published_copy(d, uid, name):
         with open(path, "wb") as f:
             f.write(data)
     return path
+
+
+def rados_published_tree(d):
+    """The published files of d's namespace as file_tree() would list <root>: "<uid>/" and "<uid>/<name>"."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    out = set()
+    try:
+        for oid in (o for o in rados_objects(d) if o.startswith("idx.")):
+            with rados.ReadOpCtx() as op:
+                it, _ = io.get_omap_vals(op, "", "", 100000)
+                io.operate_read_op(op, oid)
+                names = [k for k, _ in it]
+            if names:
+                out.add(oid[4:] + "/")
+                out.update("%s/%s" % (oid[4:], n) for n in names)
+    finally:
+        io.close()
+    return out
 
 
 def rados_objects(d):

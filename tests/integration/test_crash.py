@@ -640,6 +640,7 @@ def cluster_outage(storm):
     time.sleep(CLUSTER_OUTAGE)   # the outage itself: its length is the scenario
     for name in ("mon.a", "osd.0"):
         ceph.signal(name, signal.SIGCONT)
+    tap.diag("(g): cluster resumed at %s" % wall(time.monotonic()))
     tap.ok(storm.watch["busy"] >= busy0 or storm.watch["answers"] > 0,
            "(g): the idle uploads' 1005 kept being answered through the outage", repr(storm.watch))
     storm.probe(snap, budget=60)
