@@ -641,6 +641,9 @@ def cluster_outage(storm):
     for name in ("mon.a", "osd.0"):
         ceph.signal(name, signal.SIGCONT)
     tap.diag("(g): cluster resumed at %s" % wall(time.monotonic()))
+    t0 = time.monotonic()
+    up = h.wait_for(ceph.osd_up, 60, 0.2)
+    tap.diag("(g): osd.0 %s %.1f s after the resume" % ("up" if up else "still not up", time.monotonic() - t0))
     tap.ok(storm.watch["busy"] >= busy0 or storm.watch["answers"] > 0,
            "(g): the idle uploads' 1005 kept being answered through the outage", repr(storm.watch))
     storm.probe(snap, budget=60)
