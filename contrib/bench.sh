@@ -119,3 +119,78 @@ print(f"RSS before {before} KiB, with 10000 idle connections {after} KiB: {(afte
 for s in socks: s.close()
 PY
 "$resctl" stats --socket "$work/run/stats.sock" show info | grep -E '^(conn_total|conn_rejected|errors_)' || true
+
+# ---------------------------------------------------------------- the RADOS backend beside `rados bench`
+# (BENCH_RADOS=0 skips it.) A throwaway one-OSD cluster (tests/integration/harness.py CephCluster,
+# memstore: RAM, so these are the engine's CPU limits on this machine, not a disk's); first
+# `rados bench` (4 MiB writes 16 in flight, 32 KiB writes one at a time and 64 in flight), then the
+# same resourced scenarios as above with [storage] backend = rados against the same pool, in one run.
+if [ "${BENCH_RADOS:-1}" != 0 ] && command -v ceph-osd >/dev/null && command -v rados >/dev/null; then
+	echo "== RADOS: one mon, one OSD (memstore) on loopback"
+	kill -TERM "$(cat "$work/run/resourced.pid")" 2>/dev/null || true   # the fs daemon: its CPU is not needed now
+	for _ in $(seq 100); do [ -f "$work/run/resourced.pid" ] || break; sleep 0.1; done
+	RESOURCED_BIN="$resourced" BENCH_WORK="$work" BENCH_RESCTL="$resctl" BENCH_REDIS_PORT="$rport" \
+	python3 - "$top/tests/integration" <<'PY'
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import harness as h
+work, resctl, rport = os.environ["BENCH_WORK"], os.environ["BENCH_RESCTL"], os.environ["BENCH_REDIS_PORT"]
+ceph = h.CephCluster(osd_bytes=6 << 30).start()
+
+def sh(*args):
+    print("$ " + " ".join(args), flush=True)
+    subprocess.run(args, check=False)
+
+def rados_bench(block, threads, seconds=10):
+    out = subprocess.run(["rados", "-c", ceph.conf, "-p", ceph.pool, "bench", str(seconds), "write", "-b", str(block),
+                          "-t", str(threads)], stdout=subprocess.PIPE, text=True).stdout
+    bw = [l for l in out.splitlines() if l.startswith(("Bandwidth (MB/sec)", "Average IOPS", "Average Latency(s)"))]
+    print("rados bench write %d B x %d in flight: %s" % (block, threads, "; ".join(" ".join(l.split()) for l in bw)), flush=True)
+
+rados_bench(4 << 20, 16)
+rados_bench(32768, 1)
+rados_bench(32768, 64)
+port = h.free_port()
+conf = os.path.join(work, "bench-rados.conf")
+with open(conf, "w") as f:
+    f.write("""[server]
+listen = 127.0.0.1:%d
+workers = auto
+run_dir = %s/run-rados
+pid_file = %s/run-rados/resourced.pid
+max_connections = 20000
+idle_timeout = 600
+[storage]
+root = %s/root-rados
+backend = rados
+max_file_size = 1073741824
+[rados]
+conf = %s
+user = admin
+pool = %s
+namespace = bench
+[redis]
+port = %s
+[log]
+level = warn
+file = %s/resourced-rados.log
+""" % (port, work, work, work, ceph.conf, ceph.pool, rport, work))
+os.makedirs(os.path.join(work, "run-rados"), exist_ok=True)
+d = subprocess.Popen([os.environ["RESOURCED_BIN"], "-f", "-c", conf], start_new_session=True)
+h.at_cleanup(lambda: (d.poll() is None and d.terminate(), d.wait(10)))
+addr = "127.0.0.1:%d" % port
+h.wait_for(lambda: subprocess.run([resctl, "ping", addr, "--timeout", "1"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode == 0, 20, 0.1)
+common = ["--uid", "1", "--token", "bench", "--chunk", "32768"]
+print("== RADOS 1: one connection uploading, 32 KiB chunks (compare: rados bench 32768 x 1)", flush=True)
+sh(resctl, "bench", addr, "--connections", "1", "--size", "268435456", "--files", "1", "--mode", "upload", "--duration", "30", *common)
+print("== RADOS 1b: one connection downloading it, 32 KiB chunks", flush=True)
+sh(resctl, "bench", addr, "--connections", "1", "--size", "268435456", "--mode", "download", "--duration", "15", *common)
+print("== RADOS 2: 64 connections uploading 8 MiB files for 20 s (compare: rados bench 32768 x 64)", flush=True)
+sh(resctl, "bench", addr, "--connections", "64", "--size", "8388608", "--mode", "upload", "--duration", "20", *common)
+print("== RADOS 3: 64 connections downloading 8 MiB files for 20 s", flush=True)
+sh(resctl, "bench", addr, "--connections", "64", "--size", "8388608", "--mode", "download", "--duration", "20", *common)
+d.terminate()
+d.wait(20)
+PY
+fi
