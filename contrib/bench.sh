@@ -164,6 +164,8 @@ idle_timeout = 600
 root = %s/root-rados
 backend = rados
 max_file_size = 1073741824
+# each pool thread waits for one RADOS operation at a time: enough of them to keep the cluster busy
+io_threads = 32
 [rados]
 conf = %s
 user = admin
