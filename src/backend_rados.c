@@ -371,6 +371,16 @@ static int data_read(struct rados_be *r, const char *head, uint64_t piece, void 
 	return 0;
 }
 
+/* Removes one object; FULL_TRY, so that deleting works on a full cluster (it makes room). */
+static int object_remove(struct rados_be *r, const char *oid)
+{
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_remove(op);
+	int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	return rc == -ENOENT ? 0 : rerr(rc);
+}
+
 /* Removes pieces [from, ...) of head, highest first, then head itself when from is 0. */
 static int data_remove(struct rados_be *r, const char *head, uint64_t piece, uint64_t from)
 {
@@ -384,16 +394,10 @@ static int data_remove(struct rados_be *r, const char *head, uint64_t piece, uin
 	for (uint64_t k = pieces; k-- > (from ? from : 1);) {
 		char oid[PIECE_OID_MAX];
 		piece_oid(head, k, oid);
-		int rc = rados_remove(r->io, oid);
-		if (rc < 0 && rc != -ENOENT)
-			return rerr(rc);
+		if ((err = object_remove(r, oid)) != 0)
+			return err;
 	}
-	if (from == 0) {
-		int rc = rados_remove(r->io, head);
-		if (rc < 0 && rc != -ENOENT)
-			return rerr(rc);
-	}
-	return 0;
+	return from == 0 ? object_remove(r, head) : 0;
 }
 
 /* On ECANCELED from a fenced op on head: ESTALE if a higher fence is recorded, else why. */
@@ -561,8 +565,12 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 	if (old_piece != r->piece) {
 		char fixed[META_MAX];
 		size_t len;
-		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0)
-			err = rerr(rados_setxattr(r->io, head, "meta", fixed, len));
+		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
+			rados_write_op_t fix = rados_create_write_op();
+			rados_write_op_setxattr(fix, "meta", fixed, len);
+			err = rerr(rados_write_op_operate(fix, r->io, head, NULL, WRITE_FLAGS));
+			rados_release_write_op(fix);
+		}
 	}
 	return err;
 }
@@ -622,7 +630,7 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 	}
 	err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
 	if (err) {
-		rados_remove(r->io, s->head);
+		object_remove(r, s->head);
 		free(s);
 		return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
 	}
@@ -755,7 +763,10 @@ static int rados_staging_truncate(struct backend_staging *s, uint64_t size, uint
 	if (k > 0) {
 		char oid[PIECE_OID_MAX];
 		piece_oid(s->head, k, oid);
-		rc = rados_trunc(r->io, oid, size % s->piece);
+		op = rados_create_write_op();
+		rados_write_op_truncate(op, size % s->piece);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
 		if (rc < 0 && rc != -ENOENT)
 			return rerr(rc);
 	}

@@ -649,6 +649,79 @@ def cluster_outage(storm):
     storm.probe(snap, budget=60)
 
 
+# ---------------------------------------------------------------- (e3) a full cluster (RADOS only)
+FULL_TRY = 64   # LIBRADOS_OPERATION_FULL_TRY (python3-rados does not name it): ENOSPC rather than a hang
+
+
+def filler_op(ceph, oid, fill):
+    """A write (fill) or a remove of one filler object (namespace "filler"), with FULL_TRY; True if done."""
+    io = ceph.ioctx("filler")
+    op = io.create_write_op()
+    try:
+        if fill:
+            op.write_full(b"\xff" * MB)
+        else:
+            op.remove()
+        io.operate_write_op(op, oid, flags=FULL_TRY)
+        return True
+    except Exception:   # rados.NoSpace: the OSD refuses more (its failsafe full ratio)
+        return False
+    finally:
+        io.release_write_op(op)
+        io.close()
+
+
+def fill_cluster(ceph, limit=1024):
+    """Writes 1 MiB filler objects until the OSD refuses one; returns their names."""
+    names = []
+    for i in range(limit):
+        if not filler_op(ceph, "fill-%d" % i, True):
+            break
+        names.append("fill-%d" % i)
+    return names
+
+
+def empty_cluster(ceph, names):
+    bad = [n for n in names if not filler_op(ceph, n, False)]
+    tap.ok(not bad, "(e3): the filler is removed from the full cluster", repr(bad[:5]))
+
+
+if RADOS:
+    with tap.section("(e3) cluster full"):
+        small = h.CephCluster(osd_bytes=160 * MB).start()
+
+        def on_small_cluster(d):
+            d.ceph = small
+            d.settings["rados"]["conf"] = small.conf
+            h.Daemon.write_config(d.conf_path, d.settings)
+        E3 = new_daemon(before_start=on_small_cluster)
+        tap.context.append(lambda: E3.log_tail(15))
+        src_e3 = prepare_sources(E3, "e3-src")
+        storm = Storm(E3, "e3-full", src_e3)
+        storm.prepare_quiet()
+        filler = fill_cluster(small)
+        tap.diag("(e3): the OSD took %d MiB of filler before refusing more" % len(filler))
+        deadline = time.monotonic() + 120
+        t0 = time.monotonic()
+        storm.start(deadline)
+        all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
+        tap.ok(all_full, "(e3): every upload is answered 1028 (StorageFull) once the cluster is full",
+               repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
+        snap = storm.mark_fault()
+        empty_cluster(small, filler)
+        tap.diag("(e3): room made after %.1f s full; %d 1028 answers so far"
+                 % (time.monotonic() - t0, sum(u.full for u in storm.ups)))
+        storm.probe(snap)
+        storm.join(deadline)
+        storm.finish_quiet()
+        storm.verify()
+        healthy(E3, "(e3)")
+        rc, left = E3.stop()
+        tap.ok(rc == 0 and not left, "daemon of (e3) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
+        tap.context.pop()
+        small.stop()
+
+
 if RADOS:
     with tap.section("(f) OSD SIGKILL"):
         st = run_storm(D, "f-osd", SOURCES, kill_osd)
