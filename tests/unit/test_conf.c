@@ -2,6 +2,7 @@
 #include "config.h"
 #include "unit.h"
 
+#include "backend.h"
 #include "conf.h"
 #include "log.h"
 
@@ -442,8 +443,17 @@ START_TEST(test_backend)
 		unit_assert_contains(err, "is not a storage backend (known: fs");
 		ck_assert_str_eq(c.backend, "fs");
 	}
-	expect_load_error("[storage]\nbackend = nfs\n", 2,
-	    "[storage] backend: 'nfs' is not a storage backend (known: fs)");
+	char known[160];
+	snprintf(known, sizeof(known), "[storage] backend: 'nfs' is not a storage backend (known: %s)", backend_names());
+	expect_load_error("[storage]\nbackend = nfs\n", 2, known);
+#ifdef HAVE_RADOS
+	ck_assert_int_eq(conf_set(&c, "storage", "backend", "rados", err, sizeof(err)), 0);
+	ck_assert_str_eq(backend_names(), "fs, rados");
+#else
+	/* A build without librados says how to get the backend, not just that it is unknown. */
+	ck_assert_int_eq(conf_set(&c, "storage", "backend", "rados", err, sizeof(err)), -1);
+	unit_assert_contains(err, "install librados-dev");
+#endif
 }
 END_TEST
 
