@@ -63,7 +63,7 @@ echo "== machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(d
 
 echo "== limit: dd of 256 MiB in 32 KiB blocks to the same file system (with fsync)"
 dd if=/dev/urandom of="$work/random.bin" bs=1M count=256 status=none
-dd if="$work/random.bin" of="$work/root/dd.bin" bs=32k conv=fsync 2>&1 | tail -n 1
+dd if="$work/random.bin" of="$work/root/dd.bin" bs=32k conv=fsync 2>&1 | tail -n 1 | tee "$work/dd.txt"
 rm -f "$work/root/dd.bin"
 
 echo "== limit: raw loopback TCP copy of 1 GiB (one connection, 32 KiB writes)"
@@ -91,9 +91,9 @@ echo "== 1: one connection uploading a 256 MiB file, 32 KiB chunks (bench: base6
 echo "== 1b: the same with one connection downloading, 30 s"
 "$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --chunk 32768 --mode download --duration 30 --uid 1 --token bench
 
-echo "== 1c: resctl upload and download of a 256 MiB file (the client encodes as it goes)"
-"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name one.bin --uid 1 --token bench --chunk 32768
-"$resctl" download "127.0.0.1:$port" one.bin "$work/one.out" --uid 1 --token bench
+echo "== 1c: resctl upload and download --compat of a 256 MiB file (the client encodes as it goes)"
+"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name one.bin --uid 1 --token bench --chunk 32768 --compat
+"$resctl" download "127.0.0.1:$port" one.bin "$work/one.out" --uid 1 --token bench --compat
 cmp "$work/random.bin" "$work/one.out" && echo "identical"
 rm -f "$work/one.out"
 
@@ -102,6 +102,79 @@ echo "== 2: 64 connections uploading 8 MiB files for 20 s"
 
 echo "== 3: 64 connections downloading 8 MiB files for 20 s"
 "$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --chunk 32768 --mode download --duration 20 --uid 1 --token bench
+
+# ---------------------------------------------------------------- binary fast path (issue 11, item 2)
+# The same scenarios over the fast path (1041-1048), and CPU per byte of this daemon's processes
+# (the master's children, not other resourced instances on the machine) for 64 connections on both
+# paths. BIN_DURATION (default 20) is the length of each timed run in seconds.
+bench_binary() {
+	local dur=${BIN_DURATION:-20} master
+	master=$(cat "$work/run/resourced.pid")
+	cpu_ticks() {   # user + system clock ticks of the master and its children
+		local total=0 pid
+		for pid in "$master" $(pgrep -P "$master"); do
+			total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+		done
+		echo "$total"
+	}
+	field() {   # key of resctl bench --json output on stdin
+		python3 -c "import json, sys; d = json.load(sys.stdin); print(d$1)"
+	}
+	local hz u; hz=$(getconf CLK_TCK)
+	# Each run as its own user: runs stopped by --duration leave uploads in progress, and one
+	# user's would reach max_uploads_per_user.
+	for u in 11 12 13 14 15 16; do redis-cli -p "$rport" set "utoken_$u" bench >/dev/null; done
+	echo "== 6: binary fast path (load: $(uptime | sed 's/.*load average: //'))"
+	local dd_mbs
+	dd_mbs=$(awk '{v = $(NF - 1); u = $NF; if (u == "GB/s") v *= 1000; if (u == "kB/s") v /= 1000; print v}' "$work/dd.txt")
+	local up dl json_up bin_up json_dl bin_dl t0 t1
+	up=$("$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --files 1 --mode upload --duration 120 \
+		--uid 11 --token bench --protocol binary --json || true)
+	dl=$("$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --mode download --duration "$dur" \
+		--uid 12 --token bench --protocol binary --json || true)
+	local row=() uid=12   # 13 to 16
+	for proto in json binary; do
+		uid=$((uid + 1))
+		t0=$(cpu_ticks)
+		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (README, Performance).
+		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode upload --duration "$dur" \
+			--uid "$uid" --token bench --protocol "$proto" $([ "$proto" = binary ] && echo --chunk 262144) --json || true)")
+		t1=$(cpu_ticks)
+		row+=("$((t1 - t0))")
+		uid=$((uid + 1))
+		t0=$(cpu_ticks)
+		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode download --duration "$dur" \
+			--uid "$uid" --token bench --protocol "$proto" --json || true)")
+		t1=$(cpu_ticks)
+		row+=("$((t1 - t0))")
+	done
+	printf '%-44s %10s %12s %8s\n' scenario "MB/s" "server CPU" "ms/MB"
+	local up_mbs dl_mbs
+	up_mbs=$(field "['mb_per_s']" <<<"$up")
+	dl_mbs=$(field "['mb_per_s']" <<<"$dl")
+	printf '%-44s %10s %12s %8s   (%.0f%% of dd with fsync, %s MB/s)\n' "binary, 1 connection upload, 256 MiB" "$up_mbs" - - \
+		"$(awk -v a="$up_mbs" -v b="$dd_mbs" 'BEGIN {print (b > 0 ? 100 * a / b : 0)}')" "$dd_mbs"
+	printf '%-44s %10s %12s %8s\n' "binary, 1 connection download, $dur s" "$dl_mbs" - -
+	local i=0 proto kind
+	for proto in json binary; do
+		for kind in upload download; do
+			local out=${row[$i]} ticks=${row[$((i + 1))]} mbs bytes
+			mbs=$(field "['mb_per_s']" <<<"$out")
+			bytes=$(field "['bytes']" <<<"$out")
+			printf '%-44s %10s %11.1fs %8.2f   errors %s\n' "$proto, 64 connections $kind, $dur s" "$mbs" \
+				"$(awk -v t="$ticks" -v h="$hz" 'BEGIN {print t / h}')" \
+				"$(awk -v t="$ticks" -v h="$hz" -v b="$bytes" 'BEGIN {print (b > 0 ? 1000 * t / h / (b / 1e6) : 0)}')" \
+				"$(field "['errors_total']" <<<"$out")"
+			i=$((i + 2))
+		done
+	done
+	echo "== 6b: resctl upload and download of a 256 MiB file over the fast path (the default)"
+	"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name two.bin --uid 1 --token bench
+	"$resctl" download "127.0.0.1:$port" two.bin "$work/two.out" --uid 1 --token bench
+	cmp "$work/random.bin" "$work/two.out" && echo "identical"
+	rm -f "$work/two.out"
+}
+bench_binary
 
 echo "== 4: 10,000 idle connections"
 before=$(rss_kib)
@@ -119,6 +192,202 @@ print(f"RSS before {before} KiB, with 10000 idle connections {after} KiB: {(afte
 for s in socks: s.close()
 PY
 "$resctl" stats --socket "$work/run/stats.sock" show info | grep -E '^(conn_total|conn_rejected|errors_)' || true
+
+# ---------------------------------------------------------------- multi-node (issue 9)
+# Aggregate upload throughput through HAProxy with 1 and 3 nodes against one node directly: the nodes
+# share one storage root and the Redis above, HAProxy runs from contrib/haproxy.cfg with the local
+# addresses (no stickiness: every connection comes from 127.0.0.1). Kept apart from the scenarios
+# above so that it merges on its own. MN_DURATION (default 15) is the length of each run in seconds.
+bench_multinode() {
+	local haproxy=${HAPROXY_BIN:-/usr/sbin/haproxy}
+	[ -x "$haproxy" ] || { echo "== multi-node: skipped ($haproxy is not installed)"; return 0; }
+	local dur=${MN_DURATION:-15} hport=$((port + 10)) i
+	mn=$work/mn   # global: the EXIT trap below needs it
+	local load=(--connections 32 --size 8388608 --chunk 32768 --mode upload --duration "$dur" --uid 1 --token bench --json)
+	mkdir -p "$mn/root"
+	mn_node_conf() {   # node number, proxy_protocol on|off
+		local n=$1
+		mkdir -p "$mn/run$n"
+		cat > "$mn/node$n.conf" <<NODE
+[server]
+listen = 127.0.0.$((n + 1)):$((port + 20))
+workers = auto
+run_dir = $mn/run$n
+pid_file = $mn/run$n/resourced.pid
+max_connections = 20000
+idle_timeout = 600
+proxy_protocol = $2
+agent_listen = 127.0.0.$((n + 1)):$((port + 21))
+node = bench$n
+[storage]
+root = $mn/root
+max_file_size = 1073741824
+[redis]
+port = $rport
+[log]
+level = warn
+file = $mn/node$n.log
+NODE
+	}
+	mn_start() {   # node number: starts it and waits until it answers
+		"$resourced" -f -c "$mn/node$1.conf" &
+		local line=""   # the agent answers "up" once the workers and the storage process run
+		for _ in $(seq 200); do
+			{ exec 3<>"/dev/tcp/127.0.0.$(($1 + 1))/$((port + 21))" && read -r -t 1 line <&3; exec 3<&-; } 2>/dev/null || true
+			case $line in up*) return 0 ;; esac
+			sleep 0.05
+		done
+		echo "bench.sh: node $1 did not come up" >&2
+	}
+	mn_stop() {   # node number
+		local pid
+		pid=$(cat "$mn/run$1/resourced.pid" 2>/dev/null) || return 0
+		kill -TERM "$pid" 2>/dev/null || return 0
+		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+	}
+	mn_haproxy() {   # number of nodes: writes the configuration and starts HAProxy, waits for every server UP
+		local n=$1 servers=""
+		for i in $(seq "$n"); do
+			servers+="	server node$i 127.0.0.$((i + 1)):$((port + 20)) agent-port $((port + 21)) agent-addr 127.0.0.$((i + 1))\n"
+		done
+		sed -e '/^\tlog \/dev\/log/d' -e '/^\tlog global/d' -e '/^\toption tcplog/d' \
+			-e "s|/run/haproxy/admin.sock|$mn/haproxy.sock|" -e "s|bind :9090|bind 127.0.0.1:$hport|" \
+			-e "s|bind 127.0.0.1:8404|bind 127.0.0.1:$((hport + 1))|" \
+			-e '/^\tstick-table /d' -e '/^\tstick on src/d' -e 's/ slowstart 30s//' \
+			-e 's/check inter 2s/check inter 300ms/' -e 's/agent-inter 2s/agent-inter 300ms/' \
+			-e '/^\tserver res[23] /d' -e "s|^\tserver res1 .*|$servers|" \
+			"$top/contrib/haproxy.cfg" > "$mn/haproxy.cfg"
+		"$haproxy" -db -f "$mn/haproxy.cfg" > "$mn/haproxy.log" 2>&1 &
+		echo $! > "$mn/haproxy.pid"
+		python3 - "$mn/haproxy.sock" "$n" <<'PY'
+import socket, sys, time
+path, want = sys.argv[1], int(sys.argv[2])
+for _ in range(600):
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect(path); s.sendall(b"show stat\n")
+        out = b""
+        while True:
+            d = s.recv(65536)
+            if not d: break
+            out += d
+        up = [l for l in out.decode().splitlines() if l.startswith("resourced,node") and ",UP," in l]
+        if len(up) == want: sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit("haproxy: not every server came UP within 60 s: %s" % [l.split(",")[1:2] + l.split(",")[17:18]
+                                                                  for l in out.decode().splitlines()[1:]])
+PY
+	}
+	mn_haproxy_stop() {
+		[ -f "$mn/haproxy.pid" ] && kill "$(cat "$mn/haproxy.pid")" 2>/dev/null || true
+		rm -f "$mn/haproxy.pid"
+		sleep 0.2
+	}
+	mn_cleanup() {
+		mn_haproxy_stop
+		for i in 1 2 3; do mn_stop "$i"; done
+	}
+	trap 'mn_cleanup; cleanup' EXIT
+	mn_line() {   # label, resctl bench JSON (its MB/s is kept in $mn/mbs, one "label<TAB>MB/s" a line)
+		python3 - "$1" "$2" "$mn/mbs" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+with open(sys.argv[3], "a") as f:
+    f.write("%s\t%.2f\n" % (sys.argv[1], r["mb_per_s"]))
+errors = ", ".join("%s x%d" % kv for kv in r["errors"].items()) or "none"
+print("%-22s %9.2f %7d %9.3f %9.3f  %s" % (sys.argv[1], r["mb_per_s"], r["files"], r["rtt_ms"]["p50"],
+                                            r["rtt_ms"]["p99"], errors))
+PY
+	}
+
+	echo "== 5: multi-node (issue 9): 32 connections uploading 8 MiB files for $dur s each, shared root, one Redis"
+	printf '%-22s %9s %7s %9s %9s  %s\n' setup "MB/s" files "p50 ms" "p99 ms" errors
+	mn_node_conf 1 off
+	mn_start 1
+	mn_line "one node directly" "$("$resctl" bench "127.0.0.2:$((port + 20))" "${load[@]}" || true)"
+	mn_stop 1
+	for i in 1 2 3; do mn_node_conf "$i" on; done
+	mn_start 1
+	if mn_haproxy 1; then
+		mn_line "HAProxy, 1 node" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	fi
+	mn_haproxy_stop
+	mn_start 2
+	mn_start 3
+	if mn_haproxy 3; then
+		mn_line "HAProxy, 3 nodes" "$("$resctl" bench "127.0.0.1:$hport" "${load[@]}" || true)"
+	fi
+	# Issue 9: through the balancer, the lease and the shared records may cost at most 10% against one
+	# node directly (with 3 nodes on one machine the nodes share its cores: that line is for the record).
+	awk -F '\t' '{v[$1] = $2} END {
+		d = v["one node directly"]
+		if (d > 0) for (k in v) if (k != "one node directly")
+			printf "%-22s %8.1f%% of one node directly\n", k, 100 * v[k] / d
+	}' "$mn/mbs" 2>/dev/null | sort || true
+	mn_cleanup
+	trap cleanup EXIT
+}
+bench_multinode
+
+# Instant upload (issue 14): DEDUP_USERS (default 100) users each upload the same DEDUP_MIB (default 64)
+# MiB file, one after the other, to a node with [storage] dedup = global and then to one with dedup = off:
+# the time of all uploads and the bytes that crossed the wire (show info bytes_in). Needs about
+# DEDUP_USERS x DEDUP_MIB MiB free under /var/tmp for the off run (measured first; the size shrinks to fit).
+# Kept apart from the scenarios above so that it merges on its own.
+bench_dedup() {
+	local users=${DEDUP_USERS:-100} mib=${DEDUP_MIB:-64} dd=$work/dedup i
+	local free_mib
+	free_mib=$(df -Pm "$work" | awk 'NR == 2 {print $4}')
+	while [ "$mib" -gt 1 ] && [ $((users * mib + 1024)) -gt "$free_mib" ]; do mib=$((mib / 2)); done
+	mkdir -p "$dd"
+	head -c $((mib * 1048576)) /dev/urandom > "$dd/same.bin"
+	for i in $(seq "$users"); do echo "SET utoken_$((100000 + i)) bench-$i"; done | redis-cli -p "$rport" >/dev/null
+	dedup_run() {   # dedup scope: prints one summary line
+		local scope=$1 dport=$((port + 40)) start end bytes
+		rm -rf "$dd/root" "$dd/run"
+		mkdir -p "$dd/root" "$dd/run"
+		cat > "$dd/node.conf" <<NODE
+[server]
+listen = 127.0.0.1:$dport
+workers = auto
+run_dir = $dd/run
+pid_file = $dd/run/resourced.pid
+stats_socket = $dd/run/stats.sock
+[storage]
+root = $dd/root
+max_file_size = 1073741824
+dedup = $scope
+[redis]
+port = $rport
+prefix = dedup-$scope-
+[log]
+level = warn
+file = $dd/node.log
+NODE
+		"$resourced" -f -c "$dd/node.conf" &
+		for _ in $(seq 200); do "$resctl" ping "127.0.0.1:$dport" --timeout 1 >/dev/null 2>&1 && break; sleep 0.05; done
+		start=$(date +%s.%N)
+		for i in $(seq "$users"); do
+			"$resctl" upload "127.0.0.1:$dport" "$dd/same.bin" --name "forwarded-$i.bin" \
+				--uid $((100000 + i)) --token "bench-$i" >/dev/null || echo "bench.sh: upload $i failed" >&2
+		done
+		end=$(date +%s.%N)
+		bytes=$("$resctl" stats --socket "$dd/run/stats.sock" show info json |
+			python3 -c 'import json, sys; i = json.load(sys.stdin); print(i["bytes_in"], i.get("uploads_instant", 0), i.get("instant_bytes_saved", 0))')
+		printf '%-8s %8.2f s %12s %9s %14s  %s MiB on disk\n' "$scope" "$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')" \
+			$bytes "$(du -sm "$dd/root" | cut -f1)"
+		kill -TERM "$(cat "$dd/run/resourced.pid")" 2>/dev/null || true
+		for _ in $(seq 200); do [ -e "$dd/run/resourced.pid" ] || break; sleep 0.05; done
+		sleep 0.5
+	}
+	echo "== 6: instant upload (issue 14): $users users upload the same $mib MiB file, one after the other"
+	printf '%-8s %10s %12s %9s %14s\n' dedup time "bytes in" instant "bytes saved"
+	dedup_run global
+	dedup_run off
+	rm -rf "$dd"
+}
+bench_dedup
 
 # ---------------------------------------------------------------- the RADOS backend beside `rados bench`
 # (BENCH_RADOS=0 skips it.) A throwaway one-OSD cluster (tests/integration/harness.py CephCluster,

@@ -1,52 +1,96 @@
 #!/bin/bash
 # quickstart.sh: installs, builds and starts resourced in the foreground with private Redis and PostgreSQL.
 #
-# Everything lives under ./dev (config, files, logs) and /var/tmp/resourced-dev
-# (the PostgreSQL cluster, which must be owned by the postgres user). Ctrl-C
-# stops the server and both databases. A demo user uid 1 with token "demo" is
-# created, so this works at once:
+# Everything lives under ./dev (config, files, logs, the stats socket) and
+# /var/tmp/resourced-dev-<id of this clone> (the PostgreSQL cluster, which must
+# be owned by the postgres user), so two clones do not meet. Ctrl-C stops the
+# server and both databases; so does any failure on the way. A demo user uid 1
+# with token "demo" is created, so this works at once:
 #   src/resctl upload 127.0.0.1:9090 FILE --uid 1 --token demo
+# The port is 9090 unless RESOURCED_PORT says otherwise; a port already in use
+# is reported before anything starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
+port=${RESOURCED_PORT:-9090}
+
+say() { echo "quickstart: $*" >&2; }
+
+# Before anything is started: a taken port would only fail at the very end.
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+	say "port $port on 127.0.0.1 is in use (another quickstart, or another server);"
+	say "choose another one: RESOURCED_PORT=9191 $0"
+	exit 1
+fi
+
 sh contrib/deps.sh
 [ -x configure ] || ./autogen.sh
 [ -f Makefile ] || ./configure
 make -j"$(nproc)"
 
 dev=$top/dev
-pgdir=/var/tmp/resourced-dev
+clone_id=$(printf '%s' "$top" | md5sum | cut -c1-8)
+pgdir=/var/tmp/resourced-dev-$clone_id
 mkdir -p "$dev/files" "$dev/run" "$dev/redis"
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 
-redis-server --port 0 --unixsocket "$dev/redis/redis.sock" --unixsocketperm 700 \
+# Stops what this run started, whatever the reason for leaving.
+redis_started=
+pg_started=
+stop_all() {
+	if [ -n "$pg_started" ]; then
+		runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null 2>&1 || true
+	fi
+	if [ -n "$redis_started" ] && [ -f "$dev/redis/redis.pid" ]; then
+		kill "$(cat "$dev/redis/redis.pid")" 2>/dev/null || true
+	fi
+}
+trap stop_all EXIT
+
+rm -f "$dev/redis/redis.pid"   # a stale one could name somebody else's process by now
+if ! redis-server --port 0 --unixsocket "$dev/redis/redis.sock" --unixsocketperm 700 \
 	--save '' --appendonly no --dir "$dev/redis" --daemonize yes \
-	--pidfile "$dev/redis/redis.pid" --logfile "$dev/redis/redis.log"
+	--pidfile "$dev/redis/redis.pid" --logfile "$dev/redis/redis.log"; then
+	say "redis-server did not start; see $dev/redis/redis.log"
+	exit 1
+fi
+redis_started=1
+for _ in $(seq 50); do
+	redis-cli -s "$dev/redis/redis.sock" PING >/dev/null 2>&1 && break
+	sleep 0.1
+done
+if ! redis-cli -s "$dev/redis/redis.sock" PING >/dev/null 2>&1; then
+	say "redis-server does not answer on $dev/redis/redis.sock; see $dev/redis/redis.log"
+	exit 1
+fi
 
 if [ ! -f "$pgdir/data/PG_VERSION" ]; then
 	mkdir -p "$pgdir"
 	chown postgres: "$pgdir"
 	runuser -u postgres -- "$pgbin/initdb" -D "$pgdir/data" -A trust -U postgres >/dev/null
 fi
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/pg.log" -w \
-	-o "-c listen_addresses='' -c unix_socket_directories=$pgdir" start >/dev/null
-stop_all() {
-	runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null 2>&1 || true
-	[ -f "$dev/redis/redis.pid" ] && kill "$(cat "$dev/redis/redis.pid")" 2>/dev/null || true
-}
-trap stop_all EXIT
-psql -q -h "$pgdir" -U postgres -d postgres -f contrib/schema.sql
-psql -q -h "$pgdir" -U postgres -d postgres -c \
+if ! runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/pg.log" -w \
+	-o "-c listen_addresses='' -c unix_socket_directories=$pgdir" start >/dev/null; then
+	say "PostgreSQL did not start; its log is $pgdir/pg.log:"
+	tail -n 15 "$pgdir/pg.log" >&2 || true
+	exit 1
+fi
+pg_started=1
+# The schema is idempotent; its "already exists, skipping" notices are noise on a rerun.
+export PGOPTIONS='-c client_min_messages=warning'
+psql -q -v ON_ERROR_STOP=1 -h "$pgdir" -U postgres -d postgres -f contrib/schema.sql
+psql -q -v ON_ERROR_STOP=1 -h "$pgdir" -U postgres -d postgres -c \
 	"INSERT INTO \"user\" (uid, name, nick) VALUES (1, 'demo', 'Demo') ON CONFLICT (uid) DO NOTHING"
 redis-cli -s "$dev/redis/redis.sock" SET utoken_1 demo >/dev/null
 
 cat > "$dev/resourced.conf" <<CONF
 # Written by contrib/quickstart.sh: a private development setup.
 [server]
-listen = 127.0.0.1:9090
+listen = 127.0.0.1:$port
 workers = auto
 run_dir = $dev/run
 pid_file = $dev/run/resourced.pid
+stats_socket = $dev/run/stats.sock
 [storage]
 root = $dev/files
 [redis]
@@ -56,5 +100,11 @@ conninfo = host=$pgdir dbname=postgres user=postgres
 [log]
 level = info
 CONF
-echo "resourced: listening on 127.0.0.1:9090 (uid 1, token demo); Ctrl-C stops it"
+src/resourced -t -c "$dev/resourced.conf" >/dev/null
+cat >&2 <<EOF
+resourced: listening on 127.0.0.1:$port (uid 1, token demo); Ctrl-C stops it. From a second shell:
+  src/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
+  src/resctl stats --socket $dev/run/stats.sock show info      (also: show workers, show metrics, help)
+  kill -HUP \$(cat $dev/run/resourced.pid)                      (reload; QUIT: graceful stop)
+EOF
 src/resourced -f -c "$dev/resourced.conf"

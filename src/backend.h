@@ -13,9 +13,7 @@ struct conf;
 /*
  * Every call below may block (disk, network): call them on pool threads, never on an
  * event loop. The exceptions: backend_open/backend_close; staging_close and file_close,
- * which only free memory and descriptors and must never block; and staging_list,
- * staging_attach and staging_truncate during the storage process's start-up, before its
- * loop runs.
+ * which only free memory and descriptors and must never block.
  *
  * Errors are errno values (0 on success). A backend maps its own failures onto the
  * errno a caller already understands: ENOENT (no such entry or file), ENOSPC/EDQUOT/EFBIG
@@ -27,14 +25,16 @@ struct conf;
  *
  * Fencing. Every call that changes a staging entry (begin, write, truncate, discard) and
  * publish carry a `fence`: an opaque, increasing token of the writer's right to this
- * upload (for several nodes: the generation of the upload lease held in Redis).
+ * upload: the fence of the upload lease held in Redis (lease.h: the Redis server's clock
+ * when the lease was taken, so a later holding has a larger one).
  * BACKEND_NO_FENCE means a single writer, nothing to check. A backend that supports
  * fencing keeps the highest fence seen with the staging entry: a call carrying a lower
  * one fails with ESTALE and changes nothing, a higher one becomes the recorded one (a
  * node taking an upload over attaches and writes with its newer fence), and the check is
- * atomic with the change itself (RADOS: a cmpxattr in the same compound operation; a
- * shared file system: under an flock of the entry's metadata). The fs backend ignores it
- * today: one storage process per root is the only writer.
+ * atomic with the change itself (RADOS: a cmpxattr in the same compound operation; the
+ * fs backend: <key>.lock holds the fence and is flocked around each change, see
+ * backend_fs.c). The recorded fence lives as long as the entry: begin on a new entry
+ * starts from the fence it is given.
  */
 
 #define BACKEND_NO_FENCE 0
@@ -73,6 +73,19 @@ enum backend_sync_point {
 #define BACKEND_PUBLISHED 0x1     /* the file is visible under its name (even if an error follows) */
 #define BACKEND_PATH_FAILED 0x2   /* the user's directory (or index) could not be created */
 
+/*
+ * Stored content (instant upload, design.md §5 "Instant upload"). Published files are also
+ * indexed by their content: (size, md5), and with [storage] dedup = user also the uid that
+ * stored it (owner). A backend keeps the index with the storage itself, so every
+ * node sharing it sees the same index, and frees content once no published name uses it.
+ */
+struct backend_content_key {
+	int per_user;                 /* dedup = user: only content this owner stored */
+	uint64_t owner;               /* that uid */
+	uint64_t size;
+	char md5[PROTO_MD5_HEX + 1];
+};
+
 struct backend;
 struct backend_staging;           /* one upload's staging entry, opaque */
 struct backend_file;              /* one published file opened for reading, opaque */
@@ -91,12 +104,21 @@ struct backend_ops {
 	    struct backend_staging **out);
 	/* A handle on an existing entry (from staging_list), without changing it. */
 	int (*staging_attach)(struct backend *b, const struct backend_meta *meta, struct backend_staging **out);
+	/* The entry of (uid, md5) if there is one: its metadata, size, mtime and a handle, without
+	 * changing it (an upload taken over from another node or a restarted storage process).
+	 * ENOENT when there is none, EINVAL when it is broken. */
+	int (*staging_find)(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+	    struct backend_staging **out);
 	int (*staging_write)(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
 	    uint64_t fence);
 	/* Reads up to len bytes at offset; *got < len only at the end of the entry. */
 	int (*staging_read)(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got);
 	int (*staging_sync)(struct backend_staging *s, enum backend_sync_point point);
 	int (*staging_size)(struct backend_staging *s, uint64_t *size);
+	/* The highest fence recorded with the entry (0 when none is): a holder that took its lease back
+	 * with the fence it had checks that nobody changed the entry meanwhile (Redis may have lost
+	 * writes). A backend without fencing answers 0. */
+	int (*staging_fence)(struct backend_staging *s, uint64_t *recorded);
 	/* Cuts the entry to size (recovery drops bytes that cannot count). */
 	int (*staging_truncate)(struct backend_staging *s, uint64_t size, uint64_t fence);
 	/* Removes the entry's data and metadata; the handle stays valid until staging_close. */
@@ -116,6 +138,29 @@ struct backend_ops {
 	    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX]);
 	int (*file_read)(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got);
 	void (*file_close)(struct backend_file *f);   /* NULL is ignored */
+	/* Optional (NULL when the backend has none): a descriptor of the open published file, for
+	 * sendfile(2) by the binary fast path; it stays valid until file_close and never blocks. */
+	int (*file_fd)(struct backend_file *f);
+
+	/* ---- stored content, by (size, md5): never a copy, always the same bytes under another name.
+	 * A backend without an index leaves these NULL and uploads simply are never instant. */
+	/* Opens the content of key for reading (read with file_read, closed with file_close);
+	 * ENOENT when the index has none of that size. */
+	int (*content_open)(const struct backend *b, const struct backend_content_key *key,
+	    struct backend_file **out, uint64_t *size);
+	/* publish, and the published file enters the index under key unless the index has that key
+	 * already (then the file is published as it is: its bytes are never checked against the
+	 * other's here). An index failure is logged, never an error: the file is published. */
+	int (*publish_indexed)(struct backend_staging *s, const struct backend_content_key *key,
+	    uint64_t fence, int *flags);
+	/* Publishes <uid>/<name> of the staging entry s (its metadata; the data need not be there)
+	 * from the stored content of key instead, atomically and fenced like publish, and removes
+	 * the staging entry. ENOENT (nothing changed) when the content is gone meanwhile. */
+	int (*publish_from_content)(struct backend_staging *s, const struct backend_content_key *key,
+	    uint64_t fence, int *flags);
+	/* Removes content that no published name uses any more (the janitor, on a pool thread);
+	 * counts what it freed. */
+	int (*content_collect)(struct backend *b, size_t *freed, uint64_t *freed_bytes);
 };
 
 /* One opened backend: the table and the backend's own state. */

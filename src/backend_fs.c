@@ -15,11 +15,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #define STAGING_DIR ".staging"
+#define CONTENT_DIR ".content"       /* the content index: <md5>-<size> (or u<uid>-<md5>-<size>), hard links */
 #define META_MAX 8192                 /* a .meta is one line of about 600 bytes at most */
 /* Staging files held open at once: at most this, and at most a quarter of the process's file
  * limit. Thousands of idle uploads must not exhaust the storage process's descriptors: past
@@ -31,6 +33,7 @@
 struct fs {
 	const struct conf *conf;
 	char staging[PATH_MAX];       /* <root>/.staging */
+	char content[PATH_MAX];       /* <root>/.content */
 	pthread_mutex_t lock;         /* the list below; handles are used on several pool threads */
 	struct backend_staging *mru, *lru;   /* handles whose file is open, most recently used first */
 	size_t open_count;
@@ -45,6 +48,8 @@ struct backend_staging {
 	struct backend_staging *prev, *next;   /* on the open list */
 	char part[PATH_MAX];
 	char metafile[PATH_MAX];
+	char lockfile[PATH_MAX];      /* holds the highest fence seen; flocked around every fenced change */
+	int lock_fd;                  /* open between fence_enter and fence_leave */
 };
 
 struct backend_file {
@@ -80,9 +85,14 @@ static int fs_open(struct backend *b, enum backend_role role, char *err, size_t 
 		free(fs);
 		return -1;
 	}
+	if (path_format(fs->content, sizeof(fs->content), "%s/" CONTENT_DIR, b->conf->root) != 0) {
+		snprintf(err, errlen, "[storage] root is too long");
+		free(fs);
+		return -1;
+	}
 	if (role == BACKEND_WRITER) {
-		const char *dirs[] = { b->conf->root, fs->staging };
-		for (size_t i = 0; i < 2; i++) {
+		const char *dirs[] = { b->conf->root, fs->staging, fs->content };
+		for (size_t i = 0; i < 3; i++) {
 			if (mkdir(dirs[i], 0750) < 0 && errno != EEXIST) {
 				snprintf(err, errlen, "mkdir(%s) failed: %s", dirs[i], strerror(errno));
 				free(fs);
@@ -160,6 +170,10 @@ static struct backend_staging *staging_new(struct fs *fs, const struct backend_m
 	if (*err == 0)
 		*err = path_format(s->metafile, sizeof(s->metafile), "%s/%" PRIu64 "-%s.meta", fs->staging, meta->uid,
 		    meta->md5);
+	if (*err == 0)
+		*err = path_format(s->lockfile, sizeof(s->lockfile), "%s/%" PRIu64 "-%s.lock", fs->staging, meta->uid,
+		    meta->md5);
+	s->lock_fd = -1;
 	if (*err) {
 		free(s);
 		return NULL;
@@ -355,6 +369,94 @@ static int meta_read(const char *path, struct backend_meta *m)
 	return err;
 }
 
+/* ---------------------------------------------------------------- fencing (backend.h) */
+
+/*
+ * Nodes sharing the root take turns on an upload through its lease in Redis; the fence
+ * makes a node that lost the lease harmless even if it does not know yet. <key>.lock
+ * holds the highest fence seen (8 bytes, little endian). Every fenced change opens it,
+ * takes an exclusive flock (NFSv4 and CephFS carry these between clients), refuses a
+ * lower fence with ESTALE, records a higher one, makes the change and unlocks: the check
+ * and the change are one step for every other holder. The file is opened per change, so
+ * thousands of idle uploads hold no descriptor, and checked after locking to be the one
+ * the path names (discard and publish remove it under the lock, with the entry). A
+ * stale holder that comes back after that finds no fence to compare with, so a write
+ * also checks that its descriptor is the .part the path names now: a .part published
+ * (renamed) or discarded meanwhile is refused, and a new entry at that path has a newer
+ * fence. (A lock file such a holder creates again is an orphan the janitor removes.)
+ */
+static int fence_enter(struct backend_staging *s, uint64_t fence)
+{
+	if (fence == BACKEND_NO_FENCE)
+		return 0;
+	for (int tries = 0; tries < 8; tries++) {
+		int fd = open(s->lockfile, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+		if (fd < 0)
+			return errno;
+		int rc;
+		while ((rc = flock(fd, LOCK_EX)) < 0 && errno == EINTR)
+			;
+		struct stat held, named;
+		if (rc < 0 || fstat(fd, &held) < 0) {
+			int err = errno;
+			close(fd);
+			return err;
+		}
+		if (stat(s->lockfile, &named) < 0 || named.st_ino != held.st_ino || named.st_dev != held.st_dev) {
+			close(fd);   /* removed or replaced while we waited: lock the current one */
+			continue;
+		}
+		uint8_t b[8] = { 0 };
+		ssize_t n = pread(fd, b, sizeof(b), 0);
+		uint64_t recorded = 0;
+		for (int i = 7; n == (ssize_t)sizeof(b) && i >= 0; i--)
+			recorded = recorded << 8 | b[i];
+		if (fence < recorded) {
+			close(fd);
+			return ESTALE;
+		}
+		if (fence > recorded) {
+			for (int i = 0; i < 8; i++)
+				b[i] = (uint8_t)(fence >> (8 * i));
+			int err = write_all_at(fd, b, sizeof(b), 0);
+			if (err) {
+				close(fd);
+				return err;
+			}
+		}
+		s->lock_fd = fd;
+		return 0;
+	}
+	return EAGAIN;
+}
+
+static int fs_staging_fence(struct backend_staging *s, uint64_t *recorded)
+{
+	*recorded = 0;
+	int fd = open(s->lockfile, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : errno;
+	int rc;
+	while ((rc = flock(fd, LOCK_SH)) < 0 && errno == EINTR)
+		;
+	uint8_t b[8];
+	ssize_t n = rc == 0 ? pread(fd, b, sizeof(b), 0) : -1;
+	int err = rc < 0 || n < 0 ? errno : 0;
+	close(fd);
+	for (int i = 7; n == (ssize_t)sizeof(b) && i >= 0; i--)
+		*recorded = *recorded << 8 | b[i];
+	return err;
+}
+
+/* Unlocks (closing the descriptor drops the flock). */
+static void fence_leave(struct backend_staging *s)
+{
+	if (s->lock_fd >= 0) {
+		close(s->lock_fd);
+		s->lock_fd = -1;
+	}
+}
+
 /* ---------------------------------------------------------------- staging */
 
 static void fs_staging_close(struct backend_staging *s);
@@ -362,19 +464,32 @@ static void fs_staging_close(struct backend_staging *s);
 static int fs_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
     struct backend_staging **out)
 {
-	(void)fence;   /* one storage process per root: nothing to fence (backend.h) */
 	int err;
 	struct backend_staging *s = staging_new(b->priv, meta, &err);
 	if (s == NULL)
 		return err;
+	if ((err = fence_enter(s, fence)) != 0) {
+		free(s);
+		return err;
+	}
+	/* A new inode rather than truncating the old one: bytes are never written into an inode that
+	 * some published name or the content index may share (instant upload). */
+	if (unlink(s->part) < 0 && errno != ENOENT) {
+		err = errno;
+		fence_leave(s);
+		free(s);
+		return err;
+	}
 	int fd = open_staging(s->fs, s->part, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC);
 	if (fd < 0) {
 		err = errno;
+		fence_leave(s);
 		free(s);
 		return err;
 	}
 	open_register(s, fd);
 	err = meta_write(s);
+	fence_leave(s);
 	staging_release(s);
 	if (err) {
 		fs_staging_close(s);
@@ -391,14 +506,47 @@ static int fs_staging_attach(struct backend *b, const struct backend_meta *meta,
 	return err;
 }
 
+static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+    struct backend_staging **out)
+{
+	struct backend_meta key = { .uid = uid };
+	memcpy(key.md5, md5, PROTO_MD5_HEX);
+	int err;
+	struct backend_staging *s = staging_new(b->priv, &key, &err);
+	if (s == NULL)
+		return err;
+	struct stat sb;
+	err = meta_read(s->metafile, &entry->meta);
+	if (err == 0 && (entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0))
+		err = EINVAL;   /* not the metadata its name promises: treated as broken */
+	if (err == 0 && stat(s->part, &sb) < 0)
+		err = errno;
+	if (err) {
+		free(s);
+		return err;
+	}
+	s->meta = entry->meta;
+	entry->size = (uint64_t)sb.st_size;
+	entry->mtime = sb.st_mtime;
+	*out = s;
+	return 0;
+}
+
 static int fs_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
     uint64_t fence)
 {
-	(void)fence;
 	int err = staging_acquire(s);
 	if (err)
 		return err;
-	err = write_all_at(s->fd, data, len, offset);
+	if ((err = fence_enter(s, fence)) == 0) {
+		struct stat held, named;
+		if (fstat(s->fd, &held) < 0 || stat(s->part, &named) < 0 || held.st_ino != named.st_ino ||
+		    held.st_dev != named.st_dev)
+			err = ESTALE;   /* published or discarded by another holder since it was opened */
+		else
+			err = write_all_at(s->fd, data, len, offset);
+		fence_leave(s);
+	}
 	staging_release(s);
 	return err;
 }
@@ -439,16 +587,24 @@ static int fs_staging_size(struct backend_staging *s, uint64_t *size)
 
 static int fs_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
 {
-	(void)fence;
-	return truncate(s->part, (off_t)size) < 0 ? errno : 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = truncate(s->part, (off_t)size) < 0 ? errno : 0;
+	fence_leave(s);
+	return err;
 }
 
 static int fs_staging_discard(struct backend_staging *s, uint64_t fence)
 {
-	(void)fence;
-	int err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = unlink(s->part) < 0 && errno != ENOENT ? errno : 0;
 	if (unlink(s->metafile) < 0 && errno != ENOENT && err == 0)
 		err = errno;
+	unlink(s->lockfile);   /* under the lock: a waiter sees it gone and locks the next one */
+	fence_leave(s);
 	return err;
 }
 
@@ -468,6 +624,14 @@ static void fs_staging_close(struct backend_staging *s)
 }
 
 /* Parses <uid>-<md5>.<ext> names; recovery keeps an entry only when .part and .meta agree. */
+/* Only what nobody has touched for upload_ttl is cleaned up: on a root shared by several nodes, a
+ * .part without its .meta or a .meta.tmp may be another node's begin in progress. */
+static int stale(const struct fs *fs, const char *path)
+{
+	struct stat sb;
+	return lstat(path, &sb) == 0 && time(NULL) - sb.st_mtime >= fs->conf->upload_ttl;
+}
+
 static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
 {
 	struct fs *fs = b->priv;
@@ -488,12 +652,28 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 		if (strcmp(dot, ".part") == 0) {
 			/* A staging file without meta never got past its first write. */
 			if (path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
-			    access(other, F_OK) < 0 && unlink(path) == 0)
+			    access(other, F_OK) < 0 && stale(fs, path) && unlink(path) == 0)
 				(*dropped)++;   /* not counted twice when its broken .meta took it first */
 			continue;
 		}
+		if (strcmp(dot, ".lock") == 0) {
+			/* Kept while its entry exists: it holds the fence. An orphan (a begin that died
+			 * before its .part) goes, but only when nobody holds it. */
+			char part[PATH_MAX];
+			if (path_format(part, sizeof(part), "%s/%.*s.part", fs->staging, stem, de->d_name) == 0 &&
+			    path_format(other, sizeof(other), "%s/%.*s.meta", fs->staging, stem, de->d_name) == 0 &&
+			    access(part, F_OK) < 0 && access(other, F_OK) < 0 && stale(fs, path)) {
+				int fd = open(path, O_RDWR | O_CLOEXEC);
+				if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && access(part, F_OK) < 0)
+					unlink(path);
+				if (fd >= 0)
+					close(fd);
+			}
+			continue;
+		}
 		if (strcmp(dot, ".meta") != 0) {
-			unlink(path);   /* leftovers of an interrupted meta write */
+			if (stale(fs, path))
+				unlink(path);   /* leftovers of an interrupted meta write */
 			continue;
 		}
 		struct backend_entry e;
@@ -506,6 +686,8 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 			bad = path_format(expect, sizeof(expect), "%" PRIu64 "-%s", e.meta.uid, e.meta.md5) != 0 ||
 			    strlen(expect) != (size_t)stem || memcmp(expect, de->d_name, (size_t)stem) != 0;
 		}
+		if (bad && !stale(fs, path))
+			continue;   /* may be a change in progress on another node: looked at again later */
 		if (bad) {
 			log_warnx("dropping unreadable staging entry %s", path);
 			unlink(path);
@@ -523,11 +705,22 @@ static int fs_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 
 /* ---------------------------------------------------------------- published files */
 
+static int publish_locked(struct backend_staging *s, int *flags);
+
 static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
 {
-	(void)fence;
-	const struct conf *conf = s->fs->conf;
 	*flags = 0;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	err = publish_locked(s, flags);
+	fence_leave(s);
+	return err;
+}
+
+static int publish_locked(struct backend_staging *s, int *flags)
+{
+	const struct conf *conf = s->fs->conf;
 	char dir[PATH_MAX], final[PATH_MAX];
 	int err = path_format(dir, sizeof(dir), "%s/%" PRIu64, conf->root, s->meta.uid);
 	if (err == 0)
@@ -544,6 +737,7 @@ static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	if (rename(s->part, final) < 0)
 		return errno;
 	unlink(s->metafile);
+	unlink(s->lockfile);
 	*flags |= BACKEND_PUBLISHED;
 	/* The rename may not survive a power cut unless the directory is flushed. */
 	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
@@ -571,12 +765,14 @@ static int fs_file_open(const struct backend *b, uint64_t uid, const char *name,
 		free(f);
 		return ENOENT;   /* only regular files are published */
 	}
-	/* A replacement is a new inode (rename); inode, size and both times tell it apart even from an
-	 * inode number the file system reuses later. Not the device: nodes sharing the root over NFS
-	 * or CephFS see other device numbers for the same file, and must agree on its version. */
-	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%lx.%jx.%lx", (uintmax_t)sb.st_ino,
-	    (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec, (unsigned long)sb.st_mtim.tv_nsec,
-	    (uintmax_t)sb.st_ctim.tv_sec, (unsigned long)sb.st_ctim.tv_nsec);
+	/* A replacement is a new inode (rename); inode, size and modification time (ns) tell it apart
+	 * even from an inode number the file system reuses later (a new file is written later). Not
+	 * the change time: every instant upload of the same content links the inode again, which
+	 * changes it, and the bytes under this name did not change. Not the device: nodes sharing
+	 * the root over NFS or CephFS see other device numbers for the same file, and must agree on
+	 * its version. */
+	snprintf(version, BACKEND_VERSION_MAX, "%jx.%jx.%jx.%lx", (uintmax_t)sb.st_ino,
+	    (uintmax_t)sb.st_size, (uintmax_t)sb.st_mtim.tv_sec, (unsigned long)sb.st_mtim.tv_nsec);
 	*size = (uint64_t)sb.st_size;
 	*out = f;
 	return 0;
@@ -595,12 +791,199 @@ static void fs_file_close(struct backend_file *f)
 	free(f);
 }
 
+/* The descriptor behind a published file: binary downloads sendfile() from it. */
+static int fs_file_fd(struct backend_file *f)
+{
+	return f->fd;
+}
+
+/* ---------------------------------------------------------------- the content index (instant upload) */
+
+/*
+ * <root>/.content/<md5>-<size> (dedup = global) or u<uid>-<md5>-<size> (dedup = user) is one more
+ * hard link of a published file: the same inode, never a copy. An instant upload links it under
+ * the new name; the link count tells when no name uses it any more (only the index's link is
+ * left), and the janitor removes it then. Entries are only ever made from a file already
+ * published (its MD5 checked), and staging never writes into a published inode (staging_begin
+ * makes a new one), so an index entry's bytes never change. Temporary links (tmp-*) are named
+ * per upload and made under its fence.
+ */
+static int content_path(const struct fs *fs, const struct backend_content_key *key, char *out, size_t outlen)
+{
+	if (key->per_user)
+		return path_format(out, outlen, "%s/u%" PRIu64 "-%s-%" PRIu64, fs->content, key->owner, key->md5,
+		    key->size);
+	return path_format(out, outlen, "%s/%s-%" PRIu64, fs->content, key->md5, key->size);
+}
+
+static int fs_content_open(const struct backend *b, const struct backend_content_key *key,
+    struct backend_file **out, uint64_t *size)
+{
+	const struct fs *fs = b->priv;
+	char path[PATH_MAX];
+	int err = content_path(fs, key, path, sizeof(path));
+	if (err)
+		return err;
+	struct backend_file *f = malloc(sizeof(*f));
+	if (f == NULL)
+		return ENOMEM;
+	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	if (f->fd < 0) {
+		err = errno;
+		free(f);
+		return err == ELOOP ? ENOENT : err;
+	}
+	struct stat sb;
+	if (fstat(f->fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != key->size) {
+		close(f->fd);
+		free(f);
+		return ENOENT;   /* not what the key promises: treated as absent */
+	}
+	*size = (uint64_t)sb.st_size;
+	*out = f;
+	return 0;
+}
+
+/* Enters the file just published at final into the index, unless it has the key already. */
+static void content_enter(struct backend_staging *s, const struct backend_content_key *key, const char *final,
+    const struct stat *published)
+{
+	struct fs *fs = s->fs;
+	char entry[PATH_MAX], tmp[PATH_MAX];
+	if (content_path(fs, key, entry, sizeof(entry)) != 0 ||
+	    path_format(tmp, sizeof(tmp), "%s/tmp-%" PRIu64 "-%s.idx", fs->content, s->meta.uid, s->meta.md5) != 0)
+		return;
+	if (access(entry, F_OK) == 0)
+		return;
+	unlink(tmp);
+	if (link(final, tmp) < 0) {
+		log_warn("content index: link(%s) failed", tmp);
+		return;
+	}
+	/* The name may have been replaced since the rename by another upload of this user: only the
+	 * inode this upload published enters the index. */
+	struct stat sb;
+	if (stat(tmp, &sb) == 0 && sb.st_ino == published->st_ino && sb.st_dev == published->st_dev &&
+	    link(tmp, entry) < 0 && errno != EEXIST)
+		log_warn("content index: link(%s) failed", entry);
+	unlink(tmp);
+}
+
+static int fs_publish_indexed(struct backend_staging *s, const struct backend_content_key *key, uint64_t fence,
+    int *flags)
+{
+	*flags = 0;
+	struct stat staged;
+	int err = fence_enter(s, fence);
+	if (err)
+		return err;
+	int have = stat(s->part, &staged) == 0;
+	err = publish_locked(s, flags);
+	if ((*flags & BACKEND_PUBLISHED) && have) {
+		char final[PATH_MAX];
+		if (path_format(final, sizeof(final), "%s/%" PRIu64 "/%.*s", s->fs->conf->root, s->meta.uid,
+		    (int)s->meta.name_len, s->meta.name) == 0)
+			content_enter(s, key, final, &staged);
+	}
+	fence_leave(s);
+	return err;
+}
+
+static int fs_publish_from_content(struct backend_staging *s, const struct backend_content_key *key,
+    uint64_t fence, int *flags)
+{
+	*flags = 0;
+	struct fs *fs = s->fs;
+	const struct conf *conf = fs->conf;
+	char entry[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX], final[PATH_MAX];
+	int err = content_path(fs, key, entry, sizeof(entry));
+	if (err == 0)
+		err = path_format(tmp, sizeof(tmp), "%s/tmp-%" PRIu64 "-%s.pub", fs->content, s->meta.uid, s->meta.md5);
+	if (err == 0)
+		err = path_format(dir, sizeof(dir), "%s/%" PRIu64, conf->root, s->meta.uid);
+	if (err == 0)
+		err = path_format(final, sizeof(final), "%s/%.*s", dir, (int)s->meta.name_len, s->meta.name);
+	if (err)
+		return err;
+	if ((err = fence_enter(s, fence)) != 0)
+		return err;
+	unlink(tmp);
+	if (link(entry, tmp) < 0) {
+		err = errno;   /* ENOENT: the janitor took it meanwhile; the caller uploads normally */
+		fence_leave(s);
+		return err;
+	}
+	struct stat sb;
+	if (stat(tmp, &sb) < 0 || (uint64_t)sb.st_size != key->size) {
+		unlink(tmp);
+		fence_leave(s);
+		return ENOENT;
+	}
+	int created = mkdir(dir, 0750) == 0;
+	if (!created && errno != EEXIST) {
+		err = errno;
+		unlink(tmp);
+		*flags |= BACKEND_PATH_FAILED;
+		fence_leave(s);
+		return err;
+	}
+	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
+		log_warn("fsync(%s) failed", conf->root);
+	if (rename(tmp, final) < 0) {
+		err = errno;
+		unlink(tmp);
+		fence_leave(s);
+		return err;
+	}
+	*flags |= BACKEND_PUBLISHED;
+	unlink(s->part);
+	unlink(s->metafile);
+	unlink(s->lockfile);
+	fence_leave(s);
+	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
+}
+
+static int fs_content_collect(struct backend *b, size_t *freed, uint64_t *freed_bytes)
+{
+	struct fs *fs = b->priv;
+	*freed = 0;
+	*freed_bytes = 0;
+	DIR *d = opendir(fs->content);
+	if (d == NULL)
+		return errno == ENOENT ? 0 : errno;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		char path[PATH_MAX];
+		struct stat sb;
+		if (path_format(path, sizeof(path), "%s/%s", fs->content, de->d_name) != 0 || lstat(path, &sb) < 0)
+			continue;
+		if (strncmp(de->d_name, "tmp-", 4) == 0) {
+			if (stale(fs, path))
+				unlink(path);   /* a publish that died between its two links */
+			continue;
+		}
+		/* Only the index's own link left: no published name uses these bytes. A node linking it
+		 * at this moment either got its link first (the name keeps the inode; only the index
+		 * entry goes) or fails with ENOENT and uploads normally. */
+		if (S_ISREG(sb.st_mode) && sb.st_nlink == 1 && unlink(path) == 0) {
+			(*freed)++;
+			*freed_bytes += (uint64_t)sb.st_size;
+		}
+	}
+	closedir(d);
+	return 0;
+}
+
 const struct backend_ops backend_fs = {
 	.name = "fs",
 	.open = fs_open,
 	.close = fs_close,
 	.staging_begin = fs_staging_begin,
 	.staging_attach = fs_staging_attach,
+	.staging_find = fs_staging_find,
+	.staging_fence = fs_staging_fence,
 	.staging_write = fs_staging_write,
 	.staging_read = fs_staging_read,
 	.staging_sync = fs_staging_sync,
@@ -613,4 +996,9 @@ const struct backend_ops backend_fs = {
 	.file_open = fs_file_open,
 	.file_read = fs_file_read,
 	.file_close = fs_file_close,
+	.file_fd = fs_file_fd,
+	.content_open = fs_content_open,
+	.publish_indexed = fs_publish_indexed,
+	.publish_from_content = fs_publish_from_content,
+	.content_collect = fs_content_collect,
 };

@@ -55,6 +55,13 @@ void buf_consume(struct buf *b, size_t n)
 		buf_free(b);
 }
 
+void buf_consume_keep(struct buf *b, size_t n)
+{
+	b->start += n;
+	if (b->start >= b->end)
+		b->start = b->end = 0;
+}
+
 void buf_free(struct buf *b)
 {
 	free(b->data);

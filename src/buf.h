@@ -23,6 +23,9 @@ int buf_append(struct buf *b, const void *p, size_t n);
 static inline void buf_commit(struct buf *b, size_t n) { b->end += n; }
 /* Drops n bytes from the front; frees the memory when the buffer empties. */
 void buf_consume(struct buf *b, size_t n);
+/* The same, but an emptied buffer keeps its memory (a busy stream of large frames would
+ * otherwise grow it again, copying, for every frame). */
+void buf_consume_keep(struct buf *b, size_t n);
 void buf_free(struct buf *b);
 
 #endif

@@ -13,7 +13,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND, T_SENTINELS };
+enum conf_type { T_INT, T_INT64, T_BOOL, T_STR, T_LISTEN, T_WORKERS, T_FSYNC, T_LOGLEVEL, T_BACKEND, T_SENTINELS, T_DEDUP };
 
 struct conf_key {
 	const char *section;
@@ -46,8 +46,10 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768" },
 	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30" },
 	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30" },
+	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3" },
 	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "" },
 	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
+	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "" },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
 	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs" },
@@ -56,6 +58,11 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete" },
 	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4" },
 	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60" },
+	{ "storage", "max_uploads", T_INT, N(max_uploads), 1, 1000000, "10000" },
+	{ "storage", "max_uploads_per_user", T_INT, N(max_uploads_per_user), 1, 1000000, "100" },
+	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864" },
+	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6" },
+	{ "storage", "dedup", T_DEDUP, N(dedup), 0, 0, "user" },
 	{ "rados", "conf", T_STR, S(rados_conf), 0, 0, "/etc/ceph/ceph.conf" },
 	{ "rados", "user", T_STR, S(rados_user), 0, 0, "resourced" },
 	{ "rados", "pool", T_STR, S(rados_pool), 0, 0, "resourced" },
@@ -197,6 +204,18 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 			return -1;
 		}
 		return 0;
+	case T_DEDUP:
+		if (strcmp(value, "off") == 0)
+			c->dedup = DEDUP_OFF;
+		else if (strcmp(value, "user") == 0)
+			c->dedup = DEDUP_USER;
+		else if (strcmp(value, "global") == 0)
+			c->dedup = DEDUP_GLOBAL;
+		else {
+			snprintf(why, whylen, "'%.*s' is not off, user or global", 64, value);
+			return -1;
+		}
+		return 0;
 	case T_BACKEND:
 		if (strlen(value) >= k->size || backend_find(value) == NULL) {
 			if (strcmp(value, "rados") == 0)
@@ -309,6 +328,9 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    a->max_file_size == b->max_file_size &&
 	    a->upload_ttl == b->upload_ttl && a->fsync_policy == b->fsync_policy &&
 	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
+	    a->max_uploads == b->max_uploads && a->max_uploads_per_user == b->max_uploads_per_user &&
+	    a->min_free_space == b->min_free_space &&
+	    a->lease_ttl == b->lease_ttl && a->dedup == b->dedup &&
 	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
 	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
 	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&
@@ -318,6 +340,14 @@ int conf_storage_equal(const struct conf *a, const struct conf *b)
 	    strcmp(a->pg_conninfo, b->pg_conninfo) == 0 && a->pg_timeout == b->pg_timeout &&
 	    strcmp(a->run_dir, b->run_dir) == 0 && strcmp(a->node, b->node) == 0 &&
 	    a->log_level == b->log_level && strcmp(a->log_file, b->log_file) == 0;
+}
+
+double conf_drain_grace(const struct conf *c)
+{
+	/* The whole graceful stop stays within shutdown_timeout (service managers wait for
+	 * that): the grace takes at most half of it, transfers in progress keep the rest. */
+	double half = c->shutdown_timeout / 2.0;
+	return c->drain_grace < half ? (double)c->drain_grace : half;
 }
 
 void conf_defaults(struct conf *c)

@@ -6,6 +6,8 @@
 #include <stdint.h>
 
 enum fsync_policy { FSYNC_NONE, FSYNC_COMPLETE, FSYNC_ALWAYS };
+/* [storage] dedup: whose stored content an upload may be published from without its bytes. */
+enum dedup_scope { DEDUP_OFF, DEDUP_USER, DEDUP_GLOBAL };
 
 struct conf {
 	/* [server] */
@@ -27,8 +29,10 @@ struct conf {
 	int64_t download_chunk;     /* bytes per download chunk */
 	int storage_timeout;        /* seconds a worker waits for the storage process */
 	int shutdown_timeout;       /* seconds a graceful stop (QUIT) or retirement may take */
+	int drain_grace;            /* seconds a graceful stop keeps accepting while the agent says drain */
 	char stats_socket[512];     /* the master's stats and admin socket; empty: none */
 	char agent_listen[300];     /* HAProxy agent-check host:port; empty: none */
+	char http_listen[300];      /* HTTP /metrics, /health and status page host:port; empty: none */
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */
@@ -38,6 +42,11 @@ struct conf {
 	int fsync_policy;           /* enum fsync_policy */
 	int io_threads;             /* disk threads in the storage process */
 	int janitor_interval;       /* seconds between sweeps of abandoned staging files */
+	int max_uploads;            /* uploads in progress on this node (1036 beyond) */
+	int max_uploads_per_user;   /* uploads in progress of one uid (1035 beyond) */
+	int64_t min_free_space;     /* bytes kept free beyond what uploads in progress announced (1028) */
+	int dedup;                  /* enum dedup_scope: instant upload (design.md, "Instant upload") */
+	int lease_ttl;              /* seconds an upload's lease lives unless renewed (several nodes) */
 	/* [rados] (backend = rados) */
 	char rados_conf[512];       /* ceph.conf of the cluster */
 	char rados_user[128];       /* client name without "client.": the cephx user */
@@ -85,6 +94,10 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
 
 /* 1 when a and b agree on everything the storage process uses (then a reload keeps it running). */
 int conf_storage_equal(const struct conf *a, const struct conf *b);
+
+/* Seconds a graceful stop keeps accepting while the agent-check answers drain:
+ * drain_grace, but at most half of shutdown_timeout (the whole stop stays within it). */
+double conf_drain_grace(const struct conf *c);
 
 /* Sets one key; the same checks as a file. Used by tests and -o overrides. */
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,

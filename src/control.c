@@ -1,6 +1,7 @@
 /* control.c: answers the stats socket (show, disable, enable, reload) and HAProxy agent-checks. */
 #include "config.h"
 #include "control.h"
+#include "escape.h"
 #include "instance.h"
 #include "buf.h"
 #include "conf.h"
@@ -30,36 +31,37 @@ struct control {
 	struct control_ops ops;
 	int stats_fd, agent_fd;
 	ev_io stats_io, agent_io;
+	ev_timer stats_pause, agent_pause;   /* accepts stopped for a moment after EMFILE/ENFILE */
 	int draining;
+	int stopping;                 /* a stop began: drain for good, enable cannot undo it */
 	double started;
 	char stats_path[512];
+	struct control_client *clients;   /* open stats connections: a forked child must close them */
 };
 
 struct control_client {
 	struct control *c;
+	struct control_client *prev, *next;
 	int fd;
 	ev_io io;
 	struct buf in, out;
 	int closing;
 };
 
-/* Totals over every slot, including processes that have exited: counters only grow. */
-struct totals {
-#define STATS_FIELD(name, type, help) uint64_t name;
-	STATS_COUNTERS(STATS_FIELD)
-#undef STATS_FIELD
-	uint64_t errors[STATS_ERR_COUNT];
-};
-
 static const struct {
 	const char *name, *type, *help;
 	size_t offset;
 } counter_info[] = {
-#define STATS_FIELD(n, t, h) { #n, t, h, offsetof(struct totals, n) },
+#define STATS_FIELD(n, t, h) { #n, t, h, offsetof(struct control_totals, n) },
 	STATS_COUNTERS(STATS_FIELD)
 #undef STATS_FIELD
 };
 #define NCOUNTERS (sizeof(counter_info) / sizeof(counter_info[0]))
+
+static int is_type(size_t i, const char *type)
+{
+	return strcmp(counter_info[i].type, type) == 0;
+}
 
 static uint64_t slot_counter(const struct stats_proc *p, size_t i)
 {
@@ -68,16 +70,35 @@ static uint64_t slot_counter(const struct stats_proc *p, size_t i)
 	return atomic_load_explicit(&base[i], memory_order_relaxed);
 }
 
-static void sum_totals(const struct control *c, struct totals *t)
+static void sum_totals(const struct control *c, struct control_totals *t)
 {
 	memset(t, 0, sizeof(*t));
 	uint64_t *fields = (uint64_t *)t;
 	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
 		const struct stats_proc *p = &c->shm->procs[s];
 		for (size_t i = 0; i < NCOUNTERS; i++)
-			fields[i] += slot_counter(p, i);
-		for (int e = 0; e < STATS_ERR_COUNT; e++)
+			if (is_type(i, "counter"))
+				fields[i] += slot_counter(p, i);
+		for (int e = 0; e < STATS_ERR_COUNT; e++) {
 			t->errors[e] += atomic_load_explicit(&p->errors[e], memory_order_relaxed);
+			t->expected[e] += atomic_load_explicit(&p->expected[e], memory_order_relaxed);
+		}
+	}
+	/* A gauge left behind by a process that exited (or by the previous generation after a reload) is stale. */
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	for (int k = 0; k < n; k++) {
+		if (procs[k].pid <= 0)
+			continue;
+		const struct stats_proc *p = &c->shm->procs[procs[k].slot];
+		for (size_t i = 0; i < NCOUNTERS; i++)
+			if (is_type(i, "gauge"))
+				fields[i] += slot_counter(p, i);
+		int worker = strcmp(procs[k].role, "worker") == 0;
+		t->processes++;
+		t->workers += worker;
+		t->redis_connected += atomic_load(&p->redis_up) != 0;
+		t->storage_linked += worker && atomic_load(&p->storage_up) != 0;
 	}
 }
 
@@ -122,6 +143,21 @@ static void gen_finish(yajl_gen g, struct buf *out)
 	yajl_gen_free(g);
 }
 
+/* {"1012": n, ...} of the codes counted at least once. */
+static void gen_code_map(yajl_gen g, const char *key, const uint64_t *by_code)
+{
+	gen_key(g, key);
+	yajl_gen_map_open(g);
+	for (int e = 0; e < STATS_ERR_COUNT; e++) {
+		if (by_code[e] == 0)
+			continue;
+		char code[8];
+		snprintf(code, sizeof(code), "%d", STATS_ERR_BASE + e);
+		gen_kv_int(g, code, (long long)by_code[e]);
+	}
+	yajl_gen_map_close(g);
+}
+
 /* ---------------------------------------------------------------- state */
 
 static int storage_up(const struct control_proc *procs, int n)
@@ -142,7 +178,7 @@ static const char *service_state(const struct control *c, int *weight)
 		return "down";
 	if (c->draining)
 		return "drain";
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
 	double capacity = (double)c->conf->max_connections * c->conf->workers;
 	int w = (int)(100.0 - 100.0 * (double)t.conn_current / capacity);
@@ -154,7 +190,7 @@ static const char *service_state(const struct control *c, int *weight)
 
 static void show_info(struct control *c, struct buf *out, int json)
 {
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
 	int weight;
 	const char *state = service_state(c, &weight);
@@ -170,19 +206,16 @@ static void show_info(struct control *c, struct buf *out, int json)
 		gen_kv_str(g, "state", state);
 		gen_kv_int(g, "weight", weight);
 		gen_kv_int(g, "draining", c->draining);
+		gen_kv_int(g, "processes_running", t.processes);
+		gen_kv_int(g, "workers_running", t.workers);
+		gen_kv_int(g, "redis_connected", t.redis_connected);
+		gen_kv_int(g, "storage_linked", t.storage_linked);
 		const uint64_t *fields = (const uint64_t *)&t;
 		for (size_t i = 0; i < NCOUNTERS; i++)
-			gen_kv_int(g, counter_info[i].name, (long long)fields[i]);
-		gen_key(g, "errors");
-		yajl_gen_map_open(g);
-		for (int e = 0; e < STATS_ERR_COUNT; e++) {
-			if (t.errors[e] == 0)
-				continue;
-			char code[8];
-			snprintf(code, sizeof(code), "%d", STATS_ERR_BASE + e);
-			gen_kv_int(g, code, (long long)t.errors[e]);
-		}
-		yajl_gen_map_close(g);
+			if (!is_type(i, "state"))
+				gen_kv_int(g, counter_info[i].name, (long long)fields[i]);
+		gen_code_map(g, "errors", t.errors);
+		gen_code_map(g, "expected", t.expected);
 		yajl_gen_map_close(g);
 		gen_finish(g, out);
 		return;
@@ -190,30 +223,57 @@ static void show_info(struct control *c, struct buf *out, int json)
 	out_printf(out, "Name: resourced\nVersion: %s\nPid: %d\nUptime_sec: %ld\nWorkers: %d\n",
 	    PACKAGE_VERSION, (int)getpid(), uptime, c->conf->workers);
 	out_printf(out, "State: %s\nWeight: %d\nDraining: %d\n", state, weight, c->draining);
+	out_printf(out, "Processes_running: %d\nWorkers_running: %d\nRedis_connected: %d\nStorage_linked: %d\n",
+	    t.processes, t.workers, t.redis_connected, t.storage_linked);
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++)
-		out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
+		if (!is_type(i, "state"))
+			out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
 			out_printf(out, "errors_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.errors[e]);
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.expected[e])
+			out_printf(out, "expected_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.expected[e]);
+}
+
+int control_processes(struct control *c, struct control_proc_view *out, int max)
+{
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, max < CONTROL_MAX_PROCS ? max : CONTROL_MAX_PROCS);
+	double now = stats_wall_now();
+	for (int i = 0; i < n; i++) {
+		const struct control_proc *p = &procs[i];
+		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		int worker = strcmp(p->role, "worker") == 0;
+		out[i].proc = *p;
+		out[i].uptime = p->pid ? (long)(now - p->started) : 0;
+		out[i].connections = atomic_load(&sp->conn_current);
+		/* A process that is down is connected to nothing, whatever its slot last said. */
+		out[i].redis_up = p->pid > 0 && atomic_load(&sp->redis_up) != 0;
+		out[i].storage_up = !worker ? -1 : p->pid > 0 && atomic_load(&sp->storage_up) != 0;
+	}
+	return n;
 }
 
 static void show_workers(struct control *c, struct buf *out, int json)
 {
-	struct control_proc procs[CONTROL_MAX_PROCS];
-	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
-	double now = stats_wall_now();
+	struct control_proc_view procs[CONTROL_MAX_PROCS];
+	int n = control_processes(c, procs, CONTROL_MAX_PROCS);
 	yajl_gen g = NULL;
 	if (json) {
 		g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(g);
 	} else {
-		out_printf(out, "# role number slot pid state uptime_sec restarts connections\n");
+		out_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
 	}
 	for (int i = 0; i < n; i++) {
-		const struct control_proc *p = &procs[i];
-		long uptime = p->pid ? (long)(now - p->started) : 0;
-		unsigned long long conns = atomic_load(&c->shm->procs[p->slot].conn_current);
+		const struct control_proc *p = &procs[i].proc;
+		long uptime = procs[i].uptime;
+		unsigned long long conns = procs[i].connections;
+		int redis_up = procs[i].redis_up;
+		int worker = procs[i].storage_up >= 0;
+		int storage_up = procs[i].storage_up > 0;
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -224,10 +284,13 @@ static void show_workers(struct control *c, struct buf *out, int json)
 			gen_kv_int(g, "uptime_sec", uptime);
 			gen_kv_int(g, "restarts", p->restarts);
 			gen_kv_int(g, "connections", (long long)conns);
+			gen_kv_int(g, "redis_up", redis_up);
+			if (worker)
+				gen_kv_int(g, "storage_up", storage_up);
 			yajl_gen_map_close(g);
 		} else {
-			out_printf(out, "%s %d %d %d %s %ld %d %llu\n", p->role, p->number, p->slot, (int)p->pid,
-			    p->state, uptime, p->restarts, conns);
+			out_printf(out, "%s %d %d %d %s %ld %d %llu %d %s\n", p->role, p->number, p->slot, (int)p->pid,
+			    p->state, uptime, p->restarts, conns, redis_up, worker ? (storage_up ? "1" : "0") : "-");
 		}
 	}
 	if (json) {
@@ -248,11 +311,16 @@ static void show_stat(struct control *c, struct buf *out, int json)
 		out_printf(out, "# role,number,pid");
 		for (size_t i = 0; i < NCOUNTERS; i++)
 			out_printf(out, ",%s", counter_info[i].name);
-		out_printf(out, "\n");
+		out_printf(out, ",errors,expected\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i];
 		const struct stats_proc *sp = &c->shm->procs[p->slot];
+		uint64_t errors[STATS_ERR_COUNT], expected[STATS_ERR_COUNT], errors_sum = 0, expected_sum = 0;
+		for (int e = 0; e < STATS_ERR_COUNT; e++) {
+			errors_sum += errors[e] = atomic_load_explicit(&sp->errors[e], memory_order_relaxed);
+			expected_sum += expected[e] = atomic_load_explicit(&sp->expected[e], memory_order_relaxed);
+		}
 		if (json) {
 			yajl_gen_map_open(g);
 			gen_kv_str(g, "role", p->role);
@@ -260,12 +328,14 @@ static void show_stat(struct control *c, struct buf *out, int json)
 			gen_kv_int(g, "pid", p->pid);
 			for (size_t k = 0; k < NCOUNTERS; k++)
 				gen_kv_int(g, counter_info[k].name, (long long)slot_counter(sp, k));
+			gen_code_map(g, "errors", errors);
+			gen_code_map(g, "expected", expected);
 			yajl_gen_map_close(g);
 		} else {
 			out_printf(out, "%s,%d,%d", p->role, p->number, (int)p->pid);
 			for (size_t k = 0; k < NCOUNTERS; k++)
 				out_printf(out, ",%llu", (unsigned long long)slot_counter(sp, k));
-			out_printf(out, "\n");
+			out_printf(out, ",%llu,%llu\n", (unsigned long long)errors_sum, (unsigned long long)expected_sum);
 		}
 	}
 	if (json) {
@@ -274,82 +344,135 @@ static void show_stat(struct control *c, struct buf *out, int json)
 	}
 }
 
-static void show_transfers(struct control *c, struct buf *out, int json)
+void control_transfers(struct control *c, void (*each)(void *ctx, const struct control_transfer *t), void *ctx)
 {
 	double now = stats_wall_now();
-	yajl_gen g = NULL;
-	if (json) {
-		g = yajl_gen_alloc(NULL);
-		yajl_gen_array_open(g);
-	} else {
-		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
-	}
 	for (int s = 0; s < STATS_MAX_SLOTS; s++) {
 		for (int i = 0; i < STATS_TRANSFERS; i++) {
 			struct stats_transfer t;
 			if (!stats_transfer_read(&c->shm->procs[s].transfers[i], &t))
 				continue;
-			double age = now - t.started;
-			double rate = age > 0.001 ? (double)t.bytes / age : 0;
-			const char *kind = t.kind == 'D' ? "download" : t.kind == 'A' ? "avatar" : "upload";
-			if (json) {
-				yajl_gen_map_open(g);
-				gen_kv_str(g, "kind", kind);
-				gen_kv_int(g, "uid", (long long)t.uid);
-				gen_kv_str(g, "name", t.name);
-				gen_kv_int(g, "bytes", (long long)t.bytes);
-				gen_kv_int(g, "total", (long long)t.total);
-				gen_kv_int(g, "rate", (long long)rate);
-				gen_kv_int(g, "age_sec", (long long)age);
-				yajl_gen_map_close(g);
-			} else {
-				out_printf(out, "%s %llu %s %llu %llu %.0f %.0f\n", kind, (unsigned long long)t.uid, t.name,
-				    (unsigned long long)t.bytes, (unsigned long long)t.total, rate, age);
-			}
+			t.name[sizeof(t.name) - 1] = '\0';
+			struct control_transfer view = {
+				.kind = t.kind == 'D' ? "download" : t.kind == 'A' ? "avatar" : "upload",
+				.uid = t.uid, .name = t.name, .bytes = t.bytes, .total = t.total, .age = now - t.started,
+			};
+			view.rate = view.age > 0.001 ? (double)t.bytes / view.age : 0;
+			each(ctx, &view);
 		}
 	}
-	if (json) {
-		yajl_gen_array_close(g);
-		gen_finish(g, out);
+}
+
+struct transfer_out {
+	struct buf *out;
+	yajl_gen g;
+};
+
+static void show_transfer(void *ctx, const struct control_transfer *t)
+{
+	struct transfer_out *to = ctx;
+	yajl_gen g = to->g;
+	if (g) {
+		yajl_gen_map_open(g);
+		gen_kv_str(g, "kind", t->kind);
+		gen_kv_int(g, "uid", (long long)t->uid);
+		gen_kv_str(g, "name", t->name);
+		gen_kv_int(g, "bytes", (long long)t->bytes);
+		gen_kv_int(g, "total", (long long)t->total);
+		gen_kv_int(g, "rate", (long long)t->rate);
+		gen_kv_int(g, "age_sec", (long long)t->age);
+		yajl_gen_map_close(g);
+	} else {
+		/* Quoted and escaped: names may hold spaces and quotes. */
+		char name[ESCAPE_SIZE(STATS_NAME_MAX)];
+		escape_quoted(name, sizeof(name), t->name, strlen(t->name));
+		out_printf(to->out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", t->kind, (unsigned long long)t->uid, name,
+		    (unsigned long long)t->bytes, (unsigned long long)t->total, t->rate, t->age);
 	}
+}
+
+static void show_transfers(struct control *c, struct buf *out, int json)
+{
+	struct transfer_out to = { out, NULL };
+	if (json) {
+		to.g = yajl_gen_alloc(NULL);
+		yajl_gen_array_open(to.g);
+	} else {
+		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
+	}
+	control_transfers(c, show_transfer, &to);
+	if (json) {
+		yajl_gen_array_close(to.g);
+		gen_finish(to.g, out);
+	}
+}
+
+/* After a reload the old generation has the same role and number as the new one until it exits:
+ * per-process series leave it out so that no two series have the same labels. */
+static int retiring(const struct control_proc *p)
+{
+	return strcmp(p->state, "retiring") == 0;
 }
 
 static void show_metrics(struct control *c, struct buf *out)
 {
-	struct totals t;
+	struct control_totals t;
 	sum_totals(c, &t);
+	struct control_proc procs[CONTROL_MAX_PROCS];
+	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
+	double now = stats_wall_now();
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++) {
-		size_t nlen = strlen(counter_info[i].name);
-		int has_total = nlen > 6 && strcmp(counter_info[i].name + nlen - 6, "_total") == 0;
-		const char *suffix = strcmp(counter_info[i].type, "counter") == 0 && !has_total ? "_total" : "";
-		out_printf(out, "# HELP resourced_%s%s %s\n# TYPE resourced_%s%s %s\nresourced_%s%s %llu\n",
-		    counter_info[i].name, suffix, counter_info[i].help, counter_info[i].name, suffix,
-		    counter_info[i].type, counter_info[i].name, suffix, (unsigned long long)fields[i]);
+		const char *name = counter_info[i].name;
+		size_t nlen = strlen(name);
+		int has_total = nlen > 6 && strcmp(name + nlen - 6, "_total") == 0;
+		const char *suffix = is_type(i, "counter") && !has_total ? "_total" : "";
+		const char *type = is_type(i, "counter") ? "counter" : "gauge";
+		const char *scope = is_type(i, "counter") ? " (all processes)" : is_type(i, "gauge") ? " (running processes)" : "";
+		out_printf(out, "# HELP resourced_%s%s %s%s\n# TYPE resourced_%s%s %s\n", name, suffix, counter_info[i].help,
+		    scope, name, suffix, type);
+		if (!is_type(i, "state")) {
+			out_printf(out, "resourced_%s%s %llu\n", name, suffix, (unsigned long long)fields[i]);
+			continue;
+		}
+		/* One series per process: a sum of 0/1 states would say nothing. storage_up is a worker's link. */
+		for (int k = 0; k < n; k++) {
+			if (retiring(&procs[k]) || (strcmp(name, "storage_up") == 0 && strcmp(procs[k].role, "worker") != 0))
+				continue;
+			uint64_t v = procs[k].pid > 0 ? slot_counter(&c->shm->procs[procs[k].slot], i) : 0;
+			out_printf(out, "resourced_%s{role=\"%s\",number=\"%d\"} %llu\n", name, procs[k].role,
+			    procs[k].number, (unsigned long long)v);
+		}
 	}
-	out_printf(out, "# HELP resourced_responses_error_total Responses by error code\n"
+	out_printf(out, "# HELP resourced_responses_error_total Responses by error code (expected answers apart)\n"
 	    "# TYPE resourced_responses_error_total counter\n");
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
 			out_printf(out, "resourced_responses_error_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
 			    (unsigned long long)t.errors[e]);
-	struct control_proc procs[CONTROL_MAX_PROCS];
-	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
-	double now = stats_wall_now();
+	out_printf(out, "# HELP resourced_responses_expected_total Responses with a code healthy traffic gets "
+	    "(1012 to a sync before a fresh upload)\n# TYPE resourced_responses_expected_total counter\n");
+	for (int e = 0; e < STATS_ERR_COUNT; e++)
+		if (t.expected[e])
+			out_printf(out, "resourced_responses_expected_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
+			    (unsigned long long)t.expected[e]);
 	out_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
-		    procs[i].pid > 0);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
+			    procs[i].pid > 0);
 	out_printf(out, "# HELP resourced_process_restarts_total Respawns of the process\n"
 	    "# TYPE resourced_process_restarts_total counter\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
-		    procs[i].number, procs[i].restarts);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
+			    procs[i].number, procs[i].restarts);
 	out_printf(out, "# HELP resourced_process_uptime_seconds Seconds since the process started\n"
 	    "# TYPE resourced_process_uptime_seconds gauge\n");
 	for (int i = 0; i < n; i++)
-		out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
-		    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
+		if (!retiring(&procs[i]))
+			out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
+			    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
 	int weight;
 	const char *state = service_state(c, &weight);
 	out_printf(out, "# HELP resourced_draining 1 while disabled or stopping\n# TYPE resourced_draining gauge\n"
@@ -361,7 +484,7 @@ static const char help_text[] =
     "help                  this list\n"
     "show info [json]      version, uptime, state and totals\n"
     "show stat [json]      counters per process\n"
-    "show workers [json]   processes: role, pid, state, uptime, restarts\n"
+    "show workers [json]   processes: role, pid, state, uptime, restarts, links up\n"
     "show transfers [json] uploads and downloads in flight\n"
     "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
     "disable               drain: the agent-check answers drain\n"
@@ -398,6 +521,8 @@ static void control_command(struct control *c, char *line, struct buf *out)
 		control_set_draining(c, 1);
 		log_info("stats socket: disabled (draining)");
 		out_printf(out, "OK draining\n");
+	} else if (strcmp(argv[0], "enable") == 0 && argc == 1 && c->stopping) {
+		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
 	} else if (strcmp(argv[0], "enable") == 0 && argc == 1) {
 		control_set_draining(c, 0);
 		log_info("stats socket: enabled");
@@ -418,6 +543,12 @@ static void control_command(struct control *c, char *line, struct buf *out)
 
 static void client_free(struct control_client *cl)
 {
+	if (cl->prev)
+		cl->prev->next = cl->next;
+	else
+		cl->c->clients = cl->next;
+	if (cl->next)
+		cl->next->prev = cl->prev;
 	ev_io_stop(cl->c->loop, &cl->io);
 	close(cl->fd);
 	buf_free(&cl->in);
@@ -488,13 +619,34 @@ static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	ev_io_start(loop, io);
 }
 
+#define ACCEPT_PAUSE 0.5   /* seconds */
+
+/* Out of descriptors, the listening socket stays readable: waiting on it again at once would spin. */
+static void accept_failed(struct control *c, ev_io *io, ev_timer *pause, const char *what)
+{
+	if (errno != EMFILE && errno != ENFILE && errno != ENOBUFS && errno != ENOMEM)
+		return;
+	log_warn("accept4() on the %s failed: pausing its accepts for %.1f s", what, ACCEPT_PAUSE);
+	ev_io_stop(c->loop, io);
+	ev_timer_set(pause, ACCEPT_PAUSE, 0.);   /* a fired one-shot timer restarts at once otherwise */
+	ev_timer_start(c->loop, pause);
+}
+
+static void on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	ev_io_start(loop, (ev_io *)t->data);
+}
+
 static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)revents;
 	struct control *c = io->data;
 	int fd = accept4(c->stats_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
+	}
 	struct control_client *cl = calloc(1, sizeof(*cl));
 	if (cl == NULL) {
 		close(fd);
@@ -502,6 +654,10 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	cl->c = c;
 	cl->fd = fd;
+	cl->next = c->clients;
+	if (c->clients)
+		c->clients->prev = cl;
+	c->clients = cl;
 	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
 	cl->io.data = cl;
 	ev_io_start(loop, &cl->io);
@@ -514,8 +670,10 @@ static void agent_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 	(void)revents;
 	struct control *c = io->data;
 	int fd = accept4(c->agent_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		accept_failed(c, io, &c->agent_pause, "agent listener");
 		return;
+	}
 	int weight;
 	const char *state = service_state(c, &weight);
 	char line[64];
@@ -551,7 +709,7 @@ static int listen_unix(const char *path)
 	return fd;
 }
 
-static int listen_tcp(const char *hostport)
+int listen_tcp(const char *hostport)
 {
 	char host[256];
 	const char *colon = strrchr(hostport, ':');
@@ -588,6 +746,10 @@ struct control *control_create(struct ev_loop *loop, const struct conf *conf, st
 	c->ops = *ops;
 	c->stats_fd = c->agent_fd = -1;
 	c->started = stats_wall_now();
+	ev_timer_init(&c->stats_pause, on_accept_pause, ACCEPT_PAUSE, 0.);
+	c->stats_pause.data = &c->stats_io;
+	ev_timer_init(&c->agent_pause, on_accept_pause, ACCEPT_PAUSE, 0.);
+	c->agent_pause.data = &c->agent_io;
 	if (conf->stats_socket[0]) {
 		c->stats_fd = listen_unix(conf->stats_socket);
 		if (c->stats_fd < 0)
@@ -619,10 +781,18 @@ void control_set_draining(struct control *c, int on)
 	c->draining = on;
 }
 
+void control_set_stopping(struct control *c)
+{
+	c->stopping = 1;
+	c->draining = 1;
+}
+
 void control_destroy(struct control *c)
 {
 	if (c == NULL)
 		return;
+	ev_timer_stop(c->loop, &c->stats_pause);
+	ev_timer_stop(c->loop, &c->agent_pause);
 	if (c->stats_fd >= 0) {
 		ev_io_stop(c->loop, &c->stats_io);
 		close(c->stats_fd);
@@ -632,6 +802,8 @@ void control_destroy(struct control *c)
 		ev_io_stop(c->loop, &c->agent_io);
 		close(c->agent_fd);
 	}
+	while (c->clients)
+		client_free(c->clients);
 	free(c);
 }
 
@@ -644,4 +816,50 @@ void control_close_inherited(struct control *c)
 	if (c->agent_fd >= 0)
 		close(c->agent_fd);
 	c->stats_fd = c->agent_fd = -1;
+	/* A child forked while a client waits (reload) would otherwise hold its connection open:
+	 * the client would never see the end of the answer.
+	 * The loop is the master's: leave its watchers alone, free only this copy's memory. */
+	while (c->clients) {
+		struct control_client *cl = c->clients;
+		c->clients = cl->next;
+		close(cl->fd);
+		buf_free(&cl->in);
+		buf_free(&cl->out);
+		free(cl);
+	}
+}
+
+/* ---------------------------------------------------------------- for the HTTP listener (http.c) */
+
+const char *control_state(struct control *c, int *weight)
+{
+	return service_state(c, weight);
+}
+
+void control_sum(struct control *c, struct control_totals *t)
+{
+	sum_totals(c, t);
+}
+
+long control_uptime(const struct control *c)
+{
+	return (long)(stats_wall_now() - c->started);
+}
+
+void control_report(struct control *c, enum control_report what, int json, struct buf *out)
+{
+	switch (what) {
+	case CONTROL_INFO:
+		show_info(c, out, json);
+		break;
+	case CONTROL_WORKERS:
+		show_workers(c, out, json);
+		break;
+	case CONTROL_TRANSFERS:
+		show_transfers(c, out, json);
+		break;
+	case CONTROL_METRICS:
+		show_metrics(c, out);
+		break;
+	}
 }

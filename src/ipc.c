@@ -77,6 +77,8 @@ static uint8_t *put_header(struct buf *out, uint16_t type, uint64_t reqid, uint3
 	return w + IPC_HEADER_LEN;
 }
 
+#define IPC_MAX_NUMBER ((UINT64_C(1) << 53) - 1)
+
 #define PUT(w, v) do { memcpy((w), &(v), sizeof(v)); (w) += sizeof(v); } while (0)
 #define PUT_BYTES(w, p, n) do { if (n) memcpy((w), (p), (n)); (w) += (n); } while (0)
 
@@ -86,12 +88,27 @@ int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong)
 	    ? 0 : -1;
 }
 
-int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+/* Payload bytes of a chunk message before its data. */
+static size_t chunk_prefix_len(const struct ipc_chunk *c)
 {
-	uint32_t len = 8 * 4 + 2 + PROTO_MD5_HEX + 2 + c->name_len + 4 + c->data_len;
-	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);
+	return 8 * 4 + 2 + PROTO_MD5_HEX + 2 + (size_t)c->name_len + 4;
+}
+
+uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room)
+{
+	size_t prefix = IPC_HEADER_LEN + chunk_prefix_len(c);
+	if (data_room > IPC_MAX_PAYLOAD)
+		return NULL;
+	uint8_t *w = buf_reserve(out, prefix + data_room);
+	return w ? w + prefix : NULL;
+}
+
+void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+{
+	uint32_t len = (uint32_t)chunk_prefix_len(c) + c->data_len;
+	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);   /* inside the reserved room */
 	if (w == NULL)
-		return -1;
+		return;   /* cannot happen: ipc_reserve_chunk made the room */
 	PUT(w, c->uid);
 	PUT(w, c->seq);
 	PUT(w, c->trans_size);
@@ -102,7 +119,16 @@ int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
 	PUT(w, c->name_len);
 	PUT_BYTES(w, c->name, c->name_len);
 	PUT(w, c->data_len);
-	PUT_BYTES(w, c->data, c->data_len);
+}
+
+int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+{
+	uint8_t *data = ipc_reserve_chunk(out, c, c->data_len);
+	if (data == NULL)
+		return -1;
+	if (c->data_len)
+		memcpy(data, c->data, c->data_len);
+	ipc_commit_chunk(out, reqid, c);
 	return 0;
 }
 
@@ -128,20 +154,32 @@ int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c)
 	c->name = (const char *)rd_view(&r, c->name_len);
 	c->data_len = rd_u32(&r);
 	c->data = rd_view(&r, c->data_len);
-	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->data_len > c->trans_size ||
+	/* Workers send only checked numbers (at most 2^53 - 1); anything else would be a bug or an attack. */
+	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->seq == 0 || c->seq > IPC_MAX_NUMBER ||
+	    c->total_size > IPC_MAX_NUMBER || c->data_len > c->trans_size ||
 	    c->trans_size > c->total_size || !proto_name_valid(c->name, c->name_len))
 		return -1;
 	return 0;
 }
 
-int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s)
+static int encode_upload_key(struct buf *out, uint16_t type, uint64_t reqid, const struct ipc_sync *s)
 {
-	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_SYNC, reqid, 8 + PROTO_MD5_HEX);
+	uint8_t *w = put_header(out, type, reqid, 8 + PROTO_MD5_HEX);
 	if (w == NULL)
 		return -1;
 	PUT(w, s->uid);
 	PUT_BYTES(w, s->md5, PROTO_MD5_HEX);
 	return 0;
+}
+
+int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s)
+{
+	return encode_upload_key(out, IPC_WORKER_STORAGE_SYNC, reqid, s);
+}
+
+int ipc_encode_release(struct buf *out, const struct ipc_sync *s)
+{
+	return encode_upload_key(out, IPC_WORKER_STORAGE_RELEASE, 0, s);
 }
 
 int ipc_decode_sync(const uint8_t *p, size_t len, struct ipc_sync *s)

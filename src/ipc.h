@@ -9,7 +9,7 @@
 #include "proto.h"
 
 /* Bump when a message type or layout changes: both ends check it. */
-#define IPC_VERSION 1
+#define IPC_VERSION 2
 #define IPC_HEADER_LEN 16
 #define IPC_MAX_PAYLOAD (64u << 20)
 #define IPC_SOCKET_NAME "storage.sock"
@@ -21,6 +21,7 @@ enum ipc_type {
 	IPC_WORKER_STORAGE_CHUNK = 3,     /* write one upload chunk */
 	IPC_WORKER_STORAGE_SYNC = 4,      /* ask how far an upload got */
 	IPC_STORAGE_WORKER_RESULT = 5,    /* the answer to CHUNK or SYNC */
+	IPC_WORKER_STORAGE_RELEASE = 6,   /* the client connection that drove an upload closed (no answer) */
 };
 
 /* On the wire in host byte order (both ends are on one host). */
@@ -64,7 +65,16 @@ enum ipc_status ipc_decode_header(const uint8_t *p, size_t len, struct ipc_heade
 
 int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong);
 int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
+/* The same in two steps, so the data can be written straight into the queue:
+ * ipc_reserve_chunk makes room for a message with up to data_room bytes of data
+ * (c->data is not used) and returns where the data goes; ipc_commit_chunk then
+ * queues it with c->data_len bytes written there. Nothing is queued until the commit,
+ * and nothing else may be written to out in between. */
+uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room);
+void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
 int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s);
+/* RELEASE carries the same payload as SYNC: the upload's uid and md5. */
+int ipc_encode_release(struct buf *out, const struct ipc_sync *s);
 int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *r);
 
 /* Each returns 0, or -1 if the payload is short, too long or malformed. */

@@ -7,6 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <yajl/yajl_parse.h>
+
+#define FLAT_REFUSED "requests are flat JSON objects: arrays and nested objects are not allowed"
 
 size_t json_utf8_seq(const uint8_t *p, size_t left)
 {
@@ -46,10 +49,31 @@ static unsigned hex4(const uint8_t *p)
 	return v;
 }
 
+/* The first index from i on holding a byte >= 0x80, a backslash or a quote, or len.
+ * Eight bytes a step (a chunk's base64 is most of every upload body): a byte of a
+ * word equals n when the word XOR n has a zero byte, which (v - 0x01..) & ~v & 0x80..
+ * finds without false positives at the first such byte. */
+static size_t skip_plain(const uint8_t *p, size_t i, size_t len)
+{
+	const uint64_t ones = UINT64_C(0x0101010101010101), highs = UINT64_C(0x8080808080808080);
+	const uint64_t quotes = ones * '"', backslashes = ones * '\\';
+	while (len - i >= 8) {
+		uint64_t v;
+		memcpy(&v, p + i, 8);
+		uint64_t q = v ^ quotes, b = v ^ backslashes;
+		if (((q - ones) & ~q & highs) | ((b - ones) & ~b & highs) | (v & highs))
+			break;
+		i += 8;
+	}
+	while (i < len && p[i] < 0x80 && p[i] != '\\' && p[i] != '"')
+		i++;
+	return i;
+}
+
 /* What yajl lets through but we must not: comments (they hide brackets from the depth count),
  * nesting that yajl would free recursively, and non-shortest or out-of-range UTF-8; it also
  * notes \\u0000 escapes, which json_parse_object turns into U+0001. */
-static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_escape)
+static const char *json_precheck(const uint8_t *p, size_t len, int flat, int *has_nul_escape)
 {
 	int depth = 0, in_string = 0;
 	for (size_t i = 0; i < len;) {
@@ -64,9 +88,7 @@ static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_esca
 		if (in_string) {
 			/* Most of a body is base64 inside one string: skip plain ASCII quickly. */
 			if (c != '\\' && c != '"') {
-				i++;
-				while (i < len && p[i] < 0x80 && p[i] != '\\' && p[i] != '"')
-					i++;
+				i = skip_plain(p, i + 1, len);
 				continue;
 			}
 			if (c == '\\') {
@@ -95,6 +117,10 @@ static const char *json_precheck(const uint8_t *p, size_t len, int *has_nul_esca
 		} else if (c == '/') {
 			return "body is not valid JSON (comments are not allowed)";
 		} else if (c == '{' || c == '[') {
+			/* A request is one object of scalars: the first bracket of anything else ends it here,
+			 * before the parser spends anything on the rest. */
+			if (flat && (c == '[' || depth > 0))
+				return FLAT_REFUSED;
 			if (++depth > JSON_MAX_DEPTH)
 				return "JSON nested deeper than " JSON_MAX_DEPTH_TEXT " levels";
 		} else if (c == '}' || c == ']') {
@@ -112,7 +138,7 @@ static yajl_val json_parse(const uint8_t *body, size_t len, int nul_as_control, 
 		return NULL;
 	}
 	int has_nul_escape = 0;
-	const char *why = json_precheck(body, len, &has_nul_escape);
+	const char *why = json_precheck(body, len, 0, &has_nul_escape);
 	if (why == NULL && has_nul_escape && !nul_as_control)
 		why = "strings may not contain \\u0000";
 	if (why != NULL) {
@@ -162,6 +188,263 @@ yajl_val json_parse_object(const uint8_t *body, size_t len, char *err, size_t er
 yajl_val json_parse_request(const uint8_t *body, size_t len, char *err, size_t errlen)
 {
 	return json_parse(body, len, 1, err, errlen);
+}
+
+/* State of json_read_flat's callbacks. */
+struct flat_reader {
+	yajl_handle parser;
+	uint8_t *body;
+	size_t len;
+	const char *const *keys;
+	size_t nkeys;
+	struct json_scalar *values;
+	struct json_scalar *current;   /* where the value of the last key goes; NULL: ignored */
+	struct json_scalar *raw_slot;  /* the one field that may hold an array or object, or NULL */
+	int depth;                     /* of the request object: 0 outside, 1 inside */
+	int raw_depth;                 /* nesting inside a raw value, 0 when not in one */
+	int raw_record;                /* the raw value in progress is the field's first value */
+	size_t raw_start;
+	size_t raw_values;
+	size_t members;
+	const char *why;               /* why the callbacks stopped the parser */
+};
+
+/* Inside a raw value every token only counts: the value is echoed as its text. */
+static int raw_count(struct flat_reader *r)
+{
+	if (++r->raw_values > JSON_MAX_RAW_VALUES) {
+		r->why = "1001 data holds more than " JSON_MAX_RAW_VALUES_TEXT " values";
+		return 0;
+	}
+	return 1;
+}
+
+static int flat_value(struct flat_reader *r, enum json_kind kind, const char *s, size_t len)
+{
+	if (r->raw_depth > 0)
+		return raw_count(r);
+	if (r->depth != 1) {
+		r->why = "body is not a JSON object";
+		return 0;
+	}
+	struct json_scalar *v = r->current;
+	r->current = NULL;
+	if (v == NULL || v->kind != JSON_NONE)
+		return 1;   /* unknown key, or a repeated one: the first value counts */
+	v->kind = kind;
+	v->s = s;
+	v->len = len;
+	return 1;
+}
+
+static int flat_null(void *ctx) { return flat_value(ctx, JSON_NULL, NULL, 0); }
+static int flat_bool(void *ctx, int b) { return flat_value(ctx, b ? JSON_TRUE : JSON_FALSE, NULL, 0); }
+static int flat_number(void *ctx, const char *s, size_t len) { return flat_value(ctx, JSON_NUMBER, s, len); }
+
+static int flat_string(void *ctx, const unsigned char *s, size_t len)
+{
+	struct flat_reader *r = ctx;
+	const uint8_t *p = s;
+	if (r->raw_depth > 0)
+		return raw_count(r);   /* never decoded in place: the raw text is echoed */
+	if (r->current != NULL && r->current->kind == JSON_NONE && !(p >= r->body && p + len <= r->body + r->len)) {
+		/* yajl decoded escapes into its own buffer, which the next string reuses. The
+		 * decoded text is never longer than the escaped one, so it fits at the end of
+		 * the string's own bytes, just before its closing quote. */
+		size_t end = yajl_get_bytes_consumed(r->parser);
+		if (end < 1 + len || end > r->len) {
+			r->why = "body is not valid JSON";
+			return 0;
+		}
+		uint8_t *dst = r->body + end - 1 - len;
+		memmove(dst, s, len);
+		p = dst;
+	}
+	return flat_value(r, JSON_STRING, (const char *)p, len);
+}
+
+/* '{' or '[': the request object itself, the start of the raw field's value, or refused. */
+static int flat_open(struct flat_reader *r, int is_map)
+{
+	if (r->raw_depth > 0) {
+		r->raw_depth++;
+		return raw_count(r);
+	}
+	if (r->depth == 0 && is_map) {
+		r->depth = 1;
+		return 1;
+	}
+	if (r->depth == 1 && r->current != NULL && r->current == r->raw_slot) {
+		r->raw_depth = 1;
+		r->raw_record = r->current->kind == JSON_NONE;
+		r->raw_start = yajl_get_bytes_consumed(r->parser) - 1;   /* the bracket itself */
+		return raw_count(r);
+	}
+	r->why = FLAT_REFUSED;
+	return 0;
+}
+
+static int flat_close(struct flat_reader *r)
+{
+	if (r->raw_depth > 0) {
+		if (--r->raw_depth == 0) {
+			size_t end = yajl_get_bytes_consumed(r->parser);
+			if (r->raw_record) {
+				r->current->kind = JSON_RAW;
+				r->current->s = (const char *)r->body + r->raw_start;
+				r->current->len = end - r->raw_start;
+			}
+			r->current = NULL;
+		}
+		return 1;
+	}
+	r->depth--;
+	return 1;
+}
+
+static int flat_start_map(void *ctx) { return flat_open(ctx, 1); }
+static int flat_start_array(void *ctx) { return flat_open(ctx, 0); }
+static int flat_end_map(void *ctx) { return flat_close(ctx); }
+static int flat_end_array(void *ctx) { return flat_close(ctx); }
+
+static int flat_key(void *ctx, const unsigned char *key, size_t len)
+{
+	struct flat_reader *r = ctx;
+	if (r->raw_depth > 0)
+		return raw_count(r);
+	if (++r->members > JSON_MAX_MEMBERS) {
+		r->why = "request objects have at most " JSON_MAX_MEMBERS_TEXT " fields";
+		return 0;
+	}
+	r->current = NULL;
+	for (size_t i = 0; i < r->nkeys; i++)
+		if (strlen(r->keys[i]) == len && memcmp(r->keys[i], key, len) == 0) {
+			r->current = &r->values[i];
+			break;
+		}
+	return 1;
+}
+
+static const yajl_callbacks flat_callbacks = {
+	.yajl_null = flat_null,
+	.yajl_boolean = flat_bool,
+	.yajl_number = flat_number,
+	.yajl_string = flat_string,
+	.yajl_start_map = flat_start_map,
+	.yajl_map_key = flat_key,
+	.yajl_end_map = flat_end_map,
+	.yajl_start_array = flat_start_array,
+	.yajl_end_array = flat_end_array,
+};
+
+int json_read_flat(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
+    struct json_scalar *values, char *err, size_t errlen)
+{
+	return json_read_flat_raw(body, len, keys, nkeys, values, -1, err, errlen);
+}
+
+int json_read_flat_raw(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
+    struct json_scalar *values, int raw_key, char *err, size_t errlen)
+{
+	memset(values, 0, nkeys * sizeof(*values));
+	if (len > 0 && memchr(body, '\0', len) != NULL) {
+		snprintf(err, errlen, "body contains a NUL byte");
+		return -1;
+	}
+	int has_nul_escape = 0;
+	/* Without a raw field the first bracket inside the object ends it here; with one,
+	 * the depth limit applies and the callbacks refuse brackets anywhere else. */
+	const char *why = json_precheck(body, len, raw_key < 0, &has_nul_escape);
+	if (why != NULL) {
+		snprintf(err, errlen, "%s", why);
+		return -1;
+	}
+	struct flat_reader r = { .body = body, .len = len, .keys = keys, .nkeys = nkeys, .values = values,
+	    .raw_slot = raw_key >= 0 && (size_t)raw_key < nkeys ? &values[raw_key] : NULL };
+	r.parser = yajl_alloc(&flat_callbacks, NULL, &r);
+	if (r.parser == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	yajl_status st = yajl_parse(r.parser, body, len);
+	if (st == yajl_status_ok)
+		st = yajl_complete_parse(r.parser);
+	if (st != yajl_status_ok) {
+		if (r.why != NULL) {
+			snprintf(err, errlen, "%s", r.why);
+		} else {
+			/* yajl's message spans lines; keep the first. */
+			unsigned char *ye = yajl_get_error(r.parser, 0, body, len);
+			char first[128];
+			snprintf(first, sizeof(first), "%s", ye ? (const char *)ye : "parse error");
+			first[strcspn(first, "\n")] = '\0';
+			snprintf(err, errlen, "body is not valid JSON (%s)", first);
+			if (ye)
+				yajl_free_error(r.parser, ye);
+		}
+		yajl_free(r.parser);
+		return -1;
+	}
+	yajl_free(r.parser);
+	return 0;
+}
+
+static enum json_field u64_text(const char *s, size_t n, uint64_t max, uint64_t *out)
+{
+	/* Digits only: no sign, fraction or exponent; 19 digits cannot overflow. */
+	if (n == 0 || n > 19)
+		return JSON_FIELD_BAD;
+	uint64_t value = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return JSON_FIELD_BAD;
+		value = value * 10 + (uint64_t)(s[i] - '0');
+	}
+	if (value > max)
+		return JSON_FIELD_BAD;
+	*out = value;
+	return JSON_FIELD_OK;
+}
+
+enum json_field json_scalar_u64(const struct json_scalar *v, uint64_t max, uint64_t *out)
+{
+	if (v->kind == JSON_NONE)
+		return JSON_FIELD_MISSING;
+	if (v->kind == JSON_NUMBER) {
+		/* yajl reads "-0" as the integer 0: so does this. */
+		if (v->len == 2 && v->s[0] == '-' && v->s[1] == '0')
+			return u64_text("0", 1, max, out);
+		return u64_text(v->s, v->len, max, out);
+	}
+	if (v->kind == JSON_STRING)
+		return u64_text(v->s, v->len, max, out);
+	return JSON_FIELD_BAD;
+}
+
+enum json_field json_scalar_str(const struct json_scalar *v, const char **out, size_t *len)
+{
+	if (v->kind == JSON_NONE)
+		return JSON_FIELD_MISSING;
+	if (v->kind != JSON_STRING)
+		return JSON_FIELD_BAD;
+	*out = v->s;
+	*len = v->len;
+	return JSON_FIELD_OK;
+}
+
+enum json_field json_scalar_flag(const struct json_scalar *v, int *out)
+{
+	if (v->kind == JSON_NONE)
+		return JSON_FIELD_MISSING;
+	if (v->kind == JSON_TRUE || v->kind == JSON_FALSE) {
+		*out = v->kind == JSON_TRUE;
+		return JSON_FIELD_OK;
+	}
+	uint64_t n;
+	if (json_scalar_u64(v, 1, &n) != JSON_FIELD_OK)
+		return JSON_FIELD_BAD;
+	*out = (int)n;
+	return JSON_FIELD_OK;
 }
 
 yajl_val json_member(yajl_val obj, const char *key)
@@ -303,10 +586,39 @@ static void json_gen_value(yajl_gen g, yajl_val v)
 	}
 }
 
+void json_put_scalar(struct json_writer *w, const char *key, const struct json_scalar *v)
+{
+	json_key(w, key);
+	switch (v->kind) {
+	case JSON_STRING:
+		yajl_gen_string(w->gen, (const unsigned char *)v->s, v->len);
+		break;
+	case JSON_NUMBER:
+		yajl_gen_number(w->gen, v->s, v->len);
+		break;
+	case JSON_TRUE:
+	case JSON_FALSE:
+		yajl_gen_bool(w->gen, v->kind == JSON_TRUE);
+		break;
+	default:
+		yajl_gen_null(w->gen);
+		break;
+	}
+}
+
 void json_put_value(struct json_writer *w, const char *key, yajl_val v)
 {
 	json_key(w, key);
 	json_gen_value(w->gen, v);
+}
+
+void json_open_fields(struct json_writer *w, const uint8_t **out, size_t *len)
+{
+	const unsigned char *p;
+	size_t n;
+	yajl_gen_get_buf(w->gen, &p, &n);
+	*out = p;
+	*len = n;
 }
 
 void json_end(struct json_writer *w, const uint8_t **out, size_t *len)

@@ -90,7 +90,7 @@ void access_log(const char *fmt, ...)
 {
 	if (access_state.fd < 0)
 		return;
-	char line[1024];
+	char line[2048];   /* room for a name of 255 bytes escaped to 4 bytes each */
 	struct timespec ts;
 	struct tm tm;
 	clock_gettime(CLOCK_REALTIME, &ts);

@@ -3,6 +3,7 @@
 #include "conf.h"
 #include "log.h"
 #include "master.h"
+#include "preflight.h"
 
 #include <bsd/unistd.h>
 #include <getopt.h>
@@ -16,11 +17,12 @@ static void usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: resourced [-f] [-t] [-c FILE]\n"
-	    "  -c FILE  configuration file (default %s/resourced.conf)\n"
-	    "  -f       stay in the foreground and log to stderr (systemd, tests)\n"
-	    "  -t       check the configuration and exit: 0 if good, 1 if not\n"
-	    "  -h       this help\n"
-	    "  -V       print the version\n", SYSCONFDIR);
+	    "  -c, --config FILE  configuration file (default %s/resourced.conf)\n"
+	    "  -f, --foreground   stay in the foreground and log to stderr (systemd, tests)\n"
+	    "  -t, --test         check the configuration and what start needs, then exit:\n"
+	    "                     0 if good, 1 if not\n"
+	    "  -h, --help         this help\n"
+	    "  -V, --version      print the version\n", SYSCONFDIR);
 }
 
 int main(int argc, char *argv[])
@@ -29,7 +31,15 @@ int main(int argc, char *argv[])
 	int foreground = 0, test_only = 0, opt;
 
 	setproctitle_init(argc, argv, environ);
-	while ((opt = getopt(argc, argv, "c:fthV")) != -1) {
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "test", no_argument, NULL, 't' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	while ((opt = getopt_long(argc, argv, "c:fthV", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c': conf_path = optarg; break;
 		case 'f': foreground = 1; break;
@@ -47,13 +57,25 @@ int main(int argc, char *argv[])
 	static struct conf conf;
 	char err[512];
 	conf_defaults(&conf);
-	if (conf_load(&conf, conf_path, err, sizeof(err)) < 0) {
+	if (preflight_config_path(conf_path, err, sizeof(err)) < 0 || conf_load(&conf, conf_path, err, sizeof(err)) < 0) {
 		fprintf(stderr, "resourced: %s\n", err);
 		return 1;
 	}
+	/* Start checks the same things -t does, so it fails with the reason instead of half-way. */
+	int problems = preflight_check(&conf, stderr);
 	if (test_only) {
+		if (problems) {
+			fprintf(stderr, "resourced: configuration file %s test failed (%d problem%s)\n", conf_path,
+			    problems, problems == 1 ? "" : "s");
+			return 1;
+		}
 		printf("resourced: configuration file %s is valid\n", conf_path);
 		return 0;
+	}
+	if (problems) {
+		fprintf(stderr, "resourced: not started: fix the problem%s above (resourced -t checks)\n",
+		    problems == 1 ? "" : "s");
+		return 1;
 	}
 	return master_run(&conf, conf_path, foreground);
 }

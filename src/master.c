@@ -3,11 +3,13 @@
 #include "master.h"
 #include "conf.h"
 #include "control.h"
+#include "http.h"
 #include "instance.h"
 #include "ipc.h"
 #include "log.h"
 #include "stats.h"
 #include "storage.h"
+#include "lease.h"
 #include "worker.h"
 
 #include <bsd/unistd.h>
@@ -18,6 +20,7 @@
 #include <netdb.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sodium.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,9 +73,11 @@ struct master {
 	int foreground;               /* -f: logs stay on stderr */
 	struct stats_shm *shm;
 	struct control *control;
+	struct http *http;            /* [server] http_listen; NULL when off */
 	ev_signal sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
 	ev_child child_watcher;
 	ev_timer stop_timer;
+	ev_timer grace_timer;         /* graceful stop: the agent says drain, workers still accept */
 };
 
 static void proc_spawn(struct proc *p);
@@ -288,6 +293,7 @@ static void proc_spawn(struct proc *p)
 	if (pid == 0) {
 		child_reset_signals(m);
 		control_close_inherited(m->control);
+		http_close_inherited(m->http);
 		stats_attach(m->shm, slot);
 		int rc;
 		if (p->role == ROLE_STORAGE) {
@@ -403,7 +409,7 @@ static void master_on_child(struct ev_loop *loop, ev_child *w, int revents)
 			ev_timer_start(loop, &p->respawn);
 		}
 	}
-	if (m->stopping == 2 && workers_alive(m) == 0 && m->procs[0].pid > 0)
+	if (m->stopping == 2 && !ev_is_active(&m->grace_timer) && workers_alive(m) == 0 && m->procs[0].pid > 0)
 		kill(m->procs[0].pid, SIGTERM);   /* graceful: storage goes last, its queue drained */
 	if (m->stopping && procs_alive(m) == 0)
 		ev_break(loop, EVBREAK_ALL);
@@ -420,6 +426,27 @@ static void master_on_stop_timeout(struct ev_loop *loop, ev_timer *t, int revent
 	master_signal_role(m, ROLES_ALL, SIGKILL);
 }
 
+/* The end of a graceful stop's grace: the balancers have seen drain, so the node stops
+ * accepting; the workers finish the transfers in progress and close everything else. */
+static void master_on_grace_end(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct master *m = t->data;
+	/* The master's copies of the listening sockets go first: with them open the kernel would
+	 * still complete handshakes into a backlog nobody accepts from. Once the workers close
+	 * theirs too, a new connection is refused, and the balancer tries another server. */
+	for (int i = 0; i < m->nlisten; i++)
+		if (m->listen_fds[i] >= 0) {
+			close(m->listen_fds[i]);
+			m->listen_fds[i] = -1;
+		}
+	log_info("graceful stop: no longer accepting; %d workers finish the transfers in progress", workers_alive(m));
+	master_signal_role(m, 1 << ROLE_WORKER, SIGQUIT);
+	if (workers_alive(m) == 0)
+		master_signal_role(m, 1 << ROLE_STORAGE, SIGTERM);
+}
+
 static void master_stop(struct master *m, int graceful)
 {
 	if (m->stopping == 1 || (m->stopping == 2 && graceful))
@@ -428,6 +455,7 @@ static void master_stop(struct master *m, int graceful)
 		/* TERM during a graceful stop: stop now. */
 		log_info("fast stop requested during a graceful stop");
 		m->stopping = 1;
+		ev_timer_stop(m->loop, &m->grace_timer);
 		master_signal_role(m, ROLES_ALL, SIGTERM);
 		ev_timer_stop(m->loop, &m->stop_timer);
 		ev_timer_set(&m->stop_timer, STOP_TIMEOUT, 0.);
@@ -436,17 +464,23 @@ static void master_stop(struct master *m, int graceful)
 	}
 	m->stopping = graceful ? 2 : 1;
 	sd_notify(0, "STOPPING=1");
-	control_set_draining(m->control, 1);
+	control_set_stopping(m->control);
 	for (int i = 0; i < STATS_MAX_SLOTS; i++)
 		ev_timer_stop(m->loop, &m->procs[i].respawn);
 	if (graceful) {
-		/* Workers finish what is in flight; storage stops when they are gone. */
-		master_signal_role(m, 1 << ROLE_WORKER, SIGQUIT);
-		if (workers_alive(m) == 0)
-			master_signal_role(m, 1 << ROLE_STORAGE, SIGTERM);
+		/* The agent-check answers drain from now on, while the workers go on accepting for
+		 * the grace: a balancer that checks every few seconds sees drain and sends no one
+		 * new before the node refuses connections. Then workers finish what is in flight
+		 * (master_on_grace_end); storage stops when they are gone. */
+		double grace = conf_drain_grace(m->conf);
+		log_info("graceful stop: the agent answers drain; accepting for %.1f s more", grace);
+		ev_timer_init(&m->grace_timer, master_on_grace_end, grace, 0.);
+		m->grace_timer.data = m;
+		ev_timer_start(m->loop, &m->grace_timer);
 	} else {
 		master_signal_role(m, ROLES_ALL, SIGTERM);
 	}
+	/* shutdown_timeout bounds the whole graceful stop, grace included; the workers keep to it. */
 	ev_timer_init(&m->stop_timer, master_on_stop_timeout,
 	    graceful ? m->conf->shutdown_timeout + STOP_TIMEOUT : STOP_TIMEOUT, 0.);
 	m->stop_timer.data = m;
@@ -507,6 +541,9 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		log_warnx("reload: %s (keeping the old log)", err);
 	if (strcmp(next->access_log, m->conf->access_log) != 0 && access_log_open(next->access_log, err, sizeof(err)) < 0)
 		log_warnx("reload: %s (no access log)", err);
+	if (strcmp(next->http_listen, m->conf->http_listen) != 0)
+		log_warnx("reload: http_listen changes take effect at the next start (still %s)",
+		    m->conf->http_listen[0] ? m->conf->http_listen : "off");
 	struct conf *old = m->conf;
 	m->conf = next;
 	control_set_conf(m->control, next);
@@ -633,6 +670,8 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.control = control_create(m.loop, conf, m.shm, &ops);
 	if (m.control == NULL)
 		fatalx("out of memory");
+	if (conf->http_listen[0])
+		m.http = http_create(m.loop, conf->http_listen, m.control);   /* bound as root: any port */
 	drop_privileges(conf);
 
 	int ready_fd = foreground ? -1 : daemonize();
@@ -663,6 +702,11 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.child_watcher.data = &m;
 	ev_child_start(m.loop, &m.child_watcher);
 
+	/* One lease owner per master: a storage process it restarts takes its predecessor's
+	 * upload leases back at once, other nodes wait for them (lease.h). */
+	if (sodium_init() < 0)
+		fatalx("libsodium cannot start");
+	lease_owner_init(conf->node);
 	struct proc *storage = proc_new(&m, ROLE_STORAGE, 0);
 	proc_spawn(storage);
 	spawn_workers(&m);
@@ -671,6 +715,8 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	ev_run(m.loop, 0);
 
 	ev_timer_stop(m.loop, &m.stop_timer);
+	ev_timer_stop(m.loop, &m.grace_timer);
+	http_destroy(m.http);
 	control_destroy(m.control);
 	char path[600];
 	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);

@@ -4,6 +4,7 @@
 #include "conf.h"
 #include "json.h"
 #include "log.h"
+#include "escape.h"
 #include "rds.h"
 #include "stats.h"
 
@@ -225,11 +226,15 @@ static void pg_on_result(struct pg *pg, PGresult *res)
 	ExecStatusType st = PQresultStatus(res);
 	if (st == PGRES_TUPLES_OK) {
 		if (PQntuples(res) == 0) {
-			log_warnx("postgres: no user row for uid %" PRIu64 ": icon %s not recorded",
-			    pg->busy_uid, pg->busy_name);
+			char name[ESCAPE_SIZE(sizeof(pg->busy_name))];
+			escape_quoted(name, sizeof(name), pg->busy_name, strlen(pg->busy_name));
+			log_warnx("postgres: no user row for uid %" PRIu64 ": icon \"%s\" not recorded",
+			    pg->busy_uid, name);
 			pending_done(pg, pg->busy_uid, pg->busy_name);
 		} else {
-			log_info("icon of uid %" PRIu64 " set to %s", pg->busy_uid, pg->busy_name);
+			char name[ESCAPE_SIZE(sizeof(pg->busy_name))];
+			escape_quoted(name, sizeof(name), pg->busy_name, strlen(pg->busy_name));
+			log_info("icon of uid %" PRIu64 " set to \"%s\"", pg->busy_uid, name);
 			pg_write_cache(pg, res);
 		}
 	} else {

@@ -4,7 +4,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <yajl/yajl_tree.h>
+
+#include "json.h"
 
 enum msg_id {
 	MSG_TEST = 1001,           /* → 1002 */
@@ -36,6 +37,8 @@ enum proto_error {
 	ERR_BUSY = 1027,
 	ERR_STORAGE_FULL = 1028,
 	ERR_FILE_CHANGED = 1029,   /* a download's file was replaced: start again at seq 1 */
+	ERR_USER_UPLOADS = 1035,      /* this uid has max_uploads_per_user uploads in progress */
+	ERR_SERVER_UPLOADS = 1036,    /* the node has max_uploads uploads in progress */
 };
 
 #define PROTO_NAME_MAX 255
@@ -52,7 +55,16 @@ struct proto_credentials {
 	int anonymous;           /* no uid was sent and anonymous mode took it as uid 0 */
 };
 
-/* A checked 1003/1031 chunk; strings point into the JSON tree. */
+/* The fields of every request, as read by proto_read_request. */
+enum proto_field {
+	PF_DATA, PF_MD5, PF_NAME, PF_SEQ, PF_TRANS_SIZE, PF_TOTAL_SIZE, PF_LAST, PF_LAST_SEQ,
+	PF_UID, PF_TOKEN, PF_CLIENT_PATH, PF_COUNT
+};
+struct proto_fields {
+	struct json_scalar v[PF_COUNT];
+};
+
+/* A checked 1003/1031 chunk; strings point into the request body. */
 struct proto_chunk {
 	struct proto_credentials cred;
 	char md5[PROTO_MD5_HEX + 1];   /* lower case */
@@ -60,7 +72,9 @@ struct proto_chunk {
 	size_t name_len;
 	uint64_t seq, trans_size, total_size, last_seq, offset;
 	int last, has_last_seq;
-	size_t data_len;               /* decoded into the caller's buffer */
+	const char *data_b64;          /* the base64 text, decoded only once credentials are good */
+	size_t data_b64_len;
+	size_t data_len;               /* what it decodes to (checked by proto_decode_chunk) */
 };
 
 struct proto_sync {
@@ -75,21 +89,39 @@ struct proto_download {
 	const char *client_path;
 	size_t client_path_len;
 	uint64_t seq;
+	uint64_t offset;         /* (seq - 1) * download_chunk, checked not to overflow */
 };
 
 /* What the request checks need to know of the configuration. */
 struct proto_limits {
 	uint64_t max_file_size;
+	uint64_t download_chunk;   /* bytes per download seq; 0 counts as 1 */
 	int anonymous;
 };
 
-/* Each parser returns ERR_OK or an error code with a message naming the field. */
-int proto_parse_chunk(yajl_val obj, int kind, const struct proto_limits *lim,
-    uint8_t *data, size_t data_cap, struct proto_chunk *out, char *msg, size_t msglen);
-int proto_parse_sync(yajl_val obj, const struct proto_limits *lim, struct proto_sync *out,
+/* Reads a request body (a flat JSON object, see json_read_flat; the body is
+ * modified in place) into f. Returns ERR_OK or ERR_JSON with the reason. */
+int proto_read_request(uint8_t *body, size_t len, struct proto_fields *f, char *msg, size_t msglen);
+/* The same for 1001, whose data may also be an array or object (bounded, see
+ * json_read_flat_raw): it is then JSON_RAW, echoed as sent. */
+int proto_read_test(uint8_t *body, size_t len, struct proto_fields *f, char *msg, size_t msglen);
+
+/* Each parser returns ERR_OK or an error code with a message naming the field.
+ * proto_parse_chunk checks everything but the base64 characters: the data is
+ * decoded once, after the credentials are known good, by proto_decode_chunk. */
+int proto_parse_chunk(const struct proto_fields *f, int kind, const struct proto_limits *lim,
+    struct proto_chunk *out, char *msg, size_t msglen);
+int proto_parse_sync(const struct proto_fields *f, const struct proto_limits *lim, struct proto_sync *out,
     char *msg, size_t msglen);
-int proto_parse_download(yajl_val obj, const struct proto_limits *lim, struct proto_download *out,
+int proto_parse_download(const struct proto_fields *f, const struct proto_limits *lim,
+    struct proto_download *out, char *msg, size_t msglen);
+/* 1041 (binary fast path hello): uid and token, both required (no anonymous mode). */
+int proto_parse_hello(const struct proto_fields *f, const struct proto_limits *lim, struct proto_credentials *out,
     char *msg, size_t msglen);
+
+/* Decodes the chunk's data into dst (cap at least b64_decode_room(c->data_b64_len)).
+ * Returns ERR_OK, or ERR_JSON when it is not strict base64. */
+int proto_decode_chunk(const struct proto_chunk *c, uint8_t *dst, size_t cap, char *msg, size_t msglen);
 
 /* 1 when name obeys the Names rules of PROTOCOL.md. */
 int proto_name_valid(const char *name, size_t len);

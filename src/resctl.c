@@ -1,6 +1,9 @@
 /* resctl.c: the command-line client of resourced: ping, upload, sync and download over the compatible protocol. */
 #include "config.h"
 #include "resctl.h"
+#include "b64.h"
+#include "binproto.h"
+#include "digest.h"
 #include "frame.h"
 #include "json.h"
 #include "proto.h"
@@ -10,7 +13,6 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
-#include <md5.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -62,7 +64,46 @@ static const struct {
 	{ ERR_UPLOAD_MISMATCH, "UploadMismatch" },
 	{ ERR_BUSY, "ServerBusy" },
 	{ ERR_STORAGE_FULL, "StorageFull" },
+	{ ERR_USER_UPLOADS, "TooManyUserUploads" },
+	{ ERR_SERVER_UPLOADS, "TooManyUploads" },
 };
+
+/* What an error code means, for people; the ids and names are for --verbose. */
+static const struct {
+	int code;
+	const char *text;
+} error_texts[] = {
+	{ ERR_JSON, "the server could not read the request" },
+	{ ERR_TOKEN_INVALID, "the token is wrong or has expired (check --uid and the token)" },
+	{ ERR_UID_INVALID, "the server does not know this user id" },
+	{ ERR_FILE_NOT_EXISTS, "no such file on the server" },
+	{ ERR_REDIS_SAVE, "the server could not record the upload" },
+	{ ERR_CREATE_PATH, "the server could not create the file" },
+	{ ERR_WRITE_PERMISSION, "the server may not write the file" },
+	{ ERR_READ_PERMISSION, "the server may not read the file" },
+	{ ERR_SEQ_INVALID, "chunk number out of order" },
+	{ ERR_OFFSET_INVALID, "chunk at the wrong offset" },
+	{ ERR_READ_FAILED, "the server could not read the file" },
+	{ ERR_REDIS_READ, "the server could not read its upload records" },
+	{ ERR_MSG_ID, "the server does not know this request" },
+	{ ERR_NAME_INVALID, "the file name is not allowed" },
+	{ ERR_CHECKSUM, "the uploaded bytes do not match their MD5" },
+	{ ERR_TOO_LARGE, "the file is larger than the server accepts" },
+	{ ERR_UPLOAD_MISMATCH, "an upload of these bytes is in progress under another name or size" },
+	{ ERR_BUSY, "the server is busy" },
+	{ ERR_STORAGE_FULL, "the server's storage is full" },
+};
+
+static const char *error_text(int64_t code)
+{
+	for (size_t i = 0; i < sizeof(error_texts) / sizeof(error_texts[0]); i++)
+		if (error_texts[i].code == code)
+			return error_texts[i].text;
+	return "the server refused the request";
+}
+
+static int verbose;     /* --verbose: message ids, error codes and raw fields as well */
+static int proxy_v2;    /* --proxy-v2: a PROXY protocol v2 header opens every connection */
 
 const char *resctl_error_name(int64_t code)
 {
@@ -279,6 +320,12 @@ void resctl_progress_init(struct resctl_progress *p, const char *label)
 	*p = (struct resctl_progress){ .enabled = isatty(STDERR_FILENO), .start_ns = resctl_now_ns(), .label = label };
 }
 
+void resctl_progress_base(struct resctl_progress *p, uint64_t done)
+{
+	p->base = done;
+	p->start_ns = resctl_now_ns();
+}
+
 void resctl_progress_text(struct resctl_progress *p, const char *text)
 {
 	if (!p->enabled)
@@ -297,7 +344,16 @@ void resctl_progress_update(struct resctl_progress *p, uint64_t done, uint64_t t
 		return;
 	p->last_draw_ns = now;
 	double seconds = (double)(now - p->start_ns) / 1e9;
-	double rate = seconds > 0 ? (double)done / 1e6 / seconds : 0;
+	uint64_t moved = done > p->base ? done - p->base : 0;
+	double rate = seconds > 0 ? (double)moved / 1e6 / seconds : 0;
+	char eta[32] = "";
+	if (rate > 0 && total > done) {
+		long left = (long)((double)(total - done) / 1e6 / rate + 0.5);
+		if (left >= 3600)
+			snprintf(eta, sizeof(eta), " ETA %ld:%02ld:%02ld", left / 3600, left / 60 % 60, left % 60);
+		else
+			snprintf(eta, sizeof(eta), " ETA %ld:%02ld", left / 60, left % 60);
+	}
 	char bar[31];
 	double fraction = total ? (double)done / (double)total : 1.0;
 	int filled = (int)(fraction * 30.0);
@@ -305,8 +361,8 @@ void resctl_progress_update(struct resctl_progress *p, uint64_t done, uint64_t t
 		bar[i] = i < filled ? '#' : '.';
 	bar[30] = '\0';
 	char line[256];
-	snprintf(line, sizeof(line), "%.40s [%s] %3d%% %.1f/%.1f MB %.1f MB/s", p->label, bar,
-	    (int)(fraction * 100.0), (double)done / 1e6, (double)total / 1e6, rate);
+	snprintf(line, sizeof(line), "%.40s [%s] %3d%% %.1f/%.1f MB %.1f MB/s%s", p->label, bar,
+	    (int)(fraction * 100.0), (double)done / 1e6, (double)total / 1e6, rate, eta);
 	resctl_progress_text(p, line);
 }
 
@@ -366,6 +422,59 @@ static int wait_ready(int fd, short events, int64_t deadline_ns)
 	}
 }
 
+/* The PROXY protocol v2 header HAProxy would send for this connection: PROXY command, TCP over
+ * IPv4 or IPv6, this socket's own addresses as source and destination. */
+static int send_proxy_v2(struct client *c)
+{
+	static const uint8_t signature[12] = { 0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a };
+	struct sockaddr_storage src, dst;
+	socklen_t slen = sizeof(src), dlen = sizeof(dst);
+	uint8_t header[16 + 36];
+	size_t addr_len;
+	if (getsockname(c->fd, (struct sockaddr *)&src, &slen) != 0 || getpeername(c->fd, (struct sockaddr *)&dst, &dlen) != 0) {
+		snprintf(c->err, sizeof(c->err), "--proxy-v2: %s", strerror(errno));
+		return -1;
+	}
+	memcpy(header, signature, sizeof(signature));
+	header[12] = 0x21;   /* version 2, PROXY */
+	if (src.ss_family == AF_INET) {
+		const struct sockaddr_in *s4 = (const struct sockaddr_in *)&src, *d4 = (const struct sockaddr_in *)&dst;
+		header[13] = 0x11;   /* TCP over IPv4 */
+		memcpy(header + 16, &s4->sin_addr, 4);
+		memcpy(header + 20, &d4->sin_addr, 4);
+		memcpy(header + 24, &s4->sin_port, 2);
+		memcpy(header + 26, &d4->sin_port, 2);
+		addr_len = 12;
+	} else {
+		const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&src, *d6 = (const struct sockaddr_in6 *)&dst;
+		header[13] = 0x21;   /* TCP over IPv6 */
+		memcpy(header + 16, &s6->sin6_addr, 16);
+		memcpy(header + 32, &d6->sin6_addr, 16);
+		memcpy(header + 48, &s6->sin6_port, 2);
+		memcpy(header + 50, &d6->sin6_port, 2);
+		addr_len = 36;
+	}
+	header[14] = 0;
+	header[15] = (uint8_t)addr_len;
+	size_t len = 16 + addr_len, done = 0;
+	int64_t deadline = resctl_now_ns() + (int64_t)c->timeout_ms * 1000000;
+	while (done < len) {
+		ssize_t n = send(c->fd, header + done, len - done, MSG_NOSIGNAL);
+		if (n > 0) {
+			done += (size_t)n;
+		} else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+			if (errno == EAGAIN && wait_ready(c->fd, POLLOUT, deadline) <= 0) {
+				snprintf(c->err, sizeof(c->err), "--proxy-v2: sending the header timed out");
+				return -1;
+			}
+		} else {
+			snprintf(c->err, sizeof(c->err), "--proxy-v2: %s", strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
+}
+
 static int connect_one(struct client *c, const struct addrinfo *ai)
 {
 	int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
@@ -396,6 +505,11 @@ static int connect_one(struct client *c, const struct addrinfo *ai)
 	resctl_tune_socket(fd);
 	c->fd = fd;
 	resctl_peer_name(fd, c->peer, sizeof(c->peer));
+	if (proxy_v2 && send_proxy_v2(c) != 0) {
+		close(fd);
+		c->fd = -1;
+		return -1;
+	}
 	return 0;
 }
 
@@ -445,6 +559,26 @@ static int client_send(struct client *c, uint16_t id, const void *body, size_t l
 	return CALL_OK;
 }
 
+/* Says that the peer does not speak the protocol, showing how its answer starts (an HTTP
+ * status line, an SSH banner...) in printable characters. */
+static void not_resourced(struct client *c, const char *why)
+{
+	char start[41];
+	size_t n = 0;
+	for (size_t i = c->in.start; i < c->in.end && n < sizeof(start) - 1; i++) {
+		uint8_t ch = c->in.data[i];
+		if (ch == '\r' || ch == '\n')
+			break;
+		start[n++] = ch >= 0x20 && ch < 0x7f ? (char)ch : '.';
+	}
+	start[n] = '\0';
+	if (verbose || n == 0)
+		snprintf(c->err, sizeof(c->err), "%s is not a resourced server: %s%s%s%s", c->ep->text, why,
+		    n ? " (it sent \"" : "", start, n ? "\")" : "");
+	else
+		snprintf(c->err, sizeof(c->err), "%s is not a resourced server (it sent \"%s\")", c->ep->text, start);
+}
+
 static int client_recv(struct client *c, uint16_t *id, const uint8_t **body, uint32_t *len)
 {
 	int64_t deadline = resctl_now_ns() + (int64_t)c->timeout_ms * 1000000;
@@ -454,8 +588,7 @@ static int client_recv(struct client *c, uint16_t *id, const uint8_t **body, uin
 		if (r > 0)
 			return CALL_OK;
 		if (r < 0) {
-			snprintf(c->err, sizeof(c->err), "%s sent a frame larger than %u bytes", c->ep->text,
-			    RESCTL_MAX_RESPONSE);
+			not_resourced(c, "its answer does not frame like resourced's");
 			return CALL_BROKEN;
 		}
 		size_t have = c->in.end - c->in.start;
@@ -499,13 +632,17 @@ static int client_answer(struct client *c, uint16_t id, yajl_val *out)
 	if (r != CALL_OK)
 		return r;
 	if (rid != id + 1) {
-		snprintf(c->err, sizeof(c->err), "%s answered message %u with message %u", c->ep->text, id, rid);
+		char why[80];
+		snprintf(why, sizeof(why), "it answered message %u with message %u", id, rid);
+		not_resourced(c, why);
 		return CALL_BROKEN;
 	}
 	char why[160];
 	*out = json_parse_object(body, len, why, sizeof(why));
 	if (*out == NULL) {
-		snprintf(c->err, sizeof(c->err), "answer %u from %s: %s", rid, c->ep->text, why);
+		char what[200];
+		snprintf(what, sizeof(what), "its answer is not JSON: %s", why);
+		not_resourced(c, what);
 		return CALL_BROKEN;
 	}
 	return CALL_OK;
@@ -570,8 +707,11 @@ static void report_server_error(const char *command, yajl_val o)
 {
 	int64_t code = answer_error(o);
 	const char *message = answer_str(o, "message");
-	resctl_error("%s: server error %" PRId64 " (%s)%s%s", command, code, resctl_error_name(code),
-	    message ? ": " : "", message ? message : "");
+	if (verbose)
+		resctl_error("%s: %s (error %" PRId64 " %s)%s%s", command, error_text(code), code, resctl_error_name(code),
+		    message ? ": " : "", message ? message : "");
+	else
+		resctl_error("%s: %s%s%s", command, error_text(code), message ? ": " : "", message ? message : "");
 }
 
 /* Reconnect back-off: 100 ms doubling to 5 s, at most max_attempts in a row. */
@@ -587,12 +727,16 @@ static void backoff_reset(struct backoff *b)
 	b->delay_ms = RESCTL_BACKOFF_FIRST_MS;
 }
 
-/* Sleeps before the next attempt; -1 when the attempts are used up. */
-static int backoff_wait(struct backoff *b)
+/* Sleeps before the next attempt, saying why and when on stderr (a frozen bar tells nothing);
+ * -1 when the attempts are used up. lost: an established connection broke. */
+static int backoff_wait(struct backoff *b, const char *command, struct resctl_progress *p, int lost, const char *why)
 {
 	if (b->attempts >= b->max_attempts)
 		return -1;
 	b->attempts++;
+	resctl_progress_clear(p);
+	resctl_error("%s: %s%s%s, retrying (%" PRIu64 "/%" PRIu64 ") in %.1f s", command, lost ? "connection lost (" : "",
+	    why, lost ? ")" : "", b->attempts, b->max_attempts, b->delay_ms / 1000.0);
 	sleep_ms(b->delay_ms);
 	b->delay_ms = b->delay_ms * 2 > RESCTL_BACKOFF_MAX_MS ? RESCTL_BACKOFF_MAX_MS : b->delay_ms * 2;
 	return 0;
@@ -613,6 +757,12 @@ enum common_option {
 	OPT_RETRIES,
 	OPT_DROP_AFTER,
 	OPT_STOP_AFTER,
+	OPT_FORCE,
+	OPT_TOKEN_FILE,
+	OPT_VERBOSE,
+	OPT_PROXY_V2,
+	OPT_COMPAT,
+	OPT_PROTOCOL,
 };
 
 /* Handles --timeout, --uid and --token; 1 if opt was one of them, -1 on a bad value. */
@@ -637,21 +787,78 @@ static int common_option(const char *command, int opt, const char *arg, struct r
 	case OPT_TOKEN:
 		auth->token = arg;
 		return 1;
+	case OPT_TOKEN_FILE:
+		auth->token_file = arg;
+		return 1;
+	case OPT_VERBOSE:
+		verbose = 1;
+		return 1;
+	case OPT_PROXY_V2:
+		proxy_v2 = 1;
+		return 1;
 	default:
 		return 0;
 	}
+}
+
+/* The token from --token, --token-file or RESCTL_TOKEN (in that order), checked against --uid
+ * before anything is sent: the server would only say its JSON is wrong. */
+static int auth_finish(const char *command, struct resctl_auth *auth)
+{
+	static char file_token[PROTO_TOKEN_MAX + 2];
+	if (auth->token && auth->token_file) {
+		resctl_error("%s: give --token or --token-file, not both", command);
+		return -1;
+	}
+	if (auth->token_file) {
+		FILE *f = fopen(auth->token_file, "re");
+		if (f == NULL) {
+			resctl_error("%s: --token-file %s: %s", command, auth->token_file, strerror(errno));
+			return -1;
+		}
+		int got = fgets(file_token, sizeof(file_token), f) != NULL;
+		fclose(f);
+		size_t len = got ? strcspn(file_token, "\r\n") : 0;
+		if (len == 0 || len > PROTO_TOKEN_MAX) {
+			resctl_error("%s: --token-file %s: the first line should hold the token (1 to %d bytes)", command,
+			    auth->token_file, PROTO_TOKEN_MAX);
+			return -1;
+		}
+		file_token[len] = '\0';
+		auth->token = file_token;
+	}
+	const char *env = getenv("RESCTL_TOKEN");
+	if (auth->token == NULL && auth->has_uid && env != NULL && env[0] != '\0')
+		auth->token = env;
+	if (auth->has_uid && auth->token == NULL) {
+		resctl_error("%s: --uid needs that user's token: --token T, --token-file FILE or RESCTL_TOKEN", command);
+		return -1;
+	}
+	if (!auth->has_uid && auth->token != NULL) {
+		resctl_error("%s: a token needs --uid (the user it belongs to)", command);
+		return -1;
+	}
+	return 0;
 }
 
 #define COMMON_LONG_OPTIONS \
 	{ "help", no_argument, NULL, OPT_HELP }, \
 	{ "timeout", required_argument, NULL, OPT_TIMEOUT }, \
 	{ "uid", required_argument, NULL, OPT_UID }, \
-	{ "token", required_argument, NULL, OPT_TOKEN }
+	{ "token", required_argument, NULL, OPT_TOKEN }, \
+	{ "token-file", required_argument, NULL, OPT_TOKEN_FILE }, \
+	{ "verbose", no_argument, NULL, OPT_VERBOSE }, \
+	{ "proxy-v2", no_argument, NULL, OPT_PROXY_V2 }
 
 #define COMMON_HELP \
 	"  --uid U          user id sent with the request (left out when not given)\n" \
-	"  --token T        that user's token\n" \
+	"  --token T        that user's token (ps shows it: prefer the next two)\n" \
+	"  --token-file F   read the token from the first line of F\n" \
+	"  RESCTL_TOKEN     environment variable holding the token, used with --uid\n" \
 	"  --timeout S      seconds to wait for each answer (default 30)\n" \
+	"  --proxy-v2       send a PROXY protocol v2 header first, to talk to a node\n" \
+	"                   with proxy_protocol = on directly (as HAProxy would)\n" \
+	"  --verbose        show message ids, error codes and raw fields too\n" \
 	"  -h, --help       this text\n"
 
 int resctl_parse_options(const char *command, int argc, char **argv, const struct option *longopts,
@@ -717,7 +924,7 @@ static int ping_option(void *ctx, int opt, const char *arg)
 
 static const char ping_usage[] =
 	"usage: resctl ping HOST:PORT [--count N] [--interval S] [--timeout S]\n"
-	"Sends 1001 test messages and prints each round trip.\n"
+	"Sends test messages (the server echoes them) and prints each round trip.\n"
 	"  --count N        messages to send (default 1)\n"
 	"  --interval S     seconds between messages (default 1)\n"
 	COMMON_HELP;
@@ -788,7 +995,10 @@ static int cmd_ping(int argc, char **argv)
 		if (rtt < 0)
 			continue;
 		double ms = (double)rtt / 1e6;
-		printf("%d from %s: time=%.3f ms\n", MSG_TEST + 1, c.peer, ms);
+		if (verbose)
+			printf("%d from %s: time=%.3f ms\n", MSG_TEST + 1, c.peer, ms);
+		else
+			printf("reply from %s: time=%.3f ms\n", c.peer, ms);
 		fflush(stdout);
 		received++;
 		sum_ms += ms;
@@ -828,8 +1038,8 @@ static int sync_option(void *ctx, int opt, const char *arg)
 
 static const char sync_usage[] =
 	"usage: resctl sync HOST:PORT MD5 [--uid U --token T] [--json] [--timeout S]\n"
-	"Asks the server (1005) how far the upload of the file with this MD5 got.\n"
-	"Exits 0 when the server knows the upload (error 0), 1 otherwise.\n"
+	"Asks the server how far the upload of the file with this MD5 got.\n"
+	"Exits 0 when an upload is in progress, 1 otherwise (none, or an error).\n"
 	"  --json           print the server's answer as it came\n"
 	COMMON_HELP;
 
@@ -849,8 +1059,8 @@ static void build_sync(struct json_writer *w, const char *md5, const struct resc
 	json_end(w, body, len);
 }
 
-/* The server's view of an upload as one line. */
-static void sync_print(yajl_val answer)
+/* The server's view of an upload, in words; the raw fields with --verbose. */
+static void sync_print(yajl_val answer, const char *md5)
 {
 	uint64_t seq = 0, trans = 0, total = 0;
 	int64_t code = answer_error(answer);
@@ -859,9 +1069,18 @@ static void sync_print(yajl_val answer)
 	answer_u64(answer, "seq", &seq);
 	answer_u64(answer, "trans_size", &trans);
 	answer_u64(answer, "total_size", &total);
-	printf("error=%" PRId64 " (%s) name=%s seq=%" PRIu64 " trans_size=%" PRIu64 " total_size=%" PRIu64 "%s%s%s\n",
-	    code, resctl_error_name(code), name ? name : "", seq, trans, total,
-	    message ? " message=\"" : "", message ? message : "", message ? "\"" : "");
+	if (verbose)
+		printf("error=%" PRId64 " (%s) name=%s seq=%" PRIu64 " trans_size=%" PRIu64 " total_size=%" PRIu64
+		    "%s%s%s\n", code, resctl_error_name(code), name ? name : "", seq, trans, total,
+		    message ? " message=\"" : "", message ? message : "", message ? "\"" : "");
+	if (code == 0)
+		printf("%s: upload in progress, %" PRIu64 " of %" PRIu64 " bytes received (%d%%) in %" PRIu64 " chunk%s\n",
+		    name ? name : "?", trans, total, total ? (int)(100.0 * (double)trans / (double)total) : 0, seq,
+		    seq == 1 ? "" : "s");
+	else if (code == ERR_FILE_NOT_EXISTS)
+		printf("no upload in progress with md5 %s (never started, finished, or expired)\n", md5);
+	else
+		report_server_error("sync", answer);
 }
 
 static int cmd_sync(int argc, char **argv)
@@ -874,7 +1093,8 @@ static int cmd_sync(int argc, char **argv)
 	struct sync_opts o = { .timeout_ms = RESCTL_TIMEOUT_MS };
 	struct resctl_endpoint ep;
 	int n = resctl_parse_options("sync", argc, argv, longopts, sync_usage, sync_option, &o);
-	if (n < 0 || need_positionals("sync", n, 2) != 0 || parse_endpoint_arg("sync", argv[optind], &ep) != 0)
+	if (n < 0 || need_positionals("sync", n, 2) != 0 || parse_endpoint_arg("sync", argv[optind], &ep) != 0 ||
+	    auth_finish("sync", &o.auth) != 0)
 		return RESCTL_EXIT_USAGE;
 	const char *md5 = argv[optind + 1];
 	if (!md5_hex_valid(md5)) {
@@ -914,7 +1134,7 @@ static int cmd_sync(int argc, char **argv)
 		fwrite(rbody, 1, rlen, stdout);
 		fputc('\n', stdout);
 	} else {
-		sync_print(answer);
+		sync_print(answer, md5);
 	}
 	status = answer_error(answer) == 0 ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
 out:
@@ -939,13 +1159,15 @@ struct upload_opts {
 	uint64_t drop_after;       /* testing: drop the connection once after sending this seq; 0 = never */
 	uint64_t stop_after;       /* testing: exit 3 after this many acknowledged chunks; 0 = never */
 	int timeout_ms;
+	int compat;                /* --compat: the JSON messages (1003/1005) even when the server has the fast path */
+	int chunk_given;           /* --chunk was given (the fast path otherwise uses the server's max_chunk) */
 };
 
 struct upload {
 	const struct upload_opts *o;
 	int fd;
 	uint64_t total;
-	char md5[MD5_DIGEST_STRING_LENGTH];
+	char md5[MD5_HEX_LEN + 1];
 	uint64_t offset;           /* where the next chunk starts */
 	uint64_t seq;              /* its seq */
 	uint64_t last_seq;         /* how many chunks the upload has, as the server is told */
@@ -960,6 +1182,8 @@ struct upload {
 	unsigned resumes;          /* times the upload went on from a server-side record */
 	uint64_t acked;            /* chunks acknowledged in this run */
 	uint64_t sent_bytes;       /* file bytes acknowledged in this run */
+	int gave_up;               /* the retries ran out: a rerun can resume */
+	int instant;               /* the server had the content: published before every byte was sent */
 	struct resctl_progress progress;
 };
 
@@ -987,7 +1211,11 @@ static int upload_option(void *ctx, int opt, const char *arg)
 	case OPT_AVATAR:
 		o->avatar = 1;
 		return 0;
+	case OPT_COMPAT:
+		o->compat = 1;
+		return 0;
 	case OPT_CHUNK:
+		o->chunk_given = 1;
 		if (resctl_parse_size(arg, RESCTL_MAX_CHUNK, &o->chunk) == 0 && o->chunk > 0)
 			return 0;
 		what = "--chunk";
@@ -1016,13 +1244,17 @@ static int upload_option(void *ctx, int opt, const char *arg)
 
 static const char upload_usage[] =
 	"usage: resctl upload HOST:PORT FILE [--name N] [--uid U --token T] [--avatar]\n"
-	"                     [--chunk BYTES] [--retries N] [--timeout S]\n"
-	"Uploads FILE chunk by chunk, one request at a time, like the Qt client.\n"
-	"Resumes an upload the server already holds part of (asks 1005 first), and\n"
+	"                     [--chunk BYTES] [--retries N] [--timeout S] [--compat]\n"
+	"Uploads FILE over the binary fast path (raw chunks, many in flight) when\n"
+	"the server has it and --uid is given; otherwise, or with --compat, chunk by\n"
+	"chunk in JSON, one request at a time, like the Qt client.\n"
+	"Resumes an upload the server already holds part of (it asks first), and\n"
 	"reconnects with back-off when the connection drops or the server is busy.\n"
 	"  --name N         name to store the file under (default: FILE's base name)\n"
-	"  --avatar         upload as the user's avatar (1031; needs --uid and --token)\n"
-	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768)\n"
+	"  --avatar         upload as the user's avatar (needs --uid and a token)\n"
+	"  --chunk BYTES    chunk size, K/M suffixes allowed (default 32768 in JSON,\n"
+	"                   the server's max_chunk on the fast path)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
 	COMMON_HELP
 	"Testing: --drop-after K drops the connection once after sending chunk K;\n"
@@ -1051,8 +1283,11 @@ static int pread_full(int fd, void *p, size_t len, uint64_t off)
 /* MD5 of the whole file, before anything is sent (the server checks it at the end). */
 static int upload_hash(struct upload *u)
 {
-	MD5_CTX ctx;
-	MD5Init(&ctx);
+	struct md5 ctx = { NULL };
+	if (md5_init(&ctx) < 0) {
+		resctl_error("upload: out of memory");
+		return -1;
+	}
 	uint64_t done = 0;
 	struct resctl_progress p;
 	resctl_progress_init(&p, "hashing");
@@ -1061,14 +1296,16 @@ static int upload_hash(struct upload *u)
 		if (pread_full(u->fd, u->raw, len, done) != 0) {
 			resctl_progress_clear(&p);
 			resctl_error("upload: reading %s: %s", u->o->path, errno == ENODATA ? "file got shorter" : strerror(errno));
+			md5_free(&ctx);
 			return -1;
 		}
-		MD5Update(&ctx, u->raw, len);
+		md5_update(&ctx, u->raw, len);
 		done += len;
 		resctl_progress_update(&p, done, u->total);
 	}
 	resctl_progress_clear(&p);
-	MD5End(&ctx, u->md5);
+	md5_final_hex(&ctx, u->md5);
+	md5_free(&ctx);
 	return 0;
 }
 
@@ -1095,6 +1332,11 @@ static void upload_resume_at(struct upload *u, uint64_t trans, uint64_t seq)
 		upload_position(u, trans, seq + 1);
 	}
 	u->resumes++;
+	resctl_progress_clear(&u->progress);
+	resctl_error("upload: resuming at %.1f MB (%d%%)", (double)u->offset / 1e6,
+	    (int)(100.0 * (double)u->offset / (double)u->total));
+	if (u->acked == 0)
+		resctl_progress_base(&u->progress, u->offset);
 }
 
 static enum upload_step upload_sync(struct upload *u)
@@ -1136,7 +1378,7 @@ static enum upload_step upload_sync(struct upload *u)
 static void upload_build_chunk(struct upload *u, size_t len, int last, const uint8_t **body, size_t *body_len)
 {
 	const struct upload_opts *o = u->o;
-	sodium_bin2base64(u->b64, u->b64_cap, u->raw, len, sodium_base64_VARIANT_ORIGINAL);
+	b64_encode(u->b64, u->raw, len);
 	json_begin(&u->w);
 	put_cstr(&u->w, "data", u->b64);
 	json_put_int(&u->w, "last", last);
@@ -1202,15 +1444,29 @@ static enum upload_step upload_chunk(struct upload *u)
 		u->acked++;
 		u->sent_bytes += len;
 		backoff_reset(&u->backoff);
-		resctl_progress_update(&u->progress, u->offset + len, u->total);
+		/* Like the Qt client, go where the answer says: instant upload asks for chunks at other
+		 * offsets (seq * chunk = trans_size) and ends with trans_size = total_size early. */
+		uint64_t trans, aseq;
+		int moved = answer_u64(answer, "trans_size", &trans) == 0 && answer_u64(answer, "seq", &aseq) == 0 &&
+		    trans != u->offset + len && trans <= u->total && (trans == u->total || trans % o->chunk == 0);
+		if (moved)
+			last = trans == u->total;   /* a challenged last chunk may be answered with the next challenge */
+		const char *message = answer_str(answer, "message");
+		if (last && message && strncmp(message, "instant upload", 14) == 0)
+			u->instant = 1;   /* published from content the server had (the last chunk may be a challenged one) */
+		resctl_progress_update(&u->progress, moved ? trans : u->offset + len, u->total);
 		if (last)
 			step = STEP_DONE;
 		else if (o->stop_after && u->acked == o->stop_after)
 			step = STEP_STOPPED;
-		u->offset += len;
-		u->seq++;
-	} else if (code == ERR_BUSY) {
-		step = STEP_RECONNECT;
+		if (moved && !last) {
+			upload_position(u, trans, aseq + 1);
+		} else {
+			u->offset += len;
+			u->seq++;
+		}
+	} else if (code == ERR_BUSY || code == ERR_SERVER_UPLOADS) {
+		step = STEP_RECONNECT;   /* 1036: the node is full of uploads for now; back off and retry */
 	} else if ((code == ERR_OFFSET_INVALID || (code == ERR_FILE_NOT_EXISTS && u->seq > 1)) &&
 	    ++u->rewinds <= o->retries) {
 		if (code == ERR_OFFSET_INVALID)
@@ -1228,13 +1484,16 @@ static enum upload_step upload_chunk(struct upload *u)
 /* Backs off and reconnects; -1 once the retries are used up (reported). */
 static int upload_reconnect(struct upload *u)
 {
+	int lost = strcmp(u->c.err, "server busy") != 0 && strncmp(u->c.err, "cannot connect", 14) != 0;
 	for (;;) {
 		client_close(&u->c);
-		if (backoff_wait(&u->backoff) != 0) {
+		if (backoff_wait(&u->backoff, "upload", &u->progress, lost, u->c.err) != 0) {
 			resctl_progress_clear(&u->progress);
 			resctl_error("upload: giving up after %" PRIu64 " attempts: %s", u->backoff.attempts, u->c.err);
+			u->gave_up = 1;
 			return -1;
 		}
+		lost = 0;
 		if (client_connect(&u->c) == CALL_OK)
 			return 0;
 	}
@@ -1285,7 +1544,7 @@ static int upload_open(struct upload *u, const struct upload_opts *o)
 		return -1;
 	}
 	u->total = (uint64_t)st.st_size;
-	u->b64_cap = sodium_base64_ENCODED_LEN(o->chunk, sodium_base64_VARIANT_ORIGINAL);
+	u->b64_cap = b64_encode_room(o->chunk);
 	u->raw = malloc(o->chunk > UPLOAD_READ_SIZE ? o->chunk : UPLOAD_READ_SIZE);
 	u->b64 = malloc(u->b64_cap);
 	if (u->raw == NULL || u->b64 == NULL || qt_writer_init(&u->w) != 0) {
@@ -1310,7 +1569,12 @@ static void upload_report(const struct upload *u, enum upload_step step, int64_t
 		printf(", resumed %u time%s, sent %" PRIu64 " bytes", u->resumes, u->resumes == 1 ? "" : "s",
 		    u->sent_bytes);
 	printf("\n");
+	if (u->instant)
+		printf("already on the server: published without sending (%.1f MB saved)\n",
+		    (double)(u->total > u->sent_bytes ? u->total - u->sent_bytes : 0) / 1e6);
 }
+
+static enum upload_step upload_binary(struct upload *u, int chunk_given);
 
 static int cmd_upload(int argc, char **argv)
 {
@@ -1322,11 +1586,13 @@ static int cmd_upload(int argc, char **argv)
 		{ "retries", required_argument, NULL, OPT_RETRIES },
 		{ "drop-after", required_argument, NULL, OPT_DROP_AFTER },
 		{ "stop-after", required_argument, NULL, OPT_STOP_AFTER },
+		{ "compat", no_argument, NULL, OPT_COMPAT },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct upload_opts o = { .chunk = RESCTL_CHUNK, .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
 	int n = resctl_parse_options("upload", argc, argv, longopts, upload_usage, upload_option, &o);
-	if (n < 0 || need_positionals("upload", n, 2) != 0 || parse_endpoint_arg("upload", argv[optind], &o.ep) != 0)
+	if (n < 0 || need_positionals("upload", n, 2) != 0 || parse_endpoint_arg("upload", argv[optind], &o.ep) != 0 ||
+	    auth_finish("upload", &o.auth) != 0)
 		return RESCTL_EXIT_USAGE;
 	o.path = argv[optind + 1];
 	if (o.name == NULL) {
@@ -1338,7 +1604,7 @@ static int cmd_upload(int argc, char **argv)
 		return RESCTL_EXIT_USAGE;
 	}
 	if (o.avatar && (!o.auth.has_uid || o.auth.token == NULL)) {
-		resctl_error("upload: --avatar needs --uid and --token");
+		resctl_error("upload: --avatar needs --uid and a token");
 		return RESCTL_EXIT_USAGE;
 	}
 
@@ -1349,10 +1615,17 @@ static int cmd_upload(int argc, char **argv)
 	if (upload_open(&u, &o) == 0 && upload_hash(&u) == 0) {
 		int64_t start = resctl_now_ns();
 		resctl_progress_init(&u.progress, o.name);
-		step = upload_run(&u);
+		/* The testing options count JSON chunks; without credentials there is no fast path. */
+		int binary = !o.compat && o.auth.has_uid && !o.drop_after && !o.stop_after;
+		step = binary ? upload_binary(&u, o.chunk_given) : STEP_SYNC;
+		if (step == STEP_SYNC)
+			step = upload_run(&u);
 		resctl_progress_clear(&u.progress);
 		if (step == STEP_DONE || step == STEP_STOPPED)
 			upload_report(&u, step, start);
+		else if (u.gave_up && u.offset > 0)
+			resctl_error("upload: the server holds %.1f MB of %.1f MB: run the same command again to resume",
+			    (double)u.offset / 1e6, (double)u.total / 1e6);
 	}
 	client_close(&u.c);
 	resctl_rbuf_free(&u.c.in);
@@ -1366,13 +1639,20 @@ static int cmd_upload(int argc, char **argv)
 
 /* ================================================================ download */
 
+#define DOWNLOAD_PART_SUFFIX ".resctl-part"
+#define DOWNLOAD_STATE_SUFFIX ".resctl-state"
+#define DOWNLOAD_STATE_MAGIC "resctl-download 1"
+
 struct download_opts {
 	struct resctl_endpoint ep;
 	const char *name;
 	const char *outfile;
 	struct resctl_auth auth;
 	uint64_t retries;
+	uint64_t stop_after;       /* testing: exit 3 after this many chunks written; 0 = never */
+	int force;                 /* replace an existing OUTFILE */
 	int timeout_ms;
+	int compat;                /* --compat: 1033 even when the server has the fast path */
 };
 
 /* One 1034 answer, data decoded into the download's buffer. */
@@ -1383,19 +1663,33 @@ struct download_chunk {
 	size_t len;
 };
 
+/* What a partial download was: the server-side identity of its file, and how much of it is on disk. */
+struct download_state {
+	char name[PROTO_NAME_MAX + 1];
+	char uid[24];              /* "-" without --uid */
+	uint64_t total, chunk, received;
+};
+
+/* The data goes to OUTFILE.resctl-part, renamed to OUTFILE once complete; OUTFILE.resctl-state
+ * says what the part file holds, so that only a partial download of the same file is resumed. */
 struct download {
 	const struct download_opts *o;
-	int fd;
-	int created;               /* OUTFILE did not exist: remove it on failure */
+	char part[4096], state_path[4096];
+	int fd;                    /* the part file */
+	int state_fd;
+	struct download_state saved;   /* read from the state file; total 0 when there was none */
+	char uid[24];              /* this run's user, as the state file writes it */
 	struct client c;
 	struct json_writer w;
 	struct backoff backoff;
 	uint8_t *raw;
 	size_t raw_cap;
-	uint64_t have;             /* bytes of OUTFILE that are right */
+	uint64_t have;             /* bytes of the part file that are right */
 	uint64_t total;            /* 0 until the first answer */
 	uint64_t received;         /* bytes received in this run */
-	MD5_CTX md5;
+	uint64_t written;          /* chunks written in this run (--stop-after) */
+	int gave_up;               /* the retries ran out: a rerun can resume */
+	struct md5 md5;
 	struct resctl_progress progress;
 };
 
@@ -1405,19 +1699,41 @@ static int download_option(void *ctx, int opt, const char *arg)
 	int r = common_option("download", opt, arg, &o->auth, &o->timeout_ms);
 	if (r != 0)
 		return r < 0 ? -1 : 0;
+	if (opt == OPT_FORCE) {
+		o->force = 1;
+		return 0;
+	}
+	if (opt == OPT_COMPAT) {
+		o->compat = 1;
+		return 0;
+	}
 	if (opt == OPT_RETRIES && resctl_parse_u64(arg, 1000000, &o->retries) != 0) {
 		resctl_error("download: bad value '%s' for --retries", arg);
+		return -1;
+	}
+	if (opt == OPT_STOP_AFTER && resctl_parse_u64(arg, UINT32_MAX, &o->stop_after) != 0) {
+		resctl_error("download: bad value '%s' for --stop-after", arg);
 		return -1;
 	}
 	return 0;
 }
 
 static const char download_usage[] =
-	"usage: resctl download HOST:PORT NAME OUTFILE [--uid U --token T] [--retries N] [--timeout S]\n"
-	"Downloads the file NAME (1033) chunk by chunk into OUTFILE. A partial OUTFILE\n"
-	"is resumed from the last whole chunk it holds.\n"
+	"usage: resctl download HOST:PORT NAME OUTFILE [--uid U --token T] [--force]\n"
+	"                       [--retries N] [--timeout S] [--compat]\n"
+	"Downloads the file NAME into OUTFILE.resctl-part and renames it to OUTFILE once\n"
+	"every byte is in. With --uid and a server that has the binary fast path, it\n"
+	"asks for large ranges of one version of the file (sent with sendfile) and\n"
+	"starts from byte 0 (a part left by an earlier run is resumed in JSON).\n"
+	"Otherwise, or with --compat, it goes chunk by chunk in\n"
+	"JSON, and OUTFILE.resctl-state records which file the part holds:\n"
+	"running the same command again after a failure resumes it (only a part of the\n"
+	"same file, checked against the server's bytes, is resumed).\n"
+	"  --force          replace OUTFILE if it exists (refused otherwise)\n"
+	"  --compat         use the JSON messages of the Qt client\n"
 	"  --retries N      reconnect attempts in a row before giving up (default 10)\n"
-	COMMON_HELP;
+	COMMON_HELP
+	"Testing: --stop-after K exits with status 3 after K chunks, leaving the part.\n";
 
 /* Reads a 1034 answer into ch; 0, or -1 with the reason in the client's err. */
 static int download_parse(struct download *d, yajl_val answer, struct download_chunk *ch)
@@ -1439,8 +1755,7 @@ static int download_parse(struct download *d, yajl_val answer, struct download_c
 		d->raw = raw;
 		d->raw_cap = cap;
 	}
-	if (sodium_base642bin(d->raw, d->raw_cap, data, data_len, NULL, &ch->len, NULL,
-	        sodium_base64_VARIANT_ORIGINAL) != 0) {
+	if (b64_decode_strict(d->raw, d->raw_cap, data, data_len, &ch->len) != 0) {
 		snprintf(d->c.err, sizeof(d->c.err), "data is not valid base64");
 		return -1;
 	}
@@ -1456,6 +1771,7 @@ static int download_fetch(struct download *d, uint64_t seq, struct download_chun
 {
 	const struct download_opts *o = d->o;
 	for (;;) {
+		int lost = 0;
 		if (d->c.fd < 0 && client_connect(&d->c) != CALL_OK)
 			goto retry;
 		json_begin(&d->w);
@@ -1472,9 +1788,11 @@ static int download_fetch(struct download *d, uint64_t seq, struct download_chun
 		yajl_val answer;
 		int r = client_call(&d->c, MSG_DOWNLOAD, body, len, &answer);
 		if (r == CALL_BROKEN) {
+			resctl_progress_clear(&d->progress);
 			resctl_error("download: %s", d->c.err);
 			return -1;
 		}
+		lost = r == CALL_DROPPED;
 		if (r == CALL_OK) {
 			int64_t code = answer_error(answer);
 			if (code == 0) {
@@ -1497,12 +1815,72 @@ static int download_fetch(struct download *d, uint64_t seq, struct download_chun
 		}
 retry:
 		client_close(&d->c);
-		if (backoff_wait(&d->backoff) != 0) {
+		if (backoff_wait(&d->backoff, "download", &d->progress, lost, d->c.err) != 0) {
 			resctl_progress_clear(&d->progress);
 			resctl_error("download: giving up after %" PRIu64 " attempts: %s", d->backoff.attempts, d->c.err);
+			d->gave_up = 1;
 			return -1;
 		}
 	}
+}
+
+/* The received count sits at a fixed place at the end of the state file: one pwrite per chunk. */
+#define STATE_RECEIVED_WIDTH 20
+
+static int state_write(struct download *d, uint64_t chunk)
+{
+	char text[1024];
+	int n = snprintf(text, sizeof(text), DOWNLOAD_STATE_MAGIC "\nname %s\nuid %s\ntotal_size %" PRIu64
+	    "\nchunk %" PRIu64 "\nreceived %0*" PRIu64 "\n", d->o->name, d->uid, d->total, chunk,
+	    STATE_RECEIVED_WIDTH, d->have);
+	if (d->state_fd >= 0)
+		close(d->state_fd);
+	d->state_fd = open(d->state_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (d->state_fd < 0 || write(d->state_fd, text, (size_t)n) != n) {
+		resctl_error("download: writing %s: %s", d->state_path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static int state_update(struct download *d)
+{
+	char field[STATE_RECEIVED_WIDTH + 2];
+	snprintf(field, sizeof(field), "%0*" PRIu64 "\n", STATE_RECEIVED_WIDTH, d->have);
+	off_t end = lseek(d->state_fd, 0, SEEK_END);
+	if (end < (off_t)sizeof(field) - 1 ||
+	    pwrite(d->state_fd, field, sizeof(field) - 1, end - (off_t)(sizeof(field) - 1)) != (ssize_t)sizeof(field) - 1) {
+		resctl_error("download: writing %s: %s", d->state_path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* Reads OUTFILE.resctl-state; 0 when it is there and whole. */
+static int state_read(struct download *d, struct download_state *st)
+{
+	FILE *f = fopen(d->state_path, "re");
+	if (f == NULL)
+		return -1;
+	char line[1024];
+	int fields = 0, magic = 0;
+	while (fgets(line, sizeof(line), f) != NULL) {
+		line[strcspn(line, "\n")] = '\0';
+		if (strcmp(line, DOWNLOAD_STATE_MAGIC) == 0)
+			magic = 1;
+		else if (strncmp(line, "name ", 5) == 0 && strlen(line + 5) < sizeof(st->name))
+			fields += snprintf(st->name, sizeof(st->name), "%s", line + 5) >= 0;
+		else if (strncmp(line, "uid ", 4) == 0 && strlen(line + 4) < sizeof(st->uid))
+			fields += snprintf(st->uid, sizeof(st->uid), "%s", line + 4) >= 0;
+		else if (strncmp(line, "total_size ", 11) == 0)
+			fields += resctl_parse_u64(line + 11, UINT64_MAX, &st->total) == 0;
+		else if (strncmp(line, "chunk ", 6) == 0)
+			fields += resctl_parse_u64(line + 6, UINT64_MAX, &st->chunk) == 0;
+		else if (strncmp(line, "received ", 9) == 0)
+			fields += resctl_parse_u64(line + 9, UINT64_MAX, &st->received) == 0;
+	}
+	fclose(f);
+	return magic && fields == 5 ? 0 : -1;
 }
 
 static int download_write(struct download *d, uint64_t offset, size_t len)
@@ -1513,51 +1891,89 @@ static int download_write(struct download *d, uint64_t offset, size_t len)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			resctl_error("download: writing %s: %s", d->o->outfile, strerror(errno));
+			resctl_error("download: writing %s: %s", d->part, strerror(errno));
 			return -1;
 		}
 		done += (size_t)n;
 	}
-	MD5Update(&d->md5, d->raw, len);
+	md5_update(&d->md5, d->raw, len);
 	d->have = offset + len;
 	d->received += len;
-	return 0;
+	d->written++;
+	return state_update(d);
 }
 
-/* Keeps the whole chunks of a partial OUTFILE of size existing; returns where to go on. */
-static int download_keep(struct download *d, uint64_t existing, uint64_t chunk, uint64_t *keep)
+/* 1 when the part file holds exactly the len bytes of d->raw at offset. */
+static int part_matches(struct download *d, uint64_t offset, size_t len)
 {
-	*keep = 0;
-	if (existing > 0 && existing <= d->total && chunk > 0) {
-		uint64_t last_start = (d->total - 1) / chunk * chunk;   /* fetch the last chunk again at least */
-		*keep = existing / chunk * chunk;
-		if (*keep > last_start)
-			*keep = last_start;
+	uint8_t *mine = malloc(len ? len : 1);
+	int same = mine != NULL && pread_full(d->fd, mine, len, offset) == 0 && memcmp(mine, d->raw, len) == 0;
+	free(mine);
+	return same;
+}
+
+/* Where a partial download of the same file can go on from (whole chunks, and never the last one). */
+static uint64_t download_resumable(struct download *d, uint64_t chunk, const struct download_chunk *first)
+{
+	const struct download_state *st = &d->saved;
+	struct stat sb;
+	if (first->is_last || st->total == 0 || fstat(d->fd, &sb) != 0)
+		return 0;
+	if (strcmp(st->name, d->o->name) != 0 || strcmp(st->uid, d->uid) != 0 || st->total != d->total ||
+	    st->chunk != chunk) {
+		resctl_error("download: %s holds a different file or version: starting over", d->part);
+		return 0;
 	}
-	if (ftruncate(d->fd, (off_t)*keep) != 0) {
-		resctl_error("download: truncating %s: %s", d->o->outfile, strerror(errno));
+	uint64_t on_disk = (uint64_t)sb.st_size < st->received ? (uint64_t)sb.st_size : st->received;
+	uint64_t keep = on_disk / chunk * chunk;
+	uint64_t last_start = (d->total - 1) / chunk * chunk;   /* fetch the last chunk again at least */
+	if (keep > last_start)
+		keep = last_start;
+	/* The server's first chunk must be what the part starts with: same name and size is not enough. */
+	if (keep > 0 && !part_matches(d, 0, first->len)) {
+		resctl_error("download: the file changed on the server since %s was written: starting over", d->part);
+		return 0;
+	}
+	return keep;
+}
+
+/* Truncates the part file to keep bytes and hashes them (the MD5 runs over the file in order). */
+static int download_keep(struct download *d, uint64_t keep)
+{
+	if (ftruncate(d->fd, (off_t)keep) != 0) {
+		resctl_error("download: truncating %s: %s", d->part, strerror(errno));
 		return -1;
 	}
-	/* The MD5 runs over the file in order, so hash what is kept first (this reuses
-	 * d->raw: the caller needs seq 1's data only when nothing is kept). */
-	for (uint64_t off = 0; off < *keep;) {
-		size_t len = *keep - off < d->raw_cap ? (size_t)(*keep - off) : d->raw_cap;
-		if (pread_full(d->fd, d->raw, len, off) != 0) {
-			resctl_error("download: reading %s: %s", d->o->outfile, strerror(errno));
+	uint8_t *buf = malloc(1u << 20);
+	if (buf == NULL) {
+		resctl_error("download: out of memory");
+		return -1;
+	}
+	for (uint64_t off = 0; off < keep;) {
+		size_t len = keep - off < (1u << 20) ? (size_t)(keep - off) : (1u << 20);
+		if (pread_full(d->fd, buf, len, off) != 0) {
+			resctl_error("download: reading %s: %s", d->part, strerror(errno));
+			free(buf);
 			return -1;
 		}
-		MD5Update(&d->md5, d->raw, len);
+		md5_update(&d->md5, buf, len);
 		off += len;
 	}
-	d->have = *keep;
+	free(buf);
+	d->have = keep;
 	return 0;
 }
 
-static int download_run(struct download *d, uint64_t existing, uint64_t *resumed_from)
+static int download_finish(struct download *d);
+static int download_binary(struct download *d);
+
+/* 0 when every byte is in, 3 when --stop-after stopped it, -1 after saying why. */
+static int download_run(struct download *d, uint64_t *resumed_from)
 {
 	struct download_chunk first, ch;
 	if (client_connect(&d->c) != CALL_OK) {
 		resctl_error("download: %s", d->c.err);
+		d->gave_up = 1;
 		return -1;
 	}
 	/* seq 1 tells the server's chunk size: its current_size. */
@@ -1570,8 +1986,21 @@ static int download_run(struct download *d, uint64_t existing, uint64_t *resumed
 		    first.len, chunk, d->total);
 		return -1;
 	}
-	uint64_t keep = 0;
-	if (download_keep(d, first.is_last ? 0 : existing, chunk, &keep) != 0)
+	uint64_t keep = download_resumable(d, chunk, &first);
+	if (keep > chunk) {
+		/* The part's tail is what a crash leaves unwritten: its last kept chunk must be the server's too. */
+		struct download_chunk overlap;
+		if (download_fetch(d, keep / chunk, &overlap) != 0)
+			return -1;
+		if (overlap.len != chunk || !part_matches(d, keep - chunk, overlap.len)) {
+			resctl_error("download: %s does not hold the server's bytes before %.1f MB: starting over", d->part,
+			    (double)keep / 1e6);
+			keep = 0;
+			if (download_fetch(d, 1, &first) != 0)   /* its data is needed again */
+				return -1;
+		}
+	}
+	if (download_keep(d, keep) != 0 || state_write(d, chunk) != 0)
 		return -1;
 	*resumed_from = keep;
 	uint64_t seq = 1;
@@ -1580,10 +2009,15 @@ static int download_run(struct download *d, uint64_t existing, uint64_t *resumed
 		if (download_write(d, 0, first.len) != 0)
 			return -1;
 	} else {
+		resctl_error("download: resuming at %.1f MB (%d%%)", (double)keep / 1e6,
+		    (int)(100.0 * (double)keep / (double)d->total));
+		resctl_progress_base(&d->progress, keep);
 		ch.is_last = 0;   /* seq 1 is already on disk */
 		seq = keep / chunk;
 	}
 	while (!ch.is_last) {
+		if (d->o->stop_after && d->written >= d->o->stop_after)
+			return 3;
 		seq++;
 		resctl_progress_update(&d->progress, d->have, d->total);
 		if (download_fetch(d, seq, &ch) != 0)
@@ -1599,34 +2033,66 @@ static int download_run(struct download *d, uint64_t existing, uint64_t *resumed
 		if (download_write(d, offset, ch.len) != 0)
 			return -1;
 	}
+	resctl_progress_clear(&d->progress);
+	return download_finish(d);
+}
+
+/* Every byte is in the part file: checks its size, flushes it and only then names it OUTFILE. */
+static int download_finish(struct download *d)
+{
 	struct stat st;
 	if (fstat(d->fd, &st) != 0 || (uint64_t)st.st_size != d->total || d->have != d->total) {
-		resctl_progress_clear(&d->progress);
-		resctl_error("download: %s holds %jd bytes, the server announced %" PRIu64, d->o->outfile,
+		resctl_error("download: %s holds %jd bytes, the server announced %" PRIu64, d->part,
 		    (intmax_t)st.st_size, d->total);
 		return -1;
 	}
+	/* Complete and checked: only now does OUTFILE appear (or get replaced, with --force). A file
+	 * that appeared there meanwhile is not replaced without --force either. */
+	if (fsync(d->fd) != 0 ||
+	    renameat2(AT_FDCWD, d->part, AT_FDCWD, d->o->outfile, d->o->force ? 0 : RENAME_NOREPLACE) != 0) {
+		resctl_error("download: renaming %s to %s: %s%s", d->part, d->o->outfile, strerror(errno),
+		    errno == EEXIST ? " (it appeared during the download; the data is complete in the part file)" : "");
+		return -1;
+	}
+	unlink(d->state_path);
 	return 0;
 }
 
-static int download_open(struct download *d, uint64_t *existing)
+static int download_open(struct download *d)
 {
 	const char *path = d->o->outfile;
 	struct stat st;
-	d->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-	if (d->fd >= 0)
-		d->created = 1;
-	else if (errno == EEXIST)
-		d->fd = open(path, O_RDWR | O_CLOEXEC);
+	if ((size_t)snprintf(d->part, sizeof(d->part), "%s" DOWNLOAD_PART_SUFFIX, path) >= sizeof(d->part) ||
+	    (size_t)snprintf(d->state_path, sizeof(d->state_path), "%s" DOWNLOAD_STATE_SUFFIX, path) >= sizeof(d->state_path)) {
+		resctl_error("download: %s: name too long", path);
+		return -1;
+	}
+	if (lstat(path, &st) == 0) {
+		if (S_ISDIR(st.st_mode)) {
+			resctl_error("download: %s is a directory", path);
+			return -1;
+		}
+		if (!d->o->force) {
+			resctl_error("download: %s exists: not overwritten (use --force to replace it)", path);
+			return -1;
+		}
+	}
+	d->fd = open(d->part, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
 	if (d->fd < 0 || fstat(d->fd, &st) != 0) {
-		resctl_error("download: %s: %s", path, strerror(errno));
+		resctl_error("download: %s: %s", d->part, strerror(errno));
 		return -1;
 	}
 	if (!S_ISREG(st.st_mode)) {
-		resctl_error("download: %s: not a regular file", path);
+		resctl_error("download: %s: not a regular file", d->part);
 		return -1;
 	}
-	*existing = (uint64_t)st.st_size;
+	/* A part without its state (or with a broken one) is not trusted: it starts over. */
+	if (state_read(d, &d->saved) != 0)
+		d->saved.total = 0;
+	if (d->o->auth.has_uid)
+		snprintf(d->uid, sizeof(d->uid), "%" PRIu64, d->o->auth.uid);
+	else
+		snprintf(d->uid, sizeof(d->uid), "-");
 	d->raw_cap = 1u << 20;
 	d->raw = malloc(d->raw_cap);
 	if (d->raw == NULL || qt_writer_init(&d->w) != 0) {
@@ -1641,12 +2107,15 @@ static int cmd_download(int argc, char **argv)
 	static const struct option longopts[] = {
 		COMMON_LONG_OPTIONS,
 		{ "retries", required_argument, NULL, OPT_RETRIES },
+		{ "force", no_argument, NULL, OPT_FORCE },
+		{ "stop-after", required_argument, NULL, OPT_STOP_AFTER },
+		{ "compat", no_argument, NULL, OPT_COMPAT },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct download_opts o = { .retries = 10, .timeout_ms = RESCTL_TIMEOUT_MS };
 	int n = resctl_parse_options("download", argc, argv, longopts, download_usage, download_option, &o);
 	if (n < 0 || need_positionals("download", n, 3) != 0 ||
-	    parse_endpoint_arg("download", argv[optind], &o.ep) != 0)
+	    parse_endpoint_arg("download", argv[optind], &o.ep) != 0 || auth_finish("download", &o.auth) != 0)
 		return RESCTL_EXIT_USAGE;
 	o.name = argv[optind + 1];
 	o.outfile = argv[optind + 2];
@@ -1655,37 +2124,485 @@ static int cmd_download(int argc, char **argv)
 		return RESCTL_EXIT_USAGE;
 	}
 
-	struct download d = { .o = &o, .fd = -1, .backoff = { .max_attempts = o.retries } };
+	struct download d = { .o = &o, .fd = -1, .state_fd = -1, .backoff = { .max_attempts = o.retries } };
 	backoff_reset(&d.backoff);
 	client_init(&d.c, &o.ep, o.timeout_ms);
-	MD5Init(&d.md5);
-	uint64_t existing = 0, resumed_from = 0;
-	int ok = 0;
+	if (md5_init(&d.md5) < 0) {
+		resctl_error("download: out of memory");
+		return RESCTL_EXIT_FAIL;
+	}
+	uint64_t resumed_from = 0;
+	int r = -1;
 	int64_t start = resctl_now_ns();
-	if (download_open(&d, &existing) == 0) {
+	if (download_open(&d) == 0) {
 		resctl_progress_init(&d.progress, o.name);
-		ok = download_run(&d, existing, &resumed_from) == 0;
+		/* The fast path starts from byte 0 (its ranges are pinned to a version, not to chunks). */
+		r = 1;
+		/* A part with its state is resumed by the JSON path, which checks it against the server. */
+		if (!o.compat && o.auth.has_uid && !o.stop_after && d.saved.total == 0 && download_keep(&d, 0) == 0) {
+			r = download_binary(&d);
+			if (r == 0)
+				r = download_finish(&d);
+			else if (r == 1 && d.have == 0)
+				client_close(&d.c);
+		}
+		if (r == 1)
+			r = download_run(&d, &resumed_from);
 		resctl_progress_clear(&d.progress);
 	}
-	if (ok) {
-		char md5[MD5_DIGEST_STRING_LENGTH];
+	if (r == 0) {
+		char md5[MD5_HEX_LEN + 1];
 		double seconds = (double)(resctl_now_ns() - start) / 1e9;
-		MD5End(&d.md5, md5);
-		printf("downloaded %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", o.name, d.total, seconds,
-		    seconds > 0 ? (double)d.received / 1e6 / seconds : 0, md5);
+		md5_final_hex(&d.md5, md5);
+		printf("downloaded %s to %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", o.name, o.outfile,
+		    d.total, seconds, seconds > 0 ? (double)d.received / 1e6 / seconds : 0, md5);
 		if (resumed_from)
-			printf(", resumed at %" PRIu64, resumed_from);
+			printf(", resumed at %" PRIu64 ", received %" PRIu64, resumed_from, d.received);
 		printf("\n");
-	} else if (d.created) {
-		unlink(o.outfile);
+	} else if (r == 3) {
+		printf("stopped %s after %" PRIu64 " chunks: %" PRIu64 " of %" PRIu64 " bytes in %s\n", o.name, d.written,
+		    d.have, d.total, d.part);
+	} else if (d.fd >= 0) {
+		struct stat st;
+		uint64_t kept = fstat(d.fd, &st) == 0 ? (uint64_t)st.st_size : 0;
+		if (kept == 0) {
+			unlink(d.part);   /* nothing worth keeping */
+			unlink(d.state_path);
+		} else if (d.gave_up) {
+			uint64_t total = d.total ? d.total : d.saved.total;
+			resctl_error("download: %.1f MB of %.1f MB are kept in %s: run the same command again to resume",
+			    (double)(d.have ? d.have : kept) / 1e6, (double)total / 1e6, d.part);
+		}
 	}
 	if (d.fd >= 0)
 		close(d.fd);
+	if (d.state_fd >= 0)
+		close(d.state_fd);
 	client_close(&d.c);
 	resctl_rbuf_free(&d.c.in);
 	json_writer_free(&d.w);
 	free(d.raw);
-	return ok ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
+	md5_free(&d.md5);
+	return r == 0 ? RESCTL_EXIT_OK : r == 3 ? RESCTL_EXIT_STOPPED : RESCTL_EXIT_FAIL;
+}
+
+/* ================================================================ binary fast path (1041-1048) */
+
+/* What the server's 1042 allows; .ok = 0 when it does not speak the fast path (an older server). */
+struct bin_limits {
+	int ok;
+	uint64_t window, max_inflight, max_chunk, max_range;
+};
+
+/* Connects and says 1041; CALL_OK with lim->ok = 0 when the server answered 1022 (JSON only). */
+static int bin_hello(struct client *c, struct json_writer *w, const struct resctl_auth *auth, struct bin_limits *lim,
+    int64_t *code)
+{
+	memset(lim, 0, sizeof(*lim));
+	*code = 0;
+	int r = client_connect(c);
+	if (r != CALL_OK)
+		return r;
+	const uint8_t *body;
+	size_t len;
+	json_begin(w);
+	put_token(w, auth);
+	put_uid(w, auth);
+	json_end(w, &body, &len);
+	yajl_val a;
+	if ((r = client_call(c, MSG_BIN_HELLO, body, len, &a)) != CALL_OK)
+		return r;
+	*code = answer_error(a);
+	if (*code == 0 && answer_u64(a, "window", &lim->window) == 0 && answer_u64(a, "max_chunk", &lim->max_chunk) == 0 &&
+	    answer_u64(a, "max_inflight", &lim->max_inflight) == 0 && answer_u64(a, "max_range", &lim->max_range) == 0 &&
+	    lim->max_chunk > 0 && lim->max_inflight > 0 && lim->max_range > 0) {
+		lim->ok = 1;
+		if (lim->max_chunk > RESCTL_MAX_CHUNK)   /* the client's buffer is sized for this */
+			lim->max_chunk = RESCTL_MAX_CHUNK;
+	}
+	else if (*code == 0)
+		*code = ERR_MSG_ID;   /* a 1042 without the limits: treat it as a server without the fast path */
+	if (*code && *code != ERR_MSG_ID && *code != ERR_BUSY)
+		report_server_error("hello", a);
+	yajl_tree_free(a);
+	return CALL_OK;
+}
+
+struct bin_answer {
+	uint32_t error;
+	uint64_t offset, committed, total;
+	uint32_t length;
+	char message[BIN_MSG_MAX + 1];
+};
+
+static void bin_message(struct bin_answer *a, const uint8_t *p, size_t have)
+{
+	size_t n = have >= 2 ? bin_get_u16(p) : 0;
+	if (n > have - 2)
+		n = have - 2;
+	if (n > BIN_MSG_MAX)
+		n = BIN_MSG_MAX;
+	for (size_t i = 0; i < n; i++)   /* shown on a terminal: printable ASCII only */
+		a->message[i] = p[2 + i] >= 0x20 && p[2 + i] < 0x7f ? (char)p[2 + i] : '?';
+	a->message[n] = '\0';
+}
+
+/* Receives the answer to a binary request id (1044 or 1046). */
+static int bin_recv(struct client *c, uint16_t id, struct bin_answer *a)
+{
+	uint16_t rid;
+	const uint8_t *body;
+	uint32_t len;
+	int r = client_recv(c, &rid, &body, &len);
+	if (r != CALL_OK)
+		return r;
+	memset(a, 0, sizeof(*a));
+	if (rid == id + 1 && id == MSG_BIN_UPLOAD_OPEN && len >= BIN_OPEN_ANSWER_LEN) {
+		a->error = bin_get_u32(body);
+		a->committed = bin_get_u64(body + 4);
+		a->total = bin_get_u64(body + 12);
+		bin_message(a, body + 20, len - 20);
+		return CALL_OK;
+	}
+	if (rid == id + 1 && id == MSG_BIN_CHUNK && len >= BIN_ACK_LEN) {
+		a->error = bin_get_u32(body);
+		a->offset = bin_get_u64(body + 4);
+		a->length = bin_get_u32(body + 12);
+		a->committed = bin_get_u64(body + 16);
+		a->total = bin_get_u64(body + 24);
+		bin_message(a, body + 32, len - 32);
+		return CALL_OK;
+	}
+	char why[80];
+	snprintf(why, sizeof(why), "it answered message %u with message %u of %u bytes", id, rid, len);
+	not_resourced(c, why);
+	return CALL_BROKEN;
+}
+
+static void bin_report(const char *command, const struct bin_answer *a)
+{
+	resctl_error("%s: server error %u (%s): %s", command, a->error, resctl_error_name(a->error),
+	    a->message[0] ? a->message : "no message");
+}
+
+/* The upload over the fast path: 1043, then chunks kept in flight up to the window. STEP_DONE,
+ * STEP_FAIL, or STEP_SYNC when the server does not speak it (the caller goes on with JSON). */
+static enum upload_step upload_binary(struct upload *u, int chunk_given)
+{
+	const struct upload_opts *o = u->o;
+	struct bin_limits lim;
+	uint8_t *frame = NULL;
+	enum upload_step result = STEP_FAIL;
+	for (;;) {
+		int64_t code;
+		int r = bin_hello(&u->c, &u->w, &o->auth, &lim, &code);
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(u->c.err, sizeof(u->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
+			if (code == ERR_MSG_ID) {
+				if (verbose)
+					resctl_error("upload: the server has no binary fast path: using JSON");
+				result = STEP_SYNC;
+			}
+			break;
+		}
+		struct bin_answer a;
+		size_t chunk = 0;
+		if (r == CALL_OK) {
+			chunk = chunk_given && o->chunk < lim.max_chunk ? (size_t)o->chunk : (size_t)lim.max_chunk;
+			if (frame == NULL && (frame = malloc(BIN_CHUNK_LEN + RESCTL_MAX_CHUNK)) == NULL) {
+				resctl_error("upload: out of memory");
+				break;
+			}
+			size_t nlen = strlen(o->name);
+			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
+			uint8_t *p = bin_put_u64(open, u->total);
+			*p++ = o->avatar ? BIN_OPEN_AVATAR : 0;
+			memcpy(p, u->md5, PROTO_MD5_HEX);
+			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
+			memcpy(p, o->name, nlen);
+			if ((r = client_send(&u->c, MSG_BIN_UPLOAD_OPEN, open, BIN_OPEN_LEN + nlen)) == CALL_OK)
+				r = bin_recv(&u->c, MSG_BIN_UPLOAD_OPEN, &a);
+		}
+		if (r == CALL_OK && a.error == ERR_UPLOAD_MISMATCH) {
+			/* Another upload of these bytes (another name or size): ours starts over. */
+			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
+			size_t nlen = strlen(o->name);
+			uint8_t *p = bin_put_u64(open, u->total);
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART;
+			memcpy(p, u->md5, PROTO_MD5_HEX);
+			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
+			memcpy(p, o->name, nlen);
+			if ((r = client_send(&u->c, MSG_BIN_UPLOAD_OPEN, open, BIN_OPEN_LEN + nlen)) == CALL_OK)
+				r = bin_recv(&u->c, MSG_BIN_UPLOAD_OPEN, &a);
+		}
+		if (r == CALL_BROKEN) {
+			resctl_error("upload: %s", u->c.err);
+			break;
+		}
+		if (r == CALL_OK && a.error && a.error != ERR_BUSY && a.error != ERR_SERVER_UPLOADS) {
+			bin_report("upload", &a);
+			break;
+		}
+		uint64_t next = 0, acked_to = 0;
+		unsigned inflight = 0;
+		uint64_t inflight_bytes = 0, lens[256];
+		if (r == CALL_OK && a.error == 0) {
+			next = acked_to = a.committed;
+			if (next > 0 && next <= u->total) {
+				u->resumes++;
+				resctl_progress_clear(&u->progress);
+				resctl_error("upload: resuming at %.1f MB (%d%%)", (double)next / 1e6,
+				    (int)(100.0 * (double)next / (double)u->total));
+				if (u->acked == 0)
+					resctl_progress_base(&u->progress, next);
+			}
+			if (lim.max_inflight > 256)
+				lim.max_inflight = 256;
+			int finished = 0;
+			int all_sent = 0;
+			while (r == CALL_OK && !finished) {
+				/* Fill the window, then read one acknowledgement. */
+				while (!all_sent && inflight < lim.max_inflight &&
+				    (inflight == 0 || inflight_bytes + chunk <= lim.window)) {
+					size_t len = u->total - next < chunk ? (size_t)(u->total - next) : chunk;
+					int last = next + len == u->total;
+					if (len && pread_full(u->fd, frame + BIN_CHUNK_LEN, len, next) != 0) {
+						resctl_error("upload: reading %s: %s", o->path,
+						    errno == ENODATA ? "file got shorter" : strerror(errno));
+						goto out;
+					}
+					uint8_t *p = bin_put_u64(frame, next);
+					p = bin_put_u32(p, (uint32_t)len);
+					bin_put_u32(p, last ? BIN_CHUNK_LAST : 0);
+					if ((r = client_send(&u->c, MSG_BIN_CHUNK, frame, BIN_CHUNK_LEN + len)) != CALL_OK)
+						break;
+					lens[(u->acked + inflight) % 256] = len;
+					inflight++;
+					inflight_bytes += len;
+					next += len;
+					all_sent = last;
+				}
+				if (r != CALL_OK)
+					break;
+				struct bin_answer ack;
+				if ((r = bin_recv(&u->c, MSG_BIN_CHUNK, &ack)) != CALL_OK)
+					break;
+				inflight--;
+				inflight_bytes -= lens[u->acked % 256];
+				if (ack.error) {
+					if ((ack.error == ERR_OFFSET_INVALID || ack.error == ERR_SEQ_INVALID ||
+					    ack.error == ERR_FILE_NOT_EXISTS || ack.error == ERR_BUSY ||
+					    ack.error == ERR_SERVER_UPLOADS) && ++u->rewinds <= o->retries) {
+						snprintf(u->c.err, sizeof(u->c.err), "server said %u: %.200s", ack.error, ack.message);
+						r = CALL_DROPPED;   /* open again: its answer says where to go on */
+						break;
+					}
+					resctl_progress_clear(&u->progress);
+					bin_report("upload", &ack);
+					goto out;
+				}
+				u->acked++;
+				u->sent_bytes += ack.length;
+				acked_to = ack.committed;
+				backoff_reset(&u->backoff);
+				resctl_progress_update(&u->progress, acked_to, u->total);
+				if (ack.committed == u->total && inflight == 0)
+					finished = 1;
+			}
+			if (finished) {
+				u->offset = u->total;
+				result = STEP_DONE;
+				break;
+			}
+		} else if (r == CALL_OK) {
+			snprintf(u->c.err, sizeof(u->c.err), "server busy");
+		}
+		u->offset = acked_to;
+		int lost = r != CALL_OK;
+		client_close(&u->c);
+		if (backoff_wait(&u->backoff, "upload", &u->progress, lost, u->c.err) != 0) {
+			resctl_progress_clear(&u->progress);
+			resctl_error("upload: giving up after %" PRIu64 " attempts: %s", u->backoff.attempts, u->c.err);
+			u->gave_up = 1;
+			break;
+		}
+	}
+out:
+	free(frame);
+	return result;
+}
+
+/* Receives a 1048 header; its data is left in c->in, from *data for hdr->length bytes. */
+struct bin_range {
+	uint32_t error;
+	uint64_t size, offset, length;
+	char version[BIN_VERSION_MAX + 1];
+	char message[BIN_MSG_MAX + 1];
+	const uint8_t *data;
+};
+
+static int bin_recv_range(struct client *c, struct bin_range *rg)
+{
+	uint16_t rid;
+	const uint8_t *body;
+	uint32_t len;
+	int r = client_recv(c, &rid, &body, &len);
+	if (r != CALL_OK)
+		return r;
+	memset(rg, 0, sizeof(*rg));
+	if (rid == MSG_BIN_DOWNLOAD + 1 && len >= BIN_RANGE_LEN + 2) {
+		rg->error = bin_get_u32(body);
+		rg->size = bin_get_u64(body + 4);
+		rg->offset = bin_get_u64(body + 12);
+		rg->length = bin_get_u64(body + 20);
+		size_t vlen = body[28];
+		if (vlen <= BIN_VERSION_MAX && len >= BIN_RANGE_LEN + vlen + 2) {
+			memcpy(rg->version, body + BIN_RANGE_LEN, vlen);
+			rg->version[vlen] = '\0';
+			const uint8_t *m = body + BIN_RANGE_LEN + vlen;
+			size_t mlen = bin_get_u16(m);
+			size_t head = BIN_RANGE_LEN + vlen + 2 + mlen;
+			if (head <= len && len - head == rg->length) {
+				struct bin_answer tmp;
+				bin_message(&tmp, m, 2 + mlen);
+				memcpy(rg->message, tmp.message, sizeof(rg->message));
+				rg->data = body + head;
+				return CALL_OK;
+			}
+		}
+	}
+	char why[80];
+	snprintf(why, sizeof(why), "it answered message %u with message %u of %u bytes", MSG_BIN_DOWNLOAD, rid, len);
+	not_resourced(c, why);
+	return CALL_BROKEN;
+}
+
+static int bin_send_range_request(struct client *c, const char *name, uint64_t offset, uint64_t length,
+    const char *version)
+{
+	uint8_t req[BIN_DOWNLOAD_LEN + PROTO_NAME_MAX + BIN_VERSION_MAX];
+	size_t nlen = strlen(name), vlen = strlen(version);
+	uint8_t *p = bin_put_u64(req, offset);
+	p = bin_put_u64(p, length);
+	p = bin_put_u16(p, (uint16_t)nlen);
+	*p++ = (uint8_t)vlen;
+	memcpy(p, name, nlen);
+	memcpy(p + nlen, version, vlen);
+	return client_send(c, MSG_BIN_DOWNLOAD, req, BIN_DOWNLOAD_LEN + nlen + vlen);
+}
+
+#define BIN_DOWNLOAD_RANGE (16u << 20)   /* bytes asked per 1047; two are kept in flight */
+
+/* The download over the fast path into the part file, ranges pinned to the version of the first
+ * answer. 0 done, -1 failed (said), 1 the server has no fast path (the caller goes on with JSON). */
+static int download_binary(struct download *d)
+{
+	struct bin_limits lim;
+	char version[BIN_VERSION_MAX + 1] = "";
+	for (;;) {
+		int64_t code;
+		int r = bin_hello(&d->c, &d->w, &d->o->auth, &lim, &code);
+		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
+			snprintf(d->c.err, sizeof(d->c.err), "server busy");
+			r = CALL_DROPPED;
+		} else if (r == CALL_OK && !lim.ok) {
+			return code == ERR_MSG_ID ? 1 : -1;
+		}
+		uint64_t range = lim.max_range < BIN_DOWNLOAD_RANGE ? lim.max_range : BIN_DOWNLOAD_RANGE;
+		uint64_t asked = d->have;
+		int pending = 0;
+		while (r == CALL_OK) {
+			/* Keep two ranges asked, so the server never waits for the client. */
+			while (r == CALL_OK && pending < 2 && (d->total == 0 ? pending == 0 : asked < d->total)) {
+				r = bin_send_range_request(&d->c, d->o->name, asked, range, version);
+				pending++;
+				asked += range;
+			}
+			if (r != CALL_OK)
+				break;
+			struct bin_range rg;
+			if ((r = bin_recv_range(&d->c, &rg)) != CALL_OK)
+				break;
+			pending--;
+			if (rg.error == ERR_FILE_CHANGED || (rg.error == 0 && version[0] && strcmp(version, rg.version) != 0)) {
+				/* Replaced on the server: what the part file holds belongs to the old file. */
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: %s was replaced on the server: starting over", d->o->name);
+				version[0] = '\0';
+				if (download_keep(d, 0) != 0)
+					return -1;
+				md5_free(&d->md5);
+				if (md5_init(&d->md5) < 0)
+					return -1;
+				d->total = 0;
+				r = CALL_DROPPED;
+				snprintf(d->c.err, sizeof(d->c.err), "file replaced");
+				break;
+			}
+			if (rg.error == ERR_BUSY) {
+				snprintf(d->c.err, sizeof(d->c.err), "server busy");
+				r = CALL_DROPPED;
+				break;
+			}
+			if (rg.error) {
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: server error %u (%s): %s", rg.error, resctl_error_name(rg.error),
+				    rg.message[0] ? rg.message : "no message");
+				return -1;
+			}
+			if (version[0] == '\0') {
+				snprintf(version, sizeof(version), "%s", rg.version);
+				d->total = rg.size;
+				if (state_write(d, range) != 0)
+					return -1;
+			}
+			if (rg.offset != d->have || rg.size != d->total || rg.offset + rg.length > d->total) {
+				resctl_progress_clear(&d->progress);
+				resctl_error("download: inconsistent answer (offset %" PRIu64 ", %" PRIu64 " bytes of %" PRIu64 ")",
+				    rg.offset, rg.length, rg.size);
+				return -1;
+			}
+			/* Straight from the receive buffer to the part file. */
+			for (uint64_t done = 0; done < rg.length;) {
+				ssize_t n = pwrite(d->fd, rg.data + done, (size_t)(rg.length - done), (off_t)(rg.offset + done));
+				if (n < 0 && errno == EINTR)
+					continue;
+				if (n < 0) {
+					resctl_error("download: writing %s: %s", d->part, strerror(errno));
+					return -1;
+				}
+				done += (uint64_t)n;
+			}
+			md5_update(&d->md5, rg.data, (size_t)rg.length);
+			d->have += rg.length;
+			d->received += rg.length;
+			d->written++;
+			backoff_reset(&d->backoff);
+			if (state_update(d) != 0)
+				return -1;
+			resctl_progress_update(&d->progress, d->have, d->total);
+			if (d->have == d->total && pending == 0)
+				return 0;
+			if (rg.length == 0 && d->have < d->total) {
+				resctl_error("download: the server sent an empty range before the end");
+				return -1;
+			}
+		}
+		if (r == CALL_BROKEN) {
+			resctl_error("download: %s", d->c.err);
+			return -1;
+		}
+		int lost = strcmp(d->c.err, "server busy") != 0;
+		client_close(&d->c);
+		if (backoff_wait(&d->backoff, "download", &d->progress, lost, d->c.err) != 0) {
+			resctl_progress_clear(&d->progress);
+			resctl_error("download: giving up after %" PRIu64 " attempts: %s", d->backoff.attempts, d->c.err);
+			d->gave_up = 1;
+			return -1;
+		}
+	}
 }
 
 /* ================================================================ dispatch */
@@ -1697,10 +2614,10 @@ struct command {
 };
 
 static const struct command commands[] = {
-	{ "ping", cmd_ping, "round trip of a 1001 test message" },
-	{ "upload", cmd_upload, "upload a file (1003, or 1031 with --avatar), resuming when possible" },
-	{ "sync", cmd_sync, "show the server's record of an upload (1005)" },
-	{ "download", cmd_download, "download a file (1033), resuming a partial output file" },
+	{ "ping", cmd_ping, "check that a server answers, and how fast" },
+	{ "upload", cmd_upload, "upload a file (or an avatar), resuming when possible" },
+	{ "sync", cmd_sync, "show how far the server got with an upload" },
+	{ "download", cmd_download, "download a file, resuming an interrupted download" },
 	{ "bench", resctl_bench_main, "load generator: many connections uploading and downloading" },
 	{ "stats", resctl_stats_main, "query or command a running server's stats socket" },
 };
@@ -1727,7 +2644,7 @@ int main(int argc, char **argv)
 		usage(stdout);
 		return RESCTL_EXIT_OK;
 	}
-	if (strcmp(argv[1], "--version") == 0) {
+	if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
 #ifdef PACKAGE_VERSION
 		printf("resctl %s\n", PACKAGE_VERSION);
 #else

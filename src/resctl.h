@@ -52,6 +52,7 @@ struct resctl_auth {
 	int has_uid;
 	uint64_t uid;
 	const char *token;   /* NULL when not given */
+	const char *token_file;   /* --token-file: read by the command before it connects */
 };
 
 /* An option parser failure message for getopt_long's '?' or ':' return. */
@@ -107,8 +108,11 @@ struct resctl_progress {
 	int64_t start_ns;
 	int64_t last_draw_ns;
 	const char *label;
+	uint64_t base;       /* bytes already there when this run started: not in the rate */
 };
 void resctl_progress_init(struct resctl_progress *p, const char *label);
+/* Bytes a resumed transfer starts from; the rate and ETA count only what moves in this run. */
+void resctl_progress_base(struct resctl_progress *p, uint64_t done);
 /* Redraws at most ten times a second; total 0 means unknown. */
 void resctl_progress_update(struct resctl_progress *p, uint64_t done, uint64_t total);
 void resctl_progress_text(struct resctl_progress *p, const char *text);

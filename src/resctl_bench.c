@@ -1,6 +1,9 @@
 /* resctl_bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
 #include "config.h"
 #include "resctl.h"
+#include "b64.h"
+#include "binproto.h"
+#include "digest.h"
 #include "frame.h"
 #include "json.h"
 #include "proto.h"
@@ -9,7 +12,6 @@
 #include <ev.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <md5.h>
 #include <netdb.h>
 #include <sodium.h>
 #include <stdarg.h>
@@ -35,7 +37,8 @@ static const char *const role_names[] = { "upload", "download" };
 #define BENCH_MAX_TABLE (UINT64_C(512) << 20)       /* precomputed base64 up to this much */
 #define BENCH_DOWNLOAD_NAME "bench-dl"
 #define BENCH_TAIL_MAX 8                            /* bytes varied per file */
-#define BENCH_SETUP_TRIES 10                        /* failures in a row before the bench-dl upload gives up */
+#define BENCH_SETUP_TRIES 10
+#define BENCH_BATCH_MAX 16                          /* fast-path chunks sent before their acknowledgements */                        /* failures in a row before the bench-dl upload gives up */
 
 struct bench_opts {
 	struct resctl_endpoint ep;
@@ -48,6 +51,8 @@ struct bench_opts {
 	struct resctl_auth auth;
 	int json;
 	int timeout_ms;
+	int binary;                /* --protocol binary: the fast path (1041-1048) */
+	int chunk_given;
 };
 
 enum bench_option {
@@ -62,12 +67,13 @@ enum bench_option {
 	BOPT_TOKEN,
 	BOPT_JSON,
 	BOPT_TIMEOUT,
+	BOPT_PROTOCOL,
 };
 
 static const char bench_usage[] =
 	"usage: resctl bench HOST:PORT [--connections C] [--size BYTES] [--files N] [--chunk BYTES]\n"
 	"                    [--mode upload|download|mixed] [--duration S] [--uid U --token T]\n"
-	"                    [--json] [--timeout S]\n"
+	"                    [--json] [--timeout S] [--protocol json|binary]\n"
 	"Load generator: C connections on one event loop, each stop-and-wait like the Qt client.\n"
 	"upload: every connection uploads files of random bytes named bench-<conn>-<n>;\n"
 	"download: uploads " BENCH_DOWNLOAD_NAME " once (untimed), then every connection downloads it\n"
@@ -75,7 +81,11 @@ static const char bench_usage[] =
 	"  --connections C  connections (default 16)\n"
 	"  --size BYTES     file size, K/M/G suffixes allowed (default 8M, at most 1G)\n"
 	"  --files N        stop after N files in total (default: no limit)\n"
-	"  --chunk BYTES    upload chunk size (default 32768; the server picks download chunks)\n"
+	"  --chunk BYTES    upload chunk size (default 32768 in JSON, 1M on the fast path;\n"
+	"                   the server picks JSON download chunks)\n"
+	"  --protocol P     json (default: 1003/1033, stop-and-wait) or binary (the fast path:\n"
+	"                   needs --uid; uploads keep a window of raw chunks in flight, downloads\n"
+	"                   ask 16 MiB ranges sent with sendfile)\n"
 	"  --mode M         upload, download or mixed (default upload)\n"
 	"  --duration S     stop after S seconds, whichever of the limits comes first (default 10; 0 = none)\n"
 	"  --uid U, --token T  credentials sent with every request (left out when not given)\n"
@@ -95,6 +105,7 @@ static const struct option bench_longopts[] = {
 	{ "token", required_argument, NULL, BOPT_TOKEN },
 	{ "json", no_argument, NULL, BOPT_JSON },
 	{ "timeout", required_argument, NULL, BOPT_TIMEOUT },
+	{ "protocol", required_argument, NULL, BOPT_PROTOCOL },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -124,8 +135,15 @@ static int bench_parse_option(void *ctx, int opt, const char *arg)
 			return 0;
 		break;
 	case BOPT_CHUNK:
+		o->chunk_given = 1;
 		if (resctl_parse_size(arg, RESCTL_MAX_CHUNK, &o->chunk) == 0 && o->chunk > 0)
 			return 0;
+		break;
+	case BOPT_PROTOCOL:
+		if (strcmp(arg, "json") == 0 || strcmp(arg, "binary") == 0) {
+			o->binary = arg[0] == 'b';
+			return 0;
+		}
 		break;
 	case BOPT_MODE:
 		for (int m = MODE_UPLOAD; m <= MODE_MIXED; m++) {
@@ -176,6 +194,18 @@ static int bench_parse_args(int argc, char **argv, struct bench_opts *o)
 	if (resctl_parse_endpoint(argv[optind], &o->ep) != 0) {
 		resctl_error("bench: '%s' is not HOST:PORT", argv[optind]);
 		return -1;
+	}
+	if (o->binary) {
+		if (!o->auth.has_uid || o->auth.token == NULL) {
+			resctl_error("bench: --protocol binary needs --uid and --token (the fast path has no anonymous mode)");
+			return -1;
+		}
+		if (!o->chunk_given)
+			o->chunk = BIN_MAX_CHUNK;
+		if (o->chunk > BIN_MAX_CHUNK || o->chunk < 64) {
+			resctl_error("bench: --chunk must be 64 bytes to %u on the fast path", BIN_MAX_CHUNK);
+			return -1;
+		}
 	}
 	return 0;
 }
@@ -323,17 +353,14 @@ struct bench_source {
 	uint64_t first_tail_chunk;   /* chunks from here on hold varied bytes */
 	char *b64;                   /* base64 of every chunk before first_tail_chunk, or NULL */
 	size_t b64_stride;
-	MD5_CTX md5_prefix;          /* state after md5_prefix_len bytes */
+	struct md5 md5_prefix;       /* state after md5_prefix_len bytes */
 	uint64_t md5_prefix_len;
 	uint64_t nonce;              /* makes this run's files differ from other runs' */
 };
 
-static size_t b64_len(size_t n)
-{
-	return (n + 2) / 3 * 4;
-}
+#define MD5_BLOCK_BYTES 64   /* the prefix ends on a block: copying the state is then exact */
 
-static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
+static int source_init(struct bench_source *s, uint64_t size, size_t chunk, int with_b64)
 {
 	*s = (struct bench_source){ .size = size, .chunk = chunk };
 	s->chunks = size ? (size + chunk - 1) / chunk : 1;
@@ -345,20 +372,19 @@ static int source_init(struct bench_source *s, uint64_t size, size_t chunk)
 		return -1;
 	randombytes_buf(s->data, (size_t)size);
 	randombytes_buf(&s->nonce, sizeof(s->nonce));
-	s->md5_prefix_len = s->tail_start / MD5_BLOCK_LENGTH * MD5_BLOCK_LENGTH;
-	MD5Init(&s->md5_prefix);
-	MD5Update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
+	s->md5_prefix_len = s->tail_start / MD5_BLOCK_BYTES * MD5_BLOCK_BYTES;
+	if (md5_init(&s->md5_prefix) < 0)
+		return -1;
+	md5_update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
 
-	s->b64_stride = b64_len(chunk);
-	if ((uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
+	s->b64_stride = b64_encoded_len(chunk);
+	if (with_b64 && (uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
 		s->b64 = malloc(s->b64_stride * (size_t)s->first_tail_chunk + 1);   /* + the last NUL */
 		if (s->b64 == NULL)
 			return -1;
-		/* Each NUL lands on the next chunk's first byte until that is written; the
-		 * bound is one stride because sodium zero-fills up to it. */
+		/* Each NUL lands on the next chunk's first byte until that is written. */
 		for (uint64_t i = 0; i < s->first_tail_chunk; i++)
-			sodium_bin2base64(s->b64 + i * s->b64_stride, s->b64_stride + 1, s->data + i * chunk,
-			    chunk, sodium_base64_VARIANT_ORIGINAL);
+			b64_encode(s->b64 + i * s->b64_stride, s->data + i * chunk, chunk);
 	}
 	return 0;
 }
@@ -367,6 +393,7 @@ static void source_free(struct bench_source *s)
 {
 	free(s->data);
 	free(s->b64);
+	md5_free(&s->md5_prefix);
 }
 
 static void source_tail(const struct bench_source *s, uint64_t file_id, uint8_t tail[BENCH_TAIL_MAX])
@@ -376,12 +403,18 @@ static void source_tail(const struct bench_source *s, uint64_t file_id, uint8_t 
 		tail[i] = (uint8_t)(v >> (8 * i));
 }
 
-static void source_md5(const struct bench_source *s, const uint8_t *tail, char out[MD5_DIGEST_STRING_LENGTH])
+static void source_md5(const struct bench_source *s, const uint8_t *tail, char out[MD5_HEX_LEN + 1])
 {
-	MD5_CTX ctx = s->md5_prefix;
-	MD5Update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
-	MD5Update(&ctx, tail, s->tail_len);
-	MD5End(&ctx, out);
+	struct md5 ctx = { NULL };
+	if (md5_copy(&ctx, &s->md5_prefix) < 0) {
+		memset(out, '?', MD5_HEX_LEN);   /* out of memory: the server refuses the file (1024) */
+		out[MD5_HEX_LEN] = '\0';
+		return;
+	}
+	md5_update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
+	md5_update(&ctx, tail, s->tail_len);
+	md5_final_hex(&ctx, out);
+	md5_free(&ctx);
 }
 
 /* Copies [off, off + len) of the file with this tail into out. */
@@ -461,13 +494,20 @@ struct bench_conn {
 	int restart_after_backoff; /* 1: start the file over; 0: send the same request again */
 
 	/* the request being sent: header + JSON up to data, the data, the rest */
-	uint8_t head[FRAME_HEADER_LEN + 32];
+	uint8_t head[FRAME_HEADER_LEN + BIN_DOWNLOAD_LEN + PROTO_NAME_MAX + BIN_VERSION_MAX];   /* the longest fixed part */
 	char *text;
 	size_t text_cap;
-	struct iovec iov[3];
+	struct iovec iov[2 * BENCH_BATCH_MAX];
 	unsigned iov_first, iov_count;
 	uint16_t request_id;
 	int64_t sent_ns;
+
+	/* the fast path */
+	int bin_hello_done;
+	int bin_opened;
+	unsigned bin_acks_wanted;
+	char bin_version[BIN_VERSION_MAX + 1];   /* of bench-dl, pinned while one download runs */
+	uint8_t bin_heads[BENCH_BATCH_MAX][FRAME_HEADER_LEN + BIN_CHUNK_LEN];
 
 	/* answers */
 	struct resctl_rbuf in;
@@ -477,7 +517,7 @@ struct bench_conn {
 	/* the file in progress */
 	int in_file;
 	char name[64];
-	char md5[MD5_DIGEST_STRING_LENGTH];
+	char md5[MD5_HEX_LEN + 1];
 	uint8_t tail[BENCH_TAIL_MAX];
 	uint64_t files_made;       /* names bench-<index>-<files_made> */
 	uint64_t seq;
@@ -505,6 +545,7 @@ struct bench {
 	char *token_json;                  /* the token as a JSON string, quotes included */
 	struct bench_conn *conns;
 	size_t nconns;
+	unsigned bin_batch;                /* chunks per batch on the fast path: the server's window */
 	struct bench_stats stats[ROLE_COUNT];
 	uint64_t next_file_id;
 	uint64_t files_started;
@@ -592,7 +633,7 @@ static int answer_data_expected(struct bench_conn *c, const unsigned char *s, si
 	if (c->role != ROLE_DOWNLOAD || b->dl_chunk == 0 || c->offset != (c->seq - 1) * b->dl_chunk)
 		return 0;
 	size_t want = size - c->offset < b->dl_chunk ? (size_t)(size - c->offset) : (size_t)b->dl_chunk;
-	if (len != b64_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
+	if (len != b64_encoded_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
 		return 0;
 	*data_len = want;
 	return 1;
@@ -617,8 +658,7 @@ static void answer_data(struct bench_answer *a, const unsigned char *s, size_t l
 		c->raw_cap = need;
 	}
 	a->has |= HAS_DATA;
-	if (sodium_base642bin(c->raw, c->raw_cap, (const char *)s, len, NULL, &a->data_len, NULL,
-	        sodium_base64_VARIANT_ORIGINAL) != 0)
+	if (b64_decode_strict(c->raw, c->raw_cap, (const char *)s, len, &a->data_len) != 0)
 		a->data_bad = 1;
 }
 
@@ -716,6 +756,8 @@ static void conn_close(struct bench_conn *c)
 		close(c->fd);
 	c->fd = -1;
 	c->in.start = c->in.end = 0;
+	c->bin_hello_done = 0;   /* a new connection says 1041 again */
+	c->bin_opened = 0;
 }
 
 /* The connection has nothing more to do in this phase. */
@@ -874,12 +916,12 @@ static void upload_send_chunk(struct bench_conn *c)
 	uint64_t index = c->offset / s->chunk;
 	c->chunk_len = s->size - c->offset < s->chunk ? (size_t)(s->size - c->offset) : s->chunk;
 	const char *data;
-	size_t data_len = b64_len(c->chunk_len);
+	size_t data_len = b64_encoded_len(c->chunk_len);
 	if (s->b64 != NULL && index < s->first_tail_chunk) {
 		data = s->b64 + index * s->b64_stride;   /* shared, encoded once */
 	} else {
 		source_copy(s, c->tail, c->offset, c->chunk_len, c->raw);
-		sodium_bin2base64(c->b64, c->b64_cap, c->raw, c->chunk_len, sodium_base64_VARIANT_ORIGINAL);
+		b64_encode(c->b64, c->raw, c->chunk_len);
 		data = c->b64;
 	}
 	int last = c->offset + c->chunk_len == s->size;
@@ -931,8 +973,15 @@ static void conn_send(struct bench_conn *c)
 }
 
 /* Sends the request of the current seq again (after a busy answer). */
+static void bin_resend(struct bench_conn *c);
+static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, uint32_t len);
+
 static void conn_resend(struct bench_conn *c)
 {
+	if (c->bench->o->binary) {
+		bin_resend(c);
+		return;
+	}
 	if (c->role == ROLE_UPLOAD)
 		upload_send_chunk(c);
 	else
@@ -1031,7 +1080,7 @@ static void bench_dl_table(struct bench *b, uint64_t chunk)
 {
 	const struct bench_source *s = &b->src;
 	uint64_t chunks = (s->size + chunk - 1) / chunk;
-	size_t stride = b64_len((size_t)chunk);
+	size_t stride = b64_encoded_len((size_t)chunk);
 	b->dl_table_tried = 1;
 	if (chunks * stride > BENCH_MAX_TABLE)
 		return;   /* answers get decoded instead */
@@ -1042,7 +1091,7 @@ static void bench_dl_table(struct bench *b, uint64_t chunk)
 			uint64_t off = i * chunk;
 			size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
 			source_copy(s, b->dl_tail, off, len, raw);
-			sodium_bin2base64(table + i * stride, stride + 1, raw, len, sodium_base64_VARIANT_ORIGINAL);
+			b64_encode(table + i * stride, raw, len);
 		}
 		b->dl_b64 = table;
 		b->dl_stride = stride;
@@ -1084,6 +1133,10 @@ static void download_answer(struct bench_conn *c)
 
 static void conn_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, uint32_t len)
 {
+	if (c->bench->o->binary) {
+		bin_frame(c, id, body, len);
+		return;
+	}
 	if (c->state != CONN_BUSY || c->iov_first < c->iov_count || id != c->request_id + 1 ||
 	    conn_parse_answer(c, body, len) != 0) {
 		conn_fail(c, FAIL_PROTOCOL);
@@ -1103,6 +1156,233 @@ static void conn_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, u
 		upload_answer(c);
 	else
 		download_answer(c);
+}
+
+/* ================================================================ binary fast path (--protocol binary) */
+
+/* One 1041 after connecting; its 1042 is read with the JSON answer parser. */
+static void bin_send_hello(struct bench_conn *c)
+{
+	const struct bench *b = c->bench;
+	size_t len = 0;
+	text_add(c, &len, "{\"uid\":%" PRIu64 ",\"token\":%s}", b->o->auth.uid, b->token_json ? b->token_json : "\"\"");
+	frame_put_header(c->head, MSG_BIN_HELLO, (uint32_t)len);
+	c->iov[0] = (struct iovec){ c->head, FRAME_HEADER_LEN };
+	c->iov[1] = (struct iovec){ c->text, len };
+	c->iov_count = 2;
+	c->request_id = MSG_BIN_HELLO;
+	conn_send(c);
+}
+
+static void bin_send_open(struct bench_conn *c)
+{
+	const struct bench_source *s = &c->bench->src;
+	size_t nlen = strlen(c->name);
+	uint8_t *p = c->head;
+	frame_put_header(p, MSG_BIN_UPLOAD_OPEN, (uint32_t)(BIN_OPEN_LEN + nlen));
+	p = bin_put_u64(p + FRAME_HEADER_LEN, s->size);
+	*p++ = 0;
+	memcpy(p, c->md5, PROTO_MD5_HEX);
+	bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
+	c->iov[0] = (struct iovec){ c->head, FRAME_HEADER_LEN + BIN_OPEN_LEN };
+	c->iov[1] = (struct iovec){ c->name, nlen };
+	c->iov_count = 2;
+	c->request_id = MSG_BIN_UPLOAD_OPEN;
+	conn_send(c);
+}
+
+/* A batch of chunks from c->offset, as many as the window holds: raw bytes straight from the
+ * source (the varied tail from c->raw); the acknowledgements complete it. */
+static void bin_send_batch(struct bench_conn *c)
+{
+	const struct bench_source *s = &c->bench->src;
+	unsigned n = 0;
+	uint64_t off = c->offset;
+	size_t tail_used = 0;
+	do {
+		size_t len = s->size - off < s->chunk ? (size_t)(s->size - off) : s->chunk;
+		int last = off + len == s->size;
+		uint8_t *h = c->bin_heads[n];
+		frame_put_header(h, MSG_BIN_CHUNK, (uint32_t)(BIN_CHUNK_LEN + len));
+		uint8_t *p = bin_put_u64(h + FRAME_HEADER_LEN, off);
+		p = bin_put_u32(p, (uint32_t)len);
+		bin_put_u32(p, last ? BIN_CHUNK_LAST : 0);
+		const uint8_t *data = s->data + off;
+		if (off + len > s->tail_start) {
+			source_copy(s, c->tail, off, len, c->raw + tail_used);
+			data = c->raw + tail_used;
+			tail_used += len;
+		}
+		c->iov[2 * n] = (struct iovec){ h, FRAME_HEADER_LEN + BIN_CHUNK_LEN };
+		c->iov[2 * n + 1] = (struct iovec){ (void *)data, len };
+		n++;
+		off += len;
+	} while (off < s->size && n < c->bench->bin_batch);
+	c->iov_count = 2 * n;
+	c->bin_acks_wanted = n;
+	c->request_id = MSG_BIN_CHUNK;
+	conn_send(c);
+}
+
+#define BENCH_RANGE (16u << 20)
+
+static void bin_send_range(struct bench_conn *c)
+{
+	size_t vlen = strlen(c->bin_version), nlen = strlen(BENCH_DOWNLOAD_NAME);
+	uint8_t *p = c->head;
+	frame_put_header(p, MSG_BIN_DOWNLOAD, (uint32_t)(BIN_DOWNLOAD_LEN + nlen + vlen));
+	p = bin_put_u64(p + FRAME_HEADER_LEN, c->offset);
+	p = bin_put_u64(p, BENCH_RANGE);
+	p = bin_put_u16(p, (uint16_t)nlen);
+	*p++ = (uint8_t)vlen;
+	memcpy(p, BENCH_DOWNLOAD_NAME, nlen);
+	memcpy(p + nlen, c->bin_version, vlen);
+	c->iov[0] = (struct iovec){ c->head, FRAME_HEADER_LEN + BIN_DOWNLOAD_LEN + nlen + vlen };
+	c->iov_count = 1;
+	c->request_id = MSG_BIN_DOWNLOAD;
+	conn_send(c);
+}
+
+/* Where the connection goes on: hello first, then an upload opened, a batch, or a range. */
+static void bin_resend(struct bench_conn *c)
+{
+	if (!c->bin_hello_done)
+		bin_send_hello(c);
+	else if (c->role == ROLE_DOWNLOAD)
+		bin_send_range(c);
+	else if (!c->bin_opened)
+		bin_send_open(c);
+	else
+		bin_send_batch(c);
+}
+
+static void bin_error(struct bench_conn *c, uint32_t code, const uint8_t *msg, size_t msg_len)
+{
+	size_t n = msg_len < sizeof(c->answer.message) - 1 ? msg_len : sizeof(c->answer.message) - 1;
+	memcpy(c->answer.message, msg, n);
+	c->answer.message[n] = '\0';
+	c->bin_opened = 0;   /* whatever happened, the upload is opened again: its answer says where it stands */
+	c->bin_version[0] = '\0';
+	c->state = CONN_IDLE;
+	conn_server_error(c, code);
+}
+
+static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, uint32_t len)
+{
+	struct bench *b = c->bench;
+	struct bench_stats *st = conn_stats(c);
+	/* Acknowledgements may come while the rest of the batch is still being written. */
+	if (c->state != CONN_BUSY || id != c->request_id + 1 ||
+	    (c->request_id != MSG_BIN_CHUNK && c->iov_first < c->iov_count)) {
+		conn_fail(c, FAIL_PROTOCOL);
+		return;
+	}
+	if (id == MSG_BIN_HELLO + 1) {
+		if (conn_parse_answer(c, body, len) != 0) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		c->state = CONN_IDLE;
+		if (c->answer.error) {
+			conn_server_error(c, c->answer.error);
+			return;
+		}
+		c->bin_hello_done = 1;
+		bin_resend(c);
+		return;
+	}
+	if (id == MSG_BIN_UPLOAD_OPEN + 1) {
+		if (len < BIN_OPEN_ANSWER_LEN) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		uint32_t error = bin_get_u32(body);
+		if (error) {
+			bin_error(c, error, body + BIN_OPEN_ANSWER_LEN, len - BIN_OPEN_ANSWER_LEN);
+			return;
+		}
+		c->bin_opened = 1;
+		c->offset = bin_get_u64(body + 4);
+		c->state = CONN_IDLE;
+		bin_send_batch(c);
+		return;
+	}
+	if (id == MSG_BIN_CHUNK + 1) {
+		if (len < BIN_ACK_LEN) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		uint32_t error = bin_get_u32(body);
+		st->chunks++;
+		hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
+		if (error) {
+			/* The rest of the batch fails behind it: drop the connection and open again. */
+			stats_error(st, error);
+			if (error != ERR_BUSY && error != ERR_OFFSET_INVALID && error != ERR_SEQ_INVALID) {
+				bin_error(c, error, body + BIN_ACK_LEN, len - BIN_ACK_LEN);
+				return;
+			}
+			c->bin_opened = 0;
+			conn_close(c);
+			conn_backoff(c, 0);
+			return;
+		}
+		st->bytes += bin_get_u32(body + 12);
+		uint64_t committed = bin_get_u64(body + 16);
+		if (--c->bin_acks_wanted > 0)
+			return;
+		c->state = CONN_IDLE;
+		c->backoff_ms = RESCTL_BACKOFF_FIRST_MS;
+		c->failures = 0;
+		if (committed == b->src.size) {
+			c->bin_opened = 0;
+			conn_file_done(c);
+			return;
+		}
+		c->offset = committed;
+		bin_send_batch(c);
+		return;
+	}
+	/* 1048: header, then the range's bytes, checked against the source. */
+	uint64_t size = 0, offset = 0, length = 0;
+	size_t vlen = len >= BIN_RANGE_LEN ? body[28] : 0, head = BIN_RANGE_LEN + vlen + 2;
+	if (len < BIN_RANGE_LEN + 2 || vlen > BIN_VERSION_MAX || len < head || head + bin_get_u16(body + BIN_RANGE_LEN + vlen) > len) {
+		conn_fail(c, FAIL_PROTOCOL);
+		return;
+	}
+	head += bin_get_u16(body + BIN_RANGE_LEN + vlen);
+	uint32_t error = bin_get_u32(body);
+	st->chunks++;
+	hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
+	if (error) {
+		bin_error(c, error, body + BIN_RANGE_LEN + vlen + 2, head - BIN_RANGE_LEN - vlen - 2);
+		return;
+	}
+	size = bin_get_u64(body + 4);
+	offset = bin_get_u64(body + 12);
+	length = bin_get_u64(body + 20);
+	if (size != b->src.size || offset != c->offset || length != len - head ||
+	    (length == 0 && offset != size) || !source_matches(&b->src, b->dl_tail, offset, body + head, (size_t)length)) {
+		stats_error(st, FAIL_DATA);
+		c->state = CONN_IDLE;
+		conn_backoff(c, 1);
+		return;
+	}
+	if (c->bin_version[0] == '\0') {
+		memcpy(c->bin_version, body + BIN_RANGE_LEN, vlen);
+		c->bin_version[vlen] = '\0';
+	}
+	st->bytes += length;
+	c->state = CONN_IDLE;
+	c->backoff_ms = RESCTL_BACKOFF_FIRST_MS;
+	c->failures = 0;
+	c->offset += length;
+	if (c->offset == size) {
+		c->bin_version[0] = '\0';
+		conn_file_done(c);
+		return;
+	}
+	bin_send_range(c);
 }
 
 static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -1185,7 +1465,9 @@ static int conn_init(struct bench *b, struct bench_conn *c, unsigned index, enum
 	c->io_read.data = c->io_write.data = c->timer.data = c;
 	c->text_cap = 512 + (b->token_json ? strlen(b->token_json) : 0);
 	c->raw_cap = b->src.chunk > 65536 ? b->src.chunk : 65536;
-	c->b64_cap = sodium_base64_ENCODED_LEN(b->src.chunk, sodium_base64_VARIANT_ORIGINAL);
+	if (b->o->binary)
+		c->raw_cap = 2 * b->src.chunk;   /* the varied tail spans two chunks at most (chunk >= 64) */
+	c->b64_cap = b64_encode_room(b->src.chunk);
 	c->text = malloc(c->text_cap);
 	c->raw = malloc(c->raw_cap);
 	c->b64 = malloc(c->b64_cap);
@@ -1385,6 +1667,8 @@ static void print_json(const struct bench *b, const struct bench_stats *total, d
 	gen_u64(g, "connections", o->connections);
 	gen_u64(g, "size", o->size);
 	gen_u64(g, "chunk", o->chunk);
+	gen_key(g, "protocol");
+	yajl_gen_string(g, (const unsigned char *)(o->binary ? "binary" : "json"), o->binary ? 6 : 4);
 	gen_fixed(g, "seconds", seconds);
 	gen_role(g, total, seconds);
 	if (o->mode == MODE_MIXED) {
@@ -1432,10 +1716,15 @@ static int bench_setup(struct bench *b, const struct bench_opts *o)
 		if (b->token_json == NULL)
 			return -1;
 	}
-	if (source_init(&b->src, o->size, (size_t)o->chunk) != 0) {
+	if (source_init(&b->src, o->size, (size_t)o->chunk, !o->binary) != 0) {
 		resctl_error("bench: out of memory for a %" PRIu64 "-byte file", o->size);
 		return -1;
 	}
+	b->bin_batch = BIN_WINDOW / (unsigned)o->chunk;
+	if (b->bin_batch > BENCH_BATCH_MAX)
+		b->bin_batch = BENCH_BATCH_MAX;
+	if (b->bin_batch == 0)
+		b->bin_batch = 1;
 	source_tail(&b->src, UINT64_MAX, b->dl_tail);
 
 	b->loop = ev_default_loop(EVFLAG_AUTO);

@@ -1,6 +1,8 @@
 /* stats.c: the shared counter page: creation in the master, per-process slots, the transfer table. */
 #include "config.h"
 #include "stats.h"
+#include "escape.h"
+#include "proto.h"
 
 #include <string.h>
 #include <sys/mman.h>
@@ -44,6 +46,25 @@ void stats_count_error(int code)
 		atomic_fetch_add_explicit(&stats_self->errors[code - STATS_ERR_BASE], 1, memory_order_relaxed);
 }
 
+/* A client syncs before every fresh upload, and "no upload in progress" is then the normal answer:
+ * counted apart, error rates mean trouble. */
+static int answer_expected(int response_id, int code)
+{
+	return response_id == MSG_SYNC + 1 && code == ERR_FILE_NOT_EXISTS;
+}
+
+void stats_count_answer(int response_id, int code)
+{
+	if (code == 0)
+		return;
+	if (!answer_expected(response_id, code)) {
+		stats_count_error(code);
+		return;
+	}
+	if (stats_self && code >= STATS_ERR_BASE && code < STATS_ERR_BASE + STATS_ERR_COUNT)
+		atomic_fetch_add_explicit(&stats_self->expected[code - STATS_ERR_BASE], 1, memory_order_relaxed);
+}
+
 static void transfer_write_begin(struct stats_transfer *t)
 {
 	atomic_fetch_add_explicit(&t->seq, 1, memory_order_relaxed);
@@ -72,8 +93,7 @@ int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_l
 		t->bytes = 0;
 		t->total = total;
 		t->started = started;
-		if (name_len >= STATS_NAME_MAX)
-			name_len = STATS_NAME_MAX - 1;
+		name_len = utf8_prefix(name, name_len, STATS_NAME_MAX - 1);   /* never half a character */
 		memcpy(t->name, name, name_len);
 		t->name[name_len] = '\0';
 		transfer_write_end(t);

@@ -8,11 +8,14 @@
 
 #define STATS_MAX_SLOTS 514        /* storage + two generations of 256 workers */
 #define STATS_ERR_BASE 1000
-#define STATS_ERR_COUNT 32         /* error codes 1000..1031 */
+#define STATS_ERR_COUNT 50         /* error codes 1000..1049 */
 #define STATS_TRANSFERS 64         /* transfers shown per process */
 #define STATS_NAME_MAX 64
 
-/* Everything a process counts. Only the owning process writes its slot. */
+/* Everything a process counts. Only the owning process writes its slot.
+ * counter: only grows, summed over every process that ever ran;
+ * gauge: a level, summed over the running processes;
+ * state: 0 or 1 per process, never summed (shown per process). */
 #define STATS_COUNTERS(X)                                                        \
 	X(conn_current, "gauge", "Client connections open")                         \
 	X(conn_total, "counter", "Client connections accepted")                     \
@@ -26,6 +29,10 @@
 	X(uploads_completed, "counter", "Uploads published")                        \
 	X(uploads_failed, "counter", "Upload chunks answered with an error")        \
 	X(upload_bytes, "counter", "Upload bytes stored")                           \
+	X(uploads_instant, "counter", "Uploads published from content already stored (instant upload)") \
+	X(instant_bytes_saved, "counter", "Upload bytes instant uploads did not need to transfer") \
+	X(instant_fallbacks, "counter", "Instant uploads whose proof of possession failed: uploaded in full") \
+	X(content_freed_bytes, "counter", "Bytes of stored content freed once no name used it") \
 	X(downloads_started, "counter", "Downloads started (chunk 1 sent)")         \
 	X(downloads_completed, "counter", "Downloads finished (last chunk sent)")   \
 	X(download_bytes, "counter", "Download bytes sent")                         \
@@ -34,8 +41,10 @@
 	X(pg_errors, "counter", "PostgreSQL connection failures and errors")        \
 	X(storage_queue, "gauge", "Requests queued or running in the storage process") \
 	X(retry_backlog, "gauge", "Avatar icon updates waiting for PostgreSQL")     \
-	X(redis_up, "gauge", "1 when this process is connected to Redis")           \
-	X(storage_up, "gauge", "1 when this worker is linked to the storage process")
+	X(uploads_in_progress, "gauge", "Uploads in progress counted against max_uploads") \
+	X(uploads_refused, "counter", "Chunks 1 refused: max_uploads_per_user, max_uploads or free space") \
+	X(redis_up, "state", "1 when the process is connected to Redis")            \
+	X(storage_up, "state", "1 when the worker is linked to the storage process")
 
 struct stats_transfer {
 	_Atomic uint32_t seq;          /* odd while being written (seqlock) */
@@ -52,6 +61,7 @@ struct stats_proc {
 	STATS_COUNTERS(STATS_FIELD)
 #undef STATS_FIELD
 	_Atomic uint64_t errors[STATS_ERR_COUNT];   /* responses by error code */
+	_Atomic uint64_t expected[STATS_ERR_COUNT]; /* answers with a code that healthy traffic gets */
 	struct stats_transfer transfers[STATS_TRANSFERS];
 } __attribute__((aligned(64)));
 
@@ -77,6 +87,8 @@ void stats_reset_gauges(struct stats_proc *p);
 #define STAT_SET(field, v) \
 	do { if (stats_self) atomic_store_explicit(&stats_self->field, (uint64_t)(v), memory_order_relaxed); } while (0)
 void stats_count_error(int code);
+/* Counts the code of a response: as expected (a sync's 1012 before a fresh upload) or as an error. */
+void stats_count_answer(int response_id, int code);
 
 /* Transfer table of the calling process: returns a handle (>= 0) or -1 when full. */
 int stats_transfer_open(char kind, uint64_t uid, const char *name, size_t name_len, uint64_t total);

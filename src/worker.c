@@ -1,6 +1,8 @@
 /* worker.c: accepts clients, frames and checks their requests, and answers them in order. */
 #include "config.h"
 #include "worker.h"
+#include "b64.h"
+#include "binproto.h"
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
@@ -8,6 +10,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "log.h"
+#include "escape.h"
 #include "pool.h"
 #include "proto.h"
 #include "proxy.h"
@@ -27,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -36,6 +40,7 @@
 #define ACCEPT_BURST 64
 #define STORAGE_RETRY_MIN 0.05
 #define STORAGE_RETRY_MAX 1.0
+#define STOP_FRESH_WAIT 1.0       /* a graceful stop waits this long for the first request of a new connection */
 
 /* Where the request in progress is waiting. */
 enum req_stage {
@@ -44,6 +49,7 @@ enum req_stage {
 	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
 	STAGE_DISK,        /* download read on a disk thread */
 	STAGE_DLCHECK,     /* download read from a freshly opened file; GET of its download record in flight */
+	STAGE_BINOPEN,     /* binary download: the file is being opened on a disk thread */
 };
 
 struct download_job;
@@ -53,15 +59,24 @@ struct request {
 	uint16_t id;
 	enum req_stage stage;
 	uint64_t reqid;               /* matches the async answer to this request */
-	yajl_val tree;                /* the parsed body; the structs below point into it */
+	/* The request's frame stays at the head of conn->in until request_finish, and the
+	 * structs below point into it (no copy of the body is made); while it is there the
+	 * buffer is never moved. 0 when no frame is held. */
+	size_t frame_used;
 	union {
 		struct proto_chunk chunk;
 		struct proto_sync sync;
 		struct proto_download download;
+		struct proto_credentials hello;                                   /* 1041 */
+		struct { struct proto_credentials cred; struct bin_open open; } bopen;   /* 1043 */
+		struct { struct proto_credentials cred; struct bin_download dl; } bdl;   /* 1047 */
 	} u;
 	struct proto_credentials *cred;
 	struct download_job *job;     /* STAGE_DISK */
 	struct download_job *checking;   /* STAGE_DLCHECK: read, waiting for the version check */
+	/* STAGE_STORAGE: not on the storage link, which is down or was lost before the answer came;
+	 * the request is (re)sent from its frame once a link is up, within storage_timeout. */
+	int unsent;
 	ev_tstamp since;              /* when it started waiting */
 };
 
@@ -78,6 +93,11 @@ struct conn {
 	int closing;                  /* send what is queued, then close */
 	int eof;                      /* the client closed its side */
 	int awaiting_proxy;           /* a PROXY header must come first */
+	/* The last answer left a transfer open: an upload chunk that was not the last one, a
+	 * download chunk before is_last, or a sync (the client goes on with a chunk). A graceful
+	 * stop lets such a connection carry on until its transfer ends. */
+	int in_transfer;
+	int fresh;                    /* no complete frame yet (last_frame is the accept time) */
 	/* Credentials trusted on this connection. */
 	int auth_valid;
 	uint64_t auth_uid;
@@ -89,7 +109,12 @@ struct conn {
 	struct request req;
 	int xfer;                     /* download entry in the stats transfer table, -1 if none */
 	char xfer_md5[PROTO_MD5_HEX + 1];   /* the upload whose duration is being timed */
+	/* Uploads this connection sent to storage: their leases are released when it closes,
+	 * so a client that reconnects to another node is taken over at once (design.md). */
+	struct ipc_sync drove[2];
+	unsigned ndrove;
 	ev_tstamp xfer_start;
+	struct bin_conn *bin;         /* the binary fast path, once a 1041 hello succeeded; NULL before */
 	char peer[64];
 };
 
@@ -124,6 +149,7 @@ struct worker {
 	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
+	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
 	struct conn **conns;          /* table indexed by conn->slot */
 	uint32_t conns_cap;
 	uint32_t *free_slots;
@@ -136,10 +162,7 @@ struct worker {
 	struct backend backend;       /* where published files are read from */
 	struct json_writer jw;
 	struct proto_limits limits;
-	uint8_t *scratch;             /* decoded chunk data, max_frame bytes */
-	size_t scratch_cap;
-	char *b64;                    /* encoded download data */
-	size_t b64_cap;
+	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
 };
 
 struct download_job {
@@ -165,10 +188,31 @@ struct download_job {
 };
 
 static void conn_close(struct conn *c, const char *why);
+static void storage_update_io(struct worker *w);
 static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
 static void storage_connect(struct worker *w);
+static void storage_resend_unsent(struct worker *w);
+/* The binary fast path (its own section below). */
+struct bin_conn;
+static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
+static void bin_link_drained(struct worker *w);
+static int bin_holds_output(const struct conn *c);
+static int bin_chunks_in_flight(const struct conn *c);
+static int bin_wants_write(const struct conn *c);
+static size_t bin_out_limit(const struct conn *c);
+static void bin_out_sent(struct conn *c, size_t n);
+static int bin_send_file(struct conn *c);
+static int bin_conn_free(struct conn *c);
+static void bin_request_continue(struct conn *c);
+static void bin_respond_request_error(struct conn *c, int error, const char *message);
+static int bin_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload);
+static void bin_on_open_result(struct conn *c, const struct ipc_result *r);
+static void bin_fail_inflight(struct conn *c);
+static uint32_t conn_max_body(const struct conn *c);
+static size_t bin_read_room(const struct conn *c);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -176,9 +220,14 @@ static void storage_connect(struct worker *w);
 static int conn_flush(struct conn *c)
 {
 	while (buf_len(&c->out) > 0) {
-		ssize_t n = send(c->fd, buf_head(&c->out), buf_len(&c->out), MSG_NOSIGNAL);
+		/* A binary range in progress: what was queued before its file bytes goes first, the rest after. */
+		size_t len = bin_out_limit(c);
+		if (len == 0)
+			break;
+		ssize_t n = send(c->fd, buf_head(&c->out), len, MSG_NOSIGNAL);
 		if (n > 0) {
 			buf_consume(&c->out, (size_t)n);
+			bin_out_sent(c, (size_t)n);
 			continue;
 		}
 		if (n < 0 && errno == EINTR)
@@ -188,7 +237,9 @@ static int conn_flush(struct conn *c)
 		conn_close(c, "write failed");
 		return -1;
 	}
-	if (buf_len(&c->out) == 0 && c->closing && !c->busy) {
+	if (bin_holds_output(c) && bin_send_file(c) < 0)
+		return -1;
+	if (buf_len(&c->out) == 0 && c->closing && !c->busy && !bin_holds_output(c) && !bin_chunks_in_flight(c)) {
 		conn_close(c, NULL);
 		return -1;
 	}
@@ -197,15 +248,13 @@ static int conn_flush(struct conn *c)
 }
 
 /* Queues one response frame with the writer's current JSON as body. */
-static void conn_send_json(struct conn *c, uint16_t id, int error)
+/* Queues one response frame with body; counts it, and its error if any. */
+static void conn_queue_frame(struct conn *c, uint16_t id, const uint8_t *body, size_t len, int error)
 {
-	const uint8_t *body;
-	size_t len;
-	json_end(&c->w->jw, &body, &len);
 	STAT_INC(frames_out);
 	STAT_ADD(bytes_out, FRAME_HEADER_LEN + len);
 	if (error) {
-		stats_count_error(error);
+		stats_count_answer(id, error);
 		if (error == ERR_TOKEN_INVALID || error == ERR_UID_INVALID)
 			STAT_INC(auth_failures);
 	}
@@ -217,10 +266,20 @@ static void conn_send_json(struct conn *c, uint16_t id, int error)
 	}
 }
 
+static void conn_send_json(struct conn *c, uint16_t id, int error)
+{
+	const uint8_t *body;
+	size_t len;
+	json_end(&c->w->jw, &body, &len);
+	conn_queue_frame(c, id, body, len, error);
+}
+
 /* A response that carries only error, message and what the request id needs. */
 static void respond_error(struct conn *c, uint16_t req_id, int error, const char *message)
 {
 	struct json_writer *jw = &c->w->jw;
+	if (req_id != MSG_TEST)
+		c->in_transfer = 0;   /* the client gives up on an error */
 	json_begin(jw);
 	json_put_int(jw, "error", error);
 	if (message)
@@ -228,17 +287,18 @@ static void respond_error(struct conn *c, uint16_t req_id, int error, const char
 	conn_send_json(c, (uint16_t)(req_id + 1), error);
 }
 
-/* Finishes the current request: frees its tree and lets the next frame in. */
+/* Finishes the current request: drops its frame and lets the next one in. */
 static void download_job_free(struct worker *w, struct download_job *j);
 
 static void request_finish(struct conn *c)
 {
 	if (c->req.checking)
 		download_job_free(c->w, c->req.checking);
-	if (c->req.tree)
-		yajl_tree_free(c->req.tree);
+	size_t used = c->req.frame_used;
 	memset(&c->req, 0, sizeof(c->req));
 	c->busy = 0;
+	if (used)
+		buf_consume(&c->in, used);
 }
 
 static void respond_chunk(struct conn *c, int error, const char *message, uint64_t seq,
@@ -246,6 +306,7 @@ static void respond_chunk(struct conn *c, int error, const char *message, uint64
 {
 	struct json_writer *jw = &c->w->jw;
 	const struct proto_chunk *ch = &c->req.u.chunk;
+	c->in_transfer = error == ERR_OK && trans_size < total_size;
 	json_begin(jw);
 	json_put_int(jw, "error", error);
 	json_put_int(jw, "total_size", (int64_t)total_size);
@@ -272,6 +333,11 @@ static void respond_request_error(struct conn *c, int error, const char *message
 		respond_chunk(c, error, message, ch->seq, ch->offset, ch->total_size);
 		break;
 	}
+	case MSG_BIN_HELLO:
+	case MSG_BIN_UPLOAD_OPEN:
+	case MSG_BIN_DOWNLOAD:
+		bin_respond_request_error(c, error, message);
+		break;
 	default:
 		respond_error(c, c->req.id, error, message);
 		break;
@@ -386,6 +452,34 @@ static void conn_close_download(struct conn *c, struct backend_file *keep)
 	c->dl = NULL;
 }
 
+/* Remembers an upload this connection drove (the two most recent: clients drive one at a time). */
+static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
+{
+	for (unsigned i = 0; i < c->ndrove; i++)
+		if (c->drove[i].uid == uid && memcmp(c->drove[i].md5, md5, PROTO_MD5_HEX) == 0)
+			return;
+	if (c->ndrove == 2) {
+		c->drove[0] = c->drove[1];
+		c->ndrove = 1;
+	}
+	struct ipc_sync *d = &c->drove[c->ndrove++];
+	d->uid = uid;
+	memcpy(d->md5, md5, PROTO_MD5_HEX);
+	d->md5[PROTO_MD5_HEX] = '\0';
+}
+
+/* Tells storage the uploads this connection drove have lost their client (it releases their leases). */
+static void conn_release_uploads(struct conn *c)
+{
+	struct storage_link *s = &c->w->storage;
+	if (c->ndrove == 0 || s->fd < 0 || !s->connected)
+		return;
+	for (unsigned i = 0; i < c->ndrove; i++)
+		ipc_encode_release(&s->out, &c->drove[i]);
+	c->ndrove = 0;
+	storage_update_io(c->w);
+}
+
 static void conn_close(struct conn *c, const char *why)
 {
 	struct worker *w = c->w;
@@ -400,9 +494,11 @@ static void conn_close(struct conn *c, const char *why)
 		job_file = c->req.job->borrowed;
 	}
 	conn_close_download(c, job_file);
+	conn_release_uploads(c);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
-	close(c->fd);
+	if (!bin_conn_free(c))   /* 1: a disk thread is still sending on the socket and closes it */
+		close(c->fd);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	conn_table_remove(w, c);
@@ -410,6 +506,15 @@ static void conn_close(struct conn *c, const char *why)
 	STAT_DEC(conn_current);
 	if (w->draining && w->nconns == 0)
 		ev_break(w->loop, EVBREAK_ALL);
+}
+
+/* A graceful stop may close this connection once its answers are out: no request running
+ * or partly received, and no transfer left open by the last answer. */
+static int conn_done_for_stop(const struct conn *c)
+{
+	/* A connection accepted just now has a request on its way, not yet read: it is served. */
+	int arriving = c->fresh && ev_now(c->w->loop) - c->last_frame < STOP_FRESH_WAIT;
+	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0;
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -420,9 +525,10 @@ static void conn_update_io(struct conn *c)
 	/* Reading on while a request waits saves epoll churn; one frame of
 	 * read-ahead bounds what a pipelining client can park here. */
 	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
-	    buf_len(&c->in) < (size_t)w->conf->max_frame + FRAME_HEADER_LEN)
+	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
+	    !(c->req.frame_used && c->in.end == c->in.cap))   /* a held frame's buffer is full */
 		events |= EV_READ;
-	if (buf_len(&c->out) > 0)
+	if (bin_wants_write(c))
 		events |= EV_WRITE;
 	if (events == (c->io.events & (EV_READ | EV_WRITE)) && ev_is_active(&c->io))
 		return;
@@ -461,7 +567,7 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 		if (now - c->req.since >= w->conf->storage_timeout) {
 			log_warnx("%s: request %u timed out waiting for %s", c->peer, c->req.id,
 			    c->req.stage == STAGE_AUTH || c->req.stage == STAGE_DLCHECK ? "redis" :
-			    c->req.stage == STAGE_DISK ? "the disk" : "storage");
+			    c->req.stage == STAGE_DISK || c->req.stage == STAGE_BINOPEN ? "the disk" : "storage");
 			if (c->req.job) {
 				conn_close(c, "disk read timed out");   /* the job may still hold the fd */
 				return;
@@ -488,19 +594,29 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	struct conn *c = io->data;
 	if (revents & EV_WRITE) {
 		/* Frames that waited for the client to read its answers go on now. */
-		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 &&
+		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
 		    buf_len(&c->out) < (size_t)c->w->conf->output_cap)
 			conn_process(c);
 		return;   /* a readable socket fires again */
 	}
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&c->in, READ_CHUNK);
-	if (p == NULL) {
+	uint8_t *p;
+	size_t room = READ_CHUNK;
+	if (c->req.frame_used) {
+		/* The request in progress points into its frame: read ahead only into the room
+		 * the buffer already has, so that it does not move. */
+		room = c->in.cap - c->in.end < READ_CHUNK ? c->in.cap - c->in.end : READ_CHUNK;
+		if (room == 0) {
+			conn_update_io(c);
+			return;
+		}
+		p = c->in.data + c->in.end;
+	} else if ((p = buf_reserve(&c->in, room = bin_read_room(c))) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
-	ssize_t n = recv(c->fd, p, READ_CHUNK, 0);
+	ssize_t n = recv(c->fd, p, room, 0);
 	if (n == 0) {
 		c->eof = 1;
 		/* Answer what is already complete, then close. */
@@ -597,15 +713,29 @@ static int auth_check(struct conn *c)
 
 /* ---------------------------------------------------------------- storage link */
 
-static void storage_fail_waiting(struct worker *w)
+/* The link died: requests it carried may never be answered. Each keeps its frame, so it is
+ * sent again, exactly as it was, once a new link is up (storage_resend_unsent), and
+ * storage_timeout (from when it first went) still bounds the wait. Sending it again is safe:
+ * the storage process treats a chunk at or below what it has committed as a rewrite of the
+ * same bytes, and a final chunk of an upload it already published as done. A resent seq 1
+ * cannot reset an upload that went on, because this connection sends nothing else of the
+ * upload until this request is answered (one request at a time), and a client drives an
+ * upload on one connection. */
+static void storage_hold_waiting(struct worker *w)
 {
+	unsigned held = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
-		if (c && c->busy && c->req.stage == STAGE_STORAGE) {
-			respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
-			conn_process(c);
+		if (c && c->busy && c->req.stage == STAGE_STORAGE && !c->req.unsent) {
+			c->req.unsent = 1;
+			held++;
+		} else if (c && c->bin) {
+			/* Binary chunks in flight are not held: the client resends from the committed size. */
+			bin_fail_inflight(c);
 		}
 	}
+	if (held)
+		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
 
 static void storage_down(struct worker *w, const char *why)
@@ -622,7 +752,7 @@ static void storage_down(struct worker *w, const char *why)
 	STAT_SET(storage_up, 0);
 	buf_free(&s->in);
 	buf_free(&s->out);
-	storage_fail_waiting(w);
+	storage_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
 	ev_timer_start(w->loop, &s->retry);
@@ -632,7 +762,8 @@ static void storage_down(struct worker *w, const char *why)
 static void storage_update_io(struct worker *w)
 {
 	struct storage_link *s = &w->storage;
-	int events = EV_READ | (buf_len(&s->out) > 0 ? EV_WRITE : 0);
+	/* Fast-path connections waiting for the link to drain are woken from its writability. */
+	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
 	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
 		return;
 	ev_io_stop(w->loop, &s->io);
@@ -675,14 +806,20 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	int done = r->error == ERR_OK && r->trans_size == r->total_size;
 	if (!done && r->error != ERR_CHECKSUM)
 		return;
-	access_log("%s uid=%" PRIu64 " %s name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=%u", c->peer,
-	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", (int)ch->name_len, ch->name,
-	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error);
+	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+	escape_quoted(name, sizeof(name), ch->name, ch->name_len);
+	/* Storage says "instant upload: ..." when it published from content already stored. */
+	int instant = done && r->message_len >= 7 && memcmp(r->message, "instant", 7) == 0;
+	access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u%s", c->peer,
+	    ch->cred.uid, c->req.id == MSG_AVATAR ? "avatar" : "upload", name,
+	    r->total_size, ev_now(c->w->loop) - c->xfer_start, r->error, instant ? " instant=1" : "");
 	c->xfer_md5[0] = '\0';
 }
 
 static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
+	if (bin_on_result(w, h, payload))
+		return;   /* a binary chunk's acknowledgement */
 	struct conn *c = conn_by_reqid(w, h->reqid);
 	if (c == NULL || c->req.stage != STAGE_STORAGE)
 		return;   /* the client went away or timed out */
@@ -695,7 +832,9 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 		if (r.message_len)
 			snprintf(message, sizeof(message), "%.*s", (int)r.message_len, r.message);
 		const char *msg = r.message_len ? message : NULL;
-		if (c->req.id == MSG_SYNC) {
+		if (c->req.id == MSG_BIN_UPLOAD_OPEN) {
+			bin_on_open_result(c, &r);
+		} else if (c->req.id == MSG_SYNC) {
 			struct json_writer *jw = &w->jw;
 			json_begin(jw);
 			json_put_int(jw, "error", r.error);
@@ -708,6 +847,8 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 			if (msg)
 				json_put_str(jw, "message", msg, strlen(msg));
 			conn_send_json(c, MSG_SYNC + 1, (int)r.error);
+			/* A sync opens a transfer: the client resumes, or starts at seq 1 after 1012. */
+			c->in_transfer = r.error == ERR_OK || r.error == ERR_FILE_NOT_EXISTS;
 		} else {
 			respond_chunk(c, (int)r.error, msg, r.seq, r.trans_size, r.total_size);
 			upload_log_finish(c, &r);
@@ -724,6 +865,8 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	struct storage_link *s = &w->storage;
 	if ((revents & EV_WRITE) && storage_flush(w) < 0)
 		return;
+	if (revents & EV_WRITE)
+		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
 	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
@@ -800,21 +943,18 @@ static void storage_connect(struct worker *w)
 	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
 	s->io.data = w;
 	ev_io_start(w->loop, &s->io);
-	if (ipc_encode_ping(&s->out, 0, 0) == 0)
+	if (ipc_encode_ping(&s->out, 0, 0) == 0) {
+		storage_resend_unsent(w);
 		storage_flush(w);
+	}
 }
 
-/* Sends the current request to the storage process; the answer resumes the connection. */
-static void storage_forward(struct conn *c)
+/* Queues the current request on the storage link under a new request id. Returns 0, or -1
+ * when it was answered instead (bad data, out of memory). */
+static int storage_send(struct conn *c)
 {
 	struct worker *w = c->w;
 	struct storage_link *s = &w->storage;
-	/* Connected but not yet ready (the ping is unanswered): the request queues behind
-	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
-	if (s->fd < 0 || !s->connected) {
-		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
-		return;
-	}
 	uint64_t reqid = conn_next_reqid(c);
 	int rc;
 	if (c->req.id == MSG_SYNC) {
@@ -824,23 +964,101 @@ static void storage_forward(struct conn *c)
 	} else {
 		const struct proto_chunk *ch = &c->req.u.chunk;
 		struct ipc_chunk msg = {
-			.uid = ch->cred.uid, .seq = ch->seq, .trans_size = ch->trans_size,
+			.uid = ch->cred.anonymous ? 0 : ch->cred.uid, .seq = ch->seq, .trans_size = ch->trans_size,
 			.total_size = ch->total_size, .last = (uint8_t)ch->last,
 			.kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE,
 			.name = ch->name, .name_len = (uint16_t)ch->name_len,
-			.data = w->scratch, .data_len = (uint32_t)ch->data_len,
+			.data_len = (uint32_t)ch->data_len,
 		};
 		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
-		rc = ipc_encode_chunk(&s->out, reqid, &msg);
+		/* The chunk is decoded straight from its frame into the message queued for the
+		 * storage process (again from the same frame if the link is lost before the answer). */
+		size_t room = b64_decode_room(ch->data_b64_len);
+		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
+		rc = data ? 0 : -1;
+		if (data != NULL) {
+			char why[128];
+			if (proto_decode_chunk(ch, data, room, why, sizeof(why)) != ERR_OK) {
+				respond_request_error(c, ERR_JSON, why);
+				return -1;
+			}
+			ipc_commit_chunk(&s->out, reqid, &msg);
+		}
 	}
 	if (rc < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
-		return;
+		return -1;
 	}
+	c->req.unsent = 0;
+	return 0;
+}
+
+/* While no link is up, a chunk waits for one: its data is checked now, so that bad base64 is
+ * answered 1001 at once, not 1027 later. Returns 0, or -1 when it was answered. */
+static int chunk_data_check(struct conn *c)
+{
+	const struct proto_chunk *ch = &c->req.u.chunk;
+	size_t room = b64_decode_room(ch->data_b64_len);
+	uint8_t *scratch = malloc(room);
+	if (scratch == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return -1;
+	}
+	char why[128];
+	int rc = proto_decode_chunk(ch, scratch, room, why, sizeof(why));
+	free(scratch);
+	if (rc != ERR_OK) {
+		respond_request_error(c, ERR_JSON, why);
+		return -1;
+	}
+	return 0;
+}
+
+/* Hands the current request to the storage process; the answer resumes the connection. While
+ * the link is down (a storage process restarting after a reload or a crash) the request waits
+ * for the next link, at most storage_timeout, so a restart of storage is invisible to clients. */
+static void storage_forward(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct storage_link *s = &w->storage;
+	/* Connected but not yet ready (the ping is unanswered): the request queues behind
+	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
+	int link = s->fd >= 0 && s->connected;
+	if (link) {
+		if (storage_send(c) < 0)
+			return;
+	} else {
+		if (c->req.id != MSG_SYNC && chunk_data_check(c) < 0)
+			return;
+		conn_next_reqid(c);   /* nothing owed to an earlier step may match it */
+		c->req.unsent = 1;
+	}
+	if (c->req.id == MSG_SYNC)
+		conn_drove(c, c->req.u.sync.cred.uid, c->req.u.sync.md5);
+	else
+		conn_drove(c, c->req.u.chunk.cred.anonymous ? 0 : c->req.u.chunk.cred.uid, c->req.u.chunk.md5);
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
-	storage_flush(w);
+	if (link)
+		storage_flush(w);
+}
+
+/* A new link is connected: the requests held while there was none go on it, behind the ping. */
+static void storage_resend_unsent(struct worker *w)
+{
+	unsigned sent = 0;
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || !c->busy || c->req.stage != STAGE_STORAGE || !c->req.unsent)
+			continue;
+		if (storage_send(c) < 0)
+			conn_process(c);   /* answered: the connection moves on (or closes) */
+		else
+			sent++;
+	}
+	if (sent)
+		log_info("storage link: %u held requests sent", sent);
 }
 
 /* ---------------------------------------------------------------- downloads */
@@ -928,9 +1146,51 @@ static void download_account(struct conn *c, const struct proto_download *d, con
 		STAT_INC(downloads_completed);
 		stats_transfer_close(c->xfer);
 		c->xfer = -1;
-		access_log("%s uid=%" PRIu64 " download name=\"%.*s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
-		    d->cred.uid, (int)d->name_len, d->name, j->size, ev_now(c->w->loop) - c->xfer_start);
+		char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+		escape_quoted(name, sizeof(name), d->name, d->name_len);
+		access_log("%s uid=%" PRIu64 " download name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=0", c->peer,
+		    d->cred.uid, name, j->size, ev_now(c->w->loop) - c->xfer_start);
 	}
+}
+
+/* Queues a 1034 answer with the chunk's base64 encoded once, straight into the output
+ * buffer: the other fields come from the JSON writer, data goes last (base64 needs no
+ * JSON escaping). Returns -1 when out of memory (nothing queued). */
+static int download_send_chunk(struct conn *c, const struct proto_download *d, const struct download_job *j,
+    uint64_t current, int is_last)
+{
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", 0);
+	json_put_int(jw, "seq", (int64_t)d->seq);
+	json_put_u64_str(jw, "total_size", j->size);
+	json_put_u64_str(jw, "current_size", current);
+	json_put_bool(jw, "is_last", is_last);
+	json_put_str(jw, "name", d->name, d->name_len);
+	json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
+	const uint8_t *fields;
+	size_t fields_len;
+	json_open_fields(jw, &fields, &fields_len);   /* "{...": the object left open */
+	static const char data_key[] = ",\"data\":\"", close[] = "\"}";
+	size_t text_len = b64_encoded_len(j->got);
+	size_t body_len = fields_len + strlen(data_key) + text_len + strlen(close);
+	if (body_len > UINT32_MAX)
+		return -1;
+	uint8_t *p = buf_reserve(&c->out, FRAME_HEADER_LEN + body_len + 1);   /* + the NUL modp_b64 writes */
+	if (p == NULL)
+		return -1;
+	frame_put_header(p, MSG_DOWNLOAD + 1, (uint32_t)body_len);
+	p += FRAME_HEADER_LEN;
+	memcpy(p, fields, fields_len);
+	p += fields_len;
+	memcpy(p, data_key, strlen(data_key));
+	p += strlen(data_key);
+	p += b64_encode((char *)p, j->data, j->got);
+	memcpy(p, close, strlen(close));
+	buf_commit(&c->out, FRAME_HEADER_LEN + body_len);
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + body_len);
+	return 0;
 }
 
 /* Answers a download chunk from a finished job (data or error) and moves on to the next request. */
@@ -947,29 +1207,12 @@ static void download_reply(struct conn *c, struct download_job *j)
 			log_warnx("download of a file of uid %" PRIu64 ": %s", d->cred.uid, strerror(j->saved_errno));
 		respond_error(c, MSG_DOWNLOAD, j->error, msg);
 	} else {
-		size_t need = sodium_base64_ENCODED_LEN(j->got, sodium_base64_VARIANT_ORIGINAL);
-		if (need > w->b64_cap) {
-			free(w->b64);
-			w->b64 = malloc(need);
-			w->b64_cap = w->b64 ? need : 0;
-		}
-		if (w->b64 == NULL) {
+		uint64_t current = j->offset + j->got;
+		int is_last = current >= j->size;
+		if (download_send_chunk(c, d, j, current, is_last) < 0) {
 			respond_error(c, MSG_DOWNLOAD, ERR_BUSY, "server busy: out of memory");
 		} else {
-			sodium_bin2base64(w->b64, need, j->data, j->got, sodium_base64_VARIANT_ORIGINAL);
-			uint64_t current = j->offset + j->got;
-			int is_last = current >= j->size;
-			struct json_writer *jw = &w->jw;
-			json_begin(jw);
-			json_put_int(jw, "error", 0);
-			json_put_str(jw, "data", w->b64, need - 1);
-			json_put_int(jw, "seq", (int64_t)d->seq);
-			json_put_u64_str(jw, "total_size", j->size);
-			json_put_u64_str(jw, "current_size", current);
-			json_put_bool(jw, "is_last", is_last);
-			json_put_str(jw, "name", d->name, d->name_len);
-			json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
-			conn_send_json(c, MSG_DOWNLOAD + 1, 0);
+			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
 			download_account(c, d, j, current, is_last);
 		}
@@ -1073,7 +1316,7 @@ static void download_start(struct conn *c)
 	j->job.done = download_done;
 	j->w = w;
 	j->want = chunk;
-	j->offset = (d->seq - 1) * (uint64_t)chunk;
+	j->offset = d->offset;   /* proto checked it cannot overflow */
 	j->backend = &w->backend;
 	j->uid = d->cred.uid;
 	memcpy(j->name, d->name, d->name_len);   /* the job may outlive the request (orphaned) */
@@ -1095,83 +1338,840 @@ static void download_start(struct conn *c)
 	pool_submit(w->pool, &j->job);
 }
 
+/* ---------------------------------------------------------------- binary fast path (1041-1048) */
+
+/* A chunk on its way to storage, acknowledged in the order sent. */
+struct bin_inflight {
+	uint64_t reqid;
+	uint64_t offset;
+	uint32_t length;
+};
+
+/* A range being sent with sendfile() by a disk thread (the descriptor may block on a cold page cache). */
+struct bin_send_job {
+	struct pool_job job;
+	struct worker *w;
+	uint32_t slot;
+	int sock;                     /* the connection's socket */
+	int fd;                       /* the published file */
+	uint64_t offset, left;
+	int saved_errno;              /* 0, EAGAIN (socket full: wait for it) or the failure */
+	int orphaned;                 /* the connection went away: close sock and file when done */
+	struct backend_file *file;    /* set only when orphaned: closed when done */
+};
+
+/* Opens a published file for 1047 on a disk thread. */
+struct bin_open_job {
+	struct pool_job job;
+	struct worker *w;
+	uint64_t reqid;
+	uint64_t uid;
+	char name[PROTO_NAME_MAX + 1];
+	size_t name_len;
+	struct backend_file *file;
+	uint64_t size;
+	char version[BACKEND_VERSION_MAX];
+	int saved_errno;
+};
+
+/* What a connection that said 1041 holds: its credentials, its open upload, its open file. */
+struct bin_conn {
+	uint64_t uid;
+	char token[PROTO_TOKEN_MAX];
+	size_t token_len;
+	/* The upload 1043 opened. */
+	int up_open;
+	int up_broken;                /* a chunk failed: later ones are refused until a new 1043 */
+	uint8_t kind;
+	char md5[PROTO_MD5_HEX + 1];
+	char name[PROTO_NAME_MAX + 1];
+	size_t name_len;
+	uint64_t total;
+	uint64_t cursor;              /* where the next chunk must start */
+	uint64_t next_seq;            /* the seq storage is given for it */
+	uint64_t committed;           /* the last acknowledged committed size */
+	struct bin_inflight ring[BIN_MAX_INFLIGHT];
+	unsigned head, count;
+	uint64_t inflight_bytes;
+	/* The file of the last 1047, kept open: a range asked with its version reads that very file. */
+	struct backend_file *file;
+	uint64_t file_size;
+	char file_name[PROTO_NAME_MAX + 1];
+	size_t file_name_len;
+	char file_version[BACKEND_VERSION_MAX];
+	/* A range being sent: sf_before bytes of conn->out go first, then sf_left bytes of the file. */
+	int sf_pending;
+	size_t sf_before;
+	uint64_t sf_offset, sf_left;
+	struct bin_send_job *sf_job;
+	int link_waiting;             /* counted in worker->bin_link_waiters */
+};
+
+#define BIN_REQID_TAG 0x80000000u   /* in a reqid's slot half: the answer is a binary chunk's */
+#define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
+#define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
+
+static uint32_t conn_max_body(const struct conn *c)
+{
+	uint32_t max = (uint32_t)c->w->conf->max_frame;
+	if (c->bin && max < BIN_MAX_CHUNK + BIN_CHUNK_LEN)
+		max = BIN_MAX_CHUNK + BIN_CHUNK_LEN;
+	return max;
+}
+
+/* How much one read asks for: the rest of a large binary frame at once, else READ_CHUNK. */
+static size_t bin_read_room(const struct conn *c)
+{
+	size_t have = buf_len(&c->in);
+	if (c->bin == NULL || have < FRAME_HEADER_LEN)
+		return READ_CHUNK;
+	const uint8_t *h = buf_head(&c->in);
+	size_t frame = FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+	if (frame > (size_t)conn_max_body(c) + FRAME_HEADER_LEN || frame <= have + READ_CHUNK)
+		return READ_CHUNK;
+	return frame - have;
+}
+
+static int bin_holds_output(const struct conn *c)
+{
+	return c->bin && c->bin->sf_pending;
+}
+
+static int bin_chunks_in_flight(const struct conn *c)
+{
+	return c->bin && c->bin->count > 0;
+}
+
+static size_t bin_out_limit(const struct conn *c)
+{
+	if (!bin_holds_output(c))
+		return buf_len(&c->out);
+	return c->bin->sf_before;
+}
+
+static void bin_out_sent(struct conn *c, size_t n)
+{
+	if (bin_holds_output(c))
+		c->bin->sf_before -= n < c->bin->sf_before ? n : c->bin->sf_before;
+}
+
+static int bin_wants_write(const struct conn *c)
+{
+	if (!bin_holds_output(c))
+		return buf_len(&c->out) > 0;
+	if (c->bin->sf_job)
+		return 0;   /* the disk thread is writing the socket; its done callback looks again */
+	return 1;
+}
+
+/* Whether the frame id may be handled now: a chunk waits while the window is full, and an
+ * open or hello waits for the chunks in flight (their answers belong to the upload before). */
+static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
+{
+	struct bin_conn *b = c->bin;
+	if (b == NULL)
+		return 1;
+	if (id == MSG_BIN_CHUNK) {
+		/* Bound what waits in the storage link: the windows of many connections would
+		 * otherwise pile up there (and every append could move that backlog). */
+		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+			if (!b->link_waiting) {
+				b->link_waiting = 1;
+				c->w->bin_link_waiters++;
+				storage_update_io(c->w);
+			}
+			return 0;
+		}
+		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT &&
+		    b->inflight_bytes + (len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0) <= BIN_WINDOW);
+	}
+	if (id == MSG_BIN_UPLOAD_OPEN || id == MSG_BIN_HELLO)
+		return b->count == 0;
+	return 1;
+}
+
+
+static void bin_send_ack(struct conn *c, int error, uint64_t offset, uint32_t length, uint64_t committed,
+    uint64_t total, const char *msg)
+{
+	uint8_t body[BIN_ACK_LEN + BIN_MSG_MAX];
+	size_t n = bin_put_ack(body, (uint32_t)error, offset, length, committed, total, msg);
+	conn_queue_frame(c, MSG_BIN_CHUNK + 1, body, n, error);
+}
+
+static void bin_send_open_answer(struct conn *c, int error, uint64_t committed, uint64_t total, const char *msg)
+{
+	uint8_t body[BIN_OPEN_ANSWER_LEN + BIN_MSG_MAX];
+	size_t n = bin_put_open_answer(body, (uint32_t)error, committed, total, msg);
+	conn_queue_frame(c, MSG_BIN_UPLOAD_OPEN + 1, body, n, error);
+}
+
+static void bin_send_range_error(struct conn *c, int error, const char *msg)
+{
+	uint8_t body[BIN_RANGE_LEN + BIN_VERSION_MAX + 2 + BIN_MSG_MAX];
+	size_t n = bin_put_range(body, (uint32_t)error, 0, 0, 0, NULL, msg);
+	conn_queue_frame(c, MSG_BIN_DOWNLOAD + 1, body, n, error);
+}
+
+/* A request that failed before its work started: the answer its id needs. */
+static void bin_respond_request_error(struct conn *c, int error, const char *message)
+{
+	if (c->req.id == MSG_BIN_UPLOAD_OPEN)
+		bin_send_open_answer(c, error, 0, c->req.u.bopen.open.total_size, message);
+	else if (c->req.id == MSG_BIN_DOWNLOAD)
+		bin_send_range_error(c, error, message);
+	else
+		respond_error(c, c->req.id, error, message);
+}
+
+/* The hello's credentials are good: the connection speaks the fast path from now on. */
+static void bin_hello_finish(struct conn *c)
+{
+	const struct proto_credentials *cred = &c->req.u.hello;
+	struct bin_conn *b = c->bin;
+	if (b == NULL && (b = c->bin = calloc(1, sizeof(*b))) == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	if (b->uid != cred->uid) {
+		/* Another user: nothing of the one before stays reachable. */
+		b->up_open = 0;
+		if (b->file && !b->sf_pending) {
+			c->w->backend.ops->file_close(b->file);
+			b->file = NULL;
+		}
+	}
+	b->uid = cred->uid;
+	memcpy(b->token, cred->token, cred->token_len);
+	b->token_len = cred->token_len;
+	struct json_writer *jw = &c->w->jw;
+	json_begin(jw);
+	json_put_int(jw, "error", 0);
+	json_put_int(jw, "version", BIN_VERSION);
+	json_put_int(jw, "window", BIN_WINDOW);
+	json_put_int(jw, "max_inflight", BIN_MAX_INFLIGHT);
+	json_put_int(jw, "max_chunk", BIN_MAX_CHUNK);
+	json_put_int(jw, "max_range", BIN_MAX_RANGE);
+	json_put_int(jw, "max_file_size", (int64_t)c->w->conf->max_file_size);
+	conn_send_json(c, MSG_BIN_HELLO + 1, 0);
+	request_finish(c);
+}
+
+/* 1043 once its credentials are good: asks storage how far the upload is. */
+static void bin_open_start(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct storage_link *s = &w->storage;
+	if (s->fd < 0 || !s->connected) {
+		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
+		return;
+	}
+	struct ipc_sync msg = { .uid = c->bin->uid };
+	memcpy(msg.md5, c->req.u.bopen.open.md5, sizeof(msg.md5));
+	if (ipc_encode_sync(&s->out, conn_next_reqid(c), &msg) < 0) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	conn_drove(c, msg.uid, msg.md5);
+	c->busy = 1;
+	c->req.stage = STAGE_STORAGE;
+	c->req.since = ev_now(w->loop);
+	storage_flush(w);
+}
+
+/* Storage's answer to the open's sync: resume where it stands, or start at 0. */
+static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
+{
+	struct bin_conn *b = c->bin;
+	const struct bin_open *o = &c->req.u.bopen.open;
+	int fresh;
+	if (r->error == ERR_FILE_NOT_EXISTS || (r->error == ERR_OK && (o->flags & BIN_OPEN_RESTART))) {
+		fresh = 1;
+	} else if (r->error == ERR_OK) {
+		if (r->total_size != o->total_size || r->name_len != o->name_len ||
+		    memcmp(r->name, o->name, o->name_len) != 0) {
+			bin_send_open_answer(c, ERR_UPLOAD_MISMATCH, r->trans_size, r->total_size,
+			    "an upload of this md5 is in progress with another name or total_size: open it with "
+			    "those, or with the restart flag to start over");
+			return;
+		}
+		fresh = 0;
+	} else {
+		char msg[256];
+		snprintf(msg, sizeof(msg), "%.*s", (int)r->message_len, r->message ? r->message : "");
+		bin_send_open_answer(c, (int)r->error, 0, o->total_size, msg);
+		return;
+	}
+	b->up_open = 1;
+	b->up_broken = 0;
+	b->kind = o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
+	memcpy(b->md5, o->md5, sizeof(b->md5));
+	memcpy(b->name, o->name, o->name_len);
+	b->name[o->name_len] = '\0';
+	b->name_len = o->name_len;
+	b->total = o->total_size;
+	/* Chunks go in order, each right after the one before, numbered on from storage's seq: each
+	 * starts at the committed size with the committed seq + 1 when storage runs it, which is
+	 * what a JSON client resuming does, so the upload can change paths at any chunk. */
+	b->cursor = fresh ? 0 : r->trans_size;
+	b->next_seq = fresh ? 1 : r->seq + 1;
+	b->committed = b->cursor;
+	memcpy(c->xfer_md5, b->md5, sizeof(c->xfer_md5));
+	c->xfer_start = ev_now(c->w->loop);
+	bin_send_open_answer(c, ERR_OK, b->cursor, b->total, NULL);
+}
+
+/* 1045: checks the chunk against the open upload and queues its bytes for storage (one copy). */
+static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	struct bin_chunk ch;
+	char msg[160];
+	int rc = bin_parse_chunk(body, len, &ch, msg, sizeof(msg));
+	if (rc != ERR_OK) {
+		bin_send_ack(c, rc, ch.offset, ch.length, b->committed, b->total, msg);
+		return;
+	}
+	uint64_t end = ch.offset + ch.length;
+	if (!b->up_open) {
+		bin_send_ack(c, ERR_FILE_NOT_EXISTS, ch.offset, ch.length, 0, 0,
+		    "no upload open on this connection: send 1043 first");
+		return;
+	}
+	if (b->up_broken) {
+		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total,
+		    "an earlier chunk of this upload failed: open it again (1043) to learn where it stands");
+		return;
+	}
+	if (ch.offset != b->cursor) {
+		snprintf(msg, sizeof(msg), "offset: expected %" PRIu64 " (right after the previous chunk)", b->cursor);
+		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total, msg);
+		return;
+	}
+	if (end > b->total) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total, "length: past total_size");
+		return;
+	}
+	if (!!(ch.flags & BIN_CHUNK_LAST) != (end == b->total)) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
+		    "flags: the last flag must be set exactly on the chunk that ends the file");
+		return;
+	}
+	if (ch.length == 0 && end != b->total) {
+		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
+		    "length: an empty chunk may only end the file");
+		return;
+	}
+	struct storage_link *s = &w->storage;
+	if (s->fd < 0 || !s->connected) {
+		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
+		    "server busy: storage unavailable, retry");
+		return;
+	}
+	struct ipc_chunk msgc = {
+		.uid = b->uid, .seq = b->next_seq, .trans_size = end, .total_size = b->total,
+		.kind = b->kind, .last = end == b->total, .name = b->name, .name_len = (uint16_t)b->name_len,
+		.data_len = ch.length,
+	};
+	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
+	uint8_t *data = ipc_reserve_chunk(&s->out, &msgc, ch.length);
+	if (data == NULL) {
+		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
+		return;
+	}
+	memcpy(data, ch.data, ch.length);
+	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
+	ipc_commit_chunk(&s->out, reqid, &msgc);
+	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
+	f->reqid = reqid;
+	f->offset = ch.offset;
+	f->length = ch.length;
+	b->inflight_bytes += ch.length;
+	b->cursor = end;
+	b->next_seq++;
+	storage_flush(w);
+}
+
+/* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
+static void bin_fail_inflight(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (b->count == 0)
+		return;
+	while (b->count) {
+		struct bin_inflight *f = &b->ring[b->head];
+		bin_send_ack(c, ERR_BUSY, f->offset, f->length, b->committed, b->total,
+		    "server busy: storage unavailable; open the upload again (1043) and go on from its answer");
+		b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
+		b->count--;
+	}
+	b->inflight_bytes = 0;
+	b->up_broken = 1;
+	conn_process(c);
+}
+
+/* Storage's answer to a binary chunk; 0 when reqid is not one (the JSON path's). */
+static int bin_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+{
+	if (!((uint32_t)h->reqid & BIN_REQID_TAG))
+		return 0;
+	uint32_t slot = (uint32_t)h->reqid & ~BIN_REQID_TAG;
+	struct conn *c = slot < w->conns_cap ? w->conns[slot] : NULL;
+	struct bin_conn *b = c ? c->bin : NULL;
+	if (b == NULL || b->count == 0 || b->ring[b->head].reqid != h->reqid)
+		return 1;   /* the connection went away (or was failed when the link broke) */
+	struct bin_inflight f = b->ring[b->head];
+	b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
+	b->count--;
+	b->inflight_bytes -= f.length;
+	struct ipc_result r;
+	if (ipc_decode_result(payload, h->len, &r) < 0) {
+		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);
+		memset(&r, 0, sizeof(r));
+		r.error = ERR_BUSY;
+		r.trans_size = b->committed;
+		r.total_size = b->total;
+	}
+	char msg[256] = "";
+	if (r.message_len)
+		snprintf(msg, sizeof(msg), "%.*s", (int)r.message_len, r.message);
+	if (r.error == ERR_OK) {
+		b->committed = r.trans_size;
+	} else {
+		b->up_broken = 1;   /* the chunks behind it fail too; the client opens again */
+	}
+	bin_send_ack(c, (int)r.error, f.offset, f.length, r.trans_size, r.total_size, r.message_len ? msg : NULL);
+	if ((r.error == ERR_OK && r.trans_size == r.total_size) || r.error == ERR_CHECKSUM) {
+		if (b->up_open && b->count == 0) {
+			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+			escape_quoted(name, sizeof(name), b->name, b->name_len);
+			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1",
+			    c->peer, b->uid, b->kind == UPLOAD_AVATAR ? "avatar" : "upload", name, b->total,
+			    ev_now(w->loop) - c->xfer_start, r.error);
+		}
+		if (b->count == 0)
+			b->up_open = 0;   /* published (or refused): a new upload needs a new 1043 */
+	}
+	conn_process(c);
+	return 1;
+}
+
+/* ---- downloads */
+
+static void bin_open_work(struct pool_job *job)
+{
+	struct bin_open_job *j = (struct bin_open_job *)job;
+	const struct backend *be = &j->w->backend;
+	j->saved_errno = be->ops->file_open(be, j->uid, j->name, j->name_len, &j->file, &j->size, j->version);
+	if (j->saved_errno)
+		j->file = NULL;
+}
+
+static void bin_send_work(struct pool_job *job)
+{
+	struct bin_send_job *j = (struct bin_send_job *)job;
+	uint64_t burst = 0;
+	j->saved_errno = 0;
+	while (j->left > 0 && burst < BIN_SEND_BURST) {
+		off_t off = (off_t)j->offset;
+		size_t want = j->left < (4u << 20) ? (size_t)j->left : (4u << 20);
+		ssize_t n = sendfile(j->sock, j->fd, &off, want);
+		if (n > 0) {
+			j->offset += (uint64_t)n;
+			j->left -= (uint64_t)n;
+			burst += (uint64_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		j->saved_errno = n == 0 ? EIO : errno;   /* 0: the file is shorter than it was when opened */
+		break;
+	}
+	if (j->saved_errno == EWOULDBLOCK)
+		j->saved_errno = EAGAIN;
+}
+
+static void bin_send_done(struct pool_job *job)
+{
+	struct bin_send_job *j = (struct bin_send_job *)job;
+	struct worker *w = j->w;
+	if (j->orphaned) {
+		close(j->sock);
+		w->backend.ops->file_close(j->file);
+		free(j);
+		return;
+	}
+	struct conn *c = w->conns[j->slot];
+	struct bin_conn *b = c->bin;
+	uint64_t sent = b->sf_left - j->left;
+	b->sf_offset = j->offset;
+	b->sf_left = j->left;
+	b->sf_job = NULL;
+	STAT_ADD(download_bytes, sent);
+	STAT_ADD(bytes_out, sent);
+	int err = j->saved_errno;
+	free(j);
+	if (err && err != EAGAIN) {
+		/* The frame is cut: the stream cannot go on. */
+		log_info("%s: sending a file range failed: %s", c->peer, strerror(err));
+		conn_close(c, NULL);
+		return;
+	}
+	if (b->sf_left == 0) {
+		b->sf_pending = 0;
+		conn_process(c);
+		return;
+	}
+	conn_update_io(c);   /* EAGAIN, or a full burst: the socket's writability resumes it */
+}
+
+/* The socket is writable and everything before the range has gone: a disk thread sends the next part. */
+static int bin_send_file(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (!b->sf_pending || b->sf_job || b->sf_before > 0)
+		return 0;
+	struct bin_send_job *j = calloc(1, sizeof(*j));
+	if (j == NULL) {
+		conn_close(c, "out of memory");
+		return -1;
+	}
+	j->job.work = bin_send_work;
+	j->job.done = bin_send_done;
+	j->w = c->w;
+	j->slot = c->slot;
+	j->sock = c->fd;
+	j->fd = c->w->backend.ops->file_fd(b->file);
+	j->offset = b->sf_offset;
+	j->left = b->sf_left;
+	b->sf_job = j;
+	pool_submit(c->w->pool, &j->job);
+	conn_update_io(c);
+	return 0;
+}
+
+/* Queues the 1048 header of the range asked and lets the file's bytes follow it. */
+static void bin_range_start(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	if (d->offset > b->file_size) {
+		respond_request_error(c, ERR_OFFSET_INVALID, "offset: past the end of the file");
+		return;
+	}
+	uint64_t length = b->file_size - d->offset;
+	if (d->length && d->length < length)
+		length = d->length;
+	if (length > BIN_MAX_RANGE)
+		length = BIN_MAX_RANGE;
+	uint8_t body[BIN_RANGE_LEN + BIN_VERSION_MAX + 2];
+	size_t n = bin_put_range(body, 0, b->file_size, d->offset, length, b->file_version, NULL);
+	uint8_t header[FRAME_HEADER_LEN];
+	frame_put_header(header, MSG_BIN_DOWNLOAD + 1, (uint32_t)(n + length));
+	if (buf_append(&c->out, header, sizeof(header)) < 0 || buf_append(&c->out, body, n) < 0) {
+		conn_close(c, "out of memory");   /* a header may be half queued */
+		return;
+	}
+	STAT_INC(frames_out);
+	STAT_ADD(bytes_out, FRAME_HEADER_LEN + n);
+	if (d->offset == 0)
+		STAT_INC(downloads_started);
+	if (d->offset + length == b->file_size) {
+		STAT_INC(downloads_completed);
+		char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
+		escape_quoted(name, sizeof(name), b->file_name, b->file_name_len);
+		access_log("%s uid=%" PRIu64 " download name=\"%s\" bytes=%" PRIu64 " offset=%" PRIu64
+		    " result=0 binary=1", c->peer, b->uid, name, length, d->offset);
+	}
+	if (length > 0) {
+		b->sf_pending = 1;
+		b->sf_before = buf_len(&c->out);
+		b->sf_offset = d->offset;
+		b->sf_left = length;
+	}
+	request_finish(c);   /* the caller runs conn_process, which sends the header and then the file */
+}
+
+static void bin_open_done(struct pool_job *job)
+{
+	struct bin_open_job *j = (struct bin_open_job *)job;
+	struct worker *w = j->w;
+	struct conn *c = conn_by_reqid(w, j->reqid);
+	if (c == NULL || c->req.stage != STAGE_BINOPEN) {
+		w->backend.ops->file_close(j->file);   /* closed or timed out meanwhile */
+		free(j);
+		return;
+	}
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	c->busy = 0;
+	c->req.stage = STAGE_NONE;
+	int err = j->saved_errno;
+	if (err) {
+		int code = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
+		    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+		if (code != ERR_FILE_NOT_EXISTS)
+			log_warnx("download of a file of uid %" PRIu64 ": %s", b->uid, strerror(err));
+		free(j);
+		respond_request_error(c, code, code == ERR_FILE_NOT_EXISTS ? "name: no such file" : "cannot read the file");
+		conn_process(c);
+		return;
+	}
+	if (d->version_len && (strlen(j->version) != d->version_len || memcmp(j->version, d->version, d->version_len))) {
+		w->backend.ops->file_close(j->file);
+		free(j);
+		respond_request_error(c, ERR_FILE_CHANGED,
+		    "version: the file was replaced since this download started; download it again from offset 0");
+		conn_process(c);
+		return;
+	}
+	w->backend.ops->file_close(b->file);   /* never in use here: ranges go one at a time */
+	b->file = j->file;
+	b->file_size = j->size;
+	memcpy(b->file_name, j->name, j->name_len + 1);
+	b->file_name_len = j->name_len;
+	memcpy(b->file_version, j->version, sizeof(b->file_version));
+	free(j);
+	bin_range_start(c);
+	conn_process(c);
+}
+
+/* 1047 once its credentials are good: the kept file when the client names its version, else a fresh open. */
+static void bin_download_start(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	const struct bin_download *d = &c->req.u.bdl.dl;
+	if (w->backend.ops->file_fd == NULL) {
+		respond_request_error(c, ERR_READ_FAILED,
+		    "this storage backend cannot serve binary downloads: use 1033");
+		return;
+	}
+	if (b->file && d->version_len && b->file_name_len == d->name_len &&
+	    memcmp(b->file_name, d->name, d->name_len) == 0 && strlen(b->file_version) == d->version_len &&
+	    memcmp(b->file_version, d->version, d->version_len) == 0) {
+		bin_range_start(c);
+		return;
+	}
+	struct bin_open_job *j = calloc(1, sizeof(*j));
+	if (j == NULL) {
+		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
+		return;
+	}
+	j->job.work = bin_open_work;
+	j->job.done = bin_open_done;
+	j->w = w;
+	j->uid = b->uid;
+	memcpy(j->name, d->name, d->name_len);
+	j->name_len = d->name_len;
+	j->reqid = conn_next_reqid(c);
+	c->busy = 1;
+	c->req.stage = STAGE_BINOPEN;
+	c->req.since = ev_now(w->loop);
+	pool_submit(w->pool, &j->job);
+}
+
+static void bin_request_continue(struct conn *c)
+{
+	switch (c->req.id) {
+	case MSG_BIN_HELLO:
+		bin_hello_finish(c);
+		break;
+	case MSG_BIN_UPLOAD_OPEN:
+		bin_open_start(c);
+		break;
+	case MSG_BIN_DOWNLOAD:
+		bin_download_start(c);
+		break;
+	default:
+		break;
+	}
+}
+
+/* Every frame with an id of the fast path's range. */
+static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len)
+{
+	struct worker *w = c->w;
+	char msg[256];
+	if (id == MSG_BIN_HELLO) {
+		struct proto_fields f;
+		if (proto_read_request(body, len, &f, msg, sizeof(msg)) != ERR_OK) {
+			respond_error(c, id, ERR_JSON, msg);
+			return;
+		}
+		c->req.id = id;
+		c->req.cred = &c->req.u.hello;
+		int rc = proto_parse_hello(&f, &w->limits, &c->req.u.hello, msg, sizeof(msg));
+		if (rc != ERR_OK) {
+			respond_request_error(c, rc, msg);
+			return;
+		}
+		if (auth_check(c))
+			bin_hello_finish(c);
+		return;
+	}
+	if (c->bin == NULL || (id != MSG_BIN_UPLOAD_OPEN && id != MSG_BIN_CHUNK && id != MSG_BIN_DOWNLOAD)) {
+		snprintf(msg, sizeof(msg), c->bin ? "unknown message id %u" :
+		    "message id %u needs the binary fast path: send a 1041 hello first", id);
+		respond_error(c, id, ERR_MSG_ID, msg);
+		return;
+	}
+	if (id == MSG_BIN_CHUNK) {
+		bin_handle_chunk(c, body, len);
+		return;
+	}
+	c->req.id = id;
+	struct proto_credentials *cred = id == MSG_BIN_UPLOAD_OPEN ? &c->req.u.bopen.cred : &c->req.u.bdl.cred;
+	int rc = id == MSG_BIN_UPLOAD_OPEN
+	    ? bin_parse_open(body, len, (uint64_t)w->conf->max_file_size, &c->req.u.bopen.open, msg, sizeof(msg))
+	    : bin_parse_download(body, len, &c->req.u.bdl.dl, msg, sizeof(msg));
+	if (rc != ERR_OK) {
+		respond_request_error(c, rc, msg);
+		return;
+	}
+	/* The hello's credentials, checked again once auth_cache_ttl has passed, as the JSON path does. */
+	cred->uid = c->bin->uid;
+	cred->token = c->bin->token;
+	cred->token_len = c->bin->token_len;
+	c->req.cred = cred;
+	if (auth_check(c))
+		bin_request_continue(c);
+}
+
+/* The storage link has room again: the connections whose chunks waited for it go on. */
+static void bin_link_drained(struct worker *w)
+{
+	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+		return;
+	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || c->bin == NULL || !c->bin->link_waiting)
+			continue;
+		c->bin->link_waiting = 0;
+		w->bin_link_waiters--;
+		conn_process(c);   /* may close c; the table slot is simply empty then */
+		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+			break;   /* full again: the rest wait on */
+	}
+	storage_update_io(w);
+}
+
+/* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
+static int bin_conn_free(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	if (b == NULL)
+		return 0;
+	if (b->link_waiting)
+		c->w->bin_link_waiters--;
+	int handed = 0;
+	if (b->sf_job) {
+		b->sf_job->orphaned = 1;
+		b->sf_job->file = b->file;
+		b->file = NULL;
+		handed = 1;
+	}
+	c->w->backend.ops->file_close(b->file);
+	free(b);
+	c->bin = NULL;
+	return handed;
+}
+
 /* ---------------------------------------------------------------- requests */
 
 /* After the credentials are known good: hand the request to whoever does the work. */
 static void request_continue(struct conn *c)
 {
-	struct worker *w = c->w;
-	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
-		/* The scratch buffer may hold another connection's chunk by now: decode again. */
-		char msg[256];
-		int kind = c->req.id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
-		int rc = proto_parse_chunk(c->req.tree, kind, &w->limits, w->scratch, w->scratch_cap,
-		    &c->req.u.chunk, msg, sizeof(msg));
-		if (rc != ERR_OK) {
-			respond_request_error(c, rc, msg);
-			return;
-		}
-		if (c->req.u.chunk.cred.anonymous)
-			c->req.u.chunk.cred.uid = 0;
-		storage_forward(c);
-	} else if (c->req.id == MSG_SYNC) {
-		storage_forward(c);
-	} else if (c->req.id == MSG_DOWNLOAD) {
+	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR || c->req.id == MSG_SYNC)
+		storage_forward(c);   /* decodes a chunk's data on the way */
+	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
-	}
+	else
+		bin_request_continue(c);
 }
 
-static void handle_test(struct conn *c, yajl_val tree)
+static void handle_test(struct conn *c, const struct proto_fields *f)
 {
 	struct json_writer *jw = &c->w->jw;
+	const struct json_scalar *data = &f->v[PF_DATA];
 	json_begin(jw);
 	json_put_int(jw, "error", 0);
-	yajl_val data = json_member(tree, "data");
-	if (data)
-		json_put_value(jw, "data", data);
+	if (data->kind == JSON_RAW) {
+		/* An array or object goes back as the text it came as (checked by the reader). */
+		const uint8_t *fields;
+		size_t fields_len;
+		json_open_fields(jw, &fields, &fields_len);
+		static const char key[] = ",\"data\":";
+		size_t body_len = fields_len + strlen(key) + data->len + 1;
+		uint8_t *p = buf_reserve(&c->out, FRAME_HEADER_LEN + body_len);
+		if (p == NULL) {
+			log_warnx("%s: out of memory queueing a response: closing", c->peer);
+			c->closing = 1;
+			return;
+		}
+		frame_put_header(p, MSG_TEST + 1, (uint32_t)body_len);
+		p += FRAME_HEADER_LEN;
+		memcpy(p, fields, fields_len);
+		memcpy(p + fields_len, key, strlen(key));
+		memcpy(p + fields_len + strlen(key), data->s, data->len);
+		p[body_len - 1] = '}';
+		buf_commit(&c->out, FRAME_HEADER_LEN + body_len);
+		STAT_INC(frames_out);
+		STAT_ADD(bytes_out, FRAME_HEADER_LEN + body_len);
+		return;
+	}
+	if (data->kind != JSON_NONE)
+		json_put_scalar(jw, "data", data);
 	else
 		json_put_str(jw, "data", "", 0);
 	conn_send_json(c, MSG_TEST + 1, 0);
 }
 
 /* Handles one complete frame. */
-static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint32_t len)
+static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len)
 {
 	struct worker *w = c->w;
 	char msg[256];
+	if (id >= MSG_BIN_HELLO && id <= 1059) {
+		bin_handle_frame(c, id, body, len);
+		return;
+	}
 	if (id != MSG_TEST && id != MSG_UPLOAD && id != MSG_SYNC && id != MSG_AVATAR && id != MSG_DOWNLOAD) {
 		snprintf(msg, sizeof(msg), "unknown message id %u", id);
 		respond_error(c, id, ERR_MSG_ID, msg);
 		return;
 	}
-	/* 1001 echoes its data: it must come back unchanged or be refused. */
-	yajl_val tree = id == MSG_TEST ? json_parse_object(body, len, msg, sizeof(msg))
-	    : json_parse_request(body, len, msg, sizeof(msg));
-	if (tree == NULL) {
+	/* Every request is a flat object of scalars, read without a tree (1001's data may
+	 * also be a bounded array or object, echoed as its text): what a client can make
+	 * the worker do before any token check is linear in the frame's length, with no
+	 * allocation per value. The strings point into the frame, which the request holds. */
+	struct proto_fields f;
+	int read = id == MSG_TEST ? proto_read_test(body, len, &f, msg, sizeof(msg))
+	    : proto_read_request(body, len, &f, msg, sizeof(msg));
+	if (read != ERR_OK) {
 		respond_error(c, id, ERR_JSON, msg);
 		return;
 	}
 	if (id == MSG_TEST) {
-		handle_test(c, tree);
-		yajl_tree_free(tree);
+		handle_test(c, &f);
 		return;
 	}
 	c->req.id = id;
-	c->req.tree = tree;
 	int rc;
 	switch (id) {
 	case MSG_UPLOAD:
 	case MSG_AVATAR:
-		rc = proto_parse_chunk(tree, id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE, &w->limits,
-		    w->scratch, w->scratch_cap, &c->req.u.chunk, msg, sizeof(msg));
+		rc = proto_parse_chunk(&f, id == MSG_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE, &w->limits,
+		    &c->req.u.chunk, msg, sizeof(msg));
 		c->req.cred = &c->req.u.chunk.cred;
 		break;
 	case MSG_SYNC:
-		rc = proto_parse_sync(tree, &w->limits, &c->req.u.sync, msg, sizeof(msg));
+		rc = proto_parse_sync(&f, &w->limits, &c->req.u.sync, msg, sizeof(msg));
 		c->req.cred = &c->req.u.sync.cred;
 		break;
 	default:
-		rc = proto_parse_download(tree, &w->limits, &c->req.u.download, msg, sizeof(msg));
+		rc = proto_parse_download(&f, &w->limits, &c->req.u.download, msg, sizeof(msg));
 		c->req.cred = &c->req.u.download.cred;
 		break;
 	}
@@ -1179,16 +2179,8 @@ static void handle_frame(struct conn *c, uint16_t id, const uint8_t *body, uint3
 		respond_request_error(c, rc, msg);
 		return;
 	}
-	if (!auth_check(c))
-		return;
-	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR) {
-		/* Credentials were cached: the scratch buffer still holds this chunk. */
-		if (c->req.u.chunk.cred.anonymous)
-			c->req.u.chunk.cred.uid = 0;
-		storage_forward(c);
-	} else {
+	if (auth_check(c))
 		request_continue(c);
-	}
 }
 
 /* Handles complete frames until one needs to wait, then decides what to watch. */
@@ -1214,14 +2206,14 @@ static void conn_process(struct conn *c)
 			conn_arm_timer(c);
 		}
 	}
-	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 &&
+	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
 	    buf_len(&c->out) < (size_t)w->conf->output_cap) {
 		uint16_t id;
 		const uint8_t *body;
 		uint32_t len;
 		size_t used;
 		enum frame_status st = frame_decode(buf_head(&c->in), buf_len(&c->in),
-		    (uint32_t)w->conf->max_frame, &id, &body, &len, &used);
+		    conn_max_body(c), &id, &body, &len, &used);
 		if (st == FRAME_OVERSIZE) {
 			STAT_INC(frames_oversize);
 			log_warnx("%s: frame header announces more than max_frame (%" PRId64 "): closing",
@@ -1236,14 +2228,26 @@ static void conn_process(struct conn *c)
 			}
 			break;
 		}
+		if (!bin_ready_for(c, id, len))
+			break;   /* its window is full: the acknowledgements bring it back here */
 		c->frame_start = 0;
 		c->last_frame = ev_now(w->loop);
+		c->fresh = 0;
 		STAT_INC(frames_in);
-		handle_frame(c, id, body, len);
-		buf_consume(&c->in, used);
+		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
+		handle_frame(c, id, (uint8_t *)body, len);
+		if (!c->busy && c->req.frame_used) {
+			if (bin_chunks_in_flight(c))   /* an upload streams on: the next chunk fits as it is */
+				buf_consume_keep(&c->in, c->req.frame_used);
+			else
+				buf_consume(&c->in, c->req.frame_used);
+			c->req.frame_used = 0;
+		}
 	}
 	if (buf_len(&c->in) == 0)
 		c->frame_start = 0;
+	if (w->draining == 2 && conn_done_for_stop(c))
+		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
 	if (!ev_is_active(&c->timer) || c->busy)
 		conn_arm_timer(c);
 	conn_flush(c);
@@ -1276,6 +2280,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	c->w = w;
 	c->fd = fd;
 	c->xfer = -1;
+	c->fresh = 1;
 	c->awaiting_proxy = w->conf->proxy_protocol;
 	STAT_INC(conn_total);
 	STAT_INC(conn_current);
@@ -1338,38 +2343,78 @@ static void worker_on_drain_timeout(struct ev_loop *loop, ev_timer *t, int reven
 	ev_break(loop, EVBREAK_ALL);
 }
 
-/* Stops accepting; the loop ends once the last connection closes. */
+/* Stops accepting; the loop ends once the last connection closes. Connections the kernel
+ * has already completed are taken first and served: closing the socket would reset them. */
 static void worker_stop_accepting(struct worker *w)
 {
 	w->draining = 1;
 	ev_io_stop(w->loop, &w->accept_io);
 	ev_timer_stop(w->loop, &w->accept_pause);
+	for (int i = 0; i < 4096; i++) {   /* the backlog's size */
+		struct sockaddr_storage ss;
+		socklen_t sslen = sizeof(ss);
+		int fd = accept4(w->listen_fd, (struct sockaddr *)&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			break;
+		worker_accept_one(w, fd, &ss);
+	}
 	close(w->listen_fd);
 }
 
-/* Closes idle connections now and the others right after the answer they wait for. */
-static void worker_close_connections(struct worker *w, double grace)
+/* Closes the connections with nothing in progress; returns how many carry on. */
+static unsigned worker_close_done(struct worker *w)
+{
+	unsigned carry_on = 0;
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL)
+			continue;
+		if (!conn_done_for_stop(c)) {
+			carry_on++;   /* a request or a transfer in progress: it goes on */
+			continue;
+		}
+		c->closing = 1;
+		if (buf_len(&c->out) == 0)
+			conn_close(c, "graceful stop");
+		else
+			conn_update_io(c);
+	}
+	return carry_on;
+}
+
+/* New connections that have still sent nothing by now are idle ones. */
+static void worker_on_fresh_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	worker_close_done(t->data);
+}
+
+/* Closes the connections with nothing in progress now; the others once the transfer they are
+ * in ends (conn_process), or at the latest after limit seconds. */
+static void worker_close_connections(struct worker *w, double limit)
 {
 	ev_timer_stop(w->loop, &w->drain_timer);
-	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, grace, 0.);
+	ev_timer_init(&w->drain_timer, worker_on_drain_timeout, limit, 0.);
 	ev_timer_start(w->loop, &w->drain_timer);
 	if (w->nconns == 0) {
 		ev_break(w->loop, EVBREAK_ALL);
 		return;
 	}
-	for (uint32_t i = 0; i < w->conns_cap; i++) {
-		struct conn *c = w->conns[i];
-		if (c == NULL)
-			continue;
-		c->closing = 1;
-		if (!c->busy && buf_len(&c->out) == 0)
-			conn_close(c, "graceful stop");
-		else
-			conn_update_io(c);
+	unsigned carry_on = worker_close_done(w);
+	if (w->nconns > 0) {
+		ev_timer_stop(w->loop, &w->fresh_timer);
+		ev_timer_init(&w->fresh_timer, worker_on_fresh_timeout, STOP_FRESH_WAIT + 0.01, 0.);
+		w->fresh_timer.data = w;
+		ev_timer_start(w->loop, &w->fresh_timer);
 	}
+	log_info("graceful stop: %u connections with a request or transfer in progress carry on (at most %.1f s)",
+	    carry_on, limit);
 }
 
-/* QUIT: stop accepting, close idle connections, let the rest finish their request. */
+/* QUIT (sent by the master once the drain grace is over): stop accepting, close the connections
+ * with nothing in progress, let every transfer in progress finish. The master's grace was part
+ * of shutdown_timeout; the rest of it bounds the transfers. */
 static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
 {
 	(void)loop;
@@ -1381,7 +2426,7 @@ static void worker_on_quit(struct ev_loop *loop, ev_signal *s, int revents)
 	if (!w->draining)
 		worker_stop_accepting(w);
 	w->draining = 2;
-	worker_close_connections(w, w->conf->shutdown_timeout);
+	worker_close_connections(w, w->conf->shutdown_timeout - conf_drain_grace(w->conf));
 }
 
 static void worker_on_retire_timeout(struct ev_loop *loop, ev_timer *t, int revents)
@@ -1437,8 +2482,6 @@ static void worker_shutdown(struct worker *w)
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
-	free(w->scratch);
-	free(w->b64);
 }
 
 int worker_main(const struct conf *conf, int slot, int listen_fd)
@@ -1456,10 +2499,9 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->slot = slot;
 	w->listen_fd = listen_fd;
 	w->limits.max_file_size = (uint64_t)conf->max_file_size;
+	w->limits.download_chunk = (uint64_t)conf->download_chunk;
 	w->limits.anonymous = conf->anonymous;
-	w->scratch_cap = proto_b64_decoded_max((size_t)conf->max_frame);
-	w->scratch = malloc(w->scratch_cap);
-	if (w->scratch == NULL || json_writer_init(&w->jw) < 0)
+	if (json_writer_init(&w->jw) < 0)
 		fatalx("out of memory starting worker %d", slot);
 	w->pool = pool_create(w->loop, 2);
 	if (w->pool == NULL)

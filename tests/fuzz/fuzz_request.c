@@ -4,11 +4,14 @@
  * The input is one frame body. It goes through:
  *   - proto_name_valid on the raw bytes, against an independent implementation
  *     of the Names rules of PROTOCOL.md;
- *   - json_parse_request (what worker.c uses for 1003/1005/1031/1033), then
- *     every request parser: proto_parse_chunk (1003 and 1031, anonymous on and
- *     off, several max_file_size values, a roomy and a tiny data buffer),
- *     proto_parse_sync and proto_parse_download; on ERR_OK the checked struct
- *     must obey what the rest of the server relies on;
+ *   - proto_read_request (what worker.c uses for every request: a flat object
+ *     read without a tree), checked against json_parse_request's tree as the
+ *     reference: it accepts exactly the bodies whose tree is one object of at
+ *     most JSON_MAX_MEMBERS scalars, with the same first value per key; then
+ *     every request parser: proto_parse_chunk and proto_decode_chunk (1003 and
+ *     1031, anonymous on and off, several max_file_size values, a roomy and a
+ *     tiny data buffer), proto_parse_sync and proto_parse_download; on ERR_OK
+ *     the checked struct must obey what the rest of the server relies on;
  *   - json_parse_object (1001 and everything else), which must agree with
  *     json_parse_request except that it refuses \u0000;
  *   - the json_writer: every member of the parsed object copied with
@@ -23,6 +26,7 @@
 #include <string.h>
 #include <sodium.h>
 
+#include "escape.h"
 #include "json.h"
 #include "proto.h"
 
@@ -293,10 +297,30 @@ static void check_md5(yajl_val tree, const char md5[PROTO_MD5_HEX + 1])
 	CHECK(md5[PROTO_MD5_HEX] == '\0');
 }
 
+/* The reader's counted string equals the tree's C string (where the tree holds
+ * U+0001 for \u0000, the reader has the NUL itself). */
+static int same_text(const char *got, size_t len, const char *want)
+{
+	if (strlen(want) != len)
+		return 0;
+	for (size_t i = 0; i < len; i++)
+		if (got[i] != want[i] && !(got[i] == '\0' && want[i] == '\1'))
+			return 0;
+	return 1;
+}
+
+/* Every string the reader hands out is a view of the body. */
+static const uint8_t *body_start;
+static size_t body_len;
+static int in_body(const char *p, size_t len)
+{
+	return (const uint8_t *)p >= body_start && (const uint8_t *)p + len <= body_start + body_len;
+}
+
 static void check_name(yajl_val tree, const char *key, const char *name, size_t len)
 {
 	yajl_val v = json_member(tree, key);
-	CHECK(YAJL_IS_STRING(v) && v->u.string == name && strlen(name) == len);
+	CHECK(YAJL_IS_STRING(v) && same_text(name, len, v->u.string) && in_body(name, len));
 	CHECK(proto_name_valid(name, len));
 	CHECK(ref_name_valid((const uint8_t *)name, len));
 }
@@ -313,18 +337,23 @@ static void check_cred(yajl_val tree, const struct proto_limits *lim, int uid_re
 	uint64_t uid;
 	CHECK(ref_u64(tree, "uid", JSON_MAX_SAFE_INT, &uid) && uid == c->uid);
 	yajl_val t = json_member(tree, "token");
-	CHECK(YAJL_IS_STRING(t) && c->token == t->u.string);
-	CHECK(c->token_len >= 1 && c->token_len <= PROTO_TOKEN_MAX && strlen(c->token) == c->token_len);
+	CHECK(YAJL_IS_STRING(t) && same_text(c->token, c->token_len, t->u.string) && in_body(c->token, c->token_len));
+	CHECK(c->token_len >= 1 && c->token_len <= PROTO_TOKEN_MAX);
 }
 
-static void run_chunk(yajl_val tree, int kind, const struct proto_limits *lim, size_t cap)
+static void run_chunk(yajl_val tree, const struct proto_fields *f, int kind, const struct proto_limits *lim,
+    size_t cap)
 {
 	uint8_t *data = malloc(cap ? cap : 1);
 	CHECK(data != NULL);
 	struct proto_chunk ch;
 	char msg[256];
 	msg[0] = '\0';
-	int rc = proto_parse_chunk(tree, kind, lim, data, cap, &ch, msg, sizeof(msg));
+	int rc = proto_parse_chunk(f, kind, lim, &ch, msg, sizeof(msg));
+	if (rc == ERR_OK) {
+		CHECK(in_body(ch.data_b64, ch.data_b64_len));
+		rc = proto_decode_chunk(&ch, data, cap, msg, sizeof(msg));
+	}
 	check_msg(rc, msg, sizeof(msg));
 	if (rc == ERR_OK) {
 		check_md5(tree, ch.md5);
@@ -362,12 +391,12 @@ static void run_chunk(yajl_val tree, int kind, const struct proto_limits *lim, s
 	free(data);
 }
 
-static void run_sync(yajl_val tree, const struct proto_limits *lim)
+static void run_sync(yajl_val tree, const struct proto_fields *f, const struct proto_limits *lim)
 {
 	struct proto_sync s;
 	char msg[256];
 	msg[0] = '\0';
-	int rc = proto_parse_sync(tree, lim, &s, msg, sizeof(msg));
+	int rc = proto_parse_sync(f, lim, &s, msg, sizeof(msg));
 	check_msg(rc, msg, sizeof(msg));
 	if (rc == ERR_OK) {
 		check_md5(tree, s.md5);
@@ -375,12 +404,12 @@ static void run_sync(yajl_val tree, const struct proto_limits *lim)
 	}
 }
 
-static void run_download(yajl_val tree, const struct proto_limits *lim)
+static void run_download(yajl_val tree, const struct proto_fields *f, const struct proto_limits *lim)
 {
 	struct proto_download d;
 	char msg[256];
 	msg[0] = '\0';
-	int rc = proto_parse_download(tree, lim, &d, msg, sizeof(msg));
+	int rc = proto_parse_download(f, lim, &d, msg, sizeof(msg));
 	check_msg(rc, msg, sizeof(msg));
 	if (rc == ERR_OK) {
 		check_name(tree, "name", d.name, d.name_len);
@@ -390,8 +419,8 @@ static void run_download(yajl_val tree, const struct proto_limits *lim)
 		if (cp == NULL) {
 			CHECK(d.client_path == NULL);
 		} else {
-			CHECK(YAJL_IS_STRING(cp) && d.client_path == cp->u.string);
-			CHECK(strlen(d.client_path) == d.client_path_len);
+			CHECK(YAJL_IS_STRING(cp) && same_text(d.client_path, d.client_path_len, cp->u.string));
+			CHECK(in_body(d.client_path, d.client_path_len));
 		}
 		check_cred(tree, lim, 0, &d.cred);
 	}
@@ -409,6 +438,45 @@ static void reparse(const uint8_t *out, size_t len, yajl_val want_members, const
 		CHECK(back->u.object.len == 1 && strcmp(back->u.object.keys[0], key) == 0 &&
 		    tree_equal(back->u.object.values[0], want_value));
 	yajl_tree_free(back);
+}
+
+/* One object of at most JSON_MAX_MEMBERS scalar members. */
+static int tree_is_flat(yajl_val tree)
+{
+	if (!YAJL_IS_OBJECT(tree) || tree->u.object.len > JSON_MAX_MEMBERS)
+		return 0;
+	for (size_t i = 0; i < tree->u.object.len; i++)
+		if (YAJL_IS_OBJECT(tree->u.object.values[i]) || YAJL_IS_ARRAY(tree->u.object.values[i]))
+			return 0;
+	return 1;
+}
+
+/* Each known field holds the first value the tree has for its key. */
+static void check_fields(yajl_val tree, const struct proto_fields *f)
+{
+	static const char *const keys[PF_COUNT] = {
+		[PF_DATA] = "data", [PF_MD5] = "md5", [PF_NAME] = "name", [PF_SEQ] = "seq",
+		[PF_TRANS_SIZE] = "trans_size", [PF_TOTAL_SIZE] = "total_size", [PF_LAST] = "last",
+		[PF_LAST_SEQ] = "last_seq", [PF_UID] = "uid", [PF_TOKEN] = "token", [PF_CLIENT_PATH] = "client_path",
+	};
+	for (int i = 0; i < PF_COUNT; i++) {
+		yajl_val v = json_member(tree, keys[i]);
+		const struct json_scalar *s = &f->v[i];
+		if (v == NULL) {
+			CHECK(s->kind == JSON_NONE);
+		} else if (YAJL_IS_STRING(v)) {
+			CHECK(s->kind == JSON_STRING && same_text(s->s, s->len, v->u.string) && in_body(s->s, s->len));
+		} else if (YAJL_IS_NUMBER(v)) {
+			CHECK(s->kind == JSON_NUMBER && strlen(v->u.number.r) == s->len &&
+			    memcmp(v->u.number.r, s->s, s->len) == 0 && in_body(s->s, s->len));
+		} else if (YAJL_IS_TRUE(v)) {
+			CHECK(s->kind == JSON_TRUE);
+		} else if (YAJL_IS_FALSE(v)) {
+			CHECK(s->kind == JSON_FALSE);
+		} else {
+			CHECK(YAJL_IS_NULL(v) && s->kind == JSON_NULL);
+		}
+	}
 }
 
 static void run_writer(yajl_val tree)
@@ -442,10 +510,58 @@ static void run_writer(yajl_val tree)
 	reparse(out, len, NULL, NULL, NULL);
 }
 
+/* escape.c on any bytes: the output is one quoted field (no raw quote, a backslash only before an
+ * escape, no control byte), it gives back the input when unescaped, and utf8_prefix never splits a
+ * valid character. */
+static void check_escape(const uint8_t *data, size_t size)
+{
+	static char out[ESCAPE_SIZE(4096)];
+	static uint8_t back[4096];
+	if (size > 4096)
+		size = 4096;
+	size_t n = escape_quoted(out, sizeof(out), (const char *)data, size);
+	CHECK(n < sizeof(out) && out[n] == '\0');
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)out[i];
+		CHECK(c >= 0x20 && c != 0x7f && c != '"');
+		if (c != '\\') {
+			back[k++] = c;
+			continue;
+		}
+		CHECK(i + 1 < n);
+		if (out[i + 1] == 'x') {
+			CHECK(i + 3 < n);
+			char hex[3] = { out[i + 2], out[i + 3], 0 };
+			back[k++] = (uint8_t)strtoul(hex, NULL, 16);
+			i += 3;
+		} else {
+			CHECK(out[i + 1] == '"' || out[i + 1] == '\\');
+			back[k++] = (uint8_t)out[++i];
+		}
+	}
+	CHECK(k == size && memcmp(back, data, size) == 0);
+	/* Boundaries: a valid character is one unit, any other byte is one unit. */
+	for (size_t max = 0; max <= size && max < 80; max++) {
+		size_t cut = utf8_prefix((const char *)data, size, max), i = 0;
+		CHECK(cut <= max);
+		while (i < cut) {
+			size_t u = json_utf8_seq(data + i, size - i);
+			i += u ? u : 1;
+		}
+		CHECK(i == cut);   /* the cut is on a boundary */
+		if (cut < size) {
+			size_t u = json_utf8_seq(data + cut, size - cut);
+			CHECK(cut + (u ? u : 1) > max);   /* and the longest one within max */
+		}
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	/* The raw bytes as a name. */
 	CHECK(proto_name_valid((const char *)data, size) == ref_name_valid(data, size));
+	check_escape(data, size);
 
 	char err[256], err2[256];
 	err[0] = err2[0] = '\0';
@@ -463,10 +579,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (tree != NULL)
 			CHECK(has_nul_escape(data, size));
 	}
+	/* The flat reader, on a copy (it decodes escaped strings in place). */
+	uint8_t *copy = malloc(size ? size : 1);
+	CHECK(copy != NULL);
+	memcpy(copy, data, size);
+	body_start = copy;
+	body_len = size;
+	struct proto_fields f;
+	char err3[256];
+	err3[0] = '\0';
+	int flat_ok = proto_read_request(copy, size, &f, err3, sizeof(err3)) == ERR_OK;
+	CHECK(flat_ok || (memchr(err3, '\0', sizeof(err3)) != NULL && err3[0] != '\0'));
+	CHECK(flat_ok == (tree != NULL && tree_is_flat(tree)));
 	if (tree == NULL) {
 		CHECK(memchr(err, '\0', sizeof(err)) != NULL && err[0] != '\0');
+		free(copy);
 		return 0;
 	}
+	if (flat_ok)
+		check_fields(tree, &f);
 	CHECK(YAJL_IS_OBJECT(tree));
 	/* What the parser promises: no NUL in the body or its strings, valid UTF-8
 	 * throughout (no unpaired surrogate escapes), nesting within the limit. */
@@ -478,18 +609,67 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static const uint64_t max_sizes[] = { 4294967296u, 16 };
 	/* The worker's scratch buffer holds any chunk of a max_frame body; also try one that is too small. */
 	const size_t caps[] = { proto_b64_decoded_max(size), 4 };
-	for (int kind = UPLOAD_FILE; kind <= UPLOAD_AVATAR; kind++)
+	for (int kind = UPLOAD_FILE; flat_ok && kind <= UPLOAD_AVATAR; kind++)
 		for (int anon = 0; anon <= 1; anon++)
 			for (size_t m = 0; m < sizeof(max_sizes) / sizeof(max_sizes[0]); m++)
 				for (size_t c = 0; c < sizeof(caps) / sizeof(caps[0]); c++) {
 					struct proto_limits lim = { .max_file_size = max_sizes[m], .anonymous = anon };
-					run_chunk(tree, kind, &lim, caps[c]);
+					run_chunk(tree, &f, kind, &lim, caps[c]);
 				}
-	for (int anon = 0; anon <= 1; anon++) {
+	for (int anon = 0; flat_ok && anon <= 1; anon++) {
 		struct proto_limits lim = { .max_file_size = 4294967296u, .anonymous = anon };
-		run_sync(tree, &lim);
-		run_download(tree, &lim);
+		run_sync(tree, &f, &lim);
+		run_download(tree, &f, &lim);
 	}
+	{
+		/* 1001's reader: it accepts whatever the flat reader does, only what the tree
+		 * parser accepts, and its raw data is the text of the tree's data. */
+		uint8_t *copy2 = malloc(size ? size : 1);
+		CHECK(copy2 != NULL);
+		memcpy(copy2, data, size);
+		struct proto_fields t;
+		int test_ok = proto_read_test(copy2, size, &t, err3, sizeof(err3)) == ERR_OK;
+		CHECK(!flat_ok || test_ok);
+		CHECK(!test_ok || tree != NULL);
+		if (test_ok && t.v[PF_DATA].kind == JSON_RAW) {
+			char e[256];
+			yajl_val raw = json_parse_request((const uint8_t *)t.v[PF_DATA].s, t.v[PF_DATA].len, e, sizeof(e));
+			yajl_val sent = json_member(tree, "data");
+			if (raw != NULL)   /* an object parses alone; an array is checked inside one below */
+				CHECK(tree_equal(raw, sent));
+			yajl_tree_free(raw);
+			char *wrapped = malloc(t.v[PF_DATA].len + 16);
+			CHECK(wrapped != NULL);
+			int n = sprintf(wrapped, "{\"data\":");
+			memcpy(wrapped + n, t.v[PF_DATA].s, t.v[PF_DATA].len);
+			wrapped[n + t.v[PF_DATA].len] = '}';
+			yajl_val back = json_parse_request((const uint8_t *)wrapped, (size_t)n + t.v[PF_DATA].len + 1, e, sizeof(e));
+			CHECK(back != NULL && tree_equal(json_member(back, "data"), sent));
+			yajl_tree_free(back);
+			free(wrapped);
+		}
+		free(copy2);
+	}
+	if (flat_ok) {
+		/* The 1001 answer as the worker writes it: it parses, with data as sent. */
+		const uint8_t *out;
+		size_t len;
+		json_begin(&jw);
+		json_put_int(&jw, "error", 0);
+		if (f.v[PF_DATA].kind != JSON_NONE)
+			json_put_scalar(&jw, "data", &f.v[PF_DATA]);
+		else
+			json_put_str(&jw, "data", "", 0);
+		json_end(&jw, &out, &len);
+		char e[256];
+		yajl_val back = json_parse_request(out, len, e, sizeof(e));
+		CHECK(back != NULL);
+		yajl_val sent = json_member(tree, "data");
+		if (sent != NULL)
+			CHECK(tree_equal(json_member(back, "data"), sent));
+		yajl_tree_free(back);
+	}
+	free(copy);
 	/* The writer on the request tree too (it may hold U+0001 for \u0000). */
 	run_writer(tree);
 	yajl_tree_free(tree);

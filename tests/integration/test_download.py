@@ -337,23 +337,22 @@ with tap.section("resctl download"):
            "resctl download fetches %s (%d bytes) byte-identical, exit 0" % (name, len(data)),
            "exit %r\nstdout %s\nstderr %s" % (rc, so, se))
     tap.ok(h.md5_hex(data) in so, "it prints the md5", so)
-    odd = 54321
+    # An existing OUTFILE is never resumed into nor overwritten without --force (test_resctl.py resumes).
     with open(out, "r+b") as f:
-        f.truncate(odd)
+        f.truncate(54321)
     rc, so, se = resctl("download", addr, name, out, *cred)
-    tap.ok(rc == 0 and h.read_file(out) == data,
-           "after truncating the output to %d bytes, a second run completes it byte-identical" % odd,
-           "exit %r\nstdout %s\nstderr %s" % (rc, so, se))
-    tap.ok("resumed at %d" % (odd // DL * DL) in so, "it resumed at the last whole chunk (%d)" % (odd // DL * DL), so)
-    # A truncated output whose kept part is garbage is not checked by the protocol: only the length matters.
-    with open(out, "r+b") as f:
-        f.truncate(1)
-    rc, so, se = resctl("download", addr, name, out, *cred)
-    tap.ok(rc == 0 and h.read_file(out) == data, "from a 1-byte partial file too", "exit %r\n%s%s" % (rc, so, se))
+    tap.ok(rc == 1 and "--force" in se and os.path.getsize(out) == 54321,
+           "a second run refuses to overwrite the existing output, exit 1", "exit %r\n%s%s" % (rc, so, se))
+    rc, so, se = resctl("download", addr, name, out, "--force", *cred)
+    tap.ok(rc == 0 and h.read_file(out) == data, "with --force it replaces it byte-identical",
+           "exit %r\n%s%s" % (rc, so, se))
+    tap.ok(not os.path.exists(out + ".resctl-part") and not os.path.exists(out + ".resctl-state"),
+           "no partial or state file is left after success")
     missing = os.path.join(work, "missing.bin")
     rc, so, se = resctl("download", addr, "no-such-name.bin", missing, *cred)
     tap.ok(rc == 1, "resctl download of a missing name exits 1", "exit %r\nstdout %s\nstderr %s" % (rc, so, se))
-    tap.ok(not os.path.exists(missing), "and leaves no output file behind")
+    tap.ok(not os.path.exists(missing) and not os.path.exists(missing + ".resctl-part"),
+           "and leaves no output or partial file behind")
     rc, so, se = resctl("download", addr, name, os.path.join(work, "badtok.bin"), "--uid", str(U), "--token", "bad")
     tap.ok(rc == 1, "resctl download with a bad token exits 1", "exit %r\n%s%s" % (rc, so, se))
     empty_out = os.path.join(work, "empty.bin")

@@ -629,8 +629,8 @@ with tap.section("background upload and side effects"):
                 "%d/" % BG, "%d/%s" % (BG, bg.up.name)}
     tap.eq(sorted(pub), sorted(want_pub), "the published files are exactly the three uploaded on purpose")
     top = sorted(os.listdir(d.root))
-    tap.ok(all(n.isdigit() or n in (".staging", ".pending") for n in top),
-           "the root holds only uid directories, .staging and .pending", repr(top))
+    tap.ok(all(n.isdigit() or n in (".staging", ".pending", ".content") for n in top),
+           "the root holds only uid directories, .staging, .pending and .content (instant upload)", repr(top))
     s = None
     with h.Client(d.port) as c:
         s = pending.sync(c)

@@ -20,7 +20,9 @@ rand = __import__("random").Random(4301)
 redis = h.RedisServer().start()
 for uid, tok in TOK.items():
     redis.set_token(uid, tok)
-d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10}})
+# One user's 320 uploads: above the default max_uploads_per_user (100), which is not what this tests.
+d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10},
+                                               "storage": {"max_uploads_per_user": 1000}})
 tap.context.append(lambda: d.log_tail(12))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (FILE_LIMIT, hard))   # inherited by the daemon, restored below

@@ -311,7 +311,7 @@ with tap.section("show workers and show stat"):
     lines = [l for l in text.splitlines() if l]
     tap.ok(lines and lines[0].startswith("#"), "show workers text starts with a # header", text)
     trows = [l.split() for l in lines[1:]]
-    tap.ok(len(trows) == 3 and all(len(r) == 8 for r in trows), "show workers text: 3 rows of 8 fields", text)
+    tap.ok(len(trows) == 3 and all(len(r) == 10 for r in trows), "show workers text: 3 rows of 10 fields", text)
     tap.eq(sorted(int(r[3]) for r in trows if len(r) > 3), sorted(want_titles), "text and json list the same pids")
 
     raw = stats("show stat json")
@@ -425,8 +425,8 @@ with tap.section("show transfers"):
                    "... kind upload, uid 3002, bytes 262144, total 1048576")
             tap.ok(all(k in t for k in ("rate", "age_sec")), "... with rate and age_sec", repr(t))
         text = stats("show transfers")
-        tap.ok(re.search(r"^upload 3002 xfer\.bin 262144 1048576 \d+ \d+$", text, re.M),
-               "show transfers text: 'upload 3002 xfer.bin 262144 1048576 RATE AGE'", text)
+        tap.ok(re.search(r'^upload 3002 "xfer\.bin" 262144 1048576 \d+ \d+$', text, re.M),
+               "show transfers text: 'upload 3002 \"xfer.bin\" 262144 1048576 RATE AGE'", text)
         r, off, seq = up.run(c, offset=off, seq=seq)
         tap.eq((r.get("error"), off), (0, None), "the upload is finished after the look")
     tap.ok(h.wait_for(lambda: entry() is None, 3), "the finished upload leaves show transfers",
@@ -575,7 +575,7 @@ with tap.section("USR1 reopens the logs"):
     tap.ok(all(l[0] != "BAD" for l in lines), "every new access log line has the documented format", read_text(ACCESS))
     new_log = read_text(LOG)
     tap.ok("stats socket: disabled" in new_log, "the master writes to the new log file")
-    tap.ok(re.search(r"storage info: upload 3001/\S+ complete: rot-0\.bin", new_log),
+    tap.ok(re.search(r"storage info: upload 3001/\S+ complete: \"rot-0\.bin\"", new_log),
            "the storage process writes to the new log file")
     tap.ok(workers_now <= seen_pids, "both workers write to the new log file",
            "workers %r, seen %r" % (workers_now, seen_pids))

@@ -40,7 +40,7 @@ def main():
         return tap.finish()
     redis = RedisServer().start()
     redis.set_token(7, "vg-token")
-    d = ValgrindDaemon(workers=1, redis=redis, settings={"log": {"level": "warn"}})
+    d = ValgrindDaemon(workers=1, redis=redis, settings={"log": {"level": "warn"}, "storage": {"dedup": "user"}})
     d.start()
     data = os.urandom(300000)
     with Client(d.port, timeout=60) as c:
@@ -59,6 +59,21 @@ def main():
                 break
             seq += 1
         tap.ok(got == data, "download under valgrind is byte-identical")
+        # Instant upload (dedup = user by default): the same bytes under a new name, following the
+        # server's answers as the Qt client does, then once more with a wrong challenged chunk.
+        for name, lie in (("vg-instant.bin", False), ("vg-fallback.bin", True)):
+            up2 = Upload(data, name, 7, "vg-token", chunk_size=32768)
+            offset, seq, r = 0, 1, None
+            for _ in range(40):
+                fake = {"data": base64.b64encode(os.urandom(len(data[offset:offset + 32768]))).decode()} \
+                    if lie and offset else {}
+                lie = lie and not offset
+                r = up2.send_chunk(c, offset, seq, timeout=60, **fake)
+                if r.get("error") != 0 or r.get("trans_size") == len(data):
+                    break
+                offset, seq = r["trans_size"], r["seq"] + 1
+            tap.ok(r is not None and r.get("error") == 0 and r.get("trans_size") == len(data),
+                   "%s under valgrind completes" % name, diag=repr(r))
         bad = c.request(harness.MSG_UPLOAD, {"md5": "x"}, timeout=60)
         tap.ok(bad.get("error") == 1001, "a bad request under valgrind gets 1001")
     d.stop(timeout=120)

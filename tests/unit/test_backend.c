@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -194,6 +195,80 @@ START_TEST(test_publish_and_versions)
 }
 END_TEST
 
+/* The content index: publish_indexed enters a file, publish_from_content links it under another
+ * name (fenced, the staging entry goes), a version survives another name's link, and
+ * content_collect frees content once no name uses it. */
+START_TEST(test_content_index)
+{
+	if (be.ops->content_open == NULL)
+		return;   /* a backend without an index never deduplicates */
+	const char *text = "shared bytes";
+	struct backend_content_key key;
+	memset(&key, 0, sizeof(key));
+	key.size = strlen(text);
+	snprintf(key.md5, sizeof(key.md5), "%s", MD5_A);
+	struct backend_file *f;
+	uint64_t size;
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), ENOENT);
+
+	struct backend_meta m = meta_of(9, MD5_A, "one.txt", key.size);
+	struct backend_staging *s;
+	int flags = 0;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, text, key.size, 0, 5), 0);
+	ck_assert_int_eq(be.ops->publish_indexed(s, &key, 5, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), 0);
+	char buf[32];
+	size_t got;
+	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_uint_eq(got, key.size);
+	ck_assert_int_eq(memcmp(buf, text, got), 0);
+	be.ops->file_close(f);
+	char v1[BACKEND_VERSION_MAX], v1again[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "one.txt", 7, &f, &size, v1), 0);
+	be.ops->file_close(f);
+
+	/* Another uid's upload of the same content: chunk 1 staged, then published from the index. */
+	struct backend_meta m2 = meta_of(10, MD5_A, "two.txt", key.size);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m2, 7, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, text, 4, 0, 7), 0);
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 6, &flags), ESTALE);   /* an older fence */
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 7, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(list_all(NULL).n, 0);   /* the staging entry is gone */
+	ck_assert_int_eq(be.ops->file_open(&be, 10, "two.txt", 7, &f, &size, v1again), 0);
+	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_int_eq(memcmp(buf, text, key.size), 0);
+	be.ops->file_close(f);
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "one.txt", 7, &f, &size, v1again), 0);
+	be.ops->file_close(f);
+	ck_assert_str_eq(v1, v1again);   /* another name's link does not change this name's version */
+
+	size_t freed;
+	uint64_t bytes;
+	ck_assert_int_eq(be.ops->content_collect(&be, &freed, &bytes), 0);
+	ck_assert_uint_eq(freed, 0);   /* two names use it */
+	publish(MD5_B, "one.txt", "other bytes!");   /* uid 9's name replaced */
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/10/two.txt", root);
+	ck_assert_int_eq(unlink(path), 0);             /* uid 10's name removed */
+	ck_assert_int_eq(be.ops->content_collect(&be, &freed, &bytes), 0);
+	ck_assert_uint_eq(freed, 1);
+	ck_assert_uint_eq(bytes, key.size);
+	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), ENOENT);
+
+	/* Gone meanwhile: publish_from_content changes nothing and says ENOENT. */
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m2, 8, &s), 0);
+	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 8, &flags), ENOENT);
+	ck_assert_int_eq(flags, 0);
+	ck_assert_int_eq(list_all(NULL).n, 1);   /* the staging entry stays for a normal upload */
+	be.ops->staging_close(s);
+}
+END_TEST
+
 START_TEST(test_file_open_refuses)
 {
 	struct backend_file *f;
@@ -245,6 +320,25 @@ START_TEST(test_meta_any_name)
 }
 END_TEST
 
+/* Makes every staging file but keep two days old. */
+static void age_all_but(const char *keep)
+{
+	char dir[PATH_MAX], path[PATH_MAX + 256];
+	snprintf(dir, sizeof(dir), "%s/.staging", root);
+	DIR *d = opendir(dir);
+	ck_assert_ptr_nonnull(d);
+	struct dirent *de;
+	struct timeval old[2] = { { time(NULL) - 2 * 86400, 0 }, { time(NULL) - 2 * 86400, 0 } };
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		if (strcmp(path, keep) != 0)
+			ck_assert_int_eq(utimes(path, old), 0);
+	}
+	closedir(d);
+}
+
 START_TEST(test_list_drops_broken)
 {
 	struct backend_meta m = meta_of(7, MD5_A, "keep.bin", 10);
@@ -264,6 +358,11 @@ START_TEST(test_list_drops_broken)
 	write_text(path, "z");
 	snprintf(path, sizeof(path), "%s/.staging/7-" MD5_A ".meta.tmp", root);    /* an interrupted meta write */
 	write_text(path, "{");
+	/* Broken entries go only once nobody touched them for upload_ttl: on a shared root they may be
+	 * another node's begin in progress. Fresh ones stay, aged ones go. */
+	snprintf(path, sizeof(path), "%s/.staging/11-" MD5_B ".part", root);       /* fresh, no .meta */
+	write_text(path, "w");
+	age_all_but(path);
 	size_t dropped = 0;
 	struct listed l = list_all(&dropped);
 	ck_assert_int_eq(l.n, 1);
@@ -277,7 +376,7 @@ START_TEST(test_list_drops_broken)
 	while ((de = readdir(d)) != NULL)
 		left += de->d_name[0] != '.';
 	closedir(d);
-	ck_assert_int_eq(left, 2);   /* keep.bin's .part and .meta */
+	ck_assert_int_eq(left, 3);   /* keep.bin's .part and .meta, and the fresh .part */
 }
 END_TEST
 
@@ -343,6 +442,50 @@ START_TEST(test_unknown_backend)
 }
 END_TEST
 
+/* Fencing (backend.h): a lower fence changes nothing; a higher one takes over; a holder that lost
+ * the upload cannot write into what another holder published, nor find it again. */
+START_TEST(test_fencing)
+{
+	struct backend_meta m = meta_of(21, MD5_A, "fenced.bin", 8);
+	struct backend_staging *a, *b;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &a), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, "abcd", 4, 0, 10), 0);
+	uint64_t recorded = 0;
+	ck_assert_int_eq(be.ops->staging_fence(a, &recorded), 0);
+	ck_assert_uint_eq(recorded, 10);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 9), ESTALE);
+	/* Another holder takes over with a newer fence: the old one is refused from then on. */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 21, MD5_A, &e, &b), 0);
+	ck_assert_uint_eq(e.size, 4);
+	ck_assert_str_eq(e.meta.name, "fenced.bin");
+	ck_assert_int_eq(be.ops->staging_write(b, "efgh", 4, 4, 20), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 4, 10), ESTALE);
+	ck_assert_int_eq(be.ops->staging_truncate(a, 0, 10), ESTALE);
+	ck_assert_int_eq(be.ops->staging_discard(a, 10), ESTALE);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(a, 10, &flags), ESTALE);
+	ck_assert_int_eq(flags, 0);
+	ck_assert_int_eq(be.ops->publish(b, 20, &flags), 0);
+	ck_assert(flags & BACKEND_PUBLISHED);
+	be.ops->staging_close(b);
+	/* Published: the old holder's descriptor now names the published file; its write is refused,
+	 * even though the lock that held the fence went with the entry. */
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 10), ESTALE);
+	struct backend_file *f;
+	uint64_t size;
+	char version[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 21, "fenced.bin", 10, &f, &size, version), 0);
+	char buf[9] = { 0 };
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->file_read(f, buf, 8, 0, &got), 0);
+	ck_assert_uint_eq(got, 8);
+	ck_assert_str_eq(buf, "abcdefgh");
+	be.ops->file_close(f);
+	ck_assert_int_eq(be.ops->staging_find(&be, 21, MD5_A, &e, &b), ENOENT);
+	be.ops->staging_close(a);
+}
+END_TEST
 
 #ifdef HAVE_RADOS
 /* ---------------------------------------------------------------- rados: RESOURCED_TEST_CEPH_CONF names a cluster
@@ -483,11 +626,13 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_staging_lifecycle);
 	tcase_add_test(tc, test_begin_resets);
 	tcase_add_test(tc, test_publish_and_versions);
+	tcase_add_test(tc, test_content_index);
 	tcase_add_test(tc, test_file_open_refuses);
 	tcase_add_test(tc, test_meta_any_name);
 	tcase_add_test(tc, test_list_drops_broken);
 	tcase_add_test(tc, test_open_files_bounded);
 	tcase_add_test(tc, test_unknown_backend);
+	tcase_add_test(tc, test_fencing);
 	suite_add_tcase(s, tc);
 #ifdef HAVE_RADOS
 	if (getenv("RESOURCED_TEST_CEPH_CONF")) {

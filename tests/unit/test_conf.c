@@ -342,6 +342,7 @@ START_TEST(test_out_of_range)
 		{ "redis", "port", "1", "65535", "0", "65536" },
 		{ "redis", "db", "0", "65535", "-1", "65536" },
 		{ "postgres", "timeout", "1", "3600", "0", "3601" },
+		{ "server", "drain_grace", "0", "3600", "-1", "3601" },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct conf c;
@@ -370,6 +371,23 @@ START_TEST(test_out_of_range)
 	ck_assert_int_eq(c.io_threads, 64);
 	expect_load_error("[storage]\nio_threads = 65\n", 2,
 	    "[storage] io_threads: '65' is not a whole number from 1 to 64");
+}
+END_TEST
+
+/* The grace of a graceful stop is drain_grace, but never more than half of shutdown_timeout. */
+START_TEST(test_drain_grace)
+{
+	struct conf c;
+	char err[256];
+	conf_defaults(&c);
+	ck_assert_int_eq(c.drain_grace, 3);
+	ck_assert(conf_drain_grace(&c) == 3.0);
+	ck_assert_int_eq(conf_set(&c, "server", "shutdown_timeout", "4", err, sizeof(err)), 0);
+	ck_assert(conf_drain_grace(&c) == 2.0);
+	ck_assert_int_eq(conf_set(&c, "server", "shutdown_timeout", "1", err, sizeof(err)), 0);
+	ck_assert(conf_drain_grace(&c) == 0.5);
+	ck_assert_int_eq(conf_set(&c, "server", "drain_grace", "0", err, sizeof(err)), 0);
+	ck_assert(conf_drain_grace(&c) == 0.0);
 }
 END_TEST
 
@@ -610,6 +628,7 @@ static Suite *conf_suite(void)
 	Suite *s = suite_create("conf");
 	TCase *tc = tcase_create("conf");
 	tcase_add_test(tc, test_defaults);
+	tcase_add_test(tc, test_drain_grace);
 	tcase_add_test(tc, test_sentinels);
 	tcase_add_test(tc, test_empty_file_keeps_defaults);
 	tcase_add_test(tc, test_good_file);

@@ -1,0 +1,30 @@
+/* escape.h: the one way client strings are written into logs, the stats socket and metrics. */
+#ifndef RESOURCED_ESCAPE_H
+#define RESOURCED_ESCAPE_H
+
+#include <stddef.h>
+
+/* Room for escape_quoted of len bytes: every byte can become \xHH, plus the NUL. */
+#define ESCAPE_SIZE(len) ((len) * 4 + 1)
+
+/* The longest prefix of s[0, len) of at most max bytes that does not split a UTF-8 character. */
+size_t utf8_prefix(const char *s, size_t len, size_t max);
+
+/* Writes s[0, len) for use between double quotes: " and \ get a backslash, control characters,
+ * DEL and bytes that are not valid UTF-8 become \xHH; valid UTF-8 and spaces stay as they are.
+ * So a quoted field ends at the first unescaped quote and a line at the newline that follows.
+ * out (cap > 0) is always NUL-terminated; when it is too small the output stops before a whole
+ * character or escape. Returns the bytes written, not counting the NUL. */
+size_t escape_quoted(char *out, size_t cap, const char *s, size_t len);
+
+/* Room for escape_html of len bytes: every byte can become &#xfffd; (8 bytes), plus the NUL. */
+#define ESCAPE_HTML_SIZE(len) ((len) * 8 + 1)
+
+/* Writes s[0, len) for HTML text or a double-quoted attribute: & < > " ' become entities, control
+ * characters (C0, DEL, C1) and bytes that are not valid UTF-8 become U+FFFD (&#xfffd;), so nothing
+ * a client sends can open a tag, end an attribute or hide in the page; valid UTF-8 stays as it is.
+ * out (cap > 0) is always NUL-terminated; when it is too small the output stops before a whole
+ * character or entity. Returns the bytes written, not counting the NUL. */
+size_t escape_html(char *out, size_t cap, const char *s, size_t len);
+
+#endif

@@ -1,0 +1,201 @@
+/* preflight.c: checks, before start and for -t, that a configuration's paths, users and addresses can be used. */
+#include "config.h"
+#include "preflight.h"
+#include "conf.h"
+#include "ipc.h"
+
+#include <errno.h>
+#include <grp.h>
+#include <netdb.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+struct preflight {
+	FILE *report;
+	int problems;
+};
+
+static void problem(struct preflight *p, const char *key, const char *value, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void problem(struct preflight *p, const char *key, const char *value, const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(p->report, "resourced: %s %s: ", key, value);
+	va_start(ap, fmt);
+	vfprintf(p->report, fmt, ap);
+	va_end(ap);
+	fputc('\n', p->report);
+	p->problems++;
+}
+
+/* The directory a path lives in ("." for a bare name). */
+static void parent_of(const char *path, char *out, size_t outlen)
+{
+	const char *slash = strrchr(path, '/');
+	if (slash == NULL)
+		snprintf(out, outlen, ".");
+	else if (slash == path)
+		snprintf(out, outlen, "/");
+	else
+		snprintf(out, outlen, "%.*s", (int)(slash - path), path);
+}
+
+/* A directory start creates with mkdir (not mkdir -p): it exists, or its parent does and is writable.
+ * pending names one directory start creates first (run_dir), so a path inside it is fine. */
+static void check_dir(struct preflight *p, const char *key, const char *path, const char *pending)
+{
+	struct stat st;
+	if (stat(path, &st) == 0) {
+		if (!S_ISDIR(st.st_mode))
+			problem(p, key, path, "exists and is not a directory");
+		else if (access(path, W_OK | X_OK) < 0)
+			problem(p, key, path, "directory is not writable: %s", strerror(errno));
+		return;
+	}
+	if (errno != ENOENT) {
+		problem(p, key, path, "%s", strerror(errno));
+		return;
+	}
+	char parent[512];
+	parent_of(path, parent, sizeof(parent));
+	if (pending && strcmp(parent, pending) == 0)
+		return;
+	if (stat(parent, &st) < 0)
+		problem(p, key, path, "parent directory %s does not exist (start creates only the last component)",
+		    parent);
+	else if (!S_ISDIR(st.st_mode))
+		problem(p, key, path, "%s is not a directory", parent);
+	else if (access(parent, W_OK | X_OK) < 0)
+		problem(p, key, path, "cannot create it: %s is not writable", parent);
+}
+
+/* A file start creates or appends to; kind is "file" or "socket". */
+static void check_file(struct preflight *p, const char *key, const char *path, const char *pending, int socket)
+{
+	struct stat st;
+	if (stat(path, &st) == 0) {
+		if (S_ISDIR(st.st_mode))
+			problem(p, key, path, "is a directory");
+		else if (socket && !S_ISSOCK(st.st_mode))
+			problem(p, key, path, "exists and is not a socket (start would remove it)");
+		else if (!socket && access(path, W_OK) < 0)
+			problem(p, key, path, "is not writable: %s", strerror(errno));
+		return;
+	}
+	char parent[512];
+	parent_of(path, parent, sizeof(parent));
+	if (pending && strcmp(parent, pending) == 0)
+		return;
+	if (stat(parent, &st) < 0)
+		problem(p, key, path, "directory %s does not exist", parent);
+	else if (!S_ISDIR(st.st_mode))
+		problem(p, key, path, "%s is not a directory", parent);
+	else if (access(parent, W_OK | X_OK) < 0)
+		problem(p, key, path, "directory %s is not writable", parent);
+}
+
+static void check_socket_path(struct preflight *p, const char *key, const char *path)
+{
+	struct sockaddr_un sun;
+	size_t len = strlen(path);
+	if (len >= sizeof(sun.sun_path))
+		problem(p, key, path, "%zu bytes: longer than a Unix socket path may be (%zu)", len,
+		    sizeof(sun.sun_path) - 1);
+}
+
+static void check_address(struct preflight *p, const char *key, const char *value, const char *host,
+    const char *port)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+		.ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+	struct addrinfo *res;
+	int rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+	if (rc != 0) {
+		problem(p, key, value, "cannot resolve: %s", gai_strerror(rc));
+		return;
+	}
+	freeaddrinfo(res);
+}
+
+/* agent_listen and http_listen as control.c's listen_tcp reads them: host:port split at the last colon. */
+static void check_host_port(struct preflight *p, const char *key, const char *value)
+{
+	const char *colon = strrchr(value, ':');
+	char host[256];
+	if (colon == NULL || (size_t)(colon - value) >= sizeof(host)) {
+		problem(p, key, value, "not host:port");
+		return;
+	}
+	snprintf(host, sizeof(host), "%.*s", (int)(colon - value), value);
+	check_address(p, key, value, host, colon + 1);
+}
+
+static void check_user(struct preflight *p, const struct conf *c)
+{
+	int as_root = geteuid() == 0;
+	if (c->user[0] && getpwnam(c->user) == NULL) {
+		if (as_root)
+			problem(p, "[server] user", c->user, "no such user");
+		else
+			fprintf(p->report, "resourced: warning: [server] user %s: no such user "
+			    "(ignored unless started as root)\n", c->user);
+	}
+	if (c->group[0] && getgrnam(c->group) == NULL) {
+		if (as_root)
+			problem(p, "[server] group", c->group, "no such group");
+		else
+			fprintf(p->report, "resourced: warning: [server] group %s: no such group "
+			    "(ignored unless started as root)\n", c->group);
+	}
+}
+
+int preflight_check(const struct conf *c, FILE *report)
+{
+	struct preflight p = { report, 0 };
+	char listen[300];
+	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
+	check_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
+	if (c->agent_listen[0])
+		check_host_port(&p, "[server] agent_listen", c->agent_listen);
+	if (c->http_listen[0])
+		check_host_port(&p, "[server] http_listen", c->http_listen);
+
+	check_dir(&p, "[server] run_dir", c->run_dir, NULL);
+	char storage_sock[600];
+	snprintf(storage_sock, sizeof(storage_sock), "%s/%s", c->run_dir, IPC_SOCKET_NAME);
+	check_socket_path(&p, "[server] run_dir (storage socket)", storage_sock);
+	if (c->pid_file[0])
+		check_file(&p, "[server] pid_file", c->pid_file, c->run_dir, 0);
+	if (c->stats_socket[0]) {
+		check_socket_path(&p, "[server] stats_socket", c->stats_socket);
+		check_file(&p, "[server] stats_socket", c->stats_socket, c->run_dir, 1);
+	}
+	check_user(&p, c);
+
+	check_dir(&p, "[storage] root", c->root, NULL);
+
+	if (c->log_file[0] && strcmp(c->log_file, "syslog") != 0)
+		check_file(&p, "[log] file", c->log_file, NULL, 0);
+	if (c->access_log[0])
+		check_file(&p, "[log] access_log", c->access_log, NULL, 0);
+	return p.problems;
+}
+
+int preflight_config_path(const char *path, char *err, size_t errlen)
+{
+	struct stat st;
+	if (stat(path, &st) < 0) {
+		snprintf(err, errlen, "cannot read configuration file %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		snprintf(err, errlen, "configuration file %s is a directory", path);
+		return -1;
+	}
+	return 0;
+}

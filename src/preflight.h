@@ -1,0 +1,18 @@
+/* preflight.h: checks, before start (and for -t), that the paths, users and addresses of a configuration can be used. */
+#ifndef RESOURCED_PREFLIGHT_H
+#define RESOURCED_PREFLIGHT_H
+
+#include <stdio.h>
+
+struct conf;
+
+/* Checks what start will need without changing anything: directories that must exist or be
+ * creatable, Unix socket path lengths, users and groups, listen addresses. Writes one line per
+ * problem ("resourced: [section] key VALUE: why") and per warning to report. Returns the number
+ * of problems (warnings do not count). */
+int preflight_check(const struct conf *conf, FILE *report);
+
+/* 0 when path can be read as a configuration file; else -1 with why in err. */
+int preflight_config_path(const char *path, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,322 @@
+# test_dedup.py: instant upload (issue 14): content already stored is published under a new name after a proof of possession, never sent again.
+import os
+import sys
+
+sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+tap = h.Tap(deadline=170)
+
+CH = 65536
+rand = __import__("random").Random(20261201)
+
+
+def rbytes(n):
+    return rand.randbytes(n)
+
+
+# ---------------------------------------------------------------- servers
+redis = h.RedisServer().start()
+pg = h.PostgresServer().start()
+pg.load_schema()
+AVATAR_UID = 2101
+pg.sql("INSERT INTO \"user\" (uid, name, email, pwd, nick, \"desc\", sex) VALUES "
+       "(%d, 'dora', 'dora@example.org', 'pw', 'nick-dora', 'desc of dora', 1)" % AVATAR_UID)
+
+USER_UIDS = [1101, 1102, AVATAR_UID]          # the daemon with dedup = user
+GLOBAL_UIDS = [3101, 3102, 3103, 3104]        # dedup = global
+OFF_UIDS = [4101]                             # dedup = off
+TOK = {uid: "tok-%d-secret" % uid for uid in USER_UIDS + GLOBAL_UIDS + OFF_UIDS}
+for uid, tok in TOK.items():
+    redis.set_token(uid, tok)
+
+
+def daemon(scope, pg_server=None):
+    d = h.Daemon(workers=1, redis=redis, pg=pg_server, settings={
+        "server": {"storage_timeout": 10},
+        "storage": {"dedup": scope, "upload_ttl": 600, "janitor_interval": 1},
+        "postgres": {"timeout": 3},
+    })
+    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
+    d.access = os.path.join(d.dir, "access.log")
+    d.settings["server"]["stats_socket"] = d.stats_socket
+    d.settings["log"]["access_log"] = d.access
+    h.Daemon.write_config(d.conf_path, d.settings)
+    tap.context.append(lambda: d.log_tail(10))
+    return d
+
+
+du, dg, doff = daemon("user", pg), daemon("global"), daemon("off")
+try:
+    for d in (du, dg, doff):
+        d.start()
+except Exception as e:
+    tap.ok(False, "daemons start", str(e))
+    tap.finish()
+tap.ok(all(d.wait_redis_connected(15) for d in (du, dg, doff)), "three daemons (dedup user, global, off) started")
+
+
+def qt_upload(d, data, name, uid, msg_id=h.MSG_UPLOAD, lie=None, md5=None):
+    """Uploads the way the original Qt client does: every answer with error 0 says where to go on
+    (it seeks to trans_size and sends seq + 1) until trans_size = total_size.
+
+    lie(offset) may return bytes to send instead of the real chunk at that offset.
+    Returns (last answer, answers, file bytes sent, offsets sent)."""
+    up = h.Upload(data, name, uid, TOK[uid], chunk_size=CH, msg_id=msg_id, md5=md5)
+    offset, seq, answers, sent, offsets = 0, 1, 0, 0, []
+    with d.connect() as c:
+        while True:
+            piece = data[offset:offset + CH]
+            fake = lie(offset) if lie else None
+            override = {}
+            if fake is not None:
+                override["data"] = __import__("base64").b64encode(fake).decode()
+            r = up.send_chunk(c, offset, seq, **override)
+            answers += 1
+            sent += len(piece)
+            offsets.append(offset)
+            if r.get("error") != 0 or r.get("trans_size") == r.get("total_size"):
+                return r, answers, sent, offsets
+            if answers > 4 * (len(data) // CH + 2):
+                return r, answers, sent, offsets   # a loop: fails below
+            offset, seq = r["trans_size"], r["seq"] + 1
+
+
+def stored(d, uid, name):
+    """The MD5 of a published file (None when absent): compared with h.md5_hex of the data."""
+    p = h.published(d, uid, name)
+    return h.file_md5(p) if os.path.exists(p) else None
+
+
+def content_dir(d):
+    return os.path.join(d.root, ".content")
+
+
+def content_entries(d):
+    p = content_dir(d)
+    return sorted(os.listdir(p)) if os.path.isdir(p) else []
+
+
+def access_lines(d, needle):
+    try:
+        with open(d.access) as f:
+            return [line for line in f if needle in line]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------- dedup = user
+tap.section("dedup = user")
+F = rbytes(16 * CH + 1234)                    # 17 chunks
+U1, U2 = USER_UIDS[0], USER_UIDS[1]
+r, n, sent, _ = qt_upload(du, F, "first.bin", U1)
+tap.ok(r.get("error") == 0 and n == 17, "the first upload of a file sends every chunk", repr((r, n)))
+entries = content_entries(du)
+tap.eq(entries, ["u%d-%s-%d" % (U1, h.md5_hex(F), len(F))], "the content index holds the file under its owner")
+st_first = os.stat(h.published(du, U1, "first.bin"))
+tap.eq(st_first.st_nlink, 2, "the published file and the index share one inode (link count 2)")
+
+r, n, sent, offsets = qt_upload(du, F, "second.bin", U1)
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n <= 3,
+       "the same content under a second name completes after at most 3 answered chunks", repr((r, n, offsets)))
+tap.ok(sent <= 3 * CH, "at most 3 chunks of the file were sent (%d bytes of %d)" % (sent, len(F)))
+tap.ok(all(o % CH == 0 for o in offsets) and offsets[0] == 0 and len(set(offsets)) == len(offsets),
+       "chunk 1, then chunks at other chunk boundaries the server asked for", repr(offsets))
+tap.eq(stored(du, U1, "second.bin"), h.md5_hex(F), "the second name holds identical bytes")
+st_second = os.stat(h.published(du, U1, "second.bin"))
+tap.ok(st_second.st_ino == st_first.st_ino and st_second.st_nlink == 3,
+       "published by a hard link, not a copy (one inode, link count 3)")
+tap.ok("instant upload" in r.get("message", ""), "the answer says it was an instant upload", repr(r))
+tap.ok(h.wait_for(lambda: access_lines(du, "second.bin") and "instant=1" in access_lines(du, "second.bin")[-1], 5),
+       "the access log marks the instant upload", repr(access_lines(du, "second.bin")))
+info = h.stats_info(du)
+tap.ok(info.get("uploads_instant") == 1 and info.get("instant_bytes_saved") == len(F) - sent,
+       "show info counts the instant upload and the bytes not transferred",
+       repr({k: v for k, v in info.items() if "instant" in k}))
+rec = redis.get_json("file_upload_%d_%s" % (U1, h.md5_hex(F)))
+tap.ok(rec and rec.get("state") == "published" and rec.get("name") == "second.bin",
+       "the Redis record says published, as for any upload", repr(rec))
+
+# Another user: scope user never uses U1's content.
+r, n, sent, _ = qt_upload(du, F, "theirs.bin", U2)
+tap.ok(r.get("error") == 0 and n == 17 and sent == len(F),
+       "with dedup = user, another user's upload of the same content sends every byte", repr((r, n)))
+tap.eq(stored(du, U2, "theirs.bin"), h.md5_hex(F), "and is stored")
+
+# Right first chunk, wrong challenged chunks: falls back to a full upload.
+asked = []
+
+
+def wrong_challenges(offset):
+    if offset != 0 and not asked:
+        asked.append(offset)
+        return rbytes(min(CH, len(F) - offset))
+    return None
+
+
+r, n, sent, offsets = qt_upload(du, F, "fallback.bin", U1, lie=wrong_challenges)
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n == 1 + 1 + 16,
+       "right chunk 1 but a wrong challenged chunk: the upload goes on in full (chunk 1, the challenge, then 2..17)",
+       repr((r, n, offsets[:4])))
+tap.eq(stored(du, U1, "fallback.bin"), h.md5_hex(F), "and the file is published from the bytes sent")
+tap.ok(os.stat(h.published(du, U1, "fallback.bin")).st_ino != st_first.st_ino,
+       "that file is its own copy: the failed proof linked nothing")
+
+# A file of one chunk is compared whole and shares the stored content.
+S = rbytes(5000)
+r1, n1, _, _ = qt_upload(du, S, "small-1.txt", U1)
+r2, n2, _, _ = qt_upload(du, S, "small-2.txt", U1)
+tap.ok(r1.get("error") == 0 and r2.get("error") == 0 and n2 == 1, "a file of one chunk is uploaded twice")
+tap.ok(os.stat(h.published(du, U1, "small-1.txt")).st_ino == os.stat(h.published(du, U1, "small-2.txt")).st_ino,
+       "its second name shares the first one's inode after a full comparison")
+
+# Replacing the only name of some content frees it once the janitor runs.
+G = rbytes(3 * CH + 7)
+r, _, _, _ = qt_upload(du, G, "replace-me.bin", U1)
+g_entry = "u%d-%s-%d" % (U1, h.md5_hex(G), len(G))
+tap.ok(r.get("error") == 0 and g_entry in content_entries(du), "a file enters the index when published")
+r, _, _, _ = qt_upload(du, rbytes(2 * CH), "replace-me.bin", U1)
+tap.ok(r.get("error") == 0, "its only name is replaced by other content")
+tap.ok(h.wait_for(lambda: g_entry not in content_entries(du), 10, 0.1),
+       "the janitor frees the content no name uses any more", repr(content_entries(du)))
+tap.ok(h.wait_for(lambda: h.stats_info(du).get("content_freed_bytes", 0) >= len(G), 5, 0.1),
+       "show info counts the bytes freed")
+tap.ok("u%d-%s-%d" % (U1, h.md5_hex(F), len(F)) in content_entries(du), "content still named stays")
+
+# An avatar deduplicated this way updates PostgreSQL and ubaseinfo.
+A = rbytes(4 * CH + 99)
+r, n, _, _ = qt_upload(du, A, "avatar-1.png", AVATAR_UID, msg_id=h.MSG_AVATAR)
+tap.ok(r.get("error") == 0 and n == 5, "an avatar is uploaded in full the first time", repr((r, n)))
+
+
+def icon_of(uid):
+    return pg.sql("SELECT icon FROM \"user\" WHERE uid = %d" % uid)
+
+
+tap.ok(h.wait_for(lambda: icon_of(AVATAR_UID) == "avatar-1.png", 10, 0.1), "its icon reaches PostgreSQL")
+r, n, _, _ = qt_upload(du, A, "avatar-2.png", AVATAR_UID, msg_id=h.MSG_AVATAR)
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(A) and n <= 3,
+       "the same avatar under a new name is an instant upload", repr((r, n)))
+tap.eq(stored(du, AVATAR_UID, "avatar-2.png"), h.md5_hex(A), "the new avatar name holds the bytes")
+tap.ok(h.wait_for(lambda: icon_of(AVATAR_UID) == "avatar-2.png", 10, 0.1), "\"user\".icon names the new avatar",
+       icon_of(AVATAR_UID))
+info = h.wait_for(lambda: (lambda x: x if x and x.get("icon") == "avatar-2.png" else None)(
+    redis.get_json("ubaseinfo_%d" % AVATAR_UID)), 10, 0.1)
+tap.ok(info and info.get("email") == "dora@example.org", "ubaseinfo names the new avatar", repr(info))
+
+# resctl follows the server's answers and says what it saved.
+R = rbytes(40 * CH + 5)
+src = os.path.join(h.temp_dir("dedup-resctl"), "r.bin")
+with open(src, "wb") as f:
+    f.write(R)
+
+
+def resctl_upload(name):
+    r = __import__("subprocess").run(
+        # --compat: the JSON path; instant upload over the binary fast path is not built yet.
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, src, "--name", name, "--chunk", str(CH), "--compat",
+         "--uid", str(U2), "--token", TOK[U2]], stdin=__import__("subprocess").DEVNULL,
+        capture_output=True, timeout=60, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+rc1, so1, se1 = resctl_upload("resctl-1.bin")
+rc2, so2, se2 = resctl_upload("resctl-2.bin")
+tap.ok(rc1 == 0 and "already on the server" not in so1, "resctl uploads a new file in full", so1 + se1)
+tap.ok(rc2 == 0 and "already on the server: published without sending (" in so2 and "MB saved)" in so2,
+       "resctl says the second upload was already on the server and what it saved", so2 + se2)
+tap.eq(stored(du, U2, "resctl-2.bin"), h.md5_hex(R), "resctl's instant upload is stored identical")
+# Three chunks: chunks 2 and 3 are both asked for, in a random order; when the last chunk comes first,
+# its answer asks for chunk 2 and the upload is not over yet.
+with open(src, "wb") as f:
+    f.write(R[:3 * CH])
+outs = [resctl_upload("three-%d.bin" % i) for i in range(5)]
+tap.ok(all(rc == 0 for rc, _, _ in outs) and all("already on the server" in so for _, so, _ in outs[1:]),
+       "resctl completes five uploads of a three-chunk file, the last four instant", repr(outs))
+tap.ok(all(stored(du, U2, "three-%d.bin" % i) == h.md5_hex(R[:3 * CH]) for i in range(5)),
+       "each is published identical, whichever chunk was asked for first")
+
+# ---------------------------------------------------------------- dedup = global
+tap.section("dedup = global")
+G1, G2, G3, G4 = GLOBAL_UIDS
+r, n, _, _ = qt_upload(dg, F, "original.bin", G1)
+tap.ok(r.get("error") == 0 and n == 17, "user A uploads a file in full")
+r, n, sent, _ = qt_upload(dg, F, "forwarded.bin", G2)
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n <= 3 and sent <= 3 * CH,
+       "user B holding the whole file completes after at most 3 answered chunks", repr((r, n)))
+tap.eq(stored(dg, G2, "forwarded.bin"), h.md5_hex(F), "B's file is identical")
+
+# C knows only (size, md5): every byte it sends is garbage.
+r, n, sent, offsets = qt_upload(dg, F, "stolen.bin", G3, lie=lambda off: rbytes(min(CH, len(F) - off)))
+tap.ok(r.get("error") == 1024 and n == 17 and offsets == [i * CH for i in range(17)],
+       "a client knowing only (size, md5) gets a normal upload of every chunk, which fails its MD5 (1024)",
+       repr((r, n, offsets[:3])))
+tap.ok(not os.path.exists(h.published(dg, G3, "stolen.bin")), "nothing is published for it")
+
+# D knows chunk 1 (a common header) but not the rest.
+r, n, sent, offsets = qt_upload(dg, F, "guessed.bin", G4,
+                                lie=lambda off: None if off == 0 else rbytes(min(CH, len(F) - off)))
+tap.ok(r.get("error") == 1024 and n == 18 and offsets[2:] == [i * CH for i in range(1, 17)],
+       "right chunk 1 and garbage for the challenged chunk: a full upload of its own bytes, refused by MD5",
+       repr((r, n, offsets[:4])))
+tap.ok(not os.path.exists(h.published(dg, G4, "guessed.bin")), "nothing of A's file is published for it")
+staging = os.path.join(dg.root, ".staging")
+leftovers = [f for f in os.listdir(staging) if f.endswith(".part")] if os.path.isdir(staging) else []
+tap.eq(leftovers, [], "no staging file is left behind")
+tap.eq(content_entries(dg), ["%s-%d" % (h.md5_hex(F), len(F))], "the global index holds the content once")
+
+# ---------------------------------------------------------------- two nodes sharing a root (issue 9)
+tap.section("two nodes sharing the root and Redis")
+shared = h.temp_dir("dedup-shared")
+MN_UIDS = [5101, 5102, 5103]
+for uid in MN_UIDS:
+    TOK[uid] = "tok-%d-secret" % uid
+    redis.set_token(uid, TOK[uid])
+nodes = []
+for i in range(2):
+    n = daemon("global")
+    n.settings["storage"]["root"] = shared
+    n.root = shared
+    n.settings["server"]["node"] = "node%d" % (i + 1)
+    h.Daemon.write_config(n.conf_path, n.settings)
+    n.start()
+    nodes.append(n)
+na, nb = nodes
+tap.ok(all(n.wait_redis_connected(15) for n in nodes), "two nodes with dedup = global share one root")
+M = rbytes(9 * CH + 77)
+r, n, _, _ = qt_upload(na, M, "on-a.bin", MN_UIDS[0])
+tap.ok(r.get("error") == 0 and n == 10, "a file uploaded in full through node 1")
+r, n, sent, _ = qt_upload(nb, M, "on-b.bin", MN_UIDS[1])
+tap.ok(r.get("error") == 0 and r.get("trans_size") == len(M) and n <= 3,
+       "another user's upload of it through node 2 is instant: the index lives with the storage", repr((r, n)))
+tap.eq(stored(nb, MN_UIDS[1], "on-b.bin"), h.md5_hex(M), "and identical")
+
+# The proof is held by the node that asked: a client that reconnects elsewhere resyncs and goes on normally.
+up = h.Upload(M, "moved.bin", MN_UIDS[2], TOK[MN_UIDS[2]], chunk_size=CH)
+with na.connect() as c:
+    first = up.send_chunk(c, 0, 1)
+asked = first.get("error") == 0 and first.get("trans_size", 0) > CH
+with nb.connect() as c:
+    s = h.wait_for(lambda: (lambda x: x if x.get("error") == 0 else None)(up.sync(c)), 15, 0.1)
+    tap.ok(asked and s and s.get("trans_size") == CH and s.get("seq") == 1,
+           "node 1 asked for a chunk; node 2's sync reports what is stored (chunk 1)", repr((first, s)))
+    r, _, _ = up.run(c, CH, 2)
+tap.ok(r.get("error") == 0 and stored(nb, MN_UIDS[2], "moved.bin") == h.md5_hex(M),
+       "the upload goes on through node 2 as a normal one and is published", repr(r))
+for n in nodes:
+    n.stop()
+
+# ---------------------------------------------------------------- dedup = off
+tap.section("dedup = off")
+O1 = OFF_UIDS[0]
+r1, n1, _, _ = qt_upload(doff, F, "one.bin", O1)
+r2, n2, sent2, _ = qt_upload(doff, F, "two.bin", O1)
+tap.ok(r1.get("error") == 0 and r2.get("error") == 0 and n1 == 17 and n2 == 17 and sent2 == len(F),
+       "with dedup = off the same content is sent in full every time", repr((n1, n2)))
+tap.ok(os.stat(h.published(doff, O1, "one.bin")).st_ino != os.stat(h.published(doff, O1, "two.bin")).st_ino,
+       "two copies, no links")
+tap.eq(content_entries(doff), [], "no content index is kept")
+tap.eq(h.stats_info(doff).get("uploads_instant"), 0, "no instant upload counted")
+
+tap.finish()

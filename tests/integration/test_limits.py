@@ -1,0 +1,280 @@
+# test_limits.py: one user cannot starve the others: limits on uploads in progress, free space against what uploads announce, accept loops under a low file limit (issue 12, item 1).
+"""Sections:
+- per user: one uid starting many seq-1 uploads with distinct md5 hits max_uploads_per_user (1035, nothing
+  started) while another user's upload completes byte-identical; finishing one makes room.
+- per node: max_uploads over several users (1036); stats count the refusals and the uploads in progress.
+- free space: chunk 1 is refused with 1028 when the bytes still to come of the uploads in progress plus its
+  total_size plus min_free_space exceed the free space.
+- descriptors: the storage process, the master (stats socket, agent listener) and a worker run out of file
+  descriptors (RLIMIT_NOFILE lowered with prlimit, then connections held open); none of them spins (CPU
+  time stays low), and after a HUP the new workers link to storage once descriptors are free again."""
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+tap = h.Tap(deadline=170)
+rand = __import__("random").Random(1201)
+USERS = {uid: "tok-limits-%d" % uid for uid in range(4201, 4210)}
+A, B = 4201, 4202
+PER_USER, TOTAL = 5, 8
+
+redis = h.RedisServer().start()
+for uid, tok in USERS.items():
+    redis.set_token(uid, tok)
+
+
+def new_daemon(storage=None, server=None, workers=2):
+    d = h.Daemon(workers=workers, redis=redis, settings={
+        "server": dict({"storage_timeout": 10}, **(server or {})),
+        "storage": dict({"max_uploads_per_user": PER_USER, "max_uploads": TOTAL, "upload_ttl": 600},
+                        **(storage or {})),
+    })
+    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
+    d.settings["server"]["stats_socket"] = d.stats_socket
+    h.Daemon.write_config(d.conf_path, d.settings)
+    d.start()
+    if not (d.wait_redis_connected(15) and d.wait_workers(10)):
+        raise RuntimeError("daemon not ready\n" + d.log_tail())
+    return d
+
+
+def upload(uid, size=3000, chunk=1000, name=None):
+    return h.Upload(rand.randbytes(size), name or "f-%d.bin" % rand.randrange(1 << 30), uid, USERS[uid],
+                    chunk_size=chunk)
+
+
+def staging(d, up):
+    st = os.path.join(d.root, ".staging")
+    return [n for n in os.listdir(st) if up.md5 in n] if os.path.isdir(st) else []
+
+
+def info(d):
+    return h.stats_info(d)
+
+
+def counter(d, name):
+    i = info(d)
+    for k in (name,):
+        if k in i:
+            return i[k]
+        for v in i.values():
+            if isinstance(v, dict) and k in v:
+                return v[k]
+    return None
+
+
+try:
+    d = new_daemon()
+except Exception as e:
+    tap.ok(False, "daemon starts", str(e))
+    tap.finish()
+tap.context.append(lambda: d.log_tail(10))
+tap.ok(True, "daemon started with max_uploads_per_user %d, max_uploads %d" % (PER_USER, TOTAL))
+
+
+# ---------------------------------------------------------------- per user
+with tap.section("per user"):
+    mine = [upload(A) for _ in range(PER_USER)]
+    with h.Client(d.port) as c:
+        rs = [u.send_chunk(c, 0, 1) for u in mine]
+    tap.ok(all(r.get("error") == 0 for r in rs), "uid %d starts %d uploads (chunk 1 each)" % (A, PER_USER),
+           repr([r.get("error") for r in rs]))
+    extra = [upload(A) for _ in range(20)]
+    with h.Client(d.port) as c:
+        rs = [u.send_chunk(c, 0, 1) for u in extra]
+        syncs = [u.sync(c) for u in extra]
+    tap.ok(all(r.get("error") == 1035 and "too many uploads" in r.get("message", "") for r in rs),
+           "20 more with distinct md5: each 1035 with a message", repr({r.get("error") for r in rs}))
+    tap.ok(all(s.get("error") == 1012 for s in syncs) and not any(staging(d, u) for u in extra),
+           "... and none of them started: sync 1012, no staging files")
+    other = upload(B, size=200000, chunk=16384)
+    with h.Client(d.port) as c:
+        r, _, _ = other.run(c)
+    tap.ok(r.get("error") == 0 and h.read_file(h.published(d, B, other.name)) == other.data,
+           "meanwhile uid %d uploads 200 KB in 13 chunks, published byte-identical" % B, repr(r))
+    with h.Client(d.port) as c:
+        r, _, _ = mine[0].run(c, 1000, 2)
+        tap.eq(r.get("error"), 0, "uid %d finishes one of its uploads" % A)
+        r = extra[0].send_chunk(c, 0, 1)
+        tap.eq(r.get("error"), 0, "... and may start another")
+        r = mine[1].send_chunk(c, 0, 1)
+        tap.eq(r.get("error"), 0, "chunk 1 of an upload in progress (a restart) is not refused at the limit")
+        r = extra[1].send_chunk(c, 0, 1)
+        tap.eq(r.get("error"), 1035, "the sixth is refused again")
+
+
+# ---------------------------------------------------------------- per node
+with tap.section("per node"):
+    # A has 5 in progress, B none; 3 more from other users reach TOTAL = 8.
+    others = [upload(4203 + i) for i in range(TOTAL - PER_USER)]
+    with h.Client(d.port) as c:
+        rs = [u.send_chunk(c, 0, 1) for u in others]
+        tap.ok(all(r.get("error") == 0 for r in rs), "3 more users start one upload each: %d in progress" % TOTAL,
+               repr([r.get("error") for r in rs]))
+        late = upload(4208)
+        r = late.send_chunk(c, 0, 1)
+        tap.ok(r.get("error") == 1036 and "too many uploads" in r.get("message", ""),
+               "a user with no upload in progress gets 1036 at the node's limit", repr(r))
+        tap.eq(late.sync(c).get("error"), 1012, "... nothing started")
+        r, _, _ = others[0].run(c, 1000, 2)
+        tap.eq(r.get("error"), 0, "one upload completes")
+        r, _, _ = late.run(c)
+        tap.ok(r.get("error") == 0 and h.read_file(h.published(d, 4208, late.name)) == late.data,
+               "then the late user's upload goes through, byte-identical")
+    i = info(d)
+    flat = json.dumps(i)
+    tap.ok(counter(d, "uploads_in_progress") == TOTAL - 1, "stats: uploads_in_progress %d" % (TOTAL - 1), flat[:600])
+    refused = counter(d, "uploads_refused")
+    tap.ok(refused is not None and refused >= 22, "stats: uploads_refused counts the 1035 and 1036 answers (%r)"
+           % refused)
+    metrics = subprocess.run([h.RESCTL_BIN, "stats", "--socket", d.stats_socket, "show", "metrics"],
+                             stdout=subprocess.PIPE, timeout=20, text=True).stdout
+    tap.ok('resourced_responses_error_total{code="1035"}' in metrics and
+           'resourced_responses_error_total{code="1036"}' in metrics,
+           "metrics count responses 1035 and 1036 by code")
+d.stop()
+
+
+# ---------------------------------------------------------------- free space
+with tap.section("free space"):
+    probe = h.temp_dir("space")
+    sv = os.statvfs(probe)
+    free = sv.f_bavail * sv.f_frsize
+    MB = 1 << 20
+    # min_free_space leaves 1 GB for uploads in progress to announce (margins of 200 MB or more below, as
+    # other programs on this machine may write or delete meanwhile).
+    s = new_daemon(storage={"min_free_space": max(0, free - 1024 * MB), "max_uploads": 100,
+                            "max_uploads_per_user": 100})
+    with h.Client(s.port) as c:
+        def announce(up, total):
+            body = up.body(0, 1)
+            body["total_size"] = total
+            body["last"] = 0
+            return c.request(h.MSG_UPLOAD, body)
+        r1 = announce(upload(A), 600 * MB)
+        r2 = announce(upload(B), 600 * MB)
+        r3 = announce(upload(B), 100 * MB)
+        tap.ok(r1.get("error") == 0, "an upload announcing 600 MB starts (1 GB above min_free_space)", repr(r1))
+        tap.ok(r2.get("error") == 1028 and "storage full" in r2.get("message", ""),
+               "a second announcing 600 MB gets 1028: 1.2 GB would not fit", repr(r2))
+        tap.ok(r3.get("error") == 0, "one announcing 100 MB fits and starts", repr(r3))
+        r = announce(upload(B), 1 << 40)
+        tap.eq(r.get("error"), 1025, "1 TiB is over max_file_size first (1025)")
+    s.stop()
+
+
+# ---------------------------------------------------------------- out of file descriptors
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_over(pid, seconds):
+    t0 = cpu_seconds(pid)
+    time.sleep(seconds)   # measuring CPU use over an interval: nothing to wait for
+    return cpu_seconds(pid) - t0
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def clamp_nofile(pid, room):
+    """Lowers the soft RLIMIT_NOFILE of pid to its open descriptors + room; returns (limit, old limits)."""
+    n = fd_count(pid) + room
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (n, old[1]))
+    return n, old
+
+
+with tap.section("descriptors"):
+    agent_port = h.free_port()
+    e = new_daemon(server={"agent_listen": "127.0.0.1:%d" % agent_port, "max_connections": 10000}, workers=1)
+    tap.context.append(lambda: e.log_tail(10))
+    held = []
+
+    def hold(make, n):
+        for _ in range(n):
+            try:
+                held.append(make())
+            except OSError:
+                break
+
+    def unix(path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(2)
+        s.connect(path)
+        return s
+
+    storage_pid = e.storage_pid()
+    limit, storage_old = clamp_nofile(storage_pid, 8)
+    hold(lambda: unix(os.path.join(e.run_dir, "storage.sock")), limit + 40)
+    tap.ok(h.wait_for(lambda: e.log_count("accept4() on the storage socket failed") > 0, 10),
+           "the storage process runs out of descriptors (limit %d) and says it pauses accepts" % limit)
+    used = cpu_over(storage_pid, 2.0)
+    tap.ok(used < 0.5, "... and does not spin: %.2f s of CPU in 2 s" % used)
+
+    master = e.master_pid
+    mlimit, master_old = clamp_nofile(master, 8)
+    nstorage = len(held)
+    hold(lambda: unix(e.stats_socket), mlimit + 40)
+    tap.ok(h.wait_for(lambda: e.log_count("accept4() on the stats socket failed") > 0, 10),
+           "the master runs out of descriptors on the stats socket (limit %d) and pauses it" % mlimit)
+    try:
+        socket.create_connection(("127.0.0.1", agent_port), timeout=2).close()
+    except OSError:
+        pass
+    tap.ok(h.wait_for(lambda: e.log_count("accept4() on the agent listener failed") > 0, 10),
+           "... the agent listener as well")
+    used = cpu_over(master, 2.0)
+    tap.ok(used < 0.5, "... and the master does not spin: %.2f s of CPU in 2 s" % used)
+
+    worker = list(e.worker_pids())[0]
+    wlimit, _ = clamp_nofile(worker, 8)
+    nmaster = len(held)
+    hold(lambda: socket.create_connection(("127.0.0.1", e.port), timeout=2), wlimit + 40)
+    tap.ok(h.wait_for(lambda: e.log_count("accept4() failed: pausing accepts") > 0, 10),
+           "the worker runs out of descriptors (limit %d) and pauses accepts" % wlimit)
+    used = cpu_over(worker, 2.0)
+    tap.ok(used < 0.5, "... and does not spin: %.2f s of CPU in 2 s" % used)
+
+    # Free the master and the worker, keep storage exhausted, reload: new workers cannot link yet.
+    for s_ in held[nstorage:]:
+        s_.close()
+    del held[nstorage:]
+    resource.prlimit(master, resource.RLIMIT_NOFILE, master_old)
+    old_workers = set(e.worker_pids())
+    e.send_signal(signal.SIGHUP)
+    tap.ok(h.wait_for(lambda: set(e.worker_pids()) - old_workers, 15), "HUP: a new worker is started",
+           e.log_tail(8))
+    used = cpu_over(storage_pid, 1.0)
+    tap.ok(used < 0.3, "storage still out of descriptors with a new worker knocking: %.2f s of CPU in 1 s" % used)
+    for s_ in held:
+        s_.close()
+    held.clear()
+    up = upload(A, size=50000, chunk=16384)
+
+    def uploaded():
+        try:
+            with h.Client(e.port, timeout=5) as c:
+                r, _, _ = up.run(c)
+            return r.get("error") == 0
+        except Exception:
+            return False
+    tap.ok(h.wait_for(uploaded, 20, 0.3), "once descriptors are free the new worker links to storage and an "
+           "upload goes through", e.log_tail(8))
+    tap.ok(h.read_file(h.published(e, A, up.name)) == up.data, "... byte-identical")
+    tap.ok(e.proc.poll() is None and e.storage_pid() == storage_pid, "no process died (same storage process)")
+    e.stop()
+
+tap.finish()

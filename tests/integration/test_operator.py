@@ -1,0 +1,265 @@
+# test_operator.py: what operators meet first: the reload answer over the stats socket, --help/--version, -t checks, per-process gauges and expected answers apart from errors.
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+tap = h.Tap(deadline=150)
+
+UID, TOKEN = 4101, "tok-4101-operator"
+
+
+def run(argv, timeout=20, env=None):
+    """(exit status, stdout, stderr, seconds) of a command."""
+    t0 = time.monotonic()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=timeout, text=True, env=env)
+    return r.returncode, r.stdout, r.stderr, time.monotonic() - t0
+
+
+def stats(d, *command, timeout=20):
+    return run([h.RESCTL_BIN, "stats", "--socket", d.stats_socket] + list(command), timeout)
+
+
+redis = h.RedisServer().start()
+redis.set_token(UID, TOKEN)
+d = h.Daemon(workers=2, redis=redis)
+d.stats_socket = os.path.join(d.run_dir, "stats.sock")
+d.settings["server"]["stats_socket"] = d.stats_socket
+h.Daemon.write_config(d.conf_path, d.settings)
+d.start()
+d.wait_workers()
+d.wait_redis_connected()
+
+# ---------------------------------------------------------------- item 3: reload over the stats socket
+tap.section("reload over the stats socket ends its answer")
+rc, out, err, secs = stats(d, "reload")
+tap.eq(rc, 0, "resctl stats reload exits 0", err)
+tap.ok(out.startswith("OK"), "the answer is OK", out)
+# The old answer came at once and then the connection stayed open in the forked children for 10 s.
+tap.diag("resctl stats reload took %.1f s" % secs)
+tap.ok("no answer within" not in err, "no timeout message", err)
+d.wait_workers(20)
+rc, out, err, secs = stats(d, "reload")
+tap.ok(rc == 0 and "no answer within" not in err, "a second reload answers the same way (exit %d)" % rc, err)
+d.wait_workers(20)
+
+# ---------------------------------------------------------------- item 7: long options
+tap.section("--help and --version")
+for binary, name in ((h.RESOURCED_BIN, "resourced"), (h.RESCTL_BIN, "resctl")):
+    rc, out, err, _ = run([binary, "--help"])
+    tap.ok(rc == 0 and out.startswith("usage: %s" % name), "%s --help prints the usage and exits 0" % name, out + err)
+    for flag in ("--version", "-V"):
+        rc, out, err, _ = run([binary, flag])
+        tap.ok(rc == 0 and out.strip().startswith(name + " ") and out.strip()[len(name) + 1:][:1].isdigit(),
+               "%s %s prints the version and exits 0" % (name, flag), out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "--config", d.conf_path, "--test"])
+tap.ok(rc == 0 and "is valid" in out, "resourced --config FILE --test is -c FILE -t", out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "--no-such-option"])
+tap.ok(rc == 1 and "usage" in err, "an unknown long option is refused with the usage", out + err)
+
+
+# ---------------------------------------------------------------- item 6: -t checks what start needs
+tap.section("resourced -t checks what start needs")
+case_dir = h.temp_dir("operator-conf")
+SUN_PATH_MAX = 107
+
+
+def check_with(changes, tag):
+    settings = {s: dict(kv) for s, kv in d.settings.items()}
+    for section, kv in changes.items():
+        settings.setdefault(section, {}).update(kv)
+    path = os.path.join(case_dir, tag + ".conf")
+    h.Daemon.write_config(path, settings)
+    return path, d.check_config(path)
+
+
+missing = os.path.join(case_dir, "no-such-dir")
+a_file = os.path.join(case_dir, "plain-file")
+with open(a_file, "w") as f:
+    f.write("not a directory\n")
+long_sock = os.path.join(case_dir, "s" * (SUN_PATH_MAX + 5 - len(case_dir)) + ".sock")
+cases = [
+    ("storage root whose parent does not exist", {"storage": {"root": os.path.join(missing, "root")}},
+     "[storage] root", missing),
+    ("storage root that is a file", {"storage": {"root": a_file}}, "[storage] root", "not a directory"),
+    ("stats socket in a directory that does not exist",
+     {"server": {"stats_socket": os.path.join(missing, "stats.sock")}}, "[server] stats_socket", missing),
+    ("stats socket path longer than sun_path", {"server": {"stats_socket": long_sock}},
+     "[server] stats_socket", "longer than a Unix socket path"),
+    ("stats socket path that is a regular file", {"server": {"stats_socket": a_file}},
+     "[server] stats_socket", "not a socket"),
+    ("run_dir whose parent does not exist",
+     {"server": {"run_dir": os.path.join(missing, "run"), "pid_file": os.path.join(missing, "run", "r.pid")}},
+     "[server] run_dir", missing),
+    ("run_dir too long for the storage socket",
+     {"server": {"run_dir": os.path.join(case_dir, "r" * 100)}}, "storage socket", "longer than a Unix socket"),
+    ("pid file in a directory that does not exist",
+     {"server": {"pid_file": os.path.join(missing, "r.pid")}}, "[server] pid_file", missing),
+    ("log file in a directory that does not exist", {"log": {"file": os.path.join(missing, "r.log")}},
+     "[log] file", missing),
+    ("access log that is a directory", {"log": {"access_log": case_dir}}, "[log] access_log", "is a directory"),
+    ("agent_listen without a port", {"server": {"agent_listen": "127.0.0.1"}}, "[server] agent_listen",
+     "host:port"),
+    ("user that does not exist", {"server": {"user": "no-such-user-4101"}}, "[server] user", "no such user"),
+    ("group that does not exist", {"server": {"group": "no-such-group-4101"}}, "[server] group",
+     "no such group"),
+]
+for i, (desc, changes, key, why) in enumerate(cases):
+    path, (rc, out) = check_with(changes, "case%d" % i)
+    if key in ("[server] user", "[server] group") and os.geteuid() != 0:
+        tap.ok(rc == 0 and "warning" in out and why in out, "-t warns (not root): %s" % desc, out)
+        continue
+    tap.ok(rc == 1 and key in out and why in out, "-t exits 1 naming %s: %s" % (key, desc),
+           "exit %r, output %r" % (rc, out))
+# Writable is what root cannot be refused: check as nobody, with every path in a tree nobody can read.
+nobody_runs = os.geteuid() == 0 and \
+    run(["runuser", "-u", "nobody", "--", h.RESOURCED_BIN, "--version"])[0] == 0   # the build tree may be private
+if nobody_runs:
+    shared = tempfile.mkdtemp(prefix="resourced-it-operator-nobody-")
+    h.at_cleanup(lambda: shutil.rmtree(shared, ignore_errors=True))
+    os.chmod(shared, 0o755)
+    locked = os.path.join(shared, "locked")
+    os.mkdir(locked, 0o755)
+    settings = {"server": {"listen": "127.0.0.1:%d" % d.port, "run_dir": os.path.join(shared, "run"),
+                           "pid_file": os.path.join(shared, "run", "r.pid")},
+                "storage": {"root": os.path.join(locked, "root")},
+                "log": {"file": os.path.join(locked, "r.log")}}
+    os.chmod(shared, 0o777)           # run_dir may be created; nothing in locked/ may
+    path = os.path.join(shared, "nobody.conf")
+    h.Daemon.write_config(path, settings)
+    os.chmod(path, 0o644)
+    rc, out, err, _ = run(["runuser", "-u", "nobody", "--", h.RESOURCED_BIN, "-t", "-c", path])
+    tap.ok(rc == 1 and "[storage] root" in err and "%s is not writable" % locked in err and "[log] file" in err
+           and "[server] run_dir" not in err, "-t as nobody: a storage root and a log nobody may create are named",
+           "exit %r, %s%s" % (rc, out, err))
+else:
+    tap.skip("-t as another user: a directory that is not writable",
+             "needs root, and a build tree the user nobody can reach")
+rc, out = d.check_config(case_dir)
+tap.ok(rc == 1 and "is a directory" in out, "-t on a directory as the configuration file exits 1", out)
+two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
+                             "log": {"file": os.path.join(missing, "r.log")}}, "two")
+tap.ok(rc == 1 and "[storage] root" in out and "[log] file" in out and "2 problems" in out,
+       "-t reports every problem, not only the first", out)
+tap.ok(not os.path.exists(missing), "-t created nothing")
+
+# Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
+path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
+rc, out, err, _ = run([h.RESOURCED_BIN, "-f", "-c", path], timeout=30)
+tap.ok(rc == 1 and "longer than a Unix socket path" in err and "not started" in err,
+       "start with an over-long stats socket path exits 1 naming it", out + err)
+tap.ok(h.pid_alive(d.master_pid) and d.ping(), "the running daemon is not disturbed")
+
+
+# ---------------------------------------------------------------- items 4 and 5: per-process gauges, expected answers
+tap.section("gauges per process, sums only where they mean something")
+
+
+def info():
+    return h.stats_info(d)
+
+
+def metrics():
+    rc, out, err, _ = stats(d, "show", "metrics")
+    return out
+
+
+def series(text, name):
+    """{labels string: value} of one metric in a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name):]] = float(value)
+    return out
+
+
+def all_connected():
+    i = info()
+    return i if i["redis_connected"] == 3 and i["storage_linked"] == 2 else None
+
+
+# Two reloads above left two old generations behind: their slots must not count.
+i = h.wait_for(all_connected, 20)
+tap.ok(i, "show info: redis_connected 3 and storage_linked 2 with 2 workers after two reloads", repr(info()))
+i = i or info()
+tap.eq((i.get("processes_running"), i.get("workers_running")), (3, 2), "show info: 3 processes, 2 workers running")
+tap.ok("redis_up" not in i and "storage_up" not in i, "show info has no sum of per-process states", repr(i))
+rc, text, err, _ = stats(d, "show", "info")
+tap.ok("Redis_connected: 3" in text and "redis_up" not in text, "show info text says Redis_connected: 3", text)
+rc, out, err, _ = stats(d, "show", "stat", "json")
+rows = json.loads(out)
+running = [r for r in rows if r["pid"] > 0]
+tap.ok(all(r["redis_up"] == 1 for r in running), "show stat: redis_up is 1 per running process", out)
+rc, out, err, _ = stats(d, "show", "workers")
+rows = [l.split() for l in out.splitlines() if l and not l.startswith("#")]
+tap.ok(out.startswith("# role number slot pid state uptime_sec restarts connections redis_up storage_up") and
+       len(rows) == 3 and all(r[8] == "1" for r in rows) and
+       sorted(r[9] for r in rows) == ["-", "1", "1"], "show workers: redis_up and storage_up per process", out)
+rc, out, err, _ = stats(d, "show", "workers", "json")
+wj = json.loads(out)
+tap.ok(all(w["redis_up"] == 1 for w in wj) and all(w.get("storage_up") == 1 for w in wj if w["role"] == "worker")
+       and all("storage_up" not in w for w in wj if w["role"] == "storage"), "show workers json: the same", out)
+m = metrics()
+up = series(m, "resourced_redis_up")
+tap.ok(len(up) == 3 and set(up.values()) == {1.0} and all("role=" in k for k in up),
+       "metrics: resourced_redis_up is one series per process, each 1", repr(up))
+tap.ok("" not in up, "metrics: no unlabelled resourced_redis_up sum", repr(up))
+link = series(m, "resourced_storage_up")
+tap.ok(len(link) == 2 and all('role="worker"' in k for k in link) and set(link.values()) == {1.0},
+       "metrics: resourced_storage_up per worker", repr(link))
+tap.ok("# HELP resourced_redis_up 1 when the process is connected to Redis" in m,
+       "metrics: the HELP of redis_up speaks of one process, as its series do")
+up_series = series(m, "resourced_process_up")
+tap.eq(len(up_series), 3, "metrics: process_up has one series per current process (no duplicate labels)",
+       repr(up_series))
+
+with h.Client(d.port) as c1, h.Client(d.port) as c2:
+    c1.request(h.MSG_TEST, {"data": "x"})
+    c2.request(h.MSG_TEST, {"data": "y"})
+    tap.ok(h.wait_for(lambda: info()["conn_current"] == 2, 10), "conn_current sums the running workers' connections",
+           repr(info()["conn_current"]))
+
+tap.section("a sync's 1012 before a fresh upload is an expected answer, not an error")
+before = info()
+data = os.urandom(100000)
+up = h.Upload(data, "operator-fresh.bin", UID, TOKEN)
+with h.Client(d.port) as c:
+    s = up.sync(c)
+    tap.eq(s.get("error"), 1012, "sync before a fresh upload answers 1012")
+    r, _, _ = up.run(c)
+    tap.eq(r.get("error"), 0, "the upload completes")
+    bad = c.request(h.MSG_UPLOAD, up.body(0, 3))     # seq 3 of an upload that is done: a real 1012
+    tap.eq(bad.get("error"), 1012, "a chunk of an upload not in progress answers 1012")
+after = info()
+
+
+def count(i, kind, code="1012"):
+    return i.get(kind, {}).get(code, 0)
+
+
+tap.eq(count(after, "expected") - count(before, "expected"), 1, "show info: expected 1012 counts the sync's answer")
+tap.eq(count(after, "errors") - count(before, "errors"), 1, "show info: errors 1012 counts only the upload chunk's")
+rc, text, err, _ = stats(d, "show", "info")
+tap.ok("expected_1012: %d" % count(after, "expected") in text, "show info text has expected_1012", text)
+rc, out, err, _ = stats(d, "show", "stat", "json")
+rows = json.loads(out)
+tap.eq(sum(r.get("expected", {}).get("1012", 0) for r in rows), count(after, "expected"),
+       "show stat json: expected per process adds up to the total")
+rc, out, err, _ = stats(d, "show", "stat")
+tap.ok(out.splitlines()[0].endswith(",errors,expected"), "show stat text has errors and expected columns", out[:300])
+m = metrics()
+tap.eq(series(m, "resourced_responses_expected_total").get('{code="1012"}'), float(count(after, "expected")),
+       "metrics: resourced_responses_expected_total{code=\"1012\"}")
+tap.eq(series(m, "resourced_responses_error_total").get('{code="1012"}'), float(count(after, "errors")),
+       "metrics: resourced_responses_error_total{code=\"1012\"} leaves the sync's answer out")
+
+tap.finish()
