@@ -59,6 +59,7 @@ struct backend_staging {
 	struct backend_meta meta;
 	char head[OID_MAX];           /* "" until known (attach looks it up) */
 	uint64_t piece;
+	uint64_t fence_known;         /* a fence this handle already recorded on the head and its pieces */
 };
 
 struct backend_file {
@@ -414,6 +415,7 @@ static int canceled_why(struct rados_be *r, const char *head, uint64_t fence, in
 /* ---------------------------------------------------------------- open and close */
 
 static void *gc_main(void *arg);
+static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head);
 
 static int rados_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
 {
@@ -597,6 +599,7 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 		err = staging_reset(s, old, fence, text, text_len);
 		if (err == 0) {
 			snprintf(s->head, sizeof(s->head), "%s", old);
+			s->fence_known = fence;
 			*out = s;
 			return 0;
 		}
@@ -636,6 +639,7 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 	}
 	if (old[0])
 		data_remove(r, old, r->piece, 0);   /* a broken old entry: best effort */
+	s->fence_known = fence;
 	*out = s;
 	return 0;
 }
@@ -652,6 +656,113 @@ static int rados_staging_attach(struct backend *b, const struct backend_meta *me
 	}
 	*out = s;
 	return 0;
+}
+
+static int fence_parse(const char *text, uint64_t *fence)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(text, &end, 16);
+	if (errno || end == text || *end != '\0')
+		return EIO;
+	*fence = v;
+	return 0;
+}
+
+/* Records fence on the head and on every existing piece before this handle changes anything
+ * under it (a node taking an upload over): from then on a writer with a lower fence is refused
+ * on every object of the entry, not only on the one the new holder happens to write first. */
+static int fence_raise(struct backend_staging *s, uint64_t fence)
+{
+	if (fence == BACKEND_NO_FENCE || fence <= s->fence_known)
+		return 0;
+	struct rados_be *r = s->r;
+	char ftext[FENCE_LEN + 1];
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	op_fence(op, fence, ftext);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return canceled_why(r, s->head, fence, ESTALE);
+	if (rc < 0)
+		return rerr(rc);
+	uint64_t size = 0;
+	int err = data_size(r, s->head, s->piece, &size, NULL);
+	for (uint64_t k = 1; err == 0 && k <= size / s->piece; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(s->head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_assert_exists(op);
+		op_fence(op, fence, ftext);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == -ECANCELED)
+			err = ESTALE;
+		else if (rc < 0 && rc != -ENOENT)
+			err = rerr(rc);
+	}
+	if (err == 0)
+		s->fence_known = fence;
+	return err;
+}
+
+static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+    struct backend_staging **out)
+{
+	struct rados_be *r = b->priv;
+	struct backend_meta want = { .uid = uid };
+	memcpy(want.md5, md5, PROTO_MD5_HEX);
+	char key[64], head[OID_MAX];
+	staging_key(&want, key, sizeof(key));
+	int err = omap_get(r, STAGING_OBJ, key, strlen(key), head, sizeof(head));
+	if (err)
+		return err;
+	struct head_attrs h;
+	if ((err = head_read(r, head, &h)) != 0)
+		return err == ENOENT ? EINVAL : err;   /* indexed but gone: broken, seq 1 replaces it */
+	memset(entry, 0, sizeof(*entry));
+	uint64_t piece = 0, recorded = 0;
+	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
+	    entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0 ||
+	    (h.fence[0] && fence_parse(h.fence, &recorded) != 0))
+		return EINVAL;
+	if (strcmp(h.state, "sealed") == 0) {
+		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
+		 * stopped before the name switch was done. Finishing the switch is idempotent. */
+		if ((err = name_switch(r, uid, entry->meta.name, entry->meta.name_len, head)) != 0)
+			return err;
+		omap_remove_if(r, STAGING_OBJ, key, head);
+		return ENOENT;
+	}
+	if ((err = data_size(r, head, piece, &entry->size, &entry->mtime)) != 0)
+		return err;
+	struct backend_staging *s = staging_new(r, &entry->meta);
+	if (s == NULL)
+		return ENOMEM;
+	snprintf(s->head, sizeof(s->head), "%s", head);
+	s->piece = piece;
+	s->fence_known = recorded;
+	*out = s;
+	return 0;
+}
+
+/* The fence on the head: fence_raise puts every holder's there before it changes anything. An
+ * entry that is gone or sealed (published) records none any more: 0, as the fs backend's. */
+static int rados_staging_fence(struct backend_staging *s, uint64_t *recorded)
+{
+	*recorded = 0;
+	int err = staging_locate(s);
+	struct head_attrs h;
+	if (err == 0)
+		err = head_read(s->r, s->head, &h);
+	if (err == ENOENT)
+		return 0;
+	if (err)
+		return err;
+	if (strcmp(h.state, "open") != 0 || h.fence[0] == '\0')
+		return 0;
+	return fence_parse(h.fence, recorded);
 }
 
 /* Writes one piece's part: the fence (and, on the head, the open state) checked in the same op. */
@@ -705,6 +816,8 @@ static int rados_staging_write(struct backend_staging *s, const void *data, size
     uint64_t fence)
 {
 	int err = staging_locate(s);
+	if (err == 0)
+		err = fence_raise(s, fence);
 	size_t done = 0;
 	while (err == 0 && done < len) {
 		uint64_t at = offset + done, k = at / s->piece, in = at % s->piece;
@@ -742,6 +855,8 @@ static int rados_staging_truncate(struct backend_staging *s, uint64_t size, uint
 {
 	struct rados_be *r = s->r;
 	int err = staging_locate(s);
+	if (err == 0)
+		err = fence_raise(s, fence);
 	if (err)
 		return err;
 	/* Fenced on the head first, so a fenced-out writer cuts nothing. */
@@ -1121,10 +1236,12 @@ const struct backend_ops backend_rados = {
 	.close = rados_close,
 	.staging_begin = rados_staging_begin,
 	.staging_attach = rados_staging_attach,
+	.staging_find = rados_staging_find,
 	.staging_write = rados_staging_write,
 	.staging_read = rados_staging_read,
 	.staging_sync = rados_staging_sync,
 	.staging_size = rados_staging_size,
+	.staging_fence = rados_staging_fence,
 	.staging_truncate = rados_staging_truncate,
 	.staging_discard = rados_staging_discard,
 	.staging_close = rados_staging_close,
@@ -1133,4 +1250,7 @@ const struct backend_ops backend_rados = {
 	.file_open = rados_file_open,
 	.file_read = rados_file_read,
 	.file_close = rados_file_close,
+	/* No file_fd (no descriptor to sendfile from) and no content index yet: instant upload is
+	 * off with this backend (storage.c says so at start; design.md, "How a RADOS backend would
+	 * keep the content index"). */
 };

@@ -2300,6 +2300,9 @@ int storage_main(const struct conf *conf, int listen_fd)
 	char err[512];
 	if (backend_open(&st->backend, conf, BACKEND_WRITER, err, sizeof(err)) < 0)
 		fatalx("storage backend: %s", err);
+	if (conf->dedup != DEDUP_OFF && !dedup_enabled(st))
+		log_info("[storage] dedup: instant upload is unavailable with the %s backend (no content index): "
+		    "every upload sends every byte", st->backend.ops->name);
 	/* The icon retry queue stays on the local disk whatever the backend. */
 	make_dir(conf->root);
 	int n = snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);

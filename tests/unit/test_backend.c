@@ -616,6 +616,37 @@ START_TEST(test_rados_fencing)
 	be.ops->file_close(f);
 }
 END_TEST
+/* A node taking over with staging_find and writing only past the first piece still fences the old
+ * holder out of every piece, and staging_fence reports the new fence (what WORK_CHECK compares). */
+START_TEST(test_rados_takeover_pieces)
+{
+	static char big[140000];
+	memset(big, 'A', sizeof(big));
+	struct backend_meta m = meta_of(9, MD5_B, "taken.bin", 200000);
+	struct backend_staging *a, *b;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &a), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, big, sizeof(big), 0, 10), 0);   /* pieces 0, 1 and 2 */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 9, MD5_B, &e, &b), 0);
+	ck_assert_uint_eq(e.size, sizeof(big));
+	ck_assert_str_eq(e.meta.name, "taken.bin");
+	uint64_t recorded = 0;
+	ck_assert_int_eq(be.ops->staging_fence(b, &recorded), 0);
+	ck_assert_uint_eq(recorded, 10);
+	ck_assert_int_eq(be.ops->staging_write(b, "BBBB", 4, sizeof(big), 20), 0);   /* into piece 2 only */
+	ck_assert_int_eq(be.ops->staging_fence(a, &recorded), 0);
+	ck_assert_uint_eq(recorded, 20);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 10), ESTALE);        /* piece 0 */
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 70000, 10), ESTALE);    /* piece 1 */
+	char buf[4];
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->staging_read(b, buf, 4, 70000, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "AAAA", 4), 0);
+	be.ops->staging_close(a);
+	be.ops->staging_close(b);
+	ck_assert_int_eq(be.ops->staging_find(&be, 9, MD5_A, &e, &b), ENOENT);
+}
+END_TEST
 #endif
 
 static Suite *backend_suite(void)
@@ -646,6 +677,8 @@ static Suite *backend_suite(void)
 		tcase_add_test(tc, test_meta_any_name);
 		tcase_add_test(tc, test_rados_striped);
 		tcase_add_test(tc, test_rados_fencing);
+		tcase_add_test(tc, test_fencing);
+		tcase_add_test(tc, test_rados_takeover_pieces);
 		suite_add_tcase(s, tc);
 	}
 #endif
