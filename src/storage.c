@@ -176,6 +176,16 @@ struct space_probe {
 	int ok;
 };
 
+/* The backend's ping, on a pool thread (the agent-check answers down while it fails or hangs). */
+struct health_probe {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	ev_tstamp started, last;
+	int err;
+	int unreachable;              /* as last published to the stats slot */
+};
+
 struct sweep;
 
 struct storage {
@@ -188,6 +198,8 @@ struct storage {
 	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
 	ev_timer space_timer;
 	struct space_probe space;
+	ev_timer health_timer;
+	struct health_probe health;
 	struct sweep *sweep;          /* the janitor's listing of old staging entries */
 	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
 	int free_known;
@@ -1056,6 +1068,68 @@ static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revent
 	st->space.job.work = space_probe_work;
 	st->space.job.done = space_probe_done;
 	pool_submit(st->pool, &st->space.job);
+}
+
+/* ---------------------------------------------------------------- health (the agent-check) */
+
+#define HEALTH_INTERVAL 1.0     /* seconds between heartbeats of the loop */
+#define PING_INTERVAL 2.0       /* seconds between pings of the backend */
+
+static void health_publish(struct storage *st, int unreachable, const char *why)
+{
+	struct health_probe *h = &st->health;
+	if (unreachable == h->unreachable)
+		return;
+	h->unreachable = unreachable;
+	if (stats_self)
+		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
+	if (unreachable)
+		log_warnx("storage backend %s unreachable (%s): the agent-check answers down",
+		    st->backend.ops->name, why);
+	else
+		log_info("storage backend %s answers again", st->backend.ops->name);
+}
+
+static void health_ping_work(struct pool_job *job)
+{
+	struct health_probe *h = (struct health_probe *)job;
+	h->err = h->st->backend.ops->ping(&h->st->backend);
+}
+
+static void health_ping_done(struct pool_job *job)
+{
+	struct health_probe *h = (struct health_probe *)job;
+	struct storage *st = h->st;
+	h->busy = 0;
+	h->last = ev_now(st->loop);
+	health_publish(st, h->err != 0, strerror(h->err));
+}
+
+/* The loop's heartbeat, and the backend pinged on a pool thread: a ping still running after
+ * storage_timeout counts as unreachable (every pool thread may be stuck on the backend). */
+static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct storage *st = t->data;
+	struct health_probe *h = &st->health;
+	if (stats_self)
+		atomic_store(&stats_self->alive_ms, stats_mono_ms());
+	ev_tstamp now = ev_now(loop);
+	if (st->backend.ops->ping == NULL)
+		return;
+	if (h->busy) {
+		if (now - h->started > st->conf->storage_timeout)
+			health_publish(st, 1, "no answer within storage_timeout");
+		return;
+	}
+	if (now - h->last < PING_INTERVAL)
+		return;
+	h->busy = 1;
+	h->st = st;
+	h->started = now;
+	h->job.work = health_ping_work;
+	h->job.done = health_ping_done;
+	pool_submit(st->pool, &h->job);
 }
 
 /* ---------------------------------------------------------------- the upload lease (several nodes) */
@@ -2357,6 +2431,12 @@ int storage_main(const struct conf *conf, int listen_fd)
 	ev_timer_init(&st->space_timer, storage_on_space_timer, SPACE_INTERVAL, SPACE_INTERVAL);
 	st->space_timer.data = st;
 	ev_timer_start(st->loop, &st->space_timer);
+	/* Alive from now on, as far as the agent-check can tell. */
+	if (stats_self)
+		atomic_store(&stats_self->alive_ms, stats_mono_ms());
+	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
+	st->health_timer.data = st;
+	ev_timer_start(st->loop, &st->health_timer);
 
 	log_info("serving workers on %s/%s", conf->run_dir, IPC_SOCKET_NAME);
 	ev_run(st->loop, 0);
