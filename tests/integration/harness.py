@@ -1041,6 +1041,11 @@ class Cluster:
                 for section, kv in extra.items():
                     this.setdefault(section, {}).update(kv)
             self.nodes.append(Daemon(workers=workers, redis=self.redis, pg=pg, settings=this, host=host))
+        if uses_rados(self.nodes[0]):
+            # One storage for every node: the first node's RADOS namespace is everybody's.
+            for node in self.nodes[1:]:
+                node.settings["rados"]["namespace"] = rados_namespace(self.nodes[0])
+                Daemon.write_config(node.conf_path, node.settings)
         self.haproxy = HAProxy(self.nodes, balance=balance, sticky=sticky)
 
     def start(self, timeout=30):
@@ -1050,7 +1055,32 @@ class Cluster:
         return self
 
     def published(self, uid, name):
+        if uses_rados(self.nodes[0]):
+            return published(self.nodes[0], uid, name)
         return os.path.join(self.root, str(uid), name)
+
+    def staging_entries(self, uid, md5):
+        """The staging entry of (uid, md5) in the shared storage: its files under <root>/.staging, or its
+        RADOS staging key and objects. Empty: none."""
+        if uses_rados(self.nodes[0]):
+            return staging_entries(self.nodes[0], uid, md5)
+        try:
+            return [n for n in os.listdir(os.path.join(self.root, ".staging")) if md5 in n]
+        except FileNotFoundError:
+            return []
+
+    def published_files(self, uid):
+        """{where: bytes} of every file published for uid, versions and temporaries included: the regular
+        files under <root>/<uid>/, or with RADOS every sealed data object whose metadata names uid."""
+        if uses_rados(self.nodes[0]):
+            return rados_published_versions(self.nodes[0], uid)
+        out = {}
+        for dirpath, _, names in os.walk(os.path.join(self.root, str(uid))):
+            for n in names:
+                path = os.path.join(dirpath, n)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    out[path] = read_file(path)
+        return out
 
     def diagnostics(self):
         out = [self.haproxy.log_tail(10)]
@@ -1707,6 +1737,37 @@ def rados_read_file(d, uid, name):
         return None
     finally:
         io.close()
+
+
+def _rados_read_head(io, head):
+    size, piece = (int(x) for x in io.get_xattr(head, "layout").decode().split(":"))
+    out = []
+    for k in range((size + piece - 1) // piece or 1):
+        oid = head if k == 0 else "%s.%d" % (head, k)
+        out.append(io.read(oid, min(piece, size - k * piece)) if size else b"")
+    return b"".join(out)
+
+
+def rados_published_versions(d, uid):
+    """{head: bytes} of every sealed (published or being published) data object of uid in d's namespace."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    out = {}
+    try:
+        for oid in rados_objects(d):
+            if not oid.startswith("d.") or oid.count(".") != 2:
+                continue   # not a head (pieces are <head>.<k>)
+            try:
+                if io.get_xattr(oid, "state") != b"sealed":
+                    continue
+                if json.loads(io.get_xattr(oid, "meta").decode()).get("uid") != uid:
+                    continue
+                out[oid] = _rados_read_head(io, oid)
+            except rados.ObjectNotFound:
+                pass   # collected meanwhile
+    finally:
+        io.close()
+    return out
 
 
 def rados_published_copy(d, uid, name):
