@@ -657,6 +657,8 @@ def cluster_outage(storm):
     tap.ok(storm.watch["busy"] >= busy0 or storm.watch["answers"] > 0,
            "(g): the idle uploads' 1005 kept being answered through the outage", repr(storm.watch))
     storm.probe(snap, budget=60)
+    tap.diag("(g): connections replaced after the outage: %d (log: 'switched to it'), fresh ones that did not "
+             "answer either: %d" % (storm.d.log_count("switched to it"), storm.d.log_count("does not answer either")))
 
 
 # ---------------------------------------------------------------- (e3) a full cluster (RADOS only)

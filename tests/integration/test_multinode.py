@@ -89,6 +89,7 @@ if cluster.lease_ttl:
 else:
     tap.diag("%s does not know [storage] lease_ttl: the nodes run without it" % h.RESOURCED_BIN)
 tap.context.append(cluster.diagnostics)
+tap.diag("backend: %s" % ("rados, one namespace for the three nodes" if h.uses_rados(cluster.nodes[0]) else "fs, one root"))
 
 rc, out = cluster.haproxy.check()
 tap.eq(rc, 0, "haproxy -c accepts the configuration made from contrib/haproxy.cfg", out)
@@ -663,6 +664,13 @@ with tap.section("Redis failover while uploads hop across nodes"):
         t.join(60)
     for i, qt in enumerate(qts):
         check_resumed(qt, "hopping upload %d across the failover" % i)
+
+if h.uses_rados(cluster.nodes[0]):
+    # The nodes shared one RADOS namespace, not the root: nothing was published on the local disk.
+    local = [n for n in os.listdir(cluster.root) if n.isdigit()]
+    tap.ok(local == [] and cluster.published_files(UID),
+           "RADOS: every file was published in the shared namespace, none under the local root",
+           "local %r" % local)
 
 with tap.section("stop"):
     for i, node in enumerate(cluster.nodes):
