@@ -42,23 +42,10 @@
 /* Writes try even on a full cluster, so that it answers ENOSPC instead of blocking. */
 #define WRITE_FLAGS LIBRADOS_OPERATION_FULL_TRY
 
-/* One librados client and its pool context. Replaced as a whole when it stays wedged after an
- * outage (conn_check): operations still running on the old one finish on it, and the last of
- * them shuts it down. */
-struct rados_conn {
-	rados_t cluster;
-	rados_ioctx_t io;
-	int refs;                     /* operations running on it, plus one while it is the current one */
-};
-
 struct rados_be {
 	const struct conf *conf;
-	pthread_mutex_t conn_lock;
-	struct rados_conn *conn;      /* the current connection */
-	double failing_since;         /* monotonic seconds of the first of the current run of timeouts; 0: none */
-	double last_attempt;          /* of a fresh connection */
-	int reconnecting;
-	int timeout;                  /* seconds, each cluster operation */
+	rados_t cluster;
+	rados_ioctx_t io;
 	uint64_t piece;               /* object_size for new uploads */
 	/* The collector of replaced versions (writer only). */
 	pthread_t gc_thread;
@@ -82,10 +69,6 @@ struct backend_file {
 };
 
 /* ---------------------------------------------------------------- helpers */
-
-/* The pool context of the operation this thread is running (op_enter sets it). */
-static _Thread_local rados_ioctx_t current_io;
-#define IO(r) ((void)(r), current_io)
 
 /* A librados result (-errno) as the errno backend.h promises. */
 static int rerr(int r)
@@ -156,7 +139,7 @@ static int omap_get(struct rados_be *r, const char *oid, const char *key, size_t
 	int prval = 0;
 	const char *keys[1] = { key };
 	rados_read_op_omap_get_vals_by_keys2(op, keys, 1, &keylen, &it, &prval);
-	int rc = rados_read_op_operate(op, IO(r), oid, 0);
+	int rc = rados_read_op_operate(op, r->io, oid, 0);
 	int err = rc < 0 ? rerr(rc) : prval < 0 ? rerr(prval) : ENOENT;
 	if (rc >= 0 && prval >= 0) {
 		char *k, *v;
@@ -183,7 +166,7 @@ static int omap_remove_if(struct rados_be *r, const char *oid, const char *key, 
 	const char *keys[1] = { key };
 	rados_write_op_omap_cmp(op, key, LIBRADOS_CMPXATTR_OP_EQ, value, strlen(value), &prval);
 	rados_write_op_omap_rm_keys2(op, keys, &keylen, 1);
-	int rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	return rc == -ECANCELED || rc == -ENOENT ? 0 : rerr(rc);
 }
@@ -199,13 +182,13 @@ static int omap_swap(struct rados_be *r, const char *oid, const char *key, size_
 		const char *keys[1] = { key }, *vals[1] = { value };
 		rados_write_op_omap_cmp2(op, key, LIBRADOS_CMPXATTR_OP_EQ, expect, keylen, strlen(expect), &prval);
 		rados_write_op_omap_set2(op, keys, vals, &keylen, &vlen, 1);
-		int rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+		int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 		rados_release_write_op(op);
 		if (rc == -ENOENT && !created) {
 			/* The index object does not exist yet: create it (harmless if another thread did). */
 			op = rados_create_write_op();
 			rados_write_op_create(op, LIBRADOS_CREATE_IDEMPOTENT, NULL);
-			rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+			rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 			rados_release_write_op(op);
 			if (rc < 0)
 				return rerr(rc);
@@ -294,7 +277,7 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 	rados_xattrs_iter_t it = NULL;
 	int prval = 0;
 	rados_read_op_getxattrs(op, &it, &prval);
-	int rc = rados_read_op_operate(op, IO(r), head, 0);
+	int rc = rados_read_op_operate(op, r->io, head, 0);
 	int err = rc < 0 ? rerr(rc) : prval < 0 ? rerr(prval) : 0;
 	if (err == 0) {
 		const char *name, *val;
@@ -350,7 +333,7 @@ static int data_size(struct rados_be *r, const char *head, uint64_t piece, uint6
 		piece_oid(head, k, oid);
 		uint64_t s = 0;
 		time_t t = 0;
-		int rc = rados_stat(IO(r), oid, &s, &t);
+		int rc = rados_stat(r->io, oid, &s, &t);
 		if (rc == -ENOENT && k > 0)
 			return 0;
 		if (rc < 0)
@@ -377,7 +360,7 @@ static int data_read(struct rados_be *r, const char *head, uint64_t piece, void 
 			want = 1u << 30;   /* rados_read takes an int-sized length */
 		char oid[PIECE_OID_MAX];
 		piece_oid(head, k, oid);
-		int n = rados_read(IO(r), oid, (char *)buf + *got, want, in);
+		int n = rados_read(r->io, oid, (char *)buf + *got, want, in);
 		if (n == -ENOENT && k > 0)
 			return 0;
 		if (n < 0)
@@ -394,7 +377,7 @@ static int object_remove(struct rados_be *r, const char *oid)
 {
 	rados_write_op_t op = rados_create_write_op();
 	rados_write_op_remove(op);
-	int rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	return rc == -ENOENT ? 0 : rerr(rc);
 }
@@ -434,161 +417,6 @@ static int canceled_why(struct rados_be *r, const char *head, uint64_t fence, in
 static void *gc_main(void *arg);
 static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head);
 
-static double mono_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* A connected client with its pool context, every wait bounded by r->timeout. */
-static int conn_new(struct rados_be *r, struct rados_conn **out, char *err, size_t errlen)
-{
-	const struct conf *conf = r->conf;
-	struct rados_conn *c = calloc(1, sizeof(*c));
-	if (c == NULL) {
-		snprintf(err, errlen, "out of memory");
-		return -ENOMEM;
-	}
-	int rc = rados_create(&c->cluster, conf->rados_user[0] ? conf->rados_user : NULL);
-	if (rc < 0) {
-		snprintf(err, errlen, "rados_create(%s): %s", conf->rados_user, strerror(-rc));
-		free(c);
-		return rc;
-	}
-	if ((rc = rados_conf_read_file(c->cluster, conf->rados_conf)) < 0) {
-		snprintf(err, errlen, "cannot read [rados] conf %s: %s", conf->rados_conf, strerror(-rc));
-		goto fail;
-	}
-	/* Every wait is bounded, so a down or full cluster is an answer (1027/1028) within
-	 * storage_timeout rather than a hang: a chunk takes a few operations in turn. */
-	char t[16];
-	snprintf(t, sizeof(t), "%d", r->timeout);
-	rados_conf_set(c->cluster, "rados_osd_op_timeout", t);
-	rados_conf_set(c->cluster, "rados_mon_op_timeout", t);
-	rados_conf_set(c->cluster, "client_mount_timeout", t);
-	if ((rc = rados_connect(c->cluster)) < 0) {
-		snprintf(err, errlen, "cannot connect to the Ceph cluster of %s as client.%s: %s", conf->rados_conf,
-		    conf->rados_user, strerror(-rc));
-		goto fail;
-	}
-	if ((rc = rados_ioctx_create(c->cluster, conf->rados_pool, &c->io)) < 0) {
-		snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
-		goto fail;
-	}
-	rados_ioctx_set_namespace(c->io, conf->rados_namespace[0] ? conf->rados_namespace : NULL);
-	c->refs = 1;
-	*out = c;
-	return 0;
-fail:
-	rados_shutdown(c->cluster);
-	free(c);
-	return rc;
-}
-
-static void conn_destroy(struct rados_conn *c)
-{
-	rados_ioctx_destroy(c->io);
-	rados_shutdown(c->cluster);
-	free(c);
-}
-
-static void conn_put(struct rados_be *r, struct rados_conn *c)
-{
-	pthread_mutex_lock(&r->conn_lock);
-	int last = --c->refs == 0;
-	pthread_mutex_unlock(&r->conn_lock);
-	if (last)
-		conn_destroy(c);
-}
-
-/* One public operation: runs on the current connection, which stays alive until op_leave. */
-struct op_scope {
-	struct rados_be *r;
-	struct rados_conn *c;
-	rados_ioctx_t saved;          /* an enclosing operation's (a callback of staging_list) */
-};
-
-static void op_enter(struct rados_be *r, struct op_scope *sc)
-{
-	pthread_mutex_lock(&r->conn_lock);
-	sc->r = r;
-	sc->c = r->conn;
-	sc->c->refs++;
-	pthread_mutex_unlock(&r->conn_lock);
-	sc->saved = current_io;
-	current_io = sc->c->io;
-}
-
-/*
- * After a long cluster outage a librados client was seen to stay wedged: every operation timing
- * out for minutes while the cluster and any fresh client answered (design.md, "The RADOS
- * backend"). So when the current connection has answered nothing but timeouts for two operation
- * timeouts, one thread opens a fresh one; if the fresh one answers, it replaces the current one.
- * While the cluster is really down the fresh one times out too and nothing changes.
- */
-static void conn_check(struct rados_be *r, struct rados_conn *c, int err)
-{
-	if (err < 0)
-		return;   /* no verdict (the collector's sweep) */
-	double now = mono_now(), window = 2.0 * r->timeout, failing = 0;
-	pthread_mutex_lock(&r->conn_lock);
-	int attempt = 0;
-	if (c == r->conn) {
-		if (err != ETIMEDOUT) {
-			r->failing_since = 0;
-		} else if (r->failing_since == 0) {
-			r->failing_since = now;
-		} else if (now - r->failing_since >= window && now - r->last_attempt >= window && !r->reconnecting) {
-			r->reconnecting = attempt = 1;
-			r->last_attempt = now;
-			failing = now - r->failing_since;
-		}
-	}
-	pthread_mutex_unlock(&r->conn_lock);
-	if (!attempt)
-		return;
-	struct rados_conn *fresh = NULL;
-	char why[256] = "";
-	int rc = conn_new(r, &fresh, why, sizeof(why));
-	if (rc == 0) {
-		uint64_t size;
-		time_t mtime;
-		rc = rados_stat(fresh->io, STAGING_OBJ, &size, &mtime);
-		if (rc == -ENOENT)
-			rc = 0;
-		if (rc < 0)
-			snprintf(why, sizeof(why), "%s", strerror(-rc));
-	}
-	struct rados_conn *old = NULL;
-	pthread_mutex_lock(&r->conn_lock);
-	r->reconnecting = 0;
-	if (rc == 0) {
-		old = r->conn;
-		r->conn = fresh;
-		r->failing_since = 0;
-	}
-	pthread_mutex_unlock(&r->conn_lock);
-	if (rc == 0) {
-		log_warnx("rados: every cluster operation timed out for %.0f s while a fresh connection answers: "
-		    "switched to it", failing);
-		conn_put(r, old);
-	} else {
-		if (fresh)
-			conn_destroy(fresh);
-		log_warnx("rados: cluster operations keep timing out; a fresh connection does not answer either (%s)",
-		    why);
-	}
-}
-
-static int op_leave(struct op_scope *sc, int err)
-{
-	current_io = sc->saved;
-	conn_check(sc->r, sc->c, err);
-	conn_put(sc->r, sc->c);
-	return err;
-}
-
 static int rados_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
 {
 	const struct conf *conf = b->conf;
@@ -599,20 +427,45 @@ static int rados_open(struct backend *b, enum backend_role role, char *err, size
 	}
 	r->conf = conf;
 	r->piece = (uint64_t)conf->rados_object_size;
-	r->timeout = conf->rados_op_timeout ? conf->rados_op_timeout : conf->storage_timeout / 3;
-	if (r->timeout < 1)
-		r->timeout = 1;
-	if (conn_new(r, &r->conn, err, errlen) < 0) {
+	int rc = rados_create(&r->cluster, conf->rados_user[0] ? conf->rados_user : NULL);
+	if (rc < 0) {
+		snprintf(err, errlen, "rados_create(%s): %s", conf->rados_user, strerror(-rc));
 		free(r);
 		return -1;
 	}
-	pthread_mutex_init(&r->conn_lock, NULL);
+	if ((rc = rados_conf_read_file(r->cluster, conf->rados_conf)) < 0) {
+		snprintf(err, errlen, "cannot read [rados] conf %s: %s", conf->rados_conf, strerror(-rc));
+		goto fail;
+	}
+	/* Every wait is bounded, so a down or full cluster is an answer (1027/1028) within
+	 * storage_timeout rather than a hang: a chunk takes a few operations in turn. */
+	int timeout = conf->rados_op_timeout ? conf->rados_op_timeout : conf->storage_timeout / 3;
+	if (timeout < 1)
+		timeout = 1;
+	char t[16];
+	snprintf(t, sizeof(t), "%d", timeout);
+	rados_conf_set(r->cluster, "rados_osd_op_timeout", t);
+	rados_conf_set(r->cluster, "rados_mon_op_timeout", t);
+	rados_conf_set(r->cluster, "client_mount_timeout", t);
+	if ((rc = rados_connect(r->cluster)) < 0) {
+		snprintf(err, errlen, "cannot connect to the Ceph cluster of %s as client.%s: %s", conf->rados_conf,
+		    conf->rados_user, strerror(-rc));
+		goto fail;
+	}
+	if ((rc = rados_ioctx_create(r->cluster, conf->rados_pool, &r->io)) < 0) {
+		snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
+		rados_shutdown(r->cluster);
+		free(r);
+		return -1;
+	}
+	rados_ioctx_set_namespace(r->io, conf->rados_namespace[0] ? conf->rados_namespace : NULL);
 	pthread_mutex_init(&r->gc_lock, NULL);
 	pthread_cond_init(&r->gc_cond, NULL);
 	if (role == BACKEND_WRITER) {
 		if (pthread_create(&r->gc_thread, NULL, gc_main, r) != 0) {
 			snprintf(err, errlen, "cannot start the collector thread");
-			conn_destroy(r->conn);
+			rados_ioctx_destroy(r->io);
+			rados_shutdown(r->cluster);
 			free(r);
 			return -1;
 		}
@@ -620,6 +473,10 @@ static int rados_open(struct backend *b, enum backend_role role, char *err, size
 	}
 	b->priv = r;
 	return 0;
+fail:
+	rados_shutdown(r->cluster);
+	free(r);
+	return -1;
 }
 
 static void rados_close(struct backend *b)
@@ -636,8 +493,8 @@ static void rados_close(struct backend *b)
 	}
 	pthread_mutex_destroy(&r->gc_lock);
 	pthread_cond_destroy(&r->gc_cond);
-	conn_put(r, r->conn);
-	pthread_mutex_destroy(&r->conn_lock);
+	rados_ioctx_destroy(r->io);
+	rados_shutdown(r->cluster);
 	free(r);
 	b->priv = NULL;
 }
@@ -696,7 +553,7 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
 	rados_write_op_truncate(op, 0);
 	rados_write_op_setxattr(op, "meta", meta, meta_len);
-	int rc = rados_write_op_operate(op, IO(r), head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc == -ECANCELED)
 		return canceled_why(r, head, fence, ECANCELED);
@@ -713,14 +570,14 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
 			rados_write_op_t fix = rados_create_write_op();
 			rados_write_op_setxattr(fix, "meta", fixed, len);
-			err = rerr(rados_write_op_operate(fix, IO(r), head, NULL, WRITE_FLAGS));
+			err = rerr(rados_write_op_operate(fix, r->io, head, NULL, WRITE_FLAGS));
 			rados_release_write_op(fix);
 		}
 	}
 	return err;
 }
 
-static int do_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
+static int rados_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
     struct backend_staging **out)
 {
 	struct rados_be *r = b->priv;
@@ -768,7 +625,7 @@ static int do_staging_begin(struct backend *b, const struct backend_meta *meta, 
 	rados_write_op_setxattr(op, "meta", text, text_len);
 	rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
 	rados_write_op_setxattr(op, "state", "open", 4);
-	int rc = rados_write_op_operate(op, IO(r), s->head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc < 0) {
 		free(s);
@@ -787,7 +644,7 @@ static int do_staging_begin(struct backend *b, const struct backend_meta *meta, 
 	return 0;
 }
 
-static int do_staging_attach(struct backend *b, const struct backend_meta *meta, struct backend_staging **out)
+static int rados_staging_attach(struct backend *b, const struct backend_meta *meta, struct backend_staging **out)
 {
 	struct backend_staging *s = staging_new(b->priv, meta);
 	if (s == NULL)
@@ -824,7 +681,7 @@ static int fence_raise(struct backend_staging *s, uint64_t fence)
 	rados_write_op_t op = rados_create_write_op();
 	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
 	op_fence(op, fence, ftext);
-	int rc = rados_write_op_operate(op, IO(r), s->head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc == -ECANCELED)
 		return canceled_why(r, s->head, fence, ESTALE);
@@ -838,7 +695,7 @@ static int fence_raise(struct backend_staging *s, uint64_t fence)
 		op = rados_create_write_op();
 		rados_write_op_assert_exists(op);
 		op_fence(op, fence, ftext);
-		rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 		rados_release_write_op(op);
 		if (rc == -ECANCELED)
 			err = ESTALE;
@@ -850,7 +707,7 @@ static int fence_raise(struct backend_staging *s, uint64_t fence)
 	return err;
 }
 
-static int do_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
     struct backend_staging **out)
 {
 	struct rados_be *r = b->priv;
@@ -892,7 +749,7 @@ static int do_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 
 /* The fence on the head: fence_raise puts every holder's there before it changes anything. An
  * entry that is gone or sealed (published) records none any more: 0, as the fs backend's. */
-static int do_staging_fence(struct backend_staging *s, uint64_t *recorded)
+static int rados_staging_fence(struct backend_staging *s, uint64_t *recorded)
 {
 	*recorded = 0;
 	int err = staging_locate(s);
@@ -929,7 +786,7 @@ static int piece_write(struct backend_staging *s, uint64_t k, const char *data, 
 			op_fence(op, fence, ftext);
 		}
 		rados_write_op_write(op, data, len, in);
-		int rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+		int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 		rados_release_write_op(op);
 		if (rc == -ECANCELED)
 			return k == 0 ? canceled_why(r, oid, fence, ESTALE) : ESTALE;
@@ -940,7 +797,7 @@ static int piece_write(struct backend_staging *s, uint64_t k, const char *data, 
 			rados_write_op_t hop = rados_create_write_op();
 			rados_write_op_cmpxattr(hop, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
 			op_fence(hop, fence, ftext);
-			rc = rados_write_op_operate(hop, IO(r), s->head, NULL, WRITE_FLAGS);
+			rc = rados_write_op_operate(hop, r->io, s->head, NULL, WRITE_FLAGS);
 			rados_release_write_op(hop);
 			if (rc == -ECANCELED)
 				return canceled_why(r, s->head, fence, ESTALE);
@@ -955,7 +812,7 @@ static int piece_write(struct backend_staging *s, uint64_t k, const char *data, 
 	return ESTALE;
 }
 
-static int do_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
+static int rados_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
     uint64_t fence)
 {
 	int err = staging_locate(s);
@@ -973,7 +830,7 @@ static int do_staging_write(struct backend_staging *s, const void *data, size_t 
 	return err;
 }
 
-static int do_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
+static int rados_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
 {
 	*got = 0;
 	int err = staging_locate(s);
@@ -988,13 +845,13 @@ static int rados_staging_sync(struct backend_staging *s, enum backend_sync_point
 	return 0;
 }
 
-static int do_staging_size(struct backend_staging *s, uint64_t *size)
+static int rados_staging_size(struct backend_staging *s, uint64_t *size)
 {
 	int err = staging_locate(s);
 	return err ? err : data_size(s->r, s->head, s->piece, size, NULL);
 }
 
-static int do_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
+static int rados_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
 {
 	struct rados_be *r = s->r;
 	int err = staging_locate(s);
@@ -1009,7 +866,7 @@ static int do_staging_truncate(struct backend_staging *s, uint64_t size, uint64_
 	op_fence(op, fence, ftext);
 	if (size < s->piece)
 		rados_write_op_truncate(op, size);
-	int rc = rados_write_op_operate(op, IO(r), s->head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc == -ECANCELED)
 		return canceled_why(r, s->head, fence, ESTALE);
@@ -1023,7 +880,7 @@ static int do_staging_truncate(struct backend_staging *s, uint64_t size, uint64_
 		piece_oid(s->head, k, oid);
 		op = rados_create_write_op();
 		rados_write_op_truncate(op, size % s->piece);
-		rc = rados_write_op_operate(op, IO(r), oid, NULL, WRITE_FLAGS);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
 		rados_release_write_op(op);
 		if (rc < 0 && rc != -ENOENT)
 			return rerr(rc);
@@ -1031,7 +888,7 @@ static int do_staging_truncate(struct backend_staging *s, uint64_t size, uint64_
 	return 0;
 }
 
-static int do_staging_discard(struct backend_staging *s, uint64_t fence)
+static int rados_staging_discard(struct backend_staging *s, uint64_t fence)
 {
 	struct rados_be *r = s->r;
 	int err = staging_locate(s);
@@ -1042,7 +899,7 @@ static int do_staging_discard(struct backend_staging *s, uint64_t fence)
 		rados_write_op_t op = rados_create_write_op();
 		char ftext[FENCE_LEN + 1];
 		op_fence(op, fence, ftext);
-		int rc = rados_write_op_operate(op, IO(r), s->head, NULL, WRITE_FLAGS);
+		int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 		rados_release_write_op(op);
 		if (rc == -ECANCELED)
 			return ESTALE;
@@ -1089,7 +946,7 @@ static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_
 			size_t kl = strlen(old), vl = (size_t)n + name_len;
 			rados_write_op_t op = rados_create_write_op();
 			rados_write_op_omap_set2(op, keys, vals, &kl, &vl, 1);
-			int rc = rados_write_op_operate(op, IO(r), GC_OBJ, NULL, WRITE_FLAGS);
+			int rc = rados_write_op_operate(op, r->io, GC_OBJ, NULL, WRITE_FLAGS);
 			rados_release_write_op(op);
 			if (rc < 0)
 				return rerr(rc);
@@ -1101,7 +958,7 @@ static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_
 	return ETIMEDOUT;   /* the name kept changing under us: busy, retry */
 }
 
-static int do_publish(struct backend_staging *s, uint64_t fence, int *flags)
+static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 {
 	struct rados_be *r = s->r;
 	*flags = 0;
@@ -1119,7 +976,7 @@ static int do_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	op_fence(op, fence, ftext);
 	rados_write_op_setxattr(op, "state", "sealed", 6);
 	rados_write_op_setxattr(op, "layout", layout, (size_t)n);
-	int rc = rados_write_op_operate(op, IO(r), s->head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc == -ECANCELED) {
 		struct head_attrs h;
@@ -1149,7 +1006,7 @@ struct list_page {
 	char head[OID_MAX];
 };
 
-static int do_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
+static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
 {
 	struct rados_be *r = b->priv;
 	*dropped = 0;
@@ -1164,7 +1021,7 @@ static int do_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 		rados_omap_iter_t it = NULL;
 		int prval = 0;
 		rados_read_op_omap_get_vals2(op, after[0] ? after : NULL, NULL, OMAP_PAGE, &it, &more, &prval);
-		int rc = rados_read_op_operate(op, IO(r), STAGING_OBJ, 0);
+		int rc = rados_read_op_operate(op, r->io, STAGING_OBJ, 0);
 		size_t count = 0;
 		if (rc == -ENOENT) {
 			more = 0;   /* nothing staged yet */
@@ -1235,7 +1092,7 @@ static int do_staging_list(struct backend *b, backend_entry_cb cb, void *arg, si
 
 /* ---------------------------------------------------------------- published files */
 
-static int do_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
+static int rados_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
     struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
 {
 	struct rados_be *r = b->priv;
@@ -1247,7 +1104,7 @@ static int do_file_open(const struct backend *b, uint64_t uid, const char *name,
 		if (err)
 			return err;
 		char layout[64];
-		int n = rados_getxattr(IO(r), head, "layout", layout, sizeof(layout) - 1);
+		int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
 		if (n == -ENOENT || n == -ENODATA)
 			continue;   /* replaced and collected between the two reads: look again */
 		if (n < 0)
@@ -1270,7 +1127,7 @@ static int do_file_open(const struct backend *b, uint64_t uid, const char *name,
 	return ENOENT;
 }
 
-static int do_file_read(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got)
+static int rados_file_read(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got)
 {
 	*got = 0;
 	if (offset >= f->size)
@@ -1298,7 +1155,7 @@ static void gc_sweep(struct rados_be *r)
 		rados_omap_iter_t it = NULL;
 		int prval = 0;
 		rados_read_op_omap_get_vals2(op, after[0] ? after : NULL, NULL, 64, &it, &more, &prval);
-		int rc = rados_read_op_operate(op, IO(r), GC_OBJ, 0);
+		int rc = rados_read_op_operate(op, r->io, GC_OBJ, 0);
 		struct { char head[OID_MAX]; char val[PROTO_NAME_MAX + 64]; } due[64];
 		size_t count = 0;
 		if (rc < 0 || prval < 0) {
@@ -1340,7 +1197,7 @@ static void gc_sweep(struct rados_be *r)
 			if (strcmp(now_head, due[i].head) != 0) {
 				char layout[64];
 				uint64_t size, piece = r->piece;
-				int n = rados_getxattr(IO(r), due[i].head, "layout", layout, sizeof(layout) - 1);
+				int n = rados_getxattr(r->io, due[i].head, "layout", layout, sizeof(layout) - 1);
 				if (n >= 0) {
 					layout[n] = '\0';
 					layout_parse(layout, &size, &piece);
@@ -1366,101 +1223,22 @@ static void *gc_main(void *arg)
 		if (r->gc_stop)
 			break;
 		pthread_mutex_unlock(&r->gc_lock);
-		struct op_scope sc;
-		op_enter(r, &sc);
 		gc_sweep(r);
-		op_leave(&sc, -1);
 		pthread_mutex_lock(&r->gc_lock);
 	}
 	pthread_mutex_unlock(&r->gc_lock);
 	return NULL;
 }
 
-/* ---------------------------------------------------------------- the public operations: each on one connection */
-
-#define ON_CONN(r, call) do { struct op_scope sc_; op_enter((r), &sc_); return op_leave(&sc_, (call)); } while (0)
-
-static int rados_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
-    struct backend_staging **out)
-{
-	ON_CONN((struct rados_be *)b->priv, do_staging_begin(b, meta, fence, out));
-}
-
-static int rados_staging_attach(struct backend *b, const struct backend_meta *meta, struct backend_staging **out)
-{
-	ON_CONN((struct rados_be *)b->priv, do_staging_attach(b, meta, out));
-}
-
-static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
-    struct backend_staging **out)
-{
-	ON_CONN((struct rados_be *)b->priv, do_staging_find(b, uid, md5, entry, out));
-}
-
-static int rados_staging_fence(struct backend_staging *s, uint64_t *recorded)
-{
-	ON_CONN(s->r, do_staging_fence(s, recorded));
-}
-
-static int rados_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
-    uint64_t fence)
-{
-	ON_CONN(s->r, do_staging_write(s, data, len, offset, fence));
-}
-
-static int rados_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
-{
-	ON_CONN(s->r, do_staging_read(s, buf, len, offset, got));
-}
-
-static int rados_staging_size(struct backend_staging *s, uint64_t *size)
-{
-	ON_CONN(s->r, do_staging_size(s, size));
-}
-
-static int rados_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
-{
-	ON_CONN(s->r, do_staging_truncate(s, size, fence));
-}
-
-static int rados_staging_discard(struct backend_staging *s, uint64_t fence)
-{
-	ON_CONN(s->r, do_staging_discard(s, fence));
-}
-
-static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
-{
-	ON_CONN(s->r, do_publish(s, fence, flags));
-}
-
-static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
-{
-	ON_CONN((struct rados_be *)b->priv, do_staging_list(b, cb, arg, dropped));
-}
-
-static int rados_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
-    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
-{
-	ON_CONN((struct rados_be *)b->priv, do_file_open(b, uid, name, name_len, out, size, version));
-}
-
-static int rados_file_read(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got)
-{
-	ON_CONN(f->r, do_file_read(f, buf, len, offset, got));
-}
-
-/* One round trip to the OSD holding the staging index: the cluster answers, or it does not. */
-static int do_ping(struct backend *b)
-{
-	uint64_t size;
-	time_t mtime;
-	int rc = rados_stat(IO((struct rados_be *)b->priv), STAGING_OBJ, &size, &mtime);
-	return rc == -ENOENT ? 0 : rerr(rc);
-}
-
+/* One round trip to the OSD holding the staging index: the cluster answers, or it does not (within
+ * op_timeout). */
 static int rados_ping(struct backend *b)
 {
-	ON_CONN((struct rados_be *)b->priv, do_ping(b));
+	struct rados_be *r = b->priv;
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, STAGING_OBJ, &size, &mtime);
+	return rc == -ENOENT ? 0 : rerr(rc);
 }
 
 const struct backend_ops backend_rados = {

@@ -1640,6 +1640,35 @@ osd memory target = 536870912
 
     stop = kill
 
+    def fresh_client_answers(self, timeout=3):
+        """A new `rados` client (a process of its own) stats an object within timeout seconds."""
+        try:
+            r = subprocess.run(["rados", "-c", self.conf, "-p", self.pool, "stat", "no-such-object",
+                                "--rados-osd-op-timeout", str(timeout), "--rados-mon-op-timeout", str(timeout)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=timeout * 3)
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0 or "No such file" in r.stdout
+
+    def osd_diagnostics(self):
+        """The OSD's own view (admin socket: status, ops in flight) and the end of its log."""
+        out = []
+        asok = os.path.join(self.run, "osd.0.asok")
+        for cmd in (["status"], ["dump_ops_in_flight"], ["dump_blocked_ops"]):
+            try:
+                r = subprocess.run(["ceph", "--admin-daemon", asok] + cmd, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=10)
+                out.append("%s: %s" % (cmd[0], " ".join(r.stdout.split())[:1500]))
+            except subprocess.TimeoutExpired:
+                out.append("%s: no answer" % cmd[0])
+        try:
+            with open(os.path.join(self.logs, "osd.0.log"), errors="replace") as f:
+                out.append("osd.0.log: " + " | ".join(l.strip()[:300] for l in f.readlines()[-25:]))
+        except OSError as e:
+            out.append("osd.0.log: %s" % e)
+        return "\n# ".join(out)
+
     def ioctx(self, namespace=""):
         """A librados I/O context on the pool (python3-rados, installed with ceph-common)."""
         if getattr(self, "_cluster", None) is None:

@@ -652,13 +652,24 @@ def cluster_outage(storm):
         ceph.signal(name, signal.SIGCONT)
     tap.diag("(g): cluster resumed at %s" % wall(time.monotonic()))
     t0 = time.monotonic()
+    # In a real cluster the OSD's peers mark an OSD that stopped answering for 30 s down
+    # (osd_heartbeat_grace, 20 s), and its PGs start a new interval. This cluster has one OSD and its
+    # monitor was stopped too, so nobody does; and Ceph 16 then keeps some of the paused OSD's PGs
+    # "laggy" (their read lease expired during the pause), every op on them parked "waiting for
+    # readable" for good (ceph/ceph-container#1682, tracker 53806, fixed after Pacific): a fresh client
+    # times out as well as resourced's. So the test does what the peers would.
+    ceph.ceph("osd", "down", "0", timeout=10)
     up = h.wait_for(ceph.osd_up, 60, 0.2)
     tap.diag("(g): osd.0 %s %.1f s after the resume" % ("up" if up else "still not up", time.monotonic() - t0))
+    # Whether the cluster itself serves again: a fresh client of its own (not resourced's connections).
+    fresh = h.wait_for(lambda: ceph.fresh_client_answers(), 30, 0.5)
+    tap.diag("(g): a fresh client %s %.1f s after the resume" % ("answers" if fresh else "still gets no answer",
+                                                                 time.monotonic() - t0))
+    if not fresh:
+        tap.diag("(g): the OSD: %s" % ceph.osd_diagnostics())
     tap.ok(storm.watch["busy"] >= busy0 or storm.watch["answers"] > 0,
            "(g): the idle uploads' 1005 kept being answered through the outage", repr(storm.watch))
     storm.probe(snap, budget=60)
-    tap.diag("(g): connections replaced after the outage: %d (log: 'switched to it'), fresh ones that did not "
-             "answer either: %d" % (storm.d.log_count("switched to it"), storm.d.log_count("does not answer either")))
 
 
 # ---------------------------------------------------------------- (e3) a full cluster (RADOS only)
@@ -744,17 +755,9 @@ if RADOS:
     with tap.section("(f) OSD SIGKILL"):
         st = run_storm(D, "f-osd", SOURCES, kill_osd)
         healthy(D, "(f)")
-    if os.environ.get("RESOURCED_TEST_RADOS_OUTAGE", "") in ("", "0"):
-        # Known issue (design.md §6, known gaps): in about 2 runs of 5, the storage process's librados
-        # client stays wedged after the outage (every operation times out for minutes while the
-        # cluster and fresh clients work), so the uploads never finish. Kept out of make check until
-        # fixed; RESOURCED_TEST_RADOS_OUTAGE=1 runs it.
-        tap.skip("(g) cluster outage", "known issue: librados client may stay wedged afterwards; "
-                 "RESOURCED_TEST_RADOS_OUTAGE=1 runs it")
-    else:
-        with tap.section("(g) cluster outage"):
-            st = run_storm(D, "g-outage", SOURCES, cluster_outage, budget=180)
-            healthy(D, "(g)")
+    with tap.section("(g) cluster outage"):
+        st = run_storm(D, "g-outage", SOURCES, cluster_outage, budget=180)
+        healthy(D, "(g)")
 
 
 # ---------------------------------------------------------------- (c) Redis restarted empty
