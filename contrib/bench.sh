@@ -9,7 +9,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$top}
 resourced=$build/src/resourced
-resctl=$build/src/resctl
+resctl=$build/src/resctl/resctl
 [ -x "$resourced" ] && [ -x "$resctl" ] || { echo "bench.sh: build first (missing $resourced or $resctl)" >&2; exit 1; }
 
 work=$(mktemp -d /var/tmp/resourced-bench.XXXXXX)

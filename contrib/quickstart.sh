@@ -6,7 +6,7 @@
 # be owned by the postgres user), so two clones do not meet. Ctrl-C stops the
 # server and both databases; so does any failure on the way. A demo user uid 1
 # with token "demo" is created, so this works at once:
-#   src/resctl upload 127.0.0.1:9090 FILE --uid 1 --token demo
+#   src/resctl/resctl upload 127.0.0.1:9090 FILE --uid 1 --token demo
 # The port is 9090 unless RESOURCED_PORT says otherwise; a port already in use
 # is reported before anything starts.
 set -euo pipefail
@@ -103,8 +103,8 @@ CONF
 src/resourced -t -c "$dev/resourced.conf" >/dev/null
 cat >&2 <<EOF
 resourced: listening on 127.0.0.1:$port (uid 1, token demo); Ctrl-C stops it. From a second shell:
-  src/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
-  src/resctl stats --socket $dev/run/stats.sock show info      (also: show workers, show metrics, help)
+  src/resctl/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
+  src/resctl/resctl stats --socket $dev/run/stats.sock show info      (also: show workers, show metrics, help)
   kill -HUP \$(cat $dev/run/resourced.pid)                      (reload; QUIT: graceful stop)
 EOF
 src/resourced -f -c "$dev/resourced.conf"

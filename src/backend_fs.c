@@ -514,6 +514,24 @@ static int fs_staging_attach(struct backend *b, const struct backend_meta *meta,
 	return err;
 }
 
+/* Metadata without its .part: a publish (or a discard) that died between its rename and its
+ * unlinks. The caller holds the upload's lease, so nobody else is finishing it: finish it, under
+ * the entry's lock, as publish_locked would have. */
+static void orphan_meta_drop(struct backend_staging *s)
+{
+	int fd = open(s->lockfile, O_RDWR | O_CLOEXEC);
+	if (fd >= 0 && flock(fd, LOCK_EX) < 0) {
+		close(fd);
+		return;
+	}
+	if (access(s->part, F_OK) < 0 && errno == ENOENT) {
+		unlink(s->metafile);
+		unlink(s->lockfile);
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
 static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
     struct backend_staging **out)
 {
@@ -527,8 +545,11 @@ static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 	err = meta_read(s->metafile, &entry->meta);
 	if (err == 0 && (entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0))
 		err = EINVAL;   /* not the metadata its name promises: treated as broken */
-	if (err == 0 && stat(s->part, &sb) < 0)
+	if (err == 0 && stat(s->part, &sb) < 0) {
 		err = errno;
+		if (err == ENOENT)
+			orphan_meta_drop(s);
+	}
 	if (err) {
 		free(s);
 		return err;

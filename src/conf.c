@@ -23,67 +23,71 @@ struct conf_key {
 	size_t size;         /* for strings */
 	int64_t min, max;    /* for numbers */
 	const char *def;     /* default, parsed like a file value */
+	int scope;           /* SCOPE_STORAGE: the storage process reads it (a reload that changes it restarts storage) */
 };
 
+/* Who reads a key: the master and the workers, or the storage process too. */
+enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1 };
+
 #define S(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
-#define N(f) offsetof(struct conf, f), 0
+#define N(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
 
 static const struct conf_key conf_keys[] = {
-	{ "server", "listen", T_LISTEN, 0, 0, 0, 0, "0.0.0.0:9090" },
-	{ "server", "workers", T_WORKERS, N(workers), 1, 256, "auto" },
-	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced" },
-	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid" },
-	{ "server", "user", T_STR, S(user), 0, 0, "" },
-	{ "server", "group", T_STR, S(group), 0, 0, "" },
-	{ "server", "node", T_STR, S(node), 0, 0, "" },
-	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, "262144" },
-	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576" },
-	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300" },
-	{ "server", "frame_timeout", T_INT, N(frame_timeout), 1, 3600, "30" },
-	{ "server", "max_connections", T_INT, N(max_connections), 1, 1000000, "10000" },
-	{ "server", "auth_cache_ttl", T_INT, N(auth_cache_ttl), 0, 86400, "60" },
-	{ "server", "anonymous", T_BOOL, N(anonymous), 0, 1, "no" },
-	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768" },
-	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30" },
-	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30" },
-	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3" },
-	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "" },
-	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "" },
-	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "" },
-	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off" },
-	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced" },
-	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs" },
-	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296" },
-	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600" },
-	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete" },
-	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4" },
-	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60" },
-	{ "storage", "max_uploads", T_INT, N(max_uploads), 1, 1000000, "10000" },
-	{ "storage", "max_uploads_per_user", T_INT, N(max_uploads_per_user), 1, 1000000, "100" },
-	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864" },
-	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6" },
-	{ "storage", "dedup", T_DEDUP, N(dedup), 0, 0, "user" },
-	{ "rados", "conf", T_STR, S(rados_conf), 0, 0, "/etc/ceph/ceph.conf" },
-	{ "rados", "user", T_STR, S(rados_user), 0, 0, "resourced" },
-	{ "rados", "pool", T_STR, S(rados_pool), 0, 0, "resourced" },
-	{ "rados", "namespace", T_STR, S(rados_namespace), 0, 0, "" },
-	{ "rados", "op_timeout", T_INT, N(rados_op_timeout), 0, 3600, "0" },
-	{ "rados", "object_size", T_INT64, N(rados_object_size), 65536, 1 << 30, "67108864" },
-	{ "rados", "gc_grace", T_INT, N(rados_gc_grace), 0, 30 * 86400, "3600" },
-	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1" },
-	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379" },
-	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "" },
-	{ "redis", "password", T_STR, S(redis_password), 0, 0, "" },
-	{ "redis", "db", T_INT, N(redis_db), 0, 65535, "0" },
-	{ "redis", "prefix", T_STR, S(redis_prefix), 0, 0, "" },
-	{ "redis", "sentinels", T_SENTINELS, S(redis_sentinels), 0, 0, "" },
-	{ "redis", "master_name", T_STR, S(redis_master_name), 0, 0, "" },
-	{ "redis", "sentinel_password", T_STR, S(redis_sentinel_password), 0, 0, "" },
-	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "" },
-	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5" },
-	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info" },
-	{ "log", "file", T_STR, S(log_file), 0, 0, "" },
-	{ "log", "access_log", T_STR, S(access_log), 0, 0, "" },
+	{ "server", "listen", T_LISTEN, 0, 0, 0, 0, "0.0.0.0:9090", SCOPE_WORKERS },
+	{ "server", "workers", T_WORKERS, N(workers), 1, 256, "auto", SCOPE_WORKERS },
+	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced", SCOPE_STORAGE },
+	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid", SCOPE_WORKERS },
+	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "node", T_STR, S(node), 0, 0, "", SCOPE_STORAGE },
+	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, "262144", SCOPE_WORKERS },
+	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576", SCOPE_WORKERS },
+	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300", SCOPE_WORKERS },
+	{ "server", "frame_timeout", T_INT, N(frame_timeout), 1, 3600, "30", SCOPE_WORKERS },
+	{ "server", "max_connections", T_INT, N(max_connections), 1, 1000000, "10000", SCOPE_WORKERS },
+	{ "server", "auth_cache_ttl", T_INT, N(auth_cache_ttl), 0, 86400, "60", SCOPE_WORKERS },
+	{ "server", "anonymous", T_BOOL, N(anonymous), 0, 1, "no", SCOPE_WORKERS },
+	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768", SCOPE_WORKERS },
+	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30", SCOPE_WORKERS },
+	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30", SCOPE_WORKERS },
+	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3", SCOPE_WORKERS },
+	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off", SCOPE_WORKERS },
+	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced", SCOPE_STORAGE },
+	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs", SCOPE_STORAGE },
+	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296", SCOPE_STORAGE },
+	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600", SCOPE_STORAGE },
+	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete", SCOPE_STORAGE },
+	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4", SCOPE_STORAGE },
+	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60", SCOPE_STORAGE },
+	{ "storage", "max_uploads", T_INT, N(max_uploads), 1, 1000000, "10000", SCOPE_STORAGE },
+	{ "storage", "max_uploads_per_user", T_INT, N(max_uploads_per_user), 1, 1000000, "100", SCOPE_STORAGE },
+	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864", SCOPE_STORAGE },
+	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6", SCOPE_STORAGE },
+	{ "storage", "dedup", T_DEDUP, N(dedup), 0, 0, "user", SCOPE_STORAGE },
+	{ "rados", "conf", T_STR, S(rados_conf), 0, 0, "/etc/ceph/ceph.conf", SCOPE_STORAGE },
+	{ "rados", "user", T_STR, S(rados_user), 0, 0, "resourced", SCOPE_STORAGE },
+	{ "rados", "pool", T_STR, S(rados_pool), 0, 0, "resourced", SCOPE_STORAGE },
+	{ "rados", "namespace", T_STR, S(rados_namespace), 0, 0, "", SCOPE_STORAGE },
+	{ "rados", "op_timeout", T_INT, N(rados_op_timeout), 0, 3600, "0", SCOPE_STORAGE },
+	{ "rados", "object_size", T_INT64, N(rados_object_size), 65536, 1 << 30, "67108864", SCOPE_STORAGE },
+	{ "rados", "gc_grace", T_INT, N(rados_gc_grace), 0, 30 * 86400, "3600", SCOPE_STORAGE },
+	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1", SCOPE_STORAGE },
+	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379", SCOPE_STORAGE },
+	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "", SCOPE_STORAGE },
+	{ "redis", "password", T_STR, S(redis_password), 0, 0, "", SCOPE_STORAGE },
+	{ "redis", "db", T_INT, N(redis_db), 0, 65535, "0", SCOPE_STORAGE },
+	{ "redis", "prefix", T_STR, S(redis_prefix), 0, 0, "", SCOPE_STORAGE },
+	{ "redis", "sentinels", T_SENTINELS, S(redis_sentinels), 0, 0, "", SCOPE_STORAGE },
+	{ "redis", "master_name", T_STR, S(redis_master_name), 0, 0, "", SCOPE_STORAGE },
+	{ "redis", "sentinel_password", T_STR, S(redis_sentinel_password), 0, 0, "", SCOPE_STORAGE },
+	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "", SCOPE_STORAGE },
+	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5", SCOPE_STORAGE },
+	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info", SCOPE_STORAGE },
+	{ "log", "file", T_STR, S(log_file), 0, 0, "", SCOPE_STORAGE },
+	{ "log", "access_log", T_STR, S(access_log), 0, 0, "", SCOPE_WORKERS },
 };
 
 static int parse_int64(const char *value, int64_t *out)
@@ -319,27 +323,18 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 
 int conf_storage_equal(const struct conf *a, const struct conf *b)
 {
-	/* The storage process reads [storage], [redis], [postgres], run_dir and node. */
-	return strcmp(a->root, b->root) == 0 && strcmp(a->backend, b->backend) == 0 &&
-	    strcmp(a->rados_conf, b->rados_conf) == 0 && strcmp(a->rados_user, b->rados_user) == 0 &&
-	    strcmp(a->rados_pool, b->rados_pool) == 0 && strcmp(a->rados_namespace, b->rados_namespace) == 0 &&
-	    a->rados_op_timeout == b->rados_op_timeout && a->rados_object_size == b->rados_object_size &&
-	    a->rados_gc_grace == b->rados_gc_grace &&
-	    a->max_file_size == b->max_file_size &&
-	    a->upload_ttl == b->upload_ttl && a->fsync_policy == b->fsync_policy &&
-	    a->io_threads == b->io_threads && a->janitor_interval == b->janitor_interval &&
-	    a->max_uploads == b->max_uploads && a->max_uploads_per_user == b->max_uploads_per_user &&
-	    a->min_free_space == b->min_free_space &&
-	    a->lease_ttl == b->lease_ttl && a->dedup == b->dedup &&
-	    strcmp(a->redis_host, b->redis_host) == 0 && a->redis_port == b->redis_port &&
-	    strcmp(a->redis_socket, b->redis_socket) == 0 && strcmp(a->redis_password, b->redis_password) == 0 &&
-	    a->redis_db == b->redis_db && strcmp(a->redis_prefix, b->redis_prefix) == 0 &&
-	    strcmp(a->redis_sentinels, b->redis_sentinels) == 0 &&
-	    strcmp(a->redis_master_name, b->redis_master_name) == 0 &&
-	    strcmp(a->redis_sentinel_password, b->redis_sentinel_password) == 0 &&
-	    strcmp(a->pg_conninfo, b->pg_conninfo) == 0 && a->pg_timeout == b->pg_timeout &&
-	    strcmp(a->run_dir, b->run_dir) == 0 && strcmp(a->node, b->node) == 0 &&
-	    a->log_level == b->log_level && strcmp(a->log_file, b->log_file) == 0;
+	for (size_t i = 0; i < sizeof(conf_keys) / sizeof(conf_keys[0]); i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (k->scope != SCOPE_STORAGE)
+			continue;
+		const char *x = (const char *)a + k->offset, *y = (const char *)b + k->offset;
+		/* Strings are compared up to their NUL: a shorter value may leave an older one's tail. */
+		int differ = k->type == T_STR || k->type == T_BACKEND || k->type == T_SENTINELS ? strcmp(x, y) != 0 :
+		    memcmp(x, y, k->size) != 0;
+		if (differ)
+			return 0;
+	}
+	return 1;
 }
 
 double conf_drain_grace(const struct conf *c)

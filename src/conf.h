@@ -92,14 +92,15 @@ void conf_defaults(struct conf *c);
  * naming the file, line and key to err. */
 int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
 
-/* 1 when a and b agree on everything the storage process uses (then a reload keeps it running). */
+/* 1 when a and b agree on every key of the storage process's scope (the scope column of conf.c's
+ * table): then a reload keeps it running. */
 int conf_storage_equal(const struct conf *a, const struct conf *b);
 
 /* Seconds a graceful stop keeps accepting while the agent-check answers drain:
  * drain_grace, but at most half of shutdown_timeout (the whole stop stays within it). */
 double conf_drain_grace(const struct conf *c);
 
-/* Sets one key; the same checks as a file. Used by tests and -o overrides. */
+/* Sets one key; the same checks as a file. Used by the tests. */
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
     char *err, size_t errlen);
 

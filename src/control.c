@@ -36,12 +36,13 @@ struct control {
 	int stopping;                 /* a stop began: drain for good, enable cannot undo it */
 	double started;
 	char stats_path[512];
-	struct control_client *clients;   /* open stats connections: a forked child must close them */
+	struct stats_session *sessions;   /* open stats connections: a forked child must close them */
 };
 
-struct control_client {
+/* One connection to the stats socket (resctl stats, socat...): lines in, answers out. */
+struct stats_session {
 	struct control *c;
-	struct control_client *prev, *next;
+	struct stats_session *prev, *next;
 	int fd;
 	ev_io io;
 	struct buf in, out;
@@ -494,16 +495,85 @@ static void show_metrics(struct control *c, struct buf *out)
 	    "# TYPE resourced_up gauge\nresourced_up %d\n", c->draining, strcmp(state, "down") != 0);
 }
 
-static const char help_text[] =
-    "help                  this list\n"
-    "show info [json]      version, uptime, state and totals\n"
-    "show stat [json]      counters per process\n"
-    "show workers [json]   processes: role, pid, state, uptime, restarts, links up\n"
-    "show transfers [json] uploads and downloads in flight\n"
-    "show metrics [json]   Prometheus text exposition (json: same as show info json)\n"
-    "disable               drain: the agent-check answers drain\n"
-    "enable                undo disable\n"
-    "reload                re-read the configuration (like SIGHUP)\n";
+static void show_metrics_or_json(struct control *c, struct buf *out, int json)
+{
+	if (json)
+		show_info(c, out, 1);   /* the same numbers as show info json */
+	else
+		show_metrics(c, out);
+}
+
+static void command_disable(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	control_set_draining(c, 1);
+	log_info("stats socket: disabled (draining)");
+	out_printf(out, "OK draining\n");
+}
+
+static void command_enable(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	if (c->stopping) {
+		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
+		return;
+	}
+	control_set_draining(c, 0);
+	log_info("stats socket: enabled");
+	out_printf(out, "OK enabled\n");
+}
+
+static void command_reload(struct control *c, struct buf *out, int json)
+{
+	(void)json;
+	char msg[512];
+	if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
+		out_printf(out, "OK %s\n", msg);
+	else
+		out_printf(out, "ERROR %s\n", msg);
+}
+
+static void command_help(struct control *c, struct buf *out, int json);
+
+/* How a command's words after the first are read. */
+enum command_args {
+	ARGS_NONE,          /* none */
+	ARGS_ANY,           /* any, ignored */
+	ARGS_OBJECT,        /* the object (the second word), then an optional "json" */
+};
+
+/* Every stats socket command; help is generated from this table. */
+static const struct control_command {
+	const char *verb;
+	const char *object;           /* ARGS_OBJECT: the second word */
+	enum command_args args;
+	void (*run)(struct control *c, struct buf *out, int json);
+	const char *help;
+} commands[] = {
+	{ "help", NULL, ARGS_ANY, command_help, "this list" },
+	{ "show", "info", ARGS_OBJECT, show_info, "version, uptime, state and totals" },
+	{ "show", "stat", ARGS_OBJECT, show_stat, "counters per process" },
+	{ "show", "workers", ARGS_OBJECT, show_workers, "processes: role, pid, state, uptime, restarts, links up" },
+	{ "show", "transfers", ARGS_OBJECT, show_transfers, "uploads and downloads in flight" },
+	{ "show", "metrics", ARGS_OBJECT, show_metrics_or_json,
+	  "Prometheus text exposition (json: same as show info json)" },
+	{ "disable", NULL, ARGS_NONE, command_disable, "drain: the agent-check answers drain" },
+	{ "enable", NULL, ARGS_NONE, command_enable, "undo disable" },
+	{ "reload", NULL, ARGS_NONE, command_reload, "re-read the configuration (like SIGHUP)" },
+};
+
+static void command_help(struct control *c, struct buf *out, int json)
+{
+	(void)c;
+	(void)json;
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const struct control_command *k = &commands[i];
+		char usage[64];
+		snprintf(usage, sizeof(usage), "%s%s%s%s", k->verb, k->object ? " " : "", k->object ? k->object : "",
+		    k->args == ARGS_OBJECT ? " [json]" : "");
+		out_printf(out, "%-21s %s\n", usage, k->help);
+	}
+}
 
 static void control_command(struct control *c, char *line, struct buf *out)
 {
@@ -514,122 +584,106 @@ static void control_command(struct control *c, char *line, struct buf *out)
 	if (argc == 0)
 		return;
 	int json = argc >= 3 && strcmp(argv[2], "json") == 0;
-	if (strcmp(argv[0], "help") == 0) {
-		buf_append(out, help_text, sizeof(help_text) - 1);
-	} else if (strcmp(argv[0], "show") == 0 && argc >= 2 && (argc == 2 || json)) {
-		if (strcmp(argv[1], "info") == 0)
-			show_info(c, out, json);
-		else if (strcmp(argv[1], "stat") == 0)
-			show_stat(c, out, json);
-		else if (strcmp(argv[1], "workers") == 0)
-			show_workers(c, out, json);
-		else if (strcmp(argv[1], "transfers") == 0)
-			show_transfers(c, out, json);
-		else if (strcmp(argv[1], "metrics") == 0 && json)
-			show_info(c, out, 1);
-		else if (strcmp(argv[1], "metrics") == 0)
-			show_metrics(c, out);
-		else
-			out_printf(out, "Unknown command: show %s (try help)\n", argv[1]);
-	} else if (strcmp(argv[0], "disable") == 0 && argc == 1) {
-		control_set_draining(c, 1);
-		log_info("stats socket: disabled (draining)");
-		out_printf(out, "OK draining\n");
-	} else if (strcmp(argv[0], "enable") == 0 && argc == 1 && c->stopping) {
-		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
-	} else if (strcmp(argv[0], "enable") == 0 && argc == 1) {
-		control_set_draining(c, 0);
-		log_info("stats socket: enabled");
-		out_printf(out, "OK enabled\n");
-	} else if (strcmp(argv[0], "reload") == 0 && argc == 1) {
-		char msg[512];
-		if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
-			out_printf(out, "OK %s\n", msg);
-		else
-			out_printf(out, "ERROR %s\n", msg);
-	} else {
-		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+	/* An object verb in a well-formed line (its object, then nothing or json) with an unknown object. */
+	int unknown_object = 0;
+	const struct control_command *cmd = NULL;
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]) && cmd == NULL; i++) {
+		const struct control_command *k = &commands[i];
+		if (strcmp(argv[0], k->verb) != 0)
+			continue;
+		if (k->args == ARGS_ANY || (k->args == ARGS_NONE && argc == 1))
+			cmd = k;
+		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json) && strcmp(argv[1], k->object) == 0)
+			cmd = k;
+		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json))
+			unknown_object = 1;
 	}
+	if (cmd != NULL)
+		cmd->run(c, out, json);
+	else if (unknown_object)
+		out_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
+	else
+		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
 	buf_append(out, "\n", 1);   /* an empty line ends every answer */
 }
 
 /* ---------------------------------------------------------------- stats socket I/O */
 
-static void client_free(struct control_client *cl)
+static void session_free(struct stats_session *ss)
 {
-	if (cl->prev)
-		cl->prev->next = cl->next;
+	if (ss->prev)
+		ss->prev->next = ss->next;
 	else
-		cl->c->clients = cl->next;
-	if (cl->next)
-		cl->next->prev = cl->prev;
-	ev_io_stop(cl->c->loop, &cl->io);
-	close(cl->fd);
-	buf_free(&cl->in);
-	buf_free(&cl->out);
-	free(cl);
+		ss->c->sessions = ss->next;
+	if (ss->next)
+		ss->next->prev = ss->prev;
+	ev_io_stop(ss->c->loop, &ss->io);
+	close(ss->fd);
+	buf_free(&ss->in);
+	buf_free(&ss->out);
+	free(ss);
 }
 
-static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
-	struct control_client *cl = io->data;
+	struct stats_session *ss = io->data;
 	if (revents & EV_READ) {
-		uint8_t *p = buf_reserve(&cl->in, CONTROL_MAX_LINE);
-		ssize_t n = p ? recv(cl->fd, p, CONTROL_MAX_LINE, 0) : -1;
+		uint8_t *p = buf_reserve(&ss->in, CONTROL_MAX_LINE);
+		ssize_t n = p ? recv(ss->fd, p, CONTROL_MAX_LINE, 0) : -1;
 		if (n == 0) {
-			cl->closing = 1;
+			ss->closing = 1;
 		} else if (n < 0) {
 			if (errno != EAGAIN && errno != EINTR) {
-				client_free(cl);
+				session_free(ss);
 				return;
 			}
 		} else {
-			buf_commit(&cl->in, (size_t)n);
+			buf_commit(&ss->in, (size_t)n);
 		}
 		uint8_t *nl;
-		while (buf_len(&cl->in) > 0 && (nl = memchr(buf_head(&cl->in), '\n', buf_len(&cl->in))) != NULL) {
-			size_t len = (size_t)(nl - buf_head(&cl->in));
+		while (buf_len(&ss->in) > 0 && (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
+			size_t len = (size_t)(nl - buf_head(&ss->in));
 			char line[CONTROL_MAX_LINE];
 			if (len >= sizeof(line))
 				len = sizeof(line) - 1;
-			memcpy(line, buf_head(&cl->in), len);
+			memcpy(line, buf_head(&ss->in), len);
 			line[len] = '\0';
-			buf_consume(&cl->in, (size_t)(nl - buf_head(&cl->in)) + 1);
-			control_command(cl->c, line, &cl->out);
+			buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
+			control_command(ss->c, line, &ss->out);
 		}
-		if (buf_len(&cl->in) >= CONTROL_MAX_LINE) {
-			out_printf(&cl->out, "Line too long\n\n");
-			cl->closing = 1;
+		if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
+			out_printf(&ss->out, "Line too long\n\n");
+			ss->closing = 1;
 		}
-		if (cl->closing && buf_len(&cl->in) > 0) {
+		if (ss->closing && buf_len(&ss->in) > 0) {
 			/* A last command without a newline. */
 			char line[CONTROL_MAX_LINE];
-			size_t len = buf_len(&cl->in) < sizeof(line) - 1 ? buf_len(&cl->in) : sizeof(line) - 1;
-			memcpy(line, buf_head(&cl->in), len);
+			size_t len = buf_len(&ss->in) < sizeof(line) - 1 ? buf_len(&ss->in) : sizeof(line) - 1;
+			memcpy(line, buf_head(&ss->in), len);
 			line[len] = '\0';
-			buf_free(&cl->in);
-			control_command(cl->c, line, &cl->out);
+			buf_free(&ss->in);
+			control_command(ss->c, line, &ss->out);
 		}
 	}
-	while (buf_len(&cl->out) > 0) {
-		ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL);
+	while (buf_len(&ss->out) > 0) {
+		ssize_t n = send(ss->fd, buf_head(&ss->out), buf_len(&ss->out), MSG_NOSIGNAL);
 		if (n > 0)
-			buf_consume(&cl->out, (size_t)n);
+			buf_consume(&ss->out, (size_t)n);
 		else if (n < 0 && errno == EINTR)
 			continue;
 		else if (n < 0 && errno == EAGAIN)
 			break;
 		else {
-			client_free(cl);
+			session_free(ss);
 			return;
 		}
 	}
-	if (cl->closing && buf_len(&cl->out) == 0) {
-		client_free(cl);
+	if (ss->closing && buf_len(&ss->out) == 0) {
+		session_free(ss);
 		return;
 	}
 	ev_io_stop(loop, io);
-	ev_io_set(io, cl->fd, (cl->closing ? 0 : EV_READ) | (buf_len(&cl->out) ? EV_WRITE : 0));
+	ev_io_set(io, ss->fd, (ss->closing ? 0 : EV_READ) | (buf_len(&ss->out) ? EV_WRITE : 0));
 	ev_io_start(loop, io);
 }
 
@@ -661,20 +715,20 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
 	}
-	struct control_client *cl = calloc(1, sizeof(*cl));
-	if (cl == NULL) {
+	struct stats_session *ss = calloc(1, sizeof(*ss));
+	if (ss == NULL) {
 		close(fd);
 		return;
 	}
-	cl->c = c;
-	cl->fd = fd;
-	cl->next = c->clients;
-	if (c->clients)
-		c->clients->prev = cl;
-	c->clients = cl;
-	ev_io_init(&cl->io, client_on_io, fd, EV_READ);
-	cl->io.data = cl;
-	ev_io_start(loop, &cl->io);
+	ss->c = c;
+	ss->fd = fd;
+	ss->next = c->sessions;
+	if (c->sessions)
+		c->sessions->prev = ss;
+	c->sessions = ss;
+	ev_io_init(&ss->io, session_on_io, fd, EV_READ);
+	ss->io.data = ss;
+	ev_io_start(loop, &ss->io);
 }
 
 /* The agent answers one line per connection and closes. */
@@ -816,8 +870,8 @@ void control_destroy(struct control *c)
 		ev_io_stop(c->loop, &c->agent_io);
 		close(c->agent_fd);
 	}
-	while (c->clients)
-		client_free(c->clients);
+	while (c->sessions)
+		session_free(c->sessions);
 	free(c);
 }
 
@@ -830,16 +884,16 @@ void control_close_inherited(struct control *c)
 	if (c->agent_fd >= 0)
 		close(c->agent_fd);
 	c->stats_fd = c->agent_fd = -1;
-	/* A child forked while a client waits (reload) would otherwise hold its connection open:
-	 * the client would never see the end of the answer.
+	/* A child forked while a stats session waits (reload) would otherwise hold its connection open:
+	 * its peer would never see the end of the answer.
 	 * The loop is the master's: leave its watchers alone, free only this copy's memory. */
-	while (c->clients) {
-		struct control_client *cl = c->clients;
-		c->clients = cl->next;
-		close(cl->fd);
-		buf_free(&cl->in);
-		buf_free(&cl->out);
-		free(cl);
+	while (c->sessions) {
+		struct stats_session *ss = c->sessions;
+		c->sessions = ss->next;
+		close(ss->fd);
+		buf_free(&ss->in);
+		buf_free(&ss->out);
+		free(ss);
 	}
 }
 

@@ -72,7 +72,8 @@ static size_t skip_plain(const uint8_t *p, size_t i, size_t len)
 
 /* What yajl lets through but we must not: comments (they hide brackets from the depth count),
  * nesting that yajl would free recursively, and non-shortest or out-of-range UTF-8; it also
- * notes \\u0000 escapes, which json_parse_object turns into U+0001. */
+ * notes \\u0000 escapes, which json_parse_request turns into U+0001 (json_parse_object
+ * refuses them and json_read_flat keeps them, for the field checks to refuse). */
 static const char *json_precheck(const uint8_t *p, size_t len, int flat, int *has_nul_escape)
 {
 	int depth = 0, in_string = 0;

@@ -6,7 +6,9 @@
 #include "http.h"
 #include "instance.h"
 #include "ipc.h"
+#include "link.h"
 #include "log.h"
+#include "signals.h"
 #include "stats.h"
 #include "storage.h"
 #include "lease.h"
@@ -74,13 +76,26 @@ struct master {
 	struct stats_shm *shm;
 	struct control *control;
 	struct http *http;            /* [server] http_listen; NULL when off */
-	ev_signal sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
+	ev_signal sigs[7];            /* master_signals[] */
 	ev_child child_watcher;
 	ev_timer stop_timer;
 	ev_timer grace_timer;         /* graceful stop: the agent says drain, workers still accept */
 };
 
 static void proc_spawn(struct proc *p);
+static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents);
+
+/* What the master does with each signal (resourced(8), SIGNALS); master_on_signal tells them apart. */
+static const struct signal_action master_signals[] = {
+	{ SIGTERM, master_on_signal },    /* fast stop */
+	{ SIGINT, master_on_signal },     /* fast stop */
+	{ SIGQUIT, master_on_signal },    /* graceful stop */
+	{ SIGHUP, master_on_signal },     /* reload */
+	{ SIGUSR1, master_on_signal },    /* reopen the logs, here and in every child */
+	{ SIGPIPE, NULL },
+	{ SIGUSR2, NULL },                /* tells a worker to retire; meaningless to the master */
+};
+_Static_assert(SIGNALS_COUNT(master_signals) == SIGNALS_COUNT(((struct master *)0)->sigs), "one watcher per signal");
 
 void proc_set_title(const char *fmt, ...)
 {
@@ -122,8 +137,7 @@ static int bind_listener(const struct conf *conf, char *err, size_t errlen)
 static int bind_storage_socket(const struct conf *conf)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	int n = snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
-	if (n >= (int)sizeof(sun.sun_path))
+	if (link_socket_path(conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", conf->run_dir);
 	/* A stale file from a dead instance goes; a live instance's socket never does
 	 * (the run_dir lock keeps our own kind out; this guards against anything else). */
@@ -209,7 +223,7 @@ static void drop_privileges(const struct conf *conf)
 		fatal("chown(%s) failed", conf->run_dir);
 	/* Sockets bound as root must stay usable by the processes that now run as the user. */
 	char sock[600];
-	snprintf(sock, sizeof(sock), "%s/%s", conf->run_dir, IPC_SOCKET_NAME);
+	link_socket_path(conf->run_dir, sock, sizeof(sock));   /* bind_storage_socket checked its length */
 	if (chown(sock, pw->pw_uid, gid) < 0)
 		fatal("chown(%s) failed", sock);
 	if (conf->stats_socket[0] && chown(conf->stats_socket, pw->pw_uid, gid) < 0)
@@ -263,9 +277,7 @@ static const char *role_name(enum role r)
 static void child_reset_signals(struct master *m)
 {
 	/* libev keeps one global owner per signal: release the master's before the child's loop starts. */
-	ev_signal *sigs[] = { &m->sig_term, &m->sig_int, &m->sig_quit, &m->sig_hup, &m->sig_usr1 };
-	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
-		ev_signal_stop(m->loop, sigs[i]);
+	signals_unwatch(m->loop, master_signals, SIGNALS_COUNT(master_signals), m->sigs);
 	ev_child_stop(m->loop, &m->child_watcher);
 	static const int signums[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGCHLD, SIGUSR1, SIGUSR2, SIGPIPE };
 	struct sigaction sa = { .sa_handler = SIG_DFL };
@@ -489,7 +501,6 @@ static void master_stop(struct master *m, int graceful)
 		ev_break(m->loop, EVBREAK_ALL);
 }
 
-static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents);
 
 /* ---------------------------------------------------------------- reload */
 
@@ -688,15 +699,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	log_info("resourced %s started with %s: %d workers on %s:%s", PACKAGE_VERSION, conf_path,
 	    conf->workers, conf->listen_host, conf->listen_port);
 
-	signal(SIGPIPE, SIG_IGN);
-	signal(SIGUSR2, SIG_IGN);   /* tells a worker to retire; meaningless to the master */
-	ev_signal *sigs[] = { &m.sig_term, &m.sig_int, &m.sig_quit, &m.sig_hup, &m.sig_usr1 };
-	int signums[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 };
-	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
-		ev_signal_init(sigs[i], master_on_signal, signums[i]);
-		sigs[i]->data = &m;
-		ev_signal_start(m.loop, sigs[i]);
-	}
+	signals_watch(m.loop, master_signals, SIGNALS_COUNT(master_signals), m.sigs, &m);
 	/* libev reaps children on the default loop itself: watch them through it. */
 	ev_child_init(&m.child_watcher, master_on_child, 0, 0);
 	m.child_watcher.data = &m;
@@ -719,7 +722,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	http_destroy(m.http);
 	control_destroy(m.control);
 	char path[600];
-	snprintf(path, sizeof(path), "%s/%s", m.conf->run_dir, IPC_SOCKET_NAME);
+	link_socket_path(m.conf->run_dir, path, sizeof(path));
 	unlink(path);
 	if (m.conf->pid_file[0])
 		unlink(m.conf->pid_file);

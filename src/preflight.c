@@ -3,6 +3,7 @@
 #include "preflight.h"
 #include "conf.h"
 #include "ipc.h"
+#include "link.h"
 
 #include <errno.h>
 #include <grp.h>
@@ -167,7 +168,7 @@ int preflight_check(const struct conf *c, FILE *report)
 
 	check_dir(&p, "[server] run_dir", c->run_dir, NULL);
 	char storage_sock[600];
-	snprintf(storage_sock, sizeof(storage_sock), "%s/%s", c->run_dir, IPC_SOCKET_NAME);
+	link_socket_path(c->run_dir, storage_sock, sizeof(storage_sock));   /* its length is checked next */
 	check_socket_path(&p, "[server] run_dir (storage socket)", storage_sock);
 	if (c->pid_file[0])
 		check_file(&p, "[server] pid_file", c->pid_file, c->run_dir, 0);

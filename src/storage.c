@@ -1,6 +1,7 @@
-/* storage.c: the storage process: writes upload chunks in order per file, records progress, publishes. */
+/* storage.c: the state machine of each upload in the storage process: chunks written in order, hashed, leased, published. */
 #include "config.h"
 #include "storage.h"
+#include "storage_int.h"
 #include "backend.h"
 #include "buf.h"
 #include "conf.h"
@@ -8,12 +9,14 @@
 #include "ipc.h"
 #include "json.h"
 #include "lease.h"
+#include "link.h"
 #include "log.h"
 #include "escape.h"
 #include "pg.h"
 #include "pool.h"
 #include "proto.h"
 #include "rds.h"
+#include "signals.h"
 #include "stats.h"
 
 #include <errno.h>
@@ -30,196 +33,13 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <sodium.h>
 #include <uthash.h>
 
-#define PENDING_DIR ".pending"
-#define READ_CHUNK (256 * 1024)
-#define HASH_BLOCK (1024 * 1024)
-#define ACCEPT_PAUSE 0.5        /* seconds without accepting after EMFILE/ENFILE */
-#define SPACE_INTERVAL 2.0      /* seconds between statvfs of the root */
-
-/* A worker connected over the Unix socket. */
-struct client {
-	struct storage *st;
-	int fd;
-	ev_io io;
-	struct buf in, out;
-	int dead;          /* the link is closed; answers are dropped */
-	int refs;          /* ops still holding this client */
-	struct client *next;
-	/* A chunk message being received straight into its own block, which becomes
-	 * the op's data: the chunk is not copied again in user space. NULL when none. */
-	uint8_t *block;
-	struct ipc_header block_header;
-	size_t block_got;
-};
-
-enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no client */
-
-/* One request from a worker, queued on its upload. */
-struct op {
-	enum op_type type;
-	struct client *client;
-	uint64_t reqid;
-	uint64_t seq, trans_size, total_size, offset;
-	int last, kind;
-	char name[PROTO_NAME_MAX + 1];
-	uint16_t name_len;
-	uint32_t data_len;
-	const uint8_t *data;          /* the chunk, inside block */
-	uint8_t *block;               /* the received message payload, freed with the op */
-	int retried;                  /* run again once after the upload was read back */
-	struct op *next;
-};
-
-struct upload_key {
-	uint64_t uid;
-	char md5[PROTO_MD5_HEX + 1];
-};
-
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
-	WORK_CHECK, WORK_CHALLENGE, WORK_LINK };
-
-/* Chunks asked for at random offsets before an upload is published from stored content: with
- * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
-#define DEDUP_CHALLENGES 2
-
-/* Where this node stands with an upload's lease (lease.h). */
-enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
-
-/* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
-struct upload {
-	UT_hash_handle hh;
-	struct upload_key key;
-	struct storage *st;
-	int exists;                   /* seq 1 was written: a staging file and meta exist */
-	char name[PROTO_NAME_MAX + 1];
-	uint16_t name_len;
-	int kind;
-	uint64_t total_size;
-	uint64_t committed;           /* bytes in the staging file, contiguous from 0 */
-	uint64_t seq;                 /* the chunk that last advanced committed */
-	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
-	time_t touched;
-	struct backend_staging *stg;  /* staging entry: created by seq 1 or attached by recovery */
-	struct md5 md5;               /* incremental hash of [0, hashed) */
-	uint64_t hashed;
-	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
-	struct op *head, *tail;       /* requests in arrival order; head is the one running */
-	int running;                  /* head is on a disk thread or waiting for Redis */
-	int pins;                     /* async work (disk, Redis) still referring to this upload */
-	int retired;                  /* out of the table; freed when pins reach 0 */
-	int record_inflight, record_dirty;
-	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
-	int published;                /* moved to its final path: the staging file is gone */
-	int xfer;                     /* entry in the stats transfer table, -1 if none */
-	/* Chunk n starts at anchor_offset + (n - anchor_seq) * chunk_len; the anchor moves only when
-	 * a client resumes at a committed size that is not on a chunk boundary (after a restart). */
-	uint64_t anchor_seq, anchor_offset;
-	int counted;                  /* counted in the limits of uploads in progress */
-	uint64_t left_accounted;      /* its share of storage.announced_left */
-	/* The published file a resent final chunk is checked against (from the Redis record). */
-	uint64_t pub_size;
-	char pub_version[BACKEND_VERSION_MAX];
-	/* The record still said uploading: the file at the name is hashed instead (a crash between
-	 * publishing and recording it). */
-	int pub_by_digest;
-	/* The disk job of the running op. */
-	struct pool_job job;
-	enum disk_work work;
-	int work_errno;
-	int work_error;               /* proto error set by the job */
-	/* Several nodes share the storage: the lease in Redis makes this node the upload's one
-	 * writer, and its fence goes with every staging change (design.md, "Several nodes"). */
-	int lease;                    /* enum upload_lease */
-	uint64_t fence;               /* of the lease held */
-	ev_tstamp lease_until;        /* no staging change starts after this unless renewed */
-	ev_tstamp lease_asked, renew_asked;
-	ev_tstamp wait_since;         /* since when the lease is held elsewhere; 0 when not waiting */
-	int renewing;                 /* a renew is in flight */
-	ev_timer lease_timer;         /* renews while held; asks again while held elsewhere */
-	int loaded;                   /* progress is the shared truth: started here or read back */
-	int loading;                  /* WORK_LOAD is reading the staging entry back */
-	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
-	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
-	int parked;                   /* its lease was given back while what is in memory stayed */
-	int check_hold;               /* taken back with the same fence: confirm with the storage first */
-	ev_tstamp active;             /* last request: an idle upload lets its lease go */
-	struct backend_entry load;    /* what WORK_LOAD found */
-	/* Instant upload: chunk 1 matched content already stored; the chunks challenge[] (numbers
-	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
-	 * In memory only: on another node the upload simply goes on as a normal one. */
-	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
-	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
-	int dd_count, dd_next;
-	uint64_t challenge[DEDUP_CHALLENGES];
-	uint64_t dd_received;         /* file bytes the client sent for this proof */
-	int dd_linked;                /* published from stored content */
-};
-
-/* Uploads in progress of one uid, for max_uploads_per_user. */
-struct user_count {
-	UT_hash_handle hh;
-	uint64_t uid;
-	unsigned n;
-};
-
-/* statvfs of the root, run on a pool thread so the loop never waits for the file system. */
-struct space_probe {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	uint64_t avail;
-	int ok;
-};
-
-/* The backend's ping, on a pool thread (the agent-check answers down while it fails or hangs). */
-struct health_probe {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	ev_tstamp started, last;
-	int err;
-	int unreachable;              /* as last published to the stats slot */
-};
-
-struct sweep;
-
-struct storage {
-	struct ev_loop *loop;
-	const struct conf *conf;
-	int listen_fd;
-	ev_io accept_io;
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1;
-	ev_timer janitor;
-	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
-	ev_timer space_timer;
-	struct space_probe space;
-	ev_timer health_timer;
-	struct health_probe health;
-	struct sweep *sweep;          /* the janitor's listing of old staging entries */
-	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
-	int free_known;
-	uint64_t announced_left;      /* bytes still to come of every upload in progress */
-	unsigned uploads_counted;
-	struct user_count *users;
-	struct client *clients;
-	struct upload *uploads;       /* uthash table by key */
-	struct rds redis;
-	struct pg *pg;
-	struct pool *pool;
-	struct json_writer jw;
-	struct backend backend;       /* staging and published files */
-	char pending[600];
-	int stopping;                 /* the loop has ended: start no new work */
-};
-
-static void upload_run(struct upload *up);
 static void upload_uncount(struct upload *up);
-static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key);
 
 /* ---------------------------------------------------------------- paths and errors */
 
@@ -243,248 +63,15 @@ static int errno_to_error(int err)
 	}
 }
 
-/* ---------------------------------------------------------------- answers */
+/* ---------------------------------------------------------------- upload memory */
 
-static void client_release(struct client *cl);
-
-static void client_flush(struct client *cl)
-{
-	while (buf_len(&cl->out) > 0) {
-		ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL);
-		if (n > 0)
-			buf_consume(&cl->out, (size_t)n);
-		else if (n < 0 && errno == EINTR)
-			continue;
-		else
-			break;   /* EAGAIN: the write watcher goes on; errors: the read side closes */
-	}
-	int events = EV_READ | (buf_len(&cl->out) ? EV_WRITE : 0);
-	if ((cl->io.events & (EV_READ | EV_WRITE)) != events) {
-		ev_io_stop(cl->st->loop, &cl->io);
-		ev_io_set(&cl->io, cl->fd, events);
-		ev_io_start(cl->st->loop, &cl->io);
-	}
-}
-
-/* Sends the result of op to its worker; the op itself stays until op_free. */
-static void op_reply(struct op *op, int error, const char *message, const struct upload *up)
-{
-	struct client *cl = op->client;
-	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
-		STAT_INC(uploads_failed);
-	if (cl && !cl->dead) {
-		struct ipc_result r = { .error = (uint32_t)error };
-		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
-			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
-			/* Ask for chunk k: the client seeks to (k - 1) * chunk and sends seq k. */
-			uint64_t k = up->challenge[up->dd_next];
-			r.seq = k - 1;
-			r.trans_size = (k - 1) * up->chunk_len;
-			r.total_size = up->total_size;
-			r.name = up->name;
-			r.name_len = up->name_len;
-		} else if (up && up->exists) {
-			r.seq = up->seq;
-			r.trans_size = up->committed;
-			r.total_size = up->total_size;
-			r.name = up->name;
-			r.name_len = up->name_len;
-		} else {
-			r.total_size = op->total_size;
-			r.seq = op->seq;
-		}
-		if (message) {
-			r.message = message;
-			r.message_len = (uint16_t)strlen(message);
-		}
-		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
-			client_flush(cl);
-	}
-}
-
-static void op_free(struct op *op)
-{
-	STAT_DEC(storage_queue);
-	if (op->client)
-		client_release(op->client);
-	free(op->block);
-	free(op);
-}
-
-static void op_answer(struct op *op, int error, const char *message, const struct upload *up)
-{
-	op_reply(op, error, message, up);
-	op_free(op);
-}
-
-/* ---------------------------------------------------------------- progress records in Redis */
-
-/* <prefix>file_upload_<uid>_<md5>: sized for the longest prefix and uid, never cut. */
-#define RECORD_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_upload__") + 20 + PROTO_MD5_HEX)
-
-static void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
-{
-	snprintf(out, outlen, "%sfile_upload_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
-}
-
-#define LEASE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_lease__") + 20 + PROTO_MD5_HEX)
-
-static void lease_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
-{
-	snprintf(out, outlen, "%sfile_lease_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
-}
-
-static void upload_unpin(struct upload *up)
+/* Async work (disk, Redis) is over: a retired upload is freed by the last. */
+void upload_unpin(struct upload *up)
 {
 	if (--up->pins == 0 && up->retired) {
 		up->st->backend.ops->staging_close(up->stg);
 		md5_free(&up->md5);
 		free(up);
-	}
-}
-
-static void record_write(struct upload *up);
-
-static void upload_lost(struct upload *up, const char *holder);
-
-/* The record is written only while this node holds the lease (lease_fenced_command). */
-static void record_on_reply(void *data, enum lease_status status, uint64_t fence, const char *holder,
-    long remaining_ms)
-{
-	(void)fence;
-	(void)remaining_ms;
-	struct upload *up = data;
-	up->record_inflight = 0;
-	int ok = status == LEASE_HELD;
-	if (status == LEASE_ERROR)
-		up->record_dirty = 1;   /* written again when Redis is back */
-	struct op *op = up->head;
-	/* seq 1 is answered only once its record is stored. */
-	if (up->awaiting_record && !up->retired) {
-		up->awaiting_record = 0;
-		up->running = 0;
-		up->head = op->next;
-		if (up->head == NULL)
-			up->tail = NULL;
-		if (ok)
-			op_answer(op, ERR_OK, NULL, up);
-		else
-			op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
-	}
-	if (status == LEASE_BUSY && !up->retired)
-		upload_lost(up, holder);
-	if (up->record_dirty && ok && !up->retired)
-		record_write(up);
-	int retired = up->retired;
-	upload_unpin(up);
-	if (!retired)
-		upload_run(up);
-}
-
-/* The fields every upload record has (protocol.md, Redis keys), in the storage's JSON writer. */
-static void record_fields(struct upload *up, const char *state)
-{
-	struct storage *st = up->st;
-	struct json_writer *jw = &st->jw;
-	json_begin(jw);
-	json_put_str(jw, "name", up->name, up->name_len);
-	json_put_str(jw, "kind", up->kind == UPLOAD_AVATAR ? "avatar" : "file", up->kind == UPLOAD_AVATAR ? 6 : 4);
-	json_put_int(jw, "uid", (int64_t)up->key.uid);
-	json_put_str(jw, "md5", up->key.md5, PROTO_MD5_HEX);
-	json_put_int(jw, "seq", (int64_t)up->seq);
-	json_put_int(jw, "total_size", (int64_t)up->total_size);
-	json_put_int(jw, "trans_size", (int64_t)up->committed);
-	json_put_str(jw, "node", st->conf->node, strlen(st->conf->node));
-	json_put_int(jw, "updated", (int64_t)time(NULL));
-	json_put_str(jw, "state", state, strlen(state));
-}
-
-/* Stores the newest progress; at most one write per upload is in flight. */
-static void record_write(struct upload *up)
-{
-	struct storage *st = up->st;
-	if (!up->exists || up->retired)
-		return;
-	if (up->record_inflight || !st->redis.ready) {
-		up->record_dirty = 1;
-		return;
-	}
-	char key[RECORD_KEY_MAX];
-	record_key(st, &up->key, key, sizeof(key));
-	struct json_writer *jw = &st->jw;
-	const uint8_t *body;
-	size_t len;
-	record_fields(up, "uploading");
-	json_end(jw, &body, &len);
-	char lkey[LEASE_KEY_MAX], ttl[16];
-	lease_key(st, &up->key, lkey, sizeof(lkey));
-	snprintf(ttl, sizeof(ttl), "%d", st->conf->upload_ttl);
-	const char *argv[] = { "SETEX", key, ttl, (const char *)body };
-	size_t argvlen[] = { 5, strlen(key), strlen(ttl), len };
-	if (up->lease != UL_OURS ||
-	    lease_fenced_command(&st->redis, lkey, 4, argv, argvlen, record_on_reply, up) < 0) {
-		up->record_dirty = 1;
-		return;
-	}
-	up->record_dirty = 0;
-	up->record_inflight = 1;
-	up->pins++;
-}
-
-/* After publishing, the record stays for upload_ttl as "published" with the file's version (as the
- * backend names it), so that a final chunk resent by a client that lost the answer
- * is answered 0 by any node sharing this Redis, as long as the name still holds that file. */
-static void record_published(struct upload *up)
-{
-	struct storage *st = up->st;
-	char key[RECORD_KEY_MAX];
-	record_key(st, &up->key, key, sizeof(key));
-	struct json_writer *jw = &st->jw;
-	const uint8_t *body;
-	size_t len;
-	record_fields(up, "published");
-	json_put_str(jw, "version", up->pub_version, strlen(up->pub_version));
-	json_end(jw, &body, &len);
-	if (rds_command(&st->redis, NULL, NULL, "SETEX %s %d %b", key, st->conf->upload_ttl, body, len) < 0)
-		rds_command(&st->redis, NULL, NULL, "DEL %s", key);   /* never leave the in-progress record */
-}
-
-/* The published record for a final chunk found published by its MD5 (the upload itself is gone
- * from memory, so its fields come from the request). */
-static void record_published_op(struct upload *up, const struct op *op)
-{
-	memcpy(up->name, op->name, op->name_len);
-	up->name_len = op->name_len;
-	up->kind = op->kind;
-	up->total_size = up->committed = op->total_size;
-	up->seq = op->seq;
-	up->pub_size = op->total_size;
-	record_published(up);
-	up->pub_by_digest = 0;
-}
-
-static void record_delete(struct upload *up)
-{
-	char key[RECORD_KEY_MAX];
-	record_key(up->st, &up->key, key, sizeof(key));
-	rds_command(&up->st->redis, NULL, NULL, "DEL %s", key);
-}
-
-static void upload_lease_ask(struct upload *up);
-
-/* Redis (re)connected: it may have come back empty, without the records or the leases. Every upload
- * this node knows takes its lease again: the same fence means nothing changed and the record is
- * written again; another fence means it is read back from the staging entry first. */
-static void storage_on_redis_ready(struct rds *r)
-{
-	struct storage *st = r->data;
-	struct upload *up, *tmp;
-	HASH_ITER(hh, st->uploads, up, tmp) {
-		if (up->exists && up->loaded && !up->retired) {
-			up->reload_now = 1;
-			if (up->lease != UL_ASKING && !up->running && !up->loading)
-				upload_lease_ask(up);
-		}
 	}
 }
 
@@ -854,7 +441,7 @@ static void upload_work(struct pool_job *job)
 
 /* ---------------------------------------------------------------- the upload state machine (loop) */
 
-static struct upload *upload_find(struct storage *st, const struct upload_key *key)
+struct upload *upload_find(struct storage *st, const struct upload_key *key)
 {
 	struct upload *up;
 	HASH_FIND(hh, st->uploads, key, sizeof(*key), up);
@@ -915,7 +502,7 @@ static int upload_expired(const struct upload *up)
 	return up->exists && time(NULL) - up->touched >= up->st->conf->upload_ttl;
 }
 
-static void upload_pop(struct upload *up)
+void upload_pop(struct upload *up)
 {
 	struct op *op = up->head;
 	up->head = op->next;
@@ -927,7 +514,7 @@ static void upload_pop(struct upload *up)
 static void upload_work_done(struct pool_job *job);
 
 /* Runs one step of the head request on a disk thread; the upload is busy until it is done. */
-static void upload_start_work(struct upload *up, enum disk_work work)
+void upload_start_work(struct upload *up, enum disk_work work)
 {
 	up->work = work;
 	up->running = 1;
@@ -936,7 +523,6 @@ static void upload_start_work(struct upload *up, enum disk_work work)
 	up->job.done = upload_work_done;
 	pool_submit(up->st->pool, &up->job);
 }
-
 
 /* ---------------------------------------------------------------- limits on uploads in progress */
 
@@ -1056,7 +642,7 @@ static void space_probe_done(struct pool_job *job)
 	p->st->free_bytes = p->avail;
 }
 
-static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents)
+void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
@@ -1068,68 +654,6 @@ static void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revent
 	st->space.job.work = space_probe_work;
 	st->space.job.done = space_probe_done;
 	pool_submit(st->pool, &st->space.job);
-}
-
-/* ---------------------------------------------------------------- health (the agent-check) */
-
-#define HEALTH_INTERVAL 1.0     /* seconds between heartbeats of the loop */
-#define PING_INTERVAL 2.0       /* seconds between pings of the backend */
-
-static void health_publish(struct storage *st, int unreachable, const char *why)
-{
-	struct health_probe *h = &st->health;
-	if (unreachable == h->unreachable)
-		return;
-	h->unreachable = unreachable;
-	if (stats_self)
-		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
-	if (unreachable)
-		log_warnx("storage backend %s unreachable (%s): the agent-check answers down",
-		    st->backend.ops->name, why);
-	else
-		log_info("storage backend %s answers again", st->backend.ops->name);
-}
-
-static void health_ping_work(struct pool_job *job)
-{
-	struct health_probe *h = (struct health_probe *)job;
-	h->err = h->st->backend.ops->ping(&h->st->backend);
-}
-
-static void health_ping_done(struct pool_job *job)
-{
-	struct health_probe *h = (struct health_probe *)job;
-	struct storage *st = h->st;
-	h->busy = 0;
-	h->last = ev_now(st->loop);
-	health_publish(st, h->err != 0, strerror(h->err));
-}
-
-/* The loop's heartbeat, and the backend pinged on a pool thread: a ping still running after
- * storage_timeout counts as unreachable (every pool thread may be stuck on the backend). */
-static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int revents)
-{
-	(void)revents;
-	struct storage *st = t->data;
-	struct health_probe *h = &st->health;
-	if (stats_self)
-		atomic_store(&stats_self->alive_ms, stats_mono_ms());
-	ev_tstamp now = ev_now(loop);
-	if (st->backend.ops->ping == NULL)
-		return;
-	if (h->busy) {
-		if (now - h->started > st->conf->storage_timeout)
-			health_publish(st, 1, "no answer within storage_timeout");
-		return;
-	}
-	if (now - h->last < PING_INTERVAL)
-		return;
-	h->busy = 1;
-	h->st = st;
-	h->started = now;
-	h->job.work = health_ping_work;
-	h->job.done = health_ping_done;
-	pool_submit(st->pool, &h->job);
 }
 
 /* ---------------------------------------------------------------- the upload lease (several nodes) */
@@ -1163,7 +687,7 @@ static void upload_fail_queue(struct upload *up, int error, const char *message)
 }
 
 /* Another node took the upload over (or Redis lost the lease): what this node knew is stale. */
-static void upload_lost(struct upload *up, const char *holder)
+void upload_lost(struct upload *up, const char *holder)
 {
 	struct storage *st = up->st;
 	if (up->lease == UL_OURS && up->loaded)
@@ -1254,7 +778,7 @@ static void upload_on_lease(void *data, enum lease_status status, uint64_t fence
 	upload_run(up);
 }
 
-static void upload_lease_ask(struct upload *up)
+void upload_lease_ask(struct upload *up)
 {
 	struct storage *st = up->st;
 	char key[LEASE_KEY_MAX];
@@ -1430,92 +954,6 @@ static int seq_fits(struct upload *up, const struct op *op)
 	return 0;
 }
 
-/* ---------------------------------------------------------------- final chunk resent after publishing */
-
-static void published_answer(struct op *op)
-{
-	struct client *cl = op->client;
-	if (!cl->dead) {
-		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
-		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
-		if (ipc_encode_result(&cl->out, op->reqid, &r) == 0)
-			client_flush(cl);
-	}
-	op_free(op);
-}
-
-/* Does the Redis record say this upload was published under the op's name, size and kind? */
-static int published_match(struct upload *up, const struct op *op, const char *text, size_t len)
-{
-	char err[64];
-	yajl_val v = json_parse_object((const uint8_t *)text, len, err, sizeof(err));
-	if (v == NULL)
-		return 0;
-	const char *state, *name, *kind, *version;
-	size_t state_len, name_len, kind_len, version_len;
-	uint64_t total;
-	const char *want_kind = op->kind == UPLOAD_AVATAR ? "avatar" : "file";
-	int same = json_get_str(v, "state", &state, &state_len) == JSON_FIELD_OK &&
-	    json_get_str(v, "name", &name, &name_len) == JSON_FIELD_OK && name_len == op->name_len &&
-	    memcmp(name, op->name, name_len) == 0 &&
-	    json_get_str(v, "kind", &kind, &kind_len) == JSON_FIELD_OK && kind_len == strlen(want_kind) &&
-	    memcmp(kind, want_kind, kind_len) == 0 &&
-	    json_get_u64(v, "total_size", UINT64_MAX, &total) == JSON_FIELD_OK && total == op->total_size;
-	int ok = 0;
-	up->pub_by_digest = 0;
-	if (same && state_len == 9 && memcmp(state, "published", 9) == 0 &&
-	    json_get_str(v, "version", &version, &version_len) == JSON_FIELD_OK && version_len > 0 &&
-	    version_len < BACKEND_VERSION_MAX) {
-		up->pub_size = total;
-		memcpy(up->pub_version, version, version_len);
-		up->pub_version[version_len] = '\0';
-		ok = 1;
-	} else if (same && state_len == 9 && memcmp(state, "uploading", 9) == 0) {
-		/* The staging entry is gone but the record says the upload was live: a storage process
-		 * died between publishing and recording it. Only the file's own MD5 can tell. */
-		up->pub_size = total;
-		up->pub_version[0] = '\0';
-		up->pub_by_digest = 1;
-		ok = 1;
-	}
-	yajl_tree_free(v);
-	return ok;
-}
-
-static void published_on_reply(redisAsyncContext *c, void *reply, void *privdata)
-{
-	(void)c;
-	struct upload *up = privdata;
-	redisReply *rep = reply;
-	struct op *op = up->head;
-	if (up->retired || up->st->stopping) {
-		upload_unpin(up);
-		return;
-	}
-	if (rep && rep->type == REDIS_REPLY_STRING && published_match(up, op, rep->str, rep->len)) {
-		upload_start_work(up, WORK_VERIFY);   /* the file itself is looked at on a disk thread */
-		upload_unpin(up);
-		return;
-	}
-	upload_pop(up);
-	op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
-	upload_unpin(up);
-	upload_run(up);
-}
-
-/* A chunk that ends the file arrived for no upload in progress: maybe the client lost the answer to
- * the final chunk. The record (any node's) tells whether that file was published. */
-static int published_lookup(struct upload *up)
-{
-	char key[RECORD_KEY_MAX];
-	record_key(up->st, &up->key, key, sizeof(key));
-	if (rds_command(&up->st->redis, published_on_reply, up, "GET %s", key) < 0)
-		return -1;
-	up->running = 1;
-	up->pins++;
-	return 0;
-}
-
 /* ---------------------------------------------------------------- instant upload (loop side) */
 
 /* Chunk 1 matched stored content: pick the chunks the client must show, at random offsets. */
@@ -1550,195 +988,192 @@ static void dedup_fallback(struct upload *up, const char *why)
 	    why);
 }
 
-static void upload_work_done(struct pool_job *job)
+/* ---------------------------------------------------------------- disk work done, by outcome */
+
+/* A challenged chunk was compared with the stored content. */
+static void work_done_challenge(struct upload *up, struct op *op)
 {
-	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
-	struct op *op = up->head;
-	up->pins--;
-	char msg[256];
-	if (up->work == WORK_CHALLENGE) {
-		up->running = 0;
-		up->dd_received += op->data_len;
-		up->touched = time(NULL);
-		if (!up->dd_match) {
-			dedup_fallback(up, "a challenged chunk differs from the stored content");
-		} else if (++up->dd_next == up->dd_count) {
-			upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
-			return;
-		}
-		upload_pop(up);
-		op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
-		upload_run(up);
+	up->running = 0;
+	up->dd_received += op->data_len;
+	up->touched = time(NULL);
+	if (!up->dd_match) {
+		dedup_fallback(up, "a challenged chunk differs from the stored content");
+	} else if (++up->dd_next == up->dd_count) {
+		upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
 		return;
 	}
-	if (up->work == WORK_LINK) {
-		up->dd_challenging = 0;
-		if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
-			up->dd_challenging = 1;
-			dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
-			upload_pop(up);
-			op_answer(op, ERR_OK, NULL, up);
-			upload_run(up);
-			return;
-		}
-		if (up->dd_linked) {
-			up->committed = up->total_size;
-			up->seq = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
-			space_update(up);
-			stats_transfer_update(up->xfer, up->committed);
-		}
-		/* Errors after publishing go the way of a completion's; success ends it like one. */
+	upload_pop(up);
+	op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
+	upload_run(up);
+}
+
+/* Publishing from stored content ended. Returns 1 when it fell back to a normal upload (answered
+ * here), 0 when the outcome is a completion's: published, or an error after publishing. */
+static int work_done_link(struct upload *up, struct op *op)
+{
+	up->dd_challenging = 0;
+	if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
+		up->dd_challenging = 1;
+		dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
+		upload_pop(up);
+		op_answer(op, ERR_OK, NULL, up);
+		upload_run(up);
+		return 1;
 	}
-	if (up->work == WORK_DISCARD) {
-		up->running = 0;
+	if (up->dd_linked) {
+		up->committed = up->total_size;
+		up->seq = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
+		space_update(up);
+		stats_transfer_update(up->xfer, up->committed);
+	}
+	return 0;
+}
+
+/* A parked upload taken back with the same fence was confirmed against the storage, or not. */
+static void work_done_check(struct upload *up)
+{
+	up->running = 0;
+	up->check_hold = 0;
+	if (up->work_errno) {
+		log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
+		    up->key.uid, up->key.md5, strerror(up->work_errno));
+		upload_lost(up, NULL);
+	} else {
+		up->parked = 0;
+	}
+	upload_run(up);
+}
+
+/* A final chunk resent after publishing was checked against the published file. */
+static void work_done_verify(struct upload *up, struct op *op)
+{
+	upload_pop(up);
+	if (up->work_error) {
+		op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+	} else {
+		if (up->pub_by_digest) {
+			record_published_op(up, op);   /* the record said uploading: now it says published */
+			if (op->kind == UPLOAD_AVATAR)
+				pg_icon_queue(up->st->pg, up->key.uid);
+		}
+		published_answer(op);
+	}
+	upload_run(up);
+}
+
+/* A start, write, completion or publish from stored content failed. */
+static void work_done_failed(struct upload *up, struct op *op)
+{
+	char msg[256];
+	int error = up->work_error ? up->work_error : errno_to_error(up->work_errno);
+	if (error == ERR_CHECKSUM) {
+		snprintf(msg, sizeof(msg), "md5: the file received does not match; start again at seq 1");
+		log_info("upload %" PRIu64 "/%s: checksum mismatch, reset", up->key.uid, up->key.md5);
+		record_delete(up);
+		upload_pop(up);
+		op_answer(op, error, msg, NULL);
+		up->exists = 0;
 		upload_retire(up);
 		return;
 	}
-	if (up->work == WORK_LOAD) {
-		up->running = 0;
-		upload_loaded(up);
-		upload_run(up);
-		return;
-	}
-	if (up->work == WORK_CHECK) {
-		up->running = 0;
-		up->check_hold = 0;
-		if (up->work_errno) {
-			log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
-			    up->key.uid, up->key.md5, strerror(up->work_errno));
-			upload_lost(up, NULL);
-		} else {
-			up->parked = 0;
-		}
-		upload_run(up);
-		return;
-	}
-	if (up->work == WORK_HASH) {
+	snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
+	    up->published ? "file stored but not made durable, or its icon update not queued; upload it again" :
+	    "cannot store the file", strerror(up->work_errno));
+	if (up->published) {
+		log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
+		record_delete(up);
 		upload_pop(up);
-		op_free(op);
-		upload_run(up);
+		op_answer(op, error, msg, NULL);
+		upload_retire(up);
 		return;
 	}
-	if (up->work == WORK_VERIFY) {
-		upload_pop(up);
-		if (up->work_error) {
-			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
-		} else {
-			if (up->pub_by_digest) {
-				record_published_op(up, op);   /* the record said uploading: now it says published */
-				if (op->kind == UPLOAD_AVATAR)
-					pg_icon_queue(up->st->pg, up->key.uid);
-			}
-			published_answer(op);
-		}
-		upload_run(up);
-		return;
-	}
-	if (up->work_errno || up->work_error) {
-		int error = up->work_error ? up->work_error : errno_to_error(up->work_errno);
-		if (error == ERR_CHECKSUM) {
-			snprintf(msg, sizeof(msg), "md5: the file received does not match; start again at seq 1");
-			log_info("upload %" PRIu64 "/%s: checksum mismatch, reset", up->key.uid, up->key.md5);
-			record_delete(up);
-			upload_pop(up);
-			op_answer(op, error, msg, NULL);
-			up->exists = 0;
-			upload_retire(up);
-			return;
-		}
-		snprintf(msg, sizeof(msg), "%s: %s", error == ERR_STORAGE_FULL ? "storage full" :
-		    up->published ? "file stored but not made durable, or its icon update not queued; upload it again" :
-		    "cannot store the file", strerror(up->work_errno));
-		if (up->published) {
-			log_warnx("upload %" PRIu64 "/%s: %s", up->key.uid, up->key.md5, msg);
-			record_delete(up);
-			upload_pop(up);
-			op_answer(op, error, msg, NULL);
-			upload_retire(up);
-			return;
-		}
-		log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
-		if (up->work_errno == ESTALE ||
-		    (up->work_errno == ENOENT && (up->work == WORK_WRITE || up->work == WORK_COMPLETE))) {
-			/* Fenced out, or the entry is gone: another holder changed the upload. This node
-			 * forgets what it knew and runs the request once more on what it reads back (a final
-			 * chunk whose file another node published is then answered 0); a second time, busy. */
-			if (!op->retried && (up->work == WORK_WRITE || up->work == WORK_COMPLETE)) {
-				op->retried = 1;
-				up->running = 0;
-				upload_lost(up, NULL);
-				upload_run(up);
-				return;
-			}
-			upload_pop(up);
-			op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
+	log_warnx("upload %" PRIu64 "/%s seq %" PRIu64 ": %s", up->key.uid, up->key.md5, op->seq, msg);
+	if (up->work_errno == ESTALE ||
+	    (up->work_errno == ENOENT && (up->work == WORK_WRITE || up->work == WORK_COMPLETE))) {
+		/* Fenced out, or the entry is gone: another holder changed the upload. This node
+		 * forgets what it knew and runs the request once more on what it reads back (a final
+		 * chunk whose file another node published is then answered 0); a second time, busy. */
+		if (!op->retried && (up->work == WORK_WRITE || up->work == WORK_COMPLETE)) {
+			op->retried = 1;
+			up->running = 0;
 			upload_lost(up, NULL);
 			upload_run(up);
 			return;
 		}
-		if (up->work == WORK_START) {
-			up->exists = 0;   /* a failed start leaves nothing to resume */
-			upload_uncount(up);
-		}
 		upload_pop(up);
-		op_answer(op, error, msg, up->exists ? up : NULL);
+		op_answer(op, ERR_BUSY, "server busy: another node took this upload over, retry", NULL);
+		upload_lost(up, NULL);
 		upload_run(up);
 		return;
 	}
-	if (up->work == WORK_START || up->work == WORK_WRITE) {
-		if (up->work == WORK_START) {
-			up->exists = 1;
-			/* Started here under the lease held: what memory says is the truth, nothing to read
-			 * back (without this, the next chunk re-read the entry and dropped the running MD5). */
-			up->loaded = 1;
-			memcpy(up->name, op->name, op->name_len + 1u);
-			up->name_len = op->name_len;
-			up->kind = op->kind;
-			up->total_size = op->total_size;
-			up->chunk_len = op->data_len;
-			up->committed = 0;
-			up->anchor_seq = 1;
-			up->anchor_offset = 0;
-			up->dd_received = op->data_len;
-			up->dd_challenging = 0;
-			if (up->dd_match && op->data_len < op->total_size)
-				dedup_challenge_begin(up);
-			STAT_INC(uploads_started);
-			stats_transfer_close(up->xfer);
-			up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
-			    up->name_len, up->total_size);
-		}
-		STAT_ADD(upload_bytes, op->data_len);
-		uint64_t end = op->offset + op->data_len;
-		if (end >= up->committed) {
-			up->committed = end;
-			up->seq = op->seq;
-			stats_transfer_update(up->xfer, up->committed);
-		}
-		space_update(up);
-		up->touched = time(NULL);
-		if (up->committed == up->total_size) {
-			upload_start_work(up, WORK_COMPLETE);
-			return;
-		}
-		if (up->work == WORK_START) {
-			/* Answered from record_on_reply once Redis has the record. */
-			record_write(up);
-			if (up->record_inflight) {
-				up->awaiting_record = 1;
-				return;
-			}
-			upload_pop(up);
-			op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
-			upload_run(up);
-			return;
-		}
+	if (up->work == WORK_START) {
+		up->exists = 0;   /* a failed start leaves nothing to resume */
+		upload_uncount(up);
+	}
+	upload_pop(up);
+	op_answer(op, error, msg, up->exists ? up : NULL);
+	upload_run(up);
+}
+
+/* Chunk 1 started the staging entry, or a later chunk was written. */
+static void work_done_written(struct upload *up, struct op *op)
+{
+	if (up->work == WORK_START) {
+		up->exists = 1;
+		/* Started here under the lease held: what memory says is the truth, nothing to read
+		 * back (without this, the next chunk re-read the entry and dropped the running MD5). */
+		up->loaded = 1;
+		memcpy(up->name, op->name, op->name_len + 1u);
+		up->name_len = op->name_len;
+		up->kind = op->kind;
+		up->total_size = op->total_size;
+		up->chunk_len = op->data_len;
+		up->committed = 0;
+		up->anchor_seq = 1;
+		up->anchor_offset = 0;
+		up->dd_received = op->data_len;
+		up->dd_challenging = 0;
+		if (up->dd_match && op->data_len < op->total_size)
+			dedup_challenge_begin(up);
+		STAT_INC(uploads_started);
+		stats_transfer_close(up->xfer);
+		up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
+		    up->name_len, up->total_size);
+	}
+	STAT_ADD(upload_bytes, op->data_len);
+	uint64_t end = op->offset + op->data_len;
+	if (end >= up->committed) {
+		up->committed = end;
+		up->seq = op->seq;
+		stats_transfer_update(up->xfer, up->committed);
+	}
+	space_update(up);
+	up->touched = time(NULL);
+	if (up->committed == up->total_size) {
+		upload_start_work(up, WORK_COMPLETE);
+		return;
+	}
+	if (up->work == WORK_START) {
+		/* Answered from record_on_reply once Redis has the record. */
 		record_write(up);
-		op_reply(op, ERR_OK, NULL, up);
-		upload_start_work(up, WORK_HASH);
+		if (up->record_inflight) {
+			up->awaiting_record = 1;
+			return;
+		}
+		upload_pop(up);
+		op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
+		upload_run(up);
 		return;
 	}
-	/* WORK_COMPLETE or WORK_LINK: published. */
+	record_write(up);
+	op_reply(op, ERR_OK, NULL, up);
+	upload_start_work(up, WORK_HASH);
+}
+
+/* WORK_COMPLETE or WORK_LINK: published. */
+static void work_done_published(struct upload *up, struct op *op)
+{
+	char msg[256];
 	char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 	escape_quoted(name, sizeof(name), up->name, up->name_len);
 	uint64_t saved = up->total_size > up->dd_received ? up->total_size - up->dd_received : 0;
@@ -1760,8 +1195,55 @@ static void upload_work_done(struct pool_job *job)
 	upload_retire(up);
 }
 
+/* The running op's disk job is over (on the loop): one outcome each. */
+static void upload_work_done(struct pool_job *job)
+{
+	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, job));
+	struct op *op = up->head;
+	up->pins--;
+	switch (up->work) {
+	case WORK_CHALLENGE:
+		work_done_challenge(up, op);
+		return;
+	case WORK_LINK:
+		if (work_done_link(up, op))
+			return;
+		break;   /* errors after publishing go the way of a completion's; success ends it like one */
+	case WORK_DISCARD:
+		up->running = 0;
+		upload_retire(up);
+		return;
+	case WORK_LOAD:
+		up->running = 0;
+		upload_loaded(up);
+		upload_run(up);
+		return;
+	case WORK_CHECK:
+		work_done_check(up);
+		return;
+	case WORK_HASH:
+		upload_pop(up);
+		op_free(op);
+		upload_run(up);
+		return;
+	case WORK_VERIFY:
+		work_done_verify(up, op);
+		return;
+	case WORK_START:
+	case WORK_WRITE:
+	case WORK_COMPLETE:
+		break;
+	}
+	if (up->work_errno || up->work_error)
+		work_done_failed(up, op);
+	else if (up->work == WORK_START || up->work == WORK_WRITE)
+		work_done_written(up, op);
+	else
+		work_done_published(up, op);
+}
+
 /* Starts the request at the head of the queue unless one is already running. */
-static void upload_run(struct upload *up)
+void upload_run(struct upload *up)
 {
 	char msg[256];
 	if (up->st->stopping)
@@ -1897,7 +1379,7 @@ static void upload_run(struct upload *up)
 		upload_release(up);
 }
 
-static void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key)
+void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key)
 {
 	struct upload *up = upload_find(st, key);
 	if (up == NULL && (up = upload_new(st, key)) == NULL) {
@@ -1915,18 +1397,6 @@ static void op_dispatch(struct storage *st, struct op *op, const struct upload_k
 }
 
 /* ---------------------------------------------------------------- recovery and janitor */
-
-/* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
-#define SWEEP_MAX 256
-
-struct sweep {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	time_t now;
-	size_t n;
-	struct upload_key keys[SWEEP_MAX];
-};
 
 static int sweep_entry(const struct backend_entry *e, void *arg)
 {
@@ -2005,7 +1475,7 @@ static void parked_on_reply(redisAsyncContext *c, void *reply, void *privdata)
 	upload_unpin(up);
 }
 
-static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
+void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
@@ -2050,406 +1520,3 @@ static void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 	}
 }
 
-/* ---------------------------------------------------------------- worker links */
-
-static void client_release(struct client *cl)
-{
-	if (--cl->refs == 0 && cl->dead) {
-		buf_free(&cl->in);
-		buf_free(&cl->out);
-		free(cl->block);
-		free(cl);
-	}
-}
-
-static void client_close(struct client *cl)
-{
-	struct storage *st = cl->st;
-	ev_io_stop(st->loop, &cl->io);
-	close(cl->fd);
-	cl->dead = 1;
-	struct client **pp = &st->clients;
-	while (*pp && *pp != cl)
-		pp = &(*pp)->next;
-	if (*pp)
-		*pp = cl->next;
-	client_release(cl);   /* the link's own reference; queued ops hold theirs */
-}
-
-/* Handles one message. block, when not NULL, is payload in its own allocation,
- * which a chunk op takes over (it is freed here otherwise). */
-static void client_on_message(struct client *cl, const struct ipc_header *h, const uint8_t *payload,
-    uint8_t *block)
-{
-	struct storage *st = cl->st;
-	if (h->type == IPC_WORKER_STORAGE_PING) {
-		free(block);
-		if (ipc_encode_ping(&cl->out, h->reqid, 1) == 0)
-			client_flush(cl);
-		return;
-	}
-	struct upload_key key;
-	memset(&key, 0, sizeof(key));
-	struct op *op;
-	if (h->type == IPC_WORKER_STORAGE_CHUNK) {
-		struct ipc_chunk c;
-		if (ipc_decode_chunk(payload, h->len, &c) < 0) {
-			log_warnx("malformed chunk message from a worker: dropped");
-			free(block);
-			return;
-		}
-		if (block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
-			memcpy(block, c.data, c.data_len);   /* it came in the link's buffer */
-			c.data = block;
-		}
-		op = block ? calloc(1, sizeof(*op)) : NULL;
-		if (op == NULL) {
-			free(block);
-			return;
-		}
-		op->type = OP_CHUNK;
-		op->seq = c.seq;
-		op->trans_size = c.trans_size;
-		op->total_size = c.total_size;
-		op->offset = c.trans_size - c.data_len;
-		op->last = c.last;
-		op->kind = c.kind;
-		memcpy(op->name, c.name, c.name_len);
-		op->name[c.name_len] = '\0';
-		op->name_len = c.name_len;
-		op->data_len = c.data_len;
-		op->data = c.data;
-		op->block = block;
-		key.uid = c.uid;
-		memcpy(key.md5, c.md5, sizeof(key.md5));
-	} else if (h->type == IPC_WORKER_STORAGE_RELEASE) {
-		free(block);
-		struct ipc_sync s;
-		if (ipc_decode_sync(payload, h->len, &s) < 0) {
-			log_warnx("malformed release message from a worker: dropped");
-			return;
-		}
-		key.uid = s.uid;
-		memcpy(key.md5, s.md5, sizeof(key.md5));
-		struct upload *up = upload_find(st, &key);
-		if (up != NULL) {
-			/* Its client left: once idle, the lease goes back so another node can take over at once. */
-			up->release_wanted = 1;
-			upload_run(up);
-		}
-		return;
-	} else if (h->type == IPC_WORKER_STORAGE_SYNC) {
-		free(block);
-		struct ipc_sync s;
-		if (ipc_decode_sync(payload, h->len, &s) < 0) {
-			log_warnx("malformed sync message from a worker: dropped");
-			return;
-		}
-		op = calloc(1, sizeof(*op));
-		if (op == NULL)
-			return;
-		op->type = OP_SYNC;
-		key.uid = s.uid;
-		memcpy(key.md5, s.md5, sizeof(key.md5));
-	} else {
-		free(block);
-		log_warnx("unexpected message type %u from a worker", h->type);
-		return;
-	}
-	op->client = cl;
-	op->reqid = h->reqid;
-	cl->refs++;
-	op_dispatch(st, op, &key);
-}
-
-/* Receives the rest of a chunk message into its block and, in the same call, the
- * header of the next message into the link's buffer. 1: go on reading, 0: no more
- * data now, -1: the link was closed. */
-static int client_read_block(struct client *cl)
-{
-	uint8_t *next = buf_reserve(&cl->in, IPC_HEADER_LEN);
-	if (next == NULL) {
-		client_close(cl);
-		return -1;
-	}
-	struct iovec iov[2] = {
-		{ cl->block + cl->block_got, cl->block_header.len - cl->block_got },
-		{ next, IPC_HEADER_LEN },
-	};
-	ssize_t n = readv(cl->fd, iov, 2);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return 0;
-		client_close(cl);
-		return -1;
-	}
-	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
-	cl->block_got += into_block;
-	buf_commit(&cl->in, (size_t)n - into_block);
-	if (cl->block_got < cl->block_header.len)
-		return 0;
-	uint8_t *block = cl->block;
-	cl->block = NULL;
-	client_on_message(cl, &cl->block_header, block, block);
-	return cl->dead ? -1 : 1;
-}
-
-static void client_on_io(struct ev_loop *loop, ev_io *io, int revents)
-{
-	(void)loop;
-	struct client *cl = io->data;
-	if (revents & EV_WRITE)
-		client_flush(cl);
-	if (!(revents & EV_READ))
-		return;
-	cl->refs++;   /* answers inside the loops below must not free cl */
-	for (int reads = 0; reads < 64 && !cl->dead; reads++) {
-		if (cl->block != NULL) {
-			if (client_read_block(cl) <= 0)
-				break;
-		} else {
-			/* Small reads: at most what completes the message at the head, so that a
-			 * chunk's payload is never read into this buffer but into its own block. */
-			size_t want = IPC_HEADER_LEN;
-			struct ipc_header h;
-			const uint8_t *payload;
-			enum ipc_status st = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
-			if (st == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN)
-				want = IPC_HEADER_LEN + h.len;
-			if (st == IPC_NEED_MORE) {
-				want -= buf_len(&cl->in);
-				uint8_t *p = buf_reserve(&cl->in, want);
-				if (p == NULL) {
-					client_close(cl);
-					break;
-				}
-				ssize_t n = recv(cl->fd, p, want, 0);
-				if (n <= 0) {
-					if (!(n < 0 && (errno == EAGAIN || errno == EINTR)))
-						client_close(cl);
-					break;
-				}
-				buf_commit(&cl->in, (size_t)n);
-			}
-		}
-		/* Messages complete in the buffer, and the start of a chunk's block. */
-		for (;;) {
-			struct ipc_header h;
-			const uint8_t *payload;
-			enum ipc_status s = ipc_decode_header(buf_head(&cl->in), buf_len(&cl->in), &h, &payload);
-			if (s == IPC_NEED_MORE && buf_len(&cl->in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
-			    cl->block == NULL) {
-				/* Whatever of the payload is here already moves to the block (only
-				 * bytes read before the header was known, at most a header's worth). */
-				size_t have = buf_len(&cl->in) - IPC_HEADER_LEN;
-				cl->block = malloc(h.len ? h.len : 1);
-				if (cl->block == NULL) {
-					client_close(cl);
-					break;
-				}
-				cl->block_header = h;
-				memcpy(cl->block, buf_head(&cl->in) + IPC_HEADER_LEN, have);
-				cl->block_got = have;
-				buf_consume(&cl->in, IPC_HEADER_LEN + have);
-				break;
-			}
-			if (s == IPC_NEED_MORE)
-				break;
-			if (s == IPC_BAD) {
-				log_warnx("bad message header from a worker: closing its link");
-				client_close(cl);
-				break;
-			}
-			client_on_message(cl, &h, payload, NULL);
-			if (cl->dead)
-				break;
-			buf_consume(&cl->in, IPC_HEADER_LEN + h.len);
-		}
-	}
-	client_release(cl);
-}
-
-static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
-{
-	(void)revents;
-	struct storage *st = io->data;
-	for (;;) {
-		int fd = accept4(st->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0) {
-			/* Out of descriptors: the socket stays readable, so waiting on it would spin. */
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-				log_warn("accept4() on the storage socket failed: pausing accepts for %.1f s", ACCEPT_PAUSE);
-				ev_io_stop(loop, &st->accept_io);
-				ev_timer_set(&st->accept_pause, ACCEPT_PAUSE, 0.);
-				ev_timer_start(loop, &st->accept_pause);
-			}
-			return;
-		}
-		struct client *cl = calloc(1, sizeof(*cl));
-		if (cl == NULL) {
-			close(fd);
-			continue;
-		}
-		cl->st = st;
-		cl->fd = fd;
-		cl->refs = 1;   /* the link itself */
-		cl->next = st->clients;
-		st->clients = cl;
-		ev_io_init(&cl->io, client_on_io, fd, EV_READ);
-		cl->io.data = cl;
-		ev_io_start(loop, &cl->io);
-	}
-}
-
-static void storage_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
-{
-	(void)revents;
-	struct storage *st = t->data;
-	ev_io_start(loop, &st->accept_io);
-}
-
-/* ---------------------------------------------------------------- lifecycle */
-
-static void storage_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)s;
-	(void)revents;
-	ev_break(loop, EVBREAK_ALL);
-}
-
-static void storage_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log file");
-}
-
-/* At exit: what is on disk stays; memory goes back, so leak checkers see real leaks only. */
-static void storage_free_all(struct storage *st)
-{
-	struct upload *up, *tmp;
-	HASH_ITER(hh, st->uploads, up, tmp) {
-		HASH_DEL(st->uploads, up);
-		while (up->head) {
-			struct op *op = up->head;
-			up->head = op->next;
-			op_free(op);
-		}
-		st->backend.ops->staging_close(up->stg);
-		md5_free(&up->md5);
-		free(up);
-	}
-	while (st->clients)
-		client_close(st->clients);
-	struct user_count *u, *utmp;
-	HASH_ITER(hh, st->users, u, utmp) {
-		HASH_DEL(st->users, u);
-		free(u);
-	}
-}
-
-static void make_dir(const char *path)
-{
-	if (mkdir(path, 0750) < 0 && errno != EEXIST)
-		fatal("mkdir(%s) failed", path);
-}
-
-int storage_main(const struct conf *conf, int listen_fd)
-{
-	struct storage sto, *st = &sto;
-	memset(st, 0, sizeof(*st));
-	prctl(PR_SET_PDEATHSIG, SIGTERM);
-	if (getppid() == 1)
-		return 0;
-	/* RLIMIT_FSIZE must turn into EFBIG (answered 1028), not a signal. */
-	signal(SIGXFSZ, SIG_IGN);
-	signal(SIGPIPE, SIG_IGN);
-	st->conf = conf;
-	st->listen_fd = listen_fd;
-	st->loop = ev_loop_new(EVFLAG_AUTO);
-	if (st->loop == NULL || json_writer_init(&st->jw) < 0)
-		fatalx("cannot start the storage loop");
-	char err[512];
-	if (backend_open(&st->backend, conf, BACKEND_WRITER, err, sizeof(err)) < 0)
-		fatalx("storage backend: %s", err);
-	if (conf->dedup != DEDUP_OFF && !dedup_enabled(st))
-		log_info("[storage] dedup: instant upload is unavailable with the %s backend (no content index): "
-		    "every upload sends every byte", st->backend.ops->name);
-	/* The icon retry queue stays on the local disk whatever the backend. */
-	make_dir(conf->root);
-	int n = snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);
-	if (n < 0 || (size_t)n >= sizeof(st->pending))
-		fatalx("[storage] root is too long");
-	make_dir(st->pending);
-	/* Nothing is read back at start: an upload is read back when a request for it comes, under its
-	 * lease (another node sharing the storage may be writing it now), and the janitor removes what
-	 * was abandoned. */
-	if ((st->sweep = calloc(1, sizeof(*st->sweep))) == NULL)
-		fatalx("out of memory");
-	if (lease_owner()[0] == '\0')
-		lease_owner_init(conf->node);
-	struct rlimit nofile;
-	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
-	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
-		log_warnx("the file limit (%llu) is below max_uploads (%d) + 64: uploads may fail with 1015 "
-		    "before max_uploads refuses them; raise LimitNOFILE or lower max_uploads",
-		    (unsigned long long)nofile.rlim_cur, conf->max_uploads);
-
-	st->pool = pool_create(st->loop, conf->io_threads);
-	if (st->pool == NULL)
-		fatalx("cannot start disk threads");
-	rds_init(&st->redis, st->loop, conf, storage_on_redis_ready, st);
-	st->pg = pg_create(st->loop, conf, &st->redis, st->pending);
-	if (st->pg == NULL)
-		fatalx("cannot start the postgres client");
-
-	ev_signal_init(&st->sig_term, storage_on_stop, SIGTERM);
-	ev_signal_start(st->loop, &st->sig_term);
-	ev_signal_init(&st->sig_int, storage_on_stop, SIGINT);
-	ev_signal_start(st->loop, &st->sig_int);
-	ev_signal_init(&st->sig_quit, storage_on_stop, SIGQUIT);
-	ev_signal_start(st->loop, &st->sig_quit);
-	ev_signal_init(&st->sig_usr1, storage_on_usr1, SIGUSR1);
-	ev_signal_start(st->loop, &st->sig_usr1);
-	signal(SIGHUP, SIG_IGN);
-	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
-	st->janitor.data = st;
-	ev_timer_start(st->loop, &st->janitor);
-	ev_io_init(&st->accept_io, storage_on_accept, listen_fd, EV_READ);
-	st->accept_io.data = st;
-	ev_io_start(st->loop, &st->accept_io);
-	ev_timer_init(&st->accept_pause, storage_on_accept_pause, ACCEPT_PAUSE, 0.);
-	st->accept_pause.data = st;
-	/* Free space is measured once now, then on a disk thread: statvfs can block. */
-	struct statvfs sv;
-	if (statvfs(conf->root, &sv) == 0) {
-		st->free_bytes = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
-		st->free_known = 1;
-	}
-	ev_timer_init(&st->space_timer, storage_on_space_timer, SPACE_INTERVAL, SPACE_INTERVAL);
-	st->space_timer.data = st;
-	ev_timer_start(st->loop, &st->space_timer);
-	/* Alive from now on, as far as the agent-check can tell. */
-	if (stats_self)
-		atomic_store(&stats_self->alive_ms, stats_mono_ms());
-	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
-	st->health_timer.data = st;
-	ev_timer_start(st->loop, &st->health_timer);
-
-	log_info("serving workers on %s/%s", conf->run_dir, IPC_SOCKET_NAME);
-	ev_run(st->loop, 0);
-	log_info("stopping");
-	st->stopping = 1;
-	/* Disk work in flight finishes first: every acknowledged byte is already written. */
-	pool_destroy(st->pool);
-	pg_destroy(st->pg);
-	rds_close(&st->redis);
-	storage_free_all(st);
-	free(st->sweep);
-	backend_close(&st->backend);
-	json_writer_free(&st->jw);
-	ev_loop_destroy(st->loop);
-	return 0;
-}

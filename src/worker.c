@@ -9,12 +9,14 @@
 #include "frame.h"
 #include "ipc.h"
 #include "json.h"
+#include "link.h"
 #include "log.h"
 #include "escape.h"
 #include "pool.h"
 #include "proto.h"
 #include "proxy.h"
 #include "rds.h"
+#include "signals.h"
 #include "stats.h"
 
 #include <arpa/inet.h>
@@ -48,7 +50,7 @@ enum req_stage {
 	STAGE_AUTH,        /* GET utoken_<uid> in flight */
 	STAGE_STORAGE,     /* chunk or sync sent to the storage process */
 	STAGE_DISK,        /* download read on a disk thread */
-	STAGE_DLCHECK,     /* download read from a freshly opened file; GET of its download record in flight */
+	STAGE_DLCHECK,     /* download read from a freshly opened file; its versions script in flight */
 	STAGE_BINOPEN,     /* binary download: the file is being opened on a disk thread */
 };
 
@@ -125,18 +127,18 @@ struct dl_file {
 	uint64_t uid;
 	uint64_t size;
 	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
+	ev_tstamp versions_at;        /* when its version was last recorded in file_dlversions_ */
 	char name[PROTO_NAME_MAX + 1];
 	char version[BACKEND_VERSION_MAX];
 };
 
-struct storage_link {
-	int fd;
+/* The worker's link up to the storage process, which it connects again whenever it is lost. */
+struct uplink {
+	struct link link;             /* link.fd -1: no link */
 	int connected;                /* the socket is connected */
 	int ready;                    /* the storage process answered our ping: requests may go */
-	ev_io io;
 	ev_timer retry;
 	double retry_delay;
-	struct buf in, out;
 };
 
 struct worker {
@@ -146,7 +148,7 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
-	ev_signal sig_term, sig_int, sig_quit, sig_usr1, sig_usr2;
+	ev_signal sigs[7];            /* worker_signals[] */
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
 	ev_timer fresh_timer;         /* graceful stop: looks again at new connections that sent nothing */
@@ -156,7 +158,7 @@ struct worker {
 	uint32_t nfree;
 	uint32_t nconns;
 	uint32_t op_seq;              /* tags every async step; with the slot it forms a reqid */
-	struct storage_link storage;
+	struct uplink uplink;         /* to the storage process */
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
 	struct backend backend;       /* where published files are read from */
@@ -188,12 +190,12 @@ struct download_job {
 };
 
 static void conn_close(struct conn *c, const char *why);
-static void storage_update_io(struct worker *w);
+static void uplink_update_io(struct worker *w);
 static void conn_process(struct conn *c);
 static void conn_update_io(struct conn *c);
 static void request_continue(struct conn *c);
-static void storage_connect(struct worker *w);
-static void storage_resend_unsent(struct worker *w);
+static void uplink_connect(struct worker *w);
+static void uplink_resend_unsent(struct worker *w);
 /* The binary fast path (its own section below). */
 struct bin_conn;
 static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t len);
@@ -437,6 +439,7 @@ static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid,
 	f->uid = uid;
 	f->size = size;
 	f->used = ++c->dl_tick;
+	f->versions_at = ev_now(c->w->loop);   /* every file is kept after the versions script recorded it */
 	memcpy(f->name, name, name_len);
 	f->name[name_len] = '\0';
 	memcpy(f->version, version, sizeof(f->version));
@@ -471,13 +474,13 @@ static void conn_drove(struct conn *c, uint64_t uid, const char *md5)
 /* Tells storage the uploads this connection drove have lost their client (it releases their leases). */
 static void conn_release_uploads(struct conn *c)
 {
-	struct storage_link *s = &c->w->storage;
-	if (c->ndrove == 0 || s->fd < 0 || !s->connected)
+	struct uplink *s = &c->w->uplink;
+	if (c->ndrove == 0 || s->link.fd < 0 || !s->connected)
 		return;
 	for (unsigned i = 0; i < c->ndrove; i++)
-		ipc_encode_release(&s->out, &c->drove[i]);
+		ipc_encode_release(&s->link.out, &c->drove[i]);
 	c->ndrove = 0;
-	storage_update_io(c->w);
+	uplink_update_io(c->w);
 }
 
 static void conn_close(struct conn *c, const char *why)
@@ -714,14 +717,14 @@ static int auth_check(struct conn *c)
 /* ---------------------------------------------------------------- storage link */
 
 /* The link died: requests it carried may never be answered. Each keeps its frame, so it is
- * sent again, exactly as it was, once a new link is up (storage_resend_unsent), and
+ * sent again, exactly as it was, once a new link is up (uplink_resend_unsent), and
  * storage_timeout (from when it first went) still bounds the wait. Sending it again is safe:
  * the storage process treats a chunk at or below what it has committed as a rewrite of the
  * same bytes, and a final chunk of an upload it already published as done. A resent seq 1
  * cannot reset an upload that went on, because this connection sends nothing else of the
  * upload until this request is answered (one request at a time), and a client drives an
  * upload on one connection. */
-static void storage_hold_waiting(struct worker *w)
+static void uplink_hold_waiting(struct worker *w)
 {
 	unsigned held = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
@@ -738,59 +741,34 @@ static void storage_hold_waiting(struct worker *w)
 		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
 
-static void storage_down(struct worker *w, const char *why)
+static void uplink_down(struct worker *w, const char *why)
 {
-	struct storage_link *s = &w->storage;
-	if (s->fd >= 0) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd >= 0)
 		log_warnx("storage link lost: %s", why);
-		ev_io_stop(w->loop, &s->io);
-		close(s->fd);
-	}
-	s->fd = -1;
+	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
 	STAT_SET(storage_up, 0);
-	buf_free(&s->in);
-	buf_free(&s->out);
-	storage_hold_waiting(w);
+	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
 	ev_timer_set(&s->retry, s->retry_delay, 0.);
 	ev_timer_start(w->loop, &s->retry);
 	s->retry_delay = s->retry_delay * 2 > STORAGE_RETRY_MAX ? STORAGE_RETRY_MAX : s->retry_delay * 2;
 }
 
-static void storage_update_io(struct worker *w)
+static void uplink_update_io(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
 	/* Fast-path connections waiting for the link to drain are woken from its writability. */
-	int events = EV_READ | (buf_len(&s->out) > 0 || w->bin_link_waiters ? EV_WRITE : 0);
-	if (ev_is_active(&s->io) && (s->io.events & (EV_READ | EV_WRITE)) == events)
-		return;
-	ev_io_stop(w->loop, &s->io);
-	ev_io_set(&s->io, s->fd, events);
-	ev_io_start(w->loop, &s->io);
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	link_update_io(&w->uplink.link);
 }
 
-static int storage_flush(struct worker *w)
+static int uplink_flush(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
-	while (buf_len(&s->out) > 0) {
-		ssize_t n = send(s->fd, buf_head(&s->out), buf_len(&s->out), MSG_NOSIGNAL);
-		if (n > 0) {
-			buf_consume(&s->out, (size_t)n);
-		} else if (n < 0 && errno == EINTR) {
-			continue;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			break;
-		} else {
-			/* Callers may be deep in a connection's request: the read side sees
-			 * the broken link on its own and tears it down from the loop. */
-			log_warn("storage link: send() failed");
-			buf_free(&s->out);
-			break;
-		}
-	}
-	storage_update_io(w);
+	w->uplink.link.want_write = w->bin_link_waiters > 0;
+	if (link_flush(&w->uplink.link) < 0)
+		log_warn("storage link: send() failed");
 	return 0;
 }
 
@@ -816,7 +794,7 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 	c->xfer_md5[0] = '\0';
 }
 
-static void storage_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
+static void uplink_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
 	if (bin_on_result(w, h, payload))
 		return;   /* a binary chunk's acknowledgement */
@@ -858,42 +836,36 @@ static void storage_on_result(struct worker *w, const struct ipc_header *h, cons
 	conn_process(c);
 }
 
-static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)loop;
 	struct worker *w = io->data;
-	struct storage_link *s = &w->storage;
-	if ((revents & EV_WRITE) && storage_flush(w) < 0)
+	struct uplink *s = &w->uplink;
+	if ((revents & EV_WRITE) && uplink_flush(w) < 0)
 		return;
 	if (revents & EV_WRITE)
 		bin_link_drained(w);
 	if (!(revents & EV_READ))
 		return;
-	uint8_t *p = buf_reserve(&s->in, READ_CHUNK);
-	if (p == NULL) {
-		storage_down(w, "out of memory");
+	ssize_t n = link_read(&s->link, READ_CHUNK);
+	if (n == LINK_AGAIN)
+		return;
+	if (n < 0) {
+		uplink_down(w, n == LINK_EOF ? "storage process closed the link" : strerror(errno));
 		return;
 	}
-	ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			return;
-		storage_down(w, n == 0 ? "storage process closed the link" : strerror(errno));
-		return;
-	}
-	buf_commit(&s->in, (size_t)n);
 	for (;;) {
 		struct ipc_header h;
 		const uint8_t *payload;
-		enum ipc_status st = ipc_decode_header(buf_head(&s->in), buf_len(&s->in), &h, &payload);
+		enum ipc_status st = link_next(&s->link, &h, &payload);
 		if (st == IPC_NEED_MORE)
 			break;
 		if (st == IPC_BAD) {
-			storage_down(w, "bad message header");
+			uplink_down(w, "bad message header");
 			return;
 		}
 		if (h.type == IPC_STORAGE_WORKER_RESULT) {
-			storage_on_result(w, &h, payload);
+			uplink_on_result(w, &h, payload);
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -902,65 +874,61 @@ static void storage_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		} else {
 			log_warnx("storage: unexpected message type %u", h.type);
 		}
-		if (s->fd < 0)
+		if (s->link.fd < 0)
 			return;   /* a callback brought the link down */
-		buf_consume(&s->in, IPC_HEADER_LEN + h.len);
+		link_consume(&s->link, &h);
 	}
 }
 
-static void storage_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+static void uplink_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
-	storage_connect(t->data);
+	uplink_connect(t->data);
 }
 
-static void storage_connect(struct worker *w)
+static void uplink_connect(struct worker *w)
 {
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	if (snprintf(sun.sun_path, sizeof(sun.sun_path), "%s/%s", w->conf->run_dir, IPC_SOCKET_NAME) >=
-	    (int)sizeof(sun.sun_path))
+	if (link_socket_path(w->conf->run_dir, sun.sun_path, sizeof(sun.sun_path)) < 0)
 		fatalx("run_dir %s is too long for a Unix socket path", w->conf->run_dir);
-	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (s->fd < 0) {
-		storage_down(w, strerror(errno));
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		uplink_down(w, strerror(errno));
 		return;
 	}
 	s->connected = 0;
 	s->ready = 0;
 	/* A Unix socket connects at once or not at all (EAGAIN: backlog full, try again). */
-	if (connect(s->fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
-		close(s->fd);
-		s->fd = -1;
-		storage_down(w, strerror(err));
+		close(fd);
+		uplink_down(w, strerror(err));
 		return;
 	}
 	s->connected = 1;
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
-	ev_io_init(&s->io, storage_on_io, s->fd, EV_READ);
-	s->io.data = w;
-	ev_io_start(w->loop, &s->io);
-	if (ipc_encode_ping(&s->out, 0, 0) == 0) {
-		storage_resend_unsent(w);
-		storage_flush(w);
+	link_open(&s->link, w->loop, fd, uplink_on_io, w);
+	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
+		uplink_resend_unsent(w);
+		uplink_flush(w);
 	}
 }
 
 /* Queues the current request on the storage link under a new request id. Returns 0, or -1
  * when it was answered instead (bad data, out of memory). */
-static int storage_send(struct conn *c)
+static int uplink_send(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	uint64_t reqid = conn_next_reqid(c);
 	int rc;
 	if (c->req.id == MSG_SYNC) {
 		struct ipc_sync msg = { .uid = c->req.u.sync.cred.uid };
 		memcpy(msg.md5, c->req.u.sync.md5, sizeof(msg.md5));
-		rc = ipc_encode_sync(&s->out, reqid, &msg);
+		rc = ipc_encode_sync(&s->link.out, reqid, &msg);
 	} else {
 		const struct proto_chunk *ch = &c->req.u.chunk;
 		struct ipc_chunk msg = {
@@ -974,7 +942,7 @@ static int storage_send(struct conn *c)
 		/* The chunk is decoded straight from its frame into the message queued for the
 		 * storage process (again from the same frame if the link is lost before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
-		uint8_t *data = ipc_reserve_chunk(&s->out, &msg, room);
+		uint8_t *data = ipc_reserve_chunk(&s->link.out, &msg, room);
 		rc = data ? 0 : -1;
 		if (data != NULL) {
 			char why[128];
@@ -982,7 +950,7 @@ static int storage_send(struct conn *c)
 				respond_request_error(c, ERR_JSON, why);
 				return -1;
 			}
-			ipc_commit_chunk(&s->out, reqid, &msg);
+			ipc_commit_chunk(&s->link.out, reqid, &msg);
 		}
 	}
 	if (rc < 0) {
@@ -1017,15 +985,15 @@ static int chunk_data_check(struct conn *c)
 /* Hands the current request to the storage process; the answer resumes the connection. While
  * the link is down (a storage process restarting after a reload or a crash) the request waits
  * for the next link, at most storage_timeout, so a restart of storage is invisible to clients. */
-static void storage_forward(struct conn *c)
+static void uplink_forward(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
+	struct uplink *s = &w->uplink;
 	/* Connected but not yet ready (the ping is unanswered): the request queues behind
 	 * the ping, and storage_timeout answers 1027 if no storage process takes it. */
-	int link = s->fd >= 0 && s->connected;
+	int link = s->link.fd >= 0 && s->connected;
 	if (link) {
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			return;
 	} else {
 		if (c->req.id != MSG_SYNC && chunk_data_check(c) < 0)
@@ -1041,18 +1009,18 @@ static void storage_forward(struct conn *c)
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
 	if (link)
-		storage_flush(w);
+		uplink_flush(w);
 }
 
 /* A new link is connected: the requests held while there was none go on it, behind the ping. */
-static void storage_resend_unsent(struct worker *w)
+static void uplink_resend_unsent(struct worker *w)
 {
 	unsigned sent = 0;
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
 		if (c == NULL || !c->busy || c->req.stage != STAGE_STORAGE || !c->req.unsent)
 			continue;
-		if (storage_send(c) < 0)
+		if (uplink_send(c) < 0)
 			conn_process(c);   /* answered: the connection moves on (or closes) */
 		else
 			sent++;
@@ -1124,10 +1092,58 @@ static void download_record_progress(struct worker *w, const struct proto_downlo
 	json_put_int(jw, "seq", (int64_t)d->seq);
 	json_put_int(jw, "total_size", (int64_t)total);
 	json_put_int(jw, "trans_size", (int64_t)current);
-	/* What the download started from: a later chunk that opens another version answers 1029. */
 	json_put_str(jw, "version", version, strlen(version));
 	json_end(jw, &body, &len);
 	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
+}
+
+/* The versions of a name that downloads are being served from (docs/protocol.md §8,
+ * file_dlversions_): version -> Redis time of its last chunk, kept upload_ttl. Several downloads of
+ * one name may run at once (one user, several devices), and a request does not say which version
+ * it started from. So a seq > 1 read from a freshly opened file ("check") is served only when no
+ * other version is live, else 0: 1029. "peek" checks and records nothing (a seq past the end of
+ * the current file); "keep" records. More than 16 fold the oldest into "*", which matches none.
+ * ARGV: mode, version, ttl. */
+static const char download_versions_script[] =
+    "local now = tonumber(redis.call('TIME')[1])\n"
+    "local v, ttl = ARGV[2], tonumber(ARGV[3])\n"
+    "local all = redis.call('HGETALL', KEYS[1])\n"
+    "local live, n = {}, 0\n"
+    "for i = 1, #all, 2 do\n"
+    "  local o, t = all[i], tonumber(all[i + 1]) or 0\n"
+    "  if now - t >= ttl then redis.call('HDEL', KEYS[1], o)\n"
+    "  elseif o ~= v and ARGV[1] ~= 'keep' then return 0\n"
+    "  else live[o] = t; n = n + 1 end\n"
+    "end\n"
+    "if ARGV[1] == 'peek' then return 1 end\n"
+    "if not live[v] then n = n + 1 end\n"
+    "redis.call('HSET', KEYS[1], v, now)\n"
+    "while n > 16 do\n"
+    "  local old, at = nil, now\n"
+    "  for o, t in pairs(live) do if o ~= v and o ~= '*' and t <= at then old, at = o, t end end\n"
+    "  live[old] = nil\n"
+    "  redis.call('HDEL', KEYS[1], old)\n"
+    "  if live['*'] then n = n - 1; at = math.max(live['*'], at) end\n"
+    "  live['*'] = at\n"
+    "  redis.call('HSET', KEYS[1], '*', at)\n"
+    "end\n"
+    "redis.call('EXPIRE', KEYS[1], ttl)\n"
+    "return 1\n";
+
+/* Runs the versions script for the version a chunk was read from; -1 when Redis is not there. */
+static int download_versions(struct worker *w, uint64_t uid, const char *name, size_t name_len, const char *mode,
+    const char *version, redisCallbackFn *cb, void *privdata)
+{
+	char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX], ttl[24];
+	int n = snprintf(key, sizeof(key), "%sfile_dlversions_%" PRIu64 "_%.*s", w->conf->redis_prefix, uid,
+	    (int)name_len, name);
+	if (n < 0 || (size_t)n >= sizeof(key))
+		return -1;
+	snprintf(ttl, sizeof(ttl), "%d", w->conf->upload_ttl);
+	const char *argv[] = { "EVAL", download_versions_script, "1", key, mode, version, ttl };
+	size_t len[] = { 4, strlen(download_versions_script), 1, strlen(key), strlen(mode), strlen(version),
+	    strlen(ttl) };
+	return rds_command_argv(&w->redis, cb, privdata, (int)(sizeof(argv) / sizeof(argv[0])), argv, len);
 }
 
 /* Counts a download chunk, shows it in the transfer table and logs the end of the file. */
@@ -1214,6 +1230,13 @@ static void download_reply(struct conn *c, struct download_job *j)
 		} else {
 			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
+			/* A connection finishing a kept file keeps its version live (now and then: the
+			 * time only matters at upload_ttl's scale), so that its own resume elsewhere hears 1029. */
+			struct dl_file *f = j->borrowed ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+			double every = w->conf->upload_ttl / 4.0 < 60 ? w->conf->upload_ttl / 4.0 : 60;
+			if (f && f->file == j->borrowed && ev_now(w->loop) - f->versions_at >= every &&
+			    download_versions(w, f->uid, f->name, strlen(f->name), "keep", f->version, NULL, NULL) == 0)
+				f->versions_at = ev_now(w->loop);
 			download_account(c, d, j, current, is_last);
 		}
 	}
@@ -1222,8 +1245,8 @@ static void download_reply(struct conn *c, struct download_job *j)
 	conn_process(c);
 }
 
-/* The download record's answer for a later chunk read from a freshly opened file: the same version
- * the download started from (or nothing to compare with) serves it; another version answers 1029. */
+/* The versions script's answer for a chunk read from a freshly opened file: 1 serves it (its version
+ * is recorded), 0 answers 1029 (another version of the name is live), anything else 1027 (never a guess). */
 static void download_on_record(redisAsyncContext *ctx, void *reply, void *privdata)
 {
 	struct rds *r = ctx->data;
@@ -1235,32 +1258,25 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 	c->req.checking = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	redisReply *rep = reply;
-	int changed = 0;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+	if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+		if (rep && rep->type == REDIS_REPLY_ERROR)
+			log_warnx("redis: download versions script failed: %s", rep->str);
 		download_job_free(w, j);
-		respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+		respond_request_error(c, ERR_BUSY, "server busy: cannot check the download versions, retry");
 		conn_process(c);
 		return;
 	}
-	if (rep->type == REDIS_REPLY_STRING) {
-		char err[64];
-		yajl_val rec = json_parse_object((const uint8_t *)rep->str, rep->len, err, sizeof(err));
-		const char *version;
-		size_t version_len;
-		if (rec && json_get_str(rec, "version", &version, &version_len) == JSON_FIELD_OK)
-			changed = version_len != strlen(j->version) || memcmp(version, j->version, version_len) != 0;
-		if (rec)
-			yajl_tree_free(rec);
-	}
-	if (changed) {
+	if (rep->integer != 1) {
 		download_job_free(w, j);
 		respond_request_error(c, ERR_FILE_CHANGED,
 		    "name: the file was replaced since this download started; download it again from seq 1");
 		conn_process(c);
 		return;
 	}
-	dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
-	j->opened = 0;   /* the connection keeps it now */
+	if (!j->error) {
+		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+		j->opened = 0;   /* the connection keeps it now */
+	}
 	download_reply(c, j);
 }
 
@@ -1277,15 +1293,17 @@ static void download_done(struct pool_job *job)
 	}
 	c->req.job = NULL;
 	const struct proto_download *d = &c->req.u.download;
-	if (j->opened && !j->error && d->seq > 1) {
-		/* A later chunk from a file this connection did not hold: is it still the version
-		 * the download started from? */
-		char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX];
+	int past_end = j->error == ERR_OFFSET_INVALID && d->seq > 1;
+	if (j->opened && (!j->error || past_end)) {
+		/* Read from a freshly opened file. Seq 1 records its version before it is answered, so a
+		 * resume anywhere finds it; a later seq is served only if no other version is live (and
+		 * past the end of the current file is 1029 too if the download may have started on a longer one). */
 		uint64_t reqid = conn_next_reqid(c);
-		if (download_record_key(w, d, key, sizeof(key)) < 0 ||
-		    rds_command(&w->redis, download_on_record, (void *)(uintptr_t)reqid, "GET %s", key) < 0) {
+		const char *mode = past_end ? "peek" : d->seq > 1 ? "check" : "keep";
+		if (download_versions(w, d->cred.uid, d->name, d->name_len, mode, j->version, download_on_record,
+		    (void *)(uintptr_t)reqid) < 0) {
 			download_job_free(w, j);
-			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download record, retry");
+			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download versions, retry");
 			conn_process(c);
 			return;
 		}
@@ -1293,10 +1311,6 @@ static void download_done(struct pool_job *job)
 		c->req.stage = STAGE_DLCHECK;
 		c->req.since = ev_now(w->loop);
 		return;
-	}
-	if (j->opened && !j->error) {
-		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
-		j->opened = 0;   /* the connection keeps it now */
 	}
 	download_reply(c, j);
 }
@@ -1475,11 +1489,11 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (id == MSG_BIN_CHUNK) {
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
-		if (buf_len(&c->w->storage.out) >= BIN_LINK_BACKLOG) {
+		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
 				c->w->bin_link_waiters++;
-				storage_update_io(c->w);
+				uplink_update_io(c->w);
 			}
 			return 0;
 		}
@@ -1562,14 +1576,14 @@ static void bin_hello_finish(struct conn *c)
 static void bin_open_start(struct conn *c)
 {
 	struct worker *w = c->w;
-	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd < 0 || !s->connected) {
 		respond_request_error(c, ERR_BUSY, "server busy: storage unavailable, retry");
 		return;
 	}
 	struct ipc_sync msg = { .uid = c->bin->uid };
 	memcpy(msg.md5, c->req.u.bopen.open.md5, sizeof(msg.md5));
-	if (ipc_encode_sync(&s->out, conn_next_reqid(c), &msg) < 0) {
+	if (ipc_encode_sync(&s->link.out, conn_next_reqid(c), &msg) < 0) {
 		respond_request_error(c, ERR_BUSY, "server busy: out of memory");
 		return;
 	}
@@ -1577,7 +1591,7 @@ static void bin_open_start(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_STORAGE;
 	c->req.since = ev_now(w->loop);
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Storage's answer to the open's sync: resume where it stands, or start at 0. */
@@ -1664,8 +1678,8 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		    "length: an empty chunk may only end the file");
 		return;
 	}
-	struct storage_link *s = &w->storage;
-	if (s->fd < 0 || !s->connected) {
+	struct uplink *s = &w->uplink;
+	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
 		return;
@@ -1676,14 +1690,14 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		.data_len = ch.length,
 	};
 	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
-	uint8_t *data = ipc_reserve_chunk(&s->out, &msgc, ch.length);
+	uint8_t *data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length);
 	if (data == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
 		return;
 	}
 	memcpy(data, ch.data, ch.length);
 	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
-	ipc_commit_chunk(&s->out, reqid, &msgc);
+	ipc_commit_chunk(&s->link.out, reqid, &msgc);
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
 	f->offset = ch.offset;
@@ -1691,7 +1705,7 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	b->inflight_bytes += ch.length;
 	b->cursor = end;
 	b->next_seq++;
-	storage_flush(w);
+	uplink_flush(w);
 }
 
 /* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
@@ -2075,7 +2089,7 @@ static void bin_handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_
 /* The storage link has room again: the connections whose chunks waited for it go on. */
 static void bin_link_drained(struct worker *w)
 {
-	if (w->bin_link_waiters == 0 || buf_len(&w->storage.out) >= BIN_LINK_BACKLOG / 2)
+	if (w->bin_link_waiters == 0 || buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG / 2)
 		return;
 	for (uint32_t i = 0; i < w->conns_cap && w->bin_link_waiters > 0; i++) {
 		struct conn *c = w->conns[i];
@@ -2084,10 +2098,10 @@ static void bin_link_drained(struct worker *w)
 		c->bin->link_waiting = 0;
 		w->bin_link_waiters--;
 		conn_process(c);   /* may close c; the table slot is simply empty then */
-		if (buf_len(&w->storage.out) >= BIN_LINK_BACKLOG)
+		if (buf_len(&w->uplink.link.out) >= BIN_LINK_BACKLOG)
 			break;   /* full again: the rest wait on */
 	}
-	storage_update_io(w);
+	uplink_update_io(w);
 }
 
 /* Frees the connection's fast-path state; 1 when a disk thread still sends on its socket (it closes it). */
@@ -2117,7 +2131,7 @@ static int bin_conn_free(struct conn *c)
 static void request_continue(struct conn *c)
 {
 	if (c->req.id == MSG_UPLOAD || c->req.id == MSG_AVATAR || c->req.id == MSG_SYNC)
-		storage_forward(c);   /* decodes a chunk's data on the way */
+		uplink_forward(c);   /* decodes a chunk's data on the way */
 	else if (c->req.id == MSG_DOWNLOAD)
 		download_start(c);
 	else
@@ -2491,15 +2505,6 @@ static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_timer_start(loop, &w->drain_timer);
 }
 
-static void worker_on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
-{
-	(void)loop;
-	(void)s;
-	(void)revents;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log files");
-}
-
 static void worker_shutdown(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++)
@@ -2508,14 +2513,23 @@ static void worker_shutdown(struct worker *w)
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
-	if (w->storage.fd >= 0)
-		close(w->storage.fd);
-	buf_free(&w->storage.in);
-	buf_free(&w->storage.out);
+	link_close(&w->uplink.link);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
 }
+
+/* What a worker does with each signal (the master sends them; resourced(8), SIGNALS). */
+static const struct signal_action worker_signals[] = {
+	{ SIGTERM, worker_on_stop },
+	{ SIGINT, worker_on_stop },
+	{ SIGQUIT, worker_on_quit },      /* graceful stop */
+	{ SIGUSR2, worker_on_retire },    /* a reload replaced this worker */
+	{ SIGUSR1, signals_reopen_logs },      /* reopen the logs */
+	{ SIGPIPE, NULL },
+	{ SIGHUP, NULL },                 /* reloads are the master's business */
+};
+_Static_assert(SIGNALS_COUNT(worker_signals) == SIGNALS_COUNT(((struct worker *)0)->sigs), "one watcher per signal");
 
 int worker_main(const struct conf *conf, int slot, int listen_fd)
 {
@@ -2542,28 +2556,15 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	char err[512];
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
-	w->storage.fd = -1;
-	w->storage.retry_delay = STORAGE_RETRY_MIN;
-	ev_timer_init(&w->storage.retry, storage_on_retry, 0., 0.);
-	w->storage.retry.data = w;
+	w->uplink.link.fd = -1;
+	w->uplink.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
+	w->uplink.retry.data = w;
 
-	ev_signal_init(&w->sig_term, worker_on_stop, SIGTERM);
-	ev_signal_start(w->loop, &w->sig_term);
-	ev_signal_init(&w->sig_int, worker_on_stop, SIGINT);
-	ev_signal_start(w->loop, &w->sig_int);
-	ev_signal_init(&w->sig_quit, worker_on_quit, SIGQUIT);
-	w->sig_quit.data = w;
-	ev_signal_start(w->loop, &w->sig_quit);
-	ev_signal_init(&w->sig_usr2, worker_on_retire, SIGUSR2);
-	w->sig_usr2.data = w;
-	ev_signal_start(w->loop, &w->sig_usr2);
-	ev_signal_init(&w->sig_usr1, worker_on_usr1, SIGUSR1);
-	ev_signal_start(w->loop, &w->sig_usr1);
-	signal(SIGPIPE, SIG_IGN);
-	signal(SIGHUP, SIG_IGN);   /* reloads are the master's business */
+	signals_watch(w->loop, worker_signals, SIGNALS_COUNT(worker_signals), w->sigs, w);
 
 	rds_init(&w->redis, w->loop, conf, NULL, w);
-	storage_connect(w);
+	uplink_connect(w);
 	ev_io_init(&w->accept_io, worker_on_accept, listen_fd, EV_READ);
 	w->accept_io.data = w;
 	ev_io_start(w->loop, &w->accept_io);

@@ -7,7 +7,7 @@
  *     re-encoding the result must give back the input bytes exactly;
  *   - as a payload alone, through each decoder the same way;
  *   - as a stream, through a struct buf fed in two steps (split at a point
- *     derived from the data), the way storage_on_io()/client_on_io() loop:
+ *     derived from the data), the way uplink_on_io()/worker_link_on_io() loop:
  *     decode a header, handle, consume, stop on NEED_MORE or BAD. The messages
  *     must be those of decoding the input in one piece.
  * Messages are in host byte order (both ends share a host), so the seeds are
@@ -101,7 +101,7 @@ static void decode_payload(const uint8_t *p, size_t len, uint64_t reqid)
 		CHECK(r.name_len == 0 || (r.name >= (const char *)p && r.name + r.name_len <= (const char *)p + len));
 		CHECK(r.message_len == 0 ||
 		    (r.message >= (const char *)p && r.message + r.message_len <= (const char *)p + len));
-		/* worker.c's storage_on_result prints the message with %.*s and copies the name. */
+		/* worker.c's uplink_on_result prints the message with %.*s and copies the name. */
 		volatile char sink = 0;
 		for (uint16_t i = 0; i < r.name_len; i++)
 			sink ^= r.name[i];
@@ -183,7 +183,7 @@ static int receive(struct buf *in, const uint8_t *p, size_t n, const uint8_t *da
 	CHECK(w != NULL);
 	memcpy(w, p, n);
 	buf_commit(in, n);
-	/* As storage.c client_on_io() and worker.c storage_on_io() loop: buf_head()
+	/* As storage_process.c worker_link_on_io() and worker.c uplink_on_io() loop: buf_head()
 	 * of a buffer that buf_consume() has just emptied must be safe. */
 	for (;;) {
 		struct ipc_header h;

@@ -200,6 +200,36 @@ with tap.section("a download resumed on a new connection"):
         fresh, _ = h.download(c, name, U, TOK[U])
     tap.ok(fresh == new, "a download from seq 1 gets the new file")
 
+with tap.section("two devices on one name: a replace between their starts is never served as a mix"):
+    # Device A starts on the old file, the file is replaced, device B starts on the new one (its
+    # record is written after A's). A then resumes on a new connection: it must hear 1029, never get
+    # the new file's chunks after the old one's.
+    name = "twodev.bin"
+    old = rbytes(CHUNKS * DL)
+    new = rbytes(CHUNKS * DL)
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    got_a = b""
+    with h.Client(d.port) as a:
+        for seq in range(1, 4):
+            got_a += dl(a, name, seq)[1] or b""
+    record_at(name, 3)
+    tap.ok(upload(new, name), "replaced by new content of the same size")
+    got_b = b""
+    with h.Client(d.port) as b:
+        for seq in range(1, 3):
+            got_b += dl(b, name, seq)[1] or b""
+    record_at(name, 2)
+    answers = []
+    with h.Client(d.port) as a:
+        for seq in range(4, CHUNKS + 1):
+            raw, data = dl(a, name, seq)
+            answers.append(raw.get("error"))
+            if raw.get("error") != 0:
+                break
+            got_a += data
+    tap.eq(answers, [FILE_CHANGED], "device A resumed at seq 4 on a new connection after B started the new file: 1029")
+    tap.ok(verdict(got_a, old, new) == "old", "device A holds only old bytes", verdict(got_a, old, new))
+
 with tap.section("without a record: the current file is served and recorded"):
     name = "norecord.bin"
     data = rbytes(CHUNKS * DL)

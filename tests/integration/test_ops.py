@@ -596,7 +596,9 @@ with tap.section("HUP with a broken config"):
     logged = h.wait_for(lambda: re.search(r"reload refused.*no_such_key", read_text(LOG, mark)), 5)
     tap.ok(logged, "HUP with an unknown key: the log says the reload is refused and names no_such_key",
            read_text(LOG, mark))
-    time.sleep(0.3)   # give a (wrong) reload the time to spawn workers
+    # The master logs the refusal on the path that returns before it forks anything, and it
+    # answers the stats socket from the same loop: an answer means the HUP is behind it.
+    stats("show info")
     tap.eq(worker_set(), set(before), "old workers keep their pids")
     tap.eq(d.storage_pid(), storage_before, "storage keeps its pid")
     tap.ok(all(r["state"] == "running" for r in stats_json("show workers")) and len(stats_json("show workers")) == 3,
@@ -609,7 +611,7 @@ with tap.section("HUP with a broken config"):
     tap.ok(rc == 1 and out.startswith("ERROR") and "no_such_key" in out,
            "stats 'reload' with the broken config answers ERROR naming the key, resctl exits 1",
            "rc %r out %r err %r" % (rc, out, err))
-    time.sleep(0.2)
+    # (The ERROR answer is sent after the refused reload returned, before any fork.)
     tap.eq(worker_set(), set(before), "workers unchanged after the refused socket reload")
 
     h.Daemon.write_config(d.conf_path, GOOD)
@@ -716,6 +718,18 @@ with tap.section("HUP during a 64-connection bench"):
 
 
 # ---------------------------------------------------------------- QUIT with uploads in flight
+def server_rx_queue(client):
+    """Bytes the daemon has not read yet on its end of client's connection (from /proc/net/tcp)."""
+    port = client.sock.getsockname()[1]
+    want_local, want_remote = "0100007F:%04X" % d.port, "0100007F:%04X" % port
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == want_local and fields[2] == want_remote:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def stalled_reader():
     """A client that asks for the whole of big.bin (12 MiB) and reads nothing: its worker cannot finish."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -805,7 +819,10 @@ with tap.section("QUIT with uploads in flight"):
     inflight = h.Client(d.port, timeout=15)
     redis.cmd("CLIENT", "PAUSE", "1500")
     inflight.send_raw(inflight_up.frame(0, 1))
-    time.sleep(0.2)   # the worker reads it and asks Redis for the token
+    # The worker has read the whole frame (and so asked Redis for the token) once nothing of it is
+    # left in the receive queue of the daemon's end of the connection.
+    tap.ok(h.wait_for(lambda: server_rx_queue(inflight) == 0, 10),
+           "(the worker read the in-flight frame)")
     procs_before = daemon_pids(d)
     quit_workers = worker_set()
     pid_master = d.master_pid
@@ -948,7 +965,9 @@ with tap.section("TERM during a graceful stop"):
     d.start()
     tap.ok(wait_state_up(15), "(daemon restarted)")
     stalled = stalled_reader()
-    time.sleep(0.3)
+    tap.ok(h.wait_for(lambda: any(t.get("kind") == "download" and t.get("name") == "big.bin"
+                                  for t in stats_json("show transfers")), 10),
+           "(the stalled reader's download is in progress)")
     pids = daemon_pids(d)
     mark = size_of(LOG)
     d.send_signal(signal.SIGQUIT)

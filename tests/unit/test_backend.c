@@ -487,6 +487,35 @@ START_TEST(test_fencing)
 }
 END_TEST
 
+/* A publish that died between its rename and its unlinks leaves metadata without a .part: the
+ * next look at the upload (under its lease) finds nothing and finishes the cleanup. */
+START_TEST(test_find_finishes_interrupted_publish)
+{
+	struct backend_meta m = meta_of(22, MD5_A, "cut.bin", 4);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "abcd", 4, 0, 10), 0);
+	be.ops->staging_close(s);
+	char part[PATH_MAX], meta[PATH_MAX], lock[PATH_MAX], dir[PATH_MAX], final[PATH_MAX];
+	snprintf(part, sizeof(part), "%s/.staging/22-" MD5_A ".part", root);
+	snprintf(meta, sizeof(meta), "%s/.staging/22-" MD5_A ".meta", root);
+	snprintf(lock, sizeof(lock), "%s/.staging/22-" MD5_A ".lock", root);
+	snprintf(dir, sizeof(dir), "%s/22", root);
+	snprintf(final, sizeof(final), "%s/22/cut.bin", root);
+	ck_assert_int_eq(access(meta, F_OK), 0);
+	ck_assert_int_eq(access(lock, F_OK), 0);
+	ck_assert_int_eq(mkdir(dir, 0750), 0);
+	ck_assert_int_eq(rename(part, final), 0);   /* the rename of publish_locked, then the crash */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 22, MD5_A, &e, &s), ENOENT);
+	ck_assert_int_eq(access(meta, F_OK), -1);
+	ck_assert_int_eq(access(lock, F_OK), -1);
+	ck_assert_int_eq(access(final, F_OK), 0);   /* the published file is left alone */
+	size_t dropped = 0;
+	ck_assert_int_eq(list_all(&dropped).n, 0);
+	ck_assert_uint_eq(dropped, 0);
+}
+END_TEST
 #ifdef HAVE_RADOS
 /* ---------------------------------------------------------------- rados: RESOURCED_TEST_CEPH_CONF names a cluster
  * (tests/integration/rados_test_backend.py starts one); each test gets a namespace of its own and pieces
@@ -664,6 +693,7 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_open_files_bounded);
 	tcase_add_test(tc, test_unknown_backend);
 	tcase_add_test(tc, test_fencing);
+	tcase_add_test(tc, test_find_finishes_interrupted_publish);
 	suite_add_tcase(s, tc);
 #ifdef HAVE_RADOS
 	if (getenv("RESOURCED_TEST_CEPH_CONF")) {

@@ -564,9 +564,8 @@ END_TEST
 START_TEST(test_error_reason_matches_line)
 {
 	/* The reason must belong to the line reported: here line 2 is a syntax error
-	 * and line 3 a bad key. (Fails today: the message says
-	 * "<path>:2: [server] bogus: unknown key", the line of one error with the
-	 * reason of the other.) */
+	 * and line 3 a bad key (a regression test: the message once gave the line of
+	 * one error with the reason of the other). */
 	expect_load_error("[server]\nno equals sign here\nbogus = 1\n", 2,
 	    "syntax error (expected [section] or key = value)");
 	expect_load_error("[server\nworkers = 2\n", 1, "syntax error (expected [section] or key = value)");
@@ -576,9 +575,9 @@ END_TEST
 START_TEST(test_long_value_not_misread)
 {
 	/* conninfo holds up to 1023 bytes. A 300-byte one in the file must either
-	 * load whole or be refused with the line it is on (2). (Fails today: the
-	 * system libinih reads at most INI_MAX_LINE = 200 bytes a line and parses
-	 * the rest as a separate line, so the message is "<path>:3: syntax error".) */
+	 * load whole or be refused with the line it is on (2), although the system
+	 * libinih reads at most INI_MAX_LINE = 200 bytes a line and would parse the
+	 * rest as a separate line ("<path>:3: syntax error"). */
 	char text[600], value[301];
 	for (size_t i = 0; i < 300; i++)
 		value[i] = (char)('a' + i % 26);
@@ -623,6 +622,55 @@ START_TEST(test_sentinels)
 }
 END_TEST
 
+START_TEST(test_storage_scope)
+{
+	/* A reload restarts the storage process exactly when a key it reads changes: the keys of
+	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log; no other key. */
+	static const char *const storage_keys[][3] = {
+		{ "storage", "root", "/srv/other" }, { "storage", "backend", "fs" }, { "storage", "max_file_size", "7" },
+		{ "storage", "upload_ttl", "9" }, { "storage", "fsync", "always" }, { "storage", "io_threads", "3" },
+		{ "storage", "janitor_interval", "9" }, { "storage", "max_uploads", "9" },
+		{ "storage", "max_uploads_per_user", "9" }, { "storage", "min_free_space", "9" },
+		{ "storage", "lease_ttl", "9" }, { "storage", "dedup", "global" }, { "redis", "host", "10.0.0.1" },
+		{ "redis", "port", "7000" }, { "redis", "socket", "/r.sock" }, { "redis", "password", "p" },
+		{ "redis", "db", "3" }, { "redis", "prefix", "x:" }, { "redis", "sentinels", "h:1" },
+		{ "redis", "master_name", "m" }, { "redis", "sentinel_password", "q" }, { "postgres", "conninfo", "x=1" },
+		{ "postgres", "timeout", "9" }, { "server", "run_dir", "/run/other" }, { "server", "node", "n2" },
+		{ "log", "level", "debug" }, { "log", "file", "/var/log/other.log" },
+		{ "rados", "conf", "/etc/ceph/other.conf" }, { "rados", "user", "other" }, { "rados", "pool", "other" },
+		{ "rados", "namespace", "ns2" }, { "rados", "op_timeout", "9" }, { "rados", "object_size", "65536" },
+		{ "rados", "gc_grace", "9" },
+	};
+	static const char *const other_keys[][3] = {
+		{ "server", "listen", "9999" }, { "server", "workers", "3" }, { "server", "idle_timeout", "9" },
+		{ "server", "max_frame", "4096" }, { "server", "stats_socket", "/s.sock" }, { "server", "anonymous", "yes" },
+		{ "server", "download_chunk", "9" }, { "server", "storage_timeout", "9" }, { "log", "access_log", "/a.log" },
+	};
+	struct conf a, b;
+	char err[256];
+	conf_defaults(&a);
+	for (size_t i = 0; i < sizeof(storage_keys) / sizeof(storage_keys[0]); i++) {
+		conf_defaults(&b);
+		if (strcmp(storage_keys[i][1], "backend") == 0)
+			snprintf(a.backend, sizeof(a.backend), "none");   /* fs is the only backend and the default */
+		ck_assert_int_eq(conf_set(&b, storage_keys[i][0], storage_keys[i][1], storage_keys[i][2], err, sizeof(err)), 0);
+		ck_assert_msg(!conf_storage_equal(&a, &b), "[%s] %s is not in the storage scope", storage_keys[i][0],
+		    storage_keys[i][1]);
+		conf_defaults(&a);
+	}
+	for (size_t i = 0; i < sizeof(other_keys) / sizeof(other_keys[0]); i++) {
+		conf_defaults(&b);
+		ck_assert_int_eq(conf_set(&b, other_keys[i][0], other_keys[i][1], other_keys[i][2], err, sizeof(err)), 0);
+		ck_assert_msg(conf_storage_equal(&a, &b), "[%s] %s restarts storage", other_keys[i][0], other_keys[i][1]);
+	}
+	/* A string is compared up to its NUL, not the bytes an earlier longer value left behind. */
+	conf_defaults(&b);
+	ck_assert_int_eq(conf_set(&b, "storage", "root", "/var/lib/resourced-longer", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "storage", "root", "/var/lib/resourced", err, sizeof(err)), 0);
+	ck_assert(conf_storage_equal(&a, &b));
+}
+END_TEST
+
 static Suite *conf_suite(void)
 {
 	Suite *s = suite_create("conf");
@@ -651,6 +699,7 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_error_format_first_error_wins);
 	tcase_add_test(tc, test_error_reason_matches_line);
 	tcase_add_test(tc, test_long_value_not_misread);
+	tcase_add_test(tc, test_storage_scope);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -310,8 +310,8 @@ END_TEST
 START_TEST(test_parse_rejects_non_shortest_utf8)
 {
 	/* Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not
-	 * UTF-8 either (RFC 3629). (Fails today: yajl's lexer only checks the byte
-	 * pattern, so these reach string fields such as client_path and token.) */
+	 * UTF-8 either (RFC 3629); yajl's lexer only checks the byte pattern, so
+	 * without our own check these would reach fields such as client_path and token. */
 	static const char *const bodies[] = {
 		"{\"a\":\"\xc0\x80\"}",             /* overlong NUL */
 		"{\"a\":\"\xc1\xbf\"}",             /* overlong U+007F */
@@ -379,9 +379,8 @@ END_TEST
 START_TEST(test_depth_limit_not_bypassed_by_comments)
 {
 	/* yajl_tree_parse allows comments; a quote inside one must not hide the
-	 * nesting that follows from the depth check. (Fails today: the body is
-	 * accepted, and at a few MB of brackets yajl_tree_free's recursion
-	 * overflows the stack.) */
+	 * nesting that follows from the depth check (if it did, at a few MB of
+	 * brackets yajl_tree_free's recursion would overflow the stack). */
 	static char b[64 + 2 * 1000];
 	size_t k = (size_t)sprintf(b, "{\"a\":/*\"*/");
 	for (int i = 0; i < 1000; i++)

@@ -1,4 +1,4 @@
-/* resctl_bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
+/* bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
 #include "config.h"
 #include "resctl.h"
 #include "b64.h"
@@ -510,7 +510,7 @@ struct bench_conn {
 	uint8_t bin_heads[BENCH_BATCH_MAX][FRAME_HEADER_LEN + BIN_CHUNK_LEN];
 
 	/* answers */
-	struct resctl_rbuf in;
+	struct buf in;
 	yajl_handle parser;
 	struct bench_answer answer;
 
@@ -755,7 +755,7 @@ static void conn_close(struct bench_conn *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
-	c->in.start = c->in.end = 0;
+	buf_consume_keep(&c->in, buf_len(&c->in));
 	c->bin_hello_done = 0;   /* a new connection says 1041 again */
 	c->bin_opened = 0;
 }
@@ -1395,11 +1395,11 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		const uint8_t *body;
 		uint32_t len;
 		size_t need;
-		int r = resctl_rbuf_frame(&c->in, &id, &body, &len, &need);
+		int r = resctl_take_frame(&c->in, &id, &body, &len, &need);
 		if (r > 0) {
 			conn_frame(c, id, body, len);
 			/* Closed, finished, backing off, or nothing buffered: the loop calls again when more comes. */
-			if (c->fd < 0 || c->state != CONN_BUSY || c->in.start == c->in.end)
+			if (c->fd < 0 || c->state != CONN_BUSY || buf_len(&c->in) == 0)
 				return;
 			continue;
 		}
@@ -1407,16 +1407,16 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 			conn_fail(c, FAIL_PROTOCOL);
 			return;
 		}
-		size_t have = c->in.end - c->in.start;
+		size_t have = buf_len(&c->in);
 		size_t want = need > have ? need - have : 0;
-		uint8_t *p = resctl_rbuf_space(&c->in, want > 65536 ? want : 65536);
+		uint8_t *p = buf_reserve(&c->in, want > 65536 ? want : 65536);
 		if (p == NULL) {
 			conn_fail(c, FAIL_PROTOCOL);
 			return;
 		}
 		ssize_t n = recv(c->fd, p, c->in.cap - c->in.end, 0);
 		if (n > 0) {
-			c->in.end += (size_t)n;
+			buf_commit(&c->in, (size_t)n);
 			continue;
 		}
 		if (n < 0 && errno == EINTR)
@@ -1482,7 +1482,7 @@ static void conn_free(struct bench_conn *c)
 	ev_timer_stop(c->bench->loop, &c->timer);
 	if (c->parser)
 		yajl_free(c->parser);
-	resctl_rbuf_free(&c->in);
+	buf_free(&c->in);
 	free(c->text);
 	free(c->raw);
 	free(c->b64);

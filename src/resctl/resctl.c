@@ -258,47 +258,19 @@ static void sleep_ms(unsigned ms)
 		;
 }
 
-/* ================================================================ receive buffer */
+/* ================================================================ receive buffer (a struct buf) */
 
-uint8_t *resctl_rbuf_space(struct resctl_rbuf *rb, size_t n)
+int resctl_take_frame(struct buf *in, uint16_t *id, const uint8_t **body, uint32_t *len, size_t *need)
 {
-	size_t len = rb->end - rb->start;
-	if (len == 0)
-		rb->start = rb->end = 0;
-	if (rb->cap - rb->end >= n)
-		return rb->data + rb->end;
-	if (rb->start > 0) {
-		memmove(rb->data, rb->data + rb->start, len);
-		rb->start = 0;
-		rb->end = len;
-		if (rb->cap - rb->end >= n)
-			return rb->data + rb->end;
-	}
-	size_t cap = rb->cap ? rb->cap : 65536;
-	while (cap - len < n) {
-		if (cap > SIZE_MAX / 2)
-			return NULL;
-		cap *= 2;
-	}
-	uint8_t *data = realloc(rb->data, cap);
-	if (data == NULL)
-		return NULL;
-	rb->data = data;
-	rb->cap = cap;
-	return rb->data + rb->end;
-}
-
-int resctl_rbuf_frame(struct resctl_rbuf *rb, uint16_t *id, const uint8_t **body, uint32_t *len, size_t *need)
-{
-	const uint8_t *p = rb->data + rb->start;
-	size_t have = rb->end - rb->start;
+	const uint8_t *p = buf_head(in);
+	size_t have = buf_len(in);
 	size_t consumed;
 	*need = 0;
 	if (have >= FRAME_HEADER_LEN)
 		*need = FRAME_HEADER_LEN + ((size_t)p[2] << 24 | (size_t)p[3] << 16 | (size_t)p[4] << 8 | p[5]);
 	switch (frame_decode(p, have, RESCTL_MAX_RESPONSE, id, body, len, &consumed)) {
 	case FRAME_OK:
-		rb->start += consumed;
+		buf_consume_keep(in, consumed);
 		return 1;
 	case FRAME_NEED_MORE:
 		return 0;
@@ -307,11 +279,6 @@ int resctl_rbuf_frame(struct resctl_rbuf *rb, uint16_t *id, const uint8_t **body
 	}
 }
 
-void resctl_rbuf_free(struct resctl_rbuf *rb)
-{
-	free(rb->data);
-	*rb = (struct resctl_rbuf){ 0 };
-}
 
 /* ================================================================ progress */
 
@@ -382,7 +349,7 @@ struct client {
 	int fd;                          /* -1 while not connected */
 	int timeout_ms;
 	const struct resctl_endpoint *ep;
-	struct resctl_rbuf in;
+	struct buf in;
 	char peer[80];
 	char err[512];                   /* why the last call failed */
 };
@@ -403,7 +370,7 @@ static void client_close(struct client *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
-	c->in.start = c->in.end = 0;   /* a late answer on the old connection must not be read */
+	buf_consume_keep(&c->in, buf_len(&c->in));   /* a late answer on the old connection must not be read */
 }
 
 /* 1 when fd is ready, 0 at the deadline, -1 on a poll error. */
@@ -565,8 +532,9 @@ static void not_resourced(struct client *c, const char *why)
 {
 	char start[41];
 	size_t n = 0;
-	for (size_t i = c->in.start; i < c->in.end && n < sizeof(start) - 1; i++) {
-		uint8_t ch = c->in.data[i];
+	const uint8_t *got = buf_head(&c->in);
+	for (size_t i = 0; i < buf_len(&c->in) && n < sizeof(start) - 1; i++) {
+		uint8_t ch = got[i];
 		if (ch == '\r' || ch == '\n')
 			break;
 		start[n++] = ch >= 0x20 && ch < 0x7f ? (char)ch : '.';
@@ -584,25 +552,25 @@ static int client_recv(struct client *c, uint16_t *id, const uint8_t **body, uin
 	int64_t deadline = resctl_now_ns() + (int64_t)c->timeout_ms * 1000000;
 	for (;;) {
 		size_t need;
-		int r = resctl_rbuf_frame(&c->in, id, body, len, &need);
+		int r = resctl_take_frame(&c->in, id, body, len, &need);
 		if (r > 0)
 			return CALL_OK;
 		if (r < 0) {
 			not_resourced(c, "its answer does not frame like resourced's");
 			return CALL_BROKEN;
 		}
-		size_t have = c->in.end - c->in.start;
+		size_t have = buf_len(&c->in);
 		size_t want = need > have ? need - have : 0;
 		if (want < 65536)
 			want = 65536;
-		uint8_t *p = resctl_rbuf_space(&c->in, want);
+		uint8_t *p = buf_reserve(&c->in, want);
 		if (p == NULL) {
 			snprintf(c->err, sizeof(c->err), "out of memory");
 			return CALL_BROKEN;
 		}
 		ssize_t n = recv(c->fd, p, c->in.cap - c->in.end, 0);
 		if (n > 0) {
-			c->in.end += (size_t)n;
+			buf_commit(&c->in, (size_t)n);
 			continue;
 		}
 		if (n == 0) {
@@ -1012,7 +980,7 @@ static int cmd_ping(int argc, char **argv)
 		printf("\n");
 	}
 	client_close(&c);
-	resctl_rbuf_free(&c.in);
+	buf_free(&c.in);
 	json_writer_free(&w);
 	return received == o.count ? RESCTL_EXIT_OK : RESCTL_EXIT_FAIL;
 }
@@ -1141,7 +1109,7 @@ out:
 	if (answer)
 		yajl_tree_free(answer);
 	client_close(&c);
-	resctl_rbuf_free(&c.in);
+	buf_free(&c.in);
 	json_writer_free(&w);
 	return status;
 }
@@ -1628,7 +1596,7 @@ static int cmd_upload(int argc, char **argv)
 			    (double)u.offset / 1e6, (double)u.total / 1e6);
 	}
 	client_close(&u.c);
-	resctl_rbuf_free(&u.c.in);
+	buf_free(&u.c.in);
 	json_writer_free(&u.w);
 	free(u.raw);
 	free(u.b64);
@@ -2179,7 +2147,7 @@ static int cmd_download(int argc, char **argv)
 	if (d.state_fd >= 0)
 		close(d.state_fd);
 	client_close(&d.c);
-	resctl_rbuf_free(&d.c.in);
+	buf_free(&d.c.in);
 	json_writer_free(&d.w);
 	free(d.raw);
 	md5_free(&d.md5);

@@ -1,4 +1,4 @@
-/* resctl_stats.c: `resctl stats`, a client of the master's stats socket (HAProxy-style commands). */
+/* stats.c: `resctl stats`, a client of the master's stats socket (HAProxy-style commands). */
 #include "config.h"
 #include "resctl.h"
 

@@ -2,6 +2,8 @@
 #ifndef RESOURCED_RESCTL_H
 #define RESOURCED_RESCTL_H
 
+#include "buf.h"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -83,21 +85,11 @@ int64_t resctl_now_ns(void);
 
 /* ---------------------------------------------------------------- receive buffer */
 
-/* Bytes received and not yet consumed; the memory is kept between frames. */
-struct resctl_rbuf {
-	uint8_t *data;
-	size_t start;   /* first unconsumed byte */
-	size_t end;     /* one past the last received byte */
-	size_t cap;
-};
-/* Room for at least n more bytes at data + end (compacting or growing); NULL when out of memory. */
-uint8_t *resctl_rbuf_space(struct resctl_rbuf *rb, size_t n);
-/* Takes one whole frame off the front: 1 with the frame, 0 when more bytes are needed,
- * -1 when the header announces more than RESCTL_MAX_RESPONSE. *need says how many
- * bytes the whole frame has when it is known. The body stays valid until the next
- * resctl_rbuf_space. */
-int resctl_rbuf_frame(struct resctl_rbuf *rb, uint16_t *id, const uint8_t **body, uint32_t *len, size_t *need);
-void resctl_rbuf_free(struct resctl_rbuf *rb);
+/* Bytes received and not yet consumed are a struct buf (buf.h), whose memory is kept between
+ * frames. Takes one whole frame off the front: 1 with the frame, 0 when more bytes are needed,
+ * -1 when the header announces more than RESCTL_MAX_RESPONSE. *need says how many bytes the
+ * whole frame has when it is known. The body stays valid until the next buf_reserve. */
+int resctl_take_frame(struct buf *in, uint16_t *id, const uint8_t **body, uint32_t *len, size_t *need);
 
 /* ---------------------------------------------------------------- progress */
 

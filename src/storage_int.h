@@ -1,0 +1,248 @@
+/* storage_int.h: what the storage process's three files share: its uploads, the requests queued on them and the links to the workers. */
+#ifndef RESOURCED_STORAGE_INT_H
+#define RESOURCED_STORAGE_INT_H
+
+/* storage_process.c is the process and its links to the workers, storage.c the state machine
+ * of each upload (disk work, lease, instant upload, janitor), storage_record.c the upload's
+ * records in Redis. */
+
+#include <ev.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include <uthash.h>
+
+#include "backend.h"
+#include "conf.h"
+#include "digest.h"
+#include "ipc.h"
+#include "json.h"
+#include "link.h"
+#include "pool.h"
+#include "proto.h"
+#include "rds.h"
+
+#define PENDING_DIR ".pending"
+#define READ_CHUNK (256 * 1024)
+#define HASH_BLOCK (1024 * 1024)
+#define ACCEPT_PAUSE 0.5        /* seconds without accepting after EMFILE/ENFILE */
+#define SPACE_INTERVAL 2.0      /* seconds between statvfs of the root */
+
+/* A worker connected over the Unix socket (the storage end of its uplink). */
+struct worker_link {
+	struct storage *st;
+	struct link link;
+	int dead;          /* the link is closed; answers are dropped */
+	int refs;          /* ops still holding this link */
+	struct worker_link *next;
+	/* A chunk message being received straight into its own block, which becomes
+	 * the op's data: the chunk is not copied again in user space. NULL when none. */
+	uint8_t *block;
+	struct ipc_header block_header;
+	size_t block_got;
+};
+
+enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
+
+/* One request from a worker, queued on its upload. */
+struct op {
+	enum op_type type;
+	struct worker_link *wl;       /* the worker to answer; NULL for the janitor */
+	uint64_t reqid;
+	uint64_t seq, trans_size, total_size, offset;
+	int last, kind;
+	char name[PROTO_NAME_MAX + 1];
+	uint16_t name_len;
+	uint32_t data_len;
+	const uint8_t *data;          /* the chunk, inside block */
+	uint8_t *block;               /* the received message payload, freed with the op */
+	int retried;                  /* run again once after the upload was read back */
+	struct op *next;
+};
+
+struct upload_key {
+	uint64_t uid;
+	char md5[PROTO_MD5_HEX + 1];
+};
+
+enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
+	WORK_CHECK, WORK_CHALLENGE, WORK_LINK };
+
+/* Chunks asked for at random offsets before an upload is published from stored content: with
+ * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
+#define DEDUP_CHALLENGES 2
+
+/* Where this node stands with an upload's lease (lease.h). */
+enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
+
+/* An upload of (uid, md5): its staging file, its progress and its queue of requests. */
+struct upload {
+	UT_hash_handle hh;
+	struct upload_key key;
+	struct storage *st;
+	int exists;                   /* seq 1 was written: a staging file and meta exist */
+	char name[PROTO_NAME_MAX + 1];
+	uint16_t name_len;
+	int kind;
+	uint64_t total_size;
+	uint64_t committed;           /* bytes in the staging file, contiguous from 0 */
+	uint64_t seq;                 /* the chunk that last advanced committed */
+	uint64_t chunk_len;           /* length of chunk 1, to rebuild seq after a restart */
+	time_t touched;
+	struct backend_staging *stg;  /* staging entry: created by seq 1 or attached by recovery */
+	struct md5 md5;               /* incremental hash of [0, hashed) */
+	uint64_t hashed;
+	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
+	struct op *head, *tail;       /* requests in arrival order; head is the one running */
+	int running;                  /* head is on a disk thread or waiting for Redis */
+	int pins;                     /* async work (disk, Redis) still referring to this upload */
+	int retired;                  /* out of the table; freed when pins reach 0 */
+	int record_inflight, record_dirty;
+	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
+	int published;                /* moved to its final path: the staging file is gone */
+	int xfer;                     /* entry in the stats transfer table, -1 if none */
+	/* Chunk n starts at anchor_offset + (n - anchor_seq) * chunk_len; the anchor moves only when
+	 * a client resumes at a committed size that is not on a chunk boundary (after a restart). */
+	uint64_t anchor_seq, anchor_offset;
+	int counted;                  /* counted in the limits of uploads in progress */
+	uint64_t left_accounted;      /* its share of storage.announced_left */
+	/* The published file a resent final chunk is checked against (from the Redis record). */
+	uint64_t pub_size;
+	char pub_version[BACKEND_VERSION_MAX];
+	/* The record still said uploading: the file at the name is hashed instead (a crash between
+	 * publishing and recording it). */
+	int pub_by_digest;
+	/* The disk job of the running op. */
+	struct pool_job job;
+	enum disk_work work;
+	int work_errno;
+	int work_error;               /* proto error set by the job */
+	/* Several nodes share the storage: the lease in Redis makes this node the upload's one
+	 * writer, and its fence goes with every staging change (design.md, "Several nodes"). */
+	int lease;                    /* enum upload_lease */
+	uint64_t fence;               /* of the lease held */
+	ev_tstamp lease_until;        /* no staging change starts after this unless renewed */
+	ev_tstamp lease_asked, renew_asked;
+	ev_tstamp wait_since;         /* since when the lease is held elsewhere; 0 when not waiting */
+	int renewing;                 /* a renew is in flight */
+	ev_timer lease_timer;         /* renews while held; asks again while held elsewhere */
+	int loaded;                   /* progress is the shared truth: started here or read back */
+	int loading;                  /* WORK_LOAD is reading the staging entry back */
+	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
+	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
+	int parked;                   /* its lease was given back while what is in memory stayed */
+	int check_hold;               /* taken back with the same fence: confirm with the storage first */
+	ev_tstamp active;             /* last request: an idle upload lets its lease go */
+	struct backend_entry load;    /* what WORK_LOAD found */
+	/* Instant upload: chunk 1 matched content already stored; the chunks challenge[] (numbers
+	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
+	 * In memory only: on another node the upload simply goes on as a normal one. */
+	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
+	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
+	int dd_count, dd_next;
+	uint64_t challenge[DEDUP_CHALLENGES];
+	uint64_t dd_received;         /* file bytes the client sent for this proof */
+	int dd_linked;                /* published from stored content */
+};
+
+/* Uploads in progress of one uid, for max_uploads_per_user. */
+struct user_count {
+	UT_hash_handle hh;
+	uint64_t uid;
+	unsigned n;
+};
+
+/* statvfs of the root, run on a pool thread so the loop never waits for the file system. */
+struct space_probe {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	uint64_t avail;
+	int ok;
+};
+
+/* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
+#define SWEEP_MAX 256
+
+/* The backend's ping, on a pool thread (the agent-check answers down while it fails or hangs). */
+struct health_probe {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	ev_tstamp started, last;
+	int err;
+	int unreachable;              /* as last published to the stats slot */
+};
+
+struct sweep {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	time_t now;
+	size_t n;
+	struct upload_key keys[SWEEP_MAX];
+};
+
+struct storage {
+	struct ev_loop *loop;
+	const struct conf *conf;
+	int listen_fd;
+	ev_io accept_io;
+	ev_signal sigs[5];            /* storage_signals[] */
+	ev_timer janitor;
+	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
+	ev_timer space_timer;
+	struct space_probe space;
+	ev_timer health_timer;
+	struct health_probe health;
+	struct sweep *sweep;          /* the janitor's listing of old staging entries */
+	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
+	int free_known;
+	uint64_t announced_left;      /* bytes still to come of every upload in progress */
+	unsigned uploads_counted;
+	struct user_count *users;
+	struct worker_link *worker_links;
+	struct upload *uploads;       /* uthash table by key */
+	struct rds redis;
+	struct pg *pg;
+	struct pool *pool;
+	struct json_writer jw;
+	struct backend backend;       /* staging and published files */
+	char pending[600];
+	int stopping;                 /* the loop has ended: start no new work */
+};
+
+/* <prefix>file_upload_<uid>_<md5>: sized for the longest prefix and uid, never cut. */
+#define RECORD_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_upload__") + 20 + PROTO_MD5_HEX)
+
+#define LEASE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_lease__") + 20 + PROTO_MD5_HEX)
+
+/* storage_process.c: answers to the workers. */
+void op_reply(struct op *op, int error, const char *message, const struct upload *up);
+void op_free(struct op *op);
+void op_answer(struct op *op, int error, const char *message, const struct upload *up);
+void published_answer(struct op *op);
+
+/* storage_record.c: the records in Redis. */
+void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
+void lease_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
+void record_write(struct upload *up);
+void record_published(struct upload *up);
+void record_published_op(struct upload *up, const struct op *op);
+void record_delete(struct upload *up);
+void storage_on_redis_ready(struct rds *r);
+int published_lookup(struct upload *up);
+
+/* storage.c: the uploads. */
+struct upload *upload_find(struct storage *st, const struct upload_key *key);
+void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key);
+void upload_run(struct upload *up);
+void upload_unpin(struct upload *up);
+void upload_lost(struct upload *up, const char *holder);
+void upload_lease_ask(struct upload *up);
+void upload_start_work(struct upload *up, enum disk_work work);
+void upload_pop(struct upload *up);
+void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents);
+void storage_on_space_timer(struct ev_loop *loop, ev_timer *t, int revents);
+
+#endif

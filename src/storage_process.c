@@ -1,0 +1,563 @@
+/* storage_process.c: the storage process: its loop, signals and lifecycle, and its links to the workers (requests in, answers out). */
+#include "config.h"
+#include "storage.h"
+#include "storage_int.h"
+#include "backend.h"
+#include "buf.h"
+#include "conf.h"
+#include "digest.h"
+#include "ipc.h"
+#include "json.h"
+#include "lease.h"
+#include "link.h"
+#include "log.h"
+#include "escape.h"
+#include "pg.h"
+#include "pool.h"
+#include "proto.h"
+#include "rds.h"
+#include "signals.h"
+#include "stats.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <sodium.h>
+#include <uthash.h>
+
+static void worker_link_release(struct worker_link *wl);
+
+/* ---------------------------------------------------------------- answers */
+
+/* EAGAIN: the write watcher goes on; errors: the read side closes the link. */
+static void worker_link_flush(struct worker_link *wl)
+{
+	link_flush(&wl->link);
+}
+
+/* Sends the result of op to its worker; the op itself stays until op_free. */
+void op_reply(struct op *op, int error, const char *message, const struct upload *up)
+{
+	struct worker_link *wl = op->wl;
+	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
+		STAT_INC(uploads_failed);
+	if (wl && !wl->dead) {
+		struct ipc_result r = { .error = (uint32_t)error };
+		if (up && up->exists && up->dd_challenging && error == ERR_OK && op->type == OP_CHUNK) {
+			/* (A sync answers what is held: 1006 never claims bytes that are not stored.) */
+			/* Ask for chunk k: the client seeks to (k - 1) * chunk and sends seq k. */
+			uint64_t k = up->challenge[up->dd_next];
+			r.seq = k - 1;
+			r.trans_size = (k - 1) * up->chunk_len;
+			r.total_size = up->total_size;
+			r.name = up->name;
+			r.name_len = up->name_len;
+		} else if (up && up->exists) {
+			r.seq = up->seq;
+			r.trans_size = up->committed;
+			r.total_size = up->total_size;
+			r.name = up->name;
+			r.name_len = up->name_len;
+		} else {
+			r.total_size = op->total_size;
+			r.seq = op->seq;
+		}
+		if (message) {
+			r.message = message;
+			r.message_len = (uint16_t)strlen(message);
+		}
+		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
+			worker_link_flush(wl);
+	}
+}
+
+void op_free(struct op *op)
+{
+	STAT_DEC(storage_queue);
+	if (op->wl)
+		worker_link_release(op->wl);
+	free(op->block);
+	free(op);
+}
+
+void op_answer(struct op *op, int error, const char *message, const struct upload *up)
+{
+	op_reply(op, error, message, up);
+	op_free(op);
+}
+
+void published_answer(struct op *op)
+{
+	struct worker_link *wl = op->wl;
+	if (!wl->dead) {
+		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
+		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
+		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
+			worker_link_flush(wl);
+	}
+	op_free(op);
+}
+
+/* ---------------------------------------------------------------- worker links */
+
+static void worker_link_release(struct worker_link *wl)
+{
+	if (--wl->refs == 0 && wl->dead) {
+		free(wl->block);
+		free(wl);
+	}
+}
+
+static void worker_link_close(struct worker_link *wl)
+{
+	struct storage *st = wl->st;
+	link_close(&wl->link);
+	wl->dead = 1;
+	struct worker_link **pp = &st->worker_links;
+	while (*pp && *pp != wl)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = wl->next;
+	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
+}
+
+/* Handles one message. block, when not NULL, is payload in its own allocation,
+ * which a chunk op takes over (it is freed here otherwise). */
+static void worker_link_on_message(struct worker_link *wl, const struct ipc_header *h, const uint8_t *payload,
+    uint8_t *block)
+{
+	struct storage *st = wl->st;
+	if (h->type == IPC_WORKER_STORAGE_PING) {
+		free(block);
+		if (ipc_encode_ping(&wl->link.out, h->reqid, 1) == 0)
+			worker_link_flush(wl);
+		return;
+	}
+	struct upload_key key;
+	memset(&key, 0, sizeof(key));
+	struct op *op;
+	if (h->type == IPC_WORKER_STORAGE_CHUNK) {
+		struct ipc_chunk c;
+		if (ipc_decode_chunk(payload, h->len, &c) < 0) {
+			log_warnx("malformed chunk message from a worker: dropped");
+			free(block);
+			return;
+		}
+		if (block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
+			memcpy(block, c.data, c.data_len);   /* it came in the link's buffer */
+			c.data = block;
+		}
+		op = block ? calloc(1, sizeof(*op)) : NULL;
+		if (op == NULL) {
+			free(block);
+			return;
+		}
+		op->type = OP_CHUNK;
+		op->seq = c.seq;
+		op->trans_size = c.trans_size;
+		op->total_size = c.total_size;
+		op->offset = c.trans_size - c.data_len;
+		op->last = c.last;
+		op->kind = c.kind;
+		memcpy(op->name, c.name, c.name_len);
+		op->name[c.name_len] = '\0';
+		op->name_len = c.name_len;
+		op->data_len = c.data_len;
+		op->data = c.data;
+		op->block = block;
+		key.uid = c.uid;
+		memcpy(key.md5, c.md5, sizeof(key.md5));
+	} else if (h->type == IPC_WORKER_STORAGE_RELEASE) {
+		free(block);
+		struct ipc_sync s;
+		if (ipc_decode_sync(payload, h->len, &s) < 0) {
+			log_warnx("malformed release message from a worker: dropped");
+			return;
+		}
+		key.uid = s.uid;
+		memcpy(key.md5, s.md5, sizeof(key.md5));
+		struct upload *up = upload_find(st, &key);
+		if (up != NULL) {
+			/* Its client left: once idle, the lease goes back so another node can take over at once. */
+			up->release_wanted = 1;
+			upload_run(up);
+		}
+		return;
+	} else if (h->type == IPC_WORKER_STORAGE_SYNC) {
+		free(block);
+		struct ipc_sync s;
+		if (ipc_decode_sync(payload, h->len, &s) < 0) {
+			log_warnx("malformed sync message from a worker: dropped");
+			return;
+		}
+		op = calloc(1, sizeof(*op));
+		if (op == NULL)
+			return;
+		op->type = OP_SYNC;
+		key.uid = s.uid;
+		memcpy(key.md5, s.md5, sizeof(key.md5));
+	} else {
+		free(block);
+		log_warnx("unexpected message type %u from a worker", h->type);
+		return;
+	}
+	op->wl = wl;
+	op->reqid = h->reqid;
+	wl->refs++;
+	op_dispatch(st, op, &key);
+}
+
+/* Receives the rest of a chunk message into its block and, in the same call, the
+ * header of the next message into the link's buffer. 1: go on reading, 0: no more
+ * data now, -1: the link was closed. */
+static int worker_link_read_block(struct worker_link *wl)
+{
+	uint8_t *next = buf_reserve(&wl->link.in, IPC_HEADER_LEN);
+	if (next == NULL) {
+		worker_link_close(wl);
+		return -1;
+	}
+	struct iovec iov[2] = {
+		{ wl->block + wl->block_got, wl->block_header.len - wl->block_got },
+		{ next, IPC_HEADER_LEN },
+	};
+	ssize_t n = readv(wl->link.fd, iov, 2);
+	if (n <= 0) {
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return 0;
+		worker_link_close(wl);
+		return -1;
+	}
+	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
+	wl->block_got += into_block;
+	buf_commit(&wl->link.in, (size_t)n - into_block);
+	if (wl->block_got < wl->block_header.len)
+		return 0;
+	uint8_t *block = wl->block;
+	wl->block = NULL;
+	worker_link_on_message(wl, &wl->block_header, block, block);
+	return wl->dead ? -1 : 1;
+}
+
+static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)loop;
+	struct worker_link *wl = io->data;
+	if (revents & EV_WRITE)
+		worker_link_flush(wl);
+	if (!(revents & EV_READ))
+		return;
+	wl->refs++;   /* answers inside the loops below must not free wl */
+	for (int reads = 0; reads < 64 && !wl->dead; reads++) {
+		if (wl->block != NULL) {
+			if (worker_link_read_block(wl) <= 0)
+				break;
+		} else {
+			/* Small reads: at most what completes the message at the head, so that a
+			 * chunk's payload is never read into this buffer but into its own block. */
+			size_t want = IPC_HEADER_LEN;
+			struct ipc_header h;
+			const uint8_t *payload;
+			enum ipc_status st = link_next(&wl->link, &h, &payload);
+			if (st == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN)
+				want = IPC_HEADER_LEN + h.len;
+			if (st == IPC_NEED_MORE) {
+				ssize_t n = link_read(&wl->link, want - buf_len(&wl->link.in));
+				if (n <= 0) {
+					if (n != LINK_AGAIN)
+						worker_link_close(wl);
+					break;
+				}
+			}
+		}
+		/* Messages complete in the buffer, and the start of a chunk's block. */
+		for (;;) {
+			struct ipc_header h;
+			const uint8_t *payload;
+			enum ipc_status s = link_next(&wl->link, &h, &payload);
+			if (s == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN && h.type == IPC_WORKER_STORAGE_CHUNK &&
+			    wl->block == NULL) {
+				/* Whatever of the payload is here already moves to the block (only
+				 * bytes read before the header was known, at most a header's worth). */
+				size_t have = buf_len(&wl->link.in) - IPC_HEADER_LEN;
+				wl->block = malloc(h.len ? h.len : 1);
+				if (wl->block == NULL) {
+					worker_link_close(wl);
+					break;
+				}
+				wl->block_header = h;
+				memcpy(wl->block, buf_head(&wl->link.in) + IPC_HEADER_LEN, have);
+				wl->block_got = have;
+				buf_consume(&wl->link.in, IPC_HEADER_LEN + have);
+				break;
+			}
+			if (s == IPC_NEED_MORE)
+				break;
+			if (s == IPC_BAD) {
+				log_warnx("bad message header from a worker: closing its link");
+				worker_link_close(wl);
+				break;
+			}
+			worker_link_on_message(wl, &h, payload, NULL);
+			if (wl->dead)
+				break;
+			link_consume(&wl->link, &h);
+		}
+	}
+	worker_link_release(wl);
+}
+
+static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
+{
+	(void)revents;
+	struct storage *st = io->data;
+	for (;;) {
+		int fd = accept4(st->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			/* Out of descriptors: the socket stays readable, so waiting on it would spin. */
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				log_warn("accept4() on the storage socket failed: pausing accepts for %.1f s", ACCEPT_PAUSE);
+				ev_io_stop(loop, &st->accept_io);
+				ev_timer_set(&st->accept_pause, ACCEPT_PAUSE, 0.);
+				ev_timer_start(loop, &st->accept_pause);
+			}
+			return;
+		}
+		struct worker_link *wl = calloc(1, sizeof(*wl));
+		if (wl == NULL) {
+			close(fd);
+			continue;
+		}
+		wl->st = st;
+		wl->refs = 1;   /* the link itself */
+		wl->next = st->worker_links;
+		st->worker_links = wl;
+		link_open(&wl->link, loop, fd, worker_link_on_io, wl);
+	}
+}
+
+static void storage_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct storage *st = t->data;
+	ev_io_start(loop, &st->accept_io);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static void storage_on_stop(struct ev_loop *loop, ev_signal *s, int revents)
+{
+	(void)s;
+	(void)revents;
+	ev_break(loop, EVBREAK_ALL);
+}
+
+/* At exit: what is on disk stays; memory goes back, so leak checkers see real leaks only. */
+static void storage_free_all(struct storage *st)
+{
+	struct upload *up, *tmp;
+	HASH_ITER(hh, st->uploads, up, tmp) {
+		HASH_DEL(st->uploads, up);
+		while (up->head) {
+			struct op *op = up->head;
+			up->head = op->next;
+			op_free(op);
+		}
+		st->backend.ops->staging_close(up->stg);
+		md5_free(&up->md5);
+		free(up);
+	}
+	while (st->worker_links)
+		worker_link_close(st->worker_links);
+	struct user_count *u, *utmp;
+	HASH_ITER(hh, st->users, u, utmp) {
+		HASH_DEL(st->users, u);
+		free(u);
+	}
+}
+
+/* What the storage process does with each signal. SIGPIPE and SIGXFSZ are ignored before
+ * anything else in storage_main. */
+static const struct signal_action storage_signals[] = {
+	{ SIGTERM, storage_on_stop },
+	{ SIGINT, storage_on_stop },
+	{ SIGQUIT, storage_on_stop },     /* the master stops storage last, once the workers are gone */
+	{ SIGUSR1, signals_reopen_logs },     /* reopen the logs */
+	{ SIGHUP, NULL },                 /* reloads are the master's business */
+};
+_Static_assert(SIGNALS_COUNT(storage_signals) == SIGNALS_COUNT(((struct storage *)0)->sigs), "one watcher per signal");
+
+static void make_dir(const char *path)
+{
+	if (mkdir(path, 0750) < 0 && errno != EEXIST)
+		fatal("mkdir(%s) failed", path);
+}
+
+/* ---------------------------------------------------------------- health (the agent-check) */
+
+#define HEALTH_INTERVAL 1.0     /* seconds between heartbeats of the loop */
+#define PING_INTERVAL 2.0       /* seconds between pings of the backend */
+
+static void health_publish(struct storage *st, int unreachable, const char *why)
+{
+	struct health_probe *h = &st->health;
+	if (unreachable == h->unreachable)
+		return;
+	h->unreachable = unreachable;
+	if (stats_self)
+		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
+	if (unreachable)
+		log_warnx("storage backend %s unreachable (%s): the agent-check answers down",
+		    st->backend.ops->name, why);
+	else
+		log_info("storage backend %s answers again", st->backend.ops->name);
+}
+
+static void health_ping_work(struct pool_job *job)
+{
+	struct health_probe *h = (struct health_probe *)job;
+	h->err = h->st->backend.ops->ping(&h->st->backend);
+}
+
+static void health_ping_done(struct pool_job *job)
+{
+	struct health_probe *h = (struct health_probe *)job;
+	struct storage *st = h->st;
+	h->busy = 0;
+	h->last = ev_now(st->loop);
+	health_publish(st, h->err != 0, strerror(h->err));
+}
+
+/* The loop's heartbeat, and the backend pinged on a pool thread: a ping still running after
+ * storage_timeout counts as unreachable (every pool thread may be stuck on the backend). */
+static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct storage *st = t->data;
+	struct health_probe *h = &st->health;
+	if (stats_self)
+		atomic_store(&stats_self->alive_ms, stats_mono_ms());
+	ev_tstamp now = ev_now(loop);
+	if (st->backend.ops->ping == NULL)
+		return;
+	if (h->busy) {
+		if (now - h->started > st->conf->storage_timeout)
+			health_publish(st, 1, "no answer within storage_timeout");
+		return;
+	}
+	if (now - h->last < PING_INTERVAL)
+		return;
+	h->busy = 1;
+	h->st = st;
+	h->started = now;
+	h->job.work = health_ping_work;
+	h->job.done = health_ping_done;
+	pool_submit(st->pool, &h->job);
+}
+
+int storage_main(const struct conf *conf, int listen_fd)
+{
+	struct storage sto, *st = &sto;
+	memset(st, 0, sizeof(*st));
+	prctl(PR_SET_PDEATHSIG, SIGTERM);
+	if (getppid() == 1)
+		return 0;
+	/* RLIMIT_FSIZE must turn into EFBIG (answered 1028), not a signal. */
+	signal(SIGXFSZ, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+	st->conf = conf;
+	st->listen_fd = listen_fd;
+	st->loop = ev_loop_new(EVFLAG_AUTO);
+	if (st->loop == NULL || json_writer_init(&st->jw) < 0)
+		fatalx("cannot start the storage loop");
+	char err[512];
+	if (backend_open(&st->backend, conf, BACKEND_WRITER, err, sizeof(err)) < 0)
+		fatalx("storage backend: %s", err);
+	if (conf->dedup != DEDUP_OFF &&
+	    (st->backend.ops->content_open == NULL || st->backend.ops->publish_from_content == NULL))
+		log_info("[storage] dedup: instant upload is unavailable with the %s backend (no content index): "
+		    "every upload sends every byte", st->backend.ops->name);
+	/* The icon retry queue stays on the local disk whatever the backend. */
+	make_dir(conf->root);
+	int n = snprintf(st->pending, sizeof(st->pending), "%s/" PENDING_DIR, conf->root);
+	if (n < 0 || (size_t)n >= sizeof(st->pending))
+		fatalx("[storage] root is too long");
+	make_dir(st->pending);
+	/* Nothing is read back at start: an upload is read back when a request for it comes, under its
+	 * lease (another node sharing the storage may be writing it now), and the janitor removes what
+	 * was abandoned. */
+	if ((st->sweep = calloc(1, sizeof(*st->sweep))) == NULL)
+		fatalx("out of memory");
+	if (lease_owner()[0] == '\0')
+		lease_owner_init(conf->node);
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+	    nofile.rlim_cur < (rlim_t)conf->max_uploads + 64)
+		log_warnx("the file limit (%llu) is below max_uploads (%d) + 64: uploads may fail with 1015 "
+		    "before max_uploads refuses them; raise LimitNOFILE or lower max_uploads",
+		    (unsigned long long)nofile.rlim_cur, conf->max_uploads);
+
+	st->pool = pool_create(st->loop, conf->io_threads);
+	if (st->pool == NULL)
+		fatalx("cannot start disk threads");
+	rds_init(&st->redis, st->loop, conf, storage_on_redis_ready, st);
+	st->pg = pg_create(st->loop, conf, &st->redis, st->pending);
+	if (st->pg == NULL)
+		fatalx("cannot start the postgres client");
+
+	signals_watch(st->loop, storage_signals, SIGNALS_COUNT(storage_signals), st->sigs, st);
+	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
+	st->janitor.data = st;
+	ev_timer_start(st->loop, &st->janitor);
+	ev_io_init(&st->accept_io, storage_on_accept, listen_fd, EV_READ);
+	st->accept_io.data = st;
+	ev_io_start(st->loop, &st->accept_io);
+	ev_timer_init(&st->accept_pause, storage_on_accept_pause, ACCEPT_PAUSE, 0.);
+	st->accept_pause.data = st;
+	/* Free space is measured once now, then on a disk thread: statvfs can block. */
+	struct statvfs sv;
+	if (statvfs(conf->root, &sv) == 0) {
+		st->free_bytes = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+		st->free_known = 1;
+	}
+	ev_timer_init(&st->space_timer, storage_on_space_timer, SPACE_INTERVAL, SPACE_INTERVAL);
+	st->space_timer.data = st;
+	ev_timer_start(st->loop, &st->space_timer);
+	/* Alive from now on, as far as the agent-check can tell. */
+	if (stats_self)
+		atomic_store(&stats_self->alive_ms, stats_mono_ms());
+	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
+	st->health_timer.data = st;
+	ev_timer_start(st->loop, &st->health_timer);
+
+	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	link_socket_path(conf->run_dir, sock, sizeof(sock));
+	log_info("serving workers on %s", sock);
+	ev_run(st->loop, 0);
+	log_info("stopping");
+	st->stopping = 1;
+	/* Disk work in flight finishes first: every acknowledged byte is already written. */
+	pool_destroy(st->pool);
+	pg_destroy(st->pg);
+	rds_close(&st->redis);
+	storage_free_all(st);
+	free(st->sweep);
+	backend_close(&st->backend);
+	json_writer_free(&st->jw);
+	ev_loop_destroy(st->loop);
+	return 0;
+}
