@@ -170,7 +170,7 @@ static int storage_up(const struct control_proc *procs, int n)
 }
 
 /* The storage process (slot 0) answers: its loop turned within the last STORAGE_STALL_MS (or
- * storage_timeout, if shorter), and its backend's ping neither failed nor hung (storage.c). A
+ * storage_timeout, if shorter), and its backend's ping neither failed nor hung (storage_process.c). A
  * storage process that is stopped (SIGSTOP), spinning, or cut off from its storage is down. */
 #define STORAGE_STALL_MS 5000u
 static int storage_answers(const struct control *c)
