@@ -22,7 +22,7 @@ int bin_parse_open(const uint8_t *body, size_t len, uint64_t max_file_size, stru
 		return bad(msg, msglen, ERR_JSON, "1043: body length does not match name_len");
 	out->total_size = bin_get_u64(body);
 	out->flags = body[8];
-	if (out->flags & ~(BIN_OPEN_RESTART | BIN_OPEN_AVATAR))
+	if (out->flags & ~(BIN_OPEN_RESTART | BIN_OPEN_AVATAR | BIN_OPEN_INSTANT))
 		return bad(msg, msglen, ERR_JSON, "flags: unknown bits set");
 	for (int i = 0; i < PROTO_MD5_HEX; i++) {
 		char c = (char)body[9 + i];

@@ -31,6 +31,7 @@ enum bin_msg_id {
 
 #define BIN_OPEN_RESTART 0x01             /* start the upload over at offset 0 even if the server holds part of it */
 #define BIN_OPEN_AVATAR 0x02              /* the upload is the user's avatar (as 1031) */
+#define BIN_OPEN_INSTANT 0x04             /* the client holds the whole file: challenge it if the server does too */
 #define BIN_CHUNK_LAST 0x01               /* the chunk ends the file */
 
 static inline uint64_t bin_get_u64(const uint8_t *p)

@@ -57,6 +57,12 @@ struct ipc_result {
 	uint16_t message_len;
 };
 
+/* A result with error 0 whose message starts with this asks for a chunk of an instant upload's
+ * proof (seq + 1 at trans_size) instead of acknowledging what is stored; one whose message starts
+ * with IPC_INSTANT_PREFIX published the file from content already stored. */
+#define IPC_CHALLENGE_PREFIX "challenge: "
+#define IPC_INSTANT_PREFIX "instant upload: "
+
 enum ipc_status { IPC_NEED_MORE = 0, IPC_OK = 1, IPC_BAD = -1 };
 
 /* Finds one whole message at p; *payload points after the header. */

@@ -39,6 +39,7 @@ enum proto_error {
 	ERR_FILE_CHANGED = 1029,   /* a download's file was replaced: start again at seq 1 */
 	ERR_USER_UPLOADS = 1035,      /* this uid has max_uploads_per_user uploads in progress */
 	ERR_SERVER_UPLOADS = 1036,    /* the node has max_uploads uploads in progress */
+	ERR_CHALLENGE = 1049,         /* binary path, instant upload: send the chunk asked for to prove possession */
 };
 
 #define PROTO_NAME_MAX 255

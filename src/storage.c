@@ -9,6 +9,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "lease.h"
+#include "challenge.h"
 #include "link.h"
 #include "log.h"
 #include "escape.h"
@@ -192,6 +193,8 @@ static int hash_published(const struct backend *be, uint64_t uid, const char *na
 }
 
 /* ---------------------------------------------------------------- instant upload (disk side) */
+
+static void dedup_challenge_read(struct upload *up);
 
 static int dedup_enabled(const struct storage *st)
 {
@@ -922,6 +925,7 @@ static void upload_loaded(struct upload *up)
 	stats_transfer_update(up->xfer, up->committed);
 	up->record_dirty = 1;   /* the record names this node now, with the progress read back */
 	record_write(up);
+	dedup_challenge_read(up);
 }
 
 /* ---------------------------------------------------------------- what seq means */
@@ -956,25 +960,123 @@ static int seq_fits(struct upload *up, const struct op *op)
 
 /* ---------------------------------------------------------------- instant upload (loop side) */
 
-/* Chunk 1 matched stored content: pick the chunks the client must show, at random offsets. */
-static void dedup_challenge_begin(struct upload *up)
+static void upload_started_record(struct upload *up);
+
+static uint64_t upload_chunks(const struct upload *up)
 {
-	uint64_t chunks = up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
-	uint64_t range = chunks - 1;   /* chunks 2..chunks; chunk 1 was compared already */
-	up->dd_count = range < DEDUP_CHALLENGES ? (int)range : DEDUP_CHALLENGES;
-	for (int i = 0; i < up->dd_count; i++) {
+	return up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
+}
+
+/* The proof Redis holds becomes this upload's: asked for from challenge[next] on, unless a wrong
+ * answer was given already or it was drawn for other chunks (another chunk size). */
+static void dedup_challenge_take(struct upload *up, const struct challenge *c, const char *where)
+{
+	up->dd_challenging = 0;
+	if (!c->present)
+		return;
+	const char *why = c->failed ? "a challenged chunk was answered wrong before" :
+	    c->chunk_len != up->chunk_len ? "its chunks were drawn for another chunk size" : NULL;
+	for (int i = 0; why == NULL && i < c->count; i++)
+		if (c->chunk[i] < 2 || c->chunk[i] > upload_chunks(up))
+			why = "its chunks are past the end of the file";
+	if (why) {
+		log_info("upload %" PRIu64 "/%s: no instant upload (%s): uploading in full", up->key.uid, up->key.md5, why);
+		return;
+	}
+	up->dd_count = c->count;
+	memcpy(up->challenge, c->chunk, sizeof(up->challenge));
+	up->dd_next = c->next;
+	up->dd_challenging = up->dd_next < up->dd_count;
+	if (up->dd_challenging && where)
+		log_info("upload %" PRIu64 "/%s: instant-upload proof goes on here from chunk %" PRIu64, up->key.uid,
+		    up->key.md5, up->challenge[up->dd_next]);
+}
+
+static void dedup_on_draw(void *data, enum lease_status status, const struct challenge *c)
+{
+	struct upload *up = data;
+	if (!up->retired && !up->st->stopping) {
+		if (status == LEASE_HELD)
+			dedup_challenge_take(up, c, NULL);
+		else
+			up->dd_challenging = 0;   /* the record write below finds out what happened to the lease */
+		upload_started_record(up);
+	}
+	upload_unpin(up);
+}
+
+/* Chunk 1 matched stored content: the chunks the client must show, at random offsets, drawn once
+ * per upload_ttl (Redis keeps the first draw: a client starting over gets the same chunks).
+ * 0 when dedup_on_draw goes on. */
+static int dedup_challenge_begin(struct upload *up)
+{
+	struct storage *st = up->st;
+	uint64_t range = upload_chunks(up) - 1;   /* chunks 2..chunks; chunk 1 was compared already */
+	struct challenge draw = { .present = 1, .chunk_len = up->chunk_len };
+	draw.count = range < DEDUP_CHALLENGES ? (int)range : DEDUP_CHALLENGES;
+	for (int i = 0; i < draw.count; i++) {
 		int again;
 		do {
 			uint64_t r;
 			randombytes_buf(&r, sizeof(r));   /* the modulo bias is below range / 2^64 */
-			up->challenge[i] = 2 + r % range;
+			draw.chunk[i] = 2 + r % range;
 			again = 0;
 			for (int j = 0; j < i; j++)
-				again |= up->challenge[j] == up->challenge[i];
+				again |= draw.chunk[j] == draw.chunk[i];
 		} while (again);
 	}
 	up->dd_next = 0;
-	up->dd_challenging = up->dd_count > 0;
+	up->dd_challenging = 0;
+	if (draw.count == 0)
+		return -1;
+	char lkey[LEASE_KEY_MAX], ckey[CHALLENGE_KEY_MAX];
+	lease_key(st, &up->key, lkey, sizeof(lkey));
+	challenge_key(st, &up->key, ckey, sizeof(ckey));
+	if (up->lease != UL_OURS || challenge_get(&st->redis, lkey, ckey, st->conf->upload_ttl * 1000L, &draw, 1,
+	    dedup_on_draw, up) < 0)
+		return -1;   /* Redis away: a normal upload (no proof without a draw that is kept) */
+	up->pins++;
+	return 0;
+}
+
+/* Tells Redis how far the proof got (or that it failed) before the answer goes out. The write is
+ * queued on the connection that later releases the lease, so the next holder reads it. */
+static void dedup_challenge_store(struct upload *up, int failed)
+{
+	struct storage *st = up->st;
+	char lkey[LEASE_KEY_MAX], ckey[CHALLENGE_KEY_MAX];
+	lease_key(st, &up->key, lkey, sizeof(lkey));
+	challenge_key(st, &up->key, ckey, sizeof(ckey));
+	if (up->lease == UL_OURS)
+		challenge_update(&st->redis, lkey, ckey, up->dd_next, failed, NULL, NULL);
+}
+
+static void dedup_on_read(void *data, enum lease_status status, const struct challenge *c)
+{
+	struct upload *up = data;
+	up->loading = 0;
+	if (!up->retired && !up->st->stopping) {
+		if (status == LEASE_HELD)
+			dedup_challenge_take(up, c, "read back");
+		upload_run(up);
+	}
+	upload_unpin(up);
+}
+
+/* Read back with chunk 1 only: a proof begun on another node may be under way. */
+static void dedup_challenge_read(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (!dedup_enabled(st) || up->committed != up->chunk_len || up->committed >= up->total_size ||
+	    up->lease != UL_OURS)
+		return;
+	char lkey[LEASE_KEY_MAX], ckey[CHALLENGE_KEY_MAX];
+	lease_key(st, &up->key, lkey, sizeof(lkey));
+	challenge_key(st, &up->key, ckey, sizeof(ckey));
+	if (challenge_get(&st->redis, lkey, ckey, 0, NULL, 0, dedup_on_read, up) == 0) {
+		up->loading = 1;   /* requests wait for the proof as for the entry */
+		up->pins++;
+	}
 }
 
 /* The proof failed or was interrupted: the upload goes on as a normal one from what is staged. */
@@ -997,10 +1099,13 @@ static void work_done_challenge(struct upload *up, struct op *op)
 	up->dd_received += op->data_len;
 	up->touched = time(NULL);
 	if (!up->dd_match) {
+		dedup_challenge_store(up, 1);   /* no second guess at these chunks, on any node */
 		dedup_fallback(up, "a challenged chunk differs from the stored content");
 	} else if (++up->dd_next == up->dd_count) {
 		upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
 		return;
+	} else {
+		dedup_challenge_store(up, 0);
 	}
 	upload_pop(up);
 	op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
@@ -1133,8 +1238,6 @@ static void work_done_written(struct upload *up, struct op *op)
 		up->anchor_offset = 0;
 		up->dd_received = op->data_len;
 		up->dd_challenging = 0;
-		if (up->dd_match && op->data_len < op->total_size)
-			dedup_challenge_begin(up);
 		STAT_INC(uploads_started);
 		stats_transfer_close(up->xfer);
 		up->xfer = stats_transfer_open(up->kind == UPLOAD_AVATAR ? 'A' : 'U', up->key.uid, up->name,
@@ -1154,20 +1257,28 @@ static void work_done_written(struct upload *up, struct op *op)
 		return;
 	}
 	if (up->work == WORK_START) {
-		/* Answered from record_on_reply once Redis has the record. */
-		record_write(up);
-		if (up->record_inflight) {
-			up->awaiting_record = 1;
-			return;
-		}
-		upload_pop(up);
-		op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
-		upload_run(up);
+		if (up->dd_match && dedup_challenge_begin(up) == 0)
+			return;   /* dedup_on_draw records and answers */
+		upload_started_record(up);
 		return;
 	}
 	record_write(up);
 	op_reply(op, ERR_OK, NULL, up);
 	upload_start_work(up, WORK_HASH);
+}
+
+/* A started upload is answered from record_on_reply once Redis has its record. */
+static void upload_started_record(struct upload *up)
+{
+	struct op *op = up->head;
+	record_write(up);
+	if (up->record_inflight) {
+		up->awaiting_record = 1;
+		return;
+	}
+	upload_pop(up);
+	op_answer(op, ERR_BUSY, "server busy: cannot record the upload, retry", NULL);
+	upload_run(up);
 }
 
 /* WORK_COMPLETE or WORK_LINK: published. */
@@ -1179,10 +1290,13 @@ static void work_done_published(struct upload *up, struct op *op)
 	uint64_t saved = up->total_size > up->dd_received ? up->total_size - up->dd_received : 0;
 	if (up->dd_linked) {
 		/* The worker marks the access log from this message; clients ignore it. */
-		snprintf(msg, sizeof(msg), "instant upload: published from content already stored, %" PRIu64
+		snprintf(msg, sizeof(msg), IPC_INSTANT_PREFIX "published from content already stored, %" PRIu64
 		    " bytes not sent", saved);
 		STAT_INC(uploads_instant);
 		STAT_ADD(instant_bytes_saved, saved);
+		char ckey[CHALLENGE_KEY_MAX];   /* proven: the next upload of it may be asked other chunks */
+		challenge_key(up->st, &up->key, ckey, sizeof(ckey));
+		rds_command(&up->st->redis, NULL, NULL, "DEL %s", ckey);
 	}
 	log_info("upload %" PRIu64 "/%s complete: \"%s\", %" PRIu64 " bytes%s", up->key.uid, up->key.md5,
 	    name, up->total_size, up->dd_linked ? " (instant: from stored content)" : "");

@@ -13,6 +13,7 @@
 #include <uthash.h>
 
 #include "backend.h"
+#include "challenge.h"
 #include "conf.h"
 #include "digest.h"
 #include "ipc.h"
@@ -70,7 +71,7 @@ enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD,
 
 /* Chunks asked for at random offsets before an upload is published from stored content: with
  * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
-#define DEDUP_CHALLENGES 2
+#define DEDUP_CHALLENGES CHALLENGE_CHUNKS
 
 /* Where this node stands with an upload's lease (lease.h). */
 enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
@@ -136,7 +137,7 @@ struct upload {
 	struct backend_entry load;    /* what WORK_LOAD found */
 	/* Instant upload: chunk 1 matched content already stored; the chunks challenge[] (numbers
 	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
-	 * In memory only: on another node the upload simply goes on as a normal one. */
+	 * Redis holds the draw and the answers under the lease (challenge.h): any node goes on. */
 	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
 	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
 	int dd_count, dd_next;
@@ -226,6 +227,8 @@ void published_answer(struct op *op);
 /* storage_record.c: the records in Redis. */
 void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
 void lease_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
+#define CHALLENGE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_challenge__") + 20 + PROTO_MD5_HEX)
+void challenge_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
 void record_write(struct upload *up);
 void record_published(struct upload *up);
 void record_published_op(struct upload *up, const struct op *op);

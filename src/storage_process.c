@@ -53,6 +53,7 @@ static void worker_link_flush(struct worker_link *wl)
 void op_reply(struct op *op, int error, const char *message, const struct upload *up)
 {
 	struct worker_link *wl = op->wl;
+	char challenge_msg[160];
 	if (error && op->type == OP_CHUNK && error != ERR_USER_UPLOADS && error != ERR_SERVER_UPLOADS)
 		STAT_INC(uploads_failed);
 	if (wl && !wl->dead) {
@@ -66,6 +67,14 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 			r.total_size = up->total_size;
 			r.name = up->name;
 			r.name_len = up->name_len;
+			if (message == NULL) {
+				/* The binary path tells a challenge from a normal answer by this prefix. */
+				snprintf(challenge_msg, sizeof(challenge_msg), IPC_CHALLENGE_PREFIX "send chunk %" PRIu64
+				    " (%" PRIu64 " bytes at %" PRIu64 ") to show you hold the file", k,
+				    up->total_size - r.trans_size < up->chunk_len ? up->total_size - r.trans_size : up->chunk_len,
+				    r.trans_size);
+				message = challenge_msg;
+			}
 		} else if (up && up->exists) {
 			r.seq = up->seq;
 			r.trans_size = up->committed;

@@ -51,6 +51,11 @@ void lease_key(const struct storage *st, const struct upload_key *k, char *out, 
 	snprintf(out, outlen, "%sfile_lease_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
 }
 
+void challenge_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen)
+{
+	snprintf(out, outlen, "%sfile_challenge_%" PRIu64 "_%s", st->conf->redis_prefix, k->uid, k->md5);
+}
+
 /* The record is written only while this node holds the lease (lease_fenced_command). */
 static void record_on_reply(void *data, enum lease_status status, uint64_t fence, const char *holder,
     long remaining_ms)

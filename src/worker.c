@@ -1405,6 +1405,9 @@ struct bin_conn {
 	uint64_t cursor;              /* where the next chunk must start */
 	uint64_t next_seq;            /* the seq storage is given for it */
 	uint64_t committed;           /* the last acknowledged committed size */
+	/* Opened with BIN_OPEN_INSTANT at 0: until an answer is neither a challenge nor the end, each
+	 * chunk goes alone and answers may send the client elsewhere (to a chunk asked for). */
+	int instant;
 	struct bin_inflight ring[BIN_MAX_INFLIGHT];
 	unsigned head, count;
 	uint64_t inflight_bytes;
@@ -1631,6 +1634,7 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	b->cursor = fresh ? 0 : r->trans_size;
 	b->next_seq = fresh ? 1 : r->seq + 1;
 	b->committed = b->cursor;
+	b->instant = b->cursor == 0 && (o->flags & BIN_OPEN_INSTANT);
 	memcpy(c->xfer_md5, b->md5, sizeof(c->xfer_md5));
 	c->xfer_start = ev_now(c->w->loop);
 	bin_send_open_answer(c, ERR_OK, b->cursor, b->total, NULL);
@@ -1751,6 +1755,28 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	char msg[256] = "";
 	if (r.message_len)
 		snprintf(msg, sizeof(msg), "%.*s", (int)r.message_len, r.message);
+	int challenge = r.error == ERR_OK && r.message_len >= sizeof(IPC_CHALLENGE_PREFIX) - 1 &&
+	    memcmp(r.message, IPC_CHALLENGE_PREFIX, sizeof(IPC_CHALLENGE_PREFIX) - 1) == 0;
+	if (challenge && b->instant && b->count == 0) {
+		/* Instant upload: storage asks for chunk seq + 1 at trans_size; the client sends it alone
+		 * (protocol.md §13, 1049). Nothing new is committed. */
+		b->cursor = r.trans_size;
+		b->next_seq = r.seq + 1;
+		bin_send_ack(c, ERR_CHALLENGE, f.offset, f.length, r.trans_size, r.total_size, msg);
+		conn_process(c);
+		return 1;
+	}
+	if (challenge) {
+		/* Not in a proof (chunks in flight, or no INSTANT flag): an acknowledgement of what is
+		 * stored, which is chunk 1 only (a chunk taken as an answer is compared, not stored). */
+		r.trans_size = f.offset == 0 ? f.length : b->committed;
+		r.message_len = 0;
+	} else if (r.error == ERR_OK && b->instant && b->count == 0) {
+		/* The proof is over (or never began): go on from what is stored, wherever that is. */
+		b->cursor = r.trans_size;
+		b->next_seq = r.seq + 1;
+	}
+	b->instant = 0;
 	if (r.error == ERR_OK) {
 		b->committed = r.trans_size;
 	} else {
@@ -1761,9 +1787,11 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 		if (b->up_open && b->count == 0) {
 			char name[ESCAPE_SIZE(PROTO_NAME_MAX)];
 			escape_quoted(name, sizeof(name), b->name, b->name_len);
-			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1",
+			int instant = r.error == ERR_OK && r.message_len >= sizeof(IPC_INSTANT_PREFIX) - 1 &&
+			    memcmp(r.message, IPC_INSTANT_PREFIX, sizeof(IPC_INSTANT_PREFIX) - 1) == 0;
+			access_log("%s uid=%" PRIu64 " %s name=\"%s\" bytes=%" PRIu64 " duration=%.3f result=%u binary=1%s",
 			    c->peer, b->uid, b->kind == UPLOAD_AVATAR ? "avatar" : "upload", name, b->total,
-			    ev_now(w->loop) - c->xfer_start, r.error);
+			    ev_now(w->loop) - c->xfer_start, r.error, instant ? " instant=1" : "");
 		}
 		if (b->count == 0)
 			b->up_open = 0;   /* published (or refused): a new upload needs a new 1043 */

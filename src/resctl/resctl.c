@@ -66,6 +66,7 @@ static const struct {
 	{ ERR_STORAGE_FULL, "StorageFull" },
 	{ ERR_USER_UPLOADS, "TooManyUserUploads" },
 	{ ERR_SERVER_UPLOADS, "TooManyUploads" },
+	{ ERR_CHALLENGE, "ProveYouHoldIt" },
 };
 
 /* What an error code means, for people; the ids and names are for --verbose. */
@@ -2255,6 +2256,9 @@ static void bin_report(const char *command, const struct bin_answer *a)
 
 /* The upload over the fast path: 1043, then chunks kept in flight up to the window. STEP_DONE,
  * STEP_FAIL, or STEP_SYNC when the server does not speak it (the caller goes on with JSON). */
+/* The chunks of an instant upload's proof on the fast path (the first one and those asked for). */
+#define BIN_PROBE_CHUNK 65536
+
 static enum upload_step upload_binary(struct upload *u, int chunk_given)
 {
 	const struct upload_opts *o = u->o;
@@ -2286,7 +2290,8 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 			size_t nlen = strlen(o->name);
 			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
 			uint8_t *p = bin_put_u64(open, u->total);
-			*p++ = o->avatar ? BIN_OPEN_AVATAR : 0;
+			/* resctl holds the whole file: it can show any chunk the server asks for. */
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_INSTANT;
 			memcpy(p, u->md5, PROTO_MD5_HEX);
 			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
 			memcpy(p, o->name, nlen);
@@ -2298,7 +2303,7 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 			uint8_t open[BIN_OPEN_LEN + PROTO_NAME_MAX];
 			size_t nlen = strlen(o->name);
 			uint8_t *p = bin_put_u64(open, u->total);
-			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART;
+			*p++ = (o->avatar ? BIN_OPEN_AVATAR : 0) | BIN_OPEN_RESTART | BIN_OPEN_INSTANT;
 			memcpy(p, u->md5, PROTO_MD5_HEX);
 			p = bin_put_u16(p + PROTO_MD5_HEX, (uint16_t)nlen);
 			memcpy(p, o->name, nlen);
@@ -2330,11 +2335,18 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 				lim.max_inflight = 256;
 			int finished = 0;
 			int all_sent = 0;
+			/* A new upload of several chunks may be instant: chunk 1 goes alone, and while the
+			 * server answers 1049 it asks for one more chunk (protocol.md §13, instant upload).
+			 * Those chunks are small: the server compares them with content it holds, and the
+			 * chunks after a proof that ends go on from the committed size at full length. */
+			size_t probe = chunk < BIN_PROBE_CHUNK ? chunk : BIN_PROBE_CHUNK;
+			int probing = next == 0 && u->total > probe;
 			while (r == CALL_OK && !finished) {
 				/* Fill the window, then read one acknowledgement. */
-				while (!all_sent && inflight < lim.max_inflight &&
+				while (!all_sent && inflight < lim.max_inflight && (!probing || inflight == 0) &&
 				    (inflight == 0 || inflight_bytes + chunk <= lim.window)) {
-					size_t len = u->total - next < chunk ? (size_t)(u->total - next) : chunk;
+					size_t want = probing ? probe : chunk;
+					size_t len = u->total - next < want ? (size_t)(u->total - next) : want;
 					int last = next + len == u->total;
 					if (len && pread_full(u->fd, frame + BIN_CHUNK_LEN, len, next) != 0) {
 						resctl_error("upload: reading %s: %s", o->path,
@@ -2359,6 +2371,23 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 					break;
 				inflight--;
 				inflight_bytes -= lens[u->acked % 256];
+				if (probing && ack.error == ERR_CHALLENGE && ack.committed < u->total &&
+				    ack.committed % probe == 0) {
+					u->acked++;
+					u->sent_bytes += ack.length;
+					next = ack.committed;   /* the chunk asked for; nothing new is stored */
+					all_sent = 0;
+					continue;
+				}
+				if (probing && ack.error == 0) {
+					probing = 0;   /* the proof is over: from here on, a normal upload */
+					if (ack.committed < u->total) {
+						next = ack.committed;
+						all_sent = 0;
+					} else if (strncmp(ack.message, "instant upload", 14) == 0) {
+						u->instant = 1;
+					}
+				}
 				if (ack.error) {
 					if ((ack.error == ERR_OFFSET_INVALID || ack.error == ERR_SEQ_INVALID ||
 					    ack.error == ERR_FILE_NOT_EXISTS || ack.error == ERR_BUSY ||

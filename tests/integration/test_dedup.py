@@ -1,5 +1,6 @@
 # test_dedup.py: instant upload (issue 14): content already stored is published under a new name after a proof of possession, never sent again.
 import os
+import struct
 import sys
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
@@ -214,7 +215,7 @@ with open(src, "wb") as f:
 
 def resctl_upload(name):
     r = __import__("subprocess").run(
-        # --compat: the JSON path; instant upload over the binary fast path is not built yet.
+        # --compat: the JSON path of the Qt client.
         [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, src, "--name", name, "--chunk", str(CH), "--compat",
          "--uid", str(U2), "--token", TOK[U2]], stdin=__import__("subprocess").DEVNULL,
         capture_output=True, timeout=60, text=True)
@@ -236,6 +237,104 @@ tap.ok(all(rc == 0 for rc, _, _ in outs) and all("already on the server" in so f
        "resctl completes five uploads of a three-chunk file, the last four instant", repr(outs))
 tap.ok(all(stored(du, U2, "three-%d.bin" % i) == h.md5_hex(R[:3 * CH]) for i in range(5)),
        "each is published identical, whichever chunk was asked for first")
+
+# ---------------------------------------------------------------- the binary fast path (1043 INSTANT, 1049)
+tap.section("instant upload over the binary fast path")
+HELLO, OPEN, CHUNK = 1041, 1043, 1045
+OPEN_INSTANT, CHUNK_LAST, ERR_CHALLENGE = 4, 1, 1049
+
+
+class Bin:
+    """A fast-path client (docs/protocol.md §13) on one connection."""
+
+    def __init__(self, d, uid):
+        self.c = d.connect()
+        self.hello = self.c.request(HELLO, {"uid": uid, "token": TOK[uid]})
+
+    def open(self, data, name, flags):
+        n = name.encode()
+        self.c.send_raw(h.HEADER.pack(OPEN, 43 + len(n)) + struct.pack(">QB", len(data), flags) +
+                        h.md5_hex(data).encode() + struct.pack(">H", len(n)) + n)
+        mid, body = self.c.recv_frame()
+        err, committed, total, mlen = struct.unpack(">IQQH", body[:22])
+        return {"error": err, "committed": committed, "message": body[22:22 + mlen].decode()}
+
+    def send(self, data, offset, piece=None):
+        piece = data[offset:offset + CH] if piece is None else piece
+        last = CHUNK_LAST if offset + len(piece) == len(data) else 0
+        self.c.send_raw(h.HEADER.pack(CHUNK, 16 + len(piece)) + struct.pack(">QII", offset, len(piece), last) + piece)
+
+    def ack(self):
+        mid, body = self.c.recv_frame(30)
+        err, off, length, committed, total, mlen = struct.unpack(">IQIQQH", body[:34])
+        return {"error": err, "offset": off, "committed": committed, "message": body[34:34 + mlen].decode()}
+
+    def close(self):
+        self.c.close()
+
+
+def resctl_binary(name, path=src, uid=U2):
+    r = __import__("subprocess").run(
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, path, "--name", name, "--chunk", str(CH),
+         "--uid", str(uid), "--token", TOK[uid]], stdin=__import__("subprocess").DEVNULL,
+        capture_output=True, timeout=60, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+with open(src, "wb") as f:
+    f.write(R)
+rc, so, se = resctl_binary("resctl-bin.bin")
+tap.ok(rc == 0 and "already on the server: published without sending (" in so and "MB saved)" in so,
+       "resctl over the binary fast path: already on the server, and what it saved", so + se)
+tap.eq(stored(du, U2, "resctl-bin.bin"), h.md5_hex(R), "stored identical")
+tap.ok(os.stat(h.published(du, U2, "resctl-bin.bin")).st_ino == os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+       "by a link of the stored content")
+tap.ok(h.wait_for(lambda: any("binary=1" in line and "instant=1" in line
+                              for line in access_lines(du, "resctl-bin.bin")), 5),
+       "the access log marks the binary upload instant", repr(access_lines(du, "resctl-bin.bin")))
+with open(src, "wb") as f:
+    f.write(R[:3 * CH - 100])   # three chunks, the last one short: it may be asked for too
+outs = [resctl_binary("bin-three-%d.bin" % i) for i in range(4)]
+tap.ok(all(rc == 0 for rc, _, _ in outs) and "already on the server" not in outs[0][1] and
+       all("already on the server" in so for _, so, _ in outs[1:]),
+       "four binary uploads of a three-chunk file with a short last chunk, the last three instant", repr(outs))
+tap.ok(all(stored(du, U2, "bin-three-%d.bin" % i) == h.md5_hex(R[:3 * CH - 100]) for i in range(4)),
+       "each is published identical, whichever chunk was asked for")
+
+# A client that pipelines (no INSTANT flag) gets ordinary acknowledgements: nothing is asked of it.
+b = Bin(du, U2)
+o = b.open(R, "pipelined.bin", 0)
+for off in range(0, len(R), CH):
+    b.send(R, off)
+acks = [b.ack() for _ in range(0, len(R), CH)]
+b.close()
+tap.ok(o["error"] == 0 and all(a["error"] == 0 and a["committed"] == min(a["offset"] + CH, len(R)) for a in acks),
+       "without the INSTANT flag, pipelined chunks of stored content are acknowledged as usual",
+       repr([(a["error"], a["committed"]) for a in acks[:3]]))
+tap.eq(stored(du, U2, "pipelined.bin"), h.md5_hex(R), "and published")
+
+# The INSTANT flag with wrong bytes for the asked chunk: the answer sends the client back to chunk 2.
+b = Bin(du, U2)
+o = b.open(R, "bin-wrong.bin", OPEN_INSTANT)
+b.send(R, 0)
+a1 = b.ack()
+asked = a1["committed"]
+tap.ok(o["error"] == 0 and o["committed"] == 0 and a1["error"] == ERR_CHALLENGE and asked % CH == 0 and
+       CH <= asked < len(R) and a1["message"].startswith("challenge: "),
+       "chunk 1 of stored content: 1049 with the offset of the chunk asked for as committed", repr(a1))
+b.send(R, asked, rbytes(min(CH, len(R) - asked)))
+a2 = b.ack()
+tap.ok(a2["error"] == 0 and a2["committed"] == CH, "a wrong chunk: error 0, go on from what is stored (chunk 2)",
+       repr(a2))
+for off in range(CH, len(R), CH):
+    b.send(R, off)
+acks = [b.ack() for _ in range(CH, len(R), CH)]
+b.close()
+tap.ok(all(a["error"] == 0 for a in acks) and acks[-1]["committed"] == len(R) and not acks[-1]["message"],
+       "the rest is pipelined and the file is published from the bytes sent", repr(acks[-1]))
+tap.ok(stored(du, U2, "bin-wrong.bin") == h.md5_hex(R) and
+       os.stat(h.published(du, U2, "bin-wrong.bin")).st_ino != os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+       "as its own copy")
 
 # ---------------------------------------------------------------- dedup = global
 tap.section("dedup = global")
@@ -292,18 +391,96 @@ tap.ok(r.get("error") == 0 and r.get("trans_size") == len(M) and n <= 3,
        "another user's upload of it through node 2 is instant: the index lives with the storage", repr((r, n)))
 tap.eq(stored(nb, MN_UIDS[1], "on-b.bin"), h.md5_hex(M), "and identical")
 
-# The proof is held by the node that asked: a client that reconnects elsewhere resyncs and goes on normally.
-up = h.Upload(M, "moved.bin", MN_UIDS[2], TOK[MN_UIDS[2]], chunk_size=CH)
+# The proof lives in Redis under the upload's lease (challenge.h): the client may go on through any node.
+def asked_chunk(r):
+    """The chunk an answer asks for (its number), or None when it asks for nothing (not a challenge)."""
+    if r.get("error") == 0 and r.get("message", "").startswith("challenge: "):
+        return r["seq"] + 1
+    return None
+
+
+def send_asked(up, c, k, **override):
+    return up.send_chunk(c, (k - 1) * CH, k, **override)
+
+
+MNX = MN_UIDS[2]
+up = h.Upload(M, "moved.bin", MNX, TOK[MNX], chunk_size=CH)
+ckey = "file_challenge_%d_%s" % (MNX, h.md5_hex(M))
 with na.connect() as c:
     first = up.send_chunk(c, 0, 1)
-asked = first.get("error") == 0 and first.get("trans_size", 0) > CH
+k1 = asked_chunk(first)
+tap.ok(k1 is not None and first.get("trans_size") == (k1 - 1) * CH,
+       "node 1 asks for a chunk after chunk 1 (seek to trans_size, send seq + 1)", repr(first))
+ttl = redis.cmd("PTTL", ckey)
+tap.ok(isinstance(ttl, int) and 0 < ttl <= 600 * 1000,
+       "the draw is in Redis and expires with the upload (upload_ttl)", repr(ttl))
 with nb.connect() as c:
-    s = h.wait_for(lambda: (lambda x: x if x.get("error") == 0 else None)(up.sync(c)), 15, 0.1)
-    tap.ok(asked and s and s.get("trans_size") == CH and s.get("seq") == 1,
-           "node 1 asked for a chunk; node 2's sync reports what is stored (chunk 1)", repr((first, s)))
+    s = up.sync(c)
+    tap.ok(s.get("error") == 0 and s.get("trans_size") == CH and s.get("seq") == 1,
+           "node 2's sync reports what is stored (chunk 1), as 1006 promises", repr(s))
+    again = up.send_chunk(c, 0, 1)
+tap.eq(asked_chunk(again), k1, "starting over at chunk 1 on node 2 asks for the same chunk: no fresh draw to guess against")
+with na.connect() as c:
+    second = send_asked(up, c, k1)
+k2 = asked_chunk(second)
+tap.ok(k2 is not None and k2 != k1, "node 1 takes the asked chunk and asks for another one", repr(second))
+with nb.connect() as c:
+    done = send_asked(up, c, k2)
+tap.ok(done.get("error") == 0 and done.get("trans_size") == len(M) and "instant upload" in done.get("message", ""),
+       "node 2 takes the last asked chunk: published without the rest of the file", repr(done))
+tap.ok(stored(nb, MNX, "moved.bin") == h.md5_hex(M) and
+       os.stat(h.published(nb, MNX, "moved.bin")).st_ino == os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       "identical, and the same inode as the stored content")
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", ckey) == 0, 5, 0.1), "the proof is deleted once it was used")
+
+# A wrong answer on one node is known to the others, and starting over does not undo it.
+MNW = MN_UIDS[1]
+wkey = "file_challenge_%d_%s" % (MNW, h.md5_hex(M))
+up = h.Upload(M, "wrong.bin", MNW, TOK[MNW], chunk_size=CH)
+with na.connect() as c:
+    k = asked_chunk(up.send_chunk(c, 0, 1))
+with nb.connect() as c:
+    # As long as the chunk asked for (the last one is short): the wrong bytes, not a wrong length.
+    garbage = __import__("base64").b64encode(rbytes(len(M[(k - 1) * CH:k * CH]) if k else CH)).decode()
+    fb = send_asked(up, c, k, data=garbage) if k else {}
+tap.ok(k is not None and fb.get("error") == 0 and fb.get("trans_size") == CH and asked_chunk(fb) is None,
+       "a wrong answer on node 2: the upload goes on as a normal one from chunk 2", repr(fb))
+tap.eq(redis.cmd("HGET", wkey, "failed"), "1", "Redis remembers the wrong answer")
+for node, label in ((na, "node 1"), (nb, "node 2")):
+    with node.connect() as c:
+        r = up.send_chunk(c, 0, 1)
+    tap.ok(r.get("error") == 0 and r.get("trans_size") == CH and asked_chunk(r) is None,
+           "starting over on %s asks for nothing: no second guess" % label, repr(r))
+with na.connect() as c:
     r, _, _ = up.run(c, CH, 2)
-tap.ok(r.get("error") == 0 and stored(nb, MN_UIDS[2], "moved.bin") == h.md5_hex(M),
-       "the upload goes on through node 2 as a normal one and is published", repr(r))
+tap.ok(r.get("error") == 0 and stored(na, MNW, "wrong.bin") == h.md5_hex(M) and
+       os.stat(h.published(na, MNW, "wrong.bin")).st_ino != os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       "the full upload is published as its own copy", repr(r))
+# The binary path: a client that loses its connection mid-proof opens again elsewhere (RESTART) and is asked the same.
+MNB = 5104
+TOK[MNB] = "tok-%d-secret" % MNB
+redis.set_token(MNB, TOK[MNB])
+b = Bin(na, MNB)
+o = b.open(M, "bin-moved.bin", OPEN_INSTANT)
+b.send(M, 0)
+a1 = b.ack()
+b.close()
+b = Bin(nb, MNB)
+o2 = b.open(M, "bin-moved.bin", OPEN_INSTANT | 1)   # RESTART: only chunk 1 is stored
+b.send(M, 0)
+a2 = b.ack()
+tap.ok(a1["error"] == ERR_CHALLENGE and a2["error"] == ERR_CHALLENGE and a1["committed"] == a2["committed"],
+       "binary: chunk 1 again on node 2 after RESTART is asked for the same chunk as on node 1", repr((a1, o2, a2)))
+a = a2
+for _ in range(3):
+    if a["error"] != ERR_CHALLENGE:
+        break
+    b.send(M, a["committed"])
+    a = b.ack()
+b.close()
+tap.ok(a["error"] == 0 and a["committed"] == len(M) and a["message"].startswith("instant upload"),
+       "and the proof completes there: published without the rest", repr(a))
+tap.eq(stored(nb, MNB, "bin-moved.bin"), h.md5_hex(M), "identical")
 for n in nodes:
     n.stop()
 

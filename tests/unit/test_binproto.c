@@ -61,6 +61,11 @@ START_TEST(test_open_refusals)
 	n = make_open(body, 10, 0x80, MD5, "a.bin");
 	ck_assert_int_eq(bin_parse_open(body, n, 1000, &o, msg, sizeof(msg)), ERR_JSON);
 	unit_assert_contains(msg, "flags");
+	n = make_open(body, 10, 0x08, MD5, "a.bin");   /* the first bit past INSTANT */
+	ck_assert_int_eq(bin_parse_open(body, n, 1000, &o, msg, sizeof(msg)), ERR_JSON);
+	n = make_open(body, 10, BIN_OPEN_INSTANT | BIN_OPEN_RESTART, MD5, "a.bin");
+	ck_assert_int_eq(bin_parse_open(body, n, 1000, &o, msg, sizeof(msg)), ERR_OK);
+	ck_assert_uint_eq(o.flags, BIN_OPEN_INSTANT | BIN_OPEN_RESTART);
 	n = make_open(body, 10, 0, "781e5e245d69b566979b86e28d23f2cZ", "a.bin");
 	ck_assert_int_eq(bin_parse_open(body, n, 1000, &o, msg, sizeof(msg)), ERR_JSON);
 	unit_assert_contains(msg, "md5");
