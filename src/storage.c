@@ -57,6 +57,8 @@ static int errno_to_error(int err)
 		return ERR_WRITE_PERMISSION;
 	case ESTALE:
 		return ERR_BUSY;   /* fenced out: another writer holds the upload now */
+	case ETIMEDOUT:
+		return ERR_BUSY;   /* a storage cluster that did not answer in time (RADOS): retry */
 	default:
 		return ERR_WRITE_PERMISSION;
 	}

@@ -1044,7 +1044,8 @@ static void download_work(struct pool_job *job)
 			j->file = NULL;
 			j->saved_errno = err;
 			j->error = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
-			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION
+			    : err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;   /* a storage cluster away: retry */
 			return;
 		}
 		j->opened = 1;
@@ -1057,7 +1058,7 @@ static void download_work(struct pool_job *job)
 	int err = ops->file_read(j->file, j->data, want, j->offset, &j->got);
 	if (err || j->got < want) {
 		j->saved_errno = err ? err : EIO;   /* shorter than its size: cut under us */
-		j->error = ERR_READ_FAILED;
+		j->error = err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;
 	}
 }
 
@@ -1415,7 +1416,8 @@ struct bin_send_job {
 	struct worker *w;
 	uint32_t slot;
 	int sock;                     /* the connection's socket */
-	int fd;                       /* the published file */
+	int fd;                       /* the published file, or -1: the backend has no descriptor (file_fd) */
+	struct backend_file *source;  /* read through the backend when fd is -1 */
 	uint64_t offset, left;
 	int saved_errno;              /* 0, EAGAIN (socket full: wait for it) or the failure */
 	int orphaned;                 /* the connection went away: close sock and file when done */
@@ -1858,11 +1860,47 @@ static void bin_open_work(struct pool_job *job)
 		j->file = NULL;
 }
 
+/* Without a descriptor to sendfile from (RADOS): the range read through the backend in pieces and
+ * sent; a piece the socket takes only in part is read again from where it stopped. */
+#define BIN_READ_PIECE (256u << 10)
+static void bin_send_read(struct bin_send_job *j)
+{
+	uint8_t *buf = malloc(BIN_READ_PIECE);
+	if (buf == NULL) {
+		j->saved_errno = ENOMEM;
+		return;
+	}
+	uint64_t burst = 0;
+	while (j->left > 0 && burst < BIN_SEND_BURST) {
+		size_t want = j->left < BIN_READ_PIECE ? (size_t)j->left : BIN_READ_PIECE, got = 0;
+		int err = j->w->backend.ops->file_read(j->source, buf, want, j->offset, &got);
+		if (err || got == 0) {
+			j->saved_errno = err ? err : EIO;   /* 0 bytes: shorter than it was when opened */
+			break;
+		}
+		ssize_t n = send(j->sock, buf, got, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			j->saved_errno = errno == EWOULDBLOCK ? EAGAIN : errno;
+			break;
+		}
+		j->offset += (uint64_t)n;
+		j->left -= (uint64_t)n;
+		burst += (uint64_t)n;
+	}
+	free(buf);
+}
+
 static void bin_send_work(struct pool_job *job)
 {
 	struct bin_send_job *j = (struct bin_send_job *)job;
 	uint64_t burst = 0;
 	j->saved_errno = 0;
+	if (j->fd < 0) {
+		bin_send_read(j);
+		return;
+	}
 	while (j->left > 0 && burst < BIN_SEND_BURST) {
 		off_t off = (off_t)j->offset;
 		size_t want = j->left < (4u << 20) ? (size_t)j->left : (4u << 20);
@@ -1932,7 +1970,8 @@ static int bin_send_file(struct conn *c)
 	j->w = c->w;
 	j->slot = c->slot;
 	j->sock = c->fd;
-	j->fd = c->w->backend.ops->file_fd(b->file);
+	j->fd = c->w->backend.ops->file_fd ? c->w->backend.ops->file_fd(b->file) : -1;
+	j->source = b->file;
 	j->offset = b->sf_offset;
 	j->left = b->sf_left;
 	b->sf_job = j;
@@ -2033,11 +2072,6 @@ static void bin_download_start(struct conn *c)
 	struct worker *w = c->w;
 	struct bin_conn *b = c->bin;
 	const struct bin_download *d = &c->req.u.bdl.dl;
-	if (w->backend.ops->file_fd == NULL) {
-		respond_request_error(c, ERR_READ_FAILED,
-		    "this storage backend cannot serve binary downloads: use 1033");
-		return;
-	}
 	if (b->file && d->version_len && b->file_name_len == d->name_len &&
 	    memcmp(b->file_name, d->name, d->name_len) == 0 && strlen(b->file_version) == d->version_len &&
 	    memcmp(b->file_version, d->version, d->version_len) == 0) {
