@@ -982,8 +982,13 @@ else:
             deadline = time.monotonic() + 120
             t0 = time.monotonic()
             storm.start(deadline)
-            all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
-            tap.ok(all_full, "(e2): every upload is answered 1028 (StorageFull) once the file system is full",
+            # An upload that raced ahead and completed in the room there was never sees the disk
+            # full (a loaded machine schedules the 16 clients unevenly): every other one hears 1028.
+            all_full = h.wait_for(lambda: all(u.full > 0 or u.done_at(time.monotonic()) for u in storm.ups), 60, 0.02)
+            nfull = sum(1 for u in storm.ups if u.full > 0)
+            tap.ok(all_full and nfull >= len(storm.ups) // 2,
+                   "(e2): every upload is answered 1028 (StorageFull) once the file system is full, unless it "
+                   "completed before (%d of %d answered 1028)" % (nfull, len(storm.ups)),
                    repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
             time.sleep(1.0)
             snap = storm.mark_fault()
