@@ -138,7 +138,7 @@ struct dl_file {
 
 /* A name a connection is downloading, remembered whether or not its file is still open: which version
  * its view of the name is (the one its seq 1, or the resume it was served, opened) and, when its seq 1
- * was served here, the token its completion is counted with. Hashes keep it small (84 bytes). */
+ * was served here, the token its completion is counted with. Hashes keep it small (88 bytes). */
 #define DL_SEEN_MAX 64
 #define DL_SEEN_HASH 16
 struct dl_seen {
