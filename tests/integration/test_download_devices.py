@@ -6,7 +6,9 @@ Between their steps the file is replaced (same size or not), in every order for 
 random orders for three, on two daemons that share one Redis and one storage root. What must hold:
 every download that completes is byte for byte one version of the file, never a mix; a device that
 starts over finishes; with no replacement of that name (or only of another name) no device ever
-hears 1029. The binary fast path (1047) pins ranges to a version the client carries: the same holds."""
+hears 1029. One connection downloading many names round-robin (more than the 4 files it keeps open)
+finishes every one, hearing 1029 at most once per replace: it remembers the version of up to 64 names.
+The binary fast path (1047) pins ranges to a version the client carries: the same holds."""
 import base64
 import itertools
 import os
