@@ -108,6 +108,11 @@ struct conn {
 	/* Published files being downloaded, kept open so that a replacement mid-download is not mixed in. */
 	struct dl_file *dl;           /* DL_CACHE entries, allocated by the first download */
 	uint32_t dl_tick;
+	/* The version each name this connection downloads was opened at, kept past its handle (up to
+	 * DL_SEEN_MAX, grown on demand): a resume after the handle was closed to make room is this
+	 * connection's own, not a stranger's (issue 12 item 4, design.md). */
+	struct dl_seen *seen;
+	uint32_t nseen, seen_cap;
 	struct request req;
 	int xfer;                     /* download entry in the stats transfer table, -1 if none */
 	char xfer_md5[PROTO_MD5_HEX + 1];   /* the upload whose duration is being timed */
@@ -127,11 +132,22 @@ struct dl_file {
 	uint64_t uid;
 	uint64_t size;
 	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
+	char name[PROTO_NAME_MAX + 1];
+	char version[BACKEND_VERSION_MAX];
+};
+
+/* A name a connection is downloading, remembered whether or not its file is still open: which version
+ * its view of the name is (the one its seq 1, or the resume it was served, opened) and, when its seq 1
+ * was served here, the token its completion is counted with. Hashes keep it small (88 bytes). */
+#define DL_SEEN_MAX 64
+#define DL_SEEN_HASH 16
+struct dl_seen {
+	uint8_t key[DL_SEEN_HASH];    /* hash of uid and name */
+	uint8_t version[DL_SEEN_HASH];   /* hash of the version */
+	uint32_t used;                /* conn->dl_tick when last read: the oldest is forgotten first */
 	ev_tstamp versions_at;        /* when its version was last recorded in file_dlversions_ */
 	char born[40];                /* seq 1 was served on this connection: the token its completion
 	                               * is counted with (file_dlversions_); "" when not, or once counted */
-	char name[PROTO_NAME_MAX + 1];
-	char version[BACKEND_VERSION_MAX];
 };
 
 /* The worker's link up to the storage process, which it connects again whenever it is lost. */
@@ -178,6 +194,7 @@ struct download_job {
 	struct backend_file *borrowed;   /* lent by the connection's cache, NULL if none (loop-owned) */
 	int opened;                   /* file was opened by this job */
 	int orphaned;                 /* the connection went away: close the file when done */
+	int own;                      /* reopened at the version the connection remembers (dl_seen) */
 	uint64_t uid;
 	char name[PROTO_NAME_MAX + 1];
 	size_t name_len;
@@ -414,6 +431,75 @@ static struct dl_file *dl_find(struct conn *c, uint64_t uid, const char *name, s
 	return NULL;
 }
 
+static void dl_seen_hash(uint8_t out[DL_SEEN_HASH], uint64_t uid, const char *name, size_t name_len)
+{
+	crypto_generichash_state st;
+	crypto_generichash_init(&st, NULL, 0, DL_SEEN_HASH);
+	crypto_generichash_update(&st, (const uint8_t *)&uid, sizeof(uid));
+	crypto_generichash_update(&st, (const uint8_t *)name, name_len);
+	crypto_generichash_final(&st, out, DL_SEEN_HASH);
+}
+
+static void dl_version_hash(uint8_t out[DL_SEEN_HASH], const char *version)
+{
+	crypto_generichash(out, DL_SEEN_HASH, (const uint8_t *)version, strlen(version), NULL, 0);
+}
+
+/* The version this connection remembers for (uid, name), NULL when none (never downloaded here, or
+ * forgotten for DL_SEEN_MAX more recent names). */
+static struct dl_seen *dl_seen_find(struct conn *c, uint64_t uid, const char *name, size_t name_len)
+{
+	uint8_t key[DL_SEEN_HASH];
+	dl_seen_hash(key, uid, name, name_len);
+	for (uint32_t i = 0; i < c->nseen; i++)
+		if (memcmp(c->seen[i].key, key, DL_SEEN_HASH) == 0)
+			return &c->seen[i];
+	return NULL;
+}
+
+/* 1 when s remembers version. */
+static int dl_seen_is(const struct dl_seen *s, const char *version)
+{
+	uint8_t h[DL_SEEN_HASH];
+	dl_version_hash(h, version);
+	return memcmp(s->version, h, DL_SEEN_HASH) == 0;
+}
+
+/* Remembers that the connection's view of (uid, name) is version. born: the token of a download started
+ * here (seq 1), "" for none, NULL to keep what is remembered of the same version (a reopened own
+ * download). The least recently read name is forgotten beyond DL_SEEN_MAX; out of memory, nothing is
+ * remembered (a later resume is then checked as a stranger's). */
+static void dl_seen_remember(struct conn *c, uint64_t uid, const char *name, size_t name_len, const char *version,
+    const char *born)
+{
+	struct dl_seen *s = dl_seen_find(c, uid, name, name_len);
+	if (s != NULL && born == NULL && dl_seen_is(s, version)) {
+		s->used = c->dl_tick;
+		return;
+	}
+	if (s == NULL && c->nseen < c->seen_cap) {
+		s = &c->seen[c->nseen++];
+	} else if (s == NULL && c->seen_cap < DL_SEEN_MAX) {
+		uint32_t cap = c->seen_cap ? c->seen_cap * 2 : 4;
+		struct dl_seen *grown = realloc(c->seen, cap * sizeof(*grown));
+		if (grown == NULL)
+			return;
+		c->seen = grown;
+		c->seen_cap = cap;
+		s = &c->seen[c->nseen++];
+	} else if (s == NULL) {
+		s = &c->seen[0];
+		for (uint32_t i = 1; i < c->nseen; i++)
+			if (c->seen[i].used < s->used)
+				s = &c->seen[i];
+	}
+	dl_seen_hash(s->key, uid, name, name_len);
+	dl_version_hash(s->version, version);
+	s->used = c->dl_tick;
+	s->versions_at = ev_now(c->w->loop);   /* every view is remembered after the versions script recorded it */
+	snprintf(s->born, sizeof(s->born), "%s", born ? born : "");
+}
+
 /* Keeps file open for (uid, name), replacing an older view of that name or the least recently read file. */
 static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid, const char *name, size_t name_len,
     uint64_t size, const char *version)
@@ -441,8 +527,6 @@ static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid,
 	f->uid = uid;
 	f->size = size;
 	f->used = ++c->dl_tick;
-	f->versions_at = ev_now(c->w->loop);   /* every file is kept after the versions script recorded it */
-	f->born[0] = '\0';
 	memcpy(f->name, name, name_len);
 	f->name[name_len] = '\0';
 	memcpy(f->version, version, sizeof(f->version));
@@ -456,6 +540,9 @@ static void conn_close_download(struct conn *c, struct backend_file *keep)
 			c->w->backend.ops->file_close(c->dl[i].file);
 	free(c->dl);
 	c->dl = NULL;
+	free(c->seen);
+	c->seen = NULL;
+	c->nseen = c->seen_cap = 0;
 }
 
 /* Remembers an upload this connection drove (the two most recent: clients drive one at a time). */
@@ -1256,21 +1343,24 @@ static void download_reply(struct conn *c, struct download_job *j)
 		} else {
 			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
-			/* A connection reading a kept file keeps its version live (now and then: the time
-			 * only matters at upload_ttl's scale), so that its own resume elsewhere hears 1029;
-			 * its last chunk, when the download began here at seq 1, counts it complete. */
-			struct dl_file *f = j->borrowed ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+			/* A connection reading its own view of a name (a kept file, or one reopened at the
+			 * version it remembers) keeps that version live (now and then: the time only matters
+			 * at upload_ttl's scale), so that its own resume elsewhere hears 1029; its last chunk,
+			 * when the download began here at seq 1, counts it complete, once. */
+			struct dl_seen *s = j->borrowed || j->own ? dl_seen_find(c, d->cred.uid, d->name, d->name_len) : NULL;
 			double every = w->conf->upload_ttl / 4.0 < 60 ? w->conf->upload_ttl / 4.0 : 60;
-			if (f && f->file != j->borrowed)
-				f = NULL;
-			if (f && is_last && f->born[0] != '\0') {
-				if (download_versions(w, f->uid, f->name, strlen(f->name), "done", f->version, f->born, NULL,
+			if (s && !dl_seen_is(s, j->version))
+				s = NULL;
+			if (s)
+				s->used = c->dl_tick;
+			if (s && is_last && s->born[0] != '\0') {
+				if (download_versions(w, d->cred.uid, d->name, d->name_len, "done", j->version, s->born, NULL,
 				    NULL) == 0)
-					f->versions_at = ev_now(w->loop);
-				f->born[0] = '\0';   /* once: a resent last chunk is not another completion */
-			} else if (f && ev_now(w->loop) - f->versions_at >= every &&
-			    download_versions(w, f->uid, f->name, strlen(f->name), "keep", f->version, "", NULL, NULL) == 0) {
-				f->versions_at = ev_now(w->loop);
+					s->versions_at = ev_now(w->loop);
+				s->born[0] = '\0';   /* once: a resent last chunk is not another completion */
+			} else if (s && ev_now(w->loop) - s->versions_at >= every &&
+			    download_versions(w, d->cred.uid, d->name, d->name_len, "keep", j->version, "", NULL, NULL) == 0) {
+				s->versions_at = ev_now(w->loop);
 			}
 			download_account(c, d, j, current, is_last);
 		}
@@ -1294,7 +1384,7 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 	c->req.checking = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	redisReply *rep = reply;
-	int started = rep && rep->type == REDIS_REPLY_STRING && rep->len > 0 && rep->len < sizeof(c->dl->born);
+	int started = rep && rep->type == REDIS_REPLY_STRING && rep->len > 0 && rep->len < sizeof(c->seen->born);
 	if (rep == NULL || (rep->type != REDIS_REPLY_INTEGER && !started)) {
 		if (rep && rep->type == REDIS_REPLY_ERROR)
 			log_warnx("redis: download versions script failed: %s", rep->str);
@@ -1311,13 +1401,16 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 		return;
 	}
 	if (!j->error) {
+		char born[sizeof(c->seen->born)] = "";
+		if (started) {
+			memcpy(born, rep->str, rep->len);
+			born[rep->len] = '\0';
+		}
 		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
 		j->opened = 0;   /* the connection keeps it now */
-		struct dl_file *f = started ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
-		if (f && f->file == j->file) {
-			memcpy(f->born, rep->str, rep->len);
-			f->born[rep->len] = '\0';
-		}
+		/* Seq 1 starts this connection's view of the name; a stranger's resume, served because no
+		 * other version is live, becomes its view too (a kept file would go on serving it). */
+		dl_seen_remember(c, d->cred.uid, d->name, d->name_len, j->version, born);
 	}
 	download_reply(c, j);
 }
@@ -1337,6 +1430,28 @@ static void download_done(struct pool_job *job)
 	const struct proto_download *d = &c->req.u.download;
 	int past_end = j->error == ERR_OFFSET_INVALID && d->seq > 1;
 	int whole = d->seq == 1 && !j->error && j->offset + j->got >= j->size;   /* a download of one chunk */
+	struct dl_seen *seen = j->opened && d->seq > 1 && (!j->error || past_end) ?
+	    dl_seen_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+	if (seen != NULL && !dl_seen_is(seen, j->version)) {
+		/* This connection's download of the name began at another version, whose file was closed
+		 * to make room: the current file would be a mix. */
+		download_job_free(w, j);
+		respond_request_error(c, ERR_FILE_CHANGED,
+		    "name: the file was replaced since this download started; download it again from seq 1");
+		conn_process(c);
+		return;
+	}
+	if (seen != NULL) {
+		/* Its own download, reopened at the version it began at: served as from a kept file (past
+		 * the end is 1018), and its last chunk completes it (download_reply). */
+		j->own = 1;
+		if (!j->error) {
+			dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+			j->opened = 0;   /* the connection keeps it now */
+		}
+		download_reply(c, j);
+		return;
+	}
 	if (j->opened && (!j->error || past_end) && !whole) {
 		/* Read from a freshly opened file. Seq 1 counts its download started before it is answered,
 		 * so a resume anywhere finds its version live; a later seq is served only if no other version
@@ -1360,6 +1475,7 @@ static void download_done(struct pool_job *job)
 	if (j->opened && !j->error) {
 		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
 		j->opened = 0;   /* the connection keeps it now */
+		dl_seen_remember(c, d->cred.uid, d->name, d->name_len, j->version, "");   /* one chunk: nothing to count */
 	}
 	download_reply(c, j);
 }

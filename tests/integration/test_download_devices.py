@@ -6,7 +6,9 @@ Between their steps the file is replaced (same size or not), in every order for 
 random orders for three, on two daemons that share one Redis and one storage root. What must hold:
 every download that completes is byte for byte one version of the file, never a mix; a device that
 starts over finishes; with no replacement of that name (or only of another name) no device ever
-hears 1029. The binary fast path (1047) pins ranges to a version the client carries: the same holds."""
+hears 1029. One connection downloading many names round-robin (more than the 4 files it keeps open)
+finishes every one, hearing 1029 at most once per replace: it remembers the version of up to 64 names.
+The binary fast path (1047) pins ranges to a version the client carries: the same holds."""
 import base64
 import itertools
 import os
@@ -427,6 +429,109 @@ with tap.section("counts: a completed version leaves the hash; a completion of a
     c3.step(1, new_conn=True)
     c3.step(1, new_conn=True)
     tap.eq(c3.log[-1], (2, FILE_CHANGED), "a field in the old format (a bare time) keeps its version live")
+
+
+# ---------------------------------------------------------------- one connection, many names
+def round_robin(conn, names, data_at, replace_after=None, on_replace=None):
+    """Downloads every name on conn one chunk of each in turn (the red team's a5 client): told 1029, a
+    name starts again at seq 1. After round replace_after, on_replace() runs once. Returns per name
+    (body, 1029 answers heard, completed)."""
+    st = {n: {"seq": 1, "got": b"", "changed": 0, "done": False} for n in names}
+    rounds = 0
+    while not all(s["done"] for s in st.values()) and rounds < 40:
+        for n in names:
+            s = st[n]
+            if s["done"]:
+                continue
+            raw, data = chunk(conn, n, s["seq"])
+            if raw.get("error") == FILE_CHANGED:
+                s["changed"] += 1
+                s["seq"], s["got"] = 1, b""
+                continue
+            if raw.get("error") != 0:
+                raise AssertionError("%s seq %d: %r" % (n, s["seq"], raw))
+            s["got"] += data
+            s["seq"] += 1
+            s["done"] = bool(raw.get("is_last"))
+        rounds += 1
+        if rounds == replace_after and on_replace:
+            on_replace()
+    return {n: (s["got"], s["changed"], s["done"]) for n, s in st.items()}
+
+
+for count in (8, 20):
+    with tap.section("one connection, %d names round-robin, each replaced after another device started the old "
+                     "version, half replaced again mid-way" % count):
+        names = ["rr%d-%d.bin" % (count, i) for i in range(count)]
+        v1 = {n: sized(5) for n in names}
+        v2 = {n: sized(5) for n in names}
+        v3 = {n: sized(5) for n in names}
+        tap.ok(all(upload(v1[n], n) for n in names), "uploaded %d names" % count)
+        with node().connect() as other:          # another device starts each old version and vanishes
+            for n in names:
+                chunk(other, n, 1)
+        tap.ok(all(upload(v2[n], n) for n in names), "all %d replaced" % count)
+        again = names[::2]
+        forgotten = again[::2]
+
+        def replace_again():
+            # Every name is out of the connection's 4 open files by now. For some, the versions hash is
+            # lost too (as after Redis lost its data): only what the connection remembers can tell.
+            for n in again:
+                upload(v3[n], n)
+            for n in forgotten:
+                redis.cmd("DEL", "file_dlversions_%d_%s" % (U, n))
+
+        with node().connect() as c:
+            res = round_robin(c, names, None, replace_after=2, on_replace=replace_again)
+        bad = {n: (len(b), ch, done) for n, (b, ch, done) in res.items()
+               if not done or b != (v3[n] if n in again else v2[n])}
+        tap.ok(not bad, "every download completed, byte for byte the current version", repr(bad))
+        tap.ok(all(res[n][1] == 0 for n in names if n not in again),
+               "a name not replaced during its download never hears 1029 (though the old version is live and "
+               "its file was closed to make room between every two chunks)",
+               repr({n: res[n][1] for n in names if res[n][1]}))
+        tap.ok(all(res[n][1] == 1 for n in again),
+               "a name replaced while out of the open-file cache hears 1029 exactly once, even with its versions "
+               "hash lost (never a mix)", repr({n: res[n][1] for n in again}))
+        # The connection's own downloads were counted complete through reopened files: only the other
+        # device's old version stays live for an unreplaced name.
+        left = {n: versions_hash(n) for n in names if n not in again}
+        tap.ok(all(len(f) == 1 and [x.split()[1:3] for x in f.values()] == [["1", "0"]] for f in left.values()),
+               "each completed download was counted (its version left the hash); only the vanished device's "
+               "old version is live", repr(list(left.items())[:2]))
+
+with tap.section("a connection remembers 64 names: the 65th forgets the oldest, whose resume is a stranger's"):
+    targets = ["mem-t1.bin", "mem-t2.bin"]
+    fillers = ["mem-f%d.bin" % i for i in range(64)]
+    old = {n: sized(3) for n in targets}
+    new = {n: sized(3) for n in targets}
+    fill = {n: sized(2) for n in fillers}
+    tap.ok(all(upload(old[n], n) for n in targets) and all(upload(fill[n], n) for n in fillers),
+           "uploaded 2 names and 64 others")
+    with node().connect() as other:
+        for n in targets:
+            chunk(other, n, 1)                    # the old versions stay live
+    tap.ok(all(upload(new[n], n) for n in targets), "both replaced")
+    with node().connect() as c:
+        got = {n: chunk(c, n, 1)[1] for n in targets}
+        for n in fillers[:62]:
+            chunk(c, n, 1)                        # 64 names now
+        raw, data = chunk(c, targets[0], 2)
+        tap.ok(raw.get("error") == 0 and got[targets[0]] + data == new[targets[0]][:2 * DL],
+               "with 64 names remembered, a resume of one whose file was closed is served (its own), though "
+               "another version is live", repr(raw.get("error")))
+        chunk(c, fillers[62], 1)                  # the 65th name: t2, now the oldest, is forgotten
+        raw, _ = chunk(c, targets[1], 2)
+        tap.eq(raw.get("error"), FILE_CHANGED, "the forgotten name's resume is a stranger's: 1029 (another "
+               "version is live)")
+        chunk(c, fillers[63], 1)                  # forgets the oldest filler, whose name was not replaced
+        raw, data = chunk(c, fillers[0], 2)
+        tap.ok(raw.get("error") == 0 and data == fill[fillers[0]][DL:],
+               "a forgotten name with no other live version: its resume is served", repr(raw.get("error")))
+        raw, data = chunk(c, targets[1], 1)
+        rest = chunk(c, targets[1], 2)[1] + chunk(c, targets[1], 3)[1]
+        tap.ok(data + rest == new[targets[1]], "started again, the forgotten name finishes on its connection")
 
 
 # ---------------------------------------------------------------- the binary path

@@ -247,18 +247,24 @@ with tap.section("Redis down: a later chunk that cannot be checked is 1027, not 
     tap.ok(upload(data, name), "uploaded %s" % name)
     fill = ["fill-%d.bin" % i for i in range(4)]
     tap.ok(all(upload(rbytes(DL), n) for n in fill), "uploaded four one-chunk files")
-    with h.Client(d.port) as c:
+    with h.Client(d.port) as c, h.Client(d.port) as stranger:
         dl(c, name, 1)
         record_at(name, 1)
         for n in fill:                      # push the file out of what the connection holds open
             dl(c, n, 1)
+        dl(stranger, fill[0], 1)            # its credentials are trusted before Redis goes
         redis.stop()
-        raw, _ = dl(c, name, 2)
-        tap.eq(raw.get("error"), 1027, "seq 2 read from a freshly opened file while Redis is down answers 1027")
+        raw, _ = dl(stranger, name, 2)
+        tap.eq(raw.get("error"), 1027, "seq 2 on another connection (a freshly opened file it has no view of) while "
+               "Redis is down answers 1027")
+        raw, got = dl(c, name, 2)
+        tap.ok(raw.get("error") == 0 and got == data[DL:2 * DL],
+               "seq 2 on the connection that started it, reopened at the version it remembers, needs no Redis: "
+               "served", repr(raw.get("error")))
         redis.start()
         redis.set_token(U, TOK[U])
-        ok = h.wait_for(lambda: dl(c, name, 2)[0].get("error") == 0, 15, 0.2)
-        tap.ok(ok, "after Redis is back, the same chunk is served")
+        ok = h.wait_for(lambda: dl(stranger, name, 2)[0].get("error") == 0, 15, 0.2)
+        tap.ok(ok, "after Redis is back, the other connection's chunk is served")
 
 tap.ok(d.log_count("AddressSanitizer") == 0 and d.log_count("fatal") == 0, "no crash or fatal error in the log")
 d.stop()
