@@ -532,6 +532,18 @@ static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid,
 	memcpy(f->version, version, sizeof(f->version));
 }
 
+/* A download served to its end lets go of its file: a later seq > 1 of the name on this connection
+ * reopens it and is checked against the version remembered (dl_seen), so a file replaced since is
+ * 1029, never the old bytes kept open here (which a resume of the new file would have been given). */
+static void dl_drop(struct conn *c, uint64_t uid, const char *name, size_t name_len)
+{
+	struct dl_file *f = dl_find(c, uid, name, name_len);
+	if (f == NULL)
+		return;
+	c->w->backend.ops->file_close(f->file);
+	f->file = NULL;
+}
+
 /* Closes every kept file except keep (a disk thread may still be reading that one). */
 static void conn_close_download(struct conn *c, struct backend_file *keep)
 {
@@ -1363,6 +1375,8 @@ static void download_reply(struct conn *c, struct download_job *j)
 				s->versions_at = ev_now(w->loop);
 			}
 			download_account(c, d, j, current, is_last);
+			if (is_last && !j->opened)
+				dl_drop(c, d->cred.uid, d->name, d->name_len);   /* the chunk is in the output buffer */
 		}
 	}
 	download_job_free(w, j);

@@ -338,6 +338,33 @@ with tap.section("a device mid-way in the old version still makes a resume of th
     p.finish()
     tap.ok(mid.body() == new and p.body() == new, "both, started again, finish with the new file whole")
 
+with tap.section("a connection that finished the old file does not serve its bytes to a resume of the new one"):
+    # Connection X downloaded the old file to its end; the file is replaced; a device starts the new
+    # file elsewhere and goes on on X. X must not answer from the old file it read (a mix).
+    name = "finished-here.bin"
+    old = sized(6)
+    new = rand.randbytes(len(old))
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    x = nodes[0].connect()
+    try:
+        got = [chunk(x, name, k) for k in range(1, 7)]
+        tap.ok(all(r.get("error") == 0 for r, _ in got) and b"".join(b for _, b in got) == old,
+               "connection X downloads the old file to its end")
+        tap.ok(upload(new, name), "replaced by content of the same size")
+        with nodes[1].connect() as y:
+            first = [chunk(y, name, k) for k in (1, 2)]
+        tap.ok(all(r.get("error") == 0 for r, _ in first) and b"".join(b for _, b in first) == new[:2 * DL],
+               "a device starts the new file on another connection")
+        raw, data = chunk(x, name, 3)
+        tap.ok(raw.get("error") == FILE_CHANGED or (raw.get("error") == 0 and data == new[2 * DL:3 * DL]),
+               "its seq 3 on X: 1029 or the new file's bytes, never the old file's", repr(raw.get("error")))
+        again, _ = chunk(x, name, 6)
+        tap.ok(again.get("error") in (0, FILE_CHANGED) and (again.get("error") != 0 or _ == new[5 * DL:]),
+               "X's own last chunk asked again after the replace: never the old bytes", repr(again.get("error")))
+    finally:
+        x.close()
+
+
 with tap.section("a device that restarted at seq 1 mid-way counts as two starts"):
     # Started twice (seq 1 again on its connection) and completed once: one download may still be
     # out there, so the version stays live; nothing tells the server otherwise.
