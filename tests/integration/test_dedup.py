@@ -529,6 +529,11 @@ tap.ok(outs[0][0] == 0 and "already on the server" not in outs[0][1] and
        repr(outs))
 tap.ok(all(stored(dg, u, n) == h.md5_hex(Q) for u, n in ((G3, "q-json-1.bin"), (G4, "q-json-2.bin"),
                                                          (G2, "q-bin-1.bin"))), "all three identical")
+with open(src, "wb") as f:
+    f.write(Q[::-1])
+rc, so, se = resctl_binary("q-bin-new.bin", uid=G3, d=dg)
+tap.ok(rc == 0 and "already on the server" not in so and stored(dg, G3, "q-bin-new.bin") == h.md5_hex(Q[::-1]),
+       "resctl over the binary path uploads a new file in full past its decoys (1049 twice, then chunk 2)", so + se)
 
 # ---------------------------------------------------------------- two nodes sharing a root (issue 9)
 tap.section("two nodes sharing the root and Redis")
