@@ -349,7 +349,7 @@ G1, G2, G3, G4 = GLOBAL_UIDS
 r, n, _, offsets = qt_upload(dg, F, "original.bin", G1)
 tap.ok(r.get("error") == 0 and n == 19 and offsets[3:] == [i * CH for i in range(1, 17)],
        "user A uploads a file in full: chunk 1, two decoy chunks asked, then chunks 2..17", repr((r, n, offsets[:4])))
-tap.eq(redis.cmd("EXISTS", "file_challenge_%d_%s" % (G1, h.md5_hex(F))), 0,
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", "file_challenge_%d_%s" % (G1, h.md5_hex(F))) == 0, 5, 0.05),
        "the completed upload leaves no draw behind (its decoys would refuse the next instant upload)")
 r, n, sent, _ = qt_upload(dg, F, "forwarded.bin", G2)
 tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n <= 3 and sent <= 3 * CH,
@@ -474,7 +474,8 @@ for uid, first in ((RT[8], X[:CH]), (RT[9], wrong1)):
                    a3.get("error"), a3.get("seq"), a3.get("trans_size"), asked_chunk(a3), "message" in a3)
 tap.ok(shapes[RT[8]] == shapes[RT[9]] and shapes[RT[8]][2] and shapes[RT[8]][3],
        "a right and a wrong chunk 1 get the same answers: two chunks asked, then chunk 2", repr(shapes))
-tap.ok(all(redis.cmd("HGET", "file_challenge_%d_%s" % (u, XM), "failed") == "1" for u in RT[8:10]),
+tap.ok(h.wait_for(lambda: all(redis.cmd("HGET", "file_challenge_%d_%s" % (u, XM), "failed") == "1"
+                             for u in RT[8:10]), 5, 0.05),
        "both draws are marked failed in Redis")
 tap.eq(redis.cmd("HGET", "file_challenge_%d_%s" % (RT[10], XM), "failed"), None, "(no draw for an account never seen)")
 with dg.connect() as c:
@@ -485,7 +486,8 @@ r, n, _, _ = qt_upload(dg, X, "after-guess.key", RT[10])
 tap.ok(r.get("error") == 0 and "instant" not in r.get("message", "") and n == 1 + 2 + 6,
        "after it, the whole file and right answers get no instant upload for upload_ttl: a full upload",
        repr((r, n)))
-tap.eq(redis.cmd("EXISTS", "file_challenge_%d_%s" % (RT[10], XM)), 0, "and its completion ends the draw")
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", "file_challenge_%d_%s" % (RT[10], XM)) == 0, 5, 0.05),
+       "and its completion ends the draw")
 r, n, _, _ = qt_upload(dg, X, "again.key", RT[10])
 tap.ok(r.get("error") == 0 and "instant upload" in r.get("message", "") and n == 3,
        "so its next upload of the file is instant", repr((r, n)))
@@ -612,7 +614,7 @@ tap.ok(k is not None and kb is not None and kb != k,
        "a wrong answer on node 2 is not told: the second chunk is asked all the same", repr(fb))
 tap.ok(last.get("error") == 0 and last.get("trans_size") == CH and asked_chunk(last) is None,
        "after it (even answered right) the upload goes on as a normal one from chunk 2", repr(last))
-tap.eq(redis.cmd("HGET", wkey, "failed"), "1", "Redis remembers the wrong answer")
+tap.ok(h.wait_for(lambda: redis.cmd("HGET", wkey, "failed") == "1", 5, 0.05), "Redis remembers the wrong answer")
 for node, label in ((na, "node 1"), (nb, "node 2")):
     with node.connect() as c:
         r = up.send_chunk(c, 0, 1)
