@@ -226,9 +226,16 @@ static int dedup_chunk_weak(const struct upload *up, const uint8_t *data, size_t
 {
 	if (len < DEDUP_WEAK_LEN)
 		return 1;
-	for (size_t p = 1; p <= DEDUP_WEAK_PERIOD && p < len; p++)
-		if (memcmp(data, data + p, len - p) == 0)
-			return 1;
+	/* The smallest period up to DEDUP_WEAK_PERIOD of the first 2 * DEDUP_WEAK_PERIOD bytes is the
+	 * only one to try on the whole chunk (by Fine and Wilf, a window that long with two periods
+	 * p <= q <= DEDUP_WEAK_PERIOD has period gcd(p, q)): linear, however the chunk is crafted. */
+	size_t window = len < 2 * DEDUP_WEAK_PERIOD ? len : 2 * DEDUP_WEAK_PERIOD;
+	for (size_t p = 1; p <= DEDUP_WEAK_PERIOD && p < window; p++)
+		if (memcmp(data, data + p, window - p) == 0) {
+			if (memcmp(data, data + p, len - p) == 0)
+				return 1;
+			break;
+		}
 	const struct backend *be = &up->st->backend;
 	uint8_t *first = up->stg && len <= up->chunk_len ? malloc(len) : NULL;
 	size_t got = 0;
