@@ -1059,7 +1059,12 @@ static void dedup_on_draw(void *data, enum lease_status status, const struct cha
 static int dedup_challenge_begin(struct upload *up)
 {
 	struct storage *st = up->st;
-	uint64_t range = upload_chunks(up) - 1;   /* chunks 2..chunks; chunk 1 was compared already */
+	/* Chunks from 2 (chunk 1 was compared already); from 3 when at least two remain to draw from:
+	 * chunk 2 is what a client that does not wait for answers sends next, and a chunk asked for is
+	 * compared, not stored, so asking for it cost such a client a 1018 and a resume. Every upload
+	 * under dedup = global is asked now (decoys), so that case is no longer rare. */
+	uint64_t first = upload_chunks(up) > DEDUP_CHALLENGES + 1 ? 3 : 2;
+	uint64_t range = upload_chunks(up) - first + 1;
 	struct challenge draw = { .present = 1, .chunk_len = up->chunk_len };
 	draw.count = range < DEDUP_CHALLENGES ? (int)range : DEDUP_CHALLENGES;
 	for (int i = 0; i < draw.count; i++) {
@@ -1067,7 +1072,7 @@ static int dedup_challenge_begin(struct upload *up)
 		do {
 			uint64_t r;
 			randombytes_buf(&r, sizeof(r));   /* the modulo bias is below range / 2^64 */
-			draw.chunk[i] = 2 + r % range;
+			draw.chunk[i] = first + r % range;
 			again = 0;
 			for (int j = 0; j < i; j++)
 				again |= draw.chunk[j] == draw.chunk[i];

@@ -519,6 +519,22 @@ b.close()
 tap.ok(a["error"] == 0 and a["committed"] == len(X) and a["message"].startswith("instant upload") and rounds == 3,
        "binary: another user holding the file completes after 3 answered chunks", repr((a, rounds)))
 
+# A binary client that pipelines (no INSTANT flag) uploads new files under global with no 1018: its
+# decoys are never chunk 2, the chunk it sends next, so that chunk ends the proof and is stored.
+errors = []
+for i in range(6):
+    NF = rbytes(5 * CH + i)
+    b = Bin(dg, RT[11])
+    o = b.open(NF, "piped-%d.bin" % i, 0)
+    for off in range(0, len(NF), CH):
+        b.send(NF, off)
+    acks = [b.ack() for _ in range(0, len(NF), CH)]
+    b.close()
+    errors += [a["error"] for a in acks if a["error"]]
+    errors += [] if stored(dg, RT[11], "piped-%d.bin" % i) == h.md5_hex(NF) else ["not stored"]
+tap.eq(errors, [], "six new files pipelined over the binary path without INSTANT: every chunk acknowledged, "
+       "all published")
+
 # resctl, JSON and binary, under global: a new file goes through its decoys, the next user's is instant.
 Q = rbytes(7 * CH + 11)
 with open(src, "wb") as f:
