@@ -402,3 +402,113 @@ NODE
 	rm -rf "$dd"
 }
 bench_dedup
+
+# ---------------------------------------------------------------- both backends beside `rados bench`
+# (BENCH_RADOS=0 skips it.) A throwaway one-OSD cluster (tests/integration/harness.py CephCluster,
+# memstore: RAM, so these are the engine's CPU limits on this machine, not a disk's); first
+# `rados bench` (4 MiB writes 16 in flight, 32 KiB writes one at a time and 64 in flight), then the
+# same four resourced scenarios (32 KiB chunks, the JSON protocol) against a daemon with
+# [storage] backend = fs and one with backend = rados on that pool, one table, in one run.
+# RADOS_SECONDS (default 15) is the length of each scenario.
+if [ "${BENCH_RADOS:-1}" != 0 ] && command -v ceph-osd >/dev/null && command -v rados >/dev/null; then
+	echo "== 7: both backends beside rados bench: one mon, one OSD (memstore) on loopback"
+	kill -TERM "$(cat "$work/run/resourced.pid")" 2>/dev/null || true   # the fs daemon above: its CPU is not needed now
+	for _ in $(seq 100); do [ -f "$work/run/resourced.pid" ] || break; sleep 0.1; done
+	RESOURCED_BIN="$resourced" BENCH_WORK="$work" BENCH_RESCTL="$resctl" BENCH_REDIS_PORT="$rport" \
+	python3 - "$top/tests/integration" <<'PY'
+import json, os, re, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import harness as h
+work, resctl, rport = os.environ["BENCH_WORK"], os.environ["BENCH_RESCTL"], os.environ["BENCH_REDIS_PORT"]
+seconds = int(os.environ.get("RADOS_SECONDS", "15"))
+ceph = h.CephCluster(osd_bytes=8 << 30).start()
+
+
+def rados_bench(block, threads):
+    out = subprocess.run(["rados", "-c", ceph.conf, "-p", ceph.pool, "bench", str(seconds), "write", "-b", str(block),
+                          "-t", str(threads), "--no-cleanup"], stdout=subprocess.PIPE, text=True).stdout
+    m = re.search(r"^Bandwidth \(MB/sec\):\s+([\d.]+)", out, re.M)
+    lat = re.search(r"^Average Latency\(s\):\s+([\d.]+)", out, re.M)
+    mbs = float(m.group(1)) * 1.048576 if m else 0.0   # rados bench says MB for MiB: in 10^6 bytes like resctl
+    print("rados bench write %8d B x %2d in flight: %8.2f MB/s, average latency %.2f ms"
+          % (block, threads, mbs, float(lat.group(1)) * 1000 if lat else 0), flush=True)
+    return mbs
+
+
+limits = {"4m16": rados_bench(4 << 20, 16), "32k1": rados_bench(32768, 1), "32k64": rados_bench(32768, 64)}
+subprocess.run(["rados", "-c", ceph.conf, "-p", ceph.pool, "cleanup"], stdout=subprocess.DEVNULL, check=False)
+
+
+def start(backend):
+    port = h.free_port()
+    conf = os.path.join(work, "bench-%s.conf" % backend)
+    run = os.path.join(work, "run-%s" % backend)
+    os.makedirs(run, exist_ok=True)
+    with open(conf, "w") as f:
+        f.write("""[server]
+listen = 127.0.0.1:%d
+workers = auto
+run_dir = %s
+pid_file = %s/resourced.pid
+max_connections = 20000
+idle_timeout = 600
+[storage]
+root = %s/root-%s
+backend = %s
+max_file_size = 1073741824
+dedup = off
+# each pool thread waits for one RADOS operation at a time: enough of them to keep the cluster busy
+io_threads = 32
+[rados]
+conf = %s
+user = admin
+pool = %s
+namespace = bench
+gc_grace = 5
+[redis]
+port = %s
+[log]
+level = warn
+file = %s/resourced-%s.log
+""" % (port, run, run, work, backend, backend, ceph.conf, ceph.pool, rport, work, backend))
+    d = subprocess.Popen([os.environ["RESOURCED_BIN"], "-f", "-c", conf], start_new_session=True)
+    h.at_cleanup(lambda: (d.poll() is None and d.terminate(), d.wait(10)))
+    addr = "127.0.0.1:%d" % port
+    h.wait_for(lambda: subprocess.run([resctl, "ping", addr, "--timeout", "1"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL).returncode == 0, 30, 0.1)
+    return d, addr
+
+
+SCENARIOS = [   # label, resctl bench arguments, the rados bench figure it is compared with
+    ("1 conn upload 256 MiB", ["--connections", "1", "--size", "268435456", "--files", "1", "--mode", "upload"], "32k1"),
+    ("1 conn download", ["--connections", "1", "--size", "268435456", "--mode", "download"], None),
+    ("64 conns upload 8 MiB", ["--connections", "64", "--size", "8388608", "--mode", "upload"], "32k64"),
+    ("64 conns download", ["--connections", "64", "--size", "8388608", "--mode", "download"], None),
+]
+results = {}
+for backend in ("fs", "rados"):
+    d, addr = start(backend)
+    for label, args, _ in SCENARIOS:
+        out = subprocess.run([resctl, "bench", addr, *args, "--duration", str(seconds), "--uid", "1", "--token", "bench",
+                              "--chunk", "32768", "--json"], stdout=subprocess.PIPE, text=True).stdout
+        try:
+            r = json.loads(out)
+        except ValueError:
+            r = {"mb_per_s": 0, "rtt_ms": {"p50": 0}, "errors": {"no answer": 1}}
+        results[(backend, label)] = r
+    d.terminate()
+    d.wait(30)
+
+print("%-24s %9s %9s %9s %12s %9s  %s" % ("scenario (32 KiB chunks)", "fs MB/s", "rados", "p50 ms", "rados bench",
+                                          "rados %", "errors (rados)"))
+for label, _, limit in SCENARIOS:
+    f, r = results[("fs", label)], results[("rados", label)]
+    lim = limits.get(limit) if limit else None
+    errors = ", ".join("%s x%d" % kv for kv in r.get("errors", {}).items()) or "none"
+    print("%-24s %9.2f %9.2f %9.3f %12s %9s  %s" % (
+        label, f["mb_per_s"], r["mb_per_s"], r["rtt_ms"]["p50"], "%.2f" % lim if lim else "-",
+        "%.0f%%" % (100 * r["mb_per_s"] / lim) if lim else "-", errors), flush=True)
+print("rados bench 4 MiB x 16 in flight (the engine's large-write limit): %.2f MB/s" % limits["4m16"])
+ceph.kill()
+PY
+fi

@@ -5,9 +5,11 @@ PACKAGES="build-essential autoconf automake pkg-config
   libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libssl-dev libmodpbase64-dev libbsd-dev libmicrohttpd-dev
   uthash-dev check python3 redis-server postgresql procps valgrind haproxy
   clang libclang-rt-14-dev libsystemd-dev
-  chromium debhelper adduser"
+  chromium debhelper adduser
+  librados-dev ceph-mon ceph-osd ceph-common python3-rados"
 # chromium: test_http.py renders the status page in it headless (skipped without it).
 # debhelper, adduser: test_deb.py builds and installs the .deb.
+# ceph-*, librados-dev, python3-rados: the RADOS backend and its suites (rados_test_*.py).
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES
 	exit 0

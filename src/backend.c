@@ -9,6 +9,9 @@
 /* A new backend is one file defining `const struct backend_ops backend_<name>`, listed here. */
 static const struct backend_ops *const backends[] = {
 	&backend_fs,
+#ifdef HAVE_RADOS
+	&backend_rados,
+#endif
 };
 
 const struct backend_ops *backend_find(const char *name)

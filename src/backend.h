@@ -142,6 +142,11 @@ struct backend_ops {
 	 * sendfile(2) by the binary fast path; it stays valid until file_close and never blocks. */
 	int (*file_fd)(struct backend_file *f);
 
+	/* Optional (NULL: reachable whenever the process runs): one cheap round trip to where the data
+	 * lives, 0 when it answered. The storage process calls it every few seconds on a pool thread;
+	 * while it fails, or does not return within storage_timeout, the agent-check answers down. */
+	int (*ping)(struct backend *b);
+
 	/* ---- stored content, by (size, md5): never a copy, always the same bytes under another name.
 	 * A backend without an index leaves these NULL and uploads simply are never instant. */
 	/* Opens the content of key for reading (read with file_read, closed with file_close);
@@ -181,5 +186,8 @@ void backend_close(struct backend *b);
 
 /* The backends, each in its own file. */
 extern const struct backend_ops backend_fs;
+#ifdef HAVE_RADOS
+extern const struct backend_ops backend_rados;   /* Ceph RADOS: built when configure found librados */
+#endif
 
 #endif

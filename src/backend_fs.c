@@ -457,6 +457,14 @@ static void fence_leave(struct backend_staging *s)
 	}
 }
 
+/* The root answers a stat: a hung file system (NFS, a stopped FUSE daemon) makes this hang, which
+ * the storage process counts as unreachable after storage_timeout. */
+static int fs_ping(struct backend *b)
+{
+	struct stat sb;
+	return stat(((struct fs *)b->priv)->staging, &sb) < 0 ? errno : 0;
+}
+
 /* ---------------------------------------------------------------- staging */
 
 static void fs_staging_close(struct backend_staging *s);
@@ -1003,6 +1011,7 @@ const struct backend_ops backend_fs = {
 	.close = fs_close,
 	.staging_begin = fs_staging_begin,
 	.staging_attach = fs_staging_attach,
+	.ping = fs_ping,
 	.staging_find = fs_staging_find,
 	.staging_fence = fs_staging_fence,
 	.staging_write = fs_staging_write,

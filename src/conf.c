@@ -67,6 +67,13 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "min_free_space", T_INT64, N(min_free_space), 0, INT64_C(1) << 60, "67108864", SCOPE_STORAGE },
 	{ "storage", "lease_ttl", T_INT, N(lease_ttl), 2, 600, "6", SCOPE_STORAGE },
 	{ "storage", "dedup", T_DEDUP, N(dedup), 0, 0, "user", SCOPE_STORAGE },
+	{ "rados", "conf", T_STR, S(rados_conf), 0, 0, "/etc/ceph/ceph.conf", SCOPE_STORAGE },
+	{ "rados", "user", T_STR, S(rados_user), 0, 0, "resourced", SCOPE_STORAGE },
+	{ "rados", "pool", T_STR, S(rados_pool), 0, 0, "resourced", SCOPE_STORAGE },
+	{ "rados", "namespace", T_STR, S(rados_namespace), 0, 0, "", SCOPE_STORAGE },
+	{ "rados", "op_timeout", T_INT, N(rados_op_timeout), 0, 3600, "0", SCOPE_STORAGE },
+	{ "rados", "object_size", T_INT64, N(rados_object_size), 65536, 1 << 30, "67108864", SCOPE_STORAGE },
+	{ "rados", "gc_grace", T_INT, N(rados_gc_grace), 0, 30 * 86400, "3600", SCOPE_STORAGE },
 	{ "redis", "host", T_STR, S(redis_host), 0, 0, "127.0.0.1", SCOPE_STORAGE },
 	{ "redis", "port", T_INT, N(redis_port), 1, 65535, "6379", SCOPE_STORAGE },
 	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "", SCOPE_STORAGE },
@@ -215,7 +222,11 @@ static int set_key(struct conf *c, const struct conf_key *k, const char *value, 
 		return 0;
 	case T_BACKEND:
 		if (strlen(value) >= k->size || backend_find(value) == NULL) {
-			snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
+			if (strcmp(value, "rados") == 0)
+				snprintf(why, whylen, "this build has no RADOS backend: install librados-dev and run configure "
+				    "again (known: %s)", backend_names());
+			else
+				snprintf(why, whylen, "'%.*s' is not a storage backend (known: %s)", 64, value, backend_names());
 			return -1;
 		}
 		memcpy(base + k->offset, value, strlen(value) + 1);

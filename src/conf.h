@@ -36,7 +36,7 @@ struct conf {
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */
-	char backend[32];           /* storage backend by name (backend.c): fs */
+	char backend[32];           /* storage backend by name (backend.c): fs or rados */
 	int64_t max_file_size;
 	int upload_ttl;             /* seconds an idle upload record lives */
 	int fsync_policy;           /* enum fsync_policy */
@@ -47,6 +47,14 @@ struct conf {
 	int64_t min_free_space;     /* bytes kept free beyond what uploads in progress announced (1028) */
 	int dedup;                  /* enum dedup_scope: instant upload (design.md, "Instant upload") */
 	int lease_ttl;              /* seconds an upload's lease lives unless renewed (several nodes) */
+	/* [rados] (backend = rados) */
+	char rados_conf[512];       /* ceph.conf of the cluster */
+	char rados_user[128];       /* client name without "client.": the cephx user */
+	char rados_pool[128];
+	char rados_namespace[128];  /* objects live in this namespace of the pool ("" = the default one) */
+	int rados_op_timeout;       /* seconds a cluster operation may take; 0 = a third of storage_timeout */
+	int64_t rados_object_size;  /* bytes per RADOS object of a file; larger files are split */
+	int rados_gc_grace;         /* seconds a replaced file's data stays readable for downloads in flight */
 	/* [redis] */
 	char redis_host[256];
 	int redis_port;

@@ -169,13 +169,27 @@ static int storage_up(const struct control_proc *procs, int n)
 	return 0;
 }
 
+/* The storage process (slot 0) answers: its loop turned within the last STORAGE_STALL_MS (or
+ * storage_timeout, if shorter), and its backend's ping neither failed nor hung (storage_process.c). A
+ * storage process that is stopped (SIGSTOP), spinning, or cut off from its storage is down. */
+#define STORAGE_STALL_MS 5000u
+static int storage_answers(const struct control *c)
+{
+	const struct stats_proc *sp = &c->shm->procs[0];
+	uint64_t bound = (uint64_t)c->conf->storage_timeout * 1000u;
+	if (bound > STORAGE_STALL_MS)
+		bound = STORAGE_STALL_MS;
+	uint64_t alive = atomic_load(&sp->alive_ms), now = stats_mono_ms();
+	return alive != 0 && now - alive <= bound + 1000u && atomic_load(&sp->backend_unreachable) == 0;
+}
+
 /* up, drain or down, as the agent-check and show info say it. */
 static const char *service_state(const struct control *c, int *weight)
 {
 	struct control_proc procs[CONTROL_MAX_PROCS];
 	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
 	*weight = 0;
-	if (!storage_up(procs, n) || !atomic_load(&c->shm->procs[0].redis_up))
+	if (!storage_up(procs, n) || !atomic_load(&c->shm->procs[0].redis_up) || !storage_answers(c))
 		return "down";
 	if (c->draining)
 		return "drain";

@@ -17,6 +17,13 @@ double stats_wall_now(void)
 	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+uint64_t stats_mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
 struct stats_shm *stats_create(void)
 {
 	void *p = mmap(NULL, sizeof(struct stats_shm), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -29,6 +36,8 @@ void stats_reset_gauges(struct stats_proc *p)
 	atomic_store(&p->storage_queue, 0);
 	atomic_store(&p->redis_up, 0);
 	atomic_store(&p->storage_up, 0);
+	atomic_store(&p->alive_ms, 0);
+	atomic_store(&p->backend_unreachable, 0);
 	for (int i = 0; i < STATS_TRANSFERS; i++) {
 		p->transfers[i].in_use = 0;
 		atomic_store(&p->transfers[i].seq, 0);

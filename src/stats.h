@@ -62,6 +62,11 @@ struct stats_proc {
 #undef STATS_FIELD
 	_Atomic uint64_t errors[STATS_ERR_COUNT];   /* responses by error code */
 	_Atomic uint64_t expected[STATS_ERR_COUNT]; /* answers with a code that healthy traffic gets */
+	/* The storage process's health, read by the agent-check (control.c): its loop writes
+	 * alive_ms (CLOCK_MONOTONIC milliseconds) every second, and backend_unreachable while its
+	 * backend's ping fails or hangs. */
+	_Atomic uint64_t alive_ms;
+	_Atomic uint32_t backend_unreachable;
 	struct stats_transfer transfers[STATS_TRANSFERS];
 } __attribute__((aligned(64)));
 
@@ -74,6 +79,8 @@ extern struct stats_proc *stats_self;
 
 /* Wall-clock seconds, the time base of transfers and process start times. */
 double stats_wall_now(void);
+/* CLOCK_MONOTONIC milliseconds: the same clock in every process of the machine. */
+uint64_t stats_mono_ms(void);
 
 struct stats_shm *stats_create(void);        /* master, before forking */
 void stats_attach(struct stats_shm *shm, int slot);

@@ -57,6 +57,8 @@ static int errno_to_error(int err)
 		return ERR_WRITE_PERMISSION;
 	case ESTALE:
 		return ERR_BUSY;   /* fenced out: another writer holds the upload now */
+	case ETIMEDOUT:
+		return ERR_BUSY;   /* a storage cluster that did not answer in time (RADOS): retry */
 	default:
 		return ERR_WRITE_PERMISSION;
 	}
@@ -1224,6 +1226,10 @@ static void work_done_verify(struct upload *up, struct op *op)
 {
 	upload_pop(up);
 	if (up->work_error) {
+		/* A record left uploading whose name does not hold its bytes: the upload is lost, and
+		 * its record must not make every later final chunk read the whole file again. */
+		if (up->pub_by_digest)
+			record_forget(up);
 		op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
 	} else {
 		if (up->pub_by_digest) {
@@ -1403,6 +1409,7 @@ static void upload_work_done(struct pool_job *job)
 		break;   /* errors after publishing go the way of a completion's; success ends it like one */
 	case WORK_DISCARD:
 		up->running = 0;
+		record_forget(up);   /* abandoned: no record may promise what is no longer staged */
 		upload_retire(up);
 		return;
 	case WORK_LOAD:

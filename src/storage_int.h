@@ -180,6 +180,16 @@ struct space_probe {
 /* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
 #define SWEEP_MAX 256
 
+/* The backend's ping, on a pool thread (the agent-check answers down while it fails or hangs). */
+struct health_probe {
+	struct pool_job job;
+	struct storage *st;
+	int busy;
+	ev_tstamp started, last;
+	int err;
+	int unreachable;              /* as last published to the stats slot */
+};
+
 struct sweep {
 	struct pool_job job;
 	struct storage *st;
@@ -199,6 +209,8 @@ struct storage {
 	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
 	ev_timer space_timer;
 	struct space_probe space;
+	ev_timer health_timer;
+	struct health_probe health;
 	struct sweep *sweep;          /* the janitor's listing of old staging entries */
 	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
 	int free_known;
@@ -236,6 +248,7 @@ void record_write(struct upload *up);
 void record_published(struct upload *up);
 void record_published_op(struct upload *up, const struct op *op);
 void record_delete(struct upload *up);
+void record_forget(struct upload *up);
 void storage_on_redis_ready(struct rds *r);
 int published_lookup(struct upload *up);
 

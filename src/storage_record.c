@@ -179,6 +179,21 @@ void record_delete(struct upload *up)
 	rds_command(&up->st->redis, NULL, NULL, "DEL %s", key);
 }
 
+/* The upload cannot be resumed any more (its staging entry is gone): its "uploading" record goes
+ * too, while this node holds the lease, so that nothing is asked of it again. */
+void record_forget(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (up->lease != UL_OURS)
+		return;
+	char key[RECORD_KEY_MAX], lkey[LEASE_KEY_MAX];
+	record_key(st, &up->key, key, sizeof(key));
+	lease_key(st, &up->key, lkey, sizeof(lkey));
+	const char *argv[] = { "DEL", key };
+	size_t argvlen[] = { 3, strlen(key) };
+	lease_fenced_command(&st->redis, lkey, 2, argv, argvlen, NULL, NULL);
+}
+
 /* Redis (re)connected: it may have come back empty, without the records or the leases. Every upload
  * this node knows takes its lease again: the same fence means nothing changed and the record is
  * written again; another fence means it is read back from the staging entry first. */

@@ -128,6 +128,8 @@ struct dl_file {
 	uint64_t size;
 	uint32_t used;                /* conn->dl_tick when last read: the oldest goes first */
 	ev_tstamp versions_at;        /* when its version was last recorded in file_dlversions_ */
+	char born[40];                /* seq 1 was served on this connection: the token its completion
+	                               * is counted with (file_dlversions_); "" when not, or once counted */
 	char name[PROTO_NAME_MAX + 1];
 	char version[BACKEND_VERSION_MAX];
 };
@@ -440,6 +442,7 @@ static void dl_remember(struct conn *c, struct backend_file *file, uint64_t uid,
 	f->size = size;
 	f->used = ++c->dl_tick;
 	f->versions_at = ev_now(c->w->loop);   /* every file is kept after the versions script recorded it */
+	f->born[0] = '\0';
 	memcpy(f->name, name, name_len);
 	f->name[name_len] = '\0';
 	memcpy(f->version, version, sizeof(f->version));
@@ -1041,7 +1044,8 @@ static void download_work(struct pool_job *job)
 			j->file = NULL;
 			j->saved_errno = err;
 			j->error = err == ENOENT || err == ENOTDIR || err == ELOOP ? ERR_FILE_NOT_EXISTS
-			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION : ERR_READ_FAILED;
+			    : err == EACCES || err == EPERM ? ERR_READ_PERMISSION
+			    : err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;   /* a storage cluster away: retry */
 			return;
 		}
 		j->opened = 1;
@@ -1054,7 +1058,7 @@ static void download_work(struct pool_job *job)
 	int err = ops->file_read(j->file, j->data, want, j->offset, &j->got);
 	if (err || j->got < want) {
 		j->saved_errno = err ? err : EIO;   /* shorter than its size: cut under us */
-		j->error = ERR_READ_FAILED;
+		j->error = err == ETIMEDOUT ? ERR_BUSY : ERR_READ_FAILED;
 	}
 }
 
@@ -1096,42 +1100,65 @@ static void download_record_progress(struct worker *w, const struct proto_downlo
 	rds_command(&w->redis, NULL, NULL, "SETEX %s %d %b", key, w->conf->upload_ttl, body, len);
 }
 
-/* The versions of a name that downloads are being served from (docs/protocol.md §8,
- * file_dlversions_): version -> Redis time of its last chunk, kept upload_ttl. Several downloads of
- * one name may run at once (one user, several devices), and a request does not say which version
- * it started from. So a seq > 1 read from a freshly opened file ("check") is served only when no
- * other version is live, else 0: 1029. "peek" checks and records nothing (a seq past the end of
- * the current file); "keep" records. More than 16 fold the oldest into "*", which matches none.
- * ARGV: mode, version, ttl. */
+/* The versions of a name that downloads may still be resumed from (docs/protocol.md §8,
+ * file_dlversions_). Several downloads of one name may run at once (one user, several devices), and
+ * a request does not say which version it started from, so a seq > 1 read from a freshly opened
+ * file ("check") is served only when no other version is live, else 0: 1029. Each version's field
+ * is "time started completed born": the Redis time of its last chunk, the seq 1s served from it
+ * ("start", which answers born, a token of the field's lifetime), and the downloads that reached
+ * their last chunk on the connection that served their seq 1 ("done" with that born: each start
+ * pairs with at most one completion, so a resent last chunk never hides another device's download).
+ * A version is live while started > completed and its last chunk is younger than ttl; a field that is
+ * not live is removed. "keep" and "check" refresh the time of a version already there, "peek" (a
+ * seq past the end of the current file) only checks. More than 16 fold the oldest into "*", which
+ * keeps their downloads in progress and matches no version. ARGV: mode, version, ttl, born. */
 static const char download_versions_script[] =
-    "local now = tonumber(redis.call('TIME')[1])\n"
-    "local v, ttl = ARGV[2], tonumber(ARGV[3])\n"
+    "local tm = redis.call('TIME')\n"
+    "local now = tonumber(tm[1])\n"
+    "local mode, v, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
+    "local blind = mode == 'start' or mode == 'keep' or mode == 'done'\n"
     "local all = redis.call('HGETALL', KEYS[1])\n"
-    "local live, n = {}, 0\n"
+    "local e, n = {}, 0\n"
     "for i = 1, #all, 2 do\n"
-    "  local o, t = all[i], tonumber(all[i + 1]) or 0\n"
-    "  if now - t >= ttl then redis.call('HDEL', KEYS[1], o)\n"
-    "  elseif o ~= v and ARGV[1] ~= 'keep' then return 0\n"
-    "  else live[o] = t; n = n + 1 end\n"
+    "  local o = all[i]\n"
+    "  local t, s, c, b = string.match(all[i + 1], '^(%d+) (%d+) (%d+) (%S+)$')\n"
+    "  if t then t, s, c = tonumber(t), tonumber(s), tonumber(c)\n"
+    "  else t, s, c, b = tonumber(all[i + 1]) or 0, 1, 0, '-' end\n"
+    "  if now - t >= ttl or s <= c then redis.call('HDEL', KEYS[1], o)\n"
+    "  elseif o ~= v and not blind then return 0\n"
+    "  else e[o] = {t, s, c, b}; n = n + 1 end\n"
     "end\n"
-    "if ARGV[1] == 'peek' then return 1 end\n"
-    "if not live[v] then n = n + 1 end\n"
-    "redis.call('HSET', KEYS[1], v, now)\n"
+    "if mode == 'peek' then return 1 end\n"
+    "local x = e[v]\n"
+    "if mode == 'start' then\n"
+    "  if not x then x = {now, 0, 0, tm[1] .. '.' .. tm[2]}; e[v] = x; n = n + 1 end\n"
+    "  x[2] = x[2] + 1\n"
+    "elseif not x then return 1\n"
+    "elseif mode == 'done' then\n"
+    "  if x[4] ~= ARGV[4] then return 1 end\n"
+    "  x[3] = x[3] + 1\n"
+    "end\n"
+    "x[1] = now\n"
+    "if x[2] <= x[3] then redis.call('HDEL', KEYS[1], v); return 1 end\n"
+    "redis.call('HSET', KEYS[1], v, string.format('%d %d %d %s', x[1], x[2], x[3], x[4]))\n"
     "while n > 16 do\n"
     "  local old, at = nil, now\n"
-    "  for o, t in pairs(live) do if o ~= v and o ~= '*' and t <= at then old, at = o, t end end\n"
-    "  live[old] = nil\n"
+    "  for o, y in pairs(e) do if o ~= v and o ~= '*' and y[1] <= at then old, at = o, y[1] end end\n"
+    "  local y, star = e[old], e['*']\n"
+    "  e[old] = nil\n"
     "  redis.call('HDEL', KEYS[1], old)\n"
-    "  if live['*'] then n = n - 1; at = math.max(live['*'], at) end\n"
-    "  live['*'] = at\n"
-    "  redis.call('HSET', KEYS[1], '*', at)\n"
+    "  if star then n = n - 1 else star = {at, 0, 0, '*'}; e['*'] = star end\n"
+    "  star[1], star[2] = math.max(star[1], at), star[2] + y[2] - y[3]\n"
+    "  redis.call('HSET', KEYS[1], '*', string.format('%d %d %d %s', star[1], star[2], star[3], star[4]))\n"
     "end\n"
     "redis.call('EXPIRE', KEYS[1], ttl)\n"
+    "if mode == 'start' then return x[4] end\n"
     "return 1\n";
 
-/* Runs the versions script for the version a chunk was read from; -1 when Redis is not there. */
+/* Runs the versions script for the version a chunk was read from (born: "" unless mode is "done");
+ * -1 when Redis is not there. */
 static int download_versions(struct worker *w, uint64_t uid, const char *name, size_t name_len, const char *mode,
-    const char *version, redisCallbackFn *cb, void *privdata)
+    const char *version, const char *born, redisCallbackFn *cb, void *privdata)
 {
 	char key[sizeof(w->conf->redis_prefix) + 64 + PROTO_NAME_MAX], ttl[24];
 	int n = snprintf(key, sizeof(key), "%sfile_dlversions_%" PRIu64 "_%.*s", w->conf->redis_prefix, uid,
@@ -1139,9 +1166,9 @@ static int download_versions(struct worker *w, uint64_t uid, const char *name, s
 	if (n < 0 || (size_t)n >= sizeof(key))
 		return -1;
 	snprintf(ttl, sizeof(ttl), "%d", w->conf->upload_ttl);
-	const char *argv[] = { "EVAL", download_versions_script, "1", key, mode, version, ttl };
+	const char *argv[] = { "EVAL", download_versions_script, "1", key, mode, version, ttl, born };
 	size_t len[] = { 4, strlen(download_versions_script), 1, strlen(key), strlen(mode), strlen(version),
-	    strlen(ttl) };
+	    strlen(ttl), strlen(born) };
 	return rds_command_argv(&w->redis, cb, privdata, (int)(sizeof(argv) / sizeof(argv[0])), argv, len);
 }
 
@@ -1229,13 +1256,22 @@ static void download_reply(struct conn *c, struct download_job *j)
 		} else {
 			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);
-			/* A connection finishing a kept file keeps its version live (now and then: the
-			 * time only matters at upload_ttl's scale), so that its own resume elsewhere hears 1029. */
+			/* A connection reading a kept file keeps its version live (now and then: the time
+			 * only matters at upload_ttl's scale), so that its own resume elsewhere hears 1029;
+			 * its last chunk, when the download began here at seq 1, counts it complete. */
 			struct dl_file *f = j->borrowed ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
 			double every = w->conf->upload_ttl / 4.0 < 60 ? w->conf->upload_ttl / 4.0 : 60;
-			if (f && f->file == j->borrowed && ev_now(w->loop) - f->versions_at >= every &&
-			    download_versions(w, f->uid, f->name, strlen(f->name), "keep", f->version, NULL, NULL) == 0)
+			if (f && f->file != j->borrowed)
+				f = NULL;
+			if (f && is_last && f->born[0] != '\0') {
+				if (download_versions(w, f->uid, f->name, strlen(f->name), "done", f->version, f->born, NULL,
+				    NULL) == 0)
+					f->versions_at = ev_now(w->loop);
+				f->born[0] = '\0';   /* once: a resent last chunk is not another completion */
+			} else if (f && ev_now(w->loop) - f->versions_at >= every &&
+			    download_versions(w, f->uid, f->name, strlen(f->name), "keep", f->version, "", NULL, NULL) == 0) {
 				f->versions_at = ev_now(w->loop);
+			}
 			download_account(c, d, j, current, is_last);
 		}
 	}
@@ -1244,8 +1280,9 @@ static void download_reply(struct conn *c, struct download_job *j)
 	conn_process(c);
 }
 
-/* The versions script's answer for a chunk read from a freshly opened file: 1 serves it (its version
- * is recorded), 0 answers 1029 (another version of the name is live), anything else 1027 (never a guess). */
+/* The versions script's answer for a chunk read from a freshly opened file: 1 serves it, a string
+ * serves seq 1 (its start is counted; the string is the token its completion is counted with), 0
+ * answers 1029 (another version of the name is live), anything else 1027 (never a guess). */
 static void download_on_record(redisAsyncContext *ctx, void *reply, void *privdata)
 {
 	struct rds *r = ctx->data;
@@ -1257,7 +1294,8 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 	c->req.checking = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	redisReply *rep = reply;
-	if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+	int started = rep && rep->type == REDIS_REPLY_STRING && rep->len > 0 && rep->len < sizeof(c->dl->born);
+	if (rep == NULL || (rep->type != REDIS_REPLY_INTEGER && !started)) {
 		if (rep && rep->type == REDIS_REPLY_ERROR)
 			log_warnx("redis: download versions script failed: %s", rep->str);
 		download_job_free(w, j);
@@ -1265,7 +1303,7 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 		conn_process(c);
 		return;
 	}
-	if (rep->integer != 1) {
+	if (!started && rep->integer != 1) {
 		download_job_free(w, j);
 		respond_request_error(c, ERR_FILE_CHANGED,
 		    "name: the file was replaced since this download started; download it again from seq 1");
@@ -1275,6 +1313,11 @@ static void download_on_record(redisAsyncContext *ctx, void *reply, void *privda
 	if (!j->error) {
 		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
 		j->opened = 0;   /* the connection keeps it now */
+		struct dl_file *f = started ? dl_find(c, d->cred.uid, d->name, d->name_len) : NULL;
+		if (f && f->file == j->file) {
+			memcpy(f->born, rep->str, rep->len);
+			f->born[rep->len] = '\0';
+		}
 	}
 	download_reply(c, j);
 }
@@ -1293,13 +1336,16 @@ static void download_done(struct pool_job *job)
 	c->req.job = NULL;
 	const struct proto_download *d = &c->req.u.download;
 	int past_end = j->error == ERR_OFFSET_INVALID && d->seq > 1;
-	if (j->opened && (!j->error || past_end)) {
-		/* Read from a freshly opened file. Seq 1 records its version before it is answered, so a
-		 * resume anywhere finds it; a later seq is served only if no other version is live (and
-		 * past the end of the current file is 1029 too if the download may have started on a longer one). */
+	int whole = d->seq == 1 && !j->error && j->offset + j->got >= j->size;   /* a download of one chunk */
+	if (j->opened && (!j->error || past_end) && !whole) {
+		/* Read from a freshly opened file. Seq 1 counts its download started before it is answered,
+		 * so a resume anywhere finds its version live; a later seq is served only if no other version
+		 * is live (and past the end of the current file is 1029 too if the download may have started
+		 * on a longer one). A seq 1 that is also the last chunk starts and completes at once: nothing
+		 * can be resumed, nothing to count. */
 		uint64_t reqid = conn_next_reqid(c);
-		const char *mode = past_end ? "peek" : d->seq > 1 ? "check" : "keep";
-		if (download_versions(w, d->cred.uid, d->name, d->name_len, mode, j->version, download_on_record,
+		const char *mode = past_end ? "peek" : d->seq > 1 ? "check" : "start";
+		if (download_versions(w, d->cred.uid, d->name, d->name_len, mode, j->version, "", download_on_record,
 		    (void *)(uintptr_t)reqid) < 0) {
 			download_job_free(w, j);
 			respond_request_error(c, ERR_BUSY, "server busy: cannot check the download versions, retry");
@@ -1310,6 +1356,10 @@ static void download_done(struct pool_job *job)
 		c->req.stage = STAGE_DLCHECK;
 		c->req.since = ev_now(w->loop);
 		return;
+	}
+	if (j->opened && !j->error) {
+		dl_remember(c, j->file, d->cred.uid, d->name, d->name_len, j->size, j->version);
+		j->opened = 0;   /* the connection keeps it now */
 	}
 	download_reply(c, j);
 }
@@ -1366,7 +1416,8 @@ struct bin_send_job {
 	struct worker *w;
 	uint32_t slot;
 	int sock;                     /* the connection's socket */
-	int fd;                       /* the published file */
+	int fd;                       /* the published file, or -1: the backend has no descriptor (file_fd) */
+	struct backend_file *source;  /* read through the backend when fd is -1 */
 	uint64_t offset, left;
 	int saved_errno;              /* 0, EAGAIN (socket full: wait for it) or the failure */
 	int orphaned;                 /* the connection went away: close sock and file when done */
@@ -1809,11 +1860,47 @@ static void bin_open_work(struct pool_job *job)
 		j->file = NULL;
 }
 
+/* Without a descriptor to sendfile from (RADOS): the range read through the backend in pieces and
+ * sent; a piece the socket takes only in part is read again from where it stopped. */
+#define BIN_READ_PIECE (256u << 10)
+static void bin_send_read(struct bin_send_job *j)
+{
+	uint8_t *buf = malloc(BIN_READ_PIECE);
+	if (buf == NULL) {
+		j->saved_errno = ENOMEM;
+		return;
+	}
+	uint64_t burst = 0;
+	while (j->left > 0 && burst < BIN_SEND_BURST) {
+		size_t want = j->left < BIN_READ_PIECE ? (size_t)j->left : BIN_READ_PIECE, got = 0;
+		int err = j->w->backend.ops->file_read(j->source, buf, want, j->offset, &got);
+		if (err || got == 0) {
+			j->saved_errno = err ? err : EIO;   /* 0 bytes: shorter than it was when opened */
+			break;
+		}
+		ssize_t n = send(j->sock, buf, got, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			j->saved_errno = errno == EWOULDBLOCK ? EAGAIN : errno;
+			break;
+		}
+		j->offset += (uint64_t)n;
+		j->left -= (uint64_t)n;
+		burst += (uint64_t)n;
+	}
+	free(buf);
+}
+
 static void bin_send_work(struct pool_job *job)
 {
 	struct bin_send_job *j = (struct bin_send_job *)job;
 	uint64_t burst = 0;
 	j->saved_errno = 0;
+	if (j->fd < 0) {
+		bin_send_read(j);
+		return;
+	}
 	while (j->left > 0 && burst < BIN_SEND_BURST) {
 		off_t off = (off_t)j->offset;
 		size_t want = j->left < (4u << 20) ? (size_t)j->left : (4u << 20);
@@ -1883,7 +1970,8 @@ static int bin_send_file(struct conn *c)
 	j->w = c->w;
 	j->slot = c->slot;
 	j->sock = c->fd;
-	j->fd = c->w->backend.ops->file_fd(b->file);
+	j->fd = c->w->backend.ops->file_fd ? c->w->backend.ops->file_fd(b->file) : -1;
+	j->source = b->file;
 	j->offset = b->sf_offset;
 	j->left = b->sf_left;
 	b->sf_job = j;
@@ -1984,11 +2072,6 @@ static void bin_download_start(struct conn *c)
 	struct worker *w = c->w;
 	struct bin_conn *b = c->bin;
 	const struct bin_download *d = &c->req.u.bdl.dl;
-	if (w->backend.ops->file_fd == NULL) {
-		respond_request_error(c, ERR_READ_FAILED,
-		    "this storage backend cannot serve binary downloads: use 1033");
-		return;
-	}
 	if (b->file && d->version_len && b->file_name_len == d->name_len &&
 	    memcmp(b->file_name, d->name, d->name_len) == 0 && strlen(b->file_version) == d->version_len &&
 	    memcmp(b->file_version, d->version, d->version_len) == 0) {

@@ -10,6 +10,7 @@ Set RESOURCED_TEST_KEEP=1 to keep the temp dirs (configs, daemon logs) for a pos
 import atexit
 import base64
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 
 RESOURCED_BIN = os.environ.get("RESOURCED_BIN", "resourced")
 RESCTL_BIN = os.environ.get("RESCTL_BIN", "resctl")
@@ -662,6 +664,7 @@ class Daemon:
             "postgres": {"conninfo": pg.conninfo if pg else ""},
             "log": {"level": log_level},
         }
+        backend_settings(self)   # [storage] backend from RESOURCED_TEST_BACKEND (the RADOS section below)
         for section, kv in (settings or {}).items():
             self.settings.setdefault(section, {}).update({k: str(v) for k, v in kv.items()})
         self.write_config(self.conf_path, self.settings)
@@ -1038,6 +1041,11 @@ class Cluster:
                 for section, kv in extra.items():
                     this.setdefault(section, {}).update(kv)
             self.nodes.append(Daemon(workers=workers, redis=self.redis, pg=pg, settings=this, host=host))
+        if uses_rados(self.nodes[0]):
+            # One storage for every node: the first node's RADOS namespace is everybody's.
+            for node in self.nodes[1:]:
+                node.settings["rados"]["namespace"] = rados_namespace(self.nodes[0])
+                Daemon.write_config(node.conf_path, node.settings)
         self.haproxy = HAProxy(self.nodes, balance=balance, sticky=sticky)
 
     def start(self, timeout=30):
@@ -1047,7 +1055,32 @@ class Cluster:
         return self
 
     def published(self, uid, name):
+        if uses_rados(self.nodes[0]):
+            return published(self.nodes[0], uid, name)
         return os.path.join(self.root, str(uid), name)
+
+    def staging_entries(self, uid, md5):
+        """The staging entry of (uid, md5) in the shared storage: its files under <root>/.staging, or its
+        RADOS staging key and objects. Empty: none."""
+        if uses_rados(self.nodes[0]):
+            return staging_entries(self.nodes[0], uid, md5)
+        try:
+            return [n for n in os.listdir(os.path.join(self.root, ".staging")) if md5 in n]
+        except FileNotFoundError:
+            return []
+
+    def published_files(self, uid):
+        """{where: bytes} of every file published for uid, versions and temporaries included: the regular
+        files under <root>/<uid>/, or with RADOS every sealed data object whose metadata names uid."""
+        if uses_rados(self.nodes[0]):
+            return rados_published_versions(self.nodes[0], uid)
+        out = {}
+        for dirpath, _, names in os.walk(os.path.join(self.root, str(uid))):
+            for n in names:
+                path = os.path.join(dirpath, n)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    out[path] = read_file(path)
+        return out
 
     def diagnostics(self):
         out = [self.haproxy.log_tail(10)]
@@ -1092,7 +1125,10 @@ def record_in_progress(redis, key):
 
 
 def published(d, uid, name):
-    """Where a finished upload lives: <root>/<uid>/<name>."""
+    """Where a finished upload lives: <root>/<uid>/<name> (with the RADOS backend: a local copy of
+    the version its name index points to, fetched now; a path that does not exist if there is none)."""
+    if d.settings.get("storage", {}).get("backend") == "rados":
+        return rados_published_copy(d, uid, name)
     return os.path.join(d.root, str(uid), name)
 
 
@@ -1398,3 +1434,423 @@ def run_threads(fn, args_list, timeout):
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     return results
+
+
+# ---------------------------------------------------------------- the RADOS backend: a throwaway Ceph cluster
+
+CEPH_BINS = ("ceph-mon", "ceph-osd", "ceph", "monmaptool")
+
+
+def _import_rados():
+    """python3-rados (installed with ceph-common) lives in Debian's dist-packages, which a python3
+    other than /usr/bin/python3 (pyenv, a venv) of the same version does not search."""
+    try:
+        import rados
+    except ImportError:
+        sys.path.append("/usr/lib/python3/dist-packages")
+        import rados
+    return rados
+
+
+def ceph_missing():
+    """The Ceph programs this machine lacks (empty: a cluster can start)."""
+    return [b for b in CEPH_BINS if shutil.which(b) is None]
+
+
+def _ceph_alive(pid):
+    """pid is a live ceph-* process (a reused pid of something else never counts)."""
+    title = proc_title(pid) or ""
+    st = proc_stat(pid)
+    return st is not None and st[0] != "Z" and "ceph-" in os.path.basename(title)
+
+
+class CephCluster:
+    """One ceph-mon and one ceph-osd (Debian's Ceph 16) on 127.0.0.1, everything in a temp dir, no
+    cephx, no mgr; pool `pool` of size 1. memstore by default (RAM, gone at a restart of the OSD: the
+    OSD kill test uses store="bluestore", a sparse file). Started in ~3 s, stopped by pid."""
+
+    def __init__(self, pool="resourced", store="memstore", osd_bytes=1 << 30):
+        self.dir = temp_dir("ceph")
+        self.pool = pool
+        self.store = store
+        self.osd_bytes = osd_bytes
+        self.conf = os.path.join(self.dir, "ceph.conf")
+        self.run = os.path.join(self.dir, "run")
+        self.logs = os.path.join(self.dir, "log")
+        self.port = None
+        self.osd_uuid = None
+        at_cleanup(self.kill)
+
+    def _write_conf(self):
+        fsid = str(uuid.uuid4())
+        self.fsid = fsid
+        d = self.dir
+        with open(self.conf, "w") as f:
+            f.write("""[global]
+fsid = %(fsid)s
+mon host = v2:127.0.0.1:%(port)d
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind msgr1 = false
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+osd crush chooseleaf type = 0
+osd pool default pg autoscale mode = off
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+run dir = %(run)s
+pid file = %(run)s/$name.pid
+admin socket = %(run)s/$name.asok
+log file = %(logs)s/$name.log
+mon cluster log file = %(logs)s/cluster.log
+crash dir = %(d)s/crash
+keyring = /dev/null
+
+[client]
+log file = /dev/null
+admin socket =
+
+[mon]
+mon data = %(d)s/mon/$cluster-$id
+ms bind retry count = 1
+mon data avail crit = 0
+mon data avail warn = 1
+# each osdmap change (osd new, boot, pool create) otherwise waits ~1 s
+paxos propose interval = 0.05
+
+[osd]
+osd data = %(d)s/osd/$cluster-$id
+osd objectstore = %(store)s
+memstore device bytes = %(bytes)d
+bluestore block path = %(d)s/osd/block
+bluestore block create = true
+bluestore block size = %(bytes)d
+bluestore block db create = false
+bluestore block wal create = false
+bluestore fsck on mount = false
+bluestore cache autotune = false
+bluestore cache size = 67108864
+osd memory target = 536870912
+""" % {"fsid": fsid, "port": self.port, "run": self.run, "logs": self.logs, "d": d, "store": self.store,
+                "bytes": self.osd_bytes})
+
+    def ceph(self, *args, timeout=20):
+        """The ceph CLI, bounded in time (it can block forever when the mon is away): (rc, stdout)."""
+        try:
+            r = subprocess.run(["ceph", "--conf", self.conf] + list(args), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+            return r.returncode, r.stdout
+        except subprocess.TimeoutExpired:
+            return None, ""
+
+    def _daemon(self, args, log):
+        with open(os.path.join(self.logs, log), "ab") as out:
+            return subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=60).returncode
+
+    def start(self, timeout=60):
+        if ceph_missing():
+            raise RuntimeError("Ceph is not installed (%s): run contrib/deps.sh" % ", ".join(ceph_missing()))
+        for sub in ("run", "log", "mon/ceph-a", "osd/ceph-0", "crash"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        for attempt in range(3):   # a port taken between the pick and the bind: another one
+            self.port = free_port()
+            self._write_conf()
+            monmap = os.path.join(self.dir, "monmap")
+            subprocess.run(["monmaptool", "--create", "--clobber", "--fsid", self.fsid, "--addv", "a",
+                            "[v2:127.0.0.1:%d]" % self.port, monmap], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True)
+            shutil.rmtree(os.path.join(self.dir, "mon/ceph-a"), ignore_errors=True)
+            os.makedirs(os.path.join(self.dir, "mon/ceph-a"))
+            if self._daemon(["ceph-mon", "--conf", self.conf, "-i", "a", "--mkfs", "--monmap", monmap],
+                            "mon-mkfs.out") != 0:
+                raise RuntimeError("ceph-mon --mkfs failed:\n" + self.log_tail())
+            if self._daemon(["ceph-mon", "--conf", self.conf, "-i", "a"], "mon-start.out") == 0:
+                break
+        if not wait_for(lambda: self.ceph("mon", "stat", timeout=5)[0] == 0, timeout, 0.2):
+            raise RuntimeError("ceph-mon did not answer:\n" + self.log_tail())
+        self.osd_uuid = str(uuid.uuid4())
+        rc, out = self.ceph("osd", "new", self.osd_uuid)
+        if rc != 0 or out.strip() != "0":
+            raise RuntimeError("ceph osd new: %r %r" % (rc, out))
+        if self._daemon(["ceph-osd", "--conf", self.conf, "-i", "0", "--mkfs", "--osd-uuid", self.osd_uuid],
+                        "osd-mkfs.out") != 0:
+            raise RuntimeError("ceph-osd --mkfs failed:\n" + self.log_tail())
+        self.start_osd(timeout)
+        if self.ceph("osd", "pool", "create", self.pool, "8", "8", "replicated")[0] != 0:
+            raise RuntimeError("cannot create pool %s" % self.pool)
+        # the first I/O waits until the placement groups are active
+        if not wait_for(self._round_trip, timeout, 0.2):
+            raise RuntimeError("no put/get round trip in pool %s:\n%s" % (self.pool, self.log_tail()))
+        return self
+
+    def _round_trip(self):
+        io = self.ioctx()
+        io.write_full("harness-probe", b"ok")
+        return io.read("harness-probe") == b"ok"
+
+    def osd_up(self):
+        rc, out = self.ceph("osd", "stat", "-f", "json", timeout=5)
+        return rc == 0 and json.loads(out).get("num_up_osds") == 1
+
+    def start_osd(self, timeout=60):
+        if self._daemon(["ceph-osd", "--conf", self.conf, "-i", "0"], "osd-start.out") != 0:
+            raise RuntimeError("ceph-osd did not start:\n" + self.log_tail())
+        if not wait_for(self.osd_up, timeout, 0.2):
+            raise RuntimeError("osd.0 did not come up:\n" + self.log_tail())
+
+    def pid(self, name):
+        """The pid of mon.a or osd.0 from its pid file, if that process is alive."""
+        try:
+            with open(os.path.join(self.run, "%s.pid" % name)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _ceph_alive(pid) else None
+
+    def signal(self, name, sig):
+        pid = self.pid(name)
+        if pid:
+            os.kill(pid, sig)
+        return pid
+
+    def kill_osd(self):
+        """SIGKILL of the OSD; returns once it is gone."""
+        pid = self.signal("osd.0", signal.SIGKILL)
+        wait_for(lambda: not (pid and _ceph_alive(pid)), 10)
+        wait_for(lambda: self.ceph("osd", "down", "0", timeout=5)[0] == 0, 10)
+
+    def kill(self):
+        """Stops both daemons by pid (OSD first), SIGKILL after 10 s."""
+        for name in ("osd.0", "mon.a"):
+            pid = self.pid(name)
+            if not pid:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)   # a stopped one (outage test) cannot exit otherwise
+                os.kill(pid, signal.SIGTERM)
+            if not wait_for(lambda: not _ceph_alive(pid), 10, 0.05):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: not _ceph_alive(pid), 5, 0.05)
+
+    stop = kill
+
+    def fresh_client_answers(self, timeout=3):
+        """A new `rados` client (a process of its own) stats an object within timeout seconds."""
+        try:
+            r = subprocess.run(["rados", "-c", self.conf, "-p", self.pool, "stat", "no-such-object",
+                                "--rados-osd-op-timeout", str(timeout), "--rados-mon-op-timeout", str(timeout)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=timeout * 3)
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0 or "No such file" in r.stdout
+
+    def osd_diagnostics(self):
+        """The OSD's own view (admin socket: status, ops in flight) and the end of its log."""
+        out = []
+        asok = os.path.join(self.run, "osd.0.asok")
+        for cmd in (["status"], ["dump_ops_in_flight"], ["dump_blocked_ops"]):
+            try:
+                r = subprocess.run(["ceph", "--admin-daemon", asok] + cmd, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=10)
+                out.append("%s: %s" % (cmd[0], " ".join(r.stdout.split())[:1500]))
+            except subprocess.TimeoutExpired:
+                out.append("%s: no answer" % cmd[0])
+        try:
+            with open(os.path.join(self.logs, "osd.0.log"), errors="replace") as f:
+                out.append("osd.0.log: " + " | ".join(l.strip()[:300] for l in f.readlines()[-25:]))
+        except OSError as e:
+            out.append("osd.0.log: %s" % e)
+        return "\n# ".join(out)
+
+    def ioctx(self, namespace=""):
+        """A librados I/O context on the pool (python3-rados, installed with ceph-common)."""
+        if getattr(self, "_cluster", None) is None:
+            rados = _import_rados()
+            self._cluster = rados.Rados(conffile=self.conf, conf={"rados_osd_op_timeout": "10",
+                                                                  "rados_mon_op_timeout": "10"})
+            self._cluster.connect(timeout=10)
+            at_cleanup(self._cluster.shutdown)
+        io = self._cluster.open_ioctx(self.pool)
+        io.set_namespace(namespace)
+        return io
+
+    def log_tail(self, n=15):
+        out = []
+        for name in sorted(os.listdir(self.logs)) if os.path.isdir(self.logs) else []:
+            try:
+                with open(os.path.join(self.logs, name), errors="replace") as f:
+                    lines = f.readlines()[-n:]
+            except OSError:
+                continue
+            out.append("----- %s\n%s" % (name, "".join(lines)))
+        return "\n".join(out)
+
+
+# The backend every Daemon uses: RESOURCED_TEST_BACKEND=rados runs a suite against RADOS. One cluster
+# per test process, started by the first Daemon (or given by RESOURCED_TEST_CEPH_CONF and _POOL),
+# and one RADOS namespace per Daemon, so daemons of one suite never see each other's files.
+TEST_BACKEND = os.environ.get("RESOURCED_TEST_BACKEND", "fs")
+_shared_ceph = None
+_namespaces = [0]
+
+
+def shared_ceph():
+    global _shared_ceph
+    if _shared_ceph is None:
+        conf = os.environ.get("RESOURCED_TEST_CEPH_CONF")
+        if conf:
+            _shared_ceph = CephCluster(pool=os.environ.get("RESOURCED_TEST_CEPH_POOL", "resourced"))
+            _shared_ceph.conf = conf
+        else:
+            _shared_ceph = CephCluster(store=os.environ.get("RESOURCED_TEST_CEPH_STORE", "memstore")).start()
+    return _shared_ceph
+
+
+def backend_settings(d):
+    """Points d at the test backend: nothing to do for fs; for rados, the shared cluster and a fresh namespace."""
+    if TEST_BACKEND != "rados":
+        return
+    ceph = shared_ceph()
+    _namespaces[0] += 1
+    d.ceph = ceph
+    d.settings["storage"]["backend"] = "rados"
+    d.settings["rados"] = {"conf": ceph.conf, "user": "admin", "pool": ceph.pool,
+                           "namespace": "t%d-%d" % (os.getpid(), _namespaces[0]), "gc_grace": "5"}
+
+
+def uses_rados(d):
+    return d.settings.get("storage", {}).get("backend") == "rados"
+
+
+def staging_entries(d, uid, md5):
+    """The staging entry of upload (uid, md5) in d's backend: its files under <root>/.staging, or
+    its key in the RADOS staging index and the data objects it points to. Empty: none."""
+    if not uses_rados(d):
+        return glob.glob(os.path.join(d.root, ".staging", "%d-%s.*" % (uid, md5)))
+    entries = rados_staging(d)
+    key = "%d.%s" % (uid, md5)
+    return [key] + [o for o in rados_objects(d) if o.startswith(entries[key])] if key in entries else []
+
+
+def rados_namespace(d):
+    return d.settings["rados"]["namespace"]
+
+
+def rados_read_file(d, uid, name):
+    """The bytes of <uid>/<name> as a reader of the name index sees them, or None."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    try:
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals_by_keys(op, (name,))
+            io.operate_read_op(op, "idx.%d" % uid)
+            vals = dict(it)
+        head = vals.get(name)
+        if head is None:
+            return None
+        head = head.decode()
+        size, piece = (int(x) for x in io.get_xattr(head, "layout").decode().split(":"))
+        out = []
+        for k in range((size + piece - 1) // piece or 1):
+            oid = head if k == 0 else "%s.%d" % (head, k)
+            out.append(io.read(oid, min(piece, size - k * piece)) if size else b"")
+        return b"".join(out)
+    except rados.ObjectNotFound:
+        return None
+    finally:
+        io.close()
+
+
+def _rados_read_head(io, head):
+    size, piece = (int(x) for x in io.get_xattr(head, "layout").decode().split(":"))
+    out = []
+    for k in range((size + piece - 1) // piece or 1):
+        oid = head if k == 0 else "%s.%d" % (head, k)
+        out.append(io.read(oid, min(piece, size - k * piece)) if size else b"")
+    return b"".join(out)
+
+
+def rados_published_versions(d, uid):
+    """{head: bytes} of every sealed (published or being published) data object of uid in d's namespace."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    out = {}
+    try:
+        for oid in rados_objects(d):
+            if not oid.startswith("d.") or oid.count(".") != 2:
+                continue   # not a head (pieces are <head>.<k>)
+            try:
+                if io.get_xattr(oid, "state") != b"sealed":
+                    continue
+                if json.loads(io.get_xattr(oid, "meta").decode()).get("uid") != uid:
+                    continue
+                out[oid] = _rados_read_head(io, oid)
+            except rados.ObjectNotFound:
+                pass   # collected meanwhile
+    finally:
+        io.close()
+    return out
+
+
+def rados_published_copy(d, uid, name):
+    """A local copy of the published <uid>/<name> (see published()), refreshed at every call."""
+    path = os.path.join(d.dir, "rados-view", str(uid), name)
+    data = rados_read_file(d, uid, name)
+    if data is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return path
+
+
+def rados_published_tree(d):
+    """The published files of d's namespace as file_tree() would list <root>: "<uid>/" and "<uid>/<name>"."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    out = set()
+    try:
+        for oid in (o for o in rados_objects(d) if o.startswith("idx.")):
+            with rados.ReadOpCtx() as op:
+                it, _ = io.get_omap_vals(op, "", "", 100000)
+                io.operate_read_op(op, oid)
+                names = [k for k, _ in it]
+            if names:
+                out.add(oid[4:] + "/")
+                out.update("%s/%s" % (oid[4:], n) for n in names)
+    finally:
+        io.close()
+    return out
+
+
+def rados_objects(d):
+    """Every object name in d's namespace."""
+    io = d.ceph.ioctx(rados_namespace(d))
+    try:
+        return sorted(o.key for o in io.list_objects())
+    finally:
+        io.close()
+
+
+def rados_staging(d):
+    """{"<uid>.<md5>": head} of d's staging index."""
+    rados = _import_rados()
+    io = d.ceph.ioctx(rados_namespace(d))
+    try:
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals(op, "", "", 10000)
+            io.operate_read_op(op, "staging")
+            return {k: v.decode() for k, v in it}
+    except rados.ObjectNotFound:
+        return {}
+    finally:
+        io.close()

@@ -332,6 +332,10 @@ with tap.section("completion"):
     with h.Client(d.port) as c:
         r = up.send_chunk(c, off, seq)
     tap.eq(r.get("error"), 1012, "... also while the record says uploading: the name's MD5 differs from the chunk's")
+    # Read once, then forgotten: a record that names a file holding other bytes must not make every
+    # later final chunk read the whole file again (red team: a 185-byte request read 512 MiB each time).
+    tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", record_key(U1, up.md5)) == 0, 10, 0.05),
+           "... and that record is deleted: the next resend is answered 1012 without reading the file")
     tap.ok(h.read_file(published(U1, "done.bin")) == other.data, "the replacement is untouched")
     os.remove(published(U1, "done.bin"))
     with h.Client(d.port) as c:

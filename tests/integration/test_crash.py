@@ -32,7 +32,8 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=235)
+# RADOS: fewer scenarios, but two clusters (bluestore, and a small one to fill) and a 30 s outage
+tap = h.Tap(deadline=300 if os.environ.get("RESOURCED_TEST_BACKEND") == "rados" else 235)
 
 CH = 32 * 1024                  # upload chunk = download_chunk
 NUP = NDL = 16                  # uploads and downloads in flight per scenario
@@ -47,6 +48,14 @@ STORAGE_TIMEOUT = 10            # [server] storage_timeout: a worker answers 102
 ANSWER_LIMIT = STORAGE_TIMEOUT + 5   # clients give up waiting for an answer after this (and note it)
 rand = random.Random(20261124)
 T0 = time.monotonic()
+# RESOURCED_TEST_BACKEND=rados: (a) and (b) on RADOS, then (f) the OSD SIGKILLed and restarted and
+# (g) the whole cluster stopped for CLUSTER_OUTAGE s; (c)-(e2) test Redis, PostgreSQL and the local
+# disk, which do not depend on the backend, and are left to the fs run. The OSD must keep its data
+# across a SIGKILL: bluestore, not memstore.
+RADOS = h.TEST_BACKEND == "rados"
+CLUSTER_OUTAGE = 30
+if RADOS:
+    os.environ.setdefault("RESOURCED_TEST_CEPH_STORE", "bluestore")
 
 
 def rbytes(n):
@@ -207,6 +216,8 @@ def new_daemon(before_start=None):
 
 
 def staging_left(d):
+    if h.uses_rados(d):
+        return sorted(h.rados_staging(d))   # "<uid>.<md5>" keys of the staging index
     try:
         return sorted(os.listdir(os.path.join(d.root, ".staging")))
     except OSError:
@@ -569,10 +580,13 @@ def kill_worker(storm):
     storm.probe(snap)
 
 
-with tap.section("(a) worker SIGKILL"):
-    st = run_storm(D, "a-worker", SOURCES, kill_worker)
-    tap.ok(st.resumes_total >= 1, "(a): the kill disrupted transfers (%d resumes)" % st.resumes_total)
-    healthy(D, "(a)")
+if RADOS:
+    tap.skip("(a) worker SIGKILL", "backend-independent: run by the fs suite")
+else:
+    with tap.section("(a) worker SIGKILL"):
+        st = run_storm(D, "a-worker", SOURCES, kill_worker)
+        tap.ok(st.resumes_total >= 1, "(a): the kill disrupted transfers (%d resumes)" % st.resumes_total)
+        healthy(D, "(a)")
 
 
 # ---------------------------------------------------------------- (b) SIGKILL the storage process
@@ -587,7 +601,9 @@ def kill_storage(storm):
         snap = storm.mark_fault()
         os.kill(old, signal.SIGKILL)
         tap.diag("(b): SIGKILLed storage %d (kill %d)" % (old, n))
-        storm.check_in_flight(snap, downloads=n == 1)
+        # Downloads never go through the storage process; on RADOS (memstore reads) they are often all
+        # through by the first kill, so there only the uploads must be in flight.
+        storm.check_in_flight(snap, downloads=n == 1 and not RADOS)
         tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old), 15), "(b): a new storage process runs (kill %d)" % n,
                repr(d.processes()))
         # The probe runs beside the transfers, so the second kill still finds uploads being completed.
@@ -609,6 +625,143 @@ with tap.section("(b) storage SIGKILL"):
     healthy(D, "(b)")
 
 
+# ---------------------------------------------------------------- (f) SIGKILL of the OSD, restarted (RADOS only)
+def kill_osd(storm):
+    ceph = storm.d.ceph
+    snap = storm.mark_fault()
+    ceph.kill_osd()
+    tap.diag("(f): SIGKILLed osd.0")
+    storm.check_in_flight(snap, downloads=False)
+    t0 = time.monotonic()
+    ceph.start_osd()
+    tap.diag("(f): osd.0 up again after %.1f s" % (time.monotonic() - t0))
+    storm.probe(snap)
+
+
+# ---------------------------------------------------------------- (g) the whole cluster away for 30 s (RADOS only)
+def cluster_outage(storm):
+    """mon and OSD SIGSTOPped: a cluster that answers nothing (a partition), the worst case for
+    timeouts. Every request must still be answered, 1027 at the latest after storage_timeout."""
+    ceph = storm.d.ceph
+    snap = storm.mark_fault()
+    for name in ("osd.0", "mon.a"):
+        ceph.signal(name, signal.SIGSTOP)
+    tap.diag("(g): cluster stopped for %d s" % CLUSTER_OUTAGE)
+    storm.check_in_flight(snap, downloads=False)
+    busy0 = storm.watch["busy"]
+    time.sleep(CLUSTER_OUTAGE)   # the outage itself: its length is the scenario
+    for name in ("mon.a", "osd.0"):
+        ceph.signal(name, signal.SIGCONT)
+    tap.diag("(g): cluster resumed at %s" % wall(time.monotonic()))
+    t0 = time.monotonic()
+    # In a real cluster the OSD's peers mark an OSD that stopped answering for 30 s down
+    # (osd_heartbeat_grace, 20 s), and its PGs start a new interval. This cluster has one OSD and its
+    # monitor was stopped too, so nobody does; and Ceph 16 then keeps some of the paused OSD's PGs
+    # "laggy" (their read lease expired during the pause), every op on them parked "waiting for
+    # readable" for good (ceph/ceph-container#1682, tracker 53806, fixed after Pacific): a fresh client
+    # times out as well as resourced's. So the test does what the peers would.
+    ceph.ceph("osd", "down", "0", timeout=10)
+    up = h.wait_for(ceph.osd_up, 60, 0.2)
+    tap.diag("(g): osd.0 %s %.1f s after the resume" % ("up" if up else "still not up", time.monotonic() - t0))
+    # Whether the cluster itself serves again: a fresh client of its own (not resourced's connections).
+    fresh = h.wait_for(lambda: ceph.fresh_client_answers(), 30, 0.5)
+    tap.diag("(g): a fresh client %s %.1f s after the resume" % ("answers" if fresh else "still gets no answer",
+                                                                 time.monotonic() - t0))
+    if not fresh:
+        tap.diag("(g): the OSD: %s" % ceph.osd_diagnostics())
+    tap.ok(storm.watch["busy"] >= busy0 or storm.watch["answers"] > 0,
+           "(g): the idle uploads' 1005 kept being answered through the outage", repr(storm.watch))
+    storm.probe(snap, budget=60)
+
+
+# ---------------------------------------------------------------- (e3) a full cluster (RADOS only)
+FULL_TRY = 64   # LIBRADOS_OPERATION_FULL_TRY (python3-rados does not name it): ENOSPC rather than a hang
+
+
+def filler_op(io, oid, fill):
+    """A write (fill) or a remove of one filler object, with FULL_TRY; True if done."""
+    op = io.create_write_op()
+    try:
+        if fill:
+            op.write_full(b"\xff" * MB)
+        else:
+            op.remove()
+        io.operate_write_op(op, oid, flags=FULL_TRY)
+        return True
+    except Exception:   # rados.NoSpace: the OSD refuses more (its failsafe full ratio)
+        return False
+    finally:
+        io.release_write_op(op)
+
+
+def fill_cluster(ceph, limit=1024):
+    """Writes 1 MiB filler objects (namespace "filler") until the OSD refuses one; returns their names."""
+    names = []
+    io = ceph.ioctx("filler")
+    try:
+        for i in range(limit):
+            if not filler_op(io, "fill-%d" % i, True):
+                break
+            names.append("fill-%d" % i)
+    finally:
+        io.close()
+    return names
+
+
+def empty_cluster(ceph, names):
+    io = ceph.ioctx("filler")
+    try:
+        bad = [n for n in names if not filler_op(io, n, False)]
+    finally:
+        io.close()
+    tap.ok(not bad, "(e3): the filler is removed from the full cluster", repr(bad[:5]))
+
+
+if RADOS:
+    with tap.section("(e3) cluster full"):
+        small = h.CephCluster(osd_bytes=128 * MB).start()
+
+        def on_small_cluster(d):
+            d.ceph = small
+            d.settings["rados"]["conf"] = small.conf
+            h.Daemon.write_config(d.conf_path, d.settings)
+        E3 = new_daemon(before_start=on_small_cluster)
+        tap.context.append(lambda: E3.log_tail(15))
+        src_e3 = prepare_sources(E3, "e3-src")
+        storm = Storm(E3, "e3-full", src_e3)
+        storm.prepare_quiet()
+        filler = fill_cluster(small)
+        tap.diag("(e3): the OSD took %d MiB of filler before refusing more" % len(filler))
+        deadline = time.monotonic() + 120
+        t0 = time.monotonic()
+        storm.start(deadline)
+        all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
+        tap.ok(all_full, "(e3): every upload is answered 1028 (StorageFull) once the cluster is full",
+               repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
+        snap = storm.mark_fault()
+        empty_cluster(small, filler)
+        tap.diag("(e3): room made after %.1f s full; %d 1028 answers so far"
+                 % (time.monotonic() - t0, sum(u.full for u in storm.ups)))
+        storm.probe(snap)
+        storm.join(deadline)
+        storm.finish_quiet()
+        storm.verify()
+        healthy(E3, "(e3)")
+        rc, left = E3.stop()
+        tap.ok(rc == 0 and not left, "daemon of (e3) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
+        tap.context.pop()
+        small.stop()
+
+
+if RADOS:
+    with tap.section("(f) OSD SIGKILL"):
+        st = run_storm(D, "f-osd", SOURCES, kill_osd)
+        healthy(D, "(f)")
+    with tap.section("(g) cluster outage"):
+        st = run_storm(D, "g-outage", SOURCES, cluster_outage, budget=180)
+        healthy(D, "(g)")
+
+
 # ---------------------------------------------------------------- (c) Redis restarted empty
 def restart_redis(storm):
     d = storm.d
@@ -622,15 +775,18 @@ def restart_redis(storm):
     storm.probe(snap)
 
 
-with tap.section("(c) Redis restart"):
-    st = run_storm(D, "c-redis", SOURCES, restart_redis)
-    # The storage process records the uploads still in flight again; the finished ones have no record.
-    def in_progress():
-        return [k for k in redis.cmd("KEYS", "file_upload_*") if h.record_in_progress(redis, k)]
-    left = in_progress()
-    tap.ok(h.wait_for(lambda: in_progress() == [], 5),
-           "(c): no upload records are left in Redis once everything completed", repr(left))
-    healthy(D, "(c)")
+if RADOS:
+    tap.skip('(c) Redis restart', "backend-independent: run by the fs suite")
+else:
+    with tap.section("(c) Redis restart"):
+        st = run_storm(D, "c-redis", SOURCES, restart_redis)
+        # The storage process records the uploads still in flight again; the finished ones have no record.
+        def in_progress():
+            return [k for k in redis.cmd("KEYS", "file_upload_*") if h.record_in_progress(redis, k)]
+        left = in_progress()
+        tap.ok(h.wait_for(lambda: in_progress() == [], 5),
+               "(c): no upload records are left in Redis once everything completed", repr(left))
+        healthy(D, "(c)")
 
 
 # ---------------------------------------------------------------- (d) PostgreSQL down for 30 s during 8 avatar uploads
@@ -638,90 +794,93 @@ def icon_of(uid):
     return pg.sql("SELECT icon FROM \"user\" WHERE uid = %d" % uid)
 
 
-with tap.section("(d) PostgreSQL outage"):
-    SCENARIO[0] = "(d)"
-    avs = [Tracked(rbytes(6 * CH + 123 * i), "face-%d-%d.png" % (uid, i), uid, TOKENS[uid], chunk_size=CH,
-                   msg_id=h.MSG_AVATAR) for i, uid in enumerate(sorted(AVATAR_USERS))]
-    barrier = threading.Barrier(len(avs) + 1)
-    done_at = {}
+if RADOS:
+    tap.skip('(d) PostgreSQL outage', "backend-independent: run by the fs suite")
+else:
+    with tap.section("(d) PostgreSQL outage"):
+        SCENARIO[0] = "(d)"
+        avs = [Tracked(rbytes(6 * CH + 123 * i), "face-%d-%d.png" % (uid, i), uid, TOKENS[uid], chunk_size=CH,
+                       msg_id=h.MSG_AVATAR) for i, uid in enumerate(sorted(AVATAR_USERS))]
+        barrier = threading.Barrier(len(avs) + 1)
+        done_at = {}
 
-    def avatar_body(u):
-        # Half of it before PostgreSQL stops, the rest (and the completion) while it is down.
-        with h.Client(D.port, timeout=30) as c:
-            r, off, seq = u.run(c, max_chunks=3)
-            if r.get("error") != 0:
-                barrier.abort()
-                return r
-            barrier.wait(60)
-            barrier.wait(60)
-            r, _, _ = u.run(c, off, seq)
-        done_at[u.name] = time.monotonic()
-        return r
-    results = [None] * len(avs)
+        def avatar_body(u):
+            # Half of it before PostgreSQL stops, the rest (and the completion) while it is down.
+            with h.Client(D.port, timeout=30) as c:
+                r, off, seq = u.run(c, max_chunks=3)
+                if r.get("error") != 0:
+                    barrier.abort()
+                    return r
+                barrier.wait(60)
+                barrier.wait(60)
+                r, _, _ = u.run(c, off, seq)
+            done_at[u.name] = time.monotonic()
+            return r
+        results = [None] * len(avs)
 
-    def avatar_thread(i):
+        def avatar_thread(i):
+            try:
+                results[i] = avatar_body(avs[i])
+            except Exception as e:
+                results[i] = e
+        ths = [threading.Thread(target=avatar_thread, args=(i,), daemon=True) for i in range(len(avs))]
+        for t in ths:
+            t.start()
+        barrier.wait(60)                       # 3 chunks of each avatar stored
+        tap.ok(pg.stop("fast"), "(d): PostgreSQL stopped with 8 avatar uploads half done")
+        t_stop = time.monotonic()
+        barrier.wait(60)
+        for t in ths:
+            t.join(60)
+        bad = [(u.name, r) for u, r in zip(avs, results) if not isinstance(r, dict) or r.get("error") != 0
+               or r.get("trans_size") != len(u.data)]
+        tap.ok(not bad, "(d): all 8 avatar uploads (1031) succeed while PostgreSQL is down", repr(bad[:3]))
+        tap.ok(not pg.running(), "(d): ... and PostgreSQL was still down when they completed")
+        mine = [x for x in UNANSWERED if x[0] == "(d)"]
+        tap.ok(not mine, "(d): every request got an answer within %d s" % ANSWER_LIMIT, repr(mine[:5]))
+        bad = [u.name for u in avs if not os.path.exists(h.published(D, u.uid, u.name))
+               or h.file_md5(h.published(D, u.uid, u.name)) != u.md5]
+        tap.eq(bad, [], "(d): the 8 avatars are published byte-identical")
         try:
-            results[i] = avatar_body(avs[i])
+            backlog = h.wait_for(lambda: (lambda j: j if j.get("retry_backlog") == len(avs) else None)(h.stats_info(D)), 10)
+            info = h.stats_info(D)
         except Exception as e:
-            results[i] = e
-    ths = [threading.Thread(target=avatar_thread, args=(i,), daemon=True) for i in range(len(avs))]
-    for t in ths:
-        t.start()
-    barrier.wait(60)                       # 3 chunks of each avatar stored
-    tap.ok(pg.stop("fast"), "(d): PostgreSQL stopped with 8 avatar uploads half done")
-    t_stop = time.monotonic()
-    barrier.wait(60)
-    for t in ths:
-        t.join(60)
-    bad = [(u.name, r) for u, r in zip(avs, results) if not isinstance(r, dict) or r.get("error") != 0
-           or r.get("trans_size") != len(u.data)]
-    tap.ok(not bad, "(d): all 8 avatar uploads (1031) succeed while PostgreSQL is down", repr(bad[:3]))
-    tap.ok(not pg.running(), "(d): ... and PostgreSQL was still down when they completed")
-    mine = [x for x in UNANSWERED if x[0] == "(d)"]
-    tap.ok(not mine, "(d): every request got an answer within %d s" % ANSWER_LIMIT, repr(mine[:5]))
-    bad = [u.name for u in avs if not os.path.exists(h.published(D, u.uid, u.name))
-           or h.file_md5(h.published(D, u.uid, u.name)) != u.md5]
-    tap.eq(bad, [], "(d): the 8 avatars are published byte-identical")
-    try:
-        backlog = h.wait_for(lambda: (lambda j: j if j.get("retry_backlog") == len(avs) else None)(h.stats_info(D)), 10)
-        info = h.stats_info(D)
-    except Exception as e:
-        backlog, info = None, {"error": repr(e)}
-    tap.ok(backlog, "(d): show info json reports retry_backlog %d while PostgreSQL is down" % len(avs),
-           "retry_backlog %r" % info.get("retry_backlog"))
-    stale = {u.uid: redis.get_json("ubaseinfo_%d" % u.uid) for u in avs}
-    tap.diag("(d): ubaseinfo keys while PostgreSQL is down: %r" % {k: (v or {}).get("icon") for k, v in stale.items()})
-    time.sleep(max(0.0, t_stop + PG_OUTAGE - time.monotonic()))
-    pg.start()
-    t_back = time.monotonic()
-    tap.diag("(d): PostgreSQL was down for %.1f s" % (t_back - t_stop))
-    want = {u.uid: u.name for u in avs}
-    got = h.wait_for(lambda: (lambda m: m if m == want else None)(
-        {uid: icon_of(uid) for uid in want}), 60, 0.25) or {uid: icon_of(uid) for uid in want}
-    tap.eq(got, want, "(d): after PostgreSQL is back every user's icon is the uploaded name")
-    tap.diag("(d): icons all updated %.1f s after PostgreSQL came back" % (time.monotonic() - t_back))
+            backlog, info = None, {"error": repr(e)}
+        tap.ok(backlog, "(d): show info json reports retry_backlog %d while PostgreSQL is down" % len(avs),
+               "retry_backlog %r" % info.get("retry_backlog"))
+        stale = {u.uid: redis.get_json("ubaseinfo_%d" % u.uid) for u in avs}
+        tap.diag("(d): ubaseinfo keys while PostgreSQL is down: %r" % {k: (v or {}).get("icon") for k, v in stale.items()})
+        time.sleep(max(0.0, t_stop + PG_OUTAGE - time.monotonic()))
+        pg.start()
+        t_back = time.monotonic()
+        tap.diag("(d): PostgreSQL was down for %.1f s" % (t_back - t_stop))
+        want = {u.uid: u.name for u in avs}
+        got = h.wait_for(lambda: (lambda m: m if m == want else None)(
+            {uid: icon_of(uid) for uid in want}), 60, 0.25) or {uid: icon_of(uid) for uid in want}
+        tap.eq(got, want, "(d): after PostgreSQL is back every user's icon is the uploaded name")
+        tap.diag("(d): icons all updated %.1f s after PostgreSQL came back" % (time.monotonic() - t_back))
 
-    def infos():
-        out = {}
-        for uid, name in want.items():
-            j = redis.get_json("ubaseinfo_%d" % uid)
-            if not (isinstance(j, dict) and j.get("icon") == name and j.get("uid") == uid
-                    and j.get("name") == AVATAR_USERS[uid] and j.get("email") == "%s@example.org" % AVATAR_USERS[uid]):
-                return None
-            out[uid] = j
-        return out
-    ok = h.wait_for(infos, 30, 0.25)
-    tap.ok(ok, "(d): Redis ubaseinfo_<uid> of every user has the new icon (and the user's row)",
-           repr({uid: redis.get_json("ubaseinfo_%d" % uid) for uid in list(want)[:3]}))
-    try:
-        drained = h.wait_for(lambda: h.stats_info(D).get("retry_backlog") == 0, 15)
-    except Exception:
-        drained = False
-    tap.ok(drained, "(d): retry_backlog is back to 0")
-    failures = sum(1 for r in results if not isinstance(r, dict) or r.get("error") != 0)
-    tap.diag("(d): transfers %d avatar uploads, resumes %d, failures %d"
-             % (len(avs), sum(u.resumes() for u in avs), failures))
-    healthy(D, "(d)")
+        def infos():
+            out = {}
+            for uid, name in want.items():
+                j = redis.get_json("ubaseinfo_%d" % uid)
+                if not (isinstance(j, dict) and j.get("icon") == name and j.get("uid") == uid
+                        and j.get("name") == AVATAR_USERS[uid] and j.get("email") == "%s@example.org" % AVATAR_USERS[uid]):
+                    return None
+                out[uid] = j
+            return out
+        ok = h.wait_for(infos, 30, 0.25)
+        tap.ok(ok, "(d): Redis ubaseinfo_<uid> of every user has the new icon (and the user's row)",
+               repr({uid: redis.get_json("ubaseinfo_%d" % uid) for uid in list(want)[:3]}))
+        try:
+            drained = h.wait_for(lambda: h.stats_info(D).get("retry_backlog") == 0, 15)
+        except Exception:
+            drained = False
+        tap.ok(drained, "(d): retry_backlog is back to 0")
+        failures = sum(1 for r in results if not isinstance(r, dict) or r.get("error") != 0)
+        tap.diag("(d): transfers %d avatar uploads, resumes %d, failures %d"
+                 % (len(avs), sum(u.resumes() for u in avs), failures))
+        healthy(D, "(d)")
 if not pg.running():
     pg.start()                             # whatever happened above
 
@@ -731,43 +890,46 @@ tap.context.pop()
 
 
 # ---------------------------------------------------------------- (e) storage full (RLIMIT_FSIZE of the storage process)
-with tap.section("(e) storage full"):
-    E = new_daemon()
-    tap.context.append(lambda: E.log_tail(15))
-    src_e = prepare_sources(E, "e-src")
-    storm = Storm(E, "e-full", src_e)
-    storm.prepare_quiet()
-    spid = E.storage_pid()
-    # The soft limit only: lowering the hard one could not be undone without CAP_SYS_RESOURCE.
-    _, fsize_hard = resource.prlimit(spid, resource.RLIMIT_FSIZE)
-    resource.prlimit(spid, resource.RLIMIT_FSIZE, (FULL_LIMIT, fsize_hard))
-    tap.diag("(e): RLIMIT_FSIZE of storage %d set to %d bytes (prlimit)" % (spid, FULL_LIMIT))
-    deadline = time.monotonic() + 120
-    t0 = time.monotonic()
-    storm.start(deadline)
-    all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
-    tap.ok(all_full, "(e): every upload is answered 1028 (StorageFull) once the file size limit is reached",
-           repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
-    time.sleep(1.0)                         # stay full a moment: clients keep retrying
-    snap = storm.mark_fault()
-    stuck = [u.acked_at(snap["t"]) for u in storm.ups]
-    tap.ok(all(a <= FULL_LIMIT for a in stuck),
-           "(e): nothing past the limit was acknowledged (highest %d <= %d)" % (max(stuck), FULL_LIMIT))
-    full_before = sum(u.full for u in storm.ups)
-    tap.ok(E.storage_pid() == spid, "(e): the storage process survives writing past RLIMIT_FSIZE (SIGXFSZ ignored)",
-           repr(E.processes()))
-    resource.prlimit(spid, resource.RLIMIT_FSIZE, (fsize_hard, fsize_hard))
-    tap.diag("(e): limit raised to %s after %.1f s full; %d 1028 answers so far" % (
-        "unlimited" if fsize_hard == resource.RLIM_INFINITY else fsize_hard, time.monotonic() - t0, full_before))
-    storm.probe(snap)
-    storm.join(deadline)
-    storm.finish_quiet()
-    tap.diag("(e): transfers took %.1f s" % (time.monotonic() - t0))
-    storm.verify()
-    tap.ok(E.storage_pid() == spid, "(e): still the same storage process at the end")
-    healthy(E, "(e)")
-    rc, left = E.stop()
-    tap.ok(rc == 0 and not left, "daemon of (e) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
+if RADOS:
+    tap.skip('(e) storage full', "backend-independent: run by the fs suite")
+else:
+    with tap.section("(e) storage full"):
+        E = new_daemon()
+        tap.context.append(lambda: E.log_tail(15))
+        src_e = prepare_sources(E, "e-src")
+        storm = Storm(E, "e-full", src_e)
+        storm.prepare_quiet()
+        spid = E.storage_pid()
+        # The soft limit only: lowering the hard one could not be undone without CAP_SYS_RESOURCE.
+        _, fsize_hard = resource.prlimit(spid, resource.RLIMIT_FSIZE)
+        resource.prlimit(spid, resource.RLIMIT_FSIZE, (FULL_LIMIT, fsize_hard))
+        tap.diag("(e): RLIMIT_FSIZE of storage %d set to %d bytes (prlimit)" % (spid, FULL_LIMIT))
+        deadline = time.monotonic() + 120
+        t0 = time.monotonic()
+        storm.start(deadline)
+        all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
+        tap.ok(all_full, "(e): every upload is answered 1028 (StorageFull) once the file size limit is reached",
+               repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
+        time.sleep(1.0)                         # stay full a moment: clients keep retrying
+        snap = storm.mark_fault()
+        stuck = [u.acked_at(snap["t"]) for u in storm.ups]
+        tap.ok(all(a <= FULL_LIMIT for a in stuck),
+               "(e): nothing past the limit was acknowledged (highest %d <= %d)" % (max(stuck), FULL_LIMIT))
+        full_before = sum(u.full for u in storm.ups)
+        tap.ok(E.storage_pid() == spid, "(e): the storage process survives writing past RLIMIT_FSIZE (SIGXFSZ ignored)",
+               repr(E.processes()))
+        resource.prlimit(spid, resource.RLIMIT_FSIZE, (fsize_hard, fsize_hard))
+        tap.diag("(e): limit raised to %s after %.1f s full; %d 1028 answers so far" % (
+            "unlimited" if fsize_hard == resource.RLIM_INFINITY else fsize_hard, time.monotonic() - t0, full_before))
+        storm.probe(snap)
+        storm.join(deadline)
+        storm.finish_quiet()
+        tap.diag("(e): transfers took %.1f s" % (time.monotonic() - t0))
+        storm.verify()
+        tap.ok(E.storage_pid() == spid, "(e): still the same storage process at the end")
+        healthy(E, "(e)")
+        rc, left = E.stop()
+        tap.ok(rc == 0 and not left, "daemon of (e) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
 
 
 # ---------------------------------------------------------------- (e2) disk full for real: the root on a small tmpfs
@@ -789,50 +951,58 @@ def tmpfs_used(path):
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-with tap.section("(e2) disk full (tmpfs root)"):
-    mounted = {}
+if RADOS:
+    tap.skip('(e2) disk full (tmpfs root)', "backend-independent: run by the fs suite")
+else:
+    with tap.section("(e2) disk full (tmpfs root)"):
+        mounted = {}
 
-    def mount_root(d):
-        os.makedirs(d.root, exist_ok=True)
-        ok, out = mount_tmpfs(d.root, 256 * MB)
-        if ok:
-            mounted["path"] = d.root
-            h.at_cleanup(lambda: subprocess.run(["umount", "-l", d.root], stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL))
+        def mount_root(d):
+            os.makedirs(d.root, exist_ok=True)
+            ok, out = mount_tmpfs(d.root, 256 * MB)
+            if ok:
+                mounted["path"] = d.root
+                h.at_cleanup(lambda: subprocess.run(["umount", "-l", d.root], stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL))
+            else:
+                mounted["error"] = out
+        F = new_daemon(before_start=mount_root)
+        if "path" not in mounted:
+            tap.skip("(e2): disk full on a tmpfs root", "cannot mount a tmpfs here: %s" % mounted.get("error"))
+            F.stop()
         else:
-            mounted["error"] = out
-    F = new_daemon(before_start=mount_root)
-    if "path" not in mounted:
-        tap.skip("(e2): disk full on a tmpfs root", "cannot mount a tmpfs here: %s" % mounted.get("error"))
-        F.stop()
-    else:
-        tap.context.append(lambda: F.log_tail(15))
-        src_f = prepare_sources(F, "f-src")
-        storm = Storm(F, "e2-tmpfs", src_f)
-        storm.prepare_quiet()
-        # 4 MB of room for 16 uploads of 1-2 MB each: every one of them runs into ENOSPC.
-        used = tmpfs_used(F.root)
-        resize_tmpfs(F.root, used + 4 * MB)
-        tap.diag("(e2): tmpfs root resized to %d bytes (%d used)" % (used + 4 * MB, used))
-        deadline = time.monotonic() + 120
-        t0 = time.monotonic()
-        storm.start(deadline)
-        all_full = h.wait_for(lambda: all(u.full > 0 for u in storm.ups), 60, 0.02)
-        tap.ok(all_full, "(e2): every upload is answered 1028 (StorageFull) once the file system is full",
-               repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
-        time.sleep(1.0)
-        snap = storm.mark_fault()
-        full_before = sum(u.full for u in storm.ups)
-        resize_tmpfs(F.root, 512 * MB)
-        tap.diag("(e2): room made after %.1f s full; %d 1028 answers so far" % (time.monotonic() - t0, full_before))
-        storm.probe(snap)
-        storm.join(deadline)
-        storm.finish_quiet()
-        tap.diag("(e2): transfers took %.1f s" % (time.monotonic() - t0))
-        storm.verify()
-        healthy(F, "(e2)")
-        rc, left = F.stop()
-        tap.ok(rc == 0 and not left, "daemon of (e2) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
+            tap.context.append(lambda: F.log_tail(15))
+            src_f = prepare_sources(F, "f-src")
+            storm = Storm(F, "e2-tmpfs", src_f)
+            storm.prepare_quiet()
+            # 4 MB of room for 16 uploads of 1-2 MB each: every one of them runs into ENOSPC.
+            used = tmpfs_used(F.root)
+            resize_tmpfs(F.root, used + 4 * MB)
+            tap.diag("(e2): tmpfs root resized to %d bytes (%d used)" % (used + 4 * MB, used))
+            deadline = time.monotonic() + 120
+            t0 = time.monotonic()
+            storm.start(deadline)
+            # An upload that raced ahead and completed in the room there was never sees the disk
+            # full (a loaded machine schedules the 16 clients unevenly): every other one hears 1028.
+            all_full = h.wait_for(lambda: all(u.full > 0 or u.done_at(time.monotonic()) for u in storm.ups), 60, 0.02)
+            nfull = sum(1 for u in storm.ups if u.full > 0)
+            tap.ok(all_full and nfull >= len(storm.ups) // 2,
+                   "(e2): every upload is answered 1028 (StorageFull) once the file system is full, unless it "
+                   "completed before (%d of %d answered 1028)" % (nfull, len(storm.ups)),
+                   repr([(u.name, u.full, u.acked_at(time.monotonic())) for u in storm.ups if not u.full][:5]))
+            time.sleep(1.0)
+            snap = storm.mark_fault()
+            full_before = sum(u.full for u in storm.ups)
+            resize_tmpfs(F.root, 512 * MB)
+            tap.diag("(e2): room made after %.1f s full; %d 1028 answers so far" % (time.monotonic() - t0, full_before))
+            storm.probe(snap)
+            storm.join(deadline)
+            storm.finish_quiet()
+            tap.diag("(e2): transfers took %.1f s" % (time.monotonic() - t0))
+            storm.verify()
+            healthy(F, "(e2)")
+            rc, left = F.stop()
+            tap.ok(rc == 0 and not left, "daemon of (e2) stops cleanly on TERM", "exit %r, left %r" % (rc, left))
 
 tap.diag("test_crash.py total %.1f s" % (time.monotonic() - T0))
 tap.finish()

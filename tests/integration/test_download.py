@@ -50,7 +50,7 @@ tap.ok(d.wait_redis_connected(15), "daemon started; workers and storage connecte
 
 
 def published(uid, name):
-    return os.path.join(d.root, str(uid), name)
+    return h.published(d, uid, name)   # with RESOURCED_TEST_BACKEND=rados: a copy fetched from RADOS
 
 
 def upload(data, name, uid=U, what=None):

@@ -130,6 +130,12 @@ def versions_check(devs, versions, what):
     tap.ok(not bad, what, repr(bad))
 
 
+def versions_hash(name):
+    """The versions hash of name: version -> "time started completed born"."""
+    flat = redis.cmd("HGETALL", "file_dlversions_%d_%s" % (U, name)) or []
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 def sized(n_chunks):
     return rand.randbytes(n_chunks * DL - rand.randrange(0, DL // 2))
 
@@ -261,20 +267,92 @@ with tap.section("honest resumes with no replace of that name are never answered
     tap.ok(twin.done and twin.body() == data and twin.changed == 0,
            "a second device downloading the same unchanged file: never 1029 either", repr(twin.log))
 
-with tap.section("a completed download of the old file does not stop a new device for ever"):
-    # After a replace, the old version stays live for upload_ttl: a resume of the new file on
-    # another connection within it hears 1029 once; started again, it finishes on its connection.
+with tap.section("a completed download of the old file does not stop a resumed download of the new one"):
+    # The phone on a flaky network: it downloaded the old file whole (on one connection), the file
+    # was replaced, and it downloads the new one losing its connection every few chunks. The old
+    # version has no download left to resume: it is not live, and no resume hears 1029.
     name = "after.bin"
-    old, new = sized(6), sized(6)
+    old, new = sized(6), sized(30)
     tap.ok(upload(old, name), "uploaded %s" % name)
     a = Device(name, "A")
     a.finish()
+    tap.ok(a.done and a.body() == old, "the old file downloaded whole on one connection")
+    tap.ok(upload(new, name), "replaced by a 30-chunk file")
+    b = Device(name, "phone")
+    while not b.done and b.restarts <= 8:
+        b.step(rand.choice([1, 2, 3]), new_conn=True, resend_last=rand.random() < 0.3)
+    tap.ok(b.done and b.body() == new, "the new file, resumed on a new connection every 1-3 chunks on both nodes, "
+           "arrived byte for byte", repr(b.log[-6:]))
+    tap.eq(b.changed, 0, "and none of its %d resumes heard 1029" % sum(1 for s, _ in b.log if s > 1))
+    # The same once more with two completed downloads of the old file (two devices, both finished)
+    # and one of them sending its last chunk again on a new connection (a lost answer): still no 1029.
+    name = "after2.bin"
+    old, new = sized(5), sized(12)
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    x, y = Device(name, "X"), Device(name, "Y")
+    x.step(2, new_conn=True)
+    y.step(2, new_conn=True)
+    x.step(10 ** 6, new_conn=False)
+    y.step(10 ** 6, new_conn=False)
+    with node().connect() as c:
+        raw, _ = chunk(c, name, 5)
+    tap.ok(x.body() == old and y.body() == old and raw.get("error") == 0,
+           "two devices finished the old file on their connections; a resent last chunk elsewhere served")
+    tap.eq(versions_hash(name), {}, "every download of it completed: the versions hash holds nothing for it")
     tap.ok(upload(new, name), "replaced")
-    b = Device(name, "B")
-    b.step(2)
-    b.finish()
-    tap.ok(a.body() == old and b.body() == new, "A has the old file, B the new one, byte for byte")
-    tap.ok(b.log[2][1] in (0, FILE_CHANGED) and b.changed <= 1, "B's resume was told 1029 at most once", repr(b.log))
+    p = Device(name, "phone2")
+    while not p.done and p.restarts <= 8:
+        p.step(2, new_conn=True)
+    tap.ok(p.done and p.body() == new and p.changed == 0, "the new file resumed every 2 chunks: never 1029",
+           repr(p.log))
+
+with tap.section("a device mid-way in the old version still makes a resume of the new one hear 1029"):
+    # Two devices started the old file, one finished: the old version is still live (started 2,
+    # completed 1), because the other may resume it anywhere; the counts never hide it.
+    name = "midway.bin"
+    old = sized(8)
+    new = rand.randbytes(len(old))
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    done, mid = Device(name, "done"), Device(name, "mid")
+    done.step(2, new_conn=True)
+    mid.step(3, new_conn=True)
+    mid.drop()
+    done.step(5, new_conn=False)
+    resent = [chunk(done.conn, name, 8)[0].get("error") for _ in range(2)]   # its last answer lost, asked again
+    done.step(10 ** 6, new_conn=False)
+    tap.ok(done.done and done.body() == old and resent == [0, 0],
+           "one device finished the old file on its connection, asking for its last chunk twice more there")
+    with node().connect() as c:           # its last chunk resent on a new connection: not a second completion
+        raw, _ = chunk(c, name, 8)
+    tap.eq(raw.get("error"), 0, "its last chunk resent elsewhere is served")
+    tap.ok(upload(new, name), "replaced by content of the same size")
+    p = Device(name, "new")
+    p.step(2, new_conn=True)
+    p.step(1, new_conn=True)
+    tap.eq(p.log[-1], (3, FILE_CHANGED), "a download of the new file resumed on a new connection hears 1029")
+    mid.step(1, new_conn=True)
+    tap.eq(mid.log[-1], (4, FILE_CHANGED), "the device mid-way in the old file resumes: 1029, never new bytes")
+    mid.finish()
+    p.finish()
+    tap.ok(mid.body() == new and p.body() == new, "both, started again, finish with the new file whole")
+
+with tap.section("a device that restarted at seq 1 mid-way counts as two starts"):
+    # Started twice (seq 1 again on its connection) and completed once: one download may still be
+    # out there, so the version stays live; nothing tells the server otherwise.
+    name = "restart.bin"
+    old = sized(6)
+    new = rand.randbytes(len(old))
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    r = Device(name, "r")
+    r.step(3, new_conn=True)
+    r.got, r.last_seq = {}, 0              # the app restarts the download on the same connection
+    r.step(10 ** 6, new_conn=False)
+    tap.ok(r.done and r.body() == old, "it finished the old file")
+    tap.ok(upload(new, name), "replaced")
+    p = Device(name, "p")
+    p.step(2, new_conn=True)
+    p.step(1, new_conn=True)
+    tap.eq(p.log[-1], (3, FILE_CHANGED), "a resume of the new file hears 1029 (an unfinished start of the old one)")
 
 with tap.section("a resume past the end of a shorter replacement hears 1029, not 1018"):
     name = "shrunk.bin"
@@ -290,11 +368,6 @@ with tap.section("a resume past the end of a shorter replacement hears 1029, not
     with node().connect() as c:
         raw, _ = chunk(c, "steady.bin", 9)
     tap.eq(raw.get("error"), 1018, "a seq past the end of a name that was not replaced: 1018")
-
-
-def versions_hash(name):
-    flat = redis.cmd("HGETALL", "file_dlversions_%d_%s" % (U, name)) or []
-    return dict(zip(flat[::2], flat[1::2]))
 
 
 with tap.section("many versions: the oldest fold into one that matches nothing"):
@@ -319,6 +392,42 @@ with tap.section("many versions: the oldest fold into one that matches nothing")
     tap.eq(first.log[-1], (2, FILE_CHANGED), "the first version's download (folded away) still hears 1029")
     first.finish()
     tap.ok(first.done and first.body() == data, "and, started again, finishes with the current file")
+
+with tap.section("counts: a completed version leaves the hash; a completion of another lifetime counts nothing"):
+    name = "counts.bin"
+    old = sized(4)
+    new = rand.randbytes(len(old))
+    tap.ok(upload(old, name), "uploaded %s" % name)
+    a = Device(name, "A")
+    a.step(1, new_conn=True)
+    (ver, f0), = versions_hash(name).items()
+    tap.eq(f0.split()[1:3], ["1", "0"], "seq 1 counted one download started", f0)
+    # A's field ages out (as after upload_ttl with no chunk): a new start of the same version gets a new
+    # lifetime, and A's completion, which belongs to the old one, must not count against it.
+    now = int(redis.cmd("TIME")[0])
+    redis.cmd("HSET", "file_dlversions_%d_%s" % (U, name), ver, "%d 1 0 %s" % (now - 4000, f0.split()[3]))
+    b = Device(name, "B")
+    b.step(1, new_conn=True)
+    f1 = versions_hash(name).get(ver, "")
+    tap.ok(f1.split()[1:3] == ["1", "0"] and f1.split()[3] != f0.split()[3],
+           "a start after the field aged out opens a new lifetime", repr((f0, f1)))
+    a.step(10 ** 6, new_conn=False)
+    tap.ok(a.done and a.body() == old, "A finished on its connection")
+    f2 = versions_hash(name).get(ver, "")
+    tap.eq(f2.split()[1:3], ["1", "0"], "its completion was not counted against B's lifetime", repr(f2))
+    tap.ok(upload(new, name), "replaced")
+    b.step(1, new_conn=True)
+    tap.eq(b.log[-1], (2, FILE_CHANGED), "B, still mid-way, resumes elsewhere: 1029")
+    b.finish()
+    tap.ok(b.body() == new, "and started again gets the new file whole")
+    # A field written before the counts (a bare time) reads as one download in progress.
+    tap.ok(upload(sized(4), name), "replaced again")
+    redis.cmd("HSET", "file_dlversions_%d_%s" % (U, name), "legacy-version", str(int(redis.cmd("TIME")[0])))
+    c3 = Device(name, "C")
+    c3.step(1, new_conn=True)
+    c3.step(1, new_conn=True)
+    tap.eq(c3.log[-1], (2, FILE_CHANGED), "a field in the old format (a bare time) keeps its version live")
+
 
 # ---------------------------------------------------------------- the binary path
 HELLO, DOWNLOAD = 1041, 1047
@@ -453,11 +562,13 @@ with tap.section("a slow download held on its connection keeps its version live 
     a = Device(name, "A")
     a.conn = short.connect()
     a.step(1, new_conn=False)
-    (v1, t0), = versions_hash(name).items()
+    (v1, f0), = versions_hash(name).items()
+    t0 = int(f0.split()[0])
+    tap.eq(f0.split()[1:3], ["1", "0"], "its field counts one download started, none completed", f0)
 
     def refreshed_past_ttl():
         a.step(1, new_conn=False)         # one more chunk from the file the connection holds
-        return int(versions_hash(name).get(v1, 0)) >= int(t0) + 2 or a.done
+        return int(versions_hash(name).get(v1, "0").split()[0]) >= t0 + 2 or a.done
     tap.ok(h.wait_for(refreshed_past_ttl, 20, 0.3) and not a.done,
            "chunks read from the kept file refresh its version's time past seq 1's + upload_ttl",
            repr((t0, versions_hash(name), len(a.log))))

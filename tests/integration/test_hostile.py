@@ -59,12 +59,13 @@ pids_at_start = (sorted(d.worker_pids()), d.storage_pid())
 
 
 def published(uid, name):
-    return os.path.join(d.root, str(uid), name)
+    return h.published(d, uid, name)   # with RESOURCED_TEST_BACKEND=rados: a copy fetched from RADOS
 
 
 def outside_tree():
     """Everything in the daemon's temp dir except the storage root and the log."""
-    return {p for p in h.file_tree(d.dir) if not (p == "root/" or p.startswith("root/") or p == "daemon.log")}
+    return {p for p in h.file_tree(d.dir) if not (p == "root/" or p.startswith("root/") or p == "daemon.log"
+                                                  or p.startswith("rados-view/"))}
 
 
 def passwd_state():
@@ -89,9 +90,13 @@ with h.Client(d.port) as c:
 fixtures_ok &= tap.ok(r.get("error") == 0 and s.get("error") == 0 and s.get("trans_size") == 2 * CH,
                       "fixture: uid %d's upload %s in progress at %d bytes" % (A, pending.name, 2 * CH), repr(s))
 staging = sorted(glob.glob(os.path.join(d.root, ".staging", "*%s*" % pending.md5)))
-tap.ok(staging, "fixture: the staging files of %s are under <root>/.staging" % pending.name,
-       "found %r; .staging holds %r" % (staging, sorted(os.listdir(os.path.join(d.root, ".staging")))
-                                        if os.path.isdir(os.path.join(d.root, ".staging")) else "(no .staging)"))
+if h.uses_rados(d):
+    tap.ok(h.staging_entries(d, A, pending.md5), "fixture: %s has a staging entry in RADOS" % pending.name,
+           repr(h.rados_staging(d)))
+else:
+    tap.ok(staging, "fixture: the staging files of %s are under <root>/.staging" % pending.name,
+           "found %r; .staging holds %r" % (staging, sorted(os.listdir(os.path.join(d.root, ".staging")))
+                                            if os.path.isdir(os.path.join(d.root, ".staging")) else "(no .staging)"))
 staging_names = [os.path.basename(p) for p in staging] or ["%d-%s.part" % (A, pending.md5)]
 if not fixtures_ok:
     tap.finish()
@@ -619,7 +624,7 @@ with tap.section("background upload and side effects"):
                if os.path.lexists(p)]
     tap.eq(escapes, [], "no file named by a ../ input exists anywhere near the root")
 
-    pub = {p for p in h.file_tree(d.root) if not p.startswith(".")}
+    pub = h.rados_published_tree(d) if h.uses_rados(d) else {p for p in h.file_tree(d.root) if not p.startswith(".")}
     want_pub = {"%d/" % A, "%d/%s" % (A, mine.name), "%d/" % B, "%d/%s" % (B, secret.name),
                 "%d/" % BG, "%d/%s" % (BG, bg.up.name)}
     tap.eq(sorted(pub), sorted(want_pub), "the published files are exactly the three uploaded on purpose")

@@ -89,6 +89,7 @@ if cluster.lease_ttl:
 else:
     tap.diag("%s does not know [storage] lease_ttl: the nodes run without it" % h.RESOURCED_BIN)
 tap.context.append(cluster.diagnostics)
+tap.diag("backend: %s" % ("rados, one namespace for the three nodes" if h.uses_rados(cluster.nodes[0]) else "fs, one root"))
 
 rc, out = cluster.haproxy.check()
 tap.eq(rc, 0, "haproxy -c accepts the configuration made from contrib/haproxy.cfg", out)
@@ -131,22 +132,13 @@ def via_haproxy(seen=None):
 
 
 def staging_of(up):
-    """The staging entries of an upload in the shared root (their names carry its md5)."""
-    try:
-        return [n for n in os.listdir(os.path.join(cluster.root, ".staging")) if up.md5 in n]
-    except FileNotFoundError:
-        return []
+    """The staging entries of an upload in the shared storage (fs: <root>/.staging; RADOS: the staging index)."""
+    return cluster.staging_entries(up.uid, up.md5)
 
 
 def published_files(uid):
-    """{path: bytes} of every regular file under <root>/<uid>/ (versions, temporaries and all)."""
-    out = {}
-    for dirpath, _, names in os.walk(os.path.join(cluster.root, str(uid))):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            if os.path.isfile(path) and not os.path.islink(path):
-                out[path] = h.read_file(path)
-    return out
+    """{where: bytes} of every file published for uid (versions, temporaries and all)."""
+    return cluster.published_files(uid)
 
 
 class QtClient:
@@ -609,8 +601,7 @@ with tap.section("a node restarted while uploads run on the others"):
         for i in range(len(live)):
             step(i)
     present = all(staging_of(up) for up, _ in live)
-    tap.ok(present, "their staging entries are in <root>/.staging", repr(os.listdir(os.path.join(cluster.root,
-                                                                                                   ".staging"))))
+    tap.ok(present, "their staging entries are in the shared storage", repr([staging_of(up) for up, _ in live]))
     rc, left = restarted.stop(sig=signal.SIGTERM)
     tap.eq((rc, left), (0, []), "node1 stops with TERM")
     restarted.start()
@@ -673,6 +664,13 @@ with tap.section("Redis failover while uploads hop across nodes"):
         t.join(60)
     for i, qt in enumerate(qts):
         check_resumed(qt, "hopping upload %d across the failover" % i)
+
+if h.uses_rados(cluster.nodes[0]):
+    # The nodes shared one RADOS namespace, not the root: nothing was published on the local disk.
+    local = [n for n in os.listdir(cluster.root) if n.isdigit()]
+    tap.ok(local == [] and cluster.published_files(UID),
+           "RADOS: every file was published in the shared namespace, none under the local root",
+           "local %r" % local)
 
 with tap.section("stop"):
     for i, node in enumerate(cluster.nodes):

@@ -1,4 +1,4 @@
-/* test_backend.c: the storage interface's contract (backend.h), run against each backend that needs no server (fs). */
+/* test_backend.c: the storage interface's contract (backend.h), run against fs, and against rados when a cluster is given. */
 #include "config.h"
 #include "unit.h"
 
@@ -436,7 +436,7 @@ START_TEST(test_unknown_backend)
 	char err[256];
 	snprintf(c.backend, sizeof(c.backend), "nope");
 	ck_assert_int_eq(backend_open(&b, &c, BACKEND_READER, err, sizeof(err)), -1);
-	unit_assert_contains(err, "unknown storage backend 'nope' (known: fs)");
+	unit_assert_contains(err, "unknown storage backend 'nope' (known: fs");
 	ck_assert_ptr_eq(backend_find("fs"), &backend_fs);
 	ck_assert_ptr_null(backend_find("nope"));
 }
@@ -516,6 +516,167 @@ START_TEST(test_find_finishes_interrupted_publish)
 	ck_assert_uint_eq(dropped, 0);
 }
 END_TEST
+#ifdef HAVE_RADOS
+/* ---------------------------------------------------------------- rados: RESOURCED_TEST_CEPH_CONF names a cluster
+ * (tests/integration/rados_test_backend.py starts one); each test gets a namespace of its own and pieces
+ * of 64 KiB, so that striping is exercised with small data. */
+
+static void setup_rados(void)
+{
+	conf_defaults(&conf);
+	snprintf(root, sizeof(root), "/tmp/resourced-unit-be-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(root));
+	char err[256], ns[64];
+	const char *pool = getenv("RESOURCED_TEST_CEPH_POOL");
+	snprintf(ns, sizeof(ns), "unit-%ld-%d", (long)time(NULL), (int)getpid());
+	ck_assert_int_eq(conf_set(&conf, "storage", "root", root, err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "storage", "backend", "rados", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "conf", getenv("RESOURCED_TEST_CEPH_CONF"), err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "user", "admin", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "pool", pool ? pool : "resourced", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "namespace", ns, err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "object_size", "65536", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&conf, "rados", "op_timeout", "10", err, sizeof(err)), 0);
+	ck_assert_msg(backend_open(&be, &conf, BACKEND_WRITER, err, sizeof(err)) == 0, "%s", err);
+}
+
+START_TEST(test_rados_missing)
+{
+	struct backend_file *f;
+	uint64_t size;
+	char v[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "none", 4, &f, &size, v), ENOENT);
+	publish(MD5_A, "real", "x");
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "real", 4, &f, &size, v), 0);
+	ck_assert_uint_eq(size, 1);
+	be.ops->file_close(f);
+	ck_assert_int_eq(be.ops->file_open(&be, 10, "real", 4, &f, &size, v), ENOENT);   /* another user's index */
+}
+END_TEST
+
+/* A file across several 64 KiB pieces: written in chunks that straddle the boundaries, read back,
+ * cut back across a boundary, and published. */
+START_TEST(test_rados_striped)
+{
+	enum { TOTAL = 200000, CHUNK = 30000 };
+	static char data[TOTAL], back[TOTAL];
+	for (size_t i = 0; i < TOTAL; i++)
+		data[i] = (char)(i * 7 + i / 251);
+	struct backend_meta m = meta_of(9, MD5_A, "big.bin", TOTAL);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, BACKEND_NO_FENCE, &s), 0);
+	for (size_t off = 0; off < TOTAL; off += CHUNK) {
+		size_t n = TOTAL - off < CHUNK ? TOTAL - off : CHUNK;
+		ck_assert_int_eq(be.ops->staging_write(s, data + off, n, off, BACKEND_NO_FENCE), 0);
+	}
+	uint64_t size = 0;
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, TOTAL);
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->staging_read(s, back, TOTAL, 0, &got), 0);
+	ck_assert_uint_eq(got, TOTAL);
+	ck_assert_int_eq(memcmp(back, data, TOTAL), 0);
+	/* Cut to 70000 (inside piece 1): pieces 2 and 3 go, and the size follows. */
+	ck_assert_int_eq(be.ops->staging_truncate(s, 70000, BACKEND_NO_FENCE), 0);
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, 70000);
+	ck_assert_int_eq(be.ops->staging_read(s, back, TOTAL, 0, &got), 0);
+	ck_assert_uint_eq(got, 70000);
+	ck_assert_int_eq(be.ops->staging_write(s, data + 70000, TOTAL - 70000, 70000, BACKEND_NO_FENCE), 0);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(s, BACKEND_NO_FENCE, &flags), 0);
+	be.ops->staging_close(s);
+	struct backend_file *f;
+	char v[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "big.bin", 7, &f, &size, v), 0);
+	ck_assert_uint_eq(size, TOTAL);
+	memset(back, 0, TOTAL);
+	ck_assert_int_eq(be.ops->file_read(f, back, TOTAL, 0, &got), 0);
+	ck_assert_uint_eq(got, TOTAL);
+	ck_assert_int_eq(memcmp(back, data, TOTAL), 0);
+	ck_assert_int_eq(be.ops->file_read(f, back, 1000, 65000, &got), 0);   /* across a boundary */
+	ck_assert_uint_eq(got, 1000);
+	ck_assert_int_eq(memcmp(back, data + 65000, 1000), 0);
+	be.ops->file_close(f);
+}
+END_TEST
+
+/* backend.h "Fencing": a lower fence fails with ESTALE and changes nothing; a higher one is recorded. */
+START_TEST(test_rados_fencing)
+{
+	struct backend_meta m = meta_of(9, MD5_A, "fenced.bin", 140000);
+	struct backend_staging *s, *old;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "AAAA", 4, 0, 5), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "BBBB", 4, 4, 4), ESTALE);   /* lower */
+	ck_assert_int_eq(be.ops->staging_write(s, "CCCC", 4, 4, 7), 0);        /* higher: now 7 */
+	ck_assert_int_eq(be.ops->staging_write(s, "DDDD", 4, 8, 5), ESTALE);   /* 5 is stale now */
+	ck_assert_int_eq(be.ops->staging_truncate(s, 2, 6), ESTALE);
+	ck_assert_int_eq(be.ops->staging_discard(s, 6), ESTALE);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 6, &old), ESTALE);    /* no reset by a stale writer */
+	/* A piece past the head (64 KiB on): created by the current writer, refused to a stale one. */
+	static char big[70000];
+	memset(big, 'E', sizeof(big));
+	ck_assert_int_eq(be.ops->staging_write(s, big, 4, 66000, 6), ESTALE);
+	ck_assert_int_eq(be.ops->staging_write(s, big, sizeof(big), 8, 7), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "FFFF", 4, 66000, 6), ESTALE);
+	char buf[12];
+	size_t got;
+	ck_assert_int_eq(be.ops->staging_read(s, buf, 12, 0, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "AAAACCCCEEEE", 12), 0);
+	uint64_t size;
+	ck_assert_int_eq(be.ops->staging_size(s, &size), 0);
+	ck_assert_uint_eq(size, 70008);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(s, 6, &flags), ESTALE);
+	ck_assert_int_eq(flags, 0);
+	struct backend_file *f;
+	char v[BACKEND_VERSION_MAX];
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "fenced.bin", 10, &f, &size, v), ENOENT);
+	ck_assert_int_eq(be.ops->publish(s, 8, &flags), 0);
+	ck_assert_int_eq(flags, BACKEND_PUBLISHED);
+	/* Sealed: not even the current writer changes the published bytes. */
+	ck_assert_int_eq(be.ops->staging_write(s, "GGGG", 4, 0, 9), ESTALE);
+	be.ops->staging_close(s);
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "fenced.bin", 10, &f, &size, v), 0);
+	ck_assert_uint_eq(size, 70008);
+	ck_assert_int_eq(be.ops->file_read(f, buf, 12, 0, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "AAAACCCCEEEE", 12), 0);
+	be.ops->file_close(f);
+}
+END_TEST
+/* A node taking over with staging_find and writing only past the first piece still fences the old
+ * holder out of every piece, and staging_fence reports the new fence (what WORK_CHECK compares). */
+START_TEST(test_rados_takeover_pieces)
+{
+	static char big[140000];
+	memset(big, 'A', sizeof(big));
+	struct backend_meta m = meta_of(9, MD5_B, "taken.bin", 200000);
+	struct backend_staging *a, *b;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &a), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, big, sizeof(big), 0, 10), 0);   /* pieces 0, 1 and 2 */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 9, MD5_B, &e, &b), 0);
+	ck_assert_uint_eq(e.size, sizeof(big));
+	ck_assert_str_eq(e.meta.name, "taken.bin");
+	uint64_t recorded = 0;
+	ck_assert_int_eq(be.ops->staging_fence(b, &recorded), 0);
+	ck_assert_uint_eq(recorded, 10);
+	ck_assert_int_eq(be.ops->staging_write(b, "BBBB", 4, sizeof(big), 20), 0);   /* into piece 2 only */
+	ck_assert_int_eq(be.ops->staging_fence(a, &recorded), 0);
+	ck_assert_uint_eq(recorded, 20);
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 0, 10), ESTALE);        /* piece 0 */
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 70000, 10), ESTALE);    /* piece 1 */
+	char buf[4];
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->staging_read(b, buf, 4, 70000, &got), 0);
+	ck_assert_int_eq(memcmp(buf, "AAAA", 4), 0);
+	be.ops->staging_close(a);
+	be.ops->staging_close(b);
+	ck_assert_int_eq(be.ops->staging_find(&be, 9, MD5_A, &e, &b), ENOENT);
+}
+END_TEST
+#endif
 
 static Suite *backend_suite(void)
 {
@@ -534,6 +695,23 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_fencing);
 	tcase_add_test(tc, test_find_finishes_interrupted_publish);
 	suite_add_tcase(s, tc);
+#ifdef HAVE_RADOS
+	if (getenv("RESOURCED_TEST_CEPH_CONF")) {
+		tc = tcase_create("rados");
+		tcase_set_timeout(tc, 60);
+		tcase_add_checked_fixture(tc, setup_rados, teardown);
+		tcase_add_test(tc, test_staging_lifecycle);
+		tcase_add_test(tc, test_begin_resets);
+		tcase_add_test(tc, test_publish_and_versions);
+		tcase_add_test(tc, test_rados_missing);
+		tcase_add_test(tc, test_meta_any_name);
+		tcase_add_test(tc, test_rados_striped);
+		tcase_add_test(tc, test_rados_fencing);
+		tcase_add_test(tc, test_fencing);
+		tcase_add_test(tc, test_rados_takeover_pieces);
+		suite_add_tcase(s, tc);
+	}
+#endif
 	return s;
 }
 

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "unit.h"
 
+#include "backend.h"
 #include "conf.h"
 #include "log.h"
 
@@ -460,8 +461,17 @@ START_TEST(test_backend)
 		unit_assert_contains(err, "is not a storage backend (known: fs");
 		ck_assert_str_eq(c.backend, "fs");
 	}
-	expect_load_error("[storage]\nbackend = nfs\n", 2,
-	    "[storage] backend: 'nfs' is not a storage backend (known: fs)");
+	char known[160];
+	snprintf(known, sizeof(known), "[storage] backend: 'nfs' is not a storage backend (known: %s)", backend_names());
+	expect_load_error("[storage]\nbackend = nfs\n", 2, known);
+#ifdef HAVE_RADOS
+	ck_assert_int_eq(conf_set(&c, "storage", "backend", "rados", err, sizeof(err)), 0);
+	ck_assert_str_eq(backend_names(), "fs, rados");
+#else
+	/* A build without librados says how to get the backend, not just that it is unknown. */
+	ck_assert_int_eq(conf_set(&c, "storage", "backend", "rados", err, sizeof(err)), -1);
+	unit_assert_contains(err, "install librados-dev");
+#endif
 }
 END_TEST
 
@@ -615,7 +625,7 @@ END_TEST
 START_TEST(test_storage_scope)
 {
 	/* A reload restarts the storage process exactly when a key it reads changes: the keys of
-	 * [storage], [redis] and [postgres], run_dir, node and the error log; no other key. */
+	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log; no other key. */
 	static const char *const storage_keys[][3] = {
 		{ "storage", "root", "/srv/other" }, { "storage", "backend", "fs" }, { "storage", "max_file_size", "7" },
 		{ "storage", "upload_ttl", "9" }, { "storage", "fsync", "always" }, { "storage", "io_threads", "3" },
@@ -627,6 +637,9 @@ START_TEST(test_storage_scope)
 		{ "redis", "master_name", "m" }, { "redis", "sentinel_password", "q" }, { "postgres", "conninfo", "x=1" },
 		{ "postgres", "timeout", "9" }, { "server", "run_dir", "/run/other" }, { "server", "node", "n2" },
 		{ "log", "level", "debug" }, { "log", "file", "/var/log/other.log" },
+		{ "rados", "conf", "/etc/ceph/other.conf" }, { "rados", "user", "other" }, { "rados", "pool", "other" },
+		{ "rados", "namespace", "ns2" }, { "rados", "op_timeout", "9" }, { "rados", "object_size", "65536" },
+		{ "rados", "gc_grace", "9" },
 	};
 	static const char *const other_keys[][3] = {
 		{ "server", "listen", "9999" }, { "server", "workers", "3" }, { "server", "idle_timeout", "9" },

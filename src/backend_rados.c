@@ -1,0 +1,1268 @@
+/* backend_rados.c: the Ceph RADOS backend: staging and published files as RADOS objects, names in per-user omap indexes. */
+#include "config.h"
+#include "backend.h"
+#include "conf.h"
+#include "json.h"
+#include "log.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <rados/librados.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/*
+ * Layout, in the configured pool and namespace (design.md §6, "The RADOS backend"):
+ *
+ *   staging          omap "<uid>.<md5>" -> the head object of that upload's data
+ *   idx.<uid>        omap <name> -> the head object of the published file (the name index)
+ *   gc               omap <head> -> "<deadline> <uid> <name>": a replaced version, deleted after gc_grace
+ *   d.<md5>.<rand>   head object: bytes [0, piece) and the xattrs below
+ *   d.<md5>.<rand>.<k>  bytes [k * piece, (k + 1) * piece) of a larger file
+ *
+ * Head xattrs: "meta" (JSON: uid, md5, name, kind, total_size, chunk_len, piece), "fence"
+ * (16 hex digits: ordered as strings as they are as numbers), "state" ("open" while staging,
+ * "sealed" once publish checked its fence: no change is accepted after that) and, once sealed,
+ * "layout" ("<size>:<piece>", what a reader needs). A data object's name is never reused, so a
+ * published version never changes: replacing a file points its name at another object.
+ */
+
+#define OID_MAX 64                /* a head: "d.<md5>.<16 hex>" is 51 bytes */
+#define PIECE_OID_MAX (OID_MAX + 24)
+#define META_MAX 8192
+#define FENCE_LEN 16
+#define STAGING_OBJ "staging"
+#define GC_OBJ "gc"
+#define OMAP_PAGE 512
+#define SWITCH_TRIES 64
+/* Writes try even on a full cluster, so that it answers ENOSPC instead of blocking. */
+#define WRITE_FLAGS LIBRADOS_OPERATION_FULL_TRY
+
+struct rados_be {
+	const struct conf *conf;
+	rados_t cluster;
+	rados_ioctx_t io;
+	uint64_t piece;               /* object_size for new uploads */
+	/* The collector of replaced versions (writer only). */
+	pthread_t gc_thread;
+	int gc_started, gc_stop;
+	pthread_mutex_t gc_lock;
+	pthread_cond_t gc_cond;
+};
+
+struct backend_staging {
+	struct rados_be *r;
+	struct backend_meta meta;
+	char head[OID_MAX];           /* "" until known (attach looks it up) */
+	uint64_t piece;
+	uint64_t fence_known;         /* a fence this handle already recorded on the head and its pieces */
+};
+
+struct backend_file {
+	struct rados_be *r;
+	char head[OID_MAX];
+	uint64_t size, piece;
+};
+
+/* ---------------------------------------------------------------- helpers */
+
+/* A librados result (-errno) as the errno backend.h promises. */
+static int rerr(int r)
+{
+	switch (-r) {
+	case 0:
+		return 0;
+	case ENOENT:
+	case ENOSPC:
+	case EDQUOT:
+	case EFBIG:
+	case EACCES:
+	case EPERM:
+	case EROFS:
+	case ENOMEM:
+	case ETIMEDOUT:
+		return -r;
+	case ENOTCONN:
+	case ESHUTDOWN:
+	case ECONNREFUSED:
+	case EAGAIN:
+	case EINTR:
+		return ETIMEDOUT;   /* the cluster is unreachable: answered "busy, retry" */
+	default:
+		return EIO;
+	}
+}
+
+static void fence_text(uint64_t fence, char out[FENCE_LEN + 1])
+{
+	snprintf(out, FENCE_LEN + 1, "%016" PRIx64, fence);
+}
+
+/* Adds the fence check to op: the recorded fence must not be higher than ours, which becomes
+ * the recorded one. A missing fence xattr compares as "", lower than any. */
+static void op_fence(rados_write_op_t op, uint64_t fence, char text[FENCE_LEN + 1])
+{
+	if (fence == BACKEND_NO_FENCE)
+		return;
+	fence_text(fence, text);
+	rados_write_op_cmpxattr(op, "fence", LIBRADOS_CMPXATTR_OP_GTE, text, FENCE_LEN);
+	rados_write_op_setxattr(op, "fence", text, FENCE_LEN);
+}
+
+static void piece_oid(const char *head, uint64_t k, char out[PIECE_OID_MAX])
+{
+	if (k == 0)
+		snprintf(out, PIECE_OID_MAX, "%.*s", OID_MAX - 1, head);
+	else
+		snprintf(out, PIECE_OID_MAX, "%.*s.%" PRIu64, OID_MAX - 1, head, k);
+}
+
+static void staging_key(const struct backend_meta *m, char *out, size_t outlen)
+{
+	snprintf(out, outlen, "%" PRIu64 ".%s", m->uid, m->md5);
+}
+
+static void index_oid(uint64_t uid, char out[OID_MAX])
+{
+	snprintf(out, OID_MAX, "idx.%" PRIu64, uid);
+}
+
+/* One omap value by key: 0 and the value (NUL-terminated, cut to outlen), ENOENT when absent. */
+static int omap_get(struct rados_be *r, const char *oid, const char *key, size_t keylen, char *out, size_t outlen)
+{
+	rados_read_op_t op = rados_create_read_op();
+	rados_omap_iter_t it = NULL;
+	int prval = 0;
+	const char *keys[1] = { key };
+	rados_read_op_omap_get_vals_by_keys2(op, keys, 1, &keylen, &it, &prval);
+	int rc = rados_read_op_operate(op, r->io, oid, 0);
+	int err = rc < 0 ? rerr(rc) : prval < 0 ? rerr(prval) : ENOENT;
+	if (rc >= 0 && prval >= 0) {
+		char *k, *v;
+		size_t kl, vl;
+		if (rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+			size_t n = vl < outlen - 1 ? vl : outlen - 1;
+			memcpy(out, v, n);
+			out[n] = '\0';
+			err = 0;
+		}
+	}
+	if (it)
+		rados_omap_get_end(it);
+	rados_release_read_op(op);
+	return err;
+}
+
+/* Removes key from oid's omap only while it still maps to value (a newer mapping stays). */
+static int omap_remove_if(struct rados_be *r, const char *oid, const char *key, const char *value)
+{
+	rados_write_op_t op = rados_create_write_op();
+	int prval = 0;
+	size_t keylen = strlen(key);
+	const char *keys[1] = { key };
+	rados_write_op_omap_cmp(op, key, LIBRADOS_CMPXATTR_OP_EQ, value, strlen(value), &prval);
+	rados_write_op_omap_rm_keys2(op, keys, &keylen, 1);
+	int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	return rc == -ECANCELED || rc == -ENOENT ? 0 : rerr(rc);
+}
+
+/* Sets key -> value in oid's omap if key maps to expect ("" = absent); ECANCELED otherwise. */
+static int omap_swap(struct rados_be *r, const char *oid, const char *key, size_t keylen, const char *expect,
+    const char *value)
+{
+	for (int created = 0;; created = 1) {
+		rados_write_op_t op = rados_create_write_op();
+		int prval = 0;
+		size_t vlen = strlen(value);
+		const char *keys[1] = { key }, *vals[1] = { value };
+		rados_write_op_omap_cmp2(op, key, LIBRADOS_CMPXATTR_OP_EQ, expect, keylen, strlen(expect), &prval);
+		rados_write_op_omap_set2(op, keys, vals, &keylen, &vlen, 1);
+		int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == -ENOENT && !created) {
+			/* The index object does not exist yet: create it (harmless if another thread did). */
+			op = rados_create_write_op();
+			rados_write_op_create(op, LIBRADOS_CREATE_IDEMPOTENT, NULL);
+			rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+			rados_release_write_op(op);
+			if (rc < 0)
+				return rerr(rc);
+			continue;
+		}
+		return rc == -ECANCELED ? ECANCELED : rerr(rc);
+	}
+}
+
+/* The metadata as one JSON object, written by yajl: any name is escaped. */
+static int meta_encode(const struct backend_meta *m, uint64_t piece, char *out, size_t outlen, size_t *len)
+{
+	yajl_gen g = yajl_gen_alloc(NULL);
+	if (g == NULL)
+		return ENOMEM;
+	yajl_gen_map_open(g);
+	yajl_gen_string(g, (const unsigned char *)"uid", 3);
+	yajl_gen_integer(g, (long long)m->uid);
+	yajl_gen_string(g, (const unsigned char *)"md5", 3);
+	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
+	yajl_gen_string(g, (const unsigned char *)"name", 4);
+	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
+	yajl_gen_string(g, (const unsigned char *)"kind", 4);
+	yajl_gen_integer(g, m->kind);
+	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
+	yajl_gen_integer(g, (long long)m->total_size);
+	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
+	yajl_gen_integer(g, (long long)m->chunk_len);
+	yajl_gen_string(g, (const unsigned char *)"piece", 5);
+	yajl_gen_integer(g, (long long)piece);
+	yajl_gen_map_close(g);
+	const unsigned char *text;
+	size_t n;
+	int err = yajl_gen_get_buf(g, &text, &n) == yajl_gen_status_ok ? 0 : EINVAL;
+	if (err == 0 && n >= outlen)
+		err = EFBIG;
+	if (err == 0) {
+		memcpy(out, text, n);
+		*len = n;
+	}
+	yajl_gen_free(g);
+	return err;
+}
+
+static int meta_decode(const char *text, size_t len, struct backend_meta *m, uint64_t *piece)
+{
+	char why[128];
+	yajl_val v = json_parse_object((const uint8_t *)text, len, why, sizeof(why));
+	uint64_t kind;
+	const char *md5, *name;
+	size_t md5_len, name_len;
+	memset(m, 0, sizeof(*m));
+	int err = 0;
+	if (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
+	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
+	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
+	    json_get_u64(v, "piece", UINT64_MAX, piece) || *piece == 0 ||
+	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
+	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len))
+		err = EINVAL;
+	if (err == 0) {
+		m->kind = (int)kind;
+		memcpy(m->md5, md5, PROTO_MD5_HEX);
+		memcpy(m->name, name, name_len);
+		m->name[name_len] = '\0';
+		m->name_len = (uint16_t)name_len;
+	}
+	if (v)
+		yajl_tree_free(v);
+	return err;
+}
+
+/* The head's xattrs this backend uses, in one read. */
+struct head_attrs {
+	char meta[META_MAX];
+	size_t meta_len;
+	char fence[FENCE_LEN + 1];
+	char state[16];
+	char layout[64];
+};
+
+static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
+{
+	memset(h, 0, sizeof(*h));
+	rados_read_op_t op = rados_create_read_op();
+	rados_xattrs_iter_t it = NULL;
+	int prval = 0;
+	rados_read_op_getxattrs(op, &it, &prval);
+	int rc = rados_read_op_operate(op, r->io, head, 0);
+	int err = rc < 0 ? rerr(rc) : prval < 0 ? rerr(prval) : 0;
+	if (err == 0) {
+		const char *name, *val;
+		size_t len;
+		while (rados_getxattrs_next(it, &name, &val, &len) == 0 && name != NULL) {
+			char *dst = NULL;
+			size_t cap = 0;
+			if (strcmp(name, "meta") == 0) {
+				dst = h->meta, cap = sizeof(h->meta);
+				h->meta_len = len < cap ? len : 0;
+			} else if (strcmp(name, "fence") == 0) {
+				dst = h->fence, cap = sizeof(h->fence);
+			} else if (strcmp(name, "state") == 0) {
+				dst = h->state, cap = sizeof(h->state);
+			} else if (strcmp(name, "layout") == 0) {
+				dst = h->layout, cap = sizeof(h->layout);
+			}
+			if (dst && len < cap) {
+				memcpy(dst, val, len);
+				dst[len] = '\0';
+			}
+		}
+	}
+	if (it)
+		rados_getxattrs_end(it);
+	rados_release_read_op(op);
+	return err;
+}
+
+static int layout_parse(const char *text, uint64_t *size, uint64_t *piece)
+{
+	char *end;
+	errno = 0;
+	unsigned long long s = strtoull(text, &end, 10);
+	if (errno || *end != ':')
+		return EIO;
+	unsigned long long p = strtoull(end + 1, &end, 10);
+	if (errno || *end != '\0' || p == 0)
+		return EIO;
+	*size = s;
+	*piece = p;
+	return 0;
+}
+
+/* Bytes stored in the pieces of head, contiguous from 0, and the latest mtime. */
+static int data_size(struct rados_be *r, const char *head, uint64_t piece, uint64_t *size, time_t *mtime)
+{
+	*size = 0;
+	if (mtime)
+		*mtime = 0;
+	for (uint64_t k = 0;; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		uint64_t s = 0;
+		time_t t = 0;
+		int rc = rados_stat(r->io, oid, &s, &t);
+		if (rc == -ENOENT && k > 0)
+			return 0;
+		if (rc < 0)
+			return rerr(rc);
+		if (mtime && t > *mtime)
+			*mtime = t;
+		*size = k * piece + s;
+		if (s < piece)
+			return 0;
+	}
+}
+
+/* Reads [offset, offset + len) across pieces; *got is short only at the end of the data. */
+static int data_read(struct rados_be *r, const char *head, uint64_t piece, void *buf, size_t len, uint64_t offset,
+    size_t *got)
+{
+	*got = 0;
+	while (*got < len) {
+		uint64_t at = offset + *got, k = at / piece, in = at % piece;
+		size_t want = len - *got;
+		if (want > piece - in)
+			want = (size_t)(piece - in);
+		if (want > (1u << 30))
+			want = 1u << 30;   /* rados_read takes an int-sized length */
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		int n = rados_read(r->io, oid, (char *)buf + *got, want, in);
+		if (n == -ENOENT && k > 0)
+			return 0;
+		if (n < 0)
+			return rerr(n);
+		*got += (size_t)n;
+		if ((size_t)n < want)
+			return 0;
+	}
+	return 0;
+}
+
+/* Removes one object; FULL_TRY, so that deleting works on a full cluster (it makes room). */
+static int object_remove(struct rados_be *r, const char *oid)
+{
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_remove(op);
+	int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	return rc == -ENOENT ? 0 : rerr(rc);
+}
+
+/* Removes pieces [from, ...) of head, highest first, then head itself when from is 0. */
+static int data_remove(struct rados_be *r, const char *head, uint64_t piece, uint64_t from)
+{
+	uint64_t size = 0;
+	int err = data_size(r, head, piece, &size, NULL);
+	if (err == ENOENT)
+		return 0;
+	if (err)
+		return err;
+	uint64_t pieces = size / piece + 1;
+	for (uint64_t k = pieces; k-- > (from ? from : 1);) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		if ((err = object_remove(r, oid)) != 0)
+			return err;
+	}
+	return from == 0 ? object_remove(r, head) : 0;
+}
+
+/* On ECANCELED from a fenced op on head: ESTALE if a higher fence is recorded, else why. */
+static int canceled_why(struct rados_be *r, const char *head, uint64_t fence, int otherwise)
+{
+	struct head_attrs h;
+	char mine[FENCE_LEN + 1];
+	fence_text(fence, mine);
+	if (head_read(r, head, &h) == 0 && fence != BACKEND_NO_FENCE && strcmp(h.fence, mine) > 0)
+		return ESTALE;
+	return otherwise;
+}
+
+/* ---------------------------------------------------------------- open and close */
+
+static void *gc_main(void *arg);
+static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head);
+
+static int rados_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
+{
+	const struct conf *conf = b->conf;
+	struct rados_be *r = calloc(1, sizeof(*r));
+	if (r == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	r->conf = conf;
+	r->piece = (uint64_t)conf->rados_object_size;
+	int rc = rados_create(&r->cluster, conf->rados_user[0] ? conf->rados_user : NULL);
+	if (rc < 0) {
+		snprintf(err, errlen, "rados_create(%s): %s", conf->rados_user, strerror(-rc));
+		free(r);
+		return -1;
+	}
+	if ((rc = rados_conf_read_file(r->cluster, conf->rados_conf)) < 0) {
+		snprintf(err, errlen, "cannot read [rados] conf %s: %s", conf->rados_conf, strerror(-rc));
+		goto fail;
+	}
+	/* Every wait is bounded, so a down or full cluster is an answer (1027/1028) within
+	 * storage_timeout rather than a hang: a chunk takes a few operations in turn. */
+	int timeout = conf->rados_op_timeout ? conf->rados_op_timeout : conf->storage_timeout / 3;
+	if (timeout < 1)
+		timeout = 1;
+	char t[16];
+	snprintf(t, sizeof(t), "%d", timeout);
+	rados_conf_set(r->cluster, "rados_osd_op_timeout", t);
+	rados_conf_set(r->cluster, "rados_mon_op_timeout", t);
+	rados_conf_set(r->cluster, "client_mount_timeout", t);
+	if ((rc = rados_connect(r->cluster)) < 0) {
+		snprintf(err, errlen, "cannot connect to the Ceph cluster of %s as client.%s: %s", conf->rados_conf,
+		    conf->rados_user, strerror(-rc));
+		goto fail;
+	}
+	if ((rc = rados_ioctx_create(r->cluster, conf->rados_pool, &r->io)) < 0) {
+		snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
+		rados_shutdown(r->cluster);
+		free(r);
+		return -1;
+	}
+	rados_ioctx_set_namespace(r->io, conf->rados_namespace[0] ? conf->rados_namespace : NULL);
+	pthread_mutex_init(&r->gc_lock, NULL);
+	pthread_cond_init(&r->gc_cond, NULL);
+	if (role == BACKEND_WRITER) {
+		if (pthread_create(&r->gc_thread, NULL, gc_main, r) != 0) {
+			snprintf(err, errlen, "cannot start the collector thread");
+			rados_ioctx_destroy(r->io);
+			rados_shutdown(r->cluster);
+			free(r);
+			return -1;
+		}
+		r->gc_started = 1;
+	}
+	b->priv = r;
+	return 0;
+fail:
+	rados_shutdown(r->cluster);
+	free(r);
+	return -1;
+}
+
+static void rados_close(struct backend *b)
+{
+	struct rados_be *r = b->priv;
+	if (r == NULL)
+		return;
+	if (r->gc_started) {
+		pthread_mutex_lock(&r->gc_lock);
+		r->gc_stop = 1;
+		pthread_cond_signal(&r->gc_cond);
+		pthread_mutex_unlock(&r->gc_lock);
+		pthread_join(r->gc_thread, NULL);
+	}
+	pthread_mutex_destroy(&r->gc_lock);
+	pthread_cond_destroy(&r->gc_cond);
+	rados_ioctx_destroy(r->io);
+	rados_shutdown(r->cluster);
+	free(r);
+	b->priv = NULL;
+}
+
+/* ---------------------------------------------------------------- staging */
+
+static struct backend_staging *staging_new(struct rados_be *r, const struct backend_meta *meta)
+{
+	struct backend_staging *s = calloc(1, sizeof(*s));
+	if (s == NULL)
+		return NULL;
+	s->r = r;
+	s->meta = *meta;
+	return s;
+}
+
+/* Finds the head of s from the staging index (attach and recovery). */
+static int staging_locate(struct backend_staging *s)
+{
+	if (s->head[0])
+		return 0;
+	char key[64];
+	staging_key(&s->meta, key, sizeof(key));
+	char head[OID_MAX];
+	int err = omap_get(s->r, STAGING_OBJ, key, strlen(key), head, sizeof(head));
+	if (err)
+		return err;
+	struct head_attrs h;
+	if ((err = head_read(s->r, head, &h)) != 0)
+		return err;
+	struct backend_meta m;
+	uint64_t piece;
+	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &piece) != 0)
+		return EIO;
+	snprintf(s->head, sizeof(s->head), "%s", head);
+	s->piece = piece;
+	return 0;
+}
+
+/* Resets an existing open head to empty with new metadata; ECANCELED when it is sealed. */
+static int staging_reset(struct backend_staging *s, const char *head, uint64_t fence, const char *meta,
+    size_t meta_len)
+{
+	struct rados_be *r = s->r;
+	struct head_attrs h;
+	int err = head_read(r, head, &h);
+	if (err)
+		return err;
+	uint64_t old_piece = 0;
+	struct backend_meta m;
+	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &old_piece) != 0)
+		return ECANCELED;   /* unreadable: start a fresh object instead */
+	rados_write_op_t op = rados_create_write_op();
+	char ftext[FENCE_LEN + 1];
+	op_fence(op, fence, ftext);
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	rados_write_op_truncate(op, 0);
+	rados_write_op_setxattr(op, "meta", meta, meta_len);
+	int rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return canceled_why(r, head, fence, ECANCELED);
+	if (rc < 0)
+		return rerr(rc);
+	/* Pieces past the head held the old data: gone, so the size counts from the head again. */
+	if ((err = data_remove(r, head, old_piece, 1)) != 0)
+		return err;
+	/* The meta above records the piece size of this backend now: keep the head's own. */
+	s->piece = old_piece;
+	if (old_piece != r->piece) {
+		char fixed[META_MAX];
+		size_t len;
+		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
+			rados_write_op_t fix = rados_create_write_op();
+			rados_write_op_setxattr(fix, "meta", fixed, len);
+			err = rerr(rados_write_op_operate(fix, r->io, head, NULL, WRITE_FLAGS));
+			rados_release_write_op(fix);
+		}
+	}
+	return err;
+}
+
+static int rados_staging_begin(struct backend *b, const struct backend_meta *meta, uint64_t fence,
+    struct backend_staging **out)
+{
+	struct rados_be *r = b->priv;
+	struct backend_staging *s = staging_new(r, meta);
+	if (s == NULL)
+		return ENOMEM;
+	char key[64], old[OID_MAX] = "", text[META_MAX];
+	size_t text_len;
+	staging_key(meta, key, sizeof(key));
+	int err = meta_encode(meta, r->piece, text, sizeof(text), &text_len);
+	if (err == 0) {
+		err = omap_get(r, STAGING_OBJ, key, strlen(key), old, sizeof(old));
+		if (err == ENOENT) {
+			old[0] = '\0';
+			err = 0;
+		}
+	}
+	if (err == 0 && old[0]) {
+		err = staging_reset(s, old, fence, text, text_len);
+		if (err == 0) {
+			snprintf(s->head, sizeof(s->head), "%s", old);
+			s->fence_known = fence;
+			*out = s;
+			return 0;
+		}
+		if (err == ECANCELED || err == ENOENT)
+			err = 0;   /* sealed or gone: a fresh object below */
+	}
+	if (err) {
+		free(s);
+		return err;
+	}
+	/* A fresh head under a name never used before: created complete, then indexed. A crash in
+	 * between leaves an object nothing points to (design.md: the orphan sweep). */
+	uint8_t rnd[8];
+	char hex[17];
+	randombytes_buf(rnd, sizeof(rnd));
+	sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
+	snprintf(s->head, sizeof(s->head), "d.%s.%s", meta->md5, hex);
+	s->piece = r->piece;
+	char ftext[FENCE_LEN + 1];
+	fence_text(fence, ftext);
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+	rados_write_op_setxattr(op, "meta", text, text_len);
+	rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
+	rados_write_op_setxattr(op, "state", "open", 4);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc < 0) {
+		free(s);
+		return rerr(rc);
+	}
+	err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
+	if (err) {
+		object_remove(r, s->head);
+		free(s);
+		return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
+	}
+	if (old[0])
+		data_remove(r, old, r->piece, 0);   /* a broken old entry: best effort */
+	s->fence_known = fence;
+	*out = s;
+	return 0;
+}
+
+static int rados_staging_attach(struct backend *b, const struct backend_meta *meta, struct backend_staging **out)
+{
+	struct backend_staging *s = staging_new(b->priv, meta);
+	if (s == NULL)
+		return ENOMEM;
+	int err = staging_locate(s);
+	if (err) {
+		free(s);
+		return err;
+	}
+	*out = s;
+	return 0;
+}
+
+static int fence_parse(const char *text, uint64_t *fence)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(text, &end, 16);
+	if (errno || end == text || *end != '\0')
+		return EIO;
+	*fence = v;
+	return 0;
+}
+
+/* Records fence on the head and on every existing piece before this handle changes anything
+ * under it (a node taking an upload over): from then on a writer with a lower fence is refused
+ * on every object of the entry, not only on the one the new holder happens to write first. */
+static int fence_raise(struct backend_staging *s, uint64_t fence)
+{
+	if (fence == BACKEND_NO_FENCE || fence <= s->fence_known)
+		return 0;
+	struct rados_be *r = s->r;
+	char ftext[FENCE_LEN + 1];
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	op_fence(op, fence, ftext);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return canceled_why(r, s->head, fence, ESTALE);
+	if (rc < 0)
+		return rerr(rc);
+	uint64_t size = 0;
+	int err = data_size(r, s->head, s->piece, &size, NULL);
+	for (uint64_t k = 1; err == 0 && k <= size / s->piece; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(s->head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_assert_exists(op);
+		op_fence(op, fence, ftext);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == -ECANCELED)
+			err = ESTALE;
+		else if (rc < 0 && rc != -ENOENT)
+			err = rerr(rc);
+	}
+	if (err == 0)
+		s->fence_known = fence;
+	return err;
+}
+
+static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
+    struct backend_staging **out)
+{
+	struct rados_be *r = b->priv;
+	struct backend_meta want = { .uid = uid };
+	memcpy(want.md5, md5, PROTO_MD5_HEX);
+	char key[64], head[OID_MAX];
+	staging_key(&want, key, sizeof(key));
+	int err = omap_get(r, STAGING_OBJ, key, strlen(key), head, sizeof(head));
+	if (err)
+		return err;
+	struct head_attrs h;
+	if ((err = head_read(r, head, &h)) != 0)
+		return err == ENOENT ? EINVAL : err;   /* indexed but gone: broken, seq 1 replaces it */
+	memset(entry, 0, sizeof(*entry));
+	uint64_t piece = 0, recorded = 0;
+	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
+	    entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0 ||
+	    (h.fence[0] && fence_parse(h.fence, &recorded) != 0))
+		return EINVAL;
+	if (strcmp(h.state, "sealed") == 0) {
+		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
+		 * stopped before the name switch was done. Finishing the switch is idempotent. */
+		if ((err = name_switch(r, uid, entry->meta.name, entry->meta.name_len, head)) != 0)
+			return err;
+		omap_remove_if(r, STAGING_OBJ, key, head);
+		return ENOENT;
+	}
+	if ((err = data_size(r, head, piece, &entry->size, &entry->mtime)) != 0)
+		return err;
+	struct backend_staging *s = staging_new(r, &entry->meta);
+	if (s == NULL)
+		return ENOMEM;
+	snprintf(s->head, sizeof(s->head), "%s", head);
+	s->piece = piece;
+	s->fence_known = recorded;
+	*out = s;
+	return 0;
+}
+
+/* The fence on the head: fence_raise puts every holder's there before it changes anything. An
+ * entry that is gone or sealed (published) records none any more: 0, as the fs backend's. */
+static int rados_staging_fence(struct backend_staging *s, uint64_t *recorded)
+{
+	*recorded = 0;
+	int err = staging_locate(s);
+	struct head_attrs h;
+	if (err == 0)
+		err = head_read(s->r, s->head, &h);
+	if (err == ENOENT)
+		return 0;
+	if (err)
+		return err;
+	if (strcmp(h.state, "open") != 0 || h.fence[0] == '\0')
+		return 0;
+	return fence_parse(h.fence, recorded);
+}
+
+/* Writes one piece's part: the fence (and, on the head, the open state) checked in the same op. */
+static int piece_write(struct backend_staging *s, uint64_t k, const char *data, size_t len, uint64_t in,
+    uint64_t fence)
+{
+	struct rados_be *r = s->r;
+	char oid[PIECE_OID_MAX], ftext[FENCE_LEN + 1];
+	piece_oid(s->head, k, oid);
+	for (int attempt = 0; attempt < 3; attempt++) {
+		rados_write_op_t op = rados_create_write_op();
+		if (k == 0) {
+			rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+			op_fence(op, fence, ftext);
+		} else if (fence != BACKEND_NO_FENCE && attempt > 0) {
+			/* A new piece: the head's fence was just checked; the piece starts with ours. */
+			rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+			fence_text(fence, ftext);
+			rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
+		} else {
+			op_fence(op, fence, ftext);
+		}
+		rados_write_op_write(op, data, len, in);
+		int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == -ECANCELED)
+			return k == 0 ? canceled_why(r, oid, fence, ESTALE) : ESTALE;
+		if (rc == -ENOENT && k == 0)
+			return ENOENT;
+		if (rc == -ENOENT && fence != BACKEND_NO_FENCE && attempt == 0) {
+			/* The piece is new: check (and raise) the fence on the head before creating it. */
+			rados_write_op_t hop = rados_create_write_op();
+			rados_write_op_cmpxattr(hop, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+			op_fence(hop, fence, ftext);
+			rc = rados_write_op_operate(hop, r->io, s->head, NULL, WRITE_FLAGS);
+			rados_release_write_op(hop);
+			if (rc == -ECANCELED)
+				return canceled_why(r, s->head, fence, ESTALE);
+			if (rc < 0)
+				return rerr(rc);
+			continue;
+		}
+		if (rc == -EEXIST)
+			continue;   /* created meanwhile: the fenced path again */
+		return rerr(rc);
+	}
+	return ESTALE;
+}
+
+static int rados_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
+    uint64_t fence)
+{
+	int err = staging_locate(s);
+	if (err == 0)
+		err = fence_raise(s, fence);
+	size_t done = 0;
+	while (err == 0 && done < len) {
+		uint64_t at = offset + done, k = at / s->piece, in = at % s->piece;
+		size_t n = len - done;
+		if (n > s->piece - in)
+			n = (size_t)(s->piece - in);
+		err = piece_write(s, k, (const char *)data + done, n, in, fence);
+		done += n;
+	}
+	return err;
+}
+
+static int rados_staging_read(struct backend_staging *s, void *buf, size_t len, uint64_t offset, size_t *got)
+{
+	*got = 0;
+	int err = staging_locate(s);
+	return err ? err : data_read(s->r, s->head, s->piece, buf, len, offset, got);
+}
+
+static int rados_staging_sync(struct backend_staging *s, enum backend_sync_point point)
+{
+	/* A RADOS write is acknowledged once every replica holds it: nothing more to flush. */
+	(void)s;
+	(void)point;
+	return 0;
+}
+
+static int rados_staging_size(struct backend_staging *s, uint64_t *size)
+{
+	int err = staging_locate(s);
+	return err ? err : data_size(s->r, s->head, s->piece, size, NULL);
+}
+
+static int rados_staging_truncate(struct backend_staging *s, uint64_t size, uint64_t fence)
+{
+	struct rados_be *r = s->r;
+	int err = staging_locate(s);
+	if (err == 0)
+		err = fence_raise(s, fence);
+	if (err)
+		return err;
+	/* Fenced on the head first, so a fenced-out writer cuts nothing. */
+	rados_write_op_t op = rados_create_write_op();
+	char ftext[FENCE_LEN + 1];
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	op_fence(op, fence, ftext);
+	if (size < s->piece)
+		rados_write_op_truncate(op, size);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return canceled_why(r, s->head, fence, ESTALE);
+	if (rc < 0)
+		return rerr(rc);
+	uint64_t k = size / s->piece;
+	if ((err = data_remove(r, s->head, s->piece, k + 1)) != 0)
+		return err;
+	if (k > 0) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(s->head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_truncate(op, size % s->piece);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0 && rc != -ENOENT)
+			return rerr(rc);
+	}
+	return 0;
+}
+
+static int rados_staging_discard(struct backend_staging *s, uint64_t fence)
+{
+	struct rados_be *r = s->r;
+	int err = staging_locate(s);
+	if (err)
+		return err == ENOENT ? 0 : err;
+	if (fence != BACKEND_NO_FENCE) {
+		/* The fence is checked (and raised) first: a fenced-out writer removes nothing. */
+		rados_write_op_t op = rados_create_write_op();
+		char ftext[FENCE_LEN + 1];
+		op_fence(op, fence, ftext);
+		int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == -ECANCELED)
+			return ESTALE;
+		if (rc < 0 && rc != -ENOENT)
+			return rerr(rc);
+	}
+	/* Data first, then the index entry: a crash in between leaves an entry that recovery drops. */
+	if ((err = data_remove(r, s->head, s->piece, 0)) != 0)
+		return err;
+	char key[64];
+	staging_key(&s->meta, key, sizeof(key));
+	return omap_remove_if(r, STAGING_OBJ, key, s->head);
+}
+
+static void rados_staging_close(struct backend_staging *s)
+{
+	free(s);
+}
+
+/* ---------------------------------------------------------------- publishing */
+
+/* Points <uid>/<name> at head; a replaced version is queued for deletion first (crash-safe:
+ * the collector deletes only what no name points to any more). */
+static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head)
+{
+	char idx[OID_MAX];
+	index_oid(uid, idx);
+	for (int i = 0; i < SWITCH_TRIES; i++) {
+		char old[OID_MAX] = "";
+		int err = omap_get(r, idx, name, name_len, old, sizeof(old));
+		if (err == ENOENT)
+			old[0] = '\0';
+		else if (err)
+			return err;
+		if (strcmp(old, head) == 0)
+			return 0;   /* done before (recovery rolling a publish forward) */
+		if (old[0]) {
+			char val[PROTO_NAME_MAX + 64];
+			int n = snprintf(val, sizeof(val), "%lld %" PRIu64 " ", (long long)time(NULL) + r->conf->rados_gc_grace,
+			    uid);
+			memcpy(val + n, name, name_len);
+			val[n + (int)name_len] = '\0';
+			const char *keys[1] = { old }, *vals[1] = { val };
+			size_t kl = strlen(old), vl = (size_t)n + name_len;
+			rados_write_op_t op = rados_create_write_op();
+			rados_write_op_omap_set2(op, keys, vals, &kl, &vl, 1);
+			int rc = rados_write_op_operate(op, r->io, GC_OBJ, NULL, WRITE_FLAGS);
+			rados_release_write_op(op);
+			if (rc < 0)
+				return rerr(rc);
+		}
+		err = omap_swap(r, idx, name, name_len, old, head);
+		if (err != ECANCELED)
+			return err;
+	}
+	return ETIMEDOUT;   /* the name kept changing under us: busy, retry */
+}
+
+static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
+{
+	struct rados_be *r = s->r;
+	*flags = 0;
+	int err = staging_locate(s);
+	uint64_t size = 0;
+	if (err == 0)
+		err = data_size(r, s->head, s->piece, &size, NULL);
+	if (err)
+		return err;
+	/* Seal: the fence checked and the state closed in one op; nothing changes the data after. */
+	char layout[64], ftext[FENCE_LEN + 1];
+	int n = snprintf(layout, sizeof(layout), "%" PRIu64 ":%" PRIu64, size, s->piece);
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	op_fence(op, fence, ftext);
+	rados_write_op_setxattr(op, "state", "sealed", 6);
+	rados_write_op_setxattr(op, "layout", layout, (size_t)n);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED) {
+		struct head_attrs h;
+		err = canceled_why(r, s->head, fence, EIO);
+		if (err == EIO && head_read(r, s->head, &h) == 0 && strcmp(h.state, "sealed") == 0 &&
+		    strcmp(h.layout, layout) == 0)
+			err = 0;   /* sealed by an earlier attempt whose switch failed */
+		if (err)
+			return err;
+	} else if (rc < 0) {
+		return rerr(rc);
+	}
+	if ((err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, s->head)) != 0)
+		return err;
+	*flags |= BACKEND_PUBLISHED;
+	char key[64];
+	staging_key(&s->meta, key, sizeof(key));
+	if (omap_remove_if(r, STAGING_OBJ, key, s->head) != 0)
+		log_warnx("rados: cannot drop the staging entry %s (recovery will)", key);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- recovery */
+
+struct list_page {
+	char key[64];
+	char head[OID_MAX];
+};
+
+static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg, size_t *dropped)
+{
+	struct rados_be *r = b->priv;
+	*dropped = 0;
+	char after[64] = "";
+	struct list_page *page = calloc(OMAP_PAGE, sizeof(*page));
+	if (page == NULL)
+		return ENOMEM;
+	int err = 0, stop = 0;
+	unsigned char more = 1;
+	while (!stop && more && err == 0) {
+		rados_read_op_t op = rados_create_read_op();
+		rados_omap_iter_t it = NULL;
+		int prval = 0;
+		rados_read_op_omap_get_vals2(op, after[0] ? after : NULL, NULL, OMAP_PAGE, &it, &more, &prval);
+		int rc = rados_read_op_operate(op, r->io, STAGING_OBJ, 0);
+		size_t count = 0;
+		if (rc == -ENOENT) {
+			more = 0;   /* nothing staged yet */
+		} else if (rc < 0 || prval < 0) {
+			err = rerr(rc < 0 ? rc : prval);
+		} else {
+			char *k, *v;
+			size_t kl, vl;
+			while (count < OMAP_PAGE && rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+				if (kl < sizeof(page[count].key) && vl < sizeof(page[count].head)) {
+					memcpy(page[count].key, k, kl);
+					page[count].key[kl] = '\0';
+					memcpy(page[count].head, v, vl);
+					page[count].head[vl] = '\0';
+					count++;
+				}
+				if (kl < sizeof(after)) {
+					memcpy(after, k, kl);
+					after[kl] = '\0';
+				}
+			}
+		}
+		if (it)
+			rados_omap_get_end(it);
+		rados_release_read_op(op);
+		for (size_t i = 0; i < count && !stop && err == 0; i++) {
+			struct list_page *p = &page[i];
+			struct head_attrs h;
+			struct backend_entry e;
+			memset(&e, 0, sizeof(e));
+			uint64_t piece = 0;
+			int herr = head_read(r, p->head, &h);
+			if (herr && herr != ENOENT) {
+				err = herr;   /* the cluster, not the entry: stop rather than drop */
+				break;
+			}
+			char expect[64];
+			int bad = herr != 0 || h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &e.meta, &piece) != 0;
+			if (!bad) {
+				staging_key(&e.meta, expect, sizeof(expect));
+				bad = strcmp(expect, p->key) != 0;
+			}
+			if (bad) {
+				log_warnx("rados: dropping unreadable staging entry %s -> %s", p->key, p->head);
+				if (herr == 0)
+					data_remove(r, p->head, piece ? piece : r->piece, 0);
+				omap_remove_if(r, STAGING_OBJ, p->key, p->head);
+				(*dropped)++;
+				continue;
+			}
+			if (strcmp(h.state, "sealed") == 0) {
+				/* Sealed after its MD5 was checked, but the process stopped before the name switch
+				 * was done or the entry dropped: finish the publish. */
+				if ((err = name_switch(r, e.meta.uid, e.meta.name, e.meta.name_len, p->head)) != 0)
+					break;
+				log_info("rados: finished publishing %" PRIu64 "/%s", e.meta.uid, e.meta.md5);
+				omap_remove_if(r, STAGING_OBJ, p->key, p->head);
+				continue;
+			}
+			if ((err = data_size(r, p->head, piece, &e.size, &e.mtime)) != 0)
+				break;
+			stop = cb(&e, arg);
+		}
+	}
+	free(page);
+	return err;
+}
+
+/* ---------------------------------------------------------------- published files */
+
+static int rados_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
+    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
+{
+	struct rados_be *r = b->priv;
+	char idx[OID_MAX];
+	index_oid(uid, idx);
+	for (int attempt = 0; attempt < 2; attempt++) {
+		char head[OID_MAX];
+		int err = omap_get(r, idx, name, name_len, head, sizeof(head));
+		if (err)
+			return err;
+		char layout[64];
+		int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
+		if (n == -ENOENT || n == -ENODATA)
+			continue;   /* replaced and collected between the two reads: look again */
+		if (n < 0)
+			return rerr(n);
+		layout[n] = '\0';
+		struct backend_file *f = calloc(1, sizeof(*f));
+		if (f == NULL)
+			return ENOMEM;
+		f->r = r;
+		snprintf(f->head, sizeof(f->head), "%s", head);
+		if ((err = layout_parse(layout, &f->size, &f->piece)) != 0) {
+			free(f);
+			return err;
+		}
+		snprintf(version, BACKEND_VERSION_MAX, "%.*s", BACKEND_VERSION_MAX - 1, head);
+		*size = f->size;
+		*out = f;
+		return 0;
+	}
+	return ENOENT;
+}
+
+static int rados_file_read(struct backend_file *f, void *buf, size_t len, uint64_t offset, size_t *got)
+{
+	*got = 0;
+	if (offset >= f->size)
+		return 0;
+	if (len > f->size - offset)
+		len = (size_t)(f->size - offset);
+	return data_read(f->r, f->head, f->piece, buf, len, offset, got);
+}
+
+static void rados_file_close(struct backend_file *f)
+{
+	free(f);
+}
+
+/* ---------------------------------------------------------------- the collector of replaced versions */
+
+/* Deletes the versions queued in "gc" whose grace has passed and that no name points to. */
+static void gc_sweep(struct rados_be *r)
+{
+	char after[OID_MAX] = "";
+	unsigned char more = 1;
+	time_t now = time(NULL);
+	while (more) {
+		rados_read_op_t op = rados_create_read_op();
+		rados_omap_iter_t it = NULL;
+		int prval = 0;
+		rados_read_op_omap_get_vals2(op, after[0] ? after : NULL, NULL, 64, &it, &more, &prval);
+		int rc = rados_read_op_operate(op, r->io, GC_OBJ, 0);
+		struct { char head[OID_MAX]; char val[PROTO_NAME_MAX + 64]; } due[64];
+		size_t count = 0;
+		if (rc < 0 || prval < 0) {
+			more = 0;
+		} else {
+			char *k, *v;
+			size_t kl, vl;
+			while (rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+				if (kl < OID_MAX) {
+					memcpy(after, k, kl);
+					after[kl] = '\0';
+				}
+				if (count < 64 && kl < OID_MAX && vl < sizeof(due[0].val) && atoll(v) <= now) {
+					memcpy(due[count].head, k, kl);
+					due[count].head[kl] = '\0';
+					memcpy(due[count].val, v, vl);
+					due[count].val[vl] = '\0';
+					count++;
+				}
+			}
+		}
+		if (it)
+			rados_omap_get_end(it);
+		rados_release_read_op(op);
+		for (size_t i = 0; i < count; i++) {
+			char *p = strchr(due[i].val, ' ');
+			char *q = p ? strchr(p + 1, ' ') : NULL;
+			if (q == NULL) {
+				omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
+				continue;
+			}
+			uint64_t uid = strtoull(p + 1, NULL, 10);
+			const char *name = q + 1;
+			char idx[OID_MAX], now_head[OID_MAX] = "";
+			index_oid(uid, idx);
+			int err = omap_get(r, idx, name, strlen(name), now_head, sizeof(now_head));
+			if (err && err != ENOENT)
+				continue;   /* cannot tell: next sweep */
+			if (strcmp(now_head, due[i].head) != 0) {
+				char layout[64];
+				uint64_t size, piece = r->piece;
+				int n = rados_getxattr(r->io, due[i].head, "layout", layout, sizeof(layout) - 1);
+				if (n >= 0) {
+					layout[n] = '\0';
+					layout_parse(layout, &size, &piece);
+				}
+				if (data_remove(r, due[i].head, piece, 0) != 0)
+					continue;
+			}
+			omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
+		}
+	}
+}
+
+static void *gc_main(void *arg)
+{
+	struct rados_be *r = arg;
+	int interval = r->conf->janitor_interval;
+	pthread_mutex_lock(&r->gc_lock);
+	while (!r->gc_stop) {
+		struct timespec until;
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_sec += interval;
+		pthread_cond_timedwait(&r->gc_cond, &r->gc_lock, &until);
+		if (r->gc_stop)
+			break;
+		pthread_mutex_unlock(&r->gc_lock);
+		gc_sweep(r);
+		pthread_mutex_lock(&r->gc_lock);
+	}
+	pthread_mutex_unlock(&r->gc_lock);
+	return NULL;
+}
+
+/* One round trip to the OSD holding the staging index: the cluster answers, or it does not (within
+ * op_timeout). */
+static int rados_ping(struct backend *b)
+{
+	struct rados_be *r = b->priv;
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, STAGING_OBJ, &size, &mtime);
+	return rc == -ENOENT ? 0 : rerr(rc);
+}
+
+const struct backend_ops backend_rados = {
+	.name = "rados",
+	.open = rados_open,
+	.close = rados_close,
+	.staging_begin = rados_staging_begin,
+	.staging_attach = rados_staging_attach,
+	.staging_find = rados_staging_find,
+	.staging_write = rados_staging_write,
+	.staging_read = rados_staging_read,
+	.staging_sync = rados_staging_sync,
+	.staging_size = rados_staging_size,
+	.staging_fence = rados_staging_fence,
+	.staging_truncate = rados_staging_truncate,
+	.staging_discard = rados_staging_discard,
+	.staging_close = rados_staging_close,
+	.staging_list = rados_staging_list,
+	.publish = rados_publish,
+	.file_open = rados_file_open,
+	.file_read = rados_file_read,
+	.file_close = rados_file_close,
+	.ping = rados_ping,
+	/* No file_fd (no descriptor to sendfile from) and no content index yet: instant upload is
+	 * off with this backend (storage.c says so at start; design.md, "How a RADOS backend would
+	 * keep the content index"). */
+};
