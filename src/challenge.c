@@ -16,6 +16,9 @@
  * (lease.c), so a node that lost the upload can neither read a proof to go on with nor change
  * it. The draw is never replaced while the key lives: a client that starts over, on this node
  * or another, gets the chunks it was asked for before, so resets give it nothing new to guess.
+ * A chunk 1 that did not match (ARGV[6] '1') draws or uses a draw all the same and marks it
+ * failed: both outcomes run this one script, so neither the answer nor its time tells them
+ * apart, and a chunk 1 guessed wrong costs the account its instant upload of (uid, md5).
  */
 static const char get_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
@@ -23,10 +26,11 @@ static const char get_script[] =
 	"local c = redis.call('HMGET', KEYS[2], 'chunk_len', 'draw', 'next', 'failed') "
 	"if not c[1] then "
 	"  if ARGV[3] == '' then return {1, '', '', '0', '0'} end "
-	"  redis.call('HSET', KEYS[2], 'chunk_len', ARGV[3], 'draw', ARGV[4], 'next', '0', 'failed', '0') "
+	"  redis.call('HSET', KEYS[2], 'chunk_len', ARGV[3], 'draw', ARGV[4], 'next', '0', 'failed', ARGV[6]) "
 	"  redis.call('PEXPIRE', KEYS[2], ARGV[2]) "
-	"  return {1, ARGV[3], ARGV[4], '0', '0'} end "
+	"  return {1, ARGV[3], ARGV[4], '0', ARGV[6]} end "
 	"if ARGV[5] == '1' and c[3] ~= '0' then redis.call('HSET', KEYS[2], 'next', '0') c[3] = '0' end "
+	"if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'failed', '1') c[4] = '1' end "
 	"return {1, c[1], c[2] or '', c[3] or '0', c[4] or '0'}";
 /* ARGV[2] next, ARGV[3] failed; an expired proof is not brought back (it would have no TTL). */
 static const char update_script[] =
@@ -106,7 +110,7 @@ static void challenge_on_reply(redisAsyncContext *ctx, void *reply, void *privda
 static int challenge_eval(struct rds *r, const char *script, const char *lease_key, const char *key, int argc,
     const char **extra, challenge_cb *cb, void *data)
 {
-	enum { FIXED = 6, MAX_EXTRA = 4 };
+	enum { FIXED = 6, MAX_EXTRA = 5 };
 	struct challenge_call *call = malloc(sizeof(*call));
 	if (call == NULL || argc > MAX_EXTRA) {
 		free(call);
@@ -128,7 +132,7 @@ static int challenge_eval(struct rds *r, const char *script, const char *lease_k
 }
 
 int challenge_get(struct rds *r, const char *lease_key, const char *key, long ttl_ms,
-    const struct challenge *proposal, int restart, challenge_cb *cb, void *data)
+    const struct challenge *proposal, int restart, int mismatch, challenge_cb *cb, void *data)
 {
 	char ttl[24], len[24] = "", draw[CHALLENGE_CHUNKS * 21 + 1] = "";
 	snprintf(ttl, sizeof(ttl), "%ld", ttl_ms);
@@ -138,8 +142,8 @@ int challenge_get(struct rds *r, const char *lease_key, const char *key, long tt
 		for (int i = 0; i < proposal->count; i++)
 			n += (size_t)snprintf(draw + n, sizeof(draw) - n, "%s%" PRIu64, i ? "," : "", proposal->chunk[i]);
 	}
-	const char *extra[] = { ttl, len, draw, restart ? "1" : "0" };
-	return challenge_eval(r, get_script, lease_key, key, 4, extra, cb, data);
+	const char *extra[] = { ttl, len, draw, restart ? "1" : "0", mismatch ? "1" : "0" };
+	return challenge_eval(r, get_script, lease_key, key, 5, extra, cb, data);
 }
 
 int challenge_update(struct rds *r, const char *lease_key, const char *key, int next, int failed,

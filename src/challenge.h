@@ -20,7 +20,7 @@ struct challenge {
 	uint64_t chunk_len;           /* the chunk size the chunks are numbered in */
 	int count;                    /* chunks drawn, at most CHALLENGE_CHUNKS */
 	uint64_t chunk[CHALLENGE_CHUNKS];   /* chunk numbers, from 2 */
-	int next;                     /* how many were answered right */
+	int next;                     /* how many were answered (right, unless failed) */
 	int failed;                   /* a wrong answer was given: no instant upload for this key */
 };
 
@@ -30,9 +30,11 @@ typedef void challenge_cb(void *data, enum lease_status status, const struct cha
 
 /* Under the lease lease_key: returns the draw of key, or stores proposal (count chunks of
  * chunk_len) for ttl_ms when there is none. restart: the client started over at chunk 1, so
- * the answers count again from the first chunk of the same draw. proposal NULL: only read. */
+ * the answers count again from the first chunk of the same draw. mismatch: chunk 1 differed from
+ * the stored content (or there is none): the draw, new or kept, is marked failed. proposal NULL:
+ * only read. */
 int challenge_get(struct rds *r, const char *lease_key, const char *key, long ttl_ms,
-    const struct challenge *proposal, int restart, challenge_cb *cb, void *data);
+    const struct challenge *proposal, int restart, int mismatch, challenge_cb *cb, void *data);
 /* Under the lease: records how many chunks were answered right, or that one was wrong
  * (failed); nothing when the key expired meanwhile. cb may be NULL. */
 int challenge_update(struct rds *r, const char *lease_key, const char *key, int next, int failed,

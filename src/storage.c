@@ -211,6 +211,42 @@ static void content_key(const struct upload *up, uint64_t total_size, struct bac
 	memcpy(key->md5, up->key.md5, sizeof(key->md5));
 }
 
+/* Is an upload whose chunk 1 holds chunk_len bytes of total_size one that may be instant? Chunk 1
+ * must not be smaller than min(total_size, DEDUP_MIN_PROOF): the client chooses the chunk size,
+ * and the challenged chunks are that size, so tiny chunks would make the proof a guess. A file of
+ * one chunk is compared whole at completion instead. */
+static int dedup_eligible(const struct storage *st, uint64_t chunk_len, uint64_t total_size)
+{
+	uint64_t floor = total_size < DEDUP_MIN_PROOF ? total_size : DEDUP_MIN_PROOF;
+	return dedup_enabled(st) && chunk_len > 0 && chunk_len < total_size && chunk_len >= floor;
+}
+
+/* Could a client that does not hold the file guess these challenged bytes? Too short, one byte
+ * value or a short pattern repeated, or the start of chunk 1 again (the client sent it): such a
+ * chunk is compared but counts for nothing in the proof. Reads chunk 1 back (bounded: one chunk). */
+static int dedup_chunk_weak(const struct upload *up, const uint8_t *data, size_t len)
+{
+	if (len < DEDUP_WEAK_LEN)
+		return 1;
+	/* The smallest period up to DEDUP_WEAK_PERIOD of the first 2 * DEDUP_WEAK_PERIOD bytes is the
+	 * only one to try on the whole chunk (by Fine and Wilf, a window that long with two periods
+	 * p <= q <= DEDUP_WEAK_PERIOD has period gcd(p, q)): linear, however the chunk is crafted. */
+	size_t window = len < 2 * DEDUP_WEAK_PERIOD ? len : 2 * DEDUP_WEAK_PERIOD;
+	for (size_t p = 1; p <= DEDUP_WEAK_PERIOD && p < window; p++)
+		if (memcmp(data, data + p, window - p) == 0) {
+			if (memcmp(data, data + p, len - p) == 0)
+				return 1;
+			break;
+		}
+	const struct backend *be = &up->st->backend;
+	uint8_t *first = up->stg && len <= up->chunk_len ? malloc(len) : NULL;
+	size_t got = 0;
+	int same = first && be->ops->staging_read(up->stg, first, len, 0, &got) == 0 && got == len &&
+	    memcmp(first, data, len) == 0;
+	free(first);
+	return same;
+}
+
 /* Do len bytes of the stored content of key at offset equal data? 0 when there is no such content. */
 static int content_equals(const struct upload *up, uint64_t total_size, uint64_t offset, const uint8_t *data,
     size_t len)
@@ -379,11 +415,13 @@ static void upload_work(struct pool_job *job)
 		    op->offset + op->data_len == op->total_size)
 			hash_chunk(up, op);
 		/* Instant upload: chunk 1 of a file of several chunks is compared with stored content. */
-		up->dd_match = up->work == WORK_START && dedup_enabled(up->st) && op->data_len > 0 &&
-		    op->data_len < op->total_size && content_equals(up, op->total_size, 0, op->data, op->data_len);
+		up->dd_match = up->work == WORK_START && dedup_eligible(up->st, op->data_len, op->total_size) &&
+		    content_equals(up, op->total_size, 0, op->data, op->data_len);
 		return;
 	case WORK_CHALLENGE:
+		/* Compared even for a decoy (no content, or chunk 1 differed): the same work either way. */
 		up->dd_match = content_equals(up, up->total_size, op->offset, op->data, op->data_len);
+		up->dd_weak = dedup_chunk_weak(up, op->data, op->data_len);
 		return;
 	case WORK_LINK:
 		work_link(up);
@@ -967,14 +1005,23 @@ static uint64_t upload_chunks(const struct upload *up)
 	return up->total_size / up->chunk_len + (up->total_size % up->chunk_len != 0);
 }
 
-/* The proof Redis holds becomes this upload's: asked for from challenge[next] on, unless a wrong
- * answer was given already or it was drawn for other chunks (another chunk size). */
+/* With dedup = global, the answers before the end of a proof do not tell whether chunk 1 or a
+ * challenged chunk matched: a failed draw goes on asking its chunks as decoys (design.md). */
+static int dedup_hides(const struct upload *up)
+{
+	return up->st->conf->dedup == DEDUP_GLOBAL;
+}
+
+/* The proof Redis holds becomes this upload's: asked for from challenge[next] on, unless it was
+ * drawn for other chunks (another chunk size), or (dedup = user) a wrong answer was given already.
+ * A failed draw under dedup = global is asked as decoys and can only end in a normal upload. */
 static void dedup_challenge_take(struct upload *up, const struct challenge *c, const char *where)
 {
 	up->dd_challenging = 0;
+	up->dd_proving = 0;
 	if (!c->present)
 		return;
-	const char *why = c->failed ? "a challenged chunk was answered wrong before" :
+	const char *why = c->failed && !dedup_hides(up) ? "a challenged chunk was answered wrong before" :
 	    c->chunk_len != up->chunk_len ? "its chunks were drawn for another chunk size" : NULL;
 	for (int i = 0; why == NULL && i < c->count; i++)
 		if (c->chunk[i] < 2 || c->chunk[i] > upload_chunks(up))
@@ -986,6 +1033,8 @@ static void dedup_challenge_take(struct upload *up, const struct challenge *c, c
 	up->dd_count = c->count;
 	memcpy(up->challenge, c->chunk, sizeof(up->challenge));
 	up->dd_next = c->next;
+	up->dd_proving = !c->failed;
+	up->dd_strong = 0;   /* read back mid-proof: the chunks answered elsewhere are not counted */
 	up->dd_challenging = up->dd_next < up->dd_count;
 	if (up->dd_challenging && where)
 		log_info("upload %" PRIu64 "/%s: instant-upload proof goes on here from chunk %" PRIu64, up->key.uid,
@@ -1005,13 +1054,19 @@ static void dedup_on_draw(void *data, enum lease_status status, const struct cha
 	upload_unpin(up);
 }
 
-/* Chunk 1 matched stored content: the chunks the client must show, at random offsets, drawn once
- * per upload_ttl (Redis keeps the first draw: a client starting over gets the same chunks).
- * 0 when dedup_on_draw goes on. */
+/* Chunk 1 matched stored content (or, with dedup = global, any chunk 1 of a proof's size): the
+ * chunks the client must show, at random offsets independent of the content, drawn once per
+ * upload_ttl (Redis keeps the first draw: a client starting over gets the same chunks). A chunk 1
+ * that did not match marks the draw failed in the same script. 0 when dedup_on_draw goes on. */
 static int dedup_challenge_begin(struct upload *up)
 {
 	struct storage *st = up->st;
-	uint64_t range = upload_chunks(up) - 1;   /* chunks 2..chunks; chunk 1 was compared already */
+	/* Chunks from 2 (chunk 1 was compared already); from 3 when at least two remain to draw from:
+	 * chunk 2 is what a client that does not wait for answers sends next, and a chunk asked for is
+	 * compared, not stored, so asking for it cost such a client a 1018 and a resume. Every upload
+	 * under dedup = global is asked now (decoys), so that case is no longer rare. */
+	uint64_t first = upload_chunks(up) > DEDUP_CHALLENGES + 1 ? 3 : 2;
+	uint64_t range = upload_chunks(up) - first + 1;
 	struct challenge draw = { .present = 1, .chunk_len = up->chunk_len };
 	draw.count = range < DEDUP_CHALLENGES ? (int)range : DEDUP_CHALLENGES;
 	for (int i = 0; i < draw.count; i++) {
@@ -1019,7 +1074,7 @@ static int dedup_challenge_begin(struct upload *up)
 		do {
 			uint64_t r;
 			randombytes_buf(&r, sizeof(r));   /* the modulo bias is below range / 2^64 */
-			draw.chunk[i] = 2 + r % range;
+			draw.chunk[i] = first + r % range;
 			again = 0;
 			for (int j = 0; j < i; j++)
 				again |= draw.chunk[j] == draw.chunk[i];
@@ -1027,13 +1082,15 @@ static int dedup_challenge_begin(struct upload *up)
 	}
 	up->dd_next = 0;
 	up->dd_challenging = 0;
+	up->dd_proving = 0;
+	up->dd_strong = 0;
 	if (draw.count == 0)
 		return -1;
 	char lkey[LEASE_KEY_MAX], ckey[CHALLENGE_KEY_MAX];
 	lease_key(st, &up->key, lkey, sizeof(lkey));
 	challenge_key(st, &up->key, ckey, sizeof(ckey));
 	if (up->lease != UL_OURS || challenge_get(&st->redis, lkey, ckey, st->conf->upload_ttl * 1000L, &draw, 1,
-	    dedup_on_draw, up) < 0)
+	    !up->dd_match, dedup_on_draw, up) < 0)
 		return -1;   /* Redis away: a normal upload (no proof without a draw that is kept) */
 	up->pins++;
 	return 0;
@@ -1073,18 +1130,21 @@ static void dedup_challenge_read(struct upload *up)
 	char lkey[LEASE_KEY_MAX], ckey[CHALLENGE_KEY_MAX];
 	lease_key(st, &up->key, lkey, sizeof(lkey));
 	challenge_key(st, &up->key, ckey, sizeof(ckey));
-	if (challenge_get(&st->redis, lkey, ckey, 0, NULL, 0, dedup_on_read, up) == 0) {
+	if (challenge_get(&st->redis, lkey, ckey, 0, NULL, 0, 0, dedup_on_read, up) == 0) {
 		up->loading = 1;   /* requests wait for the proof as for the entry */
 		up->pins++;
 	}
 }
 
-/* The proof failed or was interrupted: the upload goes on as a normal one from what is staged. */
+/* The proof failed or was interrupted: the upload goes on as a normal one from what is staged. A
+ * decoy (chunk 1 never matched) is a normal upload all along: neither counted nor logged. */
 static void dedup_fallback(struct upload *up, const char *why)
 {
 	if (!up->dd_challenging)
 		return;
 	up->dd_challenging = 0;
+	if (!up->dd_proving && dedup_hides(up) && !up->dd_match_seen)
+		return;
 	STAT_INC(instant_fallbacks);
 	log_info("upload %" PRIu64 "/%s: instant upload refused (%s): uploading in full", up->key.uid, up->key.md5,
 	    why);
@@ -1098,14 +1158,26 @@ static void work_done_challenge(struct upload *up, struct op *op)
 	up->running = 0;
 	up->dd_received += op->data_len;
 	up->touched = time(NULL);
-	if (!up->dd_match) {
+	int right = up->dd_match && up->dd_proving;
+	if (right && !up->dd_weak)
+		up->dd_strong += op->data_len;
+	if (!right && up->dd_proving)
+		up->dd_proving = 0;
+	uint64_t rest = up->total_size - up->chunk_len;
+	if (!right && !dedup_hides(up)) {
 		dedup_challenge_store(up, 1);   /* no second guess at these chunks, on any node */
 		dedup_fallback(up, "a challenged chunk differs from the stored content");
-	} else if (++up->dd_next == up->dd_count) {
+	} else if (++up->dd_next < up->dd_count) {
+		/* The next chunk is asked whatever this one was (dedup = global): a wrong answer shows
+		 * only at the end, like a chunk 1 that did not match. */
+		dedup_challenge_store(up, !up->dd_proving);
+	} else if (up->dd_proving && up->dd_strong >= (rest < DEDUP_MIN_PROOF ? rest : DEDUP_MIN_PROOF)) {
 		upload_start_work(up, WORK_LINK);   /* proven: the op stays at the head until published */
 		return;
 	} else {
-		dedup_challenge_store(up, 0);
+		dedup_challenge_store(up, 1);
+		dedup_fallback(up, up->dd_proving ? "the chunks asked for carry too little to prove possession" :
+		    "a challenged chunk differs from the stored content");
 	}
 	upload_pop(up);
 	op_answer(op, ERR_OK, NULL, up);   /* the next challenge, or where a normal upload goes on */
@@ -1261,7 +1333,11 @@ static void work_done_written(struct upload *up, struct op *op)
 		return;
 	}
 	if (up->work == WORK_START) {
-		if (up->dd_match && dedup_challenge_begin(up) == 0)
+		/* dedup = global asks a chunk 1 that did not match for decoys too: the answer to chunk 1
+		 * never tells whether stored content begins with it. */
+		up->dd_match_seen = up->dd_match;
+		if (dedup_eligible(up->st, up->chunk_len, up->total_size) && (up->dd_match || dedup_hides(up)) &&
+		    dedup_challenge_begin(up) == 0)
 			return;   /* dedup_on_draw records and answers */
 		upload_started_record(up);
 		return;
@@ -1298,7 +1374,11 @@ static void work_done_published(struct upload *up, struct op *op)
 		    " bytes not sent", saved);
 		STAT_INC(uploads_instant);
 		STAT_ADD(instant_bytes_saved, saved);
-		char ckey[CHALLENGE_KEY_MAX];   /* proven: the next upload of it may be asked other chunks */
+	}
+	if (dedup_enabled(up->st)) {
+		/* Proven, by the chunks asked or by every byte: the next upload of it may be asked other
+		 * chunks (a failed draw, or the decoys of a first upload, would refuse it otherwise). */
+		char ckey[CHALLENGE_KEY_MAX];
 		challenge_key(up->st, &up->key, ckey, sizeof(ckey));
 		rds_command(&up->st->redis, NULL, NULL, "DEL %s", ckey);
 	}

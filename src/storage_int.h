@@ -72,6 +72,17 @@ enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD,
 /* Chunks asked for at random offsets before an upload is published from stored content: with
  * chunk 1, at most three chunks are answered (design.md, "Instant upload"). */
 #define DEDUP_CHALLENGES CHALLENGE_CHUNKS
+/* The least proof a client cannot shrink (design.md, "Instant upload"): chunk 1 must hold at least
+ * min(total_size, DEDUP_MIN_PROOF) bytes, else the upload is a normal one; and the challenged
+ * chunks that matched must carry at least min(DEDUP_MIN_PROOF, total_size - chunk 1) bytes that
+ * are not guessable (dedup_chunk_weak), else the proof fails. 16 KiB is half resctl's default
+ * chunk and below any chunk size a file client uses, and 2^131072 is beyond any guessing. */
+#define DEDUP_MIN_PROOF 16384
+/* A challenged chunk shorter than this, or repeating itself with a period up to
+ * DEDUP_WEAK_PERIOD bytes (one byte value, a short pattern), or equal to the start of chunk 1
+ * (which the client sent), proves nothing. */
+#define DEDUP_WEAK_LEN 16
+#define DEDUP_WEAK_PERIOD 256
 
 /* Where this node stands with an upload's lease (lease.h). */
 enum upload_lease { UL_NONE, UL_ASKING, UL_OURS };
@@ -139,7 +150,11 @@ struct upload {
 	 * from 2, chosen at random) are asked for next, compared with that content and not stored.
 	 * Redis holds the draw and the answers under the lease (challenge.h): any node goes on. */
 	int dd_match;                 /* set by WORK_START / WORK_CHALLENGE: the bytes matched */
+	int dd_weak;                  /* set by WORK_CHALLENGE: the chunk carries too little to prove */
 	int dd_challenging;           /* answers ask for challenge[dd_next] instead of committed */
+	int dd_proving;               /* every answer so far matched: not a decoy (dedup = global) */
+	int dd_match_seen;            /* chunk 1 matched here: a fallback is counted and logged */
+	uint64_t dd_strong;           /* bytes of matched challenged chunks that are not weak */
 	int dd_count, dd_next;
 	uint64_t challenge[DEDUP_CHALLENGES];
 	uint64_t dd_received;         /* file bytes the client sent for this proof */

@@ -7,7 +7,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=170)
+tap = h.Tap(deadline=240)
 
 CH = 65536
 rand = __import__("random").Random(20261201)
@@ -58,17 +58,17 @@ except Exception as e:
 tap.ok(all(d.wait_redis_connected(15) for d in (du, dg, doff)), "three daemons (dedup user, global, off) started")
 
 
-def qt_upload(d, data, name, uid, msg_id=h.MSG_UPLOAD, lie=None, md5=None):
+def qt_upload(d, data, name, uid, msg_id=h.MSG_UPLOAD, lie=None, md5=None, ch=CH):
     """Uploads the way the original Qt client does: every answer with error 0 says where to go on
     (it seeks to trans_size and sends seq + 1) until trans_size = total_size.
 
     lie(offset) may return bytes to send instead of the real chunk at that offset.
     Returns (last answer, answers, file bytes sent, offsets sent)."""
-    up = h.Upload(data, name, uid, TOK[uid], chunk_size=CH, msg_id=msg_id, md5=md5)
+    up = h.Upload(data, name, uid, TOK[uid], chunk_size=ch, msg_id=msg_id, md5=md5)
     offset, seq, answers, sent, offsets = 0, 1, 0, 0, []
     with d.connect() as c:
         while True:
-            piece = data[offset:offset + CH]
+            piece = data[offset:offset + ch]
             fake = lie(offset) if lie else None
             override = {}
             if fake is not None:
@@ -79,9 +79,16 @@ def qt_upload(d, data, name, uid, msg_id=h.MSG_UPLOAD, lie=None, md5=None):
             offsets.append(offset)
             if r.get("error") != 0 or r.get("trans_size") == r.get("total_size"):
                 return r, answers, sent, offsets
-            if answers > 4 * (len(data) // CH + 2):
+            if answers > 4 * (len(data) // ch + 2):
                 return r, answers, sent, offsets   # a loop: fails below
             offset, seq = r["trans_size"], r["seq"] + 1
+
+
+def asked_chunk(r):
+    """The chunk an answer asks for (its number), or None when it asks for nothing (not a challenge)."""
+    if r.get("error") == 0 and r.get("message", "").startswith("challenge: "):
+        return r["seq"] + 1
+    return None
 
 
 def stored(d, uid, name):
@@ -213,11 +220,11 @@ with open(src, "wb") as f:
     f.write(R)
 
 
-def resctl_upload(name):
+def resctl_upload(name, d=None, uid=U2):
     r = __import__("subprocess").run(
         # --compat: the JSON path of the Qt client.
-        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, src, "--name", name, "--chunk", str(CH), "--compat",
-         "--uid", str(U2), "--token", TOK[U2]], stdin=__import__("subprocess").DEVNULL,
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % (d or du).port, src, "--name", name, "--chunk", str(CH),
+         "--compat", "--uid", str(uid), "--token", TOK[uid]], stdin=__import__("subprocess").DEVNULL,
         capture_output=True, timeout=60, text=True)
     return r.returncode, r.stdout, r.stderr
 
@@ -273,9 +280,9 @@ class Bin:
         self.c.close()
 
 
-def resctl_binary(name, path=src, uid=U2):
+def resctl_binary(name, path=src, uid=U2, d=None):
     r = __import__("subprocess").run(
-        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % du.port, path, "--name", name, "--chunk", str(CH),
+        [h.RESCTL_BIN, "upload", "127.0.0.1:%d" % (d or du).port, path, "--name", name, "--chunk", str(CH),
          "--uid", str(uid), "--token", TOK[uid]], stdin=__import__("subprocess").DEVNULL,
         capture_output=True, timeout=60, text=True)
     return r.returncode, r.stdout, r.stderr
@@ -339,8 +346,11 @@ tap.ok(stored(du, U2, "bin-wrong.bin") == h.md5_hex(R) and
 # ---------------------------------------------------------------- dedup = global
 tap.section("dedup = global")
 G1, G2, G3, G4 = GLOBAL_UIDS
-r, n, _, _ = qt_upload(dg, F, "original.bin", G1)
-tap.ok(r.get("error") == 0 and n == 17, "user A uploads a file in full")
+r, n, _, offsets = qt_upload(dg, F, "original.bin", G1)
+tap.ok(r.get("error") == 0 and n == 19 and offsets[3:] == [i * CH for i in range(1, 17)],
+       "user A uploads a file in full: chunk 1, two decoy chunks asked, then chunks 2..17", repr((r, n, offsets[:4])))
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", "file_challenge_%d_%s" % (G1, h.md5_hex(F))) == 0, 5, 0.05),
+       "the completed upload leaves no draw behind (its decoys would refuse the next instant upload)")
 r, n, sent, _ = qt_upload(dg, F, "forwarded.bin", G2)
 tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n <= 3 and sent <= 3 * CH,
        "user B holding the whole file completes after at most 3 answered chunks", repr((r, n)))
@@ -348,22 +358,200 @@ tap.eq(stored(dg, G2, "forwarded.bin"), h.md5_hex(F), "B's file is identical")
 
 # C knows only (size, md5): every byte it sends is garbage.
 r, n, sent, offsets = qt_upload(dg, F, "stolen.bin", G3, lie=lambda off: rbytes(min(CH, len(F) - off)))
-tap.ok(r.get("error") == 1024 and n == 17 and offsets == [i * CH for i in range(17)],
-       "a client knowing only (size, md5) gets a normal upload of every chunk, which fails its MD5 (1024)",
-       repr((r, n, offsets[:3])))
+tap.ok(r.get("error") == 1024 and n == 19 and offsets[0] == 0 and offsets[3:] == [i * CH for i in range(1, 17)],
+       "a client knowing only (size, md5) is asked two chunks like a holder, then uploads every chunk and fails "
+       "its MD5 (1024)", repr((r, n, offsets[:4])))
 tap.ok(not os.path.exists(h.published(dg, G3, "stolen.bin")), "nothing is published for it")
 
 # D knows chunk 1 (a common header) but not the rest.
 r, n, sent, offsets = qt_upload(dg, F, "guessed.bin", G4,
                                 lie=lambda off: None if off == 0 else rbytes(min(CH, len(F) - off)))
-tap.ok(r.get("error") == 1024 and n == 18 and offsets[2:] == [i * CH for i in range(1, 17)],
-       "right chunk 1 and garbage for the challenged chunk: a full upload of its own bytes, refused by MD5",
-       repr((r, n, offsets[:4])))
+tap.ok(r.get("error") == 1024 and n == 19 and offsets[3:] == [i * CH for i in range(1, 17)],
+       "right chunk 1 and garbage for the challenged chunks: both asked, then a full upload of its own bytes, "
+       "refused by MD5", repr((r, n, offsets[:4])))
 tap.ok(not os.path.exists(h.published(dg, G4, "guessed.bin")), "nothing of A's file is published for it")
 staging = os.path.join(dg.root, ".staging")
 leftovers = [f for f in os.listdir(staging) if f.endswith(".part")] if os.path.isdir(staging) else []
 tap.eq(leftovers, [], "no staging file is left behind")
 tap.eq(content_entries(dg), ["%s-%d" % (h.md5_hex(F), len(F))], "the global index holds the content once")
+
+# ---------------------------------------------------------------- the proof a client cannot shrink, guess or probe
+tap.section("red team: tiny chunks, guessable chunks, chunk 1 as an oracle")
+RT = list(range(3201, 3213))
+for uid in RT:
+    TOK[uid] = "tok-%d-secret" % uid
+    redis.set_token(uid, TOK[uid])
+import base64  # noqa: E402
+
+
+def b64(b):
+    return base64.b64encode(b).decode()
+
+
+def send_raw_chunk(c, uid, data, total, md5, seq, offset, piece, name="probe.bin"):
+    c.send(h.MSG_UPLOAD, {"md5": md5, "name": name, "seq": seq, "trans_size": offset + len(piece),
+                          "total_size": total, "last": 1 if offset + len(piece) == total else 0,
+                          "data": b64(piece), "uid": uid, "token": TOK[uid]})
+    return c.recv_json(h.MSG_UPLOAD + 1, 30)
+
+
+# F1: a sparse file (90 % zero bytes) whose first byte is known; chunks of 1 byte answered with 0x00.
+sparse = bytearray(4 * CH)
+sparse[:8] = b"%PDF-1.7"
+for i in range(8, len(sparse)):
+    if rand.random() < 0.10:
+        sparse[i] = rand.randrange(1, 256)
+sparse = bytes(sparse)
+SM = h.md5_hex(sparse)
+r, _, _, _ = qt_upload(dg, sparse, "secret.pdf", G1)
+tap.ok(r.get("error") == 0, "a sparse document is stored", repr(r))
+wins, asked_any = 0, 0
+for uid in RT[:4]:
+    with dg.connect() as c:
+        a = send_raw_chunk(c, uid, sparse, len(sparse), SM, 1, 0, sparse[:1], "stolen.pdf")
+        asked_any += asked_chunk(a) is not None
+        for _ in range(3):
+            if asked_chunk(a) is None:
+                break
+            a = send_raw_chunk(c, uid, sparse, len(sparse), SM, a["seq"] + 1, a["trans_size"], b"\x00", "stolen.pdf")
+    wins += os.path.exists(h.published(dg, uid, "stolen.pdf"))
+tap.ok(asked_any == 0 and wins == 0, "a chunk 1 of 1 byte is never challenged and nothing is published "
+       "(the red team's a1: 16 of 20 accounts got the file)", repr((asked_any, wins)))
+with dg.connect() as c:
+    a = send_raw_chunk(c, RT[4], sparse, len(sparse), SM, 1, 0, sparse[:8192], "half.pdf")
+tap.ok(a.get("error") == 0 and asked_chunk(a) is None and a.get("trans_size") == 8192,
+       "a right chunk 1 of 8 KiB (below 16 KiB) is a normal upload: nothing asked", repr(a))
+r, n, sent, _ = qt_upload(dg, sparse, "floor.pdf", RT[5], ch=16384)
+tap.ok(r.get("error") == 0 and "instant upload" in r.get("message", "") and n <= 3,
+       "a holder with 16 KiB chunks (the floor) still gets an instant upload", repr((r, n)))
+# A holder of chunk 1 (a common header) answering zeros for the sparse chunks asked.
+r, n, _, _ = qt_upload(dg, sparse, "zeros.pdf", RT[6], lie=lambda off: None if off == 0 else bytes(CH))
+tap.ok(r.get("error") == 1024 and not os.path.exists(h.published(dg, RT[6], "zeros.pdf")),
+       "right chunk 1 and zero bytes for the sparse chunks asked: nothing of the file is published", repr(r))
+
+# Binary path (the red team's a2): 1043 INSTANT and a first chunk of 1 byte is not challenged.
+b = Bin(dg, RT[7])
+o = b.open(sparse, "mine.pdf", OPEN_INSTANT)
+b.send(sparse, 0, sparse[:1])
+a = b.ack()
+b.close()
+tap.ok(o["error"] == 0 and a["error"] == 0 and a["committed"] == 1,
+       "binary: a first chunk of 1 byte is acknowledged as a normal upload, no 1049", repr(a))
+
+# Guessable chunks prove nothing: one byte value, or chunk 1 repeated.
+Z = rbytes(CH) + bytes(4 * CH)
+P = rbytes(CH) * 5
+for label, data in (("zero bytes", Z), ("chunk 1 repeated", P)):
+    r1, n1, _, _ = qt_upload(du, data, "weak-1.bin", U1)
+    r2, n2, sent2, offs = qt_upload(du, data, "weak-2.bin", U1)
+    tap.ok(r1.get("error") == 0 and r2.get("error") == 0 and "instant" not in r2.get("message", "") and
+           n2 == 1 + 2 + 4 and stored(du, U1, "weak-2.bin") == h.md5_hex(data),
+           "a file whose chunks 2..5 are %s: a holder is asked two chunks, and then uploads in full" % label,
+           repr((r2, n2, offs[:3])))
+# One weak chunk among the two asked does not refuse a holder when the other carries the floor.
+W = rbytes(2 * CH) + bytes(CH)
+qt_upload(du, W, "mixed-1.bin", U1)
+r, n, _, _ = qt_upload(du, W, "mixed-2.bin", U1)
+tap.ok(r.get("error") == 0 and "instant upload" in r.get("message", "") and n == 3,
+       "chunks 2 (random) and 3 (zeros) both asked: instant, chunk 2 carries the proof", repr((r, n)))
+
+# F2: chunk 1 is no oracle. A right and a wrong chunk 1 are answered alike until the proof ends.
+X = rbytes(6 * CH + 5)
+XM = h.md5_hex(X)
+qt_upload(dg, X, "private.key", G1)
+wrong1 = X[:CH - 1] + bytes([X[CH - 1] ^ 1])
+shapes = {}
+for uid, first in ((RT[8], X[:CH]), (RT[9], wrong1)):
+    with dg.connect() as c:
+        a1 = send_raw_chunk(c, uid, X, len(X), XM, 1, 0, first)
+        k1 = asked_chunk(a1)
+        a2 = send_raw_chunk(c, uid, X, len(X), XM, k1, (k1 - 1) * CH, rbytes(len(X[(k1 - 1) * CH:k1 * CH]))) \
+            if k1 else {}
+        k2 = asked_chunk(a2)
+        a3 = send_raw_chunk(c, uid, X, len(X), XM, k2, (k2 - 1) * CH, rbytes(len(X[(k2 - 1) * CH:k2 * CH]))) \
+            if k2 else {}
+    shapes[uid] = (sorted(a1.keys()), a1.get("error"), k1 is not None, k2 is not None and k2 != k1,
+                   a3.get("error"), a3.get("seq"), a3.get("trans_size"), asked_chunk(a3), "message" in a3)
+tap.ok(shapes[RT[8]] == shapes[RT[9]] and shapes[RT[8]][2] and shapes[RT[8]][3],
+       "a right and a wrong chunk 1 get the same answers: two chunks asked, then chunk 2", repr(shapes))
+tap.ok(h.wait_for(lambda: all(redis.cmd("HGET", "file_challenge_%d_%s" % (u, XM), "failed") == "1"
+                             for u in RT[8:10]), 5, 0.05),
+       "both draws are marked failed in Redis")
+tap.eq(redis.cmd("HGET", "file_challenge_%d_%s" % (RT[10], XM), "failed"), None, "(no draw for an account never seen)")
+with dg.connect() as c:
+    a = send_raw_chunk(c, RT[10], X, len(X), XM, 1, 0, wrong1)
+tap.ok(asked_chunk(a) is not None and redis.cmd("HGET", "file_challenge_%d_%s" % (RT[10], XM), "failed") == "1",
+       "a wrong chunk 1 alone records a failed draw for (uid, md5)", repr(a))
+r, n, _, _ = qt_upload(dg, X, "after-guess.key", RT[10])
+tap.ok(r.get("error") == 0 and "instant" not in r.get("message", "") and n == 1 + 2 + 6,
+       "after it, the whole file and right answers get no instant upload for upload_ttl: a full upload",
+       repr((r, n)))
+tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", "file_challenge_%d_%s" % (RT[10], XM)) == 0, 5, 0.05),
+       "and its completion ends the draw")
+r, n, _, _ = qt_upload(dg, X, "again.key", RT[10])
+tap.ok(r.get("error") == 0 and "instant upload" in r.get("message", "") and n == 3,
+       "so its next upload of the file is instant", repr((r, n)))
+# Growing prefixes (the red team's a7): 1..8 bytes, right or wrong, all answered alike (below the floor).
+answers = set()
+for j, uid in enumerate(RT[:8], start=1):
+    for g in (X[j - 1], X[j - 1] ^ 0x55):
+        with dg.connect() as c:
+            a = send_raw_chunk(c, uid, X, len(X), XM, 1, 0, X[:j - 1] + bytes([g]), "prefix.bin")
+        answers.add((a.get("error"), a.get("seq"), a.get("trans_size") - j, "message" in a))
+tap.eq(answers, {(0, 1, 0, False)}, "prefixes of 1..8 bytes, right or wrong: one answer shape, nothing asked")
+
+# Binary path: a wrong chunk 1 with the INSTANT flag is asked like a right one; an honest holder completes.
+b = Bin(dg, RT[11])
+o = b.open(X, "bin-guess.key", OPEN_INSTANT)
+b.send(X, 0, wrong1)
+a = b.ack()
+b.close()
+tap.ok(a["error"] == ERR_CHALLENGE and a["message"].startswith("challenge: "),
+       "binary: a wrong chunk 1 is answered 1049 like a right one", repr(a))
+b = Bin(dg, G2)
+o = b.open(X, "bin-holder.key", OPEN_INSTANT)
+b.send(X, 0)
+a, rounds = b.ack(), 1
+while a["error"] == ERR_CHALLENGE and rounds < 4:
+    b.send(X, a["committed"])
+    a, rounds = b.ack(), rounds + 1
+b.close()
+tap.ok(a["error"] == 0 and a["committed"] == len(X) and a["message"].startswith("instant upload") and rounds == 3,
+       "binary: another user holding the file completes after 3 answered chunks", repr((a, rounds)))
+
+# A binary client that pipelines (no INSTANT flag) uploads new files under global with no 1018: its
+# decoys are never chunk 2, the chunk it sends next, so that chunk ends the proof and is stored.
+errors = []
+for i in range(6):
+    NF = rbytes(5 * CH + i)
+    b = Bin(dg, RT[11])
+    o = b.open(NF, "piped-%d.bin" % i, 0)
+    for off in range(0, len(NF), CH):
+        b.send(NF, off)
+    acks = [b.ack() for _ in range(0, len(NF), CH)]
+    b.close()
+    errors += [a["error"] for a in acks if a["error"]]
+    errors += [] if stored(dg, RT[11], "piped-%d.bin" % i) == h.md5_hex(NF) else ["not stored"]
+tap.eq(errors, [], "six new files pipelined over the binary path without INSTANT: every chunk acknowledged, "
+       "all published")
+
+# resctl, JSON and binary, under global: a new file goes through its decoys, the next user's is instant.
+Q = rbytes(7 * CH + 11)
+with open(src, "wb") as f:
+    f.write(Q)
+outs = [resctl_upload("q-json-1.bin", dg, G3), resctl_upload("q-json-2.bin", dg, G4),
+        resctl_binary("q-bin-1.bin", uid=G2, d=dg)]
+tap.ok(outs[0][0] == 0 and "already on the server" not in outs[0][1] and
+       all(rc == 0 and "already on the server" in so for rc, so, _ in outs[1:]),
+       "resctl --compat uploads a new file in full past its decoys; the next users' JSON and binary are instant",
+       repr(outs))
+tap.ok(all(stored(dg, u, n) == h.md5_hex(Q) for u, n in ((G3, "q-json-1.bin"), (G4, "q-json-2.bin"),
+                                                         (G2, "q-bin-1.bin"))), "all three identical")
+with open(src, "wb") as f:
+    f.write(Q[::-1])
+rc, so, se = resctl_binary("q-bin-new.bin", uid=G3, d=dg)
+tap.ok(rc == 0 and "already on the server" not in so and stored(dg, G3, "q-bin-new.bin") == h.md5_hex(Q[::-1]),
+       "resctl over the binary path uploads a new file in full past its decoys (1049 twice, then chunk 2)", so + se)
 
 # ---------------------------------------------------------------- two nodes sharing a root (issue 9)
 tap.section("two nodes sharing the root and Redis")
@@ -385,20 +573,13 @@ na, nb = nodes
 tap.ok(all(n.wait_redis_connected(15) for n in nodes), "two nodes with dedup = global share one root")
 M = rbytes(9 * CH + 77)
 r, n, _, _ = qt_upload(na, M, "on-a.bin", MN_UIDS[0])
-tap.ok(r.get("error") == 0 and n == 10, "a file uploaded in full through node 1")
+tap.ok(r.get("error") == 0 and n == 12, "a file uploaded in full through node 1 (two decoys asked)", repr(n))
 r, n, sent, _ = qt_upload(nb, M, "on-b.bin", MN_UIDS[1])
 tap.ok(r.get("error") == 0 and r.get("trans_size") == len(M) and n <= 3,
        "another user's upload of it through node 2 is instant: the index lives with the storage", repr((r, n)))
 tap.eq(stored(nb, MN_UIDS[1], "on-b.bin"), h.md5_hex(M), "and identical")
 
 # The proof lives in Redis under the upload's lease (challenge.h): the client may go on through any node.
-def asked_chunk(r):
-    """The chunk an answer asks for (its number), or None when it asks for nothing (not a challenge)."""
-    if r.get("error") == 0 and r.get("message", "").startswith("challenge: "):
-        return r["seq"] + 1
-    return None
-
-
 def send_asked(up, c, k, **override):
     return up.send_chunk(c, (k - 1) * CH, k, **override)
 
@@ -443,14 +624,23 @@ with nb.connect() as c:
     # As long as the chunk asked for (the last one is short): the wrong bytes, not a wrong length.
     garbage = __import__("base64").b64encode(rbytes(len(M[(k - 1) * CH:k * CH]) if k else CH)).decode()
     fb = send_asked(up, c, k, data=garbage) if k else {}
-tap.ok(k is not None and fb.get("error") == 0 and fb.get("trans_size") == CH and asked_chunk(fb) is None,
-       "a wrong answer on node 2: the upload goes on as a normal one from chunk 2", repr(fb))
-tap.eq(redis.cmd("HGET", wkey, "failed"), "1", "Redis remembers the wrong answer")
+    kb = asked_chunk(fb)
+    last = send_asked(up, c, kb) if kb else {}
+tap.ok(k is not None and kb is not None and kb != k,
+       "a wrong answer on node 2 is not told: the second chunk is asked all the same", repr(fb))
+tap.ok(last.get("error") == 0 and last.get("trans_size") == CH and asked_chunk(last) is None,
+       "after it (even answered right) the upload goes on as a normal one from chunk 2", repr(last))
+tap.ok(h.wait_for(lambda: redis.cmd("HGET", wkey, "failed") == "1", 5, 0.05), "Redis remembers the wrong answer")
 for node, label in ((na, "node 1"), (nb, "node 2")):
     with node.connect() as c:
         r = up.send_chunk(c, 0, 1)
-    tap.ok(r.get("error") == 0 and r.get("trans_size") == CH and asked_chunk(r) is None,
-           "starting over on %s asks for nothing: no second guess" % label, repr(r))
+        ka = asked_chunk(r)
+        r2 = send_asked(up, c, ka) if ka else {}
+        kb2 = asked_chunk(r2)
+        r3 = send_asked(up, c, kb2) if kb2 else {}
+    tap.ok(ka == k and kb2 == kb and r3.get("error") == 0 and r3.get("trans_size") == CH and asked_chunk(r3) is None,
+           "starting over on %s asks the same chunks, and right answers get no instant upload: no second guess"
+           % label, repr((k, kb, ka, kb2, r3)))
 with na.connect() as c:
     r, _, _ = up.run(c, CH, 2)
 tap.ok(r.get("error") == 0 and stored(na, MNW, "wrong.bin") == h.md5_hex(M) and
