@@ -514,9 +514,10 @@ static int fs_staging_attach(struct backend *b, const struct backend_meta *meta,
 	return err;
 }
 
-/* Metadata without its .part: a publish (or a discard) that died between its rename and its
- * unlinks. The caller holds the upload's lease, so nobody else is finishing it: finish it, under
- * the entry's lock, as publish_locked would have. */
+/* Metadata or a lock without its .part: a publish (or a discard) that died between its rename and
+ * its unlinks. The caller holds the upload's lease, so nobody else is finishing it: finish it, under
+ * the entry's lock, as publish_locked would have. (A .part without metadata is a begin that died:
+ * left to the janitor.) */
 static void orphan_meta_drop(struct backend_staging *s)
 {
 	int fd = open(s->lockfile, O_RDWR | O_CLOEXEC);
@@ -545,11 +546,10 @@ static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 	err = meta_read(s->metafile, &entry->meta);
 	if (err == 0 && (entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0))
 		err = EINVAL;   /* not the metadata its name promises: treated as broken */
-	if (err == 0 && stat(s->part, &sb) < 0) {
+	if (err == 0 && stat(s->part, &sb) < 0)
 		err = errno;
-		if (err == ENOENT)
-			orphan_meta_drop(s);
-	}
+	if (err == ENOENT)
+		orphan_meta_drop(s);   /* finishes a publish cut between its unlinks (meta, then lock) */
 	if (err) {
 		free(s);
 		return err;

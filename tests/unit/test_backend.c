@@ -511,6 +511,20 @@ START_TEST(test_find_finishes_interrupted_publish)
 	ck_assert_int_eq(access(meta, F_OK), -1);
 	ck_assert_int_eq(access(lock, F_OK), -1);
 	ck_assert_int_eq(access(final, F_OK), 0);   /* the published file is left alone */
+	/* Cut one step later: the metadata was unlinked, the lock not yet. */
+	m = meta_of(22, MD5_B, "cut2.bin", 4);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "efgh", 4, 0, 10), 0);
+	be.ops->staging_close(s);
+	snprintf(part, sizeof(part), "%s/.staging/22-" MD5_B ".part", root);
+	snprintf(meta, sizeof(meta), "%s/.staging/22-" MD5_B ".meta", root);
+	snprintf(lock, sizeof(lock), "%s/.staging/22-" MD5_B ".lock", root);
+	snprintf(final, sizeof(final), "%s/22/cut2.bin", root);
+	ck_assert_int_eq(rename(part, final), 0);
+	ck_assert_int_eq(unlink(meta), 0);
+	ck_assert_int_eq(be.ops->staging_find(&be, 22, MD5_B, &e, &s), ENOENT);
+	ck_assert_int_eq(access(lock, F_OK), -1);
+	ck_assert_int_eq(access(final, F_OK), 0);
 	size_t dropped = 0;
 	ck_assert_int_eq(list_all(&dropped).n, 0);
 	ck_assert_uint_eq(dropped, 0);
