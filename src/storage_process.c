@@ -381,10 +381,13 @@ static void storage_free_all(struct storage *st)
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
 		HASH_DEL(st->uploads, up);
-		while (up->head) {
-			struct op *op = up->head;
-			up->head = op->next;
-			op_free(op);
+		struct op *lists[] = { up->head, up->hq_head, up->hash_batch };   /* the hash stage's too */
+		for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+			while (lists[i]) {
+				struct op *op = lists[i];
+				lists[i] = op->next;
+				op_free(op);
+			}
 		}
 		st->backend.ops->staging_close(up->stg);
 		md5_free(&up->md5);
