@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -419,6 +420,9 @@ static void make_dir(const char *path)
 		fatal("mkdir(%s) failed", path);
 }
 
+#define STORAGE_MMAP_THRESHOLD (4 << 20)   /* chunk blocks below this come from the heap */
+#define STORAGE_HEAP_KEEP (16 << 20)        /* free heap kept instead of given back */
+
 int storage_main(const struct conf *conf, int listen_fd)
 {
 	struct storage sto, *st = &sto;
@@ -429,6 +433,12 @@ int storage_main(const struct conf *conf, int listen_fd)
 	/* RLIMIT_FSIZE must turn into EFBIG (answered 1028), not a signal. */
 	signal(SIGXFSZ, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
+	/* Each chunk is received into a block of its own (up to 1 MiB on the fast path, a window of
+	 * them alive per upload): with glibc's defaults the heap was trimmed and grown again, or the
+	 * block mapped afresh, for every chunk, and the storage process took page faults on every
+	 * page of every chunk. Blocks come from a heap that keeps up to STORAGE_HEAP_KEEP free. */
+	mallopt(M_MMAP_THRESHOLD, STORAGE_MMAP_THRESHOLD);
+	mallopt(M_TRIM_THRESHOLD, STORAGE_HEAP_KEEP);
 	st->conf = conf;
 	st->listen_fd = listen_fd;
 	st->loop = ev_loop_new(EVFLAG_AUTO);
