@@ -404,15 +404,18 @@ static void upload_work(struct pool_job *job)
 			up->work_errno = ENOENT;   /* cannot happen: an upload that exists has its entry */
 			return;
 		}
-		check_rewrite(up, op);
+		/* Beside the hash job the MD5 state is its own; the chunk starts past every byte hashed
+		 * or queued to be (upload_start_work), so there is nothing to compare either. */
+		if (!up->job_beside_hash)
+			check_rewrite(up, op);
 		if ((up->work_errno = be->ops->staging_write(up->stg, op->data, op->data_len, op->offset,
 		    up->fence)) != 0)
 			return;
 		if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_CHUNK)) != 0)
 			return;
-		/* Other chunks are hashed after their answer went out (WORK_HASH), off the round trip. */
-		if (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
-		    op->offset + op->data_len == op->total_size)
+		/* Other chunks are hashed after their answer went out (the hash stage), off the round trip. */
+		if (!up->job_beside_hash && (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
+		    op->offset + op->data_len == op->total_size))
 			hash_chunk(up, op);
 		/* Instant upload: chunk 1 of a file of several chunks is compared with stored content. */
 		up->dd_match = up->work == WORK_START && dedup_eligible(up->st, op->data_len, op->total_size) &&
@@ -425,9 +428,6 @@ static void upload_work(struct pool_job *job)
 		return;
 	case WORK_LINK:
 		work_link(up);
-		return;
-	case WORK_HASH:
-		hash_chunk(up, op);
 		return;
 	case WORK_COMPLETE:
 		work_complete(up);
@@ -554,7 +554,101 @@ void upload_pop(struct upload *up)
 
 static void upload_work_done(struct pool_job *job);
 
-/* Runs one step of the head request on a disk thread; the upload is busy until it is done. */
+/* ---------------------------------------------------------------- the hash stage */
+
+/* Chunks written past the first are fed to the MD5 by a job of their own, in write order, while
+ * the next chunks are written: an upload's chunks no longer wait for the hash of the one before.
+ * A write runs beside that job only if it starts at or past everything hashed or queued (so it
+ * rewrites nothing hashed and check_rewrite has nothing to do) and is not the final chunk (which
+ * is hashed inline, then completion reads the MD5); every other disk job of the upload waits for
+ * the stage to be idle. HASH_BACKLOG bounds the bytes written but not yet hashed. */
+#define HASH_BACKLOG (8u << 20)
+
+static int write_beside_hash(const struct upload *up)
+{
+	const struct op *op = up->head;
+	if (up->work != WORK_WRITE || op == NULL || op->type != OP_CHUNK || up->hash_pending >= HASH_BACKLOG)
+		return 0;
+	uint64_t end = op->offset + op->data_len;
+	return op->offset >= up->hash_frontier && end < up->total_size && end < op->total_size;
+}
+
+static void hash_work(struct pool_job *job)
+{
+	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, hash_job));
+	for (const struct op *op = up->hash_batch; op; op = op->next)
+		hash_chunk(up, op);
+}
+
+static void hash_done(struct pool_job *job);
+
+static void hash_submit(struct upload *up)
+{
+	up->hash_batch = up->hq_head;
+	up->hq_head = up->hq_tail = NULL;
+	up->hash_running = 1;
+	up->pins++;
+	up->hash_job.work = hash_work;
+	up->hash_job.done = hash_done;
+	pool_submit(up->st->pool, &up->hash_job);
+}
+
+static void hash_free_ops(struct upload *up, struct op *op)
+{
+	while (op) {
+		struct op *next = op->next;
+		up->hash_pending -= op->data_len;
+		op_free(op);
+		op = next;
+	}
+}
+
+static void hash_done(struct pool_job *job)
+{
+	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, hash_job));
+	hash_free_ops(up, up->hash_batch);
+	up->hash_batch = NULL;
+	up->hash_running = 0;
+	if (up->retired) {
+		hash_free_ops(up, up->hq_head);   /* nobody will publish it */
+		up->hq_head = up->hq_tail = NULL;
+	} else if (up->hq_head) {
+		hash_submit(up);
+	}
+	if (up->work_deferred && (!up->hash_running || write_beside_hash(up))) {
+		up->work_deferred = 0;
+		up->job_beside_hash = up->hash_running;
+		pool_submit(up->st->pool, &up->job);
+	}
+	upload_unpin(up);   /* may free a retired upload: last */
+}
+
+/* A written and answered chunk goes to the hash stage (the op keeps its bytes until hashed). */
+static void hash_push(struct upload *up, struct op *op)
+{
+	uint64_t end = op->offset + op->data_len;
+	if (!up->hash_running) {
+		if (up->hash_dirty || end <= up->hashed) {
+			op_free(op);   /* hash_chunk would do nothing with it */
+			return;
+		}
+		up->hash_frontier = up->hashed;
+	}
+	if (end > up->hash_frontier)
+		up->hash_frontier = end;
+	op->next = NULL;
+	if (up->hq_tail)
+		up->hq_tail->next = op;
+	else
+		up->hq_head = op;
+	up->hq_tail = op;
+	up->hash_pending += op->data_len;
+	if (!up->hash_running)
+		hash_submit(up);
+}
+
+/* Runs one step of the head request on a disk thread; the upload is busy until it is done. A job
+ * that may not run beside the hash stage waits for it (hash_done submits it). */
 void upload_start_work(struct upload *up, enum disk_work work)
 {
 	up->work = work;
@@ -562,6 +656,11 @@ void upload_start_work(struct upload *up, enum disk_work work)
 	up->pins++;
 	up->job.work = upload_work;
 	up->job.done = upload_work_done;
+	if (up->hash_running && !write_beside_hash(up)) {
+		up->work_deferred = 1;
+		return;
+	}
+	up->job_beside_hash = up->hash_running;
 	pool_submit(up->st->pool, &up->job);
 }
 
@@ -1344,7 +1443,9 @@ static void work_done_written(struct upload *up, struct op *op)
 	}
 	record_write(up);
 	op_reply(op, ERR_OK, NULL, up);
-	upload_start_work(up, WORK_HASH);
+	upload_pop(up);
+	hash_push(up, op);   /* the next chunk may be written meanwhile */
+	upload_run(up);
 }
 
 /* A started upload is answered from record_on_reply once Redis has its record. */
@@ -1419,11 +1520,6 @@ static void upload_work_done(struct pool_job *job)
 		return;
 	case WORK_CHECK:
 		work_done_check(up);
-		return;
-	case WORK_HASH:
-		upload_pop(up);
-		op_free(op);
-		upload_run(up);
 		return;
 	case WORK_VERIFY:
 		work_done_verify(up, op);

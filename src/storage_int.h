@@ -66,7 +66,7 @@ struct upload_key {
 	char md5[PROTO_MD5_HEX + 1];
 };
 
-enum disk_work { WORK_START, WORK_WRITE, WORK_HASH, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
+enum disk_work { WORK_START, WORK_WRITE, WORK_COMPLETE, WORK_DISCARD, WORK_VERIFY, WORK_LOAD,
 	WORK_CHECK, WORK_CHALLENGE, WORK_LINK };
 
 /* Chunks asked for at random offsets before an upload is published from stored content: with
@@ -105,6 +105,18 @@ struct upload {
 	struct md5 md5;               /* incremental hash of [0, hashed) */
 	uint64_t hashed;
 	int hash_dirty;               /* hashed bytes were overwritten with other data: re-read at the end */
+	/* The hash stage: chunks written and answered wait here to be fed to the MD5 in write order, on
+	 * a disk thread of their own, so the write of the next chunk need not wait for the hash of this
+	 * one (design.md, "Incremental MD5"). While it runs, md5, hashed and hash_dirty are its own. */
+	struct op *hq_head, *hq_tail; /* written, not yet handed to the hash job */
+	struct op *hash_batch;        /* what the running hash job feeds to the MD5 */
+	int hash_running;
+	uint64_t hash_pending;        /* chunk bytes in hq and hash_batch */
+	uint64_t hash_frontier;       /* hashed plus what is queued: a write starting at or past it
+	                               * rewrites nothing hashed, so it may run beside the hash job */
+	struct pool_job hash_job;
+	int work_deferred;            /* the job below waits for the hash stage (pinned, running set) */
+	int job_beside_hash;          /* the job runs while the hash stage does: it leaves the MD5 alone */
 	struct op *head, *tail;       /* requests in arrival order; head is the one running */
 	int running;                  /* head is on a disk thread or waiting for Redis */
 	int pins;                     /* async work (disk, Redis) still referring to this upload */

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -381,10 +382,13 @@ static void storage_free_all(struct storage *st)
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
 		HASH_DEL(st->uploads, up);
-		while (up->head) {
-			struct op *op = up->head;
-			up->head = op->next;
-			op_free(op);
+		struct op *lists[] = { up->head, up->hq_head, up->hash_batch };   /* the hash stage's too */
+		for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+			while (lists[i]) {
+				struct op *op = lists[i];
+				lists[i] = op->next;
+				op_free(op);
+			}
 		}
 		st->backend.ops->staging_close(up->stg);
 		md5_free(&up->md5);
@@ -478,6 +482,9 @@ static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int reven
 	pool_submit(st->pool, &h->job);
 }
 
+#define STORAGE_MMAP_THRESHOLD (4 << 20)   /* chunk blocks below this come from the heap */
+#define STORAGE_HEAP_KEEP (16 << 20)        /* free heap kept instead of given back */
+
 int storage_main(const struct conf *conf, int listen_fd)
 {
 	struct storage sto, *st = &sto;
@@ -488,6 +495,12 @@ int storage_main(const struct conf *conf, int listen_fd)
 	/* RLIMIT_FSIZE must turn into EFBIG (answered 1028), not a signal. */
 	signal(SIGXFSZ, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
+	/* Each chunk is received into a block of its own (up to 1 MiB on the fast path, a window of
+	 * them alive per upload): with glibc's defaults the heap was trimmed and grown again, or the
+	 * block mapped afresh, for every chunk, and the storage process took page faults on every
+	 * page of every chunk. Blocks come from a heap that keeps up to STORAGE_HEAP_KEEP free. */
+	mallopt(M_MMAP_THRESHOLD, STORAGE_MMAP_THRESHOLD);
+	mallopt(M_TRIM_THRESHOLD, STORAGE_HEAP_KEEP);
 	st->conf = conf;
 	st->listen_fd = listen_fd;
 	st->loop = ev_loop_new(EVFLAG_AUTO);
