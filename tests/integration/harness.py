@@ -1457,6 +1457,27 @@ def ceph_missing():
     return [b for b in CEPH_BINS if shutil.which(b) is None]
 
 
+def run_on_rados(suite):
+    """Runs the fs suite file `suite` (beside this file) against the RADOS backend, each on a throwaway
+    Ceph cluster; a TAP skip when the build has no librados, under the sanitizers, or without Ceph."""
+    if os.environ.get("RESOURCED_HAVE_RADOS", "yes") != "yes":
+        print("1..0 # SKIP resourced was built without librados (apt-get install librados-dev; configure again)")
+        sys.exit(0)
+    if os.environ.get("RESOURCED_SANITIZED") and not os.environ.get("RESOURCED_TEST_RADOS_SANITIZED"):
+        # CI builds its sanitizer pass without librados (.ci/run); a sanitizer build with it runs
+        # these suites only when RESOURCED_TEST_RADOS_SANITIZED=1 says so (they are slow there).
+        print("1..0 # SKIP the RADOS suites run once, without the sanitizers (RESOURCED_TEST_RADOS_SANITIZED=1 runs it)")
+        sys.exit(0)
+    if ceph_missing():
+        print("1..0 # SKIP Ceph is not installed (%s): run contrib/deps.sh" % ", ".join(ceph_missing()))
+        sys.exit(0)
+    global TEST_BACKEND
+    os.environ["RESOURCED_TEST_BACKEND"] = "rados"
+    TEST_BACKEND = "rados"
+    import runpy
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), suite), run_name="__main__")
+
+
 def _ceph_alive(pid):
     """pid is a live ceph-* process (a reused pid of something else never counts)."""
     title = proc_title(pid) or ""
