@@ -595,8 +595,10 @@ def kill_storage(storm):
     d = storm.d
     probes = []
     for n in (1, 2):
-        if n == 2 and not h.wait_for(lambda: sum(1 for u in storm.ups if u.done_at(time.monotonic())) >= 2, 60, 0.002):
-            tap.ok(False, "(b): 2 uploads complete after the first kill", repr(storm.progress()))
+        # The first completion is the moment: waiting for a second one let a starved test thread
+        # (ASan, load 10) see all 16 done before it struck (the hash stage made uploads faster).
+        if n == 2 and not h.wait_for(lambda: any(u.done_at(time.monotonic()) for u in storm.ups), 60, 0.001):
+            tap.ok(False, "(b): an upload completes after the first kill", repr(storm.progress()))
         old = d.storage_pid()
         snap = storm.mark_fault()
         os.kill(old, signal.SIGKILL)
