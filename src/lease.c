@@ -5,6 +5,7 @@
 #include "rds.h"
 
 #include <hiredis/hiredis.h>
+#include <inttypes.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,17 +23,19 @@ static char owner[LEASE_OWNER_MAX];
  * keeps its fence and last owner for a while: the same owner taking it back first gets
  * the same fence, which tells it that nobody else changed the upload meanwhile.
  */
+/* ARGV[3] is a floor: a holder that found a higher fence recorded with the staging entry than the
+ * one Redis gave it knows Redis lost writes (a failover, a restart from a snapshot) and asks for a
+ * fence above that one, so that whoever wrote it is fenced out from now on. */
 static const char acquire_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
-	"if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
-	"  return {1, redis.call('HGET', KEYS[1], 'fence')} end "
-	"if o and o ~= '' then return {0, o, redis.call('PTTL', KEYS[1])} end "
+	"if o and o ~= '' and o ~= ARGV[1] then return {0, o, redis.call('PTTL', KEYS[1])} end "
 	"local f "
-	"if o == '' and redis.call('HGET', KEYS[1], 'last') == ARGV[1] then "
-	"  f = redis.call('HGET', KEYS[1], 'fence') "
-	"else "
+	"if o == ARGV[1] or (o == '' and redis.call('HGET', KEYS[1], 'last') == ARGV[1]) then "
+	"  f = redis.call('HGET', KEYS[1], 'fence') end "
+	"if not f or tonumber(f) <= tonumber(ARGV[3]) then "
 	"  local t = redis.call('TIME') "
-	"  f = t[1] .. string.format('%06d', tonumber(t[2])) end "
+	"  f = t[1] .. string.format('%06d', tonumber(t[2])) "
+	"  if tonumber(f) <= tonumber(ARGV[3]) then f = string.format('%.0f', tonumber(ARGV[3]) + 1) end end "
 	"redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last', ARGV[1], 'fence', f) "
 	"redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
 	"return {1, f}";
@@ -138,9 +141,16 @@ static int lease_eval_ttl(struct rds *r, const char *script, const char *key, lo
 	return lease_eval(r, script, key, 1, extra, extra_len, cb, data);
 }
 
-int lease_acquire(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data)
+int lease_acquire(struct rds *r, const char *key, long ttl_ms, uint64_t floor, lease_cb *cb, void *data)
 {
-	return lease_eval_ttl(r, acquire_script, key, ttl_ms, cb, data);
+	char ttl[24], above[24];
+	snprintf(ttl, sizeof(ttl), "%ld", ttl_ms);
+	/* Fences are Redis clocks in microseconds (16 digits): a floor beyond what Lua's numbers hold
+	 * exactly cannot have come from one, and is not followed. */
+	snprintf(above, sizeof(above), "%" PRIu64, floor < LEASE_FENCE_EXACT ? floor : 0);
+	const char *extra[] = { ttl, above };
+	size_t extra_len[] = { strlen(ttl), strlen(above) };
+	return lease_eval(r, acquire_script, key, 2, extra, extra_len, cb, data);
 }
 
 int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data)

@@ -28,11 +28,14 @@ typedef void lease_cb(void *data, enum lease_status status, uint64_t fence, cons
 void lease_owner_init(const char *node);
 const char *lease_owner(void);
 
+/* Fences below this are exact in Redis's Lua numbers (2^53). */
+#define LEASE_FENCE_EXACT UINT64_C(9007199254740992)
+
 /* Takes key for ttl_ms unless another owner holds it; taking it again as the same owner
  * extends it and keeps its fence, and so does taking it back after releasing it if nobody
- * else took it meanwhile. Each returns -1 without calling cb when Redis is not
- * connected. */
-int lease_acquire(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data);
+ * else took it meanwhile, unless that fence is not above floor (0: none): then a new fence
+ * above floor is taken. Each returns -1 without calling cb when Redis is not connected. */
+int lease_acquire(struct rds *r, const char *key, long ttl_ms, uint64_t floor, lease_cb *cb, void *data);
 /* Extends the lease if this owner still holds it: LEASE_HELD, or LEASE_BUSY when it is lost. */
 int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data);
 /* Gives the lease up if this owner holds it; cb may be NULL. keep_ms > 0 keeps its fence for that

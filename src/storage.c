@@ -468,8 +468,11 @@ static void upload_work(struct pool_job *job)
 		be->ops->staging_close(up->stg);
 		up->stg = NULL;
 		up->work_errno = be->ops->staging_find(&up->st->backend, up->key.uid, up->key.md5, &up->load, &up->stg);
+		up->load_fence = 0;
+		if (up->work_errno == 0 && be->ops->staging_fence(up->stg, &up->load_fence) != 0)
+			up->load_fence = 0;
 		uint64_t total = up->load.meta.total_size;
-		if (up->work_errno == 0 && total > 0 && up->load.size >= total) {
+		if (up->work_errno == 0 && total > 0 && up->load.size >= total && up->load_fence <= up->fence) {
 			/* Complete but never published: its last chunk was not acknowledged. Hold back one
 			 * byte, and the resent last chunk completes it under this node's fence. */
 			up->work_errno = be->ops->staging_truncate(up->stg, total - 1, up->fence);
@@ -877,6 +880,8 @@ static void upload_on_lease(void *data, enum lease_status status, uint64_t fence
 		}
 		up->lease = UL_OURS;
 		up->fence = fence;
+		if (fence > up->fence_floor)
+			up->fence_floor = 0;
 		/* A quarter of the lease is kept back for clock drift and a slow Redis answer. */
 		up->lease_until = up->lease_asked + ttl * 0.75;
 		up->wait_since = 0;
@@ -924,7 +929,7 @@ void upload_lease_ask(struct upload *up)
 	char key[LEASE_KEY_MAX];
 	lease_key(st, &up->key, key, sizeof(key));
 	up->lease_asked = ev_now(st->loop);
-	if (lease_acquire(&st->redis, key, st->conf->lease_ttl * 1000L, upload_on_lease, up) < 0) {
+	if (lease_acquire(&st->redis, key, st->conf->lease_ttl * 1000L, up->fence_floor, upload_on_lease, up) < 0) {
 		upload_fail_queue(up, ERR_BUSY, "server busy: progress store unavailable, retry");
 		return;
 	}
@@ -1029,6 +1034,17 @@ static void upload_loaded(struct upload *up)
 		if (err == ESTALE)
 			upload_lost(up, NULL);
 		upload_fail_queue(up, ERR_BUSY, msg);
+		return;
+	}
+	if (up->load_fence > up->fence) {
+		/* Redis says this node holds the lease with a fence lower than one a writer recorded: Redis
+		 * lost writes (a failover promoted a replica that had not seen a later holding). Writing
+		 * under the old fence would be refused forever; a fence above the recorded one fences that
+		 * writer out instead. */
+		log_info("upload %" PRIu64 "/%s: the entry carries fence %" PRIu64 ", above this lease's %" PRIu64
+		    " (Redis lost writes): taking a higher one", up->key.uid, up->key.md5, up->load_fence, up->fence);
+		up->fence_floor = up->load_fence;
+		upload_lost(up, NULL);
 		return;
 	}
 	const struct backend_meta *m = &up->load.meta;

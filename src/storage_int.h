@@ -145,6 +145,8 @@ struct upload {
 	 * writer, and its fence goes with every staging change (design.md, "Several nodes"). */
 	int lease;                    /* enum upload_lease */
 	uint64_t fence;               /* of the lease held */
+	uint64_t fence_floor;         /* a fence found recorded above ours: the next lease must be higher */
+	uint64_t load_fence;          /* the fence recorded with the entry WORK_LOAD read back */
 	ev_tstamp lease_until;        /* no staging change starts after this unless renewed */
 	ev_tstamp lease_asked, renew_asked;
 	ev_tstamp wait_since;         /* since when the lease is held elsewhere; 0 when not waiting */

@@ -37,9 +37,14 @@ from zero because 1005 on another node answers 1012):
     runs every second, so that a wrongly adopted upload would be removed while the test watches) while
     uploads run on the two others never removes or adopts them: they complete identical with no error
     answer and their staging entries stay in place;
-  - a Redis master failover through Sentinel while uploads hop across nodes every 3 chunks loses no
-    acknowledged byte (no sync answers less than what was acknowledged beyond the record's lag,
-    < 1.5x sent, identical).
+  - Redis that lost a holding (the lease put back as it was before another node's holding, as a
+    replica promoted too early would have it): the node given its old fence back takes one above the
+    fence recorded with the entry and goes on, instead of being refused until the lease expires;
+  - a Redis master failover through Sentinel while uploads hop across nodes every 3 chunks (half
+    before it, a quarter while the nodes switch, the rest after) loses no acknowledged byte (no sync
+    answers less than what was acknowledged beyond the record's lag, < 1.5x sent, identical); an
+    upload parked on a node before it keeps a free lease (no node takes it on reconnecting) and
+    resumes on another node.
 
 [storage] lease_ttl is set to 4 s on every node (RESOURCED_TEST_LEASE_TTL overrides it) when the
 binary knows the key (resourced -t), and left out otherwise; [server] storage_timeout is 8 s, so a node waiting for a lease held elsewhere
@@ -630,20 +635,85 @@ with tap.section("a node restarted while uploads run on the others"):
     removals = [l for l in restarted.log_text().splitlines()
                 if "removing abandoned upload" in l and any(up.md5 in l for up, _ in live)]
     tap.eq(removals, [], "node1 logged no removal of them")
+    # The sections below want no short upload_ttl: a failover's pause must not look abandoned to node1.
+    rc, left = restarted.stop(sig=signal.SIGTERM)
+    for key in ("upload_ttl", "janitor_interval"):
+        restarted.settings["storage"].pop(key, None)
+    h.Daemon.write_config(restarted.conf_path, restarted.settings)
+    restarted.start()
+    tap.ok(rc == 0 and h.wait_for(lambda: hap.up_servers() == hap.server_names(), 15),
+           "node1 restarts with the common upload_ttl and HAProxy takes it back")
+
+with tap.section("Redis that lost a holding: the fence recorded with the entry wins"):
+    # node2 takes an upload, node3 takes it over (a higher fence is recorded with the entry), and then
+    # the lease in Redis is put back as it was before node3's holding: what a replica promoted before
+    # it saw that holding would say. node2 is given its old fence back; the entry carries a higher one.
+    # Writing under the old fence would be refused every time (1027 until the lease expires): node2
+    # must take a fence above the recorded one and go on.
+    first, second = cluster.nodes[1], cluster.nodes[2]
+    up = h.Upload(os.urandom(600000), "lost-holding.bin", UID, TOKEN, chunk_size=32768)
+    lease = "file_lease_%d_%s" % (UID, up.md5)
+    redis_now = ss.current_master()
+    with first.connect() as c:
+        r = [up.send_chunk(c, off, seq) for seq, off in enumerate(range(0, 5 * 32768, 32768), 1)]
+    tap.ok(all(x.get("error") == 0 for x in r), "node2 stores the first 5 chunks", repr(r[-1]))
+    tap.ok(h.wait_for(lambda: redis_now.cmd("HGET", lease, "owner") == "", 10),
+           "node2 gives the lease back when its client leaves", repr(redis_now.cmd("HGETALL", lease)))
+    before = redis_now.cmd("HGETALL", lease)
+    with second.connect() as c:
+        s1 = up.sync(c)
+        r = up.send_chunk(c, 5 * 32768, 6) if s1.get("error") == 0 else s1
+    tap.ok(s1.get("trans_size") == 5 * 32768 and r.get("error") == 0, "node3 resumes it and stores chunk 6",
+           repr((s1, r)))
+    tap.ok(h.wait_for(lambda: redis_now.cmd("HGET", lease, "owner") == "", 10),
+           "node3 gives the lease back when its client leaves", repr(redis_now.cmd("HGETALL", lease)))
+    redis_now.cmd("DEL", lease)
+    redis_now.cmd("HSET", lease, *before)
+    redis_now.cmd("PEXPIRE", lease, 60000)
+    answers = []
+    with first.connect() as c:
+        s2 = up.sync(c)
+        off, seq = s2.get("trans_size", 0), s2.get("seq", 0) + 1
+        while s2.get("error") == 0 and off < len(up.data):
+            r = up.send_chunk(c, off, seq)
+            answers.append(r.get("error"))
+            if r.get("error") != 0:
+                break
+            off, seq = up.next_offset(off), seq + 1
+    tap.ok(s2.get("trans_size") == 6 * 32768, "node2 answers the sync with what node3 stored", repr(s2))
+    tap.ok(answers and set(answers) == {0}, "every chunk node2 is sent next is answered 0 (no 1027 loop)",
+           repr(answers) + " " + repr(first.log_tail(8)))
+    tap.ok(published_ok(up) and up.sent_bytes == len(up.data), "published byte-identical, each byte sent once")
+    tap.ok(first.log_count("(Redis lost writes): taking a higher one") >= 1,
+           "node2 logs that it took a fence above the one recorded with the entry")
 
 with tap.section("Redis failover while uploads hop across nodes"):
     tap.ok(h.wait_for(ss.settled, 20, 0.1), "the sentinels agree on the master and an up-to-date replica",
            repr(ss.state()))
+    # One upload parked on node2 (its client left, the lease given back): after the failover no node
+    # may take its lease on its own, or the node its client comes back to waits for it.
+    parked = h.Upload(os.urandom(300000), "failover-parked.bin", UID, TOKEN, chunk_size=32768)
+    parked_lease = "file_lease_%d_%s" % (UID, parked.md5)
+    with cluster.nodes[1].connect() as c:
+        r = [parked.send_chunk(c, off, seq) for seq, off in enumerate(range(0, 3 * 32768, 32768), 1)]
+    tap.ok(all(x.get("error") == 0 for x in r) and
+           h.wait_for(lambda: all(s.cmd("HGET", parked_lease, "owner") == "" for s in ss.servers), 10),
+           "an upload parked on node2 before the failover: its lease is free on master and replica",
+           repr([s.cmd("HGETALL", parked_lease) for s in ss.servers]))
     ups = [h.Upload(os.urandom(1000000), "failover-hop-%d.bin" % i, UID, TOKEN, chunk_size=32768)
            for i in range(NODES)]
     go = threading.Event()
+    followed = threading.Event()
     halfway = [threading.Event() for _ in ups]
 
     def hold_at_half(i):
+        """Half the upload before the failover, the next quarter while the nodes switch, the rest after."""
         def hold(offset):
             if offset >= len(ups[i].data) // 2 and not go.is_set():
                 halfway[i].set()
                 go.wait(30)
+            if offset >= 3 * len(ups[i].data) // 4:
+                followed.wait(30)
         return hold
 
     qts = [QtClient(up, hap.connect, route=[(hap.connect, 3)] * 12, timeout=60, hold=hold_at_half(i))
@@ -660,10 +730,18 @@ with tap.section("Redis failover while uploads hop across nodes"):
     tap.ok(h.wait_for(lambda: all(n.log_count(needle) >= b + n.workers + 1
                                   for n, b in zip(cluster.nodes, before)), 30),
            "every process of every node follows the failover to port %d" % new.port)
+    # A negative check, bounded: a node that took the lease would keep it for seconds (idle release).
+    taken = h.wait_for(lambda: new.cmd("HGET", parked_lease, "owner") not in ("", None), 2)
+    tap.ok(not taken, "no node takes the parked upload's lease after the failover",
+           repr(new.cmd("HGETALL", parked_lease)))
+    followed.set()
     for t in threads:
         t.join(60)
     for i, qt in enumerate(qts):
         check_resumed(qt, "hopping upload %d across the failover" % i)
+    qt = QtClient(parked, cluster.nodes[2].connect, timeout=30).resume_from(3 * 32768, 4)
+    qt.run()
+    check_resumed(qt, "the parked upload, resumed on node3 after the failover")
 
 if h.uses_rados(cluster.nodes[0]):
     # The nodes shared one RADOS namespace, not the root: nothing was published on the local disk.
