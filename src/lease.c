@@ -39,6 +39,17 @@ static const char acquire_script[] =
 	"redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last', ARGV[1], 'fence', f) "
 	"redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
 	"return {1, f}";
+/* Taking back, after Redis reconnected, a lease this owner had given back: only if nobody took it
+ * since (it is still free, last held by this owner with ARGV[3] as its fence) or if Redis lost it
+ * (no key at all); then with that same fence, which the caller checks against the staging entry. */
+static const char reclaim_script[] =
+	"local o = redis.call('HGET', KEYS[1], 'owner') "
+	"if not o or (o == '' and redis.call('HGET', KEYS[1], 'last') == ARGV[1] and "
+	"    redis.call('HGET', KEYS[1], 'fence') == ARGV[3]) then "
+	"  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last', ARGV[1], 'fence', ARGV[3]) "
+	"  redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+	"  return {1, ARGV[3]} end "
+	"return {0, o, redis.call('PTTL', KEYS[1])}";
 static const char renew_script[] =
 	"local o = redis.call('HGET', KEYS[1], 'owner') "
 	"if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
@@ -151,6 +162,16 @@ int lease_acquire(struct rds *r, const char *key, long ttl_ms, uint64_t floor, l
 	const char *extra[] = { ttl, above };
 	size_t extra_len[] = { strlen(ttl), strlen(above) };
 	return lease_eval(r, acquire_script, key, 2, extra, extra_len, cb, data);
+}
+
+int lease_reclaim(struct rds *r, const char *key, long ttl_ms, uint64_t fence, lease_cb *cb, void *data)
+{
+	char ttl[24], ours[24];
+	snprintf(ttl, sizeof(ttl), "%ld", ttl_ms);
+	snprintf(ours, sizeof(ours), "%" PRIu64, fence);
+	const char *extra[] = { ttl, ours };
+	size_t extra_len[] = { strlen(ttl), strlen(ours) };
+	return lease_eval(r, reclaim_script, key, 2, extra, extra_len, cb, data);
 }
 
 int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data)

@@ -36,6 +36,9 @@ const char *lease_owner(void);
  * else took it meanwhile, unless that fence is not above floor (0: none): then a new fence
  * above floor is taken. Each returns -1 without calling cb when Redis is not connected. */
 int lease_acquire(struct rds *r, const char *key, long ttl_ms, uint64_t floor, lease_cb *cb, void *data);
+/* Takes back a lease this owner gave back with fence, only if nobody took it since or Redis lost
+ * it: LEASE_HELD with that fence, or LEASE_BUSY (holder "" when it is free but was taken since). */
+int lease_reclaim(struct rds *r, const char *key, long ttl_ms, uint64_t fence, lease_cb *cb, void *data);
 /* Extends the lease if this owner still holds it: LEASE_HELD, or LEASE_BUSY when it is lost. */
 int lease_renew(struct rds *r, const char *key, long ttl_ms, lease_cb *cb, void *data);
 /* Gives the lease up if this owner holds it; cb may be NULL. keep_ms > 0 keeps its fence for that

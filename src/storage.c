@@ -888,8 +888,8 @@ static void upload_on_lease(void *data, enum lease_status status, uint64_t fence
 		ev_timer_stop(st->loop, &up->lease_timer);
 		ev_timer_set(&up->lease_timer, ttl / 3, ttl / 3);
 		ev_timer_start(st->loop, &up->lease_timer);
-		if (up->record_dirty && up->exists)
-			record_write(up);
+		if (up->record_dirty && up->exists && !up->check_hold)
+			record_write(up);   /* (held back until WORK_CHECK confirmed what is in memory) */
 	} else if (status == LEASE_BUSY) {
 		up->reload_now = 0;
 		while (up->head && up->head->type == OP_SWEEP) {   /* in use elsewhere: not the janitor's */
@@ -934,6 +934,24 @@ void upload_lease_ask(struct upload *up)
 		return;
 	}
 	up->lease = UL_ASKING;
+	up->pins++;
+}
+
+/* Redis reconnected while this upload was parked here: its record may be gone. The lease is taken
+ * back only if nobody took it since (or Redis lost it), with the fence this node had; the entry is
+ * checked against that fence before the record is written again, and the lease goes back at once.
+ * A node that was not the last holder leaves it alone (its client is elsewhere, or will be). */
+void upload_lease_reclaim(struct upload *up)
+{
+	struct storage *st = up->st;
+	char key[LEASE_KEY_MAX];
+	lease_key(st, &up->key, key, sizeof(key));
+	up->lease_asked = ev_now(st->loop);
+	if (lease_reclaim(&st->redis, key, st->conf->lease_ttl * 1000L, up->fence, upload_on_lease, up) < 0)
+		return;   /* Redis is away again: the next reconnection comes back here */
+	up->lease = UL_ASKING;
+	up->reload_now = 1;
+	up->release_wanted = 1;
 	up->pins++;
 }
 
@@ -1329,6 +1347,12 @@ static void work_done_check(struct upload *up)
 	if (up->work_errno) {
 		log_info("upload %" PRIu64 "/%s: changed elsewhere while parked here (%s): reading it back",
 		    up->key.uid, up->key.md5, strerror(up->work_errno));
+		if (up->head == NULL && up->lease == UL_OURS) {
+			/* Taken back idle after a reconnection: nothing here needs it, and its holder may be waiting. */
+			char key[LEASE_KEY_MAX];
+			lease_key(up->st, &up->key, key, sizeof(key));
+			lease_release(&up->st->redis, key, 0, NULL, NULL);
+		}
 		upload_lost(up, NULL);
 	} else {
 		up->parked = 0;
@@ -1684,6 +1708,10 @@ void upload_run(struct upload *up)
 	}
 	if (up->running || up->head || up->retired || up->loading || up->lease == UL_ASKING || up->reload_now)
 		return;
+	if (up->check_hold && up->exists && upload_lease_valid(up)) {
+		upload_start_work(up, WORK_CHECK);   /* taken back idle: confirm memory before recording it */
+		return;
+	}
 	if (!up->exists)
 		upload_retire(up);   /* nothing in progress: a placeholder, or a sync answered 1012 */
 	else if (up->release_wanted)

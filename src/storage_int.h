@@ -273,6 +273,7 @@ void upload_run(struct upload *up);
 void upload_unpin(struct upload *up);
 void upload_lost(struct upload *up, const char *holder);
 void upload_lease_ask(struct upload *up);
+void upload_lease_reclaim(struct upload *up);
 void upload_start_work(struct upload *up, enum disk_work work);
 void upload_pop(struct upload *up);
 void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents);

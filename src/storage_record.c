@@ -194,25 +194,27 @@ void record_forget(struct upload *up)
 	lease_fenced_command(&st->redis, lkey, 2, argv, argvlen, NULL, NULL);
 }
 
-/* Redis (re)connected: it may have come back empty, without the records or the leases. Every upload
- * this node is driving takes its lease again: the same fence means nothing changed and the record is
- * written again; another fence means it is read back from the staging entry first. A parked upload
- * (lease given back, nothing queued) is left alone: its record was written before the lease went
- * back, and the node its client comes to next takes the lease and reads the entry back if needed.
- * Taking it here would make that node wait until this one gives it back again (after a failover,
- * every node that ever served a hopping upload would race for it). */
+/* Redis (re)connected: it may have come back empty, without the records or the leases, or be a
+ * replica promoted before it saw the latest writes. Every upload this node is driving takes its
+ * lease again: the same fence means nothing changed and the record is written again; another fence
+ * means it is read back from the staging entry first. A parked upload (lease given back, nothing
+ * queued) is only taken back if this node was its last holder (upload_lease_reclaim): after a
+ * failover every node that ever served a hopping upload would otherwise race for its lease and
+ * keep it, making the node its client comes back to wait. */
 void storage_on_redis_ready(struct rds *r)
 {
 	struct storage *st = r->data;
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
-		if (up->parked && up->lease == UL_NONE && !up->head && !up->running)
+		if (!up->exists || !up->loaded || up->retired)
 			continue;
-		if (up->exists && up->loaded && !up->retired) {
-			up->reload_now = 1;
-			if (up->lease != UL_ASKING && !up->running && !up->loading)
-				upload_lease_ask(up);
+		if (up->parked && up->lease == UL_NONE && !up->head && !up->running && !up->loading) {
+			upload_lease_reclaim(up);
+			continue;
 		}
+		up->reload_now = 1;
+		if (up->lease != UL_ASKING && !up->running && !up->loading)
+			upload_lease_ask(up);
 	}
 }
 
