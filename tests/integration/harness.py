@@ -636,6 +636,32 @@ def all_pids():
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def read_text(path, offset=0):
+    """The text of a file (a log) from byte offset on, "" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def drained_until_cut(sock, timeout=5.0):
+    """Reads sock until the server closes or resets it: True then, False if it stays open timeout s.
+    Closes sock either way."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(1 << 20):
+            pass
+        cut = True
+    except socket.timeout:
+        cut = False
+    except OSError:
+        cut = True
+    sock.close()
+    return cut
+
+
 # ---------------------------------------------------------------- the daemon
 
 class Daemon:

@@ -27,21 +27,12 @@ for uid, tok in USERS.items():
     redis.set_token(uid, tok)
 
 
-def read_text(path, offset=0):
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def new_daemon(server):
     d = h.Daemon(workers=2, redis=redis, settings={"server": server})
     d.log_file = os.path.join(d.dir, "resourced.log")
     d.settings["log"]["file"] = d.log_file
     h.Daemon.write_config(d.conf_path, d.settings)
-    tap.context.append(lambda: "%s (last lines):\n%s" % (d.log_file, "\n".join(read_text(d.log_file).splitlines()[-15:])))
+    tap.context.append(lambda: "%s (last lines):\n%s" % (d.log_file, "\n".join(h.read_text(d.log_file).splitlines()[-15:])))
     return d
 
 
@@ -105,7 +96,7 @@ def bad_answers(st):
 
 def log_time(path, offset, needle):
     """Seconds (of the day) of the first log line after offset that contains needle, or None."""
-    for line in read_text(path, offset).splitlines():
+    for line in h.read_text(path, offset).splitlines():
         if needle in line:
             hms = line.split()[1]
             hh, mm, ss = hms.split(":")
@@ -162,7 +153,7 @@ with tap.section("QUIT lets transfers finish"):
     r = idle.request(h.MSG_TEST, {"data": "idle"})
     tap.ok(h.wait_for(lambda: all(s["acked"] >= 4 * 65536 for s in ust) and dst["acked"] >= 4 * 32768, 20),
            "two 6 MiB uploads and a 4 MiB download are under way", repr([s["acked"] for s in ust + [dst]]))
-    mark = len(read_text(d.log_file))
+    mark = len(h.read_text(d.log_file))
     t_quit = time.monotonic()
     d.send_signal(signal.SIGQUIT)
     drain = h.wait_for(lambda: h.agent_answer(agent_port, timeout=1) == "drain\n", 1.5, 0.05)
@@ -174,7 +165,7 @@ with tap.section("QUIT lets transfers finish"):
     except (OSError, h.ProtocolError) as e:
         r = {"exception": repr(e)}
     served_at = time.monotonic() - t_quit
-    accepting = "no longer accepting" not in read_text(d.log_file, mark)
+    accepting = "no longer accepting" not in h.read_text(d.log_file, mark)
     tap.ok(r.get("error") == 0 and r.get("data") == "during the grace" and accepting,
            "a connection arriving during the grace is served (%.2f s after QUIT)" % served_at, repr(r))
     tap.ok(idle.is_open(), "the idle connection stays open during the grace")
@@ -184,7 +175,7 @@ with tap.section("QUIT lets transfers finish"):
         answer = repr(e)
     tap.ok(answer.startswith("ERROR") and h.agent_answer(agent_port, timeout=1) == "drain\n",
            "enable on the stats socket during a graceful stop is refused: the agent still says drain", answer)
-    tap.ok(h.wait_for(lambda: "no longer accepting" in read_text(d.log_file, mark), GRACE + 5),
+    tap.ok(h.wait_for(lambda: "no longer accepting" in h.read_text(d.log_file, mark), GRACE + 5),
            "after drain_grace the master stops accepting (the log says so)")
     tap.ok(h.wait_for(lambda: refused(d.port), 5), "after the grace a new connection is refused")
     tap.ok(idle.wait_closed(5), "the idle connection is closed once the grace is over")
@@ -206,7 +197,7 @@ with tap.section("QUIT lets transfers finish"):
         rc = None
     took = time.monotonic() - t_quit
     tap.eq(rc, 0, "the master exits with status 0 once the transfers are done (%.2f s after QUIT)" % took)
-    tap.ok("connections still open after shutdown_timeout" not in read_text(d.log_file, mark),
+    tap.ok("connections still open after shutdown_timeout" not in h.read_text(d.log_file, mark),
            "nothing was cut: every connection ended on its own")
 
 
@@ -235,13 +226,13 @@ with tap.section("QUIT with stalled clients"):
     workers = d.worker_pids()
     for p in workers:
         os.kill(p, signal.SIGSTOP)
-    mark = len(read_text(d.log_file))
+    mark = len(h.read_text(d.log_file))
     t_quit = time.monotonic()
     try:
         d.send_signal(signal.SIGQUIT)
         queued = h.Client(d.port, timeout=10)
         queued.send(h.MSG_TEST, {"data": "queued"})
-        ended = h.wait_for(lambda: "no longer accepting" in read_text(d.log_file, mark), GRACE + 5)
+        ended = h.wait_for(lambda: "no longer accepting" in h.read_text(d.log_file, mark), GRACE + 5)
     finally:
         for p in workers:
             os.kill(p, signal.SIGCONT)
@@ -271,17 +262,7 @@ with tap.section("QUIT with stalled clients"):
     tap.ok(took <= SHORT_SHUTDOWN + 5, "the master exits soon after: %.2f s after QUIT" % took)
     tap.ok(silent.wait_closed(3), "the silent upload's connection was cut")
     silent.close()
-    stalled.settimeout(5)
-    try:
-        while stalled.recv(1 << 20):
-            pass
-        cut = True
-    except socket.timeout:
-        cut = False
-    except OSError:
-        cut = True
-    stalled.close()
-    tap.ok(cut, "the stalled reader's connection was cut")
+    tap.ok(h.drained_until_cut(stalled), "the stalled reader's connection was cut")
     tap.ok(h.wait_for(lambda: not [p for p in procs if h.pid_alive(p)], 5), "no process of the daemon is left")
 
 
@@ -310,17 +291,17 @@ with tap.section("storage restarts"):
     d.settings["storage"]["io_threads"] = "2"
     h.Daemon.write_config(d.conf_path, d.settings)
     d.start()
-    tap.ok(h.wait_for(lambda: read_text(d.log_file).count("storage link up") >= 2, 15), "(daemon started)")
+    tap.ok(h.wait_for(lambda: h.read_text(d.log_file).count("storage link up") >= 2, 15), "(daemon started)")
 
     def hup_io_threads():
         before = d.storage_pid()
         d.settings["storage"]["io_threads"] = "3"
         h.Daemon.write_config(d.conf_path, d.settings)
-        mark = len(read_text(d.log_file))
+        mark = len(h.read_text(d.log_file))
         d.send_signal(signal.SIGHUP)
         tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, before), 10),
                "HUP with io_threads 2 -> 3 restarts the storage process")
-        tap.ok(h.wait_for(lambda: "storage settings changed" in read_text(d.log_file, mark), 5), "(the log says why)")
+        tap.ok(h.wait_for(lambda: "storage settings changed" in h.read_text(d.log_file, mark), 5), "(the log says why)")
 
     uploads_through(d, "hup", hup_io_threads)
 
@@ -331,7 +312,7 @@ with tap.section("storage restarts"):
         tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, pid), 10), "kill -9 of the storage process: respawned")
 
     uploads_through(d, "kill9", kill9_storage)
-    tap.ok("held requests sent" in read_text(d.log_file),
+    tap.ok("held requests sent" in h.read_text(d.log_file),
            "the log shows requests held across a lost storage link and sent again")
 
     # A storage process that does not come back within storage_timeout: the master is stopped

@@ -52,15 +52,6 @@ d.settings["log"].update({"file": LOG, "access_log": ACCESS})
 h.Daemon.write_config(d.conf_path, d.settings)
 
 
-def read_text(path, offset=0):
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def size_of(path):
     try:
         return os.path.getsize(path)
@@ -69,7 +60,7 @@ def size_of(path):
 
 
 def log_tail(n=15, path=LOG):
-    return "%s (last %d lines):\n%s" % (path, n, "\n".join(read_text(path).splitlines()[-n:]))
+    return "%s (last %d lines):\n%s" % (path, n, "\n".join(h.read_text(path).splitlines()[-n:]))
 
 
 tap.context.append(lambda: log_tail(12))
@@ -192,7 +183,7 @@ ACCESS_RE = re.compile(r'^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) (\S+) uid=(\d+) (upl
 
 def access_lines(path=ACCESS, offset=0):
     out = []
-    for line in read_text(path, offset).splitlines():
+    for line in h.read_text(path, offset).splitlines():
         m = ACCESS_RE.match(line)
         out.append(m.groups() if m else ("BAD", line, "", "", "", "", "", ""))
     return out
@@ -366,9 +357,9 @@ with tap.section("counters move with traffic"):
     dls = [l for l in lines if l[3] == "download"]
     tap.ok(ups and re.match(r"^127\.0\.0\.1:\d+$", ups[0][1]) and ups[0][2:6] == ("3001", "upload", "f1.bin", "300000")
            and ups[0][7] == "0", "access log: 127.0.0.1:port uid=3001 upload name=\"f1.bin\" bytes=300000 ... result=0",
-           read_text(ACCESS, acc0))
+           h.read_text(ACCESS, acc0))
     tap.ok(dls and dls[0][2:6] == ("3001", "download", "f1.bin", "300000") and dls[0][7] == "0",
-           "access log: uid=3001 download name=\"f1.bin\" bytes=300000 ... result=0", read_text(ACCESS, acc0))
+           "access log: uid=3001 download name=\"f1.bin\" bytes=300000 ... result=0", h.read_text(ACCESS, acc0))
     if ups:
         ts = time.strftime("%Y-%m-%dT%H", time.gmtime())
         tap.ok(ups[0][0][:13] in (ts, time.strftime("%Y-%m-%dT%H", time.gmtime(time.time() - 60))),
@@ -566,21 +557,21 @@ with tap.section("USR1 reopens the logs"):
     for i in range(40):
         with h.Client(d.port) as c:
             h.Upload(b"y", "badtok.bin", 3001, "bad-%d" % i).send_chunk(c, 0, 1)
-        seen_pids = set(int(p) for p in re.findall(r"\[(\d+)\] worker \d+ info: \S+ bad token", read_text(LOG)))
+        seen_pids = set(int(p) for p in re.findall(r"\[(\d+)\] worker \d+ info: \S+ bad token", h.read_text(LOG)))
         if workers_now <= seen_pids:
             break
     lines = access_lines(ACCESS)
     tap.eq(sorted(l[4] for l in lines if l[4].startswith("rot-")), sorted(names),
-           "the new access log gets the 10 uploads made after USR1", read_text(ACCESS))
-    tap.ok(all(l[0] != "BAD" for l in lines), "every new access log line has the documented format", read_text(ACCESS))
-    new_log = read_text(LOG)
+           "the new access log gets the 10 uploads made after USR1", h.read_text(ACCESS))
+    tap.ok(all(l[0] != "BAD" for l in lines), "every new access log line has the documented format", h.read_text(ACCESS))
+    new_log = h.read_text(LOG)
     tap.ok("stats socket: disabled" in new_log, "the master writes to the new log file")
     tap.ok(re.search(r"storage info: upload 3001/\S+ complete: \"rot-0\.bin\"", new_log),
            "the storage process writes to the new log file")
     tap.ok(workers_now <= seen_pids, "both workers write to the new log file",
            "workers %r, seen %r" % (workers_now, seen_pids))
     tap.eq((size_of(LOG + ".1"), size_of(ACCESS + ".1")), old_sizes, "the moved files get no more lines")
-    tap.ok("rot-0.bin" not in read_text(ACCESS + ".1"), "none of the new uploads went to the moved access log")
+    tap.ok("rot-0.bin" not in h.read_text(ACCESS + ".1"), "none of the new uploads went to the moved access log")
 
 
 # ---------------------------------------------------------------- HUP with a broken config, reload via the socket
@@ -593,9 +584,9 @@ with tap.section("HUP with a broken config"):
     h.Daemon.write_config(d.conf_path, bad)
     mark = size_of(LOG)
     d.send_signal(signal.SIGHUP)
-    logged = h.wait_for(lambda: re.search(r"reload refused.*no_such_key", read_text(LOG, mark)), 5)
+    logged = h.wait_for(lambda: re.search(r"reload refused.*no_such_key", h.read_text(LOG, mark)), 5)
     tap.ok(logged, "HUP with an unknown key: the log says the reload is refused and names no_such_key",
-           read_text(LOG, mark))
+           h.read_text(LOG, mark))
     # The master logs the refusal on the path that returns before it forks anything, and it
     # answers the stats socket from the same loop: an answer means the HUP is behind it.
     stats("show info")
@@ -694,7 +685,7 @@ with tap.section("HUP during a 64-connection bench"):
     changed = h.wait_for(lambda: (lambda w: w if len(w) == 2 and not (w & set(before)) else None)(worker_set()), 10)
     tap.ok(changed, "HUP at %.1f s into the bench: two new workers" % hup_at,
            "before %r now %r" % (before, d.worker_pids()))
-    tap.ok(re.search(r"reloaded .*generation", read_text(LOG, mark)), "the log says reloaded")
+    tap.ok(re.search(r"reloaded .*generation", h.read_text(LOG, mark)), "the log says reloaded")
     res, out, err = bench_result(bench)
     retired = h.wait_for(lambda: not [p for p in before if h.pid_alive(p)], 5)
     tap.ok(retired, "old workers are gone once the bench is over", repr([p for p in before if h.pid_alive(p)]))
@@ -831,7 +822,7 @@ with tap.section("QUIT with uploads in flight"):
     d.send_signal(signal.SIGQUIT)
     acked_at_quit = [s["acked"] for s in states]
     # Probe the agent once the master has taken the signal, until it exits.
-    h.wait_for(lambda: "SIGQUIT: graceful stop" in read_text(LOG, mark), 2, 0.005)
+    h.wait_for(lambda: "SIGQUIT: graceful stop" in h.read_text(LOG, mark), 2, 0.005)
     agent_answers = []   # (seconds after QUIT, answer, a worker still alive after the answer)
     while d.proc.poll() is None and time.monotonic() - t_quit < SHUTDOWN_TIMEOUT + 12:
         try:
@@ -855,28 +846,18 @@ with tap.section("QUIT with uploads in flight"):
            "agent answers drain during the graceful stop, never up", repr(agent_answers))
     tap.ok(all(a == "drain\n" for _, a, alive in agent_answers if alive),
            "agent says drain (not down) as long as workers are finishing", repr(agent_answers))
-    if "fast stop" in read_text(LOG, mark):
+    if "fast stop" in h.read_text(LOG, mark):
         tap.diag("note: something else sent the master a fast-stop signal during the graceful stop")
     left = h.wait_for(lambda: not [p for p in procs_before if h.pid_alive(p)], 5)
     tap.ok(left, "QUIT: no process of the daemon is left",
            repr({p: h.proc_title(p) for p in procs_before if h.pid_alive(p)}))
     tap.ok(not os.path.exists(d.pid_file), "QUIT: the pid file is removed")
     tap.ok(not os.path.exists(STATS), "QUIT: the stats socket is removed")
-    tap.ok(re.search(r"worker \d+ warn: graceful stop: connections still open after shutdown_timeout", read_text(LOG)),
+    tap.ok(re.search(r"worker \d+ warn: graceful stop: connections still open after shutdown_timeout", h.read_text(LOG)),
            "the log says a connection was cut at shutdown_timeout")
     tap.ok(idle.wait_closed(1), "the idle connection was closed")
     idle.close()
-    stalled.settimeout(5)
-    try:
-        while stalled.recv(1 << 20):
-            pass
-        cut = True
-    except socket.timeout:
-        cut = False
-    except OSError:
-        cut = True
-    stalled.close()
-    tap.ok(cut, "the stalled reader's connection was cut")
+    tap.ok(h.drained_until_cut(stalled), "the stalled reader's connection was cut")
     for t in threads:
         t.join(10)
     tap.ok(not [t for t in threads if t.is_alive()], "every uploader saw its connection end")
@@ -971,7 +952,7 @@ with tap.section("TERM during a graceful stop"):
     pids = daemon_pids(d)
     mark = size_of(LOG)
     d.send_signal(signal.SIGQUIT)
-    held = h.wait_for(lambda: len(re.findall(r"graceful stop: \d+ connections open", read_text(LOG, mark))) >= 2, 3)
+    held = h.wait_for(lambda: len(re.findall(r"graceful stop: \d+ connections open", h.read_text(LOG, mark))) >= 2, 3)
     time.sleep(0.3)
     tap.ok(held and d.proc.poll() is None, "QUIT with a stalled reader: the daemon is still stopping after 0.3 s")
     t0 = time.monotonic()
@@ -983,7 +964,7 @@ with tap.section("TERM during a graceful stop"):
     took = time.monotonic() - t0
     tap.ok(rc == 0 and took < 2.0,
            "TERM during a graceful stop turns it into a fast stop: exit 0 in %.2f s (shutdown_timeout %d s)"
-           % (took, SHUTDOWN_TIMEOUT), read_text(LOG, mark)[-1500:])
+           % (took, SHUTDOWN_TIMEOUT), h.read_text(LOG, mark)[-1500:])
     tap.ok(h.wait_for(lambda: not [q for q in pids if h.pid_alive(q)], 5), "no process left")
     tap.ok(not os.path.exists(d.pid_file), "pid file removed")
     stalled.close()
@@ -1061,7 +1042,7 @@ with tap.section("PROXY protocol"):
             lines = h.wait_for(lambda: (lambda l: l if len(l) >= 2 else None)(access_for(name)), 3) or access_for(name)
             tap.eq(sorted((l[1], l[3]) for l in lines), [(addr, "download"), (addr, "upload")],
                    "%s: the access log shows %s for the upload and the download" % (what, addr),
-                   read_text(P_ACCESS)[-800:])
+                   h.read_text(P_ACCESS)[-800:])
         # LOCAL (a health check by the balancer): the real peer address stays.
         with h.Client(p.port) as c:
             c.send_raw(V2_SIG + bytes([0x20, 0x00]) + b"\x00\x00")
