@@ -107,14 +107,7 @@ def resctl(*args, timeout=30):
 
 
 def agent(port=None, timeout=3.0):
-    with socket.create_connection(("127.0.0.1", port or AGENT_PORT), timeout=timeout) as s:
-        buf = b""
-        while True:
-            data = s.recv(256)
-            if not data:
-                break
-            buf += data
-    return buf.decode(errors="replace")
+    return h.agent_answer(port or AGENT_PORT, timeout=timeout)
 
 
 def upload(data, name, uid=3001, chunk=65536, port=None):
