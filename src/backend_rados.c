@@ -2,7 +2,6 @@
 #include "config.h"
 #include "backend.h"
 #include "conf.h"
-#include "json.h"
 #include "log.h"
 
 #include <errno.h>
@@ -196,69 +195,6 @@ static int omap_swap(struct rados_be *r, const char *oid, const char *key, size_
 		}
 		return rc == -ECANCELED ? ECANCELED : rerr(rc);
 	}
-}
-
-/* The metadata as one JSON object, written by yajl: any name is escaped. */
-static int meta_encode(const struct backend_meta *m, uint64_t piece, char *out, size_t outlen, size_t *len)
-{
-	yajl_gen g = yajl_gen_alloc(NULL);
-	if (g == NULL)
-		return ENOMEM;
-	yajl_gen_map_open(g);
-	yajl_gen_string(g, (const unsigned char *)"uid", 3);
-	yajl_gen_integer(g, (long long)m->uid);
-	yajl_gen_string(g, (const unsigned char *)"md5", 3);
-	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
-	yajl_gen_string(g, (const unsigned char *)"name", 4);
-	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
-	yajl_gen_string(g, (const unsigned char *)"kind", 4);
-	yajl_gen_integer(g, m->kind);
-	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
-	yajl_gen_integer(g, (long long)m->total_size);
-	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
-	yajl_gen_integer(g, (long long)m->chunk_len);
-	yajl_gen_string(g, (const unsigned char *)"piece", 5);
-	yajl_gen_integer(g, (long long)piece);
-	yajl_gen_map_close(g);
-	const unsigned char *text;
-	size_t n;
-	int err = yajl_gen_get_buf(g, &text, &n) == yajl_gen_status_ok ? 0 : EINVAL;
-	if (err == 0 && n >= outlen)
-		err = EFBIG;
-	if (err == 0) {
-		memcpy(out, text, n);
-		*len = n;
-	}
-	yajl_gen_free(g);
-	return err;
-}
-
-static int meta_decode(const char *text, size_t len, struct backend_meta *m, uint64_t *piece)
-{
-	char why[128];
-	yajl_val v = json_parse_object((const uint8_t *)text, len, why, sizeof(why));
-	uint64_t kind;
-	const char *md5, *name;
-	size_t md5_len, name_len;
-	memset(m, 0, sizeof(*m));
-	int err = 0;
-	if (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
-	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
-	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
-	    json_get_u64(v, "piece", UINT64_MAX, piece) || *piece == 0 ||
-	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
-	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len))
-		err = EINVAL;
-	if (err == 0) {
-		m->kind = (int)kind;
-		memcpy(m->md5, md5, PROTO_MD5_HEX);
-		memcpy(m->name, name, name_len);
-		m->name[name_len] = '\0';
-		m->name_len = (uint16_t)name_len;
-	}
-	if (v)
-		yajl_tree_free(v);
-	return err;
 }
 
 /* The head's xattrs this backend uses, in one read. */
@@ -527,7 +463,7 @@ static int staging_locate(struct backend_staging *s)
 		return err;
 	struct backend_meta m;
 	uint64_t piece;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &piece) != 0)
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &m, &piece) != 0)
 		return EIO;
 	snprintf(s->head, sizeof(s->head), "%s", head);
 	s->piece = piece;
@@ -545,7 +481,7 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 		return err;
 	uint64_t old_piece = 0;
 	struct backend_meta m;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &old_piece) != 0)
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &m, &old_piece) != 0)
 		return ECANCELED;   /* unreadable: start a fresh object instead */
 	rados_write_op_t op = rados_create_write_op();
 	char ftext[FENCE_LEN + 1];
@@ -567,7 +503,7 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 	if (old_piece != r->piece) {
 		char fixed[META_MAX];
 		size_t len;
-		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
+		if ((err = backend_meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
 			rados_write_op_t fix = rados_create_write_op();
 			rados_write_op_setxattr(fix, "meta", fixed, len);
 			err = rerr(rados_write_op_operate(fix, r->io, head, NULL, WRITE_FLAGS));
@@ -587,7 +523,7 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 	char key[64], old[OID_MAX] = "", text[META_MAX];
 	size_t text_len;
 	staging_key(meta, key, sizeof(key));
-	int err = meta_encode(meta, r->piece, text, sizeof(text), &text_len);
+	int err = backend_meta_encode(meta, r->piece, text, sizeof(text), &text_len);
 	if (err == 0) {
 		err = omap_get(r, STAGING_OBJ, key, strlen(key), old, sizeof(old));
 		if (err == ENOENT) {
@@ -723,7 +659,7 @@ static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, 
 		return err == ENOENT ? EINVAL : err;   /* indexed but gone: broken, seq 1 replaces it */
 	memset(entry, 0, sizeof(*entry));
 	uint64_t piece = 0, recorded = 0;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
 	    entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0 ||
 	    (h.fence[0] && fence_parse(h.fence, &recorded) != 0))
 		return EINVAL;
@@ -1059,7 +995,7 @@ static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg,
 				break;
 			}
 			char expect[64];
-			int bad = herr != 0 || h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &e.meta, &piece) != 0;
+			int bad = herr != 0 || h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &e.meta, &piece) != 0;
 			if (!bad) {
 				staging_key(&e.meta, expect, sizeof(expect));
 				bad = strcmp(expect, p->key) != 0;
