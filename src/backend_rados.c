@@ -3,6 +3,7 @@
 #include "backend.h"
 #include "conf.h"
 #include "log.h"
+#include "stats.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -26,8 +27,10 @@
  * Head xattrs: "meta" (JSON: uid, md5, name, kind, total_size, chunk_len, piece), "fence"
  * (16 hex digits: ordered as strings as they are as numbers), "state" ("open" while staging,
  * "sealed" once publish checked its fence: no change is accepted after that) and, once sealed,
- * "layout" ("<size>:<piece>", what a reader needs). A data object's name is never reused, so a
- * published version never changes: replacing a file points its name at another object.
+ * "layout" ("<size>:<piece>", what a reader needs), and "named" ("1" once staging_begin indexed
+ * it: the sweep of unnamed objects never deletes a head a begin is indexing, see sweep_head). A
+ * data object's name is never reused, so a published version never changes: replacing a file
+ * points its name at another object.
  */
 
 #define OID_MAX 64                /* a head: "d.<md5>.<16 hex>" is 51 bytes */
@@ -51,6 +54,10 @@ struct rados_be {
 	int gc_started, gc_stop;
 	pthread_mutex_t gc_lock;
 	pthread_cond_t gc_cond;
+	/* The sweep of unnamed data objects (gc thread only): a listing of the namespace that
+	 * goes on where the previous pass stopped. */
+	rados_list_ctx_t sweep_list;
+	int sweep_listing;
 };
 
 struct backend_staging {
@@ -204,6 +211,7 @@ struct head_attrs {
 	char fence[FENCE_LEN + 1];
 	char state[16];
 	char layout[64];
+	char named[4];
 };
 
 static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
@@ -230,6 +238,8 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 				dst = h->state, cap = sizeof(h->state);
 			} else if (strcmp(name, "layout") == 0) {
 				dst = h->layout, cap = sizeof(h->layout);
+			} else if (strcmp(name, "named") == 0) {
+				dst = h->named, cap = sizeof(h->named);
 			}
 			if (dst && len < cap) {
 				memcpy(dst, val, len);
@@ -349,6 +359,207 @@ static int canceled_why(struct rados_be *r, const char *head, uint64_t fence, in
 }
 
 /* ---------------------------------------------------------------- open and close */
+
+/* ---------------------------------------------------------------- the sweep of unnamed data objects */
+
+/*
+ * A crash can leave data objects that nothing names: a head created by staging_begin but never
+ * indexed, a head whose discard or collection stopped half-way, pieces whose head is gone. The
+ * gc thread lists the namespace a batch at a time (SWEEP_BATCH objects per pass, going on where the
+ * previous pass stopped, so a huge pool costs each pass the same) and deletes the `d.*` objects
+ * that nothing names and that nobody changed for SWEEP_GRACE_FACTOR x storage_timeout.
+ *
+ * What names a head: its staging key, the name index of the name in its meta, or a `gc` entry. A
+ * head moves from one to the next in that order and is named at every step (publish indexes the
+ * name before dropping the staging key; name_switch queues the old head in gc before switching),
+ * so reading them in that order cannot miss a head on the move. The one step that names an
+ * unnamed head is staging_begin's index of the head it just created: its next op sets
+ * "named" = 1 on the head, and the sweep's delete asserts "named" is still what it read (unset),
+ * so either the mark lands first (the delete is refused) or the delete does (the mark finds no
+ * head, and the begin undoes its index and starts again). A head marked named that nothing names
+ * any more cannot be named again (names are never reused), so it goes with the same assertion.
+ */
+#define SWEEP_BATCH 1024           /* objects listed per pass */
+#define SWEEP_GRACE_FACTOR 10      /* x storage_timeout: unchanged this long before a delete */
+
+/* Which names point at head (checked in the order a head moves through them): 1 named, 0 not. */
+static int head_named(struct rados_be *r, const char *head, const struct head_attrs *h, int *named)
+{
+	char val[OID_MAX];
+	struct backend_meta m;
+	uint64_t piece;
+	*named = 1;
+	if (h->meta_len && backend_meta_decode(h->meta, h->meta_len, &m, &piece) == 0) {
+		char key[64], idx[OID_MAX];
+		staging_key(&m, key, sizeof(key));
+		int err = omap_get(r, STAGING_OBJ, key, strlen(key), val, sizeof(val));
+		if (err == 0 && strcmp(val, head) == 0)
+			return 0;
+		if (err && err != ENOENT)
+			return err;
+		index_oid(m.uid, idx);
+		err = omap_get(r, idx, m.name, m.name_len, val, sizeof(val));
+		if (err == 0 && strcmp(val, head) == 0)
+			return 0;
+		if (err && err != ENOENT)
+			return err;
+	}
+	int err = omap_get(r, GC_OBJ, head, strlen(head), val, sizeof(val));
+	if (err == 0)
+		return 0;
+	if (err != ENOENT)
+		return err;
+	*named = 0;
+	return 0;
+}
+
+/* Deletes head if nothing names it and it is old, then its pieces; *removed counts objects. */
+static int sweep_head(struct rados_be *r, const char *head, time_t older_than, size_t *removed)
+{
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, head, &size, &mtime);
+	if (rc == -ENOENT)
+		return 0;
+	if (rc < 0)
+		return rerr(rc);
+	if (mtime >= older_than)
+		return 0;   /* changed lately: a begin may be about to index it */
+	struct head_attrs h;
+	int named, err = head_read(r, head, &h);
+	if (err == 0)
+		err = head_named(r, head, &h, &named);
+	if (err)
+		return err == ENOENT ? 0 : err;
+	if (named)
+		return 0;
+	/* The decision holds only while the head is as read: "named" unchanged (begin's mark) and the
+	 * fence unchanged (a writer that took it over). */
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "named", LIBRADOS_CMPXATTR_OP_EQ, h.named, strlen(h.named));
+	rados_write_op_cmpxattr(op, "fence", LIBRADOS_CMPXATTR_OP_EQ, h.fence, strlen(h.fence));
+	rados_write_op_remove(op);
+	rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED || rc == -ENOENT)
+		return 0;
+	if (rc < 0)
+		return rerr(rc);
+	(*removed)++;
+	log_info("rados: swept unnamed data object %s", head);
+	/* Its pieces, while they follow each other (a gap's stragglers are swept as headless pieces). */
+	for (uint64_t k = 1;; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_remove(op);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0)
+			return rc == -ENOENT ? 0 : rerr(rc);
+		(*removed)++;
+	}
+}
+
+/* Deletes a piece whose head is gone (heads are deleted after their pieces are, or alone when the
+ * pieces went first: either way, a piece without its head can never be read again). */
+static int sweep_piece(struct rados_be *r, const char *oid, size_t head_len, time_t older_than, size_t *removed)
+{
+	char head[OID_MAX];
+	snprintf(head, sizeof(head), "%.*s", (int)head_len, oid);
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, head, &size, &mtime);
+	if (rc == 0)
+		return 0;
+	if (rc != -ENOENT)
+		return rerr(rc);
+	if ((rc = rados_stat(r->io, oid, &size, &mtime)) < 0)
+		return rc == -ENOENT ? 0 : rerr(rc);
+	if (mtime >= older_than)
+		return 0;
+	if ((rc = object_remove(r, oid)) != 0)
+		return rc;
+	(*removed)++;
+	log_info("rados: swept data object %s, whose head is gone", oid);
+	return 0;
+}
+
+/* The length of the head part of a data object's name "d.<md5>.<16 hex>[.<k>]", or 0 when oid is
+ * not one; *piece is set when it names a piece. */
+static size_t data_oid_parse(const char *oid, int *piece)
+{
+	size_t len = strlen(oid), head_len = 2 + PROTO_MD5_HEX + 1 + 16;
+	*piece = 0;
+	if (len < head_len || strncmp(oid, "d.", 2) != 0 || oid[2 + PROTO_MD5_HEX] != '.')
+		return 0;
+	for (size_t i = 2; i < head_len; i++)
+		if (i != 2 + PROTO_MD5_HEX && strchr("0123456789abcdef", oid[i]) == NULL)
+			return 0;
+	if (len == head_len)
+		return head_len;
+	if (oid[head_len] != '.' || len == head_len + 1 || strspn(oid + head_len + 1, "0123456789") != len - head_len - 1)
+		return 0;
+	*piece = 1;
+	return head_len;
+}
+
+static int gc_stopping(struct rados_be *r)
+{
+	pthread_mutex_lock(&r->gc_lock);
+	int stop = r->gc_stop;
+	pthread_mutex_unlock(&r->gc_lock);
+	return stop;
+}
+
+/* One pass: up to SWEEP_BATCH objects of the namespace, from where the last pass stopped. */
+static void orphan_sweep(struct rados_be *r)
+{
+	time_t older_than = time(NULL) - (time_t)SWEEP_GRACE_FACTOR * r->conf->storage_timeout;
+	size_t removed = 0;
+	int err = 0;
+	if (!r->sweep_listing) {
+		int rc = rados_nobjects_list_open(r->io, &r->sweep_list);
+		if (rc < 0) {
+			log_warnx("rados: cannot list the namespace for the sweep: %s", strerror(rerr(rc)));
+			return;
+		}
+		r->sweep_listing = 1;
+	}
+	for (int n = 0; n < SWEEP_BATCH && err == 0 && !gc_stopping(r); n++) {
+		const char *entry;
+		int rc = rados_nobjects_list_next(r->sweep_list, &entry, NULL, NULL);
+		if (rc == -ENOENT) {
+			err = ENOENT;   /* the end: the next pass lists from the start */
+			break;
+		}
+		if (rc < 0) {
+			err = rerr(rc);
+			break;
+		}
+		char oid[PIECE_OID_MAX];
+		if (strlen(entry) >= sizeof(oid))
+			continue;
+		snprintf(oid, sizeof(oid), "%s", entry);
+		int piece;
+		size_t head_len = data_oid_parse(oid, &piece);
+		if (head_len == 0)
+			continue;
+		err = piece ? sweep_piece(r, oid, head_len, older_than, &removed) : sweep_head(r, oid, older_than, &removed);
+	}
+	if (err) {
+		if (err != ENOENT)
+			log_warnx("rados: the sweep of unnamed objects stopped: %s", strerror(err));
+		else
+			log_debug("rados: the sweep went through the whole namespace");
+		rados_nobjects_list_close(r->sweep_list);
+		r->sweep_listing = 0;
+	}
+	if (removed) {
+		log_info("rados: the sweep deleted %zu data objects that nothing named", removed);
+		STAT_ADD(orphans_swept, removed);
+	}
+}
 
 static void *gc_main(void *arg);
 static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head);
@@ -546,32 +757,53 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 		free(s);
 		return err;
 	}
-	/* A fresh head under a name never used before: created complete, then indexed. A crash in
-	 * between leaves an object nothing points to (design.md: the orphan sweep). */
-	uint8_t rnd[8];
-	char hex[17];
-	randombytes_buf(rnd, sizeof(rnd));
-	sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
-	snprintf(s->head, sizeof(s->head), "d.%s.%s", meta->md5, hex);
-	s->piece = r->piece;
-	char ftext[FENCE_LEN + 1];
-	fence_text(fence, ftext);
-	rados_write_op_t op = rados_create_write_op();
-	rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
-	rados_write_op_setxattr(op, "meta", text, text_len);
-	rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
-	rados_write_op_setxattr(op, "state", "open", 4);
-	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
-	rados_release_write_op(op);
-	if (rc < 0) {
-		free(s);
-		return rerr(rc);
-	}
-	err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
-	if (err) {
-		object_remove(r, s->head);
-		free(s);
-		return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
+	/* A fresh head under a name never used before: created complete, indexed, then marked
+	 * named. A crash before the mark leaves an object nothing may point to, which the sweep of
+	 * unnamed objects deletes once it is old (sweep_head); the mark is what tells this begin
+	 * whether the sweep got there first. */
+	for (int tries = 0;; tries++) {
+		uint8_t rnd[8];
+		char hex[17];
+		randombytes_buf(rnd, sizeof(rnd));
+		sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
+		snprintf(s->head, sizeof(s->head), "d.%s.%s", meta->md5, hex);
+		s->piece = r->piece;
+		char ftext[FENCE_LEN + 1];
+		fence_text(fence, ftext);
+		rados_write_op_t op = rados_create_write_op();
+		rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+		rados_write_op_setxattr(op, "meta", text, text_len);
+		rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
+		rados_write_op_setxattr(op, "state", "open", 4);
+		int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0) {
+			free(s);
+			return rerr(rc);
+		}
+		err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
+		if (err) {
+			object_remove(r, s->head);
+			free(s);
+			return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
+		}
+		/* Named: from now on the sweep leaves the head alone (its delete asserts "named" is what it
+		 * read, unset). Refused (the head is gone) only when this begin stalled between the create
+		 * and the index for longer than the sweep's grace: undo the index and start again. */
+		op = rados_create_write_op();
+		rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+		rados_write_op_setxattr(op, "named", "1", 1);
+		rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == 0)
+			break;
+		int unindex = omap_remove_if(r, STAGING_OBJ, key, s->head);
+		if ((rc != -ENOENT && rc != -ECANCELED) || unindex != 0 || tries == 1) {
+			free(s);
+			return rc == -ENOENT || rc == -ECANCELED ? ETIMEDOUT : rerr(rc);
+		}
+		log_warnx("rados: the sweep removed the head of %s before it was marked named: beginning again", key);
+		old[0] = '\0';
 	}
 	if (old[0])
 		data_remove(r, old, r->piece, 0);   /* a broken old entry: best effort */
@@ -1160,9 +1392,12 @@ static void *gc_main(void *arg)
 			break;
 		pthread_mutex_unlock(&r->gc_lock);
 		gc_sweep(r);
+		orphan_sweep(r);
 		pthread_mutex_lock(&r->gc_lock);
 	}
 	pthread_mutex_unlock(&r->gc_lock);
+	if (r->sweep_listing)
+		rados_nobjects_list_close(r->sweep_list);
 	return NULL;
 }
 
