@@ -599,6 +599,11 @@ static int rados_open(struct backend *b, enum backend_role role, char *err, size
 		    conf->rados_user, strerror(-rc));
 		goto fail;
 	}
+	/* Which process is which client, for an operator who has to blocklist one. */
+	char *addrs = NULL;
+	if (rados_getaddrs(r->cluster, &addrs) == 0 && addrs != NULL)
+		log_info("rados: connected as client.%" PRIu64 " at %s", rados_get_instance_id(r->cluster), addrs);
+	free(addrs);
 	if ((rc = rados_ioctx_create(r->cluster, conf->rados_pool, &r->io)) < 0) {
 		snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
 		rados_shutdown(r->cluster);
