@@ -1205,8 +1205,8 @@ static void rados_file_close(struct backend_file *f)
  * it), so whoever deletes one asks its references first (head_use). Each was written on the head
  * before its pointer was made: a name's reference by the seal (while the staging key still names
  * the head) or by publish_from_content, the index's by content_enter. A reference counts while its
- * pointer points at the head, or while it is young (REF_GRACE_FACTOR x storage_timeout: its pointer
- * may be on the way). The delete asserts the head's version is the one read with the references,
+ * pointer points at the head, and a name's also while it is young (REF_GRACE_FACTOR x
+ * storage_timeout: its pointer may be on the way). The delete asserts the head's version is the one read with the references,
  * so a reference added since (a new name) refuses it; publish_from_content checks the head still
  * exists after its switch, and undoes the switch if not (a stall past the grace).
  */
@@ -1233,7 +1233,10 @@ static int ref_check(struct rados_be *r, const char *head, const struct ref_entr
 {
 	*stale = 0;
 	int kind = e->key[0] == 'c' ? HEAD_INDEXED : HEAD_NAMED;
-	if (e->val[0] >= '0' && e->val[0] <= '9' &&
+	/* Only a name's reference is ever young: an index entry made after its head went points at
+	 * nothing, which content_open and publish_from_content answer ENOENT, and the content
+	 * collection drops (while a young one would keep a head the collection just unindexed). */
+	if (kind == HEAD_NAMED && e->val[0] >= '0' && e->val[0] <= '9' &&
 	    now - (time_t)atoll(e->val) < (time_t)REF_GRACE_FACTOR * r->conf->storage_timeout) {
 		*use |= kind;
 		return 0;

@@ -228,6 +228,7 @@ G = rbytes(3 * CH + 7)
 r, _, _, _ = qt_upload(du, G, "replace-me.bin", U1)
 g_entry = "u%d-%s-%d" % (U1, h.md5_hex(G), len(G))
 tap.ok(r.get("error") == 0 and g_entry in content_entries(du), "a file enters the index when published")
+g_ident = ident(du, U1, "replace-me.bin")
 r, _, _, _ = qt_upload(du, rbytes(2 * CH), "replace-me.bin", U1)
 tap.ok(r.get("error") == 0, "its only name is replaced by other content")
 tap.ok(h.wait_for(lambda: g_entry not in content_entries(du), 10, 0.1),
@@ -235,6 +236,12 @@ tap.ok(h.wait_for(lambda: g_entry not in content_entries(du), 10, 0.1),
 tap.ok(h.wait_for(lambda: h.stats_info(du).get("content_freed_bytes", 0) >= len(G), 5, 0.1),
        "show info counts the bytes freed")
 tap.ok("u%d-%s-%d" % (U1, h.md5_hex(F), len(F)) in content_entries(du), "content still named stays")
+if h.uses_rados(du):
+    # Unindexed, its data object is a replaced version like any other: deleted after gc_grace (5 s here).
+    tap.ok(h.wait_for(lambda: g_ident not in h.rados_objects(du), 30, 0.5),
+           "RADOS: the unindexed data object is deleted once its gc_grace is over", repr(g_ident))
+    tap.ok(first_ident in h.rados_objects(du) and links(du, U1, "first.bin") == 3,
+           "RADOS: the shared data object stays, with its names and index entry", repr(first_ident))
 
 # An avatar deduplicated this way updates PostgreSQL and ubaseinfo.
 A = rbytes(4 * CH + 99)
