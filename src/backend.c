@@ -2,9 +2,13 @@
 #include "config.h"
 #include "backend.h"
 #include "conf.h"
+#include "json.h"
+
+#include <errno.h>
 
 #include <stdio.h>
 #include <string.h>
+#include <yajl/yajl_gen.h>
 
 /* A new backend is one file defining `const struct backend_ops backend_<name>`, listed here. */
 static const struct backend_ops *const backends[] = {
@@ -54,4 +58,68 @@ void backend_close(struct backend *b)
 	if (b->ops)
 		b->ops->close(b);
 	b->ops = NULL;
+}
+
+int backend_meta_encode(const struct backend_meta *m, uint64_t piece, char *out, size_t outlen, size_t *len)
+{
+	yajl_gen g = yajl_gen_alloc(NULL);
+	if (g == NULL)
+		return ENOMEM;
+	yajl_gen_map_open(g);
+	yajl_gen_string(g, (const unsigned char *)"uid", 3);
+	yajl_gen_integer(g, (long long)m->uid);
+	yajl_gen_string(g, (const unsigned char *)"md5", 3);
+	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
+	yajl_gen_string(g, (const unsigned char *)"name", 4);
+	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
+	yajl_gen_string(g, (const unsigned char *)"kind", 4);
+	yajl_gen_integer(g, m->kind);
+	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
+	yajl_gen_integer(g, (long long)m->total_size);
+	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
+	yajl_gen_integer(g, (long long)m->chunk_len);
+	if (piece) {
+		yajl_gen_string(g, (const unsigned char *)"piece", 5);
+		yajl_gen_integer(g, (long long)piece);
+	}
+	yajl_gen_map_close(g);
+	const unsigned char *text;
+	size_t n;
+	int err = yajl_gen_get_buf(g, &text, &n) == yajl_gen_status_ok ? 0 : EINVAL;
+	if (err == 0 && n >= outlen)
+		err = EFBIG;
+	if (err == 0) {
+		memcpy(out, text, n);
+		*len = n;
+	}
+	yajl_gen_free(g);
+	return err;
+}
+
+int backend_meta_decode(const char *text, size_t len, struct backend_meta *m, uint64_t *piece)
+{
+	char why[128];
+	yajl_val v = json_parse_object((const uint8_t *)text, len, why, sizeof(why));
+	uint64_t kind;
+	const char *md5, *name;
+	size_t md5_len, name_len;
+	memset(m, 0, sizeof(*m));
+	int err = 0;
+	if (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
+	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
+	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
+	    (piece && (json_get_u64(v, "piece", UINT64_MAX, piece) || *piece == 0)) ||
+	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
+	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len))
+		err = EINVAL;
+	if (err == 0) {
+		m->kind = (int)kind;
+		memcpy(m->md5, md5, PROTO_MD5_HEX);
+		memcpy(m->name, name, name_len);
+		m->name[name_len] = '\0';
+		m->name_len = (uint16_t)name_len;
+	}
+	if (v)
+		yajl_tree_free(v);
+	return err;
 }

@@ -180,6 +180,16 @@ const struct backend_ops *backend_find(const char *name);
 /* The known names, comma-separated, for error messages. */
 const char *backend_names(void);
 
+/*
+ * A staging entry's metadata as one JSON object (the fs backend's .meta, the RADOS head's "meta"
+ * xattr), written by yajl so that any name is escaped. piece: a backend's own extra field, the
+ * piece size of a striped entry; 0 leaves it out. EFBIG when it does not fit in outlen.
+ */
+int backend_meta_encode(const struct backend_meta *m, uint64_t piece, char *out, size_t outlen, size_t *len);
+/* Parses and checks it: 0 when it describes an upload (valid md5 and name). With piece non-NULL
+ * the field is required and nonzero; EINVAL otherwise. */
+int backend_meta_decode(const char *text, size_t len, struct backend_meta *m, uint64_t *piece);
+
 /* Opens the backend named in conf ([storage] backend). On error returns -1 with one line in err. */
 int backend_open(struct backend *b, const struct conf *conf, enum backend_role role, char *err, size_t errlen);
 void backend_close(struct backend *b);

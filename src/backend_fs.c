@@ -2,7 +2,6 @@
 #include "config.h"
 #include "backend.h"
 #include "conf.h"
-#include "json.h"
 #include "log.h"
 
 #include <dirent.h>
@@ -283,40 +282,22 @@ static void staging_release(struct backend_staging *s)
 	pthread_mutex_unlock(&s->fs->lock);
 }
 
-/* The metadata as one JSON line, written by yajl: any name is escaped without a size limit. */
+/* The metadata as one JSON line (backend_meta_encode), written to .meta.tmp and renamed. */
 static int meta_write(const struct backend_staging *s)
 {
-	const struct backend_meta *m = &s->meta;
-	yajl_gen g = yajl_gen_alloc(NULL);
-	if (g == NULL)
-		return ENOMEM;
-	yajl_gen_map_open(g);
-	yajl_gen_string(g, (const unsigned char *)"uid", 3);
-	yajl_gen_integer(g, (long long)m->uid);
-	yajl_gen_string(g, (const unsigned char *)"md5", 3);
-	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
-	yajl_gen_string(g, (const unsigned char *)"name", 4);
-	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
-	yajl_gen_string(g, (const unsigned char *)"kind", 4);
-	yajl_gen_integer(g, m->kind);
-	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
-	yajl_gen_integer(g, (long long)m->total_size);
-	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
-	yajl_gen_integer(g, (long long)m->chunk_len);
-	yajl_gen_map_close(g);
-	const unsigned char *text;
-	size_t len;
-	int err = yajl_gen_get_buf(g, &text, &len) == yajl_gen_status_ok ? 0 : EINVAL;
+	char *text = malloc(META_MAX + 1);
+	size_t len = 0;
+	int err = text ? backend_meta_encode(&s->meta, 0, text, META_MAX, &len) : ENOMEM;
 	char tmp[PATH_MAX];
-	if (err == 0)
+	if (err == 0) {
+		text[len++] = '\n';
 		err = path_format(tmp, sizeof(tmp), "%s.tmp", s->metafile);
+	}
 	int fd = -1;
 	if (err == 0 && (fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640)) < 0)
 		err = errno;
 	if (fd >= 0) {
-		err = write_all_at(fd, text, len, 0);
-		if (err == 0)
-			err = write_all_at(fd, (const uint8_t *)"\n", 1, len);
+		err = write_all_at(fd, (const uint8_t *)text, len, 0);
 		if (err == 0 && s->fs->conf->fsync_policy == FSYNC_ALWAYS && fsync(fd) < 0)
 			err = errno;
 		close(fd);
@@ -325,13 +306,14 @@ static int meta_write(const struct backend_staging *s)
 		if (err)
 			unlink(tmp);
 	}
-	yajl_gen_free(g);
+	free(text);
 	return err;
 }
 
 /* Reads and checks one .meta file; 0 when it describes an upload. */
 static int meta_read(const char *path, struct backend_meta *m)
 {
+	memset(m, 0, sizeof(*m));
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return errno;
@@ -341,31 +323,9 @@ static int meta_read(const char *path, struct backend_meta *m)
 	close(fd);
 	if (err == 0 && n > META_MAX)
 		err = EFBIG;
-	yajl_val v = NULL;
-	if (err == 0) {
-		char why[128];
-		v = json_parse_object((const uint8_t *)text, n, why, sizeof(why));
-	}
+	if (err == 0)
+		err = backend_meta_decode(text, n, m, NULL);
 	free(text);
-	uint64_t kind;
-	const char *md5, *name;
-	size_t md5_len, name_len;
-	memset(m, 0, sizeof(*m));
-	if (err == 0 && (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
-	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
-	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
-	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
-	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len)))
-		err = EINVAL;
-	if (err == 0) {
-		m->kind = (int)kind;
-		memcpy(m->md5, md5, PROTO_MD5_HEX);
-		memcpy(m->name, name, name_len);
-		m->name[name_len] = '\0';
-		m->name_len = (uint16_t)name_len;
-	}
-	if (v)
-		yajl_tree_free(v);
 	return err;
 }
 

@@ -2,8 +2,8 @@
 #include "config.h"
 #include "backend.h"
 #include "conf.h"
-#include "json.h"
 #include "log.h"
+#include "stats.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -23,12 +23,19 @@
  *   gc               omap <head> -> "<deadline> <uid> <name>": a replaced version, deleted after gc_grace
  *   d.<md5>.<rand>   head object: bytes [0, piece) and the xattrs below
  *   d.<md5>.<rand>.<k>  bytes [k * piece, (k + 1) * piece) of a larger file
+ *   content          omap "<md5>.<size>" or "u<uid>.<md5>.<size>" -> a published head (instant upload)
+ *
+ * A published head's omap holds its references ("refs", see "stored content" below): every name
+ * that was pointed at it ("n:<uid>:<name>") and the content index entry ("c:<key>"). A head is
+ * deleted only when none of them still points at it.
  *
  * Head xattrs: "meta" (JSON: uid, md5, name, kind, total_size, chunk_len, piece), "fence"
  * (16 hex digits: ordered as strings as they are as numbers), "state" ("open" while staging,
  * "sealed" once publish checked its fence: no change is accepted after that) and, once sealed,
- * "layout" ("<size>:<piece>", what a reader needs). A data object's name is never reused, so a
- * published version never changes: replacing a file points its name at another object.
+ * "layout" ("<size>:<piece>", what a reader needs), and "named" ("1" once staging_begin indexed
+ * it: the sweep of unnamed objects never deletes a head a begin is indexing, see sweep_head). A
+ * data object's name is never reused, so a published version never changes: replacing a file
+ * points its name at another object.
  */
 
 #define OID_MAX 64                /* a head: "d.<md5>.<16 hex>" is 51 bytes */
@@ -37,6 +44,9 @@
 #define FENCE_LEN 16
 #define STAGING_OBJ "staging"
 #define GC_OBJ "gc"
+#define CONTENT_OBJ "content"
+#define REF_MAX (PROTO_NAME_MAX + 48)   /* "n:<uid>:<name>" */
+#define REFS_PAGE 256             /* references read at once; a head with more counts as in use */
 #define OMAP_PAGE 512
 #define SWITCH_TRIES 64
 /* Writes try even on a full cluster, so that it answers ENOSPC instead of blocking. */
@@ -52,6 +62,14 @@ struct rados_be {
 	int gc_started, gc_stop;
 	pthread_mutex_t gc_lock;
 	pthread_cond_t gc_cond;
+	/* The sweep of unnamed data objects (gc thread only): a listing of the namespace that
+	 * goes on where the previous pass stopped. */
+	rados_list_ctx_t sweep_list;
+	int sweep_listing;
+	/* The collector's own I/O context: the version of an object it read (rados_get_last_version)
+	 * is its own, whatever the other threads do. */
+	rados_ioctx_t gc_io;
+	char content_after[96];       /* where the collection of the content index goes on */
 };
 
 struct backend_staging {
@@ -198,69 +216,6 @@ static int omap_swap(struct rados_be *r, const char *oid, const char *key, size_
 	}
 }
 
-/* The metadata as one JSON object, written by yajl: any name is escaped. */
-static int meta_encode(const struct backend_meta *m, uint64_t piece, char *out, size_t outlen, size_t *len)
-{
-	yajl_gen g = yajl_gen_alloc(NULL);
-	if (g == NULL)
-		return ENOMEM;
-	yajl_gen_map_open(g);
-	yajl_gen_string(g, (const unsigned char *)"uid", 3);
-	yajl_gen_integer(g, (long long)m->uid);
-	yajl_gen_string(g, (const unsigned char *)"md5", 3);
-	yajl_gen_string(g, (const unsigned char *)m->md5, PROTO_MD5_HEX);
-	yajl_gen_string(g, (const unsigned char *)"name", 4);
-	yajl_gen_string(g, (const unsigned char *)m->name, m->name_len);
-	yajl_gen_string(g, (const unsigned char *)"kind", 4);
-	yajl_gen_integer(g, m->kind);
-	yajl_gen_string(g, (const unsigned char *)"total_size", 10);
-	yajl_gen_integer(g, (long long)m->total_size);
-	yajl_gen_string(g, (const unsigned char *)"chunk_len", 9);
-	yajl_gen_integer(g, (long long)m->chunk_len);
-	yajl_gen_string(g, (const unsigned char *)"piece", 5);
-	yajl_gen_integer(g, (long long)piece);
-	yajl_gen_map_close(g);
-	const unsigned char *text;
-	size_t n;
-	int err = yajl_gen_get_buf(g, &text, &n) == yajl_gen_status_ok ? 0 : EINVAL;
-	if (err == 0 && n >= outlen)
-		err = EFBIG;
-	if (err == 0) {
-		memcpy(out, text, n);
-		*len = n;
-	}
-	yajl_gen_free(g);
-	return err;
-}
-
-static int meta_decode(const char *text, size_t len, struct backend_meta *m, uint64_t *piece)
-{
-	char why[128];
-	yajl_val v = json_parse_object((const uint8_t *)text, len, why, sizeof(why));
-	uint64_t kind;
-	const char *md5, *name;
-	size_t md5_len, name_len;
-	memset(m, 0, sizeof(*m));
-	int err = 0;
-	if (v == NULL || json_get_u64(v, "uid", UINT64_MAX, &m->uid) ||
-	    json_get_u64(v, "total_size", UINT64_MAX, &m->total_size) ||
-	    json_get_u64(v, "chunk_len", UINT64_MAX, &m->chunk_len) || json_get_u64(v, "kind", 1, &kind) ||
-	    json_get_u64(v, "piece", UINT64_MAX, piece) || *piece == 0 ||
-	    json_get_str(v, "md5", &md5, &md5_len) || md5_len != PROTO_MD5_HEX ||
-	    json_get_str(v, "name", &name, &name_len) || !proto_name_valid(name, name_len))
-		err = EINVAL;
-	if (err == 0) {
-		m->kind = (int)kind;
-		memcpy(m->md5, md5, PROTO_MD5_HEX);
-		memcpy(m->name, name, name_len);
-		m->name[name_len] = '\0';
-		m->name_len = (uint16_t)name_len;
-	}
-	if (v)
-		yajl_tree_free(v);
-	return err;
-}
-
 /* The head's xattrs this backend uses, in one read. */
 struct head_attrs {
 	char meta[META_MAX];
@@ -268,6 +223,7 @@ struct head_attrs {
 	char fence[FENCE_LEN + 1];
 	char state[16];
 	char layout[64];
+	char named[4];
 };
 
 static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
@@ -294,6 +250,8 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 				dst = h->state, cap = sizeof(h->state);
 			} else if (strcmp(name, "layout") == 0) {
 				dst = h->layout, cap = sizeof(h->layout);
+			} else if (strcmp(name, "named") == 0) {
+				dst = h->named, cap = sizeof(h->named);
 			}
 			if (dst && len < cap) {
 				memcpy(dst, val, len);
@@ -412,10 +370,58 @@ static int canceled_why(struct rados_be *r, const char *head, uint64_t fence, in
 	return otherwise;
 }
 
+/* ---------------------------------------------------------------- references of a published head */
+
+/* "n:<uid>:<name>": the key of a name's reference; returns its length. */
+static size_t ref_name(uint64_t uid, const char *name, size_t name_len, char out[REF_MAX])
+{
+	int n = snprintf(out, REF_MAX, "n:%" PRIu64 ":", uid);
+	memcpy(out + n, name, name_len);
+	out[(size_t)n + name_len] = '\0';
+	return (size_t)n + name_len;
+}
+
+/* A reference's value: "<unix time> <random>" when made on a head that may be unnamed meanwhile
+ * (young for REF_GRACE: its pointer may not be there yet), "s <random>" when the staging key
+ * names the head until its pointer is made (the seal). The random part makes every value
+ * unique, so that pruning a stale reference (guarded on its value) never removes a newer one. */
+static size_t ref_value(int young, char out[32])
+{
+	uint8_t rnd[4];
+	char hex[9];
+	randombytes_buf(rnd, sizeof(rnd));
+	sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
+	int n = young ? snprintf(out, 32, "%lld %s", (long long)time(NULL), hex) : snprintf(out, 32, "s %s", hex);
+	return (size_t)n;
+}
+
+/* The content index key of key: "<md5>.<size>" or "u<uid>.<md5>.<size>". */
+static size_t content_keytext(const struct backend_content_key *key, char out[96])
+{
+	int n = key->per_user ? snprintf(out, 96, "u%" PRIu64 ".%s.%" PRIu64, key->owner, key->md5, key->size)
+	                      : snprintf(out, 96, "%s.%" PRIu64, key->md5, key->size);
+	return (size_t)n;
+}
+
+/* Adds a young reference to a sealed head (ENOENT: it is gone or not sealed). */
+static int ref_add(struct rados_be *r, const char *head, const char *ref, size_t reflen)
+{
+	char val[32];
+	size_t vlen = ref_value(1, val);
+	const char *keys[1] = { ref }, *vals[1] = { val };
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "sealed", 6);
+	rados_write_op_omap_set2(op, keys, vals, &reflen, &vlen, 1);
+	int rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	return rc == -ECANCELED || rc == -ENOENT ? ENOENT : rerr(rc);
+}
+
 /* ---------------------------------------------------------------- open and close */
 
 static void *gc_main(void *arg);
-static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head);
+static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head,
+    char *old_out);
 
 static int rados_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
 {
@@ -452,6 +458,11 @@ static int rados_open(struct backend *b, enum backend_role role, char *err, size
 		    conf->rados_user, strerror(-rc));
 		goto fail;
 	}
+	/* Which process is which client, for an operator who has to blocklist one. */
+	char *addrs = NULL;
+	if (rados_getaddrs(r->cluster, &addrs) == 0 && addrs != NULL)
+		log_info("rados: connected as client.%" PRIu64 " at %s", rados_get_instance_id(r->cluster), addrs);
+	free(addrs);
 	if ((rc = rados_ioctx_create(r->cluster, conf->rados_pool, &r->io)) < 0) {
 		snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
 		rados_shutdown(r->cluster);
@@ -459,11 +470,22 @@ static int rados_open(struct backend *b, enum backend_role role, char *err, size
 		return -1;
 	}
 	rados_ioctx_set_namespace(r->io, conf->rados_namespace[0] ? conf->rados_namespace : NULL);
+	if (role == BACKEND_WRITER) {
+		if ((rc = rados_ioctx_create(r->cluster, conf->rados_pool, &r->gc_io)) < 0) {
+			snprintf(err, errlen, "cannot open pool '%s': %s", conf->rados_pool, strerror(-rc));
+			rados_ioctx_destroy(r->io);
+			rados_shutdown(r->cluster);
+			free(r);
+			return -1;
+		}
+		rados_ioctx_set_namespace(r->gc_io, conf->rados_namespace[0] ? conf->rados_namespace : NULL);
+	}
 	pthread_mutex_init(&r->gc_lock, NULL);
 	pthread_cond_init(&r->gc_cond, NULL);
 	if (role == BACKEND_WRITER) {
 		if (pthread_create(&r->gc_thread, NULL, gc_main, r) != 0) {
 			snprintf(err, errlen, "cannot start the collector thread");
+			rados_ioctx_destroy(r->gc_io);
 			rados_ioctx_destroy(r->io);
 			rados_shutdown(r->cluster);
 			free(r);
@@ -493,6 +515,8 @@ static void rados_close(struct backend *b)
 	}
 	pthread_mutex_destroy(&r->gc_lock);
 	pthread_cond_destroy(&r->gc_cond);
+	if (r->gc_io)
+		rados_ioctx_destroy(r->gc_io);
 	rados_ioctx_destroy(r->io);
 	rados_shutdown(r->cluster);
 	free(r);
@@ -527,7 +551,7 @@ static int staging_locate(struct backend_staging *s)
 		return err;
 	struct backend_meta m;
 	uint64_t piece;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &piece) != 0)
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &m, &piece) != 0)
 		return EIO;
 	snprintf(s->head, sizeof(s->head), "%s", head);
 	s->piece = piece;
@@ -545,7 +569,7 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 		return err;
 	uint64_t old_piece = 0;
 	struct backend_meta m;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &m, &old_piece) != 0)
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &m, &old_piece) != 0)
 		return ECANCELED;   /* unreadable: start a fresh object instead */
 	rados_write_op_t op = rados_create_write_op();
 	char ftext[FENCE_LEN + 1];
@@ -567,7 +591,7 @@ static int staging_reset(struct backend_staging *s, const char *head, uint64_t f
 	if (old_piece != r->piece) {
 		char fixed[META_MAX];
 		size_t len;
-		if ((err = meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
+		if ((err = backend_meta_encode(&s->meta, old_piece, fixed, sizeof(fixed), &len)) == 0) {
 			rados_write_op_t fix = rados_create_write_op();
 			rados_write_op_setxattr(fix, "meta", fixed, len);
 			err = rerr(rados_write_op_operate(fix, r->io, head, NULL, WRITE_FLAGS));
@@ -587,7 +611,7 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 	char key[64], old[OID_MAX] = "", text[META_MAX];
 	size_t text_len;
 	staging_key(meta, key, sizeof(key));
-	int err = meta_encode(meta, r->piece, text, sizeof(text), &text_len);
+	int err = backend_meta_encode(meta, r->piece, text, sizeof(text), &text_len);
 	if (err == 0) {
 		err = omap_get(r, STAGING_OBJ, key, strlen(key), old, sizeof(old));
 		if (err == ENOENT) {
@@ -610,32 +634,53 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 		free(s);
 		return err;
 	}
-	/* A fresh head under a name never used before: created complete, then indexed. A crash in
-	 * between leaves an object nothing points to (design.md: the orphan sweep). */
-	uint8_t rnd[8];
-	char hex[17];
-	randombytes_buf(rnd, sizeof(rnd));
-	sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
-	snprintf(s->head, sizeof(s->head), "d.%s.%s", meta->md5, hex);
-	s->piece = r->piece;
-	char ftext[FENCE_LEN + 1];
-	fence_text(fence, ftext);
-	rados_write_op_t op = rados_create_write_op();
-	rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
-	rados_write_op_setxattr(op, "meta", text, text_len);
-	rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
-	rados_write_op_setxattr(op, "state", "open", 4);
-	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
-	rados_release_write_op(op);
-	if (rc < 0) {
-		free(s);
-		return rerr(rc);
-	}
-	err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
-	if (err) {
-		object_remove(r, s->head);
-		free(s);
-		return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
+	/* A fresh head under a name never used before: created complete, indexed, then marked
+	 * named. A crash before the mark leaves an object nothing may point to, which the sweep of
+	 * unnamed objects deletes once it is old (sweep_head); the mark is what tells this begin
+	 * whether the sweep got there first. */
+	for (int tries = 0;; tries++) {
+		uint8_t rnd[8];
+		char hex[17];
+		randombytes_buf(rnd, sizeof(rnd));
+		sodium_bin2hex(hex, sizeof(hex), rnd, sizeof(rnd));
+		snprintf(s->head, sizeof(s->head), "d.%s.%s", meta->md5, hex);
+		s->piece = r->piece;
+		char ftext[FENCE_LEN + 1];
+		fence_text(fence, ftext);
+		rados_write_op_t op = rados_create_write_op();
+		rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+		rados_write_op_setxattr(op, "meta", text, text_len);
+		rados_write_op_setxattr(op, "fence", ftext, FENCE_LEN);
+		rados_write_op_setxattr(op, "state", "open", 4);
+		int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0) {
+			free(s);
+			return rerr(rc);
+		}
+		err = omap_swap(r, STAGING_OBJ, key, strlen(key), old, s->head);
+		if (err) {
+			object_remove(r, s->head);
+			free(s);
+			return err == ECANCELED ? ESTALE : err;   /* another writer started this upload meanwhile */
+		}
+		/* Named: from now on the sweep leaves the head alone (its delete asserts "named" is what it
+		 * read, unset). Refused (the head is gone) only when this begin stalled between the create
+		 * and the index for longer than the sweep's grace: undo the index and start again. */
+		op = rados_create_write_op();
+		rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+		rados_write_op_setxattr(op, "named", "1", 1);
+		rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc == 0)
+			break;
+		int unindex = omap_remove_if(r, STAGING_OBJ, key, s->head);
+		if ((rc != -ENOENT && rc != -ECANCELED) || unindex != 0 || tries == 1) {
+			free(s);
+			return rc == -ENOENT || rc == -ECANCELED ? ETIMEDOUT : rerr(rc);
+		}
+		log_warnx("rados: the sweep removed the head of %s before it was marked named: beginning again", key);
+		old[0] = '\0';
 	}
 	if (old[0])
 		data_remove(r, old, r->piece, 0);   /* a broken old entry: best effort */
@@ -723,14 +768,16 @@ static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, 
 		return err == ENOENT ? EINVAL : err;   /* indexed but gone: broken, seq 1 replaces it */
 	memset(entry, 0, sizeof(*entry));
 	uint64_t piece = 0, recorded = 0;
-	if (h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
+	if (h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &entry->meta, &piece) != 0 ||
 	    entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0 ||
 	    (h.fence[0] && fence_parse(h.fence, &recorded) != 0))
 		return EINVAL;
+	if (strcmp(h.state, "linked") == 0)
+		return EINVAL;   /* published from stored content, or stopped on the way: seq 1 replaces it */
 	if (strcmp(h.state, "sealed") == 0) {
 		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
 		 * stopped before the name switch was done. Finishing the switch is idempotent. */
-		if ((err = name_switch(r, uid, entry->meta.name, entry->meta.name_len, head)) != 0)
+		if ((err = name_switch(r, uid, entry->meta.name, entry->meta.name_len, head, NULL)) != 0)
 			return err;
 		omap_remove_if(r, STAGING_OBJ, key, head);
 		return ENOENT;
@@ -923,7 +970,8 @@ static void rados_staging_close(struct backend_staging *s)
 
 /* Points <uid>/<name> at head; a replaced version is queued for deletion first (crash-safe:
  * the collector deletes only what no name points to any more). */
-static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head)
+static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head,
+    char *old_out)
 {
 	char idx[OID_MAX];
 	index_oid(uid, idx);
@@ -934,6 +982,8 @@ static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_
 			old[0] = '\0';
 		else if (err)
 			return err;
+		if (old_out)
+			snprintf(old_out, OID_MAX, "%s", old);
 		if (strcmp(old, head) == 0)
 			return 0;   /* done before (recovery rolling a publish forward) */
 		if (old[0]) {
@@ -976,6 +1026,12 @@ static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	op_fence(op, fence, ftext);
 	rados_write_op_setxattr(op, "state", "sealed", 6);
 	rados_write_op_setxattr(op, "layout", layout, (size_t)n);
+	/* The name about to point here, among the head's references (never "young": until the
+	 * switch is done the staging key names the head). */
+	char ref[REF_MAX], refval[32];
+	size_t reflen = ref_name(s->meta.uid, s->meta.name, s->meta.name_len, ref), refvlen = ref_value(0, refval);
+	const char *rkeys[1] = { ref }, *rvals[1] = { refval };
+	rados_write_op_omap_set2(op, rkeys, rvals, &reflen, &refvlen, 1);
 	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
 	if (rc == -ECANCELED) {
@@ -989,7 +1045,7 @@ static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	} else if (rc < 0) {
 		return rerr(rc);
 	}
-	if ((err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, s->head)) != 0)
+	if ((err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, s->head, NULL)) != 0)
 		return err;
 	*flags |= BACKEND_PUBLISHED;
 	char key[64];
@@ -1059,7 +1115,7 @@ static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg,
 				break;
 			}
 			char expect[64];
-			int bad = herr != 0 || h.meta_len == 0 || meta_decode(h.meta, h.meta_len, &e.meta, &piece) != 0;
+			int bad = herr != 0 || h.meta_len == 0 || backend_meta_decode(h.meta, h.meta_len, &e.meta, &piece) != 0;
 			if (!bad) {
 				staging_key(&e.meta, expect, sizeof(expect));
 				bad = strcmp(expect, p->key) != 0;
@@ -1075,7 +1131,7 @@ static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg,
 			if (strcmp(h.state, "sealed") == 0) {
 				/* Sealed after its MD5 was checked, but the process stopped before the name switch
 				 * was done or the entry dropped: finish the publish. */
-				if ((err = name_switch(r, e.meta.uid, e.meta.name, e.meta.name_len, p->head)) != 0)
+				if ((err = name_switch(r, e.meta.uid, e.meta.name, e.meta.name_len, p->head, NULL)) != 0)
 					break;
 				log_info("rados: finished publishing %" PRIu64 "/%s", e.meta.uid, e.meta.md5);
 				omap_remove_if(r, STAGING_OBJ, p->key, p->head);
@@ -1144,6 +1200,181 @@ static void rados_file_close(struct backend_file *f)
 
 /* ---------------------------------------------------------------- the collector of replaced versions */
 
+/*
+ * A published head may be shared (instant upload: several names and the content index point at
+ * it), so whoever deletes one asks its references first (head_use). Each was written on the head
+ * before its pointer was made: a name's reference by the seal (while the staging key still names
+ * the head) or by publish_from_content, the index's by content_enter. A reference counts while its
+ * pointer points at the head, and a name's also while it is young (REF_GRACE_FACTOR x
+ * storage_timeout: its pointer may be on the way). The delete asserts the head's version is the one read with the references,
+ * so a reference added since (a new name) refuses it; publish_from_content checks the head still
+ * exists after its switch, and undoes the switch if not (a stall past the grace).
+ */
+#define REF_GRACE_FACTOR 10
+#define HEAD_NAMED 1              /* a name points at it, or may be about to */
+#define HEAD_INDEXED 2            /* the content index points at it */
+
+struct head_use {
+	int use;                      /* HEAD_NAMED | HEAD_INDEXED */
+	int refs;                     /* it records references (heads sealed before they existed do not) */
+	uint64_t version;             /* as read with them, for rados_write_op_assert_version */
+	uint64_t size, piece;         /* from its layout (0, 0 while it is not sealed) */
+};
+
+struct ref_entry {
+	char key[REF_MAX + 1];
+	char val[32];
+	size_t key_len, val_len;
+};
+
+/* Is reference e of head still in use? Sets *use bits; 0 or an errno from reading the pointer. */
+static int ref_check(struct rados_be *r, const char *head, const struct ref_entry *e, time_t now, int *use,
+    int *stale)
+{
+	*stale = 0;
+	int kind = e->key[0] == 'c' ? HEAD_INDEXED : HEAD_NAMED;
+	/* Only a name's reference is ever young: an index entry made after its head went points at
+	 * nothing, which content_open and publish_from_content answer ENOENT, and the content
+	 * collection drops (while a young one would keep a head the collection just unindexed). */
+	if (kind == HEAD_NAMED && e->val[0] >= '0' && e->val[0] <= '9' &&
+	    now - (time_t)atoll(e->val) < (time_t)REF_GRACE_FACTOR * r->conf->storage_timeout) {
+		*use |= kind;
+		return 0;
+	}
+	char val[OID_MAX], oid[OID_MAX];
+	const char *key;
+	size_t key_len;
+	if (kind == HEAD_INDEXED) {
+		snprintf(oid, sizeof(oid), CONTENT_OBJ);
+		key = e->key + 2;
+		key_len = e->key_len - 2;
+	} else {
+		char *end;
+		uint64_t uid = strtoull(e->key + 2, &end, 10);
+		if (*end != ':')
+			return 0;   /* not ours: ignored */
+		index_oid(uid, oid);
+		key = end + 1;
+		key_len = e->key_len - (size_t)(key - e->key);
+	}
+	int err = omap_get(r, oid, key, key_len, val, sizeof(val));
+	if (err == 0 && strcmp(val, head) == 0)
+		*use |= kind;
+	else if (err == 0 || err == ENOENT)
+		*stale = kind == HEAD_NAMED;
+	else
+		return err;
+	return 0;
+}
+
+/* How head is used (struct head_use); prunes stale name references of a head still named. ENOENT
+ * when it is gone. Runs on the collector thread: the version read is its own I/O context's. */
+static int head_use(struct rados_be *r, const char *head, struct head_use *u)
+{
+	memset(u, 0, sizeof(*u));
+	struct ref_entry *refs = calloc(REFS_PAGE, sizeof(*refs));
+	if (refs == NULL)
+		return ENOMEM;
+	rados_read_op_t op = rados_create_read_op();
+	rados_omap_iter_t it = NULL;
+	rados_xattrs_iter_t xit = NULL;
+	int prval = 0, xprval = 0;
+	unsigned char more = 0;
+	rados_read_op_omap_get_vals2(op, NULL, NULL, REFS_PAGE, &it, &more, &prval);
+	rados_read_op_getxattrs(op, &xit, &xprval);
+	int rc = rados_read_op_operate(op, r->gc_io, head, 0);
+	u->version = rados_get_last_version(r->gc_io);
+	int err = rc < 0 ? rerr(rc) : prval < 0 ? rerr(prval) : xprval < 0 ? rerr(xprval) : 0;
+	size_t n = 0;
+	if (err == 0) {
+		char *k, *v;
+		size_t kl, vl;
+		while (n < REFS_PAGE && rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+			if (kl > REF_MAX || vl >= sizeof(refs[n].val))
+				continue;
+			memcpy(refs[n].key, k, kl);
+			refs[n].key[kl] = '\0';
+			refs[n].key_len = kl;
+			memcpy(refs[n].val, v, vl);
+			refs[n].val[vl] = '\0';
+			refs[n].val_len = vl;
+			n++;
+		}
+		const char *name, *val;
+		size_t len;
+		while (rados_getxattrs_next(xit, &name, &val, &len) == 0 && name != NULL) {
+			char layout[64];
+			if (strcmp(name, "layout") == 0 && len < sizeof(layout)) {
+				memcpy(layout, val, len);
+				layout[len] = '\0';
+				if (layout_parse(layout, &u->size, &u->piece) != 0)
+					u->size = u->piece = 0;
+			}
+		}
+	}
+	if (it)
+		rados_omap_get_end(it);
+	if (xit)
+		rados_getxattrs_end(xit);
+	rados_release_read_op(op);
+	u->refs = n > 0 || more;
+	if (more)
+		u->use |= HEAD_NAMED;   /* more references than we read: in use, surely */
+	time_t now = time(NULL);
+	int any_stale = 0;
+	for (size_t i = 0; err == 0 && i < n; i++) {
+		int stale;
+		err = ref_check(r, head, &refs[i], now, &u->use, &stale);
+		if (stale)
+			refs[i].key[0] = 'x', any_stale = 1;   /* marked for pruning below */
+	}
+	/* A name moved elsewhere leaves its reference behind: dropped while the head stays named, each
+	 * only while it holds the value read (a name pointed here again has written a new one). */
+	for (size_t i = 0; err == 0 && any_stale && (u->use & HEAD_NAMED) && i < n; i++) {
+		if (refs[i].key[0] != 'x')
+			continue;
+		refs[i].key[0] = 'n';
+		const char *keys[1] = { refs[i].key };
+		rados_write_op_t w = rados_create_write_op();
+		int cmp = 0;
+		rados_write_op_omap_cmp2(w, refs[i].key, LIBRADOS_CMPXATTR_OP_EQ, refs[i].val, refs[i].key_len,
+		    refs[i].val_len, &cmp);
+		rados_write_op_omap_rm_keys2(w, keys, &refs[i].key_len, 1);
+		rados_write_op_operate(w, r->io, head, NULL, WRITE_FLAGS);
+		rados_release_write_op(w);
+	}
+	free(refs);
+	return err;
+}
+
+/* Removes head if its version is still the one read by head_use, then its pieces. ECANCELED when
+ * it changed (a reference was added meanwhile). */
+static int head_remove_unchanged(struct rados_be *r, const char *head, uint64_t version)
+{
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_assert_version(op, version);
+	rados_write_op_remove(op);
+	int rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ENOENT)
+		return 0;
+	if (rc == -ECANCELED || rc == -ERANGE || rc == -EOVERFLOW)
+		return ECANCELED;
+	if (rc < 0)
+		return rerr(rc);
+	/* Its pieces, while they follow each other (a gap's stragglers are swept as headless pieces). */
+	for (uint64_t k = 1;; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_remove(op);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0)
+			return rc == -ENOENT ? 0 : rerr(rc);
+	}
+}
+
 /* Deletes the versions queued in "gc" whose grace has passed and that no name points to. */
 static void gc_sweep(struct rados_be *r)
 {
@@ -1187,6 +1418,22 @@ static void gc_sweep(struct rados_be *r)
 				omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
 				continue;
 			}
+			struct head_use u;
+			int uerr = head_use(r, due[i].head, &u);
+			if (uerr && uerr != ENOENT)
+				continue;   /* cannot tell: next sweep */
+			if (uerr == 0 && u.refs) {
+				/* Shared or not, its references say: named (the next replacement queues it
+				 * again), only indexed (kept queued: the content collection unindexes it
+				 * first), or unused (deleted unless a reference came meanwhile). */
+				if ((u.use & HEAD_INDEXED) && !(u.use & HEAD_NAMED))
+					continue;
+				if (!u.use && head_remove_unchanged(r, due[i].head, u.version) != 0)
+					continue;
+				omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
+				continue;
+			}
+			/* Sealed before heads recorded references: the one name queued with it. */
 			uint64_t uid = strtoull(p + 1, NULL, 10);
 			const char *name = q + 1;
 			char idx[OID_MAX], now_head[OID_MAX] = "";
@@ -1210,6 +1457,423 @@ static void gc_sweep(struct rados_be *r)
 	}
 }
 
+/* ---------------------------------------------------------------- stored content (instant upload) */
+
+/*
+ * The content index is the omap of "content": "<md5>.<size>" (dedup = global) or
+ * "u<uid>.<md5>.<size>" (dedup = user) -> a published head. Published heads never change, so an
+ * index entry is a pointer like a name, recorded among the head's references ("c:<key>"); an
+ * instant upload points its name at the same head (publish_from_content), and the collector
+ * (content_sweep) unindexes a head that no name uses any more, after which the collection of
+ * replaced versions deletes it once its gc_grace is over (a download may still read it).
+ */
+
+static int rados_content_open(const struct backend *b, const struct backend_content_key *key,
+    struct backend_file **out, uint64_t *size)
+{
+	struct rados_be *r = b->priv;
+	char ckey[96], head[OID_MAX], layout[64];
+	size_t klen = content_keytext(key, ckey);
+	int err = omap_get(r, CONTENT_OBJ, ckey, klen, head, sizeof(head));
+	if (err)
+		return err;
+	int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
+	if (n == -ENOENT || n == -ENODATA)
+		return ENOENT;
+	if (n < 0)
+		return rerr(n);
+	layout[n] = '\0';
+	struct backend_file *f = calloc(1, sizeof(*f));
+	if (f == NULL)
+		return ENOMEM;
+	f->r = r;
+	snprintf(f->head, sizeof(f->head), "%s", head);
+	if (layout_parse(layout, &f->size, &f->piece) != 0 || f->size != key->size) {
+		free(f);
+		return ENOENT;   /* not what the key promises: treated as absent */
+	}
+	*size = f->size;
+	*out = f;
+	return 0;
+}
+
+/* Enters head (just published) in the index under key unless the key is there; failures are logged. */
+static void content_enter(struct rados_be *r, const struct backend_content_key *key, const char *head)
+{
+	char ckey[96], have[OID_MAX], ref[REF_MAX];
+	size_t klen = content_keytext(key, ckey);
+	int err = omap_get(r, CONTENT_OBJ, ckey, klen, have, sizeof(have));
+	if (err != ENOENT)
+		return;   /* indexed already (or cannot tell: the next upload of it enters it) */
+	int n = snprintf(ref, sizeof(ref), "c:%s", ckey);
+	if ((err = ref_add(r, head, ref, (size_t)n)) == 0)
+		err = omap_swap(r, CONTENT_OBJ, ckey, klen, "", head);
+	if (err && err != ECANCELED)
+		log_warnx("rados: cannot enter %s in the content index: %s", ckey, strerror(err));
+}
+
+static int rados_publish_indexed(struct backend_staging *s, const struct backend_content_key *key,
+    uint64_t fence, int *flags)
+{
+	int err = rados_publish(s, fence, flags);
+	if (*flags & BACKEND_PUBLISHED)
+		content_enter(s->r, key, s->head);
+	return err;
+}
+
+/* The staging head back to open after a publish from content that changed nothing. */
+static void staging_reopen(struct backend_staging *s)
+{
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "linked", 6);
+	rados_write_op_setxattr(op, "state", "open", 4);
+	rados_write_op_operate(op, s->r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+}
+
+static int rados_publish_from_content(struct backend_staging *s, const struct backend_content_key *key,
+    uint64_t fence, int *flags)
+{
+	struct rados_be *r = s->r;
+	*flags = 0;
+	char ckey[96], head[OID_MAX], layout[64];
+	size_t klen = content_keytext(key, ckey);
+	int err = staging_locate(s);
+	if (err == 0)
+		err = omap_get(r, CONTENT_OBJ, ckey, klen, head, sizeof(head));
+	if (err)
+		return err;
+	int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
+	if (n == -ENOENT || n == -ENODATA)
+		return ENOENT;
+	if (n < 0)
+		return rerr(n);
+	layout[n] = '\0';
+	uint64_t size, piece;
+	if (layout_parse(layout, &size, &piece) != 0 || size != key->size)
+		return ENOENT;
+	/* Fenced like publish: the staging entry is closed under our fence first ("linked": no write,
+	 * truncate or reset is accepted on it any more), so a fenced-out node changes no name. */
+	rados_write_op_t op = rados_create_write_op();
+	char ftext[FENCE_LEN + 1];
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "open", 4);
+	op_fence(op, fence, ftext);
+	rados_write_op_setxattr(op, "state", "linked", 6);
+	int rc = rados_write_op_operate(op, r->io, s->head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return canceled_why(r, s->head, fence, EIO);
+	if (rc < 0)
+		return rerr(rc);
+	/* The name's reference on the content's head, then the name. */
+	char ref[REF_MAX], old[OID_MAX] = "";
+	size_t reflen = ref_name(s->meta.uid, s->meta.name, s->meta.name_len, ref);
+	if ((err = ref_add(r, head, ref, reflen)) != 0 ||
+	    (err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, head, old)) != 0) {
+		staging_reopen(s);
+		return err;   /* ENOENT: collected meanwhile; the upload goes on normally */
+	}
+	/* Still there? Only a stall past the references' grace lets the collector take it between
+	 * the reference and the switch: the name goes back to what it was. */
+	uint64_t sz;
+	time_t mt;
+	if (rados_stat(r->io, head, &sz, &mt) == -ENOENT) {
+		char idx[OID_MAX];
+		index_oid(s->meta.uid, idx);
+		if (old[0])
+			omap_swap(r, idx, s->meta.name, s->meta.name_len, head, old);
+		else
+			omap_remove_if(r, idx, s->meta.name, head);
+		staging_reopen(s);
+		return ENOENT;
+	}
+	*flags |= BACKEND_PUBLISHED;
+	/* The staging entry's data (chunk 1) goes; a failure leaves it to the janitor and the sweep. */
+	char skey[64];
+	staging_key(&s->meta, skey, sizeof(skey));
+	if (data_remove(r, s->head, s->piece, 0) == 0)
+		omap_remove_if(r, STAGING_OBJ, skey, s->head);
+	return 0;
+}
+
+/* Unindexes content no name uses any more: a batch of index keys per pass, from where the last
+ * pass stopped. Its head is left to the collection of replaced versions (its grace for
+ * downloads) and, failing that, to the sweep. */
+#define CONTENT_BATCH 256
+static void content_sweep(struct rados_be *r)
+{
+	struct { char key[96]; char head[OID_MAX]; } *page = calloc(CONTENT_BATCH, sizeof(*page));
+	if (page == NULL)
+		return;
+	rados_read_op_t op = rados_create_read_op();
+	rados_omap_iter_t it = NULL;
+	int prval = 0;
+	unsigned char more = 0;
+	rados_read_op_omap_get_vals2(op, r->content_after[0] ? r->content_after : NULL, NULL, CONTENT_BATCH, &it,
+	    &more, &prval);
+	int rc = rados_read_op_operate(op, r->io, CONTENT_OBJ, 0);
+	size_t count = 0;
+	if (rc >= 0 && prval >= 0) {
+		char *k, *v;
+		size_t kl, vl;
+		while (count < CONTENT_BATCH && rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+			if (kl >= sizeof(page[0].key) || vl >= sizeof(page[0].head))
+				continue;
+			memcpy(page[count].key, k, kl);
+			page[count].key[kl] = '\0';
+			memcpy(page[count].head, v, vl);
+			page[count].head[vl] = '\0';
+			count++;
+		}
+	}
+	if (it)
+		rados_omap_get_end(it);
+	rados_release_read_op(op);
+	if (count && more)
+		snprintf(r->content_after, sizeof(r->content_after), "%s", page[count - 1].key);
+	else
+		r->content_after[0] = '\0';   /* the end (or nothing): from the start next time */
+	size_t freed = 0;
+	uint64_t freed_bytes = 0;
+	for (size_t i = 0; i < count; i++) {
+		struct head_use u;
+		int err = head_use(r, page[i].head, &u);
+		if ((err && err != ENOENT) || (err == 0 && (u.use & HEAD_NAMED)))
+			continue;
+		const char *keys[1] = { page[i].key };
+		size_t kl = strlen(page[i].key);
+		int cmp = 0;
+		rados_write_op_t w = rados_create_write_op();
+		rados_write_op_omap_cmp(w, page[i].key, LIBRADOS_CMPXATTR_OP_EQ, page[i].head, strlen(page[i].head), &cmp);
+		rados_write_op_omap_rm_keys2(w, keys, &kl, 1);
+		rc = rados_write_op_operate(w, r->io, CONTENT_OBJ, NULL, WRITE_FLAGS);
+		rados_release_write_op(w);
+		if (rc == 0 && err == 0) {
+			freed++;
+			freed_bytes += u.size;
+		}
+	}
+	if (freed) {
+		log_info("rados: unindexed %zu stored files no name uses any more, %" PRIu64 " bytes", freed, freed_bytes);
+		STAT_ADD(content_freed_bytes, freed_bytes);
+	}
+	free(page);
+}
+
+/* ---------------------------------------------------------------- the sweep of unnamed data objects */
+
+/*
+ * A crash can leave data objects that nothing names: a head created by staging_begin but never
+ * indexed, a head whose discard or collection stopped half-way, pieces whose head is gone. The
+ * gc thread lists the namespace a batch at a time (SWEEP_BATCH objects per pass, going on where the
+ * previous pass stopped, so a huge pool costs each pass the same) and deletes the `d.*` objects
+ * that nothing names and that nobody changed for SWEEP_GRACE_FACTOR x storage_timeout.
+ *
+ * What names a head: its staging key, the name index of the name in its meta, or a `gc` entry. A
+ * head moves from one to the next in that order and is named at every step (publish indexes the
+ * name before dropping the staging key; name_switch queues the old head in gc before switching),
+ * so reading them in that order cannot miss a head on the move. The one step that names an
+ * unnamed head is staging_begin's index of the head it just created: its next op sets
+ * "named" = 1 on the head, and the sweep's delete asserts "named" is still what it read (unset),
+ * so either the mark lands first (the delete is refused) or the delete does (the mark finds no
+ * head, and the begin undoes its index and starts again). A head marked named that nothing names
+ * any more cannot be named again (names are never reused), so it goes with the same assertion.
+ */
+#define SWEEP_BATCH 1024           /* objects listed per pass */
+#define SWEEP_GRACE_FACTOR 10      /* x storage_timeout: unchanged this long before a delete */
+
+/* Which names point at head (checked in the order a head moves through them: staging key, names
+ * and the content index, gc): 1 named, 0 not; u gets the head's use and version. */
+static int head_named(struct rados_be *r, const char *head, const struct head_attrs *h, struct head_use *u,
+    int *named)
+{
+	char val[OID_MAX];
+	struct backend_meta m;
+	uint64_t piece;
+	*named = 1;
+	int meta_ok = h->meta_len && backend_meta_decode(h->meta, h->meta_len, &m, &piece) == 0;
+	if (meta_ok) {
+		char key[64];
+		staging_key(&m, key, sizeof(key));
+		int err = omap_get(r, STAGING_OBJ, key, strlen(key), val, sizeof(val));
+		if (err == 0 && strcmp(val, head) == 0)
+			return 0;
+		if (err && err != ENOENT)
+			return err;
+	}
+	int err = head_use(r, head, u);
+	if (err)
+		return err;
+	if (u->use)
+		return 0;
+	if (meta_ok && !u->refs) {
+		char idx[OID_MAX];
+		index_oid(m.uid, idx);
+		err = omap_get(r, idx, m.name, m.name_len, val, sizeof(val));
+		if (err == 0 && strcmp(val, head) == 0)
+			return 0;
+		if (err && err != ENOENT)
+			return err;
+	}
+	err = omap_get(r, GC_OBJ, head, strlen(head), val, sizeof(val));
+	if (err == 0)
+		return 0;
+	if (err != ENOENT)
+		return err;
+	*named = 0;
+	return 0;
+}
+
+/* Deletes head if nothing names it and it is old, then its pieces; *removed counts objects. */
+static int sweep_head(struct rados_be *r, const char *head, time_t older_than, size_t *removed)
+{
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, head, &size, &mtime);
+	if (rc == -ENOENT)
+		return 0;
+	if (rc < 0)
+		return rerr(rc);
+	if (mtime >= older_than)
+		return 0;   /* changed lately: a begin may be about to index it */
+	struct head_attrs h;
+	struct head_use u;
+	int named, err = head_read(r, head, &h);
+	if (err == 0)
+		err = head_named(r, head, &h, &u, &named);
+	if (err)
+		return err == ENOENT ? 0 : err;
+	if (named)
+		return 0;
+	/* The decision holds only while the head is as read: "named" unchanged (begin's mark), the
+	 * fence unchanged (a writer that took it over), and its version (a reference added). */
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "named", LIBRADOS_CMPXATTR_OP_EQ, h.named, strlen(h.named));
+	rados_write_op_cmpxattr(op, "fence", LIBRADOS_CMPXATTR_OP_EQ, h.fence, strlen(h.fence));
+	rados_write_op_assert_version(op, u.version);
+	rados_write_op_remove(op);
+	rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED || rc == -ENOENT || rc == -ERANGE || rc == -EOVERFLOW)
+		return 0;
+	if (rc < 0)
+		return rerr(rc);
+	(*removed)++;
+	log_info("rados: swept unnamed data object %s", head);
+	/* Its pieces, while they follow each other (a gap's stragglers are swept as headless pieces). */
+	for (uint64_t k = 1;; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		op = rados_create_write_op();
+		rados_write_op_remove(op);
+		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0)
+			return rc == -ENOENT ? 0 : rerr(rc);
+		(*removed)++;
+	}
+}
+
+/* Deletes a piece whose head is gone (heads are deleted after their pieces are, or alone when the
+ * pieces went first: either way, a piece without its head can never be read again). */
+static int sweep_piece(struct rados_be *r, const char *oid, size_t head_len, time_t older_than, size_t *removed)
+{
+	char head[OID_MAX];
+	snprintf(head, sizeof(head), "%.*s", (int)head_len, oid);
+	uint64_t size;
+	time_t mtime;
+	int rc = rados_stat(r->io, head, &size, &mtime);
+	if (rc == 0)
+		return 0;
+	if (rc != -ENOENT)
+		return rerr(rc);
+	if ((rc = rados_stat(r->io, oid, &size, &mtime)) < 0)
+		return rc == -ENOENT ? 0 : rerr(rc);
+	if (mtime >= older_than)
+		return 0;
+	if ((rc = object_remove(r, oid)) != 0)
+		return rc;
+	(*removed)++;
+	log_info("rados: swept data object %s, whose head is gone", oid);
+	return 0;
+}
+
+/* The length of the head part of a data object's name "d.<md5>.<16 hex>[.<k>]", or 0 when oid is
+ * not one; *piece is set when it names a piece. */
+static size_t data_oid_parse(const char *oid, int *piece)
+{
+	size_t len = strlen(oid), head_len = 2 + PROTO_MD5_HEX + 1 + 16;
+	*piece = 0;
+	if (len < head_len || strncmp(oid, "d.", 2) != 0 || oid[2 + PROTO_MD5_HEX] != '.')
+		return 0;
+	for (size_t i = 2; i < head_len; i++)
+		if (i != 2 + PROTO_MD5_HEX && strchr("0123456789abcdef", oid[i]) == NULL)
+			return 0;
+	if (len == head_len)
+		return head_len;
+	if (oid[head_len] != '.' || len == head_len + 1 || strspn(oid + head_len + 1, "0123456789") != len - head_len - 1)
+		return 0;
+	*piece = 1;
+	return head_len;
+}
+
+static int gc_stopping(struct rados_be *r)
+{
+	pthread_mutex_lock(&r->gc_lock);
+	int stop = r->gc_stop;
+	pthread_mutex_unlock(&r->gc_lock);
+	return stop;
+}
+
+/* One pass: up to SWEEP_BATCH objects of the namespace, from where the last pass stopped. */
+static void orphan_sweep(struct rados_be *r)
+{
+	time_t older_than = time(NULL) - (time_t)SWEEP_GRACE_FACTOR * r->conf->storage_timeout;
+	size_t removed = 0;
+	int err = 0;
+	if (!r->sweep_listing) {
+		int rc = rados_nobjects_list_open(r->io, &r->sweep_list);
+		if (rc < 0) {
+			log_warnx("rados: cannot list the namespace for the sweep: %s", strerror(rerr(rc)));
+			return;
+		}
+		r->sweep_listing = 1;
+	}
+	for (int n = 0; n < SWEEP_BATCH && err == 0 && !gc_stopping(r); n++) {
+		const char *entry;
+		int rc = rados_nobjects_list_next(r->sweep_list, &entry, NULL, NULL);
+		if (rc == -ENOENT) {
+			err = ENOENT;   /* the end: the next pass lists from the start */
+			break;
+		}
+		if (rc < 0) {
+			err = rerr(rc);
+			break;
+		}
+		char oid[PIECE_OID_MAX];
+		if (strlen(entry) >= sizeof(oid))
+			continue;
+		snprintf(oid, sizeof(oid), "%s", entry);
+		int piece;
+		size_t head_len = data_oid_parse(oid, &piece);
+		if (head_len == 0)
+			continue;
+		err = piece ? sweep_piece(r, oid, head_len, older_than, &removed) : sweep_head(r, oid, older_than, &removed);
+	}
+	if (err) {
+		if (err != ENOENT)
+			log_warnx("rados: the sweep of unnamed objects stopped: %s", strerror(err));
+		else
+			log_debug("rados: the sweep went through the whole namespace");
+		rados_nobjects_list_close(r->sweep_list);
+		r->sweep_listing = 0;
+	}
+	if (removed) {
+		log_info("rados: the sweep deleted %zu data objects that nothing named", removed);
+		STAT_ADD(orphans_swept, removed);
+	}
+}
+
 static void *gc_main(void *arg)
 {
 	struct rados_be *r = arg;
@@ -1224,9 +1888,13 @@ static void *gc_main(void *arg)
 			break;
 		pthread_mutex_unlock(&r->gc_lock);
 		gc_sweep(r);
+		content_sweep(r);
+		orphan_sweep(r);
 		pthread_mutex_lock(&r->gc_lock);
 	}
 	pthread_mutex_unlock(&r->gc_lock);
+	if (r->sweep_listing)
+		rados_nobjects_list_close(r->sweep_list);
 	return NULL;
 }
 
@@ -1262,7 +1930,10 @@ const struct backend_ops backend_rados = {
 	.file_read = rados_file_read,
 	.file_close = rados_file_close,
 	.ping = rados_ping,
-	/* No file_fd (no descriptor to sendfile from) and no content index yet: instant upload is
-	 * off with this backend (storage.c says so at start; design.md, "How a RADOS backend would
-	 * keep the content index"). */
+	/* No file_fd: no descriptor to sendfile from. */
+	.content_open = rados_content_open,
+	.publish_indexed = rados_publish_indexed,
+	.publish_from_content = rados_publish_from_content,
+	/* content_collect stays NULL: the collector thread unindexes content (content_sweep) and
+	 * counts content_freed_bytes itself. */
 };

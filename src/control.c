@@ -183,13 +183,27 @@ static int storage_answers(const struct control *c)
 	return alive != 0 && now - alive <= bound + 1000u && atomic_load(&sp->backend_unreachable) == 0;
 }
 
+/* Every running worker reaches the backend through its own client (worker.c, "the backend
+ * probe"). One that cannot fails the downloads the kernel hands it, a share of this node's
+ * clients that the balancer cannot steer around (it sees nodes, not workers): the node is down
+ * while any worker's probe fails, as while the storage process's does. */
+static int workers_reach_backend(const struct control *c, const struct control_proc *procs, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (strcmp(procs[i].role, "worker") == 0 && procs[i].pid > 0 && procs[i].slot >= 0 &&
+		    procs[i].slot < STATS_MAX_SLOTS && atomic_load(&c->shm->procs[procs[i].slot].backend_unreachable))
+			return 0;
+	return 1;
+}
+
 /* up, drain or down, as the agent-check and show info say it. */
 static const char *service_state(const struct control *c, int *weight)
 {
 	struct control_proc procs[CONTROL_MAX_PROCS];
 	int n = c->ops.list(c->ops.ctx, procs, CONTROL_MAX_PROCS);
 	*weight = 0;
-	if (!storage_up(procs, n) || !atomic_load(&c->shm->procs[0].redis_up) || !storage_answers(c))
+	if (!storage_up(procs, n) || !atomic_load(&c->shm->procs[0].redis_up) || !storage_answers(c) ||
+	    !workers_reach_backend(c, procs, n))
 		return "down";
 	if (c->draining)
 		return "drain";

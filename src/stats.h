@@ -33,6 +33,7 @@
 	X(instant_bytes_saved, "counter", "Upload bytes instant uploads did not need to transfer") \
 	X(instant_fallbacks, "counter", "Instant uploads whose proof of possession failed: uploaded in full") \
 	X(content_freed_bytes, "counter", "Bytes of stored content freed once no name used it") \
+	X(orphans_swept, "counter", "RADOS data objects deleted because nothing named them (left by a crash)") \
 	X(downloads_started, "counter", "Downloads started (chunk 1 sent)")         \
 	X(downloads_completed, "counter", "Downloads finished (last chunk sent)")   \
 	X(download_bytes, "counter", "Download bytes sent")                         \

@@ -180,6 +180,13 @@ struct worker {
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
 	struct backend backend;       /* where published files are read from */
+	struct backend_probe {        /* this worker's own backend client, pinged for the agent-check */
+		struct pool_job job;
+		struct worker *w;
+		ev_timer timer;
+		int busy, err, unreachable;
+		ev_tstamp started, last;
+	} probe;
 	struct json_writer jw;
 	struct proto_limits limits;
 	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
@@ -2712,6 +2719,79 @@ static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
 	ev_timer_start(loop, &w->drain_timer);
 }
 
+/* ---------------------------------------------------------------- the backend probe (agent-check) */
+
+/*
+ * Downloads read published files through this worker's own backend client (a librados connection
+ * of its own with RADOS), which the storage process's ping does not cover. So the worker pings
+ * its backend too, on its pool (behind the downloads, so a pool stuck on the backend shows), and
+ * says in its stats slot whether it answers; the agent-check answers down while any worker's does
+ * not (control.c). The fs backend's ping is a stat.
+ */
+#define PROBE_TICK 1.0            /* seconds between looks at the probe */
+#define PROBE_INTERVAL 2.0        /* seconds between pings */
+
+static void probe_publish(struct worker *w, int unreachable, const char *why)
+{
+	struct backend_probe *p = &w->probe;
+	if (unreachable == p->unreachable)
+		return;
+	p->unreachable = unreachable;
+	if (stats_self)
+		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
+	if (unreachable)
+		log_warnx("storage backend %s unreachable from this worker (%s): the agent-check answers down",
+		    w->backend.ops->name, why);
+	else
+		log_info("storage backend %s answers this worker again", w->backend.ops->name);
+}
+
+static void probe_work(struct pool_job *job)
+{
+	struct backend_probe *p = (struct backend_probe *)job;
+	p->err = p->w->backend.ops->ping(&p->w->backend);
+}
+
+static void probe_done(struct pool_job *job)
+{
+	struct backend_probe *p = (struct backend_probe *)job;
+	p->busy = 0;
+	p->last = ev_now(p->w->loop);
+	probe_publish(p->w, p->err != 0, strerror(p->err));
+}
+
+/* A ping still running after storage_timeout counts as unreachable, like the storage process's. */
+static void worker_on_probe_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct worker *w = t->data;
+	struct backend_probe *p = &w->probe;
+	ev_tstamp now = ev_now(loop);
+	if (p->busy) {
+		if (now - p->started > w->conf->storage_timeout)
+			probe_publish(w, 1, "no answer within storage_timeout");
+		return;
+	}
+	if (now - p->last < PROBE_INTERVAL)
+		return;
+	p->busy = 1;
+	p->w = w;
+	p->started = now;
+	p->job.work = probe_work;
+	p->job.done = probe_done;
+	pool_submit(w->pool, &p->job);
+}
+
+static void probe_start(struct worker *w)
+{
+	if (w->backend.ops->ping == NULL)
+		return;   /* reachable whenever the process runs */
+	ev_timer_init(&w->probe.timer, worker_on_probe_timer, PROBE_TICK, PROBE_TICK);
+	w->probe.timer.data = w;
+	ev_timer_start(w->loop, &w->probe.timer);
+	ev_unref(w->loop);   /* it never keeps a stopping worker's loop running */
+}
+
 static void worker_shutdown(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++)
@@ -2777,6 +2857,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	ev_io_start(w->loop, &w->accept_io);
 	ev_timer_init(&w->accept_pause, worker_on_accept_pause, 1., 0.);
 	w->accept_pause.data = w;
+	probe_start(w);
 
 	log_info("accepting connections");
 	ev_run(w->loop, 0);

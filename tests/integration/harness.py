@@ -1486,6 +1486,14 @@ def ceph_missing():
 def run_on_rados(suite):
     """Runs the fs suite file `suite` (beside this file) against the RADOS backend, each on a throwaway
     Ceph cluster; a TAP skip when the build has no librados, under the sanitizers, or without Ceph."""
+    use_rados()
+    import runpy
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), suite), run_name="__main__")
+
+
+def use_rados():
+    """Every Daemon made after this uses the RADOS backend on a throwaway Ceph cluster (a suite about
+    RADOS only); exits with a TAP skip when the build has no librados, under the sanitizers, or without Ceph."""
     if os.environ.get("RESOURCED_HAVE_RADOS", "yes") != "yes":
         print("1..0 # SKIP resourced was built without librados (apt-get install librados-dev; configure again)")
         sys.exit(0)
@@ -1500,8 +1508,6 @@ def run_on_rados(suite):
     global TEST_BACKEND
     os.environ["RESOURCED_TEST_BACKEND"] = "rados"
     TEST_BACKEND = "rados"
-    import runpy
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), suite), run_name="__main__")
 
 
 def _ceph_alive(pid):

@@ -55,6 +55,7 @@ try:
 except Exception as e:
     tap.ok(False, "daemons start", str(e))
     tap.finish()
+tap.diag("backend: %s" % ("rados" if h.uses_rados(du) else "fs"))
 tap.ok(all(d.wait_redis_connected(15) for d in (du, dg, doff)), "three daemons (dedup user, global, off) started")
 
 
@@ -101,9 +102,53 @@ def content_dir(d):
     return os.path.join(d.root, ".content")
 
 
+def rados_omap(d, oid):
+    """{key: value} of the omap of oid in d's RADOS namespace ({} when it does not exist)."""
+    rados = h._import_rados()
+    io = d.ceph.ioctx(h.rados_namespace(d))
+    try:
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals(op, "", "", 100000)
+            io.operate_read_op(op, oid)
+            return {k: v.decode(errors="replace") for k, v in it}
+    except rados.ObjectNotFound:
+        return {}
+    finally:
+        io.close()
+
+
 def content_entries(d):
+    """The content index as the fs backend names its entries: [u<uid>-]<md5>-<size> (RADOS: the keys
+    [u<uid>.]<md5>.<size> of the "content" omap)."""
+    if h.uses_rados(d):
+        return sorted(k.replace(".", "-") for k in rados_omap(d, "content"))
     p = content_dir(d)
     return sorted(os.listdir(p)) if os.path.isdir(p) else []
+
+
+def ident(d, uid, name):
+    """Which stored bytes <uid>/<name> is: its inode (fs), the data object its name points at (RADOS)."""
+    if h.uses_rados(d):
+        return rados_omap(d, "idx.%d" % uid).get(name)
+    return os.stat(h.published(d, uid, name)).st_ino
+
+
+def links(d, uid, name):
+    """How many names and index entries use the bytes of <uid>/<name>: its link count (fs), the references
+    of its data object that still point at it (RADOS)."""
+    if not h.uses_rados(d):
+        return os.stat(h.published(d, uid, name)).st_nlink
+    head = ident(d, uid, name)
+    content = rados_omap(d, "content")
+    n = 0
+    for ref in rados_omap(d, head):
+        kind, _, rest = ref.partition(":")
+        if kind == "c" and content.get(rest) == head:
+            n += 1
+        elif kind == "n":
+            ruid, _, rname = rest.partition(":")
+            n += rados_omap(d, "idx.%s" % ruid).get(rname) == head
+    return n
 
 
 def access_lines(d, needle):
@@ -122,8 +167,8 @@ r, n, sent, _ = qt_upload(du, F, "first.bin", U1)
 tap.ok(r.get("error") == 0 and n == 17, "the first upload of a file sends every chunk", repr((r, n)))
 entries = content_entries(du)
 tap.eq(entries, ["u%d-%s-%d" % (U1, h.md5_hex(F), len(F))], "the content index holds the file under its owner")
-st_first = os.stat(h.published(du, U1, "first.bin"))
-tap.eq(st_first.st_nlink, 2, "the published file and the index share one inode (link count 2)")
+first_ident = ident(du, U1, "first.bin")
+tap.eq(links(du, U1, "first.bin"), 2, "the published file and the index share one inode (link count 2)")
 
 r, n, sent, offsets = qt_upload(du, F, "second.bin", U1)
 tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n <= 3,
@@ -132,8 +177,7 @@ tap.ok(sent <= 3 * CH, "at most 3 chunks of the file were sent (%d bytes of %d)"
 tap.ok(all(o % CH == 0 for o in offsets) and offsets[0] == 0 and len(set(offsets)) == len(offsets),
        "chunk 1, then chunks at other chunk boundaries the server asked for", repr(offsets))
 tap.eq(stored(du, U1, "second.bin"), h.md5_hex(F), "the second name holds identical bytes")
-st_second = os.stat(h.published(du, U1, "second.bin"))
-tap.ok(st_second.st_ino == st_first.st_ino and st_second.st_nlink == 3,
+tap.ok(ident(du, U1, "second.bin") == first_ident and links(du, U1, "second.bin") == 3,
        "published by a hard link, not a copy (one inode, link count 3)")
 tap.ok("instant upload" in r.get("message", ""), "the answer says it was an instant upload", repr(r))
 tap.ok(h.wait_for(lambda: access_lines(du, "second.bin") and "instant=1" in access_lines(du, "second.bin")[-1], 5),
@@ -168,7 +212,7 @@ tap.ok(r.get("error") == 0 and r.get("trans_size") == len(F) and n == 1 + 1 + 16
        "right chunk 1 but a wrong challenged chunk: the upload goes on in full (chunk 1, the challenge, then 2..17)",
        repr((r, n, offsets[:4])))
 tap.eq(stored(du, U1, "fallback.bin"), h.md5_hex(F), "and the file is published from the bytes sent")
-tap.ok(os.stat(h.published(du, U1, "fallback.bin")).st_ino != st_first.st_ino,
+tap.ok(ident(du, U1, "fallback.bin") != first_ident,
        "that file is its own copy: the failed proof linked nothing")
 
 # A file of one chunk is compared whole and shares the stored content.
@@ -176,7 +220,7 @@ S = rbytes(5000)
 r1, n1, _, _ = qt_upload(du, S, "small-1.txt", U1)
 r2, n2, _, _ = qt_upload(du, S, "small-2.txt", U1)
 tap.ok(r1.get("error") == 0 and r2.get("error") == 0 and n2 == 1, "a file of one chunk is uploaded twice")
-tap.ok(os.stat(h.published(du, U1, "small-1.txt")).st_ino == os.stat(h.published(du, U1, "small-2.txt")).st_ino,
+tap.ok(ident(du, U1, "small-1.txt") == ident(du, U1, "small-2.txt"),
        "its second name shares the first one's inode after a full comparison")
 
 # Replacing the only name of some content frees it once the janitor runs.
@@ -184,6 +228,7 @@ G = rbytes(3 * CH + 7)
 r, _, _, _ = qt_upload(du, G, "replace-me.bin", U1)
 g_entry = "u%d-%s-%d" % (U1, h.md5_hex(G), len(G))
 tap.ok(r.get("error") == 0 and g_entry in content_entries(du), "a file enters the index when published")
+g_ident = ident(du, U1, "replace-me.bin")
 r, _, _, _ = qt_upload(du, rbytes(2 * CH), "replace-me.bin", U1)
 tap.ok(r.get("error") == 0, "its only name is replaced by other content")
 tap.ok(h.wait_for(lambda: g_entry not in content_entries(du), 10, 0.1),
@@ -191,6 +236,12 @@ tap.ok(h.wait_for(lambda: g_entry not in content_entries(du), 10, 0.1),
 tap.ok(h.wait_for(lambda: h.stats_info(du).get("content_freed_bytes", 0) >= len(G), 5, 0.1),
        "show info counts the bytes freed")
 tap.ok("u%d-%s-%d" % (U1, h.md5_hex(F), len(F)) in content_entries(du), "content still named stays")
+if h.uses_rados(du):
+    # Unindexed, its data object is a replaced version like any other: deleted after gc_grace (5 s here).
+    tap.ok(h.wait_for(lambda: g_ident not in h.rados_objects(du), 30, 0.5),
+           "RADOS: the unindexed data object is deleted once its gc_grace is over", repr(g_ident))
+    tap.ok(first_ident in h.rados_objects(du) and links(du, U1, "first.bin") == 3,
+           "RADOS: the shared data object stays, with its names and index entry", repr(first_ident))
 
 # An avatar deduplicated this way updates PostgreSQL and ubaseinfo.
 A = rbytes(4 * CH + 99)
@@ -294,7 +345,7 @@ rc, so, se = resctl_binary("resctl-bin.bin")
 tap.ok(rc == 0 and "already on the server: published without sending (" in so and "MB saved)" in so,
        "resctl over the binary fast path: already on the server, and what it saved", so + se)
 tap.eq(stored(du, U2, "resctl-bin.bin"), h.md5_hex(R), "stored identical")
-tap.ok(os.stat(h.published(du, U2, "resctl-bin.bin")).st_ino == os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+tap.ok(ident(du, U2, "resctl-bin.bin") == ident(du, U2, "resctl-1.bin"),
        "by a link of the stored content")
 tap.ok(h.wait_for(lambda: any("binary=1" in line and "instant=1" in line
                               for line in access_lines(du, "resctl-bin.bin")), 5),
@@ -340,7 +391,7 @@ b.close()
 tap.ok(all(a["error"] == 0 for a in acks) and acks[-1]["committed"] == len(R) and not acks[-1]["message"],
        "the rest is pipelined and the file is published from the bytes sent", repr(acks[-1]))
 tap.ok(stored(du, U2, "bin-wrong.bin") == h.md5_hex(R) and
-       os.stat(h.published(du, U2, "bin-wrong.bin")).st_ino != os.stat(h.published(du, U2, "resctl-1.bin")).st_ino,
+       ident(du, U2, "bin-wrong.bin") != ident(du, U2, "resctl-1.bin"),
        "as its own copy")
 
 # ---------------------------------------------------------------- dedup = global
@@ -371,7 +422,10 @@ tap.ok(r.get("error") == 1024 and n == 19 and offsets[3:] == [i * CH for i in ra
        "refused by MD5", repr((r, n, offsets[:4])))
 tap.ok(not os.path.exists(h.published(dg, G4, "guessed.bin")), "nothing of A's file is published for it")
 staging = os.path.join(dg.root, ".staging")
-leftovers = [f for f in os.listdir(staging) if f.endswith(".part")] if os.path.isdir(staging) else []
+if h.uses_rados(dg):
+    leftovers = sorted(h.rados_staging(dg))
+else:
+    leftovers = [f for f in os.listdir(staging) if f.endswith(".part")] if os.path.isdir(staging) else []
 tap.eq(leftovers, [], "no staging file is left behind")
 tap.eq(content_entries(dg), ["%s-%d" % (h.md5_hex(F), len(F))], "the global index holds the content once")
 
@@ -565,6 +619,8 @@ for i in range(2):
     n = daemon("global")
     n.settings["storage"]["root"] = shared
     n.root = shared
+    if h.uses_rados(n) and nodes:
+        n.settings["rados"]["namespace"] = h.rados_namespace(nodes[0])   # one storage, as the root
     n.settings["server"]["node"] = "node%d" % (i + 1)
     h.Daemon.write_config(n.conf_path, n.settings)
     n.start()
@@ -612,7 +668,7 @@ with nb.connect() as c:
 tap.ok(done.get("error") == 0 and done.get("trans_size") == len(M) and "instant upload" in done.get("message", ""),
        "node 2 takes the last asked chunk: published without the rest of the file", repr(done))
 tap.ok(stored(nb, MNX, "moved.bin") == h.md5_hex(M) and
-       os.stat(h.published(nb, MNX, "moved.bin")).st_ino == os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       ident(nb, MNX, "moved.bin") == ident(na, MN_UIDS[0], "on-a.bin"),
        "identical, and the same inode as the stored content")
 tap.ok(h.wait_for(lambda: redis.cmd("EXISTS", ckey) == 0, 5, 0.1), "the proof is deleted once it was used")
 
@@ -646,7 +702,7 @@ for node, label in ((na, "node 1"), (nb, "node 2")):
 with na.connect() as c:
     r, _, _ = up.run(c, CH, 2)
 tap.ok(r.get("error") == 0 and stored(na, MNW, "wrong.bin") == h.md5_hex(M) and
-       os.stat(h.published(na, MNW, "wrong.bin")).st_ino != os.stat(h.published(na, MN_UIDS[0], "on-a.bin")).st_ino,
+       ident(na, MNW, "wrong.bin") != ident(na, MN_UIDS[0], "on-a.bin"),
        "the full upload is published as its own copy", repr(r))
 # The binary path: a client that loses its connection mid-proof opens again elsewhere (RESTART) and is asked the same.
 MNB = 5104
@@ -683,7 +739,7 @@ r1, n1, _, _ = qt_upload(doff, F, "one.bin", O1)
 r2, n2, sent2, _ = qt_upload(doff, F, "two.bin", O1)
 tap.ok(r1.get("error") == 0 and r2.get("error") == 0 and n1 == 17 and n2 == 17 and sent2 == len(F),
        "with dedup = off the same content is sent in full every time", repr((n1, n2)))
-tap.ok(os.stat(h.published(doff, O1, "one.bin")).st_ino != os.stat(h.published(doff, O1, "two.bin")).st_ino,
+tap.ok(ident(doff, O1, "one.bin") != ident(doff, O1, "two.bin"),
        "two copies, no links")
 tap.eq(content_entries(doff), [], "no content index is kept")
 tap.eq(h.stats_info(doff).get("uploads_instant"), 0, "no instant upload counted")

@@ -240,6 +240,8 @@ START_TEST(test_content_index)
 	be.ops->staging_close(s);
 	ck_assert_int_eq(list_all(NULL).n, 0);   /* the staging entry is gone */
 	ck_assert_int_eq(be.ops->file_open(&be, 10, "two.txt", 7, &f, &size, v1again), 0);
+	if (be.ops->content_collect == NULL)
+		ck_assert_str_eq(v1again, v1);   /* RADOS: the same immutable head, not a copy */
 	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
 	ck_assert_int_eq(memcmp(buf, text, key.size), 0);
 	be.ops->file_close(f);
@@ -247,6 +249,11 @@ START_TEST(test_content_index)
 	be.ops->file_close(f);
 	ck_assert_str_eq(v1, v1again);   /* another name's link does not change this name's version */
 
+	if (be.ops->content_collect == NULL) {
+		/* RADOS collects on its own thread (rados_test_dedup.py): a key never indexed instead. */
+		key.size++;
+		goto absent;
+	}
 	size_t freed;
 	uint64_t bytes;
 	ck_assert_int_eq(be.ops->content_collect(&be, &freed, &bytes), 0);
@@ -261,6 +268,7 @@ START_TEST(test_content_index)
 	ck_assert_int_eq(be.ops->content_open(&be, &key, &f, &size), ENOENT);
 
 	/* Gone meanwhile: publish_from_content changes nothing and says ENOENT. */
+absent:
 	ck_assert_int_eq(be.ops->staging_begin(&be, &m2, 8, &s), 0);
 	ck_assert_int_eq(be.ops->publish_from_content(s, &key, 8, &flags), ENOENT);
 	ck_assert_int_eq(flags, 0);
@@ -718,6 +726,7 @@ static Suite *backend_suite(void)
 		tcase_add_test(tc, test_begin_resets);
 		tcase_add_test(tc, test_publish_and_versions);
 		tcase_add_test(tc, test_rados_missing);
+		tcase_add_test(tc, test_content_index);
 		tcase_add_test(tc, test_meta_any_name);
 		tcase_add_test(tc, test_rados_striped);
 		tcase_add_test(tc, test_rados_fencing);
