@@ -1212,6 +1212,21 @@ static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg,
 			}
 			if ((err = data_size(r, p->head, piece, &e.size, &e.mtime)) != 0)
 				break;
+			if (strcmp(h.state, "linked") == 0) {
+				/* A publish from stored content that stopped after closing its entry (its name may
+				 * point at the content already). Nothing resumes it (staging_find: EINVAL) and it
+				 * holds chunk 1 only: dropped once as old as an abandoned upload (younger, its
+				 * publish may still be running on another node), or the janitor would find it
+				 * abandoned, fail to load it and keep it, every pass, for ever. */
+				if (time(NULL) - e.mtime >= r->conf->upload_ttl) {
+					log_info("rados: dropping %s, a publish from stored content that stopped half-way", p->key);
+					if ((err = data_remove(r, p->head, piece, 0)) != 0)
+						break;
+					omap_remove_if(r, STAGING_OBJ, p->key, p->head);
+					(*dropped)++;
+				}
+				continue;
+			}
 			stop = cb(&e, arg);
 		}
 	}

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 # rados_test_interrupted.py: a RADOS publish cut after its seal is finished without deleting or rolling back what a name points at.
+import json
 import os
 import sys
+import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -13,7 +15,9 @@ import harness as h  # noqa: E402
 # that a name may already point at. Whoever meets that key next (a begin of the same content, the
 # recovery of a restarted storage process, the janitor's listing) must finish the publish, never
 # delete the head nor point the name back at it once another version replaced it. (A discard of
-# such an entry: the contract test, test_discard_after_publish.)
+# such an entry: the contract test, test_discard_after_publish.) A publish from stored content
+# (instant upload) cut after it closed its entry ("linked") leaves a key nothing resumes: the
+# janitor drops it once it is as old as an abandoned upload, and not before.
 h.use_rados()
 tap = h.Tap(deadline=240)
 U, TOKEN = 4401, "tok-4401-cut"
@@ -90,5 +94,29 @@ tap.ok(h.wait_for(lambda: "%d.%s" % (U, h.md5_hex(v1)) not in h.rados_staging(d)
 tap.ok(h.wait_for(lambda: d.ping(), 30), "(b) the daemon answers again")
 got = fetch(d, "doc.bin")
 tap.ok(got == v2, "(b) the name still gives version 2", "version 1" if got == v1 else got[:200])
+
+# (c) Keys of publishes from stored content cut after their entry was closed ("linked"): one a day
+# old (dropped by the janitor's listing), one fresh (its publish may be running on another node).
+def linked_entry(md5, mtime):
+    head = "d.%s.%s" % (md5, "0123456789abcdef")
+    meta = json.dumps({"uid": U, "md5": md5, "name": "linked.bin", "kind": 0, "total_size": 100000,
+                       "chunk_len": 32768, "piece": 64 << 20}).encode()
+    with rados.WriteOpCtx() as op:
+        op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+        for k, v in (("meta", meta), ("fence", b"0000000000000001"), ("state", b"linked"), ("named", b"1")):
+            op.set_xattr(k, v)
+        op.write(b"c" * 32768, 0)
+        io.operate_write_op(op, head, mtime=mtime)
+    set_omap(io, "staging", "%d.%s" % (U, md5), head)
+    return head
+
+
+old_key, young_key = "%d.%s" % (U, "a" * 32), "%d.%s" % (U, "b" * 32)
+old_head = linked_entry("a" * 32, int(time.time()) - 86400)
+young_head = linked_entry("b" * 32, int(time.time()))
+tap.ok(h.wait_for(lambda: old_key not in h.rados_staging(d), 30), "(c) the janitor drops the old linked entry")
+tap.ok(old_head not in h.rados_objects(d), "(c) with its data")
+tap.ok(young_key in h.rados_staging(d) and young_head in h.rados_objects(d),
+       "(c) a fresh one stays (the same listing saw it)")
 
 tap.finish()
