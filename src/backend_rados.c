@@ -1463,13 +1463,21 @@ static int head_remove_unchanged(struct rados_be *r, const char *head, uint64_t 
 	}
 }
 
+static int gc_stopping(struct rados_be *r)
+{
+	pthread_mutex_lock(&r->gc_lock);
+	int stop = r->gc_stop;
+	pthread_mutex_unlock(&r->gc_lock);
+	return stop;
+}
+
 /* Deletes the versions queued in "gc" whose grace has passed and that no name points to. */
 static void gc_sweep(struct rados_be *r)
 {
 	char after[OID_MAX] = "";
 	unsigned char more = 1;
 	time_t now = time(NULL);
-	while (more) {
+	while (more && !gc_stopping(r)) {   /* a stopping process does not wait for a long queue */
 		rados_read_op_t op = rados_create_read_op();
 		rados_omap_iter_t it = NULL;
 		int prval = 0;
@@ -1723,7 +1731,7 @@ static void content_sweep(struct rados_be *r)
 		r->content_after[0] = '\0';   /* the end (or nothing): from the start next time */
 	size_t freed = 0;
 	uint64_t freed_bytes = 0;
-	for (size_t i = 0; i < count; i++) {
+	for (size_t i = 0; i < count && !gc_stopping(r); i++) {
 		struct head_use u;
 		int err = head_use(r, page[i].head, &u);
 		if ((err && err != ENOENT) || (err == 0 && (u.use & HEAD_NAMED)))
@@ -1903,14 +1911,6 @@ static size_t data_oid_parse(const char *oid, int *piece)
 		return 0;
 	*piece = 1;
 	return head_len;
-}
-
-static int gc_stopping(struct rados_be *r)
-{
-	pthread_mutex_lock(&r->gc_lock);
-	int stop = r->gc_stop;
-	pthread_mutex_unlock(&r->gc_lock);
-	return stop;
 }
 
 /* One pass: up to SWEEP_BATCH objects of the namespace, from where the last pass stopped. */
