@@ -796,7 +796,7 @@ static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, 
 		return EINVAL;   /* published from stored content, or stopped on the way: seq 1 replaces it */
 	if (strcmp(h.state, "sealed") == 0) {
 		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
-		 * stopped before the name switch was done. Finishing the switch is idempotent. */
+		 * stopped before the key was dropped. Finishing it is idempotent (sealed_finish). */
 		return (err = sealed_finish(r, key, head, &entry->meta, &h)) != 0 ? err : ENOENT;
 	}
 	if ((err = data_size(r, head, piece, &entry->size, &entry->mtime)) != 0)
