@@ -224,6 +224,8 @@ struct head_attrs {
 	char state[16];
 	char layout[64];
 	char named[4];
+	char prev[OID_MAX];           /* what the name pointed at when the publish sealed it */
+	int has_prev;                 /* heads sealed before "prev" existed have none */
 };
 
 static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
@@ -252,6 +254,9 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 				dst = h->layout, cap = sizeof(h->layout);
 			} else if (strcmp(name, "named") == 0) {
 				dst = h->named, cap = sizeof(h->named);
+			} else if (strcmp(name, "prev") == 0) {
+				dst = h->prev, cap = sizeof(h->prev);
+				h->has_prev = len < cap;
 			}
 			if (dst && len < cap) {
 				memcpy(dst, val, len);
@@ -421,7 +426,9 @@ static int ref_add(struct rados_be *r, const char *head, const char *ref, size_t
 
 static void *gc_main(void *arg);
 static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head,
-    char *old_out);
+    char *old_out, const char *only_from);
+static int sealed_finish(struct rados_be *r, const char *key, const char *head, const struct backend_meta *m,
+    const struct head_attrs *h);
 
 static int rados_open(struct backend *b, enum backend_role role, char *err, size_t errlen)
 {
@@ -627,8 +634,21 @@ static int rados_staging_begin(struct backend *b, const struct backend_meta *met
 			*out = s;
 			return 0;
 		}
-		if (err == ECANCELED || err == ENOENT)
-			err = 0;   /* sealed or gone: a fresh object below */
+		if (err == ECANCELED) {
+			/* Not open. Sealed: a publish stopped after its seal, and its name may point at the
+			 * head already: finished (which drops the key), never deleted. Linked or unreadable:
+			 * replaced by a fresh head below, then deleted. */
+			struct head_attrs h;
+			struct backend_meta m;
+			uint64_t piece;
+			err = head_read(r, old, &h);
+			if (err == 0 && strcmp(h.state, "sealed") == 0 && h.meta_len &&
+			    backend_meta_decode(h.meta, h.meta_len, &m, &piece) == 0 && m.uid == meta->uid &&
+			    memcmp(m.md5, meta->md5, PROTO_MD5_HEX) == 0 && (err = sealed_finish(r, key, old, &m, &h)) == 0)
+				old[0] = '\0';
+		}
+		if (err == ENOENT)
+			err = 0;   /* gone: a fresh object below */
 	}
 	if (err) {
 		free(s);
@@ -776,11 +796,8 @@ static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, 
 		return EINVAL;   /* published from stored content, or stopped on the way: seq 1 replaces it */
 	if (strcmp(h.state, "sealed") == 0) {
 		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
-		 * stopped before the name switch was done. Finishing the switch is idempotent. */
-		if ((err = name_switch(r, uid, entry->meta.name, entry->meta.name_len, head, NULL)) != 0)
-			return err;
-		omap_remove_if(r, STAGING_OBJ, key, head);
-		return ENOENT;
+		 * stopped before the key was dropped. Finishing it is idempotent (sealed_finish). */
+		return (err = sealed_finish(r, key, head, &entry->meta, &h)) != 0 ? err : ENOENT;
 	}
 	if ((err = data_size(r, head, piece, &entry->size, &entry->mtime)) != 0)
 		return err;
@@ -953,11 +970,18 @@ static int rados_staging_discard(struct backend_staging *s, uint64_t fence)
 		if (rc < 0 && rc != -ENOENT)
 			return rerr(rc);
 	}
+	char key[64];
+	staging_key(&s->meta, key, sizeof(key));
+	/* A sealed head passed its MD5 check and its name may point at it already (a publish whose
+	 * switch the cluster applied but answered too late, then abandoned): finished, never deleted. */
+	struct head_attrs h;
+	if ((err = head_read(r, s->head, &h)) != 0 && err != ENOENT)
+		return err;
+	if (err == 0 && strcmp(h.state, "sealed") == 0)
+		return sealed_finish(r, key, s->head, &s->meta, &h);
 	/* Data first, then the index entry: a crash in between leaves an entry that recovery drops. */
 	if ((err = data_remove(r, s->head, s->piece, 0)) != 0)
 		return err;
-	char key[64];
-	staging_key(&s->meta, key, sizeof(key));
 	return omap_remove_if(r, STAGING_OBJ, key, s->head);
 }
 
@@ -968,10 +992,27 @@ static void rados_staging_close(struct backend_staging *s)
 
 /* ---------------------------------------------------------------- publishing */
 
+/* Queues head in gc: deleted once gc_grace is over and nothing uses it any more (gc_sweep). */
+static int gc_queue(struct rados_be *r, const char *head, uint64_t uid, const char *name, size_t name_len)
+{
+	char val[PROTO_NAME_MAX + 64];
+	int n = snprintf(val, sizeof(val), "%lld %" PRIu64 " ", (long long)time(NULL) + r->conf->rados_gc_grace, uid);
+	memcpy(val + n, name, name_len);
+	val[n + (int)name_len] = '\0';
+	const char *keys[1] = { head }, *vals[1] = { val };
+	size_t kl = strlen(head), vl = (size_t)n + name_len;
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_omap_set2(op, keys, vals, &kl, &vl, 1);
+	int rc = rados_write_op_operate(op, r->io, GC_OBJ, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	return rerr(rc);
+}
+
 /* Points <uid>/<name> at head; a replaced version is queued for deletion first (crash-safe:
- * the collector deletes only what no name points to any more). */
+ * the collector deletes only what no name points to any more). With only_from, only while the
+ * name points there (or at head already): ECANCELED when it points at anything else. */
 static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_t name_len, const char *head,
-    char *old_out)
+    char *old_out, const char *only_from)
 {
 	char idx[OID_MAX];
 	index_oid(uid, idx);
@@ -986,26 +1027,50 @@ static int name_switch(struct rados_be *r, uint64_t uid, const char *name, size_
 			snprintf(old_out, OID_MAX, "%s", old);
 		if (strcmp(old, head) == 0)
 			return 0;   /* done before (recovery rolling a publish forward) */
-		if (old[0]) {
-			char val[PROTO_NAME_MAX + 64];
-			int n = snprintf(val, sizeof(val), "%lld %" PRIu64 " ", (long long)time(NULL) + r->conf->rados_gc_grace,
-			    uid);
-			memcpy(val + n, name, name_len);
-			val[n + (int)name_len] = '\0';
-			const char *keys[1] = { old }, *vals[1] = { val };
-			size_t kl = strlen(old), vl = (size_t)n + name_len;
-			rados_write_op_t op = rados_create_write_op();
-			rados_write_op_omap_set2(op, keys, vals, &kl, &vl, 1);
-			int rc = rados_write_op_operate(op, r->io, GC_OBJ, NULL, WRITE_FLAGS);
-			rados_release_write_op(op);
-			if (rc < 0)
-				return rerr(rc);
-		}
+		if (only_from && strcmp(old, only_from) != 0)
+			return ECANCELED;
+		if (old[0] && (err = gc_queue(r, old, uid, name, name_len)) != 0)
+			return err;
 		err = omap_swap(r, idx, name, name_len, old, head);
 		if (err != ECANCELED)
 			return err;
 	}
 	return ETIMEDOUT;   /* the name kept changing under us: busy, retry */
+}
+
+/*
+ * Finishes the publish of a sealed head that its staging key still names (the process stopped
+ * between the seal and the removal of the key, or the switch failed, perhaps after the cluster
+ * applied it): recovery, a takeover (staging_find), a begin or a discard of the same upload. The
+ * MD5 was checked, so the name goes to head, but only if it still points where it pointed at the
+ * seal ("prev"): pointing at anything else, another publish replaced the name since (after this
+ * one's switch, or before it was done: then that one came last), and rolling the name "forward"
+ * would undo an acknowledged file. A gc entry of head says the same (the switch was done and the
+ * name moved on since), even when the name came back to prev meanwhile. A head the name does not
+ * get is queued in gc like any replaced version. Then the staging key goes.
+ */
+static int sealed_finish(struct rados_be *r, const char *key, const char *head, const struct backend_meta *m,
+    const struct head_attrs *h)
+{
+	int err;
+	if (!h->has_prev) {
+		err = name_switch(r, m->uid, m->name, m->name_len, head, NULL, NULL);   /* sealed before "prev" */
+	} else {
+		char val[PROTO_NAME_MAX + 64];
+		err = omap_get(r, GC_OBJ, head, strlen(head), val, sizeof(val));
+		if (err == 0)
+			err = ECANCELED;
+		else if (err == ENOENT)
+			err = name_switch(r, m->uid, m->name, m->name_len, head, NULL, h->prev);
+		if (err == ECANCELED) {
+			log_info("rados: %s was published and replaced since, or replaced before its publish was done: "
+			         "its name stays", key);
+			err = gc_queue(r, head, m->uid, m->name, m->name_len);
+		}
+	}
+	if (err == 0)
+		err = omap_remove_if(r, STAGING_OBJ, key, head);
+	return err;
 }
 
 static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
@@ -1016,6 +1081,14 @@ static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	uint64_t size = 0;
 	if (err == 0)
 		err = data_size(r, s->head, s->piece, &size, NULL);
+	/* Where the name points now: recorded with the seal, so that whoever finishes an interrupted
+	 * publish can tell whether the name moved on since (sealed_finish). */
+	char idx[OID_MAX], prev[OID_MAX] = "";
+	index_oid(s->meta.uid, idx);
+	if (err == 0 && (err = omap_get(r, idx, s->meta.name, s->meta.name_len, prev, sizeof(prev))) == ENOENT) {
+		prev[0] = '\0';
+		err = 0;
+	}
 	if (err)
 		return err;
 	/* Seal: the fence checked and the state closed in one op; nothing changes the data after. */
@@ -1026,6 +1099,7 @@ static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	op_fence(op, fence, ftext);
 	rados_write_op_setxattr(op, "state", "sealed", 6);
 	rados_write_op_setxattr(op, "layout", layout, (size_t)n);
+	rados_write_op_setxattr(op, "prev", prev, strlen(prev));
 	/* The name about to point here, among the head's references (never "young": until the
 	 * switch is done the staging key names the head). */
 	char ref[REF_MAX], refval[32];
@@ -1045,7 +1119,7 @@ static int rados_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	} else if (rc < 0) {
 		return rerr(rc);
 	}
-	if ((err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, s->head, NULL)) != 0)
+	if ((err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, s->head, NULL, NULL)) != 0)
 		return err;
 	*flags |= BACKEND_PUBLISHED;
 	char key[64];
@@ -1131,14 +1205,28 @@ static int rados_staging_list(struct backend *b, backend_entry_cb cb, void *arg,
 			if (strcmp(h.state, "sealed") == 0) {
 				/* Sealed after its MD5 was checked, but the process stopped before the name switch
 				 * was done or the entry dropped: finish the publish. */
-				if ((err = name_switch(r, e.meta.uid, e.meta.name, e.meta.name_len, p->head, NULL)) != 0)
+				if ((err = sealed_finish(r, p->key, p->head, &e.meta, &h)) != 0)
 					break;
 				log_info("rados: finished publishing %" PRIu64 "/%s", e.meta.uid, e.meta.md5);
-				omap_remove_if(r, STAGING_OBJ, p->key, p->head);
 				continue;
 			}
 			if ((err = data_size(r, p->head, piece, &e.size, &e.mtime)) != 0)
 				break;
+			if (strcmp(h.state, "linked") == 0) {
+				/* A publish from stored content that stopped after closing its entry (its name may
+				 * point at the content already). Nothing resumes it (staging_find: EINVAL) and it
+				 * holds chunk 1 only: dropped once as old as an abandoned upload (younger, its
+				 * publish may still be running on another node), or the janitor would find it
+				 * abandoned, fail to load it and keep it, every pass, for ever. */
+				if (time(NULL) - e.mtime >= r->conf->upload_ttl) {
+					log_info("rados: dropping %s, a publish from stored content that stopped half-way", p->key);
+					if ((err = data_remove(r, p->head, piece, 0)) != 0)
+						break;
+					omap_remove_if(r, STAGING_OBJ, p->key, p->head);
+					(*dropped)++;
+				}
+				continue;
+			}
 			stop = cb(&e, arg);
 		}
 	}
@@ -1375,13 +1463,21 @@ static int head_remove_unchanged(struct rados_be *r, const char *head, uint64_t 
 	}
 }
 
+static int gc_stopping(struct rados_be *r)
+{
+	pthread_mutex_lock(&r->gc_lock);
+	int stop = r->gc_stop;
+	pthread_mutex_unlock(&r->gc_lock);
+	return stop;
+}
+
 /* Deletes the versions queued in "gc" whose grace has passed and that no name points to. */
 static void gc_sweep(struct rados_be *r)
 {
 	char after[OID_MAX] = "";
 	unsigned char more = 1;
 	time_t now = time(NULL);
-	while (more) {
+	while (more && !gc_stopping(r)) {   /* a stopping process does not wait for a long queue */
 		rados_read_op_t op = rados_create_read_op();
 		rados_omap_iter_t it = NULL;
 		int prval = 0;
@@ -1569,7 +1665,7 @@ static int rados_publish_from_content(struct backend_staging *s, const struct ba
 	char ref[REF_MAX], old[OID_MAX] = "";
 	size_t reflen = ref_name(s->meta.uid, s->meta.name, s->meta.name_len, ref);
 	if ((err = ref_add(r, head, ref, reflen)) != 0 ||
-	    (err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, head, old)) != 0) {
+	    (err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, head, old, NULL)) != 0) {
 		staging_reopen(s);
 		return err;   /* ENOENT: collected meanwhile; the upload goes on normally */
 	}
@@ -1635,7 +1731,7 @@ static void content_sweep(struct rados_be *r)
 		r->content_after[0] = '\0';   /* the end (or nothing): from the start next time */
 	size_t freed = 0;
 	uint64_t freed_bytes = 0;
-	for (size_t i = 0; i < count; i++) {
+	for (size_t i = 0; i < count && !gc_stopping(r); i++) {
 		struct head_use u;
 		int err = head_use(r, page[i].head, &u);
 		if ((err && err != ENOENT) || (err == 0 && (u.use & HEAD_NAMED)))
@@ -1815,14 +1911,6 @@ static size_t data_oid_parse(const char *oid, int *piece)
 		return 0;
 	*piece = 1;
 	return head_len;
-}
-
-static int gc_stopping(struct rados_be *r)
-{
-	pthread_mutex_lock(&r->gc_lock);
-	int stop = r->gc_stop;
-	pthread_mutex_unlock(&r->gc_lock);
-	return stop;
 }
 
 /* One pass: up to SWEEP_BATCH objects of the namespace, from where the last pass stopped. */

@@ -538,6 +538,32 @@ START_TEST(test_find_finishes_interrupted_publish)
 	ck_assert_uint_eq(dropped, 0);
 }
 END_TEST
+/* A publish that the storage answered with an error may still have been applied (RADOS: a switch
+ * the cluster did and answered too late); the upload is then discarded (the janitor, an expiry):
+ * that discard must never delete the published file. */
+START_TEST(test_discard_after_publish)
+{
+	struct backend_meta m = meta_of(9, MD5_A, "kept.txt", 12);
+	struct backend_staging *s;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s), 0);
+	ck_assert_int_eq(be.ops->staging_write(s, "kept content", 12, 0, 5), 0);
+	int flags = 0;
+	ck_assert_int_eq(be.ops->publish(s, 5, &flags), 0);
+	ck_assert_int_eq(be.ops->staging_discard(s, 5), 0);
+	be.ops->staging_close(s);
+	struct backend_file *f;
+	uint64_t size;
+	char v[BACKEND_VERSION_MAX], buf[16];
+	size_t got = 0;
+	ck_assert_int_eq(be.ops->file_open(&be, 9, "kept.txt", 8, &f, &size, v), 0);
+	ck_assert_uint_eq(size, 12);
+	ck_assert_int_eq(be.ops->file_read(f, buf, sizeof(buf), 0, &got), 0);
+	ck_assert_uint_eq(got, 12);
+	ck_assert_int_eq(memcmp(buf, "kept content", 12), 0);
+	be.ops->file_close(f);
+	ck_assert_int_eq(list_all(NULL).n, 0);
+}
+END_TEST
 #ifdef HAVE_RADOS
 /* ---------------------------------------------------------------- rados: RESOURCED_TEST_CEPH_CONF names a cluster
  * (tests/integration/rados_test_backend.py starts one); each test gets a namespace of its own and pieces
@@ -716,6 +742,7 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_unknown_backend);
 	tcase_add_test(tc, test_fencing);
 	tcase_add_test(tc, test_find_finishes_interrupted_publish);
+	tcase_add_test(tc, test_discard_after_publish);
 	suite_add_tcase(s, tc);
 #ifdef HAVE_RADOS
 	if (getenv("RESOURCED_TEST_CEPH_CONF")) {
@@ -732,6 +759,7 @@ static Suite *backend_suite(void)
 		tcase_add_test(tc, test_rados_fencing);
 		tcase_add_test(tc, test_fencing);
 		tcase_add_test(tc, test_rados_takeover_pieces);
+		tcase_add_test(tc, test_discard_after_publish);
 		suite_add_tcase(s, tc);
 	}
 #endif
