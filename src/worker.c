@@ -16,6 +16,7 @@
 #include "proto.h"
 #include "proxy.h"
 #include "rds.h"
+#include "shmring.h"
 #include "signals.h"
 #include "stats.h"
 
@@ -157,6 +158,10 @@ struct uplink {
 	int ready;                    /* the storage process answered our ping: requests may go */
 	ev_timer retry;
 	double retry_delay;
+	/* Shared with the storage process for chunk bytes (shmring.h), one per link; ring_ready once
+	 * storage mapped it. Without it (link_ring = 0, refused, or full) chunks are copied over the link. */
+	struct shmring ring;
+	int ring_ready;
 };
 
 struct worker {
@@ -851,6 +856,9 @@ static void uplink_down(struct worker *w, const char *why)
 	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
+	/* Storage keeps its own mapping while it still reads slots; this end starts afresh. */
+	shmring_destroy(&s->ring);
+	s->ring_ready = 0;
 	STAT_SET(storage_up, 0);
 	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
@@ -968,6 +976,14 @@ static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		}
 		if (h.type == IPC_STORAGE_WORKER_RESULT) {
 			uplink_on_result(w, &h, payload);
+		} else if (h.type == IPC_STORAGE_WORKER_RING) {
+			uint32_t error;
+			if (ipc_decode_ring_answer(payload, h.len, &error) == 0 && error == 0 && s->ring.map != NULL) {
+				s->ring_ready = 1;
+			} else {
+				log_warnx("storage refused the shared ring: chunks are copied over the link");
+				shmring_destroy(&s->ring);
+			}
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -987,6 +1003,26 @@ static void uplink_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 	(void)loop;
 	(void)revents;
 	uplink_connect(t->data);
+}
+
+/* A new link: a new ring, offered to storage before anything else (its descriptor rides on the
+ * first byte). Chunks use it once storage answers that it mapped it. */
+static void uplink_offer_ring(struct worker *w)
+{
+	struct uplink *s = &w->uplink;
+	if (w->conf->link_ring == 0)
+		return;
+	if (shmring_create(&s->ring, (size_t)w->conf->link_ring) < 0) {
+		log_warn("cannot create the shared ring of %" PRId64 " bytes: chunks are copied over the link",
+		    w->conf->link_ring);
+		return;
+	}
+	struct buf msg = { 0 };
+	if (ipc_encode_ring(&msg, s->ring.size) < 0 || link_send_fd(&s->link, buf_head(&msg), buf_len(&msg), s->ring.fd) < 0) {
+		log_warn("cannot offer the shared ring to storage: chunks are copied over the link");
+		shmring_destroy(&s->ring);
+	}
+	buf_free(&msg);
 }
 
 static void uplink_connect(struct worker *w)
@@ -1013,6 +1049,7 @@ static void uplink_connect(struct worker *w)
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
 	link_open(&s->link, w->loop, fd, uplink_on_io, w);
+	uplink_offer_ring(w);
 	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
 		uplink_resend_unsent(w);
 		uplink_flush(w);
@@ -1041,18 +1078,32 @@ static int uplink_send(struct conn *c)
 			.data_len = (uint32_t)ch->data_len,
 		};
 		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
-		/* The chunk is decoded straight from its frame into the message queued for the
-		 * storage process (again from the same frame if the link is lost before the answer). */
+		/* The chunk is decoded straight from its frame into the shared ring, or else into the
+		 * message queued for the storage process (again from the same frame if the link is lost
+		 * before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
-		uint8_t *data = ipc_reserve_chunk(&s->link.out, &msg, room);
+		uint32_t slot = 0;
+		uint64_t at = 0;
+		uint8_t *data = s->ring_ready ? shmring_reserve(&s->ring, room, &slot, &at) : NULL;
+		int in_ring = data != NULL;
+		if (!in_ring)
+			data = ipc_reserve_chunk(&s->link.out, &msg, room);
 		rc = data ? 0 : -1;
 		if (data != NULL) {
 			char why[128];
 			if (proto_decode_chunk(ch, data, room, why, sizeof(why)) != ERR_OK) {
+				if (in_ring)
+					shmring_cancel(&s->ring, slot);
 				respond_request_error(c, ERR_JSON, why);
 				return -1;
 			}
-			ipc_commit_chunk(&s->link.out, reqid, &msg);
+			if (in_ring) {
+				shmring_trim(&s->ring, slot, msg.data_len);
+				if ((rc = ipc_encode_chunk_ref(&s->link.out, reqid, &msg, slot, at)) < 0)
+					shmring_cancel(&s->ring, slot);
+			} else {
+				ipc_commit_chunk(&s->link.out, reqid, &msg);
+			}
 		}
 	}
 	if (rc < 0) {
@@ -1873,14 +1924,25 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		.data_len = ch.length,
 	};
 	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
-	uint8_t *data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length);
+	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
+	uint32_t slot;
+	uint64_t at;
+	uint8_t *data = s->ring_ready ? shmring_reserve(&s->ring, ch.length, &slot, &at) : NULL;
+	if (data != NULL) {
+		/* Into the shared ring: the link carries only where the bytes are. */
+		memcpy(data, ch.data, ch.length);
+		if (ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, slot, at) < 0) {
+			shmring_cancel(&s->ring, slot);
+			data = NULL;
+		}
+	} else if ((data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
+		memcpy(data, ch.data, ch.length);
+		ipc_commit_chunk(&s->link.out, reqid, &msgc);
+	}
 	if (data == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
 		return;
 	}
-	memcpy(data, ch.data, ch.length);
-	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
-	ipc_commit_chunk(&s->link.out, reqid, &msgc);
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
 	f->offset = ch.offset;
@@ -2721,6 +2783,7 @@ static void worker_shutdown(struct worker *w)
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
 	link_close(&w->uplink.link);
+	shmring_destroy(&w->uplink.ring);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
@@ -2764,6 +2827,7 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
 	w->uplink.link.fd = -1;
+	w->uplink.ring.fd = -1;
 	w->uplink.retry_delay = STORAGE_RETRY_MIN;
 	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
 	w->uplink.retry.data = w;
