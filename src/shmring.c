@@ -62,7 +62,7 @@ static void shmring_reclaim(struct shmring *r)
 		r->count--;
 	}
 	if (r->count == 0)
-		r->tail = r->head;
+		r->head = r->tail = 0;   /* empty: the next slot may take the whole area */
 }
 
 uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t *offset)
@@ -101,8 +101,12 @@ void shmring_cancel(struct shmring *r, uint32_t slot)
 	(void)slot;   /* always the newest */
 	r->head = r->newest_prev_head;
 	r->count--;
-	if (r->count == 0)
-		r->tail = r->head;
+}
+
+void shmring_abandon(struct shmring *r, uint32_t slot)
+{
+	if (r->map != NULL && slot < SHMRING_SLOTS)
+		atomic_store_explicit(&r->sh->done[slot], 1, memory_order_release);
 }
 
 /* ---------------------------------------------------------------- the storage process's end */

@@ -46,6 +46,8 @@ uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t
 void shmring_trim(struct shmring *r, uint32_t slot, size_t used);
 /* The newest slot is not sent after all. */
 void shmring_cancel(struct shmring *r, uint32_t slot);
+/* Any slot that will not be sent after all (newer ones were given out since): reclaimed in turn. */
+void shmring_abandon(struct shmring *r, uint32_t slot);
 
 /* The storage process's end: a read-only view of the data and the done flags. */
 struct shmring_view {
