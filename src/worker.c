@@ -239,6 +239,10 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r);
 static void bin_fail_inflight(struct conn *c);
 static uint32_t conn_max_body(const struct conn *c);
 static size_t bin_read_room(const struct conn *c);
+static int bin_receiving(const struct conn *c);
+static int bin_direct_start(struct conn *c);
+static int bin_direct_read(struct conn *c);
+static void bin_direct_undo_all(struct worker *w);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -624,7 +628,7 @@ static int conn_done_for_stop(const struct conn *c)
 {
 	/* A connection accepted just now has a request on its way, not yet read: it is served. */
 	int arriving = c->fresh && ev_now(c->w->loop) - c->last_frame < STOP_FRESH_WAIT;
-	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0;
+	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0 && !bin_receiving(c);
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -711,6 +715,11 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	if (!(revents & EV_READ))
 		return;
+	if (bin_receiving(c)) {
+		if (bin_direct_read(c) == 0)
+			conn_process(c);   /* the chunk is complete and handled: frames behind it go on */
+		return;
+	}
 	uint8_t *p;
 	size_t room = READ_CHUNK;
 	if (c->req.frame_used) {
@@ -856,9 +865,11 @@ static void uplink_down(struct worker *w, const char *why)
 	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
-	/* Storage keeps its own mapping while it still reads slots; this end starts afresh. */
-	shmring_destroy(&s->ring);
+	/* Storage keeps its own mapping while it still reads slots; this end starts afresh. Chunks
+	 * being received into the ring go back to their connections' buffers first. */
 	s->ring_ready = 0;
+	bin_direct_undo_all(w);
+	shmring_destroy(&s->ring);
 	STAT_SET(storage_up, 0);
 	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
@@ -1653,11 +1664,19 @@ struct bin_conn {
 	uint64_t sf_offset, sf_left;
 	struct bin_send_job *sf_job;
 	int link_waiting;             /* counted in worker->bin_link_waiters */
+	/* A 1045 whose data is being received straight from the socket into a slot of the shared
+	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
+	int direct;
+	uint8_t direct_hdr[FRAME_HEADER_LEN + BIN_CHUNK_LEN];
+	uint8_t *direct_data;
+	uint32_t direct_slot, direct_len, direct_got;
+	uint64_t direct_at;
 };
 
 #define BIN_REQID_TAG 0x80000000u   /* in a reqid's slot half: the answer is a binary chunk's */
 #define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
+#define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1671,6 +1690,12 @@ static uint32_t conn_max_body(const struct conn *c)
 static size_t bin_read_room(const struct conn *c)
 {
 	size_t have = buf_len(&c->in);
+	const struct bin_conn *b = c->bin;
+	/* While an upload streams into the shared ring, the headers of the next chunk first, alone:
+	 * its data is then read straight into its slot, not into this buffer. */
+	if (b != NULL && b->up_open && !b->up_broken && c->w->uplink.ring_ready &&
+	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
+		return FRAME_HEADER_LEN + BIN_CHUNK_LEN - have;
 	if (c->bin == NULL || have < FRAME_HEADER_LEN)
 		return READ_CHUNK;
 	const uint8_t *h = buf_head(&c->in);
@@ -1871,7 +1896,11 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 }
 
 /* 1045: checks the chunk against the open upload and queues its bytes for storage (one copy). */
-static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+/* Handles a 1045 whose data is at ch.data, or already in ring slot *in_ring (received there
+ * straight from the socket). Returns 0 when the chunk went to storage, -1 when it was answered
+ * (the slot, if any, was not sent: the caller gives it back). */
+static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t len, const uint8_t *data,
+    const uint32_t *in_ring, uint64_t ring_at)
 {
 	struct worker *w = c->w;
 	struct bin_conn *b = c->bin;
@@ -1880,43 +1909,45 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	int rc = bin_parse_chunk(body, len, &ch, msg, sizeof(msg));
 	if (rc != ERR_OK) {
 		bin_send_ack(c, rc, ch.offset, ch.length, b->committed, b->total, msg);
-		return;
+		return -1;
 	}
+	if (data != NULL)
+		ch.data = data;
 	uint64_t end = ch.offset + ch.length;
 	if (!b->up_open) {
 		bin_send_ack(c, ERR_FILE_NOT_EXISTS, ch.offset, ch.length, 0, 0,
 		    "no upload open on this connection: send 1043 first");
-		return;
+		return -1;
 	}
 	if (b->up_broken) {
 		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total,
 		    "an earlier chunk of this upload failed: open it again (1043) to learn where it stands");
-		return;
+		return -1;
 	}
 	if (ch.offset != b->cursor) {
 		snprintf(msg, sizeof(msg), "offset: expected %" PRIu64 " (right after the previous chunk)", b->cursor);
 		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total, msg);
-		return;
+		return -1;
 	}
 	if (end > b->total) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total, "length: past total_size");
-		return;
+		return -1;
 	}
 	if (!!(ch.flags & BIN_CHUNK_LAST) != (end == b->total)) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
 		    "flags: the last flag must be set exactly on the chunk that ends the file");
-		return;
+		return -1;
 	}
 	if (ch.length == 0 && end != b->total) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
 		    "length: an empty chunk may only end the file");
-		return;
+		return -1;
 	}
 	struct uplink *s = &w->uplink;
 	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
-		return;
+		return -1;
 	}
 	struct ipc_chunk msgc = {
 		.uid = b->uid, .seq = b->next_seq, .trans_size = end, .total_size = b->total,
@@ -1927,21 +1958,23 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
 	uint32_t slot;
 	uint64_t at;
-	uint8_t *data = s->ring_ready ? shmring_reserve(&s->ring, ch.length, &slot, &at) : NULL;
-	if (data != NULL) {
-		/* Into the shared ring: the link carries only where the bytes are. */
-		memcpy(data, ch.data, ch.length);
+	uint8_t *to;
+	if (in_ring != NULL) {
+		/* Already in the shared ring: the link carries only where the bytes are. */
+		to = ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, *in_ring, ring_at) == 0 ? (uint8_t *)"" : NULL;
+	} else if (s->ring_ready && (to = shmring_reserve(&s->ring, ch.length, &slot, &at)) != NULL) {
+		memcpy(to, ch.data, ch.length);
 		if (ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, slot, at) < 0) {
 			shmring_cancel(&s->ring, slot);
-			data = NULL;
+			to = NULL;
 		}
-	} else if ((data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
-		memcpy(data, ch.data, ch.length);
+	} else if ((to = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
+		memcpy(to, ch.data, ch.length);
 		ipc_commit_chunk(&s->link.out, reqid, &msgc);
 	}
-	if (data == NULL) {
+	if (to == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
-		return;
+		return -1;
 	}
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
@@ -1951,6 +1984,102 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	b->cursor = end;
 	b->next_seq++;
 	uplink_flush(w);
+	return 0;
+}
+
+static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+{
+	bin_handle_chunk_data(c, body, len, NULL, NULL, 0);
+}
+
+static int bin_receiving(const struct conn *c)
+{
+	return c->bin != NULL && c->bin->direct;
+}
+
+/* At the start of an incomplete 1045 in c->in: when its data is large, fits the window and the
+ * ring has room, the data goes on straight into a ring slot (what is buffered already moves there,
+ * the rest is read into it by bin_direct_read). Returns 1 when it started. */
+static int bin_direct_start(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	struct uplink *s = &c->w->uplink;
+	size_t have = buf_len(&c->in);
+	if (b == NULL || b->direct || c->busy || !s->ring_ready || !b->up_open || b->up_broken ||
+	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
+		return 0;
+	const uint8_t *h = buf_head(&c->in);
+	uint16_t id = bin_get_u16(h);
+	uint32_t body_len = bin_get_u32(h + 2);
+	uint32_t length = bin_get_u32(h + FRAME_HEADER_LEN + 8);
+	/* Anything unusual is left to the ordinary path, which answers it. */
+	if (id != MSG_BIN_CHUNK || length < BIN_DIRECT_MIN || length > BIN_MAX_CHUNK ||
+	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len ||
+	    !bin_ready_for(c, id, body_len))
+		return 0;
+	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
+	if (slot_data == NULL)
+		return 0;   /* the ring is full: this frame is read with its header, as before */
+	size_t got = have - (FRAME_HEADER_LEN + BIN_CHUNK_LEN);
+	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
+	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
+	buf_consume_keep(&c->in, have);
+	b->direct = 1;
+	b->direct_data = slot_data;
+	b->direct_len = length;
+	b->direct_got = (uint32_t)got;
+	return 1;
+}
+
+/* Reads more of a direct chunk; when it is complete, hands it to storage. Returns 0 when the chunk
+ * is complete (and answered or sent), 1 when more is to come, -1 when the connection was closed. */
+static int bin_direct_read(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	ssize_t n = recv(c->fd, b->direct_data + b->direct_got, b->direct_len - b->direct_got, 0);
+	if (n == 0) {
+		conn_close(c, "closed in the middle of a chunk");
+		return -1;
+	}
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+			return 1;
+		conn_close(c, "read failed");
+		return -1;
+	}
+	STAT_ADD(bytes_in, n);
+	b->direct_got += (uint32_t)n;
+	if (b->direct_got < b->direct_len)
+		return 1;
+	b->direct = 0;
+	c->frame_start = 0;
+	c->last_frame = ev_now(c->w->loop);
+	c->fresh = 0;
+	STAT_INC(frames_in);
+	uint32_t slot = b->direct_slot;
+	if (bin_handle_chunk_data(c, b->direct_hdr + FRAME_HEADER_LEN, BIN_CHUNK_LEN + b->direct_len,
+	    b->direct_data, &slot, b->direct_at) < 0)
+		shmring_abandon(&c->w->uplink.ring, slot);
+	return 0;
+}
+
+/* The ring is going (the link was lost): what each direct chunk received so far goes back to the
+ * front of its connection's buffer, headers first, and is handled from there as an ordinary frame. */
+static void bin_direct_undo_all(struct worker *w)
+{
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || !bin_receiving(c))
+			continue;
+		struct bin_conn *b = c->bin;
+		b->direct = 0;
+		/* c->in is empty while a chunk is received directly (only its rest was being read). */
+		if (buf_append(&c->in, b->direct_hdr, sizeof(b->direct_hdr)) < 0 ||
+		    buf_append(&c->in, b->direct_data, b->direct_got) < 0) {
+			conn_close(c, "out of memory");
+			continue;
+		}
+	}
 }
 
 /* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
@@ -2381,6 +2510,8 @@ static int bin_conn_free(struct conn *c)
 		return 0;
 	if (b->link_waiting)
 		c->w->bin_link_waiters--;
+	if (b->direct)
+		shmring_abandon(&c->w->uplink.ring, b->direct_slot);   /* never sent: storage will not free it */
 	int handed = 0;
 	if (b->sf_job) {
 		b->sf_job->orphaned = 1;
@@ -2542,6 +2673,7 @@ static void conn_process(struct conn *c)
 				c->frame_start = ev_now(w->loop);
 				conn_arm_timer(c);   /* the frame deadline may come before the idle one */
 			}
+			bin_direct_start(c);   /* a large chunk's data: straight into the shared ring */
 			break;
 		}
 		if (!bin_ready_for(c, id, len))
@@ -2560,7 +2692,7 @@ static void conn_process(struct conn *c)
 			c->req.frame_used = 0;
 		}
 	}
-	if (buf_len(&c->in) == 0)
+	if (buf_len(&c->in) == 0 && !bin_receiving(c))
 		c->frame_start = 0;
 	if (w->draining == 2 && conn_done_for_stop(c))
 		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
