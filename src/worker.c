@@ -188,6 +188,10 @@ struct worker {
 	struct json_writer jw;
 	struct proto_limits limits;
 	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
+	/* Fast-path chunk bytes sent to storage and not answered, all connections together, and the
+	 * connections waiting for that to fall under bin_cap (oldest first). */
+	uint64_t bin_unanswered, bin_cap;
+	struct conn *cap_head, *cap_tail;
 };
 
 struct download_job {
@@ -243,6 +247,7 @@ static int bin_receiving(const struct conn *c);
 static int bin_direct_start(struct conn *c);
 static int bin_direct_read(struct conn *c);
 static void bin_direct_undo_all(struct worker *w);
+static void bin_cap_wake(struct worker *w);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -853,6 +858,7 @@ static void uplink_hold_waiting(struct worker *w)
 			bin_fail_inflight(c);
 		}
 	}
+	bin_cap_wake(w);   /* nothing is on its way any more */
 	if (held)
 		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
@@ -917,8 +923,10 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 
 static void uplink_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
-	if (bin_on_result(w, h, payload))
+	if (bin_on_result(w, h, payload)) {
+		bin_cap_wake(w);
 		return;   /* a binary chunk's acknowledgement */
+	}
 	struct conn *c = conn_by_reqid(w, h->reqid);
 	if (c == NULL || c->req.stage != STAGE_STORAGE)
 		return;   /* the client went away or timed out */
@@ -1666,6 +1674,9 @@ struct bin_conn {
 	int link_waiting;             /* counted in worker->bin_link_waiters */
 	/* A 1045 whose data is being received straight from the socket into a slot of the shared
 	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
+	int cap_waiting;              /* in the worker's cap_head list, for a chunk of cap_want bytes */
+	uint32_t cap_want;
+	struct conn *cap_next, *cap_prev;
 	int direct;
 	uint8_t direct_hdr[FRAME_HEADER_LEN + BIN_CHUNK_LEN];
 	uint8_t *direct_data;
@@ -1737,6 +1748,55 @@ static int bin_wants_write(const struct conn *c)
 	return 1;
 }
 
+/* Queues c behind the connections already waiting for the worker's unanswered bytes to fall. */
+static void bin_cap_wait(struct conn *c, uint32_t want)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	b->cap_want = want;
+	if (b->cap_waiting)
+		return;
+	b->cap_waiting = 1;
+	b->cap_next = NULL;
+	b->cap_prev = w->cap_tail;
+	if (w->cap_tail)
+		w->cap_tail->bin->cap_next = c;
+	else
+		w->cap_head = c;
+	w->cap_tail = c;
+}
+
+static void bin_cap_unlink(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	if (!b->cap_waiting)
+		return;
+	if (b->cap_prev)
+		b->cap_prev->bin->cap_next = b->cap_next;
+	else
+		w->cap_head = b->cap_next;
+	if (b->cap_next)
+		b->cap_next->bin->cap_prev = b->cap_prev;
+	else
+		w->cap_tail = b->cap_prev;
+	b->cap_waiting = 0;
+	b->cap_next = b->cap_prev = NULL;
+}
+
+/* Answers came back: connections that waited for the worker's cap go on, oldest first, while the
+ * chunk each waits with fits. (One that goes on and waits again is queued last, its chunk not
+ * fitting any more: the loop ends once the head's chunk does not fit.) */
+static void bin_cap_wake(struct worker *w)
+{
+	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
+	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap)) {
+		struct conn *c = w->cap_head;
+		bin_cap_unlink(c);
+		conn_process(c);   /* may close c, or queue it again at the end */
+	}
+}
+
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
  * open or hello waits for the chunks in flight (their answers belong to the upload before). */
 static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
@@ -1755,8 +1815,16 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 			}
 			return 0;
 		}
-		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT &&
-		    b->inflight_bytes + (len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0) <= BIN_WINDOW);
+		uint32_t data_len = len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0;
+		/* Bound what all connections have on their way to storage together: with a window of
+		 * 8 MiB each, 64 connections kept 512 MiB in the storage process, written long after
+		 * it was received (out of every cache) and past the shared ring. */
+		struct worker *w = c->w;
+		if (w->bin_unanswered > 0 && w->bin_unanswered + data_len > w->bin_cap) {
+			bin_cap_wait(c, data_len);
+			return 0;
+		}
+		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT && b->inflight_bytes + data_len <= BIN_WINDOW);
 	}
 	if (id == MSG_BIN_UPLOAD_OPEN || id == MSG_BIN_HELLO)
 		return b->count == 0;
@@ -1981,6 +2049,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	f->offset = ch.offset;
 	f->length = ch.length;
 	b->inflight_bytes += ch.length;
+	w->bin_unanswered += ch.length;
 	b->cursor = end;
 	b->next_seq++;
 	uplink_flush(w);
@@ -2095,6 +2164,7 @@ static void bin_fail_inflight(struct conn *c)
 		b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
 		b->count--;
 	}
+	c->w->bin_unanswered -= b->inflight_bytes;
 	b->inflight_bytes = 0;
 	b->up_broken = 1;
 	conn_process(c);
@@ -2114,6 +2184,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
 	b->count--;
 	b->inflight_bytes -= f.length;
+	w->bin_unanswered -= f.length;
 	struct ipc_result r;
 	if (ipc_decode_result(payload, h->len, &r) < 0) {
 		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);
@@ -2512,6 +2583,8 @@ static int bin_conn_free(struct conn *c)
 		c->w->bin_link_waiters--;
 	if (b->direct)
 		shmring_abandon(&c->w->uplink.ring, b->direct_slot);   /* never sent: storage will not free it */
+	bin_cap_unlink(c);
+	c->w->bin_unanswered -= b->inflight_bytes;   /* their answers will find no connection */
 	int handed = 0;
 	if (b->sf_job) {
 		b->sf_job->orphaned = 1;
@@ -2960,6 +3033,11 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 		fatalx("worker %d: storage backend: %s", slot, err);
 	w->uplink.link.fd = -1;
 	w->uplink.ring.fd = -1;
+	/* Half the ring for chunks not yet answered leaves the other half to those answered but not
+	 * yet hashed; without a ring, what the link backlog and the windows allow, as before. */
+	w->bin_cap = conf->link_ring > 0 ? (uint64_t)conf->link_ring / 2 : UINT64_MAX;
+	if (w->bin_cap < BIN_MAX_CHUNK)
+		w->bin_cap = BIN_MAX_CHUNK;
 	w->uplink.retry_delay = STORAGE_RETRY_MIN;
 	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
 	w->uplink.retry.data = w;
