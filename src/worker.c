@@ -36,6 +36,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -1564,6 +1565,22 @@ static void download_done(struct pool_job *job)
 	download_reply(c, j);
 }
 
+/* A later chunk of a file the connection keeps open: read on the loop when the page cache holds
+ * all of it (RWF_NOWAIT never waits for the disk). Returns 1 when j holds the chunk. */
+static int download_read_cached(struct worker *w, struct download_job *j)
+{
+	int fd = w->backend.ops->file_fd ? w->backend.ops->file_fd(j->file) : -1;
+	if (fd < 0 || j->offset >= j->size)
+		return 0;   /* no descriptor, or past the end: the disk thread answers as always */
+	size_t want = j->size - j->offset < j->want ? (size_t)(j->size - j->offset) : j->want;
+	struct iovec iov = { j->data, want };
+	ssize_t n = preadv2(fd, &iov, 1, (off_t)j->offset, RWF_NOWAIT);
+	if (n < 0 || (size_t)n != want)
+		return 0;   /* EAGAIN (not cached), short, or no RWF_NOWAIT here: a disk thread reads it all */
+	j->got = want;
+	return 1;
+}
+
 static void download_start(struct conn *c)
 {
 	struct worker *w = c->w;
@@ -1598,7 +1615,12 @@ static void download_start(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_DISK;
 	c->req.since = ev_now(w->loop);
-	pool_submit(w->pool, &j->job);
+	/* With the disk threads idle, waking one costs more than the copy; with work queued, they
+	 * read beside the loop (on 64 connections reading on the loop was a third slower). */
+	if (f != NULL && pool_queued(w->pool) == 0 && download_read_cached(w, j))
+		pool_complete(w->pool, &j->job);   /* read already: no disk thread woken for it */
+	else
+		pool_submit(w->pool, &j->job);
 }
 
 /* ---------------------------------------------------------------- binary fast path (1041-1048) */
