@@ -191,13 +191,15 @@ static void worker_link_on_message(struct worker_link *wl, const struct ipc_head
 		int in_ring = h->type == IPC_WORKER_STORAGE_CHUNK_REF;
 		int bad = in_ring ? ipc_decode_chunk_ref(payload, h->len, &c, &slot, &at) < 0
 		    : ipc_decode_chunk(payload, h->len, &c) < 0;
-		if (!bad && in_ring && (c.data = shmring_view_at(&wl->ring, slot, at, c.data_len)) == NULL)
+		if (!bad && in_ring && (c.data = shmring_view_at(&wl->ring, slot, at, c.data_len)) == NULL) {
+			/* A slot named in a well-formed message goes back; a garbled one's number is not trusted
+			 * (its slot stays taken, and the worker's chunks take the copy path once the ring is full). */
+			shmring_view_done(&wl->ring, slot);
 			bad = 1;
+		}
 		if (bad) {
 			log_warnx("malformed chunk message from a worker: dropped");
 			free(block);
-			if (in_ring)
-				shmring_view_done(&wl->ring, slot);
 			return;
 		}
 		if (!in_ring && block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
