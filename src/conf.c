@@ -54,6 +54,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_WORKERS },
 	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_WORKERS },
 	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "link_ring", T_INT64, N(link_ring), 0, 1 << 30, "33554432", SCOPE_WORKERS },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off", SCOPE_WORKERS },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced", SCOPE_STORAGE },
 	{ "storage", "backend", T_BACKEND, S(backend), 0, 0, "fs", SCOPE_STORAGE },
@@ -427,6 +428,10 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 	}
 	if (c->redis_sentinels[0] && c->redis_master_name[0] == '\0') {
 		snprintf(err, errlen, "%s: [redis] sentinels needs master_name (the name the sentinels monitor)", path);
+		return -1;
+	}
+	if (c->link_ring != 0 && c->link_ring < (1 << 20)) {
+		snprintf(err, errlen, "%s: [server] link_ring must be 0 (off) or at least 1048576 bytes", path);
 		return -1;
 	}
 	if (c->node[0] == '\0' && gethostname(c->node, sizeof(c->node) - 1) < 0)

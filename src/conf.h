@@ -28,6 +28,7 @@ struct conf {
 	int anonymous;              /* accept requests without uid as uid 0 */
 	int64_t download_chunk;     /* bytes per download chunk */
 	int storage_timeout;        /* seconds a worker waits for the storage process */
+	int64_t link_ring;          /* bytes of each worker's ring shared with storage; 0: chunks are copied over the link */
 	int shutdown_timeout;       /* seconds a graceful stop (QUIT) or retirement may take */
 	int drain_grace;            /* seconds a graceful stop keeps accepting while the agent says drain */
 	char stats_socket[512];     /* the master's stats and admin socket; empty: none */

@@ -139,27 +139,104 @@ static int rd_md5(struct ipc_reader *r, char md5[PROTO_MD5_HEX + 1])
 	return strspn(md5, "0123456789abcdef") == PROTO_MD5_HEX ? 0 : -1;
 }
 
+/* The fields CHUNK and CHUNK_REF share, up to the name. */
+static int rd_chunk_head(struct ipc_reader *r, struct ipc_chunk *c)
+{
+	c->uid = rd_u64(r);
+	c->seq = rd_u64(r);
+	c->trans_size = rd_u64(r);
+	c->total_size = rd_u64(r);
+	c->kind = rd_u8(r);
+	c->last = rd_u8(r);
+	if (rd_md5(r, c->md5) < 0)
+		return -1;
+	c->name_len = rd_u16(r);
+	c->name = (const char *)rd_view(r, c->name_len);
+	return 0;
+}
+
+/* Workers send only checked numbers (at most 2^53 - 1); anything else would be a bug or an attack. */
+static int chunk_fields_valid(const struct ipc_chunk *c)
+{
+	return !(c->kind > UPLOAD_AVATAR || c->seq == 0 || c->seq > IPC_MAX_NUMBER ||
+	    c->total_size > IPC_MAX_NUMBER || c->data_len > c->trans_size ||
+	    c->trans_size > c->total_size || !proto_name_valid(c->name, c->name_len));
+}
+
 int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c)
 {
 	struct ipc_reader r = { p, len, 0 };
-	c->uid = rd_u64(&r);
-	c->seq = rd_u64(&r);
-	c->trans_size = rd_u64(&r);
-	c->total_size = rd_u64(&r);
-	c->kind = rd_u8(&r);
-	c->last = rd_u8(&r);
-	if (rd_md5(&r, c->md5) < 0)
+	if (rd_chunk_head(&r, c) < 0)
 		return -1;
-	c->name_len = rd_u16(&r);
-	c->name = (const char *)rd_view(&r, c->name_len);
 	c->data_len = rd_u32(&r);
 	c->data = rd_view(&r, c->data_len);
-	/* Workers send only checked numbers (at most 2^53 - 1); anything else would be a bug or an attack. */
-	if (rd_end(&r) < 0 || c->kind > UPLOAD_AVATAR || c->seq == 0 || c->seq > IPC_MAX_NUMBER ||
-	    c->total_size > IPC_MAX_NUMBER || c->data_len > c->trans_size ||
-	    c->trans_size > c->total_size || !proto_name_valid(c->name, c->name_len))
+	return rd_end(&r) < 0 || !chunk_fields_valid(c) ? -1 : 0;
+}
+
+int ipc_encode_chunk_ref(struct buf *out, uint64_t reqid, const struct ipc_chunk *c, uint32_t slot, uint64_t offset)
+{
+	/* The same prefix as CHUNK (its data_len is the last field of it), then where the data is. */
+	uint32_t len = (uint32_t)chunk_prefix_len(c) + 4 + 8;
+	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK_REF, reqid, len);
+	if (w == NULL)
 		return -1;
+	PUT(w, c->uid);
+	PUT(w, c->seq);
+	PUT(w, c->trans_size);
+	PUT(w, c->total_size);
+	PUT(w, c->kind);
+	PUT(w, c->last);
+	PUT_BYTES(w, c->md5, PROTO_MD5_HEX);
+	PUT(w, c->name_len);
+	PUT_BYTES(w, c->name, c->name_len);
+	PUT(w, c->data_len);
+	PUT(w, slot);
+	PUT(w, offset);
 	return 0;
+}
+
+int ipc_decode_chunk_ref(const uint8_t *p, size_t len, struct ipc_chunk *c, uint32_t *slot, uint64_t *offset)
+{
+	struct ipc_reader r = { p, len, 0 };
+	if (rd_chunk_head(&r, c) < 0)
+		return -1;
+	c->data_len = rd_u32(&r);
+	c->data = NULL;
+	*slot = rd_u32(&r);
+	*offset = rd_u64(&r);
+	return rd_end(&r) < 0 || !chunk_fields_valid(c) ? -1 : 0;
+}
+
+int ipc_encode_ring(struct buf *out, uint64_t size)
+{
+	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_RING, 0, 8);
+	if (w == NULL)
+		return -1;
+	PUT(w, size);
+	return 0;
+}
+
+int ipc_encode_ring_answer(struct buf *out, uint32_t error)
+{
+	uint8_t *w = put_header(out, IPC_STORAGE_WORKER_RING, 0, 4);
+	if (w == NULL)
+		return -1;
+	PUT(w, error);
+	return 0;
+}
+
+int ipc_decode_ring(const uint8_t *p, size_t len, uint64_t *size)
+{
+	struct ipc_reader r = { p, len, 0 };
+	*size = rd_u64(&r);
+	return rd_end(&r);
+}
+
+int ipc_decode_ring_answer(const uint8_t *p, size_t len, uint32_t *error)
+{
+	struct ipc_reader r = { p, len, 0 };
+	*error = rd_u32(&r);
+	return rd_end(&r);
 }
 
 static int encode_upload_key(struct buf *out, uint16_t type, uint64_t reqid, const struct ipc_sync *s)

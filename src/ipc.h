@@ -9,7 +9,7 @@
 #include "proto.h"
 
 /* Bump when a message type or layout changes: both ends check it. */
-#define IPC_VERSION 2
+#define IPC_VERSION 3
 #define IPC_HEADER_LEN 16
 #define IPC_MAX_PAYLOAD (64u << 20)
 #define IPC_SOCKET_NAME "storage.sock"
@@ -22,6 +22,9 @@ enum ipc_type {
 	IPC_WORKER_STORAGE_SYNC = 4,      /* ask how far an upload got */
 	IPC_STORAGE_WORKER_RESULT = 5,    /* the answer to CHUNK or SYNC */
 	IPC_WORKER_STORAGE_RELEASE = 6,   /* the client connection that drove an upload closed (no answer) */
+	IPC_WORKER_STORAGE_RING = 7,      /* the worker's shared ring (shmring.h): its descriptor rides along */
+	IPC_STORAGE_WORKER_RING = 8,      /* the answer: error u32, 0 when the ring is mapped */
+	IPC_WORKER_STORAGE_CHUNK_REF = 9, /* CHUNK whose data lies in the ring: slot, offset, length */
 };
 
 /* On the wire in host byte order (both ends are on one host). */
@@ -78,6 +81,11 @@ int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
  * and nothing else may be written to out in between. */
 uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t data_room);
 void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
+/* CHUNK_REF: c's fields as CHUNK, its data_len bytes at offset in the ring's data area, in slot. */
+int ipc_encode_chunk_ref(struct buf *out, uint64_t reqid, const struct ipc_chunk *c, uint32_t slot, uint64_t offset);
+/* RING carries the size of the ring's data area; its answer an error (0: in use). */
+int ipc_encode_ring(struct buf *out, uint64_t size);
+int ipc_encode_ring_answer(struct buf *out, uint32_t error);
 int ipc_encode_sync(struct buf *out, uint64_t reqid, const struct ipc_sync *s);
 /* RELEASE carries the same payload as SYNC: the upload's uid and md5. */
 int ipc_encode_release(struct buf *out, const struct ipc_sync *s);
@@ -85,6 +93,10 @@ int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *
 
 /* Each returns 0, or -1 if the payload is short, too long or malformed. */
 int ipc_decode_chunk(const uint8_t *p, size_t len, struct ipc_chunk *c);
+/* c->data is left NULL: the caller finds the bytes in its view of the ring. */
+int ipc_decode_chunk_ref(const uint8_t *p, size_t len, struct ipc_chunk *c, uint32_t *slot, uint64_t *offset);
+int ipc_decode_ring(const uint8_t *p, size_t len, uint64_t *size);
+int ipc_decode_ring_answer(const uint8_t *p, size_t len, uint32_t *error);
 int ipc_decode_sync(const uint8_t *p, size_t len, struct ipc_sync *s);
 int ipc_decode_result(const uint8_t *p, size_t len, struct ipc_result *r);
 

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -75,6 +76,70 @@ ssize_t link_read(struct link *l, size_t max)
 	if (n == 0)
 		return LINK_EOF;
 	return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? LINK_AGAIN : LINK_ERROR;
+}
+
+ssize_t link_read_fd(struct link *l, size_t max, int *fd)
+{
+	uint8_t *p = buf_reserve(&l->in, max);
+	if (p == NULL) {
+		errno = ENOMEM;
+		return LINK_ERROR;
+	}
+	union {
+		struct cmsghdr align;
+		char space[CMSG_SPACE(sizeof(int) * LINK_MAX_FDS)];
+	} control;
+	struct iovec iov = { p, max };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+	    .msg_controllen = sizeof(control.space) };
+	ssize_t n = recvmsg(l->fd, &msg, MSG_CMSG_CLOEXEC);
+	if (n > 0) {
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+				continue;
+			size_t count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (size_t i = 0; i < count; i++) {
+				int got;
+				memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+				if (*fd < 0)
+					*fd = got;
+				else
+					close(got);   /* one descriptor at a time is all the link carries */
+			}
+		}
+		buf_commit(&l->in, (size_t)n);
+		return n;
+	}
+	if (n == 0)
+		return LINK_EOF;
+	return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? LINK_AGAIN : LINK_ERROR;
+}
+
+int link_send_fd(struct link *l, const void *msg, size_t len, int fd)
+{
+	union {
+		struct cmsghdr align;
+		char space[CMSG_SPACE(sizeof(int))];
+	} control;
+	memset(&control, 0, sizeof(control));
+	struct iovec iov = { (void *)msg, len };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+	    .msg_controllen = sizeof(control.space) };
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	ssize_t n;
+	do
+		n = sendmsg(l->fd, &mh, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -1;
+	/* The descriptor went with the first byte; whatever the socket did not take follows in order. */
+	if ((size_t)n < len && buf_append(&l->out, (const uint8_t *)msg + n, len - (size_t)n) < 0)
+		return -1;
+	return 0;
 }
 
 enum ipc_status link_next(const struct link *l, struct ipc_header *h, const uint8_t **payload)

@@ -36,6 +36,13 @@ int link_flush(struct link *l);
 /* Reads at most max bytes into in: the count, LINK_AGAIN (nothing now), LINK_EOF (the peer
  * closed), or LINK_ERROR (errno says why; ENOMEM when in could not grow). */
 ssize_t link_read(struct link *l, size_t max);
+/* link_read that also takes a descriptor sent along (SCM_RIGHTS): *fd, if it is -1, gets the first
+ * one received; any other is closed. */
+#define LINK_MAX_FDS 4
+ssize_t link_read_fd(struct link *l, size_t max, int *fd);
+/* Sends len bytes of a message with fd attached, on a link with nothing queued. Returns 0 (what the
+ * socket did not take now is queued in out, in order), or -1 (nothing was sent: errno says why). */
+int link_send_fd(struct link *l, const void *msg, size_t len, int fd);
 /* The message at the front of in (ipc_decode_header's answer); link_consume drops it once handled. */
 enum ipc_status link_next(const struct link *l, struct ipc_header *h, const uint8_t **payload);
 void link_consume(struct link *l, const struct ipc_header *h);

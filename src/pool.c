@@ -113,6 +113,20 @@ void pool_submit(struct pool *p, struct pool_job *job)
 	pthread_mutex_unlock(&p->lock);
 }
 
+void pool_complete(struct pool *p, struct pool_job *job)
+{
+	job->next = NULL;
+	p->queued++;
+	pthread_mutex_lock(&p->lock);
+	if (p->done_tail)
+		p->done_tail->next = job;
+	else
+		p->done_head = job;
+	p->done_tail = job;
+	pthread_mutex_unlock(&p->lock);
+	ev_async_send(p->loop, &p->wakeup);
+}
+
 size_t pool_queued(struct pool *p)
 {
 	return p->queued;

@@ -16,6 +16,9 @@ struct pool;
 struct pool *pool_create(struct ev_loop *loop, int threads);
 /* Queues job; it must stay valid until its done callback has run. */
 void pool_submit(struct pool *p, struct pool_job *job);
+/* Queues job as if a thread had just run its work (the loop did it, without blocking): its done
+ * callback runs from the loop's next iteration, never inside this call. */
+void pool_complete(struct pool *p, struct pool_job *job);
 size_t pool_queued(struct pool *p);
 /* Waits for queued work and stops the threads (done callbacks of unfinished jobs do not run). */
 void pool_destroy(struct pool *p);

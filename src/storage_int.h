@@ -17,6 +17,7 @@
 #include "conf.h"
 #include "digest.h"
 #include "ipc.h"
+#include "shmring.h"
 #include "json.h"
 #include "link.h"
 #include "pool.h"
@@ -41,6 +42,9 @@ struct worker_link {
 	uint8_t *block;
 	struct ipc_header block_header;
 	size_t block_got;
+	/* The worker's shared ring (shmring.h): CHUNK_REF data lies there. Unmapped with the last op. */
+	struct shmring_view ring;
+	int ring_fd;                  /* a descriptor received with RING, until that message is read; -1: none */
 };
 
 enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
@@ -57,6 +61,8 @@ struct op {
 	uint32_t data_len;
 	const uint8_t *data;          /* the chunk, inside block */
 	uint8_t *block;               /* the received message payload, freed with the op */
+	int in_ring;                  /* data lies in the worker's ring at ring_slot: marked done with the op */
+	uint32_t ring_slot;
 	int retried;                  /* run again once after the upload was read back */
 	struct op *next;
 };

@@ -98,6 +98,8 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 void op_free(struct op *op)
 {
 	STAT_DEC(storage_queue);
+	if (op->in_ring && op->wl)
+		shmring_view_done(&op->wl->ring, op->ring_slot);   /* the worker may reuse the bytes now */
 	if (op->wl)
 		worker_link_release(op->wl);
 	free(op->block);
@@ -128,6 +130,9 @@ static void worker_link_release(struct worker_link *wl)
 {
 	if (--wl->refs == 0 && wl->dead) {
 		free(wl->block);
+		shmring_view_close(&wl->ring);
+		if (wl->ring_fd >= 0)
+			close(wl->ring_fd);
 		free(wl);
 	}
 }
@@ -157,25 +162,59 @@ static void worker_link_on_message(struct worker_link *wl, const struct ipc_head
 			worker_link_flush(wl);
 		return;
 	}
+	if (h->type == IPC_WORKER_STORAGE_RING) {
+		free(block);
+		uint64_t size;
+		uint32_t error = 1;
+		int fd = wl->ring_fd;
+		wl->ring_fd = -1;
+		if (ipc_decode_ring(payload, h->len, &size) < 0 || fd < 0 || wl->ring.map != NULL) {
+			log_warnx("malformed or repeated ring message from a worker: its chunks take the copy path");
+			if (fd >= 0)
+				close(fd);
+		} else if (shmring_view_open(&wl->ring, fd, size) < 0) {
+			log_warn("cannot map a worker's ring of %" PRIu64 " bytes: its chunks take the copy path", size);
+		} else {
+			error = 0;
+		}
+		if (ipc_encode_ring_answer(&wl->link.out, error) == 0)
+			worker_link_flush(wl);
+		return;
+	}
 	struct upload_key key;
 	memset(&key, 0, sizeof(key));
 	struct op *op;
-	if (h->type == IPC_WORKER_STORAGE_CHUNK) {
+	if (h->type == IPC_WORKER_STORAGE_CHUNK || h->type == IPC_WORKER_STORAGE_CHUNK_REF) {
 		struct ipc_chunk c;
-		if (ipc_decode_chunk(payload, h->len, &c) < 0) {
+		uint32_t slot = 0;
+		uint64_t at = 0;
+		int in_ring = h->type == IPC_WORKER_STORAGE_CHUNK_REF;
+		int bad = in_ring ? ipc_decode_chunk_ref(payload, h->len, &c, &slot, &at) < 0
+		    : ipc_decode_chunk(payload, h->len, &c) < 0;
+		if (!bad && in_ring && (c.data = shmring_view_at(&wl->ring, slot, at, c.data_len)) == NULL) {
+			/* A slot named in a well-formed message goes back; a garbled one's number is not trusted
+			 * (its slot stays taken, and the worker's chunks take the copy path once the ring is full). */
+			shmring_view_done(&wl->ring, slot);
+			bad = 1;
+		}
+		if (bad) {
 			log_warnx("malformed chunk message from a worker: dropped");
 			free(block);
 			return;
 		}
-		if (block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
+		if (!in_ring && block == NULL && (block = malloc(c.data_len ? c.data_len : 1)) != NULL) {
 			memcpy(block, c.data, c.data_len);   /* it came in the link's buffer */
 			c.data = block;
 		}
-		op = block ? calloc(1, sizeof(*op)) : NULL;
+		op = block || in_ring ? calloc(1, sizeof(*op)) : NULL;
 		if (op == NULL) {
 			free(block);
+			if (in_ring)
+				shmring_view_done(&wl->ring, slot);
 			return;
 		}
+		op->in_ring = in_ring;
+		op->ring_slot = slot;
 		op->type = OP_CHUNK;
 		op->seq = c.seq;
 		op->trans_size = c.trans_size;
@@ -286,7 +325,7 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			if (st == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN)
 				want = IPC_HEADER_LEN + h.len;
 			if (st == IPC_NEED_MORE) {
-				ssize_t n = link_read(&wl->link, want - buf_len(&wl->link.in));
+				ssize_t n = link_read_fd(&wl->link, want - buf_len(&wl->link.in), &wl->ring_fd);
 				if (n <= 0) {
 					if (n != LINK_AGAIN)
 						worker_link_close(wl);
@@ -354,6 +393,7 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		}
 		wl->st = st;
 		wl->refs = 1;   /* the link itself */
+		wl->ring_fd = -1;
 		wl->next = st->worker_links;
 		st->worker_links = wl;
 		link_open(&wl->link, loop, fd, worker_link_on_io, wl);

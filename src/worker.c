@@ -16,6 +16,7 @@
 #include "proto.h"
 #include "proxy.h"
 #include "rds.h"
+#include "shmring.h"
 #include "signals.h"
 #include "stats.h"
 
@@ -35,6 +36,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -157,6 +159,10 @@ struct uplink {
 	int ready;                    /* the storage process answered our ping: requests may go */
 	ev_timer retry;
 	double retry_delay;
+	/* Shared with the storage process for chunk bytes (shmring.h), one per link; ring_ready once
+	 * storage mapped it. Without it (link_ring = 0, refused, or full) chunks are copied over the link. */
+	struct shmring ring;
+	int ring_ready;
 };
 
 struct worker {
@@ -190,6 +196,10 @@ struct worker {
 	struct json_writer jw;
 	struct proto_limits limits;
 	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
+	/* Fast-path chunk bytes sent to storage and not answered, all connections together, and the
+	 * connections waiting for that to fall under bin_cap (oldest first). */
+	uint64_t bin_unanswered, bin_cap;
+	struct conn *cap_head, *cap_tail;
 };
 
 struct download_job {
@@ -241,6 +251,11 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r);
 static void bin_fail_inflight(struct conn *c);
 static uint32_t conn_max_body(const struct conn *c);
 static size_t bin_read_room(const struct conn *c);
+static int bin_receiving(const struct conn *c);
+static int bin_direct_start(struct conn *c);
+static int bin_direct_read(struct conn *c);
+static void bin_direct_undo_all(struct worker *w);
+static void bin_cap_wake(struct worker *w);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -626,7 +641,7 @@ static int conn_done_for_stop(const struct conn *c)
 {
 	/* A connection accepted just now has a request on its way, not yet read: it is served. */
 	int arriving = c->fresh && ev_now(c->w->loop) - c->last_frame < STOP_FRESH_WAIT;
-	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0;
+	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0 && !bin_receiving(c);
 }
 
 /* Reads while there is no request in progress and the client reads its answers. */
@@ -713,6 +728,11 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	}
 	if (!(revents & EV_READ))
 		return;
+	if (bin_receiving(c)) {
+		if (bin_direct_read(c) == 0)
+			conn_process(c);   /* the chunk is complete and handled: frames behind it go on */
+		return;
+	}
 	uint8_t *p;
 	size_t room = READ_CHUNK;
 	if (c->req.frame_used) {
@@ -846,6 +866,7 @@ static void uplink_hold_waiting(struct worker *w)
 			bin_fail_inflight(c);
 		}
 	}
+	bin_cap_wake(w);   /* nothing is on its way any more */
 	if (held)
 		log_info("storage link lost with %u requests unanswered: they are sent again on the next link", held);
 }
@@ -858,6 +879,11 @@ static void uplink_down(struct worker *w, const char *why)
 	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
+	/* Storage keeps its own mapping while it still reads slots; this end starts afresh. Chunks
+	 * being received into the ring go back to their connections' buffers first. */
+	s->ring_ready = 0;
+	bin_direct_undo_all(w);
+	shmring_destroy(&s->ring);
 	STAT_SET(storage_up, 0);
 	uplink_hold_waiting(w);
 	ev_timer_stop(w->loop, &s->retry);
@@ -905,8 +931,10 @@ static void upload_log_finish(struct conn *c, const struct ipc_result *r)
 
 static void uplink_on_result(struct worker *w, const struct ipc_header *h, const uint8_t *payload)
 {
-	if (bin_on_result(w, h, payload))
+	if (bin_on_result(w, h, payload)) {
+		bin_cap_wake(w);
 		return;   /* a binary chunk's acknowledgement */
+	}
 	struct conn *c = conn_by_reqid(w, h->reqid);
 	if (c == NULL || c->req.stage != STAGE_STORAGE)
 		return;   /* the client went away or timed out */
@@ -975,6 +1003,14 @@ static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		}
 		if (h.type == IPC_STORAGE_WORKER_RESULT) {
 			uplink_on_result(w, &h, payload);
+		} else if (h.type == IPC_STORAGE_WORKER_RING) {
+			uint32_t error;
+			if (ipc_decode_ring_answer(payload, h.len, &error) == 0 && error == 0 && s->ring.map != NULL) {
+				s->ring_ready = 1;
+			} else {
+				log_warnx("storage refused the shared ring: chunks are copied over the link");
+				shmring_destroy(&s->ring);
+			}
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -994,6 +1030,26 @@ static void uplink_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 	(void)loop;
 	(void)revents;
 	uplink_connect(t->data);
+}
+
+/* A new link: a new ring, offered to storage before anything else (its descriptor rides on the
+ * first byte). Chunks use it once storage answers that it mapped it. */
+static void uplink_offer_ring(struct worker *w)
+{
+	struct uplink *s = &w->uplink;
+	if (w->conf->link_ring == 0)
+		return;
+	if (shmring_create(&s->ring, (size_t)w->conf->link_ring) < 0) {
+		log_warn("cannot create the shared ring of %" PRId64 " bytes: chunks are copied over the link",
+		    w->conf->link_ring);
+		return;
+	}
+	struct buf msg = { 0 };
+	if (ipc_encode_ring(&msg, s->ring.size) < 0 || link_send_fd(&s->link, buf_head(&msg), buf_len(&msg), s->ring.fd) < 0) {
+		log_warn("cannot offer the shared ring to storage: chunks are copied over the link");
+		shmring_destroy(&s->ring);
+	}
+	buf_free(&msg);
 }
 
 static void uplink_connect(struct worker *w)
@@ -1020,6 +1076,7 @@ static void uplink_connect(struct worker *w)
 	/* The socket outlives storage processes (the master holds it), so a connect may
 	 * only reach the backlog: the link is reported up once a storage process answers a ping. */
 	link_open(&s->link, w->loop, fd, uplink_on_io, w);
+	uplink_offer_ring(w);
 	if (ipc_encode_ping(&s->link.out, 0, 0) == 0) {
 		uplink_resend_unsent(w);
 		uplink_flush(w);
@@ -1048,18 +1105,32 @@ static int uplink_send(struct conn *c)
 			.data_len = (uint32_t)ch->data_len,
 		};
 		memcpy(msg.md5, ch->md5, sizeof(msg.md5));
-		/* The chunk is decoded straight from its frame into the message queued for the
-		 * storage process (again from the same frame if the link is lost before the answer). */
+		/* The chunk is decoded straight from its frame into the shared ring, or else into the
+		 * message queued for the storage process (again from the same frame if the link is lost
+		 * before the answer). */
 		size_t room = b64_decode_room(ch->data_b64_len);
-		uint8_t *data = ipc_reserve_chunk(&s->link.out, &msg, room);
+		uint32_t slot = 0;
+		uint64_t at = 0;
+		uint8_t *data = s->ring_ready ? shmring_reserve(&s->ring, room, &slot, &at) : NULL;
+		int in_ring = data != NULL;
+		if (!in_ring)
+			data = ipc_reserve_chunk(&s->link.out, &msg, room);
 		rc = data ? 0 : -1;
 		if (data != NULL) {
 			char why[128];
 			if (proto_decode_chunk(ch, data, room, why, sizeof(why)) != ERR_OK) {
+				if (in_ring)
+					shmring_cancel(&s->ring, slot);
 				respond_request_error(c, ERR_JSON, why);
 				return -1;
 			}
-			ipc_commit_chunk(&s->link.out, reqid, &msg);
+			if (in_ring) {
+				shmring_trim(&s->ring, slot, msg.data_len);
+				if ((rc = ipc_encode_chunk_ref(&s->link.out, reqid, &msg, slot, at)) < 0)
+					shmring_cancel(&s->ring, slot);
+			} else {
+				ipc_commit_chunk(&s->link.out, reqid, &msg);
+			}
 		}
 	}
 	if (rc < 0) {
@@ -1501,6 +1572,22 @@ static void download_done(struct pool_job *job)
 	download_reply(c, j);
 }
 
+/* A later chunk of a file the connection keeps open: read on the loop when the page cache holds
+ * all of it (RWF_NOWAIT never waits for the disk). Returns 1 when j holds the chunk. */
+static int download_read_cached(struct worker *w, struct download_job *j)
+{
+	int fd = w->backend.ops->file_fd ? w->backend.ops->file_fd(j->file) : -1;
+	if (fd < 0 || j->offset >= j->size)
+		return 0;   /* no descriptor, or past the end: the disk thread answers as always */
+	size_t want = j->size - j->offset < j->want ? (size_t)(j->size - j->offset) : j->want;
+	struct iovec iov = { j->data, want };
+	ssize_t n = preadv2(fd, &iov, 1, (off_t)j->offset, RWF_NOWAIT);
+	if (n < 0 || (size_t)n != want)
+		return 0;   /* EAGAIN (not cached), short, or no RWF_NOWAIT here: a disk thread reads it all */
+	j->got = want;
+	return 1;
+}
+
 static void download_start(struct conn *c)
 {
 	struct worker *w = c->w;
@@ -1535,7 +1622,12 @@ static void download_start(struct conn *c)
 	c->busy = 1;
 	c->req.stage = STAGE_DISK;
 	c->req.since = ev_now(w->loop);
-	pool_submit(w->pool, &j->job);
+	/* With the disk threads idle, waking one costs more than the copy; with work queued, they
+	 * read beside the loop (on 64 connections reading on the loop was a third slower). */
+	if (f != NULL && pool_queued(w->pool) == 0 && download_read_cached(w, j))
+		pool_complete(w->pool, &j->job);   /* read already: no disk thread woken for it */
+	else
+		pool_submit(w->pool, &j->job);
 }
 
 /* ---------------------------------------------------------------- binary fast path (1041-1048) */
@@ -1609,11 +1701,22 @@ struct bin_conn {
 	uint64_t sf_offset, sf_left;
 	struct bin_send_job *sf_job;
 	int link_waiting;             /* counted in worker->bin_link_waiters */
+	/* A 1045 whose data is being received straight from the socket into a slot of the shared
+	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
+	int cap_waiting;              /* in the worker's cap_head list, for a chunk of cap_want bytes */
+	uint32_t cap_want;
+	struct conn *cap_next, *cap_prev;
+	int direct;
+	uint8_t direct_hdr[FRAME_HEADER_LEN + BIN_CHUNK_LEN];
+	uint8_t *direct_data;
+	uint32_t direct_slot, direct_len, direct_got;
+	uint64_t direct_at;
 };
 
 #define BIN_REQID_TAG 0x80000000u   /* in a reqid's slot half: the answer is a binary chunk's */
 #define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
+#define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1627,6 +1730,12 @@ static uint32_t conn_max_body(const struct conn *c)
 static size_t bin_read_room(const struct conn *c)
 {
 	size_t have = buf_len(&c->in);
+	const struct bin_conn *b = c->bin;
+	/* While an upload streams into the shared ring, the headers of the next chunk first, alone:
+	 * its data is then read straight into its slot, not into this buffer. */
+	if (b != NULL && b->up_open && !b->up_broken && c->w->uplink.ring_ready &&
+	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
+		return FRAME_HEADER_LEN + BIN_CHUNK_LEN - have;
 	if (c->bin == NULL || have < FRAME_HEADER_LEN)
 		return READ_CHUNK;
 	const uint8_t *h = buf_head(&c->in);
@@ -1668,6 +1777,55 @@ static int bin_wants_write(const struct conn *c)
 	return 1;
 }
 
+/* Queues c behind the connections already waiting for the worker's unanswered bytes to fall. */
+static void bin_cap_wait(struct conn *c, uint32_t want)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	b->cap_want = want;
+	if (b->cap_waiting)
+		return;
+	b->cap_waiting = 1;
+	b->cap_next = NULL;
+	b->cap_prev = w->cap_tail;
+	if (w->cap_tail)
+		w->cap_tail->bin->cap_next = c;
+	else
+		w->cap_head = c;
+	w->cap_tail = c;
+}
+
+static void bin_cap_unlink(struct conn *c)
+{
+	struct worker *w = c->w;
+	struct bin_conn *b = c->bin;
+	if (!b->cap_waiting)
+		return;
+	if (b->cap_prev)
+		b->cap_prev->bin->cap_next = b->cap_next;
+	else
+		w->cap_head = b->cap_next;
+	if (b->cap_next)
+		b->cap_next->bin->cap_prev = b->cap_prev;
+	else
+		w->cap_tail = b->cap_prev;
+	b->cap_waiting = 0;
+	b->cap_next = b->cap_prev = NULL;
+}
+
+/* Answers came back: connections that waited for the worker's cap go on, oldest first, while the
+ * chunk each waits with fits. (One that goes on and waits again is queued last, its chunk not
+ * fitting any more: the loop ends once the head's chunk does not fit.) */
+static void bin_cap_wake(struct worker *w)
+{
+	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
+	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap)) {
+		struct conn *c = w->cap_head;
+		bin_cap_unlink(c);
+		conn_process(c);   /* may close c, or queue it again at the end */
+	}
+}
+
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
  * open or hello waits for the chunks in flight (their answers belong to the upload before). */
 static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
@@ -1686,8 +1844,16 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 			}
 			return 0;
 		}
-		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT &&
-		    b->inflight_bytes + (len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0) <= BIN_WINDOW);
+		uint32_t data_len = len > BIN_CHUNK_LEN ? len - BIN_CHUNK_LEN : 0;
+		/* Bound what all connections have on their way to storage together: with a window of
+		 * 8 MiB each, 64 connections kept 512 MiB in the storage process, written long after
+		 * it was received (out of every cache) and past the shared ring. */
+		struct worker *w = c->w;
+		if (w->bin_unanswered > 0 && w->bin_unanswered + data_len > w->bin_cap) {
+			bin_cap_wait(c, data_len);
+			return 0;
+		}
+		return b->count == 0 || (b->count < BIN_MAX_INFLIGHT && b->inflight_bytes + data_len <= BIN_WINDOW);
 	}
 	if (id == MSG_BIN_UPLOAD_OPEN || id == MSG_BIN_HELLO)
 		return b->count == 0;
@@ -1827,7 +1993,11 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 }
 
 /* 1045: checks the chunk against the open upload and queues its bytes for storage (one copy). */
-static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+/* Handles a 1045 whose data is at ch.data, or already in ring slot *in_ring (received there
+ * straight from the socket). Returns 0 when the chunk went to storage, -1 when it was answered
+ * (the slot, if any, was not sent: the caller gives it back). */
+static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t len, const uint8_t *data,
+    const uint32_t *in_ring, uint64_t ring_at)
 {
 	struct worker *w = c->w;
 	struct bin_conn *b = c->bin;
@@ -1836,43 +2006,45 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 	int rc = bin_parse_chunk(body, len, &ch, msg, sizeof(msg));
 	if (rc != ERR_OK) {
 		bin_send_ack(c, rc, ch.offset, ch.length, b->committed, b->total, msg);
-		return;
+		return -1;
 	}
+	if (data != NULL)
+		ch.data = data;
 	uint64_t end = ch.offset + ch.length;
 	if (!b->up_open) {
 		bin_send_ack(c, ERR_FILE_NOT_EXISTS, ch.offset, ch.length, 0, 0,
 		    "no upload open on this connection: send 1043 first");
-		return;
+		return -1;
 	}
 	if (b->up_broken) {
 		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total,
 		    "an earlier chunk of this upload failed: open it again (1043) to learn where it stands");
-		return;
+		return -1;
 	}
 	if (ch.offset != b->cursor) {
 		snprintf(msg, sizeof(msg), "offset: expected %" PRIu64 " (right after the previous chunk)", b->cursor);
 		bin_send_ack(c, ERR_OFFSET_INVALID, ch.offset, ch.length, b->committed, b->total, msg);
-		return;
+		return -1;
 	}
 	if (end > b->total) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total, "length: past total_size");
-		return;
+		return -1;
 	}
 	if (!!(ch.flags & BIN_CHUNK_LAST) != (end == b->total)) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
 		    "flags: the last flag must be set exactly on the chunk that ends the file");
-		return;
+		return -1;
 	}
 	if (ch.length == 0 && end != b->total) {
 		bin_send_ack(c, ERR_JSON, ch.offset, ch.length, b->committed, b->total,
 		    "length: an empty chunk may only end the file");
-		return;
+		return -1;
 	}
 	struct uplink *s = &w->uplink;
 	if (s->link.fd < 0 || !s->connected) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total,
 		    "server busy: storage unavailable, retry");
-		return;
+		return -1;
 	}
 	struct ipc_chunk msgc = {
 		.uid = b->uid, .seq = b->next_seq, .trans_size = end, .total_size = b->total,
@@ -1880,22 +2052,132 @@ static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
 		.data_len = ch.length,
 	};
 	memcpy(msgc.md5, b->md5, sizeof(msgc.md5));
-	uint8_t *data = ipc_reserve_chunk(&s->link.out, &msgc, ch.length);
-	if (data == NULL) {
-		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
-		return;
-	}
-	memcpy(data, ch.data, ch.length);
 	uint64_t reqid = (uint64_t)++w->op_seq << 32 | BIN_REQID_TAG | c->slot;
-	ipc_commit_chunk(&s->link.out, reqid, &msgc);
+	uint32_t slot;
+	uint64_t at;
+	uint8_t *to;
+	if (in_ring != NULL) {
+		/* Already in the shared ring: the link carries only where the bytes are. */
+		to = ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, *in_ring, ring_at) == 0 ? (uint8_t *)"" : NULL;
+	} else if (s->ring_ready && (to = shmring_reserve(&s->ring, ch.length, &slot, &at)) != NULL) {
+		memcpy(to, ch.data, ch.length);
+		if (ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, slot, at) < 0) {
+			shmring_cancel(&s->ring, slot);
+			to = NULL;
+		}
+	} else if ((to = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
+		memcpy(to, ch.data, ch.length);
+		ipc_commit_chunk(&s->link.out, reqid, &msgc);
+	}
+	if (to == NULL) {
+		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
+		return -1;
+	}
 	struct bin_inflight *f = &b->ring[(b->head + b->count++) % BIN_MAX_INFLIGHT];
 	f->reqid = reqid;
 	f->offset = ch.offset;
 	f->length = ch.length;
 	b->inflight_bytes += ch.length;
+	w->bin_unanswered += ch.length;
 	b->cursor = end;
 	b->next_seq++;
 	uplink_flush(w);
+	return 0;
+}
+
+static void bin_handle_chunk(struct conn *c, const uint8_t *body, uint32_t len)
+{
+	bin_handle_chunk_data(c, body, len, NULL, NULL, 0);
+}
+
+static int bin_receiving(const struct conn *c)
+{
+	return c->bin != NULL && c->bin->direct;
+}
+
+/* At the start of an incomplete 1045 in c->in: when its data is large, fits the window and the
+ * ring has room, the data goes on straight into a ring slot (what is buffered already moves there,
+ * the rest is read into it by bin_direct_read). Returns 1 when it started. */
+static int bin_direct_start(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	struct uplink *s = &c->w->uplink;
+	size_t have = buf_len(&c->in);
+	if (b == NULL || b->direct || c->busy || !s->ring_ready || !b->up_open || b->up_broken ||
+	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
+		return 0;
+	const uint8_t *h = buf_head(&c->in);
+	uint16_t id = bin_get_u16(h);
+	uint32_t body_len = bin_get_u32(h + 2);
+	uint32_t length = bin_get_u32(h + FRAME_HEADER_LEN + 8);
+	/* Anything unusual is left to the ordinary path, which answers it. */
+	if (id != MSG_BIN_CHUNK || length < BIN_DIRECT_MIN || length > BIN_MAX_CHUNK ||
+	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len ||
+	    !bin_ready_for(c, id, body_len))
+		return 0;
+	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
+	if (slot_data == NULL)
+		return 0;   /* the ring is full: this frame is read with its header, as before */
+	size_t got = have - (FRAME_HEADER_LEN + BIN_CHUNK_LEN);
+	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
+	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
+	buf_consume_keep(&c->in, have);
+	b->direct = 1;
+	b->direct_data = slot_data;
+	b->direct_len = length;
+	b->direct_got = (uint32_t)got;
+	return 1;
+}
+
+/* Reads more of a direct chunk; when it is complete, hands it to storage. Returns 0 when the chunk
+ * is complete (and answered or sent), 1 when more is to come, -1 when the connection was closed. */
+static int bin_direct_read(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	ssize_t n = recv(c->fd, b->direct_data + b->direct_got, b->direct_len - b->direct_got, 0);
+	if (n == 0) {
+		conn_close(c, "closed in the middle of a chunk");
+		return -1;
+	}
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+			return 1;
+		conn_close(c, "read failed");
+		return -1;
+	}
+	STAT_ADD(bytes_in, n);
+	b->direct_got += (uint32_t)n;
+	if (b->direct_got < b->direct_len)
+		return 1;
+	b->direct = 0;
+	c->frame_start = 0;
+	c->last_frame = ev_now(c->w->loop);
+	c->fresh = 0;
+	STAT_INC(frames_in);
+	uint32_t slot = b->direct_slot;
+	if (bin_handle_chunk_data(c, b->direct_hdr + FRAME_HEADER_LEN, BIN_CHUNK_LEN + b->direct_len,
+	    b->direct_data, &slot, b->direct_at) < 0)
+		shmring_abandon(&c->w->uplink.ring, slot);
+	return 0;
+}
+
+/* The ring is going (the link was lost): what each direct chunk received so far goes back to the
+ * front of its connection's buffer, headers first, and is handled from there as an ordinary frame. */
+static void bin_direct_undo_all(struct worker *w)
+{
+	for (uint32_t i = 0; i < w->conns_cap; i++) {
+		struct conn *c = w->conns[i];
+		if (c == NULL || !bin_receiving(c))
+			continue;
+		struct bin_conn *b = c->bin;
+		b->direct = 0;
+		/* c->in is empty while a chunk is received directly (only its rest was being read). */
+		if (buf_append(&c->in, b->direct_hdr, sizeof(b->direct_hdr)) < 0 ||
+		    buf_append(&c->in, b->direct_data, b->direct_got) < 0) {
+			conn_close(c, "out of memory");
+			continue;
+		}
+	}
 }
 
 /* Answers every chunk in flight with 1027 (the storage link broke); the client opens again. */
@@ -1911,6 +2193,7 @@ static void bin_fail_inflight(struct conn *c)
 		b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
 		b->count--;
 	}
+	c->w->bin_unanswered -= b->inflight_bytes;
 	b->inflight_bytes = 0;
 	b->up_broken = 1;
 	conn_process(c);
@@ -1930,6 +2213,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->head = (b->head + 1) % BIN_MAX_INFLIGHT;
 	b->count--;
 	b->inflight_bytes -= f.length;
+	w->bin_unanswered -= f.length;
 	struct ipc_result r;
 	if (ipc_decode_result(payload, h->len, &r) < 0) {
 		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);
@@ -2326,6 +2610,10 @@ static int bin_conn_free(struct conn *c)
 		return 0;
 	if (b->link_waiting)
 		c->w->bin_link_waiters--;
+	if (b->direct)
+		shmring_abandon(&c->w->uplink.ring, b->direct_slot);   /* never sent: storage will not free it */
+	bin_cap_unlink(c);
+	c->w->bin_unanswered -= b->inflight_bytes;   /* their answers will find no connection */
 	int handed = 0;
 	if (b->sf_job) {
 		b->sf_job->orphaned = 1;
@@ -2487,6 +2775,7 @@ static void conn_process(struct conn *c)
 				c->frame_start = ev_now(w->loop);
 				conn_arm_timer(c);   /* the frame deadline may come before the idle one */
 			}
+			bin_direct_start(c);   /* a large chunk's data: straight into the shared ring */
 			break;
 		}
 		if (!bin_ready_for(c, id, len))
@@ -2505,7 +2794,7 @@ static void conn_process(struct conn *c)
 			c->req.frame_used = 0;
 		}
 	}
-	if (buf_len(&c->in) == 0)
+	if (buf_len(&c->in) == 0 && !bin_receiving(c))
 		c->frame_start = 0;
 	if (w->draining == 2 && conn_done_for_stop(c))
 		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
@@ -2801,6 +3090,7 @@ static void worker_shutdown(struct worker *w)
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
 	link_close(&w->uplink.link);
+	shmring_destroy(&w->uplink.ring);
 	json_writer_free(&w->jw);
 	free(w->conns);
 	free(w->free_slots);
@@ -2844,6 +3134,12 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	if (backend_open(&w->backend, conf, BACKEND_READER, err, sizeof(err)) < 0)
 		fatalx("worker %d: storage backend: %s", slot, err);
 	w->uplink.link.fd = -1;
+	w->uplink.ring.fd = -1;
+	/* Half the ring for chunks not yet answered leaves the other half to those answered but not
+	 * yet hashed; without a ring, what the link backlog and the windows allow, as before. */
+	w->bin_cap = conf->link_ring > 0 ? (uint64_t)conf->link_ring / 2 : UINT64_MAX;
+	if (w->bin_cap < BIN_MAX_CHUNK)
+		w->bin_cap = BIN_MAX_CHUNK;
 	w->uplink.retry_delay = STORAGE_RETRY_MIN;
 	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
 	w->uplink.retry.data = w;

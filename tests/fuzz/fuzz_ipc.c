@@ -2,7 +2,7 @@
  *
  * The input is what one end of the storage socket receives. It is read:
  *   - as one message: ipc_decode_header, then each payload decoder
- *     (ipc_decode_chunk, _sync, _result) whatever the type says; a decoder that
+ *     (ipc_decode_chunk, _chunk_ref, _ring, _ring_answer, _sync, _result) whatever the type says; a decoder that
  *     accepts must have checked what the storage process relies on, and
  *     re-encoding the result must give back the input bytes exactly;
  *   - as a payload alone, through each decoder the same way;
@@ -82,6 +82,37 @@ static void decode_payload(const uint8_t *p, size_t len, uint64_t reqid)
 		    memcmp(c2.md5, c.md5, sizeof(c.md5)) == 0 && c2.name_len == c.name_len &&
 		    memcmp(c2.name, c.name, c.name_len) == 0 && c2.data_len == c.data_len &&
 		    (c.data_len == 0 || memcmp(c2.data, c.data, c.data_len) == 0));
+		buf_free(&b);
+	}
+
+	/* CHUNK_REF: the same checks as CHUNK, data left for the ring's view to find. */
+	uint32_t slot;
+	uint64_t at;
+	memset(&c, 0xa5, sizeof(c));
+	if (ipc_decode_chunk_ref(p, len, &c, &slot, &at) == 0) {
+		CHECK(c.kind == UPLOAD_FILE || c.kind == UPLOAD_AVATAR);
+		check_md5(c.md5);
+		CHECK(c.name != NULL && c.name >= (const char *)p && c.name + c.name_len <= (const char *)p + len);
+		CHECK(proto_name_valid(c.name, c.name_len));
+		CHECK(c.data == NULL);
+		CHECK(c.data_len <= c.trans_size && c.trans_size <= c.total_size);
+		CHECK(ipc_encode_chunk_ref(&b, reqid, &c, slot, at) == 0);
+		check_encoded(&b, IPC_WORKER_STORAGE_CHUNK_REF, reqid, p, len);
+		buf_free(&b);
+	}
+
+	uint64_t ring_size;
+	if (ipc_decode_ring(p, len, &ring_size) == 0) {
+		CHECK(len == 8);
+		CHECK(ipc_encode_ring(&b, ring_size) == 0);
+		check_encoded(&b, IPC_WORKER_STORAGE_RING, 0, p, len);
+		buf_free(&b);
+	}
+	uint32_t ring_error;
+	if (ipc_decode_ring_answer(p, len, &ring_error) == 0) {
+		CHECK(len == 4);
+		CHECK(ipc_encode_ring_answer(&b, ring_error) == 0);
+		check_encoded(&b, IPC_STORAGE_WORKER_RING, 0, p, len);
 		buf_free(&b);
 	}
 

@@ -101,8 +101,11 @@ def frame(msg_id, b):
     return struct.pack(">HI", msg_id, len(b)) + b
 
 
+IPC_VERSION = 3   # src/ipc.h
+
+
 def ipc_header(typ, reqid, payload):
-    return struct.pack("<HHIQ", typ, 1, len(payload), reqid) + payload
+    return struct.pack("<HHIQ", typ, IPC_VERSION, len(payload), reqid) + payload
 
 
 def ipc_chunk(reqid, uid, seq, trans, total, kind, last, md5, name, data):
@@ -110,6 +113,13 @@ def ipc_chunk(reqid, uid, seq, trans, total, kind, last, md5, name, data):
     p = struct.pack("<QQQQBB", uid, seq, trans, total, kind, last) + md5.encode()
     p += struct.pack("<H", len(n)) + n + struct.pack("<I", len(data)) + data
     return ipc_header(3, reqid, p)
+
+
+def ipc_chunk_ref(reqid, uid, seq, trans, total, kind, last, md5, name, data_len, slot, offset):
+    n = name.encode()
+    p = struct.pack("<QQQQBB", uid, seq, trans, total, kind, last) + md5.encode()
+    p += struct.pack("<H", len(n)) + n + struct.pack("<IIQ", data_len, slot, offset)
+    return ipc_header(9, reqid, p)
 
 
 def ipc_sync(reqid, uid, md5):
@@ -155,7 +165,13 @@ def main():
     write("fuzz_ipc", "result_ok.bin", ok)
     write("fuzz_ipc", "result_error.bin", bad)
     write("fuzz_ipc", "ping_pong.bin", ping + pong)
+    ref = ipc_chunk_ref(6, 1001, 2, len(FILE), len(FILE), 0, 1, MD5, "notes.txt", len(FILE) - 30, 3, 65536)
+    ring = ipc_header(7, 0, struct.pack("<Q", 32 << 20))
+    ring_ok = ipc_header(8, 0, struct.pack("<I", 0))
+    write("fuzz_ipc", "chunk_ref.bin", ref)
+    write("fuzz_ipc", "ring_offer_answer.bin", ring + ring_ok)
     write("fuzz_ipc", "worker_to_storage_stream.bin", ping + c1 + sy + c2)
+    write("fuzz_ipc", "worker_to_storage_ring_stream.bin", ring + ping + c1 + ref)
     write("fuzz_ipc", "storage_to_worker_stream.bin", pong + ok + bad)
 
     # fuzz_config: the shipped file, a minimal one and one that changes everything
