@@ -41,6 +41,8 @@ stats_socket = $work/run/stats.sock
 [storage]
 root = $work/root
 max_file_size = 1073741824
+# 256 connections of one user in the sweep below
+max_uploads_per_user = 1000
 [redis]
 port = $rport
 [log]
@@ -67,7 +69,7 @@ dd if="$work/random.bin" of="$work/root/dd.bin" bs=32k conv=fsync 2>&1 | tail -n
 rm -f "$work/root/dd.bin"
 
 echo "== limit: raw loopback TCP copy of 1 GiB (one connection, 32 KiB writes)"
-python3 - <<'PY'
+(python3 - <<'PY'
 import socket, threading, time
 N, CH = 1 << 30, 32768
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
@@ -84,7 +86,13 @@ while sent < N:
 s.close(); t.join(); dt = time.time() - t0
 print(f"loopback: {N / dt / 1e6:.0f} MB/s")
 PY
+) | tee "$work/loopback.txt"
 
+# BENCH_ONLY="sweep binary ..." runs only those sections (main, binary, sweep, idle, multinode,
+# dedup, rados); the limits are always measured.
+section() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
+
+if section main; then
 echo "== 1: one connection uploading a 256 MiB file, 32 KiB chunks (bench: base64 prepared in advance)"
 "$resctl" bench "127.0.0.1:$port" --connections 1 --size 268435456 --files 1 --chunk 32768 --mode upload --duration 120 --uid 1 --token bench
 
@@ -102,6 +110,7 @@ echo "== 2: 64 connections uploading 8 MiB files for 20 s"
 
 echo "== 3: 64 connections downloading 8 MiB files for 20 s"
 "$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --chunk 32768 --mode download --duration 20 --uid 1 --token bench
+fi
 
 # ---------------------------------------------------------------- binary fast path (issue 11, item 2)
 # The same scenarios over the fast path (1041-1048), and CPU per byte of this daemon's processes
@@ -174,8 +183,93 @@ bench_binary() {
 	cmp "$work/random.bin" "$work/two.out" && echo "identical"
 	rm -f "$work/two.out"
 }
-bench_binary
+section binary && bench_binary
 
+# ---------------------------------------------------------------- throughput against connections (issue 11, item 3)
+# Uploads and downloads of 8 MiB files over both protocols with 1, 4, 16, 64 and 256 connections
+# (SWEEP_DURATION seconds each, default 5; each run as its own user), written with this run's limits
+# to $BENCH_OUT/bench.json (default ./bench-out) and drawn as $BENCH_OUT/throughput.svg with gnuplot,
+# so that a change that loses speed is seen at a glance. Compare two runs' bench.json side by side.
+out=${BENCH_OUT:-$PWD/bench-out}
+bench_sweep() {
+	local dur=${SWEEP_DURATION:-5} proto mode n uid=100 r chunk
+	mkdir -p "$out"
+	: > "$work/sweep.jsonl"
+	echo "== 7: throughput against connections, $dur s each (load: $(uptime | sed 's/.*load average: //'))"
+	for proto in json binary; do
+		for mode in upload download; do
+			for n in 1 4 16 64 256; do
+				uid=$((uid + 1))
+				redis-cli -p "$rport" set "utoken_$uid" bench >/dev/null
+				chunk=()   # 256 KiB chunks on the fast path: 64 windows of 1 MiB chunks stall (README)
+				[ "$proto" = binary ] && [ "$mode" = upload ] && chunk=(--chunk 262144)
+				r=$("$resctl" bench "127.0.0.1:$port" --connections "$n" --size 8388608 --mode "$mode" \
+					--duration "$dur" --uid "$uid" --token bench --protocol "$proto" "${chunk[@]}" --json || true)
+				printf '{"protocol": "%s", "mode": "%s", "connections": %d, "result": %s}\n' \
+					"$proto" "$mode" "$n" "${r:-null}" >> "$work/sweep.jsonl"
+			done
+		done
+	done
+	python3 - "$work" "$out" "$(nproc)" "$(uptime | sed 's/.*load average: //')" <<'PY'
+import json, os, re, sys, time
+work, out, cores, load = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+def mbs(path, pattern):
+    """The first MB/s figure a limit's output line gives (dd may say GB/s or kB/s)."""
+    try:
+        m = re.search(pattern, open(path).read())
+    except OSError:
+        return None
+    if not m:
+        return None
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"GB/s": 1000, "MB/s": 1, "kB/s": 0.001}[unit]
+
+runs = [json.loads(line) for line in open(os.path.join(work, "sweep.jsonl"))]
+doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": cores, "load_average": load,
+       "limits": {"dd_fsync_mb_per_s": mbs(os.path.join(work, "dd.txt"), r"([\d.]+) ([kMG]B/s)"),
+                  "loopback_mb_per_s": mbs(os.path.join(work, "loopback.txt"), r"loopback: ([\d.]+) (MB/s)")},
+       "sweep": [{"protocol": r["protocol"], "mode": r["mode"], "connections": r["connections"],
+                  "mb_per_s": (r["result"] or {}).get("mb_per_s"),
+                  "rtt_ms": (r["result"] or {}).get("rtt_ms"),
+                  "errors": (r["result"] or {}).get("errors")} for r in runs]}
+with open(os.path.join(out, "bench.json"), "w") as f:
+    json.dump(doc, f, indent=1)
+series = {}
+print("%-8s %-9s %6s %10s %10s  %s" % ("protocol", "mode", "conns", "MB/s", "p99 ms", "errors"))
+for r in doc["sweep"]:
+    series.setdefault((r["protocol"], r["mode"]), []).append((r["connections"], r["mb_per_s"] or 0))
+    errors = ", ".join("%s x%d" % kv for kv in (r["errors"] or {}).items()) or "none"
+    print("%-8s %-9s %6d %10.1f %10.2f  %s" % (r["protocol"], r["mode"], r["connections"], r["mb_per_s"] or 0,
+                                              ((r["rtt_ms"] or {}).get("p99") or 0), errors))
+with open(os.path.join(work, "sweep.dat"), "w") as f:   # one gnuplot data block per series
+    for (proto, mode), points in series.items():
+        f.write('"%s %s"\n' % (proto, mode))
+        f.writelines("%d %.2f\n" % p for p in points)
+        f.write("\n\n")
+print("written: %s" % os.path.join(out, "bench.json"))
+PY
+	if command -v gnuplot >/dev/null 2>&1; then
+		gnuplot <<GP
+set terminal svg size 800,480 dynamic background rgb "white"
+set output "$out/throughput.svg"
+set title "resourced: throughput against connections ($(nproc) cores, $(date -u +%Y-%m-%d))"
+set xlabel "connections"
+set ylabel "MB/s"
+set logscale x 2
+set xtics (1, 4, 16, 64, 256)
+set key outside right
+set grid
+plot for [i=0:3] "$work/sweep.dat" index i using 1:2 with linespoints title columnheader(1)
+GP
+		echo "written: $out/throughput.svg"
+	else
+		echo "bench.sh: gnuplot not found (apt-get install gnuplot-nox): no chart drawn" >&2
+	fi
+}
+section sweep && bench_sweep
+
+if section idle; then
 echo "== 4: 10,000 idle connections"
 before=$(rss_kib)
 python3 - "$port" "$before" <<'PY'
@@ -192,6 +286,7 @@ print(f"RSS before {before} KiB, with 10000 idle connections {after} KiB: {(afte
 for s in socks: s.close()
 PY
 "$resctl" stats --socket "$work/run/stats.sock" show info | grep -E '^(conn_total|conn_rejected|errors_)' || true
+fi
 
 # ---------------------------------------------------------------- multi-node (issue 9)
 # Aggregate upload throughput through HAProxy with 1 and 3 nodes against one node directly: the nodes
@@ -328,7 +423,7 @@ PY
 	mn_cleanup
 	trap cleanup EXIT
 }
-bench_multinode
+section multinode && bench_multinode
 
 # Instant upload (issue 14): DEDUP_USERS (default 100) users each upload the same DEDUP_MIB (default 64)
 # MiB file, one after the other, with resctl: to a node with [storage] dedup = global over the binary
@@ -401,7 +496,7 @@ NODE
 	dedup_run off-binary off
 	rm -rf "$dd"
 }
-bench_dedup
+section dedup && bench_dedup
 
 # ---------------------------------------------------------------- both backends beside `rados bench`
 # (BENCH_RADOS=0 skips it.) A throwaway one-OSD cluster (tests/integration/harness.py CephCluster,
@@ -410,7 +505,7 @@ bench_dedup
 # same four resourced scenarios (32 KiB chunks, the JSON protocol) against a daemon with
 # [storage] backend = fs and one with backend = rados on that pool, one table, in one run.
 # RADOS_SECONDS (default 15) is the length of each scenario.
-if [ "${BENCH_RADOS:-1}" != 0 ] && command -v ceph-osd >/dev/null && command -v rados >/dev/null; then
+if section rados && [ "${BENCH_RADOS:-1}" != 0 ] && command -v ceph-osd >/dev/null && command -v rados >/dev/null; then
 	echo "== 7: both backends beside rados bench: one mon, one OSD (memstore) on loopback"
 	kill -TERM "$(cat "$work/run/resourced.pid")" 2>/dev/null || true   # the fs daemon above: its CPU is not needed now
 	for _ in $(seq 100); do [ -f "$work/run/resourced.pid" ] || break; sleep 0.1; done

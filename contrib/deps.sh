@@ -6,10 +6,12 @@ PACKAGES="build-essential autoconf automake pkg-config
   uthash-dev check python3 redis-server postgresql procps valgrind haproxy
   clang libclang-rt-14-dev libsystemd-dev
   chromium debhelper adduser
-  librados-dev ceph-mon ceph-osd ceph-common python3-rados"
+  librados-dev ceph-mon ceph-osd ceph-common python3-rados
+  gnuplot-nox"
 # chromium: test_http.py renders the status page in it headless (skipped without it).
 # debhelper, adduser: test_deb.py builds and installs the .deb.
 # ceph-*, librados-dev, python3-rados: the RADOS backend and its suites (rados_test_*.py).
+# gnuplot-nox: contrib/bench.sh draws throughput against connections as an SVG.
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES
 	exit 0
