@@ -1559,7 +1559,7 @@ static void collect_page(struct rados_be *r, const char *oid, char cursor[COLLEC
 	if (it)
 		rados_omap_get_end(it);
 	rados_release_read_op(op);
-	if (rc < 0 && rc != -ENOENT) {
+	if ((rc < 0 && rc != -ENOENT) || (rc >= 0 && prval < 0)) {
 		free(page);
 		return;   /* cannot read: the same page next pass */
 	}
