@@ -160,7 +160,9 @@ struct backend_ops {
 	    uint64_t fence, int *flags);
 	/* Publishes <uid>/<name> of the staging entry s (its metadata; the data need not be there)
 	 * from the stored content of key instead, atomically and fenced like publish, and removes
-	 * the staging entry. ENOENT (nothing changed) when the content is gone meanwhile. */
+	 * the staging entry. ENOENT (nothing changed) when the content is gone meanwhile; ETIMEDOUT
+	 * when the storage did not answer and the entry may be left closed to writes: the caller
+	 * answers busy and reads the upload back (staging_find reopens it). */
 	int (*publish_from_content)(struct backend_staging *s, const struct backend_content_key *key,
 	    uint64_t fence, int *flags);
 	/* Removes content that no published name uses any more (the janitor, on a pool thread);

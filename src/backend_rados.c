@@ -49,6 +49,12 @@
 #define REFS_PAGE 256             /* references read at once; a head with more counts as in use */
 #define OMAP_PAGE 512
 #define SWITCH_TRIES 64
+/* The collector's bounded passes over "gc" and "content" (collect_page): keys read per pass, and
+ * reads spent checking heads per pass (one per head, one per reference it looks up; the check of a
+ * head is never cut, so a pass spends at most COLLECT_BUDGET + REFS_PAGE). */
+#define COLLECT_PAGE OMAP_PAGE
+#define COLLECT_BUDGET 256
+#define COLLECT_KEY_MAX 96        /* "gc" keys are heads, "content" keys "u<uid>.<md5>.<size>" */
 /* Writes try even on a full cluster, so that it answers ENOSPC instead of blocking. */
 #define WRITE_FLAGS LIBRADOS_OPERATION_FULL_TRY
 
@@ -69,7 +75,10 @@ struct rados_be {
 	/* The collector's own I/O context: the version of an object it read (rados_get_last_version)
 	 * is its own, whatever the other threads do. */
 	rados_ioctx_t gc_io;
-	char content_after[96];       /* where the collection of the content index goes on */
+	/* Where the collection of replaced versions and of the content index go on: the last key
+	 * each handled ("" = from the start). */
+	char gc_after[COLLECT_KEY_MAX];
+	char content_after[COLLECT_KEY_MAX];
 };
 
 struct backend_staging {
@@ -772,6 +781,44 @@ static int fence_raise(struct backend_staging *s, uint64_t fence)
 	return err;
 }
 
+/*
+ * A "linked" entry (a publish from stored content closed it) found by staging_find. If its name
+ * holds a head of its md5, the switch was done (or the name had these bytes already): EINVAL, a
+ * broken entry that seq 1 replaces. Otherwise the switch never happened (the publish failed and so
+ * did its reopen, or the process stopped before the switch): reopened, guarded on the state and
+ * fence read, so that the upload goes on from the chunk it stored instead of starting over. A
+ * publish still under way on another node may switch the name after this: the name then holds
+ * the proven content, and this upload finds its entry gone (ENOENT) and its file published.
+ */
+static int linked_reopen(struct rados_be *r, const char *head, const struct backend_meta *m,
+    const struct head_attrs *h)
+{
+	char idx[OID_MAX], named[OID_MAX] = "";
+	index_oid(m->uid, idx);
+	int err = omap_get(r, idx, m->name, m->name_len, named, sizeof(named));
+	if (err && err != ENOENT)
+		return err;
+	if (err == 0 && strlen(named) > 3 + PROTO_MD5_HEX && strncmp(named, "d.", 2) == 0 &&
+	    memcmp(named + 2, m->md5, PROTO_MD5_HEX) == 0 && named[2 + PROTO_MD5_HEX] == '.')
+		return EINVAL;
+	rados_write_op_t op = rados_create_write_op();
+	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "linked", 6);
+	if (h->fence[0])
+		rados_write_op_cmpxattr(op, "fence", LIBRADOS_CMPXATTR_OP_EQ, h->fence, strlen(h->fence));
+	rados_write_op_setxattr(op, "state", "open", 4);
+	int rc = rados_write_op_operate(op, r->io, head, NULL, WRITE_FLAGS);
+	rados_release_write_op(op);
+	if (rc == -ECANCELED)
+		return ESTALE;   /* changed meanwhile: read it again */
+	if (rc == -ENOENT)
+		return EINVAL;   /* indexed but gone */
+	if (rc < 0)
+		return rerr(rc);
+	log_info("rados: reopened %" PRIu64 "/%s, whose publish from stored content stopped before its name switch",
+	    m->uid, m->md5);
+	return 0;
+}
+
 static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, struct backend_entry *entry,
     struct backend_staging **out)
 {
@@ -792,8 +839,8 @@ static int rados_staging_find(struct backend *b, uint64_t uid, const char *md5, 
 	    entry->meta.uid != uid || memcmp(entry->meta.md5, md5, PROTO_MD5_HEX) != 0 ||
 	    (h.fence[0] && fence_parse(h.fence, &recorded) != 0))
 		return EINVAL;
-	if (strcmp(h.state, "linked") == 0)
-		return EINVAL;   /* published from stored content, or stopped on the way: seq 1 replaces it */
+	if (strcmp(h.state, "linked") == 0 && (err = linked_reopen(r, head, &entry->meta, &h)) != 0)
+		return err;
 	if (strcmp(h.state, "sealed") == 0) {
 		/* Its MD5 was checked and its publish sealed it: another holder is publishing it, or
 		 * stopped before the key was dropped. Finishing it is idempotent (sealed_finish). */
@@ -1307,6 +1354,7 @@ struct head_use {
 	int refs;                     /* it records references (heads sealed before they existed do not) */
 	uint64_t version;             /* as read with them, for rados_write_op_assert_version */
 	uint64_t size, piece;         /* from its layout (0, 0 while it is not sealed) */
+	size_t checked;               /* references checked (each at most one index read) */
 };
 
 struct ref_entry {
@@ -1406,6 +1454,7 @@ static int head_use(struct rados_be *r, const char *head, struct head_use *u)
 		rados_getxattrs_end(xit);
 	rados_release_read_op(op);
 	u->refs = n > 0 || more;
+	u->checked = n;
 	if (more)
 		u->use |= HEAD_NAMED;   /* more references than we read: in use, surely */
 	time_t now = time(NULL);
@@ -1471,86 +1520,119 @@ static int gc_stopping(struct rados_be *r)
 	return stop;
 }
 
-/* Deletes the versions queued in "gc" whose grace has passed and that no name points to. */
-static void gc_sweep(struct rados_be *r)
+/* A key and its value from one of the collector's omap pages. */
+struct collect_pair {
+	char key[COLLECT_KEY_MAX];
+	char val[PROTO_NAME_MAX + 64];
+};
+
+/* One bounded pass of the collector over the omap of oid: at most COLLECT_PAGE keys after cursor,
+ * each handed to handle() (which returns the reads it spent) until COLLECT_BUDGET reads are spent
+ * or the process stops. The cursor is left on the last key handled, so the next pass goes on after
+ * it, and goes back to the start after the last key: every key is reached, however long the omap. */
+static void collect_page(struct rados_be *r, const char *oid, char cursor[COLLECT_KEY_MAX],
+    size_t (*handle)(struct rados_be *r, const struct collect_pair *p, void *arg), void *arg)
 {
-	char after[OID_MAX] = "";
-	unsigned char more = 1;
-	time_t now = time(NULL);
-	while (more && !gc_stopping(r)) {   /* a stopping process does not wait for a long queue */
-		rados_read_op_t op = rados_create_read_op();
-		rados_omap_iter_t it = NULL;
-		int prval = 0;
-		rados_read_op_omap_get_vals2(op, after[0] ? after : NULL, NULL, 64, &it, &more, &prval);
-		int rc = rados_read_op_operate(op, r->io, GC_OBJ, 0);
-		struct { char head[OID_MAX]; char val[PROTO_NAME_MAX + 64]; } due[64];
-		size_t count = 0;
-		if (rc < 0 || prval < 0) {
-			more = 0;
-		} else {
-			char *k, *v;
-			size_t kl, vl;
-			while (rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
-				if (kl < OID_MAX) {
-					memcpy(after, k, kl);
-					after[kl] = '\0';
-				}
-				if (count < 64 && kl < OID_MAX && vl < sizeof(due[0].val) && atoll(v) <= now) {
-					memcpy(due[count].head, k, kl);
-					due[count].head[kl] = '\0';
-					memcpy(due[count].val, v, vl);
-					due[count].val[vl] = '\0';
-					count++;
-				}
-			}
-		}
-		if (it)
-			rados_omap_get_end(it);
-		rados_release_read_op(op);
-		for (size_t i = 0; i < count; i++) {
-			char *p = strchr(due[i].val, ' ');
-			char *q = p ? strchr(p + 1, ' ') : NULL;
-			if (q == NULL) {
-				omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
-				continue;
-			}
-			struct head_use u;
-			int uerr = head_use(r, due[i].head, &u);
-			if (uerr && uerr != ENOENT)
-				continue;   /* cannot tell: next sweep */
-			if (uerr == 0 && u.refs) {
-				/* Shared or not, its references say: named (the next replacement queues it
-				 * again), only indexed (kept queued: the content collection unindexes it
-				 * first), or unused (deleted unless a reference came meanwhile). */
-				if ((u.use & HEAD_INDEXED) && !(u.use & HEAD_NAMED))
-					continue;
-				if (!u.use && head_remove_unchanged(r, due[i].head, u.version) != 0)
-					continue;
-				omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
-				continue;
-			}
-			/* Sealed before heads recorded references: the one name queued with it. */
-			uint64_t uid = strtoull(p + 1, NULL, 10);
-			const char *name = q + 1;
-			char idx[OID_MAX], now_head[OID_MAX] = "";
-			index_oid(uid, idx);
-			int err = omap_get(r, idx, name, strlen(name), now_head, sizeof(now_head));
-			if (err && err != ENOENT)
-				continue;   /* cannot tell: next sweep */
-			if (strcmp(now_head, due[i].head) != 0) {
-				char layout[64];
-				uint64_t size, piece = r->piece;
-				int n = rados_getxattr(r->io, due[i].head, "layout", layout, sizeof(layout) - 1);
-				if (n >= 0) {
-					layout[n] = '\0';
-					layout_parse(layout, &size, &piece);
-				}
-				if (data_remove(r, due[i].head, piece, 0) != 0)
-					continue;
-			}
-			omap_remove_if(r, GC_OBJ, due[i].head, due[i].val);
+	struct collect_pair *page = calloc(COLLECT_PAGE, sizeof(*page));
+	if (page == NULL)
+		return;
+	rados_read_op_t op = rados_create_read_op();
+	rados_omap_iter_t it = NULL;
+	int prval = 0;
+	unsigned char more = 0;
+	rados_read_op_omap_get_vals2(op, cursor[0] ? cursor : NULL, NULL, COLLECT_PAGE, &it, &more, &prval);
+	int rc = rados_read_op_operate(op, r->io, oid, 0);
+	size_t count = 0;
+	if (rc >= 0 && prval >= 0) {
+		char *k, *v;
+		size_t kl, vl;
+		while (count < COLLECT_PAGE && rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
+			if (kl >= sizeof(page[0].key) || vl >= sizeof(page[0].val))
+				continue;   /* not one of ours */
+			memcpy(page[count].key, k, kl);
+			page[count].key[kl] = '\0';
+			memcpy(page[count].val, v, vl);
+			page[count].val[vl] = '\0';
+			count++;
 		}
 	}
+	if (it)
+		rados_omap_get_end(it);
+	rados_release_read_op(op);
+	if ((rc < 0 && rc != -ENOENT) || (rc >= 0 && prval < 0)) {
+		free(page);
+		return;   /* cannot read: the same page next pass */
+	}
+	size_t i = 0, spent = 0;
+	for (; i < count && spent < COLLECT_BUDGET && !gc_stopping(r); i++) {
+		spent += handle(r, &page[i], arg);
+		memcpy(cursor, page[i].key, COLLECT_KEY_MAX);
+	}
+	if (i == count && !more)
+		cursor[0] = '\0';   /* the end (or nothing): from the start next pass */
+	free(page);
+}
+
+/* A "gc" entry: its head deleted if its grace has passed and no name points to it any more, then
+ * the entry dropped. Returns the reads spent. */
+static size_t gc_collect(struct rados_be *r, const struct collect_pair *p, void *arg)
+{
+	time_t now = *(const time_t *)arg;
+	const char *head = p->key, *val = p->val;
+	if (strlen(head) >= OID_MAX || atoll(val) > now)
+		return 0;   /* not a head of ours, or not due */
+	char *sp = strchr(val, ' ');
+	char *q = sp ? strchr(sp + 1, ' ') : NULL;
+	if (q == NULL) {
+		omap_remove_if(r, GC_OBJ, head, val);
+		return 1;
+	}
+	struct head_use u;
+	int uerr = head_use(r, head, &u);
+	size_t spent = 1 + u.checked;
+	if (uerr && uerr != ENOENT)
+		return spent;   /* cannot tell: next time round */
+	if (uerr == 0 && u.refs) {
+		/* Shared or not, its references say: named (the next replacement queues it again), only
+		 * indexed (kept queued: the content collection unindexes it first), or unused (deleted
+		 * unless a reference came meanwhile). */
+		if ((u.use & HEAD_INDEXED) && !(u.use & HEAD_NAMED))
+			return spent;
+		if (!u.use && head_remove_unchanged(r, head, u.version) != 0)
+			return spent;
+		omap_remove_if(r, GC_OBJ, head, val);
+		return spent;
+	}
+	/* Sealed before heads recorded references: the one name queued with it. */
+	uint64_t uid = strtoull(sp + 1, NULL, 10);
+	const char *name = q + 1;
+	char idx[OID_MAX], now_head[OID_MAX] = "";
+	index_oid(uid, idx);
+	int err = omap_get(r, idx, name, strlen(name), now_head, sizeof(now_head));
+	spent++;
+	if (err && err != ENOENT)
+		return spent;   /* cannot tell: next time round */
+	if (strcmp(now_head, head) != 0) {
+		char layout[64];
+		uint64_t size, piece = r->piece;
+		int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
+		if (n >= 0) {
+			layout[n] = '\0';
+			layout_parse(layout, &size, &piece);
+		}
+		if (data_remove(r, head, piece, 0) != 0)
+			return spent;
+	}
+	omap_remove_if(r, GC_OBJ, head, val);
+	return spent;
+}
+
+/* Deletes the versions queued in "gc" whose grace has passed and that no name points to: one
+ * bounded page per pass (collect_page), going on where the previous pass stopped. */
+static void gc_sweep(struct rados_be *r)
+{
+	time_t now = time(NULL);
+	collect_page(r, GC_OBJ, r->gc_after, gc_collect, &now);
 }
 
 /* ---------------------------------------------------------------- stored content (instant upload) */
@@ -1617,14 +1699,22 @@ static int rados_publish_indexed(struct backend_staging *s, const struct backend
 	return err;
 }
 
-/* The staging head back to open after a publish from content that changed nothing. */
-static void staging_reopen(struct backend_staging *s)
+/* The staging head back to open after a publish from content that changed no name; why is the
+ * publish's own error. A head that is no longer "linked" (or gone) is not ours to reopen: why.
+ * Failing (the cluster in trouble) leaves it "linked", refusing every write: ETIMEDOUT, so that
+ * the caller answers busy and reads the upload back, which reopens it (staging_find). */
+static int staging_reopen(struct backend_staging *s, int why)
 {
 	rados_write_op_t op = rados_create_write_op();
 	rados_write_op_cmpxattr(op, "state", LIBRADOS_CMPXATTR_OP_EQ, "linked", 6);
 	rados_write_op_setxattr(op, "state", "open", 4);
-	rados_write_op_operate(op, s->r->io, s->head, NULL, WRITE_FLAGS);
+	int rc = rados_write_op_operate(op, s->r->io, s->head, NULL, WRITE_FLAGS);
 	rados_release_write_op(op);
+	if (rc == 0 || rc == -ECANCELED || rc == -ENOENT)
+		return why;
+	log_warnx("rados: cannot reopen %s after a publish from stored content failed (%s): %s", s->head,
+	    strerror(why), strerror(-rc));
+	return ETIMEDOUT;
 }
 
 static int rados_publish_from_content(struct backend_staging *s, const struct backend_content_key *key,
@@ -1665,10 +1755,8 @@ static int rados_publish_from_content(struct backend_staging *s, const struct ba
 	char ref[REF_MAX], old[OID_MAX] = "";
 	size_t reflen = ref_name(s->meta.uid, s->meta.name, s->meta.name_len, ref);
 	if ((err = ref_add(r, head, ref, reflen)) != 0 ||
-	    (err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, head, old, NULL)) != 0) {
-		staging_reopen(s);
-		return err;   /* ENOENT: collected meanwhile; the upload goes on normally */
-	}
+	    (err = name_switch(r, s->meta.uid, s->meta.name, s->meta.name_len, head, old, NULL)) != 0)
+		return staging_reopen(s, err);   /* ENOENT: collected meanwhile; the upload goes on normally */
 	/* Still there? Only a stall past the references' grace lets the collector take it between
 	 * the reference and the switch: the name goes back to what it was. */
 	uint64_t sz;
@@ -1680,8 +1768,7 @@ static int rados_publish_from_content(struct backend_staging *s, const struct ba
 			omap_swap(r, idx, s->meta.name, s->meta.name_len, head, old);
 		else
 			omap_remove_if(r, idx, s->meta.name, head);
-		staging_reopen(s);
-		return ENOENT;
+		return staging_reopen(s, ENOENT);
 	}
 	*flags |= BACKEND_PUBLISHED;
 	/* The staging entry's data (chunk 1) goes; a failure leaves it to the janitor and the sweep. */
@@ -1692,68 +1779,51 @@ static int rados_publish_from_content(struct backend_staging *s, const struct ba
 	return 0;
 }
 
-/* Unindexes content no name uses any more: a batch of index keys per pass, from where the last
- * pass stopped. Its head is left to the collection of replaced versions (its grace for
- * downloads) and, failing that, to the sweep. */
-#define CONTENT_BATCH 256
+/* What one content collection pass freed. */
+struct content_freed {
+	size_t count;
+	uint64_t bytes;
+};
+
+/* An index entry: unindexed if no name uses its head (guarded on its value, so a key re-pointed
+ * meanwhile stays). Returns the reads spent. */
+static size_t content_collect_one(struct rados_be *r, const struct collect_pair *p, void *arg)
+{
+	struct content_freed *freed = arg;
+	if (strlen(p->val) >= OID_MAX)
+		return 0;   /* not a head of ours */
+	struct head_use u;
+	int err = head_use(r, p->val, &u);
+	size_t spent = 1 + u.checked;
+	if ((err && err != ENOENT) || (err == 0 && (u.use & HEAD_NAMED)))
+		return spent;
+	const char *keys[1] = { p->key };
+	size_t kl = strlen(p->key);
+	int cmp = 0;
+	rados_write_op_t w = rados_create_write_op();
+	rados_write_op_omap_cmp(w, p->key, LIBRADOS_CMPXATTR_OP_EQ, p->val, strlen(p->val), &cmp);
+	rados_write_op_omap_rm_keys2(w, keys, &kl, 1);
+	int rc = rados_write_op_operate(w, r->io, CONTENT_OBJ, NULL, WRITE_FLAGS);
+	rados_release_write_op(w);
+	if (rc == 0 && err == 0) {
+		freed->count++;
+		freed->bytes += u.size;
+	}
+	return spent;
+}
+
+/* Unindexes content no name uses any more: one bounded page of index keys per pass
+ * (collect_page), going on where the previous pass stopped. Its head is left to the collection of
+ * replaced versions (its grace for downloads) and, failing that, to the sweep. */
 static void content_sweep(struct rados_be *r)
 {
-	struct { char key[96]; char head[OID_MAX]; } *page = calloc(CONTENT_BATCH, sizeof(*page));
-	if (page == NULL)
-		return;
-	rados_read_op_t op = rados_create_read_op();
-	rados_omap_iter_t it = NULL;
-	int prval = 0;
-	unsigned char more = 0;
-	rados_read_op_omap_get_vals2(op, r->content_after[0] ? r->content_after : NULL, NULL, CONTENT_BATCH, &it,
-	    &more, &prval);
-	int rc = rados_read_op_operate(op, r->io, CONTENT_OBJ, 0);
-	size_t count = 0;
-	if (rc >= 0 && prval >= 0) {
-		char *k, *v;
-		size_t kl, vl;
-		while (count < CONTENT_BATCH && rados_omap_get_next2(it, &k, &v, &kl, &vl) == 0 && k != NULL) {
-			if (kl >= sizeof(page[0].key) || vl >= sizeof(page[0].head))
-				continue;
-			memcpy(page[count].key, k, kl);
-			page[count].key[kl] = '\0';
-			memcpy(page[count].head, v, vl);
-			page[count].head[vl] = '\0';
-			count++;
-		}
+	struct content_freed freed = { 0, 0 };
+	collect_page(r, CONTENT_OBJ, r->content_after, content_collect_one, &freed);
+	if (freed.count) {
+		log_info("rados: unindexed %zu stored files no name uses any more, %" PRIu64 " bytes", freed.count,
+		    freed.bytes);
+		STAT_ADD(content_freed_bytes, freed.bytes);
 	}
-	if (it)
-		rados_omap_get_end(it);
-	rados_release_read_op(op);
-	if (count && more)
-		snprintf(r->content_after, sizeof(r->content_after), "%s", page[count - 1].key);
-	else
-		r->content_after[0] = '\0';   /* the end (or nothing): from the start next time */
-	size_t freed = 0;
-	uint64_t freed_bytes = 0;
-	for (size_t i = 0; i < count && !gc_stopping(r); i++) {
-		struct head_use u;
-		int err = head_use(r, page[i].head, &u);
-		if ((err && err != ENOENT) || (err == 0 && (u.use & HEAD_NAMED)))
-			continue;
-		const char *keys[1] = { page[i].key };
-		size_t kl = strlen(page[i].key);
-		int cmp = 0;
-		rados_write_op_t w = rados_create_write_op();
-		rados_write_op_omap_cmp(w, page[i].key, LIBRADOS_CMPXATTR_OP_EQ, page[i].head, strlen(page[i].head), &cmp);
-		rados_write_op_omap_rm_keys2(w, keys, &kl, 1);
-		rc = rados_write_op_operate(w, r->io, CONTENT_OBJ, NULL, WRITE_FLAGS);
-		rados_release_write_op(w);
-		if (rc == 0 && err == 0) {
-			freed++;
-			freed_bytes += u.size;
-		}
-	}
-	if (freed) {
-		log_info("rados: unindexed %zu stored files no name uses any more, %" PRIu64 " bytes", freed, freed_bytes);
-		STAT_ADD(content_freed_bytes, freed_bytes);
-	}
-	free(page);
 }
 
 /* ---------------------------------------------------------------- the sweep of unnamed data objects */

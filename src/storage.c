@@ -1317,11 +1317,24 @@ static void work_done_challenge(struct upload *up, struct op *op)
 	upload_run(up);
 }
 
-/* Publishing from stored content ended. Returns 1 when it fell back to a normal upload (answered
- * here), 0 when the outcome is a completion's: published, or an error after publishing. */
+/* Publishing from stored content ended. Returns 1 when it fell back to a normal upload or was
+ * answered busy (answered here), 0 when the outcome is a completion's: published, or an error after
+ * publishing. */
 static int work_done_link(struct upload *up, struct op *op)
 {
 	up->dd_challenging = 0;
+	if (up->work_errno == ETIMEDOUT && !up->published) {
+		/* The storage did not answer: the entry may be left closed for the link (RADOS: "linked"),
+		 * refusing writes. Busy; the next request reads the upload back, which reopens it, and
+		 * the proof goes on from Redis. */
+		log_warnx("upload %" PRIu64 "/%s: cannot publish from the stored content (%s): answering busy, "
+		    "reading it back", up->key.uid, up->key.md5, strerror(up->work_errno));
+		upload_pop(up);
+		op_answer(op, ERR_BUSY, "server busy: the storage did not answer, retry", NULL);
+		upload_lost(up, NULL);
+		upload_run(up);
+		return 1;
+	}
 	if ((up->work_errno || up->work_error) && !up->published && up->work_errno != ESTALE) {
 		up->dd_challenging = 1;
 		dedup_fallback(up, up->work_errno ? strerror(up->work_errno) : "cannot publish from the stored content");
