@@ -1484,6 +1484,24 @@ static int head_use(struct rados_be *r, const char *head, struct head_use *u)
 	return err;
 }
 
+/* Removes the pieces after head while they follow each other (a gap's stragglers are swept as
+ * headless pieces); *removed, when given, counts them. */
+static int pieces_remove(struct rados_be *r, const char *head, size_t *removed)
+{
+	for (uint64_t k = 1;; k++) {
+		char oid[PIECE_OID_MAX];
+		piece_oid(head, k, oid);
+		rados_write_op_t op = rados_create_write_op();
+		rados_write_op_remove(op);
+		int rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
+		rados_release_write_op(op);
+		if (rc < 0)
+			return rc == -ENOENT ? 0 : rerr(rc);
+		if (removed)
+			(*removed)++;
+	}
+}
+
 /* Removes head if its version is still the one read by head_use, then its pieces. ECANCELED when
  * it changed (a reference was added meanwhile). */
 static int head_remove_unchanged(struct rados_be *r, const char *head, uint64_t version)
@@ -1499,17 +1517,7 @@ static int head_remove_unchanged(struct rados_be *r, const char *head, uint64_t 
 		return ECANCELED;
 	if (rc < 0)
 		return rerr(rc);
-	/* Its pieces, while they follow each other (a gap's stragglers are swept as headless pieces). */
-	for (uint64_t k = 1;; k++) {
-		char oid[PIECE_OID_MAX];
-		piece_oid(head, k, oid);
-		op = rados_create_write_op();
-		rados_write_op_remove(op);
-		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
-		rados_release_write_op(op);
-		if (rc < 0)
-			return rc == -ENOENT ? 0 : rerr(rc);
-	}
+	return pieces_remove(r, head, NULL);
 }
 
 static int gc_stopping(struct rados_be *r)
@@ -1926,18 +1934,7 @@ static int sweep_head(struct rados_be *r, const char *head, time_t older_than, s
 		return rerr(rc);
 	(*removed)++;
 	log_info("rados: swept unnamed data object %s", head);
-	/* Its pieces, while they follow each other (a gap's stragglers are swept as headless pieces). */
-	for (uint64_t k = 1;; k++) {
-		char oid[PIECE_OID_MAX];
-		piece_oid(head, k, oid);
-		op = rados_create_write_op();
-		rados_write_op_remove(op);
-		rc = rados_write_op_operate(op, r->io, oid, NULL, WRITE_FLAGS);
-		rados_release_write_op(op);
-		if (rc < 0)
-			return rc == -ENOENT ? 0 : rerr(rc);
-		(*removed)++;
-	}
+	return pieces_remove(r, head, removed);
 }
 
 /* Deletes a piece whose head is gone (heads are deleted after their pieces are, or alone when the

@@ -103,12 +103,9 @@ uint8_t *ipc_reserve_chunk(struct buf *out, const struct ipc_chunk *c, size_t da
 	return w ? w + prefix : NULL;
 }
 
-void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+/* The fields CHUNK and CHUNK_REF share (chunk_prefix_len bytes); returns where the next goes. */
+static uint8_t *put_chunk_prefix(uint8_t *w, const struct ipc_chunk *c)
 {
-	uint32_t len = (uint32_t)chunk_prefix_len(c) + c->data_len;
-	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);   /* inside the reserved room */
-	if (w == NULL)
-		return;   /* cannot happen: ipc_reserve_chunk made the room */
 	PUT(w, c->uid);
 	PUT(w, c->seq);
 	PUT(w, c->trans_size);
@@ -119,6 +116,16 @@ void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c
 	PUT(w, c->name_len);
 	PUT_BYTES(w, c->name, c->name_len);
 	PUT(w, c->data_len);
+	return w;
+}
+
+void ipc_commit_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
+{
+	uint32_t len = (uint32_t)chunk_prefix_len(c) + c->data_len;
+	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK, reqid, len);   /* inside the reserved room */
+	if (w == NULL)
+		return;   /* cannot happen: ipc_reserve_chunk made the room */
+	put_chunk_prefix(w, c);
 }
 
 int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c)
@@ -180,16 +187,7 @@ int ipc_encode_chunk_ref(struct buf *out, uint64_t reqid, const struct ipc_chunk
 	uint8_t *w = put_header(out, IPC_WORKER_STORAGE_CHUNK_REF, reqid, len);
 	if (w == NULL)
 		return -1;
-	PUT(w, c->uid);
-	PUT(w, c->seq);
-	PUT(w, c->trans_size);
-	PUT(w, c->total_size);
-	PUT(w, c->kind);
-	PUT(w, c->last);
-	PUT_BYTES(w, c->md5, PROTO_MD5_HEX);
-	PUT(w, c->name_len);
-	PUT_BYTES(w, c->name, c->name_len);
-	PUT(w, c->data_len);
+	w = put_chunk_prefix(w, c);
 	PUT(w, slot);
 	PUT(w, offset);
 	return 0;
