@@ -44,7 +44,10 @@ static void *pool_thread(void *arg)
 		else
 			p->done_head = job;
 		p->done_tail = job;
+		/* Woken outside the lock: the loop takes it at once, and would sleep on it otherwise. */
+		pthread_mutex_unlock(&p->lock);
 		ev_async_send(p->loop, &p->wakeup);
+		pthread_mutex_lock(&p->lock);
 	}
 	pthread_mutex_unlock(&p->lock);
 	return NULL;
