@@ -504,6 +504,7 @@ static struct upload *upload_new(struct storage *st, const struct upload_key *ke
 	up->xfer = -1;
 	ev_timer_init(&up->lease_timer, upload_on_lease_timer, 0., 0.);
 	up->lease_timer.data = up;
+	record_timer_init(up);
 	HASH_ADD(hh, st->uploads, key, sizeof(up->key), up);
 	return up;
 }
@@ -517,6 +518,7 @@ static void upload_retire(struct upload *up)
 	HASH_DEL(st->uploads, up);
 	up->retired = 1;
 	ev_timer_stop(st->loop, &up->lease_timer);
+	record_timer_stop(up);
 	if (up->lease == UL_OURS) {
 		/* The next holder, on any node, may start at once instead of waiting for the expiry. */
 		char key[LEASE_KEY_MAX];
@@ -1514,7 +1516,7 @@ static void work_done_written(struct upload *up, struct op *op)
 		upload_started_record(up);
 		return;
 	}
-	record_write(up);
+	record_write_soon(up);
 	op_reply(op, ERR_OK, NULL, up);
 	upload_pop(up);
 	hash_push(up, op);   /* the next chunk may be written meanwhile */
