@@ -112,8 +112,9 @@ void pool_submit(struct pool *p, struct pool_job *job)
 	else
 		p->todo_head = job;
 	p->todo_tail = job;
-	pthread_cond_signal(&p->work_ready);
 	pthread_mutex_unlock(&p->lock);
+	/* Signalled after unlocking: the woken thread does not sleep again on the lock we held. */
+	pthread_cond_signal(&p->work_ready);
 }
 
 void pool_complete(struct pool *p, struct pool_job *job)
