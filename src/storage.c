@@ -875,6 +875,7 @@ void upload_lost(struct upload *up, const char *holder)
 	up->check_hold = 0;
 	up->dd_challenging = 0;   /* the proof is kept in memory only: elsewhere it is a normal upload */
 	ev_timer_stop(st->loop, &up->lease_timer);
+	hash_flush(up);   /* no lease timer flushes it any more; read back, it is hashed anew anyway */
 	upload_uncount(up);
 	stats_transfer_close(up->xfer);
 	up->xfer = -1;
