@@ -44,7 +44,10 @@ static void *pool_thread(void *arg)
 		else
 			p->done_head = job;
 		p->done_tail = job;
+		/* Woken outside the lock: the loop takes it at once, and would sleep on it otherwise. */
+		pthread_mutex_unlock(&p->lock);
 		ev_async_send(p->loop, &p->wakeup);
+		pthread_mutex_lock(&p->lock);
 	}
 	pthread_mutex_unlock(&p->lock);
 	return NULL;
@@ -109,8 +112,9 @@ void pool_submit(struct pool *p, struct pool_job *job)
 	else
 		p->todo_head = job;
 	p->todo_tail = job;
-	pthread_cond_signal(&p->work_ready);
 	pthread_mutex_unlock(&p->lock);
+	/* Signalled after unlocking: the woken thread does not sleep again on the lock we held. */
+	pthread_cond_signal(&p->work_ready);
 }
 
 void pool_complete(struct pool *p, struct pool_job *job)

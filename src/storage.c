@@ -504,17 +504,21 @@ static struct upload *upload_new(struct storage *st, const struct upload_key *ke
 	up->xfer = -1;
 	ev_timer_init(&up->lease_timer, upload_on_lease_timer, 0., 0.);
 	up->lease_timer.data = up;
+	record_timer_init(up);
 	HASH_ADD(hh, st->uploads, key, sizeof(up->key), up);
 	return up;
 }
 
 /* Takes the upload out of the table; requests queued behind start over on a fresh one. */
+static void hash_drop_queue(struct upload *up);
+
 static void upload_retire(struct upload *up)
 {
 	struct storage *st = up->st;
 	HASH_DEL(st->uploads, up);
 	up->retired = 1;
 	ev_timer_stop(st->loop, &up->lease_timer);
+	record_timer_stop(up);
 	if (up->lease == UL_OURS) {
 		/* The next holder, on any node, may start at once instead of waiting for the expiry. */
 		char key[LEASE_KEY_MAX];
@@ -527,6 +531,8 @@ static void upload_retire(struct upload *up)
 	up->xfer = -1;
 	struct op *rest = up->head;
 	up->head = up->tail = NULL;
+	if (!up->hash_running)
+		hash_drop_queue(up);   /* nobody will publish it (hash_done drops it otherwise) */
 	struct upload_key key = up->key;
 	if (up->pins == 0) {
 		st->backend.ops->staging_close(up->stg);
@@ -567,6 +573,18 @@ static void upload_work_done(struct pool_job *job);
  * the stage to be idle. HASH_BACKLOG bounds the bytes written but not yet hashed. */
 #define HASH_BACKLOG (8u << 20)
 
+/* Written chunks wait in the hash queue until this many bytes are there (or a job needs the stage
+ * idle, or the upload goes idle: the lease timer), so that small stop-and-wait chunks wake a disk
+ * thread and the loop for their MD5 once per batch instead of once per chunk. Small beside the
+ * ring (a slot is held until its chunk is hashed) and beside HASH_BACKLOG. */
+#define HASH_BATCH (256u << 10)
+
+/* Chunks are queued to be hashed or being hashed: the MD5 state belongs to the hash stage. */
+static int hash_busy(const struct upload *up)
+{
+	return up->hash_running || up->hq_head != NULL;
+}
+
 static int write_beside_hash(const struct upload *up)
 {
 	const struct op *op = up->head;
@@ -606,6 +624,12 @@ static void hash_free_ops(struct upload *up, struct op *op)
 	}
 }
 
+static void hash_drop_queue(struct upload *up)
+{
+	hash_free_ops(up, up->hq_head);
+	up->hq_head = up->hq_tail = NULL;
+}
+
 static void hash_done(struct pool_job *job)
 {
 	struct upload *up = (struct upload *)((char *)job - offsetof(struct upload, hash_job));
@@ -613,14 +637,13 @@ static void hash_done(struct pool_job *job)
 	up->hash_batch = NULL;
 	up->hash_running = 0;
 	if (up->retired) {
-		hash_free_ops(up, up->hq_head);   /* nobody will publish it */
-		up->hq_head = up->hq_tail = NULL;
-	} else if (up->hq_head) {
+		hash_drop_queue(up);   /* nobody will publish it */
+	} else if (up->hq_head && (up->hash_pending >= HASH_BATCH || (up->work_deferred && !write_beside_hash(up)))) {
 		hash_submit(up);
 	}
-	if (up->work_deferred && (!up->hash_running || write_beside_hash(up))) {
+	if (up->work_deferred && (!hash_busy(up) || write_beside_hash(up))) {
 		up->work_deferred = 0;
-		up->job_beside_hash = up->hash_running;
+		up->job_beside_hash = hash_busy(up);
 		pool_submit(up->st->pool, &up->job);
 	}
 	upload_unpin(up);   /* may free a retired upload: last */
@@ -630,7 +653,7 @@ static void hash_done(struct pool_job *job)
 static void hash_push(struct upload *up, struct op *op)
 {
 	uint64_t end = op->offset + op->data_len;
-	if (!up->hash_running) {
+	if (!hash_busy(up)) {
 		if (up->hash_dirty || end <= up->hashed) {
 			op_free(op);   /* hash_chunk would do nothing with it */
 			return;
@@ -646,7 +669,15 @@ static void hash_push(struct upload *up, struct op *op)
 		up->hq_head = op;
 	up->hq_tail = op;
 	up->hash_pending += op->data_len;
-	if (!up->hash_running)
+	if (!up->hash_running && up->hash_pending >= HASH_BATCH)
+		hash_submit(up);
+}
+
+/* Hands what waits in the hash queue to the hash job now (the upload is idle, or a job needs the
+ * stage idle). */
+static void hash_flush(struct upload *up)
+{
+	if (!up->hash_running && up->hq_head && !up->retired)
 		hash_submit(up);
 }
 
@@ -659,11 +690,12 @@ void upload_start_work(struct upload *up, enum disk_work work)
 	up->pins++;
 	up->job.work = upload_work;
 	up->job.done = upload_work_done;
-	if (up->hash_running && !write_beside_hash(up)) {
+	if (hash_busy(up) && !write_beside_hash(up)) {
+		hash_flush(up);
 		up->work_deferred = 1;
 		return;
 	}
-	up->job_beside_hash = up->hash_running;
+	up->job_beside_hash = hash_busy(up);
 	pool_submit(up->st->pool, &up->job);
 }
 
@@ -843,6 +875,7 @@ void upload_lost(struct upload *up, const char *holder)
 	up->check_hold = 0;
 	up->dd_challenging = 0;   /* the proof is kept in memory only: elsewhere it is a normal upload */
 	ev_timer_stop(st->loop, &up->lease_timer);
+	hash_flush(up);   /* no lease timer flushes it any more; read back, it is hashed anew anyway */
 	upload_uncount(up);
 	stats_transfer_close(up->xfer);
 	up->xfer = -1;
@@ -994,6 +1027,7 @@ static int upload_release(struct upload *up)
 		if (up->record_inflight)
 			return 0;   /* record_on_reply runs upload_run, which comes back here */
 	}
+	hash_flush(up);   /* parked: no lease timer flushes it any more */
 	char key[LEASE_KEY_MAX];
 	lease_key(st, &up->key, key, sizeof(key));
 	lease_release(&st->redis, key, st->conf->upload_ttl * 1000L, NULL, NULL);
@@ -1009,6 +1043,8 @@ static void upload_on_lease_timer(struct ev_loop *loop, ev_timer *t, int revents
 	(void)revents;
 	struct upload *up = t->data;
 	struct storage *st = up->st;
+	if (!up->head && !up->running)
+		hash_flush(up);   /* idle: hash what waits for a batch, and let its ring slots go */
 	if (up->lease != UL_OURS) {
 		upload_run(up);   /* the lease was held elsewhere: ask again */
 		return;
@@ -1494,7 +1530,7 @@ static void work_done_written(struct upload *up, struct op *op)
 		upload_started_record(up);
 		return;
 	}
-	record_write(up);
+	record_write_soon(up);
 	op_reply(op, ERR_OK, NULL, up);
 	upload_pop(up);
 	hash_push(up, op);   /* the next chunk may be written meanwhile */

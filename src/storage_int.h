@@ -128,6 +128,8 @@ struct upload {
 	int pins;                     /* async work (disk, Redis) still referring to this upload */
 	int retired;                  /* out of the table; freed when pins reach 0 */
 	int record_inflight, record_dirty;
+	ev_tstamp record_sent;        /* when the last progress write went to Redis */
+	ev_timer record_timer;        /* writes a progress record held back by record_write_soon */
 	int awaiting_record;          /* the running seq 1 is answered when its record is stored */
 	int published;                /* moved to its final path: the staging file is gone */
 	int xfer;                     /* entry in the stats transfer table, -1 if none */
@@ -265,6 +267,9 @@ void lease_key(const struct storage *st, const struct upload_key *k, char *out, 
 #define CHALLENGE_KEY_MAX (sizeof(((struct conf *)0)->redis_prefix) + sizeof("file_challenge__") + 20 + PROTO_MD5_HEX)
 void challenge_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);
 void record_write(struct upload *up);
+void record_write_soon(struct upload *up);
+void record_timer_init(struct upload *up);
+void record_timer_stop(struct upload *up);
 void record_published(struct upload *up);
 void record_published_op(struct upload *up, const struct op *op);
 void record_delete(struct upload *up);

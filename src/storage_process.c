@@ -422,6 +422,7 @@ static void storage_free_all(struct storage *st)
 	struct upload *up, *tmp;
 	HASH_ITER(hh, st->uploads, up, tmp) {
 		HASH_DEL(st->uploads, up);
+		record_timer_stop(up);
 		struct op *lists[] = { up->head, up->hq_head, up->hash_batch };   /* the hash stage's too */
 		for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
 			while (lists[i]) {

@@ -83,7 +83,7 @@ static void record_on_reply(void *data, enum lease_status status, uint64_t fence
 	if (status == LEASE_BUSY && !up->retired)
 		upload_lost(up, holder);
 	if (up->record_dirty && ok && !up->retired)
-		record_write(up);
+		record_write_soon(up);
 	int retired = up->retired;
 	upload_unpin(up);
 	if (!retired)
@@ -137,7 +137,51 @@ void record_write(struct upload *up)
 	}
 	up->record_dirty = 0;
 	up->record_inflight = 1;
+	up->record_sent = ev_now(st->loop);
 	up->pins++;
+}
+
+/* Progress after a chunk trails its answer by at most RECORD_INTERVAL seconds (protocol.md §8
+ * allows a trailing record): one SETEX and one Redis reply waking the loop per interval, not one
+ * per chunk. The newest state is still what ends up written. */
+#define RECORD_INTERVAL 0.1
+
+static void record_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct upload *up = t->data;
+	if (up->record_dirty && !up->record_inflight)
+		record_write(up);
+}
+
+void record_timer_init(struct upload *up)
+{
+	ev_timer_init(&up->record_timer, record_on_timer, 0., 0.);
+	up->record_timer.data = up;
+}
+
+void record_timer_stop(struct upload *up)
+{
+	ev_timer_stop(up->st->loop, &up->record_timer);
+}
+
+/* record_write, held back until RECORD_INTERVAL after the last write. */
+void record_write_soon(struct upload *up)
+{
+	struct storage *st = up->st;
+	if (!up->exists || up->retired)
+		return;
+	ev_tstamp wait = up->record_sent + RECORD_INTERVAL - ev_now(st->loop);
+	if (up->record_inflight || !st->redis.ready || wait <= 0.) {
+		record_write(up);   /* in flight or away: marked dirty, written after the reply or reconnect */
+		return;
+	}
+	up->record_dirty = 1;
+	if (!ev_is_active(&up->record_timer)) {
+		ev_timer_set(&up->record_timer, wait, 0.);
+		ev_timer_start(st->loop, &up->record_timer);
+	}
 }
 
 /* After publishing, the record stays for upload_ttl as "published" with the file's version (as the
