@@ -279,6 +279,8 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 	return err;
 }
 
+enum { LAYOUT_MAX = 64 };
+
 static int layout_parse(const char *text, uint64_t *size, uint64_t *piece)
 {
 	char *end;
@@ -291,6 +293,19 @@ static int layout_parse(const char *text, uint64_t *size, uint64_t *piece)
 		return EIO;
 	*size = s;
 	*piece = p;
+	return 0;
+}
+
+/* A head's "layout" text, for layout_parse: ENOENT when the head or its layout is gone (never
+ * sealed, or collected). */
+static int head_layout(struct rados_be *r, const char *head, char layout[LAYOUT_MAX])
+{
+	int n = rados_getxattr(r->io, head, "layout", layout, LAYOUT_MAX - 1);
+	if (n == -ENOENT || n == -ENODATA)
+		return ENOENT;
+	if (n < 0)
+		return rerr(n);
+	layout[n] = '\0';
 	return 0;
 }
 
@@ -1294,13 +1309,12 @@ static int rados_file_open(const struct backend *b, uint64_t uid, const char *na
 		int err = omap_get(r, idx, name, name_len, head, sizeof(head));
 		if (err)
 			return err;
-		char layout[64];
-		int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
-		if (n == -ENOENT || n == -ENODATA)
+		char layout[LAYOUT_MAX];
+		err = head_layout(r, head, layout);
+		if (err == ENOENT)
 			continue;   /* replaced and collected between the two reads: look again */
-		if (n < 0)
-			return rerr(n);
-		layout[n] = '\0';
+		if (err)
+			return err;
 		struct backend_file *f = calloc(1, sizeof(*f));
 		if (f == NULL)
 			return ENOMEM;
@@ -1621,13 +1635,10 @@ static size_t gc_collect(struct rados_be *r, const struct collect_pair *p, void 
 	if (err && err != ENOENT)
 		return spent;   /* cannot tell: next time round */
 	if (strcmp(now_head, head) != 0) {
-		char layout[64];
+		char layout[LAYOUT_MAX];
 		uint64_t size, piece = r->piece;
-		int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
-		if (n >= 0) {
-			layout[n] = '\0';
+		if (head_layout(r, head, layout) == 0)
 			layout_parse(layout, &size, &piece);
-		}
 		if (data_remove(r, head, piece, 0) != 0)
 			return spent;
 	}
@@ -1658,17 +1669,13 @@ static int rados_content_open(const struct backend *b, const struct backend_cont
     struct backend_file **out, uint64_t *size)
 {
 	struct rados_be *r = b->priv;
-	char ckey[96], head[OID_MAX], layout[64];
+	char ckey[96], head[OID_MAX], layout[LAYOUT_MAX];
 	size_t klen = content_keytext(key, ckey);
 	int err = omap_get(r, CONTENT_OBJ, ckey, klen, head, sizeof(head));
 	if (err)
 		return err;
-	int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
-	if (n == -ENOENT || n == -ENODATA)
-		return ENOENT;
-	if (n < 0)
-		return rerr(n);
-	layout[n] = '\0';
+	if ((err = head_layout(r, head, layout)) != 0)
+		return err;
 	struct backend_file *f = calloc(1, sizeof(*f));
 	if (f == NULL)
 		return ENOMEM;
@@ -1730,19 +1737,15 @@ static int rados_publish_from_content(struct backend_staging *s, const struct ba
 {
 	struct rados_be *r = s->r;
 	*flags = 0;
-	char ckey[96], head[OID_MAX], layout[64];
+	char ckey[96], head[OID_MAX], layout[LAYOUT_MAX];
 	size_t klen = content_keytext(key, ckey);
 	int err = staging_locate(s);
 	if (err == 0)
 		err = omap_get(r, CONTENT_OBJ, ckey, klen, head, sizeof(head));
 	if (err)
 		return err;
-	int n = rados_getxattr(r->io, head, "layout", layout, sizeof(layout) - 1);
-	if (n == -ENOENT || n == -ENODATA)
-		return ENOENT;
-	if (n < 0)
-		return rerr(n);
-	layout[n] = '\0';
+	if ((err = head_layout(r, head, layout)) != 0)
+		return err;
 	uint64_t size, piece;
 	if (layout_parse(layout, &size, &piece) != 0 || size != key->size)
 		return ENOENT;
