@@ -36,13 +36,15 @@ def titles_of(procs):
 
 # ---------------------------------------------------------------- the process tree
 with tap.section("process tree"):
-    h.wait_for(lambda: len(d.processes()) >= WORKERS + 2, 10)
+    # A child just forked still carries the master's title until it sets its own: wait for the
+    # titles to settle, then check them.
+    want = sorted(["resourced: master", "resourced: storage"] + ["resourced: worker %d" % i
+                                                                 for i in range(1, WORKERS + 1)])
+    h.wait_for(lambda: titles_of(d.processes()) == want, 10)
     procs = d.processes()
     master = d.master_pid
     tap.eq(h.proc_title(master), "resourced: master", "the started process is titled 'resourced: master'")
     tap.eq(d.by_title("resourced: master"), [master], "exactly one master")
-    want = sorted(["resourced: master", "resourced: storage"] +
-                  ["resourced: worker %d" % n for n in range(1, WORKERS + 1)])
     tap.eq(titles_of(procs), want, "one master, workers 1..%d and one storage process, nothing else" % WORKERS,
            diag=repr(procs))
     children = {pid: t for pid, (t, ppid) in procs.items() if pid != master}
