@@ -178,10 +178,12 @@ bench_binary() {
 		done
 	done
 	echo "== 6b: resctl upload and download of a 256 MiB file over the fast path (the default)"
-	"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name two.bin --uid 1 --token bench
+	# Content the server does not hold yet: random.bin went up in 1c, and would be an instant upload.
+	dd if=/dev/urandom of="$work/random2.bin" bs=1M count=256 status=none
+	"$resctl" upload "127.0.0.1:$port" "$work/random2.bin" --name two.bin --uid 1 --token bench
 	"$resctl" download "127.0.0.1:$port" two.bin "$work/two.out" --uid 1 --token bench
-	cmp "$work/random.bin" "$work/two.out" && echo "identical"
-	rm -f "$work/two.out"
+	cmp "$work/random2.bin" "$work/two.out" && echo "identical"
+	rm -f "$work/two.out" "$work/random2.bin"
 }
 section binary && bench_binary
 
