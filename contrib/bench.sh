@@ -145,7 +145,7 @@ bench_binary() {
 	for proto in json binary; do
 		uid=$((uid + 1))
 		t0=$(cpu_ticks)
-		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (README, Performance).
+		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (docs/performance.md).
 		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode upload --duration "$dur" \
 			--uid "$uid" --token bench --protocol "$proto" $([ "$proto" = binary ] && echo --chunk 262144) --json || true)")
 		t1=$(cpu_ticks)
