@@ -1124,8 +1124,11 @@ static int uplink_send(struct conn *c)
 				shmring_trim(&s->ring, slot, msg.data_len);
 				if ((rc = ipc_encode_chunk_ref(&s->link.out, reqid, &msg, slot, at)) < 0)
 					shmring_cancel(&s->ring, slot);
+				else
+					STAT_ADD(chunks_by_ring, 1);
 			} else {
 				ipc_commit_chunk(&s->link.out, reqid, &msg);
+				STAT_ADD(chunks_copied, 1);
 			}
 		}
 	}
@@ -2055,15 +2058,20 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	if (in_ring != NULL) {
 		/* Already in the shared ring: the link carries only where the bytes are. */
 		to = ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, *in_ring, ring_at) == 0 ? (uint8_t *)"" : NULL;
+		if (to != NULL)
+			STAT_ADD(chunks_by_ring, 1);
 	} else if (s->ring_ready && (to = shmring_reserve(&s->ring, ch.length, &slot, &at)) != NULL) {
 		memcpy(to, ch.data, ch.length);
 		if (ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, slot, at) < 0) {
 			shmring_cancel(&s->ring, slot);
 			to = NULL;
+		} else {
+			STAT_ADD(chunks_by_ring, 1);
 		}
 	} else if ((to = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
 		memcpy(to, ch.data, ch.length);
 		ipc_commit_chunk(&s->link.out, reqid, &msgc);
+		STAT_ADD(chunks_copied, 1);
 	}
 	if (to == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
