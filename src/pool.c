@@ -1,4 +1,4 @@
-/* pool.c: a fixed set of worker threads fed from one queue; completions wake the loop via ev_async. */
+/* pool.c: a fixed set of worker threads fed from two queues (short and slow jobs); completions wake the loop via ev_async. */
 #include "config.h"
 #include "pool.h"
 #include "log.h"
@@ -13,6 +13,9 @@ struct pool {
 	pthread_mutex_t lock;
 	pthread_cond_t work_ready;
 	struct pool_job *todo_head, *todo_tail;   /* waiting for a thread */
+	struct pool_job *slow_head, *slow_tail;   /* the same, slow jobs (pool_submit_slow) */
+	int slow_running;                         /* threads running a slow job */
+	int slow_max;                             /* at most this many at once */
 	struct pool_job *done_head, *done_tail;   /* waiting for the loop */
 	size_t queued;                            /* submitted, done callback not yet run */
 	int stopping;
@@ -20,24 +23,42 @@ struct pool {
 	pthread_t threads[];
 };
 
+/* 1 when a slow job waits and a thread may take it now. Called with the lock held. */
+static int slow_allowed(const struct pool *p)
+{
+	return p->slow_head != NULL && p->slow_running < p->slow_max;
+}
+
 static void *pool_thread(void *arg)
 {
 	struct pool *p = arg;
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
-		while (p->todo_head == NULL && !p->stopping)
+		while (p->todo_head == NULL && !slow_allowed(p) && !p->stopping)
 			pthread_cond_wait(&p->work_ready, &p->lock);
-		if (p->todo_head == NULL)
-			break;
-		struct pool_job *job = p->todo_head;
-		p->todo_head = job->next;
-		if (p->todo_head == NULL)
-			p->todo_tail = NULL;
+		struct pool_job *job;
+		int slow = slow_allowed(p);
+		if (slow) {
+			job = p->slow_head;
+			p->slow_head = job->next;
+			if (p->slow_head == NULL)
+				p->slow_tail = NULL;
+			p->slow_running++;
+		} else if (p->todo_head != NULL) {
+			job = p->todo_head;
+			p->todo_head = job->next;
+			if (p->todo_head == NULL)
+				p->todo_tail = NULL;
+		} else {
+			break;   /* stopping: the threads running slow jobs take the rest of them */
+		}
 		pthread_mutex_unlock(&p->lock);
 
 		job->work(job);
 
 		pthread_mutex_lock(&p->lock);
+		if (slow)
+			p->slow_running--;   /* this thread looks at the slow queue first when it loops */
 		job->next = NULL;
 		if (p->done_tail)
 			p->done_tail->next = job;
@@ -76,6 +97,7 @@ struct pool *pool_create(struct ev_loop *loop, int threads)
 	if (p == NULL)
 		return NULL;
 	p->loop = loop;
+	p->slow_max = threads / 2 > 0 ? threads / 2 : 1;
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->work_ready, NULL);
 	ev_async_init(&p->wakeup, pool_on_wakeup);
@@ -115,6 +137,22 @@ void pool_submit(struct pool *p, struct pool_job *job)
 	pthread_mutex_unlock(&p->lock);
 	/* Signalled after unlocking: the woken thread does not sleep again on the lock we held. */
 	pthread_cond_signal(&p->work_ready);
+}
+
+void pool_submit_slow(struct pool *p, struct pool_job *job)
+{
+	job->next = NULL;
+	p->queued++;
+	pthread_mutex_lock(&p->lock);
+	if (p->slow_tail)
+		p->slow_tail->next = job;
+	else
+		p->slow_head = job;
+	p->slow_tail = job;
+	int wake = p->slow_running < p->slow_max;
+	pthread_mutex_unlock(&p->lock);
+	if (wake)
+		pthread_cond_signal(&p->work_ready);
 }
 
 void pool_complete(struct pool *p, struct pool_job *job)

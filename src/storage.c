@@ -603,6 +603,17 @@ static void hash_work(struct pool_job *job)
 
 static void hash_done(struct pool_job *job);
 
+/* Hands the upload's step to a disk thread. Publishing fsyncs a whole file and its directory (tens of
+ * milliseconds, and the fsyncs of several files wait for one journal commit): on the pool's slow lane,
+ * so that every thread is never in an fsync at once while the chunk writes of other uploads wait. */
+static void upload_submit(struct upload *up)
+{
+	if (up->work == WORK_COMPLETE || up->work == WORK_LINK)
+		pool_submit_slow(up->st->pool, &up->job);
+	else
+		pool_submit(up->st->pool, &up->job);
+}
+
 static void hash_submit(struct upload *up)
 {
 	up->hash_batch = up->hq_head;
@@ -644,7 +655,7 @@ static void hash_done(struct pool_job *job)
 	if (up->work_deferred && (!hash_busy(up) || write_beside_hash(up))) {
 		up->work_deferred = 0;
 		up->job_beside_hash = hash_busy(up);
-		pool_submit(up->st->pool, &up->job);
+		upload_submit(up);
 	}
 	upload_unpin(up);   /* may free a retired upload: last */
 }
@@ -696,7 +707,7 @@ void upload_start_work(struct upload *up, enum disk_work work)
 		return;
 	}
 	up->job_beside_hash = hash_busy(up);
-	pool_submit(up->st->pool, &up->job);
+	upload_submit(up);
 }
 
 /* ---------------------------------------------------------------- limits on uploads in progress */
@@ -1904,7 +1915,7 @@ void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 		st->sweep->st = st;
 		st->sweep->job.work = sweep_work;
 		st->sweep->job.done = sweep_done;
-		pool_submit(st->pool, &st->sweep->job);
+		pool_submit_slow(st->pool, &st->sweep->job);   /* a scan of the staging area */
 	}
 }
 
