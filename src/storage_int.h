@@ -46,6 +46,7 @@ struct worker_link {
 	/* The worker's shared ring (shmring.h): CHUNK_REF data lies there. Unmapped with the last op. */
 	struct shmring_view ring;
 	int ring_fd;                  /* a descriptor received with RING, until that message is read; -1: none */
+	int flush_wanted;             /* answers queued this loop iteration: sent together before it sleeps */
 };
 
 enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
@@ -219,6 +220,7 @@ struct storage {
 	ev_io accept_io;
 	ev_signal sigs[5];            /* storage_signals[] */
 	ev_timer janitor;
+	ev_prepare answer_flush;      /* sends the answers queued while the loop ran, before it sleeps */
 	ev_timer accept_pause;        /* accepts stopped for a moment after EMFILE/ENFILE */
 	ev_timer space_timer;
 	struct space_probe space;

@@ -43,12 +43,30 @@
 
 static void worker_link_release(struct worker_link *wl);
 
+#define LINK_READ_BULK 4096   /* bytes a read of the link asks for at least (worker_link_on_io) */
+
 /* ---------------------------------------------------------------- answers */
 
-/* EAGAIN: the write watcher goes on; errors: the read side closes the link. */
+/* Answers go out once per loop iteration (storage_on_prepare): with many uploads, one wake-up of the
+ * loop finishes several chunks, and their answers to a worker leave in one send instead of one each
+ * (the worker is woken once for them too). EAGAIN: the write watcher goes on; errors: the read side
+ * closes the link. */
 static void worker_link_flush(struct worker_link *wl)
 {
-	link_flush(&wl->link);
+	wl->flush_wanted = 1;
+}
+
+static void storage_on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct storage *st = w->data;
+	for (struct worker_link *wl = st->worker_links; wl; wl = wl->next) {
+		if (wl->flush_wanted) {
+			wl->flush_wanted = 0;
+			link_flush(&wl->link);
+		}
+	}
 }
 
 /* Sends the result of op to its worker; the op itself stays until op_free. */
@@ -308,7 +326,7 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	(void)loop;
 	struct worker_link *wl = io->data;
 	if (revents & EV_WRITE)
-		worker_link_flush(wl);
+		link_flush(&wl->link);
 	if (!(revents & EV_READ))
 		return;
 	wl->refs++;   /* answers inside the loops below must not free wl */
@@ -317,8 +335,10 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			if (worker_link_read_block(wl) <= 0)
 				break;
 		} else {
-			/* Small reads: at most what completes the message at the head, so that a
-			 * chunk's payload is never read into this buffer but into its own block. */
+			/* Small reads: what completes the message at the head, or LINK_READ_BULK when that is
+			 * less, so that the small messages of many uploads (CHUNK_REF, about 150 bytes) come in
+			 * one read, not two each, and a chunk's payload is read into its own block, not into
+			 * this buffer (at most LINK_READ_BULK of it that followed other messages is copied). */
 			size_t want = IPC_HEADER_LEN;
 			struct ipc_header h;
 			const uint8_t *payload;
@@ -326,7 +346,8 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			if (st == IPC_NEED_MORE && buf_len(&wl->link.in) >= IPC_HEADER_LEN)
 				want = IPC_HEADER_LEN + h.len;
 			if (st == IPC_NEED_MORE) {
-				ssize_t n = link_read_fd(&wl->link, want - buf_len(&wl->link.in), &wl->ring_fd);
+				size_t room = want - buf_len(&wl->link.in);
+				ssize_t n = link_read_fd(&wl->link, room < LINK_READ_BULK ? LINK_READ_BULK : room, &wl->ring_fd);
 				if (n <= 0) {
 					if (n != LINK_AGAIN)
 						worker_link_close(wl);
@@ -538,6 +559,9 @@ int storage_main(const struct conf *conf, int listen_fd)
 		fatalx("cannot start the postgres client");
 
 	signals_watch(st->loop, storage_signals, SIGNALS_COUNT(storage_signals), st->sigs, st);
+	ev_prepare_init(&st->answer_flush, storage_on_prepare);
+	st->answer_flush.data = st;
+	ev_prepare_start(st->loop, &st->answer_flush);
 	ev_timer_init(&st->janitor, storage_on_janitor, conf->janitor_interval, conf->janitor_interval);
 	st->janitor.data = st;
 	ev_timer_start(st->loop, &st->janitor);
@@ -567,6 +591,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	link_socket_path(conf->run_dir, sock, sizeof(sock));
 	log_info("serving workers on %s", sock);
 	ev_run(st->loop, 0);
+	storage_on_prepare(st->loop, &st->answer_flush, 0);   /* answers queued by the last callbacks */
 	log_info("stopping");
 	st->stopping = 1;
 	/* Disk work in flight finishes first: every acknowledged byte is already written. */
