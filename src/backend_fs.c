@@ -43,12 +43,22 @@ struct backend_staging {
 	struct fs *fs;
 	struct backend_meta meta;
 	int fd;                       /* the .part file while open (on the list); -1 while closed */
+	int fd_known;                 /* fd_dev and fd_ino hold fd's identity (fstat once opened: it cannot change) */
+	dev_t fd_dev;
+	ino_t fd_ino;
 	int busy;                     /* a thread is using fd: it is not closed under it */
 	struct backend_staging *prev, *next;   /* on the open list */
 	char part[PATH_MAX];
 	char metafile[PATH_MAX];
 	char lockfile[PATH_MAX];      /* holds the highest fence seen; flocked around every fenced change */
 	int lock_fd;                  /* open between fence_enter and fence_leave */
+	dev_t lock_fd_dev;            /* its identity, checked against the path by fence_enter */
+	ino_t lock_fd_ino;
+	/* The lock file kept open between chunk writes (fs_staging_write) while fd is open, unlocked, so
+	 * that a write does not open, fstat and close it again; -1: none. Closed with fd. */
+	int lock_keep;
+	dev_t lock_keep_dev;
+	ino_t lock_keep_ino;
 };
 
 struct backend_file {
@@ -173,6 +183,7 @@ static struct backend_staging *staging_new(struct fs *fs, const struct backend_m
 		*err = path_format(s->lockfile, sizeof(s->lockfile), "%s/%" PRIu64 "-%s.lock", fs->staging, meta->uid,
 		    meta->md5);
 	s->lock_fd = -1;
+	s->lock_keep = -1;
 	if (*err) {
 		free(s);
 		return NULL;
@@ -219,6 +230,11 @@ static size_t open_trim(struct fs *fs, size_t keep)
 			close(v->fd);
 			v->fd = -1;
 			fs->open_count--;
+			if (v->lock_keep >= 0) {
+				close(v->lock_keep);
+				v->lock_keep = -1;
+				fs->open_count--;
+			}
 			closed++;
 		}
 		v = prev;
@@ -230,8 +246,13 @@ static size_t open_trim(struct fs *fs, size_t keep)
 static void open_register(struct backend_staging *s, int fd)
 {
 	struct fs *fs = s->fs;
+	struct stat sb;
+	int known = fstat(fd, &sb) == 0;
 	pthread_mutex_lock(&fs->lock);
 	s->fd = fd;
+	s->fd_known = known;
+	s->fd_dev = known ? sb.st_dev : 0;
+	s->fd_ino = known ? sb.st_ino : 0;
 	s->busy = 1;
 	open_push(fs, s);
 	fs->open_count++;
@@ -337,8 +358,10 @@ static int meta_read(const char *path, struct backend_meta *m)
  * holds the highest fence seen (8 bytes, little endian). Every fenced change opens it,
  * takes an exclusive flock (NFSv4 and CephFS carry these between clients), refuses a
  * lower fence with ESTALE, records a higher one, makes the change and unlocks: the check
- * and the change are one step for every other holder. The file is opened per change, so
- * thousands of idle uploads hold no descriptor, and checked after locking to be the one
+ * and the change are one step for every other holder. The file is opened per change (a
+ * chunk write keeps it open, unlocked, for the next write while the .part stays open on the
+ * bounded list of open files, and counted there), so thousands of idle uploads hold no
+ * descriptor, and checked after locking to be the one
  * the path names (discard and publish remove it under the lock, with the entry). A
  * stale holder that comes back after that finds no fence to compare with, so a write
  * also checks that its descriptor is the .part the path names now: a .part published
@@ -350,14 +373,32 @@ static int fence_enter(struct backend_staging *s, uint64_t fence)
 	if (fence == BACKEND_NO_FENCE)
 		return 0;
 	for (int tries = 0; tries < 8; tries++) {
-		int fd = open(s->lockfile, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-		if (fd < 0)
-			return errno;
+		/* The descriptor a previous write kept (only fs_staging_write sets it, its handle busy) is
+		 * locked and checked exactly as a fresh one: a lock file removed or replaced meanwhile
+		 * fails the comparison with the path below and the next try opens the current one. */
+		struct stat held, named;
+		pthread_mutex_lock(&s->fs->lock);   /* open_trim closes a kept descriptor under it */
+		int fd = s->lock_keep;
+		if (fd >= 0) {
+			s->lock_keep = -1;
+			s->fs->open_count--;
+			held.st_dev = s->lock_keep_dev;
+			held.st_ino = s->lock_keep_ino;
+		}
+		pthread_mutex_unlock(&s->fs->lock);
+		if (fd < 0) {
+			if ((fd = open(s->lockfile, O_RDWR | O_CREAT | O_CLOEXEC, 0640)) < 0)
+				return errno;
+			if (fstat(fd, &held) < 0) {
+				int err = errno;
+				close(fd);
+				return err;
+			}
+		}
 		int rc;
 		while ((rc = flock(fd, LOCK_EX)) < 0 && errno == EINTR)
 			;
-		struct stat held, named;
-		if (rc < 0 || fstat(fd, &held) < 0) {
+		if (rc < 0) {
 			int err = errno;
 			close(fd);
 			return err;
@@ -385,6 +426,8 @@ static int fence_enter(struct backend_staging *s, uint64_t fence)
 			}
 		}
 		s->lock_fd = fd;
+		s->lock_fd_dev = held.st_dev;
+		s->lock_fd_ino = held.st_ino;
 		return 0;
 	}
 	return EAGAIN;
@@ -415,6 +458,30 @@ static void fence_leave(struct backend_staging *s)
 		close(s->lock_fd);
 		s->lock_fd = -1;
 	}
+}
+
+/* fence_leave for a chunk write: unlocks the lock file and keeps it open for the next write, as
+ * long as the .part is open on the list (open_trim and staging_close close both). */
+static void fence_leave_keep(struct backend_staging *s)
+{
+	if (s->lock_fd < 0)
+		return;
+	if (flock(s->lock_fd, LOCK_UN) < 0) {
+		fence_leave(s);
+		return;
+	}
+	struct fs *fs = s->fs;
+	pthread_mutex_lock(&fs->lock);
+	if (s->fd >= 0 && s->lock_keep < 0) {
+		s->lock_keep = s->lock_fd;
+		s->lock_keep_dev = s->lock_fd_dev;
+		s->lock_keep_ino = s->lock_fd_ino;
+		s->lock_fd = -1;
+		fs->open_count++;   /* counted against open_max like the .part: idle ones are closed first */
+		open_trim(fs, fs->open_max);
+	}
+	pthread_mutex_unlock(&fs->lock);
+	fence_leave(s);   /* closes it unless kept */
 }
 
 /* The root answers a stat: a hung file system (NFS, a stopped FUSE daemon) makes this hang, which
@@ -528,13 +595,13 @@ static int fs_staging_write(struct backend_staging *s, const void *data, size_t 
 	if (err)
 		return err;
 	if ((err = fence_enter(s, fence)) == 0) {
-		struct stat held, named;
-		if (fstat(s->fd, &held) < 0 || stat(s->part, &named) < 0 || held.st_ino != named.st_ino ||
-		    held.st_dev != named.st_dev)
+		struct stat held = { .st_dev = s->fd_dev, .st_ino = s->fd_ino }, named;
+		if ((!s->fd_known && fstat(s->fd, &held) < 0) || stat(s->part, &named) < 0 ||
+		    held.st_ino != named.st_ino || held.st_dev != named.st_dev)
 			err = ESTALE;   /* published or discarded by another holder since it was opened */
 		else
 			err = write_all_at(s->fd, data, len, offset);
-		fence_leave(s);
+		fence_leave_keep(s);
 	}
 	staging_release(s);
 	return err;
@@ -607,6 +674,10 @@ static void fs_staging_close(struct backend_staging *s)
 		open_unlink(fs, s);
 		fs->open_count--;
 		close(s->fd);
+	}
+	if (s->lock_keep >= 0) {   /* kept only while fd is open */
+		fs->open_count--;
+		close(s->lock_keep);
 	}
 	pthread_mutex_unlock(&fs->lock);
 	free(s);

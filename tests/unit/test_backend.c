@@ -437,6 +437,59 @@ START_TEST(test_open_files_bounded)
 }
 END_TEST
 
+/* Fenced chunk writes keep their lock file open between writes (backend_fs.c, fence_enter): those
+ * descriptors count against the same bound, and every handle still takes its fence. */
+START_TEST(test_open_files_bounded_fenced)
+{
+	enum { HANDLES = 300, BOUND = 256 };
+	static struct backend_staging *s[HANDLES];
+	for (int i = 0; i < HANDLES; i++) {
+		char md5[33];
+		snprintf(md5, sizeof(md5), "%032x", i + 1000);
+		struct backend_meta m = meta_of((uint64_t)i, md5, "fenced.bin", 100);
+		ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s[i]), 0);
+		ck_assert_int_eq(be.ops->staging_write(s[i], &i, sizeof(i), 0, 5), 0);
+		ck_assert_int_le(staging_fds(), BOUND);
+	}
+	for (int i = 0; i < HANDLES; i++) {
+		ck_assert_int_eq(be.ops->staging_write(s[i], &i, sizeof(i), sizeof(i), 5), 0);
+		ck_assert_int_eq(be.ops->staging_write(s[i], &i, sizeof(i), 0, 4), ESTALE);   /* a lower fence */
+		uint64_t recorded = 0;
+		ck_assert_int_eq(be.ops->staging_fence(s[i], &recorded), 0);
+		ck_assert_uint_eq(recorded, 5);
+	}
+	ck_assert_int_le(staging_fds(), BOUND);
+	for (int i = 0; i < HANDLES; i++)
+		be.ops->staging_close(s[i]);
+	ck_assert_int_eq(staging_fds(), 0);
+}
+END_TEST
+
+/* A holder whose lock file was removed and made again by another holder (discard, then a new
+ * begin with a newer fence) between two of its writes: its kept descriptor names the old file,
+ * so it locks the current one, reads the newer fence there and is refused. */
+START_TEST(test_fencing_kept_lock_replaced)
+{
+	struct backend_meta m = meta_of(23, MD5_A, "kept.bin", 8);
+	struct backend_staging *a, *b;
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 10, &a), 0);
+	ck_assert_int_eq(be.ops->staging_write(a, "abcd", 4, 0, 10), 0);   /* keeps the lock file open */
+	struct backend_entry e;
+	ck_assert_int_eq(be.ops->staging_find(&be, 23, MD5_A, &e, &b), 0);
+	ck_assert_int_eq(be.ops->staging_discard(b, 20), 0);   /* removes .part, .meta and the lock file */
+	be.ops->staging_close(b);
+	ck_assert_int_eq(be.ops->staging_begin(&be, &m, 30, &b), 0);   /* a new entry, a new lock file */
+	ck_assert_int_eq(be.ops->staging_write(a, "XXXX", 4, 4, 10), ESTALE);
+	ck_assert_int_eq(be.ops->staging_write(b, "efgh", 4, 4, 30), 0);
+	uint64_t recorded = 0;
+	ck_assert_int_eq(be.ops->staging_fence(b, &recorded), 0);
+	ck_assert_uint_eq(recorded, 30);
+	be.ops->staging_close(a);
+	ck_assert_int_eq(be.ops->staging_discard(b, 30), 0);
+	be.ops->staging_close(b);
+}
+END_TEST
+
 START_TEST(test_unknown_backend)
 {
 	struct conf c = conf;
@@ -739,8 +792,10 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_meta_any_name);
 	tcase_add_test(tc, test_list_drops_broken);
 	tcase_add_test(tc, test_open_files_bounded);
+	tcase_add_test(tc, test_open_files_bounded_fenced);
 	tcase_add_test(tc, test_unknown_backend);
 	tcase_add_test(tc, test_fencing);
+	tcase_add_test(tc, test_fencing_kept_lock_replaced);
 	tcase_add_test(tc, test_find_finishes_interrupted_publish);
 	tcase_add_test(tc, test_discard_after_publish);
 	suite_add_tcase(s, tc);
