@@ -78,13 +78,15 @@ void upload_unpin(struct upload *up)
 
 /* ---------------------------------------------------------------- disk work (pool threads) */
 
-/* A middle chunk answered by its disk thread (up->direct) and smaller than this is hashed by that
- * thread right after its answer, when the hash stage is idle (stop-and-wait clients: the JSON
- * path): its MD5 (about 50 us for 32 KiB) overlaps the answer's way back to the client, where a
- * batch of HASH_BATCH on another thread took a core for 0.4 ms every eight chunks and held up the
- * round trip of the chunk that started it (twice the others' at the median). Larger chunks go to
- * the hash stage, so a window of them is written while the last ones are hashed. */
-#define HASH_INLINE_MAX (128u << 10)
+/* A middle chunk smaller than this with nothing queued behind it (a stop-and-wait client: the JSON
+ * path) is answered by its disk thread (job_submit), and then hashed by that thread, when the hash
+ * stage is idle: its MD5 (about 50 us for 32 KiB) overlaps the answer's way back to the client,
+ * where a batch of HASH_BATCH on another thread took a core for 0.4 ms every eight chunks and held
+ * up the round trip of the chunk that started it (twice the others' at the median). Large chunks
+ * and windows of chunks (the binary path) are answered by the loop, which sends the answers of
+ * several completions at once, and hashed by the hash stage, so a window of them is written while
+ * the last ones are hashed. */
+#define DIRECT_MAX (128u << 10)
 
 /* Before a chunk overwrites bytes already hashed: if they differ, the running MD5 is stale
  * and the whole file is read again at the end. */
@@ -428,11 +430,11 @@ static void upload_work(struct pool_job *job)
 			    .total_size = up->total_size, .name = up->name, .name_len = up->name_len };
 			up->direct_sent = op_reply_direct(op, &r) == 0;
 		}
-		/* Other chunks are hashed after their answer went out: a small one here, while the worker
-		 * and the client take the answer (the hash stage is idle unless this job runs beside it),
-		 * a large one by the hash stage, so the next write need not wait for its MD5. */
+		/* Other chunks are hashed after their answer went out: one answered here right now, while
+		 * the worker and the client take the answer (DIRECT_MAX; the hash stage is idle unless this
+		 * job runs beside it), the others by the hash stage, so the next write need not wait. */
 		if (!up->job_beside_hash && (up->work == WORK_START || op->offset + op->data_len == up->total_size ||
-		    op->offset + op->data_len == op->total_size || (up->direct_sent && op->data_len < HASH_INLINE_MAX)))
+		    op->offset + op->data_len == op->total_size || up->direct_sent))
 			hash_chunk(up, op);
 		/* Instant upload: chunk 1 of a file of several chunks is compared with stored content. */
 		up->dd_match = up->work == WORK_START && dedup_eligible(up->st, op->data_len, op->total_size) &&
@@ -700,7 +702,8 @@ static void job_submit(struct upload *up)
 	const struct op *op = up->head;
 	up->direct_sent = 0;
 	up->direct = up->work == WORK_WRITE && op != NULL && op->type == OP_CHUNK && op->wl != NULL &&
-	    up->exists && !up->dd_challenging && op->offset + op->data_len < up->total_size;
+	    op->next == NULL && op->data_len < DIRECT_MAX && up->exists && !up->dd_challenging &&
+	    op->offset + op->data_len < up->total_size;
 	if (up->direct) {
 		uint64_t end = op->offset + op->data_len;
 		up->direct_committed = end >= up->committed ? end : up->committed;   /* as work_done_written */
@@ -1567,8 +1570,10 @@ static void work_done_written(struct upload *up, struct op *op)
 		return;
 	}
 	record_write_soon(up);
-	if (up->direct_sent)
+	if (up->direct_sent) {
+		STAT_INC(chunks_answered_direct);
 		op_reply_direct_flush(op);   /* answered by the disk thread; what the socket left goes now */
+	}
 	else
 		op_reply(op, ERR_OK, NULL, up);
 	upload_pop(up);
