@@ -1573,9 +1573,9 @@ static void work_done_written(struct upload *up, struct op *op)
 	if (up->direct_sent) {
 		STAT_INC(chunks_answered_direct);
 		op_reply_direct_flush(op);   /* answered by the disk thread; what the socket left goes now */
-	}
-	else
+	} else {
 		op_reply(op, ERR_OK, NULL, up);
+	}
 	upload_pop(up);
 	hash_push(up, op);   /* the next chunk may be written meanwhile */
 	upload_run(up);
