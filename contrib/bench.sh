@@ -53,9 +53,10 @@ ulimit -n 65536 2>/dev/null || true
 "$resourced" -f -c "$work/bench.conf" &
 for _ in $(seq 100); do "$resctl" ping "127.0.0.1:$port" --timeout 1 >/dev/null 2>&1 && break; sleep 0.05; done
 
-rss_kib() {   # total resident memory of every resourced process
-	local total=0 pid
-	for pid in $(pgrep -f '^resourced: '); do
+rss_kib() {   # total resident memory of this daemon: its master and the master's children
+	local total=0 pid master
+	master=$(cat "$work/run/resourced.pid")
+	for pid in "$master" $(pgrep -P "$master"); do
 		total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
 	done
 	echo "$total"
@@ -145,7 +146,7 @@ bench_binary() {
 	for proto in json binary; do
 		uid=$((uid + 1))
 		t0=$(cpu_ticks)
-		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (README, Performance).
+		# 256 KiB chunks on the fast path here: 64 windows of 1 MiB chunks stall (docs/performance.md).
 		row+=("$("$resctl" bench "127.0.0.1:$port" --connections 64 --size 8388608 --mode upload --duration "$dur" \
 			--uid "$uid" --token bench --protocol "$proto" $([ "$proto" = binary ] && echo --chunk 262144) --json || true)")
 		t1=$(cpu_ticks)
@@ -178,10 +179,12 @@ bench_binary() {
 		done
 	done
 	echo "== 6b: resctl upload and download of a 256 MiB file over the fast path (the default)"
-	"$resctl" upload "127.0.0.1:$port" "$work/random.bin" --name two.bin --uid 1 --token bench
+	# Content the server does not hold yet: random.bin went up in 1c, and would be an instant upload.
+	dd if=/dev/urandom of="$work/random2.bin" bs=1M count=256 status=none
+	"$resctl" upload "127.0.0.1:$port" "$work/random2.bin" --name two.bin --uid 1 --token bench
 	"$resctl" download "127.0.0.1:$port" two.bin "$work/two.out" --uid 1 --token bench
-	cmp "$work/random.bin" "$work/two.out" && echo "identical"
-	rm -f "$work/two.out"
+	cmp "$work/random2.bin" "$work/two.out" && echo "identical"
+	rm -f "$work/two.out" "$work/random2.bin"
 }
 section binary && bench_binary
 
@@ -272,17 +275,26 @@ section sweep && bench_sweep
 if section idle; then
 echo "== 4: 10,000 idle connections"
 before=$(rss_kib)
-python3 - "$port" "$before" <<'PY'
+# Opens the connections, waits until the workers have accepted every one (conn_current on the
+# stats socket), then measures; the script's own RSS is not counted (only this daemon's processes).
+python3 - "$port" "$before" "$resctl" "$work/run/stats.sock" "$work/run/resourced.pid" <<'PY'
 import socket, sys, time, subprocess
-port, before = int(sys.argv[1]), int(sys.argv[2])
-socks = []
-for i in range(10000):
-    s = socket.create_connection(("127.0.0.1", port)); socks.append(s)
-time.sleep(2)  # let the workers accept every connection before measuring
-out = subprocess.run(["bash", "-c", "t=0; for p in $(pgrep -f '^resourced: '); do t=$((t + $(awk '/^VmRSS/ {print $2}' /proc/$p/status))); done; echo $t"],
-                     capture_output=True, text=True).stdout.strip()
-after = int(out)
-print(f"RSS before {before} KiB, with 10000 idle connections {after} KiB: {(after - before) * 1024 / 10000:.0f} bytes per connection")
+port, before, resctl, stats, pidfile = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(10000)]
+def current():
+    out = subprocess.run([resctl, "stats", "--socket", stats, "show", "info"], capture_output=True, text=True).stdout
+    return next((int(l.split()[1]) for l in out.splitlines() if l.startswith("conn_current:")), -1)
+deadline = time.monotonic() + 30
+while current() < len(socks) and time.monotonic() < deadline:
+    time.sleep(0.1)
+master = int(open(pidfile).read())
+pids = [master] + [int(p) for p in subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()]
+after = 0
+for pid in pids:
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmRSS:"):
+            after += int(line.split()[1])
+print(f"RSS before {before} KiB, with {current()} idle connections {after} KiB: {(after - before) * 1024 / len(socks):.0f} bytes per connection")
 for s in socks: s.close()
 PY
 "$resctl" stats --socket "$work/run/stats.sock" show info | grep -E '^(conn_total|conn_rejected|errors_)' || true

@@ -14,6 +14,7 @@
 #include <uthash.h>
 
 #include "backend.h"
+#include "backend_probe.h"
 #include "challenge.h"
 #include "conf.h"
 #include "digest.h"
@@ -214,16 +215,6 @@ struct space_probe {
 /* Staging entries untouched for upload_ttl, listed on a pool thread for the janitor. */
 #define SWEEP_MAX 256
 
-/* The backend's ping, on a pool thread (the agent-check answers down while it fails or hangs). */
-struct health_probe {
-	struct pool_job job;
-	struct storage *st;
-	int busy;
-	ev_tstamp started, last;
-	int err;
-	int unreachable;              /* as last published to the stats slot */
-};
-
 struct sweep {
 	struct pool_job job;
 	struct storage *st;
@@ -244,7 +235,7 @@ struct storage {
 	ev_timer space_timer;
 	struct space_probe space;
 	ev_timer health_timer;
-	struct health_probe health;
+	struct backend_probe health;  /* the backend's ping, for the agent-check */
 	struct sweep *sweep;          /* the janitor's listing of old staging entries */
 	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
 	int free_known;

@@ -10,6 +10,7 @@
 #include "json.h"
 #include "lease.h"
 #include "link.h"
+#include "backend_probe.h"
 #include "log.h"
 #include "escape.h"
 #include "pg.h"
@@ -526,63 +527,17 @@ static void make_dir(const char *path)
 /* ---------------------------------------------------------------- health (the agent-check) */
 
 #define HEALTH_INTERVAL 1.0     /* seconds between heartbeats of the loop */
-#define PING_INTERVAL 2.0       /* seconds between pings of the backend */
 
-static void health_publish(struct storage *st, int unreachable, const char *why)
-{
-	struct health_probe *h = &st->health;
-	if (unreachable == h->unreachable)
-		return;
-	h->unreachable = unreachable;
-	if (stats_self)
-		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
-	if (unreachable)
-		log_warnx("storage backend %s unreachable (%s): the agent-check answers down",
-		    st->backend.ops->name, why);
-	else
-		log_info("storage backend %s answers again", st->backend.ops->name);
-}
-
-static void health_ping_work(struct pool_job *job)
-{
-	struct health_probe *h = (struct health_probe *)job;
-	h->err = h->st->backend.ops->ping(&h->st->backend);
-}
-
-static void health_ping_done(struct pool_job *job)
-{
-	struct health_probe *h = (struct health_probe *)job;
-	struct storage *st = h->st;
-	h->busy = 0;
-	h->last = ev_now(st->loop);
-	health_publish(st, h->err != 0, strerror(h->err));
-}
-
-/* The loop's heartbeat, and the backend pinged on a pool thread: a ping still running after
- * storage_timeout counts as unreachable (every pool thread may be stuck on the backend). */
+/* The loop's heartbeat, and the backend's ping (backend_probe.c: a ping still running after
+ * storage_timeout counts as unreachable, since every pool thread may be stuck on the backend). */
 static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int revents)
 {
+	(void)loop;
 	(void)revents;
 	struct storage *st = t->data;
-	struct health_probe *h = &st->health;
 	if (stats_self)
 		atomic_store(&stats_self->alive_ms, stats_mono_ms());
-	ev_tstamp now = ev_now(loop);
-	if (st->backend.ops->ping == NULL)
-		return;
-	if (h->busy) {
-		if (now - h->started > st->conf->storage_timeout)
-			health_publish(st, 1, "no answer within storage_timeout");
-		return;
-	}
-	if (now - h->last < PING_INTERVAL)
-		return;
-	h->busy = 1;
-	h->st = st;
-	h->started = now;
-	h->job.work = health_ping_work;
-	h->job.done = health_ping_done;
-	pool_submit(st->pool, &h->job);
+	backend_probe_tick(&st->health);
 }
 
 #define STORAGE_MMAP_THRESHOLD (4 << 20)   /* chunk blocks below this come from the heap */
@@ -665,6 +620,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	/* Alive from now on, as far as the agent-check can tell. */
 	if (stats_self)
 		atomic_store(&stats_self->alive_ms, stats_mono_ms());
+	backend_probe_init(&st->health, st->loop, st->pool, &st->backend, conf->storage_timeout, NULL);
 	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
 	st->health_timer.data = st;
 	ev_timer_start(st->loop, &st->health_timer);

@@ -10,6 +10,7 @@
 #include "ipc.h"
 #include "json.h"
 #include "link.h"
+#include "backend_probe.h"
 #include "log.h"
 #include "escape.h"
 #include "pool.h"
@@ -186,13 +187,8 @@ struct worker {
 	struct rds redis;
 	struct pool *pool;            /* reads of published files */
 	struct backend backend;       /* where published files are read from */
-	struct backend_probe {        /* this worker's own backend client, pinged for the agent-check */
-		struct pool_job job;
-		struct worker *w;
-		ev_timer timer;
-		int busy, err, unreachable;
-		ev_tstamp started, last;
-	} probe;
+	struct backend_probe probe;   /* this worker's own backend client, pinged for the agent-check */
+	ev_timer probe_timer;
 	struct json_writer jw;
 	struct proto_limits limits;
 	uint32_t bin_link_waiters;    /* fast-path connections waiting for the storage link to drain */
@@ -1128,8 +1124,11 @@ static int uplink_send(struct conn *c)
 				shmring_trim(&s->ring, slot, msg.data_len);
 				if ((rc = ipc_encode_chunk_ref(&s->link.out, reqid, &msg, slot, at)) < 0)
 					shmring_cancel(&s->ring, slot);
+				else
+					STAT_ADD(chunks_by_ring, 1);
 			} else {
 				ipc_commit_chunk(&s->link.out, reqid, &msg);
+				STAT_ADD(chunks_copied, 1);
 			}
 		}
 	}
@@ -2059,15 +2058,20 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	if (in_ring != NULL) {
 		/* Already in the shared ring: the link carries only where the bytes are. */
 		to = ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, *in_ring, ring_at) == 0 ? (uint8_t *)"" : NULL;
+		if (to != NULL)
+			STAT_ADD(chunks_by_ring, 1);
 	} else if (s->ring_ready && (to = shmring_reserve(&s->ring, ch.length, &slot, &at)) != NULL) {
 		memcpy(to, ch.data, ch.length);
 		if (ipc_encode_chunk_ref(&s->link.out, reqid, &msgc, slot, at) < 0) {
 			shmring_cancel(&s->ring, slot);
 			to = NULL;
+		} else {
+			STAT_ADD(chunks_by_ring, 1);
 		}
 	} else if ((to = ipc_reserve_chunk(&s->link.out, &msgc, ch.length)) != NULL) {
 		memcpy(to, ch.data, ch.length);
 		ipc_commit_chunk(&s->link.out, reqid, &msgc);
+		STAT_ADD(chunks_copied, 1);
 	}
 	if (to == NULL) {
 		bin_send_ack(c, ERR_BUSY, ch.offset, ch.length, b->committed, b->total, "server busy: out of memory");
@@ -3013,71 +3017,27 @@ static void worker_on_retire(struct ev_loop *loop, ev_signal *s, int revents)
 /*
  * Downloads read published files through this worker's own backend client (a librados connection
  * of its own with RADOS), which the storage process's ping does not cover. So the worker pings
- * its backend too, on its pool (behind the downloads, so a pool stuck on the backend shows), and
- * says in its stats slot whether it answers; the agent-check answers down while any worker's does
- * not (control.c). The fs backend's ping is a stat.
+ * its backend too (backend_probe.c), on its pool behind the downloads, and says in its stats slot
+ * whether it answers; the agent-check answers down while any worker's does not (control.c).
  */
 #define PROBE_TICK 1.0            /* seconds between looks at the probe */
-#define PROBE_INTERVAL 2.0        /* seconds between pings */
 
-static void probe_publish(struct worker *w, int unreachable, const char *why)
-{
-	struct backend_probe *p = &w->probe;
-	if (unreachable == p->unreachable)
-		return;
-	p->unreachable = unreachable;
-	if (stats_self)
-		atomic_store(&stats_self->backend_unreachable, (uint32_t)unreachable);
-	if (unreachable)
-		log_warnx("storage backend %s unreachable from this worker (%s): the agent-check answers down",
-		    w->backend.ops->name, why);
-	else
-		log_info("storage backend %s answers this worker again", w->backend.ops->name);
-}
-
-static void probe_work(struct pool_job *job)
-{
-	struct backend_probe *p = (struct backend_probe *)job;
-	p->err = p->w->backend.ops->ping(&p->w->backend);
-}
-
-static void probe_done(struct pool_job *job)
-{
-	struct backend_probe *p = (struct backend_probe *)job;
-	p->busy = 0;
-	p->last = ev_now(p->w->loop);
-	probe_publish(p->w, p->err != 0, strerror(p->err));
-}
-
-/* A ping still running after storage_timeout counts as unreachable, like the storage process's. */
 static void worker_on_probe_timer(struct ev_loop *loop, ev_timer *t, int revents)
 {
+	(void)loop;
 	(void)revents;
 	struct worker *w = t->data;
-	struct backend_probe *p = &w->probe;
-	ev_tstamp now = ev_now(loop);
-	if (p->busy) {
-		if (now - p->started > w->conf->storage_timeout)
-			probe_publish(w, 1, "no answer within storage_timeout");
-		return;
-	}
-	if (now - p->last < PROBE_INTERVAL)
-		return;
-	p->busy = 1;
-	p->w = w;
-	p->started = now;
-	p->job.work = probe_work;
-	p->job.done = probe_done;
-	pool_submit(w->pool, &p->job);
+	backend_probe_tick(&w->probe);
 }
 
 static void probe_start(struct worker *w)
 {
+	backend_probe_init(&w->probe, w->loop, w->pool, &w->backend, w->conf->storage_timeout, "this worker");
 	if (w->backend.ops->ping == NULL)
 		return;   /* reachable whenever the process runs */
-	ev_timer_init(&w->probe.timer, worker_on_probe_timer, PROBE_TICK, PROBE_TICK);
-	w->probe.timer.data = w;
-	ev_timer_start(w->loop, &w->probe.timer);
+	ev_timer_init(&w->probe_timer, worker_on_probe_timer, PROBE_TICK, PROBE_TICK);
+	w->probe_timer.data = w;
+	ev_timer_start(w->loop, &w->probe_timer);
 	ev_unref(w->loop);   /* it never keeps a stopping worker's loop running */
 }
 

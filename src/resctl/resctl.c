@@ -1532,11 +1532,15 @@ static void upload_report(const struct upload *u, enum upload_step step, int64_t
 		    u->o->name, u->acked, u->offset, u->total, u->md5);
 		return;
 	}
-	printf("uploaded %s: %" PRIu64 " bytes in %.3f s (%.2f MB/s), md5 %s", u->o->name, u->total, seconds,
-	    rate, u->md5);
+	/* The rate is of what was sent: name the amount when it is not the file (resumed, instant). */
+	printf("uploaded %s: %" PRIu64 " bytes in %.3f s", u->o->name, u->total, seconds);
+	if (u->sent_bytes == u->total)
+		printf(" (%.2f MB/s)", rate);
+	else
+		printf(" (sent %" PRIu64 " bytes at %.2f MB/s)", u->sent_bytes, rate);
+	printf(", md5 %s", u->md5);
 	if (u->resumes)
-		printf(", resumed %u time%s, sent %" PRIu64 " bytes", u->resumes, u->resumes == 1 ? "" : "s",
-		    u->sent_bytes);
+		printf(", resumed %u time%s", u->resumes, u->resumes == 1 ? "" : "s");
 	printf("\n");
 	if (u->instant)
 		printf("already on the server: published without sending (%.1f MB saved)\n",

@@ -1,5 +1,6 @@
 # test_binary.py: the binary fast path (1041-1048): uploads and ranges byte-identical, resume across paths both ways, refusals that change nothing.
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -346,6 +347,20 @@ tap.ok(any("upload" in x and "binary=1" in x for x in up_lines) and
        "the access log shows resctl's default upload and download on the fast path", "".join(up_lines))
 tap.ok(not any("binary=1" in x for x in access_lines('name="via-compat.bin"')),
        "and --compat on the JSON path")
+
+# resctl bench on the fast path checks every range's bytes as they arrive (bench.c bin_range_take):
+# several connections, ranges many receive buffers long, uploads beside them.
+p = subprocess.run([resctl, "bench", ep, "--protocol", "binary", "--mode", "mixed", "--connections", "6",
+                    "--size", str(5 * 1024 * 1024 + 7), "--duration", "2", "--json", "--uid", str(UID), "--token", TOKEN],
+                   capture_output=True, text=True, env=env, timeout=90)
+try:
+    res = json.loads(p.stdout)
+except ValueError:
+    res = {}
+tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download") or {}).get("bytes", 0) > 0 and
+       (res.get("upload") or {}).get("bytes", 0) > 0,
+       "resctl bench --protocol binary --mode mixed: uploads and checked downloads, no errors",
+       p.stdout[-1500:] + p.stderr[-1500:])
 
 # ---------------------------------------------------------------- old clients
 tap.section("an old client on the same server")

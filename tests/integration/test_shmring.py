@@ -84,6 +84,9 @@ redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
 # One worker: every connection below shares its one ring.
 d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "link_ring": RING}})
+d.stats_socket = os.path.join(d.run_dir, "stats.sock")   # chunks_by_ring, chunks_copied
+d.settings["server"]["stats_socket"] = d.stats_socket
+h.Daemon.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(15))
 try:
     d.start()
@@ -120,6 +123,11 @@ with d.connect() as c:
     rs = h.Upload(jdata, "json.bin", UID, TOKEN, chunk_size=65536).run_pipelined(c)
 tap.ok(all(r.get("error") == 0 for r in rs) and published("json.bin") == jdata,
        "a JSON upload (base64 decoded into the ring): byte-identical")
+counts = h.stats_info(d)
+by_ring, copied = counts.get("chunks_by_ring", 0), counts.get("chunks_copied", 0)
+tap.ok(by_ring + copied == 7 + 11 + 5 and by_ring > copied,
+       "the stats page counts each of those 23 chunks once, most through the ring (%d, %d copied)" % (by_ring, copied),
+       repr(counts))
 
 # Several connections at once: together they want more than the worker lets go to storage
 # unanswered (half the ring), so they take turns.
@@ -162,6 +170,8 @@ o = b.open(b_data, "beside.bin")
 acks = b.upload(b_data, o["committed"])
 tap.ok(all(x["error"] == 0 for x in acks) and published("beside.bin") == b_data,
        "B uploads 3 MiB through a 1 MiB ring that A holds: byte-identical", str([x for x in acks if x["error"]][:3]))
+copied = h.stats_info(d).get("chunks_copied", 0)
+tap.ok(copied >= 1, "and the stats page counts B's chunks that went over the link instead (%r)" % copied)
 a.c.send_raw(frame_a[len(frame_a) // 3:])
 first = a.ack()
 tap.eq(first["error"], 0, "A's chunk, completed later, is acknowledged")
@@ -240,6 +250,9 @@ d.stop()
 
 tap.section("link_ring = 0 and bad values")
 d0 = h.Daemon(workers=1, redis=redis, settings={"server": {"link_ring": 0}})
+d0.stats_socket = os.path.join(d0.run_dir, "stats.sock")
+d0.settings["server"]["stats_socket"] = d0.stats_socket
+h.Daemon.write_config(d0.conf_path, d0.settings)
 tap.context.append(lambda: d0.log_tail(10))
 d0.start()
 tap.ok(d0.wait_redis_connected(15), "a daemon with link_ring = 0 starts")
@@ -254,6 +267,9 @@ with d0.connect() as c:
     rs = h.Upload(jdata, "json0.bin", UID, TOKEN, chunk_size=65536).run_pipelined(c)
 p = os.path.join(d0.root, str(UID), "json0.bin")
 tap.ok(all(r.get("error") == 0 for r in rs) and h.read_file(p) == jdata, "and so is a JSON upload")
+counts = h.stats_info(d0)
+tap.ok(counts.get("chunks_by_ring") == 0 and counts.get("chunks_copied") == 7 + 5,
+       "without a ring every chunk (12) is counted as copied", repr(counts))
 tap.eq(ring_maps(d0.storage_pid()), 0, "no ring is mapped")
 d0.stop()
 bad = os.path.join(h.temp_dir("ring-conf"), "bad.conf")
