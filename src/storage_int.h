@@ -7,6 +7,7 @@
  * records in Redis. */
 
 #include <ev.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -47,6 +48,11 @@ struct worker_link {
 	struct shmring_view ring;
 	int ring_fd;                  /* a descriptor received with RING, until that message is read; -1: none */
 	int flush_wanted;             /* answers queued this loop iteration: sent together before it sleeps */
+	/* The link's output buffer and its socket are shared with the disk threads, which send the
+	 * answer of a written middle chunk themselves (op_reply_direct): every answer goes through
+	 * link.out under this lock, so they stay whole and in order; only the loop closes the link,
+	 * under it too. */
+	pthread_mutex_t out_lock;
 };
 
 enum op_type { OP_CHUNK, OP_SYNC, OP_SWEEP };   /* OP_SWEEP: the janitor, no worker link */
@@ -148,6 +154,12 @@ struct upload {
 	int pub_by_digest;
 	/* The disk job of the running op. */
 	struct pool_job job;
+	/* A written middle chunk is answered by its disk thread (design.md, "The direct answer"):
+	 * the loop decides it and what the answer says when it submits the job (job_submit), the
+	 * thread sets direct_sent once the answer is in the link. */
+	int direct;
+	uint64_t direct_seq, direct_committed;
+	int direct_sent;
 	enum disk_work work;
 	int work_errno;
 	int work_error;               /* proto error set by the job */
@@ -253,6 +265,8 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 void op_free(struct op *op);
 void op_answer(struct op *op, int error, const char *message, const struct upload *up);
 void published_answer(struct op *op);
+int op_reply_direct(struct op *op, const struct ipc_result *r);
+void op_reply_direct_flush(struct op *op);
 
 /* storage_record.c: the records in Redis. */
 void record_key(const struct storage *st, const struct upload_key *k, char *out, size_t outlen);

@@ -50,10 +50,18 @@ static void worker_link_release(struct worker_link *wl);
 /* Answers go out once per loop iteration (storage_on_prepare): with many uploads, one wake-up of the
  * loop finishes several chunks, and their answers to a worker leave in one send instead of one each
  * (the worker is woken once for them too). EAGAIN: the write watcher goes on; errors: the read side
- * closes the link. */
+ * closes the link. On the loop, with the link's out_lock held (the disk threads append answers to
+ * the same buffer, op_reply_direct). */
 static void worker_link_flush(struct worker_link *wl)
 {
 	wl->flush_wanted = 1;
+}
+
+static void worker_link_flush_locked(struct worker_link *wl)
+{
+	pthread_mutex_lock(&wl->out_lock);
+	link_flush(&wl->link);
+	pthread_mutex_unlock(&wl->out_lock);
 }
 
 static void storage_on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
@@ -64,9 +72,52 @@ static void storage_on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
 	for (struct worker_link *wl = st->worker_links; wl; wl = wl->next) {
 		if (wl->flush_wanted) {
 			wl->flush_wanted = 0;
-			link_flush(&wl->link);
+			worker_link_flush_locked(wl);
 		}
 	}
+}
+
+/* On a disk thread: the answer of a written middle chunk goes to its worker at once, without
+ * waiting for the loop to take the job's completion (design.md, "The direct answer"). Appended
+ * to the link's buffer under its lock, so it stays whole and after every answer queued before
+ * it; sent here only when nothing was waiting (else the loop sends it with what waits: before it
+ * sleeps, storage_on_prepare, or when the socket takes more, the write watcher).
+ * What the socket does not take now the loop sends when it takes the completion
+ * (op_reply_direct_flush). 0: queued or sent; -1: not (the link is gone, or no memory). */
+int op_reply_direct(struct op *op, const struct ipc_result *r)
+{
+	struct worker_link *wl = op->wl;
+	int rc = -1;
+	pthread_mutex_lock(&wl->out_lock);
+	if (!wl->dead) {
+		size_t waiting = buf_len(&wl->link.out);
+		if (ipc_encode_result(&wl->link.out, op->reqid, r) == 0) {
+			rc = 0;
+			while (waiting == 0 && buf_len(&wl->link.out) > 0) {
+				ssize_t n = send(wl->link.fd, buf_head(&wl->link.out), buf_len(&wl->link.out),
+				    MSG_NOSIGNAL | MSG_DONTWAIT);
+				if (n > 0)
+					buf_consume(&wl->link.out, (size_t)n);
+				else if (n < 0 && errno == EINTR)
+					continue;
+				else
+					break;   /* full, or broken: the loop's flush sees to it */
+			}
+		}
+	}
+	pthread_mutex_unlock(&wl->out_lock);
+	return rc;
+}
+
+/* On the loop, taking the completion of a job that answered directly: whatever of the answer the
+ * socket did not take goes out with the write watcher, as the loop's own answers do. */
+void op_reply_direct_flush(struct op *op)
+{
+	struct worker_link *wl = op->wl;
+	pthread_mutex_lock(&wl->out_lock);
+	if (!wl->dead && buf_len(&wl->link.out) > 0)
+		worker_link_flush(wl);
+	pthread_mutex_unlock(&wl->out_lock);
 }
 
 /* Sends the result of op to its worker; the op itself stays until op_free. */
@@ -109,8 +160,10 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 			r.message = message;
 			r.message_len = (uint16_t)strlen(message);
 		}
+		pthread_mutex_lock(&wl->out_lock);
 		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
 			worker_link_flush(wl);
+		pthread_mutex_unlock(&wl->out_lock);
 	}
 }
 
@@ -137,8 +190,10 @@ void published_answer(struct op *op)
 	if (!wl->dead) {
 		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
 		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
+		pthread_mutex_lock(&wl->out_lock);
 		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
 			worker_link_flush(wl);
+		pthread_mutex_unlock(&wl->out_lock);
 	}
 	op_free(op);
 }
@@ -152,6 +207,7 @@ static void worker_link_release(struct worker_link *wl)
 		shmring_view_close(&wl->ring);
 		if (wl->ring_fd >= 0)
 			close(wl->ring_fd);
+		pthread_mutex_destroy(&wl->out_lock);
 		free(wl);
 	}
 }
@@ -159,8 +215,10 @@ static void worker_link_release(struct worker_link *wl)
 static void worker_link_close(struct worker_link *wl)
 {
 	struct storage *st = wl->st;
+	pthread_mutex_lock(&wl->out_lock);   /* no disk thread is sending on it while it closes */
 	link_close(&wl->link);
 	wl->dead = 1;
+	pthread_mutex_unlock(&wl->out_lock);
 	struct worker_link **pp = &st->worker_links;
 	while (*pp && *pp != wl)
 		pp = &(*pp)->next;
@@ -177,8 +235,10 @@ static void worker_link_on_message(struct worker_link *wl, const struct ipc_head
 	struct storage *st = wl->st;
 	if (h->type == IPC_WORKER_STORAGE_PING) {
 		free(block);
+		pthread_mutex_lock(&wl->out_lock);
 		if (ipc_encode_ping(&wl->link.out, h->reqid, 1) == 0)
 			worker_link_flush(wl);
+		pthread_mutex_unlock(&wl->out_lock);
 		return;
 	}
 	if (h->type == IPC_WORKER_STORAGE_RING) {
@@ -196,8 +256,10 @@ static void worker_link_on_message(struct worker_link *wl, const struct ipc_head
 		} else {
 			error = 0;
 		}
+		pthread_mutex_lock(&wl->out_lock);
 		if (ipc_encode_ring_answer(&wl->link.out, error) == 0)
 			worker_link_flush(wl);
+		pthread_mutex_unlock(&wl->out_lock);
 		return;
 	}
 	struct upload_key key;
@@ -326,7 +388,7 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	(void)loop;
 	struct worker_link *wl = io->data;
 	if (revents & EV_WRITE)
-		link_flush(&wl->link);
+		worker_link_flush_locked(wl);
 	if (!(revents & EV_READ))
 		return;
 	wl->refs++;   /* answers inside the loops below must not free wl */
@@ -414,6 +476,7 @@ static void storage_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 			continue;
 		}
 		wl->st = st;
+		pthread_mutex_init(&wl->out_lock, NULL);
 		wl->refs = 1;   /* the link itself */
 		wl->ring_fd = -1;
 		wl->next = st->worker_links;
