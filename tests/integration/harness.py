@@ -667,7 +667,8 @@ def drained_until_cut(sock, timeout=5.0):
 class Daemon:
     """resourced in the foreground (-f) with a private config, run dir, storage root and log file."""
 
-    def __init__(self, workers=2, redis=None, pg=None, settings=None, log_level="info", host="127.0.0.1"):
+    def __init__(self, workers=2, redis=None, pg=None, settings=None, log_level="info", host="127.0.0.1",
+                 stats=False):
         self.dir = temp_dir("daemon")
         self.host = host           # another loopback address (127.0.0.2...) for multi-node setups
         self.port = free_port()
@@ -693,6 +694,10 @@ class Daemon:
         backend_settings(self)   # [storage] backend from RESOURCED_TEST_BACKEND (the RADOS section below)
         for section, kv in (settings or {}).items():
             self.settings.setdefault(section, {}).update({k: str(v) for k, v in kv.items()})
+        # stats=True: a stats socket in the run dir (self.stats_socket), for stats_info() and resctl stats.
+        self.stats_socket = os.path.join(self.run_dir, "stats.sock") if stats else None
+        if stats:
+            self.settings["server"]["stats_socket"] = self.stats_socket
         self.write_config(self.conf_path, self.settings)
         at_cleanup(self.kill)
 

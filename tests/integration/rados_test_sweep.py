@@ -17,10 +17,7 @@ OLD = int(time.time()) - 86400   # a day ago: far past the grace (10 x storage_t
 
 redis = h.RedisServer().start()
 redis.set_token(U, TOKEN)
-d = h.Daemon(workers=1, redis=redis, log_level="debug", settings={"storage": {"janitor_interval": 1}})
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-d.settings["server"]["stats_socket"] = d.stats_socket
-h.Daemon.write_config(d.conf_path, d.settings)
+d = h.Daemon(workers=1, redis=redis, log_level="debug", settings={"storage": {"janitor_interval": 1}}, stats=True)
 rados = h._import_rados()
 
 

@@ -34,10 +34,8 @@ for uid, tok in TOK.items():
 d = h.Daemon(workers=2, redis=redis, settings={
     "server": {"download_chunk": DL_CHUNK, "storage_timeout": 10, "node": "node-a"},
     "storage": {"max_file_size": 64 * 1024 * 1024, "upload_ttl": 600},
-})
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")
+}, stats=True)
 ACCESS = os.path.join(d.dir, "access.log")
-d.settings["server"]["stats_socket"] = d.stats_socket
 d.settings["log"]["access_log"] = ACCESS
 h.Daemon.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(10))

@@ -199,10 +199,7 @@ def new_daemon(before_start=None):
     d = h.Daemon(workers=2, redis=redis, pg=pg, settings={
         "server": {"storage_timeout": STORAGE_TIMEOUT, "auth_cache_ttl": 60},
         "postgres": {"timeout": 3},
-    })
-    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-    d.settings["server"]["stats_socket"] = d.stats_socket
-    h.Daemon.write_config(d.conf_path, d.settings)
+    }, stats=True)
     if before_start:
         before_start(d)
     d.start()

@@ -38,10 +38,8 @@ def daemon(scope, pg_server=None):
         "server": {"storage_timeout": 10},
         "storage": {"dedup": scope, "upload_ttl": 600, "janitor_interval": 1},
         "postgres": {"timeout": 3},
-    })
-    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
+    }, stats=True)
     d.access = os.path.join(d.dir, "access.log")
-    d.settings["server"]["stats_socket"] = d.stats_socket
     d.settings["log"]["access_log"] = d.access
     h.Daemon.write_config(d.conf_path, d.settings)
     tap.context.append(lambda: d.log_tail(10))

@@ -51,10 +51,7 @@ def bin_upload(d, data, name, chunk, window):
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
 # One worker: every connection below shares its one link to the storage process.
-d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "max_frame": 1 << 20}})
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-d.settings["server"]["stats_socket"] = d.stats_socket
-h.Daemon.write_config(d.conf_path, d.settings)
+d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "max_frame": 1 << 20}}, stats=True)
 tap.context.append(lambda: d.log_tail(15))
 try:
     d.start()

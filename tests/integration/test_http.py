@@ -23,9 +23,7 @@ HOSTILE = ['<script>alert(1)<script>.txt', '<img src=x onerror=alert(1)>"\'&amp;
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
 http_port = h.free_port()
-d = h.Daemon(workers=2, redis=redis)
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-d.settings["server"]["stats_socket"] = d.stats_socket
+d = h.Daemon(workers=2, redis=redis, stats=True)
 d.settings["server"]["http_listen"] = "127.0.0.1:%d" % http_port
 h.Daemon.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(10))

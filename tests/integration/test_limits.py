@@ -37,10 +37,7 @@ def new_daemon(storage=None, server=None, workers=2):
         "server": dict({"storage_timeout": 10}, **(server or {})),
         "storage": dict({"max_uploads_per_user": PER_USER, "max_uploads": TOTAL, "upload_ttl": 600},
                         **(storage or {})),
-    })
-    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-    d.settings["server"]["stats_socket"] = d.stats_socket
-    h.Daemon.write_config(d.conf_path, d.settings)
+    }, stats=True)
     d.start()
     if not (d.wait_redis_connected(15) and d.wait_workers(10)):
         raise RuntimeError("daemon not ready\n" + d.log_tail())

@@ -30,10 +30,7 @@ def stats(d, *command, timeout=20):
 
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
-d = h.Daemon(workers=2, redis=redis)
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-d.settings["server"]["stats_socket"] = d.stats_socket
-h.Daemon.write_config(d.conf_path, d.settings)
+d = h.Daemon(workers=2, redis=redis, stats=True)
 d.start()
 d.wait_workers()
 d.wait_redis_connected()

@@ -68,10 +68,7 @@ for uid, tok in USERS.items():
 
 
 def new_daemon(workers, server):
-    d = h.Daemon(workers=workers, redis=redis, settings={"server": server})
-    d.stats_socket = os.path.join(d.run_dir, "stats.sock")
-    d.settings["server"]["stats_socket"] = d.stats_socket
-    h.Daemon.write_config(d.conf_path, d.settings)
+    d = h.Daemon(workers=workers, redis=redis, settings={"server": server}, stats=True)
     d.start()
     if not d.wait_redis_connected(15) or not d.wait_workers(10):
         raise RuntimeError("workers and storage did not all come up\n" + d.log_tail())

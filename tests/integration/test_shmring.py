@@ -83,10 +83,7 @@ def ring_maps(pid):
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
 # One worker: every connection below shares its one ring.
-d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "link_ring": RING}})
-d.stats_socket = os.path.join(d.run_dir, "stats.sock")   # chunks_by_ring, chunks_copied
-d.settings["server"]["stats_socket"] = d.stats_socket
-h.Daemon.write_config(d.conf_path, d.settings)
+d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "link_ring": RING}}, stats=True)
 tap.context.append(lambda: d.log_tail(15))
 try:
     d.start()
@@ -249,10 +246,7 @@ tap.ok("AddressSanitizer" not in d.log_text() and "runtime error" not in d.log_t
 d.stop()
 
 tap.section("link_ring = 0 and bad values")
-d0 = h.Daemon(workers=1, redis=redis, settings={"server": {"link_ring": 0}})
-d0.stats_socket = os.path.join(d0.run_dir, "stats.sock")
-d0.settings["server"]["stats_socket"] = d0.stats_socket
-h.Daemon.write_config(d0.conf_path, d0.settings)
+d0 = h.Daemon(workers=1, redis=redis, settings={"server": {"link_ring": 0}}, stats=True)
 tap.context.append(lambda: d0.log_tail(10))
 d0.start()
 tap.ok(d0.wait_redis_connected(15), "a daemon with link_ring = 0 starts")
