@@ -714,7 +714,7 @@ static void job_submit(struct upload *up)
 	up->direct_sent = 0;
 	up->direct = up->work == WORK_WRITE && op != NULL && op->type == OP_CHUNK && op->wl != NULL &&
 	    op->next == NULL && op->data_len < DIRECT_MAX && up->exists && !up->dd_challenging &&
-	    op->offset + op->data_len < up->total_size;
+	    op->offset + op->data_len < up->total_size && up->committed < up->total_size;
 	if (up->direct) {
 		uint64_t end = op->offset + op->data_len;
 		up->direct_committed = end >= up->committed ? end : up->committed;   /* as work_done_written */
@@ -1959,7 +1959,9 @@ void storage_on_janitor(struct ev_loop *loop, ev_timer *t, int revents)
 		st->sweep->st = st;
 		st->sweep->job.work = sweep_work;
 		st->sweep->job.done = sweep_done;
-		pool_submit_slow(st->pool, &st->sweep->job);   /* a scan of the staging area */
+		/* Not on the slow lane: with io_threads of 3 or less that lane is one thread, and every
+		 * publish would wait behind a scan of the whole staging area. */
+		pool_submit(st->pool, &st->sweep->job);
 	}
 }
 

@@ -53,11 +53,7 @@ redis.set_token(UID, TOKEN)
 # One worker: every connection below shares its one link to the storage process.
 d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "max_frame": 1 << 20}}, stats=True)
 tap.context.append(lambda: d.log_tail(15))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started and connected to Redis")
 
 
@@ -162,6 +158,26 @@ tap.ok(s.get("trans_size", -1) >= acked, "after the last kill, 1005 reports the 
 with d.connect(timeout=30) as c:
     r, _, _ = up.run(c, s.get("trans_size", 0), s.get("seq", 0) + 1)
 tap.ok(r.get("error") == 0 and published("killed.bin") == data, "the upload finishes byte-identical", str(r))
+tap.section("a middle chunk after a publish that failed")
+# The final chunk's publish fails but keeps the upload (here: <root>/<uid> is a file, so the rename
+# fails); committed then equals total_size. A middle chunk resent after that must not be answered
+# "0, trans_size == total_size" by a disk thread while nothing is published (the review found it was,
+# and the loop then published and answered the same request a second time).
+UID2, TOKEN2 = 4302, "tok-4302-direct"
+redis.set_token(UID2, TOKEN2)
+with open(os.path.join(d.root, str(UID2)), "w") as f:
+    f.write("not a directory\n")
+data = rand.randbytes(4 * SMALL + 5)
+up = h.Upload(data, "unpublishable.bin", UID2, TOKEN2, chunk_size=SMALL)
+with d.connect(timeout=30) as c:
+    r, _, _ = up.run(c)
+    tap.ok(r.get("error") not in (None, 0), "the final chunk's publish fails (%r)" % r.get("error"), str(r))
+    r2 = up.send_chunk(c, SMALL, 2)
+    tap.ok(not (r2.get("error") == 0 and r2.get("trans_size") == len(data)),
+           "a middle chunk resent then is not answered 'complete' (%r)" % r2.get("error"), str(r2))
+    s = up.sync(c)
+tap.ok(s.get("trans_size", 0) == len(data) and not os.path.exists(os.path.join(d.root, str(UID2), "unpublishable.bin")),
+       "nothing was published; 1005 still reports the whole file staged", str(s))
 tap.ok("AddressSanitizer" not in d.log_text() and "runtime error" not in d.log_text(), "no sanitizer report in the log")
 d.stop()
 tap.finish()
