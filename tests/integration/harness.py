@@ -710,6 +710,14 @@ class Daemon:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
+    def start_or_finish(self, tap):
+        """Starts the daemon for a suite; a start that fails is the suite's one failure and ends it."""
+        try:
+            self.start()
+        except Exception as e:
+            tap.ok(False, "daemon starts", str(e))
+            tap.finish()
+
     def start(self, timeout=20):
         logf = open(self.log_path, "ab")
         self.log_offset = logf.tell()

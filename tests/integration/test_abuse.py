@@ -39,11 +39,7 @@ ACCESS = os.path.join(d.dir, "access.log")
 d.settings["log"]["access_log"] = ACCESS
 h.Daemon.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(10))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15) and d.wait_workers(10), "daemon started; workers and storage connected to Redis")
 
 

@@ -102,11 +102,7 @@ def access_lines(needle):
     except OSError:
         return []
 tap.context.append(lambda: d.log_tail(12))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started and connected to Redis")
 
 

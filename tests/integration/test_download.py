@@ -41,11 +41,7 @@ d = h.Daemon(workers=2, redis=redis, settings={
     "storage": {"upload_ttl": UPLOAD_TTL},
 })
 tap.context.append(lambda: d.log_tail(12))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started; workers and storage connected to Redis")
 
 

@@ -49,11 +49,7 @@ d = h.Daemon(workers=2, redis=redis, settings={
     "storage": {"max_file_size": MAX_FILE},
 })
 tap.context.append(lambda: d.log_tail(12))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started; workers and storage connected to Redis")
 pids_at_start = (sorted(d.worker_pids()), d.storage_pid())
 

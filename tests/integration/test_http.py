@@ -27,11 +27,7 @@ d = h.Daemon(workers=2, redis=redis, stats=True)
 d.settings["server"]["http_listen"] = "127.0.0.1:%d" % http_port
 h.Daemon.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(10))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15) and d.wait_workers(10), "daemon started; workers and storage connected to Redis")
 
 

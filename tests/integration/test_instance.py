@@ -21,11 +21,7 @@ d.settings["server"].update({"stats_socket": d.stats_socket, "agent_listen": "12
 d.write_config(d.conf_path, d.settings)
 tap.context.append(lambda: d.log_tail(15))
 
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 
 
 def upload_ok(port, name, size=300000):

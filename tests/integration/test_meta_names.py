@@ -92,11 +92,7 @@ redis = h.RedisServer().start()
 redis.set_token(U, TOK)
 d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10}})
 tap.context.append(lambda: d.log_tail(12))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started; worker and storage connected to Redis")
 
 

@@ -24,11 +24,7 @@ redis.set_token(1, "tok-1")
 # One worker: the attackers and the echoing client share its event loop.
 d = h.Daemon(workers=1, redis=redis, settings={"server": {"max_frame": MAX_FRAME, "idle_timeout": 120}})
 tap.context.append(lambda: d.log_tail(12))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started with one worker")
 
 

@@ -85,11 +85,7 @@ redis.set_token(UID, TOKEN)
 # One worker: every connection below shares its one ring.
 d = h.Daemon(workers=1, redis=redis, settings={"server": {"storage_timeout": 10, "link_ring": RING}}, stats=True)
 tap.context.append(lambda: d.log_tail(15))
-try:
-    d.start()
-except Exception as e:
-    tap.ok(False, "daemon starts", str(e))
-    tap.finish()
+d.start_or_finish(tap)
 tap.ok(d.wait_redis_connected(15), "daemon started and connected to Redis")
 
 
