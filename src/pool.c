@@ -7,16 +7,39 @@
 #include <signal.h>
 #include <stdlib.h>
 
+/* Jobs in the order they came, linked through their next. */
+struct job_fifo {
+	struct pool_job *head, *tail;
+};
+
+static void fifo_push(struct job_fifo *q, struct pool_job *job)
+{
+	job->next = NULL;
+	if (q->tail)
+		q->tail->next = job;
+	else
+		q->head = job;
+	q->tail = job;
+}
+
+static struct pool_job *fifo_pop(struct job_fifo *q)
+{
+	struct pool_job *job = q->head;
+	if (job && (q->head = job->next) == NULL)
+		q->tail = NULL;
+	return job;
+}
+
 struct pool {
 	struct ev_loop *loop;
 	ev_async wakeup;
 	pthread_mutex_t lock;
 	pthread_cond_t work_ready;
-	struct pool_job *todo_head, *todo_tail;   /* waiting for a thread */
-	struct pool_job *slow_head, *slow_tail;   /* the same, slow jobs (pool_submit_slow) */
+	struct job_fifo todo;                     /* waiting for a thread */
+	struct job_fifo slow;                     /* the same, slow jobs (pool_submit_slow) */
 	int slow_running;                         /* threads running a slow job */
 	int slow_max;                             /* at most this many at once */
-	struct pool_job *done_head, *done_tail;   /* waiting for the loop */
+	struct job_fifo done;                     /* waiting for the loop */
 	size_t queued;                            /* submitted, done callback not yet run */
 	int stopping;
 	int nthreads;
@@ -26,7 +49,7 @@ struct pool {
 /* 1 when a slow job waits and a thread may take it now. Called with the lock held. */
 static int slow_allowed(const struct pool *p)
 {
-	return p->slow_head != NULL && p->slow_running < p->slow_max;
+	return p->slow.head != NULL && p->slow_running < p->slow_max;
 }
 
 static void *pool_thread(void *arg)
@@ -34,21 +57,15 @@ static void *pool_thread(void *arg)
 	struct pool *p = arg;
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
-		while (p->todo_head == NULL && !slow_allowed(p) && !p->stopping)
+		while (p->todo.head == NULL && !slow_allowed(p) && !p->stopping)
 			pthread_cond_wait(&p->work_ready, &p->lock);
 		struct pool_job *job;
 		int slow = slow_allowed(p);
 		if (slow) {
-			job = p->slow_head;
-			p->slow_head = job->next;
-			if (p->slow_head == NULL)
-				p->slow_tail = NULL;
+			job = fifo_pop(&p->slow);
 			p->slow_running++;
-		} else if (p->todo_head != NULL) {
-			job = p->todo_head;
-			p->todo_head = job->next;
-			if (p->todo_head == NULL)
-				p->todo_tail = NULL;
+		} else if (p->todo.head != NULL) {
+			job = fifo_pop(&p->todo);
 		} else {
 			break;   /* stopping: the threads running slow jobs take the rest of them */
 		}
@@ -59,12 +76,7 @@ static void *pool_thread(void *arg)
 		pthread_mutex_lock(&p->lock);
 		if (slow)
 			p->slow_running--;   /* this thread looks at the slow queue first when it loops */
-		job->next = NULL;
-		if (p->done_tail)
-			p->done_tail->next = job;
-		else
-			p->done_head = job;
-		p->done_tail = job;
+		fifo_push(&p->done, job);
 		/* Woken outside the lock: the loop takes it at once, and would sleep on it otherwise. */
 		pthread_mutex_unlock(&p->lock);
 		ev_async_send(p->loop, &p->wakeup);
@@ -80,8 +92,8 @@ static void pool_on_wakeup(struct ev_loop *loop, ev_async *w, int revents)
 	(void)revents;
 	struct pool *p = w->data;
 	pthread_mutex_lock(&p->lock);
-	struct pool_job *job = p->done_head;
-	p->done_head = p->done_tail = NULL;
+	struct pool_job *job = p->done.head;
+	p->done = (struct job_fifo){ NULL, NULL };
 	pthread_mutex_unlock(&p->lock);
 	while (job) {
 		struct pool_job *next = job->next;
@@ -126,14 +138,9 @@ struct pool *pool_create(struct ev_loop *loop, int threads)
 
 void pool_submit(struct pool *p, struct pool_job *job)
 {
-	job->next = NULL;
 	p->queued++;
 	pthread_mutex_lock(&p->lock);
-	if (p->todo_tail)
-		p->todo_tail->next = job;
-	else
-		p->todo_head = job;
-	p->todo_tail = job;
+	fifo_push(&p->todo, job);
 	pthread_mutex_unlock(&p->lock);
 	/* Signalled after unlocking: the woken thread does not sleep again on the lock we held. */
 	pthread_cond_signal(&p->work_ready);
@@ -141,14 +148,9 @@ void pool_submit(struct pool *p, struct pool_job *job)
 
 void pool_submit_slow(struct pool *p, struct pool_job *job)
 {
-	job->next = NULL;
 	p->queued++;
 	pthread_mutex_lock(&p->lock);
-	if (p->slow_tail)
-		p->slow_tail->next = job;
-	else
-		p->slow_head = job;
-	p->slow_tail = job;
+	fifo_push(&p->slow, job);
 	int wake = p->slow_running < p->slow_max;
 	pthread_mutex_unlock(&p->lock);
 	if (wake)
@@ -157,14 +159,9 @@ void pool_submit_slow(struct pool *p, struct pool_job *job)
 
 void pool_complete(struct pool *p, struct pool_job *job)
 {
-	job->next = NULL;
 	p->queued++;
 	pthread_mutex_lock(&p->lock);
-	if (p->done_tail)
-		p->done_tail->next = job;
-	else
-		p->done_head = job;
-	p->done_tail = job;
+	fifo_push(&p->done, job);
 	pthread_mutex_unlock(&p->lock);
 	ev_async_send(p->loop, &p->wakeup);
 }

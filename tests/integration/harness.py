@@ -1171,6 +1171,12 @@ def published(d, uid, name):
     return os.path.join(d.root, str(uid), name)
 
 
+def published_bytes(d, uid, name):
+    """The bytes of a finished upload (published() says where), or None when there is none."""
+    p = published(d, uid, name)
+    return read_file(p) if os.path.exists(p) else None
+
+
 class ProtocolError(Exception):
     pass
 

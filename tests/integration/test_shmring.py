@@ -90,8 +90,7 @@ tap.ok(d.wait_redis_connected(15), "daemon started and connected to Redis")
 
 
 def published(name):
-    p = os.path.join(d.root, str(UID), name)
-    return h.read_file(p) if os.path.exists(p) else None
+    return h.published_bytes(d, UID, name)
 
 
 tap.section("through the ring")
