@@ -623,17 +623,6 @@ static void hash_work(struct pool_job *job)
 static void hash_done(struct pool_job *job);
 static void job_submit(struct upload *up);
 
-/* Hands the upload's step to a disk thread. Publishing fsyncs a whole file and its directory (tens of
- * milliseconds, and the fsyncs of several files wait for one journal commit): on the pool's slow lane,
- * so that every thread is never in an fsync at once while the chunk writes of other uploads wait. */
-static void upload_submit(struct upload *up)
-{
-	if (up->work == WORK_COMPLETE || up->work == WORK_LINK)
-		pool_submit_slow(up->st->pool, &up->job);
-	else
-		pool_submit(up->st->pool, &up->job);
-}
-
 static void hash_submit(struct upload *up)
 {
 	up->hash_batch = up->hq_head;
@@ -704,10 +693,13 @@ static void hash_push(struct upload *up, struct op *op)
 		hash_submit(up);
 }
 
-/* Submits the upload's disk job. A WORK_WRITE of a middle chunk is answered by its disk thread
- * (design.md, "The direct answer"): nothing the loop decides after the write changes that answer
- * (only the first chunk waits for its record, only the last completes, a proof asks for another
- * chunk), so the loop decides it here, from what it owns, and the thread only sends it. */
+/* Hands the upload's step to a disk thread. A WORK_WRITE of a middle chunk is answered by its disk
+ * thread (design.md, "The direct answer"): nothing the loop decides after the write changes that
+ * answer (only the first chunk waits for its record, only the last completes, a proof asks for
+ * another chunk), so the loop decides it here, from what it owns, and the thread only sends it.
+ * Publishing fsyncs a whole file and its directory (tens of milliseconds, and the fsyncs of several
+ * files wait for one journal commit): on the pool's slow lane, so that every thread is never in an
+ * fsync at once while the chunk writes of other uploads wait. */
 static void job_submit(struct upload *up)
 {
 	const struct op *op = up->head;
@@ -720,7 +712,10 @@ static void job_submit(struct upload *up)
 		up->direct_committed = end >= up->committed ? end : up->committed;   /* as work_done_written */
 		up->direct_seq = end >= up->committed ? op->seq : up->seq;
 	}
-	upload_submit(up);
+	if (up->work == WORK_COMPLETE || up->work == WORK_LINK)
+		pool_submit_slow(up->st->pool, &up->job);
+	else
+		pool_submit(up->st->pool, &up->job);
 }
 
 /* Hands what waits in the hash queue to the hash job now (the upload is idle, or a job needs the
