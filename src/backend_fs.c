@@ -217,6 +217,20 @@ static void open_push(struct fs *fs, struct backend_staging *s)
 		fs->lru = s;
 }
 
+/* Takes an open .part off the list and closes it, with the lock file kept open beside it (lock held). */
+static void open_close(struct fs *fs, struct backend_staging *s)
+{
+	open_unlink(fs, s);
+	close(s->fd);
+	s->fd = -1;
+	fs->open_count--;
+	if (s->lock_keep >= 0) {
+		close(s->lock_keep);
+		s->lock_keep = -1;
+		fs->open_count--;
+	}
+}
+
 /* Closes idle files from the least recently used end until at most keep are open (lock held).
  * Returns how many it closed. */
 static size_t open_trim(struct fs *fs, size_t keep)
@@ -226,15 +240,7 @@ static size_t open_trim(struct fs *fs, size_t keep)
 	while (fs->open_count > keep && v) {
 		struct backend_staging *prev = v->prev;
 		if (!v->busy) {
-			open_unlink(fs, v);
-			close(v->fd);
-			v->fd = -1;
-			fs->open_count--;
-			if (v->lock_keep >= 0) {
-				close(v->lock_keep);
-				v->lock_keep = -1;
-				fs->open_count--;
-			}
+			open_close(fs, v);
 			closed++;
 		}
 		v = prev;
@@ -670,15 +676,8 @@ static void fs_staging_close(struct backend_staging *s)
 		return;
 	struct fs *fs = s->fs;
 	pthread_mutex_lock(&fs->lock);
-	if (s->fd >= 0) {
-		open_unlink(fs, s);
-		fs->open_count--;
-		close(s->fd);
-	}
-	if (s->lock_keep >= 0) {   /* kept only while fd is open */
-		fs->open_count--;
-		close(s->lock_keep);
-	}
+	if (s->fd >= 0)
+		open_close(fs, s);   /* a lock file is kept only while the .part is open */
 	pthread_mutex_unlock(&fs->lock);
 	free(s);
 }
