@@ -1313,6 +1313,23 @@ static void bin_error(struct bench_conn *c, uint32_t code, const uint8_t *msg, s
 	conn_server_error(c, code);
 }
 
+/* The version of bench-dl the first range named: later ranges of this download ask for it. */
+static void bin_pin_version(struct bench_conn *c, const uint8_t *body, size_t vlen)
+{
+	if (c->bin_version[0] == '\0') {
+		memcpy(c->bin_version, body + BIN_RANGE_LEN, vlen);
+		c->bin_version[vlen] = '\0';
+	}
+}
+
+/* A range whose header or bytes are not bench-dl's: counted, and the download starts again later. */
+static void bin_range_wrong(struct bench_conn *c, struct bench_stats *st)
+{
+	stats_error(st, FAIL_DATA);
+	c->state = CONN_IDLE;
+	conn_backoff(c, 1);
+}
+
 /* A range of bench-dl checked whole: the next one, or the file is done. */
 static void bin_range_done(struct bench_conn *c, uint64_t size, uint64_t length)
 {
@@ -1424,15 +1441,10 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
 	length = bin_get_u64(body + 20);
 	if (size != b->src.size || offset != c->offset || length != len - head ||
 	    (length == 0 && offset != size) || !source_matches(&b->src, b->dl_tail, offset, body + head, (size_t)length)) {
-		stats_error(st, FAIL_DATA);
-		c->state = CONN_IDLE;
-		conn_backoff(c, 1);
+		bin_range_wrong(c, st);
 		return;
 	}
-	if (c->bin_version[0] == '\0') {
-		memcpy(c->bin_version, body + BIN_RANGE_LEN, vlen);
-		c->bin_version[vlen] = '\0';
-	}
+	bin_pin_version(c, body, vlen);
 	st->bytes += length;
 	bin_range_done(c, size, length);
 }
@@ -1442,8 +1454,8 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
  * source as they arrive and dropped (bin_range_take). Holding 16 MiB ranges for 256 connections
  * made the client's page faults (4 GiB touched), not the server, the thing a sweep measured.
  * Returns 1 when a range started streaming, 2 when its header is not all in yet (need says how
- * much is), 0 when the frame is read whole (not a range with data, or an error: small), -1 on a
- * malformed header.
+ * much is), 0 when the frame is read whole (not a range with data, an empty range, or an error:
+ * small), -1 on a malformed header.
  */
 static int bin_range_begin(struct bench_conn *c, size_t *need)
 {
@@ -1476,12 +1488,9 @@ static int bin_range_begin(struct bench_conn *c, size_t *need)
 		return 2;
 	struct bench *b = c->bench;
 	uint64_t size = bin_get_u64(body + 4), offset = bin_get_u64(body + 12), length = bin_get_u64(body + 20);
-	if (size != b->src.size || offset != c->offset || length != len - head || (length == 0 && offset != size))
-		return 0;   /* the whole-frame path counts it as wrong data */
-	if (c->bin_version[0] == '\0') {
-		memcpy(c->bin_version, body + BIN_RANGE_LEN, vlen);
-		c->bin_version[vlen] = '\0';
-	}
+	if (size != b->src.size || offset != c->offset || length != len - head || length == 0)
+		return 0;   /* wrong data, counted by the whole-frame path; or nothing to stream (the end) */
+	bin_pin_version(c, body, vlen);
 	buf_consume_keep(&c->in, FRAME_HEADER_LEN + head);
 	c->rng_size = size;
 	c->rng_length = c->rng_left = length;
@@ -1507,9 +1516,7 @@ static void bin_range_take(struct bench_conn *c)
 	st->chunks++;
 	hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
 	if (c->rng_bad) {
-		stats_error(st, FAIL_DATA);
-		c->state = CONN_IDLE;
-		conn_backoff(c, 1);
+		bin_range_wrong(c, st);
 		return;
 	}
 	bin_range_done(c, c->rng_size, c->rng_length);
