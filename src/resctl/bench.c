@@ -1,4 +1,4 @@
-/* bench.c: the resctl load generator: connections on one libev loop uploading and downloading files, stop-and-wait (JSON) or with a sliding window (fast path). */
+/* bench.c: the resctl load generator: connections on one libev loop uploading and downloading files, stop-and-wait (JSON) or with a sliding window (fast-path uploads). */
 #include "config.h"
 #include "resctl.h"
 #include "b64.h"
@@ -1381,7 +1381,7 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
 {
 	struct bench *b = c->bench;
 	struct bench_stats *st = conn_stats(c);
-	/* Acknowledgements may come while the rest of the batch is still being written. */
+	/* Acknowledgements may come while later chunks of the window are still being written. */
 	if (c->state != CONN_BUSY || id != c->request_id + 1 ||
 	    (c->request_id != MSG_BIN_CHUNK && c->iov_first < c->iov_count)) {
 		conn_fail(c, FAIL_PROTOCOL);
