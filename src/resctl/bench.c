@@ -1,4 +1,4 @@
-/* bench.c: the resctl load generator: stop-and-wait connections on one libev loop uploading and downloading files. */
+/* bench.c: the resctl load generator: connections on one libev loop uploading and downloading files, stop-and-wait (JSON) or with a sliding window (fast-path uploads). */
 #include "config.h"
 #include "resctl.h"
 #include "b64.h"
@@ -37,8 +37,8 @@ static const char *const role_names[] = { "upload", "download" };
 #define BENCH_MAX_TABLE (UINT64_C(512) << 20)       /* precomputed base64 up to this much */
 #define BENCH_DOWNLOAD_NAME "bench-dl"
 #define BENCH_TAIL_MAX 8                            /* bytes varied per file */
-#define BENCH_SETUP_TRIES 10
-#define BENCH_BATCH_MAX 16                          /* fast-path chunks sent before their acknowledgements */                        /* failures in a row before the bench-dl upload gives up */
+#define BENCH_SETUP_TRIES 10                        /* failures in a row before the bench-dl upload gives up */
+#define BENCH_WINDOW_MAX 16                         /* fast-path chunks a connection keeps unacknowledged, at most */
 
 struct bench_opts {
 	struct resctl_endpoint ep;
@@ -74,7 +74,8 @@ static const char bench_usage[] =
 	"usage: resctl bench HOST:PORT [--connections C] [--size BYTES] [--files N] [--chunk BYTES]\n"
 	"                    [--mode upload|download|mixed] [--duration S] [--uid U --token T]\n"
 	"                    [--json] [--timeout S] [--protocol json|binary]\n"
-	"Load generator: C connections on one event loop, each stop-and-wait like the Qt client.\n"
+	"Load generator: C connections on one event loop, each stop-and-wait like the Qt client\n"
+	"(JSON) or keeping a window of chunks in flight (binary uploads).\n"
 	"upload: every connection uploads files of random bytes named bench-<conn>-<n>;\n"
 	"download: uploads " BENCH_DOWNLOAD_NAME " once (untimed), then every connection downloads it\n"
 	"over and over and checks the bytes; mixed: half the connections do each.\n"
@@ -84,8 +85,9 @@ static const char bench_usage[] =
 	"  --chunk BYTES    upload chunk size (default 32768 in JSON, 1M on the fast path;\n"
 	"                   the server picks JSON download chunks)\n"
 	"  --protocol P     json (default: 1003/1033, stop-and-wait) or binary (the fast path:\n"
-	"                   needs --uid; uploads send a window of raw chunks and wait for their\n"
-	"                   acknowledgements, downloads ask 16 MiB ranges sent with sendfile)\n"
+	"                   needs --uid; uploads keep a window of raw chunks in flight, 8 MiB and\n"
+	"                   at most 16 chunks: each acknowledgement sends the next chunk at once;\n"
+	"                   downloads ask 16 MiB ranges sent with sendfile)\n"
 	"  --mode M         upload, download or mixed (default upload)\n"
 	"  --duration S     stop after S seconds, whichever of the limits comes first (default 10; 0 = none)\n"
 	"  --uid U, --token T  credentials sent with every request (left out when not given)\n"
@@ -304,6 +306,8 @@ struct bench_stats {
 	uint64_t bytes;            /* file bytes acknowledged or received */
 	uint64_t chunks;           /* answered requests */
 	struct histogram rtt;      /* request to answer, ns */
+	uint64_t max_in_flight;    /* the most requests one connection had unanswered at once */
+	uint64_t window_drains;    /* fast-path uploads: every chunk acknowledged before the last was sent */
 	struct {
 		int64_t code;
 		uint64_t count;
@@ -332,6 +336,9 @@ static void stats_merge(struct bench_stats *into, const struct bench_stats *from
 	into->files += from->files;
 	into->bytes += from->bytes;
 	into->chunks += from->chunks;
+	if (from->max_in_flight > into->max_in_flight)
+		into->max_in_flight = from->max_in_flight;
+	into->window_drains += from->window_drains;
 	hist_merge(&into->rtt, &from->rtt);
 	for (size_t i = 0; i < from->error_kinds; i++) {
 		for (uint64_t n = 0; n < from->errors[i].count; n++)
@@ -497,17 +504,21 @@ struct bench_conn {
 	uint8_t head[FRAME_HEADER_LEN + BIN_DOWNLOAD_LEN + PROTO_NAME_MAX + BIN_VERSION_MAX];   /* the longest fixed part */
 	char *text;
 	size_t text_cap;
-	struct iovec iov[2 * BENCH_BATCH_MAX];
+	struct iovec iov[2 * BENCH_WINDOW_MAX];
 	unsigned iov_first, iov_count;
 	uint16_t request_id;
 	int64_t sent_ns;
 
 	/* the fast path */
 	int bin_hello_done;
-	int bin_opened;
-	unsigned bin_acks_wanted;
 	char bin_version[BIN_VERSION_MAX + 1];   /* of bench-dl, pinned while one download runs */
-	uint8_t bin_heads[BENCH_BATCH_MAX][FRAME_HEADER_LEN + BIN_CHUNK_LEN];
+	/* The upload's window: chunks sent and acknowledged since its 1043; chunk n uses slot
+	 * n % BENCH_WINDOW_MAX until its acknowledgement (they come in chunk order). */
+	uint64_t bin_sent, bin_acked;
+	int bin_all_sent;                        /* the chunk with LAST is out */
+	uint8_t bin_heads[BENCH_WINDOW_MAX][FRAME_HEADER_LEN + BIN_CHUNK_LEN];
+	uint64_t bin_slot_offset[BENCH_WINDOW_MAX];
+	int64_t bin_slot_sent_ns[BENCH_WINDOW_MAX];
 	/* The 1048 being received: its bytes are checked as they arrive and dropped (rng_left > 0). */
 	uint64_t rng_size, rng_length, rng_left;
 	int rng_bad;
@@ -524,7 +535,7 @@ struct bench_conn {
 	uint8_t tail[BENCH_TAIL_MAX];
 	uint64_t files_made;       /* names bench-<index>-<files_made> */
 	uint64_t seq;
-	uint64_t offset;           /* of the chunk in flight */
+	uint64_t offset;           /* of the chunk in flight; fast-path uploads: of the next chunk to send */
 	size_t chunk_len;
 	uint8_t *raw;              /* a chunk with varied bytes, or a decoded download chunk */
 	size_t raw_cap;
@@ -548,7 +559,7 @@ struct bench {
 	char *token_json;                  /* the token as a JSON string, quotes included */
 	struct bench_conn *conns;
 	size_t nconns;
-	unsigned bin_batch;                /* chunks per batch on the fast path: the server's window */
+	unsigned bin_window;               /* chunks in flight per fast-path upload: the server's window */
 	struct bench_stats stats[ROLE_COUNT];
 	uint64_t next_file_id;
 	uint64_t files_started;
@@ -801,8 +812,7 @@ static void conn_close(struct bench_conn *c)
 		close(c->fd);
 	c->fd = -1;
 	buf_consume_keep(&c->in, buf_len(&c->in));
-	c->bin_hello_done = 0;   /* a new connection says 1041 again */
-	c->bin_opened = 0;
+	c->bin_hello_done = 0;   /* a new connection says 1041 again; its upload is opened again (1043) */
 }
 
 /* The connection has nothing more to do in this phase. */
@@ -1008,6 +1018,8 @@ static void conn_send(struct bench_conn *c)
 	c->iov_first = 0;
 	c->state = CONN_BUSY;
 	c->sent_ns = resctl_now_ns();
+	if (conn_stats(c)->max_in_flight == 0)
+		conn_stats(c)->max_in_flight = 1;
 	c->timer.repeat = b->o->timeout_ms / 1000.0;
 	ev_timer_again(b->loop, &c->timer);
 	int r = conn_flush(c);
@@ -1236,37 +1248,59 @@ static void bin_send_open(struct bench_conn *c)
 	conn_send(c);
 }
 
-/* A batch of chunks from c->offset, as many as the window holds: raw bytes straight from the
- * source (the varied tail from c->raw); the acknowledgements complete it. */
-static void bin_send_batch(struct bench_conn *c)
+/* Keeps the upload's window full: chunks from c->offset go out until bin_window of them are
+ * unacknowledged or the one with LAST is out. Each acknowledgement frees a slot and calls this again,
+ * so the server always has the next chunks (waiting for a whole batch drained its pipeline once per
+ * batch). Raw bytes come straight from the source; the two chunks the varied tail may touch (chunk
+ * >= 64 bytes) are copied into c->raw, the last one at chunk, the one before it at 0. */
+static void bin_fill_window(struct bench_conn *c)
 {
-	const struct bench_source *s = &c->bench->src;
-	unsigned n = 0;
-	uint64_t off = c->offset;
-	size_t tail_used = 0;
+	struct bench *b = c->bench;
+	const struct bench_source *s = &b->src;
+	if (c->bin_all_sent || c->bin_sent - c->bin_acked >= b->bin_window)
+		return;
+	/* What the socket has not taken yet of earlier chunks moves to the front; new chunks go behind it. */
+	unsigned pending = c->iov_count - c->iov_first;
+	memmove(c->iov, c->iov + c->iov_first, pending * sizeof(c->iov[0]));
+	c->iov_first = 0;
+	c->iov_count = pending;
+	int64_t now = resctl_now_ns();
 	do {
+		unsigned slot = (unsigned)(c->bin_sent % BENCH_WINDOW_MAX);
+		uint64_t off = c->offset;
 		size_t len = s->size - off < s->chunk ? (size_t)(s->size - off) : s->chunk;
 		int last = off + len == s->size;
-		uint8_t *h = c->bin_heads[n];
+		uint8_t *h = c->bin_heads[slot];
 		frame_put_header(h, MSG_BIN_CHUNK, (uint32_t)(BIN_CHUNK_LEN + len));
 		uint8_t *p = bin_put_u64(h + FRAME_HEADER_LEN, off);
 		p = bin_put_u32(p, (uint32_t)len);
 		bin_put_u32(p, last ? BIN_CHUNK_LAST : 0);
 		const uint8_t *data = s->data + off;
 		if (off + len > s->tail_start) {
-			source_copy(s, c->tail, off, len, c->raw + tail_used);
-			data = c->raw + tail_used;
-			tail_used += len;
+			uint8_t *copy = c->raw + (last ? s->chunk : 0);
+			source_copy(s, c->tail, off, len, copy);
+			data = copy;
 		}
-		c->iov[2 * n] = (struct iovec){ h, FRAME_HEADER_LEN + BIN_CHUNK_LEN };
-		c->iov[2 * n + 1] = (struct iovec){ (void *)data, len };
-		n++;
-		off += len;
-	} while (off < s->size && n < c->bench->bin_batch);
-	c->iov_count = 2 * n;
-	c->bin_acks_wanted = n;
+		c->iov[c->iov_count++] = (struct iovec){ h, FRAME_HEADER_LEN + BIN_CHUNK_LEN };
+		c->iov[c->iov_count++] = (struct iovec){ (void *)data, len };
+		c->bin_slot_offset[slot] = off;
+		c->bin_slot_sent_ns[slot] = now;
+		c->bin_sent++;
+		c->offset = off + len;
+		c->bin_all_sent = last;
+	} while (!c->bin_all_sent && c->bin_sent - c->bin_acked < b->bin_window);
+	struct bench_stats *st = conn_stats(c);
+	if (c->bin_sent - c->bin_acked > st->max_in_flight)
+		st->max_in_flight = c->bin_sent - c->bin_acked;
 	c->request_id = MSG_BIN_CHUNK;
-	conn_send(c);
+	c->state = CONN_BUSY;
+	c->timer.repeat = b->o->timeout_ms / 1000.0;
+	ev_timer_again(b->loop, &c->timer);
+	int r = conn_flush(c);
+	if (r < 0)
+		conn_fail(c, FAIL_CLOSED);
+	else if (r == 0)
+		ev_io_start(b->loop, &c->io_write);
 }
 
 #define BENCH_RANGE (16u << 20)
@@ -1289,17 +1323,16 @@ static void bin_send_range(struct bench_conn *c)
 	conn_send(c);
 }
 
-/* Where the connection goes on: hello first, then an upload opened, a batch, or a range. */
+/* Where the connection goes on: hello first, then a range, or the upload opened (again: its answer
+ * says where it stands, after an error or a busy answer too). */
 static void bin_resend(struct bench_conn *c)
 {
 	if (!c->bin_hello_done)
 		bin_send_hello(c);
 	else if (c->role == ROLE_DOWNLOAD)
 		bin_send_range(c);
-	else if (!c->bin_opened)
-		bin_send_open(c);
 	else
-		bin_send_batch(c);
+		bin_send_open(c);
 }
 
 static void bin_error(struct bench_conn *c, uint32_t code, const uint8_t *msg, size_t msg_len)
@@ -1307,7 +1340,6 @@ static void bin_error(struct bench_conn *c, uint32_t code, const uint8_t *msg, s
 	size_t n = msg_len < sizeof(c->answer.message) - 1 ? msg_len : sizeof(c->answer.message) - 1;
 	memcpy(c->answer.message, msg, n);
 	c->answer.message[n] = '\0';
-	c->bin_opened = 0;   /* whatever happened, the upload is opened again: its answer says where it stands */
 	c->bin_version[0] = '\0';
 	c->state = CONN_IDLE;
 	conn_server_error(c, code);
@@ -1349,7 +1381,7 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
 {
 	struct bench *b = c->bench;
 	struct bench_stats *st = conn_stats(c);
-	/* Acknowledgements may come while the rest of the batch is still being written. */
+	/* Acknowledgements may come while later chunks of the window are still being written. */
 	if (c->state != CONN_BUSY || id != c->request_id + 1 ||
 	    (c->request_id != MSG_BIN_CHUNK && c->iov_first < c->iov_count)) {
 		conn_fail(c, FAIL_PROTOCOL);
@@ -1379,46 +1411,60 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
 			bin_error(c, error, body + BIN_OPEN_ANSWER_LEN, len - BIN_OPEN_ANSWER_LEN);
 			return;
 		}
-		c->bin_opened = 1;
-		c->offset = bin_get_u64(body + 4);
-		c->state = CONN_IDLE;
-		bin_send_batch(c);
+		uint64_t committed = bin_get_u64(body + 4);
+		if (committed > b->src.size) {
+			conn_fail(c, FAIL_PROTOCOL);
+			return;
+		}
+		c->offset = committed;
+		c->bin_sent = c->bin_acked = 0;
+		c->bin_all_sent = 0;
+		bin_fill_window(c);
 		return;
 	}
 	if (id == MSG_BIN_CHUNK + 1) {
-		if (len < BIN_ACK_LEN) {
+		/* One acknowledgement per chunk, in the order they were sent (protocol.md §13): this is the
+		 * oldest unacknowledged chunk's, timed from its own sending. */
+		unsigned slot = (unsigned)(c->bin_acked % BENCH_WINDOW_MAX);
+		if (len < BIN_ACK_LEN || c->bin_acked == c->bin_sent) {
 			conn_fail(c, FAIL_PROTOCOL);
 			return;
 		}
 		uint32_t error = bin_get_u32(body);
 		st->chunks++;
-		hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
+		hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->bin_slot_sent_ns[slot]));
 		if (error) {
-			/* The rest of the batch fails behind it: drop the connection and open again. */
+			/* The rest of the window fails behind it: drop the connection and open again. */
 			stats_error(st, error);
 			if (error != ERR_BUSY && error != ERR_OFFSET_INVALID && error != ERR_SEQ_INVALID) {
 				bin_error(c, error, body + BIN_ACK_LEN, len - BIN_ACK_LEN);
 				return;
 			}
-			c->bin_opened = 0;
 			conn_close(c);
 			conn_backoff(c, 0);
 			return;
 		}
+		if (bin_get_u64(body + 4) != c->bin_slot_offset[slot]) {
+			conn_fail(c, FAIL_PROTOCOL);   /* not the acknowledgement of the chunk it must be */
+			return;
+		}
+		c->bin_acked++;
 		st->bytes += bin_get_u32(body + 12);
 		uint64_t committed = bin_get_u64(body + 16);
-		if (--c->bin_acks_wanted > 0)
-			return;
-		c->state = CONN_IDLE;
 		c->backoff_ms = RESCTL_BACKOFF_FIRST_MS;
 		c->failures = 0;
-		if (committed == b->src.size) {
-			c->bin_opened = 0;
+		if (c->bin_acked == c->bin_sent && c->bin_all_sent) {
+			if (committed != b->src.size) {
+				conn_fail(c, FAIL_PROTOCOL);   /* the last chunk's success completes the file */
+				return;
+			}
+			c->state = CONN_IDLE;
 			conn_file_done(c);
 			return;
 		}
-		c->offset = committed;
-		bin_send_batch(c);
+		if (c->bin_acked == c->bin_sent)
+			st->window_drains++;   /* the server ran out of chunks before the file's end */
+		bin_fill_window(c);
 		return;
 	}
 	/* 1048: header, then the range's bytes, checked against the source. */
@@ -1757,6 +1803,9 @@ static void print_text(const struct bench *b, const struct bench_stats *total, d
 	if (o->mode == MODE_MIXED)
 		for (int r = 0; r < ROLE_COUNT; r++)
 			print_role_line(role_names[r], &b->stats[r], seconds);
+	if (o->binary && o->mode != MODE_DOWNLOAD)
+		printf("upload window: %u chunks, at most %" PRIu64 " in flight, ran dry %" PRIu64 " times before a file's end\n",
+		    b->bin_window, b->stats[ROLE_UPLOAD].max_in_flight, b->stats[ROLE_UPLOAD].window_drains);
 	char errors[1024];
 	format_errors(errors, sizeof(errors), total);
 	printf("errors: %s\n", errors);
@@ -1797,6 +1846,8 @@ static void gen_role(yajl_gen g, const struct bench_stats *s, double seconds)
 	gen_fixed(g, "p99", ns_to_ms(hist_percentile(h, 0.99)));
 	gen_fixed(g, "max", ns_to_ms(h->max));
 	yajl_gen_map_close(g);
+	gen_u64(g, "max_in_flight", s->max_in_flight);
+	gen_u64(g, "window_drains", s->window_drains);
 	gen_u64(g, "errors_total", s->error_total);
 	gen_key(g, "errors");
 	yajl_gen_map_open(g);
@@ -1876,11 +1927,12 @@ static int bench_setup(struct bench *b, const struct bench_opts *o)
 		resctl_error("bench: out of memory for a %" PRIu64 "-byte file", o->size);
 		return -1;
 	}
-	b->bin_batch = BIN_WINDOW / (unsigned)o->chunk;
-	if (b->bin_batch > BENCH_BATCH_MAX)
-		b->bin_batch = BENCH_BATCH_MAX;
-	if (b->bin_batch == 0)
-		b->bin_batch = 1;
+	/* Chunks are at most o->chunk bytes: this many in flight keep within the window's bytes too. */
+	b->bin_window = BIN_WINDOW / (unsigned)o->chunk;
+	if (b->bin_window > BENCH_WINDOW_MAX)
+		b->bin_window = BENCH_WINDOW_MAX;
+	if (b->bin_window == 0)
+		b->bin_window = 1;
 	source_tail(&b->src, UINT64_MAX, b->dl_tail);
 
 	b->loop = ev_default_loop(EVFLAG_AUTO);

@@ -358,6 +358,26 @@ tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download
        "resctl bench --protocol binary --mode mixed: uploads and checked downloads, no errors",
        p.stdout[-1500:] + p.stderr[-1500:])
 
+# A bench upload keeps its window full (bench.c bin_fill_window): each acknowledgement sends the next
+# chunk at once, so a connection's chunks are never all acknowledged before its file's last one is
+# out. window_drains counts the times they were; a bench that sent a window of chunks and waited for
+# all their acknowledgements before the next ran dry once per window (twice per file of 21 chunks).
+BENCH_SIZE = 20 * 1024 * 1024 + 7   # 21 chunks of 1 MiB; the window is 8 of them (8 MiB)
+p = subprocess.run([resctl, "bench", ep, "--protocol", "binary", "--mode", "upload", "--connections", "2",
+                    "--files", "3", "--size", str(BENCH_SIZE), "--duration", "0", "--json", "--uid", str(UID),
+                    "--token", TOKEN], capture_output=True, text=True, env=env, timeout=120)
+try:
+    res = json.loads(p.stdout)
+except ValueError:
+    res = {}
+tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and res.get("files") == 3 and
+       res.get("bytes") == 3 * BENCH_SIZE and res.get("chunks") == 3 * 21,
+       "resctl bench --protocol binary --mode upload: 3 files, each chunk acknowledged once, no errors",
+       p.stdout[-1500:] + p.stderr[-1500:])
+tap.ok(res.get("max_in_flight") == 8 and res.get("window_drains") == 0,
+       "and its window slides: 8 chunks in flight, never all acknowledged before a file's last chunk was sent",
+       p.stdout[-1500:])
+
 # ---------------------------------------------------------------- old clients
 tap.section("an old client on the same server")
 data = rand.randbytes(10 * CH + 1)
