@@ -11,6 +11,7 @@ int shmring_create(struct shmring *r, size_t size)
 {
 	r->fd = -1;
 	r->map = NULL;
+	size &= ~(size_t)(SHMRING_ALIGN - 1);   /* slots wrap to offset 0: keep them on page boundaries */
 	if (size < SHMRING_MIN || size > SHMRING_MAX) {
 		errno = EINVAL;
 		return -1;
@@ -72,7 +73,7 @@ uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t
 	shmring_reclaim(r);
 	if (r->count == SHMRING_SLOTS)
 		return NULL;
-	uint64_t start = r->head;
+	uint64_t start = (r->head + SHMRING_ALIGN - 1) & ~(uint64_t)(SHMRING_ALIGN - 1);
 	uint64_t at = start % r->size;
 	if (at + len > r->size)
 		start += r->size - at;   /* one piece: skip the end of the area */

@@ -15,6 +15,9 @@
 #define SHMRING_HEADER 4096           /* the done flags, before the data area */
 #define SHMRING_MIN (1u << 20)
 #define SHMRING_MAX (1u << 30)
+/* Every slot starts on a page boundary (the data area starts on one), so that the storage process
+ * can write a chunk to disk straight from the ring with O_DIRECT (backend_fs.c). */
+#define SHMRING_ALIGN 4096u
 
 struct shmring_shared {
 	_Atomic uint32_t done[SHMRING_SLOTS];   /* storage: 1 once the slot's bytes are no longer read */
@@ -34,7 +37,8 @@ struct shmring {
 	uint64_t newest_start, newest_prev_head;   /* for shmring_trim and shmring_cancel */
 };
 
-/* Creates a ring of size bytes of data (SHMRING_MIN to SHMRING_MAX). Returns 0 or -1 (errno). */
+/* Creates a ring of size bytes of data (rounded down to SHMRING_ALIGN; SHMRING_MIN to SHMRING_MAX).
+ * Returns 0 or -1 (errno). */
 int shmring_create(struct shmring *r, size_t size);
 /* Unmaps and closes (the storage process's mapping, if any, stays valid). Safe on a closed ring. */
 void shmring_destroy(struct shmring *r);
