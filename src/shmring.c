@@ -73,7 +73,9 @@ uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t
 	shmring_reclaim(r);
 	if (r->count == SHMRING_SLOTS)
 		return NULL;
-	uint64_t start = (r->head + SHMRING_ALIGN - 1) & ~(uint64_t)(SHMRING_ALIGN - 1);
+	uint64_t start = r->head;
+	if (len >= SHMRING_ALIGN)
+		start = (start + SHMRING_ALIGN - 1) & ~(uint64_t)(SHMRING_ALIGN - 1);
 	uint64_t at = start % r->size;
 	if (at + len > r->size)
 		start += r->size - at;   /* one piece: skip the end of the area */

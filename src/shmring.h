@@ -15,8 +15,8 @@
 #define SHMRING_HEADER 4096           /* the done flags, before the data area */
 #define SHMRING_MIN (1u << 20)
 #define SHMRING_MAX (1u << 30)
-/* Every slot starts on a page boundary (the data area starts on one), so that the storage process
- * can write a chunk to disk straight from the ring with O_DIRECT (backend_fs.c). */
+/* A slot of a page or more starts on a page boundary (the data area starts on one), so that the
+ * storage process can write a chunk to disk straight from the ring with O_DIRECT (backend_fs.c). */
 #define SHMRING_ALIGN 4096u
 
 struct shmring_shared {
