@@ -652,7 +652,8 @@ static void conn_update_io(struct conn *c)
 	 * read-ahead bounds what a pipelining client can park here. */
 	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
 	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
-	    !(c->req.frame_used && c->in.end == c->in.cap))   /* a held frame's buffer is full */
+	    !(c->req.frame_used && c->in.end == c->in.cap) &&   /* a held frame's buffer is full */
+	    bin_read_room(c) > 0)
 		events |= EV_READ;
 	if (bin_wants_write(c))
 		events |= EV_WRITE;
@@ -743,7 +744,10 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			return;
 		}
 		p = c->in.data + c->in.end;
-	} else if ((p = buf_reserve(&c->in, room = bin_read_room(c))) == NULL) {
+	} else if ((room = bin_read_room(c)) == 0) {
+		conn_update_io(c);   /* a chunk waits for its window before its data is read */
+		return;
+	} else if ((p = buf_reserve(&c->in, room)) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
@@ -1709,6 +1713,9 @@ struct bin_conn {
 	uint32_t cap_want;
 	struct conn *cap_next, *cap_prev;
 	int direct;
+	/* The headers of a large chunk wait for room in the window: its data stays in the socket (no
+	 * reading) until then, and goes straight into the ring instead of through c->in. */
+	int direct_held;
 	uint8_t direct_hdr[FRAME_HEADER_LEN + BIN_CHUNK_LEN];
 	uint8_t *direct_data;
 	uint32_t direct_slot, direct_len, direct_got;
@@ -1733,6 +1740,8 @@ static size_t bin_read_room(const struct conn *c)
 {
 	size_t have = buf_len(&c->in);
 	const struct bin_conn *b = c->bin;
+	if (b != NULL && b->direct_held && !b->direct)
+		return 0;
 	/* While an upload streams into the shared ring, the headers of the next chunk first, alone:
 	 * its data is then read straight into its slot, not into this buffer. */
 	if (b != NULL && b->up_open && !b->up_broken && c->w->uplink.ring_ready &&
@@ -2110,6 +2119,8 @@ static int bin_direct_start(struct conn *c)
 	struct bin_conn *b = c->bin;
 	struct uplink *s = &c->w->uplink;
 	size_t have = buf_len(&c->in);
+	if (b != NULL)
+		b->direct_held = 0;
 	if (b == NULL || b->direct || c->busy || !s->ring_ready || !b->up_open || b->up_broken ||
 	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
 		return 0;
@@ -2119,9 +2130,14 @@ static int bin_direct_start(struct conn *c)
 	uint32_t length = bin_get_u32(h + FRAME_HEADER_LEN + 8);
 	/* Anything unusual is left to the ordinary path, which answers it. */
 	if (id != MSG_BIN_CHUNK || length < BIN_DIRECT_MIN || length > BIN_MAX_CHUNK ||
-	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len ||
-	    !bin_ready_for(c, id, body_len))
+	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len)
 		return 0;
+	if (!bin_ready_for(c, id, body_len)) {
+		/* Read on only once it can go straight into the ring: the window's acknowledgements, the
+		 * cap's or the link's wake-up bring the connection back here (conn_process). */
+		b->direct_held = 1;
+		return 0;
+	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
 	if (slot_data == NULL)
 		return 0;   /* the ring is full: this frame is read with its header, as before */
@@ -2174,6 +2190,10 @@ static void bin_direct_undo_all(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
+		if (c != NULL && c->bin != NULL && c->bin->direct_held) {
+			c->bin->direct_held = 0;   /* no ring to wait for: its data is read as an ordinary frame */
+			conn_update_io(c);
+		}
 		if (c == NULL || !bin_receiving(c))
 			continue;
 		struct bin_conn *b = c->bin;
