@@ -46,6 +46,9 @@ void shmring_destroy(struct shmring *r);
  * start of the data area) name it in the message; shmring_trim or shmring_cancel must follow before
  * the next reserve. */
 uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t *offset);
+/* 1 when shmring_reserve(r, len) would find room now (the storage process frees slots on its own:
+ * a worker waiting for room asks again later). */
+int shmring_fits(struct shmring *r, size_t len);
 /* The newest slot holds only used bytes (used <= what was reserved): the rest goes back. */
 void shmring_trim(struct shmring *r, uint32_t slot, size_t used);
 /* The newest slot is not sent after all. */

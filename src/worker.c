@@ -199,6 +199,9 @@ struct worker {
 	 * connections waiting for that to fall under bin_cap (oldest first). */
 	uint64_t bin_unanswered, bin_cap;
 	struct conn *cap_head, *cap_tail;
+	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
+	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
+	ev_timer ring_retry;
 };
 
 struct download_job {
@@ -1710,6 +1713,7 @@ struct bin_conn {
 	/* A 1045 whose data is being received straight from the socket into a slot of the shared
 	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
 	int cap_waiting;              /* in the worker's cap_head list, for a chunk of cap_want bytes */
+	int ring_want;                /* ... and for that much room in the shared ring */
 	uint32_t cap_want;
 	struct conn *cap_next, *cap_prev;
 	int direct;
@@ -1726,6 +1730,7 @@ struct bin_conn {
 #define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
 #define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
+#define BIN_RING_RETRY 0.001          /* seconds between looks for room in a full ring */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1821,6 +1826,7 @@ static void bin_cap_unlink(struct conn *c)
 	else
 		w->cap_tail = b->cap_prev;
 	b->cap_waiting = 0;
+	b->ring_want = 0;
 	b->cap_next = b->cap_prev = NULL;
 }
 
@@ -1829,12 +1835,27 @@ static void bin_cap_unlink(struct conn *c)
  * fitting any more: the loop ends once the head's chunk does not fit.) */
 static void bin_cap_wake(struct worker *w)
 {
+	struct uplink *s = &w->uplink;
 	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
-	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap)) {
+	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap) &&
+	    (!w->cap_head->bin->ring_want || !s->ring_ready || shmring_fits(&s->ring, w->cap_head->bin->cap_want))) {
 		struct conn *c = w->cap_head;
 		bin_cap_unlink(c);
 		conn_process(c);   /* may close c, or queue it again at the end */
 	}
+	if (w->cap_head != NULL && w->cap_head->bin->ring_want) {
+		if (!ev_is_active(&w->ring_retry))
+			ev_timer_start(w->loop, &w->ring_retry);
+	} else {
+		ev_timer_stop(w->loop, &w->ring_retry);
+	}
+}
+
+static void bin_on_ring_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	bin_cap_wake(t->data);
 }
 
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
@@ -2139,8 +2160,19 @@ static int bin_direct_start(struct conn *c)
 		return 0;
 	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
-	if (slot_data == NULL)
-		return 0;   /* the ring is full: this frame is read with its header, as before */
+	if (slot_data == NULL) {
+		/* The ring is full: the data waits in the socket until the storage process has freed
+		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
+		 * (A chunk larger than the ring, or the slots all taken, cannot wait for that.) */
+		if (length > s->ring.size)
+			return 0;
+		b->direct_held = 1;
+		bin_cap_wait(c, length);
+		b->ring_want = 1;
+		if (!ev_is_active(&c->w->ring_retry))
+			ev_timer_start(c->w->loop, &c->w->ring_retry);
+		return 0;
+	}
 	size_t got = have - (FRAME_HEADER_LEN + BIN_CHUNK_LEN);
 	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
 	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
@@ -3130,6 +3162,8 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	if (w->bin_cap < BIN_MAX_CHUNK)
 		w->bin_cap = BIN_MAX_CHUNK;
 	w->uplink.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->ring_retry, bin_on_ring_retry, BIN_RING_RETRY, BIN_RING_RETRY);
+	w->ring_retry.data = w;
 	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
 	w->uplink.retry.data = w;
 
