@@ -202,6 +202,9 @@ struct worker {
 	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
 	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
 	ev_timer ring_retry;
+	/* Until then nobody waits for the ring: a wait ran out (a client stopped in the middle of a
+	 * chunk pins its slot, and the ring cannot be reused past it), so chunks take the copy path. */
+	ev_tstamp ring_wait_off_until;
 };
 
 struct download_job {
@@ -1713,7 +1716,8 @@ struct bin_conn {
 	/* A 1045 whose data is being received straight from the socket into a slot of the shared
 	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
 	int cap_waiting;              /* in the worker's cap_head list, for a chunk of cap_want bytes */
-	int ring_want;                /* ... and for that much room in the shared ring */
+	int ring_want;                /* ... and for that much room in the shared ring, since ring_since */
+	ev_tstamp ring_since;
 	uint32_t cap_want;
 	struct conn *cap_next, *cap_prev;
 	int direct;
@@ -1731,6 +1735,8 @@ struct bin_conn {
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
 #define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
 #define BIN_RING_RETRY 0.001          /* seconds between looks for room in a full ring */
+#define BIN_RING_WAIT_MAX 0.05        /* a wait for ring room longer than this: the ring is pinned */
+#define BIN_RING_WAIT_OFF 1.0         /* seconds chunks then take the copy path instead of waiting */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1836,9 +1842,15 @@ static void bin_cap_unlink(struct conn *c)
 static void bin_cap_wake(struct worker *w)
 {
 	struct uplink *s = &w->uplink;
+	ev_tstamp now = ev_now(w->loop);
+	const struct bin_conn *head = w->cap_head ? w->cap_head->bin : NULL;
+	if (head && head->ring_want && s->ring_ready && now - head->ring_since >= BIN_RING_WAIT_MAX &&
+	    !shmring_fits(&s->ring, head->cap_want))
+		w->ring_wait_off_until = now + BIN_RING_WAIT_OFF;   /* pinned: everyone takes the copy path a while */
 	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
 	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap) &&
-	    (!w->cap_head->bin->ring_want || !s->ring_ready || shmring_fits(&s->ring, w->cap_head->bin->cap_want))) {
+	    (!w->cap_head->bin->ring_want || !s->ring_ready || now < w->ring_wait_off_until ||
+	    shmring_fits(&s->ring, w->cap_head->bin->cap_want))) {
 		struct conn *c = w->cap_head;
 		bin_cap_unlink(c);
 		conn_process(c);   /* may close c, or queue it again at the end */
@@ -2164,11 +2176,13 @@ static int bin_direct_start(struct conn *c)
 		/* The ring is full: the data waits in the socket until the storage process has freed
 		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
 		 * (A chunk larger than the ring, or the slots all taken, cannot wait for that.) */
-		if (length > s->ring.size)
+		if (length > s->ring.size || ev_now(c->w->loop) < c->w->ring_wait_off_until)
 			return 0;
 		b->direct_held = 1;
 		bin_cap_wait(c, length);
 		b->ring_want = 1;
+		b->ring_since = ev_now(c->w->loop);
+		STAT_ADD(chunks_ring_waits, 1);
 		if (!ev_is_active(&c->w->ring_retry))
 			ev_timer_start(c->w->loop, &c->w->ring_retry);
 		return 0;
