@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,9 @@
  * I/O (design.md §6). */
 #define FS_STAGING_OPEN_MAX 256
 #define FS_STAGING_OPEN_MIN 8
+/* Memory, offset and length alignment of a direct (O_DIRECT) write: a page satisfies every block
+ * size up to 4 KiB; a file system that wants more refuses with EINVAL, and writes go buffered. */
+#define DIO_ALIGN 4096u
 
 struct fs {
 	const struct conf *conf;
@@ -37,12 +41,14 @@ struct fs {
 	struct backend_staging *mru, *lru;   /* handles whose file is open, most recently used first */
 	size_t open_count;
 	size_t open_max;              /* the bound on open_count */
+	atomic_int dio_refused;       /* the file system refused O_DIRECT once: every write goes buffered */
 };
 
 struct backend_staging {
 	struct fs *fs;
 	struct backend_meta meta;
 	int fd;                       /* the .part file while open (on the list); -1 while closed */
+	int dio_fd;                   /* the same file opened O_DIRECT for large aligned writes, beside fd; -1: none */
 	int fd_known;                 /* fd_dev and fd_ino hold fd's identity (fstat once opened: it cannot change) */
 	dev_t fd_dev;
 	ino_t fd_ino;
@@ -175,6 +181,7 @@ static struct backend_staging *staging_new(struct fs *fs, const struct backend_m
 	s->fs = fs;
 	s->meta = *meta;
 	s->fd = -1;
+	s->dio_fd = -1;
 	*err = path_format(s->part, sizeof(s->part), "%s/%" PRIu64 "-%s.part", fs->staging, meta->uid, meta->md5);
 	if (*err == 0)
 		*err = path_format(s->metafile, sizeof(s->metafile), "%s/%" PRIu64 "-%s.meta", fs->staging, meta->uid,
@@ -224,6 +231,11 @@ static void open_close(struct fs *fs, struct backend_staging *s)
 	close(s->fd);
 	s->fd = -1;
 	fs->open_count--;
+	if (s->dio_fd >= 0) {
+		close(s->dio_fd);
+		s->dio_fd = -1;
+		fs->open_count--;
+	}
 	if (s->lock_keep >= 0) {
 		close(s->lock_keep);
 		s->lock_keep = -1;
@@ -594,6 +606,79 @@ static int fs_staging_find(struct backend *b, uint64_t uid, const char *md5, str
 	return 0;
 }
 
+/* Opens s->dio_fd (called under the entry's fence, after fd was checked against the path): the
+ * same inode as fd, or ESTALE. EINVAL: the file system does not do direct I/O. */
+static int dio_open(struct backend_staging *s)
+{
+	int fd = open_staging(s->fs, s->part, O_RDWR | O_DIRECT | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	struct stat sb;
+	if (fstat(fd, &sb) < 0 || sb.st_dev != s->fd_dev || sb.st_ino != s->fd_ino) {
+		close(fd);
+		return ESTALE;
+	}
+	pthread_mutex_lock(&s->fs->lock);
+	s->dio_fd = fd;
+	s->fs->open_count++;
+	pthread_mutex_unlock(&s->fs->lock);
+	return 0;
+}
+
+/* The file system refused a direct open or write: from now on every write goes through the page
+ * cache, as it would with direct_io_min = 0. Said once. */
+static void dio_refuse(struct fs *fs, int err)
+{
+	if (atomic_exchange(&fs->dio_refused, 1) == 0)
+		log_warnx("the file system under %s refuses direct I/O (%s): chunks go through the page cache",
+		    fs->conf->root, strerror(err));
+}
+
+/* Bytes at the start of a chunk that may be written with O_DIRECT: its page-aligned part when the
+ * chunk is large enough, starts on a page of the file and lies on a page in memory (the worker's
+ * ring places every chunk so); else 0. */
+static size_t dio_span(const struct backend_staging *s, const uint8_t *p, size_t len, uint64_t offset)
+{
+	int64_t min = s->fs->conf->direct_io_min;
+	if (min <= 0 || len < (uint64_t)min || !s->fd_known || atomic_load(&s->fs->dio_refused) ||
+	    offset % DIO_ALIGN != 0 || (uintptr_t)p % DIO_ALIGN != 0)
+		return 0;
+	return len & ~(size_t)(DIO_ALIGN - 1);
+}
+
+/* Writes a chunk into the open .part. Its large aligned part skips the page cache: copying into
+ * page-cache pages the machine has not touched before was most of an upload's CPU time on the
+ * virtual machines measured (docs/performance.md), and an upload's bytes are not read again
+ * soon. The unaligned tail (a final chunk's) goes through the page cache; the kernel keeps both
+ * views of the file coherent. */
+static int chunk_write(struct backend_staging *s, const uint8_t *p, size_t len, uint64_t offset)
+{
+	size_t direct = dio_span(s, p, len, offset);
+	int err = direct > 0 && s->dio_fd < 0 ? dio_open(s) : 0;
+	ssize_t n = -1;
+	if (direct > 0 && err == 0) {
+		do
+			n = pwrite(s->dio_fd, p, direct, (off_t)offset);
+		while (n < 0 && errno == EINTR);
+		if (n < 0)
+			err = errno;
+	}
+	if (err == EINVAL)
+		dio_refuse(s->fs, err);
+	if (err == ESTALE)
+		return err;
+	/* Any other failure of the direct path (out of descriptors, say) leaves the chunk to the
+	 * buffered write, which reports its own errors. */
+	if (n > 0) {
+		/* A short write leaves the rest, from a page boundary, to the buffered write. */
+		size_t done = (size_t)n & ~(size_t)(DIO_ALIGN - 1);
+		p += done;
+		len -= done;
+		offset += done;
+	}
+	return write_all_at(s->fd, p, len, offset);
+}
+
 static int fs_staging_write(struct backend_staging *s, const void *data, size_t len, uint64_t offset,
     uint64_t fence)
 {
@@ -606,7 +691,7 @@ static int fs_staging_write(struct backend_staging *s, const void *data, size_t 
 		    held.st_ino != named.st_ino || held.st_dev != named.st_dev)
 			err = ESTALE;   /* published or discarded by another holder since it was opened */
 		else
-			err = write_all_at(s->fd, data, len, offset);
+			err = chunk_write(s, data, len, offset);
 		fence_leave_keep(s);
 	}
 	staging_release(s);

@@ -61,6 +61,7 @@ static const struct conf_key conf_keys[] = {
 	{ "storage", "max_file_size", T_INT64, N(max_file_size), 0, INT64_C(1) << 50, "4294967296", SCOPE_STORAGE },
 	{ "storage", "upload_ttl", T_INT, N(upload_ttl), 1, 30 * 86400, "3600", SCOPE_STORAGE },
 	{ "storage", "fsync", T_FSYNC, N(fsync_policy), 0, 0, "complete", SCOPE_STORAGE },
+	{ "storage", "direct_io_min", T_INT64, N(direct_io_min), 0, 1 << 30, "65536", SCOPE_STORAGE },
 	{ "storage", "io_threads", T_INT, N(io_threads), 1, 64, "4", SCOPE_STORAGE },
 	{ "storage", "janitor_interval", T_INT, N(janitor_interval), 1, 86400, "60", SCOPE_STORAGE },
 	{ "storage", "max_uploads", T_INT, N(max_uploads), 1, 1000000, "10000", SCOPE_STORAGE },

@@ -41,6 +41,7 @@ struct conf {
 	int64_t max_file_size;
 	int upload_ttl;             /* seconds an idle upload record lives */
 	int fsync_policy;           /* enum fsync_policy */
+	int64_t direct_io_min;      /* chunks of at least this many bytes bypass the page cache (fs); 0: never */
 	int io_threads;             /* disk threads in the storage process */
 	int janitor_interval;       /* seconds between sweeps of abandoned staging files */
 	int max_uploads;            /* uploads in progress on this node (1036 beyond) */

@@ -11,6 +11,7 @@ int shmring_create(struct shmring *r, size_t size)
 {
 	r->fd = -1;
 	r->map = NULL;
+	size &= ~(size_t)(SHMRING_ALIGN - 1);   /* slots wrap to offset 0: keep them on page boundaries */
 	if (size < SHMRING_MIN || size > SHMRING_MAX) {
 		errno = EINVAL;
 		return -1;
@@ -65,18 +66,35 @@ static void shmring_reclaim(struct shmring *r)
 		r->head = r->tail = 0;   /* empty: the next slot may take the whole area */
 }
 
-uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t *offset)
+/* Where a slot of len bytes would start now (a position in the never-wrapping count), or
+ * UINT64_MAX when there is no room. Moves the tail past slots marked done first. */
+static uint64_t shmring_place(struct shmring *r, size_t len)
 {
 	if (r->map == NULL || len > r->size)
-		return NULL;
+		return UINT64_MAX;
 	shmring_reclaim(r);
 	if (r->count == SHMRING_SLOTS)
-		return NULL;
+		return UINT64_MAX;
 	uint64_t start = r->head;
+	if (len >= SHMRING_ALIGN)
+		start = (start + SHMRING_ALIGN - 1) & ~(uint64_t)(SHMRING_ALIGN - 1);
 	uint64_t at = start % r->size;
 	if (at + len > r->size)
 		start += r->size - at;   /* one piece: skip the end of the area */
 	if (start + len - r->tail > r->size)
+		return UINT64_MAX;
+	return start;
+}
+
+int shmring_fits(struct shmring *r, size_t len)
+{
+	return shmring_place(r, len) != UINT64_MAX;
+}
+
+uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t *offset)
+{
+	uint64_t start = shmring_place(r, len);
+	if (start == UINT64_MAX)
 		return NULL;
 	uint32_t id = (r->first + r->count) % SHMRING_SLOTS;
 	r->newest_prev_head = r->head;

@@ -15,6 +15,9 @@
 #define SHMRING_HEADER 4096           /* the done flags, before the data area */
 #define SHMRING_MIN (1u << 20)
 #define SHMRING_MAX (1u << 30)
+/* A slot of a page or more starts on a page boundary (the data area starts on one), so that the
+ * storage process can write a chunk to disk straight from the ring with O_DIRECT (backend_fs.c). */
+#define SHMRING_ALIGN 4096u
 
 struct shmring_shared {
 	_Atomic uint32_t done[SHMRING_SLOTS];   /* storage: 1 once the slot's bytes are no longer read */
@@ -34,7 +37,8 @@ struct shmring {
 	uint64_t newest_start, newest_prev_head;   /* for shmring_trim and shmring_cancel */
 };
 
-/* Creates a ring of size bytes of data (SHMRING_MIN to SHMRING_MAX). Returns 0 or -1 (errno). */
+/* Creates a ring of size bytes of data (rounded down to SHMRING_ALIGN; SHMRING_MIN to SHMRING_MAX).
+ * Returns 0 or -1 (errno). */
 int shmring_create(struct shmring *r, size_t size);
 /* Unmaps and closes (the storage process's mapping, if any, stays valid). Safe on a closed ring. */
 void shmring_destroy(struct shmring *r);
@@ -42,6 +46,9 @@ void shmring_destroy(struct shmring *r);
  * start of the data area) name it in the message; shmring_trim or shmring_cancel must follow before
  * the next reserve. */
 uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t *offset);
+/* 1 when shmring_reserve(r, len) would find room now (the storage process frees slots on its own:
+ * a worker waiting for room asks again later). */
+int shmring_fits(struct shmring *r, size_t len);
 /* The newest slot holds only used bytes (used <= what was reserved): the rest goes back. */
 void shmring_trim(struct shmring *r, uint32_t slot, size_t used);
 /* The newest slot is not sent after all. */

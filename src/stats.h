@@ -31,6 +31,7 @@
 	X(upload_bytes, "counter", "Upload bytes stored")                           \
 	X(chunks_by_ring, "counter", "Upload chunks handed to storage through the shared ring") \
 	X(chunks_copied, "counter", "Upload chunks copied over the storage link instead (ring full or off)") \
+	X(chunks_ring_waits, "counter", "Binary upload chunks that waited in the socket for room in a full ring") \
 	X(chunks_answered_direct, "counter", "Upload chunks answered by the disk thread that wrote them") \
 	X(uploads_instant, "counter", "Uploads published from content already stored (instant upload)") \
 	X(instant_bytes_saved, "counter", "Upload bytes instant uploads did not need to transfer") \

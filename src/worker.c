@@ -199,6 +199,12 @@ struct worker {
 	 * connections waiting for that to fall under bin_cap (oldest first). */
 	uint64_t bin_unanswered, bin_cap;
 	struct conn *cap_head, *cap_tail;
+	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
+	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
+	ev_timer ring_retry;
+	/* Until then nobody waits for the ring: a wait ran out (a client stopped in the middle of a
+	 * chunk pins its slot, and the ring cannot be reused past it), so chunks take the copy path. */
+	ev_tstamp ring_wait_off_until;
 };
 
 struct download_job {
@@ -652,7 +658,8 @@ static void conn_update_io(struct conn *c)
 	 * read-ahead bounds what a pipelining client can park here. */
 	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
 	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
-	    !(c->req.frame_used && c->in.end == c->in.cap))   /* a held frame's buffer is full */
+	    !(c->req.frame_used && c->in.end == c->in.cap) &&   /* a held frame's buffer is full */
+	    bin_read_room(c) > 0)
 		events |= EV_READ;
 	if (bin_wants_write(c))
 		events |= EV_WRITE;
@@ -743,7 +750,10 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			return;
 		}
 		p = c->in.data + c->in.end;
-	} else if ((p = buf_reserve(&c->in, room = bin_read_room(c))) == NULL) {
+	} else if ((room = bin_read_room(c)) == 0) {
+		conn_update_io(c);   /* a chunk waits for its window before its data is read */
+		return;
+	} else if ((p = buf_reserve(&c->in, room)) == NULL) {
 		conn_close(c, "out of memory");
 		return;
 	}
@@ -1706,9 +1716,14 @@ struct bin_conn {
 	/* A 1045 whose data is being received straight from the socket into a slot of the shared
 	 * ring (its frame and chunk headers kept here): the worker copies none of its bytes. */
 	int cap_waiting;              /* in the worker's cap_head list, for a chunk of cap_want bytes */
+	int ring_want;                /* ... and for that much room in the shared ring, since ring_since */
+	ev_tstamp ring_since;
 	uint32_t cap_want;
 	struct conn *cap_next, *cap_prev;
 	int direct;
+	/* The headers of a large chunk wait for room in the window: its data stays in the socket (no
+	 * reading) until then, and goes straight into the ring instead of through c->in. */
+	int direct_held;
 	uint8_t direct_hdr[FRAME_HEADER_LEN + BIN_CHUNK_LEN];
 	uint8_t *direct_data;
 	uint32_t direct_slot, direct_len, direct_got;
@@ -1719,6 +1734,9 @@ struct bin_conn {
 #define BIN_SEND_BURST (16u << 20)  /* bytes one send job moves at most before the loop sees it */
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
 #define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
+#define BIN_RING_RETRY 0.001          /* seconds between looks for room in a full ring */
+#define BIN_RING_WAIT_MAX 0.05        /* a wait for ring room longer than this: the ring is pinned */
+#define BIN_RING_WAIT_OFF 1.0         /* seconds chunks then take the copy path instead of waiting */
 
 static uint32_t conn_max_body(const struct conn *c)
 {
@@ -1733,6 +1751,8 @@ static size_t bin_read_room(const struct conn *c)
 {
 	size_t have = buf_len(&c->in);
 	const struct bin_conn *b = c->bin;
+	if (b != NULL && b->direct_held && !b->direct)
+		return 0;
 	/* While an upload streams into the shared ring, the headers of the next chunk first, alone:
 	 * its data is then read straight into its slot, not into this buffer. */
 	if (b != NULL && b->up_open && !b->up_broken && c->w->uplink.ring_ready &&
@@ -1812,6 +1832,7 @@ static void bin_cap_unlink(struct conn *c)
 	else
 		w->cap_tail = b->cap_prev;
 	b->cap_waiting = 0;
+	b->ring_want = 0;
 	b->cap_next = b->cap_prev = NULL;
 }
 
@@ -1820,12 +1841,33 @@ static void bin_cap_unlink(struct conn *c)
  * fitting any more: the loop ends once the head's chunk does not fit.) */
 static void bin_cap_wake(struct worker *w)
 {
+	struct uplink *s = &w->uplink;
+	ev_tstamp now = ev_now(w->loop);
+	const struct bin_conn *head = w->cap_head ? w->cap_head->bin : NULL;
+	if (head && head->ring_want && s->ring_ready && now - head->ring_since >= BIN_RING_WAIT_MAX &&
+	    !shmring_fits(&s->ring, head->cap_want))
+		w->ring_wait_off_until = now + BIN_RING_WAIT_OFF;   /* pinned: everyone takes the copy path a while */
 	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
-	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap)) {
+	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap) &&
+	    (!w->cap_head->bin->ring_want || !s->ring_ready || now < w->ring_wait_off_until ||
+	    shmring_fits(&s->ring, w->cap_head->bin->cap_want))) {
 		struct conn *c = w->cap_head;
 		bin_cap_unlink(c);
 		conn_process(c);   /* may close c, or queue it again at the end */
 	}
+	if (w->cap_head != NULL && w->cap_head->bin->ring_want) {
+		if (!ev_is_active(&w->ring_retry))
+			ev_timer_start(w->loop, &w->ring_retry);
+	} else {
+		ev_timer_stop(w->loop, &w->ring_retry);
+	}
+}
+
+static void bin_on_ring_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	bin_cap_wake(t->data);
 }
 
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
@@ -2110,6 +2152,8 @@ static int bin_direct_start(struct conn *c)
 	struct bin_conn *b = c->bin;
 	struct uplink *s = &c->w->uplink;
 	size_t have = buf_len(&c->in);
+	if (b != NULL)
+		b->direct_held = 0;
 	if (b == NULL || b->direct || c->busy || !s->ring_ready || !b->up_open || b->up_broken ||
 	    have < FRAME_HEADER_LEN + BIN_CHUNK_LEN)
 		return 0;
@@ -2119,12 +2163,30 @@ static int bin_direct_start(struct conn *c)
 	uint32_t length = bin_get_u32(h + FRAME_HEADER_LEN + 8);
 	/* Anything unusual is left to the ordinary path, which answers it. */
 	if (id != MSG_BIN_CHUNK || length < BIN_DIRECT_MIN || length > BIN_MAX_CHUNK ||
-	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len ||
-	    !bin_ready_for(c, id, body_len))
+	    body_len != BIN_CHUNK_LEN + length || have >= FRAME_HEADER_LEN + (size_t)body_len)
 		return 0;
+	if (!bin_ready_for(c, id, body_len)) {
+		/* Read on only once it can go straight into the ring: the window's acknowledgements, the
+		 * cap's or the link's wake-up bring the connection back here (conn_process). */
+		b->direct_held = 1;
+		return 0;
+	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
-	if (slot_data == NULL)
-		return 0;   /* the ring is full: this frame is read with its header, as before */
+	if (slot_data == NULL) {
+		/* The ring is full: the data waits in the socket until the storage process has freed
+		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
+		 * (A chunk larger than the ring, or the slots all taken, cannot wait for that.) */
+		if (length > s->ring.size || ev_now(c->w->loop) < c->w->ring_wait_off_until)
+			return 0;
+		b->direct_held = 1;
+		bin_cap_wait(c, length);
+		b->ring_want = 1;
+		b->ring_since = ev_now(c->w->loop);
+		STAT_ADD(chunks_ring_waits, 1);
+		if (!ev_is_active(&c->w->ring_retry))
+			ev_timer_start(c->w->loop, &c->w->ring_retry);
+		return 0;
+	}
 	size_t got = have - (FRAME_HEADER_LEN + BIN_CHUNK_LEN);
 	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
 	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
@@ -2174,6 +2236,10 @@ static void bin_direct_undo_all(struct worker *w)
 {
 	for (uint32_t i = 0; i < w->conns_cap; i++) {
 		struct conn *c = w->conns[i];
+		if (c != NULL && c->bin != NULL && c->bin->direct_held) {
+			c->bin->direct_held = 0;   /* no ring to wait for: its data is read as an ordinary frame */
+			conn_update_io(c);
+		}
 		if (c == NULL || !bin_receiving(c))
 			continue;
 		struct bin_conn *b = c->bin;
@@ -3110,6 +3176,8 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	if (w->bin_cap < BIN_MAX_CHUNK)
 		w->bin_cap = BIN_MAX_CHUNK;
 	w->uplink.retry_delay = STORAGE_RETRY_MIN;
+	ev_timer_init(&w->ring_retry, bin_on_ring_retry, BIN_RING_RETRY, BIN_RING_RETRY);
+	w->ring_retry.data = w;
 	ev_timer_init(&w->uplink.retry, uplink_on_retry, 0., 0.);
 	w->uplink.retry.data = w;
 

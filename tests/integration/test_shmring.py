@@ -162,8 +162,11 @@ o = b.open(b_data, "beside.bin")
 acks = b.upload(b_data, o["committed"])
 tap.ok(all(x["error"] == 0 for x in acks) and published("beside.bin") == b_data,
        "B uploads 3 MiB through a 1 MiB ring that A holds: byte-identical", str([x for x in acks if x["error"]][:3]))
-copied = h.stats_info(d).get("chunks_copied", 0)
-tap.ok(copied >= 1, "and the stats page counts B's chunks that went over the link instead (%r)" % copied)
+counts = h.stats_info(d)
+tap.ok(counts.get("chunks_ring_waits", 0) >= 1,
+       "B's first chunk waited in its socket for room in the ring (%r waits)" % counts.get("chunks_ring_waits"))
+tap.ok(counts.get("chunks_copied", 0) >= 1,
+       "and, the ring pinned, B's chunks went over the link instead (%r copied)" % counts.get("chunks_copied"))
 a.c.send_raw(frame_a[len(frame_a) // 3:])
 first = a.ack()
 tap.eq(first["error"], 0, "A's chunk, completed later, is acknowledged")

@@ -9,7 +9,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -465,6 +468,73 @@ START_TEST(test_open_files_bounded_fenced)
 }
 END_TEST
 
+/* Pages of the .part of (uid 1, MD5_A) that are in the page cache, as a string of 0 and 1. */
+static void part_residency(char *out, size_t pages)
+{
+	char part[PATH_MAX];
+	snprintf(part, sizeof(part), "%s/.staging/1-" MD5_A ".part", root);
+	int fd = open(part, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	void *map = mmap(NULL, pages * 4096, PROT_READ, MAP_SHARED, fd, 0);
+	ck_assert_ptr_ne(map, MAP_FAILED);
+	unsigned char vec[64];
+	ck_assert_uint_le(pages, sizeof(vec));
+	ck_assert_int_eq(mincore(map, pages * 4096, vec), 0);
+	for (size_t i = 0; i < pages; i++)
+		out[i] = (char)('0' + (vec[i] & 1));
+	out[pages] = '\0';
+	munmap(map, pages * 4096);
+	close(fd);
+}
+
+/* Large chunks that start on a page of the file and lie on a page in memory go past the page cache
+ * (O_DIRECT): they are not in it after their write, the others are (dirty pages stay until written
+ * back), and the file reads back whole. direct_io_min = 0 sends everything through the cache. */
+START_TEST(test_direct_writes)
+{
+	enum { CHUNK = 16384, TOTAL = 3 * CHUNK + 1000 };
+	struct statfs sf;
+	ck_assert_int_eq(statfs(root, &sf), 0);
+	if (sf.f_type == TMPFS_MAGIC)
+		return;   /* tmpfs is the page cache: nothing to tell apart */
+	for (int direct = 1; direct >= 0; direct--) {
+		char err[256], value[16];
+		snprintf(value, sizeof(value), "%d", direct ? CHUNK : 0);
+		ck_assert_int_eq(conf_set(&conf, "storage", "direct_io_min", value, err, sizeof(err)), 0);
+		uint8_t *data = aligned_alloc(4096, TOTAL + 4096), *shifted = malloc(CHUNK + 1);
+		for (size_t i = 0; i < TOTAL; i++)
+			data[i] = (uint8_t)(i * 7 + i / 4096);
+		memcpy(shifted + 1, data + CHUNK, CHUNK);
+		struct backend_meta m = meta_of(1, MD5_A, "direct.bin", TOTAL);
+		struct backend_staging *s;
+		ck_assert_int_eq(be.ops->staging_begin(&be, &m, 5, &s), 0);
+		ck_assert_int_eq(be.ops->staging_write(s, data, CHUNK, 0, 5), 0);
+		ck_assert_int_eq(be.ops->staging_write(s, shifted + 1, CHUNK, CHUNK, 5), 0);   /* not on a page */
+		ck_assert_int_eq(be.ops->staging_write(s, data + 2 * CHUNK, CHUNK + 1000, 2 * CHUNK, 5), 0);
+		ck_assert_int_le(staging_fds(), 3);   /* the .part twice and its lock file */
+		char pages[16];
+		part_residency(pages, 13);
+		ck_assert_str_eq(pages, direct ? "0000111100001" : "1111111111111");
+		uint8_t back[TOTAL];
+		size_t got;
+		ck_assert_int_eq(be.ops->staging_read(s, back, TOTAL, 0, &got), 0);
+		ck_assert_uint_eq(got, TOTAL);
+		ck_assert_mem_eq(back, data, TOTAL);
+		/* A resent chunk over cached pages (the tail's) and a rewrite of a direct one. */
+		ck_assert_int_eq(be.ops->staging_write(s, data + 2 * CHUNK, CHUNK + 1000, 2 * CHUNK, 5), 0);
+		ck_assert_int_eq(be.ops->staging_write(s, data, CHUNK, 0, 5), 0);
+		ck_assert_int_eq(be.ops->staging_read(s, back, TOTAL, 0, &got), 0);
+		ck_assert_mem_eq(back, data, TOTAL);
+		ck_assert_int_eq(be.ops->staging_write(s, data, CHUNK, 0, 4), ESTALE);   /* still fenced */
+		be.ops->staging_discard(s, 5);
+		be.ops->staging_close(s);
+		ck_assert_int_eq(staging_fds(), 0);
+		free(data);
+		free(shifted);
+	}
+}
+END_TEST
+
 /* A holder whose lock file was removed and made again by another holder (discard, then a new
  * begin with a newer fence) between two of its writes: its kept descriptor names the old file,
  * so it locks the current one, reads the newer fence there and is refused. */
@@ -793,6 +863,7 @@ static Suite *backend_suite(void)
 	tcase_add_test(tc, test_list_drops_broken);
 	tcase_add_test(tc, test_open_files_bounded);
 	tcase_add_test(tc, test_open_files_bounded_fenced);
+	tcase_add_test(tc, test_direct_writes);
 	tcase_add_test(tc, test_unknown_backend);
 	tcase_add_test(tc, test_fencing);
 	tcase_add_test(tc, test_fencing_kept_lock_replaced);

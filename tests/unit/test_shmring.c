@@ -75,10 +75,11 @@ START_TEST(test_one_piece_skips_the_end)
 	/* 200 bytes do not fit in the 50 left at the end: they start at 0. */
 	ck_assert_ptr_nonnull(shmring_reserve(&r, 200, &b, &at_b));
 	ck_assert_uint_eq(at_b, 0);
-	/* d, the skipped end and b are in use: RING - 300 are free, not more. */
-	ck_assert_ptr_null(shmring_reserve(&r, RING - 299, &c, &at_c));
-	ck_assert_ptr_nonnull(shmring_reserve(&r, RING - 300, &c, &at_c));
-	ck_assert_uint_eq(at_c, 200);
+	/* d, the skipped end and b are in use, and a large slot starts on the next page: RING - 4196
+	 * are free for it, not more. */
+	ck_assert_ptr_null(shmring_reserve(&r, RING - 4195, &c, &at_c));
+	ck_assert_ptr_nonnull(shmring_reserve(&r, RING - 4196, &c, &at_c));
+	ck_assert_uint_eq(at_c, 4096);
 	shmring_view_close(&v);
 	shmring_destroy(&r);
 }
@@ -105,6 +106,29 @@ START_TEST(test_trim_cancel_abandon)
 	shmring_view_done(&v, c);
 	ck_assert_ptr_nonnull(shmring_reserve(&r, RING, &a, &at_a));   /* all of it again */
 	shmring_view_close(&v);
+	shmring_destroy(&r);
+}
+END_TEST
+
+START_TEST(test_large_slots_start_on_a_page)
+{
+	struct shmring r;
+	ck_assert_int_eq(shmring_create(&r, RING + 100), 0);
+	ck_assert_uint_eq(r.size, RING);   /* rounded down: a wrapped slot starts on a page too */
+	uint32_t s;
+	uint64_t at;
+	uint8_t *p = shmring_reserve(&r, 10, &s, &at);
+	ck_assert_ptr_nonnull(p);
+	ck_assert_uint_eq(at, 0);
+	p = shmring_reserve(&r, 5000, &s, &at);   /* after 10 bytes: on the next page */
+	ck_assert_uint_eq(at, SHMRING_ALIGN);
+	ck_assert_uint_eq((uintptr_t)p % SHMRING_ALIGN, 0);
+	shmring_trim(&r, s, 4097);
+	p = shmring_reserve(&r, 100, &s, &at);   /* small: right behind */
+	ck_assert_uint_eq(at, SHMRING_ALIGN + 4097);
+	p = shmring_reserve(&r, RING - 3 * SHMRING_ALIGN, &s, &at);   /* the rest, from the next page */
+	ck_assert_ptr_nonnull(p);
+	ck_assert_uint_eq(at, 3 * SHMRING_ALIGN);
 	shmring_destroy(&r);
 }
 END_TEST
@@ -198,6 +222,7 @@ static Suite *shmring_suite(void)
 	tcase_add_test(tc, test_bytes_cross_by_reference);
 	tcase_add_test(tc, test_full_until_done_in_order);
 	tcase_add_test(tc, test_one_piece_skips_the_end);
+	tcase_add_test(tc, test_large_slots_start_on_a_page);
 	tcase_add_test(tc, test_trim_cancel_abandon);
 	tcase_add_test(tc, test_slot_count_bounds);
 	tcase_add_test(tc, test_view_refuses);
