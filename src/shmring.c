@@ -100,12 +100,27 @@ uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t
 	r->newest_prev_head = r->head;
 	r->newest_start = start;
 	atomic_store_explicit(&r->sh->done[id], 0, memory_order_relaxed);   /* the message that names it comes after */
+	r->receiving[id] = 0;
 	r->end[id] = start + len;
 	r->head = start + len;
 	r->count++;
 	*slot = id;
 	*offset = start % r->size;
 	return r->data + *offset;
+}
+
+void shmring_receiving(struct shmring *r, uint32_t slot, int on)
+{
+	if (slot < SHMRING_SLOTS)
+		r->receiving[slot] = (uint8_t)(on != 0);
+}
+
+int shmring_pinned(struct shmring *r)
+{
+	if (r->map == NULL)
+		return 0;
+	shmring_reclaim(r);
+	return r->count > 0 && r->receiving[r->first];
 }
 
 void shmring_trim(struct shmring *r, uint32_t slot, size_t used)

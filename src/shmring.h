@@ -35,6 +35,7 @@ struct shmring {
 	uint64_t end[SHMRING_SLOTS];  /* where each slot's allocation ends (tail moves there once it is done) */
 	uint32_t first, count;        /* the slots in use, oldest first */
 	uint64_t newest_start, newest_prev_head;   /* for shmring_trim and shmring_cancel */
+	uint8_t receiving[SHMRING_SLOTS];   /* a client's bytes are still arriving into the slot (shmring_receiving) */
 };
 
 /* Creates a ring of size bytes of data (rounded down to SHMRING_ALIGN; SHMRING_MIN to SHMRING_MAX).
@@ -49,6 +50,11 @@ uint8_t *shmring_reserve(struct shmring *r, size_t len, uint32_t *slot, uint64_t
 /* 1 when shmring_reserve(r, len) would find room now (the storage process frees slots on its own:
  * a worker waiting for room asks again later). */
 int shmring_fits(struct shmring *r, size_t len);
+/* Marks a slot as being filled from a client's socket (on) or not any more (sent or given up). */
+void shmring_receiving(struct shmring *r, uint32_t slot, int on);
+/* 1 when the oldest slot in use is still being filled from a client: nothing behind it can be
+ * reused until that client sends the rest, however long that takes. */
+int shmring_pinned(struct shmring *r);
 /* The newest slot holds only used bytes (used <= what was reserved): the rest goes back. */
 void shmring_trim(struct shmring *r, uint32_t slot, size_t used);
 /* The newest slot is not sent after all. */

@@ -1845,7 +1845,7 @@ static void bin_cap_wake(struct worker *w)
 	ev_tstamp now = ev_now(w->loop);
 	const struct bin_conn *head = w->cap_head ? w->cap_head->bin : NULL;
 	if (head && head->ring_want && s->ring_ready && now - head->ring_since >= BIN_RING_WAIT_MAX &&
-	    !shmring_fits(&s->ring, head->cap_want))
+	    shmring_pinned(&s->ring) && !shmring_fits(&s->ring, head->cap_want))
 		w->ring_wait_off_until = now + BIN_RING_WAIT_OFF;   /* pinned: everyone takes the copy path a while */
 	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
 	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap) &&
@@ -2172,6 +2172,8 @@ static int bin_direct_start(struct conn *c)
 		return 0;
 	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
+	if (slot_data != NULL)
+		shmring_receiving(&s->ring, b->direct_slot, 1);
 	if (slot_data == NULL) {
 		/* The ring is full: the data waits in the socket until the storage process has freed
 		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
@@ -2219,6 +2221,7 @@ static int bin_direct_read(struct conn *c)
 	if (b->direct_got < b->direct_len)
 		return 1;
 	b->direct = 0;
+	shmring_receiving(&c->w->uplink.ring, b->direct_slot, 0);
 	c->frame_start = 0;
 	c->last_frame = ev_now(c->w->loop);
 	c->fresh = 0;
@@ -2683,8 +2686,10 @@ static int bin_conn_free(struct conn *c)
 		return 0;
 	if (b->link_waiting)
 		c->w->bin_link_waiters--;
-	if (b->direct)
+	if (b->direct) {
 		shmring_abandon(&c->w->uplink.ring, b->direct_slot);   /* never sent: storage will not free it */
+		shmring_receiving(&c->w->uplink.ring, b->direct_slot, 0);
+	}
 	bin_cap_unlink(c);
 	c->w->bin_unanswered -= b->inflight_bytes;   /* their answers will find no connection */
 	int handed = 0;

@@ -133,6 +133,31 @@ START_TEST(test_large_slots_start_on_a_page)
 }
 END_TEST
 
+/* A slot still being filled from a client pins the ring only while it is the oldest in use. */
+START_TEST(test_pinned_by_the_oldest_slot)
+{
+	struct shmring r;
+	struct shmring_view v;
+	open_both(&r, &v);
+	uint32_t a, b;
+	uint64_t at;
+	ck_assert_ptr_nonnull(shmring_reserve(&r, 8192, &a, &at));
+	ck_assert_ptr_nonnull(shmring_reserve(&r, 8192, &b, &at));
+	ck_assert_int_eq(shmring_pinned(&r), 0);   /* both sent: storage frees them on its own */
+	shmring_receiving(&r, b, 1);
+	ck_assert_int_eq(shmring_pinned(&r), 0);   /* b is behind a, which storage will free */
+	shmring_view_done(&v, a);
+	ck_assert_int_eq(shmring_pinned(&r), 1);   /* now b is the oldest, and its client is late */
+	shmring_receiving(&r, b, 0);
+	ck_assert_int_eq(shmring_pinned(&r), 0);
+	shmring_view_done(&v, b);
+	ck_assert_ptr_nonnull(shmring_reserve(&r, 8192, &a, &at));
+	ck_assert_int_eq(shmring_pinned(&r), 0);   /* a reused slot starts not receiving */
+	shmring_view_close(&v);
+	shmring_destroy(&r);
+}
+END_TEST
+
 START_TEST(test_slot_count_bounds)
 {
 	struct shmring r;
@@ -223,6 +248,7 @@ static Suite *shmring_suite(void)
 	tcase_add_test(tc, test_full_until_done_in_order);
 	tcase_add_test(tc, test_one_piece_skips_the_end);
 	tcase_add_test(tc, test_large_slots_start_on_a_page);
+	tcase_add_test(tc, test_pinned_by_the_oldest_slot);
 	tcase_add_test(tc, test_trim_cancel_abandon);
 	tcase_add_test(tc, test_slot_count_bounds);
 	tcase_add_test(tc, test_view_refuses);
