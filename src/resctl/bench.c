@@ -1012,14 +1012,11 @@ static void download_send_chunk(struct bench_conn *c)
 	conn_send(c);
 }
 
-static void conn_send(struct bench_conn *c)
+/* What is queued goes out now: the connection waits for answers, under its timeout. */
+static void conn_go(struct bench_conn *c)
 {
 	struct bench *b = c->bench;
-	c->iov_first = 0;
 	c->state = CONN_BUSY;
-	c->sent_ns = resctl_now_ns();
-	if (conn_stats(c)->max_in_flight == 0)
-		conn_stats(c)->max_in_flight = 1;
 	c->timer.repeat = b->o->timeout_ms / 1000.0;
 	ev_timer_again(b->loop, &c->timer);
 	int r = conn_flush(c);
@@ -1027,6 +1024,15 @@ static void conn_send(struct bench_conn *c)
 		conn_fail(c, FAIL_CLOSED);
 	else if (r == 0)
 		ev_io_start(b->loop, &c->io_write);
+}
+
+static void conn_send(struct bench_conn *c)
+{
+	c->iov_first = 0;
+	c->sent_ns = resctl_now_ns();
+	if (conn_stats(c)->max_in_flight == 0)
+		conn_stats(c)->max_in_flight = 1;
+	conn_go(c);
 }
 
 static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, uint32_t len);
@@ -1293,14 +1299,7 @@ static void bin_fill_window(struct bench_conn *c)
 	if (c->bin_sent - c->bin_acked > st->max_in_flight)
 		st->max_in_flight = c->bin_sent - c->bin_acked;
 	c->request_id = MSG_BIN_CHUNK;
-	c->state = CONN_BUSY;
-	c->timer.repeat = b->o->timeout_ms / 1000.0;
-	ev_timer_again(b->loop, &c->timer);
-	int r = conn_flush(c);
-	if (r < 0)
-		conn_fail(c, FAIL_CLOSED);
-	else if (r == 0)
-		ev_io_start(b->loop, &c->io_write);
+	conn_go(c);
 }
 
 #define BENCH_RANGE (16u << 20)
