@@ -622,6 +622,7 @@ static int dio_open(struct backend_staging *s)
 	pthread_mutex_lock(&s->fs->lock);
 	s->dio_fd = fd;
 	s->fs->open_count++;
+	open_trim(s->fs, s->fs->open_max);   /* idle handles only: this one is busy */
 	pthread_mutex_unlock(&s->fs->lock);
 	return 0;
 }

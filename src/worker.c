@@ -2172,8 +2172,10 @@ static int bin_direct_start(struct conn *c)
 		return 0;
 	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
-	if (slot_data != NULL)
+	if (slot_data != NULL) {
 		shmring_receiving(&s->ring, b->direct_slot, 1);
+		bin_cap_unlink(c);   /* its own answer may have brought it here while it waited for room */
+	}
 	if (slot_data == NULL) {
 		/* The ring is full: the data waits in the socket until the storage process has freed
 		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
@@ -2181,10 +2183,12 @@ static int bin_direct_start(struct conn *c)
 		if (length > s->ring.size || ev_now(c->w->loop) < c->w->ring_wait_off_until)
 			return 0;
 		b->direct_held = 1;
-		bin_cap_wait(c, length);
-		b->ring_want = 1;
-		b->ring_since = ev_now(c->w->loop);
-		STAT_ADD(chunks_ring_waits, 1);
+		if (!b->ring_want) {
+			bin_cap_wait(c, length);
+			b->ring_want = 1;
+			b->ring_since = ev_now(c->w->loop);
+			STAT_ADD(chunks_ring_waits, 1);
+		}
 		if (!ev_is_active(&c->w->ring_retry))
 			ev_timer_start(c->w->loop, &c->w->ring_retry);
 		return 0;
