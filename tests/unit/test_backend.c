@@ -501,7 +501,9 @@ START_TEST(test_direct_writes)
 		char err[256], value[16];
 		snprintf(value, sizeof(value), "%d", direct ? CHUNK : 0);
 		ck_assert_int_eq(conf_set(&conf, "storage", "direct_io_min", value, err, sizeof(err)), 0);
-		uint8_t *data = aligned_alloc(4096, TOTAL + 4096), *shifted = malloc(CHUNK + 1);
+		void *aligned = NULL;
+		ck_assert_int_eq(posix_memalign(&aligned, 4096, TOTAL), 0);
+		uint8_t *data = aligned, *shifted = malloc(CHUNK + 1);
 		for (size_t i = 0; i < TOTAL; i++)
 			data[i] = (uint8_t)(i * 7 + i / 4096);
 		memcpy(shifted + 1, data + CHUNK, CHUNK);
