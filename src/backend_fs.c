@@ -655,7 +655,7 @@ static size_t dio_span(const struct backend_staging *s, const uint8_t *p, size_t
  * all (8 MiB files in 32 KiB chunks: docs/performance.md). Unless direct_io_min is 0, the steps
  * before that leave the page cache once written back, as direct writes never enter it: the next
  * chunks reuse the pages just freed instead of pages the machine has not touched lately, which
- * cost several times the copy on the virtual machines measured (one JSON connection: 55-79 against
+ * cost several times the copy on the virtual machines measured (one JSON connection: 52-79 against
  * 116-139 MB/s). Pages still dirty or under writeback are left alone by the kernel. */
 static void writeback_behind(const struct backend_staging *s, uint64_t from, uint64_t to)
 {

@@ -202,8 +202,9 @@ struct worker {
 	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
 	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
 	ev_timer ring_retry;
-	/* Until then nobody waits for the ring: a wait ran out (a client stopped in the middle of a
-	 * chunk pins its slot, and the ring cannot be reused past it), so chunks take the copy path. */
+	/* Until then nobody waits for the ring: a wait ran out while the ring was pinned (a client
+	 * stopped in the middle of a chunk holds the oldest slot, and the ring cannot be reused past
+	 * it), so chunks take the copy path. */
 	ev_tstamp ring_wait_off_until;
 };
 
@@ -1735,7 +1736,7 @@ struct bin_conn {
 #define BIN_LINK_BACKLOG (16u << 20) /* chunk bytes queued for the storage link before chunks wait */
 #define BIN_DIRECT_MIN (64u << 10)   /* smaller chunks are read with their frame, as before */
 #define BIN_RING_RETRY 0.001          /* seconds between looks for room in a full ring */
-#define BIN_RING_WAIT_MAX 0.05        /* a wait for ring room longer than this: the ring is pinned */
+#define BIN_RING_WAIT_MAX 0.05        /* a wait this long while the ring is pinned: its client stopped */
 #define BIN_RING_WAIT_OFF 1.0         /* seconds chunks then take the copy path instead of waiting */
 
 static uint32_t conn_max_body(const struct conn *c)
@@ -2172,10 +2173,6 @@ static int bin_direct_start(struct conn *c)
 		return 0;
 	}
 	uint8_t *slot_data = shmring_reserve(&s->ring, length, &b->direct_slot, &b->direct_at);
-	if (slot_data != NULL) {
-		shmring_receiving(&s->ring, b->direct_slot, 1);
-		bin_cap_unlink(c);   /* its own answer may have brought it here while it waited for room */
-	}
 	if (slot_data == NULL) {
 		/* The ring is full: the data waits in the socket until the storage process has freed
 		 * room (bin_cap_wake looks), rather than crossing the buffer, the link and a heap copy.
@@ -2193,6 +2190,8 @@ static int bin_direct_start(struct conn *c)
 			ev_timer_start(c->w->loop, &c->w->ring_retry);
 		return 0;
 	}
+	shmring_receiving(&s->ring, b->direct_slot, 1);
+	bin_cap_unlink(c);   /* its own answer may have brought it here while it waited for room */
 	size_t got = have - (FRAME_HEADER_LEN + BIN_CHUNK_LEN);
 	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
 	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
