@@ -33,8 +33,8 @@ static const char *const mode_names[] = { "upload", "download", "mixed" };
 static const char *const role_names[] = { "upload", "download" };
 
 #define BENCH_MAX_CONNECTIONS 10000
-#define BENCH_MAX_SIZE (UINT64_C(1) << 30)          /* the file is held in memory */
-#define BENCH_MAX_TABLE (UINT64_C(512) << 20)       /* precomputed base64 up to this much */
+#define BENCH_MAX_SIZE (UINT64_C(1) << 30)          /* its MD5 is computed before the run */
+#define BENCH_PERIOD (UINT64_C(8) << 20)            /* a file's content repeats after about this much */
 #define BENCH_DOWNLOAD_NAME "bench-dl"
 #define BENCH_TAIL_MAX 8                            /* bytes varied per file */
 #define BENCH_SETUP_TRIES 10                        /* failures in a row before the bench-dl upload gives up */
@@ -348,24 +348,61 @@ static void stats_merge(struct bench_stats *into, const struct bench_stats *from
 
 /* ================================================================ file content */
 
+/* The base64 of a file's chunks, each encoded once: the chunks of one period of the content
+ * (the same text recurs every period), then, when the varied bytes are known (bench-dl), the
+ * chunks that hold them. */
+struct chunk_table {
+	char *text;         /* NULL: not made (the chunk size does not divide the period) */
+	size_t stride;
+	uint64_t chunk;
+	uint64_t plain;     /* chunks before the varied bytes */
+	uint64_t cycle;     /* chunks in a period */
+	uint64_t plain_entries, entries;
+};
+
 /* One random buffer is every file's content; the last bytes vary per file so the
- * MD5s differ, which lets the MD5 of everything before them be computed once. */
+ * MD5s differ, which lets the MD5 of everything before them be computed once. A large
+ * file repeats the buffer (BENCH_PERIOD, whole chunks): the bench then reads the same
+ * few MiB over and over instead of memory it last touched seconds ago, which on a
+ * virtual machine costs a host fault per page and made the load generator, not the
+ * server, the limit of a one-connection upload of 256 MiB (README, Performance). */
 struct bench_source {
-	uint8_t *data;
+	uint8_t *data;               /* byte off of a file is data[off % period]; a chunk more follows */
+	uint64_t period;
+	uint64_t run_end;            /* period and the copy of the first chunk after it */
 	uint64_t size;
 	size_t chunk;
 	uint64_t chunks;             /* per file, at least 1 */
 	uint64_t tail_start;         /* the varied bytes: [tail_start, size) */
 	size_t tail_len;
 	uint64_t first_tail_chunk;   /* chunks from here on hold varied bytes */
-	char *b64;                   /* base64 of every chunk before first_tail_chunk, or NULL */
-	size_t b64_stride;
+	struct chunk_table b64;      /* base64 of the chunks before first_tail_chunk */
 	struct md5 md5_prefix;       /* state after md5_prefix_len bytes */
 	uint64_t md5_prefix_len;
 	uint64_t nonce;              /* makes this run's files differ from other runs' */
 };
 
 #define MD5_BLOCK_BYTES 64   /* the prefix ends on a block: copying the state is then exact */
+
+/* The plain bytes at off and how many of them, up to end, lie together in data. */
+static const uint8_t *source_run(const struct bench_source *s, uint64_t off, uint64_t end, size_t *run)
+{
+	uint64_t at = off % s->period, n = s->run_end - at;
+	*run = (size_t)(end - off < n ? end - off : n);
+	return s->data + at;
+}
+
+struct bench_source;
+static int chunk_table_make(struct chunk_table *t, const struct bench_source *s, uint64_t chunk, const uint8_t *tail);
+
+static void source_md5_update(const struct bench_source *s, struct md5 *ctx, uint64_t off, uint64_t end)
+{
+	size_t n;
+	for (; off < end; off += n) {
+		const uint8_t *p = source_run(s, off, end, &n);
+		md5_update(ctx, p, n);
+	}
+}
 
 static int source_init(struct bench_source *s, uint64_t size, size_t chunk, int with_b64)
 {
@@ -374,32 +411,29 @@ static int source_init(struct bench_source *s, uint64_t size, size_t chunk, int 
 	s->tail_len = size < BENCH_TAIL_MAX ? (size_t)size : BENCH_TAIL_MAX;
 	s->tail_start = size - s->tail_len;
 	s->first_tail_chunk = s->tail_start / chunk;
-	s->data = malloc(size ? (size_t)size : 1);
+	uint64_t per_period = BENCH_PERIOD / chunk ? BENCH_PERIOD / chunk : 1;
+	s->period = size > per_period * chunk ? per_period * chunk : size;
+	if (s->period == 0)
+		s->period = 1;
+	/* A chunk at any offset, even one a resumed upload left unaligned, lies together in data. */
+	s->run_end = s->period + (s->period < size ? chunk : 0);
+	s->data = malloc((size_t)s->run_end);
 	if (s->data == NULL)
 		return -1;
-	randombytes_buf(s->data, (size_t)size);
+	randombytes_buf(s->data, (size_t)s->period);
+	memcpy(s->data + s->period, s->data, (size_t)(s->run_end - s->period));
 	randombytes_buf(&s->nonce, sizeof(s->nonce));
 	s->md5_prefix_len = s->tail_start / MD5_BLOCK_BYTES * MD5_BLOCK_BYTES;
 	if (md5_init(&s->md5_prefix) < 0)
 		return -1;
-	md5_update(&s->md5_prefix, s->data, (size_t)s->md5_prefix_len);
-
-	s->b64_stride = b64_encoded_len(chunk);
-	if (with_b64 && (uint64_t)s->b64_stride * s->first_tail_chunk <= BENCH_MAX_TABLE && s->first_tail_chunk > 0) {
-		s->b64 = malloc(s->b64_stride * (size_t)s->first_tail_chunk + 1);   /* + the last NUL */
-		if (s->b64 == NULL)
-			return -1;
-		/* Each NUL lands on the next chunk's first byte until that is written. */
-		for (uint64_t i = 0; i < s->first_tail_chunk; i++)
-			b64_encode(s->b64 + i * s->b64_stride, s->data + i * chunk, chunk);
-	}
-	return 0;
+	source_md5_update(s, &s->md5_prefix, 0, s->md5_prefix_len);
+	return with_b64 ? chunk_table_make(&s->b64, s, chunk, NULL) : 0;
 }
 
 static void source_free(struct bench_source *s)
 {
 	free(s->data);
-	free(s->b64);
+	free(s->b64.text);
 	md5_free(&s->md5_prefix);
 }
 
@@ -418,7 +452,7 @@ static void source_md5(const struct bench_source *s, const uint8_t *tail, char o
 		out[MD5_HEX_LEN] = '\0';
 		return;
 	}
-	md5_update(&ctx, s->data + s->md5_prefix_len, (size_t)(s->tail_start - s->md5_prefix_len));
+	source_md5_update(s, &ctx, s->md5_prefix_len, s->tail_start);
 	md5_update(&ctx, tail, s->tail_len);
 	md5_final_hex(&ctx, out);
 	md5_free(&ctx);
@@ -427,7 +461,12 @@ static void source_md5(const struct bench_source *s, const uint8_t *tail, char o
 /* Copies [off, off + len) of the file with this tail into out. */
 static void source_copy(const struct bench_source *s, const uint8_t *tail, uint64_t off, size_t len, uint8_t *out)
 {
-	memcpy(out, s->data + off, len);
+	uint64_t plain_end = off + len < s->tail_start ? off + len : s->tail_start;
+	size_t n;
+	for (uint64_t at = off; at < plain_end; at += n) {
+		const uint8_t *p = source_run(s, at, plain_end, &n);
+		memcpy(out + (at - off), p, n);
+	}
 	for (uint64_t i = off > s->tail_start ? off : s->tail_start; i < off + len; i++)
 		out[i - off] = tail[i - s->tail_start];
 }
@@ -438,12 +477,60 @@ static int source_matches(const struct bench_source *s, const uint8_t *tail, uin
 	if (off > s->size || len > s->size - off)
 		return 0;
 	uint64_t plain_end = off + len < s->tail_start ? off + len : s->tail_start;
-	if (off < plain_end && memcmp(p, s->data + off, (size_t)(plain_end - off)) != 0)
-		return 0;
+	size_t n;
+	for (uint64_t at = off; at < plain_end; at += n) {
+		const uint8_t *want = source_run(s, at, plain_end, &n);
+		if (memcmp(p + (at - off), want, n) != 0)
+			return 0;
+	}
 	for (uint64_t i = off > s->tail_start ? off : s->tail_start; i < off + len; i++)
 		if (p[i - off] != tail[i - s->tail_start])
 			return 0;
 	return 1;
+}
+
+/* Encodes the table of s in chunks of this size; tail NULL leaves the chunks with varied bytes out. */
+static int chunk_table_make(struct chunk_table *t, const struct bench_source *s, uint64_t chunk, const uint8_t *tail)
+{
+	*t = (struct chunk_table){ .chunk = chunk, .stride = b64_encoded_len((size_t)chunk), .plain = s->tail_start / chunk };
+	if (s->period % chunk == 0)
+		t->cycle = s->period / chunk;
+	else if (s->period == s->size)
+		t->cycle = t->plain;   /* no repeat: every plain chunk is in data */
+	else
+		return 0;              /* answers get decoded instead */
+	uint64_t chunks = s->size ? (s->size + chunk - 1) / chunk : 0;
+	t->plain_entries = t->cycle < t->plain ? t->cycle : t->plain;
+	t->entries = t->plain_entries + (tail != NULL ? chunks - t->plain : 0);
+	if (t->entries == 0)
+		return 0;
+	t->text = malloc((size_t)(t->entries * t->stride) + 1);   /* + the last NUL */
+	uint8_t *raw = malloc((size_t)chunk);
+	if (t->text == NULL || raw == NULL) {
+		free(raw);
+		free(t->text);
+		t->text = NULL;
+		return -1;
+	}
+	/* Each NUL lands on the next entry's first byte until that is written. */
+	for (uint64_t slot = 0; slot < t->entries; slot++) {
+		uint64_t index = slot < t->plain_entries ? slot : t->plain + (slot - t->plain_entries);
+		uint64_t off = index * chunk;
+		size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
+		source_copy(s, tail, off, len, raw);
+		b64_encode(t->text + slot * t->stride, raw, len);
+	}
+	free(raw);
+	return 0;
+}
+
+/* The base64 of chunk index, or NULL when the table does not hold it. */
+static const char *chunk_table_get(const struct chunk_table *t, uint64_t index)
+{
+	if (t->text == NULL)
+		return NULL;
+	uint64_t slot = index < t->plain ? index % t->cycle : t->plain_entries + (index - t->plain);
+	return slot < t->entries ? t->text + slot * t->stride : NULL;
 }
 
 /* ================================================================ answers */
@@ -554,8 +641,7 @@ struct bench {
 	 * server's chunk size is known, so answers are checked by comparing text, not decoding. */
 	uint64_t dl_chunk;                 /* 0 until known */
 	int dl_table_tried;
-	char *dl_b64;
-	size_t dl_stride;
+	struct chunk_table dl;
 	char *token_json;                  /* the token as a JSON string, quotes included */
 	struct bench_conn *conns;
 	size_t nconns;
@@ -647,7 +733,8 @@ static int answer_data_expected(struct bench_conn *c, const unsigned char *s, si
 	if (c->role != ROLE_DOWNLOAD || b->dl_chunk == 0 || c->offset != (c->seq - 1) * b->dl_chunk)
 		return 0;
 	size_t want = size - c->offset < b->dl_chunk ? (size_t)(size - c->offset) : (size_t)b->dl_chunk;
-	if (len != b64_encoded_len(want) || memcmp(s, b->dl_b64 + (c->seq - 1) * b->dl_stride, len) != 0)
+	const char *expected = chunk_table_get(&b->dl, c->seq - 1);
+	if (expected == NULL || len != b64_encoded_len(want) || memcmp(s, expected, len) != 0)
 		return 0;
 	*data_len = want;
 	return 1;
@@ -755,8 +842,9 @@ static size_t answer_fields_end(struct bench_conn *c, const uint8_t *body, size_
 	if (len < tail + 2)
 		return 0;
 	const uint8_t *t = body + len - tail;
-	if (t[-1] != ',' || memcmp(t, key, sizeof(key) - 1) != 0 || t[tail - 2] != '"' || t[tail - 1] != '}' ||
-	    memcmp(t + sizeof(key) - 1, b->dl_b64 + (c->seq - 1) * b->dl_stride, b64) != 0)
+	const char *expected = chunk_table_get(&b->dl, c->seq - 1);
+	if (expected == NULL || t[-1] != ',' || memcmp(t, key, sizeof(key) - 1) != 0 || t[tail - 2] != '"' ||
+	    t[tail - 1] != '}' || memcmp(t + sizeof(key) - 1, expected, b64) != 0)
 		return 0;
 	*data_len = want;
 	return len - tail - 1;   /* the comma before the field */
@@ -972,8 +1060,9 @@ static void upload_send_chunk(struct bench_conn *c)
 	c->chunk_len = s->size - c->offset < s->chunk ? (size_t)(s->size - c->offset) : s->chunk;
 	const char *data;
 	size_t data_len = b64_encoded_len(c->chunk_len);
-	if (s->b64 != NULL && index < s->first_tail_chunk) {
-		data = s->b64 + index * s->b64_stride;   /* shared, encoded once */
+	const char *encoded = chunk_table_get(&s->b64, index);   /* shared, encoded once */
+	if (encoded != NULL) {
+		data = encoded;
 	} else {
 		source_copy(s, c->tail, c->offset, c->chunk_len, c->raw);
 		b64_encode(c->b64, c->raw, c->chunk_len);
@@ -1141,28 +1230,9 @@ static void upload_answer(struct bench_conn *c)
 /* Encodes bench-dl in the server's download chunks (see struct bench). */
 static void bench_dl_table(struct bench *b, uint64_t chunk)
 {
-	const struct bench_source *s = &b->src;
-	uint64_t chunks = (s->size + chunk - 1) / chunk;
-	size_t stride = b64_encoded_len((size_t)chunk);
 	b->dl_table_tried = 1;
-	if (chunks * stride > BENCH_MAX_TABLE)
-		return;   /* answers get decoded instead */
-	char *table = malloc((size_t)(chunks * stride) + 1);
-	uint8_t *raw = malloc((size_t)chunk);
-	if (table != NULL && raw != NULL) {
-		for (uint64_t i = 0; i < chunks; i++) {
-			uint64_t off = i * chunk;
-			size_t len = s->size - off < chunk ? (size_t)(s->size - off) : (size_t)chunk;
-			source_copy(s, b->dl_tail, off, len, raw);
-			b64_encode(table + i * stride, raw, len);
-		}
-		b->dl_b64 = table;
-		b->dl_stride = stride;
+	if (chunk_table_make(&b->dl, &b->src, chunk, b->dl_tail) == 0 && b->dl.text != NULL)
 		b->dl_chunk = chunk;
-		table = NULL;
-	}
-	free(table);
-	free(raw);
 }
 
 static void download_answer(struct bench_conn *c)
@@ -1281,8 +1351,9 @@ static void bin_fill_window(struct bench_conn *c)
 		uint8_t *p = bin_put_u64(h + FRAME_HEADER_LEN, off);
 		p = bin_put_u32(p, (uint32_t)len);
 		bin_put_u32(p, last ? BIN_CHUNK_LAST : 0);
-		const uint8_t *data = s->data + off;
-		if (off + len > s->tail_start) {
+		size_t run;
+		const uint8_t *data = source_run(s, off, off + len, &run);
+		if (off + len > s->tail_start || run < len) {
 			uint8_t *copy = c->raw + (last ? s->chunk : 0);
 			source_copy(s, c->tail, off, len, copy);
 			data = copy;
@@ -2003,7 +2074,7 @@ out:
 		conn_free(&b.conns[i]);
 	free(b.conns);
 	free(b.token_json);
-	free(b.dl_b64);
+	free(b.dl.text);
 	source_free(&b.src);
 	return status;
 }

@@ -358,6 +358,24 @@ tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download
        "resctl bench --protocol binary --mode mixed: uploads and checked downloads, no errors",
        p.stdout[-1500:] + p.stderr[-1500:])
 
+# A file larger than BENCH_PERIOD (8 MiB) repeats the bench's random buffer (bench.c struct
+# bench_source): the server refuses a chunk whose bytes differ from the MD5 the bench sent, and the
+# bench refuses downloaded bytes that differ from its own, so errors show any slip of the period,
+# on both protocols, with chunks that divide the period (32 KiB: base64 tables reused each period)
+# and that do not (10,000 bytes: encoded and checked chunk by chunk).
+for proto, chunk in (("json", 32768), ("json", 10000), ("binary", 1000000)):
+    p = subprocess.run([resctl, "bench", ep, "--protocol", proto, "--mode", "mixed", "--connections", "2",
+                        "--size", str(9 * 1024 * 1024 + 7), "--chunk", str(chunk), "--duration", "2", "--json",
+                        "--uid", str(UID), "--token", TOKEN], capture_output=True, text=True, env=env, timeout=120)
+    try:
+        res = json.loads(p.stdout)
+    except ValueError:
+        res = {}
+    tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download") or {}).get("bytes", 0) > 0 and
+           (res.get("upload") or {}).get("files", 0) > 0,
+           "resctl bench --protocol %s --chunk %d of a 9 MiB file (its content repeats): whole files up, checked "
+           "downloads, no errors" % (proto, chunk), p.stdout[-1500:] + p.stderr[-1500:])
+
 # A bench upload keeps its window full (bench.c bin_fill_window): each acknowledgement sends the next
 # chunk at once, so a connection's chunks are never all acknowledged before its file's last one is
 # out. window_drains counts the times they were; a bench that sent a window of chunks and waited for
