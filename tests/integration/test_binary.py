@@ -344,15 +344,20 @@ tap.ok(any("upload" in x and "binary=1" in x for x in up_lines) and
 tap.ok(not any("binary=1" in x for x in access_lines('name="via-compat.bin"')),
        "and --compat on the JSON path")
 
+def run_bench(*args):
+    """resctl bench against the daemon as UID with --json: the process and its parsed result ({} if none)."""
+    p = subprocess.run([resctl, "bench", ep, *args, "--json", "--uid", str(UID), "--token", TOKEN],
+                       capture_output=True, text=True, env=env, timeout=120)
+    try:
+        return p, json.loads(p.stdout)
+    except ValueError:
+        return p, {}
+
+
 # resctl bench on the fast path checks every range's bytes as they arrive (bench.c bin_range_take):
 # several connections, ranges many receive buffers long, uploads beside them.
-p = subprocess.run([resctl, "bench", ep, "--protocol", "binary", "--mode", "mixed", "--connections", "6",
-                    "--size", str(5 * 1024 * 1024 + 7), "--duration", "2", "--json", "--uid", str(UID), "--token", TOKEN],
-                   capture_output=True, text=True, env=env, timeout=90)
-try:
-    res = json.loads(p.stdout)
-except ValueError:
-    res = {}
+p, res = run_bench("--protocol", "binary", "--mode", "mixed", "--connections", "6", "--size", str(5 * 1024 * 1024 + 7),
+                   "--duration", "2")
 tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download") or {}).get("bytes", 0) > 0 and
        (res.get("upload") or {}).get("bytes", 0) > 0,
        "resctl bench --protocol binary --mode mixed: uploads and checked downloads, no errors",
@@ -364,13 +369,8 @@ tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download
 # on both protocols, with chunks that divide the period (32 KiB: base64 tables reused each period)
 # and that do not (10,000 bytes: encoded and checked chunk by chunk).
 for proto, chunk in (("json", 32768), ("json", 10000), ("binary", 1000000)):
-    p = subprocess.run([resctl, "bench", ep, "--protocol", proto, "--mode", "mixed", "--connections", "2",
-                        "--size", str(9 * 1024 * 1024 + 7), "--chunk", str(chunk), "--duration", "2", "--json",
-                        "--uid", str(UID), "--token", TOKEN], capture_output=True, text=True, env=env, timeout=120)
-    try:
-        res = json.loads(p.stdout)
-    except ValueError:
-        res = {}
+    p, res = run_bench("--protocol", proto, "--mode", "mixed", "--connections", "2", "--size", str(9 * 1024 * 1024 + 7),
+                       "--chunk", str(chunk), "--duration", "2")
     tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download") or {}).get("bytes", 0) > 0 and
            (res.get("upload") or {}).get("files", 0) > 0,
            "resctl bench --protocol %s --chunk %d of a 9 MiB file (its content repeats): whole files up, checked "
@@ -381,13 +381,8 @@ for proto, chunk in (("json", 32768), ("json", 10000), ("binary", 1000000)):
 # out. window_drains counts the times they were; a bench that sent a window of chunks and waited for
 # all their acknowledgements before the next ran dry once per window (twice per file of 21 chunks).
 BENCH_SIZE = 20 * 1024 * 1024 + 7   # 21 chunks of 1 MiB; the window is 8 of them (8 MiB)
-p = subprocess.run([resctl, "bench", ep, "--protocol", "binary", "--mode", "upload", "--connections", "2",
-                    "--files", "3", "--size", str(BENCH_SIZE), "--duration", "0", "--json", "--uid", str(UID),
-                    "--token", TOKEN], capture_output=True, text=True, env=env, timeout=120)
-try:
-    res = json.loads(p.stdout)
-except ValueError:
-    res = {}
+p, res = run_bench("--protocol", "binary", "--mode", "upload", "--connections", "2", "--files", "3", "--size",
+                   str(BENCH_SIZE), "--duration", "0")
 tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and res.get("files") == 3 and
        res.get("bytes") == 3 * BENCH_SIZE and res.get("chunks") == 3 * 21,
        "resctl bench --protocol binary --mode upload: 3 files, each chunk acknowledged once, no errors",
