@@ -306,6 +306,9 @@ struct bench_stats {
 	uint64_t bytes;            /* file bytes acknowledged or received */
 	uint64_t chunks;           /* answered requests */
 	struct histogram rtt;      /* request to answer, ns */
+	/* Upload chunks by their place in the file (a one-chunk file's is first and last): a file's
+	 * first chunk starts it (lease, record, staging file), its last publishes it (fsync, rename). */
+	struct histogram rtt_place[3];
 	uint64_t max_in_flight;    /* the most requests one connection had unanswered at once */
 	uint64_t window_drains;    /* fast-path uploads: every chunk acknowledged before the last was sent */
 	struct {
@@ -340,10 +343,27 @@ static void stats_merge(struct bench_stats *into, const struct bench_stats *from
 		into->max_in_flight = from->max_in_flight;
 	into->window_drains += from->window_drains;
 	hist_merge(&into->rtt, &from->rtt);
+	for (int i = 0; i < 3; i++)
+		hist_merge(&into->rtt_place[i], &from->rtt_place[i]);
 	for (size_t i = 0; i < from->error_kinds; i++) {
 		for (uint64_t n = 0; n < from->errors[i].count; n++)
 			stats_error(into, from->errors[i].code);
 	}
+}
+
+enum { PLACE_FIRST, PLACE_MIDDLE, PLACE_LAST };
+static const char *const place_names[] = { "first", "middle", "last" };
+
+/* Records the round trip of an upload chunk at off of a file of size bytes in chunks of chunk. */
+static void upload_rtt(struct bench_stats *st, uint64_t off, uint64_t size, size_t chunk, int64_t ns)
+{
+	hist_add(&st->rtt, (uint64_t)ns);
+	if (off == 0)
+		hist_add(&st->rtt_place[PLACE_FIRST], (uint64_t)ns);
+	if (size - off <= chunk)
+		hist_add(&st->rtt_place[PLACE_LAST], (uint64_t)ns);
+	else if (off > 0)
+		hist_add(&st->rtt_place[PLACE_MIDDLE], (uint64_t)ns);
 }
 
 /* ================================================================ file content */
@@ -1277,7 +1297,10 @@ static void conn_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, u
 	}
 	struct bench_stats *st = conn_stats(c);
 	st->chunks++;
-	hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
+	if (c->role == ROLE_UPLOAD)
+		upload_rtt(st, c->offset, c->bench->src.size, c->bench->src.chunk, resctl_now_ns() - c->sent_ns);
+	else
+		hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->sent_ns));
 	c->state = CONN_IDLE;
 	if (c->answer.error != 0) {
 		conn_server_error(c, c->answer.error);
@@ -1502,7 +1525,8 @@ static void bin_frame(struct bench_conn *c, uint16_t id, const uint8_t *body, ui
 		}
 		uint32_t error = bin_get_u32(body);
 		st->chunks++;
-		hist_add(&st->rtt, (uint64_t)(resctl_now_ns() - c->bin_slot_sent_ns[slot]));
+		upload_rtt(st, c->bin_slot_offset[slot], c->bench->src.size, c->bench->src.chunk,
+		    resctl_now_ns() - c->bin_slot_sent_ns[slot]);
 		if (error) {
 			/* The rest of the window fails behind it: drop the connection and open again. */
 			stats_error(st, error);
@@ -1873,6 +1897,15 @@ static void print_text(const struct bench *b, const struct bench_stats *total, d
 	if (o->mode == MODE_MIXED)
 		for (int r = 0; r < ROLE_COUNT; r++)
 			print_role_line(role_names[r], &b->stats[r], seconds);
+	if (o->mode != MODE_DOWNLOAD) {
+		printf("upload chunk round trip ms by place in the file:");
+		for (int i = 0; i < 3; i++) {
+			const struct histogram *p = &b->stats[ROLE_UPLOAD].rtt_place[i];
+			printf("%s %s p50 %.3f p99 %.3f max %.3f (%" PRIu64 ")", i ? ";" : "", place_names[i],
+			    ns_to_ms(hist_percentile(p, 0.50)), ns_to_ms(hist_percentile(p, 0.99)), ns_to_ms(p->max), p->count);
+		}
+		printf("\n");
+	}
 	if (o->binary && o->mode != MODE_DOWNLOAD)
 		printf("upload window: %u chunks, at most %" PRIu64 " in flight, ran dry %" PRIu64 " times before a file's end\n",
 		    b->bin_window, b->stats[ROLE_UPLOAD].max_in_flight, b->stats[ROLE_UPLOAD].window_drains);
@@ -1902,20 +1935,32 @@ static void gen_fixed(yajl_gen g, const char *key, double v)
 	yajl_gen_number(g, num, (size_t)n);
 }
 
-static void gen_role(yajl_gen g, const struct bench_stats *s, double seconds)
+static void gen_rtt(yajl_gen g, const char *key, const struct histogram *h)
 {
-	const struct histogram *h = &s->rtt;
-	gen_u64(g, "files", s->files);
-	gen_u64(g, "bytes", s->bytes);
-	gen_fixed(g, "mb_per_s", seconds > 0 ? (double)s->bytes / 1e6 / seconds : 0);
-	gen_u64(g, "chunks", s->chunks);
-	gen_key(g, "rtt_ms");
+	gen_key(g, key);
 	yajl_gen_map_open(g);
 	gen_fixed(g, "p50", ns_to_ms(hist_percentile(h, 0.50)));
 	gen_fixed(g, "p90", ns_to_ms(hist_percentile(h, 0.90)));
 	gen_fixed(g, "p99", ns_to_ms(hist_percentile(h, 0.99)));
 	gen_fixed(g, "max", ns_to_ms(h->max));
+	gen_u64(g, "count", h->count);
 	yajl_gen_map_close(g);
+}
+
+static void gen_role(yajl_gen g, const struct bench_stats *s, double seconds)
+{
+	gen_u64(g, "files", s->files);
+	gen_u64(g, "bytes", s->bytes);
+	gen_fixed(g, "mb_per_s", seconds > 0 ? (double)s->bytes / 1e6 / seconds : 0);
+	gen_u64(g, "chunks", s->chunks);
+	gen_rtt(g, "rtt_ms", &s->rtt);
+	if (s->rtt_place[PLACE_FIRST].count > 0) {
+		gen_key(g, "upload_rtt_ms_by_place");
+		yajl_gen_map_open(g);
+		for (int i = 0; i < 3; i++)
+			gen_rtt(g, place_names[i], &s->rtt_place[i]);
+		yajl_gen_map_close(g);
+	}
 	gen_u64(g, "max_in_flight", s->max_in_flight);
 	gen_u64(g, "window_drains", s->window_drains);
 	gen_u64(g, "errors_total", s->error_total);

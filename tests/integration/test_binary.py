@@ -387,6 +387,9 @@ tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and res.get("files") =
        res.get("bytes") == 3 * BENCH_SIZE and res.get("chunks") == 3 * 21,
        "resctl bench --protocol binary --mode upload: 3 files, each chunk acknowledged once, no errors",
        p.stdout[-1500:] + p.stderr[-1500:])
+places = res.get("upload_rtt_ms_by_place") or {}
+tap.ok([(places.get(k) or {}).get("count") for k in ("first", "middle", "last")] == [3, 3 * 19, 3],
+       "and it times each file's first, middle and last chunks apart (3, 57 and 3 of them)", repr(places))
 tap.ok(res.get("max_in_flight") == 8 and res.get("window_drains") == 0,
        "and its window slides: 8 chunks in flight, never all acknowledged before a file's last chunk was sent",
        p.stdout[-1500:])
