@@ -1856,7 +1856,12 @@ static void bin_cap_wake(struct worker *w)
 		bin_cap_unlink(c);
 		conn_process(c);   /* may close c, or queue it again at the end */
 	}
-	if (w->cap_head != NULL && w->cap_head->bin->ring_want) {
+	/* Nothing tells the worker that the storage process freed ring room: the head that waits only
+	 * for room looks again every BIN_RING_RETRY. One the cap holds as well is woken by the answers
+	 * it waits for (this function runs on each), so no timer runs for it. */
+	const struct conn *h = w->cap_head;
+	if (h != NULL && h->bin->ring_want &&
+	    (w->bin_unanswered == 0 || w->bin_unanswered + h->bin->cap_want <= w->bin_cap)) {
 		if (!ev_is_active(&w->ring_retry))
 			ev_timer_start(w->loop, &w->ring_retry);
 	} else {
