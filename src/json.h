@@ -48,9 +48,9 @@ struct json_scalar {
  * with the reason in err. */
 int json_read_flat(uint8_t *body, size_t len, const char *const *keys, size_t nkeys,
     struct json_scalar *values, char *err, size_t errlen);
-/* json_read_flat leaves strings at least this long that hold only printable ASCII
- * without escapes out of yajl's view and reads them from the body (512; the fuzzer
- * and unit tests set 1, so that every such string goes that way). */
+/* json_read_flat leaves a body's longest string that holds only printable ASCII
+ * without escapes out of yajl's view, and reads it from the body, when it is at least
+ * this long (512; the fuzzer and unit tests set 1, so that it always does). */
 extern size_t json_elide_min;
 
 /* The same, except that keys[raw_key] may also hold an array or object: nested at
