@@ -33,6 +33,8 @@
 	X(chunks_copied, "counter", "Upload chunks copied over the storage link instead (ring full or off)") \
 	X(chunks_ring_waits, "counter", "Binary upload chunks that waited in the socket for room in a full ring") \
 	X(chunks_answered_direct, "counter", "Upload chunks answered by the disk thread that wrote them") \
+	X(publish_wait_us, "counter", "Microseconds written files waited for a disk thread to publish them") \
+	X(publish_us, "counter", "Microseconds spent publishing files (fsync, checksum, rename, directory fsync)") \
 	X(uploads_instant, "counter", "Uploads published from content already stored (instant upload)") \
 	X(instant_bytes_saved, "counter", "Upload bytes instant uploads did not need to transfer") \
 	X(instant_fallbacks, "counter", "Instant uploads whose proof of possession failed: uploaded in full") \

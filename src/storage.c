@@ -329,10 +329,27 @@ static int single_chunk_linked(struct upload *up)
 	return 0;
 }
 
+static void work_publish(struct upload *up, struct storage *st, const struct backend *be);
+
+static uint64_t monotonic_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
 static void work_complete(struct upload *up)
 {
 	struct storage *st = up->st;
 	const struct backend *be = &st->backend;
+	up->publish_started_us = monotonic_us();
+	work_publish(up, st, be);
+	up->publish_ended_us = monotonic_us();
+}
+
+/* The file's bytes made durable, checked against the MD5 and published under its name. */
+static void work_publish(struct upload *up, struct storage *st, const struct backend *be)
+{
 	if ((up->work_errno = be->ops->staging_sync(up->stg, BACKEND_SYNC_PUBLISH)) != 0)
 		return;
 	char digest[PROTO_MD5_HEX + 1];
@@ -712,6 +729,8 @@ static void job_submit(struct upload *up)
 		up->direct_committed = end >= up->committed ? end : up->committed;   /* as work_done_written */
 		up->direct_seq = end >= up->committed ? op->seq : up->seq;
 	}
+	if (up->work == WORK_COMPLETE)
+		up->publish_queued_us = monotonic_us();
 	if (up->work == WORK_COMPLETE || up->work == WORK_LINK)
 		pool_submit_slow(up->st->pool, &up->job);
 	else
@@ -1663,9 +1682,16 @@ static void upload_work_done(struct pool_job *job)
 	case WORK_VERIFY:
 		work_done_verify(up, op);
 		return;
+	case WORK_COMPLETE:
+		/* The wait shows a publishing lane that cannot keep up (docs/performance.md). */
+		if (up->publish_queued_us > 0 && up->publish_started_us >= up->publish_queued_us &&
+		    up->publish_ended_us >= up->publish_started_us) {
+			STAT_ADD(publish_wait_us, up->publish_started_us - up->publish_queued_us);
+			STAT_ADD(publish_us, up->publish_ended_us - up->publish_started_us);
+		}
+		break;
 	case WORK_START:
 	case WORK_WRITE:
-	case WORK_COMPLETE:
 		break;
 	}
 	if (up->work_errno || up->work_error)

@@ -195,6 +195,8 @@ struct upload {
 	uint64_t challenge[DEDUP_CHALLENGES];
 	uint64_t dd_received;         /* file bytes the client sent for this proof */
 	int dd_linked;                /* published from stored content */
+	/* A completion's timing (CLOCK_MONOTONIC µs): handed to the pool, started, ended on its thread. */
+	uint64_t publish_queued_us, publish_started_us, publish_ended_us;
 };
 
 /* Uploads in progress of one uid, for max_uploads_per_user. */

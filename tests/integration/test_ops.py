@@ -343,6 +343,9 @@ with tap.section("counters move with traffic"):
     tap.eq(delta("frames_out"), 15, "frames_out +15")
     tap.eq(delta("conn_total"), 2, "conn_total +2")
     tap.eq(delta("auth_failures"), 0, "auth_failures unchanged")
+    tap.ok(delta("publish_us") > 0 and delta("publish_wait_us") >= 0 and "publish_wait_us" in after,
+           "publish_us grew with the publish (%d us), publish_wait_us is counted (+%d us)"
+           % (delta("publish_us"), delta("publish_wait_us")))
 
     lines = h.wait_for(lambda: (lambda l: l if len(l) >= 2 else None)(access_lines(offset=acc0)), 3) or access_lines(offset=acc0)
     tap.eq(len(lines), 2, "two access log lines: the upload and the download", repr(lines))
