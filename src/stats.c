@@ -17,11 +17,16 @@ double stats_wall_now(void)
 	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-uint64_t stats_mono_ms(void)
+uint64_t stats_mono_us(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+uint64_t stats_mono_ms(void)
+{
+	return stats_mono_us() / 1000u;
 }
 
 struct stats_shm *stats_create(void)

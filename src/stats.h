@@ -86,8 +86,9 @@ extern struct stats_proc *stats_self;
 
 /* Wall-clock seconds, the time base of transfers and process start times. */
 double stats_wall_now(void);
-/* CLOCK_MONOTONIC milliseconds: the same clock in every process of the machine. */
+/* CLOCK_MONOTONIC milliseconds and microseconds: the same clock in every process of the machine. */
 uint64_t stats_mono_ms(void);
+uint64_t stats_mono_us(void);
 
 struct stats_shm *stats_create(void);        /* master, before forking */
 void stats_attach(struct stats_shm *shm, int slot);

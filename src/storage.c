@@ -329,24 +329,6 @@ static int single_chunk_linked(struct upload *up)
 	return 0;
 }
 
-static void work_publish(struct upload *up, struct storage *st, const struct backend *be);
-
-static uint64_t monotonic_us(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-static void work_complete(struct upload *up)
-{
-	struct storage *st = up->st;
-	const struct backend *be = &st->backend;
-	up->publish_started_us = monotonic_us();
-	work_publish(up, st, be);
-	up->publish_ended_us = monotonic_us();
-}
-
 /* The file's bytes made durable, checked against the MD5 and published under its name. */
 static void work_publish(struct upload *up, struct storage *st, const struct backend *be)
 {
@@ -398,6 +380,14 @@ static void work_publish(struct upload *up, struct storage *st, const struct bac
 			up->work_error = ERR_WRITE_PERMISSION;
 		}
 	}
+}
+
+static void work_complete(struct upload *up)
+{
+	struct storage *st = up->st;
+	up->publish_started_us = stats_mono_us();
+	work_publish(up, st, &st->backend);
+	up->publish_ended_us = stats_mono_us();
 }
 
 static void upload_work(struct pool_job *job)
@@ -730,7 +720,7 @@ static void job_submit(struct upload *up)
 		up->direct_seq = end >= up->committed ? op->seq : up->seq;
 	}
 	if (up->work == WORK_COMPLETE)
-		up->publish_queued_us = monotonic_us();
+		up->publish_queued_us = stats_mono_us();
 	if (up->work == WORK_COMPLETE || up->work == WORK_LINK)
 		pool_submit_slow(up->st->pool, &up->job);
 	else

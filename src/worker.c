@@ -1800,6 +1800,13 @@ static int bin_wants_write(const struct conn *c)
 	return 1;
 }
 
+/* 1 when a chunk of want bytes may go to storage now under the worker's cap on unanswered bytes
+ * (a chunk larger than the cap goes once nothing else is unanswered). */
+static int bin_cap_fits(const struct worker *w, uint64_t want)
+{
+	return w->bin_unanswered == 0 || w->bin_unanswered + want <= w->bin_cap;
+}
+
 /* Queues c behind the connections already waiting for the worker's unanswered bytes to fall. */
 static void bin_cap_wait(struct conn *c, uint32_t want)
 {
@@ -1848,8 +1855,7 @@ static void bin_cap_wake(struct worker *w)
 	if (head && head->ring_want && s->ring_ready && now - head->ring_since >= BIN_RING_WAIT_MAX &&
 	    shmring_pinned(&s->ring) && !shmring_fits(&s->ring, head->cap_want))
 		w->ring_wait_off_until = now + BIN_RING_WAIT_OFF;   /* pinned: everyone takes the copy path a while */
-	while (w->cap_head != NULL && (w->bin_unanswered == 0 ||
-	    w->bin_unanswered + w->cap_head->bin->cap_want <= w->bin_cap) &&
+	while (w->cap_head != NULL && bin_cap_fits(w, w->cap_head->bin->cap_want) &&
 	    (!w->cap_head->bin->ring_want || !s->ring_ready || now < w->ring_wait_off_until ||
 	    shmring_fits(&s->ring, w->cap_head->bin->cap_want))) {
 		struct conn *c = w->cap_head;
@@ -1860,8 +1866,7 @@ static void bin_cap_wake(struct worker *w)
 	 * for room looks again every BIN_RING_RETRY. One the cap holds as well is woken by the answers
 	 * it waits for (this function runs on each), so no timer runs for it. */
 	const struct conn *h = w->cap_head;
-	if (h != NULL && h->bin->ring_want &&
-	    (w->bin_unanswered == 0 || w->bin_unanswered + h->bin->cap_want <= w->bin_cap)) {
+	if (h != NULL && h->bin->ring_want && bin_cap_fits(w, h->bin->cap_want)) {
 		if (!ev_is_active(&w->ring_retry))
 			ev_timer_start(w->loop, &w->ring_retry);
 	} else {
@@ -1899,7 +1904,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 		 * 8 MiB each, 64 connections kept 512 MiB in the storage process, written long after
 		 * it was received (out of every cache) and past the shared ring. */
 		struct worker *w = c->w;
-		if (w->bin_unanswered > 0 && w->bin_unanswered + data_len > w->bin_cap) {
+		if (!bin_cap_fits(w, data_len)) {
 			bin_cap_wait(c, data_len);
 			return 0;
 		}

@@ -395,8 +395,7 @@ struct bench_source {
 	uint64_t chunks;             /* per file, at least 1 */
 	uint64_t tail_start;         /* the varied bytes: [tail_start, size) */
 	size_t tail_len;
-	uint64_t first_tail_chunk;   /* chunks from here on hold varied bytes */
-	struct chunk_table b64;      /* base64 of the chunks before first_tail_chunk */
+	struct chunk_table b64;      /* base64 of the chunks before the varied bytes */
 	struct md5 md5_prefix;       /* state after md5_prefix_len bytes */
 	uint64_t md5_prefix_len;
 	uint64_t nonce;              /* makes this run's files differ from other runs' */
@@ -412,7 +411,6 @@ static const uint8_t *source_run(const struct bench_source *s, uint64_t off, uin
 	return s->data + at;
 }
 
-struct bench_source;
 static int chunk_table_make(struct chunk_table *t, const struct bench_source *s, uint64_t chunk, const uint8_t *tail);
 
 static void source_md5_update(const struct bench_source *s, struct md5 *ctx, uint64_t off, uint64_t end)
@@ -430,7 +428,6 @@ static int source_init(struct bench_source *s, uint64_t size, size_t chunk, int 
 	s->chunks = size ? (size + chunk - 1) / chunk : 1;
 	s->tail_len = size < BENCH_TAIL_MAX ? (size_t)size : BENCH_TAIL_MAX;
 	s->tail_start = size - s->tail_len;
-	s->first_tail_chunk = s->tail_start / chunk;
 	uint64_t per_period = BENCH_PERIOD / chunk ? BENCH_PERIOD / chunk : 1;
 	s->period = size > per_period * chunk ? per_period * chunk : size;
 	if (s->period == 0)
