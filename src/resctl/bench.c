@@ -301,14 +301,17 @@ static const char *failure_name(int64_t code)
 
 #define MAX_ERROR_KINDS 32
 
+/* An upload chunk's place in its file (a one-chunk file's is first and last): a file's first chunk
+ * starts it (lease, record, staging file), its last publishes it (fsync, rename). */
+enum { PLACE_FIRST, PLACE_MIDDLE, PLACE_LAST, PLACE_COUNT };
+static const char *const place_names[PLACE_COUNT] = { "first", "middle", "last" };
+
 struct bench_stats {
 	uint64_t files;            /* files completed */
 	uint64_t bytes;            /* file bytes acknowledged or received */
 	uint64_t chunks;           /* answered requests */
 	struct histogram rtt;      /* request to answer, ns */
-	/* Upload chunks by their place in the file (a one-chunk file's is first and last): a file's
-	 * first chunk starts it (lease, record, staging file), its last publishes it (fsync, rename). */
-	struct histogram rtt_place[3];
+	struct histogram rtt_place[PLACE_COUNT];   /* upload chunks by their place in the file */
 	uint64_t max_in_flight;    /* the most requests one connection had unanswered at once */
 	uint64_t window_drains;    /* fast-path uploads: every chunk acknowledged before the last was sent */
 	struct {
@@ -343,16 +346,13 @@ static void stats_merge(struct bench_stats *into, const struct bench_stats *from
 		into->max_in_flight = from->max_in_flight;
 	into->window_drains += from->window_drains;
 	hist_merge(&into->rtt, &from->rtt);
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < PLACE_COUNT; i++)
 		hist_merge(&into->rtt_place[i], &from->rtt_place[i]);
 	for (size_t i = 0; i < from->error_kinds; i++) {
 		for (uint64_t n = 0; n < from->errors[i].count; n++)
 			stats_error(into, from->errors[i].code);
 	}
 }
-
-enum { PLACE_FIRST, PLACE_MIDDLE, PLACE_LAST };
-static const char *const place_names[] = { "first", "middle", "last" };
 
 /* Records the round trip of an upload chunk at off of a file of size bytes in chunks of chunk. */
 static void upload_rtt(struct bench_stats *st, uint64_t off, uint64_t size, size_t chunk, int64_t ns)
@@ -1896,7 +1896,7 @@ static void print_text(const struct bench *b, const struct bench_stats *total, d
 			print_role_line(role_names[r], &b->stats[r], seconds);
 	if (o->mode != MODE_DOWNLOAD) {
 		printf("upload chunk round trip ms by place in the file:");
-		for (int i = 0; i < 3; i++) {
+		for (int i = 0; i < PLACE_COUNT; i++) {
 			const struct histogram *p = &b->stats[ROLE_UPLOAD].rtt_place[i];
 			printf("%s %s p50 %.3f p99 %.3f max %.3f (%" PRIu64 ")", i ? ";" : "", place_names[i],
 			    ns_to_ms(hist_percentile(p, 0.50)), ns_to_ms(hist_percentile(p, 0.99)), ns_to_ms(p->max), p->count);
@@ -1954,7 +1954,7 @@ static void gen_role(yajl_gen g, const struct bench_stats *s, double seconds)
 	if (s->rtt_place[PLACE_FIRST].count > 0) {
 		gen_key(g, "upload_rtt_ms_by_place");
 		yajl_gen_map_open(g);
-		for (int i = 0; i < 3; i++)
+		for (int i = 0; i < PLACE_COUNT; i++)
 			gen_rtt(g, place_names[i], &s->rtt_place[i]);
 		yajl_gen_map_close(g);
 	}
