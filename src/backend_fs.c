@@ -910,28 +910,39 @@ static int publish_locked(struct backend_staging *s, int *flags)
 	return conf->fsync_policy != FSYNC_NONE ? fsync_dir(dir) : 0;
 }
 
-static int fs_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
-    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
+/* Opens path for reading if it is a regular file (never through a symbolic link, never waiting on a
+ * FIFO); its stat goes to sb. ENOENT for anything else. */
+static int file_open_regular(const char *path, struct backend_file **out, struct stat *sb)
 {
-	char path[PATH_MAX];
-	int err = path_format(path, sizeof(path), "%s/%" PRIu64 "/%.*s", b->conf->root, uid, (int)name_len, name);
-	if (err)
-		return err;
 	struct backend_file *f = malloc(sizeof(*f));
 	if (f == NULL)
 		return ENOMEM;
 	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	if (f->fd < 0) {
-		err = errno;
+		int err = errno;
 		free(f);
 		return err;
 	}
-	struct stat sb;
-	if (fstat(f->fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
+	if (fstat(f->fd, sb) < 0 || !S_ISREG(sb->st_mode)) {
 		close(f->fd);
 		free(f);
-		return ENOENT;   /* only regular files are published */
+		return ENOENT;   /* only regular files are published or stored */
 	}
+	*out = f;
+	return 0;
+}
+
+static void fs_file_close(struct backend_file *f);
+
+static int fs_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
+    struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
+{
+	char path[PATH_MAX];
+	int err = path_format(path, sizeof(path), "%s/%" PRIu64 "/%.*s", b->conf->root, uid, (int)name_len, name);
+	struct backend_file *f = NULL;
+	struct stat sb;
+	if (err || (err = file_open_regular(path, &f, &sb)) != 0)
+		return err;
 	/* A replacement is a new inode (rename); inode, size and modification time (ns) tell it apart
 	 * even from an inode number the file system reuses later (a new file is written later). Not
 	 * the change time: every instant upload of the same content links the inode again, which
@@ -989,21 +1000,12 @@ static int fs_content_open(const struct backend *b, const struct backend_content
 	const struct fs *fs = b->priv;
 	char path[PATH_MAX];
 	int err = content_path(fs, key, path, sizeof(path));
-	if (err)
-		return err;
-	struct backend_file *f = malloc(sizeof(*f));
-	if (f == NULL)
-		return ENOMEM;
-	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-	if (f->fd < 0) {
-		err = errno;
-		free(f);
-		return err == ELOOP ? ENOENT : err;
-	}
+	struct backend_file *f = NULL;
 	struct stat sb;
-	if (fstat(f->fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != key->size) {
-		close(f->fd);
-		free(f);
+	if (err || (err = file_open_regular(path, &f, &sb)) != 0)
+		return err == ELOOP ? ENOENT : err;
+	if ((uint64_t)sb.st_size != key->size) {
+		fs_file_close(f);
 		return ENOENT;   /* not what the key promises: treated as absent */
 	}
 	*size = (uint64_t)sb.st_size;

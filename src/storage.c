@@ -278,6 +278,21 @@ static int content_equals(const struct upload *up, uint64_t total_size, uint64_t
 	return same;
 }
 
+/* Notes what a backend's publish did (its error and BACKEND_* flags) in the upload; -1 if it failed. */
+static int publish_outcome(struct upload *up, int err, int flags)
+{
+	if (flags & BACKEND_PUBLISHED)
+		up->published = 1;
+	if (err == 0)
+		return 0;
+	up->work_errno = err;
+	if (flags & BACKEND_PATH_FAILED)
+		up->work_error = ERR_CREATE_PATH;
+	else if (flags & BACKEND_PUBLISHED)
+		up->work_error = ERR_WRITE_PERMISSION;   /* in place, but may not survive a power cut */
+	return -1;
+}
+
 /* Publishes the upload's name from the stored content instead of its staging entry (which goes). */
 static int work_link(struct upload *up)
 {
@@ -287,16 +302,8 @@ static int work_link(struct upload *up)
 	content_key(up, up->total_size, &key);
 	int flags = 0;
 	int err = be->ops->publish_from_content(up->stg, &key, up->fence, &flags);
-	if (flags & BACKEND_PUBLISHED)
-		up->published = 1;
-	if (err) {
-		up->work_errno = err;
-		if (flags & BACKEND_PATH_FAILED)
-			up->work_error = ERR_CREATE_PATH;
-		else if (flags & BACKEND_PUBLISHED)
-			up->work_error = ERR_WRITE_PERMISSION;
+	if (publish_outcome(up, err, flags) != 0)
 		return -1;
-	}
 	up->dd_linked = 1;
 	published_identity(be, up->key.uid, up->name, up->name_len, &up->pub_size, up->pub_version);
 	if (up->kind == UPLOAD_AVATAR) {
@@ -360,16 +367,8 @@ static void work_publish(struct upload *up, struct storage *st, const struct bac
 	} else {
 		err = be->ops->publish(up->stg, up->fence, &flags);
 	}
-	if (flags & BACKEND_PUBLISHED)
-		up->published = 1;
-	if (err) {
-		up->work_errno = err;
-		if (flags & BACKEND_PATH_FAILED)
-			up->work_error = ERR_CREATE_PATH;
-		else if (flags & BACKEND_PUBLISHED)
-			up->work_error = ERR_WRITE_PERMISSION;   /* in place, but may not survive a power cut */
+	if (publish_outcome(up, err, flags) != 0)
 		return;
-	}
 	published_identity(be, up->key.uid, up->name, up->name_len, &up->pub_size, up->pub_version);
 	if (up->kind == UPLOAD_AVATAR) {
 		/* The icon queue stays on the local disk whatever the backend (design.md). */
