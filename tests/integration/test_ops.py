@@ -601,6 +601,22 @@ with tap.section("HUP with a broken config"):
     # (The ERROR answer is sent after the refused reload returned, before any fork.)
     tap.eq(worker_set(), set(before), "workers unchanged after the refused socket reload")
 
+    # What -t checks for the storage process is checked by a reload before anything is replaced:
+    # a root whose parent is missing used to stop storage for good (every upload 1027).
+    bad = {s: dict(kv) for s, kv in GOOD.items()}
+    bad["storage"]["root"] = os.path.join(d.dir, "no-such-parent", "root")
+    h.Daemon.write_config(d.conf_path, bad)
+    rc, out, err = resctl("stats", "--socket", STATS, "reload")
+    tap.ok(rc == 1 and out.startswith("ERROR") and "[storage] root" in out and "no-such-parent" in out,
+           "stats 'reload' with a storage root start cannot create answers ERROR naming [storage] root",
+           "rc %r out %r err %r" % (rc, out, err))
+    tap.eq(d.storage_pid(), storage_before, "storage keeps its pid (not stopped for a root it cannot use)")
+    tap.eq(worker_set(), set(before), "workers unchanged after the refused reload")
+    tap.ok(re.search(r"reload refused.*\[storage\] root", h.read_text(LOG, mark)),
+           "the log says the reload is refused and names [storage] root", h.read_text(LOG, mark))
+    tap.ok(not os.path.exists(os.path.join(d.dir, "no-such-parent")), "the refused reload created nothing")
+    tap.ok(d.ping(), "1001 still answered")
+
     h.Daemon.write_config(d.conf_path, GOOD)
     c_before = info()["conn_total"]
     ans = stats("reload")
