@@ -604,11 +604,19 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		}
 	}
 	spawn_workers(m);
-	if (!storage_same && m->procs[0].pid > 0) {
+	struct proc *storage = &m->procs[0];
+	if (!storage_same && storage->pid > 0) {
 		/* It comes back with the new configuration; workers answer 1027 meanwhile. */
 		log_info("storage settings changed: restarting the storage process");
-		m->procs[0].backoff = 0;
-		kill(m->procs[0].pid, SIGTERM);
+		storage->backoff = 0;
+		kill(storage->pid, SIGTERM);
+	} else if (storage->pid == 0 && storage->state == PROC_RUNNING) {
+		/* Down (a fatal exit is never respawned on its own, a crash may be backing off): the
+		 * reload is the operator's fix, so it starts now rather than never or later. */
+		log_info("the storage process is down: starting it with the reloaded configuration");
+		ev_timer_stop(m->loop, &storage->respawn);
+		storage->backoff = 0;
+		proc_spawn(storage);
 	}
 	free(old);   /* children forked from it have their own copies */
 	log_info("reloaded %s: generation %d, %d workers", m->conf_path, m->generation, m->conf->workers);
