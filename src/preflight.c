@@ -2,6 +2,7 @@
 #include "config.h"
 #include "preflight.h"
 #include "conf.h"
+#include "control.h"
 #include "ipc.h"
 #include "link.h"
 
@@ -124,17 +125,16 @@ static void check_address(struct preflight *p, const char *key, const char *valu
 	freeaddrinfo(res);
 }
 
-/* agent_listen and http_listen as control.c's listen_tcp reads them: host:port split at the last colon. */
+/* agent_listen and http_listen as control.c's listen_tcp reads them (split_host_port). */
 static void check_host_port(struct preflight *p, const char *key, const char *value)
 {
-	const char *colon = strrchr(value, ':');
 	char host[256];
-	if (colon == NULL || (size_t)(colon - value) >= sizeof(host)) {
-		problem(p, key, value, "not host:port");
+	const char *port = split_host_port(value, host, sizeof(host));
+	if (port == NULL) {
+		problem(p, key, value, "not host:port or [ipv6]:port");
 		return;
 	}
-	snprintf(host, sizeof(host), "%.*s", (int)(colon - value), value);
-	check_address(p, key, value, host, colon + 1);
+	check_address(p, key, value, host, port);
 }
 
 static void check_user(struct preflight *p, const struct conf *c)
