@@ -791,17 +791,32 @@ static int listen_unix(const char *path)
 	return fd;
 }
 
+const char *split_host_port(const char *hostport, char *host, size_t hostlen)
+{
+	const char *colon = strrchr(hostport, ':');
+	if (colon == NULL)
+		return NULL;
+	const char *start = hostport, *end = colon;
+	if (*start == '[' && end > start && end[-1] == ']') {   /* [ipv6]:port, as [server] listen takes */
+		start++;
+		end--;
+	}
+	if ((size_t)(end - start) >= hostlen)
+		return NULL;
+	memcpy(host, start, (size_t)(end - start));
+	host[end - start] = '\0';
+	return colon + 1;
+}
+
 int listen_tcp(const char *hostport)
 {
 	char host[256];
-	const char *colon = strrchr(hostport, ':');
-	if (colon == NULL || (size_t)(colon - hostport) >= sizeof(host))
+	const char *port = split_host_port(hostport, host, sizeof(host));
+	if (port == NULL)
 		return -1;
-	memcpy(host, hostport, (size_t)(colon - hostport));
-	host[colon - hostport] = '\0';
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
 	struct addrinfo *res;
-	if (getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res) != 0)
+	if (getaddrinfo(host[0] ? host : NULL, port, &hints, &res) != 0)
 		return -1;
 	int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	int one = 1;

@@ -85,7 +85,10 @@ int control_processes(struct control *c, struct control_proc_view *out, int max)
 void control_transfers(struct control *c, void (*each)(void *ctx, const struct control_transfer *t), void *ctx);
 /* Appends the answer of show info/workers/transfers/metrics [json] to out. */
 void control_report(struct control *c, enum control_report what, int json, struct buf *out);
-/* host:port split at the last colon: a listening TCP socket, or -1. */
+/* host:port split at the last colon, the host unbracketed for [ipv6]:port: the port, with the host
+ * in host (empty for ":port"), or NULL when there is no colon or the host does not fit. */
+const char *split_host_port(const char *hostport, char *host, size_t hostlen);
+/* A listening TCP socket on host:port or [ipv6]:port (split_host_port), or -1. */
 int listen_tcp(const char *hostport);
 
 #endif

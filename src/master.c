@@ -8,6 +8,7 @@
 #include "ipc.h"
 #include "link.h"
 #include "log.h"
+#include "preflight.h"
 #include "signals.h"
 #include "stats.h"
 #include "storage.h"
@@ -516,6 +517,31 @@ static void spawn_workers(struct master *m)
 	}
 }
 
+/* -t's checks of what the storage process needs, before a reload replaces it: a storage root it
+ * cannot create would otherwise stop it for good and leave every upload answered 1027. */
+static int reload_preflight(const struct conf *next, char *msg, size_t msglen)
+{
+	char *report = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&report, &len);
+	if (f == NULL) {
+		snprintf(msg, msglen, "out of memory");
+		return -1;
+	}
+	int problems = preflight_reload_check(next, f);
+	fclose(f);
+	if (problems) {
+		/* One line per problem, each "resourced: [section] key VALUE: why". */
+		for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n"))
+			log_error("reload refused, still running on the old configuration: %s",
+			    strncmp(line, "resourced: ", 11) == 0 ? line + 11 : line);
+		const char *first = strncmp(report, "resourced: ", 11) == 0 ? report + 11 : report;
+		snprintf(msg, msglen, "%s%s", first, problems > 1 ? " (and more: see the log)" : "");
+	}
+	free(report);
+	return problems ? -1 : 0;
+}
+
 /* Re-reads the configuration; new workers take over and the old ones retire gracefully. */
 static int master_reload(void *ctx, char *msg, size_t msglen)
 {
@@ -534,6 +560,10 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	if (conf_load(next, m->conf_path, err, sizeof(err)) < 0) {
 		log_error("reload refused, still running on the old configuration: %s", err);
 		snprintf(msg, msglen, "%s", err);
+		free(next);
+		return -1;
+	}
+	if (reload_preflight(next, msg, msglen) < 0) {
 		free(next);
 		return -1;
 	}
@@ -574,11 +604,19 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		}
 	}
 	spawn_workers(m);
-	if (!storage_same && m->procs[0].pid > 0) {
+	struct proc *storage = &m->procs[0];
+	if (!storage_same && storage->pid > 0) {
 		/* It comes back with the new configuration; workers answer 1027 meanwhile. */
 		log_info("storage settings changed: restarting the storage process");
-		m->procs[0].backoff = 0;
-		kill(m->procs[0].pid, SIGTERM);
+		storage->backoff = 0;
+		kill(storage->pid, SIGTERM);
+	} else if (storage->pid == 0 && storage->state == PROC_RUNNING) {
+		/* Down (a fatal exit is never respawned on its own, a crash may be backing off): the
+		 * reload is the operator's fix, so it starts now rather than never or later. */
+		log_info("the storage process is down: starting it with the reloaded configuration");
+		ev_timer_stop(m->loop, &storage->respawn);
+		storage->backoff = 0;
+		proc_spawn(storage);
 	}
 	free(old);   /* children forked from it have their own copies */
 	log_info("reloaded %s: generation %d, %d workers", m->conf_path, m->generation, m->conf->workers);

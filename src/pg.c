@@ -162,12 +162,25 @@ static void pg_rescan(struct pg *pg)
 	STAT_SET(retry_backlog, pg->backlog);
 }
 
+/* libpq's messages end in a newline, may span lines (DETAIL, HINT) and may quote the icon name a
+ * client chose: one escaped log line each. */
+#define PG_MESSAGE_MAX 600
+static const char *pg_message(const char *msg, char *out, size_t cap)
+{
+	size_t len = strlen(msg);
+	while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == ' '))
+		len--;
+	escape_quoted(out, cap, msg, utf8_prefix(msg, len, PG_MESSAGE_MAX));
+	return out;
+}
+
 static void pg_reset(struct pg *pg, const char *why)
 {
 	if (pg->conn) {
 		if (why) {
 			STAT_INC(pg_errors);
-			log_warnx("postgres: %s", why);
+			char flat[ESCAPE_SIZE(PG_MESSAGE_MAX)];
+			log_warnx("postgres: %s", pg_message(why, flat, sizeof(flat)));
 		}
 		ev_io_stop(pg->loop, &pg->io);
 		PQfinish(pg->conn);
@@ -239,8 +252,9 @@ static void pg_on_result(struct pg *pg, PGresult *res)
 		}
 	} else {
 		STAT_INC(pg_errors);
+		char flat[ESCAPE_SIZE(PG_MESSAGE_MAX)];
 		log_warnx("postgres: icon update for uid %" PRIu64 " failed: %s", pg->busy_uid,
-		    PQresultErrorMessage(res));
+		    pg_message(PQresultErrorMessage(res), flat, sizeof(flat)));
 	}
 }
 

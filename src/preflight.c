@@ -2,11 +2,13 @@
 #include "config.h"
 #include "preflight.h"
 #include "conf.h"
+#include "control.h"
 #include "ipc.h"
 #include "link.h"
 
 #include <errno.h>
 #include <grp.h>
+#include <libpq-fe.h>
 #include <netdb.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -123,17 +125,16 @@ static void check_address(struct preflight *p, const char *key, const char *valu
 	freeaddrinfo(res);
 }
 
-/* agent_listen and http_listen as control.c's listen_tcp reads them: host:port split at the last colon. */
+/* agent_listen and http_listen as control.c's listen_tcp reads them (split_host_port). */
 static void check_host_port(struct preflight *p, const char *key, const char *value)
 {
-	const char *colon = strrchr(value, ':');
 	char host[256];
-	if (colon == NULL || (size_t)(colon - value) >= sizeof(host)) {
-		problem(p, key, value, "not host:port");
+	const char *port = split_host_port(value, host, sizeof(host));
+	if (port == NULL) {
+		problem(p, key, value, "not host:port or [ipv6]:port");
 		return;
 	}
-	snprintf(host, sizeof(host), "%.*s", (int)(colon - value), value);
-	check_address(p, key, value, host, colon + 1);
+	check_address(p, key, value, host, port);
 }
 
 static void check_user(struct preflight *p, const struct conf *c)
@@ -155,6 +156,40 @@ static void check_user(struct preflight *p, const struct conf *c)
 	}
 }
 
+/* A conninfo libpq cannot parse would leave every avatar icon queued forever; the value itself is not
+ * echoed (it may hold a password). */
+static void check_conninfo(struct preflight *p, const char *conninfo)
+{
+	char *why = NULL;
+	PQconninfoOption *opts = PQconninfoParse(conninfo, &why);
+	if (opts == NULL) {
+		size_t len = why ? strcspn(why, "\n") : 0;
+		problem(p, "[postgres] conninfo", "(not shown)", "libpq cannot parse it: %.*s", (int)len,
+		    why ? why : "out of memory");
+	}
+	PQconninfoFree(opts);
+	PQfreemem(why);
+}
+
+/* What the storage process needs to come up: run_dir (its socket), the storage root, the conninfo. */
+static void check_storage(struct preflight *p, const struct conf *c)
+{
+	check_dir(p, "[server] run_dir", c->run_dir, NULL);
+	char storage_sock[600];
+	link_socket_path(c->run_dir, storage_sock, sizeof(storage_sock));   /* its length is checked next */
+	check_socket_path(p, "[server] run_dir (storage socket)", storage_sock);
+	check_dir(p, "[storage] root", c->root, NULL);
+	if (c->pg_conninfo[0])
+		check_conninfo(p, c->pg_conninfo);
+}
+
+int preflight_reload_check(const struct conf *c, FILE *report)
+{
+	struct preflight p = { report, 0 };
+	check_storage(&p, c);
+	return p.problems;
+}
+
 int preflight_check(const struct conf *c, FILE *report)
 {
 	struct preflight p = { report, 0 };
@@ -166,10 +201,7 @@ int preflight_check(const struct conf *c, FILE *report)
 	if (c->http_listen[0])
 		check_host_port(&p, "[server] http_listen", c->http_listen);
 
-	check_dir(&p, "[server] run_dir", c->run_dir, NULL);
-	char storage_sock[600];
-	link_socket_path(c->run_dir, storage_sock, sizeof(storage_sock));   /* its length is checked next */
-	check_socket_path(&p, "[server] run_dir (storage socket)", storage_sock);
+	check_storage(&p, c);
 	if (c->pid_file[0])
 		check_file(&p, "[server] pid_file", c->pid_file, c->run_dir, 0);
 	if (c->stats_socket[0]) {
@@ -177,8 +209,6 @@ int preflight_check(const struct conf *c, FILE *report)
 		check_file(&p, "[server] stats_socket", c->stats_socket, c->run_dir, 1);
 	}
 	check_user(&p, c);
-
-	check_dir(&p, "[storage] root", c->root, NULL);
 
 	if (c->log_file[0] && strcmp(c->log_file, "syslog") != 0)
 		check_file(&p, "[log] file", c->log_file, NULL, 0);

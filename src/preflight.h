@@ -12,6 +12,11 @@ struct conf;
  * of problems (warnings do not count). */
 int preflight_check(const struct conf *conf, FILE *report);
 
+/* The part of preflight_check a reload must pass before it replaces anything: what the storage
+ * process needs to start (run_dir, [storage] root, a conninfo libpq can parse). Runs as the user
+ * the master runs as by then, like the storage process it would start. Same report and result. */
+int preflight_reload_check(const struct conf *conf, FILE *report);
+
 /* 0 when path can be read as a configuration file; else -1 with why in err. */
 int preflight_config_path(const char *path, char *err, size_t errlen);
 

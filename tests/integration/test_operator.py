@@ -147,6 +147,14 @@ two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
 tap.ok(rc == 1 and "[storage] root" in out and "[log] file" in out and "2 problems" in out,
        "-t reports every problem, not only the first", out)
 tap.ok(not os.path.exists(missing), "-t created nothing")
+# [ipv6]:port, as [server] listen takes it, for the agent and HTTP listeners too.
+_, (rc, out) = check_with({"server": {"agent_listen": "[::1]:%d" % h.free_port(),
+                                      "http_listen": "[::1]:%d" % h.free_port()}}, "ipv6")
+tap.ok(rc == 0, "-t accepts [::1]:port for agent_listen and http_listen", out)
+_, (rc, out) = check_with({"postgres": {"conninfo": "host=/run/postgresql password='s3cret"}}, "conninfo")
+tap.ok(rc == 1 and "[postgres] conninfo" in out and "unterminated quoted string" in out,
+       "-t: a conninfo libpq cannot parse is a problem naming the key and libpq's reason", out)
+tap.ok("s3cret" not in out, "... and the conninfo (it may hold a password) is not echoed", out)
 
 # Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
 path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")

@@ -601,6 +601,22 @@ with tap.section("HUP with a broken config"):
     # (The ERROR answer is sent after the refused reload returned, before any fork.)
     tap.eq(worker_set(), set(before), "workers unchanged after the refused socket reload")
 
+    # What -t checks for the storage process is checked by a reload before anything is replaced:
+    # a root whose parent is missing used to stop storage for good (every upload 1027).
+    bad = {s: dict(kv) for s, kv in GOOD.items()}
+    bad["storage"]["root"] = os.path.join(d.dir, "no-such-parent", "root")
+    h.Daemon.write_config(d.conf_path, bad)
+    rc, out, err = resctl("stats", "--socket", STATS, "reload")
+    tap.ok(rc == 1 and out.startswith("ERROR") and "[storage] root" in out and "no-such-parent" in out,
+           "stats 'reload' with a storage root start cannot create answers ERROR naming [storage] root",
+           "rc %r out %r err %r" % (rc, out, err))
+    tap.eq(d.storage_pid(), storage_before, "storage keeps its pid (not stopped for a root it cannot use)")
+    tap.eq(worker_set(), set(before), "workers unchanged after the refused reload")
+    tap.ok(re.search(r"reload refused.*\[storage\] root", h.read_text(LOG, mark)),
+           "the log says the reload is refused and names [storage] root", h.read_text(LOG, mark))
+    tap.ok(not os.path.exists(os.path.join(d.dir, "no-such-parent")), "the refused reload created nothing")
+    tap.ok(d.ping(), "1001 still answered")
+
     h.Daemon.write_config(d.conf_path, GOOD)
     c_before = info()["conn_total"]
     ans = stats("reload")
@@ -617,6 +633,46 @@ with tap.section("HUP with a broken config"):
     tap.ok(wait_state_up(10), "new workers are connected to Redis and storage")
     got, _ = download("f1.bin")
     tap.ok(got == F1, "the new workers serve downloads")
+
+
+# ---------------------------------------------------------------- a reload brings back a storage process that exited fatally
+with tap.section("reload after a fatal storage exit"):
+    # A storage process whose root vanished (an unmounted share) exits fatally and is not
+    # respawned; the reload that follows the operator's fix used to answer OK and leave it down.
+    share = os.path.join(d.dir, "share")
+    os.makedirs(share)
+    moved = {s: dict(kv) for s, kv in GOOD.items()}
+    moved["storage"]["root"] = os.path.join(share, "root")
+    h.Daemon.write_config(d.conf_path, moved)
+    old_storage = d.storage_pid()
+    tap.ok(stats("reload").startswith("OK"), "reload onto a root inside share/ answers OK")
+    tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old_storage), 10) and wait_state_up(15),
+           "storage restarted on the new root and the state is up", stats("show workers"))
+    mark = size_of(LOG)
+    subprocess.run(["rm", "-rf", share], check=True)
+    os.kill(d.storage_pid(), signal.SIGKILL)
+    tap.ok(h.wait_for(lambda: "storage 0 failed fatally" in h.read_text(LOG, mark), 10),
+           "with its root's parent gone the respawned storage exits fatally", h.read_text(LOG, mark))
+    tap.ok(h.wait_for(lambda: [r for r in stats_json("show workers") if r["role"] == "storage" and r["state"] == "down"], 5),
+           "show workers: storage down", stats("show workers"))
+    os.makedirs(share)
+    ans = stats("reload")
+    tap.ok(ans.startswith("OK"), "after the fix, stats 'reload' answers OK", repr(ans))
+    tap.ok(h.wait_for(lambda: [r for r in stats_json("show workers") if r["role"] == "storage" and r["state"] == "running"], 10),
+           "the reload started the storage process again", stats("show workers") + h.read_text(LOG, mark))
+    tap.ok(wait_state_up(15), "the state is up again")
+    BACK = rbytes(100000)
+    tap.eq(upload(BACK, "back.bin").get("error"), 0, "an upload completes after the reload")
+    back_path = os.path.join(share, "root", "3001", "back.bin")
+    tap.ok(h.wait_for(lambda: os.path.exists(back_path) and h.read_file(back_path) == BACK, 5),
+           "... and is published on the restored root")
+    on_share = d.storage_pid()
+    h.Daemon.write_config(d.conf_path, GOOD)
+    tap.ok(stats("reload").startswith("OK"), "reload back onto the original root answers OK")
+    tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, on_share), 10) and wait_state_up(15),
+           "storage restarted on the original root and the state is up", stats("show workers"))
+    got, _ = download("f1.bin")
+    tap.ok(got == F1, "downloads from the original root are served")
 
 
 # ---------------------------------------------------------------- HUP under load

@@ -180,6 +180,16 @@ tap.eq(rc, 3, "upload --stop-after 6 stops with status 3", so + se)
 rc, so, se = resctl("upload", ADDR, up_path, "--chunk", 10000, "--retries", 1, "--name", "up.bin",
                     "--uid", UID, "--token", TOKEN)
 tap.ok(rc == 0 and "resuming at 0.1 MB (40%)" in se, "an upload resume is announced: resuming at 0.1 MB (40%)", so + se)
+# A JSON chunk over the server's max_frame: the server closes without an answer, so the retries
+# alone said only "connection reset"; the last word now names the cause.
+frames_path = os.path.join(work, "big-frames.bin")
+with open(frames_path, "wb") as f:
+    f.write(os.urandom(300000))
+rc, so, se = resctl("upload", ADDR, frames_path, "--compat", "--chunk", "256K", "--retries", 1, *CRED)
+tap.ok(rc != 0 and "max_frame (262144)" in se and "try --chunk 128K" in se,
+       "upload --compat --chunk 256K: giving up names max_frame and a chunk that fits", so + se)
+rc, so, se = resctl("upload", ADDR, frames_path, "--compat", "--chunk", "128K", *CRED)
+tap.ok(rc == 0 and "max_frame" not in se, "... and --chunk 128K uploads without the hint", so + se)
 
 # ---------------------------------------------------------------- item 11: words, not ids
 tap.section("output speaks to people; ids with --verbose")
