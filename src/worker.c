@@ -245,6 +245,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
 static void bin_link_drained(struct worker *w);
 static int bin_holds_output(const struct conn *c);
 static int bin_chunks_in_flight(const struct conn *c);
+static int bin_server_holds(const struct conn *c);
 static int bin_wants_write(const struct conn *c);
 static size_t bin_out_limit(const struct conn *c);
 static void bin_out_sent(struct conn *c, size_t n);
@@ -710,6 +711,12 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 			conn_process(c);
 			return;
 		}
+	} else if (bin_server_holds(c)) {
+		/* The server stopped reading this connection (its chunks wait for storage's answers, or
+		 * for room under the worker's cap or in the link): the client is not the one stalling. */
+		if (c->frame_start > 0)
+			c->frame_start = now;
+		c->last_frame = now;
 	} else if (c->frame_start > 0 && now - c->frame_start >= w->conf->frame_timeout) {
 		log_info("%s: frame not completed within %d s: closing", c->peer, w->conf->frame_timeout);
 		conn_close(c, NULL);
@@ -1778,6 +1785,14 @@ static int bin_chunks_in_flight(const struct conn *c)
 	return c->bin && c->bin->count > 0;
 }
 
+/* The server holds this connection's next frame back: chunks in flight (storage answers each, or
+ * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. */
+static int bin_server_holds(const struct conn *c)
+{
+	const struct bin_conn *b = c->bin;
+	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || b->direct_held);
+}
+
 static size_t bin_out_limit(const struct conn *c)
 {
 	if (!bin_holds_output(c))
@@ -2303,6 +2318,8 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->count--;
 	b->inflight_bytes -= f.length;
 	w->bin_unanswered -= f.length;
+	if (c->frame_start > 0)
+		c->frame_start = ev_now(w->loop);   /* a frame held behind the window: its time starts now */
 	struct ipc_result r;
 	if (ipc_decode_result(payload, h->len, &r) < 0) {
 		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);

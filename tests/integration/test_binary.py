@@ -10,7 +10,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=150)
+tap = h.Tap(deadline=180)
 
 UID, TOKEN = 4101, "tok-4101-binary"
 OTHER_UID, OTHER_TOKEN = 4102, "tok-4102-binary"
@@ -406,4 +406,59 @@ with d.connect() as c:
     tap.ok(got == data, "and downloads as before")
 tap.ok("AddressSanitizer" not in d.log_text(), "no sanitizer report in the log")
 d.stop()
+
+# ---------------------------------------------------------------- frame_timeout and a held window
+# A client that sends past its window is slowed down, never cut: while the server holds its next
+# frame back (chunks in flight that storage has not answered), frame_timeout does not run. A client
+# that stops in the middle of a chunk with nothing in flight is still cut.
+tap.section("frame_timeout while the window is held")
+FT = 2
+dt = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": FT, "storage_timeout": 10}})
+tap.context.append(lambda: dt.log_tail(12))
+dt.start()
+tap.ok(dt.wait_redis_connected(15), "a daemon with frame_timeout = %d s started" % FT)
+STALL_CH, STALL_N = 65536, 100   # 6.25 MiB: more chunks than max_inflight (64), so frames wait
+stall = rand.randbytes(STALL_CH * STALL_N)
+b = Bin(dt)
+o = b.open(hashlib.md5(stall).hexdigest(), "held.bin", len(stall))
+storage = dt.storage_pid()
+os.kill(storage, __import__("signal").SIGSTOP)   # storage stops answering, as a stalled disk would
+try:
+    sender_errors = []
+
+    def send_all():
+        try:
+            for i in range(STALL_N):
+                piece = stall[i * STALL_CH:(i + 1) * STALL_CH]
+                b.c.send_raw(Bin.chunk_frame(i * STALL_CH, piece, CHUNK_LAST if i == STALL_N - 1 else 0))
+        except OSError as e:
+            sender_errors.append(repr(e))
+    sender = __import__("threading").Thread(target=send_all, daemon=True)
+    sender.start()
+    cut = h.wait_for(lambda: dt.log_count("frame not completed") > 0, FT + 3)
+finally:
+    os.kill(storage, __import__("signal").SIGCONT)
+tap.ok(not cut, "a frame held behind a full window is not cut by frame_timeout while storage is stalled",
+       dt.log_tail(5))
+acks = []
+try:
+    acks = [b.ack(60)["error"] for _ in range(STALL_N)]
+except (h.ProtocolError, TimeoutError, OSError) as e:
+    acks.append(repr(e))
+sender.join(30)
+p = os.path.join(dt.root, str(UID), "held.bin")
+tap.ok(o["error"] == 0 and acks == [0] * STALL_N and not sender_errors and h.read_file(p) == stall,
+       "once storage answers again, every chunk is acknowledged and the file is byte-identical",
+       "open %r, acks %r, sender %r" % (o, sorted(set(map(str, acks))), sender_errors))
+b.close()
+b = Bin(dt)
+half = rand.randbytes(300000)
+b.open(hashlib.md5(half).hexdigest(), "drip.bin", len(half))
+b.c.send_raw(Bin.chunk_frame(0, half, CHUNK_LAST)[:100000])   # half a chunk, nothing in flight
+tap.ok(b.c.wait_closed(FT + 10) and dt.log_count("frame not completed") == 1,
+       "a client that stops in the middle of a chunk is still cut at frame_timeout")
+b.close()
+tap.ok("AddressSanitizer" not in dt.log_text() and "runtime error" not in dt.log_text(),
+       "no sanitizer report in the log")
+dt.stop()
 tap.finish()
