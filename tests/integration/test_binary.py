@@ -413,7 +413,8 @@ d.stop()
 # that stops in the middle of a chunk with nothing in flight is still cut.
 tap.section("frame_timeout while the window is held")
 FT = 2
-dt = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": FT, "storage_timeout": 10}})
+dt = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": FT, "storage_timeout": 10,
+                                                           "auth_cache_ttl": 1}})
 tap.context.append(lambda: dt.log_tail(12))
 dt.start()
 tap.ok(dt.wait_redis_connected(15), "a daemon with frame_timeout = %d s started" % FT)
@@ -457,6 +458,55 @@ b.open(hashlib.md5(half).hexdigest(), "drip.bin", len(half))
 b.c.send_raw(Bin.chunk_frame(0, half, CHUNK_LAST)[:100000])   # half a chunk, nothing in flight
 tap.ok(b.c.wait_closed(FT + 10) and dt.log_count("frame not completed") == 1,
        "a client that stops in the middle of a chunk is still cut at frame_timeout")
+b.close()
+
+# ---------------------------------------------------------------- a token removed during an upload
+# Chunks carry no credentials: once auth_cache_ttl (1 s here) has passed, the hello's are checked
+# again before the next chunk, as every JSON chunk's are, so a token removed or changed in Redis
+# stops an upload in progress too.
+tap.section("credentials checked again during a fast-path upload")
+rv = rand.randbytes(300000)
+rv_md5 = hashlib.md5(rv).hexdigest()
+b = Bin(dt)
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(0, rv[:100000]))
+a1 = b.ack()
+tap.ok(o["error"] == 0 and a1["error"] == 0, "an upload starts on a fast-path connection", repr((o, a1)))
+redis.cmd("DEL", "utoken_%d" % UID)
+t_del = __import__("time").monotonic()
+h.wait_for(lambda: __import__("time").monotonic() - t_del > 1.5, 5)   # past auth_cache_ttl (1 s)
+b.c.send_raw(Bin.chunk_frame(100000, rv[100000:200000]))
+b.c.send_raw(Bin.chunk_frame(200000, rv[200000:], CHUNK_LAST))
+a2, a3 = b.ack(), b.ack()
+tap.ok(a2["error"] == 1011 and a3["error"] == 1018,
+       "token removed: once auth_cache_ttl has passed the next chunk gets 1011, the one behind it 1018",
+       repr((a2, a3)))
+o = b.open(rv_md5, "revoked.bin", len(rv))
+tap.eq(o["error"], 1011, "and a 1043 on that connection gets 1011 too")
+tap.ok(published("revoked.bin") is None and not os.path.exists(os.path.join(dt.root, str(UID), "revoked.bin"))
+       and (redis.get_json("file_upload_%d_%s" % (UID, rv_md5)) or {}).get("trans_size") == 100000,
+       "nothing more was stored and nothing was published")
+redis.set_token(UID, "another-token")
+b.close()
+b = Bin(dt, token="another-token")
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(o["committed"], rv[o["committed"]:200000]))
+a4 = b.ack()
+redis.set_token(UID, TOKEN)   # the token changes again: the connection's ("another-token") is now wrong
+t_set = __import__("time").monotonic()
+h.wait_for(lambda: __import__("time").monotonic() - t_set > 1.5, 5)
+b.c.send_raw(Bin.chunk_frame(200000, rv[200000:], CHUNK_LAST))
+a5 = b.ack()
+tap.ok(o["error"] == 0 and o["committed"] == 100000 and a4["error"] == 0 and a5["error"] == 1010,
+       "a token changed in Redis: the next chunk after auth_cache_ttl gets 1010", repr((o, a4, a5)))
+b.close()
+b = Bin(dt)
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(o["committed"], rv[o["committed"]:], CHUNK_LAST))
+a6 = b.ack()
+p = os.path.join(dt.root, str(UID), "revoked.bin")
+tap.ok(o["committed"] == 200000 and a6["error"] == 0 and h.read_file(p) == rv,
+       "with the current token the upload resumes where it stood and is byte-identical", repr((o, a6)))
 b.close()
 tap.ok("AddressSanitizer" not in dt.log_text() and "runtime error" not in dt.log_text(),
        "no sanitizer report in the log")
