@@ -1793,11 +1793,13 @@ static int bin_chunks_in_flight(const struct conn *c)
 }
 
 /* The server holds this connection's next frame back: chunks in flight (storage answers each, or
- * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. */
+ * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. (Not
+ * a chunk waiting for Redis to check the credentials again: nothing bounds that wait but the
+ * connection's own clocks.) */
 static int bin_server_holds(const struct conn *c)
 {
 	const struct bin_conn *b = c->bin;
-	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || b->direct_held);
+	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || (b->direct_held && !b->auth_pending));
 }
 
 static size_t bin_out_limit(const struct conn *c)
