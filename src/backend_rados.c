@@ -268,7 +268,8 @@ static int head_read(struct rados_be *r, const char *head, struct head_attrs *h)
 				h->has_prev = len < cap;
 			}
 			if (dst && len < cap) {
-				memcpy(dst, val, len);
+				if (len > 0)
+					memcpy(dst, val, len);   /* an empty attribute comes with val NULL */
 				dst[len] = '\0';
 			}
 		}

@@ -761,12 +761,18 @@ static uint64_t kib(uint64_t bytes)
 
 /* Sets the upload's share of the bytes announced but not yet stored. Kept in KiB (rounded up) so the
  * sum over max_uploads uploads of max_file_size each cannot overflow. */
+static struct user_count *user_find(struct storage *st, uint64_t uid);
+
 static void space_set(struct upload *up, uint64_t left_bytes)
 {
 	struct storage *st = up->st;
-	st->announced_left -= up->left_accounted;
+	uint64_t before = up->left_accounted;
+	st->announced_left -= before;
 	up->left_accounted = kib(left_bytes);
 	st->announced_left += up->left_accounted;
+	struct user_count *u = before != up->left_accounted ? user_find(st, up->key.uid) : NULL;
+	if (u != NULL)
+		u->left = u->left - before + up->left_accounted;
 }
 
 static void space_update(struct upload *up)
@@ -842,6 +848,20 @@ static int upload_admit(struct upload *up, const struct op *op, char *msg, size_
 		if (need > st->free_bytes / 1024) {
 			snprintf(msg, msglen, "storage full: %" PRIu64 " KiB free, uploads in progress announce %" PRIu64
 			    " KiB more and this one %" PRIu64 " KiB", st->free_bytes / 1024, others, kib(op->total_size));
+			return ERR_STORAGE_FULL;
+		}
+		/* One uid may not announce more than half of the room above min_free_space with uploads
+		 * in progress besides its first: a few bytes of chunk 1 under a large total_size each would
+		 * otherwise let one user refuse every other user's uploads with 1028 (protocol.md §10a). */
+		const struct user_count *u = user_find(st, up->key.uid);
+		uint64_t mine = u ? u->left - (u->left >= up->left_accounted ? up->left_accounted : u->left) : 0;
+		unsigned others_mine = u ? u->n - (up->counted ? 1u : 0u) : 0;
+		uint64_t room = st->free_bytes / 1024 > kib((uint64_t)conf->min_free_space) ?
+		    st->free_bytes / 1024 - kib((uint64_t)conf->min_free_space) : 0;
+		if (others_mine > 0 && mine + kib(op->total_size) > room / 2) {
+			snprintf(msg, msglen, "storage full for this user: its uploads in progress announce %" PRIu64
+			    " KiB more and this one %" PRIu64 " KiB, over half of the %" PRIu64 " KiB available: "
+			    "finish or abandon one", mine, kib(op->total_size), room);
 			return ERR_STORAGE_FULL;
 		}
 	}

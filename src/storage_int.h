@@ -204,6 +204,7 @@ struct user_count {
 	UT_hash_handle hh;
 	uint64_t uid;
 	unsigned n;
+	uint64_t left;   /* KiB its uploads in progress still announce (upload_admit caps it) */
 };
 
 /* statvfs of the root, run on a pool thread so the loop never waits for the file system. */

@@ -245,6 +245,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
 static void bin_link_drained(struct worker *w);
 static int bin_holds_output(const struct conn *c);
 static int bin_chunks_in_flight(const struct conn *c);
+static int bin_server_holds(const struct conn *c);
 static int bin_wants_write(const struct conn *c);
 static size_t bin_out_limit(const struct conn *c);
 static void bin_out_sent(struct conn *c, size_t n);
@@ -710,6 +711,12 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 			conn_process(c);
 			return;
 		}
+	} else if (bin_server_holds(c)) {
+		/* The server stopped reading this connection (its chunks wait for storage's answers, or
+		 * for room under the worker's cap or in the link): the client is not the one stalling. */
+		if (c->frame_start > 0)
+			c->frame_start = now;
+		c->last_frame = now;
 	} else if (c->frame_start > 0 && now - c->frame_start >= w->conf->frame_timeout) {
 		log_info("%s: frame not completed within %d s: closing", c->peer, w->conf->frame_timeout);
 		conn_close(c, NULL);
@@ -1688,6 +1695,13 @@ struct bin_conn {
 	/* The upload 1043 opened. */
 	int up_open;
 	int up_broken;                /* a chunk failed: later ones are refused until a new 1043 */
+	/* The credentials are trusted until then (auth_cache_ttl after their last check); a chunk
+	 * after it waits while they are checked again in Redis (auth_pending), as a JSON chunk's
+	 * are, and a refusal (auth_error) answers that chunk and breaks the upload. */
+	ev_tstamp trusted_until;
+	int auth_pending;
+	int auth_error;
+	uint64_t auth_reqid;
 	uint8_t kind;
 	char md5[PROTO_MD5_HEX + 1];
 	char name[PROTO_NAME_MAX + 1];
@@ -1776,6 +1790,16 @@ static int bin_holds_output(const struct conn *c)
 static int bin_chunks_in_flight(const struct conn *c)
 {
 	return c->bin && c->bin->count > 0;
+}
+
+/* The server holds this connection's next frame back: chunks in flight (storage answers each, or
+ * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. (Not
+ * a chunk waiting for Redis to check the credentials again: nothing bounds that wait but the
+ * connection's own clocks.) */
+static int bin_server_holds(const struct conn *c)
+{
+	const struct bin_conn *b = c->bin;
+	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || (b->direct_held && !b->auth_pending));
 }
 
 static size_t bin_out_limit(const struct conn *c)
@@ -1881,6 +1905,54 @@ static void bin_on_ring_retry(struct ev_loop *loop, ev_timer *t, int revents)
 	bin_cap_wake(t->data);
 }
 
+/* Redis's answer to a chunk's check of the hello's credentials (bin_auth_start). */
+static void bin_auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdata)
+{
+	struct rds *r = ctx->data;
+	struct worker *w = r->data;
+	uint64_t reqid = (uint64_t)(uintptr_t)privdata;
+	uint32_t slot = (uint32_t)reqid;
+	struct conn *c = slot < w->conns_cap ? w->conns[slot] : NULL;
+	if (c == NULL || c->bin == NULL || !c->bin->auth_pending || c->bin->auth_reqid != reqid)
+		return;   /* the connection went away */
+	struct bin_conn *b = c->bin;
+	b->auth_pending = 0;
+	redisReply *rep = reply;
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+		b->auth_error = ERR_BUSY;
+	} else if (rep->type != REDIS_REPLY_STRING) {
+		b->auth_error = ERR_UID_INVALID;
+	} else {
+		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
+		token_hash(want, rep->str, rep->len);
+		token_hash(got, b->token, b->token_len);
+		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
+			log_info("%s: bad token for uid %" PRIu64, c->peer, b->uid);
+			b->auth_error = ERR_TOKEN_INVALID;
+		} else {
+			b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
+		}
+	}
+	conn_process(c);
+}
+
+/* The trust in the hello's credentials ran out: the next chunk waits for Redis. Returns 1 when
+ * it may be handled at once (Redis unreachable: the chunk is refused with 1027). */
+static int bin_auth_start(struct conn *c)
+{
+	struct bin_conn *b = c->bin;
+	char key[64];
+	snprintf(key, sizeof(key), "utoken_%" PRIu64, b->uid);
+	uint64_t reqid = (uint64_t)++c->w->op_seq << 32 | c->slot;
+	if (rds_command(&c->w->redis, bin_auth_on_reply, (void *)(uintptr_t)reqid, "GET %s", key) < 0) {
+		b->auth_error = ERR_BUSY;
+		return 1;
+	}
+	b->auth_pending = 1;
+	b->auth_reqid = reqid;
+	return 0;
+}
+
 /* Whether the frame id may be handled now: a chunk waits while the window is full, and an
  * open or hello waits for the chunks in flight (their answers belong to the upload before). */
 static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
@@ -1889,6 +1961,10 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (b == NULL)
 		return 1;
 	if (id == MSG_BIN_CHUNK) {
+		if (b->auth_pending)
+			return 0;   /* bin_auth_on_reply brings it back */
+		if (b->up_open && !b->up_broken && b->auth_error == 0 && ev_now(c->w->loop) >= b->trusted_until)
+			return bin_auth_start(c);
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
 		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
@@ -1969,6 +2045,8 @@ static void bin_hello_finish(struct conn *c)
 	b->uid = cred->uid;
 	memcpy(b->token, cred->token, cred->token_len);
 	b->token_len = cred->token_len;
+	b->trusted_until = c->auth_until;   /* just checked, or trusted from the cache until then */
+	b->auth_error = 0;
 	struct json_writer *jw = &c->w->jw;
 	json_begin(jw);
 	json_put_int(jw, "error", 0);
@@ -2029,6 +2107,7 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	}
 	b->up_open = 1;
 	b->up_broken = 0;
+	b->trusted_until = c->auth_until;   /* the 1043's own check */
 	b->kind = o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
 	memcpy(b->md5, o->md5, sizeof(b->md5));
 	memcpy(b->name, o->name, o->name_len);
@@ -2069,6 +2148,17 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	if (!b->up_open) {
 		bin_send_ack(c, ERR_FILE_NOT_EXISTS, ch.offset, ch.length, 0, 0,
 		    "no upload open on this connection: send 1043 first");
+		return -1;
+	}
+	if (b->auth_error != 0 && !b->up_broken) {
+		/* The credentials' new check failed: this chunk says why, the ones behind it get 1018, and
+		 * a 1043 (checked on its own) or another 1041 is needed to go on. */
+		int e = b->auth_error;
+		b->auth_error = 0;
+		b->up_broken = 1;
+		bin_send_ack(c, e, ch.offset, ch.length, b->committed, b->total,
+		    e == ERR_TOKEN_INVALID ? "token: does not match" : e == ERR_UID_INVALID ?
+		    "uid: no token for this user" : "server busy: cannot read credentials");
 		return -1;
 	}
 	if (b->up_broken) {
@@ -2303,6 +2393,8 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->count--;
 	b->inflight_bytes -= f.length;
 	w->bin_unanswered -= f.length;
+	if (c->frame_start > 0)
+		c->frame_start = ev_now(w->loop);   /* a frame held behind the window: its time starts now */
 	struct ipc_result r;
 	if (ipc_decode_result(payload, h->len, &r) < 0) {
 		log_warnx("storage: malformed result for request %" PRIu64, h->reqid);

@@ -10,7 +10,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=150)
+tap = h.Tap(deadline=180)
 
 UID, TOKEN = 4101, "tok-4101-binary"
 OTHER_UID, OTHER_TOKEN = 4102, "tok-4102-binary"
@@ -406,4 +406,109 @@ with d.connect() as c:
     tap.ok(got == data, "and downloads as before")
 tap.ok("AddressSanitizer" not in d.log_text(), "no sanitizer report in the log")
 d.stop()
+
+# ---------------------------------------------------------------- frame_timeout and a held window
+# A client that sends past its window is slowed down, never cut: while the server holds its next
+# frame back (chunks in flight that storage has not answered), frame_timeout does not run. A client
+# that stops in the middle of a chunk with nothing in flight is still cut.
+tap.section("frame_timeout while the window is held")
+FT = 2
+dt = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": FT, "storage_timeout": 10,
+                                                           "auth_cache_ttl": 1}})
+tap.context.append(lambda: dt.log_tail(12))
+dt.start()
+tap.ok(dt.wait_redis_connected(15), "a daemon with frame_timeout = %d s started" % FT)
+STALL_CH, STALL_N = 65536, 100   # 6.25 MiB: more chunks than max_inflight (64), so frames wait
+stall = rand.randbytes(STALL_CH * STALL_N)
+b = Bin(dt)
+o = b.open(hashlib.md5(stall).hexdigest(), "held.bin", len(stall))
+storage = dt.storage_pid()
+os.kill(storage, __import__("signal").SIGSTOP)   # storage stops answering, as a stalled disk would
+try:
+    sender_errors = []
+
+    def send_all():
+        try:
+            for i in range(STALL_N):
+                piece = stall[i * STALL_CH:(i + 1) * STALL_CH]
+                b.c.send_raw(Bin.chunk_frame(i * STALL_CH, piece, CHUNK_LAST if i == STALL_N - 1 else 0))
+        except OSError as e:
+            sender_errors.append(repr(e))
+    sender = __import__("threading").Thread(target=send_all, daemon=True)
+    sender.start()
+    cut = h.wait_for(lambda: dt.log_count("frame not completed") > 0, FT + 3)
+finally:
+    os.kill(storage, __import__("signal").SIGCONT)
+tap.ok(not cut, "a frame held behind a full window is not cut by frame_timeout while storage is stalled",
+       dt.log_tail(5))
+acks = []
+try:
+    acks = [b.ack(60)["error"] for _ in range(STALL_N)]
+except (h.ProtocolError, TimeoutError, OSError) as e:
+    acks.append(repr(e))
+sender.join(30)
+p = os.path.join(dt.root, str(UID), "held.bin")
+tap.ok(o["error"] == 0 and acks == [0] * STALL_N and not sender_errors and h.read_file(p) == stall,
+       "once storage answers again, every chunk is acknowledged and the file is byte-identical",
+       "open %r, acks %r, sender %r" % (o, sorted(set(map(str, acks))), sender_errors))
+b.close()
+b = Bin(dt)
+half = rand.randbytes(300000)
+b.open(hashlib.md5(half).hexdigest(), "drip.bin", len(half))
+b.c.send_raw(Bin.chunk_frame(0, half, CHUNK_LAST)[:100000])   # half a chunk, nothing in flight
+tap.ok(b.c.wait_closed(FT + 10) and dt.log_count("frame not completed") == 1,
+       "a client that stops in the middle of a chunk is still cut at frame_timeout")
+b.close()
+
+# ---------------------------------------------------------------- a token removed during an upload
+# Chunks carry no credentials: once auth_cache_ttl (1 s here) has passed, the hello's are checked
+# again before the next chunk, as every JSON chunk's are, so a token removed or changed in Redis
+# stops an upload in progress too.
+tap.section("credentials checked again during a fast-path upload")
+rv = rand.randbytes(300000)
+rv_md5 = hashlib.md5(rv).hexdigest()
+b = Bin(dt)
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(0, rv[:100000]))
+a1 = b.ack()
+tap.ok(o["error"] == 0 and a1["error"] == 0, "an upload starts on a fast-path connection", repr((o, a1)))
+redis.cmd("DEL", "utoken_%d" % UID)
+t_del = __import__("time").monotonic()
+h.wait_for(lambda: __import__("time").monotonic() - t_del > 1.5, 5)   # past auth_cache_ttl (1 s)
+b.c.send_raw(Bin.chunk_frame(100000, rv[100000:200000]))
+b.c.send_raw(Bin.chunk_frame(200000, rv[200000:], CHUNK_LAST))
+a2, a3 = b.ack(), b.ack()
+tap.ok(a2["error"] == 1011 and a3["error"] == 1018,
+       "token removed: once auth_cache_ttl has passed the next chunk gets 1011, the one behind it 1018",
+       repr((a2, a3)))
+o = b.open(rv_md5, "revoked.bin", len(rv))
+tap.eq(o["error"], 1011, "and a 1043 on that connection gets 1011 too")
+tap.ok(published("revoked.bin") is None and not os.path.exists(os.path.join(dt.root, str(UID), "revoked.bin"))
+       and (redis.get_json("file_upload_%d_%s" % (UID, rv_md5)) or {}).get("trans_size") == 100000,
+       "nothing more was stored and nothing was published")
+redis.set_token(UID, "another-token")
+b.close()
+b = Bin(dt, token="another-token")
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(o["committed"], rv[o["committed"]:200000]))
+a4 = b.ack()
+redis.set_token(UID, TOKEN)   # the token changes again: the connection's ("another-token") is now wrong
+t_set = __import__("time").monotonic()
+h.wait_for(lambda: __import__("time").monotonic() - t_set > 1.5, 5)
+b.c.send_raw(Bin.chunk_frame(200000, rv[200000:], CHUNK_LAST))
+a5 = b.ack()
+tap.ok(o["error"] == 0 and o["committed"] == 100000 and a4["error"] == 0 and a5["error"] == 1010,
+       "a token changed in Redis: the next chunk after auth_cache_ttl gets 1010", repr((o, a4, a5)))
+b.close()
+b = Bin(dt)
+o = b.open(rv_md5, "revoked.bin", len(rv))
+b.c.send_raw(Bin.chunk_frame(o["committed"], rv[o["committed"]:], CHUNK_LAST))
+a6 = b.ack()
+p = os.path.join(dt.root, str(UID), "revoked.bin")
+tap.ok(o["committed"] == 200000 and a6["error"] == 0 and h.read_file(p) == rv,
+       "with the current token the upload resumes where it stood and is byte-identical", repr((o, a6)))
+b.close()
+tap.ok("AddressSanitizer" not in dt.log_text() and "runtime error" not in dt.log_text(),
+       "no sanitizer report in the log")
+dt.stop()
 tap.finish()

@@ -4,7 +4,8 @@
   started) while another user's upload completes byte-identical; finishing one makes room.
 - per node: max_uploads over several users (1036); stats count the refusals and the uploads in progress.
 - free space: chunk 1 is refused with 1028 when the bytes still to come of the uploads in progress plus its
-  total_size plus min_free_space exceed the free space.
+  total_size plus min_free_space exceed the free space, or when a uid's uploads in progress besides its first
+  would announce more than half of the room above min_free_space.
 - descriptors: the storage process, the master (stats socket, agent listener) and a worker run out of file
   descriptors (RLIMIT_NOFILE lowered with prlimit, then connections held open); none of them spins (CPU
   time stays low), and after a HUP the new workers link to storage once descriptors are free again."""
@@ -164,6 +165,13 @@ with tap.section("free space"):
         tap.ok(r2.get("error") == 1028 and "storage full" in r2.get("message", ""),
                "a second announcing 600 MB gets 1028: 1.2 GB would not fit", repr(r2))
         tap.ok(r3.get("error") == 0, "one announcing 100 MB fits and starts", repr(r3))
+        # A holds 600 MB announced; 200 MB more would fit the node (900 MB of 1 GB) but not half of it for
+        # one user: a user cannot refuse everyone else's uploads with announced sizes alone.
+        r4 = announce(upload(A), 200 * MB)
+        tap.ok(r4.get("error") == 1028 and "for this user" in r4.get("message", ""),
+               "a user's second upload past half the room above min_free_space gets 1028", repr(r4))
+        r5 = announce(upload(B), 100 * MB)
+        tap.ok(r5.get("error") == 0, "and another user's upload still starts", repr(r5))
         r = announce(upload(B), 1 << 40)
         tap.eq(r.get("error"), 1025, "1 TiB is over max_file_size first (1025)")
     s.stop()
