@@ -2,6 +2,8 @@
 #include "config.h"
 #include "buf.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,4 +69,22 @@ void buf_free(struct buf *b)
 	free(b->data);
 	b->data = NULL;
 	b->start = b->end = b->cap = 0;
+}
+
+int buf_printf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return -1;
+	uint8_t *p = buf_reserve(b, (size_t)n + 1);   /* vsnprintf writes a NUL after the text */
+	if (p == NULL)
+		return -1;
+	va_start(ap, fmt);
+	vsnprintf((char *)p, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	buf_commit(b, (size_t)n);
+	return 0;
 }

@@ -27,5 +27,7 @@ void buf_consume(struct buf *b, size_t n);
  * otherwise grow it again, copying, for every frame). */
 void buf_consume_keep(struct buf *b, size_t n);
 void buf_free(struct buf *b);
+/* Appends printf-formatted text; -1 when out of memory (the buffer keeps what it had). */
+int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -103,17 +103,6 @@ static void sum_totals(const struct control *c, struct control_totals *t)
 	}
 }
 
-static void out_printf(struct buf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void out_printf(struct buf *out, const char *fmt, ...)
-{
-	char line[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(line, sizeof(line), fmt, ap);
-	va_end(ap);
-	if (n > 0)
-		buf_append(out, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
-}
 
 /* ---------------------------------------------------------------- JSON helpers */
 
@@ -249,21 +238,21 @@ static void show_info(struct control *c, struct buf *out, int json)
 		gen_finish(g, out);
 		return;
 	}
-	out_printf(out, "Name: resourced\nVersion: %s\nPid: %d\nUptime_sec: %ld\nWorkers: %d\n",
+	buf_printf(out, "Name: resourced\nVersion: %s\nPid: %d\nUptime_sec: %ld\nWorkers: %d\n",
 	    PACKAGE_VERSION, (int)getpid(), uptime, c->conf->workers);
-	out_printf(out, "State: %s\nWeight: %d\nDraining: %d\n", state, weight, c->draining);
-	out_printf(out, "Processes_running: %d\nWorkers_running: %d\nRedis_connected: %d\nStorage_linked: %d\n",
+	buf_printf(out, "State: %s\nWeight: %d\nDraining: %d\n", state, weight, c->draining);
+	buf_printf(out, "Processes_running: %d\nWorkers_running: %d\nRedis_connected: %d\nStorage_linked: %d\n",
 	    t.processes, t.workers, t.redis_connected, t.storage_linked);
 	const uint64_t *fields = (const uint64_t *)&t;
 	for (size_t i = 0; i < NCOUNTERS; i++)
 		if (!is_type(i, "state"))
-			out_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
+			buf_printf(out, "%s: %llu\n", counter_info[i].name, (unsigned long long)fields[i]);
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
-			out_printf(out, "errors_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.errors[e]);
+			buf_printf(out, "errors_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.errors[e]);
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.expected[e])
-			out_printf(out, "expected_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.expected[e]);
+			buf_printf(out, "expected_%d: %llu\n", STATS_ERR_BASE + e, (unsigned long long)t.expected[e]);
 }
 
 int control_processes(struct control *c, struct control_proc_view *out, int max)
@@ -294,7 +283,7 @@ static void show_workers(struct control *c, struct buf *out, int json)
 		g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(g);
 	} else {
-		out_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
+		buf_printf(out, "# role number slot pid state uptime_sec restarts connections redis_up storage_up\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i].proc;
@@ -318,7 +307,7 @@ static void show_workers(struct control *c, struct buf *out, int json)
 				gen_kv_int(g, "storage_up", storage_up);
 			yajl_gen_map_close(g);
 		} else {
-			out_printf(out, "%s %d %d %d %s %ld %d %llu %d %s\n", p->role, p->number, p->slot, (int)p->pid,
+			buf_printf(out, "%s %d %d %d %s %ld %d %llu %d %s\n", p->role, p->number, p->slot, (int)p->pid,
 			    p->state, uptime, p->restarts, conns, redis_up, worker ? (storage_up ? "1" : "0") : "-");
 		}
 	}
@@ -337,10 +326,10 @@ static void show_stat(struct control *c, struct buf *out, int json)
 		g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(g);
 	} else {
-		out_printf(out, "# role,number,pid");
+		buf_printf(out, "# role,number,pid");
 		for (size_t i = 0; i < NCOUNTERS; i++)
-			out_printf(out, ",%s", counter_info[i].name);
-		out_printf(out, ",errors,expected\n");
+			buf_printf(out, ",%s", counter_info[i].name);
+		buf_printf(out, ",errors,expected\n");
 	}
 	for (int i = 0; i < n; i++) {
 		const struct control_proc *p = &procs[i];
@@ -361,10 +350,10 @@ static void show_stat(struct control *c, struct buf *out, int json)
 			gen_code_map(g, "expected", expected);
 			yajl_gen_map_close(g);
 		} else {
-			out_printf(out, "%s,%d,%d", p->role, p->number, (int)p->pid);
+			buf_printf(out, "%s,%d,%d", p->role, p->number, (int)p->pid);
 			for (size_t k = 0; k < NCOUNTERS; k++)
-				out_printf(out, ",%llu", (unsigned long long)slot_counter(sp, k));
-			out_printf(out, ",%llu,%llu\n", (unsigned long long)errors_sum, (unsigned long long)expected_sum);
+				buf_printf(out, ",%llu", (unsigned long long)slot_counter(sp, k));
+			buf_printf(out, ",%llu,%llu\n", (unsigned long long)errors_sum, (unsigned long long)expected_sum);
 		}
 	}
 	if (json) {
@@ -415,7 +404,7 @@ static void show_transfer(void *ctx, const struct control_transfer *t)
 		/* Quoted and escaped: names may hold spaces and quotes. */
 		char name[ESCAPE_SIZE(STATS_NAME_MAX)];
 		escape_quoted(name, sizeof(name), t->name, strlen(t->name));
-		out_printf(to->out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", t->kind, (unsigned long long)t->uid, name,
+		buf_printf(to->out, "%s %llu \"%s\" %llu %llu %.0f %.0f\n", t->kind, (unsigned long long)t->uid, name,
 		    (unsigned long long)t->bytes, (unsigned long long)t->total, t->rate, t->age);
 	}
 }
@@ -427,7 +416,7 @@ static void show_transfers(struct control *c, struct buf *out, int json)
 		to.g = yajl_gen_alloc(NULL);
 		yajl_gen_array_open(to.g);
 	} else {
-		out_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
+		buf_printf(out, "# kind uid name bytes total rate_bytes_per_sec age_sec\n");
 	}
 	control_transfers(c, show_transfer, &to);
 	if (json) {
@@ -458,10 +447,10 @@ static void show_metrics(struct control *c, struct buf *out)
 		const char *suffix = is_type(i, "counter") && !has_total ? "_total" : "";
 		const char *type = is_type(i, "counter") ? "counter" : "gauge";
 		const char *scope = is_type(i, "counter") ? " (all processes)" : is_type(i, "gauge") ? " (running processes)" : "";
-		out_printf(out, "# HELP resourced_%s%s %s%s\n# TYPE resourced_%s%s %s\n", name, suffix, counter_info[i].help,
+		buf_printf(out, "# HELP resourced_%s%s %s%s\n# TYPE resourced_%s%s %s\n", name, suffix, counter_info[i].help,
 		    scope, name, suffix, type);
 		if (!is_type(i, "state")) {
-			out_printf(out, "resourced_%s%s %llu\n", name, suffix, (unsigned long long)fields[i]);
+			buf_printf(out, "resourced_%s%s %llu\n", name, suffix, (unsigned long long)fields[i]);
 			continue;
 		}
 		/* One series per process: a sum of 0/1 states would say nothing. storage_up is a worker's link. */
@@ -469,42 +458,42 @@ static void show_metrics(struct control *c, struct buf *out)
 			if (retiring(&procs[k]) || (strcmp(name, "storage_up") == 0 && strcmp(procs[k].role, "worker") != 0))
 				continue;
 			uint64_t v = procs[k].pid > 0 ? slot_counter(&c->shm->procs[procs[k].slot], i) : 0;
-			out_printf(out, "resourced_%s{role=\"%s\",number=\"%d\"} %llu\n", name, procs[k].role,
+			buf_printf(out, "resourced_%s{role=\"%s\",number=\"%d\"} %llu\n", name, procs[k].role,
 			    procs[k].number, (unsigned long long)v);
 		}
 	}
-	out_printf(out, "# HELP resourced_responses_error_total Responses by error code (expected answers apart)\n"
+	buf_printf(out, "# HELP resourced_responses_error_total Responses by error code (expected answers apart)\n"
 	    "# TYPE resourced_responses_error_total counter\n");
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.errors[e])
-			out_printf(out, "resourced_responses_error_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
+			buf_printf(out, "resourced_responses_error_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
 			    (unsigned long long)t.errors[e]);
-	out_printf(out, "# HELP resourced_responses_expected_total Responses with a code healthy traffic gets "
+	buf_printf(out, "# HELP resourced_responses_expected_total Responses with a code healthy traffic gets "
 	    "(1012 to a sync before a fresh upload)\n# TYPE resourced_responses_expected_total counter\n");
 	for (int e = 0; e < STATS_ERR_COUNT; e++)
 		if (t.expected[e])
-			out_printf(out, "resourced_responses_expected_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
+			buf_printf(out, "resourced_responses_expected_total{code=\"%d\"} %llu\n", STATS_ERR_BASE + e,
 			    (unsigned long long)t.expected[e]);
-	out_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
+	buf_printf(out, "# HELP resourced_process_up 1 when the process is running\n# TYPE resourced_process_up gauge\n");
 	for (int i = 0; i < n; i++)
 		if (!retiring(&procs[i]))
-			out_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
+			buf_printf(out, "resourced_process_up{role=\"%s\",number=\"%d\"} %d\n", procs[i].role, procs[i].number,
 			    procs[i].pid > 0);
-	out_printf(out, "# HELP resourced_process_restarts_total Respawns of the process\n"
+	buf_printf(out, "# HELP resourced_process_restarts_total Respawns of the process\n"
 	    "# TYPE resourced_process_restarts_total counter\n");
 	for (int i = 0; i < n; i++)
 		if (!retiring(&procs[i]))
-			out_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
+			buf_printf(out, "resourced_process_restarts_total{role=\"%s\",number=\"%d\"} %d\n", procs[i].role,
 			    procs[i].number, procs[i].restarts);
-	out_printf(out, "# HELP resourced_process_uptime_seconds Seconds since the process started\n"
+	buf_printf(out, "# HELP resourced_process_uptime_seconds Seconds since the process started\n"
 	    "# TYPE resourced_process_uptime_seconds gauge\n");
 	for (int i = 0; i < n; i++)
 		if (!retiring(&procs[i]))
-			out_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
+			buf_printf(out, "resourced_process_uptime_seconds{role=\"%s\",number=\"%d\"} %.0f\n", procs[i].role,
 			    procs[i].number, procs[i].pid ? now - procs[i].started : 0);
 	int weight;
 	const char *state = service_state(c, &weight);
-	out_printf(out, "# HELP resourced_draining 1 while disabled or stopping\n# TYPE resourced_draining gauge\n"
+	buf_printf(out, "# HELP resourced_draining 1 while disabled or stopping\n# TYPE resourced_draining gauge\n"
 	    "resourced_draining %d\n# HELP resourced_up 1 when storage and Redis are available\n"
 	    "# TYPE resourced_up gauge\nresourced_up %d\n", c->draining, strcmp(state, "down") != 0);
 }
@@ -522,19 +511,19 @@ static void command_disable(struct control *c, struct buf *out, int json)
 	(void)json;
 	control_set_draining(c, 1);
 	log_info("stats socket: disabled (draining)");
-	out_printf(out, "OK draining\n");
+	buf_printf(out, "OK draining\n");
 }
 
 static void command_enable(struct control *c, struct buf *out, int json)
 {
 	(void)json;
 	if (c->stopping) {
-		out_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
+		buf_printf(out, "ERROR stopping: the agent answers drain until the server exits\n");
 		return;
 	}
 	control_set_draining(c, 0);
 	log_info("stats socket: enabled");
-	out_printf(out, "OK enabled\n");
+	buf_printf(out, "OK enabled\n");
 }
 
 static void command_reload(struct control *c, struct buf *out, int json)
@@ -542,9 +531,9 @@ static void command_reload(struct control *c, struct buf *out, int json)
 	(void)json;
 	char msg[512];
 	if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
-		out_printf(out, "OK %s\n", msg);
+		buf_printf(out, "OK %s\n", msg);
 	else
-		out_printf(out, "ERROR %s\n", msg);
+		buf_printf(out, "ERROR %s\n", msg);
 }
 
 static void command_help(struct control *c, struct buf *out, int json);
@@ -585,7 +574,7 @@ static void command_help(struct control *c, struct buf *out, int json)
 		char usage[64];
 		snprintf(usage, sizeof(usage), "%s%s%s%s", k->verb, k->object ? " " : "", k->object ? k->object : "",
 		    k->args == ARGS_OBJECT ? " [json]" : "");
-		out_printf(out, "%-21s %s\n", usage, k->help);
+		buf_printf(out, "%-21s %s\n", usage, k->help);
 	}
 }
 
@@ -615,9 +604,9 @@ static void control_command(struct control *c, char *line, struct buf *out)
 	if (cmd != NULL)
 		cmd->run(c, out, json);
 	else if (unknown_object)
-		out_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
+		buf_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
 	else
-		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+		buf_printf(out, "Unknown command: %s (try help)\n", argv[0]);
 	buf_append(out, "\n", 1);   /* an empty line ends every answer */
 }
 
@@ -666,7 +655,7 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			control_command(ss->c, line, &ss->out);
 		}
 		if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
-			out_printf(&ss->out, "Line too long\n\n");
+			buf_printf(&ss->out, "Line too long\n\n");
 			ss->closing = 1;
 		}
 		if (ss->closing && buf_len(&ss->in) > 0) {

@@ -98,17 +98,6 @@ static void http_log(void *cls, const char *fmt, va_list ap)
 
 /* ---------------------------------------------------------------- the status page */
 
-static void out_printf(struct buf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void out_printf(struct buf *out, const char *fmt, ...)
-{
-	char line[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(line, sizeof(line), fmt, ap);
-	va_end(ap);
-	if (n > 0)
-		buf_append(out, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
-}
 
 static void out_str(struct buf *out, const char *s)
 {
@@ -170,7 +159,7 @@ static const char page_style[] =
 
 static void page_card(struct buf *out, const char *value, const char *label)
 {
-	out_printf(out, "<div class=\"card\"><b>%s</b><span>%s</span></div>", value, label);
+	buf_printf(out, "<div class=\"card\"><b>%s</b><span>%s</span></div>", value, label);
 }
 
 static void page_header(struct http *h, struct buf *out, const struct control_totals *t)
@@ -179,18 +168,18 @@ static void page_header(struct http *h, struct buf *out, const struct control_to
 	const char *state = control_state(h->control, &weight);
 	char host[256] = "", up[32], v[64];
 	gethostname(host, sizeof(host) - 1);
-	out_printf(out, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+	buf_printf(out, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
 	    "<meta http-equiv=\"refresh\" content=\"%d\"><title>", HTTP_REFRESH);
 	out_str(out, "resourced on ");
 	out_escaped(out, host);
 	out_str(out, "</title><style>");
-	out_str(out, page_style);   /* longer than a line of out_printf */
-	out_printf(out, "</style></head><body>\n<header><h1>resourced %s on ", PACKAGE_VERSION);
+	out_str(out, page_style);
+	buf_printf(out, "</style></head><body>\n<header><h1>resourced %s on ", PACKAGE_VERSION);
 	out_escaped(out, host);
-	out_printf(out, "</h1><span class=\"state %s\" id=\"state\">%s</span>", state, state);
+	buf_printf(out, "</h1><span class=\"state %s\" id=\"state\">%s</span>", state, state);
 	if (strcmp(state, "up") == 0)
-		out_printf(out, "<span class=\"meta\">weight %d%%</span>", weight);
-	out_printf(out, "<span class=\"meta\">uptime %s</span><span class=\"meta\">master pid %d</span></header>\n<main>\n",
+		buf_printf(out, "<span class=\"meta\">weight %d%%</span>", weight);
+	buf_printf(out, "<span class=\"meta\">uptime %s</span><span class=\"meta\">master pid %d</span></header>\n<main>\n",
 	    human_duration(up, sizeof(up), control_uptime(h->control)), (int)getpid());
 
 	uint64_t errors = 0;
@@ -231,7 +220,7 @@ static void page_processes(struct http *h, struct buf *out)
 		const struct control_proc_view *p = &procs[i];
 		char up[32];
 		/* role and state are the master's own words, never a client's. */
-		out_printf(out, "<tr class=\"%s\"><td>%s</td><td class=\"n\">%d</td><td class=\"n\">%d</td><td>%s</td>"
+		buf_printf(out, "<tr class=\"%s\"><td>%s</td><td class=\"n\">%d</td><td class=\"n\">%d</td><td>%s</td>"
 		    "<td class=\"n\">%s</td><td class=\"n\">%d</td><td class=\"n\">%llu</td><td>%s</td><td>%s</td></tr>\n",
 		    p->proc.state, p->proc.role, p->proc.number, (int)p->proc.pid, p->proc.state,
 		    human_duration(up, sizeof(up), p->uptime), p->proc.restarts, p->connections, yes_no(p->redis_up),
@@ -252,9 +241,9 @@ static void page_transfer(void *ctx, const struct control_transfer *t)
 	char done[32], total[32], rate[32], age[32];
 	double pct = t->total ? 100.0 * (double)t->bytes / (double)t->total : 0;
 	pt->count++;
-	out_printf(out, "<tr><td>%s</td><td class=\"n\">%llu</td><td class=\"name\">", t->kind, (unsigned long long)t->uid);
+	buf_printf(out, "<tr><td>%s</td><td class=\"n\">%llu</td><td class=\"name\">", t->kind, (unsigned long long)t->uid);
 	out_escaped(out, t->name);
-	out_printf(out, "</td><td><progress max=\"100\" value=\"%.0f\"></progress> %.0f%%</td>"
+	buf_printf(out, "</td><td><progress max=\"100\" value=\"%.0f\"></progress> %.0f%%</td>"
 	    "<td class=\"n\">%s / %s</td><td class=\"n\">%s/s</td><td class=\"n\">%s</td></tr>\n",
 	    pct, pct, human_bytes(done, sizeof(done), (double)t->bytes), human_bytes(total, sizeof(total), (double)t->total),
 	    human_bytes(rate, sizeof(rate), t->rate), human_duration(age, sizeof(age), (long)t->age));
@@ -265,7 +254,7 @@ static void page_transfers(struct http *h, struct buf *out)
 	struct buf rows = { 0 };
 	struct page_transfers pt = { &rows, 0 };
 	control_transfers(h->control, page_transfer, &pt);
-	out_printf(out, "<h2>Transfers in progress (%d)</h2>\n", pt.count);
+	buf_printf(out, "<h2>Transfers in progress (%d)</h2>\n", pt.count);
 	if (pt.count == 0) {
 		out_str(out, "<p class=\"none\" id=\"transfers\">none</p>\n");
 	} else {
@@ -287,7 +276,7 @@ static void page_codes(struct buf *out, const struct control_totals *t)
 		if (!any)
 			out_str(out, "<table id=\"codes\"><tr><th>code</th><th>errors</th><th>expected answers</th></tr>\n");
 		any = 1;
-		out_printf(out, "<tr><td>%d</td><td class=\"n\">%llu</td><td class=\"n\">%llu</td></tr>\n",
+		buf_printf(out, "<tr><td>%d</td><td class=\"n\">%llu</td><td class=\"n\">%llu</td></tr>\n",
 		    STATS_ERR_BASE + e, (unsigned long long)t->errors[e], (unsigned long long)t->expected[e]);
 	}
 	out_str(out, any ? "</table>\n<p class=\"none\">Expected answers: a sync's 1012 before a fresh upload "
@@ -318,13 +307,13 @@ static void page_counters(struct buf *out, const struct control_totals *t)
 		const uint64_t *v = (const uint64_t *)((const char *)t + shown[i].offset);
 		char b[32];
 		if (v == &t->frames_in)
-			out_printf(out, "<tr><th>%s</th><td class=\"n\">%llu / %llu</td></tr>", shown[i].name,
+			buf_printf(out, "<tr><th>%s</th><td class=\"n\">%llu / %llu</td></tr>", shown[i].name,
 			    (unsigned long long)t->frames_in, (unsigned long long)t->frames_out);
 		else if (shown[i].bytes)
-			out_printf(out, "<tr><th>%s</th><td class=\"n\">%s</td></tr>", shown[i].name,
+			buf_printf(out, "<tr><th>%s</th><td class=\"n\">%s</td></tr>", shown[i].name,
 			    human_bytes(b, sizeof(b), (double)*v));
 		else
-			out_printf(out, "<tr><th>%s</th><td class=\"n\">%llu</td></tr>", shown[i].name, (unsigned long long)*v);
+			buf_printf(out, "<tr><th>%s</th><td class=\"n\">%llu</td></tr>", shown[i].name, (unsigned long long)*v);
 	}
 	out_str(out, "</table>\n");
 }
@@ -338,7 +327,7 @@ static void status_page(struct http *h, struct buf *out)
 	page_transfers(h, out);
 	page_codes(out, &t);
 	page_counters(out, &t);
-	out_printf(out, "</main>\n<footer>Refreshes every %d s. Also: <a href=\"/status.json\">/status.json</a> "
+	buf_printf(out, "</main>\n<footer>Refreshes every %d s. Also: <a href=\"/status.json\">/status.json</a> "
 	    "&middot; <a href=\"/metrics\">/metrics</a> &middot; <a href=\"/health\">/health</a></footer>\n"
 	    "</body></html>\n", HTTP_REFRESH);
 }
@@ -398,7 +387,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		/* The agent-check's answer: a balancer sends traffic on 200 only. */
 		int weight;
 		const char *state = control_state(h->control, &weight);
-		out_printf(&body, "%s\n", state);
+		buf_printf(&body, "%s\n", state);
 		return respond(conn, strcmp(state, "up") == 0 ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, text, &body);
 	}
 	if (strcmp(url, "/status.json") == 0) {

@@ -338,6 +338,29 @@ START_TEST(test_buf_grows_keeping_data)
 }
 END_TEST
 
+START_TEST(test_buf_printf)
+{
+	/* Formatted text is appended whole, however long (the status page's lines were cut at 1 KiB
+	 * by a fixed line buffer before buf_printf), without the NUL vsnprintf writes after it. */
+	struct buf b = { 0 };
+	ck_assert_int_eq(buf_append(&b, "x", 1), 0);
+	ck_assert_int_eq(buf_printf(&b, "%d-%s", 42, "ab"), 0);
+	ck_assert_uint_eq(buf_len(&b), 6);
+	ck_assert_int_eq(memcmp(buf_head(&b), "x42-ab", 6), 0);
+	char long_text[10000];
+	memset(long_text, 'q', sizeof(long_text) - 1);
+	long_text[sizeof(long_text) - 1] = '\0';
+	ck_assert_int_eq(buf_printf(&b, "[%s]", long_text), 0);
+	ck_assert_uint_eq(buf_len(&b), 6 + 2 + sizeof(long_text) - 1);
+	ck_assert_int_eq(buf_head(&b)[6], '[');
+	ck_assert_int_eq(buf_head(&b)[buf_len(&b) - 1], ']');
+	ck_assert_int_eq(buf_head(&b)[buf_len(&b) - 2], 'q');
+	ck_assert_int_eq(buf_printf(&b, "%s", ""), 0);
+	ck_assert_uint_eq(buf_len(&b), 6 + 2 + sizeof(long_text) - 1);
+	buf_free(&b);
+}
+END_TEST
+
 START_TEST(test_buf_head_after_consume)
 {
 	/* fuzz_ipc: a decode loop calls buf_head() again after the last message freed the
@@ -392,6 +415,7 @@ static Suite *frame_suite(void)
 	tcase_add_test(tc, test_buf_grows_keeping_data);
 	tcase_add_test(tc, test_buf_append_nothing);
 	tcase_add_test(tc, test_buf_head_after_consume);
+	tcase_add_test(tc, test_buf_printf);
 	suite_add_tcase(s, tc);
 	return s;
 }
