@@ -245,7 +245,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
 static void bin_link_drained(struct worker *w);
 static int bin_holds_output(const struct conn *c);
 static int bin_chunks_in_flight(const struct conn *c);
-static int bin_server_holds(const struct conn *c);
+static int bin_server_holds(const struct conn *c, ev_tstamp now);
 static int bin_wants_write(const struct conn *c);
 static size_t bin_out_limit(const struct conn *c);
 static void bin_out_sent(struct conn *c, size_t n);
@@ -711,7 +711,7 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 			conn_process(c);
 			return;
 		}
-	} else if (bin_server_holds(c)) {
+	} else if (bin_server_holds(c, now)) {
 		/* The server stopped reading this connection (its chunks wait for storage's answers, or
 		 * for room under the worker's cap or in the link): the client is not the one stalling. */
 		if (c->frame_start > 0)
@@ -1702,6 +1702,9 @@ struct bin_conn {
 	int auth_pending;
 	int auth_error;
 	uint64_t auth_reqid;
+	/* When the server's hold on the next frame last moved: a chunk taken or acknowledged, or a
+	 * wait for the cap or the link begun (bin_server_holds). */
+	ev_tstamp held_since;
 	uint8_t kind;
 	char md5[PROTO_MD5_HEX + 1];
 	char name[PROTO_NAME_MAX + 1];
@@ -1793,13 +1796,17 @@ static int bin_chunks_in_flight(const struct conn *c)
 }
 
 /* The server holds this connection's next frame back: chunks in flight (storage answers each, or
- * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. (Not
- * a chunk waiting for Redis to check the credentials again: nothing bounds that wait but the
- * connection's own clocks.) */
-static int bin_server_holds(const struct conn *c)
+ * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window (which
+ * is full only with chunks in flight). For storage_timeout after the hold last moved at most: a
+ * storage process that stopped answering while its link stays up must not keep a connection, and
+ * its memory, forever. (Not a chunk waiting for Redis to check the credentials again, nor
+ * direct_held alone, which stays set while the client does not read its answers: nothing bounds
+ * those waits but the connection's own clocks.) */
+static int bin_server_holds(const struct conn *c, ev_tstamp now)
 {
 	const struct bin_conn *b = c->bin;
-	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || (b->direct_held && !b->auth_pending));
+	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting) &&
+	    now - b->held_since < c->w->conf->storage_timeout;
 }
 
 static size_t bin_out_limit(const struct conn *c)
@@ -1840,6 +1847,7 @@ static void bin_cap_wait(struct conn *c, uint32_t want)
 	if (b->cap_waiting)
 		return;
 	b->cap_waiting = 1;
+	b->held_since = ev_now(w->loop);
 	b->cap_next = NULL;
 	b->cap_prev = w->cap_tail;
 	if (w->cap_tail)
@@ -1970,6 +1978,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
+				b->held_since = ev_now(c->w->loop);
 				c->w->bin_link_waiters++;
 				uplink_update_io(c->w);
 			}
@@ -2231,6 +2240,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	w->bin_unanswered += ch.length;
 	b->cursor = end;
 	b->next_seq++;
+	b->held_since = ev_now(w->loop);
 	uplink_flush(w);
 	return 0;
 }
@@ -2393,6 +2403,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->count--;
 	b->inflight_bytes -= f.length;
 	w->bin_unanswered -= f.length;
+	b->held_since = ev_now(w->loop);
 	if (c->frame_start > 0)
 		c->frame_start = ev_now(w->loop);   /* a frame held behind the window: its time starts now */
 	struct ipc_result r;

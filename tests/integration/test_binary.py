@@ -10,7 +10,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=180)
+tap = h.Tap(deadline=240)
 
 UID, TOKEN = 4101, "tok-4101-binary"
 OTHER_UID, OTHER_TOKEN = 4102, "tok-4102-binary"
@@ -511,4 +511,47 @@ b.close()
 tap.ok("AddressSanitizer" not in dt.log_text() and "runtime error" not in dt.log_text(),
        "no sanitizer report in the log")
 dt.stop()
+
+# ---------------------------------------------------------------- a storage process that stops answering
+# The server's hold on a window stops the connection's clocks for storage_timeout at most: a storage
+# process that stopped answering (its link still up) must not keep connections, and what they hold,
+# forever.
+tap.section("a stalled storage process and the window's hold")
+ST = 5
+ds = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": 2, "storage_timeout": ST,
+                                                           "auth_cache_ttl": 1}})
+tap.context.append(lambda: ds.log_tail(12))
+ds.start()
+tap.ok(ds.wait_redis_connected(15), "a daemon with storage_timeout = %d s started" % ST)
+SIGNAL = __import__("signal")
+monotonic = __import__("time").monotonic
+
+
+def send_chunks(client, data, count):
+    try:
+        for i in range(count):
+            client.c.send_raw(Bin.chunk_frame(i * STALL_CH, data[i * STALL_CH:(i + 1) * STALL_CH]))
+    except OSError:
+        pass   # the server closed the connection: what this part checks
+
+
+b = Bin(ds)
+o = b.open(hashlib.md5(stall).hexdigest(), "stalled.bin", len(stall))
+storage = ds.storage_pid()
+os.kill(storage, SIGNAL.SIGSTOP)
+try:
+    sender = __import__("threading").Thread(target=send_chunks, args=(b, stall, STALL_N - 1), daemon=True)
+    sender.start()
+    closed = b.c.wait_closed(ST + 2 + 20)
+finally:
+    os.kill(storage, SIGNAL.SIGCONT)
+tap.ok(o["error"] == 0 and closed,
+       "chunks storage does not answer hold the connection's clocks for storage_timeout, not forever",
+       ds.log_tail(5))
+sender.join(10)
+b.close()
+
+tap.ok("AddressSanitizer" not in ds.log_text() and "runtime error" not in ds.log_text(),
+       "no sanitizer report in the log")
+ds.stop()
 tap.finish()
