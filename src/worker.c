@@ -2117,6 +2117,7 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	b->up_open = 1;
 	b->up_broken = 0;
 	b->trusted_until = c->auth_until;   /* the 1043's own check */
+	b->auth_error = 0;   /* a check's refusal that came after the upload broke is not this one's */
 	b->kind = o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
 	memcpy(b->md5, o->md5, sizeof(b->md5));
 	memcpy(b->name, o->name, o->name_len);
