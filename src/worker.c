@@ -804,37 +804,53 @@ static int auth_cached(struct conn *c, const struct proto_credentials *cred)
 	return sodium_memcmp(h, c->auth_token_hash, sizeof(h)) == 0;
 }
 
+/* What Redis's answer to GET utoken_<uid> says of the token a client presented: ERR_OK (the token's
+ * hash in got), or the code of the refusal (auth_refusal says why). */
+static int auth_verdict(const struct conn *c, const redisReply *rep, uint64_t uid, const char *token,
+    size_t token_len, uint8_t got[crypto_generichash_BYTES])
+{
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR)
+		return ERR_BUSY;
+	if (rep->type != REDIS_REPLY_STRING)
+		return ERR_UID_INVALID;
+	uint8_t want[crypto_generichash_BYTES];
+	token_hash(want, rep->str, rep->len);
+	token_hash(got, token, token_len);
+	if (sodium_memcmp(want, got, crypto_generichash_BYTES) != 0) {
+		log_info("%s: bad token for uid %" PRIu64, c->peer, uid);
+		return ERR_TOKEN_INVALID;
+	}
+	return ERR_OK;
+}
+
+/* The message of an auth_verdict refusal. */
+static const char *auth_refusal(int error)
+{
+	return error == ERR_TOKEN_INVALID ? "token: does not match" :
+	    error == ERR_UID_INVALID ? "uid: no token for this user" : "server busy: cannot read credentials";
+}
+
 static void auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdata)
 {
-	(void)ctx;
 	struct rds *r = ctx->data;
 	struct worker *w = r->data;
 	struct conn *c = conn_by_reqid(w, (uint64_t)(uintptr_t)privdata);
 	if (c == NULL || c->req.stage != STAGE_AUTH)
 		return;
-	redisReply *rep = reply;
 	const struct proto_credentials *cred = c->req.cred;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-		respond_request_error(c, ERR_BUSY, "server busy: cannot read credentials");
-	} else if (rep->type != REDIS_REPLY_STRING) {
-		respond_request_error(c, ERR_UID_INVALID, "uid: no token for this user");
+	uint8_t got[crypto_generichash_BYTES];
+	int verdict = auth_verdict(c, reply, cred->uid, cred->token, cred->token_len, got);
+	if (verdict != ERR_OK) {
+		respond_request_error(c, verdict, auth_refusal(verdict));
 	} else {
-		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
-		token_hash(want, rep->str, rep->len);
-		token_hash(got, cred->token, cred->token_len);
-		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
-			log_info("%s: bad token for uid %" PRIu64, c->peer, cred->uid);
-			respond_request_error(c, ERR_TOKEN_INVALID, "token: does not match");
-		} else {
-			c->auth_valid = 1;
-			c->auth_uid = cred->uid;
-			memcpy(c->auth_token_hash, got, sizeof(got));
-			c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
-			c->req.stage = STAGE_NONE;
-			c->busy = 0;
-			/* It may be answered at once (storage down, a bad chunk): conn_process flushes that. */
-			request_continue(c);
-		}
+		c->auth_valid = 1;
+		c->auth_uid = cred->uid;
+		memcpy(c->auth_token_hash, got, sizeof(got));
+		c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
+		c->req.stage = STAGE_NONE;
+		c->busy = 0;
+		/* It may be answered at once (storage down, a bad chunk): conn_process flushes that. */
+		request_continue(c);
 	}
 	conn_process(c);
 }
@@ -1925,22 +1941,10 @@ static void bin_auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdat
 		return;   /* the connection went away */
 	struct bin_conn *b = c->bin;
 	b->auth_pending = 0;
-	redisReply *rep = reply;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-		b->auth_error = ERR_BUSY;
-	} else if (rep->type != REDIS_REPLY_STRING) {
-		b->auth_error = ERR_UID_INVALID;
-	} else {
-		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
-		token_hash(want, rep->str, rep->len);
-		token_hash(got, b->token, b->token_len);
-		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
-			log_info("%s: bad token for uid %" PRIu64, c->peer, b->uid);
-			b->auth_error = ERR_TOKEN_INVALID;
-		} else {
-			b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
-		}
-	}
+	uint8_t got[crypto_generichash_BYTES];
+	b->auth_error = auth_verdict(c, reply, b->uid, b->token, b->token_len, got);
+	if (b->auth_error == ERR_OK)
+		b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
 	conn_process(c);
 }
 
@@ -2166,9 +2170,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 		int e = b->auth_error;
 		b->auth_error = 0;
 		b->up_broken = 1;
-		bin_send_ack(c, e, ch.offset, ch.length, b->committed, b->total,
-		    e == ERR_TOKEN_INVALID ? "token: does not match" : e == ERR_UID_INVALID ?
-		    "uid: no token for this user" : "server busy: cannot read credentials");
+		bin_send_ack(c, e, ch.offset, ch.length, b->committed, b->total, auth_refusal(e));
 		return -1;
 	}
 	if (b->up_broken) {
