@@ -518,7 +518,7 @@ dt.stop()
 # forever. And a refusal of the credentials' new check that came while the window was full belongs
 # to the upload that broke, not to the one opened next on that connection.
 tap.section("a stalled storage process and the window's hold")
-ST = 5
+ST = 8   # part 2 kills storage about 2 s into the hold: a wide margin under load
 ds = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": 2, "storage_timeout": ST,
                                                            "auth_cache_ttl": 1}})
 tap.context.append(lambda: ds.log_tail(12))
