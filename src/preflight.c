@@ -156,16 +156,42 @@ static void check_user(struct preflight *p, const struct conf *c)
 	}
 }
 
+/* libpq's reason without what it quotes, which is part of the conninfo (a password written without
+ * "password=" before it, or a whole URI with its password): "..." instead, except for a quoted
+ * single character ("=", "]"), which is libpq's own. The first line only. */
+static void conninfo_reason(const char *why, char *out, size_t cap)
+{
+	size_t o = 0;
+	for (const char *s = why; *s && *s != '\n';) {
+		const char *close = *s == '"' ? strchr(s + 1, '"') : NULL;
+		if (close == NULL || close - s == 2) {
+			size_t n = close ? 3 : 1;   /* a quoted character goes whole, else one byte */
+			if (o + n + 1 > cap)
+				break;
+			memcpy(out + o, s, n);
+			o += n;
+			s += n;
+			continue;
+		}
+		if (o + 6 > cap)
+			break;
+		memcpy(out + o, "\"...\"", 5);
+		o += 5;
+		s = close + 1;
+	}
+	out[o] = '\0';
+}
+
 /* A conninfo libpq cannot parse would leave every avatar icon queued forever; the value itself is not
- * echoed (it may hold a password). */
+ * echoed (it may hold a password), nor what libpq's reason quotes of it. */
 static void check_conninfo(struct preflight *p, const char *conninfo)
 {
 	char *why = NULL;
 	PQconninfoOption *opts = PQconninfoParse(conninfo, &why);
 	if (opts == NULL) {
-		size_t len = why ? strcspn(why, "\n") : 0;
-		problem(p, "[postgres] conninfo", "(not shown)", "libpq cannot parse it: %.*s", (int)len,
-		    why ? why : "out of memory");
+		char reason[256];
+		conninfo_reason(why ? why : "out of memory", reason, sizeof(reason));
+		problem(p, "[postgres] conninfo", "(not shown)", "libpq cannot parse it: %s", reason);
 	}
 	PQconninfoFree(opts);
 	PQfreemem(why);

@@ -245,7 +245,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len);
 static void bin_link_drained(struct worker *w);
 static int bin_holds_output(const struct conn *c);
 static int bin_chunks_in_flight(const struct conn *c);
-static int bin_server_holds(const struct conn *c);
+static int bin_server_holds(const struct conn *c, ev_tstamp now);
 static int bin_wants_write(const struct conn *c);
 static size_t bin_out_limit(const struct conn *c);
 static void bin_out_sent(struct conn *c, size_t n);
@@ -711,7 +711,7 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 			conn_process(c);
 			return;
 		}
-	} else if (bin_server_holds(c)) {
+	} else if (bin_server_holds(c, now)) {
 		/* The server stopped reading this connection (its chunks wait for storage's answers, or
 		 * for room under the worker's cap or in the link): the client is not the one stalling. */
 		if (c->frame_start > 0)
@@ -804,37 +804,53 @@ static int auth_cached(struct conn *c, const struct proto_credentials *cred)
 	return sodium_memcmp(h, c->auth_token_hash, sizeof(h)) == 0;
 }
 
+/* What Redis's answer to GET utoken_<uid> says of the token a client presented: ERR_OK (the token's
+ * hash in got), or the code of the refusal (auth_refusal says why). */
+static int auth_verdict(const struct conn *c, const redisReply *rep, uint64_t uid, const char *token,
+    size_t token_len, uint8_t got[crypto_generichash_BYTES])
+{
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR)
+		return ERR_BUSY;
+	if (rep->type != REDIS_REPLY_STRING)
+		return ERR_UID_INVALID;
+	uint8_t want[crypto_generichash_BYTES];
+	token_hash(want, rep->str, rep->len);
+	token_hash(got, token, token_len);
+	if (sodium_memcmp(want, got, crypto_generichash_BYTES) != 0) {
+		log_info("%s: bad token for uid %" PRIu64, c->peer, uid);
+		return ERR_TOKEN_INVALID;
+	}
+	return ERR_OK;
+}
+
+/* The message of an auth_verdict refusal. */
+static const char *auth_refusal(int error)
+{
+	return error == ERR_TOKEN_INVALID ? "token: does not match" :
+	    error == ERR_UID_INVALID ? "uid: no token for this user" : "server busy: cannot read credentials";
+}
+
 static void auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdata)
 {
-	(void)ctx;
 	struct rds *r = ctx->data;
 	struct worker *w = r->data;
 	struct conn *c = conn_by_reqid(w, (uint64_t)(uintptr_t)privdata);
 	if (c == NULL || c->req.stage != STAGE_AUTH)
 		return;
-	redisReply *rep = reply;
 	const struct proto_credentials *cred = c->req.cred;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-		respond_request_error(c, ERR_BUSY, "server busy: cannot read credentials");
-	} else if (rep->type != REDIS_REPLY_STRING) {
-		respond_request_error(c, ERR_UID_INVALID, "uid: no token for this user");
+	uint8_t got[crypto_generichash_BYTES];
+	int verdict = auth_verdict(c, reply, cred->uid, cred->token, cred->token_len, got);
+	if (verdict != ERR_OK) {
+		respond_request_error(c, verdict, auth_refusal(verdict));
 	} else {
-		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
-		token_hash(want, rep->str, rep->len);
-		token_hash(got, cred->token, cred->token_len);
-		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
-			log_info("%s: bad token for uid %" PRIu64, c->peer, cred->uid);
-			respond_request_error(c, ERR_TOKEN_INVALID, "token: does not match");
-		} else {
-			c->auth_valid = 1;
-			c->auth_uid = cred->uid;
-			memcpy(c->auth_token_hash, got, sizeof(got));
-			c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
-			c->req.stage = STAGE_NONE;
-			c->busy = 0;
-			/* It may be answered at once (storage down, a bad chunk): conn_process flushes that. */
-			request_continue(c);
-		}
+		c->auth_valid = 1;
+		c->auth_uid = cred->uid;
+		memcpy(c->auth_token_hash, got, sizeof(got));
+		c->auth_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
+		c->req.stage = STAGE_NONE;
+		c->busy = 0;
+		/* It may be answered at once (storage down, a bad chunk): conn_process flushes that. */
+		request_continue(c);
 	}
 	conn_process(c);
 }
@@ -1702,6 +1718,9 @@ struct bin_conn {
 	int auth_pending;
 	int auth_error;
 	uint64_t auth_reqid;
+	/* When the server's hold on the next frame last moved: a chunk taken or acknowledged, or a
+	 * wait for the cap or the link begun (bin_server_holds). */
+	ev_tstamp held_since;
 	uint8_t kind;
 	char md5[PROTO_MD5_HEX + 1];
 	char name[PROTO_NAME_MAX + 1];
@@ -1793,13 +1812,17 @@ static int bin_chunks_in_flight(const struct conn *c)
 }
 
 /* The server holds this connection's next frame back: chunks in flight (storage answers each, or
- * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window. (Not
- * a chunk waiting for Redis to check the credentials again: nothing bounds that wait but the
- * connection's own clocks.) */
-static int bin_server_holds(const struct conn *c)
+ * the link breaks), or a chunk waiting for the worker's cap, the link's backlog or the window (which
+ * is full only with chunks in flight). For storage_timeout after the hold last moved at most: a
+ * storage process that stopped answering while its link stays up must not keep a connection, and
+ * its memory, forever. (Not a chunk waiting for Redis to check the credentials again, nor
+ * direct_held alone, which stays set while the client does not read its answers: nothing bounds
+ * those waits but the connection's own clocks.) */
+static int bin_server_holds(const struct conn *c, ev_tstamp now)
 {
 	const struct bin_conn *b = c->bin;
-	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting || (b->direct_held && !b->auth_pending));
+	return b != NULL && (b->count > 0 || b->cap_waiting || b->link_waiting) &&
+	    now - b->held_since < c->w->conf->storage_timeout;
 }
 
 static size_t bin_out_limit(const struct conn *c)
@@ -1840,6 +1863,7 @@ static void bin_cap_wait(struct conn *c, uint32_t want)
 	if (b->cap_waiting)
 		return;
 	b->cap_waiting = 1;
+	b->held_since = ev_now(w->loop);
 	b->cap_next = NULL;
 	b->cap_prev = w->cap_tail;
 	if (w->cap_tail)
@@ -1917,22 +1941,10 @@ static void bin_auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdat
 		return;   /* the connection went away */
 	struct bin_conn *b = c->bin;
 	b->auth_pending = 0;
-	redisReply *rep = reply;
-	if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-		b->auth_error = ERR_BUSY;
-	} else if (rep->type != REDIS_REPLY_STRING) {
-		b->auth_error = ERR_UID_INVALID;
-	} else {
-		uint8_t want[crypto_generichash_BYTES], got[crypto_generichash_BYTES];
-		token_hash(want, rep->str, rep->len);
-		token_hash(got, b->token, b->token_len);
-		if (sodium_memcmp(want, got, sizeof(want)) != 0) {
-			log_info("%s: bad token for uid %" PRIu64, c->peer, b->uid);
-			b->auth_error = ERR_TOKEN_INVALID;
-		} else {
-			b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
-		}
-	}
+	uint8_t got[crypto_generichash_BYTES];
+	b->auth_error = auth_verdict(c, reply, b->uid, b->token, b->token_len, got);
+	if (b->auth_error == ERR_OK)
+		b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
 	conn_process(c);
 }
 
@@ -1970,6 +1982,7 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 		if (buf_len(&c->w->uplink.link.out) >= BIN_LINK_BACKLOG) {
 			if (!b->link_waiting) {
 				b->link_waiting = 1;
+				b->held_since = ev_now(c->w->loop);
 				c->w->bin_link_waiters++;
 				uplink_update_io(c->w);
 			}
@@ -2108,6 +2121,7 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	b->up_open = 1;
 	b->up_broken = 0;
 	b->trusted_until = c->auth_until;   /* the 1043's own check */
+	b->auth_error = 0;   /* a check's refusal that came after the upload broke is not this one's */
 	b->kind = o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE;
 	memcpy(b->md5, o->md5, sizeof(b->md5));
 	memcpy(b->name, o->name, o->name_len);
@@ -2156,9 +2170,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 		int e = b->auth_error;
 		b->auth_error = 0;
 		b->up_broken = 1;
-		bin_send_ack(c, e, ch.offset, ch.length, b->committed, b->total,
-		    e == ERR_TOKEN_INVALID ? "token: does not match" : e == ERR_UID_INVALID ?
-		    "uid: no token for this user" : "server busy: cannot read credentials");
+		bin_send_ack(c, e, ch.offset, ch.length, b->committed, b->total, auth_refusal(e));
 		return -1;
 	}
 	if (b->up_broken) {
@@ -2231,6 +2243,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	w->bin_unanswered += ch.length;
 	b->cursor = end;
 	b->next_seq++;
+	b->held_since = ev_now(w->loop);
 	uplink_flush(w);
 	return 0;
 }
@@ -2393,6 +2406,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 	b->count--;
 	b->inflight_bytes -= f.length;
 	w->bin_unanswered -= f.length;
+	b->held_since = ev_now(w->loop);
 	if (c->frame_start > 0)
 		c->frame_start = ev_now(w->loop);   /* a frame held behind the window: its time starts now */
 	struct ipc_result r;

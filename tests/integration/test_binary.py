@@ -10,7 +10,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=180)
+tap = h.Tap(deadline=240)
 
 UID, TOKEN = 4101, "tok-4101-binary"
 OTHER_UID, OTHER_TOKEN = 4102, "tok-4102-binary"
@@ -511,4 +511,85 @@ b.close()
 tap.ok("AddressSanitizer" not in dt.log_text() and "runtime error" not in dt.log_text(),
        "no sanitizer report in the log")
 dt.stop()
+
+# ---------------------------------------------------------------- a storage process that stops answering
+# The server's hold on a window stops the connection's clocks for storage_timeout at most: a storage
+# process that stopped answering (its link still up) must not keep connections, and what they hold,
+# forever. And a refusal of the credentials' new check that came while the window was full belongs
+# to the upload that broke, not to the one opened next on that connection.
+tap.section("a stalled storage process and the window's hold")
+ST = 8   # part 2 kills storage about 2 s into the hold: a wide margin under load
+ds = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": 2, "storage_timeout": ST,
+                                                           "auth_cache_ttl": 1}})
+tap.context.append(lambda: ds.log_tail(12))
+ds.start()
+tap.ok(ds.wait_redis_connected(15), "a daemon with storage_timeout = %d s started" % ST)
+SIGNAL = __import__("signal")
+monotonic = __import__("time").monotonic
+
+
+def send_chunks(client, data, count):
+    try:
+        for i in range(count):
+            client.c.send_raw(Bin.chunk_frame(i * STALL_CH, data[i * STALL_CH:(i + 1) * STALL_CH]))
+    except OSError:
+        pass   # the server closed the connection: what this part checks
+
+
+b = Bin(ds)
+o = b.open(hashlib.md5(stall).hexdigest(), "stalled.bin", len(stall))
+storage = ds.storage_pid()
+os.kill(storage, SIGNAL.SIGSTOP)
+try:
+    sender = __import__("threading").Thread(target=send_chunks, args=(b, stall, STALL_N - 1), daemon=True)
+    sender.start()
+    closed = b.c.wait_closed(ST + 2 + 20)
+finally:
+    os.kill(storage, SIGNAL.SIGCONT)
+tap.ok(o["error"] == 0 and closed,
+       "chunks storage does not answer hold the connection's clocks for storage_timeout, not forever",
+       ds.log_tail(5))
+sender.join(10)
+b.close()
+
+st2 = rand.randbytes(STALL_CH * 70)
+st2_md5 = hashlib.md5(st2).hexdigest()
+b = Bin(ds)
+o = b.open(st2_md5, "stalled2.bin", len(st2))
+storage = ds.storage_pid()
+os.kill(storage, SIGNAL.SIGSTOP)
+try:
+    send_chunks(b, st2, 64)   # max_inflight chunks in flight: the window is full
+    redis.set_token(UID, "changed-meanwhile")
+    t_set = monotonic()
+    h.wait_for(lambda: monotonic() - t_set > 1.5, 5)   # past auth_cache_ttl
+    # Checked again in Redis (refused: another token), then held behind the full window.
+    bad_before = ds.log_count("bad token for uid %d" % UID)
+    b.c.send_raw(Bin.chunk_frame(64 * STALL_CH, st2[64 * STALL_CH:65 * STALL_CH]))
+    refused = h.wait_for(lambda: ds.log_count("bad token for uid %d" % UID) > bad_before, 10)
+finally:
+    os.kill(storage, SIGNAL.SIGKILL)   # the link breaks: the chunks in flight are failed
+acks = [b.ack(30)["error"] for _ in range(65)]
+redis.set_token(UID, TOKEN)
+tap.ok(refused and acks == [1027] * 64 + [1018],
+       "a broken link answers the window 1027, and the chunk held behind it (refused by Redis) 1018",
+       repr((refused, sorted(set(acks)))))
+o = {"error": None}
+
+
+def reopened():
+    o.update(b.open(st2_md5, "stalled2.bin", len(st2)))
+    return o["error"] == 0
+
+
+h.wait_for(reopened, 30)
+b.c.send_raw(Bin.chunk_frame(o["committed"], st2[o["committed"]:o["committed"] + STALL_CH]))
+a = b.ack()
+tap.ok(o["error"] == 0 and a["error"] == 0,
+       "once storage is back, the upload opened again on that connection takes its chunks (no stale refusal)",
+       repr((o, a)))
+b.close()
+tap.ok("AddressSanitizer" not in ds.log_text() and "runtime error" not in ds.log_text(),
+       "no sanitizer report in the log")
+ds.stop()
 tap.finish()

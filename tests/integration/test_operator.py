@@ -155,6 +155,12 @@ _, (rc, out) = check_with({"postgres": {"conninfo": "host=/run/postgresql passwo
 tap.ok(rc == 1 and "[postgres] conninfo" in out and "unterminated quoted string" in out,
        "-t: a conninfo libpq cannot parse is a problem naming the key and libpq's reason", out)
 tap.ok("s3cret" not in out, "... and the conninfo (it may hold a password) is not echoed", out)
+# libpq quotes what it could not parse: a password written without its "password=" (or a URI that
+# holds one) must not reach -t's report, nor a refused reload's log line and answer.
+for bad in ("host=/run/postgresql hunter2pw", "postgresql://u:hunter2pw@[::1/db"):
+    _, (rc, out) = check_with({"postgres": {"conninfo": bad}}, "conninfo-quoted")
+    tap.ok(rc == 1 and "[postgres] conninfo" in out and "libpq cannot parse it" in out and "hunter2pw" not in out,
+           "-t: libpq's reason for %r is given without the words it quotes" % bad.split()[0][:12], out)
 
 # Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
 path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
