@@ -22,6 +22,7 @@
 #include <yajl/yajl_gen.h>
 
 #define CONTROL_MAX_LINE 1024
+#define CONTROL_OUTPUT_CAP (1u << 20)   /* answers a stats client has not read yet */
 #define CONTROL_MAX_PROCS STATS_MAX_SLOTS
 
 struct control {
@@ -638,10 +639,44 @@ static void session_free(struct stats_session *ss)
 	free(ss);
 }
 
+/* Runs the complete lines buffered while the answers waiting stay under CONTROL_OUTPUT_CAP: a client
+ * that pipelines commands and never reads costs that much of the master's memory, never more. */
+static void session_run_lines(struct stats_session *ss)
+{
+	uint8_t *nl;
+	while (buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) > 0 &&
+	    (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
+		size_t len = (size_t)(nl - buf_head(&ss->in));
+		char line[CONTROL_MAX_LINE];
+		if (len >= sizeof(line))
+			len = sizeof(line) - 1;
+		memcpy(line, buf_head(&ss->in), len);
+		line[len] = '\0';
+		buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
+		control_command(ss->c, line, &ss->out);
+	}
+	if (buf_len(&ss->out) >= CONTROL_OUTPUT_CAP ||
+	    (buf_len(&ss->in) > 0 && memchr(buf_head(&ss->in), '\n', buf_len(&ss->in)) != NULL))
+		return;   /* lines left for when the client has read */
+	if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
+		out_printf(&ss->out, "Line too long\n\n");
+		buf_free(&ss->in);
+		ss->closing = 1;
+	} else if (ss->closing && buf_len(&ss->in) > 0) {
+		/* A last command without a newline. */
+		char line[CONTROL_MAX_LINE];
+		size_t len = buf_len(&ss->in);
+		memcpy(line, buf_head(&ss->in), len);
+		line[len] = '\0';
+		buf_free(&ss->in);
+		control_command(ss->c, line, &ss->out);
+	}
+}
+
 static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	struct stats_session *ss = io->data;
-	if (revents & EV_READ) {
+	if ((revents & EV_READ) && !ss->closing && buf_len(&ss->in) < CONTROL_MAX_LINE) {
 		uint8_t *p = buf_reserve(&ss->in, CONTROL_MAX_LINE);
 		ssize_t n = p ? recv(ss->fd, p, CONTROL_MAX_LINE, 0) : -1;
 		if (n == 0) {
@@ -654,31 +689,8 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		} else {
 			buf_commit(&ss->in, (size_t)n);
 		}
-		uint8_t *nl;
-		while (buf_len(&ss->in) > 0 && (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
-			size_t len = (size_t)(nl - buf_head(&ss->in));
-			char line[CONTROL_MAX_LINE];
-			if (len >= sizeof(line))
-				len = sizeof(line) - 1;
-			memcpy(line, buf_head(&ss->in), len);
-			line[len] = '\0';
-			buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
-			control_command(ss->c, line, &ss->out);
-		}
-		if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
-			out_printf(&ss->out, "Line too long\n\n");
-			ss->closing = 1;
-		}
-		if (ss->closing && buf_len(&ss->in) > 0) {
-			/* A last command without a newline. */
-			char line[CONTROL_MAX_LINE];
-			size_t len = buf_len(&ss->in) < sizeof(line) - 1 ? buf_len(&ss->in) : sizeof(line) - 1;
-			memcpy(line, buf_head(&ss->in), len);
-			line[len] = '\0';
-			buf_free(&ss->in);
-			control_command(ss->c, line, &ss->out);
-		}
 	}
+	session_run_lines(ss);
 	while (buf_len(&ss->out) > 0) {
 		ssize_t n = send(ss->fd, buf_head(&ss->out), buf_len(&ss->out), MSG_NOSIGNAL);
 		if (n > 0)
@@ -691,13 +703,17 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			session_free(ss);
 			return;
 		}
+		if (buf_len(&ss->out) < CONTROL_OUTPUT_CAP)
+			session_run_lines(ss);   /* room again: the lines parked behind a full output */
 	}
-	if (ss->closing && buf_len(&ss->out) == 0) {
+	if (ss->closing && buf_len(&ss->out) == 0 && buf_len(&ss->in) == 0) {
 		session_free(ss);
 		return;
 	}
+	/* Reading stops while the answers are at the cap or a whole line's worth waits unrun. */
+	int readable = !ss->closing && buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) < CONTROL_MAX_LINE;
 	ev_io_stop(loop, io);
-	ev_io_set(io, ss->fd, (ss->closing ? 0 : EV_READ) | (buf_len(&ss->out) ? EV_WRITE : 0));
+	ev_io_set(io, ss->fd, (readable ? EV_READ : 0) | (buf_len(&ss->out) ? EV_WRITE : 0));
 	ev_io_start(loop, io);
 }
 
