@@ -613,12 +613,19 @@ static void control_command(struct control *c, char *line, struct buf *out)
 		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json))
 			unknown_object = 1;
 	}
-	if (cmd != NULL)
+	if (cmd != NULL) {
 		cmd->run(c, out, json);
-	else if (unknown_object)
-		out_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
-	else
-		out_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+	} else {
+		/* Echoed escaped, as every string not ours: raw bytes could drive the reader's terminal. */
+		char verb[ESCAPE_SIZE(64)], object[ESCAPE_SIZE(64)];
+		escape_quoted(verb, sizeof(verb), argv[0], strnlen(argv[0], 64));
+		if (unknown_object) {
+			escape_quoted(object, sizeof(object), argv[1], strnlen(argv[1], 64));
+			out_printf(out, "Unknown command: %s %s (try help)\n", verb, object);
+		} else {
+			out_printf(out, "Unknown command: %s (try help)\n", verb);
+		}
+	}
 	buf_append(out, "\n", 1);   /* an empty line ends every answer */
 }
 

@@ -377,6 +377,24 @@ with tap.section("stats socket: pipelined commands from a client that never read
     rc, out = stats("show", "info")
     tap.ok(rc == 0 and "State: up" in out, "the stats socket answers other clients")
 
+    # An unknown command is echoed escaped: raw, its bytes (ESC sequences, bytes that are not UTF-8) went
+    # back to the operator's terminal as they came.
+    odd = socket.socket(socket.AF_UNIX)
+    odd.settimeout(20)
+    odd.connect(d.stats_socket)
+    odd.sendall(b"\xff\x1b[31mred\x07 show\n" + b"show \x1b]0;title\x07\n")
+    odd.shutdown(socket.SHUT_WR)
+    echo = b""
+    while True:
+        more = odd.recv(4096)
+        if not more:
+            break
+        echo += more
+    odd.close()
+    tap.ok(b"\x1b" not in echo and b"\x07" not in echo and b"\xff" not in echo and
+           echo.count(b"Unknown command: ") == 2 and b"\\x1b[31mred\\x07" in echo and b"\\xff" in echo,
+           "unknown commands are echoed with control bytes and bytes that are not UTF-8 escaped", repr(echo))
+
 rc = d.proc.poll()
 tap.ok(rc is None, "the master is still running", "exit %r" % rc)
 tap.finish()
