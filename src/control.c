@@ -23,6 +23,8 @@
 
 #define CONTROL_MAX_LINE 1024
 #define CONTROL_OUTPUT_CAP (1u << 20)   /* answers a stats client has not read yet */
+#define CONTROL_MAX_SESSIONS 64          /* stats connections open at once */
+#define CONTROL_SESSION_IDLE 60.0        /* seconds a stats connection may go without a byte either way */
 #define CONTROL_MAX_PROCS STATS_MAX_SLOTS
 
 struct control {
@@ -38,6 +40,7 @@ struct control {
 	double started;
 	char stats_path[512];
 	struct stats_session *sessions;   /* open stats connections: a forked child must close them */
+	int nsessions;
 };
 
 /* One connection to the stats socket (resctl stats, socat...): lines in, answers out. */
@@ -46,6 +49,8 @@ struct stats_session {
 	struct stats_session *prev, *next;
 	int fd;
 	ev_io io;
+	ev_timer idle;
+	ev_tstamp active;             /* the last byte in or out */
 	struct buf in, out;
 	int closing;
 };
@@ -640,6 +645,8 @@ static void session_free(struct stats_session *ss)
 	if (ss->next)
 		ss->next->prev = ss->prev;
 	ev_io_stop(ss->c->loop, &ss->io);
+	ev_timer_stop(ss->c->loop, &ss->idle);
+	ss->c->nsessions--;
 	close(ss->fd);
 	buf_free(&ss->in);
 	buf_free(&ss->out);
@@ -695,18 +702,20 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			}
 		} else {
 			buf_commit(&ss->in, (size_t)n);
+			ss->active = ev_now(loop);
 		}
 	}
 	session_run_lines(ss);
 	while (buf_len(&ss->out) > 0) {
 		ssize_t n = send(ss->fd, buf_head(&ss->out), buf_len(&ss->out), MSG_NOSIGNAL);
-		if (n > 0)
+		if (n > 0) {
 			buf_consume(&ss->out, (size_t)n);
-		else if (n < 0 && errno == EINTR)
+			ss->active = ev_now(loop);
+		} else if (n < 0 && errno == EINTR) {
 			continue;
-		else if (n < 0 && errno == EAGAIN)
+		} else if (n < 0 && errno == EAGAIN) {
 			break;
-		else {
+		} else {
 			session_free(ss);
 			return;
 		}
@@ -743,6 +752,21 @@ static void on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
 	ev_io_start(loop, (ev_io *)t->data);
 }
 
+/* A connection that neither sends nor reads for CONTROL_SESSION_IDLE goes: idle ones cannot pile up
+ * to CONTROL_MAX_SESSIONS and keep the operator out for good. */
+static void session_on_idle(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct stats_session *ss = t->data;
+	double left = ss->active + CONTROL_SESSION_IDLE - ev_now(loop);
+	if (left <= 0) {
+		session_free(ss);
+		return;
+	}
+	ev_timer_set(t, left, 0.);
+	ev_timer_start(loop, t);
+}
+
 static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)revents;
@@ -752,13 +776,21 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
 	}
-	struct stats_session *ss = calloc(1, sizeof(*ss));
+	static const char full[] = "ERROR too many stats connections: try again later\n\n";
+	struct stats_session *ss = c->nsessions < CONTROL_MAX_SESSIONS ? calloc(1, sizeof(*ss)) : NULL;
 	if (ss == NULL) {
+		ssize_t w = send(fd, full, sizeof(full) - 1, MSG_NOSIGNAL);
+		(void)w;
 		close(fd);
 		return;
 	}
+	c->nsessions++;
 	ss->c = c;
 	ss->fd = fd;
+	ss->active = ev_now(loop);
+	ev_timer_init(&ss->idle, session_on_idle, CONTROL_SESSION_IDLE, 0.);
+	ss->idle.data = ss;
+	ev_timer_start(loop, &ss->idle);
 	ss->next = c->sessions;
 	if (c->sessions)
 		c->sessions->prev = ss;
@@ -947,6 +979,7 @@ void control_close_inherited(struct control *c)
 		buf_free(&ss->out);
 		free(ss);
 	}
+	c->nsessions = 0;
 }
 
 /* ---------------------------------------------------------------- for the HTTP listener (http.c) */

@@ -395,6 +395,37 @@ with tap.section("stats socket: pipelined commands from a client that never read
            echo.count(b"Unknown command: ") == 2 and b"\\x1b[31mred\\x07" in echo and b"\\xff" in echo,
            "unknown commands are echoed with control bytes and bytes that are not UTF-8 escaped", repr(echo))
 
+# ---------------------------------------------------------------- stats socket: connections held open
+with tap.section("stats socket: at most 64 connections"):
+    # Sessions had no limit: idle ones took a descriptor of the master each (3000 held 3000 of them).
+    held = []
+    for _ in range(64):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.stats_socket)
+        held.append(s)
+    extra = socket.socket(socket.AF_UNIX)
+    extra.settimeout(20)
+    extra.connect(d.stats_socket)
+    try:
+        turned = extra.recv(4096)
+    except OSError as e:
+        turned = repr(e).encode()
+    extra.close()
+    tap.ok(turned.startswith(b"ERROR too many stats connections"), "the 65th connection is told so and closed",
+           repr(turned))
+    held[0].settimeout(20)
+    held[0].sendall(b"show info\n")
+    first = b""
+    while b"\n\n" not in first:
+        more = held[0].recv(4096)
+        if not more:
+            break
+        first += more
+    tap.ok(b"State: up" in first, "the 64 held ones are served")
+    for s in held:
+        s.close()
+    tap.ok(h.wait_for(lambda: "State: up" in stats("show", "info")[1], 20), "once they close, resctl stats is served again")
+
 rc = d.proc.poll()
 tap.ok(rc is None, "the master is still running", "exit %r" % rc)
 tap.finish()
