@@ -22,6 +22,9 @@
 #include <yajl/yajl_gen.h>
 
 #define CONTROL_MAX_LINE 1024
+#define CONTROL_OUTPUT_CAP (1u << 20)   /* answers a stats client has not read yet */
+#define CONTROL_MAX_SESSIONS 64          /* stats connections open at once */
+#define CONTROL_SESSION_IDLE 60.0        /* seconds a stats connection may go without a byte either way */
 #define CONTROL_MAX_PROCS STATS_MAX_SLOTS
 
 struct control {
@@ -37,6 +40,7 @@ struct control {
 	double started;
 	char stats_path[512];
 	struct stats_session *sessions;   /* open stats connections: a forked child must close them */
+	int nsessions;
 };
 
 /* One connection to the stats socket (resctl stats, socat...): lines in, answers out. */
@@ -45,6 +49,8 @@ struct stats_session {
 	struct stats_session *prev, *next;
 	int fd;
 	ev_io io;
+	ev_timer idle;
+	ev_tstamp active;             /* the last byte in or out */
 	struct buf in, out;
 	int closing;
 };
@@ -601,12 +607,19 @@ static void control_command(struct control *c, char *line, struct buf *out)
 		else if (k->args == ARGS_OBJECT && argc >= 2 && (argc == 2 || json))
 			unknown_object = 1;
 	}
-	if (cmd != NULL)
+	if (cmd != NULL) {
 		cmd->run(c, out, json);
-	else if (unknown_object)
-		buf_printf(out, "Unknown command: %s %s (try help)\n", argv[0], argv[1]);
-	else
-		buf_printf(out, "Unknown command: %s (try help)\n", argv[0]);
+	} else {
+		/* Echoed escaped, as every string not ours: raw bytes could drive the reader's terminal. */
+		char verb[ESCAPE_SIZE(64)], object[ESCAPE_SIZE(64)];
+		escape_quoted(verb, sizeof(verb), argv[0], strnlen(argv[0], 64));
+		if (unknown_object) {
+			escape_quoted(object, sizeof(object), argv[1], strnlen(argv[1], 64));
+			buf_printf(out, "Unknown command: %s %s (try help)\n", verb, object);
+		} else {
+			buf_printf(out, "Unknown command: %s (try help)\n", verb);
+		}
+	}
 	buf_append(out, "\n", 1);   /* an empty line ends every answer */
 }
 
@@ -621,16 +634,52 @@ static void session_free(struct stats_session *ss)
 	if (ss->next)
 		ss->next->prev = ss->prev;
 	ev_io_stop(ss->c->loop, &ss->io);
+	ev_timer_stop(ss->c->loop, &ss->idle);
+	ss->c->nsessions--;
 	close(ss->fd);
 	buf_free(&ss->in);
 	buf_free(&ss->out);
 	free(ss);
 }
 
+/* Runs the complete lines buffered while the answers waiting stay under CONTROL_OUTPUT_CAP: a client
+ * that pipelines commands and never reads costs that much of the master's memory, never more. */
+static void session_run_lines(struct stats_session *ss)
+{
+	uint8_t *nl;
+	while (buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) > 0 &&
+	    (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
+		size_t len = (size_t)(nl - buf_head(&ss->in));
+		char line[CONTROL_MAX_LINE];
+		if (len >= sizeof(line))
+			len = sizeof(line) - 1;
+		memcpy(line, buf_head(&ss->in), len);
+		line[len] = '\0';
+		buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
+		control_command(ss->c, line, &ss->out);
+	}
+	if (buf_len(&ss->out) >= CONTROL_OUTPUT_CAP ||
+	    (buf_len(&ss->in) > 0 && memchr(buf_head(&ss->in), '\n', buf_len(&ss->in)) != NULL))
+		return;   /* lines left for when the client has read */
+	if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
+		buf_printf(&ss->out, "Line too long\n\n");
+		buf_free(&ss->in);
+		ss->closing = 1;
+	} else if (ss->closing && buf_len(&ss->in) > 0) {
+		/* A last command without a newline. */
+		char line[CONTROL_MAX_LINE];
+		size_t len = buf_len(&ss->in);
+		memcpy(line, buf_head(&ss->in), len);
+		line[len] = '\0';
+		buf_free(&ss->in);
+		control_command(ss->c, line, &ss->out);
+	}
+}
+
 static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
 	struct stats_session *ss = io->data;
-	if (revents & EV_READ) {
+	if ((revents & EV_READ) && !ss->closing && buf_len(&ss->in) < CONTROL_MAX_LINE) {
 		uint8_t *p = buf_reserve(&ss->in, CONTROL_MAX_LINE);
 		ssize_t n = p ? recv(ss->fd, p, CONTROL_MAX_LINE, 0) : -1;
 		if (n == 0) {
@@ -642,51 +691,34 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 			}
 		} else {
 			buf_commit(&ss->in, (size_t)n);
-		}
-		uint8_t *nl;
-		while (buf_len(&ss->in) > 0 && (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
-			size_t len = (size_t)(nl - buf_head(&ss->in));
-			char line[CONTROL_MAX_LINE];
-			if (len >= sizeof(line))
-				len = sizeof(line) - 1;
-			memcpy(line, buf_head(&ss->in), len);
-			line[len] = '\0';
-			buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
-			control_command(ss->c, line, &ss->out);
-		}
-		if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
-			buf_printf(&ss->out, "Line too long\n\n");
-			ss->closing = 1;
-		}
-		if (ss->closing && buf_len(&ss->in) > 0) {
-			/* A last command without a newline. */
-			char line[CONTROL_MAX_LINE];
-			size_t len = buf_len(&ss->in) < sizeof(line) - 1 ? buf_len(&ss->in) : sizeof(line) - 1;
-			memcpy(line, buf_head(&ss->in), len);
-			line[len] = '\0';
-			buf_free(&ss->in);
-			control_command(ss->c, line, &ss->out);
+			ss->active = ev_now(loop);
 		}
 	}
+	session_run_lines(ss);
 	while (buf_len(&ss->out) > 0) {
 		ssize_t n = send(ss->fd, buf_head(&ss->out), buf_len(&ss->out), MSG_NOSIGNAL);
-		if (n > 0)
+		if (n > 0) {
 			buf_consume(&ss->out, (size_t)n);
-		else if (n < 0 && errno == EINTR)
+			ss->active = ev_now(loop);
+		} else if (n < 0 && errno == EINTR) {
 			continue;
-		else if (n < 0 && errno == EAGAIN)
+		} else if (n < 0 && errno == EAGAIN) {
 			break;
-		else {
+		} else {
 			session_free(ss);
 			return;
 		}
+		if (buf_len(&ss->out) < CONTROL_OUTPUT_CAP)
+			session_run_lines(ss);   /* room again: the lines parked behind a full output */
 	}
-	if (ss->closing && buf_len(&ss->out) == 0) {
+	if (ss->closing && buf_len(&ss->out) == 0 && buf_len(&ss->in) == 0) {
 		session_free(ss);
 		return;
 	}
+	/* Reading stops while the answers are at the cap or a whole line's worth waits unrun. */
+	int readable = !ss->closing && buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) < CONTROL_MAX_LINE;
 	ev_io_stop(loop, io);
-	ev_io_set(io, ss->fd, (ss->closing ? 0 : EV_READ) | (buf_len(&ss->out) ? EV_WRITE : 0));
+	ev_io_set(io, ss->fd, (readable ? EV_READ : 0) | (buf_len(&ss->out) ? EV_WRITE : 0));
 	ev_io_start(loop, io);
 }
 
@@ -709,6 +741,21 @@ static void on_accept_pause(struct ev_loop *loop, ev_timer *t, int revents)
 	ev_io_start(loop, (ev_io *)t->data);
 }
 
+/* A connection that neither sends nor reads for CONTROL_SESSION_IDLE goes: idle ones cannot pile up
+ * to CONTROL_MAX_SESSIONS and keep the operator out for good. */
+static void session_on_idle(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)revents;
+	struct stats_session *ss = t->data;
+	double left = ss->active + CONTROL_SESSION_IDLE - ev_now(loop);
+	if (left <= 0) {
+		session_free(ss);
+		return;
+	}
+	ev_timer_set(t, left, 0.);
+	ev_timer_start(loop, t);
+}
+
 static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 {
 	(void)revents;
@@ -718,13 +765,21 @@ static void stats_on_accept(struct ev_loop *loop, ev_io *io, int revents)
 		accept_failed(c, io, &c->stats_pause, "stats socket");
 		return;
 	}
-	struct stats_session *ss = calloc(1, sizeof(*ss));
+	static const char full[] = "ERROR too many stats connections: try again later\n\n";
+	struct stats_session *ss = c->nsessions < CONTROL_MAX_SESSIONS ? calloc(1, sizeof(*ss)) : NULL;
 	if (ss == NULL) {
+		ssize_t w = send(fd, full, sizeof(full) - 1, MSG_NOSIGNAL);
+		(void)w;
 		close(fd);
 		return;
 	}
+	c->nsessions++;
 	ss->c = c;
 	ss->fd = fd;
+	ss->active = ev_now(loop);
+	ev_timer_init(&ss->idle, session_on_idle, CONTROL_SESSION_IDLE, 0.);
+	ss->idle.data = ss;
+	ev_timer_start(loop, &ss->idle);
 	ss->next = c->sessions;
 	if (c->sessions)
 		c->sessions->prev = ss;
@@ -913,6 +968,7 @@ void control_close_inherited(struct control *c)
 		buf_free(&ss->out);
 		free(ss);
 	}
+	c->nsessions = 0;
 }
 
 /* ---------------------------------------------------------------- for the HTTP listener (http.c) */

@@ -16,6 +16,7 @@
 
 /* Bounds: a scraper, a balancer's check and a few browsers need far less. */
 #define HTTP_MAX_CONNECTIONS 32
+#define HTTP_MAX_PER_ADDRESS 8          /* so one slow address cannot hold every connection (slowloris) */
 #define HTTP_TIMEOUT 10               /* seconds a connection may stay idle or half-sent */
 #define HTTP_REFRESH 2                /* seconds between reloads of the status page */
 
@@ -418,6 +419,7 @@ struct http *http_create(struct ev_loop *loop, const char *listen, struct contro
 	    MHD_OPTION_EXTERNAL_LOGGER, http_log, h,   /* first: it applies to the options after it */
 	    MHD_OPTION_LISTEN_SOCKET, (MHD_socket)h->listen_fd,
 	    MHD_OPTION_CONNECTION_LIMIT, (unsigned)HTTP_MAX_CONNECTIONS,
+	    MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)HTTP_MAX_PER_ADDRESS,
 	    MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_TIMEOUT,
 	    MHD_OPTION_NOTIFY_CONNECTION, http_on_connection, h,
 	    MHD_OPTION_END);

@@ -1,4 +1,4 @@
-# test_http.py: the master's HTTP listener (http_listen): /metrics as show metrics, /health as the agent-check, the status page with hostile names escaped, 404/405, and slow clients that block nothing.
+# test_http.py: the master's HTTP listener (http_listen): /metrics as show metrics, /health as the agent-check, the status page with hostile names escaped, 404/405, slow clients that block nothing (slowloris from one address included), and a stats socket client that never reads.
 import html.parser
 import http.client
 import json
@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=150)
+tap = h.Tap(deadline=240)
 
 UID, TOKEN = 4201, "tok-4201-http"
 # Valid names (PROTOCOL.md: no / \ or control characters) that are markup if written raw.
@@ -40,6 +41,12 @@ def get(path, method="GET", timeout=10, body=None):
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         c.close()
+
+
+def master_rss():
+    """The master's resident set in KiB."""
+    with open("/proc/%d/status" % d.master_pid) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def stats(*command):
@@ -266,8 +273,44 @@ with tap.section("slow clients"):
         tap.ok(closed, "the %s connection is closed by the server after its timeout" % name)
         s.close()
 
+    # Slowloris: MHD's timeout counts only silence, so connections that each drip a header line now and
+    # then were kept for good, and 32 of them took every slot. At most 8 come from one address: requests
+    # from another (the balancer's, the scraper's) are served for as long as the drip goes on, past the
+    # 10 s timeout.
+    def from_address(addr):
+        s = socket.socket()
+        s.bind((addr, 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", http_port))
+        return s
+    drips = []
+    for _ in range(40):
+        try:
+            drips.append(from_address("127.0.0.2"))
+            drips[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        except OSError:
+            pass
+    answered, rounds, deadline = 0, 0, time.monotonic() + 13
+    while time.monotonic() < deadline:
+        for s in drips:
+            try:
+                s.sendall(b"X-Drip: 1\r\n")
+            except OSError:
+                pass
+        rounds += 1
+        try:
+            answered += get("/health", timeout=5)[0] == 200
+        except (ConnectionError, http.client.HTTPException, socket.timeout):
+            pass
+        time.sleep(2)   # the attacker's pace (under the 10 s timeout), not a wait for the server
+    tap.ok(rounds >= 4 and answered == rounds,
+           "40 connections from one address dripping headers for 13 s: /health from another answered every time",
+           "%d of %d" % (answered, rounds))
+    for s in drips:
+        s.close()
+
     # Past the connection limit new connections are turned away, and the rest keeps working.
-    idle = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(40)]
+    idle = [from_address("127.0.0.%d" % (2 + i // 8)) for i in range(40)]   # 8 per address, 32 slots
     rc, out = stats("show", "info")
     tap.ok(rc == 0 and "State: up" in out, "the stats socket answers with 40 idle HTTP connections open")
     try:
@@ -285,6 +328,103 @@ with tap.section("slow clients"):
         except (ConnectionError, http.client.HTTPException, socket.timeout):
             return False
     tap.ok(h.wait_for(served, 15), "once they close, requests are served again")
+
+# ---------------------------------------------------------------- stats socket: a client that never reads
+with tap.section("stats socket: pipelined commands from a client that never reads"):
+    # Every line was run at once and its answer kept until sent: a client writing "show info" lines and
+    # reading nothing grew the master without bound (300 MB in 20 s). The answers now wait up to 1 MiB;
+    # past it the master stops reading that client, and answers all of its commands once it reads.
+    rss_before = master_rss()
+    pig = socket.socket(socket.AF_UNIX)
+    pig.connect(d.stats_socket)
+    pig.setblocking(False)
+    LINE = b"show info\n"
+    pending, sent = LINE * 200, 0
+    progress = [time.monotonic()]
+
+    def stalled():
+        global pending, sent
+        try:
+            n = pig.send(pending)
+            sent += n
+            pending = pending[n:] or LINE * 200
+            progress[0] = time.monotonic()
+        except BlockingIOError:
+            pass
+        return time.monotonic() - progress[0] > 2   # the master has stopped reading this client
+    stalled_ok = h.wait_for(stalled, 90, 0.005)
+    grown = master_rss() - rss_before
+    tap.ok(stalled_ok, "the master stops reading the client", "%d bytes sent" % sent)
+    tap.ok(grown < 100 << 10, "the master grew by %d KiB (bound: output cap, not the commands sent)" % grown)
+    complete = sent // len(LINE)
+    pig.setblocking(True)
+    pig.settimeout(30)
+    if sent % len(LINE):
+        pig.sendall(LINE[sent % len(LINE):])
+        complete += 1
+    pig.shutdown(socket.SHUT_WR)
+    got = b""
+    try:
+        while True:
+            more = pig.recv(1 << 20)
+            if not more:
+                break
+            got += more
+    except socket.timeout:
+        pass
+    pig.close()
+    tap.eq(got.count(b"\nState: up\n"), complete, "every one of the %d commands is answered once read" % complete)
+    rc, out = stats("show", "info")
+    tap.ok(rc == 0 and "State: up" in out, "the stats socket answers other clients")
+
+    # An unknown command is echoed escaped: raw, its bytes (ESC sequences, bytes that are not UTF-8) went
+    # back to the operator's terminal as they came.
+    odd = socket.socket(socket.AF_UNIX)
+    odd.settimeout(20)
+    odd.connect(d.stats_socket)
+    odd.sendall(b"\xff\x1b[31mred\x07 show\n" + b"show \x1b]0;title\x07\n")
+    odd.shutdown(socket.SHUT_WR)
+    echo = b""
+    while True:
+        more = odd.recv(4096)
+        if not more:
+            break
+        echo += more
+    odd.close()
+    tap.ok(b"\x1b" not in echo and b"\x07" not in echo and b"\xff" not in echo and
+           echo.count(b"Unknown command: ") == 2 and b"\\x1b[31mred\\x07" in echo and b"\\xff" in echo,
+           "unknown commands are echoed with control bytes and bytes that are not UTF-8 escaped", repr(echo))
+
+# ---------------------------------------------------------------- stats socket: connections held open
+with tap.section("stats socket: at most 64 connections"):
+    # Sessions had no limit: idle ones took a descriptor of the master each (3000 held 3000 of them).
+    held = []
+    for _ in range(64):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.stats_socket)
+        held.append(s)
+    extra = socket.socket(socket.AF_UNIX)
+    extra.settimeout(20)
+    extra.connect(d.stats_socket)
+    try:
+        turned = extra.recv(4096)
+    except OSError as e:
+        turned = repr(e).encode()
+    extra.close()
+    tap.ok(turned.startswith(b"ERROR too many stats connections"), "the 65th connection is told so and closed",
+           repr(turned))
+    held[0].settimeout(20)
+    held[0].sendall(b"show info\n")
+    first = b""
+    while b"\n\n" not in first:
+        more = held[0].recv(4096)
+        if not more:
+            break
+        first += more
+    tap.ok(b"State: up" in first, "the 64 held ones are served")
+    for s in held:
+        s.close()
+    tap.ok(h.wait_for(lambda: "State: up" in stats("show", "info")[1], 20), "once they close, resctl stats is served again")
 
 rc = d.proc.poll()
 tap.ok(rc is None, "the master is still running", "exit %r" % rc)
