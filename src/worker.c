@@ -49,6 +49,10 @@
 #define STORAGE_RETRY_MIN 0.05
 #define STORAGE_RETRY_MAX 1.0
 #define STOP_FRESH_WAIT 1.0       /* a graceful stop waits this long for the first request of a new connection */
+/* While a worker's connections hold more than output_budget of unsent answers together, one is
+ * read no more once this much of its own answers wait (instead of output_cap): otherwise
+ * max_connections clients that pipeline pings and never read would each hold output_cap. */
+#define OUTPUT_TIGHT_CAP (64u << 10)
 
 /* Where the request in progress is waiting. */
 enum req_stage {
@@ -95,6 +99,7 @@ struct conn {
 	ev_io io;
 	ev_timer timer;               /* idle, frame and dependency timeouts */
 	struct buf in, out;
+	size_t out_counted;           /* buf_len(&out) as last added to the worker's output_held */
 	ev_tstamp last_frame;         /* accept or last complete frame */
 	ev_tstamp frame_start;        /* first byte of an incomplete frame, 0 when none */
 	int busy;                     /* req is waiting for Redis, storage or the disk */
@@ -198,6 +203,7 @@ struct worker {
 	/* Fast-path chunk bytes sent to storage and not answered, all connections together, and the
 	 * connections waiting for that to fall under bin_cap (oldest first). */
 	uint64_t bin_unanswered, bin_cap;
+	size_t output_held;           /* unsent answers of all connections, as last counted (conn_output_cap) */
 	struct conn *cap_head, *cap_tail;
 	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
 	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
@@ -635,6 +641,7 @@ static void conn_close(struct conn *c, const char *why)
 		close(c->fd);
 	buf_free(&c->in);
 	buf_free(&c->out);
+	w->output_held -= c->out_counted;
 	conn_table_remove(w, c);
 	free(c);
 	STAT_DEC(conn_current);
@@ -651,6 +658,19 @@ static int conn_done_for_stop(const struct conn *c)
 	return !c->busy && !c->in_transfer && !arriving && buf_len(&c->in) == 0 && !bin_receiving(c);
 }
 
+/* How much of its answers may wait unsent before a connection is read no more: output_cap, or
+ * OUTPUT_TIGHT_CAP while the worker's connections together hold more than output_budget. Counts
+ * the connection's answers in the worker's sum first. */
+static size_t conn_output_cap(struct conn *c)
+{
+	struct worker *w = c->w;
+	size_t now = buf_len(&c->out);
+	w->output_held = w->output_held - c->out_counted + now;
+	c->out_counted = now;
+	size_t cap = (size_t)w->conf->output_cap;
+	return w->output_held > (size_t)w->conf->output_budget && cap > OUTPUT_TIGHT_CAP ? OUTPUT_TIGHT_CAP : cap;
+}
+
 /* Reads while there is no request in progress and the client reads its answers. */
 static void conn_update_io(struct conn *c)
 {
@@ -658,7 +678,7 @@ static void conn_update_io(struct conn *c)
 	int events = 0;
 	/* Reading on while a request waits saves epoll churn; one frame of
 	 * read-ahead bounds what a pipelining client can park here. */
-	if (!c->closing && !c->eof && buf_len(&c->out) < (size_t)w->conf->output_cap &&
+	if (!c->closing && !c->eof && buf_len(&c->out) < conn_output_cap(c) &&
 	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
 	    !(c->req.frame_used && c->in.end == c->in.cap) &&   /* a held frame's buffer is full */
 	    bin_read_room(c) > 0)
@@ -736,7 +756,7 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	if (revents & EV_WRITE) {
 		/* Frames that waited for the client to read its answers go on now. */
 		if (conn_flush(c) == 0 && !c->busy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
-		    buf_len(&c->out) < (size_t)c->w->conf->output_cap)
+		    buf_len(&c->out) < conn_output_cap(c))
 			conn_process(c);
 		return;   /* a readable socket fires again */
 	}
@@ -2953,7 +2973,7 @@ static void conn_process(struct conn *c)
 		}
 	}
 	while (!c->busy && !c->awaiting_proxy && buf_len(&c->in) > 0 && !bin_holds_output(c) &&
-	    buf_len(&c->out) < (size_t)w->conf->output_cap) {
+	    buf_len(&c->out) < conn_output_cap(c)) {
 		uint16_t id;
 		const uint8_t *body;
 		uint32_t len;

@@ -8,7 +8,9 @@
   would announce more than half of the room above min_free_space.
 - descriptors: the storage process, the master (stats socket, agent listener) and a worker run out of file
   descriptors (RLIMIT_NOFILE lowered with prlimit, then connections held open); none of them spins (CPU
-  time stays low), and after a HUP the new workers link to storage once descriptors are free again."""
+  time stays low), and after a HUP the new workers link to storage once descriptors are free again.
+- output_budget: clients that pipeline 1001 echoes and never read; the first is read until output_cap of
+  answers pass output_budget, the next until 64 KiB; once they close, past the budget again."""
 import json
 import os
 import resource
@@ -22,7 +24,7 @@ sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
-tap = h.Tap(deadline=170)
+tap = h.Tap(deadline=220)
 rand = __import__("random").Random(1201)
 USERS = {uid: "tok-limits-%d" % uid for uid in range(4201, 4210)}
 A, B = 4201, 4202
@@ -281,5 +283,75 @@ with tap.section("descriptors"):
     tap.ok(h.read_file(h.published(e, A, up.name)) == up.data, "... byte-identical")
     tap.ok(e.proc.poll() is None and e.storage_pid() == storage_pid, "no process died (same storage process)")
     e.stop()
+
+
+# ---------------------------------------------------------------- output_budget
+# Clients that send requests and never read their answers: each may make the worker hold output_cap
+# of answers, but all of them together only output_budget; past it, a connection is read no more once
+# 64 KiB of its answers wait. Seen from outside as how many bytes of requests the worker took from a
+# connection before it stopped reading it (what it sent, less what waits in the kernel's queues).
+def tcp_queues(local_port, remote_port):
+    """(tx_queue, rx_queue) of the loopback socket local_port -> remote_port, from /proc/net/tcp."""
+    want = ("0100007F:%04X" % local_port, "0100007F:%04X" % remote_port)
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == want:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return 0, 0
+
+
+def never_reader(port, reply_len):
+    """Pipelines 1001 echoes without reading until the daemon stops reading; returns (socket, the bytes of
+    answers the worker holds for it): the answers to what it took, less what waits in the kernels."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # answers stay in the daemon, not in our kernel
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    request = h.frame(h.MSG_TEST, {"data": "p" * 2000})
+    blob = request * 6000   # about 12 MB of requests
+    sent = 0
+    deadline = time.monotonic() + 30
+    while sent < len(blob) and time.monotonic() < deadline:
+        try:
+            sent += s.send(blob[sent:])
+        except BlockingIOError:
+            if not __import__("select").select([], [s], [], 1.0)[1]:
+                break   # not writable for a second: the daemon stopped reading
+    mine = s.getsockname()[1]
+    client_tx, client_rx = tcp_queues(mine, port)
+    server_tx, server_rx = tcp_queues(port, mine)
+    answered = (sent - client_tx - server_rx) // len(request)   # the read-ahead (< one frame) aside
+    return s, answered * reply_len - server_tx - client_rx
+
+
+def never_reader_after(port, reply_len):
+    s, held = never_reader(port, reply_len)
+    s.close()
+    return held
+
+
+with tap.section("output_budget: clients that never read"):
+    # output_cap (4 MiB) above output_budget (1 MiB); a small max_frame keeps the read-ahead small.
+    ob = new_daemon(server={"output_cap": 4194304, "output_budget": 1048576, "max_frame": 16384}, workers=1)
+    with h.Client(ob.port, timeout=10) as c:
+        c.send(h.MSG_TEST, {"data": "p" * 2000})
+        reply_len = h.HEADER.size + len(c.recv_frame()[1])
+    x, held_x = never_reader(ob.port, reply_len)
+    y, held_y = never_reader(ob.port, reply_len)
+    tap.ok(held_x >= 1000000, "the first never-reading client is read until its answers pass output_budget "
+           "(1 MiB): the worker holds %d bytes of answers for it" % held_x)
+    tap.ok(held_y < 200000, "with output_budget passed, the next one is read no more once 64 KiB of its answers "
+           "wait: %d bytes held" % held_y)
+    with h.Client(ob.port, timeout=10) as c:
+        tap.eq(c.request(h.MSG_TEST, {"data": "still here"}).get("data"), "still here",
+               "a client that reads is still answered")
+    x.close()
+    y.close()
+    tap.ok(h.wait_for(lambda: never_reader_after(ob.port, reply_len) >= 1000000, 30, 0.5),
+           "once they are gone, their answers leave the budget: a new never-reading client is read past 1 MB again")
+    tap.ok(ob.proc.poll() is None, "the daemon is still running")
+    ob.stop()
 
 tap.finish()
