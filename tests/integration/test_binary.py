@@ -369,8 +369,10 @@ tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download
 # on both protocols, with chunks that divide the period (32 KiB: base64 tables reused each period)
 # and that do not (10,000 bytes: encoded and checked chunk by chunk).
 for proto, chunk in (("json", 32768), ("json", 10000), ("binary", 1000000)):
+    # --files 2: one whole file each way however slowly a loaded or sanitizer build runs (the duration
+    # is only a bound); a run of fixed length was sometimes too short for one 9 MiB file under ASan.
     p, res = run_bench("--protocol", proto, "--mode", "mixed", "--connections", "2", "--size", str(9 * 1024 * 1024 + 7),
-                       "--chunk", str(chunk), "--duration", "2")
+                       "--chunk", str(chunk), "--files", "2", "--duration", "90")
     tap.ok(p.returncode == 0 and res.get("errors_total") == 0 and (res.get("download") or {}).get("bytes", 0) > 0 and
            (res.get("upload") or {}).get("files", 0) > 0,
            "resctl bench --protocol %s --chunk %d of a 9 MiB file (its content repeats): whole files up, checked "
