@@ -317,8 +317,8 @@ def never_reader(port, reply_len):
         try:
             sent += s.send(blob[sent:])
         except BlockingIOError:
-            if not __import__("select").select([], [s], [], 1.0)[1]:
-                break   # not writable for a second: the daemon stopped reading
+            if not __import__("select").select([], [s], [], 2.5)[1]:
+                break   # not writable for 2.5 s: the daemon stopped reading (a loaded one may pause)
     mine = s.getsockname()[1]
     client_tx, client_rx = tcp_queues(mine, port)
     server_tx, server_rx = tcp_queues(port, mine)
