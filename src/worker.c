@@ -411,13 +411,17 @@ static uint64_t conn_next_reqid(struct conn *c)
 	return c->req.reqid;
 }
 
+/* The connection in that slot of the table now (it may not be the one an answer was meant for:
+ * callers compare the request id), or NULL. */
+static struct conn *conn_in_slot(struct worker *w, uint32_t slot)
+{
+	return slot < w->conns_cap ? w->conns[slot] : NULL;
+}
+
 /* The connection still waiting for the answer tagged reqid, or NULL. */
 static struct conn *conn_by_reqid(struct worker *w, uint64_t reqid)
 {
-	uint32_t slot = (uint32_t)reqid;
-	if (slot >= w->conns_cap)
-		return NULL;
-	struct conn *c = w->conns[slot];
+	struct conn *c = conn_in_slot(w, (uint32_t)reqid);
 	if (c == NULL || !c->busy || c->req.reqid != reqid)
 		return NULL;
 	return c;
@@ -1955,8 +1959,7 @@ static void bin_auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdat
 	struct rds *r = ctx->data;
 	struct worker *w = r->data;
 	uint64_t reqid = (uint64_t)(uintptr_t)privdata;
-	uint32_t slot = (uint32_t)reqid;
-	struct conn *c = slot < w->conns_cap ? w->conns[slot] : NULL;
+	struct conn *c = conn_in_slot(w, (uint32_t)reqid);
 	if (c == NULL || c->bin == NULL || !c->bin->auth_pending || c->bin->auth_reqid != reqid)
 		return;   /* the connection went away */
 	struct bin_conn *b = c->bin;
@@ -2416,8 +2419,7 @@ static int bin_on_result(struct worker *w, const struct ipc_header *h, const uin
 {
 	if (!((uint32_t)h->reqid & BIN_REQID_TAG))
 		return 0;
-	uint32_t slot = (uint32_t)h->reqid & ~BIN_REQID_TAG;
-	struct conn *c = slot < w->conns_cap ? w->conns[slot] : NULL;
+	struct conn *c = conn_in_slot(w, (uint32_t)h->reqid & ~BIN_REQID_TAG);
 	struct bin_conn *b = c ? c->bin : NULL;
 	if (b == NULL || b->count == 0 || b->ring[b->head].reqid != h->reqid)
 		return 1;   /* the connection went away (or was failed when the link broke) */
