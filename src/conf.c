@@ -82,6 +82,7 @@ static const struct conf_key conf_keys[] = {
 	{ "redis", "socket", T_STR, S(redis_socket), 0, 0, "", SCOPE_STORAGE },
 	{ "redis", "password", T_STR, S(redis_password), 0, 0, "", SCOPE_STORAGE },
 	{ "redis", "db", T_INT, N(redis_db), 0, 65535, "0", SCOPE_STORAGE },
+	{ "redis", "timeout", T_INT, N(redis_timeout), 1, 3600, "5", SCOPE_STORAGE },
 	{ "redis", "prefix", T_STR, S(redis_prefix), 0, 0, "", SCOPE_STORAGE },
 	{ "redis", "sentinels", T_SENTINELS, S(redis_sentinels), 0, 0, "", SCOPE_STORAGE },
 	{ "redis", "master_name", T_STR, S(redis_master_name), 0, 0, "", SCOPE_STORAGE },

@@ -64,6 +64,7 @@ struct conf {
 	char redis_socket[512];     /* overrides host/port when set */
 	char redis_password[256];
 	int redis_db;
+	int redis_timeout;          /* seconds without an answer before the connection is dropped */
 	char redis_prefix[64];      /* prefix of the file_upload_/file_download_ keys */
 	char redis_sentinels[1024]; /* host:port[,host:port...]: find the master through Sentinel */
 	char redis_master_name[128];/* the master's name in the sentinels' configuration */

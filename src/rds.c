@@ -1,4 +1,4 @@
-/* rds.c: keeps an async Redis connection up: connect (to the master Sentinel names, when configured), AUTH, SELECT, and reconnect with back-off. */
+/* rds.c: keeps an async Redis connection up: connect (to the master Sentinel names, when configured), AUTH, SELECT, a PING before it counts as ready, a timeout on answers, and reconnect with back-off. */
 #include "config.h"
 #include "rds.h"
 #include "conf.h"
@@ -17,6 +17,8 @@
 
 static void rds_connect(struct rds *r);
 static void rds_on_role(redisAsyncContext *c, void *reply, void *privdata);
+static void rds_on_ping(redisAsyncContext *c, void *reply, void *privdata);
+static int rds_send(struct rds *r, redisCallbackFn *cb, void *privdata, const char *fmt, ...);
 
 static void rds_schedule_retry(struct rds *r)
 {
@@ -42,16 +44,25 @@ static void rds_on_setup_reply(redisAsyncContext *c, void *reply, void *privdata
 		log_warnx("redis: AUTH/SELECT failed: %s", rep->str);
 }
 
-static void rds_set_ready(struct rds *r)
+/* The server answered (PING, or ROLE with sentinels): the process counts Redis as up. */
+static void rds_set_up(struct rds *r)
 {
-	r->ready = 1;
 	STAT_SET(redis_up, 1);
-	r->retry_delay = RDS_RETRY_MIN;
-	r->not_master = 0;
+	r->dropped = 0;
 	if (r->sentinel)
 		log_info("redis: connected to the master %s:%d", r->master_host, r->master_port);
 	else
 		log_info("redis: connected");
+}
+
+/* Commands are taken from here on: queued behind the connection's first PING, they wait for it
+ * (a restarted storage process answers its resent requests without a round trip of delay), and
+ * fail with it, after [redis] timeout, if the server never answers. */
+static void rds_set_ready(struct rds *r)
+{
+	r->ready = 1;
+	r->retry_delay = RDS_RETRY_MIN;
+	r->not_master = 0;
 	if (r->on_ready)
 		r->on_ready(r);
 }
@@ -64,6 +75,7 @@ static void rds_on_role(redisAsyncContext *c, void *reply, void *privdata)
 		return;   /* the connection is gone: its disconnect callback retries */
 	if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 && rep->element[0]->type == REDIS_REPLY_STRING &&
 	    strcmp(rep->element[0]->str, "master") == 0) {
+		rds_set_up(r);
 		rds_set_ready(r);
 		return;
 	}
@@ -90,15 +102,36 @@ static void rds_on_connect(const redisAsyncContext *c, int status)
 	const struct conf *conf = r->conf;
 	/* Pipelined ahead of every other command, so they run logged in and in the right db. */
 	if (conf->redis_password[0])
-		redisAsyncCommand(r->ctx, rds_on_setup_reply, NULL, "AUTH %s", conf->redis_password);
+		rds_send(r, rds_on_setup_reply, NULL, "AUTH %s", conf->redis_password);
 	if (conf->redis_db)
-		redisAsyncCommand(r->ctx, rds_on_setup_reply, NULL, "SELECT %d", conf->redis_db);
+		rds_send(r, rds_on_setup_reply, NULL, "SELECT %d", conf->redis_db);
+	/* Up only once the server answers: the kernel accepts connections for a stopped server. A
+	 * sentinel's answer may be stale (a failover under way): only a master takes commands. */
 	if (r->sentinel) {
-		/* A sentinel's answer may be stale (a failover under way): only a master will do. */
-		redisAsyncCommand(r->ctx, rds_on_role, r, "ROLE");
+		rds_send(r, rds_on_role, r, "ROLE");
 		return;
 	}
+	rds_send(r, rds_on_ping, r, "PING");
 	rds_set_ready(r);
+}
+
+static void rds_on_ping(redisAsyncContext *c, void *reply, void *privdata)
+{
+	struct rds *r = privdata;
+	redisReply *rep = reply;
+	if (rep == NULL || r->ctx != c || r->closing)
+		return;   /* the connection is gone: its disconnect callback retries */
+	if (rep->type == REDIS_REPLY_STATUS && strcmp(rep->str, "PONG") == 0) {
+		rds_set_up(r);
+		return;
+	}
+	/* Refused (NOAUTH, LOADING...): the commands behind it fail the same way; try again later. */
+	STAT_INC(redis_errors);
+	if (r->errors++ % 50 == 0)
+		log_warnx("redis: PING answered %s: connecting again",
+		    rep->type == REDIS_REPLY_ERROR ? rep->str : "something else than PONG");
+	r->ready = 0;
+	redisAsyncDisconnect(c);
 }
 
 static void rds_on_disconnect(const redisAsyncContext *c, int status)
@@ -134,6 +167,9 @@ static void rds_connect_now(struct rds *r)
 	}
 	c->data = r;
 	r->ctx = c;
+	r->generation++;
+	r->sent = r->answered = 0;
+	r->connect_started = r->last_progress = ev_now(r->loop);
 	redisLibevAttach(r->loop, c);
 	redisAsyncSetConnectCallback(c, rds_on_connect);
 	redisAsyncSetDisconnectCallback(c, rds_on_disconnect);
@@ -181,20 +217,26 @@ static void rds_on_switch(void *data, const char *host, int port)
 	rds_connect(r);
 }
 
-/* With sentinels, every reply passes here first: READONLY means this server became a replica. */
+/* Every reply passes here first: it counts as the server's progress for [redis] timeout, and with
+ * sentinels READONLY means this server became a replica. */
 struct rds_call {
 	struct rds *r;
+	unsigned long generation;   /* of the connection it was sent on */
 	redisCallbackFn *cb;
 	void *privdata;
 };
 
-static void rds_on_checked_reply(redisAsyncContext *c, void *reply, void *privdata)
+static void rds_on_reply(redisAsyncContext *c, void *reply, void *privdata)
 {
 	struct rds_call *call = privdata;
 	struct rds *r = call->r;
 	redisReply *rep = reply;
-	if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "READONLY", 8) == 0 && r->ctx == c &&
-	    r->ready && !r->closing) {
+	if (call->generation == r->generation) {
+		r->answered++;
+		r->last_progress = ev_now(r->loop);
+	}
+	if (r->sentinel && rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "READONLY", 8) == 0 &&
+	    r->ctx == c && r->ready && !r->closing) {
 		log_warnx("redis: %s:%d became read-only (a failover): asking the sentinels again", r->master_host,
 		    r->master_port);
 		r->ready = 0;   /* refuse new commands until the new master answers */
@@ -206,19 +248,85 @@ static void rds_on_checked_reply(redisAsyncContext *c, void *reply, void *privda
 	free(call);
 }
 
-static struct rds_call *rds_wrap(struct rds *r, redisCallbackFn **cb, void **privdata)
+static struct rds_call *rds_call_new(struct rds *r, redisCallbackFn *cb, void *privdata)
 {
-	if (r->sentinel == NULL)
-		return NULL;
 	struct rds_call *call = malloc(sizeof(*call));
 	if (call == NULL)
-		return NULL;   /* the command goes unchecked: a later one will notice */
-	call->r = r;
-	call->cb = *cb;
-	call->privdata = *privdata;
-	*cb = rds_on_checked_reply;
-	*privdata = call;
+		return NULL;
+	*call = (struct rds_call){ r, r->generation, cb, privdata };
 	return call;
+}
+
+/* Counts a command just handed to hiredis: the first to wait starts the clock. */
+static void rds_sent(struct rds *r)
+{
+	if (r->sent++ == r->answered)
+		r->last_progress = ev_now(r->loop);
+}
+
+static int rds_vsend(struct rds *r, redisCallbackFn *cb, void *privdata, const char *fmt, va_list ap)
+{
+	struct rds_call *call = rds_call_new(r, cb, privdata);
+	if (call == NULL)
+		return -1;
+	if (redisvAsyncCommand(r->ctx, rds_on_reply, call, fmt, ap) != REDIS_OK) {
+		free(call);
+		return -1;
+	}
+	rds_sent(r);
+	return 0;
+}
+
+static int rds_send(struct rds *r, redisCallbackFn *cb, void *privdata, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int rc = rds_vsend(r, cb, privdata, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+/* Drops a connection whose server stopped answering (or never finished connecting): its waiting
+ * commands fail now, as if the connection were lost, and a new one is tried after the back-off. */
+static void rds_drop(struct rds *r, const char *why)
+{
+	redisAsyncContext *c = r->ctx;
+	int connected = (c->c.flags & REDIS_CONNECTED) != 0;
+	STAT_INC(redis_errors);
+	r->errors++;
+	if (r->dropped++ % 50 == 0)   /* a server that stays stopped is dropped again at every retry */
+		log_warnx("redis: %s for %d s: dropping the connection", why, r->conf->redis_timeout);
+	r->ready = 0;   /* the failed commands' callbacks may send again: refused at once */
+	STAT_SET(redis_up, 0);
+	redisAsyncFree(c);   /* fails the waiting commands; rds_on_disconnect retries when it was connected */
+	if (!connected) {
+		r->ctx = NULL;
+		rds_schedule_retry(r);
+	}
+}
+
+/* Every quarter of [redis] timeout: a connection that has waited that long for any answer is
+ * dropped; an idle one is sent a PING, so that a server that hangs is noticed (and the agent
+ * check says down) before a request meets it. */
+static void rds_on_watch(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	struct rds *r = w->data;
+	if (r->closing || r->ctx == NULL)
+		return;
+	ev_tstamp now = ev_now(loop), limit = r->conf->redis_timeout;
+	if (!(r->ctx->c.flags & REDIS_CONNECTED)) {
+		if (now - r->connect_started >= limit)
+			rds_drop(r, "connecting took too long");
+	} else if (r->sent != r->answered && now - r->last_progress >= limit) {
+		/* A loop that was itself held up (a loaded host) may find the answers waiting in the
+		 * socket: read them first, so that only a silent server is dropped. */
+		redisAsyncHandleRead(r->ctx);
+		if (r->ctx != NULL && r->sent != r->answered && now - r->last_progress >= limit)
+			rds_drop(r, "no answer");
+	} else if (r->ready && now - r->last_progress >= limit / 2.0) {
+		rds_send(r, NULL, NULL, "PING");
+	}
 }
 
 void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
@@ -240,6 +348,13 @@ void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
 	r->master_host[0] = '\0';
 	r->master_port = 0;
 	r->not_master = 0;
+	r->generation = 0;
+	r->sent = r->answered = 0;
+	r->dropped = 0;
+	double every = conf->redis_timeout / 4.0;
+	ev_timer_init(&r->watch, rds_on_watch, every, every);
+	r->watch.data = r;
+	ev_timer_start(loop, &r->watch);
 	rds_connect(r);
 }
 
@@ -247,14 +362,11 @@ int rds_command(struct rds *r, redisCallbackFn *cb, void *privdata, const char *
 {
 	if (!r->ready || r->ctx == NULL)
 		return -1;
-	struct rds_call *call = rds_wrap(r, &cb, &privdata);
 	va_list ap;
 	va_start(ap, fmt);
-	int rc = redisvAsyncCommand(r->ctx, cb, privdata, fmt, ap);
+	int rc = rds_vsend(r, cb, privdata, fmt, ap);
 	va_end(ap);
-	if (rc != REDIS_OK)
-		free(call);
-	return rc == REDIS_OK ? 0 : -1;
+	return rc;
 }
 
 int rds_command_argv(struct rds *r, redisCallbackFn *cb, void *privdata, int argc,
@@ -262,16 +374,21 @@ int rds_command_argv(struct rds *r, redisCallbackFn *cb, void *privdata, int arg
 {
 	if (!r->ready || r->ctx == NULL)
 		return -1;
-	struct rds_call *call = rds_wrap(r, &cb, &privdata);
-	if (redisAsyncCommandArgv(r->ctx, cb, privdata, argc, argv, argvlen) == REDIS_OK)
-		return 0;
-	free(call);
-	return -1;
+	struct rds_call *call = rds_call_new(r, cb, privdata);
+	if (call == NULL)
+		return -1;
+	if (redisAsyncCommandArgv(r->ctx, rds_on_reply, call, argc, argv, argvlen) != REDIS_OK) {
+		free(call);
+		return -1;
+	}
+	rds_sent(r);
+	return 0;
 }
 
 void rds_close(struct rds *r)
 {
 	ev_timer_stop(r->loop, &r->retry);
+	ev_timer_stop(r->loop, &r->watch);
 	r->on_ready = NULL;
 	r->closing = 1;
 	sentinel_destroy(r->sentinel);

@@ -1,4 +1,4 @@
-/* rds.h: one async hiredis connection on a libev loop that logs in, selects its db and reconnects (to the master Sentinel names, when configured). */
+/* rds.h: one async hiredis connection on a libev loop that logs in, selects its db, drops a server that stops answering and reconnects (to the master Sentinel names, when configured). */
 #ifndef RESOURCED_RDS_H
 #define RESOURCED_RDS_H
 
@@ -12,7 +12,7 @@ struct rds {
 	struct ev_loop *loop;
 	const struct conf *conf;
 	redisAsyncContext *ctx;
-	int ready;                  /* connected, AUTH and SELECT sent */
+	int ready;                  /* takes commands: connected (with sentinels: ROLE said master) */
 	int closing;                /* rds_close() in progress: no reconnect */
 	ev_timer retry;             /* reconnect back-off */
 	double retry_delay;
@@ -23,6 +23,14 @@ struct rds {
 	char master_host[256];      /* with sentinels: the address being used */
 	int master_port;
 	unsigned long not_master;   /* servers ROLE refused since the last ready connection */
+	/* [redis] timeout: a server that accepts connections but answers nothing (stopped, hung,
+	 * behind a dead link) is dropped like a lost connection, so requests fail instead of waiting. */
+	ev_timer watch;
+	unsigned long generation;   /* of ctx: replies of an older connection are not counted */
+	unsigned long sent, answered;   /* commands sent on ctx, and replies (or failures) back */
+	ev_tstamp connect_started;  /* when ctx was created */
+	ev_tstamp last_progress;    /* the last reply, or the send that made one wait when none did */
+	unsigned long dropped;      /* connections dropped by the watch since the last ready one */
 };
 
 void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,

@@ -365,6 +365,7 @@ class RedisServer:
 
     def stop(self, timeout=10):
         self.client.close()
+        self.resume()   # a paused server would never act on SIGTERM
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -373,6 +374,15 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+    def pause(self):
+        """SIGSTOP: the server hangs with its connections open (the kernel still accepts new ones)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self):
         """Stops and starts again on the same port, empty."""

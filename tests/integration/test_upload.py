@@ -18,6 +18,7 @@ tap = h.Tap(deadline=280)
 CH = 65536                      # chunk size of most uploads
 MAX_FILE = 4 * 1024 ** 3        # max_file_size (the default, set explicitly)
 UPLOAD_TTL = 3600
+REDIS_TIMEOUT = 2               # [redis] timeout: seconds without an answer before a connection is dropped
 USERS = {1001: "tok-1001-secret", 1002: "tok-1002-secret", 1003: "tok-1003-secret", 1004: "tok-1004-secret"}
 AVATAR_USERS = {2001: "alice", 2002: "bob", 2003: "carol"}
 NO_TOKEN_UID = 1999             # a uid with no utoken_ key in Redis
@@ -45,8 +46,9 @@ def set_tokens():
 USERS.update({u: "tok-%d-avatar" % u for u in AVATAR_USERS})
 set_tokens()
 
-d = h.Daemon(workers=2, redis=redis, pg=pg, settings={
+d = h.Daemon(workers=2, redis=redis, pg=pg, stats=True, settings={
     "server": {"storage_timeout": 10},
+    "redis": {"timeout": REDIS_TIMEOUT},
     "storage": {"max_file_size": MAX_FILE, "upload_ttl": UPLOAD_TTL},
     "postgres": {"timeout": 3},
 })
@@ -572,6 +574,62 @@ with tap.section("Redis outage"):
     check_published(up, "upload across a Redis restart")
     other = new_upload(CH + 5, "after-outage.bin", uid=1002)
     upload_whole(other, "a new upload after the Redis restart")
+
+
+# ---------------------------------------------------------------- Redis hangs
+def service_state():
+    return h.stats_info(d).get("state")
+
+
+with tap.section("Redis hangs (SIGSTOP): requests fail after [redis] timeout instead of waiting"):
+    up = new_upload(4 * CH + 11, "redis-hang.bin", uid=1002)
+    key = record_key(up.uid, up.md5)
+    held = h.Client(d.port, timeout=30)
+    r, off, seq = up.run(held, max_chunks=2)
+    tap.eq(r.get("error"), 0, "two chunks in before Redis hangs")
+    tap.eq(service_state(), "up", "the service is up before")
+    dropped_before = d.log_count("redis: no answer for %d s" % REDIS_TIMEOUT)
+    redis.pause()
+    try:
+        other = new_upload(CH + 5, "during-hang.bin", uid=1002)
+        started = time.monotonic()
+        with h.Client(d.port, timeout=30) as c:
+            r = other.send_chunk(c, 0, 1)
+        waited = time.monotonic() - started
+        tap.eq(r.get("error"), 1027, "a new upload while Redis hangs is answered 1027 (retry)")
+        tap.ok(waited < 20, "... within the timeout rather than after Redis comes back (%.1f s)" % waited)
+        tap.ok(h.wait_for(lambda: d.log_count("redis: no answer for %d s" % REDIS_TIMEOUT) > dropped_before, 15),
+               "the log says the connection was dropped for giving no answer", d.log_tail(8))
+        tap.ok(h.wait_for(lambda: service_state() == "down", 15), "show info (and the agent check) say down")
+    finally:
+        redis.resume()
+    tap.ok(h.wait_for(lambda: service_state() == "up", 20), "up again once Redis answers")
+    r = up.send_chunk(held, 2 * CH, 3)
+    tap.ok(r.get("error") in (0, 1027), "chunk 3 on the connection held through the hang: 0 or 1027", repr(r))
+    acked = 3 if r.get("error") == 0 else 2
+    held.close()
+    def synced():
+        with h.Client(d.port, timeout=10) as c:
+            s = up.sync(c)
+            return s if s.get("error") == 0 and s.get("trans_size") == acked * CH else None
+    tap.ok(h.wait_for(synced, 15, 0.1), "1005 reports the %d chunks acknowledged" % acked)
+    with h.Client(d.port) as c:
+        r, _, _ = up.run(c, acked * CH, acked + 1)
+    tap.eq(r.get("error"), 0, "the upload completes after the hang")
+    check_published(up, "upload across a Redis hang")
+
+    # An idle daemon notices a hang too (its PING gets no answer), before any request meets it.
+    dropped_before = d.log_count("redis: no answer for %d s" % REDIS_TIMEOUT)
+    redis.pause()
+    try:
+        tap.ok(h.wait_for(lambda: service_state() == "down", 4 * REDIS_TIMEOUT + 10),
+               "an idle daemon says down once its PING goes unanswered")
+        tap.ok(d.log_count("redis: no answer for %d s" % REDIS_TIMEOUT) > dropped_before,
+               "... and logs why", d.log_tail(8))
+    finally:
+        redis.resume()
+    tap.ok(h.wait_for(lambda: service_state() == "up", 20), "up again once Redis answers")
+    upload_whole(new_upload(CH + 9, "after-hang.bin", uid=1002), "a new upload after the hang")
 
 
 # ---------------------------------------------------------------- avatars and PostgreSQL
