@@ -293,6 +293,7 @@ class Storm:
                    "%s: idle upload %s has 3 chunks acknowledged before the fault" % (self.label, q.name), repr(r))
 
     def start(self, deadline):
+        self.worker_pids_at_start = sorted(self.d.worker_pids())   # read before the storm, not at the strike
         def up_body(u):
             try:
                 u.result = u.complete(self.d.port, deadline)
@@ -536,10 +537,13 @@ def run_storm(d, label, sources, fault, up_frac=0.3, budget=120):
     storm.prepare_quiet()
     deadline = time.monotonic() + budget
     t0 = time.monotonic()
+    # The watchers start with the transfers: started between the progress mark and the fault, their
+    # six threads delayed the strike (uploads of 2 MiB finish in a fraction of a second) until, under
+    # load, every upload had completed before it.
+    storm.start_watchers()
     storm.start(deadline)
     if not storm.wait_progress(up_frac):
         tap.ok(False, "%s: transfers reached %.0f%% of their chunks" % (label, 100 * up_frac), repr(storm.progress()))
-    storm.start_watchers()
     fault(storm)
     time.sleep(1.0)
     storm.stop_watchers()
@@ -565,8 +569,7 @@ with tap.section("download sources"):
 # ---------------------------------------------------------------- (a) SIGKILL a worker
 def kill_worker(storm):
     d = storm.d
-    pids = sorted(d.worker_pids())
-    victim = pids[0]
+    victim = min(storm.worker_pids_at_start)
     title = h.proc_title(victim)
     snap = storm.mark_fault()
     os.kill(victim, signal.SIGKILL)
