@@ -46,6 +46,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300", SCOPE_WORKERS },
 	{ "server", "frame_timeout", T_INT, N(frame_timeout), 1, 3600, "30", SCOPE_WORKERS },
 	{ "server", "max_connections", T_INT, N(max_connections), 1, 1000000, "10000", SCOPE_WORKERS },
+	{ "server", "max_connections_per_address", T_INT, N(max_connections_per_address), 0, 60000, "0", SCOPE_WORKERS },
 	{ "server", "auth_cache_ttl", T_INT, N(auth_cache_ttl), 0, 86400, "60", SCOPE_WORKERS },
 	{ "server", "anonymous", T_BOOL, N(anonymous), 0, 1, "no", SCOPE_WORKERS },
 	{ "server", "download_chunk", T_INT64, N(download_chunk), 1, 16 << 20, "32768", SCOPE_WORKERS },

@@ -35,6 +35,7 @@ struct conf {
 	char stats_socket[512];     /* the master's stats and admin socket; empty: none */
 	char agent_listen[300];     /* HAProxy agent-check host:port; empty: none */
 	char http_listen[300];      /* HTTP /metrics, /health and status page host:port; empty: none */
+	int max_connections_per_address;   /* per client address (IPv6: per /64) on the node; 0: no limit */
 	int proxy_protocol;         /* expect a PROXY v1/v2 header on every client connection */
 	/* [storage] */
 	char root[512];             /* published files live at <root>/<uid>/<name> */

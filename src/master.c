@@ -1,6 +1,7 @@
 /* master.c: binds the listening sockets, forks the storage process and the workers, and supervises them. */
 #include "config.h"
 #include "master.h"
+#include "addrlimit.h"
 #include "conf.h"
 #include "control.h"
 #include "http.h"
@@ -295,6 +296,7 @@ static void proc_spawn(struct proc *p)
 	struct master *m = p->m;
 	int slot = (int)(p - m->procs);
 	stats_reset_gauges(&m->shm->procs[slot]);
+	addrlimit_slot_start(m->shm, slot, p->role == ROLE_WORKER && m->conf->max_connections_per_address > 0);
 	pid_t pid = fork();
 	if (pid < 0) {
 		log_warn("fork() failed while spawning %s %d", role_name(p->role), p->number);
@@ -398,6 +400,7 @@ static void master_on_child(struct ev_loop *loop, ev_child *w, int revents)
 	if (p == NULL)
 		return;
 	p->pid = 0;
+	addrlimit_slot_end(m->shm, (int)(p - m->procs));   /* the kernel closed its connections */
 	const char *name = role_name(p->role);
 	if (m->stopping || p->state == PROC_RETIRING) {
 		log_info("%s %d (pid %d) exited", name, p->number, (int)pid);
@@ -747,6 +750,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	 * upload leases back at once, other nodes wait for them (lease.h). */
 	if (sodium_init() < 0)
 		fatalx("libsodium cannot start");
+	addrlimit_init_key(m.shm);
 	lease_owner_init(conf->node);
 	struct proc *storage = proc_new(&m, ROLE_STORAGE, 0);
 	proc_spawn(storage);

@@ -9,6 +9,8 @@
 #include <time.h>
 
 struct stats_proc *stats_self;
+struct stats_shm *stats_shm_self;
+int stats_slot = -1;
 
 double stats_wall_now(void)
 {
@@ -52,6 +54,8 @@ void stats_reset_gauges(struct stats_proc *p)
 void stats_attach(struct stats_shm *shm, int slot)
 {
 	stats_self = shm ? &shm->procs[slot] : NULL;
+	stats_shm_self = shm;
+	stats_slot = shm ? slot : -1;
 }
 
 void stats_count_error(int code)

@@ -19,7 +19,7 @@
 #define STATS_COUNTERS(X)                                                        \
 	X(conn_current, "gauge", "Client connections open")                         \
 	X(conn_total, "counter", "Client connections accepted")                     \
-	X(conn_rejected, "counter", "Connections closed at once: max_connections")  \
+	X(conn_rejected, "counter", "Connections closed at once: max_connections or max_connections_per_address")  \
 	X(frames_in, "counter", "Request frames received")                          \
 	X(frames_out, "counter", "Response frames sent")                            \
 	X(frames_oversize, "counter", "Connections closed for a frame over max_frame") \
@@ -77,12 +77,23 @@ struct stats_proc {
 	struct stats_transfer transfers[STATS_TRANSFERS];
 } __attribute__((aligned(64)));
 
+/* Buckets of client addresses for [server] max_connections_per_address (addrlimit.c). */
+#define ADDR_BUCKETS 16384
+
 struct stats_shm {
 	struct stats_proc procs[STATS_MAX_SLOTS];
+	/* Connections per address bucket, counted by each worker in its own slot's row; only the rows
+	 * of live counting workers are summed, so a worker that dies takes its counts with it. */
+	unsigned char addr_key[16];                    /* keys the address hash: buckets are unguessable */
+	_Atomic uint8_t addr_live[STATS_MAX_SLOTS];
+	_Atomic uint16_t addr_conns[STATS_MAX_SLOTS][ADDR_BUCKETS];
 };
 
-/* The calling process's slot (NULL before stats_attach: counting is then a no-op). */
+/* The calling process's slot (NULL before stats_attach: counting is then a no-op), the page it is
+ * in and its number. */
 extern struct stats_proc *stats_self;
+extern struct stats_shm *stats_shm_self;
+extern int stats_slot;
 
 /* Wall-clock seconds, the time base of transfers and process start times. */
 double stats_wall_now(void);

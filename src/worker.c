@@ -1,6 +1,7 @@
 /* worker.c: accepts clients, frames and checks their requests, and answers them in order. */
 #include "config.h"
 #include "worker.h"
+#include "addrlimit.h"
 #include "b64.h"
 #include "binproto.h"
 #include "backend.h"
@@ -95,6 +96,7 @@ struct request {
 struct conn {
 	struct worker *w;
 	int fd;
+	int addr_bucket;              /* counted there for max_connections_per_address; -1: not counted */
 	uint32_t slot;                /* index in the worker's connection table */
 	ev_io io;
 	ev_timer timer;               /* idle, frame and dependency timeouts */
@@ -204,6 +206,7 @@ struct worker {
 	 * connections waiting for that to fall under bin_cap (oldest first). */
 	uint64_t bin_unanswered, bin_cap;
 	size_t output_held;           /* unsent answers of all connections, as last counted (conn_output_cap) */
+	ev_tstamp addr_refused_logged;   /* the last max_connections_per_address refusal logged */
 	struct conn *cap_head, *cap_tail;
 	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
 	 * process frees as it hashes, without telling: bin_cap_wake looks again this often. */
@@ -641,6 +644,8 @@ static void conn_close(struct conn *c, const char *why)
 	conn_release_uploads(c);
 	request_finish(c);
 	stats_transfer_close(c->xfer);
+	if (c->addr_bucket >= 0)
+		addrlimit_release(c->addr_bucket);
 	if (!bin_conn_free(c))   /* 1: a disk thread is still sending on the socket and closes it */
 		close(c->fd);
 	buf_free(&c->in);
@@ -2951,6 +2956,28 @@ static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t le
 		request_continue(c);
 }
 
+/* Counts the connection under its client's address bucket, or closes it at once when the node
+ * has max_connections_per_address connections from there already. Returns -1 when closed. */
+static int conn_count_address(struct conn *c, int bucket)
+{
+	struct worker *w = c->w;
+	unsigned limit = (unsigned)w->conf->max_connections_per_address;
+	if (limit == 0 || bucket < 0)
+		return 0;
+	if (addrlimit_take(bucket, limit) == 0) {
+		c->addr_bucket = bucket;
+		return 0;
+	}
+	STAT_INC(conn_rejected);
+	if (ev_now(w->loop) - w->addr_refused_logged >= 1.0) {   /* one line a second, not one per attempt */
+		w->addr_refused_logged = ev_now(w->loop);
+		log_info("%s: closed at once: the node has %u connections from this address already "
+		    "([server] max_connections_per_address)", c->peer, limit);
+	}
+	conn_close(c, NULL);
+	return -1;
+}
+
 /* Handles complete frames until one needs to wait, then decides what to watch. */
 static void conn_process(struct conn *c)
 {
@@ -2966,8 +2993,11 @@ static void conn_process(struct conn *c)
 		}
 		if (ps == PROXY_OK) {
 			c->awaiting_proxy = 0;
-			if (pr.has_address)
+			if (pr.has_address) {
 				snprintf(c->peer, sizeof(c->peer), "%s", pr.address);
+				if (conn_count_address(c, addrlimit_bucket_text(pr.address)) < 0)
+					return;
+			}
 			buf_consume(&c->in, used);
 		} else if (c->frame_start == 0) {
 			c->frame_start = ev_now(w->loop);   /* the header must arrive within frame_timeout */
@@ -3044,6 +3074,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 		close(fd);
 		return;
 	}
+	c->addr_bucket = -1;
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c->w = w;
@@ -3072,6 +3103,9 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	ev_timer_init(&c->timer, conn_on_timer, w->conf->idle_timeout, 0.);
 	c->timer.data = c;
 	ev_timer_start(w->loop, &c->timer);
+	/* Behind a load balancer the client's address comes with the PROXY header (conn_process). */
+	if (!w->conf->proxy_protocol)
+		conn_count_address(c, addrlimit_bucket((const struct sockaddr *)ss));
 }
 
 static void worker_on_accept(struct ev_loop *loop, ev_io *io, int revents)

@@ -354,4 +354,95 @@ with tap.section("output_budget: clients that never read"):
     tap.ok(ob.proc.poll() is None, "the daemon is still running")
     ob.stop()
 
+
+# ---------------------------------------------------------------- per client address
+def served(port, source=None, proxy=None):
+    """A connection that gets its 1001 answered: the client, else None (closed at once)."""
+    c = None
+    try:
+        c = h.Client(port, timeout=10, source=source)
+        if proxy:
+            c.send_raw(proxy)
+        if c.request(h.MSG_TEST, {"data": "here"}).get("data") == "here":
+            return c
+    except (OSError, h.ConnectionClosed, TimeoutError):
+        pass
+    if c:
+        c.close()
+    return None
+
+
+def open_up_to(n, port, **kw):
+    clients = [served(port, **kw) for _ in range(n)]
+    return [c for c in clients if c]
+
+
+def close_all(clients):
+    for c in clients:
+        c.close()
+
+
+with tap.section("max_connections_per_address"):
+    LIMIT = 4
+    pa = new_daemon(server={"max_connections_per_address": LIMIT})
+    one = open_up_to(LIMIT, pa.port)
+    tap.eq(len(one), LIMIT, "%d connections from 127.0.0.1 are served (spread over 2 workers)" % LIMIT)
+    tap.ok(served(pa.port) is None, "the next one from 127.0.0.1 is closed at once")
+    tap.ok(all(c.request(h.MSG_TEST, {"data": "x"}).get("data") == "x" for c in one),
+           "the %d already open are still served" % LIMIT)
+    two = open_up_to(LIMIT, pa.port, source="127.0.0.2")
+    tap.eq(len(two), LIMIT, "another address (127.0.0.2) gets its own %d" % LIMIT)
+    tap.ok(pa.log_count("max_connections_per_address") >= 1, "the log names the setting", pa.log_tail(5))
+    tap.ok((counter(pa, "conn_rejected") or 0) >= 1, "conn_rejected counts the refusal")
+    one.pop().close()
+    again = h.wait_for(lambda: served(pa.port), 10, 0.1)
+    tap.ok(again is not None, "once one of them closes, 127.0.0.1 is served again")
+    if again:
+        one.append(again)
+    # A worker that dies takes its counts with it (the master stops summing its row, and a new
+    # worker in that row starts from zero): kill the one holding most of 127.0.0.1's connections.
+    close_all(two)
+    def workers():
+        out = subprocess.run([h.RESCTL_BIN, "stats", "--socket", pa.stats_socket, "show", "workers", "json"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=20, text=True).stdout
+        rows = json.loads(out)
+        rows = rows.get("processes", rows) if isinstance(rows, dict) else rows
+        return [r for r in rows if r.get("role") == "worker"]
+    held = h.wait_for(lambda: (lambda ws: ws if sum(w["connections"] for w in ws) == LIMIT else None)(workers()), 10)
+    victim = max(held or workers(), key=lambda w: w["connections"])
+    tap.diag("killing worker %d, which holds %d of 127.0.0.1's %d connections" % (victim["pid"], victim["connections"],
+                                                                                LIMIT))
+    os.kill(victim["pid"], signal.SIGKILL)
+    tap.ok(h.wait_for(lambda: (lambda w: len(w) == 2 and victim["pid"] not in w)(pa.worker_pids()), 15),
+           "a new worker replaces the killed one")
+    close_all(one)
+    fresh = h.wait_for(lambda: (lambda cs: cs if len(cs) == LIMIT else close_all(cs))(open_up_to(LIMIT, pa.port)),
+                       15, 0.2)
+    tap.ok(fresh is not None, "after a worker was killed holding connections from 127.0.0.1, %d can open again "
+           "(its counts went with it)" % LIMIT)
+    close_all(fresh or [])
+    pa.stop()
+
+    # Behind a load balancer the PROXY header's address counts, an IPv6 one by its /64.
+    pp = new_daemon(server={"max_connections_per_address": 2, "proxy_protocol": "on"})
+    def hdr(src, v6=False):
+        if v6:
+            return b"PROXY TCP6 %s ::1 40000 %d\r\n" % (src.encode(), pp.port)
+        return b"PROXY TCP4 %s 127.0.0.1 40000 %d\r\n" % (src.encode(), pp.port)
+    a = open_up_to(2, pp.port, proxy=hdr("192.0.2.7"))
+    tap.eq(len(a), 2, "two connections whose PROXY header says 192.0.2.7 are served")
+    tap.ok(served(pp.port, proxy=hdr("192.0.2.7")) is None, "a third from 192.0.2.7 is closed at once")
+    b = open_up_to(2, pp.port, proxy=hdr("192.0.2.8"))
+    tap.eq(len(b), 2, "192.0.2.8, through the same balancer address, gets its own two")
+    six = [served(pp.port, proxy=hdr("2001:db8:0:5::1", True)), served(pp.port, proxy=hdr("2001:db8:0:5::2", True))]
+    tap.ok(all(six), "two from one IPv6 /64 (2001:db8:0:5::/64) are served")
+    tap.ok(served(pp.port, proxy=hdr("2001:db8:0:5:ffff::9", True)) is None,
+           "a third address of the same /64 is closed at once")
+    other = served(pp.port, proxy=hdr("2001:db8:0:6::1", True))
+    tap.ok(other is not None, "an address of the next /64 is served")
+    unknown = [served(pp.port, proxy=b"PROXY UNKNOWN\r\n") for _ in range(3)]
+    tap.ok(all(unknown), "PROXY UNKNOWN (a balancer's own health check) is never counted: 3 served")
+    close_all(a + b + [c for c in six + [other] + unknown if c])
+    pp.stop()
+
 tap.finish()
