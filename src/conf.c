@@ -2,6 +2,7 @@
 #include "config.h"
 #include "conf.h"
 #include "backend.h"
+#include "frame.h"
 #include "log.h"
 
 #include <errno.h>
@@ -40,7 +41,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_WORKERS },
 	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_WORKERS },
 	{ "server", "node", T_STR, S(node), 0, 0, "", SCOPE_STORAGE },
-	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, "262144", SCOPE_WORKERS },
+	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, FRAME_MAX_DEFAULT_TEXT, SCOPE_WORKERS },
 	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576", SCOPE_WORKERS },
 	{ "server", "output_budget", T_INT64, N(output_budget), 1 << 20, (int64_t)1 << 40, "268435456", SCOPE_WORKERS },
 	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300", SCOPE_WORKERS },

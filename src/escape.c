@@ -26,16 +26,28 @@ size_t utf8_prefix(const char *s, size_t len, size_t max)
 	return i;
 }
 
-/* Characters that change how a line reads without showing: line and paragraph separators,
- * bidirectional controls, zero-width and other format characters (Unicode Zl, Zp, and the Cf
- * ones that matter in a log). A terminal or a log viewer would split or reorder the line. */
-static int invisible(const unsigned char *p, size_t n)
+/* The code point of the valid UTF-8 character p[0, n) (n from char_len, 1 to 4). */
+static uint32_t code_point(const unsigned char *p, size_t n)
 {
-	uint32_t cp = n == 2 ? (uint32_t)(p[0] & 0x1f) << 6 | (p[1] & 0x3f)
-	    : n == 3 ? (uint32_t)(p[0] & 0x0f) << 12 | (uint32_t)(p[1] & 0x3f) << 6 | (p[2] & 0x3f) : 0;
-	return cp == 0x00ad || cp == 0x061c || cp == 0x180e || (cp >= 0x200b && cp <= 0x200f) ||
-	    (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2060 && cp <= 0x206f) || cp == 0xfeff ||
-	    (cp >= 0xfff9 && cp <= 0xfffb);
+	switch (n) {
+	case 1: return p[0];
+	case 2: return (uint32_t)(p[0] & 0x1f) << 6 | (p[1] & 0x3f);
+	case 3: return (uint32_t)(p[0] & 0x0f) << 12 | (uint32_t)(p[1] & 0x3f) << 6 | (p[2] & 0x3f);
+	default: return (uint32_t)(p[0] & 0x07) << 18 | (uint32_t)(p[1] & 0x3f) << 12 | (uint32_t)(p[2] & 0x3f) << 6 |
+		    (p[3] & 0x3f);
+	}
+}
+
+/* The one list of code points no output shows raw: C0 controls, DEL and C1 controls, and the
+ * characters that change how a line reads without showing: line and paragraph separators,
+ * bidirectional controls, zero-width and other format characters (Unicode Zl, Zp, and the Cf
+ * ones that matter in a log). A terminal, a log viewer or a browser would split or reorder the
+ * line. escape_quoted and escape_html both ask it. */
+static int unsafe(uint32_t cp)
+{
+	return cp < 0x20 || (cp >= 0x7f && cp < 0xa0) || cp == 0x00ad || cp == 0x061c || cp == 0x180e ||
+	    (cp >= 0x200b && cp <= 0x200f) || (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2060 && cp <= 0x206f) ||
+	    cp == 0xfeff || (cp >= 0xfff9 && cp <= 0xfffb);
 }
 
 size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
@@ -49,7 +61,7 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 		if (b == '"' || b == '\\') {
 			tmp[tn++] = '\\';
 			tmp[tn++] = (char)b;
-		} else if (b < 0x20 || b == 0x7f) {
+		} else if (b < 0x80 && unsafe(b)) {   /* a C0 control or DEL */
 			tmp[tn++] = '\\';
 			tmp[tn++] = 'x';
 			tmp[tn++] = hex[b >> 4];
@@ -58,10 +70,9 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 			tmp[tn++] = (char)b;
 		} else {
 			size_t n = char_len(s + i, len - i);
-			/* C1 controls (U+0080..U+009F) are escaped like the C0 ones; so is each byte of an
-			 * invisible character. */
-			if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0) ||
-			    invisible((const unsigned char *)s + i, n)) {
+			/* Each byte of an unsafe character (a C1 control, an invisible one) is escaped like
+			 * a C0 control. */
+			if (n == 0 || unsafe(code_point((const unsigned char *)s + i, n))) {
 				tmp[tn++] = '\\';
 				tmp[tn++] = 'x';
 				tmp[tn++] = hex[b >> 4];
@@ -85,10 +96,12 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
 
 size_t escape_html(char *out, size_t cap, const char *s, size_t len)
 {
+	static const char hex[] = "0123456789abcdef";
 	size_t o = 0;
 	for (size_t i = 0; i < len;) {
 		unsigned char b = (unsigned char)s[i];
 		const char *rep = NULL;
+		char visible[8];
 		size_t used = 1;
 		switch (b) {
 		case '&': rep = "&amp;"; break;
@@ -96,16 +109,26 @@ size_t escape_html(char *out, size_t cap, const char *s, size_t len)
 		case '>': rep = "&gt;"; break;
 		case '"': rep = "&quot;"; break;
 		case '\'': rep = "&#39;"; break;
-		default:
-			if (b < 0x20 || b == 0x7f) {
-				rep = "&#xfffd;";
-			} else if (b >= 0x80) {
-				size_t n = char_len(s + i, len - i);
-				if (n == 0 || (n == 2 && b == 0xc2 && (unsigned char)s[i + 1] < 0xa0))
-					rep = "&#xfffd;";   /* a stray byte or a C1 control */
-				else
-					used = n;
+		case '\\': rep = "\\\\"; break;   /* so that a \uXXXX below cannot be forged */
+		default: {
+			size_t n = b < 0x80 ? 1 : char_len(s + i, len - i);
+			uint32_t cp = n ? code_point((const unsigned char *)s + i, n) : 0;
+			if (n == 0) {
+				rep = "&#xfffd;";   /* a byte that is not UTF-8: it has no code point to show */
+			} else if (unsafe(cp)) {
+				/* Shown as text: a character reference (&#x202e;) would still act in a browser.
+				 * Four digits: every unsafe code point is below U+10000. */
+				visible[0] = '\\';
+				visible[1] = 'u';
+				for (int k = 0; k < 4; k++)
+					visible[2 + k] = hex[cp >> (12 - 4 * k) & 15];
+				visible[6] = '\0';
+				rep = visible;
+				used = n;
+			} else {
+				used = n;
 			}
+		}
 		}
 		const char *from = rep ? rep : s + i;
 		size_t n = rep ? strlen(rep) : used;

@@ -7,6 +7,14 @@
 
 #define FRAME_HEADER_LEN 6
 
+/* [server] max_frame's default: the largest body a server takes unless configured otherwise. conf.c
+ * reads it as its default and resctl sizes its frames by it, so both change with it. A plain decimal
+ * number: conf.c spells it as text (FRAME_MAX_DEFAULT_TEXT). */
+#define FRAME_MAX_DEFAULT 262144
+#define FRAME_TEXT_(n) #n
+#define FRAME_TEXT(n) FRAME_TEXT_(n)
+#define FRAME_MAX_DEFAULT_TEXT FRAME_TEXT(FRAME_MAX_DEFAULT)
+
 enum frame_status {
 	FRAME_NEED_MORE = 0,  /* not a whole frame yet */
 	FRAME_OK = 1,         /* *id, *body, *body_len set; *consumed bytes make up the frame */

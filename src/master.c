@@ -534,12 +534,11 @@ static int reload_preflight(const struct conf *next, char *msg, size_t msglen)
 	int problems = preflight_reload_check(next, f);
 	fclose(f);
 	if (problems) {
-		/* One line per problem, each "resourced: [section] key VALUE: why". */
+		/* One line per problem, each PREFLIGHT_PREFIX "[section] key VALUE: why": the log and the
+		 * answer give the reason without the program's name. */
 		for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n"))
-			log_error("reload refused, still running on the old configuration: %s",
-			    strncmp(line, "resourced: ", 11) == 0 ? line + 11 : line);
-		const char *first = strncmp(report, "resourced: ", 11) == 0 ? report + 11 : report;
-		snprintf(msg, msglen, "%s%s", first, problems > 1 ? " (and more: see the log)" : "");
+			log_error("reload refused, still running on the old configuration: %s", preflight_reason(line));
+		snprintf(msg, msglen, "%s%s", preflight_reason(report), problems > 1 ? " (and more: see the log)" : "");
 	}
 	free(report);
 	return problems ? -1 : 0;

@@ -28,7 +28,7 @@ static void problem(struct preflight *p, const char *key, const char *value, con
 static void problem(struct preflight *p, const char *key, const char *value, const char *fmt, ...)
 {
 	va_list ap;
-	fprintf(p->report, "resourced: %s %s: ", key, value);
+	fprintf(p->report, PREFLIGHT_PREFIX "%s %s: ", key, value);
 	va_start(ap, fmt);
 	vfprintf(p->report, fmt, ap);
 	va_end(ap);
@@ -144,14 +144,14 @@ static void check_user(struct preflight *p, const struct conf *c)
 		if (as_root)
 			problem(p, "[server] user", c->user, "no such user");
 		else
-			fprintf(p->report, "resourced: warning: [server] user %s: no such user "
+			fprintf(p->report, PREFLIGHT_PREFIX "warning: [server] user %s: no such user "
 			    "(ignored unless started as root)\n", c->user);
 	}
 	if (c->group[0] && getgrnam(c->group) == NULL) {
 		if (as_root)
 			problem(p, "[server] group", c->group, "no such group");
 		else
-			fprintf(p->report, "resourced: warning: [server] group %s: no such group "
+			fprintf(p->report, PREFLIGHT_PREFIX "warning: [server] group %s: no such group "
 			    "(ignored unless started as root)\n", c->group);
 	}
 }
@@ -241,6 +241,12 @@ int preflight_check(const struct conf *c, FILE *report)
 	if (c->access_log[0])
 		check_file(&p, "[log] access_log", c->access_log, NULL, 0);
 	return p.problems;
+}
+
+const char *preflight_reason(const char *line)
+{
+	size_t n = strlen(PREFLIGHT_PREFIX);
+	return strncmp(line, PREFLIGHT_PREFIX, n) == 0 ? line + n : line;
 }
 
 int preflight_config_path(const char *path, char *err, size_t errlen)

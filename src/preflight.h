@@ -6,9 +6,13 @@
 
 struct conf;
 
+/* What begins every line of a report, as the program's other messages on the terminal do (-t, a
+ * refused start). A reload logs the lines without it: see preflight_reason. */
+#define PREFLIGHT_PREFIX "resourced: "
+
 /* Checks what start will need without changing anything: directories that must exist or be
  * creatable, Unix socket path lengths, users and groups, listen addresses. Writes one line per
- * problem ("resourced: [section] key VALUE: why") and per warning to report. Returns the number
+ * problem (PREFLIGHT_PREFIX "[section] key VALUE: why") and per warning to report. Returns the number
  * of problems (warnings do not count). */
 int preflight_check(const struct conf *conf, FILE *report);
 
@@ -16,6 +20,10 @@ int preflight_check(const struct conf *conf, FILE *report);
  * process needs to start (run_dir, [storage] root, a conninfo libpq can parse). Runs as the user
  * the master runs as by then, like the storage process it would start. Same report and result. */
 int preflight_reload_check(const struct conf *conf, FILE *report);
+
+/* A report line without PREFLIGHT_PREFIX ("[section] key VALUE: why"), for the log and the stats
+ * socket; a line without the prefix is returned as it is. */
+const char *preflight_reason(const char *line);
 
 /* 0 when path can be read as a configuration file; else -1 with why in err. */
 int preflight_config_path(const char *path, char *err, size_t errlen);

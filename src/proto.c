@@ -212,6 +212,11 @@ int proto_parse_download(const struct proto_fields *f, const struct proto_limits
 {
 	int rc;
 	memset(out, 0, sizeof(*out));
+	/* Error answers echo seq, name and client_path too (a client matches answers to requests by
+	 * them): each is kept when it has its form (a number, a string), whichever check fails. */
+	(void)json_scalar_str(&f->v[PF_NAME], &out->name, &out->name_len);
+	(void)json_scalar_u64(&f->v[PF_SEQ], JSON_MAX_SAFE_INT, &out->seq);
+	(void)json_scalar_str(&f->v[PF_CLIENT_PATH], &out->client_path, &out->client_path_len);
 	if ((rc = parse_name(f, &out->name, &out->name_len, msg, msglen)) != ERR_OK ||
 	    (rc = get_u64(f, PF_SEQ, JSON_MAX_SAFE_INT, &out->seq, msg, msglen)) != ERR_OK)
 		return rc;

@@ -114,6 +114,8 @@ int proto_parse_chunk(const struct proto_fields *f, int kind, const struct proto
     struct proto_chunk *out, char *msg, size_t msglen);
 int proto_parse_sync(const struct proto_fields *f, const struct proto_limits *lim, struct proto_sync *out,
     char *msg, size_t msglen);
+/* proto_parse_download keeps name, seq and client_path in out even when it fails, each that has
+ * its form (a string, a number; else NULL or 0): a 1034 error answer echoes them. */
 int proto_parse_download(const struct proto_fields *f, const struct proto_limits *lim,
     struct proto_download *out, char *msg, size_t msglen);
 /* 1041 (binary fast path hello): uid and token, both required (no anonymous mode). */

@@ -346,6 +346,23 @@ static void respond_error(struct conn *c, uint16_t req_id, int error, const char
 	conn_send_json(c, (uint16_t)(req_id + 1), error);
 }
 
+/* A 1034 error answer: error and message, and the request's seq, name and client_path as far as
+ * they were read (0 or "" otherwise), so a client can tell which request it answers. */
+static void respond_download_error(struct conn *c, int error, const char *message)
+{
+	struct json_writer *jw = &c->w->jw;
+	const struct proto_download *d = &c->req.u.download;
+	c->in_transfer = 0;   /* the client gives up on an error */
+	json_begin(jw);
+	json_put_int(jw, "error", error);
+	json_put_int(jw, "seq", (int64_t)d->seq);
+	json_put_str(jw, "name", d->name ? d->name : "", d->name_len);
+	json_put_str(jw, "client_path", d->client_path ? d->client_path : "", d->client_path_len);
+	if (message)
+		json_put_str(jw, "message", message, strlen(message));
+	conn_send_json(c, MSG_DOWNLOAD + 1, error);
+}
+
 /* Finishes the current request: drops its frame and lets the next one in. */
 static void download_job_free(struct worker *w, struct download_job *j);
 
@@ -392,6 +409,9 @@ static void respond_request_error(struct conn *c, int error, const char *message
 		respond_chunk(c, error, message, ch->seq, ch->offset, ch->total_size);
 		break;
 	}
+	case MSG_DOWNLOAD:
+		respond_download_error(c, error, message);
+		break;
 	case MSG_BIN_HELLO:
 	case MSG_BIN_UPLOAD_OPEN:
 	case MSG_BIN_DOWNLOAD:
@@ -1489,12 +1509,12 @@ static void download_reply(struct conn *c, struct download_job *j)
 		    strerror(j->saved_errno));
 		if (j->error == ERR_READ_FAILED || j->error == ERR_READ_PERMISSION)
 			log_warnx("download of a file of uid %" PRIu64 ": %s", d->cred.uid, strerror(j->saved_errno));
-		respond_error(c, MSG_DOWNLOAD, j->error, msg);
+		respond_download_error(c, j->error, msg);
 	} else {
 		uint64_t current = j->offset + j->got;
 		int is_last = current >= j->size;
 		if (download_send_chunk(c, d, j, current, is_last) < 0) {
-			respond_error(c, MSG_DOWNLOAD, ERR_BUSY, "server busy: out of memory");
+			respond_download_error(c, ERR_BUSY, "server busy: out of memory");
 		} else {
 			c->in_transfer = !is_last;
 			download_record_progress(w, d, current, j->size, is_last, j->version);

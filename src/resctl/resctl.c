@@ -1450,7 +1450,6 @@ static enum upload_step upload_chunk(struct upload *u)
 	return step;
 }
 
-#define DEFAULT_MAX_FRAME 262144   /* [server] max_frame's default (resourced.conf(5)) */
 #define JSON_FRAME_OVERHEAD 512    /* the fields of a 1003 around its base64 data, generously */
 
 /* Backs off and reconnects; -1 once the retries are used up (reported). */
@@ -1463,10 +1462,11 @@ static int upload_reconnect(struct upload *u)
 			resctl_progress_clear(&u->progress);
 			resctl_error("upload: giving up after %" PRIu64 " attempts: %s", u->backoff.attempts, u->c.err);
 			/* A server closes a connection whose frame is over its max_frame, without an answer. */
-			if (u->b64_cap + JSON_FRAME_OVERHEAD > DEFAULT_MAX_FRAME)
+			if (u->b64_cap + JSON_FRAME_OVERHEAD > FRAME_MAX_DEFAULT)
 				resctl_error("upload: --chunk %" PRIu64 " makes JSON frames of about %zu bytes, more than "
 				    "a server's default max_frame (%d), which closes such connections: try --chunk %dK",
-				    u->o->chunk, u->b64_cap + JSON_FRAME_OVERHEAD, DEFAULT_MAX_FRAME, 128);
+				    u->o->chunk, u->b64_cap + JSON_FRAME_OVERHEAD, FRAME_MAX_DEFAULT,
+				    FRAME_MAX_DEFAULT / 2 / 1024);   /* half of it: its base64 and the fields fit */
 			u->gave_up = 1;
 			return -1;
 		}

@@ -412,6 +412,15 @@ static void run_download(yajl_val tree, const struct proto_fields *f, const stru
 	msg[0] = '\0';
 	int rc = proto_parse_download(f, lim, &d, msg, sizeof(msg));
 	check_msg(rc, msg, sizeof(msg));
+	/* Whatever the result, name, seq and client_path (echoed by error answers too) are the
+	 * request's when they have their form, else empty. */
+	yajl_val nv = json_member(tree, "name"), pv = json_member(tree, "client_path");
+	CHECK(YAJL_IS_STRING(nv) ? d.name && same_text(d.name, d.name_len, nv->u.string) && in_body(d.name, d.name_len)
+	    : d.name == NULL && d.name_len == 0);
+	CHECK(YAJL_IS_STRING(pv) ? d.client_path && same_text(d.client_path, d.client_path_len, pv->u.string) &&
+	    in_body(d.client_path, d.client_path_len) : d.client_path == NULL && d.client_path_len == 0);
+	uint64_t sv;
+	CHECK(ref_u64(tree, "seq", JSON_MAX_SAFE_INT, &sv) ? d.seq == sv : d.seq == 0);
 	if (rc == ERR_OK) {
 		check_name(tree, "name", d.name, d.name_len);
 		uint64_t v;

@@ -164,12 +164,32 @@ with tap.section("errors"):
             ("seq 1000000 of a 1000-byte file", {"name": "dl-1000.bin", "seq": 1000000}, 1018),
             ("seq 2 of a 1000-byte file (offset = size)", {"name": "dl-1000.bin", "seq": 2}, 1018),
             ("seq \"x\"", {"name": "dl-1000.bin", "seq": "x"}, 1001),
+            ("seq 0", {"name": "dl-1000.bin", "seq": 0}, 1017),
+            ("client_path 42", {"name": "dl-1000.bin", "seq": 3, "client_path": 42}, 1001),
+            ("name 42", {"name": 42, "seq": 4}, 1001),
         ]:
             name = kw.pop("name")
             seq = kw.pop("seq", 1)
+            # Each request its own seq and client_path: an echo cannot come from another one.
+            kw.setdefault("client_path", "C:/Users/u/Downloads/%s %s" % (seq, label))
+            if seq == 1:
+                seq = "%d" % (1 + len(label))   # a string form: echoed as a number
             r, raw = dl_request(c, name, seq, **kw)
             tap.ok(raw.get("error") == want and is_num(raw.get("error")),
                    "1033 of %s answers 1034 with error %d" % (label, want), c.last_raw)
+            # Answers are matched to requests by seq, name and client_path (the Qt client reads seq):
+            # errors echo them too, each as sent when it has its form, else 0 or "".
+            echo = {"seq": int(seq) if str(seq).isdigit() else 0, "name": name if isinstance(name, str) else "",
+                    "client_path": kw["client_path"] if isinstance(kw["client_path"], str) else ""}
+            got = {k: raw.get(k) for k in echo}
+            tap.ok(got == echo and is_num(raw.get("seq")) and isinstance(raw.get("message"), str)
+                   and "data" not in raw and "is_last" not in raw,
+                   "... and echoes seq, name and client_path %r" % (echo,), c.last_raw)
+        # A body that is not JSON: nothing was read, so nothing is echoed; a clean 1001.
+        c.send_raw(h.frame(h.MSG_DOWNLOAD, b'{"name": "dl-1000.bin", "seq": 2, "client_path": "x",'))
+        raw = c.recv_json(h.MSG_DOWNLOAD + 1)
+        tap.ok(raw.get("error") == 1001 and set(raw) == {"error", "message"} and "JSON" in raw.get("message", ""),
+               "a malformed 1033 answers 1034 with only error 1001 and a message", c.last_raw)
         tap.eq(c.request(h.MSG_TEST, {"data": "open"}).get("data"), "open", "the connection stays open after errors")
         redis_barrier(c)
     tap.ok(not redis.cmd("KEYS", "file_download_*"), "refused downloads leave no download key",

@@ -1,4 +1,5 @@
-# test_http.py: the master's HTTP listener (http_listen): /metrics as show metrics, /health as the agent-check, the status page with hostile names escaped, 404/405, slow clients that block nothing (slowloris from one address included), and a stats socket client that never reads.
+# test_http.py: the master's HTTP listener (http_listen): /metrics as show metrics, /health as the agent-check, the status page with hostile names escaped (markup, and bidirectional controls shown as visible escapes), 404/405, slow clients that block nothing (slowloris from one address included), and a stats socket client that never reads.
+import html
 import html.parser
 import http.client
 import json
@@ -20,6 +21,10 @@ tap = h.Tap(deadline=240)
 UID, TOKEN = 4201, "tok-4201-http"
 # Valid names (PROTOCOL.md: no / \ or control characters) that are markup if written raw.
 HOSTILE = ['<script>alert(1)<script>.txt', '<img src=x onerror=alert(1)>"\'&amp;.bin']
+# A valid name whose right-to-left override (U+202E) and left-to-right isolate (U+2066) would make a
+# browser show "invoice exe.pdf": the page must show them as visible escapes, never act on them.
+BIDI = "invoice \u2066x\u202efdp.exe"
+BIDI_SHOWN = "invoice \\u2066x\\u202efdp.exe"
 
 redis = h.RedisServer().start()
 redis.set_token(UID, TOKEN)
@@ -185,7 +190,7 @@ class Page(html.parser.HTMLParser):
 
 
 with tap.section("status page"):
-    ups = [h.Upload(os.urandom(3000), n, UID, TOKEN, chunk_size=1000) for n in HOSTILE]
+    ups = [h.Upload(os.urandom(3000), n, UID, TOKEN, chunk_size=1000) for n in HOSTILE + [BIDI]]
     holder = d.connect()
     for up in ups:
         r = up.send_chunk(holder, 0, 1)
@@ -205,6 +210,12 @@ with tap.section("status page"):
            "both hostile names shown as text in the transfers table")
     tap.ok(all(n not in page for n in HOSTILE) and "&lt;script&gt;alert(1)&lt;script&gt;.txt" in page,
            "the raw names are not in the HTML source, their escaped forms are")
+    tap.ok(BIDI_SHOWN in p.names, "the name with U+202E and U+2066 is shown with them as visible \\u escapes",
+           repr(p.names))
+    decoded = html.unescape(page)
+    tap.ok("\u202e" not in decoded and "\u2066" not in decoded,
+           "neither U+202E nor U+2066 is on the page, raw or as a character reference",
+           repr([line for line in page.splitlines() if "fdp.exe" in line]))
     tap.ok("<progress" in page and p.refresh and int(p.refresh) > 0, "progress bars and an automatic refresh")
     text = " ".join(" ".join(p.text).split())
     tap.ok("Processes" in text and "storage" in text and "worker" in text and "uptime" in text,
@@ -230,8 +241,9 @@ with tap.section("status page"):
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=90, text=True)
         dom = Page()
         dom.feed(r.stdout)
-        tap.ok(r.returncode == 0 and "script" not in dom.tags and set(HOSTILE) <= set(dom.names),
-               "headless Chromium: the DOM has the names as text and no script or img element",
+        tap.ok(r.returncode == 0 and "script" not in dom.tags and set(HOSTILE + [BIDI_SHOWN]) <= set(dom.names),
+               "headless Chromium: the DOM has the names as text (bidirectional controls as escapes) and no script or "
+               "img element",
                repr((r.returncode, r.stdout[:300])))
     holder.close()
 

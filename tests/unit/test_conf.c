@@ -4,6 +4,7 @@
 
 #include "backend.h"
 #include "conf.h"
+#include "frame.h"
 #include "log.h"
 
 #include <errno.h>
@@ -59,7 +60,11 @@ START_TEST(test_defaults)
 	ck_assert_str_eq(c.user, "");
 	ck_assert_str_eq(c.group, "");
 	ck_assert_str_eq(c.node, "");
-	ck_assert_int_eq(c.max_frame, 262144);
+	/* One constant for the server's default and for what resctl assumes of a server (frame.h);
+	 * its value is the documented one (resourced.conf(5)). */
+	ck_assert_int_eq(c.max_frame, FRAME_MAX_DEFAULT);
+	ck_assert_int_eq(FRAME_MAX_DEFAULT, 262144);
+	ck_assert_str_eq(FRAME_MAX_DEFAULT_TEXT, "262144");
 	ck_assert_int_eq(c.output_cap, 1048576);
 	ck_assert_int_eq(c.idle_timeout, 300);
 	ck_assert_int_eq(c.frame_timeout, 30);

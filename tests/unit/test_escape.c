@@ -111,8 +111,8 @@ END_TEST
 
 START_TEST(test_html_controls_and_bad_utf8)
 {
-	ck_assert_str_eq(html("a\nb\0c\x7f", 6, 64), "a&#xfffd;b&#xfffd;c&#xfffd;");
-	ck_assert_str_eq(html("\xc2\x85", 2, 64), "&#xfffd;&#xfffd;");           /* C1 NEL: two units */
+	ck_assert_str_eq(html("a\nb\0c\x7f", 6, 64), "a\\u000ab\\u0000c\\u007f");
+	ck_assert_str_eq(html("\xc2\x85", 2, 64), "\\u0085");                     /* C1 NEL */
 	ck_assert_str_eq(html("\xff<", 2, 64), "&#xfffd;&lt;");                   /* a stray byte */
 	ck_assert_str_eq(html("\xed\xa0\x80", 3, 64), "&#xfffd;&#xfffd;&#xfffd;"); /* a surrogate */
 	/* Of every byte value, nothing markup-like or control-like comes out raw. */
@@ -129,12 +129,52 @@ START_TEST(test_html_controls_and_bad_utf8)
 }
 END_TEST
 
+START_TEST(test_html_invisible_shown)
+{
+	/* A character reference (&#x202e;) still reorders the text in a browser: these are shown as
+	 * visible escapes, the same characters escape_quoted escapes. */
+	ck_assert_str_eq(html("a\xe2\x80\xae" "gpj.exe", 11, 64), "a\\u202egpj.exe");   /* U+202E RLO */
+	ck_assert_str_eq(html("\xe2\x81\xa6" "x", 4, 64), "\\u2066x");                 /* U+2066 LRI */
+	ck_assert_str_eq(html("\xe2\x80\xa8\xe2\x80\x8b\xc2\xad\xef\xbb\xbf\xd8\x9c", 13, 64),
+	    "\\u2028\\u200b\\u00ad\\ufeff\\u061c");
+	ck_assert_str_eq(html("\xe2\x80\x94 \xc2\xa0", 6, 64), "\xe2\x80\x94 \xc2\xa0"); /* em dash, NBSP stay */
+	/* A backslash is doubled, so a name cannot pass itself off as an escape. */
+	ck_assert_str_eq(html("a\\u202e", 7, 64), "a\\\\u202e");
+	/* Every character escape_quoted escapes is shown escaped here too, and no other one. */
+	for (uint32_t cp = 0x80; cp < 0x10000; cp++) {
+		if (cp >= 0xd800 && cp <= 0xdfff)
+			continue;
+		char in[4], q[ESCAPE_SIZE(3)];
+		size_t n = cp < 0x800 ? 2 : 3;
+		if (n == 2) {
+			in[0] = (char)(0xc0 | cp >> 6);
+			in[1] = (char)(0x80 | (cp & 0x3f));
+		} else {
+			in[0] = (char)(0xe0 | cp >> 12);
+			in[1] = (char)(0x80 | (cp >> 6 & 0x3f));
+			in[2] = (char)(0x80 | (cp & 0x3f));
+		}
+		escape_quoted(q, sizeof(q), in, n);
+		const char *o = html(in, n, 64);
+		int quoted_escapes = q[0] == '\\', html_escapes = o[0] == '\\';
+		ck_assert_msg(quoted_escapes == html_escapes, "U+%04X: escape_quoted %s, escape_html %s", (unsigned)cp, q, o);
+		if (html_escapes) {
+			char want[8];
+			snprintf(want, sizeof(want), "\\u%04x", (unsigned)cp);
+			ck_assert_str_eq(o, want);
+		}
+	}
+}
+END_TEST
+
 START_TEST(test_html_cut_whole)
 {
 	ck_assert_str_eq(html("ab<", 3, 5), "ab");         /* "&lt;" does not fit: left out whole */
 	ck_assert_str_eq(html("ab<", 3, 7), "ab&lt;");
 	ck_assert_str_eq(html("ab\xe6\x96\x87", 5, 5), "ab");
-	ck_assert_str_eq(html("ab\n", 3, 10), "ab");       /* "&#xfffd;" is 8 bytes */
+	ck_assert_str_eq(html("ab\xff", 3, 10), "ab");     /* "&#xfffd;" is 8 bytes */
+	ck_assert_str_eq(html("ab\n", 3, 8), "ab");        /* "\u000a" is 6 */
+	ck_assert_str_eq(html("ab\n", 3, 9), "ab\\u000a");
 	char one[1];
 	ck_assert_uint_eq(escape_html(one, 1, "<", 1), 0);
 	ck_assert_str_eq(one, "");
@@ -151,6 +191,7 @@ static Suite *escape_suite(void)
 	tcase_add_test(tc, test_utf8_prefix);
 	tcase_add_test(tc, test_html_markup_escaped);
 	tcase_add_test(tc, test_html_controls_and_bad_utf8);
+	tcase_add_test(tc, test_html_invisible_shown);
 	tcase_add_test(tc, test_html_cut_whole);
 	suite_add_tcase(s, tc);
 	return s;

@@ -970,17 +970,17 @@ static int download_k(int anonymous, struct proto_download *out, ...)
 	if (rc != ERR_OK)
 		return rc;
 	rc = proto_parse_download(&fields, &lim, out, msg, sizeof(msg));
-	/* Copy the strings out before the next body replaces them. */
+	/* Copy the strings out before the next body replaces them (kept on errors too: echoed). */
 	dl_name[0] = dl_client_path[0] = '\0';
-	if (rc == ERR_OK) {
+	if (out->name != NULL) {
 		ck_assert_uint_lt(out->name_len, sizeof(dl_name));
 		memcpy(dl_name, out->name, out->name_len);
 		dl_name[out->name_len] = '\0';
-		if (out->client_path != NULL) {
-			ck_assert_uint_lt(out->client_path_len, sizeof(dl_client_path));
-			memcpy(dl_client_path, out->client_path, out->client_path_len);
-			dl_client_path[out->client_path_len] = '\0';
-		}
+	}
+	if (out->client_path != NULL) {
+		ck_assert_uint_lt(out->client_path_len, sizeof(dl_client_path));
+		memcpy(dl_client_path, out->client_path, out->client_path_len);
+		dl_client_path[out->client_path_len] = '\0';
 	}
 	return rc;
 }
@@ -1047,6 +1047,48 @@ START_TEST(test_download_errors)
 	assert_msg_names("token");
 	ck_assert_int_eq(download_k(0, &d, "uid", NULL, NULL), ERR_JSON);
 	assert_msg_names("uid");
+}
+END_TEST
+
+/* A 1034 error answer echoes seq, name and client_path: the parser keeps each that has its form,
+ * whichever check fails, and nothing of a field that does not. */
+START_TEST(test_download_errors_keep_echoed_fields)
+{
+	struct proto_download d;
+	static const char path[] = "C:/Users/me/Downloads/hello.txt";
+	/* Credentials fail last: everything was read. */
+	ck_assert_int_eq(download_k(0, &d, "token", NULL, "seq", "7", NULL), ERR_JSON);
+	ck_assert_str_eq(dl_name, "hello.txt");
+	ck_assert_uint_eq(d.seq, 7);
+	ck_assert_str_eq(dl_client_path, path);
+	/* A seq past the end of any file (checked before client_path). */
+	ck_assert_int_eq(download_k(0, &d, "seq", "9007199254740991", NULL), ERR_OFFSET_INVALID);
+	ck_assert_uint_eq(d.seq, UINT64_C(9007199254740991));
+	ck_assert_str_eq(dl_name, "hello.txt");
+	ck_assert_str_eq(dl_client_path, path);
+	/* seq 0 is echoed as sent. */
+	ck_assert_int_eq(download_k(0, &d, "seq", "\"0\"", NULL), ERR_SEQ_INVALID);
+	ck_assert_uint_eq(d.seq, 0);
+	ck_assert_str_eq(dl_client_path, path);
+	/* A name §5 refuses is still the request's name; seq and client_path come along. */
+	ck_assert_int_eq(download_k(0, &d, "name", "\"a/b\"", "seq", "3", NULL), ERR_NAME_INVALID);
+	ck_assert_str_eq(dl_name, "a/b");
+	ck_assert_uint_eq(d.seq, 3);
+	ck_assert_str_eq(dl_client_path, path);
+	/* Fields of the wrong form are left out (NULL, 0), the others kept. */
+	ck_assert_int_eq(download_k(0, &d, "name", "42", "seq", "5", NULL), ERR_JSON);
+	ck_assert_ptr_null(d.name);
+	ck_assert_uint_eq(d.name_len, 0);
+	ck_assert_uint_eq(d.seq, 5);
+	ck_assert_str_eq(dl_client_path, path);
+	ck_assert_int_eq(download_k(0, &d, "seq", "\"1a\"", NULL), ERR_JSON);
+	ck_assert_uint_eq(d.seq, 0);
+	ck_assert_str_eq(dl_name, "hello.txt");
+	ck_assert_int_eq(download_k(0, &d, "client_path", "42", "seq", "2", NULL), ERR_JSON);
+	ck_assert_ptr_null(d.client_path);
+	ck_assert_uint_eq(d.client_path_len, 0);
+	ck_assert_uint_eq(d.seq, 2);
+	ck_assert_str_eq(dl_name, "hello.txt");
 }
 END_TEST
 
@@ -1131,6 +1173,7 @@ static Suite *proto_suite(void)
 	tcase_add_test(tc, test_download);
 	tcase_add_test(tc, test_download_client_path_optional);
 	tcase_add_test(tc, test_download_errors);
+	tcase_add_test(tc, test_download_errors_keep_echoed_fields);
 	tcase_add_test(tc, test_download_seq_overflow);
 	suite_add_tcase(s, tc);
 	return s;
