@@ -293,7 +293,9 @@ class Storm:
                    "%s: idle upload %s has 3 chunks acknowledged before the fault" % (self.label, q.name), repr(r))
 
     def start(self, deadline):
-        self.worker_pids_at_start = sorted(self.d.worker_pids())   # read before the storm, not at the strike
+        # Read before the storm, not at the strike (scanning /proc under load takes long).
+        self.worker_pids_at_start = sorted(self.d.worker_pids())
+        self.storage_pid_at_start = self.d.storage_pid()
         def up_body(u):
             try:
                 u.result = u.complete(self.d.port, deadline)
@@ -594,20 +596,23 @@ def kill_storage(storm):
     """Twice: a third of the way in, and again once uploads are being completed (hashed, published)."""
     d = storm.d
     probes = []
+    # The pid is known before each strike: finding it scans /proc, which under load took long enough
+    # for every upload to complete between the moment and the kill.
+    old = storm.storage_pid_at_start
     for n in (1, 2):
         # The first completion is the moment: waiting for a second one let a starved test thread
         # (ASan, load 10) see all 16 done before it struck (the hash stage made uploads faster).
         if n == 2 and not h.wait_for(lambda: any(u.done_at(time.monotonic()) for u in storm.ups), 60, 0.001):
             tap.ok(False, "(b): an upload completes after the first kill", repr(storm.progress()))
-        old = d.storage_pid()
         snap = storm.mark_fault()
         os.kill(old, signal.SIGKILL)
         tap.diag("(b): SIGKILLed storage %d (kill %d)" % (old, n))
         # Downloads never go through the storage process; on RADOS (memstore reads) they are often all
         # through by the first kill, so there only the uploads must be in flight.
         storm.check_in_flight(snap, downloads=n == 1 and not RADOS)
-        tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old), 15), "(b): a new storage process runs (kill %d)" % n,
-               repr(d.processes()))
+        new = h.wait_for(lambda: (lambda p: p if p not in (None, old) else None)(d.storage_pid()), 15)
+        tap.ok(new, "(b): a new storage process runs (kill %d)" % n, repr(d.processes()))
+        old = new
         # The probe runs beside the transfers, so the second kill still finds uploads being completed.
         probes.append(threading.Thread(target=storm.probe, args=(snap,), daemon=True))
         probes[-1].start()
