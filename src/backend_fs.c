@@ -885,6 +885,28 @@ static int fs_publish(struct backend_staging *s, uint64_t fence, int *flags)
 	return err;
 }
 
+/* Makes <root>/<uid> if it is missing (flushing the root when it was made), and refuses one that
+ * is not a directory of its own: a symbolic link planted there would take the published file out
+ * of the root. ENOTDIR or mkdir's errno, with BACKEND_PATH_FAILED in flags. */
+static int user_dir_make(const struct conf *conf, const char *dir, int *flags)
+{
+	if (mkdir(dir, 0750) == 0) {
+		if (conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
+			log_warn("fsync(%s) failed", conf->root);   /* rare; the directory fsync after publishing decides */
+		return 0;
+	}
+	int err = errno;
+	struct stat sb;
+	if (err == EEXIST && lstat(dir, &sb) == 0)
+		err = S_ISDIR(sb.st_mode) ? 0 : ENOTDIR;
+	if (err) {
+		if (err == ENOTDIR)
+			log_warnx("%s is not a directory (a symbolic link?): nothing is published there", dir);
+		*flags |= BACKEND_PATH_FAILED;
+	}
+	return err;
+}
+
 static int publish_locked(struct backend_staging *s, int *flags)
 {
 	const struct conf *conf = s->fs->conf;
@@ -894,13 +916,8 @@ static int publish_locked(struct backend_staging *s, int *flags)
 		err = path_format(final, sizeof(final), "%s/%.*s", dir, (int)s->meta.name_len, s->meta.name);
 	if (err)
 		return err;
-	int created = mkdir(dir, 0750) == 0;
-	if (!created && errno != EEXIST) {
-		*flags |= BACKEND_PATH_FAILED;
-		return errno;
-	}
-	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
-		log_warn("fsync(%s) failed", conf->root);   /* rare; the directory fsync below decides the answer */
+	if ((err = user_dir_make(conf, dir, flags)) != 0)
+		return err;
 	if (rename(s->part, final) < 0)
 		return errno;
 	unlink(s->metafile);
@@ -912,12 +929,12 @@ static int publish_locked(struct backend_staging *s, int *flags)
 
 /* Opens path for reading if it is a regular file (never through a symbolic link, never waiting on a
  * FIFO); its stat goes to sb. ENOENT for anything else. */
-static int file_open_regular(const char *path, struct backend_file **out, struct stat *sb)
+static int file_open_regular_at(int dirfd, const char *path, struct backend_file **out, struct stat *sb)
 {
 	struct backend_file *f = malloc(sizeof(*f));
 	if (f == NULL)
 		return ENOMEM;
-	f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	f->fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	if (f->fd < 0) {
 		int err = errno;
 		free(f);
@@ -932,16 +949,31 @@ static int file_open_regular(const char *path, struct backend_file **out, struct
 	return 0;
 }
 
+static int file_open_regular(const char *path, struct backend_file **out, struct stat *sb)
+{
+	return file_open_regular_at(AT_FDCWD, path, out, sb);
+}
+
 static void fs_file_close(struct backend_file *f);
 
 static int fs_file_open(const struct backend *b, uint64_t uid, const char *name, size_t name_len,
     struct backend_file **out, uint64_t *size, char version[BACKEND_VERSION_MAX])
 {
-	char path[PATH_MAX];
-	int err = path_format(path, sizeof(path), "%s/%" PRIu64 "/%.*s", b->conf->root, uid, (int)name_len, name);
+	char dir[PATH_MAX], leaf[NAME_MAX + 1];
+	int err = path_format(dir, sizeof(dir), "%s/%" PRIu64, b->conf->root, uid);
+	if (err == 0)
+		err = path_format(leaf, sizeof(leaf), "%.*s", (int)name_len, name);
+	if (err)
+		return err;
+	/* <root>/<uid> is opened on its own, never through a symbolic link (publishing refuses one too). */
+	int dirfd = open(dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (dirfd < 0)
+		return errno == ENOTDIR || errno == ELOOP ? ENOENT : errno;
 	struct backend_file *f = NULL;
 	struct stat sb;
-	if (err || (err = file_open_regular(path, &f, &sb)) != 0)
+	err = file_open_regular_at(dirfd, leaf, &f, &sb);
+	close(dirfd);
+	if (err)
 		return err;
 	/* A replacement is a new inode (rename); inode, size and modification time (ns) tell it apart
 	 * even from an inode number the file system reuses later (a new file is written later). Not
@@ -1088,16 +1120,11 @@ static int fs_publish_from_content(struct backend_staging *s, const struct backe
 		fence_leave(s);
 		return ENOENT;
 	}
-	int created = mkdir(dir, 0750) == 0;
-	if (!created && errno != EEXIST) {
-		err = errno;
+	if ((err = user_dir_make(conf, dir, flags)) != 0) {
 		unlink(tmp);
-		*flags |= BACKEND_PATH_FAILED;
 		fence_leave(s);
 		return err;
 	}
-	if (created && conf->fsync_policy != FSYNC_NONE && fsync_dir(conf->root) != 0)
-		log_warn("fsync(%s) failed", conf->root);
 	if (rename(tmp, final) < 0) {
 		err = errno;
 		unlink(tmp);

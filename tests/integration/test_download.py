@@ -376,6 +376,33 @@ with tap.section("resctl download"):
     tap.ok(rc == 0 and os.path.exists(empty_out) and os.path.getsize(empty_out) == 0,
            "resctl download of the empty file makes an empty file", "exit %r\n%s%s" % (rc, so, se))
 
+if h.TEST_BACKEND == "rados":
+    tap.skip("a symbolic link as <root>/<uid>", "the file system backend's directories")
+else:
+    with tap.section("a symbolic link as <root>/<uid>"):
+        # Someone with write access to the root plants <root>/<uid> -> a directory elsewhere: the
+        # server must neither serve from there nor publish into it.
+        W = 4009
+        TOK[W] = "tok-%d" % W
+        redis.set_token(W, TOK[W])
+        outside = h.temp_dir("outside")
+        with open(os.path.join(outside, "secret.txt"), "wb") as f:
+            f.write(b"not under the root")
+        link = os.path.join(d.root, str(W))
+        os.symlink(outside, link)
+        with h.Client(d.port) as c:
+            r, _ = dl_request(c, "secret.txt", 1, uid=W, token=TOK[W])
+        tap.eq(r.get("error"), 1012, "a download through the link is 1012 (no such file), not the file outside")
+        up = h.Upload(rbytes(70000), "planted.bin", W, TOK[W], chunk_size=65536)
+        with h.Client(d.port) as c:
+            r, _, _ = up.run(c)
+        tap.eq(r.get("error"), 1014, "an upload whose user directory is a link ends in 1014")
+        tap.eq(sorted(os.listdir(outside)), ["secret.txt"], "nothing was written through the link")
+        tap.ok(d.log_count("is not a directory") >= 1, "the log says why", d.log_tail(5))
+        os.unlink(link)
+        upload(rbytes(70000), "after-link.bin", uid=W, what="with the link gone, the same user uploads normally")
+
+
 with tap.section("daemon still healthy"):
     tap.ok(d.ping(), "1001 still answered at the end")
     died = [l for l in d.log_text().splitlines() if "killed by signal" in l or "exited with status" in l]
