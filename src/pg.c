@@ -35,7 +35,7 @@ struct pg {
 	int connected;
 	ev_io io;
 	ev_timer retry;            /* reconnect and rescan */
-	ev_timer query_timer;      /* bounds one query */
+	ev_timer query_timer;      /* bounds one query, or one connection attempt */
 	struct pg_item *head, *tail;
 	uint64_t busy_uid;         /* the update in flight */
 	char busy_name[256];
@@ -276,6 +276,7 @@ static void pg_on_io(struct ev_loop *loop, ev_io *w, int revents)
 			return;
 		}
 		pg->connected = 1;
+		ev_timer_stop(pg->loop, &pg->query_timer);
 		PQsetnonblocking(pg->conn, 1);
 		ev_io_stop(pg->loop, &pg->io);
 		ev_io_set(&pg->io, PQsocket(pg->conn), EV_READ);
@@ -313,7 +314,10 @@ static void pg_on_query_timeout(struct ev_loop *loop, ev_timer *t, int revents)
 	(void)loop;
 	(void)revents;
 	struct pg *pg = t->data;
-	pg_reset(pg, "query timed out: reconnecting");
+	/* A server that accepts the connection but never answers (stopped, hung) would hold the
+	 * connection attempt for ever: it is bounded like a query. */
+	pg_reset(pg, pg->connected ? "query timed out: reconnecting" :
+	    "connecting took longer than [postgres] timeout: trying again");
 }
 
 static void pg_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
@@ -368,6 +372,8 @@ static void pg_connect(struct pg *pg)
 	ev_io_init(&pg->io, pg_on_io, PQsocket(pg->conn), EV_WRITE);
 	pg->io.data = pg;
 	ev_io_start(pg->loop, &pg->io);
+	ev_timer_set(&pg->query_timer, pg->conf->pg_timeout, 0.);
+	ev_timer_start(pg->loop, &pg->query_timer);
 }
 
 struct pg *pg_create(struct ev_loop *loop, const struct conf *conf, struct rds *redis,

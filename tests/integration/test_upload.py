@@ -699,6 +699,30 @@ with tap.section("PostgreSQL outage"):
     tap.ok(info and info.get("uid") == 2003 and info.get("name") == "carol", "ubaseinfo_2003 is written", repr(info))
     tap.eq(icon_of(2001), "alice-face.png", "uid 2001's icon unchanged")
 
+with tap.section("PostgreSQL hangs while the storage process reconnects"):
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    connected_before = d.log_count("postgres: connected")
+    slow_before = d.log_count("connecting took longer than [postgres] timeout")
+    # The daemon's connection ends, and the postmaster stops: the kernel still accepts the next
+    # connection, which then waits for a startup answer that never comes.
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+           "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        av = new_upload(CH + 7, "bob-face-2.png", uid=2002, msg_id=h.MSG_AVATAR)
+        with h.Client(d.port, timeout=30) as c:
+            r, _, _ = av.run(c)
+        tap.eq(r.get("error"), 0, "an avatar uploaded while PostgreSQL hangs succeeds")
+        tap.ok(h.wait_for(lambda: d.log_count("connecting took longer than [postgres] timeout") > slow_before, 20),
+               "the connection attempt that gets no answer is given up after [postgres] timeout", d.log_tail(8))
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    tap.ok(h.wait_for(lambda: d.log_count("postgres: connected") > connected_before, 20),
+           "the storage process connects again once PostgreSQL answers")
+    icon = h.wait_for(lambda: icon_of(2002) == av.name and icon_of(2002), 20, 0.2)
+    tap.eq(icon, av.name, "the queued icon update is applied")
+
 
 # ---------------------------------------------------------------- concurrency
 def upload_thread(up, barrier=None):
