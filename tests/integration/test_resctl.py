@@ -216,6 +216,17 @@ tap.ok(rc == 1 and "token is wrong" in se and "1010" not in se, "a bad token: sa
 rc, so, se = resctl("download", ADDR, NAME, os.path.join(work, "badtok.bin"), "--uid", UID, "--token", "wrong",
                     "--verbose")
 tap.ok("1010" in se and "TokenInvalid" in se, "--verbose adds the code and its name", se)
+# With --uid the download takes the binary path: its errors are said the same way as JSON's.
+for path_args, path_name in (([], "binary"), (["--compat"], "JSON")):
+    rc, so, se = resctl("download", ADDR, "no-such-name.bin", os.path.join(work, "nosuch.bin"), *CRED, *path_args)
+    tap.ok(rc == 1 and "no such file on the server" in se and "1012" not in se and "FileNotExists" not in se,
+           "download of a missing name (%s path): said in words, no code" % path_name, se)
+rc, so, se = resctl("download", ADDR, "no-such-name.bin", os.path.join(work, "nosuch.bin"), *CRED, "--verbose")
+tap.ok(rc == 1 and "1012" in se and "FileNotExists" in se, "... and --verbose adds the code on the binary path", se)
+rc, so, se = resctl("upload", ADDR, os.path.join(work, "sync-me.bin"), "--name", "anon.bin",
+                    env={k: v for k, v in os.environ.items() if k != "RESCTL_TOKEN"})
+tap.ok(rc == 1 and "needs credentials" in se and "--uid" in se and "--token" in se,
+       "an upload without --uid to a server that wants one says which options to give", se)
 rc, so, se = resctl("download", dead, NAME, os.path.join(work, "notoken.bin"), "--uid", UID,
                     env={k: v for k, v in os.environ.items() if k != "RESCTL_TOKEN"})
 tap.ok(rc == 2 and "--uid needs" in se and "retrying" not in se,
