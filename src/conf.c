@@ -307,6 +307,92 @@ int conf_parse_hostports(const char *list, struct conf_hostport *out, int max)
 	}
 }
 
+#define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))
+
+/* Edits (insert, delete, replace, swap of neighbours) from a to b, counted up to 3. */
+static int spelling_distance(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	if (la > 40 || lb > 40)
+		return 3;
+	int d[41][41];
+	for (size_t i = 0; i <= la; i++)
+		d[i][0] = (int)i;
+	for (size_t j = 0; j <= lb; j++)
+		d[0][j] = (int)j;
+	for (size_t i = 1; i <= la; i++)
+		for (size_t j = 1; j <= lb; j++) {
+			int best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+			if (d[i - 1][j] + 1 < best)
+				best = d[i - 1][j] + 1;
+			if (d[i][j - 1] + 1 < best)
+				best = d[i][j - 1] + 1;
+			if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < best)
+				best = d[i - 2][j - 2] + 1;
+			d[i][j] = best;
+		}
+	return d[la][lb] < 3 ? d[la][lb] : 3;
+}
+
+static int section_known(const char *section)
+{
+	for (size_t i = 0; i < CONF_NKEYS; i++)
+		if (strcmp(conf_keys[i].section, section) == 0)
+			return 1;
+	return 0;
+}
+
+/* What an unknown key most likely is, for its error message: a missing '=', a key of another
+ * section, a section written in capitals, or a near spelling of a key. Empty when nothing fits. */
+static void unknown_key_hint(const char *section, const char *name, char *hint, size_t len)
+{
+	hint[0] = '\0';
+	if (strpbrk(name, " \t")) {
+		snprintf(hint, len, " (a key has no spaces: is the '=' missing?)");
+		return;
+	}
+	const struct conf_key *elsewhere = NULL, *near = NULL;
+	int near_score = INT_MAX;
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (strcmp(k->name, name) == 0 && elsewhere == NULL)
+			elsewhere = k;
+		/* One edit for short names, two for longer ones ("port" must not suggest "pool"); the
+		 * fewest edits win, and a key of this section wins a tie. */
+		int distance = spelling_distance(name, k->name);
+		int score = 2 * distance + (strcmp(k->section, section) != 0);
+		if (distance <= (strlen(k->name) <= 5 ? 1 : 2) && score < near_score) {
+			near = k;
+			near_score = score;
+		}
+	}
+	if (!section_known(section)) {
+		for (size_t i = 0; i < CONF_NKEYS; i++)
+			if (strcasecmp(conf_keys[i].section, section) == 0) {
+				snprintf(hint, len, " (section names are lower case: [%s])", conf_keys[i].section);
+				return;
+			}
+	}
+	if (elsewhere)
+		snprintf(hint, len, section[0] ? " (%s is a key of [%s])" : " (before any [section]: %s is a key of [%s])",
+		    name, elsewhere->section);
+	else if (near && strcmp(near->section, section) == 0)
+		snprintf(hint, len, " (did you mean %s?)", near->name);
+	else if (near)
+		snprintf(hint, len, " (did you mean [%s] %s?)", near->section, near->name);
+	else if (!section[0])
+		snprintf(hint, len, " (before any [section] header)");
+	else if (!section_known(section)) {
+		/* The sections in the table's order, each once. */
+		int n = snprintf(hint, len, " (no section [%s]; there are", section);
+		for (size_t i = 0; i < CONF_NKEYS && n > 0 && (size_t)n < len; i++)
+			if (i == 0 || strcmp(conf_keys[i].section, conf_keys[i - 1].section) != 0)
+				n += snprintf(hint + n, len - (size_t)n, " [%s]", conf_keys[i].section);
+		if (n > 0 && (size_t)n < len)
+			snprintf(hint + n, len - (size_t)n, ")");
+	}
+}
+
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
     char *err, size_t errlen)
 {
@@ -321,7 +407,9 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 		}
 		return 0;
 	}
-	snprintf(err, errlen, "[%s] %s: unknown key", section, name);
+	char hint[160];
+	unknown_key_hint(section, name, hint, sizeof(hint));
+	snprintf(err, errlen, "[%s] %s: unknown key%s", section, name, hint);
 	return -1;
 }
 

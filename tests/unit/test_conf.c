@@ -291,9 +291,10 @@ START_TEST(test_unknown_key)
 {
 	expect_load_error("[server]\nworkers = 2\nbogus = 1\nalso_bogus = 2\n", 3, "[server] bogus: unknown key");
 	/* A key that exists, in the wrong section. */
-	expect_load_error("[redis]\nhost = x\nroot = /srv\n", 3, "[redis] root: unknown key");
+	expect_load_error("[redis]\nhost = x\nroot = /srv\n", 3, "[redis] root: unknown key (root is a key of [storage])");
 	/* Before any section. */
-	expect_load_error("workers = 2\n", 1, "[] workers: unknown key");
+	expect_load_error("workers = 2\n", 1, "[] workers: unknown key (before any [section]: workers is a key of [server])");
+	expect_load_error("colour = 2\n", 1, "[] colour: unknown key (before any [section] header)");
 	/* conf_set says the same. */
 	struct conf c;
 	char err[256];
@@ -303,10 +304,32 @@ START_TEST(test_unknown_key)
 }
 END_TEST
 
+/* The likely mistake behind an unknown key is named: a near spelling (of this section's keys
+ * first), a missing '=' (inih then splits at a ':' of the value), capitals in the section. */
+START_TEST(test_unknown_key_hints)
+{
+	expect_load_error("[server]\nlisen = 127.0.0.1:9090\n", 2, "[server] lisen: unknown key (did you mean listen?)");
+	expect_load_error("[redis]\npassowrd = x\n", 2, "[redis] passowrd: unknown key (did you mean password?)");
+	expect_load_error("[redis]\nprot = 1\n", 2, "[redis] prot: unknown key (did you mean port?)");
+	expect_load_error("[log]\naccesslog = /x\n", 2, "[log] accesslog: unknown key (did you mean access_log?)");
+	expect_load_error("[server]\nmax_upload = 5\n", 2,
+	    "[server] max_upload: unknown key (did you mean [storage] max_uploads?)");
+	/* Too far from every key for a guess: the plain message. */
+	expect_load_error("[server]\nstats = /x\n", 2, "[server] stats: unknown key");
+	expect_load_error("[redis]\npoll = 1\n", 2, "[redis] poll: unknown key (did you mean [rados] pool?)");
+	expect_load_error("[server]\nlisten 127.0.0.1:9090\n", 2,
+	    "[server] listen 127.0.0.1: unknown key (a key has no spaces: is the '=' missing?)");
+	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 2,
+	    "[Server] listen: unknown key (section names are lower case: [server])");
+}
+END_TEST
+
 START_TEST(test_unknown_section)
 {
 	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 5,
-	    "[nosuch] listen: unknown key");
+	    "[nosuch] listen: unknown key (listen is a key of [server])");
+	expect_load_error("[nosuch]\nfoo = 1\n", 2, "[nosuch] foo: unknown key (no section [nosuch]; there are "
+	    "[server] [storage] [rados] [redis] [postgres] [log])");
 }
 END_TEST
 
@@ -685,6 +708,7 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_listen_good);
 	tcase_add_test(tc, test_listen_bad);
 	tcase_add_test(tc, test_unknown_key);
+	tcase_add_test(tc, test_unknown_key_hints);
 	tcase_add_test(tc, test_unknown_section);
 	tcase_add_test(tc, test_bad_number);
 	tcase_add_test(tc, test_out_of_range);
