@@ -64,6 +64,7 @@ int main(int argc, char *argv[])
 	/* Start checks the same things -t does, so it fails with the reason instead of half-way. */
 	int problems = preflight_check(&conf, stderr);
 	if (test_only) {
+		problems += preflight_check_running(&conf, stderr);
 		if (problems) {
 			fprintf(stderr, "resourced: configuration file %s test failed (%d problem%s)\n", conf_path,
 			    problems, problems == 1 ? "" : "s");

@@ -686,8 +686,14 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	}
 	/* Before any socket or file of the instance is touched: one instance per
 	 * configuration, and none beside another process on the same address. */
-	if (instance_lock(conf, err, sizeof(err)) < 0 ||
-	    instance_probe_listen(conf->listen_host, conf->listen_port, err, sizeof(err)) < 0) {
+	char why[200];
+	int refused = instance_lock(conf, err, sizeof(err)) < 0;
+	if (!refused && instance_probe_listen(conf->listen_host, conf->listen_port, why, sizeof(why)) < 0) {
+		snprintf(err, sizeof(err), "listen %s:%s: %s; refusing to start", conf->listen_host, conf->listen_port,
+		    why);
+		refused = 1;
+	}
+	if (refused) {
 		log_error("%s", err);
 		if (!foreground || conf->log_file[0])
 			fprintf(stderr, "resourced: %s\n", err);

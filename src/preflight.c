@@ -3,6 +3,7 @@
 #include "preflight.h"
 #include "conf.h"
 #include "control.h"
+#include "instance.h"
 #include "ipc.h"
 #include "link.h"
 
@@ -240,6 +241,47 @@ int preflight_check(const struct conf *c, FILE *report)
 		check_file(&p, "[log] file", c->log_file, NULL, 0);
 	if (c->access_log[0])
 		check_file(&p, "[log] access_log", c->access_log, NULL, 0);
+	return p.problems;
+}
+
+/* One address start will bind: free, or taken by whom. */
+static void probe_address(struct preflight *p, const char *key, const char *value, const char *host,
+    const char *port)
+{
+	char why[300];
+	if (instance_probe_listen(host, port, why, sizeof(why)) < 0)
+		problem(p, key, value, "%s", why);
+}
+
+int preflight_check_running(const struct conf *c, FILE *report)
+{
+	struct preflight p = { report, 0 };
+	long pid = instance_running(c);
+	if (pid != 0) {
+		/* Its own sockets hold the addresses: checking them would only find it. */
+		if (pid > 0)
+			fprintf(report, "resourced: note: resourced (pid %ld) runs with this run_dir; kill -HUP %ld "
+			    "applies this file to it (its addresses were not probed)\n", pid, pid);
+		else if (pid == -2)
+			fprintf(report, "resourced: note: cannot read %s/%s to tell whether resourced runs (run -t as "
+			    "the user it runs as, or root); its addresses were not probed\n", c->run_dir,
+			    INSTANCE_LOCK_NAME);
+		else
+			fprintf(report, "resourced: note: a resourced is starting with this run_dir (its addresses "
+			    "were not probed)\n");
+		return 0;
+	}
+	char listen[300];
+	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
+	probe_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
+	const char *const keys[] = { "[server] agent_listen", "[server] http_listen" };
+	const char *const values[] = { c->agent_listen, c->http_listen };
+	for (size_t i = 0; i < 2; i++) {
+		char host[256];
+		const char *port = values[i][0] ? split_host_port(values[i], host, sizeof(host)) : NULL;
+		if (port)   /* one that does not parse was reported already */
+			probe_address(&p, keys[i], values[i], host, port);
+	}
 	return p.problems;
 }
 

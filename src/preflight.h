@@ -12,6 +12,11 @@ struct conf;
  * of problems (warnings do not count). */
 int preflight_check(const struct conf *conf, FILE *report);
 
+/* For -t: when no instance holds conf's run_dir, that listen, agent_listen and
+ * http_listen are free to bind (start refuses an address another process holds);
+ * when one does, a note naming its pid instead. Returns the problems reported. */
+int preflight_check_running(const struct conf *conf, FILE *report);
+
 /* The part of preflight_check a reload must pass before it replaces anything: what the storage
  * process needs to start (run_dir, [storage] root, a conninfo libpq can parse). Runs as the user
  * the master runs as by then, like the storage process it would start. Same report and result. */

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,26 @@ two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
 tap.ok(rc == 1 and "[storage] root" in out and "[log] file" in out and "2 problems" in out,
        "-t reports every problem, not only the first", out)
 tap.ok(not os.path.exists(missing), "-t created nothing")
+# Addresses taken by another process: start refuses them, so -t names them (with the holder's pid).
+# The running daemon's own configuration is not "in use" by itself: -t names its pid for a reload.
+rc, out = d.check_config(d.conf_path)
+tap.ok(rc == 0 and "pid %d" % d.master_pid in out and "kill -HUP" in out,
+       "-t of the running daemon's configuration: valid, and a note naming its pid", out)
+other_run = os.path.join(case_dir, "other-run")
+holder = socket.socket()
+holder.bind(("127.0.0.1", 0))
+holder.listen(1)
+held = "127.0.0.1:%d" % holder.getsockname()[1]
+_, (rc, out) = check_with({"server": {"run_dir": other_run, "pid_file": os.path.join(other_run, "r.pid"),
+                                      "agent_listen": held, "http_listen": held}}, "taken")
+tap.ok(rc == 1 and "[server] listen 127.0.0.1:%d" % d.port in out and "already listens there" in out
+       and any("pid %d" % p in out for p in d.processes()),
+       "-t names a listen address another instance holds, and a process of it", out)
+tap.ok("[server] agent_listen %s" % held in out and "[server] http_listen %s" % held in out
+       and "pid %d" % os.getpid() in out and "3 problems" in out,
+       "-t names agent_listen and http_listen held by another process, with its pid", out)
+holder.close()
+tap.ok(not os.path.exists(other_run), "... and created nothing (not the run_dir it probed)")
 # [ipv6]:port, as [server] listen takes it, for the agent and HTTP listeners too.
 _, (rc, out) = check_with({"server": {"agent_listen": "[::1]:%d" % h.free_port(),
                                       "http_listen": "[::1]:%d" % h.free_port()}}, "ipv6")
