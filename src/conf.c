@@ -23,11 +23,13 @@ struct conf_key {
 	size_t size;         /* for strings */
 	int64_t min, max;    /* for numbers */
 	const char *def;     /* default, parsed like a file value */
-	int scope;           /* SCOPE_STORAGE: the storage process reads it (a reload that changes it restarts storage) */
+	int scope;           /* SCOPE_* bits: who reads it, and whether a reload can change it */
 };
 
-/* Who reads a key: the master and the workers, or the storage process too. */
-enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1 };
+/* Who reads a key: the master and the workers, or the storage process too (a reload that changes
+ * it restarts storage); SCOPE_START: applied once at start (bound, locked, switched to), so a
+ * reload keeps the running value. */
+enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1, SCOPE_START = 2 };
 
 #define S(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
 #define N(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
@@ -35,10 +37,10 @@ enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1 };
 static const struct conf_key conf_keys[] = {
 	{ "server", "listen", T_LISTEN, 0, 0, 0, 0, "0.0.0.0:9090", SCOPE_WORKERS },
 	{ "server", "workers", T_WORKERS, N(workers), 1, 256, "auto", SCOPE_WORKERS },
-	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced", SCOPE_STORAGE },
-	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid", SCOPE_WORKERS },
-	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced", SCOPE_STORAGE | SCOPE_START },
+	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid", SCOPE_START },
+	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_START },
+	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_START },
 	{ "server", "node", T_STR, S(node), 0, 0, "", SCOPE_STORAGE },
 	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, "262144", SCOPE_WORKERS },
 	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576", SCOPE_WORKERS },
@@ -52,9 +54,9 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30", SCOPE_WORKERS },
 	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30", SCOPE_WORKERS },
 	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3", SCOPE_WORKERS },
-	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_START },
+	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_START },
+	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_START },
 	{ "server", "link_ring", T_INT64, N(link_ring), 0, 1 << 30, "33554432", SCOPE_WORKERS },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off", SCOPE_WORKERS },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced", SCOPE_STORAGE },
@@ -413,20 +415,65 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 	return -1;
 }
 
-int conf_storage_equal(const struct conf *a, const struct conf *b)
+/* Appends ", [section] key" (no comma for the first) to out; a list that does not fit ends in "...". */
+static void name_append(char *out, size_t outlen, size_t *used, int first_done, const struct conf_key *k)
 {
-	for (size_t i = 0; i < sizeof(conf_keys) / sizeof(conf_keys[0]); i++) {
+	if (*used >= outlen)
+		return;
+	int n = snprintf(out + *used, outlen - *used, "%s[%s] %s", first_done ? ", " : "", k->section, k->name);
+	if (n < 0 || (size_t)n >= outlen - *used) {
+		if (outlen >= 4)
+			snprintf(out + outlen - 4, 4, "...");
+		*used = outlen;
+	} else {
+		*used += (size_t)n;
+	}
+}
+
+int conf_keep_start_keys(const struct conf *running, struct conf *next, char *out, size_t outlen)
+{
+	int kept = 0;
+	size_t used = 0;
+	if (outlen)
+		out[0] = '\0';
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
 		const struct conf_key *k = &conf_keys[i];
-		if (k->scope != SCOPE_STORAGE)
+		if (!(k->scope & SCOPE_START))
+			continue;
+		const char *was = (const char *)running + k->offset;
+		char *now = (char *)next + k->offset;
+		if (strcmp(was, now) == 0)   /* every SCOPE_START key is a string */
+			continue;
+		memcpy(now, was, k->size);
+		name_append(out, outlen, &used, kept++, k);
+	}
+	return kept;
+}
+
+int conf_storage_changes(const struct conf *a, const struct conf *b, char *out, size_t outlen)
+{
+	int changed = 0;
+	size_t used = 0;
+	if (outlen)
+		out[0] = '\0';
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (!(k->scope & SCOPE_STORAGE))
 			continue;
 		const char *x = (const char *)a + k->offset, *y = (const char *)b + k->offset;
 		/* Strings are compared up to their NUL: a shorter value may leave an older one's tail. */
 		int differ = k->type == T_STR || k->type == T_BACKEND || k->type == T_SENTINELS ? strcmp(x, y) != 0 :
 		    memcmp(x, y, k->size) != 0;
-		if (differ)
-			return 0;
+		if (!differ)
+			continue;
+		name_append(out, outlen, &used, changed++, k);   /* names only: values may be passwords */
 	}
-	return 1;
+	return changed;
+}
+
+int conf_storage_equal(const struct conf *a, const struct conf *b)
+{
+	return conf_storage_changes(a, b, NULL, 0) == 0;
 }
 
 double conf_drain_grace(const struct conf *c)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -293,5 +294,34 @@ tap.eq(series(m, "resourced_responses_expected_total").get('{code="1012"}'), flo
        "metrics: resourced_responses_expected_total{code=\"1012\"}")
 tap.eq(series(m, "resourced_responses_error_total").get('{code="1012"}'), float(count(after, "errors")),
        "metrics: resourced_responses_error_total{code=\"1012\"} leaves the sync's answer out")
+
+
+# ---------------------------------------------------------------- a reload keeps what only a start applies
+tap.section("a reload keeps run_dir, the pid file and the sockets a start bound")
+# A reload that took a new run_dir started new workers looking for the storage socket there, where
+# nothing listens (the master holds it in the old one): every upload was answered 1027 until a restart.
+moved = h.temp_dir("operator-moved")
+old_storage = d.storage_pid()
+mark = len(d.log_text())
+d.settings["server"].update({"run_dir": moved, "pid_file": os.path.join(moved, "r.pid"),
+                             "stats_socket": os.path.join(moved, "stats.sock")})
+h.Daemon.write_config(d.conf_path, d.settings)
+d.send_signal(signal.SIGHUP)
+tap.ok(h.wait_for(lambda: "reloaded" in d.log_text()[mark:], 20), "the reload is applied", d.log_text()[mark:])
+logged = d.log_text()[mark:]
+tap.ok("[server] run_dir, [server] pid_file, [server] stats_socket: changes take effect at the next start" in logged,
+       "the log names the keys a reload cannot change", logged)
+data = os.urandom(70000)
+try:
+    d.wait_workers(20)
+    with h.Client(d.port, timeout=60) as c:
+        r, _, _ = h.Upload(data, "operator-after-move.bin", UID, TOKEN).run(c)
+except Exception as e:   # a worker that never finds the storage socket: no answer, or 1027
+    r = {"exception": repr(e)}
+tap.eq(r.get("error"), 0, "an upload through the new workers completes", r)
+tap.eq(d.storage_pid(), old_storage, "the storage process kept running (its run_dir did not change)")
+rc, out, err, _ = stats(d, "show", "info")
+tap.ok(rc == 0 and "Pid: %d" % d.master_pid in out, "the stats socket answers where it was bound", out + err)
+tap.eq(sorted(os.listdir(moved)), [], "nothing was created in the new run_dir")
 
 tap.finish()

@@ -694,6 +694,31 @@ START_TEST(test_storage_scope)
 }
 END_TEST
 
+/* A reload's log line names the storage keys that changed, never their values (passwords). */
+START_TEST(test_storage_changes_named)
+{
+	struct conf a, b;
+	char err[256], out[64];
+	conf_defaults(&a);
+	conf_defaults(&b);
+	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 0);
+	ck_assert_str_eq(out, "");
+	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "redis", "password", "s3cret", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "server", "workers", "7", err, sizeof(err)), 0);   /* not storage's */
+	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 2);
+	ck_assert_str_eq(out, "[redis] password, [log] level");
+	/* More than fits: cut with "...", still counted. */
+	ck_assert_int_eq(conf_set(&b, "storage", "io_threads", "3", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "storage", "upload_ttl", "9", err, sizeof(err)), 0);
+	char small[24];
+	ck_assert_int_eq(conf_storage_changes(&a, &b, small, sizeof(small)), 4);
+	ck_assert_uint_eq(strlen(small), sizeof(small) - 1);
+	ck_assert_str_eq(small + sizeof(small) - 4, "...");
+	ck_assert_int_eq(conf_storage_changes(&a, &b, NULL, 0), 4);
+}
+END_TEST
+
 static Suite *conf_suite(void)
 {
 	Suite *s = suite_create("conf");
@@ -709,6 +734,7 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_listen_bad);
 	tcase_add_test(tc, test_unknown_key);
 	tcase_add_test(tc, test_unknown_key_hints);
+	tcase_add_test(tc, test_storage_changes_named);
 	tcase_add_test(tc, test_unknown_section);
 	tcase_add_test(tc, test_bad_number);
 	tcase_add_test(tc, test_out_of_range);
