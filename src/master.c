@@ -618,7 +618,7 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	spawn_workers(m);
 	struct proc *storage = &m->procs[0];
 	if (!storage_same && storage->pid > 0) {
-		/* It comes back with the new configuration; workers answer 1027 meanwhile. */
+		/* It comes back with the new configuration; the workers hold requests for it meanwhile. */
 		log_info("storage settings changed (%s): restarting the storage process", storage_changes);
 		storage->backoff = 0;
 		storage->stop_asked = 1;
