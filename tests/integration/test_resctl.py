@@ -237,6 +237,17 @@ leaked = [c for c in ("ping", "upload", "sync", "download") if any(i in resctl(c
                                                                    for i in ("1001", "1003", "1005", "1031", "1033"))]
 tap.eq(leaked, [], "no command's --help names message ids")
 
+# resctl stats that cannot connect says why in the operator's terms.
+rc, so, se = resctl("stats", "--socket", os.path.join(work, "no-stats.sock"), "show", "info")
+tap.ok(rc == 1 and "[server] stats_socket" in se and "--socket" in se,
+       "stats with no socket at the path: points at [server] stats_socket and --socket", se)
+stale = os.path.join(work, "stale-stats.sock")
+s = socket.socket(socket.AF_UNIX)
+s.bind(stale)
+s.close()   # the file stays, nothing listens: what a killed daemon leaves
+rc, so, se = resctl("stats", "--socket", stale, "show", "info")
+tap.ok(rc == 1 and "has stopped" in se, "stats on a socket nobody listens on: says the daemon has stopped", se)
+
 # ---------------------------------------------------------------- item 12: not a resourced server
 tap.section("a peer that is not resourced is named as such")
 http = socket.socket()
