@@ -2189,6 +2189,13 @@ struct bin_limits {
 	uint64_t window, max_inflight, max_chunk, max_range;
 };
 
+/* Whether a command's very first connection could not be made: said and ended at once, as on the
+ * JSON path (a wrong address or a server that is not running is no dropped connection to retry). */
+static int first_connect_failed(const struct client *c, int ever_connected)
+{
+	return !ever_connected && c->fd < 0 && strncmp(c->err, "cannot connect", 14) == 0;
+}
+
 /* Connects and says 1041; CALL_OK with lim->ok = 0 when the server answered 1022 (JSON only). */
 static int bin_hello(struct client *c, struct json_writer *w, const struct resctl_auth *auth, struct bin_limits *lim,
     int64_t *code)
@@ -2290,9 +2297,13 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 	struct bin_limits lim;
 	uint8_t *frame = NULL;
 	enum upload_step result = STEP_FAIL;
-	for (;;) {
+	for (int connected = 0;; connected = 1) {
 		int64_t code;
 		int r = bin_hello(&u->c, &u->w, &o->auth, &lim, &code);
+		if (r != CALL_OK && first_connect_failed(&u->c, connected)) {
+			resctl_error("upload: %s", u->c.err);
+			break;
+		}
 		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
 			snprintf(u->c.err, sizeof(u->c.err), "server busy");
 			r = CALL_DROPPED;
@@ -2523,9 +2534,14 @@ static int download_binary(struct download *d)
 {
 	struct bin_limits lim;
 	char version[BIN_VERSION_MAX + 1] = "";
-	for (;;) {
+	for (int connected = 0;; connected = 1) {
 		int64_t code;
 		int r = bin_hello(&d->c, &d->w, &d->o->auth, &lim, &code);
+		if (r != CALL_OK && first_connect_failed(&d->c, connected)) {
+			resctl_error("download: %s", d->c.err);
+			d->gave_up = 1;
+			return -1;
+		}
 		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
 			snprintf(d->c.err, sizeof(d->c.err), "server busy");
 			r = CALL_DROPPED;

@@ -159,8 +159,13 @@ rc, so, se = resctl("upload", "127.0.0.1:%d" % closer.getsockname()[1], os.path.
 tap.ok(rc == 1 and "resctl: upload: connection lost" in se and "retrying (1/1) in 0.1 s" in se,
        "upload announces its retries the same way", se)
 rc, so, se = resctl("download", dead, NAME, os.path.join(work, "dead.bin"), "--retries", 2, *CRED)
-tap.ok(rc == 1 and "Connection refused" in se and not os.path.exists(os.path.join(work, "dead.bin.resctl-part")),
-       "a refused first connection fails at once and leaves no part file", se)
+tap.ok(rc == 1 and "Connection refused" in se and "retrying" not in se and "connection lost" not in se
+       and not os.path.exists(os.path.join(work, "dead.bin.resctl-part")),
+       "a refused first connection fails at once (binary path: no retries, nothing 'lost') and leaves no part file", se)
+for path_args, path_name in (([], "binary"), (["--compat"], "JSON")):
+    rc, so, se = resctl("upload", dead, os.path.join(work, "src-" + NAME), "--retries", 2, *CRED, *path_args)
+    tap.ok(rc == 1 and "cannot connect" in se and "retrying" not in se,
+           "an upload's refused first connection fails at once (%s path)" % path_name, se)
 part_out = os.path.join(work, "hint.bin")
 resctl("download", ADDR, NAME, part_out, "--stop-after", 7, *CRED)
 rc, so, se = resctl("download", dead, NAME, part_out, "--retries", 1, *CRED)
