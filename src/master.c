@@ -679,8 +679,12 @@ static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents)
 		master_reload(m, msg, sizeof(msg));
 		break;
 	case SIGUSR1:
+		/* Said in the new file, so that logrotate's work can be seen where it is looked for. */
 		if (log_reopen() < 0)
-			log_warn("cannot reopen the log file");
+			log_warn("SIGUSR1: cannot reopen the log files %s%s%s", m->conf->log_file,
+			    m->conf->access_log[0] ? " and " : "", m->conf->access_log);
+		else
+			log_info("SIGUSR1: log files reopened");
 		master_signal_role(m, ROLES_ALL, SIGUSR1);
 		break;
 	}
