@@ -63,6 +63,12 @@ rc, out, err, _ = run([h.RESOURCED_BIN, "--config", d.conf_path, "--test"])
 tap.ok(rc == 0 and "is valid" in out, "resourced --config FILE --test is -c FILE -t", out + err)
 rc, out, err, _ = run([h.RESOURCED_BIN, "--no-such-option"])
 tap.ok(rc == 1 and "usage" in err, "an unknown long option is refused with the usage", out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "-t"])
+if "cannot read configuration file" in err and "No such file" in err:   # nothing installed at the default path
+    tap.ok(rc == 1 and "-c FILE" in err and "etc/resourced.conf" in err,
+           "-t without -c and nothing at the default path: says to name one with -c", err)
+else:
+    tap.skip("-t without -c: the hint to use -c", "a configuration is installed at the default path")
 
 
 # ---------------------------------------------------------------- item 6: -t checks what start needs
