@@ -285,6 +285,27 @@ int preflight_check_running(const struct conf *c, FILE *report)
 	return p.problems;
 }
 
+/* A conninfo with a password: "password=..." or a URI's "user:password@". */
+static int conninfo_has_password(const char *conninfo)
+{
+	if (strstr(conninfo, "password"))
+		return 1;
+	const char *scheme = strstr(conninfo, "://");
+	const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
+	return at && memchr(scheme + 3, ':', (size_t)(at - (scheme + 3))) != NULL;
+}
+
+void preflight_config_secrets(const struct conf *c, const char *path, FILE *report)
+{
+	const char *holds = c->redis_password[0] ? "[redis] password"
+	    : c->redis_sentinel_password[0] ? "[redis] sentinel_password"
+	    : conninfo_has_password(c->pg_conninfo) ? "[postgres] conninfo" : NULL;
+	struct stat st;
+	if (holds && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
+		fprintf(report, "resourced: warning: %s holds a password (%s) and every local user can read it "
+		    "(mode %04o): chmod o-r %s\n", path, holds, (unsigned)(st.st_mode & 07777), path);
+}
+
 int preflight_config_path(const char *path, char *err, size_t errlen)
 {
 	struct stat st;

@@ -190,6 +190,20 @@ for bad in ("host=/run/postgresql hunter2pw", "postgresql://u:hunter2pw@[::1/db"
     tap.ok(rc == 1 and "[postgres] conninfo" in out and "libpq cannot parse it" in out and "hunter2pw" not in out,
            "-t: libpq's reason for %r is given without the words it quotes" % bad.split()[0][:12], out)
 
+# resourced.conf(5): a file with a password should not be readable by everyone.
+secret, _ = check_with({"redis": {"password": "pw-4101"}}, "secret")
+os.chmod(secret, 0o644)
+rc, out = d.check_config(secret)
+tap.ok(rc == 0 and "warning" in out and "[redis] password" in out and "chmod o-r" in out and "pw-4101" not in out,
+       "-t warns (exit 0) that a file holding a password is readable by everyone, without showing it", out)
+os.chmod(secret, 0o640)
+rc, out = d.check_config(secret)
+tap.ok(rc == 0 and "warning" not in out, "... and not once it is chmod 0640", out)
+uri, _ = check_with({"postgres": {"conninfo": "postgresql://chat@localhost/chat"}}, "uri-no-secret")
+os.chmod(uri, 0o644)
+rc, out = d.check_config(uri)
+tap.ok(rc == 0 and "warning" not in out, "a conninfo URI with a user and no password is no secret", out)
+
 # Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
 path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
 rc, out, err, _ = run([h.RESOURCED_BIN, "-f", "-c", path], timeout=30)
