@@ -561,7 +561,9 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 		return -1;
 	}
 	if (c->root[0] != '/' || c->run_dir[0] != '/') {
-		snprintf(err, errlen, "%s: [storage] root and [server] run_dir must be absolute paths", path);
+		int root = c->root[0] != '/';
+		snprintf(err, errlen, "%s: %s '%.200s' is not an absolute path (start it with '/')",
+		    path, root ? "[storage] root" : "[server] run_dir", root ? c->root : c->run_dir);
 		return -1;
 	}
 	if (c->redis_sentinels[0] && c->redis_master_name[0] == '\0') {

@@ -324,6 +324,19 @@ START_TEST(test_unknown_key_hints)
 }
 END_TEST
 
+/* A relative root or run_dir names the key and the value. */
+START_TEST(test_relative_paths)
+{
+	struct conf c;
+	char err[512], want[512];
+	ck_assert_int_eq(load("[storage]\nroot = files\n", &c, err, sizeof(err)), -1);
+	snprintf(want, sizeof(want), "%s: [storage] root 'files' is not an absolute path (start it with '/')", tmp_path);
+	ck_assert_str_eq(err, want);
+	ck_assert_int_eq(load("[server]\nrun_dir = run\n", &c, err, sizeof(err)), -1);
+	unit_assert_contains(err, "[server] run_dir 'run' is not an absolute path");
+}
+END_TEST
+
 START_TEST(test_unknown_section)
 {
 	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 5,
@@ -734,6 +747,7 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_listen_bad);
 	tcase_add_test(tc, test_unknown_key);
 	tcase_add_test(tc, test_unknown_key_hints);
+	tcase_add_test(tc, test_relative_paths);
 	tcase_add_test(tc, test_storage_changes_named);
 	tcase_add_test(tc, test_unknown_section);
 	tcase_add_test(tc, test_bad_number);
