@@ -39,9 +39,12 @@ d.wait_redis_connected()
 
 # ---------------------------------------------------------------- item 3: reload over the stats socket
 tap.section("reload over the stats socket ends its answer")
+log_mark = len(d.log_text())
 rc, out, err, secs = stats(d, "reload")
 tap.eq(rc, 0, "resctl stats reload exits 0", err)
 tap.ok(out.startswith("OK"), "the answer is OK", out)
+tap.ok("stats socket: reloading" in d.log_text()[log_mark:], "the log says where the reload came from",
+       d.log_text()[log_mark:])
 # The old answer came at once and then the connection stayed open in the forked children for 10 s.
 tap.diag("resctl stats reload took %.1f s" % secs)
 tap.ok("no answer within" not in err, "no timeout message", err)
