@@ -68,6 +68,7 @@ int main(int argc, char *argv[])
 	/* Start checks the same things -t does, so it fails with the reason instead of half-way. */
 	int problems = preflight_check(&conf, stderr);
 	preflight_config_secrets(&conf, conf_path, stderr);
+	preflight_syslog(&conf, foreground, test_only, stderr);
 	if (test_only) {
 		problems += preflight_check_running(&conf, stderr);
 		if (problems) {

@@ -295,6 +295,16 @@ static int conninfo_has_password(const char *conninfo)
 	return at && memchr(scheme + 3, ':', (size_t)(at - (scheme + 3))) != NULL;
 }
 
+void preflight_syslog(const struct conf *c, int foreground, int test_only, FILE *report)
+{
+	int to_syslog = strcmp(c->log_file, "syslog") == 0 || (c->log_file[0] == '\0' && (!foreground || test_only));
+	if (!to_syslog || access("/dev/log", W_OK) == 0)
+		return;
+	fprintf(report, "resourced: warning: [log] file %s: logs go to syslog%s, but /dev/log does not exist "
+	    "(no syslog daemon or journald here): they would be lost; set [log] file to a path, or run with -f\n",
+	    c->log_file[0] ? c->log_file : "is empty", c->log_file[0] ? "" : " when started without -f");
+}
+
 void preflight_config_secrets(const struct conf *c, const char *path, FILE *report)
 {
 	const char *holds = c->redis_password[0] ? "[redis] password"

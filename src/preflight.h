@@ -22,6 +22,10 @@ int preflight_check_running(const struct conf *conf, FILE *report);
  * the master runs as by then, like the storage process it would start. Same report and result. */
 int preflight_reload_check(const struct conf *conf, FILE *report);
 
+/* A warning on report when the log would go to syslog (file = syslog, or empty without -f; -t
+ * assumes a start without -f) and nothing receives it: no /dev/log. */
+void preflight_syslog(const struct conf *conf, int foreground, int test_only, FILE *report);
+
 /* A warning on report when the file at path, loaded into conf, holds a password (Redis, Sentinel,
  * or one in the conninfo) and is readable by every local user. */
 void preflight_config_secrets(const struct conf *conf, const char *path, FILE *report);

@@ -201,11 +201,20 @@ tap.ok(rc == 0 and "warning" in out and "[redis] password" in out and "chmod o-r
        "-t warns (exit 0) that a file holding a password is readable by everyone, without showing it", out)
 os.chmod(secret, 0o640)
 rc, out = d.check_config(secret)
-tap.ok(rc == 0 and "warning" not in out, "... and not once it is chmod 0640", out)
+tap.ok(rc == 0 and "chmod" not in out, "... and not once it is chmod 0640", out)
 uri, _ = check_with({"postgres": {"conninfo": "postgresql://chat@localhost/chat"}}, "uri-no-secret")
 os.chmod(uri, 0o644)
 rc, out = d.check_config(uri)
-tap.ok(rc == 0 and "warning" not in out, "a conninfo URI with a user and no password is no secret", out)
+tap.ok(rc == 0 and "holds a password" not in out, "a conninfo URI with a user and no password is no secret", out)
+
+# Logs to syslog where nothing receives them would be lost without a word.
+to_syslog, _ = check_with({"log": {"file": "syslog"}}, "syslog")
+rc, out = d.check_config(to_syslog)
+if os.path.exists("/dev/log"):
+    tap.ok(rc == 0 and "/dev/log" not in out, "-t: [log] file = syslog with a syslog here: no warning", out)
+else:
+    tap.ok(rc == 0 and "warning" in out and "/dev/log does not exist" in out and "[log] file" in out,
+           "-t warns (exit 0) that logs to syslog would be lost: no /dev/log on this machine", out)
 
 # Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
 path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
