@@ -13,6 +13,7 @@
 #include <netdb.h>
 #include <pwd.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -227,6 +228,30 @@ int preflight_check(const struct conf *c, FILE *report)
 		check_host_port(&p, "[server] agent_listen", c->agent_listen);
 	if (c->http_listen[0])
 		check_host_port(&p, "[server] http_listen", c->http_listen);
+
+	/* Two listeners on one port: the second one's bind fails only once the daemon runs. */
+	const char *const keys[] = { "[server] listen", "[server] agent_listen", "[server] http_listen" };
+	char hosts[3][256], ports[3][16];
+	int have[3] = { 1, 0, 0 };
+	snprintf(hosts[0], sizeof(hosts[0]), "%s", c->listen_host);
+	snprintf(ports[0], sizeof(ports[0]), "%s", c->listen_port);
+	const char *const values[] = { listen, c->agent_listen, c->http_listen };
+	for (int i = 1; i < 3; i++) {
+		const char *port = values[i][0] ? split_host_port(values[i], hosts[i], sizeof(hosts[i])) : NULL;
+		if (port && snprintf(ports[i], sizeof(ports[i]), "%s", port) < (int)sizeof(ports[i]))
+			have[i] = 1;
+	}
+	for (int i = 0; i < 3; i++)
+		for (int j = i + 1; j < 3; j++) {
+			if (!have[i] || !have[j] || atoi(ports[i]) != atoi(ports[j]))
+				continue;
+			/* The same address, or an IPv4 one and the IPv4 wildcard (IPv6 only when equal). */
+			int v4 = !strchr(hosts[i], ':') && !strchr(hosts[j], ':');
+			int any = !hosts[i][0] || !hosts[j][0] || strcmp(hosts[i], "0.0.0.0") == 0 ||
+			    strcmp(hosts[j], "0.0.0.0") == 0;
+			if (strcmp(hosts[i], hosts[j]) == 0 || (v4 && any))
+				problem(&p, keys[j], values[j], "the same port as %s %s: give each its own", keys[i], values[i]);
+		}
 
 	check_storage(&p, c);
 	if (c->pid_file[0])

@@ -116,6 +116,11 @@ cases = [
     ("access log that is a directory", {"log": {"access_log": case_dir}}, "[log] access_log", "is a directory"),
     ("agent_listen without a port", {"server": {"agent_listen": "127.0.0.1"}}, "[server] agent_listen",
      "host:port"),
+    ("agent_listen on the listen port", {"server": {"agent_listen": "127.0.0.1:%d" % d.port}},
+     "[server] agent_listen", "the same port as [server] listen"),
+    ("http_listen on the agent_listen port (any address)",
+     {"server": {"agent_listen": "127.0.0.1:%d" % (d.port + 1), "http_listen": "0.0.0.0:%d" % (d.port + 1)}},
+     "[server] http_listen", "the same port as [server] agent_listen"),
     ("user that does not exist", {"server": {"user": "no-such-user-4101"}}, "[server] user", "no such user"),
     ("group that does not exist", {"server": {"group": "no-such-group-4101"}}, "[server] group",
      "no such group"),
@@ -164,19 +169,23 @@ rc, out = d.check_config(d.conf_path)
 tap.ok(rc == 0 and "pid %d" % d.master_pid in out and "kill -HUP" in out,
        "-t of the running daemon's configuration: valid, and a note naming its pid", out)
 other_run = os.path.join(case_dir, "other-run")
-holder = socket.socket()
-holder.bind(("127.0.0.1", 0))
-holder.listen(1)
-held = "127.0.0.1:%d" % holder.getsockname()[1]
+holders = []
+for _ in range(2):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    holders.append(holder)
+held = ["127.0.0.1:%d" % holder.getsockname()[1] for holder in holders]
 _, (rc, out) = check_with({"server": {"run_dir": other_run, "pid_file": os.path.join(other_run, "r.pid"),
-                                      "agent_listen": held, "http_listen": held}}, "taken")
+                                      "agent_listen": held[0], "http_listen": held[1]}}, "taken")
 tap.ok(rc == 1 and "[server] listen 127.0.0.1:%d" % d.port in out and "already listens there" in out
        and any("pid %d" % p in out for p in d.processes()),
        "-t names a listen address another instance holds, and a process of it", out)
-tap.ok("[server] agent_listen %s" % held in out and "[server] http_listen %s" % held in out
+tap.ok("[server] agent_listen %s" % held[0] in out and "[server] http_listen %s" % held[1] in out
        and "pid %d" % os.getpid() in out and "3 problems" in out,
        "-t names agent_listen and http_listen held by another process, with its pid", out)
-holder.close()
+for holder in holders:
+    holder.close()
 tap.ok(not os.path.exists(other_run), "... and created nothing (not the run_dir it probed)")
 # [ipv6]:port, as [server] listen takes it, for the agent and HTTP listeners too.
 _, (rc, out) = check_with({"server": {"agent_listen": "[::1]:%d" % h.free_port(),
