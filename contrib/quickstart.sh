@@ -115,6 +115,7 @@ src/resourced -t -c "$dev/resourced.conf" >/dev/null
 cat >&2 <<EOF
 resourced: listening on 127.0.0.1:$port (uid 1, token demo); Ctrl-C stops it. From a second shell:
   src/resctl/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
+  src/resctl/resctl download 127.0.0.1:$port NAME OUTFILE --uid 1 --token demo
   src/resctl/resctl stats --socket $dev/run/stats.sock show info      (also: show workers, show metrics, help)
   kill -HUP \$(cat $dev/run/resourced.pid)                      (reload; QUIT: graceful stop)
 EOF
