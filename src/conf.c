@@ -560,12 +560,24 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 			snprintf(err, errlen, "%s:%d: %s", path, ctx.err_line, ctx.err);
 		return -1;
 	}
-	if (c->root[0] != '/' || c->run_dir[0] != '/') {
-		int root = c->root[0] != '/';
-		snprintf(err, errlen, "%s: %s '%.200s' is not an absolute path (start it with '/')",
-		    path, root ? "[storage] root" : "[server] run_dir", root ? c->root : c->run_dir);
-		return -1;
-	}
+	/* Paths are absolute: a daemonized master runs from / (and a relative one would name another
+	 * file for each directory it was started from). Empty turns the optional ones off. */
+	const struct {
+		const char *key, *value;
+		int optional;
+	} paths[] = {
+		{ "[storage] root", c->root, 0 }, { "[server] run_dir", c->run_dir, 0 },
+		{ "[server] pid_file", c->pid_file, 1 }, { "[server] stats_socket", c->stats_socket, 1 },
+		{ "[log] file", strcmp(c->log_file, "syslog") == 0 ? "" : c->log_file, 1 },
+		{ "[log] access_log", c->access_log, 1 }, { "[redis] socket", c->redis_socket, 1 },
+		{ "[rados] conf", c->rados_conf, 1 },
+	};
+	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+		if (paths[i].value[0] != '/' && !(paths[i].optional && paths[i].value[0] == '\0')) {
+			snprintf(err, errlen, "%s: %s '%.200s' is not an absolute path (start it with '/')", path,
+			    paths[i].key, paths[i].value);
+			return -1;
+		}
 	if (c->redis_sentinels[0] && c->redis_master_name[0] == '\0') {
 		snprintf(err, errlen, "%s: [redis] sentinels needs master_name (the name the sentinels monitor)", path);
 		return -1;

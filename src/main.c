@@ -7,6 +7,7 @@
 
 #include <bsd/unistd.h>
 #include <getopt.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,5 +85,9 @@ int main(int argc, char *argv[])
 		    problems == 1 ? "" : "s");
 		return 1;
 	}
+	/* Reloads read it again, from / once daemonized. */
+	static char conf_abs[PATH_MAX];
+	if (realpath(conf_path, conf_abs) != NULL)
+		conf_path = conf_abs;
 	return master_run(&conf, conf_path, foreground);
 }

@@ -257,6 +257,10 @@ static int daemonize(void)
 	}
 	close(ready[0]);
 	setsid();
+	/* A daemon holds no directory it was started from (it could not be unmounted); every path
+	 * in the configuration is absolute, and so is the configuration's own (main.c). */
+	if (chdir("/") < 0)
+		fatal("chdir(/) failed");
 	int null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
 		dup2(null, STDIN_FILENO);

@@ -365,4 +365,30 @@ rc, out, err, _ = stats(d, "show", "info")
 tap.ok(rc == 0 and "Pid: %d" % d.master_pid in out, "the stats socket answers where it was bound", out + err)
 tap.eq(sorted(os.listdir(moved)), [], "nothing was created in the new run_dir")
 
+
+# ---------------------------------------------------------------- a daemon runs from /
+tap.section("daemonized: runs from /, and reloads a configuration named relative to where it started")
+bg = h.Daemon(workers=1, redis=redis)
+bg.settings["log"]["file"] = bg.log_path
+h.Daemon.write_config(bg.conf_path, bg.settings)
+r = subprocess.run([h.RESOURCED_BIN, "-c", os.path.basename(bg.conf_path)], cwd=bg.dir, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30, text=True)
+tap.eq(r.returncode, 0, "resourced -c NAME (relative, no -f) starts and detaches", r.stdout)
+bg_pid = int(h.read_text(bg.pid_file).strip() or 0) if h.wait_for(lambda: h.read_text(bg.pid_file).strip(), 15) else 0
+h.at_cleanup(lambda: bg_pid and h.pid_alive(bg_pid) and os.kill(bg_pid, signal.SIGKILL))
+tap.ok(bg_pid and os.readlink("/proc/%d/cwd" % bg_pid) == "/", "the master's working directory is /",
+       bg_pid and os.readlink("/proc/%d/cwd" % bg_pid))
+mark = len(h.read_text(bg.log_path))
+if bg_pid:
+    os.kill(bg_pid, signal.SIGHUP)
+tap.ok(h.wait_for(lambda: "reloaded %s" % bg.conf_path in h.read_text(bg.log_path)[mark:], 20),
+       "a HUP reloads the file by its absolute path", h.read_text(bg.log_path)[mark:])
+if bg_pid:
+    os.kill(bg_pid, signal.SIGTERM)
+tap.ok(h.wait_for(lambda: not h.pid_alive(bg_pid), 20), "it stops on TERM")
+rel = os.path.join(bg.dir, "relative.conf")
+h.Daemon.write_config(rel, dict(bg.settings, server=dict(bg.settings["server"], pid_file="r.pid")))
+rc, out = d.check_config(rel)
+tap.ok(rc == 1 and "[server] pid_file 'r.pid' is not an absolute path" in out, "-t refuses a relative pid_file", out)
+
 tap.finish()

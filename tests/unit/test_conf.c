@@ -334,6 +334,19 @@ START_TEST(test_relative_paths)
 	ck_assert_str_eq(err, want);
 	ck_assert_int_eq(load("[server]\nrun_dir = run\n", &c, err, sizeof(err)), -1);
 	unit_assert_contains(err, "[server] run_dir 'run' is not an absolute path");
+	/* Every path: the daemon runs from /. Empty ones (off) and syslog are fine. */
+	static const char *const relative[][3] = {
+		{ "server", "pid_file", "[server] pid_file 'r.pid'" }, { "server", "stats_socket", "[server] stats_socket 'r.pid'" },
+		{ "log", "file", "[log] file 'r.pid'" }, { "log", "access_log", "[log] access_log 'r.pid'" },
+		{ "redis", "socket", "[redis] socket 'r.pid'" }, { "rados", "conf", "[rados] conf 'r.pid'" },
+	};
+	for (size_t i = 0; i < sizeof(relative) / sizeof(relative[0]); i++) {
+		char text[128];
+		snprintf(text, sizeof(text), "[%s]\n%s = r.pid\n", relative[i][0], relative[i][1]);
+		ck_assert_int_eq(load(text, &c, err, sizeof(err)), -1);
+		unit_assert_contains(err, relative[i][2]);
+	}
+	ck_assert_int_eq(load("[server]\npid_file =\nstats_socket =\n[log]\nfile = syslog\n", &c, err, sizeof(err)), 0);
 }
 END_TEST
 
