@@ -111,7 +111,11 @@ conninfo = host=$pgdir dbname=postgres user=postgres
 [log]
 level = info
 CONF
-src/resourced -t -c "$dev/resourced.conf" >/dev/null
+# Its report only when it fails: its warnings are about a start without -f, not this one.
+if ! src/resourced -t -c "$dev/resourced.conf" >"$dev/check.out" 2>&1; then
+	cat "$dev/check.out" >&2
+	exit 1
+fi
 cat >&2 <<EOF
 resourced: listening on 127.0.0.1:$port (uid 1, token demo); Ctrl-C stops it. From a second shell:
   src/resctl/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
