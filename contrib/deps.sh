@@ -1,10 +1,14 @@
 #!/bin/sh
-# deps.sh: installs the Debian 12 packages needed to build, run and test resourced (run as root).
+# deps.sh: installs the Debian 12 packages needed to build, run and test resourced (run as root; --run: build and run only).
 set -e
-PACKAGES="build-essential autoconf automake pkg-config
+# Building and running the server (what contrib/quickstart.sh needs: `deps.sh --run`).
+RUN_PACKAGES="build-essential autoconf automake pkg-config
   libev-dev libyajl-dev libhiredis-dev libpq-dev libsodium-dev libinih-dev libssl-dev libmodpbase64-dev libbsd-dev libmicrohttpd-dev
-  uthash-dev check python3 redis-server postgresql procps valgrind haproxy
-  clang libclang-rt-14-dev libsystemd-dev
+  uthash-dev libsystemd-dev redis-server postgresql procps"
+# Testing, packaging and benchmarking it (the whole of `make check`, .ci/run, contrib/bench.sh).
+PACKAGES="$RUN_PACKAGES
+  check python3 valgrind haproxy
+  clang libclang-rt-14-dev
   chromium debhelper adduser
   librados-dev ceph-mon ceph-osd ceph-common python3-rados
   gnuplot-nox"
@@ -12,6 +16,11 @@ PACKAGES="build-essential autoconf automake pkg-config
 # debhelper, adduser: test_deb.py builds and installs the .deb.
 # ceph-*, librados-dev, python3-rados: the RADOS backend and its suites (rados_test_*.py).
 # gnuplot-nox: contrib/bench.sh draws throughput against connections as an SVG.
+# --run: only RUN_PACKAGES (no browser, Ceph or compilers for the sanitizers to download).
+if [ "${1:-}" = "--run" ]; then
+	PACKAGES=$RUN_PACKAGES
+	shift
+fi
 if [ "${1:-}" = "--print" ]; then
 	echo $PACKAGES
 	exit 0

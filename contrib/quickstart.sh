@@ -23,7 +23,18 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
 	exit 1
 fi
 
-sh contrib/deps.sh
+# One quickstart per clone: a second one would take over the first one's Redis socket (and remove
+# it when it stops) and fail on its PostgreSQL cluster. The lock is this shell's alone (fd 9 is
+# closed for what it starts), so it goes with it.
+mkdir -p "$top/dev"
+exec 9>"$top/dev/.quickstart.lock"
+if ! flock -n 9; then
+	say "a quickstart of this clone is already running: use that one, stop it first (Ctrl-C in its"
+	say "shell), or run this from another clone"
+	exit 1
+fi
+
+sh contrib/deps.sh --run   # what building and running needs; `sh contrib/deps.sh` adds the test tools
 [ -x configure ] || ./autogen.sh
 [ -f Makefile ] || ./configure
 make -j"$(nproc)"
@@ -48,7 +59,7 @@ stop_all() {
 trap stop_all EXIT
 
 rm -f "$dev/redis/redis.pid"   # a stale one could name somebody else's process by now
-if ! redis-server --port 0 --unixsocket "$dev/redis/redis.sock" --unixsocketperm 700 \
+if ! redis-server 9>&- --port 0 --unixsocket "$dev/redis/redis.sock" --unixsocketperm 700 \
 	--save '' --appendonly no --dir "$dev/redis" --daemonize yes \
 	--pidfile "$dev/redis/redis.pid" --logfile "$dev/redis/redis.log"; then
 	say "redis-server did not start; see $dev/redis/redis.log"
@@ -69,7 +80,7 @@ if [ ! -f "$pgdir/data/PG_VERSION" ]; then
 	chown postgres: "$pgdir"
 	runuser -u postgres -- "$pgbin/initdb" -D "$pgdir/data" -A trust -U postgres >/dev/null
 fi
-if ! runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/pg.log" -w \
+if ! runuser 9>&- -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/pg.log" -w \
 	-o "-c listen_addresses='' -c unix_socket_directories=$pgdir" start >/dev/null; then
 	say "PostgreSQL did not start; its log is $pgdir/pg.log:"
 	tail -n 15 "$pgdir/pg.log" >&2 || true
@@ -100,11 +111,16 @@ conninfo = host=$pgdir dbname=postgres user=postgres
 [log]
 level = info
 CONF
-src/resourced -t -c "$dev/resourced.conf" >/dev/null
+# Its report only when it fails: its warnings are about a start without -f, not this one.
+if ! src/resourced -t -c "$dev/resourced.conf" >"$dev/check.out" 2>&1; then
+	cat "$dev/check.out" >&2
+	exit 1
+fi
 cat >&2 <<EOF
 resourced: listening on 127.0.0.1:$port (uid 1, token demo); Ctrl-C stops it. From a second shell:
   src/resctl/resctl upload 127.0.0.1:$port FILE --uid 1 --token demo
+  src/resctl/resctl download 127.0.0.1:$port NAME OUTFILE --uid 1 --token demo
   src/resctl/resctl stats --socket $dev/run/stats.sock show info      (also: show workers, show metrics, help)
   kill -HUP \$(cat $dev/run/resourced.pid)                      (reload; QUIT: graceful stop)
 EOF
-src/resourced -f -c "$dev/resourced.conf"
+src/resourced -f -c "$dev/resourced.conf" 9>&-

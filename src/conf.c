@@ -24,11 +24,13 @@ struct conf_key {
 	size_t size;         /* for strings */
 	int64_t min, max;    /* for numbers */
 	const char *def;     /* default, parsed like a file value */
-	int scope;           /* SCOPE_STORAGE: the storage process reads it (a reload that changes it restarts storage) */
+	int scope;           /* SCOPE_* bits: who reads it, and whether a reload can change it */
 };
 
-/* Who reads a key: the master and the workers, or the storage process too. */
-enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1 };
+/* Who reads a key: the master and the workers, or the storage process too (a reload that changes
+ * it restarts storage); SCOPE_START: applied once at start (bound, locked, switched to), so a
+ * reload keeps the running value. */
+enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1, SCOPE_START = 2 };
 
 #define S(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
 #define N(f) offsetof(struct conf, f), sizeof(((struct conf *)0)->f)
@@ -36,10 +38,10 @@ enum { SCOPE_WORKERS = 0, SCOPE_STORAGE = 1 };
 static const struct conf_key conf_keys[] = {
 	{ "server", "listen", T_LISTEN, 0, 0, 0, 0, "0.0.0.0:9090", SCOPE_WORKERS },
 	{ "server", "workers", T_WORKERS, N(workers), 1, 256, "auto", SCOPE_WORKERS },
-	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced", SCOPE_STORAGE },
-	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid", SCOPE_WORKERS },
-	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "run_dir", T_STR, S(run_dir), 0, 0, "/run/resourced", SCOPE_STORAGE | SCOPE_START },
+	{ "server", "pid_file", T_STR, S(pid_file), 0, 0, "/run/resourced/resourced.pid", SCOPE_START },
+	{ "server", "user", T_STR, S(user), 0, 0, "", SCOPE_START },
+	{ "server", "group", T_STR, S(group), 0, 0, "", SCOPE_START },
 	{ "server", "node", T_STR, S(node), 0, 0, "", SCOPE_STORAGE },
 	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, FRAME_MAX_DEFAULT_TEXT, SCOPE_WORKERS },
 	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576", SCOPE_WORKERS },
@@ -54,9 +56,9 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "storage_timeout", T_INT, N(storage_timeout), 1, 3600, "30", SCOPE_WORKERS },
 	{ "server", "shutdown_timeout", T_INT, N(shutdown_timeout), 1, 86400, "30", SCOPE_WORKERS },
 	{ "server", "drain_grace", T_INT, N(drain_grace), 0, 3600, "3", SCOPE_WORKERS },
-	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_WORKERS },
-	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_WORKERS },
+	{ "server", "stats_socket", T_STR, S(stats_socket), 0, 0, "", SCOPE_START },
+	{ "server", "agent_listen", T_STR, S(agent_listen), 0, 0, "", SCOPE_START },
+	{ "server", "http_listen", T_STR, S(http_listen), 0, 0, "", SCOPE_START },
 	{ "server", "link_ring", T_INT64, N(link_ring), 0, 1 << 30, "33554432", SCOPE_WORKERS },
 	{ "server", "proxy_protocol", T_BOOL, N(proxy_protocol), 0, 1, "off", SCOPE_WORKERS },
 	{ "storage", "root", T_STR, S(root), 0, 0, "/var/lib/resourced", SCOPE_STORAGE },
@@ -309,6 +311,92 @@ int conf_parse_hostports(const char *list, struct conf_hostport *out, int max)
 	}
 }
 
+#define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))
+
+/* Edits (insert, delete, replace, swap of neighbours) from a to b, counted up to 3. */
+static int spelling_distance(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	if (la > 40 || lb > 40)
+		return 3;
+	int d[41][41];
+	for (size_t i = 0; i <= la; i++)
+		d[i][0] = (int)i;
+	for (size_t j = 0; j <= lb; j++)
+		d[0][j] = (int)j;
+	for (size_t i = 1; i <= la; i++)
+		for (size_t j = 1; j <= lb; j++) {
+			int best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+			if (d[i - 1][j] + 1 < best)
+				best = d[i - 1][j] + 1;
+			if (d[i][j - 1] + 1 < best)
+				best = d[i][j - 1] + 1;
+			if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < best)
+				best = d[i - 2][j - 2] + 1;
+			d[i][j] = best;
+		}
+	return d[la][lb] < 3 ? d[la][lb] : 3;
+}
+
+static int section_known(const char *section)
+{
+	for (size_t i = 0; i < CONF_NKEYS; i++)
+		if (strcmp(conf_keys[i].section, section) == 0)
+			return 1;
+	return 0;
+}
+
+/* What an unknown key most likely is, for its error message: a missing '=', a key of another
+ * section, a section written in capitals, or a near spelling of a key. Empty when nothing fits. */
+static void unknown_key_hint(const char *section, const char *name, char *hint, size_t len)
+{
+	hint[0] = '\0';
+	if (strpbrk(name, " \t")) {
+		snprintf(hint, len, " (a key has no spaces: is the '=' missing?)");
+		return;
+	}
+	const struct conf_key *elsewhere = NULL, *near = NULL;
+	int near_score = INT_MAX;
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (strcmp(k->name, name) == 0 && elsewhere == NULL)
+			elsewhere = k;
+		/* One edit for short names, two for longer ones ("port" must not suggest "pool"); the
+		 * fewest edits win, and a key of this section wins a tie. */
+		int distance = spelling_distance(name, k->name);
+		int score = 2 * distance + (strcmp(k->section, section) != 0);
+		if (distance <= (strlen(k->name) <= 5 ? 1 : 2) && score < near_score) {
+			near = k;
+			near_score = score;
+		}
+	}
+	if (!section_known(section)) {
+		for (size_t i = 0; i < CONF_NKEYS; i++)
+			if (strcasecmp(conf_keys[i].section, section) == 0) {
+				snprintf(hint, len, " (section names are lower case: [%s])", conf_keys[i].section);
+				return;
+			}
+	}
+	if (elsewhere)
+		snprintf(hint, len, section[0] ? " (%s is a key of [%s])" : " (before any [section]: %s is a key of [%s])",
+		    name, elsewhere->section);
+	else if (near && strcmp(near->section, section) == 0)
+		snprintf(hint, len, " (did you mean %s?)", near->name);
+	else if (near)
+		snprintf(hint, len, " (did you mean [%s] %s?)", near->section, near->name);
+	else if (!section[0])
+		snprintf(hint, len, " (before any [section] header)");
+	else if (!section_known(section)) {
+		/* The sections in the table's order, each once. */
+		int n = snprintf(hint, len, " (no section [%s]; there are", section);
+		for (size_t i = 0; i < CONF_NKEYS && n > 0 && (size_t)n < len; i++)
+			if (i == 0 || strcmp(conf_keys[i].section, conf_keys[i - 1].section) != 0)
+				n += snprintf(hint + n, len - (size_t)n, " [%s]", conf_keys[i].section);
+		if (n > 0 && (size_t)n < len)
+			snprintf(hint + n, len - (size_t)n, ")");
+	}
+}
+
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
     char *err, size_t errlen)
 {
@@ -323,24 +411,71 @@ int conf_set(struct conf *c, const char *section, const char *name, const char *
 		}
 		return 0;
 	}
-	snprintf(err, errlen, "[%s] %s: unknown key", section, name);
+	char hint[160];
+	unknown_key_hint(section, name, hint, sizeof(hint));
+	snprintf(err, errlen, "[%s] %s: unknown key%s", section, name, hint);
 	return -1;
 }
 
-int conf_storage_equal(const struct conf *a, const struct conf *b)
+/* Appends ", [section] key" (no comma for the first) to out; a list that does not fit ends in "...". */
+static void name_append(char *out, size_t outlen, size_t *used, int first_done, const struct conf_key *k)
 {
-	for (size_t i = 0; i < sizeof(conf_keys) / sizeof(conf_keys[0]); i++) {
+	if (*used >= outlen)
+		return;
+	int n = snprintf(out + *used, outlen - *used, "%s[%s] %s", first_done ? ", " : "", k->section, k->name);
+	if (n < 0 || (size_t)n >= outlen - *used) {
+		if (outlen >= 4)
+			snprintf(out + outlen - 4, 4, "...");
+		*used = outlen;
+	} else {
+		*used += (size_t)n;
+	}
+}
+
+int conf_keep_start_keys(const struct conf *running, struct conf *next, char *out, size_t outlen)
+{
+	int kept = 0;
+	size_t used = 0;
+	if (outlen)
+		out[0] = '\0';
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
 		const struct conf_key *k = &conf_keys[i];
-		if (k->scope != SCOPE_STORAGE)
+		if (!(k->scope & SCOPE_START))
+			continue;
+		const char *was = (const char *)running + k->offset;
+		char *now = (char *)next + k->offset;
+		if (strcmp(was, now) == 0)   /* every SCOPE_START key is a string */
+			continue;
+		memcpy(now, was, k->size);
+		name_append(out, outlen, &used, kept++, k);
+	}
+	return kept;
+}
+
+int conf_storage_changes(const struct conf *a, const struct conf *b, char *out, size_t outlen)
+{
+	int changed = 0;
+	size_t used = 0;
+	if (outlen)
+		out[0] = '\0';
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
+		const struct conf_key *k = &conf_keys[i];
+		if (!(k->scope & SCOPE_STORAGE))
 			continue;
 		const char *x = (const char *)a + k->offset, *y = (const char *)b + k->offset;
 		/* Strings are compared up to their NUL: a shorter value may leave an older one's tail. */
 		int differ = k->type == T_STR || k->type == T_BACKEND || k->type == T_SENTINELS ? strcmp(x, y) != 0 :
 		    memcmp(x, y, k->size) != 0;
-		if (differ)
-			return 0;
+		if (!differ)
+			continue;
+		name_append(out, outlen, &used, changed++, k);   /* names only: values may be passwords */
 	}
-	return 1;
+	return changed;
+}
+
+int conf_storage_equal(const struct conf *a, const struct conf *b)
+{
+	return conf_storage_changes(a, b, NULL, 0) == 0;
 }
 
 double conf_drain_grace(const struct conf *c)
@@ -427,10 +562,24 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
 			snprintf(err, errlen, "%s:%d: %s", path, ctx.err_line, ctx.err);
 		return -1;
 	}
-	if (c->root[0] != '/' || c->run_dir[0] != '/') {
-		snprintf(err, errlen, "%s: [storage] root and [server] run_dir must be absolute paths", path);
-		return -1;
-	}
+	/* Paths are absolute: a daemonized master runs from / (and a relative one would name another
+	 * file for each directory it was started from). Empty turns the optional ones off. */
+	const struct {
+		const char *key, *value;
+		int optional;
+	} paths[] = {
+		{ "[storage] root", c->root, 0 }, { "[server] run_dir", c->run_dir, 0 },
+		{ "[server] pid_file", c->pid_file, 1 }, { "[server] stats_socket", c->stats_socket, 1 },
+		{ "[log] file", strcmp(c->log_file, "syslog") == 0 ? "" : c->log_file, 1 },
+		{ "[log] access_log", c->access_log, 1 }, { "[redis] socket", c->redis_socket, 1 },
+		{ "[rados] conf", c->rados_conf, 1 },
+	};
+	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+		if (paths[i].value[0] != '/' && !(paths[i].optional && paths[i].value[0] == '\0')) {
+			snprintf(err, errlen, "%s: %s '%.200s' is not an absolute path (start it with '/')", path,
+			    paths[i].key, paths[i].value);
+			return -1;
+		}
 	if (c->redis_sentinels[0] && c->redis_master_name[0] == '\0') {
 		snprintf(err, errlen, "%s: [redis] sentinels needs master_name (the name the sentinels monitor)", path);
 		return -1;

@@ -101,6 +101,16 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
  * table): then a reload keeps it running. */
 int conf_storage_equal(const struct conf *a, const struct conf *b);
 
+/* How many keys of the storage process's scope differ between a and b, and their names
+ * ("[log] level, [storage] fsync"; never values, which may be passwords) in out, cut with
+ * "..." when they do not fit. */
+int conf_storage_changes(const struct conf *a, const struct conf *b, char *out, size_t outlen);
+
+/* For a reload: gives next the running values of the keys only a start applies ([server] run_dir,
+ * pid_file, user, group, stats_socket, agent_listen, http_listen: bound, locked or switched to once),
+ * and names those that differed in out like conf_storage_changes. Returns how many. */
+int conf_keep_start_keys(const struct conf *running, struct conf *next, char *out, size_t outlen);
+
 /* Seconds a graceful stop keeps accepting while the agent-check answers drain:
  * drain_grace, but at most half of shutdown_timeout (the whole stop stays within it). */
 double conf_drain_grace(const struct conf *c);

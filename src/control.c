@@ -536,6 +536,7 @@ static void command_reload(struct control *c, struct buf *out, int json)
 {
 	(void)json;
 	char msg[512];
+	log_info("stats socket: reloading");   /* as SIGHUP says it: the lines that follow have their cause */
 	if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
 		buf_printf(out, "OK %s\n", msg);
 	else

@@ -163,13 +163,13 @@ static long socket_owner(unsigned long inode)
 	return owner;
 }
 
-int instance_probe_listen(const char *host, const char *port, char *err, size_t errlen)
+int instance_probe_listen(const char *host, const char *port, char *why, size_t whylen)
 {
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
 	struct addrinfo *res;
-	int rc = getaddrinfo(host, port, &hints, &res);
+	int rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
 	if (rc != 0) {
-		snprintf(err, errlen, "listen %s:%s: %s", host, port, gai_strerror(rc));
+		snprintf(why, whylen, "%s", gai_strerror(rc));
 		return -1;
 	}
 	/* SO_REUSEADDR (TIME_WAIT leftovers are no instance) but not SO_REUSEPORT,
@@ -187,15 +187,33 @@ int instance_probe_listen(const char *host, const char *port, char *err, size_t 
 	if (saved == EADDRINUSE) {
 		long pid = socket_owner(listening_inode(atoi(port)));
 		if (pid)
-			snprintf(err, errlen, "listen %s:%s: another process (pid %ld) already listens there; "
-			    "refusing to start", host, port, pid);
+			snprintf(why, whylen, "another process (pid %ld) already listens there", pid);
 		else
-			snprintf(err, errlen, "listen %s:%s: another process already listens there "
-			    "(ss -ltnp 'sport = :%s' names it); refusing to start", host, port, port);
+			snprintf(why, whylen, "another process already listens there (ss -ltnp 'sport = :%s' names it)", port);
+	} else if (saved == EACCES) {
+		snprintf(why, whylen, "%s (ports below 1024 need root or CAP_NET_BIND_SERVICE)", strerror(saved));
 	} else {
-		snprintf(err, errlen, "listen %s:%s: %s", host, port, strerror(saved));
+		snprintf(why, whylen, "%s", strerror(saved));
 	}
 	return -1;
+}
+
+long instance_running(const struct conf *conf)
+{
+	char path[600];
+	if (snprintf(path, sizeof(path), "%s/%s", conf->run_dir, INSTANCE_LOCK_NAME) >= (int)sizeof(path))
+		return 0;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT || errno == ENOTDIR ? 0 : -2;
+	long pid = 0;
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0 && errno == EWOULDBLOCK) {
+		pid = read_pid(fd);
+		if (pid == 0)
+			pid = -1;
+	}
+	close(fd);   /* releases the lock if it was taken here */
+	return pid;
 }
 
 int instance_unix_socket_live(const char *path)

@@ -19,9 +19,14 @@ int instance_lock(const struct conf *conf, char *err, size_t errlen);
  * stays on the same file). Returns 0 or -1 with errno set. */
 int instance_write_pid(void);
 
-/* Binds the listen address once without SO_REUSEPORT: refuses (-1 and a
- * message) when another process already listens there. */
-int instance_probe_listen(const char *host, const char *port, char *err, size_t errlen);
+/* Binds host:port once without SO_REUSEPORT: -1 and the reason (naming the pid of
+ * another process that already listens there when it can be seen), or 0. */
+int instance_probe_listen(const char *host, const char *port, char *why, size_t whylen);
+
+/* Whether an instance holds the lock of conf's run_dir: its master's pid, -1 when
+ * one holds it without a pid written yet, 0 when none does, -2 when the lock file
+ * cannot be read to tell. Creates nothing, and leaves the lock as it found it. */
+long instance_running(const struct conf *conf);
 
 /* 1 when a process accepts connections on the Unix socket at path (it must not
  * be unlinked), 0 when nothing listens there (a stale file, or none). */

@@ -7,9 +7,11 @@
 
 #include <bsd/unistd.h>
 #include <getopt.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 extern char **environ;
 
@@ -28,7 +30,7 @@ static void usage(FILE *out)
 int main(int argc, char *argv[])
 {
 	const char *conf_path = SYSCONFDIR "/resourced.conf";
-	int foreground = 0, test_only = 0, opt;
+	int foreground = 0, test_only = 0, conf_given = 0, opt;
 
 	setproctitle_init(argc, argv, environ);
 	static const struct option longopts[] = {
@@ -41,7 +43,7 @@ int main(int argc, char *argv[])
 	};
 	while ((opt = getopt_long(argc, argv, "c:fthV", longopts, NULL)) != -1) {
 		switch (opt) {
-		case 'c': conf_path = optarg; break;
+		case 'c': conf_path = optarg; conf_given = 1; break;
 		case 'f': foreground = 1; break;
 		case 't': test_only = 1; break;
 		case 'h': usage(stdout); return 0;
@@ -59,11 +61,17 @@ int main(int argc, char *argv[])
 	conf_defaults(&conf);
 	if (preflight_config_path(conf_path, err, sizeof(err)) < 0 || conf_load(&conf, conf_path, err, sizeof(err)) < 0) {
 		fprintf(stderr, "resourced: %s\n", err);
+		if (!conf_given && access(conf_path, F_OK) < 0)   /* a first run from a build tree */
+			fprintf(stderr, "resourced: name a configuration file with -c FILE (etc/resourced.conf of the "
+			    "sources documents every key; `make install` puts it at %s)\n", conf_path);
 		return 1;
 	}
 	/* Start checks the same things -t does, so it fails with the reason instead of half-way. */
 	int problems = preflight_check(&conf, stderr);
+	preflight_config_secrets(&conf, conf_path, stderr);
+	preflight_syslog(&conf, foreground, test_only, stderr);
 	if (test_only) {
+		problems += preflight_check_running(&conf, stderr);
 		if (problems) {
 			fprintf(stderr, "resourced: configuration file %s test failed (%d problem%s)\n", conf_path,
 			    problems, problems == 1 ? "" : "s");
@@ -77,5 +85,9 @@ int main(int argc, char *argv[])
 		    problems == 1 ? "" : "s");
 		return 1;
 	}
+	/* Reloads read it again, from / once daemonized. */
+	static char conf_abs[PATH_MAX];
+	if (realpath(conf_path, conf_abs) != NULL)
+		conf_path = conf_abs;
 	return master_run(&conf, conf_path, foreground);
 }

@@ -59,7 +59,8 @@ struct proc {
 	ev_tstamp started;            /* loop time of the current start */
 	double started_wall;
 	double backoff;               /* delay before the next respawn */
-	int restarts;
+	int restarts;                 /* respawns after an exit the master did not ask for */
+	int stop_asked;               /* the master stopped it to start it again (a reload) */
 	ev_timer respawn;
 	struct master *m;
 };
@@ -257,6 +258,10 @@ static int daemonize(void)
 	}
 	close(ready[0]);
 	setsid();
+	/* A daemon holds no directory it was started from (it could not be unmounted); every path
+	 * in the configuration is absolute, and so is the configuration's own (main.c). */
+	if (chdir("/") < 0)
+		fatal("chdir(/) failed");
 	int null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
 		dup2(null, STDIN_FILENO);
@@ -406,7 +411,15 @@ static void master_on_child(struct ev_loop *loop, ev_child *w, int revents)
 		log_info("%s %d (pid %d) exited", name, p->number, (int)pid);
 		if (p->state == PROC_RETIRING)
 			p->state = PROC_FREE;
+	} else if (p->stop_asked && WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+		/* A restart the reload asked for: no incident, and not counted as one. */
+		log_info("%s %d (pid %d) stopped for the reload; starting it again", name, p->number, (int)pid);
+		p->stop_asked = 0;
+		p->backoff = 0;
+		ev_timer_set(&p->respawn, 0., 0.);
+		ev_timer_start(loop, &p->respawn);
 	} else {
+		p->stop_asked = 0;
 		if (WIFSIGNALED(status))
 			log_warnx("%s %d (pid %d) killed by signal %d", name, p->number, (int)pid, WTERMSIG(status));
 		else
@@ -565,6 +578,11 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		free(next);
 		return -1;
 	}
+	/* What a start bound, locked or switched to stays: new workers meeting another run_dir would never
+	 * find the storage socket the master holds, and a stop would remove another pid file. */
+	char kept[200];
+	if (conf_keep_start_keys(m->conf, next, kept, sizeof(kept)) > 0)
+		log_warnx("reload: %s: changes take effect at the next start (kept as they are)", kept);
 	if (reload_preflight(next, msg, msglen) < 0) {
 		free(next);
 		return -1;
@@ -579,14 +597,12 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		sd_notify(0, "READY=1");
 		return -1;
 	}
-	int storage_same = conf_storage_equal(m->conf, next);
+	char storage_changes[200];
+	int storage_same = conf_storage_changes(m->conf, next, storage_changes, sizeof(storage_changes)) == 0;
 	if (log_open(next->log_file, next->log_level, m->foreground, err, sizeof(err)) < 0)
 		log_warnx("reload: %s (keeping the old log)", err);
 	if (strcmp(next->access_log, m->conf->access_log) != 0 && access_log_open(next->access_log, err, sizeof(err)) < 0)
 		log_warnx("reload: %s (no access log)", err);
-	if (strcmp(next->http_listen, m->conf->http_listen) != 0)
-		log_warnx("reload: http_listen changes take effect at the next start (still %s)",
-		    m->conf->http_listen[0] ? m->conf->http_listen : "off");
 	struct conf *old = m->conf;
 	m->conf = next;
 	control_set_conf(m->control, next);
@@ -608,9 +624,10 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	spawn_workers(m);
 	struct proc *storage = &m->procs[0];
 	if (!storage_same && storage->pid > 0) {
-		/* It comes back with the new configuration; workers answer 1027 meanwhile. */
-		log_info("storage settings changed: restarting the storage process");
+		/* It comes back with the new configuration; the workers hold requests for it meanwhile. */
+		log_info("storage settings changed (%s): restarting the storage process", storage_changes);
 		storage->backoff = 0;
+		storage->stop_asked = 1;
 		kill(storage->pid, SIGTERM);
 	} else if (storage->pid == 0 && storage->state == PROC_RUNNING) {
 		/* Down (a fatal exit is never respawned on its own, a crash may be backing off): the
@@ -668,8 +685,12 @@ static void master_on_signal(struct ev_loop *loop, ev_signal *s, int revents)
 		master_reload(m, msg, sizeof(msg));
 		break;
 	case SIGUSR1:
+		/* Said in the new file, so that logrotate's work can be seen where it is looked for. */
 		if (log_reopen() < 0)
-			log_warn("cannot reopen the log file");
+			log_warn("SIGUSR1: cannot reopen the log files %s%s%s", m->conf->log_file,
+			    m->conf->access_log[0] ? " and " : "", m->conf->access_log);
+		else
+			log_info("SIGUSR1: log files reopened");
 		master_signal_role(m, ROLES_ALL, SIGUSR1);
 		break;
 	}
@@ -688,8 +709,14 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	}
 	/* Before any socket or file of the instance is touched: one instance per
 	 * configuration, and none beside another process on the same address. */
-	if (instance_lock(conf, err, sizeof(err)) < 0 ||
-	    instance_probe_listen(conf->listen_host, conf->listen_port, err, sizeof(err)) < 0) {
+	char why[200];
+	int refused = instance_lock(conf, err, sizeof(err)) < 0;
+	if (!refused && instance_probe_listen(conf->listen_host, conf->listen_port, why, sizeof(why)) < 0) {
+		snprintf(err, sizeof(err), "listen %s:%s: %s; refusing to start", conf->listen_host, conf->listen_port,
+		    why);
+		refused = 1;
+	}
+	if (refused) {
 		log_error("%s", err);
 		if (!foreground || conf->log_file[0])
 			fprintf(stderr, "resourced: %s\n", err);

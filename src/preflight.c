@@ -3,6 +3,7 @@
 #include "preflight.h"
 #include "conf.h"
 #include "control.h"
+#include "instance.h"
 #include "ipc.h"
 #include "link.h"
 
@@ -12,6 +13,7 @@
 #include <netdb.h>
 #include <pwd.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -227,6 +229,30 @@ int preflight_check(const struct conf *c, FILE *report)
 	if (c->http_listen[0])
 		check_host_port(&p, "[server] http_listen", c->http_listen);
 
+	/* Two listeners on one port: the second one's bind fails only once the daemon runs. */
+	const char *const keys[] = { "[server] listen", "[server] agent_listen", "[server] http_listen" };
+	char hosts[3][256], ports[3][16];
+	int have[3] = { 1, 0, 0 };
+	snprintf(hosts[0], sizeof(hosts[0]), "%s", c->listen_host);
+	snprintf(ports[0], sizeof(ports[0]), "%s", c->listen_port);
+	const char *const values[] = { listen, c->agent_listen, c->http_listen };
+	for (int i = 1; i < 3; i++) {
+		const char *port = values[i][0] ? split_host_port(values[i], hosts[i], sizeof(hosts[i])) : NULL;
+		if (port && snprintf(ports[i], sizeof(ports[i]), "%s", port) < (int)sizeof(ports[i]))
+			have[i] = 1;
+	}
+	for (int i = 0; i < 3; i++)
+		for (int j = i + 1; j < 3; j++) {
+			if (!have[i] || !have[j] || atoi(ports[i]) != atoi(ports[j]))
+				continue;
+			/* The same address, or an IPv4 one and the IPv4 wildcard (IPv6 only when equal). */
+			int v4 = !strchr(hosts[i], ':') && !strchr(hosts[j], ':');
+			int any = !hosts[i][0] || !hosts[j][0] || strcmp(hosts[i], "0.0.0.0") == 0 ||
+			    strcmp(hosts[j], "0.0.0.0") == 0;
+			if (strcmp(hosts[i], hosts[j]) == 0 || (v4 && any))
+				problem(&p, keys[j], values[j], "the same port as %s %s: give each its own", keys[i], values[i]);
+		}
+
 	check_storage(&p, c);
 	if (c->pid_file[0])
 		check_file(&p, "[server] pid_file", c->pid_file, c->run_dir, 0);
@@ -247,6 +273,78 @@ const char *preflight_reason(const char *line)
 {
 	size_t n = strlen(PREFLIGHT_PREFIX);
 	return strncmp(line, PREFLIGHT_PREFIX, n) == 0 ? line + n : line;
+}
+
+/* One address start will bind: free, or taken by whom. */
+static void probe_address(struct preflight *p, const char *key, const char *value, const char *host,
+    const char *port)
+{
+	char why[300];
+	if (instance_probe_listen(host, port, why, sizeof(why)) < 0)
+		problem(p, key, value, "%s", why);
+}
+
+int preflight_check_running(const struct conf *c, FILE *report)
+{
+	struct preflight p = { report, 0 };
+	long pid = instance_running(c);
+	if (pid != 0) {
+		/* Its own sockets hold the addresses: checking them would only find it. */
+		if (pid > 0)
+			fprintf(report, PREFLIGHT_PREFIX "note: resourced (pid %ld) runs with this run_dir; kill -HUP %ld "
+			    "applies this file to it (its addresses were not probed)\n", pid, pid);
+		else if (pid == -2)
+			fprintf(report, PREFLIGHT_PREFIX "note: cannot read %s/%s to tell whether resourced runs (run -t as "
+			    "the user it runs as, or root); its addresses were not probed\n", c->run_dir,
+			    INSTANCE_LOCK_NAME);
+		else
+			fprintf(report, PREFLIGHT_PREFIX "note: a resourced is starting with this run_dir (its addresses "
+			    "were not probed)\n");
+		return 0;
+	}
+	char listen[300];
+	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
+	probe_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
+	const char *const keys[] = { "[server] agent_listen", "[server] http_listen" };
+	const char *const values[] = { c->agent_listen, c->http_listen };
+	for (size_t i = 0; i < 2; i++) {
+		char host[256];
+		const char *port = values[i][0] ? split_host_port(values[i], host, sizeof(host)) : NULL;
+		if (port)   /* one that does not parse was reported already */
+			probe_address(&p, keys[i], values[i], host, port);
+	}
+	return p.problems;
+}
+
+/* A conninfo with a password: "password=..." or a URI's "user:password@". */
+static int conninfo_has_password(const char *conninfo)
+{
+	if (strstr(conninfo, "password"))
+		return 1;
+	const char *scheme = strstr(conninfo, "://");
+	const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
+	return at && memchr(scheme + 3, ':', (size_t)(at - (scheme + 3))) != NULL;
+}
+
+void preflight_syslog(const struct conf *c, int foreground, int test_only, FILE *report)
+{
+	int to_syslog = strcmp(c->log_file, "syslog") == 0 || (c->log_file[0] == '\0' && (!foreground || test_only));
+	if (!to_syslog || access("/dev/log", W_OK) == 0)
+		return;
+	fprintf(report, PREFLIGHT_PREFIX "warning: [log] file %s: logs go to syslog%s, but /dev/log does not exist "
+	    "(no syslog daemon or journald here): they would be lost; set [log] file to a path, or run with -f\n",
+	    c->log_file[0] ? c->log_file : "is empty", c->log_file[0] ? "" : " when started without -f");
+}
+
+void preflight_config_secrets(const struct conf *c, const char *path, FILE *report)
+{
+	const char *holds = c->redis_password[0] ? "[redis] password"
+	    : c->redis_sentinel_password[0] ? "[redis] sentinel_password"
+	    : conninfo_has_password(c->pg_conninfo) ? "[postgres] conninfo" : NULL;
+	struct stat st;
+	if (holds && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
+		fprintf(report, PREFLIGHT_PREFIX "warning: %s holds a password (%s) and every local user can read it "
+		    "(mode %04o): chmod o-r %s\n", path, holds, (unsigned)(st.st_mode & 07777), path);
 }
 
 int preflight_config_path(const char *path, char *err, size_t errlen)

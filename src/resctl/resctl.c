@@ -93,6 +93,9 @@ static const struct {
 	{ ERR_UPLOAD_MISMATCH, "an upload of these bytes is in progress under another name or size" },
 	{ ERR_BUSY, "the server is busy" },
 	{ ERR_STORAGE_FULL, "the server's storage is full" },
+	{ ERR_FILE_CHANGED, "the file was replaced on the server while it was being downloaded" },
+	{ ERR_USER_UPLOADS, "this user has too many uploads in progress (finish or abandon one first)" },
+	{ ERR_SERVER_UPLOADS, "the server has too many uploads in progress (retry later)" },
 };
 
 static const char *error_text(int64_t code)
@@ -672,15 +675,26 @@ static const char *answer_str(yajl_val o, const char *key)
 	return json_get_str(o, key, &s, &len) == JSON_FIELD_OK ? s : NULL;
 }
 
-static void report_server_error(const char *command, yajl_val o)
+/* An error answer of either protocol, for people: its meaning and the server's message, the code
+ * with --verbose, and what to do when the cause is on this side. */
+static void report_error(const char *command, int64_t code, const char *message)
 {
-	int64_t code = answer_error(o);
-	const char *message = answer_str(o, "message");
+	if (message && message[0] == '\0')
+		message = NULL;
 	if (verbose)
 		resctl_error("%s: %s (error %" PRId64 " %s)%s%s", command, error_text(code), code, resctl_error_name(code),
 		    message ? ": " : "", message ? message : "");
 	else
 		resctl_error("%s: %s%s%s", command, error_text(code), message ? ": " : "", message ? message : "");
+	/* A server without anonymous access asks every request for a uid. */
+	if (code == ERR_JSON && message && strncmp(message, "uid: missing", 12) == 0)
+		resctl_error("%s: this server needs credentials: give --uid UID and --token TOKEN "
+		    "(or --token-file FILE, or RESCTL_TOKEN)", command);
+}
+
+static void report_server_error(const char *command, yajl_val o)
+{
+	report_error(command, answer_error(o), answer_str(o, "message"));
 }
 
 /* Reconnect back-off: 100 ms doubling to 5 s, at most max_attempts in a row. */
@@ -2175,6 +2189,13 @@ struct bin_limits {
 	uint64_t window, max_inflight, max_chunk, max_range;
 };
 
+/* Whether a command's very first connection could not be made: said and ended at once, as on the
+ * JSON path (a wrong address or a server that is not running is no dropped connection to retry). */
+static int first_connect_failed(const struct client *c, int ever_connected)
+{
+	return !ever_connected && c->fd < 0 && strncmp(c->err, "cannot connect", 14) == 0;
+}
+
 /* Connects and says 1041; CALL_OK with lim->ok = 0 when the server answered 1022 (JSON only). */
 static int bin_hello(struct client *c, struct json_writer *w, const struct resctl_auth *auth, struct bin_limits *lim,
     int64_t *code)
@@ -2262,8 +2283,7 @@ static int bin_recv(struct client *c, uint16_t id, struct bin_answer *a)
 
 static void bin_report(const char *command, const struct bin_answer *a)
 {
-	resctl_error("%s: server error %u (%s): %s", command, a->error, resctl_error_name(a->error),
-	    a->message[0] ? a->message : "no message");
+	report_error(command, a->error, a->message);
 }
 
 /* The upload over the fast path: 1043, then chunks kept in flight up to the window. STEP_DONE,
@@ -2277,9 +2297,13 @@ static enum upload_step upload_binary(struct upload *u, int chunk_given)
 	struct bin_limits lim;
 	uint8_t *frame = NULL;
 	enum upload_step result = STEP_FAIL;
-	for (;;) {
+	for (int connected = 0;; connected = 1) {
 		int64_t code;
 		int r = bin_hello(&u->c, &u->w, &o->auth, &lim, &code);
+		if (r != CALL_OK && first_connect_failed(&u->c, connected)) {
+			resctl_error("upload: %s", u->c.err);
+			break;
+		}
 		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
 			snprintf(u->c.err, sizeof(u->c.err), "server busy");
 			r = CALL_DROPPED;
@@ -2510,9 +2534,14 @@ static int download_binary(struct download *d)
 {
 	struct bin_limits lim;
 	char version[BIN_VERSION_MAX + 1] = "";
-	for (;;) {
+	for (int connected = 0;; connected = 1) {
 		int64_t code;
 		int r = bin_hello(&d->c, &d->w, &d->o->auth, &lim, &code);
+		if (r != CALL_OK && first_connect_failed(&d->c, connected)) {
+			resctl_error("download: %s", d->c.err);
+			d->gave_up = 1;
+			return -1;
+		}
 		if (r == CALL_OK && !lim.ok && code == ERR_BUSY) {
 			snprintf(d->c.err, sizeof(d->c.err), "server busy");
 			r = CALL_DROPPED;
@@ -2557,8 +2586,7 @@ static int download_binary(struct download *d)
 			}
 			if (rg.error) {
 				resctl_progress_clear(&d->progress);
-				resctl_error("download: server error %u (%s): %s", rg.error, resctl_error_name(rg.error),
-				    rg.message[0] ? rg.message : "no message");
+				report_error("download", rg.error, rg.message);
 				return -1;
 			}
 			if (version[0] == '\0') {

@@ -70,7 +70,17 @@ int resctl_stats_main(int argc, char **argv)
 	}
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-		resctl_error("stats: cannot connect to %s: %s", o.socket_path, strerror(errno));
+		int saved = errno;
+		/* What to do next depends on why: the three an operator meets, said as such. */
+		const char *hint = saved == ENOENT ? "no socket there: is resourced running, with [server] stats_socket "
+		    "set to this path? (--socket PATH names another)"
+		    : saved == ECONNREFUSED ? "nothing listens on it: the resourced that made it has stopped"
+		    : saved == EACCES ? "the socket is mode 0660: run as root, or as the user or a member of the group "
+		    "resourced runs as" : NULL;
+		resctl_error("stats: cannot connect to %s: %s%s%s", o.socket_path, strerror(saved), hint ? "; " : "",
+		    hint ? hint : "");
+		if (fd >= 0)
+			close(fd);
 		return RESCTL_EXIT_FAIL;
 	}
 	if (send(fd, command, len, MSG_NOSIGNAL) != (ssize_t)len || shutdown(fd, SHUT_WR) < 0) {

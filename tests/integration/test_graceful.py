@@ -301,7 +301,12 @@ with tap.section("storage restarts"):
         d.send_signal(signal.SIGHUP)
         tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, before), 10),
                "HUP with io_threads 2 -> 3 restarts the storage process")
-        tap.ok(h.wait_for(lambda: "storage settings changed" in h.read_text(d.log_file, mark), 5), "(the log says why)")
+        tap.ok(h.wait_for(lambda: "storage settings changed ([storage] io_threads)" in h.read_text(d.log_file, mark),
+                          5), "the log says why, naming the key that changed", h.read_text(d.log_file, mark))
+        tap.ok(h.wait_for(lambda: "stopped for the reload" in h.read_text(d.log_file, mark), 5)
+               and "exited with status" not in h.read_text(d.log_file, mark),
+               "the restart it asked for is logged as such, not as an exit to worry about",
+               h.read_text(d.log_file, mark))
 
     uploads_through(d, "hup", hup_io_threads)
 

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +39,12 @@ d.wait_redis_connected()
 
 # ---------------------------------------------------------------- item 3: reload over the stats socket
 tap.section("reload over the stats socket ends its answer")
+log_mark = len(d.log_text())
 rc, out, err, secs = stats(d, "reload")
 tap.eq(rc, 0, "resctl stats reload exits 0", err)
 tap.ok(out.startswith("OK"), "the answer is OK", out)
+tap.ok("stats socket: reloading" in d.log_text()[log_mark:], "the log says where the reload came from",
+       d.log_text()[log_mark:])
 # The old answer came at once and then the connection stayed open in the forked children for 10 s.
 tap.diag("resctl stats reload took %.1f s" % secs)
 tap.ok("no answer within" not in err, "no timeout message", err)
@@ -61,6 +66,12 @@ rc, out, err, _ = run([h.RESOURCED_BIN, "--config", d.conf_path, "--test"])
 tap.ok(rc == 0 and "is valid" in out, "resourced --config FILE --test is -c FILE -t", out + err)
 rc, out, err, _ = run([h.RESOURCED_BIN, "--no-such-option"])
 tap.ok(rc == 1 and "usage" in err, "an unknown long option is refused with the usage", out + err)
+rc, out, err, _ = run([h.RESOURCED_BIN, "-t"])
+if "cannot read configuration file" in err and "No such file" in err:   # nothing installed at the default path
+    tap.ok(rc == 1 and "-c FILE" in err and "etc/resourced.conf" in err,
+           "-t without -c and nothing at the default path: says to name one with -c", err)
+else:
+    tap.skip("-t without -c: the hint to use -c", "a configuration is installed at the default path")
 
 
 # ---------------------------------------------------------------- item 6: -t checks what start needs
@@ -105,6 +116,11 @@ cases = [
     ("access log that is a directory", {"log": {"access_log": case_dir}}, "[log] access_log", "is a directory"),
     ("agent_listen without a port", {"server": {"agent_listen": "127.0.0.1"}}, "[server] agent_listen",
      "host:port"),
+    ("agent_listen on the listen port", {"server": {"agent_listen": "127.0.0.1:%d" % d.port}},
+     "[server] agent_listen", "the same port as [server] listen"),
+    ("http_listen on the agent_listen port (any address)",
+     {"server": {"agent_listen": "127.0.0.1:%d" % (d.port + 1), "http_listen": "0.0.0.0:%d" % (d.port + 1)}},
+     "[server] http_listen", "the same port as [server] agent_listen"),
     ("user that does not exist", {"server": {"user": "no-such-user-4101"}}, "[server] user", "no such user"),
     ("group that does not exist", {"server": {"group": "no-such-group-4101"}}, "[server] group",
      "no such group"),
@@ -151,6 +167,30 @@ two, (rc, out) = check_with({"storage": {"root": os.path.join(missing, "root")},
 tap.ok(rc == 1 and "[storage] root" in out and "[log] file" in out and "2 problems" in out,
        "-t reports every problem, not only the first", out)
 tap.ok(not os.path.exists(missing), "-t created nothing")
+# Addresses taken by another process: start refuses them, so -t names them (with the holder's pid).
+# The running daemon's own configuration is not "in use" by itself: -t names its pid for a reload.
+rc, out = d.check_config(d.conf_path)
+tap.ok(rc == 0 and "pid %d" % d.master_pid in out and "kill -HUP" in out,
+       "-t of the running daemon's configuration: valid, and a note naming its pid", out)
+other_run = os.path.join(case_dir, "other-run")
+holders = []
+for _ in range(2):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    holders.append(holder)
+held = ["127.0.0.1:%d" % holder.getsockname()[1] for holder in holders]
+_, (rc, out) = check_with({"server": {"run_dir": other_run, "pid_file": os.path.join(other_run, "r.pid"),
+                                      "agent_listen": held[0], "http_listen": held[1]}}, "taken")
+tap.ok(rc == 1 and "[server] listen 127.0.0.1:%d" % d.port in out and "already listens there" in out
+       and any("pid %d" % p in out for p in d.processes()),
+       "-t names a listen address another instance holds, and a process of it", out)
+tap.ok("[server] agent_listen %s" % held[0] in out and "[server] http_listen %s" % held[1] in out
+       and "pid %d" % os.getpid() in out and "3 problems" in out,
+       "-t names agent_listen and http_listen held by another process, with its pid", out)
+for holder in holders:
+    holder.close()
+tap.ok(not os.path.exists(other_run), "... and created nothing (not the run_dir it probed)")
 # [ipv6]:port, as [server] listen takes it, for the agent and HTTP listeners too.
 _, (rc, out) = check_with({"server": {"agent_listen": "[::1]:%d" % h.free_port(),
                                       "http_listen": "[::1]:%d" % h.free_port()}}, "ipv6")
@@ -165,6 +205,29 @@ for bad in ("host=/run/postgresql hunter2pw", "postgresql://u:hunter2pw@[::1/db"
     _, (rc, out) = check_with({"postgres": {"conninfo": bad}}, "conninfo-quoted")
     tap.ok(rc == 1 and "[postgres] conninfo" in out and "libpq cannot parse it" in out and "hunter2pw" not in out,
            "-t: libpq's reason for %r is given without the words it quotes" % bad.split()[0][:12], out)
+
+# resourced.conf(5): a file with a password should not be readable by everyone.
+secret, _ = check_with({"redis": {"password": "pw-4101"}}, "secret")
+os.chmod(secret, 0o644)
+rc, out = d.check_config(secret)
+tap.ok(rc == 0 and "warning" in out and "[redis] password" in out and "chmod o-r" in out and "pw-4101" not in out,
+       "-t warns (exit 0) that a file holding a password is readable by everyone, without showing it", out)
+os.chmod(secret, 0o640)
+rc, out = d.check_config(secret)
+tap.ok(rc == 0 and "chmod" not in out, "... and not once it is chmod 0640", out)
+uri, _ = check_with({"postgres": {"conninfo": "postgresql://chat@localhost/chat"}}, "uri-no-secret")
+os.chmod(uri, 0o644)
+rc, out = d.check_config(uri)
+tap.ok(rc == 0 and "holds a password" not in out, "a conninfo URI with a user and no password is no secret", out)
+
+# Logs to syslog where nothing receives them would be lost without a word.
+to_syslog, _ = check_with({"log": {"file": "syslog"}}, "syslog")
+rc, out = d.check_config(to_syslog)
+if os.path.exists("/dev/log"):
+    tap.ok(rc == 0 and "/dev/log" not in out, "-t: [log] file = syslog with a syslog here: no warning", out)
+else:
+    tap.ok(rc == 0 and "warning" in out and "/dev/log does not exist" in out and "[log] file" in out,
+           "-t warns (exit 0) that logs to syslog would be lost: no /dev/log on this machine", out)
 
 # Start runs the same checks: it fails at once with the reason instead of a stale error half-way.
 path, _ = check_with({"server": {"stats_socket": long_sock}}, "start")
@@ -276,5 +339,60 @@ tap.eq(series(m, "resourced_responses_expected_total").get('{code="1012"}'), flo
        "metrics: resourced_responses_expected_total{code=\"1012\"}")
 tap.eq(series(m, "resourced_responses_error_total").get('{code="1012"}'), float(count(after, "errors")),
        "metrics: resourced_responses_error_total{code=\"1012\"} leaves the sync's answer out")
+
+
+# ---------------------------------------------------------------- a reload keeps what only a start applies
+tap.section("a reload keeps run_dir, the pid file and the sockets a start bound")
+# A reload that took a new run_dir started new workers looking for the storage socket there, where
+# nothing listens (the master holds it in the old one): every upload was answered 1027 until a restart.
+moved = h.temp_dir("operator-moved")
+old_storage = d.storage_pid()
+mark = len(d.log_text())
+d.settings["server"].update({"run_dir": moved, "pid_file": os.path.join(moved, "r.pid"),
+                             "stats_socket": os.path.join(moved, "stats.sock")})
+h.Daemon.write_config(d.conf_path, d.settings)
+d.send_signal(signal.SIGHUP)
+tap.ok(h.wait_for(lambda: "reloaded" in d.log_text()[mark:], 20), "the reload is applied", d.log_text()[mark:])
+logged = d.log_text()[mark:]
+tap.ok("[server] run_dir, [server] pid_file, [server] stats_socket: changes take effect at the next start" in logged,
+       "the log names the keys a reload cannot change", logged)
+data = os.urandom(70000)
+try:
+    d.wait_workers(20)
+    with h.Client(d.port, timeout=60) as c:
+        r, _, _ = h.Upload(data, "operator-after-move.bin", UID, TOKEN).run(c)
+except Exception as e:   # a worker that never finds the storage socket: no answer, or 1027
+    r = {"exception": repr(e)}
+tap.eq(r.get("error"), 0, "an upload through the new workers completes", r)
+tap.eq(d.storage_pid(), old_storage, "the storage process kept running (its run_dir did not change)")
+rc, out, err, _ = stats(d, "show", "info")
+tap.ok(rc == 0 and "Pid: %d" % d.master_pid in out, "the stats socket answers where it was bound", out + err)
+tap.eq(sorted(os.listdir(moved)), [], "nothing was created in the new run_dir")
+
+
+# ---------------------------------------------------------------- a daemon runs from /
+tap.section("daemonized: runs from /, and reloads a configuration named relative to where it started")
+bg = h.Daemon(workers=1, redis=redis)
+bg.settings["log"]["file"] = bg.log_path
+h.Daemon.write_config(bg.conf_path, bg.settings)
+r = subprocess.run([h.RESOURCED_BIN, "-c", os.path.basename(bg.conf_path)], cwd=bg.dir, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30, text=True)
+tap.eq(r.returncode, 0, "resourced -c NAME (relative, no -f) starts and detaches", r.stdout)
+bg_pid = int(h.read_text(bg.pid_file).strip() or 0) if h.wait_for(lambda: h.read_text(bg.pid_file).strip(), 15) else 0
+h.at_cleanup(lambda: bg_pid and h.pid_alive(bg_pid) and os.kill(bg_pid, signal.SIGKILL))
+tap.ok(bg_pid and os.readlink("/proc/%d/cwd" % bg_pid) == "/", "the master's working directory is /",
+       bg_pid and os.readlink("/proc/%d/cwd" % bg_pid))
+mark = len(h.read_text(bg.log_path))
+if bg_pid:
+    os.kill(bg_pid, signal.SIGHUP)
+tap.ok(h.wait_for(lambda: "reloaded %s" % bg.conf_path in h.read_text(bg.log_path)[mark:], 20),
+       "a HUP reloads the file by its absolute path", h.read_text(bg.log_path)[mark:])
+if bg_pid:
+    os.kill(bg_pid, signal.SIGTERM)
+tap.ok(h.wait_for(lambda: not h.pid_alive(bg_pid), 20), "it stops on TERM")
+rel = os.path.join(bg.dir, "relative.conf")
+h.Daemon.write_config(rel, dict(bg.settings, server=dict(bg.settings["server"], pid_file="r.pid")))
+rc, out = d.check_config(rel)
+tap.ok(rc == 1 and "[server] pid_file 'r.pid' is not an absolute path" in out, "-t refuses a relative pid_file", out)
 
 tap.finish()

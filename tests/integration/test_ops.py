@@ -539,6 +539,8 @@ with tap.section("USR1 reopens the logs"):
     tap.ok(reopened, "after USR1 no process holds the moved log or access log open",
            repr(fds_pointing_to(pids, old_paths)))
     tap.ok(os.path.exists(LOG), "a new log file is created")
+    tap.ok(h.wait_for(lambda: "SIGUSR1: log files reopened" in h.read_text(LOG), 5),
+           "the new log file says the logs were reopened (what logrotate's operator looks for)", h.read_text(LOG))
     workers_now = worker_set()
     tap.ok(h.wait_for(lambda: len(fds_pointing_to(workers_now, {ACCESS})) == len(workers_now), 3),
            "every worker has the new access log open", repr(fds_pointing_to(workers_now, {ACCESS})))

@@ -159,8 +159,13 @@ rc, so, se = resctl("upload", "127.0.0.1:%d" % closer.getsockname()[1], os.path.
 tap.ok(rc == 1 and "resctl: upload: connection lost" in se and "retrying (1/1) in 0.1 s" in se,
        "upload announces its retries the same way", se)
 rc, so, se = resctl("download", dead, NAME, os.path.join(work, "dead.bin"), "--retries", 2, *CRED)
-tap.ok(rc == 1 and "Connection refused" in se and not os.path.exists(os.path.join(work, "dead.bin.resctl-part")),
-       "a refused first connection fails at once and leaves no part file", se)
+tap.ok(rc == 1 and "Connection refused" in se and "retrying" not in se and "connection lost" not in se
+       and not os.path.exists(os.path.join(work, "dead.bin.resctl-part")),
+       "a refused first connection fails at once (binary path: no retries, nothing 'lost') and leaves no part file", se)
+for path_args, path_name in (([], "binary"), (["--compat"], "JSON")):
+    rc, so, se = resctl("upload", dead, os.path.join(work, "src-" + NAME), "--retries", 2, *CRED, *path_args)
+    tap.ok(rc == 1 and "cannot connect" in se and "retrying" not in se,
+           "an upload's refused first connection fails at once (%s path)" % path_name, se)
 part_out = os.path.join(work, "hint.bin")
 resctl("download", ADDR, NAME, part_out, "--stop-after", 7, *CRED)
 rc, so, se = resctl("download", dead, NAME, part_out, "--retries", 1, *CRED)
@@ -216,6 +221,17 @@ tap.ok(rc == 1 and "token is wrong" in se and "1010" not in se, "a bad token: sa
 rc, so, se = resctl("download", ADDR, NAME, os.path.join(work, "badtok.bin"), "--uid", UID, "--token", "wrong",
                     "--verbose")
 tap.ok("1010" in se and "TokenInvalid" in se, "--verbose adds the code and its name", se)
+# With --uid the download takes the binary path: its errors are said the same way as JSON's.
+for path_args, path_name in (([], "binary"), (["--compat"], "JSON")):
+    rc, so, se = resctl("download", ADDR, "no-such-name.bin", os.path.join(work, "nosuch.bin"), *CRED, *path_args)
+    tap.ok(rc == 1 and "no such file on the server" in se and "1012" not in se and "FileNotExists" not in se,
+           "download of a missing name (%s path): said in words, no code" % path_name, se)
+rc, so, se = resctl("download", ADDR, "no-such-name.bin", os.path.join(work, "nosuch.bin"), *CRED, "--verbose")
+tap.ok(rc == 1 and "1012" in se and "FileNotExists" in se, "... and --verbose adds the code on the binary path", se)
+rc, so, se = resctl("upload", ADDR, os.path.join(work, "sync-me.bin"), "--name", "anon.bin",
+                    env={k: v for k, v in os.environ.items() if k != "RESCTL_TOKEN"})
+tap.ok(rc == 1 and "needs credentials" in se and "--uid" in se and "--token" in se,
+       "an upload without --uid to a server that wants one says which options to give", se)
 rc, so, se = resctl("download", dead, NAME, os.path.join(work, "notoken.bin"), "--uid", UID,
                     env={k: v for k, v in os.environ.items() if k != "RESCTL_TOKEN"})
 tap.ok(rc == 2 and "--uid needs" in se and "retrying" not in se,
@@ -225,6 +241,17 @@ tap.ok(not any(i in so for i in ("1001", "1003", "1005", "1031", "1033")), "resc
 leaked = [c for c in ("ping", "upload", "sync", "download") if any(i in resctl(c, "--help")[1]
                                                                    for i in ("1001", "1003", "1005", "1031", "1033"))]
 tap.eq(leaked, [], "no command's --help names message ids")
+
+# resctl stats that cannot connect says why in the operator's terms.
+rc, so, se = resctl("stats", "--socket", os.path.join(work, "no-stats.sock"), "show", "info")
+tap.ok(rc == 1 and "[server] stats_socket" in se and "--socket" in se,
+       "stats with no socket at the path: points at [server] stats_socket and --socket", se)
+stale = os.path.join(work, "stale-stats.sock")
+s = socket.socket(socket.AF_UNIX)
+s.bind(stale)
+s.close()   # the file stays, nothing listens: what a killed daemon leaves
+rc, so, se = resctl("stats", "--socket", stale, "show", "info")
+tap.ok(rc == 1 and "has stopped" in se, "stats on a socket nobody listens on: says the daemon has stopped", se)
 
 # ---------------------------------------------------------------- item 12: not a resourced server
 tap.section("a peer that is not resourced is named as such")

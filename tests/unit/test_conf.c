@@ -296,9 +296,10 @@ START_TEST(test_unknown_key)
 {
 	expect_load_error("[server]\nworkers = 2\nbogus = 1\nalso_bogus = 2\n", 3, "[server] bogus: unknown key");
 	/* A key that exists, in the wrong section. */
-	expect_load_error("[redis]\nhost = x\nroot = /srv\n", 3, "[redis] root: unknown key");
+	expect_load_error("[redis]\nhost = x\nroot = /srv\n", 3, "[redis] root: unknown key (root is a key of [storage])");
 	/* Before any section. */
-	expect_load_error("workers = 2\n", 1, "[] workers: unknown key");
+	expect_load_error("workers = 2\n", 1, "[] workers: unknown key (before any [section]: workers is a key of [server])");
+	expect_load_error("colour = 2\n", 1, "[] colour: unknown key (before any [section] header)");
 	/* conf_set says the same. */
 	struct conf c;
 	char err[256];
@@ -308,10 +309,58 @@ START_TEST(test_unknown_key)
 }
 END_TEST
 
+/* The likely mistake behind an unknown key is named: a near spelling (of this section's keys
+ * first), a missing '=' (inih then splits at a ':' of the value), capitals in the section. */
+START_TEST(test_unknown_key_hints)
+{
+	expect_load_error("[server]\nlisen = 127.0.0.1:9090\n", 2, "[server] lisen: unknown key (did you mean listen?)");
+	expect_load_error("[redis]\npassowrd = x\n", 2, "[redis] passowrd: unknown key (did you mean password?)");
+	expect_load_error("[redis]\nprot = 1\n", 2, "[redis] prot: unknown key (did you mean port?)");
+	expect_load_error("[log]\naccesslog = /x\n", 2, "[log] accesslog: unknown key (did you mean access_log?)");
+	expect_load_error("[server]\nmax_upload = 5\n", 2,
+	    "[server] max_upload: unknown key (did you mean [storage] max_uploads?)");
+	/* Too far from every key for a guess: the plain message. */
+	expect_load_error("[server]\nstats = /x\n", 2, "[server] stats: unknown key");
+	expect_load_error("[redis]\npoll = 1\n", 2, "[redis] poll: unknown key (did you mean [rados] pool?)");
+	expect_load_error("[server]\nlisten 127.0.0.1:9090\n", 2,
+	    "[server] listen 127.0.0.1: unknown key (a key has no spaces: is the '=' missing?)");
+	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 2,
+	    "[Server] listen: unknown key (section names are lower case: [server])");
+}
+END_TEST
+
+/* A relative root or run_dir names the key and the value. */
+START_TEST(test_relative_paths)
+{
+	struct conf c;
+	char err[512], want[512];
+	ck_assert_int_eq(load("[storage]\nroot = files\n", &c, err, sizeof(err)), -1);
+	snprintf(want, sizeof(want), "%s: [storage] root 'files' is not an absolute path (start it with '/')", tmp_path);
+	ck_assert_str_eq(err, want);
+	ck_assert_int_eq(load("[server]\nrun_dir = run\n", &c, err, sizeof(err)), -1);
+	unit_assert_contains(err, "[server] run_dir 'run' is not an absolute path");
+	/* Every path: the daemon runs from /. Empty ones (off) and syslog are fine. */
+	static const char *const relative[][3] = {
+		{ "server", "pid_file", "[server] pid_file 'r.pid'" }, { "server", "stats_socket", "[server] stats_socket 'r.pid'" },
+		{ "log", "file", "[log] file 'r.pid'" }, { "log", "access_log", "[log] access_log 'r.pid'" },
+		{ "redis", "socket", "[redis] socket 'r.pid'" }, { "rados", "conf", "[rados] conf 'r.pid'" },
+	};
+	for (size_t i = 0; i < sizeof(relative) / sizeof(relative[0]); i++) {
+		char text[128];
+		snprintf(text, sizeof(text), "[%s]\n%s = r.pid\n", relative[i][0], relative[i][1]);
+		ck_assert_int_eq(load(text, &c, err, sizeof(err)), -1);
+		unit_assert_contains(err, relative[i][2]);
+	}
+	ck_assert_int_eq(load("[server]\npid_file =\nstats_socket =\n[log]\nfile = syslog\n", &c, err, sizeof(err)), 0);
+}
+END_TEST
+
 START_TEST(test_unknown_section)
 {
 	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 5,
-	    "[nosuch] listen: unknown key");
+	    "[nosuch] listen: unknown key (listen is a key of [server])");
+	expect_load_error("[nosuch]\nfoo = 1\n", 2, "[nosuch] foo: unknown key (no section [nosuch]; there are "
+	    "[server] [storage] [rados] [redis] [postgres] [log])");
 }
 END_TEST
 
@@ -676,6 +725,31 @@ START_TEST(test_storage_scope)
 }
 END_TEST
 
+/* A reload's log line names the storage keys that changed, never their values (passwords). */
+START_TEST(test_storage_changes_named)
+{
+	struct conf a, b;
+	char err[256], out[64];
+	conf_defaults(&a);
+	conf_defaults(&b);
+	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 0);
+	ck_assert_str_eq(out, "");
+	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "redis", "password", "s3cret", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "server", "workers", "7", err, sizeof(err)), 0);   /* not storage's */
+	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 2);
+	ck_assert_str_eq(out, "[redis] password, [log] level");
+	/* More than fits: cut with "...", still counted. */
+	ck_assert_int_eq(conf_set(&b, "storage", "io_threads", "3", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "storage", "upload_ttl", "9", err, sizeof(err)), 0);
+	char small[24];
+	ck_assert_int_eq(conf_storage_changes(&a, &b, small, sizeof(small)), 4);
+	ck_assert_uint_eq(strlen(small), sizeof(small) - 1);
+	ck_assert_str_eq(small + sizeof(small) - 4, "...");
+	ck_assert_int_eq(conf_storage_changes(&a, &b, NULL, 0), 4);
+}
+END_TEST
+
 static Suite *conf_suite(void)
 {
 	Suite *s = suite_create("conf");
@@ -690,6 +764,9 @@ static Suite *conf_suite(void)
 	tcase_add_test(tc, test_listen_good);
 	tcase_add_test(tc, test_listen_bad);
 	tcase_add_test(tc, test_unknown_key);
+	tcase_add_test(tc, test_unknown_key_hints);
+	tcase_add_test(tc, test_relative_paths);
+	tcase_add_test(tc, test_storage_changes_named);
 	tcase_add_test(tc, test_unknown_section);
 	tcase_add_test(tc, test_bad_number);
 	tcase_add_test(tc, test_out_of_range);
