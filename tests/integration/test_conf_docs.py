@@ -39,8 +39,13 @@ def doc_number(text):
 # ---------------------------------------------------------------- src/conf.c: the truth
 code = {}
 table = re.search(r"conf_keys\[\] = \{(.*?)\n\};", read("src/conf.c"), re.S).group(1)
-for m in re.finditer(r'\{ "(\w+)", "(\w+)", (T_\w+), (?:[SN]\(\w+\)|0, 0), ([^,]+), ([^,]+), "([^"]*)"', table):
-    section, key, ctype, lo, hi, default = m.groups()
+# A default spelled as a macro ("X_TEXT", the text of the number X in a header) is that number.
+macros = dict(re.findall(r"#define (\w+) (\d+)\b", read("src/frame.h")))
+for m in re.finditer(r'\{ "(\w+)", "(\w+)", (T_\w+), (?:[SN]\(\w+\)|0, 0), ([^,]+), ([^,]+), (?:"([^"]*)"|(\w+)_TEXT)',
+                     table):
+    section, key, ctype, lo, hi, default, macro = m.groups()
+    if default is None:
+        default = macros.get(macro, "?" + macro)
     numeric = ctype in ("T_INT", "T_INT64", "T_WORKERS")
     code[(section, key)] = {"default": default,
                             "range": (c_number(lo), c_number(hi)) if numeric else None}
