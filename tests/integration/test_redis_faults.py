@@ -1,5 +1,6 @@
 # test_redis_faults.py: Redis that refuses, hangs or answers slowly: resourced backs off, recovers, and loses no acknowledged byte.
 import os
+import signal
 import sys
 import time
 
@@ -47,6 +48,51 @@ with tap.section("a wrong [redis] password: the processes back off, and come up 
     tap.eq(h.stats_info(d).get("state"), "down", "show info says down while Redis refuses")
     redis.client.cmd("CONFIG", "SET", "requirepass", "")
     tap.ok(h.wait_for(lambda: h.stats_info(d).get("state") == "up", 20), "up once Redis takes the daemon's commands")
+    d.stop()
+
+
+
+# ---------------------------------------------------------------- a final chunk sent again while Redis hangs
+# Whether a resent final chunk belongs to a published upload is in its Redis record: while Redis
+# cannot be read, the answer is 1027 (retry), not 1012, which sends the client back to seq 1 to
+# upload the whole file again.
+with tap.section("a final chunk sent again while Redis hangs: 1027, then 0 once Redis answers"):
+    UID, TOKEN = 8101, "tok-8101"
+    redis.set_token(UID, TOKEN)
+    d = h.Daemon(workers=1, redis=redis, stats=True,
+                 settings={"redis": {"timeout": REDIS_TIMEOUT}, "server": {"storage_timeout": 10}})
+    tap.context.append(lambda: d.log_tail(10))
+    d.start()
+    data = os.urandom(65536 + 999)
+    up = h.Upload(data, "resent-final.bin", UID, TOKEN)
+    with h.Client(d.port, timeout=30) as c:
+        r, _, _ = up.run(c)   # the credentials are now cached in the worker (auth_cache_ttl)
+    tap.ok(r.get("error") == 0 and h.wait_for(lambda: h.published_bytes(d, UID, up.name) == data, 10),
+           "a two-chunk upload is published", repr(r))
+
+    def answered_0():
+        with h.Client(d.port, timeout=30) as c:
+            return up.send_chunk(c, 65536, 2).get("error") == 0
+
+    # A new storage process knows nothing of the upload: only the record can say it was published.
+    old_storage = d.storage_pid()
+    os.kill(old_storage, signal.SIGKILL)
+    tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old_storage) and answered_0(), 20, 0.2),
+           "a new storage process answers the resent final chunk 0 from the record")
+    os.kill(d.storage_pid(), signal.SIGKILL)
+    tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old_storage) and
+                      d.log_count("storage info: redis: connected") >= 3, 20, 0.2),
+           "and so does the next one, once connected to Redis", d.log_tail(5))
+    answers = []
+    redis.pause()
+    try:
+        with h.Client(d.port, timeout=30) as c:
+            answers.append(up.send_chunk(c, 65536, 2).get("error"))   # waits for the lookup's drop
+            answers.append(up.send_chunk(c, 65536, 2).get("error"))   # Redis is down by now
+    finally:
+        redis.resume()
+    tap.eq(answers, [1027, 1027], "the final chunk sent again, while Redis hangs and once it is dropped: 1027")
+    tap.ok(h.wait_for(answered_0, 20, 0.2), "once Redis answers, the same chunk gets 0 (the file was published)")
     d.stop()
 
 tap.finish()
