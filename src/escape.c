@@ -47,7 +47,11 @@ static int unsafe(uint32_t cp)
 {
 	return cp < 0x20 || (cp >= 0x7f && cp < 0xa0) || cp == 0x00ad || cp == 0x061c || cp == 0x180e ||
 	    (cp >= 0x200b && cp <= 0x200f) || (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2060 && cp <= 0x206f) ||
-	    cp == 0xfeff || (cp >= 0xfff9 && cp <= 0xfffb);
+	    cp == 0xfeff || (cp >= 0xfff9 && cp <= 0xfffb) ||
+	    /* Beyond the BMP: Egyptian hieroglyph, shorthand and musical format controls, and the tag
+	     * characters, which spell hidden text after a name. */
+	    (cp >= 0x13430 && cp <= 0x1343f) || (cp >= 0x1bca0 && cp <= 0x1bca3) ||
+	    (cp >= 0x1d173 && cp <= 0x1d17a) || (cp >= 0xe0000 && cp <= 0xe007f);
 }
 
 size_t escape_quoted(char *out, size_t cap, const char *s, size_t len)
@@ -101,7 +105,7 @@ size_t escape_html(char *out, size_t cap, const char *s, size_t len)
 	for (size_t i = 0; i < len;) {
 		unsigned char b = (unsigned char)s[i];
 		const char *rep = NULL;
-		char visible[8];
+		char visible[12];
 		size_t used = 1;
 		switch (b) {
 		case '&': rep = "&amp;"; break;
@@ -117,12 +121,13 @@ size_t escape_html(char *out, size_t cap, const char *s, size_t len)
 				rep = "&#xfffd;";   /* a byte that is not UTF-8: it has no code point to show */
 			} else if (unsafe(cp)) {
 				/* Shown as text: a character reference (&#x202e;) would still act in a browser.
-				 * Four digits: every unsafe code point is below U+10000. */
+				 * \uXXXX in the BMP, \UXXXXXXXX beyond it (as in C and Python). */
+				int digits = cp < 0x10000 ? 4 : 8;
 				visible[0] = '\\';
-				visible[1] = 'u';
-				for (int k = 0; k < 4; k++)
-					visible[2 + k] = hex[cp >> (12 - 4 * k) & 15];
-				visible[6] = '\0';
+				visible[1] = digits == 4 ? 'u' : 'U';
+				for (int k = 0; k < digits; k++)
+					visible[2 + k] = hex[cp >> (4 * (digits - 1 - k)) & 15];
+				visible[2 + digits] = '\0';
 				rep = visible;
 				used = n;
 			} else {

@@ -24,8 +24,9 @@ size_t escape_quoted(char *out, size_t cap, const char *s, size_t len);
 
 /* Writes s[0, len) for HTML text or a double-quoted attribute: & < > " ' become entities and \
  * becomes \\; every code point escape_quoted escapes (C0, DEL, C1 controls and the invisible ones:
- * bidirectional controls such as U+202E, line separators, zero-width and format characters)
- * becomes visible text, \u and four hex digits (\u202e), since a character reference would still
+ * bidirectional controls such as U+202E, line separators, zero-width and format characters, tag
+ * characters) becomes visible text, \u and four hex digits (\u202e), or \U and eight beyond the
+ * BMP (\U000e0041), since a character reference would still
  * act in a browser; bytes that are not valid UTF-8 become U+FFFD (&#xfffd;). So nothing a client
  * sends can open a tag, end an attribute, reorder the page's text or hide in it; other valid UTF-8
  * stays as it is. out (cap > 0) is always NUL-terminated; when it is too small the output stops

@@ -38,9 +38,12 @@ static void rds_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
 static void rds_on_setup_reply(redisAsyncContext *c, void *reply, void *privdata)
 {
 	(void)c;
-	(void)privdata;
+	struct rds *r = privdata;
 	redisReply *rep = reply;
-	if (rep && rep->type == REDIS_REPLY_ERROR)
+	if (rep == NULL || rep->type != REDIS_REPLY_ERROR)
+		return;
+	STAT_INC(redis_errors);
+	if (r->errors++ % 50 == 0)   /* a wrong password is refused at every reconnection */
 		log_warnx("redis: AUTH/SELECT failed: %s", rep->str);
 }
 
@@ -49,6 +52,7 @@ static void rds_set_up(struct rds *r)
 {
 	STAT_SET(redis_up, 1);
 	r->dropped = 0;
+	r->retry_delay = RDS_RETRY_MIN;   /* only an answer ends the back-off: a refusal keeps it growing */
 	if (r->sentinel)
 		log_info("redis: connected to the master %s:%d", r->master_host, r->master_port);
 	else
@@ -61,7 +65,6 @@ static void rds_set_up(struct rds *r)
 static void rds_set_ready(struct rds *r)
 {
 	r->ready = 1;
-	r->retry_delay = RDS_RETRY_MIN;
 	r->not_master = 0;
 	if (r->on_ready)
 		r->on_ready(r);
@@ -102,9 +105,9 @@ static void rds_on_connect(const redisAsyncContext *c, int status)
 	const struct conf *conf = r->conf;
 	/* Pipelined ahead of every other command, so they run logged in and in the right db. */
 	if (conf->redis_password[0])
-		rds_send(r, rds_on_setup_reply, NULL, "AUTH %s", conf->redis_password);
+		rds_send(r, rds_on_setup_reply, r, "AUTH %s", conf->redis_password);
 	if (conf->redis_db)
-		rds_send(r, rds_on_setup_reply, NULL, "SELECT %d", conf->redis_db);
+		rds_send(r, rds_on_setup_reply, r, "SELECT %d", conf->redis_db);
 	/* Up only once the server answers: the kernel accepts connections for a stopped server. A
 	 * sentinel's answer may be stale (a failover under way): only a master takes commands. */
 	if (r->sentinel) {

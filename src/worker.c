@@ -1764,6 +1764,8 @@ struct bin_conn {
 	 * after it waits while they are checked again in Redis (auth_pending), as a JSON chunk's
 	 * are, and a refusal (auth_error) answers that chunk and breaks the upload. */
 	ev_tstamp trusted_until;
+	int auth_checked;             /* a check just said yes: the chunk that waited for it goes on
+	                               * (with auth_cache_ttl = 0, trusted_until is already past) */
 	int auth_pending;
 	int auth_error;
 	uint64_t auth_reqid;
@@ -1991,8 +1993,10 @@ static void bin_auth_on_reply(redisAsyncContext *ctx, void *reply, void *privdat
 	b->auth_pending = 0;
 	uint8_t got[crypto_generichash_BYTES];
 	b->auth_error = auth_verdict(c, reply, b->uid, b->token, b->token_len, got);
-	if (b->auth_error == ERR_OK)
+	if (b->auth_error == ERR_OK) {
 		b->trusted_until = ev_now(w->loop) + w->conf->auth_cache_ttl;
+		b->auth_checked = 1;
+	}
 	conn_process(c);
 }
 
@@ -2023,7 +2027,8 @@ static int bin_ready_for(struct conn *c, uint16_t id, uint32_t len)
 	if (id == MSG_BIN_CHUNK) {
 		if (b->auth_pending)
 			return 0;   /* bin_auth_on_reply brings it back */
-		if (b->up_open && !b->up_broken && b->auth_error == 0 && ev_now(c->w->loop) >= b->trusted_until)
+		if (b->up_open && !b->up_broken && b->auth_error == 0 && !b->auth_checked &&
+		    ev_now(c->w->loop) >= b->trusted_until)
 			return bin_auth_start(c);
 		/* Bound what waits in the storage link: the windows of many connections would
 		 * otherwise pile up there (and every append could move that backlog). */
@@ -2199,6 +2204,7 @@ static int bin_handle_chunk_data(struct conn *c, const uint8_t *body, uint32_t l
 	struct bin_conn *b = c->bin;
 	struct bin_chunk ch;
 	char msg[160];
+	b->auth_checked = 0;   /* the next chunk after trusted_until is checked again */
 	int rc = bin_parse_chunk(body, len, &ch, msg, sizeof(msg));
 	if (rc != ERR_OK) {
 		bin_send_ack(c, rc, ch.offset, ch.length, b->committed, b->total, msg);

@@ -594,4 +594,36 @@ b.close()
 tap.ok("AddressSanitizer" not in ds.log_text() and "runtime error" not in ds.log_text(),
        "no sanitizer report in the log")
 ds.stop()
+
+# ---------------------------------------------------------------- auth_cache_ttl = 0
+# 0 trusts credentials for no time: every chunk is checked in Redis. The check's answer must let
+# the chunk that waited for it through, not ask Redis again for ever.
+tap.section("auth_cache_ttl = 0: every chunk checked, and taken")
+dz = h.Daemon(workers=1, redis=redis, settings={"server": {"frame_timeout": 5, "auth_cache_ttl": 0}})
+tap.context.append(lambda: dz.log_tail(12))
+dz.start()
+tap.ok(dz.wait_redis_connected(15), "a daemon with auth_cache_ttl = 0 started")
+zero = rand.randbytes(4 * 65536 + 77)
+b = Bin(dz)
+o = b.open(hashlib.md5(zero).hexdigest(), "ttl0.bin", len(zero))
+try:
+    acks = b.upload(zero, 0, chunk=65536, window=2)
+except (h.ProtocolError, OSError, AssertionError) as e:
+    acks = [{"error": repr(e)}]
+tap.ok(o["error"] == 0 and [a["error"] for a in acks] == [0] * 5 and acks[-1]["committed"] == len(zero),
+       "5 chunks are acknowledged, the last one committing the whole file", repr((o, acks[-2:])))
+tap.ok(h.wait_for(lambda: h.published_bytes(dz, UID, "ttl0.bin") == zero, 10), "and the file is published")
+try:
+    b.close()
+    b = Bin(dz)
+    o = b.open(hashlib.md5(zero[:1000]).hexdigest(), "ttl0-refused.bin", 1000)
+    redis.cmd("DEL", "utoken_%d" % UID)
+    b.c.send_raw(Bin.chunk_frame(0, zero[:1000], CHUNK_LAST))
+    a = b.ack()
+except (h.ProtocolError, OSError, AssertionError) as e:
+    a = {"error": repr(e)}
+redis.set_token(UID, TOKEN)
+tap.eq(a["error"], 1011, "a token removed from Redis: the very next chunk is refused (1011)")
+b.close()
+dz.stop()
 tap.finish()
