@@ -1798,10 +1798,15 @@ void upload_run(struct upload *up)
 			return;
 		}
 		if (!up->exists) {
-			if (op->trans_size == op->total_size && up->st->redis.ready && published_lookup(up) == 0)
+			int final = op->trans_size == op->total_size;
+			if (final && published_lookup(up) == 0)
 				return;
 			upload_pop(up);
-			op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+			/* A final chunk whose published record cannot be read now may be a lost answer: retry. */
+			if (final)
+				op_answer(op, ERR_BUSY, "server busy: progress store unavailable, retry", NULL);
+			else
+				op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
 			continue;
 		}
 		if (op->total_size != up->total_size || op->name_len != up->name_len ||

@@ -318,7 +318,10 @@ static void published_on_reply(redisAsyncContext *c, void *reply, void *privdata
 		return;
 	}
 	upload_pop(up);
-	op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
+	if (rep == NULL || rep->type == REDIS_REPLY_ERROR)   /* no answer is not "never published" */
+		op_answer(op, ERR_BUSY, "server busy: progress store unavailable, retry", NULL);
+	else
+		op_answer(op, ERR_FILE_NOT_EXISTS, "no upload in progress: start at seq 1", NULL);
 	upload_unpin(up);
 	upload_run(up);
 }
