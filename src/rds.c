@@ -1,4 +1,4 @@
-/* rds.c: keeps an async Redis connection up: connect (to the master Sentinel names, when configured), AUTH, SELECT, a PING before it counts as ready, a timeout on answers, and reconnect with back-off. */
+/* rds.c: keeps an async Redis connection up: connect (to the master Sentinel names, when configured), AUTH, SELECT, a PING before Redis counts as up, a timeout on answers, and reconnect with back-off. */
 #include "config.h"
 #include "rds.h"
 #include "conf.h"
