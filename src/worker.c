@@ -2982,13 +2982,17 @@ static void handle_frame(struct conn *c, uint16_t id, uint8_t *body, uint32_t le
 		request_continue(c);
 }
 
-/* Counts the connection under its client's address bucket, or closes it at once when the node
- * has max_connections_per_address connections from there already. Returns -1 when closed. */
-static int conn_count_address(struct conn *c, int bucket)
+/* Counts the connection under its client's address (sa, or the PROXY header's text form), or
+ * closes it at once when the node has max_connections_per_address connections from there
+ * already. Returns -1 when closed. Without a limit nothing is hashed. */
+static int conn_count_address(struct conn *c, const struct sockaddr *sa, const char *text)
 {
 	struct worker *w = c->w;
 	unsigned limit = (unsigned)w->conf->max_connections_per_address;
-	if (limit == 0 || bucket < 0)
+	if (limit == 0)
+		return 0;
+	int bucket = sa ? addrlimit_bucket(sa) : addrlimit_bucket_text(text);
+	if (bucket < 0)
 		return 0;
 	if (addrlimit_take(bucket, limit) == 0) {
 		c->addr_bucket = bucket;
@@ -3021,7 +3025,7 @@ static void conn_process(struct conn *c)
 			c->awaiting_proxy = 0;
 			if (pr.has_address) {
 				snprintf(c->peer, sizeof(c->peer), "%s", pr.address);
-				if (conn_count_address(c, addrlimit_bucket_text(pr.address)) < 0)
+				if (conn_count_address(c, NULL, pr.address) < 0)
 					return;
 			}
 			buf_consume(&c->in, used);
@@ -3131,7 +3135,7 @@ static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_st
 	ev_timer_start(w->loop, &c->timer);
 	/* Behind a load balancer the client's address comes with the PROXY header (conn_process). */
 	if (!w->conf->proxy_protocol)
-		conn_count_address(c, addrlimit_bucket((const struct sockaddr *)ss));
+		conn_count_address(c, (const struct sockaddr *)ss, NULL);
 }
 
 static void worker_on_accept(struct ev_loop *loop, ev_io *io, int revents)
