@@ -755,6 +755,9 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	int ready_fd = foreground ? -1 : daemonize();
 	if (ready_fd >= 0)
 		ev_loop_fork(m.loop);
+	/* Caught before the pid file exists: a HUP or TERM sent as soon as it names this process (a
+	 * reload right after a start) is queued for the loop instead of killing the master. */
+	signals_watch(m.loop, master_signals, SIGNALS_COUNT(master_signals), m.sigs, &m);
 	write_pid_file();
 	if (ready_fd >= 0) {
 		/* The pid file exists: init scripts may now read it. */
@@ -766,7 +769,6 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	log_info("resourced %s started with %s: %d workers on %s:%s", PACKAGE_VERSION, conf_path,
 	    conf->workers, conf->listen_host, conf->listen_port);
 
-	signals_watch(m.loop, master_signals, SIGNALS_COUNT(master_signals), m.sigs, &m);
 	/* libev reaps children on the default loop itself: watch them through it. */
 	ev_child_init(&m.child_watcher, master_on_child, 0, 0);
 	m.child_watcher.data = &m;
