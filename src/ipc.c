@@ -268,7 +268,7 @@ int ipc_decode_sync(const uint8_t *p, size_t len, struct ipc_sync *s)
 
 int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *res)
 {
-	uint32_t len = 4 + 8 * 3 + 2 + res->name_len + 2 + res->message_len;
+	uint32_t len = 4 + 8 * 3 + 1 + 2 + res->name_len + 2 + res->message_len;
 	uint8_t *w = put_header(out, IPC_STORAGE_WORKER_RESULT, reqid, len);
 	if (w == NULL)
 		return -1;
@@ -276,6 +276,7 @@ int ipc_encode_result(struct buf *out, uint64_t reqid, const struct ipc_result *
 	PUT(w, res->seq);
 	PUT(w, res->trans_size);
 	PUT(w, res->total_size);
+	PUT(w, res->kind);
 	PUT(w, res->name_len);
 	PUT_BYTES(w, res->name, res->name_len);
 	PUT(w, res->message_len);
@@ -290,9 +291,10 @@ int ipc_decode_result(const uint8_t *p, size_t len, struct ipc_result *res)
 	res->seq = rd_u64(&r);
 	res->trans_size = rd_u64(&r);
 	res->total_size = rd_u64(&r);
+	res->kind = rd_u8(&r);
 	res->name_len = rd_u16(&r);
 	res->name = (const char *)rd_view(&r, res->name_len);
 	res->message_len = rd_u16(&r);
 	res->message = (const char *)rd_view(&r, res->message_len);
-	return rd_end(&r);
+	return rd_end(&r) < 0 || res->kind > UPLOAD_AVATAR ? -1 : 0;
 }

@@ -54,6 +54,7 @@ struct ipc_sync {
 struct ipc_result {
 	uint32_t error;      /* enum proto_error */
 	uint64_t seq, trans_size, total_size;
+	uint8_t kind;        /* the upload's enum upload_kind (a fast-path open compares it, as chunks do) */
 	const char *name;    /* the upload's name (sync answers need it) */
 	uint16_t name_len;
 	const char *message;

@@ -433,7 +433,7 @@ static void upload_work(struct pool_job *job)
 			/* Written (and synced by policy): what the loop would answer is known, so the worker
 			 * gets it now, and the loop takes the completion off the round trip. */
 			struct ipc_result r = { .error = ERR_OK, .seq = up->direct_seq, .trans_size = up->direct_committed,
-			    .total_size = up->total_size, .name = up->name, .name_len = up->name_len };
+			    .total_size = up->total_size, .kind = (uint8_t)up->kind, .name = up->name, .name_len = up->name_len };
 			up->direct_sent = op_reply_direct(op, &r) == 0;
 		}
 		/* Other chunks are hashed after their answer went out: one answered here right now, while

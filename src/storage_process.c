@@ -136,6 +136,7 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 			r.seq = k - 1;
 			r.trans_size = (k - 1) * up->chunk_len;
 			r.total_size = up->total_size;
+			r.kind = (uint8_t)up->kind;
 			r.name = up->name;
 			r.name_len = up->name_len;
 			if (message == NULL) {
@@ -150,6 +151,7 @@ void op_reply(struct op *op, int error, const char *message, const struct upload
 			r.seq = up->seq;
 			r.trans_size = up->committed;
 			r.total_size = up->total_size;
+			r.kind = (uint8_t)up->kind;
 			r.name = up->name;
 			r.name_len = up->name_len;
 		} else {
@@ -189,7 +191,7 @@ void published_answer(struct op *op)
 	struct worker_link *wl = op->wl;
 	if (!wl->dead) {
 		struct ipc_result r = { .error = ERR_OK, .seq = op->seq, .trans_size = op->total_size,
-		    .total_size = op->total_size, .name = op->name, .name_len = op->name_len };
+		    .total_size = op->total_size, .kind = (uint8_t)op->kind, .name = op->name, .name_len = op->name_len };
 		pthread_mutex_lock(&wl->out_lock);
 		if (ipc_encode_result(&wl->link.out, op->reqid, &r) == 0)
 			worker_link_flush(wl);

@@ -2157,11 +2157,14 @@ static void bin_on_open_result(struct conn *c, const struct ipc_result *r)
 	if (r->error == ERR_FILE_NOT_EXISTS || (r->error == ERR_OK && (o->flags & BIN_OPEN_RESTART))) {
 		fresh = 1;
 	} else if (r->error == ERR_OK) {
+		/* The kind too: chunks of the other kind would all be refused 1026 (storage's step 19)
+		 * after an open that said resume, and opening again would say the same. */
 		if (r->total_size != o->total_size || r->name_len != o->name_len ||
-		    memcmp(r->name, o->name, o->name_len) != 0) {
+		    memcmp(r->name, o->name, o->name_len) != 0 ||
+		    r->kind != (o->flags & BIN_OPEN_AVATAR ? UPLOAD_AVATAR : UPLOAD_FILE)) {
 			bin_send_open_answer(c, ERR_UPLOAD_MISMATCH, r->trans_size, r->total_size,
-			    "an upload of this md5 is in progress with another name or total_size: open it with "
-			    "those, or with the restart flag to start over");
+			    "an upload of this md5 is in progress with another name, total_size or kind: open it "
+			    "with those, or with the restart flag to start over");
 			return;
 		}
 		fresh = 0;

@@ -126,9 +126,9 @@ def ipc_sync(reqid, uid, md5):
     return ipc_header(4, reqid, struct.pack("<Q", uid) + md5.encode())
 
 
-def ipc_result(reqid, error, seq, trans, total, name, message):
+def ipc_result(reqid, error, seq, trans, total, name, message, kind=0):
     n, m = name.encode(), message.encode()
-    p = struct.pack("<IQQQ", error, seq, trans, total) + struct.pack("<H", len(n)) + n
+    p = struct.pack("<IQQQB", error, seq, trans, total, kind) + struct.pack("<H", len(n)) + n
     p += struct.pack("<H", len(m)) + m
     return ipc_header(5, reqid, p)
 

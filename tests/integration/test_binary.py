@@ -293,6 +293,11 @@ o = b2.open(md5, "bad.bin", 1 << 60)
 tap.eq(o["error"], 1025, "a 1043 over max_file_size: 1025")
 o = b2.open(md5, "other-name.bin", len(data))
 tap.eq(o["error"], 1026, "a 1043 naming the upload in progress differently: 1026")
+# The kind is part of the upload as name and size are: an open that said resume here was followed by
+# 1026 for every chunk, and the next open said resume again.
+o = b2.open(md5, "bad.bin", len(data), flags=2)
+tap.ok(o["error"] == 1026 and o["committed"] == 2 * CH,
+       "a 1043 with the avatar flag for a file upload in progress: 1026 with its committed size", str(o))
 tap.eq(record(md5), before, "after all these, the Redis record is unchanged")
 tap.eq(sorted(os.listdir(os.path.join(d.root, str(UID)))).count("bad.bin"), 0, "nothing was published")
 b2.close()
