@@ -41,6 +41,8 @@ struct control {
 	char stats_path[512];
 	struct stats_session *sessions;   /* open stats connections: a forked child must close them */
 	int nsessions;
+	int answer_later;             /* the command just run answers later (reload) */
+	struct stats_session *reload_waiter;   /* the connection whose reload has not answered yet */
 };
 
 /* One connection to the stats socket (resctl stats, socat...): lines in, answers out. */
@@ -53,6 +55,7 @@ struct stats_session {
 	ev_tstamp active;             /* the last byte in or out */
 	struct buf in, out;
 	int closing;
+	int awaiting;                 /* its reload answers later: the lines after it wait */
 };
 
 static const struct {
@@ -537,10 +540,11 @@ static void command_reload(struct control *c, struct buf *out, int json)
 	(void)json;
 	char msg[512];
 	log_info("stats socket: reloading");   /* as SIGHUP says it: the lines that follow have their cause */
-	if (c->ops.reload(c->ops.ctx, msg, sizeof(msg)) == 0)
-		buf_printf(out, "OK %s\n", msg);
+	int rc = c->ops.reload(c->ops.ctx, msg, sizeof(msg));
+	if (rc > 0)
+		c->answer_later = 1;   /* control_reload_done */
 	else
-		buf_printf(out, "ERROR %s\n", msg);
+		buf_printf(out, "%s %s\n", rc == 0 ? "OK" : "ERROR", msg);
 }
 
 static void command_help(struct control *c, struct buf *out, int json);
@@ -609,7 +613,10 @@ static void control_command(struct control *c, char *line, struct buf *out)
 			unknown_object = 1;
 	}
 	if (cmd != NULL) {
+		c->answer_later = 0;
 		cmd->run(c, out, json);
+		if (c->answer_later)
+			return;   /* no answer, no empty line yet */
 	} else {
 		/* Echoed escaped, as every string not ours: raw bytes could drive the reader's terminal. */
 		char verb[ESCAPE_SIZE(64)], object[ESCAPE_SIZE(64)];
@@ -628,6 +635,8 @@ static void control_command(struct control *c, char *line, struct buf *out)
 
 static void session_free(struct stats_session *ss)
 {
+	if (ss->c->reload_waiter == ss)
+		ss->c->reload_waiter = NULL;   /* the reload goes on; its answer has nobody to go to */
 	if (ss->prev)
 		ss->prev->next = ss->next;
 	else
@@ -643,12 +652,24 @@ static void session_free(struct stats_session *ss)
 	free(ss);
 }
 
+/* One line of the client's: its answer, or (reload) a wait for it. */
+static void session_command(struct stats_session *ss, char *line)
+{
+	control_command(ss->c, line, &ss->out);
+	if (ss->c->answer_later) {
+		ss->c->answer_later = 0;
+		ss->awaiting = 1;
+		ss->c->reload_waiter = ss;
+	}
+}
+
 /* Runs the complete lines buffered while the answers waiting stay under CONTROL_OUTPUT_CAP: a client
- * that pipelines commands and never reads costs that much of the master's memory, never more. */
+ * that pipelines commands and never reads costs that much of the master's memory, never more. A line
+ * whose answer comes later (reload) holds the next ones back: answers go in the order of the lines. */
 static void session_run_lines(struct stats_session *ss)
 {
 	uint8_t *nl;
-	while (buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) > 0 &&
+	while (!ss->awaiting && buf_len(&ss->out) < CONTROL_OUTPUT_CAP && buf_len(&ss->in) > 0 &&
 	    (nl = memchr(buf_head(&ss->in), '\n', buf_len(&ss->in))) != NULL) {
 		size_t len = (size_t)(nl - buf_head(&ss->in));
 		char line[CONTROL_MAX_LINE];
@@ -657,9 +678,9 @@ static void session_run_lines(struct stats_session *ss)
 		memcpy(line, buf_head(&ss->in), len);
 		line[len] = '\0';
 		buf_consume(&ss->in, (size_t)(nl - buf_head(&ss->in)) + 1);
-		control_command(ss->c, line, &ss->out);
+		session_command(ss, line);
 	}
-	if (buf_len(&ss->out) >= CONTROL_OUTPUT_CAP ||
+	if (ss->awaiting || buf_len(&ss->out) >= CONTROL_OUTPUT_CAP ||
 	    (buf_len(&ss->in) > 0 && memchr(buf_head(&ss->in), '\n', buf_len(&ss->in)) != NULL))
 		return;   /* lines left for when the client has read */
 	if (buf_len(&ss->in) >= CONTROL_MAX_LINE) {
@@ -673,7 +694,7 @@ static void session_run_lines(struct stats_session *ss)
 		memcpy(line, buf_head(&ss->in), len);
 		line[len] = '\0';
 		buf_free(&ss->in);
-		control_command(ss->c, line, &ss->out);
+		session_command(ss, line);
 	}
 }
 
@@ -712,7 +733,7 @@ static void session_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		if (buf_len(&ss->out) < CONTROL_OUTPUT_CAP)
 			session_run_lines(ss);   /* room again: the lines parked behind a full output */
 	}
-	if (ss->closing && buf_len(&ss->out) == 0 && buf_len(&ss->in) == 0) {
+	if (ss->closing && !ss->awaiting && buf_len(&ss->out) == 0 && buf_len(&ss->in) == 0) {
 		session_free(ss);
 		return;
 	}
@@ -748,6 +769,8 @@ static void session_on_idle(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)revents;
 	struct stats_session *ss = t->data;
+	if (ss->awaiting)
+		ss->active = ev_now(loop);   /* it waits for us, not the other way round (storage_timeout bounds it) */
 	double left = ss->active + CONTROL_SESSION_IDLE - ev_now(loop);
 	if (left <= 0) {
 		session_free(ss);
@@ -921,6 +944,19 @@ void control_set_conf(struct control *c, const struct conf *conf)
 void control_set_draining(struct control *c, int on)
 {
 	c->draining = on;
+}
+
+void control_reload_done(struct control *c, int ok, const char *msg)
+{
+	struct stats_session *ss = c->reload_waiter;
+	if (ss == NULL)
+		return;
+	c->reload_waiter = NULL;
+	ss->awaiting = 0;
+	buf_printf(&ss->out, "%s %s\n\n", ok ? "OK" : "ERROR", msg);
+	ss->active = ev_now(c->loop);
+	/* Sent, and the lines that waited behind it run, as when the client is writable. */
+	ev_feed_event(c->loop, &ss->io, EV_WRITE);
 }
 
 void control_set_stopping(struct control *c)

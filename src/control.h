@@ -25,7 +25,9 @@ struct control_proc {
 /* What the master lends to the control module. */
 struct control_ops {
 	int (*list)(void *ctx, struct control_proc *out, int max);
-	int (*reload)(void *ctx, char *msg, size_t msglen);   /* 0 when the new config took */
+	/* 0 when the new config took, -1 when refused (msg says why either way); 1 when the answer
+	 * comes later, through control_reload_done (the new storage root is being checked). */
+	int (*reload)(void *ctx, char *msg, size_t msglen);
 	void *ctx;
 };
 
@@ -39,6 +41,9 @@ void control_set_conf(struct control *c, const struct conf *conf);
 void control_set_draining(struct control *c, int on);
 /* Stopping (graceful or not): drain until the end; `enable` is refused. */
 void control_set_stopping(struct control *c);
+/* The answer of a reload whose ops.reload returned 1: to the stats connection that asked, if any
+ * (a reload from SIGHUP has none). */
+void control_reload_done(struct control *c, int ok, const char *msg);
 void control_destroy(struct control *c);
 /* In a forked child: closes the inherited sockets without removing the stats socket file. */
 void control_close_inherited(struct control *c);

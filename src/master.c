@@ -9,6 +9,7 @@
 #include "ipc.h"
 #include "link.h"
 #include "log.h"
+#include "offthread.h"
 #include "preflight.h"
 #include "signals.h"
 #include "stats.h"
@@ -83,6 +84,8 @@ struct master {
 	ev_child child_watcher;
 	ev_timer stop_timer;
 	ev_timer grace_timer;         /* graceful stop: the agent says drain, workers still accept */
+	struct offthread *reload_check;   /* a reload's preflight runs on its thread; NULL when none */
+	char reload_root[sizeof(((struct conf *)0)->root)];   /* what it checks, for the timeout's message */
 };
 
 static void proc_spawn(struct proc *p);
@@ -533,31 +536,82 @@ static void spawn_workers(struct master *m)
 	}
 }
 
-/* -t's checks of what the storage process needs, before a reload replaces it: a storage root it
- * cannot create would otherwise stop it for good and leave every upload answered 1027. */
-static int reload_preflight(const struct conf *next, char *msg, size_t msglen)
+/*
+ * A reload is checked, then applied. The check is -t's of what the storage process needs
+ * (preflight_reload_check): a storage root it cannot create would otherwise stop it for good and
+ * leave every upload answered 1027. That check stats run_dir and [storage] root (access(2) too),
+ * which hangs on a dead NFS server: it runs on a thread of its own (offthread.c), and the loop
+ * goes on. When it has not answered within storage_timeout the reload is refused and the thread
+ * left behind (it is never joined, so nothing waits for it, the master's exit included). Its
+ * answer reaches the stats socket's `reload` through control_reload_done.
+ */
+struct reload_check {
+	struct conf *next;
+	char *report;                 /* preflight lines, one per problem */
+	size_t len;
+	int problems;                 /* -1: no memory for the report */
+};
+
+/* On the check's thread: nothing of the master's, no log. */
+static void reload_check_work(void *arg)
 {
-	char *report = NULL;
-	size_t len = 0;
-	FILE *f = open_memstream(&report, &len);
+	struct reload_check *rc = arg;
+	FILE *f = open_memstream(&rc->report, &rc->len);
 	if (f == NULL) {
-		snprintf(msg, msglen, "out of memory");
-		return -1;
+		rc->problems = -1;
+		return;
 	}
-	int problems = preflight_reload_check(next, f);
+	rc->problems = preflight_reload_check(rc->next, f);
 	fclose(f);
-	if (problems) {
-		/* One line per problem, each PREFLIGHT_PREFIX "[section] key VALUE: why": the log and the
-		 * answer give the reason without the program's name. */
-		for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n"))
-			log_error("reload refused, still running on the old configuration: %s", preflight_reason(line));
-		snprintf(msg, msglen, "%s%s", preflight_reason(report), problems > 1 ? " (and more: see the log)" : "");
-	}
-	free(report);
-	return problems ? -1 : 0;
 }
 
-/* Re-reads the configuration; new workers take over and the old ones retire gracefully. */
+static void reload_check_free(void *arg)
+{
+	struct reload_check *rc = arg;
+	if (rc == NULL)
+		return;
+	free(rc->report);
+	free(rc->next);
+	free(rc);
+}
+
+static int master_reload_apply(struct master *m, struct conf *next, char *msg, size_t msglen);
+
+/* The check answered (rc), or did not within storage_timeout (rc NULL: its thread keeps it). */
+static void master_reload_checked(void *ctx, void *arg)
+{
+	struct master *m = ctx;
+	struct reload_check *rc = arg;
+	char msg[1024];   /* [storage] root is up to 511 bytes */
+	int ok = 0;
+	m->reload_check = NULL;
+	if (rc == NULL) {
+		log_error("reload refused, still running on the old configuration: [storage] root %s (or [server] "
+		    "run_dir) did not answer within %d s ([server] storage_timeout)", m->reload_root,
+		    m->conf->storage_timeout);
+		snprintf(msg, sizeof(msg), "storage root %s did not answer within %d s; still running on the old "
+		    "configuration", m->reload_root, m->conf->storage_timeout);
+	} else if (rc->problems < 0) {
+		snprintf(msg, sizeof(msg), "out of memory");
+	} else if (rc->problems > 0) {
+		/* One line per problem, each PREFLIGHT_PREFIX "[section] key VALUE: why": the log and the
+		 * answer give the reason without the program's name. */
+		snprintf(msg, sizeof(msg), "%s%s", preflight_reason(rc->report),
+		    rc->problems > 1 ? " (and more: see the log)" : "");
+		for (char *line = strtok(rc->report, "\n"); line; line = strtok(NULL, "\n"))
+			log_error("reload refused, still running on the old configuration: %s", preflight_reason(line));
+	} else if (m->stopping) {
+		snprintf(msg, sizeof(msg), "stopping: reload refused");   /* a stop came during the check */
+	} else {
+		ok = master_reload_apply(m, rc->next, msg, sizeof(msg)) == 0;
+		rc->next = NULL;   /* applied, or freed */
+	}
+	reload_check_free(rc);
+	control_reload_done(m->control, ok, msg);
+}
+
+/* Re-reads the configuration and starts its check: 1 when the check runs (master_reload_checked
+ * answers), else -1 with why in msg. */
 static int master_reload(void *ctx, char *msg, size_t msglen)
 {
 	struct master *m = ctx;
@@ -566,8 +620,18 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		snprintf(msg, msglen, "stopping: reload refused");
 		return -1;
 	}
+	if (m->reload_check) {
+		log_warnx("reload refused: the previous reload's check of [storage] root %s has not answered yet",
+		    m->reload_root);
+		snprintf(msg, msglen, "a reload is being checked already (storage root %s): try again once it has "
+		    "answered", m->reload_root);
+		return -1;
+	}
 	struct conf *next = malloc(sizeof(*next));
-	if (next == NULL) {
+	struct reload_check *rc = calloc(1, sizeof(*rc));
+	if (next == NULL || rc == NULL) {
+		free(next);
+		free(rc);
 		snprintf(msg, msglen, "out of memory");
 		return -1;
 	}
@@ -576,6 +640,7 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 		log_error("reload refused, still running on the old configuration: %s", err);
 		snprintf(msg, msglen, "%s", err);
 		free(next);
+		free(rc);
 		return -1;
 	}
 	/* What a start bound, locked or switched to stays: new workers meeting another run_dir would never
@@ -583,10 +648,24 @@ static int master_reload(void *ctx, char *msg, size_t msglen)
 	char kept[200];
 	if (conf_keep_start_keys(m->conf, next, kept, sizeof(kept)) > 0)
 		log_warnx("reload: %s: changes take effect at the next start (kept as they are)", kept);
-	if (reload_preflight(next, msg, msglen) < 0) {
-		free(next);
+	rc->next = next;
+	snprintf(m->reload_root, sizeof(m->reload_root), "%s", next->root);
+	m->reload_check = offthread_start(m->loop, m->conf->storage_timeout, reload_check_work, reload_check_free,
+	    rc, master_reload_checked, m);
+	if (m->reload_check == NULL) {
+		log_error("reload refused: cannot start a thread to check the new configuration");
+		snprintf(msg, msglen, "cannot start a thread to check the new configuration");
+		reload_check_free(rc);
 		return -1;
 	}
+	return 1;
+}
+
+/* Replaces the configuration with next (checked): new workers take over and the old ones retire
+ * gracefully. next is the master's from now on, or freed. */
+static int master_reload_apply(struct master *m, struct conf *next, char *msg, size_t msglen)
+{
+	char err[512];
 	sd_notify(0, "RELOADING=1");
 	int same_address = strcmp(next->listen_host, m->conf->listen_host) == 0 &&
 	    strcmp(next->listen_port, m->conf->listen_port) == 0;
@@ -787,6 +866,8 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 
 	ev_run(m.loop, 0);
 
+	if (m.reload_check)
+		offthread_abandon(m.reload_check);   /* a check stuck on the storage root is not waited for */
 	ev_timer_stop(m.loop, &m.stop_timer);
 	ev_timer_stop(m.loop, &m.grace_timer);
 	http_destroy(m.http);

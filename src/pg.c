@@ -5,6 +5,7 @@
 #include "json.h"
 #include "log.h"
 #include "escape.h"
+#include "pool.h"
 #include "rds.h"
 #include "stats.h"
 
@@ -26,10 +27,45 @@ struct pg_item {
 	struct pg_item *next;
 };
 
+/* An update applied (PostgreSQL, then Redis): its pending file goes if it still names it. */
+struct pg_applied {
+	uint64_t uid;
+	char name[256];
+	struct pg_applied *next;
+};
+
+/*
+ * The pending files are read, removed and listed on the disk pool, never on the loop: a root that
+ * hangs (NFS) stalls the icon queue, not every upload of the node. One disk job at a time, so a
+ * read never races a rescan or a removal. The loop starts them in pg_next, in this order:
+ * removals of applied updates, a rescan, the read that begins the next update.
+ */
+enum pg_disk_op {
+	DISK_IDLE,
+	DISK_REMOVE,               /* applied: remove each file that still names what was applied */
+	DISK_RESCAN,               /* list the pending files */
+	DISK_READ,                 /* read the name queued for uid, to send its UPDATE */
+};
+
+struct pg_disk {
+	struct pool_job job;       /* first: the pool hands it back */
+	struct pg *pg;
+	enum pg_disk_op op;
+	struct pg_applied *applied;   /* DISK_REMOVE */
+	size_t removed;
+	uint64_t *uids;            /* DISK_RESCAN: what was listed */
+	size_t nuids, cap;
+	int listed;                /* 0 when the directory could not be read */
+	uint64_t uid;              /* DISK_READ */
+	char name[256];
+	int found;
+};
+
 struct pg {
 	struct ev_loop *loop;
 	const struct conf *conf;
 	struct rds *redis;
+	struct pool *pool;
 	char pending_dir[600];
 	PGconn *conn;
 	int connected;
@@ -41,6 +77,9 @@ struct pg {
 	char busy_name[256];
 	int busy;
 	size_t backlog;            /* pending files on disk */
+	struct pg_disk disk;       /* the disk job, running unless disk.op is DISK_IDLE */
+	struct pg_applied *to_remove;   /* applied updates whose files the next DISK_REMOVE checks */
+	int rescan_wanted;
 	struct json_writer jw;
 };
 
@@ -52,10 +91,11 @@ struct cache_write {
 
 static void pg_next(struct pg *pg);
 static void pg_connect(struct pg *pg);
+static void pg_send_update(struct pg *pg, uint64_t uid, const char *name);
 
-static void pending_path(const struct pg *pg, uint64_t uid, char *out, size_t outlen)
+static void pending_path(const char *pending_dir, uint64_t uid, char *out, size_t outlen)
 {
-	snprintf(out, outlen, "%s/" PENDING_PREFIX "%" PRIu64, pg->pending_dir, uid);
+	snprintf(out, outlen, "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
 }
 
 int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
@@ -88,11 +128,13 @@ int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, si
 	return err;
 }
 
+/* ---------------------------------------------------------------- on a disk thread */
+
 /* The icon name queued for uid, or -1 when nothing is pending. */
-static int pending_read(const struct pg *pg, uint64_t uid, char *name, size_t namelen)
+static int pending_read(const char *pending_dir, uint64_t uid, char *name, size_t namelen)
 {
 	char path[700];
-	pending_path(pg, uid, path, sizeof(path));
+	pending_path(pending_dir, uid, path, sizeof(path));
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
@@ -104,16 +146,72 @@ static int pending_read(const struct pg *pg, uint64_t uid, char *name, size_t na
 	return 0;
 }
 
-/* Removes the pending file unless a newer avatar replaced it meanwhile. */
-static void pending_done(struct pg *pg, uint64_t uid, const char *name)
+/* Removes the pending file unless a newer avatar replaced it meanwhile; 1 when it went. */
+static int pending_remove(const char *pending_dir, uint64_t uid, const char *name)
 {
 	char current[256], path[700];
-	if (pending_read(pg, uid, current, sizeof(current)) < 0 || strcmp(current, name) != 0)
+	if (pending_read(pending_dir, uid, current, sizeof(current)) < 0 || strcmp(current, name) != 0)
+		return 0;
+	pending_path(pending_dir, uid, path, sizeof(path));
+	return unlink(path) == 0;
+}
+
+/* The uids of every pending file, in d->uids. */
+static void pending_list(const char *pending_dir, struct pg_disk *d)
+{
+	DIR *dir = opendir(pending_dir);
+	if (dir == NULL)
 		return;
-	pending_path(pg, uid, path, sizeof(path));
-	if (unlink(path) == 0 && pg->backlog > 0)
-		pg->backlog--;
-	STAT_SET(retry_backlog, pg->backlog);
+	d->listed = 1;
+	struct dirent *de;
+	while ((de = readdir(dir)) != NULL) {
+		if (strncmp(de->d_name, PENDING_PREFIX, strlen(PENDING_PREFIX)) != 0)
+			continue;
+		const char *num = de->d_name + strlen(PENDING_PREFIX);
+		if (num[0] == '\0' || strspn(num, "0123456789") != strlen(num))
+			continue;
+		if (d->nuids == d->cap) {
+			size_t cap = d->cap ? 2 * d->cap : 64;
+			uint64_t *uids = realloc(d->uids, cap * sizeof(*uids));
+			if (uids == NULL)
+				break;   /* the rest is found by a later rescan */
+			d->uids = uids;
+			d->cap = cap;
+		}
+		d->uids[d->nuids++] = strtoull(num, NULL, 10);
+	}
+	closedir(dir);
+}
+
+static void pg_disk_work(struct pool_job *job)
+{
+	struct pg_disk *d = (struct pg_disk *)job;
+	const char *dir = d->pg->pending_dir;
+	switch (d->op) {
+	case DISK_REMOVE:
+		for (struct pg_applied *a = d->applied; a; a = a->next)
+			d->removed += (size_t)pending_remove(dir, a->uid, a->name);
+		break;
+	case DISK_RESCAN:
+		pending_list(dir, d);
+		break;
+	case DISK_READ:
+		d->found = pending_read(dir, d->uid, d->name, sizeof(d->name)) == 0;
+		break;
+	case DISK_IDLE:
+		break;
+	}
+}
+
+/* ---------------------------------------------------------------- back on the loop */
+
+static void applied_free(struct pg_applied *a)
+{
+	while (a) {
+		struct pg_applied *next = a->next;
+		free(a);
+		a = next;
+	}
 }
 
 static void pg_queue_uid(struct pg *pg, uint64_t uid)
@@ -140,26 +238,66 @@ void pg_icon_queue(struct pg *pg, uint64_t uid)
 	pg_queue_uid(pg, uid);
 }
 
+/* The update for uid set name: its pending file goes, unless a newer avatar replaced it meanwhile. */
+static void pg_applied(struct pg *pg, uint64_t uid, const char *name)
+{
+	struct pg_applied *a = calloc(1, sizeof(*a));
+	if (a == NULL)
+		return;   /* the file stays: the next rescan applies it again, which changes nothing */
+	a->uid = uid;
+	snprintf(a->name, sizeof(a->name), "%s", name);
+	a->next = pg->to_remove;
+	pg->to_remove = a;
+	pg_next(pg);
+}
+
 /* Queues every pending file: at start, after a reconnect, and on the retry timer. */
 static void pg_rescan(struct pg *pg)
 {
-	DIR *d = opendir(pg->pending_dir);
-	if (d == NULL)
-		return;
-	size_t count = 0;
-	struct dirent *de;
-	while ((de = readdir(d)) != NULL) {
-		if (strncmp(de->d_name, PENDING_PREFIX, strlen(PENDING_PREFIX)) != 0)
-			continue;
-		const char *num = de->d_name + strlen(PENDING_PREFIX);
-		if (num[0] == '\0' || strspn(num, "0123456789") != strlen(num))
-			continue;
-		count++;
-		pg_queue_uid(pg, strtoull(num, NULL, 10));
-	}
-	closedir(d);
-	pg->backlog = count;
-	STAT_SET(retry_backlog, pg->backlog);
+	pg->rescan_wanted = 1;
+	pg_next(pg);
+}
+
+static void pg_disk_done(struct pool_job *job)
+{
+	struct pg_disk *d = (struct pg_disk *)job;
+	struct pg *pg = d->pg;
+	/* What the job found is taken out first: queueing below may start the next job on d. */
+	enum pg_disk_op op = d->op;
+	struct pg_applied *applied = d->applied;
+	uint64_t *uids = d->uids;
+	size_t nuids = d->nuids, removed = d->removed;
+	int listed = d->listed, found = d->found;
+	uint64_t uid = d->uid;
+	char name[sizeof(d->name)];
+	memcpy(name, d->name, sizeof(name));
+	*d = (struct pg_disk){ .pg = pg, .op = DISK_IDLE };
+
+	if (op == DISK_REMOVE) {
+		pg->backlog = pg->backlog > removed ? pg->backlog - removed : 0;
+		STAT_SET(retry_backlog, pg->backlog);
+		applied_free(applied);
+	} else if (op == DISK_RESCAN) {
+		if (listed) {
+			pg->backlog = nuids;
+			STAT_SET(retry_backlog, pg->backlog);
+		}
+		for (size_t i = 0; i < nuids; i++)
+			pg_queue_uid(pg, uids[i]);
+		free(uids);
+	} else if (op == DISK_READ && found) {
+		pg_send_update(pg, uid, name);
+	}   /* a read that found nothing: already applied */
+	pg_next(pg);
+}
+
+static void pg_disk_start(struct pg *pg, enum pg_disk_op op)
+{
+	struct pg_disk *d = &pg->disk;
+	d->op = op;
+	d->job.work = pg_disk_work;
+	d->job.done = pg_disk_done;
+	pool_submit(pg->pool, &d->job);
 }
 
 /* libpq's messages end in a newline, may span lines (DETAIL, HINT) and may quote the icon name a
@@ -197,7 +335,7 @@ static void cache_on_reply(redisAsyncContext *c, void *reply, void *privdata)
 	struct cache_write *cw = privdata;
 	redisReply *rep = reply;
 	if (rep && rep->type != REDIS_REPLY_ERROR)
-		pending_done(cw->pg, cw->uid, cw->name);
+		pg_applied(cw->pg, cw->uid, cw->name);
 	else
 		log_warnx("redis: cannot write ubaseinfo_%" PRIu64 ": the update stays queued", cw->uid);
 	free(cw);
@@ -243,7 +381,7 @@ static void pg_on_result(struct pg *pg, PGresult *res)
 			escape_quoted(name, sizeof(name), pg->busy_name, strlen(pg->busy_name));
 			log_warnx("postgres: no user row for uid %" PRIu64 ": icon \"%s\" not recorded",
 			    pg->busy_uid, name);
-			pending_done(pg, pg->busy_uid, pg->busy_name);
+			pg_applied(pg, pg->busy_uid, pg->busy_name);
 		} else {
 			char name[ESCAPE_SIZE(sizeof(pg->busy_name))];
 			escape_quoted(name, sizeof(name), pg->busy_name, strlen(pg->busy_name));
@@ -327,39 +465,58 @@ static void pg_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 	struct pg *pg = t->data;
 	if (pg->conn == NULL && pg->conf->pg_conninfo[0])
 		pg_connect(pg);
-	else if (pg->connected && pg->head == NULL && pg->backlog > 0)
+	else if (pg->connected && pg->head == NULL && !pg->busy && pg->disk.op == DISK_IDLE && pg->backlog > 0)
 		pg_rescan(pg);
 }
 
-/* Starts the next queued update when connected and idle. */
+/* Starts the next disk job when none runs: removals first, then a rescan, then the read that
+ * begins the next queued update (when connected and no update is in flight). */
 static void pg_next(struct pg *pg)
 {
-	while (pg->connected && !pg->busy && pg->head) {
+	if (pg->disk.op != DISK_IDLE)
+		return;   /* its done callback comes back here */
+	if (pg->to_remove) {
+		pg->disk.applied = pg->to_remove;
+		pg->to_remove = NULL;
+		pg_disk_start(pg, DISK_REMOVE);
+	} else if (pg->rescan_wanted) {
+		pg->rescan_wanted = 0;
+		pg_disk_start(pg, DISK_RESCAN);
+	} else if (pg->connected && !pg->busy && pg->head) {
 		struct pg_item *it = pg->head;
 		pg->head = it->next;
 		if (pg->head == NULL)
 			pg->tail = NULL;
-		uint64_t uid = it->uid;
+		pg->disk.uid = it->uid;
 		free(it);
-		if (pending_read(pg, uid, pg->busy_name, sizeof(pg->busy_name)) < 0)
-			continue;   /* already applied */
-		char uidtext[24];
-		snprintf(uidtext, sizeof(uidtext), "%" PRIu64, uid);
-		const char *params[2] = { pg->busy_name, uidtext };
-		if (!PQsendQueryParams(pg->conn,
-		    "UPDATE \"user\" SET icon = $1 WHERE uid = $2 "
-		    "RETURNING uid, pwd, name, email, nick, \"desc\", sex, icon",
-		    2, NULL, params, NULL, NULL, 0)) {
-			pg_reset(pg, PQerrorMessage(pg->conn));
-			pg_queue_uid(pg, uid);
-			return;
-		}
-		PQflush(pg->conn);
-		pg->busy = 1;
-		pg->busy_uid = uid;
-		ev_timer_set(&pg->query_timer, pg->conf->pg_timeout, 0.);
-		ev_timer_start(pg->loop, &pg->query_timer);
+		pg_disk_start(pg, DISK_READ);
 	}
+}
+
+/* Sends the UPDATE for uid, whose pending file names the icon name (read on a disk thread). */
+static void pg_send_update(struct pg *pg, uint64_t uid, const char *name)
+{
+	if (!pg->connected || pg->busy) {
+		pg_queue_uid(pg, uid);   /* the connection went while the file was read: later */
+		return;
+	}
+	snprintf(pg->busy_name, sizeof(pg->busy_name), "%s", name);
+	char uidtext[24];
+	snprintf(uidtext, sizeof(uidtext), "%" PRIu64, uid);
+	const char *params[2] = { pg->busy_name, uidtext };
+	if (!PQsendQueryParams(pg->conn,
+	    "UPDATE \"user\" SET icon = $1 WHERE uid = $2 "
+	    "RETURNING uid, pwd, name, email, nick, \"desc\", sex, icon",
+	    2, NULL, params, NULL, NULL, 0)) {
+		pg_reset(pg, PQerrorMessage(pg->conn));
+		pg_queue_uid(pg, uid);
+		return;
+	}
+	PQflush(pg->conn);
+	pg->busy = 1;
+	pg->busy_uid = uid;
+	ev_timer_set(&pg->query_timer, pg->conf->pg_timeout, 0.);
+	ev_timer_start(pg->loop, &pg->query_timer);
 }
 
 static void pg_connect(struct pg *pg)
@@ -376,7 +533,7 @@ static void pg_connect(struct pg *pg)
 	ev_timer_start(pg->loop, &pg->query_timer);
 }
 
-struct pg *pg_create(struct ev_loop *loop, const struct conf *conf, struct rds *redis,
+struct pg *pg_create(struct ev_loop *loop, struct pool *pool, const struct conf *conf, struct rds *redis,
     const char *pending_dir)
 {
 	struct pg *pg = calloc(1, sizeof(*pg));
@@ -385,6 +542,8 @@ struct pg *pg_create(struct ev_loop *loop, const struct conf *conf, struct rds *
 		return NULL;
 	}
 	pg->loop = loop;
+	pg->pool = pool;
+	pg->disk.pg = pg;
 	pg->conf = conf;
 	pg->redis = redis;
 	snprintf(pg->pending_dir, sizeof(pg->pending_dir), "%s", pending_dir);
@@ -417,6 +576,10 @@ void pg_destroy(struct pg *pg)
 		pg->head = it->next;
 		free(it);
 	}
+	/* The pool is gone (pg.h): no disk job runs, and none hands this one back. */
+	applied_free(pg->to_remove);
+	applied_free(pg->disk.applied);
+	free(pg->disk.uids);
 	json_writer_free(&pg->jw);
 	free(pg);
 }

@@ -619,7 +619,7 @@ int storage_main(const struct conf *conf, int listen_fd)
 	if (st->pool == NULL)
 		fatalx("cannot start disk threads");
 	rds_init(&st->redis, st->loop, conf, storage_on_redis_ready, st);
-	st->pg = pg_create(st->loop, conf, &st->redis, st->pending);
+	st->pg = pg_create(st->loop, st->pool, conf, &st->redis, st->pending);
 	if (st->pg == NULL)
 		fatalx("cannot start the postgres client");
 
@@ -659,7 +659,8 @@ int storage_main(const struct conf *conf, int listen_fd)
 	storage_on_prepare(st->loop, &st->answer_flush, 0);   /* answers queued by the last callbacks */
 	log_info("stopping");
 	st->stopping = 1;
-	/* Disk work in flight finishes first: every acknowledged byte is already written. */
+	/* Disk work in flight finishes first: every acknowledged byte is already written, and no job
+	 * of pg's runs once its memory goes. */
 	pool_destroy(st->pool);
 	pg_destroy(st->pg);
 	rds_close(&st->redis);

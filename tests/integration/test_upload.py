@@ -724,6 +724,63 @@ with tap.section("PostgreSQL hangs while the storage process reconnects"):
     tap.eq(icon, av.name, "the queued icon update is applied")
 
 
+def fifo_open_waiters(pid):
+    """The threads of pid blocked opening a FIFO that has no writer (their kernel wait channel)."""
+    tids = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/wchan" % (pid, tid)) as f:
+                wchan = f.read()
+        except OSError:
+            continue
+        if wchan in ("wait_for_partner", "fifo_open"):
+            tids.append(int(tid))
+    return tids
+
+
+with tap.section("a pending icon file that hangs does not stall the storage process"):
+    # A FIFO in place of a pending file blocks whoever opens it until a writer comes: a root on a
+    # hung NFS server, without one. The pending files are read on a disk thread, so uploads go on.
+    pg.sql("INSERT INTO \"user\" (uid, name, email, pwd, nick, \"desc\", sex) VALUES "
+           "(2004, 'dave', 'dave@example.org', 'pw2004', 'nick-dave', 'desc of dave', 1)")
+    hung = os.path.join(d.root, ".pending", "icon-2004")
+    os.mkfifo(hung, 0o640)
+    spid = d.storage_pid()
+    connected_before = d.log_count("postgres: connected")
+    # A reconnection rescans the pending files and reads the first one queued: the FIFO.
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+           "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    tap.ok(h.wait_for(lambda: d.log_count("postgres: connected") > connected_before, 20),
+           "the storage process reconnects to PostgreSQL and rescans the pending files")
+    waiters = h.wait_for(lambda: fifo_open_waiters(spid), 10)
+    tap.ok(waiters and spid not in waiters,
+           "the pending file is read on a disk thread (tid %r), not the loop's (pid %d)" % (waiters, spid))
+    try:
+        during = new_upload(3 * CH + 11, "while-icon-hangs.bin", uid=1001)
+        try:
+            with h.Client(d.port, timeout=15) as c:
+                r, _, _ = during.run(c)
+        except Exception as e:
+            r = {"exception": repr(e)}
+        tap.eq(r.get("error"), 0, "an upload completes while the pending icon file hangs", repr(r))
+        tap.eq(icon_of(2004), "", "the icon update waits for its file (the read really hangs)")
+    finally:
+        # The hung open returns once a writer opens the FIFO; the name written is what it reads. A
+        # regular file with the same name takes the FIFO's place first, for the removal that follows.
+        tmp = hung + ".test"
+        with open(tmp, "w") as f:
+            f.write("dave-face.png")
+        fd = os.open(hung, os.O_RDWR)
+        os.rename(tmp, hung)
+        os.write(fd, b"dave-face.png")
+        os.close(fd)
+    if r.get("error") == 0:
+        check_published(during, "the upload while the icon file hung")
+    tap.eq(h.wait_for(lambda: icon_of(2004) == "dave-face.png" and icon_of(2004), 20, 0.2), "dave-face.png",
+           "once the file answers, its icon update is applied")
+    tap.ok(h.wait_for(lambda: not os.path.exists(hung), 10), "and its pending file is removed")
+
+
 # ---------------------------------------------------------------- concurrency
 def upload_thread(up, barrier=None):
     with h.Client(d.port, timeout=60) as c:
