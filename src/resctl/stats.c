@@ -14,28 +14,44 @@
 
 #define STATS_DEFAULT_SOCKET "/run/resourced/stats.sock"
 #define STATS_TIMEOUT_MS 10000
+/* A reload answers once its check of the new storage root is over, which the daemon bounds by
+ * [server] storage_timeout (default 30 s, at most 3600): waiting only 10 s said "no answer" while
+ * a slow root was still being checked. */
+#define STATS_RELOAD_TIMEOUT_MS 120000
 
 static const char stats_usage[] =
-    "usage: resctl stats [--socket PATH] [COMMAND...]\n"
+    "usage: resctl stats [--socket PATH] [--timeout S] [COMMAND...]\n"
     "Sends one command to the stats socket of a running resourced ([server] stats_socket)\n"
     "and prints the answer. Without COMMAND: show info. Commands (see `resctl stats help`):\n"
     "  show info|stat|workers|transfers|metrics [json], disable, enable, reload\n"
     "  --socket PATH    the stats socket (default " STATS_DEFAULT_SOCKET ")\n"
+    "  --timeout S      seconds to wait for the answer (default 10; 120 for reload)\n"
     "  -h, --help       this text\n";
 
 struct stats_opts {
 	const char *socket_path;
+	int timeout_ms;   /* 0: the command's default */
 };
 
-enum { OPT_SOCKET = 256 };
+enum { OPT_SOCKET = 256, OPT_TIMEOUT };
 
 static int stats_option(void *ctx, int opt, const char *arg)
 {
 	struct stats_opts *o = ctx;
-	if (opt != OPT_SOCKET)
-		return -1;
-	o->socket_path = arg;
-	return 0;
+	if (opt == OPT_SOCKET) {
+		o->socket_path = arg;
+		return 0;
+	}
+	if (opt == OPT_TIMEOUT) {
+		uint64_t ms;
+		if (resctl_parse_seconds_ms(arg, 86400000, &ms) != 0 || ms == 0) {
+			resctl_error("stats: --timeout wants seconds > 0, not '%s'", arg);
+			return -1;
+		}
+		o->timeout_ms = (int)ms;
+		return 0;
+	}
+	return -1;
 }
 
 int resctl_stats_main(int argc, char **argv)
@@ -43,9 +59,10 @@ int resctl_stats_main(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "socket", required_argument, NULL, OPT_SOCKET },
+		{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct stats_opts o = { STATS_DEFAULT_SOCKET };
+	struct stats_opts o = { STATS_DEFAULT_SOCKET, 0 };
 	int npos = resctl_parse_options("stats", argc, argv, longopts, stats_usage, stats_option, &o);
 	if (npos < 0)
 		return RESCTL_EXIT_USAGE;
@@ -61,6 +78,8 @@ int resctl_stats_main(int argc, char **argv)
 	}
 	if (len == 0)
 		len = (size_t)snprintf(command, sizeof(command), "show info");
+	int timeout_ms = o.timeout_ms ? o.timeout_ms : strcmp(command, "reload") == 0 ? STATS_RELOAD_TIMEOUT_MS :
+	    STATS_TIMEOUT_MS;
 	command[len++] = '\n';
 
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
@@ -93,9 +112,9 @@ int resctl_stats_main(int argc, char **argv)
 	char buf[65536];
 	for (;;) {
 		struct pollfd pfd = { fd, POLLIN, 0 };
-		int pr = poll(&pfd, 1, STATS_TIMEOUT_MS);
+		int pr = poll(&pfd, 1, timeout_ms);
 		if (pr == 0) {
-			resctl_error("stats: no answer within %d ms", STATS_TIMEOUT_MS);
+			resctl_error("stats: no answer within %.3g s (--timeout SECONDS waits longer)", timeout_ms / 1000.0);
 			status = RESCTL_EXIT_FAIL;
 			break;
 		}

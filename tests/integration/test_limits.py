@@ -435,7 +435,9 @@ with tap.section("max_connections_per_address"):
     b = open_up_to(2, pp.port, proxy=hdr("192.0.2.8"))
     tap.eq(len(b), 2, "192.0.2.8, through the same balancer address, gets its own two")
     six = [served(pp.port, proxy=hdr("2001:db8:0:5::1", True)), served(pp.port, proxy=hdr("2001:db8:0:5::2", True))]
-    tap.ok(all(six), "two from one IPv6 /64 (2001:db8:0:5::/64) are served")
+    tap.ok(all(six), "two from one IPv6 /64 (2001:db8:0:5::/64) are served",
+           "served: %s; rejected so far: %s; log: %s" % ([c is not None for c in six], counter(pp, "conn_rejected"),
+                                                        pp.log_tail(8)))
     tap.ok(served(pp.port, proxy=hdr("2001:db8:0:5:ffff::9", True)) is None,
            "a third address of the same /64 is closed at once")
     other = served(pp.port, proxy=hdr("2001:db8:0:6::1", True))

@@ -252,6 +252,18 @@ s.bind(stale)
 s.close()   # the file stays, nothing listens: what a killed daemon leaves
 rc, so, se = resctl("stats", "--socket", stale, "show", "info")
 tap.ok(rc == 1 and "has stopped" in se, "stats on a socket nobody listens on: says the daemon has stopped", se)
+# A socket that takes the command and never answers (a reload checking a hung root answers only
+# after storage_timeout): --timeout bounds the wait and the message says how to wait longer.
+mute = os.path.join(work, "mute-stats.sock")
+ms = socket.socket(socket.AF_UNIX)
+ms.bind(mute)
+ms.listen(4)
+rc, so, se = resctl("stats", "--socket", mute, "--timeout", "0.3", "show", "info")
+tap.ok(rc == 1 and "no answer within 0.3 s" in se and "--timeout" in se,
+       "stats --timeout 0.3 on a socket that never answers: exit 1, says how long it waited", se)
+rc, so, se = resctl("stats", "--socket", mute, "--timeout", "0", "show", "info")
+tap.ok(rc == 2 and "--timeout" in se, "stats --timeout 0 is refused as a usage error", se)
+ms.close()
 
 # ---------------------------------------------------------------- item 12: not a resourced server
 tap.section("a peer that is not resourced is named as such")
