@@ -324,8 +324,8 @@ START_TEST(test_unknown_key_hints)
 	expect_load_error("[redis]\npoll = 1\n", 2, "[redis] poll: unknown key (did you mean [rados] pool?)");
 	expect_load_error("[server]\nlisten 127.0.0.1:9090\n", 2,
 	    "[server] listen 127.0.0.1: unknown key (a key has no spaces: is the '=' missing?)");
-	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 2,
-	    "[Server] listen: unknown key (section names are lower case: [server])");
+	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 1,
+	    "unknown section [Server] (section names are lower case: [server])");
 }
 END_TEST
 
@@ -355,12 +355,36 @@ START_TEST(test_relative_paths)
 }
 END_TEST
 
+/* An unknown section header is refused at its own line, empty or not (inih calls the handler for
+ * keys only, so an empty one once passed unseen), with the likely section named. */
 START_TEST(test_unknown_section)
 {
-	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 5,
-	    "[nosuch] listen: unknown key (listen is a key of [server])");
-	expect_load_error("[nosuch]\nfoo = 1\n", 2, "[nosuch] foo: unknown key (no section [nosuch]; there are "
-	    "[server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 4,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\nworkers = 2\n[nosuch]\n", 3,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[nosuch]\n; nothing here\n\n[server]\nworkers = 2\n", 1,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\n[storgae]\n", 2, "unknown section [storgae] (did you mean [storage]?)");
+	expect_load_error("[logs]\n", 1, "unknown section [logs] (did you mean [log]?)");
+	expect_load_error("[ server ]\n", 1, "unknown section [ server ] (did you mean [server]?)");
+	expect_load_error("[]\n", 1, "unknown section [] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[LOG]\n", 1, "unknown section [LOG] (section names are lower case: [log])");
+	/* After a byte order mark, and indented before any key: still a header, as for inih. */
+	expect_load_error("\xEF\xBB\xBF[nosuch]\n", 1,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\n  [nosuch]\n", 2,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	/* A key's first error still comes first; a bad header with no ']' is inih's syntax error. */
+	expect_load_error("[server]\nbogus = 1\n[nosuch]\n", 2, "[server] bogus: unknown key");
+	expect_load_error("[nosuch ; comment]\n", 1, "syntax error (expected [section] or key = value)");
+	/* Known sections, empty, with trailing text or a BOM, load. */
+	struct conf c;
+	char err[512];
+	ck_assert_int_eq(load("[rados]\n[postgres] ; unused\n\n[server]\nworkers = 3\n", &c, err,
+	    sizeof(err)), 0);
+	ck_assert_int_eq(load("\xEF\xBB\xBF[server]\nworkers = 3\n", &c, err, sizeof(err)), 0);
+	ck_assert_int_eq(c.workers, 3);
 }
 END_TEST
 
