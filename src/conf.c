@@ -93,7 +93,8 @@ static const struct conf_key conf_keys[] = {
 	{ "redis", "sentinel_password", T_STR, S(redis_sentinel_password), 0, 0, "", SCOPE_STORAGE },
 	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "", SCOPE_STORAGE },
 	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5", SCOPE_STORAGE },
-	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info", SCOPE_STORAGE },
+	/* The storage process reads it too, but from the shared stats page (log_share_level): no restart. */
+	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info", SCOPE_WORKERS },
 	{ "log", "file", T_STR, S(log_file), 0, 0, "", SCOPE_STORAGE },
 	{ "log", "access_log", T_STR, S(access_log), 0, 0, "", SCOPE_WORKERS },
 };

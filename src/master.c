@@ -739,6 +739,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.shm = stats_create();
 	if (m.shm == NULL)
 		fatal("mmap() of the stats page failed");
+	log_share_level(&m.shm->log_level);   /* before any child forks: they all follow a reload's level */
 	if (master_bind_all(&m, conf, 0, err, sizeof(err)) < 0)
 		fatalx("%s", err);
 	m.storage_fd = bind_storage_socket(conf);

@@ -639,6 +639,32 @@ with tap.section("HUP with a broken config"):
     tap.ok(got == F1, "the new workers serve downloads")
 
 
+# ---------------------------------------------------------------- [log] level by reload, storage kept
+with tap.section("a reload that changes only [log] level"):
+    # The storage process follows the level through the shared stats page: no restart.
+    storage_before = d.storage_pid()
+    quiet = {s: dict(kv) for s, kv in GOOD.items()}
+    quiet["log"]["level"] = "warn"
+    h.Daemon.write_config(d.conf_path, quiet)
+    mark = size_of(LOG)
+    ans = stats("reload")
+    tap.ok(ans.startswith("OK"), "reload to level warn answers OK", repr(ans))
+    tap.ok(wait_state_up(10), "the new workers are up")
+    tap.eq(d.storage_pid(), storage_before, "storage keeps its pid")
+    WARN_ONLY = rbytes(50000)
+    tap.eq(upload(WARN_ONLY, "quiet.bin").get("error"), 0, "an upload completes at level warn")
+    tap.ok(not re.search(r" storage info: upload 3001/\S+ complete", h.read_text(LOG, mark)),
+           "at level warn the storage process logs no info line for it", h.read_text(LOG, mark))
+    h.Daemon.write_config(d.conf_path, GOOD)
+    mark = size_of(LOG)
+    tap.ok(stats("reload").startswith("OK") and wait_state_up(10), "reload back to level info answers OK")
+    tap.eq(upload(rbytes(50000), "loud.bin").get("error"), 0, "an upload completes at level info")
+    tap.ok(h.wait_for(lambda: re.search(r"\[%d\] storage info: upload 3001/\S+ complete: \"loud.bin\"" % storage_before,
+                                        h.read_text(LOG, mark)), 5),
+           "... and the same storage process logs it at info again", h.read_text(LOG, mark))
+    tap.eq(d.storage_pid(), storage_before, "storage still keeps its pid")
+
+
 # ---------------------------------------------------------------- a reload brings back a storage process that exited fatally
 with tap.section("reload after a fatal storage exit"):
     # A storage process whose root vanished (an unmounted share) exits fatally and is not

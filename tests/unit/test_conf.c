@@ -703,7 +703,8 @@ END_TEST
 START_TEST(test_storage_scope)
 {
 	/* A reload restarts the storage process exactly when a key it reads changes: the keys of
-	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log; no other key. */
+	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log's file; no other key
+	 * (the storage process follows [log] level through the shared page, log_share_level). */
 	static const char *const storage_keys[][3] = {
 		{ "storage", "root", "/srv/other" }, { "storage", "backend", "fs" }, { "storage", "max_file_size", "7" },
 		{ "storage", "upload_ttl", "9" }, { "storage", "fsync", "always" }, { "storage", "io_threads", "3" },
@@ -714,7 +715,7 @@ START_TEST(test_storage_scope)
 		{ "redis", "db", "3" }, { "redis", "prefix", "x:" }, { "redis", "sentinels", "h:1" },
 		{ "redis", "master_name", "m" }, { "redis", "sentinel_password", "q" }, { "postgres", "conninfo", "x=1" },
 		{ "postgres", "timeout", "9" }, { "server", "run_dir", "/run/other" }, { "server", "node", "n2" },
-		{ "log", "level", "debug" }, { "log", "file", "/var/log/other.log" },
+		{ "log", "file", "/var/log/other.log" },
 		{ "rados", "conf", "/etc/ceph/other.conf" }, { "rados", "user", "other" }, { "rados", "pool", "other" },
 		{ "rados", "namespace", "ns2" }, { "rados", "op_timeout", "9" }, { "rados", "object_size", "65536" },
 		{ "rados", "gc_grace", "9" },
@@ -723,6 +724,7 @@ START_TEST(test_storage_scope)
 		{ "server", "listen", "9999" }, { "server", "workers", "3" }, { "server", "idle_timeout", "9" },
 		{ "server", "max_frame", "4096" }, { "server", "stats_socket", "/s.sock" }, { "server", "anonymous", "yes" },
 		{ "server", "download_chunk", "9" }, { "server", "storage_timeout", "9" }, { "log", "access_log", "/a.log" },
+		{ "log", "level", "debug" },
 	};
 	struct conf a, b;
 	char err[256];
@@ -758,11 +760,12 @@ START_TEST(test_storage_changes_named)
 	conf_defaults(&b);
 	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 0);
 	ck_assert_str_eq(out, "");
-	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "log", "file", "/var/log/r.log", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "redis", "password", "s3cret", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "server", "workers", "7", err, sizeof(err)), 0);   /* not storage's */
+	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);    /* nor this (shared page) */
 	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 2);
-	ck_assert_str_eq(out, "[redis] password, [log] level");
+	ck_assert_str_eq(out, "[redis] password, [log] file");
 	/* More than fits: cut with "...", still counted. */
 	ck_assert_int_eq(conf_set(&b, "storage", "io_threads", "3", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "storage", "upload_ttl", "9", err, sizeof(err)), 0);
