@@ -37,6 +37,7 @@ struct worker_link {
 	struct storage *st;
 	struct link link;
 	int dead;          /* the link is closed; answers are dropped */
+	int bye;           /* the worker said goodbye (it is stopping): its close is routine */
 	int refs;          /* ops still holding this link */
 	struct worker_link *next;
 	/* A chunk message being received straight into its own block, which becomes

@@ -227,12 +227,33 @@ static void worker_link_close(struct worker_link *wl)
 	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
 }
 
+/* The worker's end closed (eof) or failed: routine after its goodbye, else a loss worth a warning
+ * (the worker died: the master logs how). Closes the link. */
+static void worker_link_ended(struct worker_link *wl, int eof)
+{
+	int err = errno;
+	struct ucred peer = { 0 };
+	socklen_t len = sizeof(peer);
+	if (getsockopt(wl->link.fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0)
+		peer.pid = 0;
+	if (wl->bye)
+		log_debug("link to worker pid %ld closed after its goodbye", (long)peer.pid);
+	else
+		log_warnx("link to worker pid %ld lost: %s", (long)peer.pid, eof ? "closed without a goodbye" : strerror(err));
+	worker_link_close(wl);
+}
+
 /* Handles one message. block, when not NULL, is payload in its own allocation,
  * which a chunk op takes over (it is freed here otherwise). */
 static void worker_link_on_message(struct worker_link *wl, const struct ipc_header *h, const uint8_t *payload,
     uint8_t *block)
 {
 	struct storage *st = wl->st;
+	if (h->type == IPC_WORKER_STORAGE_BYE) {
+		free(block);
+		wl->bye = 1;   /* its close follows */
+		return;
+	}
 	if (h->type == IPC_WORKER_STORAGE_PING) {
 		free(block);
 		pthread_mutex_lock(&wl->out_lock);
@@ -369,7 +390,7 @@ static int worker_link_read_block(struct worker_link *wl)
 	if (n <= 0) {
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return 0;
-		worker_link_close(wl);
+		worker_link_ended(wl, n == 0);
 		return -1;
 	}
 	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
@@ -412,7 +433,7 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 				ssize_t n = link_read_fd(&wl->link, room < LINK_READ_BULK ? LINK_READ_BULK : room, &wl->ring_fd);
 				if (n <= 0) {
 					if (n != LINK_AGAIN)
-						worker_link_close(wl);
+						worker_link_ended(wl, n == LINK_EOF);
 					break;
 				}
 			}
@@ -519,6 +540,14 @@ static void storage_free_all(struct storage *st)
 		st->backend.ops->staging_close(up->stg);
 		md5_free(&up->md5);
 		free(up);
+	}
+	/* A goodbye on each link first, so the workers take the close as this process stopping in
+	 * order (a reload restarting it, a stop) and not as a loss; as much as each socket takes now. */
+	for (struct worker_link *wl = st->worker_links; wl; wl = wl->next) {
+		pthread_mutex_lock(&wl->out_lock);
+		if (!wl->dead && ipc_encode_bye(&wl->link.out, 1) == 0)
+			link_flush(&wl->link);
+		pthread_mutex_unlock(&wl->out_lock);
 	}
 	while (st->worker_links)
 		worker_link_close(st->worker_links);
