@@ -591,6 +591,58 @@ static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int reven
 	backend_probe_tick(&st->health);
 }
 
+/* ---------------------------------------------------------------- the node name (several nodes) */
+
+/* Every node holds a lease on its [server] node name in Redis (owner: lease_owner(), one per
+ * master), renewed every third of lease_ttl, so two live nodes sharing one Redis under one name
+ * are seen. The name only labels upload records and the holders named in logs (leases are told
+ * apart by their owners' random part), so a clash is an error in the log, not a refused start:
+ * a start does not wait for Redis, and the other node may start later. A name held elsewhere is a
+ * live clash only once its holder renewed it past the expiry first seen: a holding that just
+ * runs out is this node's previous instance (a restart) or a node that is gone. */
+static void node_on_lease(void *data, enum lease_status status, uint64_t fence, const char *holder,
+    long remaining_ms)
+{
+	(void)fence;
+	struct storage *st = data;
+	ev_tstamp now = ev_now(st->loop);
+	if (status == LEASE_HELD) {
+		if (st->node_clash_logged)
+			log_info("[server] node %s: the other node of this name is gone: the name is this node's again",
+			    st->conf->node);
+		st->node_holder[0] = '\0';
+		st->node_clash_logged = 0;
+		return;
+	}
+	if (status != LEASE_BUSY || holder == NULL)
+		return;   /* Redis unavailable: the next tick asks again */
+	if (strcmp(holder, st->node_holder) != 0) {
+		snprintf(st->node_holder, sizeof(st->node_holder), "%s", holder);
+		st->node_busy_until = now + (remaining_ms >= 0 ? remaining_ms / 1000.0 : st->conf->lease_ttl);
+		st->node_clash_logged = 0;
+		return;
+	}
+	/* Half a second for the two clocks (Redis's and this loop's) and the round trips. */
+	if (now > st->node_busy_until + 0.5 && !st->node_clash_logged) {
+		char escaped[ESCAPE_SIZE(LEASE_OWNER_MAX)];
+		escape_quoted(escaped, sizeof(escaped), holder, strlen(holder));
+		log_error("[server] node %s: another live node uses this name in this Redis (its lease holder is \"%s\"): "
+		    "give every node its own name; upload records and logs cannot tell them apart", st->conf->node,
+		    escaped);
+		st->node_clash_logged = 1;
+	}
+}
+
+static void storage_on_node_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct storage *st = t->data;
+	char key[sizeof(st->conf->redis_prefix) + sizeof(st->conf->node) + 8];
+	snprintf(key, sizeof(key), "%snode_%s", st->conf->redis_prefix, st->conf->node);
+	lease_acquire(&st->redis, key, st->conf->lease_ttl * 1000L, 0, node_on_lease, st);   /* -1: not connected */
+}
+
 #define STORAGE_MMAP_THRESHOLD (4 << 20)   /* chunk blocks below this come from the heap */
 #define STORAGE_HEAP_KEEP (16 << 20)        /* free heap kept instead of given back */
 
@@ -678,6 +730,9 @@ int storage_main(const struct conf *conf, int listen_fd)
 	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
 	st->health_timer.data = st;
 	ev_timer_start(st->loop, &st->health_timer);
+	ev_timer_init(&st->node_timer, storage_on_node_timer, 0., conf->lease_ttl / 3.0);
+	st->node_timer.data = st;
+	ev_timer_start(st->loop, &st->node_timer);
 
 	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	link_socket_path(conf->run_dir, sock, sizeof(sock));
