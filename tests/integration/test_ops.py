@@ -692,7 +692,10 @@ with tap.section("reload after a fatal storage exit"):
                and not re.search(r" warn: .*link", h.read_text(LOG, mark)),
                "the restart's link close is logged at info by the worker, and no warning about a link",
                h.read_text(LOG, mark))
-    # Without a goodbye a close is a loss, a warning: a worker killed, as seen by storage.
+    # Without a goodbye a close is a loss, a warning: a worker killed, as seen by storage (one of the
+    # new workers, linked: the retiring one, its client gone, exits in order meanwhile).
+    tap.ok(h.wait_for(lambda: len(worker_set()) == 2, 10) and wait_state_up(15),
+           "the retiring worker is gone and the two new ones are linked", repr(worker_set()))
     victim = min(worker_set())
     os.kill(victim, signal.SIGKILL)
     tap.ok(h.wait_for(lambda: "storage warn: link to worker pid %d lost: closed without a goodbye" % victim
