@@ -93,7 +93,8 @@ static const struct conf_key conf_keys[] = {
 	{ "redis", "sentinel_password", T_STR, S(redis_sentinel_password), 0, 0, "", SCOPE_STORAGE },
 	{ "postgres", "conninfo", T_STR, S(pg_conninfo), 0, 0, "", SCOPE_STORAGE },
 	{ "postgres", "timeout", T_INT, N(pg_timeout), 1, 3600, "5", SCOPE_STORAGE },
-	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info", SCOPE_STORAGE },
+	/* The storage process reads it too, but from the shared stats page (log_share_level): no restart. */
+	{ "log", "level", T_LOGLEVEL, N(log_level), 0, 0, "info", SCOPE_WORKERS },
 	{ "log", "file", T_STR, S(log_file), 0, 0, "", SCOPE_STORAGE },
 	{ "log", "access_log", T_STR, S(access_log), 0, 0, "", SCOPE_WORKERS },
 };
@@ -397,6 +398,36 @@ static void unknown_key_hint(const char *section, const char *name, char *hint, 
 	}
 }
 
+/* What an unknown section header most likely is: capitals, or a near spelling of a section;
+ * otherwise the list of sections. */
+static void unknown_section_hint(const char *section, char *hint, size_t len)
+{
+	const char *near = NULL;
+	int near_distance = INT_MAX;
+	for (size_t i = 0; i < CONF_NKEYS; i++) {
+		const char *known = conf_keys[i].section;
+		if (strcasecmp(known, section) == 0) {
+			snprintf(hint, len, " (section names are lower case: [%s])", known);
+			return;
+		}
+		int distance = spelling_distance(section, known);
+		if (distance <= (strlen(known) <= 5 ? 1 : 2) && distance < near_distance) {
+			near = known;
+			near_distance = distance;
+		}
+	}
+	if (near) {
+		snprintf(hint, len, " (did you mean [%s]?)", near);
+		return;
+	}
+	int n = snprintf(hint, len, " (there are");
+	for (size_t i = 0; i < CONF_NKEYS && n > 0 && (size_t)n < len; i++)
+		if (i == 0 || strcmp(conf_keys[i].section, conf_keys[i - 1].section) != 0)
+			n += snprintf(hint + n, len - (size_t)n, " [%s]", conf_keys[i].section);
+	if (n > 0 && (size_t)n < len)
+		snprintf(hint + n, len - (size_t)n, ")");
+}
+
 int conf_set(struct conf *c, const char *section, const char *name, const char *value,
     char *err, size_t errlen)
 {
@@ -500,6 +531,7 @@ struct load_ctx {
 	struct conf *conf;
 	FILE *file;
 	int line;            /* lines handed to inih so far */
+	int after_key;       /* a key line since the last section header (inih's continuation rule) */
 	int err_line;        /* first line we found wrong, 0 if none */
 	char err[400];
 };
@@ -510,6 +542,43 @@ static void load_error(struct load_ctx *ctx, const char *err)
 		return;   /* the first error is the one reported */
 	ctx->err_line = ctx->line;
 	snprintf(ctx->err, sizeof(ctx->err), "%s", err);
+}
+
+/* Refuses a section header of no known section. inih calls the handler only for keys, so an
+ * empty [section] would otherwise pass unseen; this reads each line as inih will: a line that
+ * starts with '[' is a header, unless it is indented after a key (then it continues the value). */
+static void conf_check_section_line(struct load_ctx *ctx, const char *line)
+{
+	const char *start = line;
+	if (ctx->line == 1 && strncmp(start, "\xEF\xBB\xBF", 3) == 0)
+		start += 3;   /* inih skips a UTF-8 byte order mark */
+	start += strspn(start, " \t\r\n\f\v");
+	if (*start == '\0' || *start == ';' || *start == '#')
+		return;   /* blank or comment: inih keeps its continuation state */
+	if (*start != '[' || (ctx->after_key && start > line)) {
+		ctx->after_key = 1;
+		return;
+	}
+	ctx->after_key = 0;
+	const char *end = strchr(start + 1, ']');
+	/* No ']', or an inline comment before it, is inih's syntax error, reported for this line. */
+	if (end == NULL)
+		return;
+	for (const char *p = start + 1; p < end; p++)
+		if (*p == ';' && strchr(" \t", p[-1]))
+			return;
+	char section[64];
+	size_t len = (size_t)(end - start - 1);
+	if (len >= sizeof(section))
+		len = sizeof(section) - 1;   /* longer than any known section: unknown either way */
+	memcpy(section, start + 1, len);
+	section[len] = '\0';
+	if (section_known(section))
+		return;
+	char err[sizeof(ctx->err)], hint[160];
+	unknown_section_hint(section, hint, sizeof(hint));
+	snprintf(err, sizeof(err), "unknown section [%s]%s", section, hint);
+	load_error(ctx, err);
 }
 
 /* fgets for inih that counts lines and refuses lines inih would silently split. */
@@ -529,6 +598,7 @@ static char *conf_read_line(char *str, int num, void *stream)
 		while ((c = fgetc(ctx->file)) != EOF && c != '\n')
 			;
 	}
+	conf_check_section_line(ctx, str);
 	return r;
 }
 

@@ -88,6 +88,11 @@ int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong)
 	    ? 0 : -1;
 }
 
+int ipc_encode_bye(struct buf *out, int from_storage)
+{
+	return put_header(out, from_storage ? IPC_STORAGE_WORKER_BYE : IPC_WORKER_STORAGE_BYE, 0, 0) ? 0 : -1;
+}
+
 /* Payload bytes of a chunk message before its data. */
 static size_t chunk_prefix_len(const struct ipc_chunk *c)
 {

@@ -9,7 +9,7 @@
 #include "proto.h"
 
 /* Bump when a message type or layout changes: both ends check it. */
-#define IPC_VERSION 3
+#define IPC_VERSION 4
 #define IPC_HEADER_LEN 16
 #define IPC_MAX_PAYLOAD (64u << 20)
 #define IPC_SOCKET_NAME "storage.sock"
@@ -25,6 +25,10 @@ enum ipc_type {
 	IPC_WORKER_STORAGE_RING = 7,      /* the worker's shared ring (shmring.h): its descriptor rides along */
 	IPC_STORAGE_WORKER_RING = 8,      /* the answer: error u32, 0 when the ring is mapped */
 	IPC_WORKER_STORAGE_CHUNK_REF = 9, /* CHUNK whose data lies in the ring: slot, offset, length */
+	/* Goodbyes, no payload: the sender is stopping in order (a reload, a stop) and closes the link
+	 * next. The other end logs the close as routine; a close without one is a loss, a warning. */
+	IPC_STORAGE_WORKER_BYE = 10,
+	IPC_WORKER_STORAGE_BYE = 11,
 };
 
 /* On the wire in host byte order (both ends are on one host). */
@@ -74,6 +78,7 @@ enum ipc_status ipc_decode_header(const uint8_t *p, size_t len, struct ipc_heade
     const uint8_t **payload);
 
 int ipc_encode_ping(struct buf *out, uint64_t reqid, int pong);
+int ipc_encode_bye(struct buf *out, int from_storage);
 int ipc_encode_chunk(struct buf *out, uint64_t reqid, const struct ipc_chunk *c);
 /* The same in two steps, so the data can be written straight into the queue:
  * ipc_reserve_chunk makes room for a message with up to data_room bytes of data

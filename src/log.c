@@ -13,10 +13,11 @@
 
 static struct {
 	int level;
+	_Atomic int *shared_level;   /* when set, the level in force (log_share_level) */
 	int fd;            /* stderr or the log file; -1 for syslog */
 	char path[512];    /* empty unless logging to a file */
 	char process[32];
-} log_state = { LOG_LEVEL_INFO, STDERR_FILENO, "", "resourced" };
+} log_state = { LOG_LEVEL_INFO, NULL, STDERR_FILENO, "", "resourced" };
 
 static struct {
 	int fd;
@@ -36,6 +37,8 @@ int log_level_from_name(const char *name)
 int log_open(const char *file, int level, int foreground, char *err, size_t errlen)
 {
 	log_state.level = level;
+	if (log_state.shared_level)
+		atomic_store_explicit(log_state.shared_level, level, memory_order_relaxed);
 	if (file == NULL || file[0] == '\0') {
 		if (foreground) {
 			log_state.fd = STDERR_FILENO;
@@ -61,6 +64,12 @@ int log_open(const char *file, int level, int foreground, char *err, size_t errl
 		close(log_state.fd);
 	log_state.fd = fd;
 	return 0;
+}
+
+void log_share_level(_Atomic int *shared)
+{
+	atomic_store_explicit(shared, log_state.level, memory_order_relaxed);
+	log_state.shared_level = shared;
 }
 
 void log_set_process(const char *name)
@@ -130,7 +139,8 @@ int log_reopen(void)
 
 int log_enabled(int level)
 {
-	return level <= log_state.level;
+	return level <= (log_state.shared_level ? atomic_load_explicit(log_state.shared_level, memory_order_relaxed)
+	    : log_state.level);
 }
 
 void log_close(void)

@@ -3,6 +3,7 @@
 #define RESOURCED_LOG_H
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 
 enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBUG };
@@ -10,6 +11,10 @@ enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBU
 /* Where lines go: stderr (foreground), a file, or syslog. */
 int log_open(const char *file, int level, int foreground, char *err, size_t errlen);
 void log_set_process(const char *name);   /* "master", "worker 1", "storage" */
+/* From now on the level is *shared (memory every process maps, set up before the children fork),
+ * and log_open writes it there: a reload's [log] level reaches the running children, the storage
+ * process included, without restarting them. */
+void log_share_level(_Atomic int *shared);
 int log_reopen(void);                     /* after logrotate (USR1) */
 int log_level_from_name(const char *name);
 int log_enabled(int level);

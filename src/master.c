@@ -245,7 +245,8 @@ static void write_pid_file(void)
 		fatal("cannot write the pid file");
 }
 
-/* Forks into the background; the parent exits once the child writes to the returned fd. */
+/* Forks into the background; the parent exits 0 once the child writes to the returned fd, or with
+ * the child's own status when it exits before (1 for a signal), as a start with -f would. */
 static int daemonize(void)
 {
 	int ready[2];
@@ -257,7 +258,11 @@ static int daemonize(void)
 	if (pid > 0) {
 		char c;
 		close(ready[1]);
-		_exit(read(ready[0], &c, 1) == 1 ? 0 : 1);
+		if (read(ready[0], &c, 1) == 1)
+			_exit(0);
+		int status;
+		_exit(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) != 0 ?
+		    WEXITSTATUS(status) : 1);
 	}
 	close(ready[0]);
 	setsid();
@@ -788,11 +793,11 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	}
 	/* Before any socket or file of the instance is touched: one instance per
 	 * configuration, and none beside another process on the same address. */
-	char why[200];
+	char why[450];
 	int refused = instance_lock(conf, err, sizeof(err)) < 0;
-	if (!refused && instance_probe_listen(conf->listen_host, conf->listen_port, why, sizeof(why)) < 0) {
-		snprintf(err, sizeof(err), "listen %s:%s: %s; refusing to start", conf->listen_host, conf->listen_port,
-		    why);
+	if (!refused && preflight_addresses_free(conf, why, sizeof(why)) < 0) {
+		/* Status 1 like any refusal before start, whichever listener it is (EXIT STATUS in resourced(8)). */
+		snprintf(err, sizeof(err), "%s; refusing to start", why);
 		refused = 1;
 	}
 	if (refused) {
@@ -813,6 +818,7 @@ int master_run(struct conf *conf, const char *conf_path, int foreground)
 	m.shm = stats_create();
 	if (m.shm == NULL)
 		fatal("mmap() of the stats page failed");
+	log_share_level(&m.shm->log_level);   /* before any child forks: they all follow a reload's level */
 	if (master_bind_all(&m, conf, 0, err, sizeof(err)) < 0)
 		fatalx("%s", err);
 	m.storage_fd = bind_storage_socket(conf);

@@ -21,8 +21,10 @@
 #include <unistd.h>
 
 struct preflight {
-	FILE *report;
+	FILE *report;        /* NULL: problems are only counted, and the first kept */
 	int problems;
+	char *first;         /* when not NULL, the first problem's line, without the prefix */
+	size_t firstlen;
 };
 
 static void problem(struct preflight *p, const char *key, const char *value, const char *fmt, ...)
@@ -30,11 +32,14 @@ static void problem(struct preflight *p, const char *key, const char *value, con
 static void problem(struct preflight *p, const char *key, const char *value, const char *fmt, ...)
 {
 	va_list ap;
-	fprintf(p->report, PREFLIGHT_PREFIX "%s %s: ", key, value);
+	char why[400];
 	va_start(ap, fmt);
-	vfprintf(p->report, fmt, ap);
+	vsnprintf(why, sizeof(why), fmt, ap);
 	va_end(ap);
-	fputc('\n', p->report);
+	if (p->report)
+		fprintf(p->report, PREFLIGHT_PREFIX "%s %s: %s\n", key, value, why);
+	if (p->first && p->problems == 0)
+		snprintf(p->first, p->firstlen, "%s %s: %s", key, value, why);
 	p->problems++;
 }
 
@@ -213,14 +218,14 @@ static void check_storage(struct preflight *p, const struct conf *c)
 
 int preflight_reload_check(const struct conf *c, FILE *report)
 {
-	struct preflight p = { report, 0 };
+	struct preflight p = { .report = report };
 	check_storage(&p, c);
 	return p.problems;
 }
 
 int preflight_check(const struct conf *c, FILE *report)
 {
-	struct preflight p = { report, 0 };
+	struct preflight p = { .report = report };
 	char listen[300];
 	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
 	check_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
@@ -284,9 +289,35 @@ static void probe_address(struct preflight *p, const char *key, const char *valu
 		problem(p, key, value, "%s", why);
 }
 
+/* Every address start binds: the TCP listeners, free to bind, and the stats socket, which no
+ * live process answers on. */
+static void probe_addresses(struct preflight *p, const struct conf *c)
+{
+	char listen[300];
+	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
+	probe_address(p, "[server] listen", listen, c->listen_host, c->listen_port);
+	const char *const keys[] = { "[server] agent_listen", "[server] http_listen" };
+	const char *const values[] = { c->agent_listen, c->http_listen };
+	for (size_t i = 0; i < 2; i++) {
+		char host[256];
+		const char *port = values[i][0] ? split_host_port(values[i], host, sizeof(host)) : NULL;
+		if (port)   /* one that does not parse was reported already */
+			probe_address(p, keys[i], values[i], host, port);
+	}
+	if (c->stats_socket[0] && instance_unix_socket_live(c->stats_socket))
+		problem(p, "[server] stats_socket", c->stats_socket, "a live process (another instance?) listens there");
+}
+
+int preflight_addresses_free(const struct conf *c, char *err, size_t errlen)
+{
+	struct preflight p = { .first = err, .firstlen = errlen };
+	probe_addresses(&p, c);
+	return p.problems ? -1 : 0;
+}
+
 int preflight_check_running(const struct conf *c, FILE *report)
 {
-	struct preflight p = { report, 0 };
+	struct preflight p = { .report = report };
 	long pid = instance_running(c);
 	if (pid != 0) {
 		/* Its own sockets hold the addresses: checking them would only find it. */
@@ -302,17 +333,7 @@ int preflight_check_running(const struct conf *c, FILE *report)
 			    "were not probed)\n");
 		return 0;
 	}
-	char listen[300];
-	snprintf(listen, sizeof(listen), "%s:%s", c->listen_host, c->listen_port);
-	probe_address(&p, "[server] listen", listen, c->listen_host, c->listen_port);
-	const char *const keys[] = { "[server] agent_listen", "[server] http_listen" };
-	const char *const values[] = { c->agent_listen, c->http_listen };
-	for (size_t i = 0; i < 2; i++) {
-		char host[256];
-		const char *port = values[i][0] ? split_host_port(values[i], host, sizeof(host)) : NULL;
-		if (port)   /* one that does not parse was reported already */
-			probe_address(&p, keys[i], values[i], host, port);
-	}
+	probe_addresses(&p, c);
 	return p.problems;
 }
 

@@ -17,9 +17,14 @@ struct conf;
 int preflight_check(const struct conf *conf, FILE *report);
 
 /* For -t: when no instance holds conf's run_dir, that listen, agent_listen and
- * http_listen are free to bind (start refuses an address another process holds);
- * when one does, a note naming its pid instead. Returns the problems reported. */
+ * http_listen are free to bind and no live process answers on stats_socket (start
+ * refuses an address another process holds); when one does, a note naming its pid
+ * instead. Returns the problems reported. */
 int preflight_check_running(const struct conf *conf, FILE *report);
+
+/* For start, once it holds the instance lock: the same addresses as preflight_check_running.
+ * 0 when all are free; else -1 with the first one taken in err ("[server] key VALUE: why"). */
+int preflight_addresses_free(const struct conf *conf, char *err, size_t errlen);
 
 /* The part of preflight_check a reload must pass before it replaces anything: what the storage
  * process needs to start (run_dir, [storage] root, a conninfo libpq can parse). Runs as the user

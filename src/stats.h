@@ -85,6 +85,7 @@ struct stats_shm {
 	/* Connections per address bucket, counted by each worker in its own slot's row; only the rows
 	 * of live counting workers are summed, so a worker that dies takes its counts with it. */
 	unsigned char addr_key[16];                    /* keys the address hash: buckets are unguessable */
+	_Atomic int log_level;                         /* [log] level in force in every process (log.c) */
 	_Atomic uint8_t addr_live[STATS_MAX_SLOTS];
 	_Atomic uint16_t addr_conns[STATS_MAX_SLOTS][ADDR_BUCKETS];
 };

@@ -19,6 +19,7 @@
 #include "conf.h"
 #include "digest.h"
 #include "ipc.h"
+#include "lease.h"
 #include "shmring.h"
 #include "json.h"
 #include "link.h"
@@ -37,6 +38,7 @@ struct worker_link {
 	struct storage *st;
 	struct link link;
 	int dead;          /* the link is closed; answers are dropped */
+	int bye;           /* the worker said goodbye (it is stopping): its close is routine */
 	int refs;          /* ops still holding this link */
 	struct worker_link *next;
 	/* A chunk message being received straight into its own block, which becomes
@@ -241,6 +243,12 @@ struct storage {
 	struct space_probe space;
 	ev_timer health_timer;
 	struct backend_probe health;  /* the backend's ping, for the agent-check */
+	/* The lease on [server] node (storage_process.c, "the node name"): who else holds it, until
+	 * when that holding ends unless renewed, and whether the clash was logged. */
+	ev_timer node_timer;
+	char node_holder[LEASE_OWNER_MAX];
+	ev_tstamp node_busy_until;
+	int node_clash_logged;
 	struct sweep *sweep;          /* the janitor's listing of old staging entries */
 	uint64_t free_bytes;          /* available to us on the root's file system, as last measured */
 	int free_known;

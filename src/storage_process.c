@@ -229,12 +229,33 @@ static void worker_link_close(struct worker_link *wl)
 	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
 }
 
+/* The worker's end closed (eof) or failed: routine after its goodbye, else a loss worth a warning
+ * (the worker died: the master logs how). Closes the link. */
+static void worker_link_ended(struct worker_link *wl, int eof)
+{
+	int err = errno;
+	struct ucred peer = { 0 };
+	socklen_t len = sizeof(peer);
+	if (getsockopt(wl->link.fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0)
+		peer.pid = 0;
+	if (wl->bye)
+		log_debug("link to worker pid %ld closed after its goodbye", (long)peer.pid);
+	else
+		log_warnx("link to worker pid %ld lost: %s", (long)peer.pid, eof ? "closed without a goodbye" : strerror(err));
+	worker_link_close(wl);
+}
+
 /* Handles one message. block, when not NULL, is payload in its own allocation,
  * which a chunk op takes over (it is freed here otherwise). */
 static void worker_link_on_message(struct worker_link *wl, const struct ipc_header *h, const uint8_t *payload,
     uint8_t *block)
 {
 	struct storage *st = wl->st;
+	if (h->type == IPC_WORKER_STORAGE_BYE) {
+		free(block);
+		wl->bye = 1;   /* its close follows */
+		return;
+	}
 	if (h->type == IPC_WORKER_STORAGE_PING) {
 		free(block);
 		pthread_mutex_lock(&wl->out_lock);
@@ -371,7 +392,7 @@ static int worker_link_read_block(struct worker_link *wl)
 	if (n <= 0) {
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return 0;
-		worker_link_close(wl);
+		worker_link_ended(wl, n == 0);
 		return -1;
 	}
 	size_t into_block = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
@@ -414,7 +435,7 @@ static void worker_link_on_io(struct ev_loop *loop, ev_io *io, int revents)
 				ssize_t n = link_read_fd(&wl->link, room < LINK_READ_BULK ? LINK_READ_BULK : room, &wl->ring_fd);
 				if (n <= 0) {
 					if (n != LINK_AGAIN)
-						worker_link_close(wl);
+						worker_link_ended(wl, n == LINK_EOF);
 					break;
 				}
 			}
@@ -522,6 +543,14 @@ static void storage_free_all(struct storage *st)
 		md5_free(&up->md5);
 		free(up);
 	}
+	/* A goodbye on each link first, so the workers take the close as this process stopping in
+	 * order (a reload restarting it, a stop) and not as a loss; as much as each socket takes now. */
+	for (struct worker_link *wl = st->worker_links; wl; wl = wl->next) {
+		pthread_mutex_lock(&wl->out_lock);
+		if (!wl->dead && ipc_encode_bye(&wl->link.out, 1) == 0)
+			link_flush(&wl->link);
+		pthread_mutex_unlock(&wl->out_lock);
+	}
 	while (st->worker_links)
 		worker_link_close(st->worker_links);
 	struct user_count *u, *utmp;
@@ -562,6 +591,58 @@ static void storage_on_health_timer(struct ev_loop *loop, ev_timer *t, int reven
 	if (stats_self)
 		atomic_store(&stats_self->alive_ms, stats_mono_ms());
 	backend_probe_tick(&st->health);
+}
+
+/* ---------------------------------------------------------------- the node name (several nodes) */
+
+/* Every node holds a lease on its [server] node name in Redis (owner: lease_owner(), one per
+ * master), renewed every third of lease_ttl, so two live nodes sharing one Redis under one name
+ * are seen. The name only labels upload records and the holders named in logs (leases are told
+ * apart by their owners' random part), so a clash is an error in the log, not a refused start:
+ * a start does not wait for Redis, and the other node may start later. A name held elsewhere is a
+ * live clash only once its holder renewed it past the expiry first seen: a holding that just
+ * runs out is this node's previous instance (a restart) or a node that is gone. */
+static void node_on_lease(void *data, enum lease_status status, uint64_t fence, const char *holder,
+    long remaining_ms)
+{
+	(void)fence;
+	struct storage *st = data;
+	ev_tstamp now = ev_now(st->loop);
+	if (status == LEASE_HELD) {
+		if (st->node_clash_logged)
+			log_info("[server] node %s: the other node of this name is gone: the name is this node's again",
+			    st->conf->node);
+		st->node_holder[0] = '\0';
+		st->node_clash_logged = 0;
+		return;
+	}
+	if (status != LEASE_BUSY || holder == NULL)
+		return;   /* Redis unavailable: the next tick asks again */
+	if (strcmp(holder, st->node_holder) != 0) {
+		snprintf(st->node_holder, sizeof(st->node_holder), "%s", holder);
+		st->node_busy_until = now + (remaining_ms >= 0 ? remaining_ms / 1000.0 : st->conf->lease_ttl);
+		st->node_clash_logged = 0;
+		return;
+	}
+	/* Half a second for the two clocks (Redis's and this loop's) and the round trips. */
+	if (now > st->node_busy_until + 0.5 && !st->node_clash_logged) {
+		char escaped[ESCAPE_SIZE(LEASE_OWNER_MAX)];
+		escape_quoted(escaped, sizeof(escaped), holder, strlen(holder));
+		log_error("[server] node %s: another live node uses this name in this Redis (its lease holder is \"%s\"): "
+		    "give every node its own name; upload records and logs cannot tell them apart", st->conf->node,
+		    escaped);
+		st->node_clash_logged = 1;
+	}
+}
+
+static void storage_on_node_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	struct storage *st = t->data;
+	char key[sizeof(st->conf->redis_prefix) + sizeof(st->conf->node) + 8];
+	snprintf(key, sizeof(key), "%snode_%s", st->conf->redis_prefix, st->conf->node);
+	lease_acquire(&st->redis, key, st->conf->lease_ttl * 1000L, 0, node_on_lease, st);   /* -1: not connected */
 }
 
 #define STORAGE_MMAP_THRESHOLD (4 << 20)   /* chunk blocks below this come from the heap */
@@ -651,6 +732,9 @@ int storage_main(const struct conf *conf, int listen_fd)
 	ev_timer_init(&st->health_timer, storage_on_health_timer, 0., HEALTH_INTERVAL);
 	st->health_timer.data = st;
 	ev_timer_start(st->loop, &st->health_timer);
+	ev_timer_init(&st->node_timer, storage_on_node_timer, 0., conf->lease_ttl / 3.0);
+	st->node_timer.data = st;
+	ev_timer_start(st->loop, &st->node_timer);
 
 	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	link_socket_path(conf->run_dir, sock, sizeof(sock));

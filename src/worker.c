@@ -168,6 +168,7 @@ struct uplink {
 	struct link link;             /* link.fd -1: no link */
 	int connected;                /* the socket is connected */
 	int ready;                    /* the storage process answered our ping: requests may go */
+	int bye;                      /* the storage process said goodbye: its close is routine */
 	ev_timer retry;
 	double retry_delay;
 	/* Shared with the storage process for chunk bytes (shmring.h), one per link; ring_ready once
@@ -956,11 +957,14 @@ static void uplink_hold_waiting(struct worker *w)
 static void uplink_down(struct worker *w, const char *why)
 {
 	struct uplink *s = &w->uplink;
-	if (s->link.fd >= 0)
+	if (s->link.fd >= 0 && s->bye)
+		log_info("storage link closed: the storage process stopped in order (a reload or a stop)");
+	else if (s->link.fd >= 0)
 		log_warnx("storage link lost: %s", why);
 	link_close(&s->link);
 	s->connected = 0;
 	s->ready = 0;
+	s->bye = 0;
 	/* Storage keeps its own mapping while it still reads slots; this end starts afresh. Chunks
 	 * being received into the ring go back to their connections' buffers first. */
 	s->ring_ready = 0;
@@ -984,7 +988,7 @@ static void uplink_update_io(struct worker *w)
 static int uplink_flush(struct worker *w)
 {
 	w->uplink.link.want_write = w->bin_link_waiters > 0;
-	if (link_flush(&w->uplink.link) < 0)
+	if (link_flush(&w->uplink.link) < 0 && !w->uplink.bye)
 		log_warn("storage link: send() failed");
 	return 0;
 }
@@ -1093,6 +1097,8 @@ static void uplink_on_io(struct ev_loop *loop, ev_io *io, int revents)
 				log_warnx("storage refused the shared ring: chunks are copied over the link");
 				shmring_destroy(&s->ring);
 			}
+		} else if (h.type == IPC_STORAGE_WORKER_BYE) {
+			s->bye = 1;   /* the close follows: uplink_down logs it as routine */
 		} else if (h.type == IPC_STORAGE_WORKER_PONG && !s->ready) {
 			s->ready = 1;
 			s->retry_delay = STORAGE_RETRY_MIN;
@@ -1147,6 +1153,7 @@ static void uplink_connect(struct worker *w)
 	}
 	s->connected = 0;
 	s->ready = 0;
+	s->bye = 0;
 	/* A Unix socket connects at once or not at all (EAGAIN: backlog full, try again). */
 	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		int err = errno;
@@ -3331,6 +3338,10 @@ static void worker_shutdown(struct worker *w)
 	rds_close(&w->redis);
 	pool_destroy(w->pool);
 	backend_close(&w->backend);
+	/* A goodbye, so the storage process takes the close as this worker stopping, not a loss; it
+	 * goes after what is queued (as much as the socket takes now: a stopping worker waits for none). */
+	if (w->uplink.link.fd >= 0 && ipc_encode_bye(&w->uplink.link.out, 0) == 0)
+		link_flush(&w->uplink.link);
 	link_close(&w->uplink.link);
 	shmring_destroy(&w->uplink.ring);
 	json_writer_free(&w->jw);

@@ -13,6 +13,7 @@ happened, and any process still running from /usr/sbin/resourced is killed.
 While it runs, /etc/resourced.conf, /etc/init.d/resourced and /run/resourced
 exist; the other tests use none of them (they pass -c and private run dirs).
 """
+import grp
 import os
 import pwd
 import re
@@ -178,11 +179,16 @@ def build():
 def check_contents(deb):
     rc, out = run(["dpkg-deb", "-c", deb])
     files = {line.split()[-1].lstrip(".") for line in out.splitlines() if line.strip()}
+    conf_line = [line for line in out.splitlines() if line.endswith("." + CONF)]
+    tap.ok(conf_line and conf_line[0].split()[:2] == ["-rw-r-----", "root/root"],
+           "the .deb ships %s 0640 root:root (postinst gives it to the resourced group)" % CONF, repr(conf_line))
     want = {DAEMON, RESCTL, CONF, INIT, "/etc/default/resourced", "/etc/logrotate.d/resourced",
             "/lib/systemd/system/resourced.service", "/usr/lib/sysusers.d/resourced.conf",
             "/usr/share/man/man8/resourced.8.gz", "/usr/share/man/man5/resourced.conf.5.gz",
             "/usr/share/man/man1/resctl.1.gz", "/usr/share/doc/resourced/copyright",
             "/usr/share/doc/resourced/changelog.gz", "/usr/share/doc/resourced/README.Debian"}
+    # dh_compress gzips a README.Debian of more than 4 KiB.
+    files = {f[:-3] if f == "/usr/share/doc/resourced/README.Debian.gz" else f for f in files}
     tap.eq(sorted(want - files), [], "the .deb holds the binaries, config, unit, init script, sysusers, "
            "logrotate, man pages, copyright, changelog, README.Debian")
     rc, out = run(["dpkg-deb", "-f", deb, "Depends"])
@@ -207,6 +213,18 @@ def purge_at_exit():
     # Absent before the test (preconditions): whatever is there now is the test's.
     shutil.rmtree(STATE_DIR, ignore_errors=True)
     shutil.rmtree("/run/resourced", ignore_errors=True)
+
+
+def check_conf_perms(when):
+    """/etc/resourced.conf: 0640 root:resourced (it may hold a password; the service's group reads it)."""
+    st = os.stat(CONF)
+    try:
+        gid = grp.getgrnam("resourced").gr_gid
+    except KeyError:
+        gid = None
+    tap.ok(st.st_mode & 0o7777 == 0o640 and st.st_uid == 0 and st.st_gid == gid,
+           "%s: %s is mode 0640, owner root, group resourced" % (when, CONF),
+           "mode %o uid %d gid %d (resourced: %r)" % (st.st_mode & 0o7777, st.st_uid, st.st_gid, gid))
 
 
 def write_test_config(redis_port, port):
@@ -249,6 +267,7 @@ def main():
         st = os.stat(STATE_DIR)
         tap.ok(user is not None and st.st_uid == user.pw_uid and st.st_mode & 0o777 == 0o750,
                "%s belongs to resourced, mode 0750" % STATE_DIR, "uid %d mode %o" % (st.st_uid, st.st_mode))
+        check_conf_perms("after install")
         rc, out = run([DAEMON, "-t", "-c", CONF])
         tap.ok(rc == 0, "the packaged configuration passes resourced -t", out)
         rc, out = init_script("status")
@@ -315,6 +334,24 @@ def main():
         rc, out = init_script("stop")
         tap.ok(rc == 0 and h.wait_for(lambda: not packaged_processes(), 15),
                "stop succeeds and leaves no process", out)
+
+    with tap.section("reinstall keeps the edited configuration"):
+        with open(CONF) as f:
+            edited = f.read()
+        rc, out = run(["dpkg", "-i", deb], timeout=180)
+        tap.ok(rc == 0 and installed(), "dpkg -i over the installed package succeeds", out)
+        tap.ok(h.read_text(CONF) == edited, "the edited %s is kept (a conffile)" % CONF)
+        check_conf_perms("after the reinstall")
+        # A group the administrator chose stays.
+        os.chmod(CONF, 0o600)
+        admin = grp.getgrnam("adm").gr_gid if "adm" in [g.gr_name for g in grp.getgrall()] else None
+        if admin is not None:
+            os.chown(CONF, 0, admin)
+            rc, out = run(["dpkg-reconfigure", "-fnoninteractive", PACKAGE], timeout=120)
+            st = os.stat(CONF)
+            tap.ok(rc == 0 and st.st_gid == admin and st.st_mode & 0o7777 == 0o600,
+                   "a group and mode the administrator set are kept by a reconfigure",
+                   "rc %d mode %o gid %d\n%s" % (rc, st.st_mode & 0o7777, st.st_gid, out))
 
     with tap.section("purge"):
         rc, out = run(["dpkg", "--purge", PACKAGE], timeout=120)

@@ -2,6 +2,7 @@
 import os
 import re
 import signal
+import subprocess
 import sys
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
@@ -86,11 +87,34 @@ with tap.section("another configuration, same port"):
     other.settings["server"]["listen"] = "127.0.0.1:%d" % d.port
     other.write_config(other.conf_path, other.settings)
     rc, out = other.run_again()
-    tap.ok(rc not in (0, None), "another configuration on the same port is refused (%r)" % rc, out)
+    tap.eq(rc, 1, "another configuration on the same port is refused with status 1", out)
     m = re.search(r"another process \(pid (\d+)\) already listens", out)
     tap.ok(m and int(m.group(1)) in d.processes(), "its message names a process of the running instance", out)
     tap.eq(read_text(other.pid_file)[:1], "", "the refused instance wrote no pid", read_text(other.pid_file))
     running_one_untouched("same port")
+
+with tap.section("another configuration, same agent or HTTP port"):
+    # Every listener another process holds is refused the same way, before anything is bound:
+    # status 1 and the key (once agent_listen and http_listen failed at bind, fatally, with 2).
+    for key, value in (("agent_listen", "127.0.0.1:%d" % AGENT_PORT), ("http_listen", "127.0.0.1:%d" % AGENT_PORT)):
+        other = h.Daemon(workers=1, redis=redis)
+        other.settings["server"][key] = value
+        other.write_config(other.conf_path, other.settings)
+        rc, out = other.run_again()
+        tap.ok(rc == 1 and "[server] %s %s: another process (pid %d) already listens there" % (key, value, d.master_pid)
+               in out and "refusing to start" in out,
+               "-f: a taken %s is refused with status 1, naming the key and the master" % key, out)
+        tap.eq(read_text(other.pid_file)[:1], "", "... and wrote no pid", read_text(other.pid_file))
+    # Started in the background the same refusal exits 1, as the background process did.
+    other.settings["log"]["file"] = other.log_path
+    other.settings["server"]["http_listen"] = ""
+    other.settings["server"]["agent_listen"] = "127.0.0.1:%d" % AGENT_PORT
+    other.write_config(other.conf_path, other.settings)
+    r = subprocess.run([h.RESOURCED_BIN, "-c", other.conf_path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=30, text=True)
+    tap.ok(r.returncode == 1 and "[server] agent_listen" in r.stdout,
+           "daemonized: a taken agent_listen exits 1 with the reason", "%r %s" % (r.returncode, r.stdout))
+    running_one_untouched("same agent port")
 
 with tap.section("another configuration, same run_dir, no pid file"):
     # The foreground case without a pid file: the run_dir lock identifies the instance.
@@ -110,7 +134,8 @@ with tap.section("stats socket of a live instance"):
     third.settings["server"]["stats_socket"] = d.stats_socket
     third.write_config(third.conf_path, third.settings)
     rc, out = third.run_again()
-    tap.ok(rc not in (0, None) and "live process" in out, "an instance naming a live stats socket is refused", out)
+    tap.ok(rc == 1 and "[server] stats_socket %s: a live process" % d.stats_socket in out,
+           "an instance naming a live stats socket is refused with status 1", out)
     running_one_untouched("same stats socket")
 
 with tap.section("children of a killed master"):

@@ -757,6 +757,25 @@ if h.uses_rados(cluster.nodes[0]):
            "RADOS: every file was published in the shared namespace, none under the local root",
            "local %r" % local)
 
+with tap.section("a second node under a name already in use"):
+    # node1..3 each hold a lease on their [server] node name; a fourth node calling itself node2
+    # (its own root and port, the same Redis) sees a live holder renew it and logs an error.
+    CLASH = "another live node uses this name"
+    dup = h.Daemon(workers=1, redis=ss.master, settings={
+        "redis": dict(common["redis"]), "server": {"node": "node2"},
+        "storage": {"lease_ttl": str(LEASE_TTL)} if cluster.lease_ttl else {}})
+    tap.context.append(lambda: dup.log_tail(10))
+    dup.start()
+    ttl = LEASE_TTL if cluster.lease_ttl else 6
+    tap.ok(h.wait_for(lambda: "error: [server] node node2: %s" % CLASH in dup.log_text(), 3 * ttl + 10),
+           "a node started as node2 beside the live node2 logs an error naming the clash", dup.log_tail(10))
+    tap.ok(CLASH not in cluster.nodes[1].log_text(), "the live node2, which held the name first, logs none")
+    rc, left = dup.stop()
+    tap.eq((rc, left), (0, []), "the duplicate stops")
+    # Restarts (TERM, kill -9) meet their previous instance's lease, which runs out: no clash.
+    tap.eq([i + 1 for i, node in enumerate(cluster.nodes) if CLASH in node.log_text(since_start=False)], [],
+           "no node logged a clash for its own restarts (node1 twice, the killed node once)")
+
 with tap.section("stop"):
     for i, node in enumerate(cluster.nodes):
         rc, left = node.stop()

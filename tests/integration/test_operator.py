@@ -204,8 +204,11 @@ tap.ok(rc == 1 and "[server] listen 127.0.0.1:%d" % d.port in out and "already l
        and any("pid %d" % p in out for p in d.processes()),
        "-t names a listen address another instance holds, and a process of it", out)
 tap.ok("[server] agent_listen %s" % held[0] in out and "[server] http_listen %s" % held[1] in out
-       and "pid %d" % os.getpid() in out and "3 problems" in out,
+       and "pid %d" % os.getpid() in out,
        "-t names agent_listen and http_listen held by another process, with its pid", out)
+# The running daemon's stats socket, which this file shares: start would refuse it too.
+tap.ok("[server] stats_socket %s: a live process" % d.settings["server"]["stats_socket"] in out
+       and "4 problems" in out, "-t names a stats_socket a live process answers on", out)
 for holder in holders:
     holder.close()
 tap.ok(not os.path.exists(other_run), "... and created nothing (not the run_dir it probed)")

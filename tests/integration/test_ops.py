@@ -623,6 +623,7 @@ with tap.section("HUP with a broken config"):
 
     h.Daemon.write_config(d.conf_path, GOOD)
     c_before = info()["conn_total"]
+    mark = size_of(LOG)
     ans = stats("reload")
     tap.ok(ans.startswith("OK"), "stats 'reload' with a good config answers OK", repr(ans))
     tap.ok(re.search(r"2 workers", ans), "... and says 2 workers", repr(ans))
@@ -631,12 +632,41 @@ with tap.section("HUP with a broken config"):
     tap.ok(h.wait_for(lambda: not [p for p in before if h.pid_alive(p)], 5),
            "the old workers (no connections open) exit")
     tap.eq(d.storage_pid(), storage_before, "storage keeps its pid (storage settings unchanged)")
+    # The retired workers say goodbye on their storage links: their close is no loss to storage.
+    tap.ok(not re.search(r" warn: .*link", h.read_text(LOG, mark)),
+           "no warning about a storage link: the retired workers closed theirs in order", h.read_text(LOG, mark))
     tap.ok(h.wait_for(lambda: len(stats_json("show workers")) == 3, 3),
            "show workers lists storage + 2 workers again", stats("show workers"))
     tap.ok(info()["conn_total"] >= c_before, "counters do not go back after a reload")
     tap.ok(wait_state_up(10), "new workers are connected to Redis and storage")
     got, _ = download("f1.bin")
     tap.ok(got == F1, "the new workers serve downloads")
+
+
+# ---------------------------------------------------------------- [log] level by reload, storage kept
+with tap.section("a reload that changes only [log] level"):
+    # The storage process follows the level through the shared stats page: no restart.
+    storage_before = d.storage_pid()
+    quiet = {s: dict(kv) for s, kv in GOOD.items()}
+    quiet["log"]["level"] = "warn"
+    h.Daemon.write_config(d.conf_path, quiet)
+    mark = size_of(LOG)
+    ans = stats("reload")
+    tap.ok(ans.startswith("OK"), "reload to level warn answers OK", repr(ans))
+    tap.ok(wait_state_up(10), "the new workers are up")
+    tap.eq(d.storage_pid(), storage_before, "storage keeps its pid")
+    WARN_ONLY = rbytes(50000)
+    tap.eq(upload(WARN_ONLY, "quiet.bin").get("error"), 0, "an upload completes at level warn")
+    tap.ok(not re.search(r" storage info: upload 3001/\S+ complete", h.read_text(LOG, mark)),
+           "at level warn the storage process logs no info line for it", h.read_text(LOG, mark))
+    h.Daemon.write_config(d.conf_path, GOOD)
+    mark = size_of(LOG)
+    tap.ok(stats("reload").startswith("OK") and wait_state_up(10), "reload back to level info answers OK")
+    tap.eq(upload(rbytes(50000), "loud.bin").get("error"), 0, "an upload completes at level info")
+    tap.ok(h.wait_for(lambda: re.search(r"\[%d\] storage info: upload 3001/\S+ complete: \"loud.bin\"" % storage_before,
+                                        h.read_text(LOG, mark)), 5),
+           "... and the same storage process logs it at info again", h.read_text(LOG, mark))
+    tap.eq(d.storage_pid(), storage_before, "storage still keeps its pid")
 
 
 # ---------------------------------------------------------------- a reload brings back a storage process that exited fatally
@@ -649,14 +679,37 @@ with tap.section("reload after a fatal storage exit"):
     moved["storage"]["root"] = os.path.join(share, "root")
     h.Daemon.write_config(d.conf_path, moved)
     old_storage = d.storage_pid()
-    tap.ok(stats("reload").startswith("OK"), "reload onto a root inside share/ answers OK")
-    tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old_storage), 10) and wait_state_up(15),
-           "storage restarted on the new root and the state is up", stats("show workers"))
+    mark = size_of(LOG)
+    # A client connection held open keeps its (retiring) worker linked to the old storage process.
+    with h.Client(d.port) as held:
+        tap.eq(held.request(h.MSG_TEST, {"data": "hold"}).get("error"), 0, "a client connection is open")
+        tap.ok(stats("reload").startswith("OK"), "reload onto a root inside share/ answers OK")
+        tap.ok(h.wait_for(lambda: d.storage_pid() not in (None, old_storage), 10) and wait_state_up(15),
+               "storage restarted on the new root and the state is up", stats("show workers"))
+        # A storage process stopped for a reload says goodbye: the retiring worker logs the close at info.
+        tap.ok(h.wait_for(lambda: re.search(r"worker \d+ info: storage link closed: the storage process stopped in "
+                                            r"order", h.read_text(LOG, mark)), 10)
+               and not re.search(r" warn: .*link", h.read_text(LOG, mark)),
+               "the restart's link close is logged at info by the worker, and no warning about a link",
+               h.read_text(LOG, mark))
+    # Without a goodbye a close is a loss, a warning: a worker killed, as seen by storage (one of the
+    # new workers, linked: the retiring one, its client gone, exits in order meanwhile).
+    tap.ok(h.wait_for(lambda: len(worker_set()) == 2, 10) and wait_state_up(15),
+           "the retiring worker is gone and the two new ones are linked", repr(worker_set()))
+    victim = min(worker_set())
+    os.kill(victim, signal.SIGKILL)
+    tap.ok(h.wait_for(lambda: "storage warn: link to worker pid %d lost: closed without a goodbye" % victim
+                      in h.read_text(LOG, mark), 10),
+           "a killed worker's link: storage warns, naming its pid", h.read_text(LOG, mark))
+    tap.ok(h.wait_for(lambda: len(worker_set()) == 2 and victim not in worker_set(), 10) and wait_state_up(15),
+           "the killed worker is respawned and the state is up")
     mark = size_of(LOG)
     subprocess.run(["rm", "-rf", share], check=True)
     os.kill(d.storage_pid(), signal.SIGKILL)
     tap.ok(h.wait_for(lambda: "storage 0 failed fatally" in h.read_text(LOG, mark), 10),
            "with its root's parent gone the respawned storage exits fatally", h.read_text(LOG, mark))
+    tap.ok(re.search(r"worker \d+ warn: storage link lost: storage process closed the link", h.read_text(LOG, mark)),
+           "a storage process killed (no goodbye): the workers warn that the link was lost", h.read_text(LOG, mark))
     tap.ok(h.wait_for(lambda: [r for r in stats_json("show workers") if r["role"] == "storage" and r["state"] == "down"], 5),
            "show workers: storage down", stats("show workers"))
     os.makedirs(share)

@@ -324,8 +324,8 @@ START_TEST(test_unknown_key_hints)
 	expect_load_error("[redis]\npoll = 1\n", 2, "[redis] poll: unknown key (did you mean [rados] pool?)");
 	expect_load_error("[server]\nlisten 127.0.0.1:9090\n", 2,
 	    "[server] listen 127.0.0.1: unknown key (a key has no spaces: is the '=' missing?)");
-	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 2,
-	    "[Server] listen: unknown key (section names are lower case: [server])");
+	expect_load_error("[Server]\nlisten = 127.0.0.1:9090\n", 1,
+	    "unknown section [Server] (section names are lower case: [server])");
 }
 END_TEST
 
@@ -355,12 +355,36 @@ START_TEST(test_relative_paths)
 }
 END_TEST
 
+/* An unknown section header is refused at its own line, empty or not (inih calls the handler for
+ * keys only, so an empty one once passed unseen), with the likely section named. */
 START_TEST(test_unknown_section)
 {
-	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 5,
-	    "[nosuch] listen: unknown key (listen is a key of [server])");
-	expect_load_error("[nosuch]\nfoo = 1\n", 2, "[nosuch] foo: unknown key (no section [nosuch]; there are "
-	    "[server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\nworkers = 2\n\n[nosuch]\nlisten = 1.2.3.4:5\n", 4,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\nworkers = 2\n[nosuch]\n", 3,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[nosuch]\n; nothing here\n\n[server]\nworkers = 2\n", 1,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\n[storgae]\n", 2, "unknown section [storgae] (did you mean [storage]?)");
+	expect_load_error("[logs]\n", 1, "unknown section [logs] (did you mean [log]?)");
+	expect_load_error("[ server ]\n", 1, "unknown section [ server ] (did you mean [server]?)");
+	expect_load_error("[]\n", 1, "unknown section [] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[LOG]\n", 1, "unknown section [LOG] (section names are lower case: [log])");
+	/* After a byte order mark, and indented before any key: still a header, as for inih. */
+	expect_load_error("\xEF\xBB\xBF[nosuch]\n", 1,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	expect_load_error("[server]\n  [nosuch]\n", 2,
+	    "unknown section [nosuch] (there are [server] [storage] [rados] [redis] [postgres] [log])");
+	/* A key's first error still comes first; a bad header with no ']' is inih's syntax error. */
+	expect_load_error("[server]\nbogus = 1\n[nosuch]\n", 2, "[server] bogus: unknown key");
+	expect_load_error("[nosuch ; comment]\n", 1, "syntax error (expected [section] or key = value)");
+	/* Known sections, empty, with trailing text or a BOM, load. */
+	struct conf c;
+	char err[512];
+	ck_assert_int_eq(load("[rados]\n[postgres] ; unused\n\n[server]\nworkers = 3\n", &c, err,
+	    sizeof(err)), 0);
+	ck_assert_int_eq(load("\xEF\xBB\xBF[server]\nworkers = 3\n", &c, err, sizeof(err)), 0);
+	ck_assert_int_eq(c.workers, 3);
 }
 END_TEST
 
@@ -679,7 +703,8 @@ END_TEST
 START_TEST(test_storage_scope)
 {
 	/* A reload restarts the storage process exactly when a key it reads changes: the keys of
-	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log; no other key. */
+	 * [storage], [rados], [redis] and [postgres], run_dir, node and the error log's file; no other key
+	 * (the storage process follows [log] level through the shared page, log_share_level). */
 	static const char *const storage_keys[][3] = {
 		{ "storage", "root", "/srv/other" }, { "storage", "backend", "fs" }, { "storage", "max_file_size", "7" },
 		{ "storage", "upload_ttl", "9" }, { "storage", "fsync", "always" }, { "storage", "io_threads", "3" },
@@ -690,7 +715,7 @@ START_TEST(test_storage_scope)
 		{ "redis", "db", "3" }, { "redis", "prefix", "x:" }, { "redis", "sentinels", "h:1" },
 		{ "redis", "master_name", "m" }, { "redis", "sentinel_password", "q" }, { "postgres", "conninfo", "x=1" },
 		{ "postgres", "timeout", "9" }, { "server", "run_dir", "/run/other" }, { "server", "node", "n2" },
-		{ "log", "level", "debug" }, { "log", "file", "/var/log/other.log" },
+		{ "log", "file", "/var/log/other.log" },
 		{ "rados", "conf", "/etc/ceph/other.conf" }, { "rados", "user", "other" }, { "rados", "pool", "other" },
 		{ "rados", "namespace", "ns2" }, { "rados", "op_timeout", "9" }, { "rados", "object_size", "65536" },
 		{ "rados", "gc_grace", "9" },
@@ -699,6 +724,7 @@ START_TEST(test_storage_scope)
 		{ "server", "listen", "9999" }, { "server", "workers", "3" }, { "server", "idle_timeout", "9" },
 		{ "server", "max_frame", "4096" }, { "server", "stats_socket", "/s.sock" }, { "server", "anonymous", "yes" },
 		{ "server", "download_chunk", "9" }, { "server", "storage_timeout", "9" }, { "log", "access_log", "/a.log" },
+		{ "log", "level", "debug" },
 	};
 	struct conf a, b;
 	char err[256];
@@ -734,11 +760,12 @@ START_TEST(test_storage_changes_named)
 	conf_defaults(&b);
 	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 0);
 	ck_assert_str_eq(out, "");
-	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);
+	ck_assert_int_eq(conf_set(&b, "log", "file", "/var/log/r.log", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "redis", "password", "s3cret", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "server", "workers", "7", err, sizeof(err)), 0);   /* not storage's */
+	ck_assert_int_eq(conf_set(&b, "log", "level", "debug", err, sizeof(err)), 0);    /* nor this (shared page) */
 	ck_assert_int_eq(conf_storage_changes(&a, &b, out, sizeof(out)), 2);
-	ck_assert_str_eq(out, "[redis] password, [log] level");
+	ck_assert_str_eq(out, "[redis] password, [log] file");
 	/* More than fits: cut with "...", still counted. */
 	ck_assert_int_eq(conf_set(&b, "storage", "io_threads", "3", err, sizeof(err)), 0);
 	ck_assert_int_eq(conf_set(&b, "storage", "upload_ttl", "9", err, sizeof(err)), 0);
