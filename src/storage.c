@@ -1865,6 +1865,8 @@ void op_dispatch(struct storage *st, struct op *op, const struct upload_key *key
 		return;
 	}
 	op->next = NULL;
+	if (op->wl)
+		up->driver = op->wl;
 	STAT_INC(storage_queue);
 	if (up->tail)
 		up->tail->next = op;

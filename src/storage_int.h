@@ -179,6 +179,8 @@ struct upload {
 	int loaded;                   /* progress is the shared truth: started here or read back */
 	int loading;                  /* WORK_LOAD is reading the staging entry back */
 	int release_wanted;           /* the client that drove it left, or the janitor looked at it */
+	struct worker_link *driver;   /* the link its last request came by (not a reference: cleared
+	                               * when that link closes, which counts as its client leaving) */
 	int reload_now;               /* Redis came back: take the lease again and record (or read back) at once */
 	int parked;                   /* its lease was given back while what is in memory stayed */
 	int check_hold;               /* taken back with the same fence: confirm with the storage first */

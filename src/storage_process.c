@@ -226,6 +226,17 @@ static void worker_link_close(struct worker_link *wl)
 		pp = &(*pp)->next;
 	if (*pp)
 		*pp = wl->next;
+	/* A worker that died sends no RELEASE for its connections: the uploads they drove give their
+	 * leases back once idle, as for a client that left, instead of after lease_ttl * 2 idle, so a
+	 * client that resumes on another node does not wait for them. */
+	struct upload *up, *tmp;
+	HASH_ITER(hh, st->uploads, up, tmp) {
+		if (up->driver != wl)
+			continue;
+		up->driver = NULL;
+		up->release_wanted = 1;
+		upload_run(up);
+	}
 	worker_link_release(wl);   /* the link's own reference; queued ops hold theirs */
 }
 

@@ -33,6 +33,8 @@ from zero because 1005 on another node answers 1012):
   - kill -9 of the node serving an upload (master and every child): the client resumes through HAProxy
     on another node within 15 s (the time is printed), without restarting, identical, and neither a
     staging entry of it in <root>/.staging nor its lease in Redis is left;
+  - kill -9 of the worker serving an upload: its node gives the lease back as soon as the worker's link
+    closes (within lease_ttl, not after lease_ttl * 2 idle), and the client resumes on another node;
   - a node restarted (TERM, then the same configuration again; its upload_ttl is 6 s and its janitor
     runs every second, so that a wrongly adopted upload would be removed while the test watches) while
     uploads run on the two others never removes or adopts them: they complete identical with no error
@@ -568,6 +570,31 @@ with tap.section("kill -9 of the node serving an upload"):
         victim.start()
         tap.ok(h.wait_for(lambda: hap.up_servers() == hap.server_names(), 15),
                "%s starts again and HAProxy takes it back" % seen[0])
+
+with tap.section("kill -9 of the worker serving an upload"):
+    # A dead worker sends no release for its connections; its storage process sees the link close
+    # and must give the upload's lease back then, as when a client leaves, not after lease_ttl * 2
+    # of idleness (the node the client resumes on waited that long before the fix).
+    served, other = cluster.nodes[1], cluster.nodes[2]
+    up = h.Upload(os.urandom(1000000), "worker-killed.bin", UID, TOKEN, chunk_size=32768)
+    lease_key = "file_lease_%d_%s" % (UID, up.md5)
+    c = served.connect()
+    r, offset, seq = up.run(c, max_chunks=10)
+    tap.ok(r.get("error") == 0, "node2 acknowledges 10 chunks", repr(r))
+    worker = next(iter(served.worker_pids()))
+    connected = served.log_count("redis: connected")
+    os.kill(worker, signal.SIGKILL)
+    c.close()
+    tap.ok(h.wait_for(lambda: ss.current_master().cmd("HGET", lease_key, "owner") == "", LEASE_TTL * 0.75),
+           "node2 gives the lease back as soon as its worker is gone (within lease_ttl)",
+           repr(ss.current_master().cmd("HGETALL", lease_key)))
+    qt = QtClient(up, other.connect, timeout=40).resume_from(offset, seq)
+    qt.run()
+    check_resumed(qt, "upload whose worker was killed, resumed on node3")
+    # The next section wants no 1027: the new worker answers credentials once it reached Redis.
+    tap.ok(h.wait_for(lambda: len(served.worker_pids()) == served.workers and
+                      served.log_count("redis: connected") > connected, 10),
+           "node2 has its worker again, connected to Redis")
 
 with tap.section("a node restarted while uploads run on the others"):
     restarted = cluster.nodes[0]
