@@ -1166,6 +1166,15 @@ def stats_info(d):
     return json.loads(r.stdout)
 
 
+def redis_up_everywhere(d):
+    """True when every running process of d (workers and the storage process) answers `redis_up` in
+    `show info json`: after Redis comes back, each process reconnects on its own back-off, and a
+    worker still reconnecting answers its requests 1027. (The state "up" follows the storage
+    process only.)"""
+    i = stats_info(d)
+    return i.get("processes_running", 0) > 0 and i.get("redis_connected") == i.get("processes_running")
+
+
 def record_in_progress(redis, key):
     """True while key holds an upload record of an upload in progress. After publishing, the record stays
     for upload_ttl with state "published" (so a resent final chunk is answered 0): that one does not count."""

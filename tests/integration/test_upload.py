@@ -604,6 +604,7 @@ with tap.section("Redis hangs (SIGSTOP): requests fail after [redis] timeout ins
     finally:
         redis.resume()
     tap.ok(h.wait_for(lambda: service_state() == "up", 20), "up again once Redis answers")
+    tap.ok(h.wait_for(lambda: h.redis_up_everywhere(d), 20), "every process is connected to Redis again")
     r = up.send_chunk(held, 2 * CH, 3)
     tap.ok(r.get("error") in (0, 1027), "chunk 3 on the connection held through the hang: 0 or 1027", repr(r))
     acked = 3 if r.get("error") == 0 else 2
@@ -629,6 +630,7 @@ with tap.section("Redis hangs (SIGSTOP): requests fail after [redis] timeout ins
     finally:
         redis.resume()
     tap.ok(h.wait_for(lambda: service_state() == "up", 20), "up again once Redis answers")
+    tap.ok(h.wait_for(lambda: h.redis_up_everywhere(d), 20), "every process is connected to Redis again")
     upload_whole(new_upload(CH + 9, "after-hang.bin", uid=1002), "a new upload after the hang")
 
 
