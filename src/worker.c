@@ -184,6 +184,8 @@ struct worker {
 	int listen_fd;
 	ev_io accept_io;
 	ev_timer accept_pause;        /* after EMFILE */
+	ev_timer accept_hold;         /* bounds the wait for Redis before the first accept */
+	int accepting;                /* accept_io was started once (worker_accept_start) */
 	ev_signal sigs[7];            /* worker_signals[] */
 	int draining;                 /* 1: not accepting (retiring or stopping); 2: closing connections too */
 	ev_timer drain_timer;
@@ -3101,6 +3103,33 @@ static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revent
 	ev_io_start(loop, &w->accept_io);
 }
 
+/* A new worker takes connections once its Redis connection is made: until then the master's
+ * socket keeps them in its backlog, where accepted at once their requests were answered 1027
+ * (a worker restarted after a crash, or started by a reload, meets clients within milliseconds).
+ * The wait is bounded by [redis] timeout: with Redis away the worker accepts anyway, to answer
+ * what needs no Redis and to say 1027 to the rest. */
+static void worker_accept_start(struct worker *w, const char *why)
+{
+	ev_timer_stop(w->loop, &w->accept_hold);
+	if (w->accepting || w->draining)
+		return;
+	w->accepting = 1;
+	ev_io_start(w->loop, &w->accept_io);
+	log_info("accepting connections%s", why);
+}
+
+static void worker_on_redis_ready(struct rds *r)
+{
+	worker_accept_start(r->data, "");
+}
+
+static void worker_on_accept_hold(struct ev_loop *loop, ev_timer *t, int revents)
+{
+	(void)loop;
+	(void)revents;
+	worker_accept_start(t->data, " (Redis not connected yet: requests that need it are answered 1027)");
+}
+
 static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
 {
 	if (w->nconns >= (uint32_t)w->conf->max_connections) {
@@ -3193,6 +3222,7 @@ static void worker_stop_accepting(struct worker *w)
 	w->draining = 1;
 	ev_io_stop(w->loop, &w->accept_io);
 	ev_timer_stop(w->loop, &w->accept_pause);
+	ev_timer_stop(w->loop, &w->accept_hold);
 	for (int i = 0; i < 4096; i++) {   /* the backlog's size */
 		struct sockaddr_storage ss;
 		socklen_t sslen = sizeof(ss);
@@ -3407,16 +3437,17 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 
 	signals_watch(w->loop, worker_signals, SIGNALS_COUNT(worker_signals), w->sigs, w);
 
-	rds_init(&w->redis, w->loop, conf, NULL, w);
-	uplink_connect(w);
 	ev_io_init(&w->accept_io, worker_on_accept, listen_fd, EV_READ);
 	w->accept_io.data = w;
-	ev_io_start(w->loop, &w->accept_io);
 	ev_timer_init(&w->accept_pause, worker_on_accept_pause, 1., 0.);
 	w->accept_pause.data = w;
+	ev_timer_init(&w->accept_hold, worker_on_accept_hold, conf->redis_timeout, 0.);
+	w->accept_hold.data = w;
+	ev_timer_start(w->loop, &w->accept_hold);
+	rds_init(&w->redis, w->loop, conf, worker_on_redis_ready, w);
+	uplink_connect(w);
 	probe_start(w);
 
-	log_info("accepting connections");
 	ev_run(w->loop, 0);
 	log_info("stopping");
 	worker_shutdown(w);

@@ -95,4 +95,41 @@ with tap.section("a final chunk sent again while Redis hangs: 1027, then 0 once 
     tap.ok(h.wait_for(answered_0, 20, 0.2), "once Redis answers, the same chunk gets 0 (the file was published)")
     d.stop()
 
+# ---------------------------------------------------------------- a worker restarted
+# A worker started after a crash (or by a reload) meets clients at once: the connections that
+# waited in its slot's queue while it was down were accepted before its Redis connection was made,
+# and every request that needs Redis was answered 1027. It now accepts once connected (or after
+# [redis] timeout, if Redis is away).
+with tap.section("a restarted worker takes its first connections once connected to Redis: none answered 1027"):
+    UID, TOKEN = 8201, "tok-8201"
+    redis.set_token(UID, TOKEN)
+    d = h.Daemon(workers=1, redis=redis, stats=True, settings={"redis": {"timeout": REDIS_TIMEOUT}})
+    tap.context.append(lambda: d.log_tail(10))
+    d.start()
+    tap.ok(d.wait_redis_connected(15), "a daemon with one worker started")
+    probe = h.Upload(os.urandom(1000), "never-sent.bin", UID, TOKEN)
+    with h.Client(d.port, timeout=10) as c:
+        healthy = probe.sync(c).get("error")
+    tap.ok(healthy not in (None, 1027), "1005 for an upload never started, on a running worker: %r" % healthy)
+    for round_no in range(3):
+        victim = next(iter(d.worker_pids()), None)
+        os.kill(victim, signal.SIGKILL)
+        tap.ok(h.wait_for(lambda: not h.pid_alive(victim), 5), "round %d: the worker died of SIGKILL" % round_no)
+        # Sent while nobody accepts: they wait in the queue the master keeps for the slot.
+        early = []
+        for _ in range(8):
+            c = h.Client(d.port, timeout=15)
+            c.send(h.MSG_SYNC, {"md5": probe.md5, "uid": UID, "token": TOKEN})
+            early.append(c)
+        codes = []
+        for c in early:
+            try:
+                codes.append(c.recv_json(h.MSG_SYNC + 1, 15).get("error"))
+            except Exception as e:
+                codes.append(repr(e))
+            c.close()
+        tap.eq(codes, [healthy] * len(early),
+               "round %d: requests queued while the worker restarted are answered as by a running one" % round_no)
+    d.stop()
+
 tap.finish()

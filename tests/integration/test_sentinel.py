@@ -77,6 +77,36 @@ with tap.section("upload through the sentinels' master"):
         bad = c.request(h.MSG_UPLOAD, new_upload("bad.bin", 1000).body(0, 1, token="wrong"))
     tap.ok(bad.get("error") not in (0, None), "a wrong token is refused (tokens read through Sentinel)", repr(bad))
 
+with tap.section("a restarted worker takes its first connections once the sentinels' master answers"):
+    # Through sentinels a worker's Redis is ready only after asking them and the master's ROLE: a
+    # worker restarted after a crash that accepted at once answered the connections queued for its
+    # slot 1027. It accepts once ready now (or after [redis] timeout, if Redis is away).
+    probe = h.Upload(os.urandom(1000), "never-sent.bin", UID, TOKEN)
+    with h.Client(d.port, timeout=10) as c:
+        healthy = probe.sync(c).get("error")
+    tap.ok(healthy not in (None, 1027), "1005 for an upload never started: %r" % healthy)
+    for round_no in range(3):
+        before = d.worker_pids()
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        tap.ok(h.wait_for(lambda: not h.pid_alive(victim), 5), "round %d: a worker died of SIGKILL" % round_no)
+        # Most of these wait in the queue the master keeps for the dead worker's slot.
+        early = []
+        for _ in range(12):
+            c = h.Client(d.port, timeout=20)
+            c.send(h.MSG_SYNC, {"md5": probe.md5, "uid": UID, "token": TOKEN})
+            early.append(c)
+        codes = []
+        for c in early:
+            try:
+                codes.append(c.recv_json(h.MSG_SYNC + 1, 20).get("error"))
+            except Exception as e:
+                codes.append(repr(e))
+            c.close()
+        tap.eq(codes, [healthy] * len(early),
+               "round %d: requests queued while a worker restarted are answered as by a running one" % round_no)
+        tap.ok(h.wait_for(lambda: len(d.worker_pids()) == WORKERS, 10), "round %d: the worker is back" % round_no)
+
 with tap.section("failover during uploads"):
     # Paused uploads: a third of each is acknowledged before the failover, the rest after.
     paused = [new_upload("paused-%d.bin" % i, 1500000) for i in range(3)]
