@@ -26,6 +26,13 @@ static void rds_schedule_retry(struct rds *r)
 	ev_timer_set(&r->retry, r->retry_delay, 0.);
 	ev_timer_start(r->loop, &r->retry);
 	r->retry_delay = r->retry_delay * 2 > RDS_RETRY_MAX ? RDS_RETRY_MAX : r->retry_delay * 2;
+	if (r->on_away)
+		r->on_away(r);
+}
+
+int rds_away(const struct rds *r)
+{
+	return ev_is_active(&r->retry);
 }
 
 static void rds_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
@@ -341,6 +348,7 @@ void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
 	r->ready = 0;
 	r->closing = 0;
 	r->on_ready = on_ready;
+	r->on_away = NULL;
 	r->data = data;
 	r->errors = 0;
 	r->retry_delay = RDS_RETRY_MIN;

@@ -17,6 +17,7 @@ struct rds {
 	ev_timer retry;             /* reconnect back-off */
 	double retry_delay;
 	void (*on_ready)(struct rds *r);   /* after every (re)connect; may be NULL */
+	void (*on_away)(struct rds *r);    /* an attempt failed or the connection was lost; set after rds_init */
 	void *data;
 	unsigned long errors;       /* failed connects and lost connections */
 	struct sentinel *sentinel;  /* [redis] sentinels set: the master is asked for, not configured */
@@ -39,6 +40,8 @@ void rds_init(struct rds *r, struct ev_loop *loop, const struct conf *conf,
 int rds_command(struct rds *r, redisCallbackFn *cb, void *privdata, const char *fmt, ...);
 int rds_command_argv(struct rds *r, redisCallbackFn *cb, void *privdata, int argc,
     const char **argv, const size_t *argvlen);
+/* 1 while no connection is made or being made: the last attempt failed, the next waits its back-off. */
+int rds_away(const struct rds *r);
 void rds_close(struct rds *r);
 
 #endif

@@ -3106,8 +3106,8 @@ static void worker_on_accept_pause(struct ev_loop *loop, ev_timer *t, int revent
 /* A new worker takes connections once its Redis connection is made: until then the master's
  * socket keeps them in its backlog, where accepted at once their requests were answered 1027
  * (a worker restarted after a crash, or started by a reload, meets clients within milliseconds).
- * The wait is bounded by [redis] timeout: with Redis away the worker accepts anyway, to answer
- * what needs no Redis and to say 1027 to the rest. */
+ * Not longer than [redis] timeout, nor once an attempt failed: with Redis away the worker
+ * accepts, to answer what needs no Redis and to say 1027 to the rest. */
 static void worker_accept_start(struct worker *w, const char *why)
 {
 	ev_timer_stop(w->loop, &w->accept_hold);
@@ -3123,11 +3123,16 @@ static void worker_on_redis_ready(struct rds *r)
 	worker_accept_start(r->data, "");
 }
 
+static void worker_on_redis_away(struct rds *r)
+{
+	worker_accept_start(r->data, " (Redis is not reachable: requests that need it are answered 1027)");
+}
+
 static void worker_on_accept_hold(struct ev_loop *loop, ev_timer *t, int revents)
 {
 	(void)loop;
 	(void)revents;
-	worker_accept_start(t->data, " (Redis not connected yet: requests that need it are answered 1027)");
+	worker_accept_start(t->data, " (Redis did not answer yet: requests that need it are answered 1027)");
 }
 
 static void worker_accept_one(struct worker *w, int fd, const struct sockaddr_storage *ss)
@@ -3445,6 +3450,9 @@ int worker_main(const struct conf *conf, int slot, int listen_fd)
 	w->accept_hold.data = w;
 	ev_timer_start(w->loop, &w->accept_hold);
 	rds_init(&w->redis, w->loop, conf, worker_on_redis_ready, w);
+	w->redis.on_away = worker_on_redis_away;
+	if (rds_away(&w->redis))
+		worker_on_redis_away(&w->redis);   /* refused at once: nothing to wait for */
 	uplink_connect(w);
 	probe_start(w);
 
