@@ -7,6 +7,27 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The capacity a buffer holding len bytes grows to for n more: doubled from 4 KiB (or from cap). */
+static size_t grown_cap(size_t cap, size_t len, size_t n)
+{
+	if (cap == 0)
+		cap = 4096;
+	while (cap - len < n) {
+		if (cap > SIZE_MAX / 2)
+			return 0;
+		cap *= 2;
+	}
+	return cap;
+}
+
+size_t buf_reserve_cap(const struct buf *b, size_t n)
+{
+	if (b->cap - buf_len(b) >= n)
+		return b->cap;   /* fits, or fits once the consumed prefix is dropped */
+	size_t cap = grown_cap(b->cap, buf_len(b), n);
+	return cap ? cap : SIZE_MAX;
+}
+
 uint8_t *buf_reserve(struct buf *b, size_t n)
 {
 	if (b->cap - b->end >= n)
@@ -19,12 +40,9 @@ uint8_t *buf_reserve(struct buf *b, size_t n)
 		b->end = len;
 		return b->data + b->end;
 	}
-	size_t cap = b->cap ? b->cap : 4096;
-	while (cap - len < n) {
-		if (cap > SIZE_MAX / 2)
-			return NULL;
-		cap *= 2;
-	}
+	size_t cap = grown_cap(b->cap, len, n);
+	if (cap == 0)
+		return NULL;
 	uint8_t *data = malloc(cap);
 	if (data == NULL)
 		return NULL;
@@ -69,6 +87,28 @@ void buf_free(struct buf *b)
 	free(b->data);
 	b->data = NULL;
 	b->start = b->end = b->cap = 0;
+}
+
+int buf_shrink(struct buf *b, size_t cap)
+{
+	size_t len = buf_len(b);
+	if (b->cap <= cap || len > cap)
+		return 0;
+	if (len == 0) {
+		buf_free(b);
+		return 0;
+	}
+	size_t small = grown_cap(0, 0, len);
+	uint8_t *data = malloc(small);
+	if (data == NULL)
+		return -1;
+	memcpy(data, b->data + b->start, len);
+	free(b->data);
+	b->data = data;
+	b->start = 0;
+	b->end = len;
+	b->cap = small;
+	return 0;
 }
 
 int buf_printf(struct buf *b, const char *fmt, ...)

@@ -18,6 +18,8 @@ static inline uint8_t *buf_head(const struct buf *b) { return b->data ? b->data 
 
 /* Makes room for at least n more bytes at the end; returns the write pointer or NULL. */
 uint8_t *buf_reserve(struct buf *b, size_t n);
+/* The capacity buf_reserve(b, n) would leave, allocating nothing (what a read would cost). */
+size_t buf_reserve_cap(const struct buf *b, size_t n);
 int buf_append(struct buf *b, const void *p, size_t n);
 /* Marks n bytes written at the pointer buf_reserve returned. */
 static inline void buf_commit(struct buf *b, size_t n) { b->end += n; }
@@ -27,6 +29,10 @@ void buf_consume(struct buf *b, size_t n);
  * otherwise grow it again, copying, for every frame). */
 void buf_consume_keep(struct buf *b, size_t n);
 void buf_free(struct buf *b);
+/* Moves the unread bytes into a buffer of at most cap bytes when they fit and the buffer is
+ * larger: a connection that received one large frame does not keep its memory for the bytes
+ * after it. 0, or -1 when out of memory (the buffer is left as it was). */
+int buf_shrink(struct buf *b, size_t cap);
 /* Appends printf-formatted text; -1 when out of memory (the buffer keeps what it had). */
 int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -46,6 +46,7 @@ static const struct conf_key conf_keys[] = {
 	{ "server", "max_frame", T_INT64, N(max_frame), 1024, 64 << 20, FRAME_MAX_DEFAULT_TEXT, SCOPE_WORKERS },
 	{ "server", "output_cap", T_INT64, N(output_cap), 4096, 1 << 30, "1048576", SCOPE_WORKERS },
 	{ "server", "output_budget", T_INT64, N(output_budget), 1 << 20, (int64_t)1 << 40, "268435456", SCOPE_WORKERS },
+	{ "server", "input_budget", T_INT64, N(input_budget), 1 << 20, (int64_t)1 << 40, "268435456", SCOPE_WORKERS },
 	{ "server", "idle_timeout", T_INT, N(idle_timeout), 1, 86400, "300", SCOPE_WORKERS },
 	{ "server", "frame_timeout", T_INT, N(frame_timeout), 1, 3600, "30", SCOPE_WORKERS },
 	{ "server", "max_connections", T_INT, N(max_connections), 1, 1000000, "10000", SCOPE_WORKERS },

@@ -22,6 +22,7 @@ struct conf {
 	int64_t max_frame;          /* largest body a client may send */
 	int64_t output_cap;         /* unsent bytes per connection before reading stops */
 	int64_t output_budget;      /* unsent bytes of all a worker's connections before output_cap tightens */
+	int64_t input_budget;       /* large frames being received by all a worker's connections together */
 	int idle_timeout;           /* seconds without a complete frame */
 	int frame_timeout;          /* seconds to finish a started frame */
 	int max_connections;        /* per worker */

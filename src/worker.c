@@ -102,6 +102,11 @@ struct conn {
 	ev_timer timer;               /* idle, frame and dependency timeouts */
 	struct buf in, out;
 	size_t out_counted;           /* buf_len(&out) as last added to the worker's output_held */
+	size_t in_counted;            /* input_charge() as last added to the worker's input_held */
+	size_t in_admitted;           /* the buffer the large frame being received was admitted with */
+	size_t in_want;               /* while input_waiting: the buffer it waits to take */
+	int input_waiting;            /* unread until input_budget has room (input_wake) */
+	struct conn *input_next, *input_prev;
 	ev_tstamp last_frame;         /* accept or last complete frame */
 	ev_tstamp frame_start;        /* first byte of an incomplete frame, 0 when none */
 	int busy;                     /* req is waiting for Redis, storage or the disk */
@@ -209,6 +214,8 @@ struct worker {
 	 * connections waiting for that to fall under bin_cap (oldest first). */
 	uint64_t bin_unanswered, bin_cap;
 	size_t output_held;           /* unsent answers of all connections, as last counted (conn_output_cap) */
+	size_t input_held;            /* large input buffers of all connections (input_recount) */
+	struct conn *input_head, *input_tail;   /* waiting for room in input_budget, oldest first */
 	ev_tstamp addr_refused_logged;   /* the last max_connections_per_address refusal logged */
 	struct conn *cap_head, *cap_tail;
 	/* While the oldest waiter waits for room in the shared ring (ring_want), which the storage
@@ -275,6 +282,10 @@ static int bin_direct_start(struct conn *c);
 static int bin_direct_read(struct conn *c);
 static void bin_direct_undo_all(struct worker *w);
 static void bin_cap_wake(struct worker *w);
+static void input_unlink(struct conn *c);
+static void input_wake(struct worker *w);
+static void input_recount(struct conn *c);
+static void input_frame_done(struct conn *c, int keep);
 
 /* ---------------------------------------------------------------- responses */
 
@@ -376,8 +387,10 @@ static void request_finish(struct conn *c)
 	size_t used = c->req.frame_used;
 	memset(&c->req, 0, sizeof(c->req));
 	c->busy = 0;
-	if (used)
+	if (used) {
 		buf_consume(&c->in, used);
+		input_frame_done(c, 0);
+	}
 }
 
 static void respond_chunk(struct conn *c, int error, const char *message, uint64_t seq,
@@ -671,9 +684,13 @@ static void conn_close(struct conn *c, const char *why)
 		addrlimit_release(c->addr_bucket);
 	if (!bin_conn_free(c))   /* 1: a disk thread is still sending on the socket and closes it */
 		close(c->fd);
+	input_unlink(c);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	w->output_held -= c->out_counted;
+	w->input_held -= c->in_counted;
+	if (w->input_head != NULL)
+		input_wake(w);
 	conn_table_remove(w, c);
 	free(c);
 	STAT_DEC(conn_current);
@@ -703,6 +720,121 @@ static size_t conn_output_cap(struct conn *c)
 	return w->output_held > (size_t)w->conf->output_budget && cap > OUTPUT_TIGHT_CAP ? OUTPUT_TIGHT_CAP : cap;
 }
 
+/* ---------------------------------------------------------------- input_budget */
+
+/* Input buffers up to this size are not counted against input_budget: the ordinary read-ahead,
+ * and frames of the Qt client's size (a 32 KiB chunk is a 44 KB frame). */
+#define INPUT_FREE (256u << 10)
+
+/* The size of the frame at the head of c's input (header and body), 0 while its header is not in. */
+static size_t frame_total_at(const struct conn *c)
+{
+	if (buf_len(&c->in) < FRAME_HEADER_LEN)
+		return 0;
+	const uint8_t *h = buf_head(&c->in);
+	return FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+}
+
+/* What c's input buffer holds against input_budget: its memory past INPUT_FREE, or the buffer its
+ * frame being received was admitted with, whichever is larger. */
+static size_t input_charge(const struct conn *c)
+{
+	size_t held = c->in.cap > INPUT_FREE ? c->in.cap : 0;
+	return held > c->in_admitted ? held : c->in_admitted;
+}
+
+/* Counts c's input buffer in the worker's sum again; room given back lets waiters read on. */
+static void input_recount(struct conn *c)
+{
+	struct worker *w = c->w;
+	size_t now = input_charge(c);
+	int freed = now < c->in_counted;
+	w->input_held = w->input_held - c->in_counted + now;
+	c->in_counted = now;
+	if (freed && w->input_head != NULL)
+		input_wake(w);
+}
+
+/* The frame c was admitted for is consumed: its room goes back, and a buffer grown for it is given
+ * back too, unless an upload streams on through it (keep: the next chunk fits as it is, and the
+ * buffer stays counted). */
+static void input_frame_done(struct conn *c, int keep)
+{
+	c->in_admitted = 0;
+	if (!keep)
+		(void)buf_shrink(&c->in, INPUT_FREE);   /* out of memory: kept, and still counted */
+	input_recount(c);
+}
+
+static void input_unlink(struct conn *c)
+{
+	struct worker *w = c->w;
+	if (!c->input_waiting)
+		return;
+	if (c->input_prev)
+		c->input_prev->input_next = c->input_next;
+	else
+		w->input_head = c->input_next;
+	if (c->input_next)
+		c->input_next->input_prev = c->input_prev;
+	else
+		w->input_tail = c->input_prev;
+	c->input_waiting = 0;
+	c->input_next = c->input_prev = NULL;
+}
+
+/* Before a read that would grow c's input buffer past INPUT_FREE. The buffer for the whole frame
+ * (once its header is in) is taken from input_budget at once, so that an admitted frame never
+ * waits half read: clients each holding half a frame and waiting for the others' room would all
+ * wait for frame_timeout. 0: read on; -1: c waits, unread, until input_wake. (Alone, a frame larger
+ * than the budget goes: max_frame bounds it.) */
+static int input_admit(struct conn *c, size_t room)
+{
+	struct worker *w = c->w;
+	size_t want = buf_reserve_cap(&c->in, room), have = buf_len(&c->in);
+	size_t frame = c->awaiting_proxy ? 0 : frame_total_at(c);
+	if (frame > have && frame <= (size_t)conn_max_body(c) + FRAME_HEADER_LEN) {
+		size_t whole = buf_reserve_cap(&c->in, frame - have);
+		if (whole > want)
+			want = whole;
+	}
+	if (want <= INPUT_FREE || want <= input_charge(c))
+		return 0;
+	size_t others = w->input_held - c->in_counted;
+	if (others > 0 && others + want > (size_t)w->conf->input_budget) {
+		if (!c->input_waiting) {
+			c->input_waiting = 1;
+			c->input_prev = w->input_tail;
+			if (w->input_tail)
+				w->input_tail->input_next = c;
+			else
+				w->input_head = c;
+			w->input_tail = c;
+			STAT_INC(input_waits);
+		}
+		c->in_want = want;
+		return -1;
+	}
+	c->in_admitted = want;
+	input_recount(c);
+	return 0;
+}
+
+/* Room was given back: waiting connections read on, oldest first, while what each waits for fits
+ * beside what is held (each takes its room when it reads: input_admit). */
+static void input_wake(struct worker *w)
+{
+	size_t budget = (size_t)w->conf->input_budget, held = w->input_held;
+	while (w->input_head != NULL) {
+		struct conn *c = w->input_head;
+		if (held > 0 && held + c->in_want > budget)
+			break;
+		held += c->in_want;
+		input_unlink(c);
+		conn_update_io(c);
+	}
+}
+
 /* Reads while there is no request in progress and the client reads its answers. */
 static void conn_update_io(struct conn *c)
 {
@@ -710,7 +842,7 @@ static void conn_update_io(struct conn *c)
 	int events = 0;
 	/* Reading on while a request waits saves epoll churn; one frame of
 	 * read-ahead bounds what a pipelining client can park here. */
-	if (!c->closing && !c->eof && buf_len(&c->out) < conn_output_cap(c) &&
+	if (!c->closing && !c->eof && !c->input_waiting && buf_len(&c->out) < conn_output_cap(c) &&
 	    buf_len(&c->in) < (size_t)conn_max_body(c) + FRAME_HEADER_LEN &&
 	    !(c->req.frame_used && c->in.end == c->in.cap) &&   /* a held frame's buffer is full */
 	    bin_read_room(c) > 0)
@@ -763,7 +895,7 @@ static void conn_on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 			conn_process(c);
 			return;
 		}
-	} else if (bin_server_holds(c, now)) {
+	} else if (bin_server_holds(c, now) || c->input_waiting) {
 		/* The server stopped reading this connection (its chunks wait for storage's answers, or
 		 * for room under the worker's cap or in the link): the client is not the one stalling. */
 		if (c->frame_start > 0)
@@ -813,6 +945,9 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 	} else if ((room = bin_read_room(c)) == 0) {
 		conn_update_io(c);   /* a chunk waits for its window before its data is read */
 		return;
+	} else if (input_admit(c, room) < 0) {
+		conn_update_io(c);   /* its frame waits for room in input_budget */
+		return;
 	} else if ((p = buf_reserve(&c->in, room)) == NULL) {
 		conn_close(c, "out of memory");
 		return;
@@ -832,6 +967,7 @@ static void conn_on_io(struct ev_loop *loop, ev_io *io, int revents)
 		return;
 	}
 	buf_commit(&c->in, (size_t)n);
+	input_recount(c);
 	STAT_ADD(bytes_in, n);
 	if (c->busy)
 		conn_update_io(c);   /* the read-ahead bound may be reached */
@@ -1854,8 +1990,7 @@ static size_t bin_read_room(const struct conn *c)
 		return FRAME_HEADER_LEN + BIN_CHUNK_LEN - have;
 	if (c->bin == NULL || have < FRAME_HEADER_LEN)
 		return READ_CHUNK;
-	const uint8_t *h = buf_head(&c->in);
-	size_t frame = FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+	size_t frame = frame_total_at(c);
 	if (frame > (size_t)conn_max_body(c) + FRAME_HEADER_LEN || frame <= have + READ_CHUNK)
 		return READ_CHUNK;
 	return frame - have;
@@ -2375,6 +2510,7 @@ static int bin_direct_start(struct conn *c)
 	memcpy(b->direct_hdr, h, sizeof(b->direct_hdr));
 	memcpy(slot_data, h + sizeof(b->direct_hdr), got);   /* at most one read's worth */
 	buf_consume_keep(&c->in, have);
+	input_frame_done(c, 0);
 	b->direct = 1;
 	b->direct_data = slot_data;
 	b->direct_len = length;
@@ -2435,6 +2571,7 @@ static void bin_direct_undo_all(struct worker *w)
 			conn_close(c, "out of memory");
 			continue;
 		}
+		input_recount(c);
 	}
 }
 
@@ -3078,11 +3215,13 @@ static void conn_process(struct conn *c)
 		c->req.frame_used = used;   /* request_finish drops it, or the lines below */
 		handle_frame(c, id, (uint8_t *)body, len);
 		if (!c->busy && c->req.frame_used) {
-			if (bin_chunks_in_flight(c))   /* an upload streams on: the next chunk fits as it is */
+			int keep = bin_chunks_in_flight(c);   /* an upload streams on: the next chunk fits as it is */
+			if (keep)
 				buf_consume_keep(&c->in, c->req.frame_used);
 			else
 				buf_consume(&c->in, c->req.frame_used);
 			c->req.frame_used = 0;
+			input_frame_done(c, keep);
 		}
 	}
 	if (buf_len(&c->in) == 0 && !bin_receiving(c))

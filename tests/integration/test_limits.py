@@ -10,7 +10,9 @@
   descriptors (RLIMIT_NOFILE lowered with prlimit, then connections held open); none of them spins (CPU
   time stays low), and after a HUP the new workers link to storage once descriptors are free again.
 - output_budget: clients that pipeline 1001 echoes and never read; the first is read until output_cap of
-  answers pass output_budget, the next until 64 KiB; once they close, past the budget again."""
+  answers pass output_budget, the next until 64 KiB; once they close, past the budget again.
+- input_budget: clients that stop one byte short of 1 MiB frames; two are admitted whole, the others are
+  not read past their first reads, and every one is answered in turn once it finishes."""
 import json
 import os
 import resource
@@ -353,6 +355,80 @@ with tap.section("output_budget: clients that never read"):
            "once they are gone, their answers leave the budget: a new never-reading client is read past 1 MB again")
     tap.ok(ob.proc.poll() is None, "the daemon is still running")
     ob.stop()
+
+
+# ---------------------------------------------------------------- input_budget
+# Clients that stop one byte short of a large frame: without a bound each made its worker hold the
+# frame's buffer (max_frame here, about 1 MiB per binary fast-path connection), max_connections
+# times. A large frame is admitted whole from input_budget before its body is read; the others wait
+# unread, their bytes in the kernel, and go on, oldest first, as room comes back.
+class Staller:
+    """A client that sends a large frame but its last byte."""
+    def __init__(self, port, whole):
+        self.port, self.whole, self.sent = port, whole, 0
+        self.sock = socket.socket()
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        deadline = time.monotonic() + 2
+        while self.sent < len(whole) - 1 and time.monotonic() < deadline:   # as far as the kernels take it
+            try:
+                self.sent += self.sock.send(whole[self.sent:len(whole) - 1])
+            except BlockingIOError:
+                __import__("select").select([], [self.sock], [], 0.2)
+
+    def taken(self):
+        """Bytes the worker read: what was sent, less what waits in the two sockets' queues."""
+        mine = self.sock.getsockname()[1]
+        return self.sent - tcp_queues(mine, self.port)[0] - tcp_queues(self.port, mine)[1]
+
+    def finish(self, timeout):
+        """Sends the rest and returns the answer's data."""
+        self.sock.setblocking(True)
+        self.sock.settimeout(timeout)
+        self.sock.sendall(self.whole[self.sent:])
+        c = h.Client.__new__(h.Client)
+        c.sock, c.buf = self.sock, b""
+        return c.recv_json(h.MSG_TEST + 1, timeout).get("data", "")
+
+
+with tap.section("input_budget: clients that stop one byte short of a large frame"):
+    BIG = 1 << 20   # a body of 1 MiB takes a 2 MiB buffer
+    STALLERS = 10
+    ib = new_daemon(server={"max_frame": 2 * BIG, "input_budget": 4 * BIG}, workers=1)
+    tap.context.append(lambda: ib.log_tail(8))
+    waits_before = counter(ib, "input_waits") or 0
+    stallers = [Staller(ib.port, h.frame(h.MSG_TEST, {"data": "%02d" % i + "s" * BIG})) for i in range(STALLERS)]
+    def settled():
+        taken = [st.taken() for st in stallers]
+        return taken if sum(t > BIG for t in taken) >= 2 else None
+    taken = h.wait_for(settled, 10, 0.2) or [st.taken() for st in stallers]
+    tap.eq(sum(t > BIG for t in taken), 2,
+           "two stallers' frames fit input_budget (4 MiB of 2 MiB buffers) and are read whole", repr(taken))
+    tap.ok(sum(taken) < 2 * (BIG + 1000) + (STALLERS - 2) * 140000,
+           "the %d others are not read past their first reads: %d bytes taken in all" % (STALLERS - 2, sum(taken)),
+           repr(taken))
+    tap.ok((counter(ib, "input_waits") or 0) - waits_before >= STALLERS - 2, "input_waits counts the waiting ones")
+    with h.Client(ib.port, timeout=10) as c:
+        tap.eq(c.request(h.MSG_TEST, {"data": "small"}).get("data"), "small", "a small request is still served")
+    # Every staller finishes its frame: the admitted ones first by nature, the others as room comes back.
+    answers = {}
+    def finish(i, st):
+        try:
+            got = st.finish(60)
+            answers[i] = got[:2] == "%02d" % i and len(got) == BIG + 2
+        except Exception as e:
+            answers[i] = repr(e)
+    threads = [__import__("threading").Thread(target=finish, args=(i, st)) for i, st in enumerate(stallers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    tap.eq([answers.get(i) for i in range(STALLERS)], [True] * STALLERS,
+           "every staller that completes its frame is answered in turn (no frame waits half read)")
+    for st in stallers:
+        st.sock.close()
+    tap.ok(ib.proc.poll() is None, "the daemon is still running")
+    ib.stop()
 
 
 # ---------------------------------------------------------------- per client address

@@ -283,6 +283,56 @@ START_TEST(test_buf_append_consume)
 }
 END_TEST
 
+/* buf_reserve_cap says what buf_reserve then does, without allocating. */
+START_TEST(test_buf_reserve_cap)
+{
+	struct buf b = { 0 };
+	ck_assert_uint_eq(buf_reserve_cap(&b, 10), 4096);
+	ck_assert_uint_eq(buf_reserve_cap(&b, 65536), 65536);
+	ck_assert_uint_eq(buf_reserve_cap(&b, 65537), 131072);
+	ck_assert_ptr_null(b.data);
+	for (size_t n = 1; n < (3u << 20); n = n * 3 + 7) {
+		size_t want = buf_reserve_cap(&b, n);
+		ck_assert_ptr_nonnull(buf_reserve(&b, n));
+		ck_assert_uint_eq(b.cap, want);
+		buf_commit(&b, n / 2);
+	}
+	/* Room behind a consumed prefix is reused, not grown. */
+	size_t cap = b.cap;
+	buf_consume(&b, buf_len(&b) - 1);
+	ck_assert_uint_eq(buf_reserve_cap(&b, cap - 1), cap);
+	buf_free(&b);
+}
+END_TEST
+
+/* buf_shrink gives a large buffer's memory back once what is left fits a small one. */
+START_TEST(test_buf_shrink)
+{
+	struct buf b = { 0 };
+	uint8_t big[300000];
+	for (size_t i = 0; i < sizeof(big); i++)
+		big[i] = (uint8_t)(i * 7);
+	ck_assert_int_eq(buf_append(&b, big, sizeof(big)), 0);
+	ck_assert_uint_eq(b.cap, 524288);
+	ck_assert_int_eq(buf_shrink(&b, 131072), 0);
+	ck_assert_uint_eq(b.cap, 524288);   /* 300000 bytes left: they do not fit 128 KiB */
+	buf_consume(&b, sizeof(big) - 5000);
+	ck_assert_int_eq(buf_shrink(&b, 131072), 0);
+	ck_assert_uint_eq(b.cap, 8192);
+	ck_assert_uint_eq(buf_len(&b), 5000);
+	ck_assert_mem_eq(buf_head(&b), big + sizeof(big) - 5000, 5000);
+	ck_assert_int_eq(buf_shrink(&b, 131072), 0);   /* already small: unchanged */
+	ck_assert_uint_eq(b.cap, 8192);
+	buf_consume_keep(&b, 5000);
+	/* An emptied, kept buffer is freed by a shrink. */
+	ck_assert_int_eq(buf_append(&b, big, 200000), 0);
+	buf_consume_keep(&b, 200000);
+	ck_assert_int_eq(buf_shrink(&b, 131072), 0);
+	ck_assert_ptr_null(b.data);
+	ck_assert_uint_eq(b.cap, 0);
+}
+END_TEST
+
 START_TEST(test_buf_reserve_commit)
 {
 	struct buf b = { 0 };
@@ -412,6 +462,8 @@ static Suite *frame_suite(void)
 	tcase_add_test(tc, test_buf_append_consume);
 	tcase_add_test(tc, test_buf_reserve_commit);
 	tcase_add_test(tc, test_buf_compacts_before_growing);
+	tcase_add_test(tc, test_buf_reserve_cap);
+	tcase_add_test(tc, test_buf_shrink);
 	tcase_add_test(tc, test_buf_grows_keeping_data);
 	tcase_add_test(tc, test_buf_append_nothing);
 	tcase_add_test(tc, test_buf_head_after_consume);
