@@ -1,4 +1,4 @@
-/* offthread.c: runs one blocking call on a detached thread; the loop gets its result, or gives up on it after a timeout without waiting. */
+/* offthread.c: runs one blocking call on a thread of its own; the loop gets its result, or gives up on it after a timeout without waiting. */
 #include "config.h"
 #include "offthread.h"
 
@@ -20,7 +20,20 @@ struct offthread {
 	pthread_mutex_t lock;
 	int returned;
 	int abandoned;
+	pthread_t tid;
 };
+
+/* A thread whose work returned in time is joined, not left to exit on its own: the master forks
+ * right after, and a child forked while the thread was still exiting (freeing, under the
+ * allocator's locks) inherited those locks held: under AddressSanitizer a new worker hung at its
+ * first allocation (test_ops, a reload). One the loop gave up on is detached and not waited for. */
+static void offthread_let_go(pthread_t tid, int returned)
+{
+	if (returned)
+		pthread_join(tid, NULL);
+	else
+		pthread_detach(tid);
+}
 
 static void offthread_free(struct offthread *t)
 {
@@ -66,7 +79,9 @@ static void offthread_finish(struct offthread *t)
 	void *ctx = t->ctx, *arg = t->arg;
 	pthread_mutex_lock(&t->lock);
 	int returned = offthread_settle(t);
+	pthread_t tid = t->tid;
 	pthread_mutex_unlock(&t->lock);   /* from here on, an abandoned t is the thread's */
+	offthread_let_go(tid, returned);
 	if (returned)
 		offthread_free(t);
 	done(ctx, returned ? arg : NULL);
@@ -106,17 +121,12 @@ struct offthread *offthread_start(struct ev_loop *loop, double timeout, void (*w
 	t->deadline.data = t;
 	ev_timer_start(loop, &t->deadline);
 
-	/* The thread takes no signals (the loop's thread handles them all), and nobody joins it. */
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	/* The thread takes no signals (the loop's thread handles them all). */
 	sigset_t all, old;
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
-	pthread_t tid;
-	int err = pthread_create(&tid, &attr, offthread_main, t);
+	int err = pthread_create(&t->tid, NULL, offthread_main, t);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	pthread_attr_destroy(&attr);
 	if (err != 0) {
 		ev_async_stop(loop, &t->returned_async);
 		ev_timer_stop(loop, &t->deadline);
@@ -132,7 +142,9 @@ void offthread_abandon(struct offthread *t)
 	void *arg = t->arg;
 	pthread_mutex_lock(&t->lock);
 	int returned = offthread_settle(t);
+	pthread_t tid = t->tid;
 	pthread_mutex_unlock(&t->lock);
+	offthread_let_go(tid, returned);
 	if (returned) {
 		offthread_free(t);
 		release(arg);

@@ -7,9 +7,10 @@
 struct offthread;
 
 /*
- * Runs work(arg) on a new detached thread. Exactly once, on loop, done(ctx, arg) follows: arg when
- * work returned within timeout seconds (it is the caller's again), NULL when it did not. Then the
- * thread is not waited for: it keeps arg and calls release(arg) when work returns, if it ever does.
+ * Runs work(arg) on a new thread. Exactly once, on loop, done(ctx, arg) follows: arg when work
+ * returned within timeout seconds (it is the caller's again, and the thread has ended), NULL when it
+ * did not. Then the thread is not waited for: it keeps arg and calls release(arg) when work returns,
+ * if it ever does.
  * So work, release and arg must not need the loop or anything the caller frees. Returns NULL, and
  * runs nothing, when no thread can be started.
  */
