@@ -1166,6 +1166,43 @@ def stats_info(d):
     return json.loads(r.stdout)
 
 
+def stats_lines(sock_path, lines, timeout=20):
+    """Sends lines on one connection, closes our side, returns every answer (split at empty lines)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall("".join(l + "\n" for l in lines).encode())
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace").split("\n\n")[:-1]
+
+
+def answers_queued_during_restart(d, victim, request_id, body, n, timeout=20):
+    """SIGKILLs the worker `victim` of d, then sends n requests on new connections while its slot is empty
+    (those hashed to it wait in the queue the master keeps for the slot): the answers' error codes, in order
+    (an exception's repr where none came)."""
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(victim), 5)
+    early = []
+    for _ in range(n):
+        c = Client(d.port, timeout=timeout)
+        c.send(request_id, body)
+        early.append(c)
+    codes = []
+    for c in early:
+        try:
+            codes.append(c.recv_json(request_id + 1, timeout).get("error"))
+        except Exception as e:
+            codes.append(repr(e))
+        c.close()
+    return codes
+
+
 def redis_up_everywhere(d):
     """True when every running process of d (workers and the storage process) answers `redis_up` in
     `show info json`: after Redis comes back, each process reconnects on its own back-off, and a

@@ -112,24 +112,11 @@ with tap.section("a restarted worker takes its first connections once connected 
         healthy = probe.sync(c).get("error")
     tap.ok(healthy not in (None, 1027), "1005 for an upload never started, on a running worker: %r" % healthy)
     for round_no in range(3):
-        victim = next(iter(d.worker_pids()), None)
-        os.kill(victim, signal.SIGKILL)
-        tap.ok(h.wait_for(lambda: not h.pid_alive(victim), 5), "round %d: the worker died of SIGKILL" % round_no)
-        # Sent while nobody accepts: they wait in the queue the master keeps for the slot.
-        early = []
-        for _ in range(8):
-            c = h.Client(d.port, timeout=15)
-            c.send(h.MSG_SYNC, {"md5": probe.md5, "uid": UID, "token": TOKEN})
-            early.append(c)
-        codes = []
-        for c in early:
-            try:
-                codes.append(c.recv_json(h.MSG_SYNC + 1, 15).get("error"))
-            except Exception as e:
-                codes.append(repr(e))
-            c.close()
-        tap.eq(codes, [healthy] * len(early),
+        codes = h.answers_queued_during_restart(d, next(iter(d.worker_pids())), h.MSG_SYNC,
+                                                {"md5": probe.md5, "uid": UID, "token": TOKEN}, 8)
+        tap.eq(codes, [healthy] * len(codes),
                "round %d: requests queued while the worker restarted are answered as by a running one" % round_no)
+        tap.ok(h.wait_for(lambda: len(d.worker_pids()) == 1, 10), "round %d: the worker is back" % round_no)
     d.stop()
 
 tap.finish()

@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 sys.dont_write_bytecode = True   # keep the source tree clean (make distcheck)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -15,22 +14,6 @@ tap = h.Tap(deadline=120)
 
 STORAGE_TIMEOUT = 2       # [server] storage_timeout: bounds the reload's check of the new root
 DELAY_US = 30 * 1000000   # each system call on the hung root waits this long: far past it
-
-
-def stats_lines(sock_path, lines, timeout=20):
-    """Sends lines on one connection, closes our side, returns every answer (split at empty lines)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(sock_path)
-        s.sendall("".join(l + "\n" for l in lines).encode())
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode(errors="replace").split("\n\n")[:-1]
 
 
 class Hang:
@@ -96,7 +79,7 @@ with tap.section("a reload whose storage root hangs"):
             waiting.sendall(b"reload\n")
             # While the check hangs, the master answers another connection, and refuses a second reload.
             tap.ok(h.wait_for(lambda: "stats socket: reloading" in d.log_text()[mark:], 10), "the reload began")
-            answers = stats_lines(d.stats_socket, ["show info", "reload"])
+            answers = h.stats_lines(d.stats_socket, ["show info", "reload"])
             tap.ok(len(answers) == 2 and answers[0].startswith("Name: resourced\n"),
                    "show info is answered while the check hangs", repr(answers)[:300])
             tap.ok(len(answers) == 2 and answers[1].startswith("ERROR a reload is being checked already"),
@@ -124,7 +107,7 @@ with tap.section("after the root answers again"):
     h.Daemon.write_config(d.conf_path, d.settings)
     # The abandoned check returns on its own: a reload can be checked again once it has.
     answer = h.wait_for(lambda: (lambda a: a if a and not a[0].startswith("ERROR a reload is being checked")
-                                 else None)(stats_lines(d.stats_socket, ["reload"])), 20, 0.2)
+                                 else None)(h.stats_lines(d.stats_socket, ["reload"])), 20, 0.2)
     tap.ok(answer and answer[0].startswith("OK reloaded"), "a reload of a root that answers succeeds", repr(answer))
     tap.ok(d.wait_workers(20), "the new workers run")
 
