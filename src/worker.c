@@ -3240,6 +3240,10 @@ static void conn_process(struct conn *c)
 	}
 	if (buf_len(&c->in) == 0 && !bin_receiving(c))
 		c->frame_start = 0;
+	/* No chunk in flight any more: the buffer kept for an upload's next chunk goes back (an idle
+	 * connection would keep it, counted against input_budget, until idle_timeout). */
+	if (c->in.cap > INPUT_FREE && !c->req.frame_used && c->in_admitted == 0 && !bin_chunks_in_flight(c))
+		input_frame_done(c, 0);
 	if (w->draining == 2 && conn_done_for_stop(c))
 		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
 	if (!ev_is_active(&c->timer) || c->busy)

@@ -14,12 +14,14 @@
 - input_budget: clients that stop one byte short of 1 MiB frames; two are admitted whole, the others are
   not read past their first reads, and every one is answered in turn once it finishes; input_held is 0 after.
   Two connections whose next frame was read ahead behind a request waiting for storage (the storage
-  process stopped) each hold room and need more for that frame: they do not wait for each other."""
+  process stopped) each hold room and need more for that frame: they do not wait for each other. Binary
+  uploads on the copy path (link_ring = 0) give their 2 MiB buffers back once their chunks are answered."""
 import json
 import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -478,6 +480,40 @@ with tap.section("input_budget: connections that wait while holding room do not 
         st.sock.close()
     tap.ok(h.wait_for(lambda: counter(ib, "input_held") == 0, 10),
            "input_held is back to 0 once they are closed", repr(counter(ib, "input_held")))
+    ib.stop()
+
+# A binary upload whose chunks cross the buffer (link_ring = 0: the copy path) keeps its 2 MiB buffer for the
+# next chunk while chunks are in flight. Once they are all answered the connection gave it back only at its
+# next frame: idle connections kept it counted until idle_timeout, and large frames of others waited as long.
+with tap.section("input_budget: a binary upload's buffer goes back once its chunks are answered"):
+    BIG = 1 << 20
+    ib = new_daemon(server={"max_frame": 2 * BIG, "input_budget": 4 * BIG, "link_ring": 0}, workers=1)
+    idle = []
+    for uid in (A, B):
+        c = h.Client(ib.port, timeout=20)
+        idle.append(c)
+        c.request(1041, {"uid": uid, "token": USERS[uid]})
+        data, name = rand.randbytes(3 * BIG), ("idle-%d" % uid).encode()
+        c.send_raw(h.HEADER.pack(1043, 43 + len(name)) + struct.pack(">QB", len(data), 0) +
+                   h.md5_hex(data).encode() + struct.pack(">H", len(name)) + name)
+        c.recv_frame(20)
+        for off in range(0, len(data), BIG):   # 1 MiB chunks, all sent at once
+            last = 1 if off + BIG == len(data) else 0
+            c.send_raw(h.HEADER.pack(1045, 16 + BIG) + struct.pack(">QII", off, BIG, last) +
+                       data[off:off + BIG])
+        acks = [c.recv_frame(20) for _ in range(3)]
+        tap.ok(all(mid == 1046 and body[:4] == b"\0\0\0\0" for mid, body in acks),
+               "uid %d uploads 3 MiB in 1 MiB chunks on the copy path" % uid)
+    tap.ok(h.wait_for(lambda: counter(ib, "input_held") == 0, 5),
+           "input_held is 0 while both connections stay open, idle", repr(counter(ib, "input_held")))
+    try:
+        with h.Client(ib.port, timeout=10) as c:
+            got = c.request(h.MSG_TEST, {"data": "l" * (600 << 10)}, 10).get("data", "")
+    except (OSError, TimeoutError, h.ConnectionClosed) as e:
+        got = repr(e)
+    tap.eq(len(got), 600 << 10, "another client's 600 KiB frame is read and answered at once")
+    for c in idle:
+        c.close()
     ib.stop()
 
 
