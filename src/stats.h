@@ -33,6 +33,7 @@
 	X(chunks_copied, "counter", "Upload chunks copied over the storage link instead (ring full or off)") \
 	X(chunks_ring_waits, "counter", "Binary upload chunks that waited in the socket for room in a full ring") \
 	X(input_waits, "counter", "Connections that waited, unread, for room in input_budget before a large frame") \
+	X(input_held, "gauge", "Bytes of large input buffers counted against input_budget") \
 	X(chunks_answered_direct, "counter", "Upload chunks answered by the disk thread that wrote them") \
 	X(publish_wait_us, "counter", "Microseconds written files waited for a disk thread to publish them") \
 	X(publish_us, "counter", "Microseconds spent publishing files (fsync, checksum, rename, directory fsync)") \

@@ -215,6 +215,7 @@ struct worker {
 	uint64_t bin_unanswered, bin_cap;
 	size_t output_held;           /* unsent answers of all connections, as last counted (conn_output_cap) */
 	size_t input_held;            /* large input buffers of all connections (input_recount) */
+	size_t input_waiters_held;    /* the part of input_held that waiting connections hold */
 	struct conn *input_head, *input_tail;   /* waiting for room in input_budget, oldest first */
 	ev_tstamp addr_refused_logged;   /* the last max_connections_per_address refusal logged */
 	struct conn *cap_head, *cap_tail;
@@ -689,6 +690,7 @@ static void conn_close(struct conn *c, const char *why)
 	buf_free(&c->out);
 	w->output_held -= c->out_counted;
 	w->input_held -= c->in_counted;
+	STAT_SET(input_held, w->input_held);
 	if (w->input_head != NULL)
 		input_wake(w);
 	conn_table_remove(w, c);
@@ -750,7 +752,10 @@ static void input_recount(struct conn *c)
 	size_t now = input_charge(c);
 	int freed = now < c->in_counted;
 	w->input_held = w->input_held - c->in_counted + now;
+	if (c->input_waiting)
+		w->input_waiters_held = w->input_waiters_held - c->in_counted + now;
 	c->in_counted = now;
+	STAT_SET(input_held, w->input_held);
 	if (freed && w->input_head != NULL)
 		input_wake(w);
 }
@@ -779,6 +784,7 @@ static void input_unlink(struct conn *c)
 		c->input_next->input_prev = c->input_prev;
 	else
 		w->input_tail = c->input_prev;
+	w->input_waiters_held -= c->in_counted;
 	c->input_waiting = 0;
 	c->input_next = c->input_prev = NULL;
 }
@@ -786,8 +792,11 @@ static void input_unlink(struct conn *c)
 /* Before a read that would grow c's input buffer past INPUT_FREE. The buffer for the whole frame
  * (once its header is in) is taken from input_budget at once, so that an admitted frame never
  * waits half read: clients each holding half a frame and waiting for the others' room would all
- * wait for frame_timeout. 0: read on; -1: c waits, unread, until input_wake. (Alone, a frame larger
- * than the budget goes: max_frame bounds it.) */
+ * wait for frame_timeout. 0: read on; -1: c waits, unread, until input_wake. It waits only for room
+ * that connections reading hold, which comes back: a waiter may hold room too (the start of its
+ * next frame, read behind the last one), and waiters waiting for each other's would wait forever,
+ * timers held. (Alone, or beside waiters only, a frame larger than the budget goes: max_frame
+ * bounds it.) */
 static int input_admit(struct conn *c, size_t room)
 {
 	struct worker *w = c->w;
@@ -801,9 +810,11 @@ static int input_admit(struct conn *c, size_t room)
 	if (want <= INPUT_FREE || want <= input_charge(c))
 		return 0;
 	size_t others = w->input_held - c->in_counted;
-	if (others > 0 && others + want > (size_t)w->conf->input_budget) {
+	size_t others_reading = others - (w->input_waiters_held - (c->input_waiting ? c->in_counted : 0));
+	if (others_reading > 0 && others + want > (size_t)w->conf->input_budget) {
 		if (!c->input_waiting) {
 			c->input_waiting = 1;
+			w->input_waiters_held += c->in_counted;
 			c->input_prev = w->input_tail;
 			if (w->input_tail)
 				w->input_tail->input_next = c;
@@ -821,15 +832,18 @@ static int input_admit(struct conn *c, size_t room)
 }
 
 /* Room was given back: waiting connections read on, oldest first, while what each waits for fits
- * beside what is held (each takes its room when it reads: input_admit). */
+ * beside what is held (each takes its room when it reads: input_admit), or when only waiters hold
+ * room, which none of them would give back. */
 static void input_wake(struct worker *w)
 {
 	size_t budget = (size_t)w->conf->input_budget, held = w->input_held;
+	size_t reading = w->input_held - w->input_waiters_held;
 	while (w->input_head != NULL) {
 		struct conn *c = w->input_head;
-		if (held > 0 && held + c->in_want > budget)
+		if (reading > 0 && held - c->in_counted + c->in_want > budget)
 			break;
 		held += c->in_want;
+		reading += c->in_want;
 		input_unlink(c);
 		conn_update_io(c);
 	}
@@ -3226,6 +3240,10 @@ static void conn_process(struct conn *c)
 	}
 	if (buf_len(&c->in) == 0 && !bin_receiving(c))
 		c->frame_start = 0;
+	/* No chunk in flight any more: the buffer kept for an upload's next chunk goes back (an idle
+	 * connection would keep it, counted against input_budget, until idle_timeout). */
+	if (c->in.cap > INPUT_FREE && !c->req.frame_used && c->in_admitted == 0 && !bin_chunks_in_flight(c))
+		input_frame_done(c, 0);
 	if (w->draining == 2 && conn_done_for_stop(c))
 		c->closing = 1;   /* a graceful stop: closed once its answers are sent */
 	if (!ev_is_active(&c->timer) || c->busy)

@@ -12,12 +12,16 @@
 - output_budget: clients that pipeline 1001 echoes and never read; the first is read until output_cap of
   answers pass output_budget, the next until 64 KiB; once they close, past the budget again.
 - input_budget: clients that stop one byte short of 1 MiB frames; two are admitted whole, the others are
-  not read past their first reads, and every one is answered in turn once it finishes."""
+  not read past their first reads, and every one is answered in turn once it finishes; input_held is 0 after.
+  Two connections whose next frame was read ahead behind a request waiting for storage (the storage
+  process stopped) each hold room and need more for that frame: they do not wait for each other. Binary
+  uploads on the copy path (link_ring = 0) give their 2 MiB buffers back once their chunks are answered."""
 import json
 import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -428,6 +432,88 @@ with tap.section("input_budget: clients that stop one byte short of a large fram
     for st in stallers:
         st.sock.close()
     tap.ok(ib.proc.poll() is None, "the daemon is still running")
+    tap.ok(h.wait_for(lambda: counter(ib, "input_held") == 0, 10),
+           "input_held is back to 0 once every connection is closed", repr(counter(ib, "input_held")))
+    ib.stop()
+
+# Room held by waiters: a request that waits for storage lets its client's next frame be read ahead into
+# its buffer, which stays counted once the request is done (its start is in it). Two such connections, each
+# then needing a larger buffer for that frame, waited for each other's room with their timers held: for ever,
+# and every later large frame of the worker behind them.
+with tap.section("input_budget: connections that wait while holding room do not wait for each other"):
+    BIG = 1 << 20
+    ib = new_daemon(server={"max_frame": 2 * BIG, "input_budget": 2 * BIG}, workers=1)   # its log: see above
+    storage = ib.storage_pid()
+    os.kill(storage, signal.SIGSTOP)   # each first frame's answer waits, the next frame is read behind it
+    pairs = []
+    try:
+        for uid in (A, B):
+            up = upload(uid, size=450 << 10, chunk=450 << 10)
+            first, second = up.frame(0, 1), h.frame(h.MSG_TEST, {"data": "%d" % uid + "n" * (1200 << 10)})
+            st = Staller(ib.port, first + second)   # a 1 MiB buffer, 420 KiB of the second frame fit behind
+            pairs.append((st, len(first)))
+        behind = h.wait_for(lambda: all(st.taken() > first_len + (256 << 10) for st, first_len in pairs), 10, 0.1)
+        tap.ok(behind, "each connection's next frame is read past 256 KiB behind its first",
+               repr([st.taken() - first_len for st, first_len in pairs]))
+    finally:
+        os.kill(storage, signal.SIGCONT)
+    answers = {}
+    def finish(uid, st):
+        try:
+            st.sock.setblocking(True)
+            st.sock.settimeout(20)
+            st.sock.sendall(st.whole[st.sent:])
+            c = h.Client.__new__(h.Client)
+            c.sock, c.buf = st.sock, b""
+            got = [c.recv_json(h.MSG_UPLOAD + 1, 20).get("error"), c.recv_json(h.MSG_TEST + 1, 20).get("data", "")]
+            answers[uid] = got[0] == 0 and got[1][:4] == "%d" % uid and len(got[1]) == (1200 << 10) + 4
+        except Exception as e:
+            answers[uid] = repr(e)
+    threads = [__import__("threading").Thread(target=finish, args=(uid, st)) for uid, (st, _) in zip((A, B), pairs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    tap.eq([answers.get(A), answers.get(B)], [True, True],
+           "both first frames are answered, then both second frames, which needed 2 MiB buffers each")
+    for st, _ in pairs:
+        st.sock.close()
+    tap.ok(h.wait_for(lambda: counter(ib, "input_held") == 0, 10),
+           "input_held is back to 0 once they are closed", repr(counter(ib, "input_held")))
+    ib.stop()
+
+# A binary upload whose chunks cross the buffer (link_ring = 0: the copy path) keeps its 2 MiB buffer for the
+# next chunk while chunks are in flight. Once they are all answered the connection gave it back only at its
+# next frame: idle connections kept it counted until idle_timeout, and large frames of others waited as long.
+with tap.section("input_budget: a binary upload's buffer goes back once its chunks are answered"):
+    BIG = 1 << 20
+    ib = new_daemon(server={"max_frame": 2 * BIG, "input_budget": 4 * BIG, "link_ring": 0}, workers=1)
+    idle = []
+    for uid in (A, B):
+        c = h.Client(ib.port, timeout=20)
+        idle.append(c)
+        c.request(1041, {"uid": uid, "token": USERS[uid]})
+        data, name = rand.randbytes(3 * BIG), ("idle-%d" % uid).encode()
+        c.send_raw(h.HEADER.pack(1043, 43 + len(name)) + struct.pack(">QB", len(data), 0) +
+                   h.md5_hex(data).encode() + struct.pack(">H", len(name)) + name)
+        c.recv_frame(20)
+        for off in range(0, len(data), BIG):   # 1 MiB chunks, all sent at once
+            last = 1 if off + BIG == len(data) else 0
+            c.send_raw(h.HEADER.pack(1045, 16 + BIG) + struct.pack(">QII", off, BIG, last) +
+                       data[off:off + BIG])
+        acks = [c.recv_frame(20) for _ in range(3)]
+        tap.ok(all(mid == 1046 and body[:4] == b"\0\0\0\0" for mid, body in acks),
+               "uid %d uploads 3 MiB in 1 MiB chunks on the copy path" % uid)
+    tap.ok(h.wait_for(lambda: counter(ib, "input_held") == 0, 5),
+           "input_held is 0 while both connections stay open, idle", repr(counter(ib, "input_held")))
+    try:
+        with h.Client(ib.port, timeout=10) as c:
+            got = c.request(h.MSG_TEST, {"data": "l" * (600 << 10)}, 10).get("data", "")
+    except (OSError, TimeoutError, h.ConnectionClosed) as e:
+        got = repr(e)
+    tap.eq(len(got), 600 << 10, "another client's 600 KiB frame is read and answered at once")
+    for c in idle:
+        c.close()
     ib.stop()
 
 
