@@ -671,6 +671,7 @@ static void conn_close(struct conn *c, const char *why)
 		log_debug("%s: closed: %s", c->peer, why);
 	ev_io_stop(w->loop, &c->io);
 	ev_timer_stop(w->loop, &c->timer);
+	input_unlink(c);   /* first: room that request_finish gives back must not wake c, about to be freed */
 	struct backend_file *job_file = NULL;
 	if (c->req.job) {
 		/* A disk thread may be reading its file: the job closes it when it is done. */
@@ -685,7 +686,6 @@ static void conn_close(struct conn *c, const char *why)
 		addrlimit_release(c->addr_bucket);
 	if (!bin_conn_free(c))   /* 1: a disk thread is still sending on the socket and closes it */
 		close(c->fd);
-	input_unlink(c);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	w->output_held -= c->out_counted;

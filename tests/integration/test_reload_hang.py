@@ -11,6 +11,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 
 tap = h.Tap(deadline=120)
+# The master is traced by strace here, and LeakSanitizer cannot run in a traced process: at its exit
+# it stops with a fatal error (a sanitizer report, exit status 1). Leaks are checked in every other
+# suite; this one's daemon runs without that check.
+if os.environ.get("RESOURCED_SANITIZED"):
+    os.environ["ASAN_OPTIONS"] = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS", ""), "detect_leaks=0"]))
 
 STORAGE_TIMEOUT = 2       # [server] storage_timeout: bounds the reload's check of the new root
 DELAY_US = 30 * 1000000   # each system call on the hung root waits this long: far past it
