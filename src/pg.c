@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <libpq-fe.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,7 +99,16 @@ static void pending_path(const char *pending_dir, uint64_t uid, char *out, size_
 	snprintf(out, outlen, "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
 }
 
-int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
+/*
+ * Pending files are written and removed on several disk threads at once: two avatars of one user
+ * published together shared one temporary name (each truncated the other's: a rename failed, so an
+ * avatar that was stored got an error answer, or the file mixed both names), and a removal that
+ * read the applied name could unlink a newer file renamed in between (that update lost). One
+ * writer or remover at a time; only disk threads take the lock, never the loop.
+ */
+static pthread_mutex_t pending_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int pending_write_locked(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
 {
 	char path[700], tmp[720];
 	int plen = snprintf(path, sizeof(path), "%s/" PENDING_PREFIX "%" PRIu64, pending_dir, uid);
@@ -128,6 +138,14 @@ int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, si
 	return err;
 }
 
+int pg_pending_write(const char *pending_dir, uint64_t uid, const char *name, size_t name_len)
+{
+	pthread_mutex_lock(&pending_lock);
+	int err = pending_write_locked(pending_dir, uid, name, name_len);
+	pthread_mutex_unlock(&pending_lock);
+	return err;
+}
+
 /* ---------------------------------------------------------------- on a disk thread */
 
 /* The icon name queued for uid, or -1 when nothing is pending. */
@@ -150,10 +168,14 @@ static int pending_read(const char *pending_dir, uint64_t uid, char *name, size_
 static int pending_remove(const char *pending_dir, uint64_t uid, const char *name)
 {
 	char current[256], path[700];
-	if (pending_read(pending_dir, uid, current, sizeof(current)) < 0 || strcmp(current, name) != 0)
-		return 0;
-	pending_path(pending_dir, uid, path, sizeof(path));
-	return unlink(path) == 0;
+	pthread_mutex_lock(&pending_lock);   /* no rename between the read and the unlink */
+	int removed = 0;
+	if (pending_read(pending_dir, uid, current, sizeof(current)) == 0 && strcmp(current, name) == 0) {
+		pending_path(pending_dir, uid, path, sizeof(path));
+		removed = unlink(path) == 0;
+	}
+	pthread_mutex_unlock(&pending_lock);
+	return removed;
 }
 
 /* The uids of every pending file, in d->uids. */
