@@ -7,7 +7,7 @@ enum frame_status frame_decode(const uint8_t *p, size_t len, uint32_t max_body,
 {
 	if (len < FRAME_HEADER_LEN)
 		return FRAME_NEED_MORE;
-	uint32_t blen = (uint32_t)p[2] << 24 | (uint32_t)p[3] << 16 | (uint32_t)p[4] << 8 | p[5];
+	uint32_t blen = frame_body_len(p);
 	if (blen > max_body)
 		return FRAME_OVERSIZE;
 	if (len - FRAME_HEADER_LEN < blen)

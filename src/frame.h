@@ -15,6 +15,12 @@
 #define FRAME_TEXT(n) FRAME_TEXT_(n)
 #define FRAME_MAX_DEFAULT_TEXT FRAME_TEXT(FRAME_MAX_DEFAULT)
 
+/* The body length a frame header announces (hdr holds at least FRAME_HEADER_LEN bytes). */
+static inline uint32_t frame_body_len(const uint8_t *hdr)
+{
+	return (uint32_t)hdr[2] << 24 | (uint32_t)hdr[3] << 16 | (uint32_t)hdr[4] << 8 | hdr[5];
+}
+
 enum frame_status {
 	FRAME_NEED_MORE = 0,  /* not a whole frame yet */
 	FRAME_OK = 1,         /* *id, *body, *body_len set; *consumed bytes make up the frame */

@@ -689,10 +689,8 @@ static void conn_close(struct conn *c, const char *why)
 	buf_free(&c->in);
 	buf_free(&c->out);
 	w->output_held -= c->out_counted;
-	w->input_held -= c->in_counted;
-	STAT_SET(input_held, w->input_held);
-	if (w->input_head != NULL)
-		input_wake(w);
+	c->in_admitted = 0;
+	input_recount(c);   /* its room goes back to the worker, and waiters read on */
 	conn_table_remove(w, c);
 	free(c);
 	STAT_DEC(conn_current);
@@ -733,8 +731,7 @@ static size_t frame_total_at(const struct conn *c)
 {
 	if (buf_len(&c->in) < FRAME_HEADER_LEN)
 		return 0;
-	const uint8_t *h = buf_head(&c->in);
-	return FRAME_HEADER_LEN + ((size_t)h[2] << 24 | (size_t)h[3] << 16 | (size_t)h[4] << 8 | h[5]);
+	return FRAME_HEADER_LEN + (size_t)frame_body_len(buf_head(&c->in));
 }
 
 /* What c's input buffer holds against input_budget: its memory past INPUT_FREE, or the buffer its

@@ -1605,7 +1605,7 @@ static int bin_range_begin(struct bench_conn *c, size_t *need)
 		return 2;
 	if (((uint16_t)(p[0] << 8 | p[1])) != MSG_BIN_DOWNLOAD + 1)
 		return 0;
-	uint32_t len = (uint32_t)p[2] << 24 | (uint32_t)p[3] << 16 | (uint32_t)p[4] << 8 | p[5];
+	uint32_t len = frame_body_len(p);
 	const uint8_t *body = p + FRAME_HEADER_LEN;
 	if (len < BIN_RANGE_LEN + 2)
 		return 0;

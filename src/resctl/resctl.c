@@ -271,7 +271,7 @@ int resctl_take_frame(struct buf *in, uint16_t *id, const uint8_t **body, uint32
 	size_t consumed;
 	*need = 0;
 	if (have >= FRAME_HEADER_LEN)
-		*need = FRAME_HEADER_LEN + ((size_t)p[2] << 24 | (size_t)p[3] << 16 | (size_t)p[4] << 8 | p[5]);
+		*need = FRAME_HEADER_LEN + (size_t)frame_body_len(p);
 	switch (frame_decode(p, have, RESCTL_MAX_RESPONSE, id, body, len, &consumed)) {
 	case FRAME_OK:
 		buf_consume_keep(in, consumed);
